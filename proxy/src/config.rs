@@ -1,0 +1,245 @@
+//! Configuration sections the proxy owns. The binary composes them into one TOML file model;
+//! every section denies unknown fields, and every value is checked while it is parsed, so that
+//! `tollgate check-config` can point at the file, line and column of the first bad value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, de::Error as _};
+use tollgate_routes::{Route, normalize_host_owned};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address the public HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Worker threads of the proxy runtime.
+    #[serde(deserialize_with = "de_threads")]
+    pub threads: usize,
+    /// Platform services answer at `<slug>.<base_domain>`.
+    #[serde(deserialize_with = "de_hostname")]
+    pub base_domain: String,
+    /// Request line plus headers, in bytes; larger requests get 431.
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub max_request_header_bytes: usize,
+    /// Request body, in bytes; larger bodies get 413.
+    pub max_body_bytes: u64,
+    #[serde(deserialize_with = "de_seconds")]
+    pub upstream_connect_timeout_seconds: f64,
+    /// Longest wait for the upstream to send anything (headers or the next body chunk).
+    #[serde(deserialize_with = "de_seconds")]
+    pub upstream_read_timeout_seconds: f64,
+    #[serde(deserialize_with = "de_seconds")]
+    pub upstream_write_timeout_seconds: f64,
+    /// Idle upstream connections are kept this long for reuse.
+    #[serde(deserialize_with = "de_seconds")]
+    pub upstream_idle_timeout_seconds: f64,
+    /// Keep a client's `X-Forwarded-For` (and append to it) instead of replacing it. Only safe
+    /// behind a trusted load balancer that sets it itself.
+    pub trust_forwarded_headers: bool,
+    /// Socket used to hand listeners to a new process on SIGQUIT (zero-downtime upgrade).
+    pub upgrade_sock: Option<PathBuf>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            threads: 1,
+            base_domain: "localhost".into(),
+            max_request_header_bytes: 32 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            upstream_connect_timeout_seconds: 5.0,
+            upstream_read_timeout_seconds: 60.0,
+            upstream_write_timeout_seconds: 60.0,
+            upstream_idle_timeout_seconds: 60.0,
+            trust_forwarded_headers: false,
+            upgrade_sock: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/metrics`, `/livez`, `/readyz`. Keep it off the public interface.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`, `rediss://…` or `unix://…`.
+    #[serde(deserialize_with = "de_redis_url")]
+    pub url: String,
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+    #[serde(default = "default_ping_timeout_ms")]
+    pub ping_timeout_ms: u64,
+}
+
+impl RedisConfig {
+    pub fn new(url: &str) -> Self {
+        RedisConfig {
+            url: url.to_owned(),
+            key_prefix: default_prefix(),
+            ping_interval_ms: default_ping_interval_ms(),
+            ping_timeout_ms: default_ping_timeout_ms(),
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    "tollgate".into()
+}
+fn default_ping_interval_ms() -> u64 {
+    1000
+}
+fn default_ping_timeout_ms() -> u64 {
+    1000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, keep accepting (with `/readyz` failing) this long so load balancers stop
+    /// sending new traffic first.
+    #[serde(deserialize_with = "de_nonneg_seconds")]
+    pub drain_delay_seconds: f64,
+    /// Then stop accepting and wait at most this long for in-flight requests.
+    pub drain_timeout_seconds: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay_seconds: 0.0,
+            drain_timeout_seconds: 30,
+        }
+    }
+}
+
+/// A route from the config file or `--route`: the proxy fronts any HTTP upstream with it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticRoute {
+    #[serde(deserialize_with = "de_hostname")]
+    pub host: String,
+    #[serde(deserialize_with = "de_upstreams")]
+    pub upstreams: Vec<SocketAddr>,
+}
+
+impl StaticRoute {
+    /// Parses `HOST=ADDR[,ADDR…]` as given to `--route`.
+    pub fn parse_flag(s: &str) -> Result<Self, String> {
+        let (host, addrs) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}': expected HOST=ADDR[,ADDR...]"))?;
+        let host = normalize_host_owned(host).map_err(|e| format!("'{host}': {e}"))?;
+        let upstreams = addrs
+            .split(',')
+            .map(|a| {
+                a.trim()
+                    .parse::<SocketAddr>()
+                    .map_err(|_| format!("'{a}': expected IP:PORT, such as 127.0.0.1:3000"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let route = StaticRoute { host, upstreams };
+        route.to_route().validate().map_err(|e| e.to_string())?;
+        Ok(route)
+    }
+
+    pub fn to_route(&self) -> Route {
+        Route {
+            upstreams: self.upstreams.clone(),
+            account_id: None,
+            project_id: None,
+            deployment_id: None,
+        }
+    }
+}
+
+fn de_hostname<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    normalize_host_owned(&s).map_err(|e| D::Error::custom(format!("invalid host name '{s}': {e}")))
+}
+
+fn de_threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n == 0 || n > 256 {
+        return Err(D::Error::custom("threads must be between 1 and 256"));
+    }
+    Ok(n)
+}
+
+fn de_nonzero_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n == 0 {
+        return Err(D::Error::custom("must be greater than 0"));
+    }
+    Ok(n)
+}
+
+fn de_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let s = f64::deserialize(d)?;
+    if !s.is_finite() || s <= 0.0 || s > 86_400.0 {
+        return Err(D::Error::custom(
+            "must be a number of seconds greater than 0 and at most 86400",
+        ));
+    }
+    Ok(s)
+}
+
+fn de_nonneg_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let s = f64::deserialize(d)?;
+    if !s.is_finite() || !(0.0..=3600.0).contains(&s) {
+        return Err(D::Error::custom(
+            "must be a number of seconds from 0 to 3600",
+        ));
+    }
+    Ok(s)
+}
+
+fn de_upstreams<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let v = Vec::<SocketAddr>::deserialize(d)?;
+    if v.is_empty() {
+        return Err(D::Error::custom("a route needs at least one upstream"));
+    }
+    if v.len() > Route::MAX_UPSTREAMS {
+        return Err(D::Error::custom(format!(
+            "a route may have at most {} upstreams",
+            Route::MAX_UPSTREAMS
+        )));
+    }
+    Ok(v)
+}
+
+/// Also used for values from the environment and the command line.
+pub fn check_redis_url(s: &str) -> Result<(), String> {
+    if ["redis://", "rediss://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|p| s.starts_with(p))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid Redis URL '{s}': expected redis://HOST:PORT/ (or rediss://, unix://)"
+        ))
+    }
+}
+
+fn de_redis_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    check_redis_url(&s).map_err(D::Error::custom)?;
+    Ok(s)
+}

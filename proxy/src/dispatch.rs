@@ -1,0 +1,407 @@
+//! The request path: `Host` → route → upstream, with the proxy's own answers for everything that
+//! cannot reach an upstream. No network I/O here except to the upstream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use tollgate_routes::{MAX_HOST_LEN, ResolvedRoute, RouteTable, normalize_host};
+
+use crate::config::ProxyConfig;
+use crate::metrics::ProxyMetrics;
+use crate::pages::{Problem, wants_html};
+
+/// Request header prefix reserved for tollgate itself; clients may not send it upstream.
+pub const INTERNAL_HEADER_PREFIX: &str = "x-tollgate-";
+const REQUEST_ID: &str = "x-request-id";
+
+/// Shared between the proxy and the admin server: ready = routes loaded and not draining.
+#[derive(Default)]
+pub struct Health {
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+pub struct Dispatch {
+    pub(crate) table: Arc<RouteTable>,
+    pub(crate) metrics: Arc<ProxyMetrics>,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_body_bytes: u64,
+    pub(crate) trust_forwarded: bool,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) read_timeout: Duration,
+    pub(crate) write_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+}
+
+impl Dispatch {
+    pub fn new(cfg: &ProxyConfig, table: Arc<RouteTable>, metrics: Arc<ProxyMetrics>) -> Self {
+        Dispatch {
+            table,
+            metrics,
+            max_header_bytes: cfg.max_request_header_bytes,
+            max_body_bytes: cfg.max_body_bytes,
+            trust_forwarded: cfg.trust_forwarded_headers,
+            connect_timeout: Duration::from_secs_f64(cfg.upstream_connect_timeout_seconds),
+            read_timeout: Duration::from_secs_f64(cfg.upstream_read_timeout_seconds),
+            write_timeout: Duration::from_secs_f64(cfg.upstream_write_timeout_seconds),
+            idle_timeout: Duration::from_secs_f64(cfg.upstream_idle_timeout_seconds),
+        }
+    }
+}
+
+/// Decrements the in-flight gauge however the request ends.
+pub struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub struct Ctx {
+    start: Instant,
+    route: Option<Arc<ResolvedRoute>>,
+    first_pick: usize,
+    attempts: usize,
+    body_bytes: u64,
+    request_id: String,
+    html: bool,
+    _in_flight: InFlight,
+}
+
+impl Ctx {
+    fn host(&self) -> &str {
+        self.route.as_ref().map_or("", |r| &r.hostname)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Dispatch {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        self.metrics.in_flight.inc();
+        Ctx {
+            start: Instant::now(),
+            route: None,
+            first_pick: 0,
+            attempts: 0,
+            body_bytes: 0,
+            request_id: String::new(),
+            html: false,
+            _in_flight: InFlight(self.metrics.in_flight.clone()),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.html = wants_html(req.headers.get(http::header::ACCEPT).map(|v| v.as_bytes()));
+        ctx.request_id = request_id(req);
+
+        if !self.table.is_synced() {
+            self.metrics.rejected_not_ready.inc();
+            return respond(session, ctx, &Problem::not_ready()).await;
+        }
+        if header_bytes(req) > self.max_header_bytes {
+            self.metrics.rejected_header_too_large.inc();
+            return respond(
+                session,
+                ctx,
+                &Problem::header_too_large(self.max_header_bytes),
+            )
+            .await;
+        }
+        if let Some(len) = content_length(req)
+            && len > self.max_body_bytes
+        {
+            self.metrics.rejected_body_too_large.inc();
+            return respond(session, ctx, &Problem::body_too_large(self.max_body_bytes)).await;
+        }
+        let raw_host = match req.headers.get(http::header::HOST) {
+            Some(h) => h.as_bytes(),
+            // HTTP/1.0 without Host, or absolute-form without a Host header.
+            None => req.uri.host().map(str::as_bytes).unwrap_or_default(),
+        };
+        let mut buf = [0u8; MAX_HOST_LEN];
+        let host = match normalize_host(raw_host, &mut buf) {
+            Ok(h) => h,
+            Err(e) => {
+                self.metrics.rejected_bad_host.inc();
+                return respond(session, ctx, &Problem::bad_host(e.to_string())).await;
+            }
+        };
+        match self.table.lookup(host) {
+            Some(route) => {
+                ctx.first_pick = route.first_pick();
+                ctx.route = Some(route);
+                Ok(false)
+            }
+            None => {
+                self.metrics.rejected_unknown_host.inc();
+                let p = Problem::unknown_host(host);
+                respond(session, ctx, &p).await
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .as_ref()
+            .ok_or_else(|| Error::explain(InternalError, "upstream_peer without a route"))?;
+        let addr = route
+            .upstream(ctx.first_pick, ctx.attempts)
+            .ok_or_else(|| Error::explain(InternalError, "route without upstreams"))?;
+        ctx.attempts += 1;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.connect_timeout);
+        o.read_timeout = Some(self.read_timeout);
+        o.write_timeout = Some(self.write_timeout);
+        o.idle_timeout = Some(self.idle_timeout);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        self.metrics.upstream_connect_errors.inc();
+        // Nothing was sent yet, so any request may go to the next upstream of the route.
+        let more = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| ctx.attempts < r.upstreams.len());
+        if more {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len() as u64;
+            if ctx.body_bytes > self.max_body_bytes {
+                self.metrics.rejected_body_too_large.inc();
+                return Error::e_explain(HTTPStatus(413), "request body over max_body_bytes");
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        strip_internal_headers(upstream);
+        let client_ip = match session.client_addr() {
+            Some(PingoraAddr::Inet(a)) => a.ip().to_string(),
+            _ => String::new(),
+        };
+        let xff = match (
+            self.trust_forwarded,
+            upstream.headers.get("x-forwarded-for"),
+        ) {
+            (true, Some(prev)) if !client_ip.is_empty() => {
+                let mut v = prev.as_bytes().to_vec();
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(client_ip.as_bytes());
+                Some(v)
+            }
+            (true, Some(_)) => None,
+            _ => Some(client_ip.into_bytes()),
+        };
+        if let Some(v) = xff {
+            upstream.insert_header("x-forwarded-for", v)?;
+        }
+        if !self.trust_forwarded || upstream.headers.get("x-forwarded-proto").is_none() {
+            upstream.insert_header("x-forwarded-proto", "http")?;
+        }
+        if !self.trust_forwarded || upstream.headers.get("x-forwarded-host").is_none() {
+            let host = session
+                .req_header()
+                .headers
+                .get(http::header::HOST)
+                .cloned();
+            match host {
+                Some(h) => upstream.insert_header("x-forwarded-host", h)?,
+                None => upstream.insert_header("x-forwarded-host", ctx.host().to_owned())?,
+            }
+        }
+        upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.status.as_u16() != 101 {
+            // Hop-by-hop fields of the upstream's connection, not of ours (RFC 9110 §7.6.1).
+            resp.remove_header("keep-alive");
+            resp.remove_header("proxy-connection");
+        }
+        resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let problem = match e.etype() {
+            HTTPStatus(413) => Some(Problem::body_too_large(self.max_body_bytes)),
+            HTTPStatus(code) if *code >= 500 => Some(Problem::internal()),
+            HTTPStatus(_) => Some(Problem::bad_request(e.to_string())),
+            ConnectTimedout | ReadTimedout | WriteTimedout => {
+                self.metrics.upstream_timeouts.inc();
+                Some(Problem::gateway_timeout(ctx.host()))
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => {
+                    if !matches!(
+                        e.etype(),
+                        ConnectRefused | ConnectError | ConnectNoRoute | ConnectProxyFailure
+                    ) {
+                        self.metrics.upstream_other_errors.inc();
+                    }
+                    Some(Problem::bad_gateway(ctx.host()))
+                }
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => None,
+                    _ => Some(Problem::bad_request(
+                        "The request could not be read.".into(),
+                    )),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => Some(Problem::internal()),
+            },
+        };
+        let code = match problem {
+            Some(p) => {
+                // A response may already be under way (upstream died mid-body): then the
+                // connection is just closed.
+                if session.response_written().is_none()
+                    && let Ok((h, body)) = p.render(&ctx.request_id, ctx.html)
+                {
+                    let _ = session.write_response_header(Box::new(h), false).await;
+                    let _ = session.write_response_body(Some(body), true).await;
+                }
+                p.status
+            }
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        self.metrics.count_status(status);
+        self.metrics
+            .duration_seconds
+            .observe(ctx.start.elapsed().as_secs_f64());
+        if let Some(e) = e
+            && status >= 500
+        {
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                host = ctx.host(),
+                status,
+                error = %e,
+                "request failed"
+            );
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error) -> bool {
+        // `logging` reports failures through tracing with the request id.
+        true
+    }
+}
+
+/// Writes a proxy-made answer and ends the request (`Ok(true)` for `request_filter`).
+async fn respond(session: &mut Session, ctx: &Ctx, p: &Problem) -> Result<bool> {
+    let (h, body) = p.render(&ctx.request_id, ctx.html)?;
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+/// Keeps a client's request id if it is sane (1–128 of `[A-Za-z0-9._:-]`), else makes one.
+fn request_id(req: &RequestHeader) -> String {
+    if let Some(v) = req.headers.get(REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'))
+            && let Ok(s) = v.to_str()
+        {
+            return s.to_owned();
+        }
+    }
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Request line plus header block, as sent (close enough: `name: value\r\n`).
+fn header_bytes(req: &RequestHeader) -> usize {
+    let line =
+        req.method.as_str().len() + req.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    req.headers
+        .iter()
+        .fold(line, |acc, (k, v)| acc + k.as_str().len() + v.len() + 4)
+}
+
+fn content_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn strip_internal_headers(req: &mut RequestHeader) {
+    let has_internal = req
+        .headers
+        .keys()
+        .any(|k| k.as_str().starts_with(INTERNAL_HEADER_PREFIX));
+    if !has_internal {
+        return;
+    }
+    let names: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(INTERNAL_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for n in names {
+        req.remove_header(&n);
+    }
+}

@@ -1,0 +1,326 @@
+//! Assembles and runs one proxy node: the Pingora proxy service, plus a small background runtime
+//! for the admin listener and the route sync.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use prometheus::Registry;
+use tokio::sync::{mpsc, watch};
+use tollgate_routes::{RouteSync, RouteTable, SyncMetrics, SyncOptions};
+
+use crate::admin::{AdminState, router};
+use crate::config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
+use crate::dispatch::{Dispatch, Health};
+use crate::metrics::{ProxyMetrics, register_build_info};
+
+/// Everything one proxy node needs.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    /// Routes come from Redis when set; static routes apply either way.
+    pub redis: Option<RedisConfig>,
+    pub shutdown: ShutdownConfig,
+    pub routes: Vec<StaticRoute>,
+    /// Take the listening sockets over from a running old process (Pingora's `--upgrade`).
+    pub upgrade: bool,
+    /// After a graceful stop, exit the process as soon as no request is in flight instead of
+    /// sleeping out the whole drain timeout. Only for the binary: it calls `process::exit`.
+    pub exit_when_drained: bool,
+    /// Also stop on SIGTERM/SIGINT/SIGQUIT (the binary); tests use [`StopHandle`] alone.
+    pub os_signals: bool,
+}
+
+/// How to stop a running node.
+#[derive(Debug, Clone, Copy)]
+pub enum Stop {
+    /// Fail `/readyz`, wait `drain_delay_seconds`, stop accepting, finish in-flight requests.
+    Graceful,
+    /// Stop now.
+    Fast,
+}
+
+#[derive(Clone)]
+pub struct StopHandle(mpsc::UnboundedSender<Stop>);
+
+impl StopHandle {
+    pub fn stop(&self, how: Stop) {
+        let _ = self.0.send(how);
+    }
+}
+
+/// A node that has bound its admin listener and built its state, ready to `run`.
+pub struct Proxy {
+    opts: ProxyOptions,
+    registry: Registry,
+    table: Arc<RouteTable>,
+    health: Arc<Health>,
+    metrics: Arc<ProxyMetrics>,
+    sync_metrics: SyncMetrics,
+    admin_listener: TcpListener,
+    stop_rx: mpsc::UnboundedReceiver<Stop>,
+    stop_tx: mpsc::UnboundedSender<Stop>,
+}
+
+impl Proxy {
+    pub fn prepare(opts: ProxyOptions) -> anyhow::Result<Proxy> {
+        let registry = Registry::new();
+        register_build_info(&registry)?;
+        let metrics = Arc::new(ProxyMetrics::new(&registry)?);
+        let sync_metrics = SyncMetrics::new(&registry)?;
+        let statics = opts
+            .routes
+            .iter()
+            .map(|r| (r.host.clone(), r.to_route()))
+            .collect();
+        let table = Arc::new(RouteTable::new(&opts.proxy.base_domain, statics));
+        if opts.redis.is_none() {
+            table.mark_synced();
+        }
+        sync_metrics.routes.set(table.snapshot().len() as i64);
+        let admin_listener = TcpListener::bind(opts.admin.listen)
+            .with_context(|| format!("cannot listen on {} (admin.listen)", opts.admin.listen))?;
+        admin_listener.set_nonblocking(true)?;
+        if !opts.upgrade {
+            // Pingora binds later, on its own threads, where a failure cannot be reported well:
+            // check the address now.
+            drop(TcpListener::bind(opts.proxy.listen).with_context(|| {
+                format!("cannot listen on {} (proxy.listen)", opts.proxy.listen)
+            })?);
+        }
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        Ok(Proxy {
+            opts,
+            registry,
+            table,
+            health: Arc::new(Health::default()),
+            metrics,
+            sync_metrics,
+            admin_listener,
+            stop_rx,
+            stop_tx,
+        })
+    }
+
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.clone()
+    }
+
+    pub fn registry(&self) -> Registry {
+        self.registry.clone()
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop_tx.clone())
+    }
+
+    /// Runs until stopped; returns once the proxy has drained and every runtime has exited.
+    pub fn run(self) -> anyhow::Result<()> {
+        let Proxy {
+            opts,
+            registry,
+            table,
+            health,
+            metrics,
+            sync_metrics,
+            admin_listener,
+            stop_rx,
+            stop_tx: _,
+        } = self;
+
+        let bg = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tollgate-bg")
+            .enable_all()
+            .build()?;
+        let (bg_stop_tx, bg_stop_rx) = watch::channel(false);
+
+        let admin_state = AdminState {
+            registry,
+            table: table.clone(),
+            health: health.clone(),
+        };
+        let mut admin_stop = bg_stop_rx.clone();
+        let admin_addr = opts.admin.listen;
+        bg.spawn(async move {
+            let listener = match tokio::net::TcpListener::from_std(admin_listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin listener failed");
+                    return;
+                }
+            };
+            tracing::info!(addr = %admin_addr, "admin listening (/metrics /livez /readyz)");
+            let serve =
+                axum::serve(listener, router(admin_state)).with_graceful_shutdown(async move {
+                    let _ = admin_stop.wait_for(|s| *s).await;
+                });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        });
+
+        if let Some(redis) = &opts.redis {
+            let sync_opts = SyncOptions {
+                redis_url: redis.url.clone(),
+                key_prefix: redis.key_prefix.clone(),
+                ping_interval: Duration::from_millis(redis.ping_interval_ms.max(10)),
+                ping_timeout: Duration::from_millis(redis.ping_timeout_ms.max(10)),
+                retry_initial: Duration::from_millis(50),
+            };
+            let sync = RouteSync::new(sync_opts, table.clone(), sync_metrics);
+            bg.spawn(sync.run(bg_stop_rx.clone()));
+        }
+
+        let conf = ServerConf {
+            threads: opts.proxy.threads,
+            grace_period_seconds: Some(opts.shutdown.drain_timeout_seconds),
+            graceful_shutdown_timeout_seconds: Some(1),
+            upgrade_sock: opts
+                .proxy
+                .upgrade_sock
+                .clone()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|| {
+                    std::env::temp_dir()
+                        .join(format!(
+                            "tollgate-{}.upgrade.sock",
+                            opts.proxy.listen.port()
+                        ))
+                        .to_string_lossy()
+                        .into_owned()
+                }),
+            pid_file: std::env::temp_dir()
+                .join(format!("tollgate-{}.pid", opts.proxy.listen.port()))
+                .to_string_lossy()
+                .into_owned(),
+            ..ServerConf::default()
+        };
+        let opt = Opt {
+            upgrade: opts.upgrade,
+            ..Opt::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(opt, conf);
+        server.bootstrap();
+        let dispatch = Dispatch::new(&opts.proxy, table, metrics.clone());
+        let mut service = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            dispatch,
+            "tollgate proxy",
+        );
+        service.add_tcp(&opts.proxy.listen.to_string());
+        server.add_service(service);
+        tracing::info!(
+            addr = %opts.proxy.listen,
+            threads = opts.proxy.threads,
+            base_domain = %opts.proxy.base_domain,
+            "proxy listening"
+        );
+
+        let watcher = Watcher {
+            stop_rx: tokio::sync::Mutex::new(stop_rx),
+            health,
+            drain_delay: Duration::from_secs_f64(opts.shutdown.drain_delay_seconds),
+            in_flight: metrics.in_flight.clone(),
+            exit_when_drained: opts.exit_when_drained,
+            os_signals: opts.os_signals,
+        };
+        server.run(RunArgs {
+            shutdown_signal: Box::new(watcher),
+        });
+
+        let _ = bg_stop_tx.send(true);
+        bg.shutdown_timeout(Duration::from_secs(1));
+        tracing::info!("proxy stopped");
+        Ok(())
+    }
+}
+
+struct Watcher {
+    stop_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Stop>>,
+    health: Arc<Health>,
+    drain_delay: Duration,
+    in_flight: prometheus::IntGauge,
+    exit_when_drained: bool,
+    os_signals: bool,
+}
+
+enum Got {
+    Stop(Stop),
+    Upgrade,
+}
+
+impl Watcher {
+    async fn next(&self) -> Got {
+        let mut rx = self.stop_rx.lock().await;
+        let from_handle = async {
+            match rx.recv().await {
+                Some(s) => Got::Stop(s),
+                // Every handle dropped: only signals can stop us now.
+                None => std::future::pending().await,
+            }
+        };
+        if !self.os_signals {
+            return from_handle.await;
+        }
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stop only through the handle");
+            return from_handle.await;
+        };
+        tokio::select! {
+            g = from_handle => g,
+            _ = term.recv() => Got::Stop(Stop::Graceful),
+            _ = int.recv() => Got::Stop(Stop::Fast),
+            _ = quit.recv() => Got::Upgrade,
+        }
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Watcher {
+    async fn recv(&self) -> ShutdownSignal {
+        match self.next().await {
+            Got::Stop(Stop::Fast) => {
+                tracing::info!("fast shutdown");
+                ShutdownSignal::FastShutdown
+            }
+            Got::Stop(Stop::Graceful) => {
+                self.health.set_draining();
+                tracing::info!(
+                    delay_seconds = self.drain_delay.as_secs_f64(),
+                    in_flight = self.in_flight.get(),
+                    "graceful shutdown: /readyz now fails; draining"
+                );
+                tokio::time::sleep(self.drain_delay).await;
+                if self.exit_when_drained {
+                    let gauge = self.in_flight.clone();
+                    std::thread::spawn(move || {
+                        // Pingora stops accepting right after we return; give it a moment.
+                        std::thread::sleep(Duration::from_millis(100));
+                        while gauge.get() > 0 {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        tracing::info!("drained: no request in flight; exiting");
+                        std::process::exit(0);
+                    });
+                }
+                ShutdownSignal::GracefulTerminate
+            }
+            Got::Upgrade => {
+                self.health.set_draining();
+                tracing::info!("SIGQUIT: handing listeners to the new process");
+                ShutdownSignal::GracefulUpgrade
+            }
+        }
+    }
+}

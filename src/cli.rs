@@ -1,0 +1,371 @@
+//! Command line: `tollgate dev | proxy | control | check-config | routes`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tollgate_proxy::{Proxy, ProxyOptions, StaticRoute};
+use tollgate_routes::{Route, RouteKey, RouteStore};
+
+use crate::config::{Config, LogFormat, parse_addr, parse_host, parse_threads};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Hosting that AI agents pay for themselves: a metered Pingora proxy, MPP payments, MCP deploys",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole stack on this machine (proxy :8080, control + MCP :8790, admin :9090).
+    Dev(DevArgs),
+    /// Run a proxy node: routes from Redis and/or static routes.
+    Proxy(ProxyArgs),
+    /// Run the control service (deploys, MCP).
+    Control(ControlArgs),
+    /// Validate a config file; prints FILE:LINE:COLUMN and the reason of the first error.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+    /// Read and write routes in Redis (what the control service does), for operators.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Config file (optional; flags and TOLLGATE_* variables override it).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_parser = parse_addr)]
+    pub proxy_listen: Option<SocketAddr>,
+    #[arg(long, value_parser = parse_addr)]
+    pub control_listen: Option<SocketAddr>,
+    #[arg(long, value_parser = parse_addr)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Where the embedded store lives (default ./.tollgate).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Use this Redis instead of the in-process route table, exactly as a multi-node deployment.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Serve HOST from ADDR (repeatable), e.g. --route hello.localhost=127.0.0.1:3000
+    #[arg(long = "route", value_parser = StaticRoute::parse_flag)]
+    pub routes: Vec<StaticRoute>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Public listener (default 127.0.0.1:8080).
+    #[arg(long, value_parser = parse_addr)]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, value_parser = parse_addr)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Proxy worker threads.
+    #[arg(long, value_parser = parse_threads)]
+    pub threads: Option<usize>,
+    /// Platform services answer at <slug>.<BASE_DOMAIN>.
+    #[arg(long, value_parser = parse_host)]
+    pub base_domain: Option<String>,
+    /// Load and follow routes from this Redis.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Serve HOST from ADDR[,ADDR...] (repeatable): front any HTTP upstream with no other setup.
+    #[arg(long = "route", value_parser = StaticRoute::parse_flag)]
+    pub routes: Vec<StaticRoute>,
+    /// Take over the listeners of a running proxy that got SIGQUIT (zero-downtime upgrade).
+    #[arg(long, short)]
+    pub upgrade: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    #[arg(long, short)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoutesCommand {
+    /// Write a route; every proxy following this Redis serves it within milliseconds.
+    Put {
+        #[arg(long)]
+        redis: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Upstream IP:PORT (repeatable).
+        #[arg(long = "upstream", required = true, value_parser = parse_addr)]
+        upstreams: Vec<SocketAddr>,
+        #[arg(long)]
+        account_id: Option<String>,
+    },
+    /// Delete a route.
+    Delete {
+        #[arg(long)]
+        redis: String,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// List every route (JSON lines).
+    List {
+        #[arg(long)]
+        redis: String,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct KeyArgs {
+    /// Platform subdomain: served at <SLUG>.<base_domain>.
+    #[arg(long)]
+    pub slug: Option<String>,
+    /// Exact custom hostname.
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+impl KeyArgs {
+    fn key(&self) -> Result<RouteKey, String> {
+        match (&self.slug, &self.host) {
+            (Some(s), _) => RouteKey::slug(s).map_err(|e| format!("slug '{s}': {e}")),
+            (None, Some(h)) => RouteKey::host(h).map_err(|e| format!("host '{h}': {e}")),
+            (None, None) => Err("give --slug or --host".into()),
+        }
+    }
+}
+
+fn env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig { file } => Ok(check_config(&file)),
+        Command::Proxy(args) => {
+            let cfg = proxy_config(&args, &env)?;
+            init_logging(&cfg);
+            run_proxy(cfg, args.upgrade)
+        }
+        Command::Dev(args) => {
+            let cfg = dev_config(&args, &env)?;
+            init_logging(&cfg);
+            run_dev(cfg)
+        }
+        Command::Control(args) => {
+            let cfg = Config::load(Some(&args.config), &env)?;
+            init_logging(&cfg);
+            eprintln!(
+                "tollgate control: the control service is not built yet (it will listen on {}). \
+                 Use `tollgate routes put` to publish routes meanwhile.",
+                cfg.control.listen
+            );
+            Ok(ExitCode::from(2))
+        }
+        Command::Routes(cmd) => routes(cmd),
+    }
+}
+
+/// Config for `tollgate proxy`: file, then environment, then flags.
+pub fn proxy_config(
+    args: &ProxyArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(args.config.as_deref(), env)?;
+    if let Some(a) = args.listen {
+        cfg.proxy.listen = a;
+    }
+    if let Some(a) = args.admin_listen {
+        cfg.admin.listen = a;
+    }
+    if let Some(t) = args.threads {
+        cfg.proxy.threads = t;
+    }
+    if let Some(d) = &args.base_domain {
+        cfg.proxy.base_domain = d.clone();
+    }
+    if let Some(url) = &args.redis {
+        cfg.set_redis_url(url).map_err(anyhow::Error::msg)?;
+    }
+    cfg.routes.extend(args.routes.iter().cloned());
+    Ok(cfg)
+}
+
+/// Config for `tollgate dev`: the same layering, with dev's own flags.
+pub fn dev_config(args: &DevArgs, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(args.config.as_deref(), env)?;
+    if let Some(a) = args.proxy_listen {
+        cfg.proxy.listen = a;
+    }
+    if let Some(a) = args.control_listen {
+        cfg.control.listen = a;
+    }
+    if let Some(a) = args.admin_listen {
+        cfg.admin.listen = a;
+    }
+    if let Some(d) = &args.data_dir {
+        cfg.control.data_dir = d.clone();
+    }
+    if let Some(url) = &args.redis {
+        cfg.set_redis_url(url).map_err(anyhow::Error::msg)?;
+    }
+    cfg.routes.extend(args.routes.iter().cloned());
+    Ok(cfg)
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match Config::from_file(file) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok (proxy {}, admin {}, {} static route(s), routes from {})",
+                file.display(),
+                cfg.proxy.listen,
+                cfg.admin.listen,
+                cfg.routes.len(),
+                if cfg.redis.is_some() {
+                    "Redis"
+                } else {
+                    "this file only"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn options(cfg: &Config, upgrade: bool) -> ProxyOptions {
+    ProxyOptions {
+        proxy: cfg.proxy.clone(),
+        admin: cfg.admin.clone(),
+        redis: cfg.redis.clone(),
+        shutdown: cfg.shutdown.clone(),
+        routes: cfg.routes.clone(),
+        upgrade,
+        exit_when_drained: true,
+        os_signals: true,
+    }
+}
+
+fn run_proxy(cfg: Config, upgrade: bool) -> anyhow::Result<ExitCode> {
+    let proxy = Proxy::prepare(options(&cfg, upgrade))?;
+    proxy.run()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_dev(cfg: Config) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&cfg.control.data_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create data dir {}: {e}",
+            cfg.control.data_dir.display()
+        )
+    })?;
+    let proxy = Proxy::prepare(options(&cfg, false))?;
+    let port = cfg.proxy.listen.port();
+    let routes_from = match &cfg.redis {
+        Some(r) => format!("Redis at {}", r.url),
+        None => "the config file and --route (in process)".to_owned(),
+    };
+    println!(
+        "\ntollgate dev: everything on one machine\n\
+         \x20 proxy     http://<slug>.{base}:{port}/\n\
+         \x20 admin     http://{admin}/metrics  /livez  /readyz\n\
+         \x20 routes    from {routes_from}; {n} static route(s)\n\
+         \x20 data      {data}\n\
+         \x20 not yet   control + MCP on {control} (deploys), runtime (workerd), payments and the\n\
+         \x20           local test chain: they arrive with their issues; until then publish routes\n\
+         \x20           with --route HOST=ADDR or `tollgate routes put --redis URL ...`\n",
+        base = cfg.proxy.base_domain,
+        admin = cfg.admin.listen,
+        n = cfg.routes.len(),
+        data = cfg.control.data_dir.display(),
+        control = cfg.control.listen,
+    );
+    for r in &cfg.routes {
+        println!("  route     http://{}:{port}/ -> {:?}", r.host, r.upstreams);
+    }
+    proxy.run()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn routes(cmd: RoutesCommand) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cmd {
+            RoutesCommand::Put {
+                redis,
+                key,
+                upstreams,
+                account_id,
+            } => {
+                let key = key.key().map_err(anyhow::Error::msg)?;
+                let store = RouteStore::connect(&redis, "tollgate").await?;
+                let route = Route {
+                    upstreams,
+                    account_id,
+                    project_id: None,
+                    deployment_id: None,
+                };
+                let v = store.put(&key, &route).await?;
+                println!("{} = {:?} (version {v})", key.field(), route.upstreams);
+            }
+            RoutesCommand::Delete { redis, key } => {
+                let key = key.key().map_err(anyhow::Error::msg)?;
+                let store = RouteStore::connect(&redis, "tollgate").await?;
+                let v = store.delete(&key).await?;
+                println!("{} deleted (version {v})", key.field());
+            }
+            RoutesCommand::List { redis } => {
+                let store = RouteStore::connect(&redis, "tollgate").await?;
+                for (key, rec) in store.load_all().await? {
+                    if let Some(route) = rec.route {
+                        println!(
+                            "{}",
+                            serde_json::json!({"key": key.field(), "version": rec.v, "route": route})
+                        );
+                    }
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `TOLLGATE_LOG` (a tracing filter) wins over `[log] level`.
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TOLLGATE_LOG")
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cfg.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

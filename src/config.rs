@@ -1,0 +1,255 @@
+//! The one configuration model: a TOML file, then `TOLLGATE_*` environment variables, then
+//! command-line flags, each overriding the one before. Every section denies unknown fields, and
+//! every error names where it came from (file:line:column, or the variable).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tollgate_proxy::config::check_redis_url;
+use tollgate_proxy::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub control: ControlConfig,
+    /// Absent: routes come from `[[route]]` alone (single node).
+    pub redis: Option<RedisConfig>,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    /// Static routes: `[[route]] host = "…" upstreams = ["127.0.0.1:3000"]`.
+    #[serde(rename = "route")]
+    pub routes: Vec<StaticRoute>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Control API and MCP endpoint (`/mcp`).
+    pub listen: SocketAddr,
+    /// Where `tollgate dev` keeps its embedded store.
+    pub data_dir: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8790)),
+            data_dir: PathBuf::from(".tollgate"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, such as `info` or `info,tollgate_routes=debug`. `TOLLGATE_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where a bad value came from, and why it is bad.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub origin: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{}:{}: {}", self.origin, l, c, self.message),
+            _ => write!(f, "{}: {}", self.origin, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn env(var: &str, message: String) -> Self {
+        ConfigError {
+            origin: format!("environment variable {var}"),
+            line: None,
+            column: None,
+            message,
+        }
+    }
+}
+
+/// The environment variables read, in the order they are applied.
+pub const ENV_VARS: &[&str] = &[
+    "TOLLGATE_PROXY_LISTEN",
+    "TOLLGATE_PROXY_THREADS",
+    "TOLLGATE_BASE_DOMAIN",
+    "TOLLGATE_MAX_BODY_BYTES",
+    "TOLLGATE_MAX_REQUEST_HEADER_BYTES",
+    "TOLLGATE_ADMIN_LISTEN",
+    "TOLLGATE_CONTROL_LISTEN",
+    "TOLLGATE_DATA_DIR",
+    "TOLLGATE_REDIS_URL",
+    "TOLLGATE_DRAIN_TIMEOUT_SECONDS",
+    "TOLLGATE_LOG_LEVEL",
+    "TOLLGATE_LOG_FORMAT",
+];
+
+impl Config {
+    /// Parses a config file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str::<Config>(text).map_err(|e| {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(text, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            ConfigError {
+                origin: origin.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            line: None,
+            column: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, &origin)
+    }
+
+    /// File (or defaults), then the environment as given by `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        Ok(cfg)
+    }
+
+    /// Applies `TOLLGATE_*` variables over the current values.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        for &var in ENV_VARS {
+            let Some(val) = env(var) else { continue };
+            let fail = |m: String| ConfigError::env(var, m);
+            match var {
+                "TOLLGATE_PROXY_LISTEN" => self.proxy.listen = parse_addr(&val).map_err(fail)?,
+                "TOLLGATE_PROXY_THREADS" => {
+                    self.proxy.threads = parse_threads(&val).map_err(fail)?
+                }
+                "TOLLGATE_BASE_DOMAIN" => {
+                    self.proxy.base_domain = parse_host(&val).map_err(fail)?;
+                }
+                "TOLLGATE_MAX_BODY_BYTES" => {
+                    self.proxy.max_body_bytes = parse_num(&val).map_err(fail)?;
+                }
+                "TOLLGATE_MAX_REQUEST_HEADER_BYTES" => {
+                    self.proxy.max_request_header_bytes = parse_num(&val).map_err(fail)?;
+                }
+                "TOLLGATE_ADMIN_LISTEN" => self.admin.listen = parse_addr(&val).map_err(fail)?,
+                "TOLLGATE_CONTROL_LISTEN" => {
+                    self.control.listen = parse_addr(&val).map_err(fail)?;
+                }
+                "TOLLGATE_DATA_DIR" => self.control.data_dir = PathBuf::from(val),
+                "TOLLGATE_REDIS_URL" => self.set_redis_url(&val).map_err(fail)?,
+                "TOLLGATE_DRAIN_TIMEOUT_SECONDS" => {
+                    self.shutdown.drain_timeout_seconds = parse_num(&val).map_err(fail)?;
+                }
+                "TOLLGATE_LOG_LEVEL" => self.log.level = val,
+                "TOLLGATE_LOG_FORMAT" => {
+                    self.log.format = match val.as_str() {
+                        "text" => LogFormat::Text,
+                        "json" => LogFormat::Json,
+                        _ => return Err(fail(format!("'{val}': expected text or json"))),
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the Redis URL, keeping the other `[redis]` settings.
+    pub fn set_redis_url(&mut self, url: &str) -> Result<(), String> {
+        check_redis_url(url)?;
+        match &mut self.redis {
+            Some(r) => r.url = url.to_owned(),
+            None => self.redis = Some(RedisConfig::new(url)),
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}': expected IP:PORT, such as 127.0.0.1:8080"))
+}
+
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}': expected a number of threads from 1 to 256")),
+    }
+}
+
+pub fn parse_host(s: &str) -> Result<String, String> {
+    tollgate_routes::normalize_host_owned(s).map_err(|e| format!("'{s}': {e}"))
+}
+
+fn parse_num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}': expected a whole number"))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("abc", 0), (1, 1));
+        assert_eq!(line_col("a\nbc", 3), (2, 2));
+    }
+}
