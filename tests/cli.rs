@@ -1,0 +1,166 @@
+//! The binary as an operator runs it: `tollgate proxy` in front of an upstream, SIGTERM drains
+//! and exits 0; `tollgate dev --redis` follows routes written with `tollgate routes put`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tollgate_testkit::{RedisServer, Upstream, free_addr};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    c
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn get(client: &reqwest::blocking::Client, url: &str) -> (u16, String) {
+    let r = client.get(url).send().unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[test]
+fn proxy_fronts_an_upstream_and_exits_0_on_sigterm() {
+    let up = Upstream::start("fronted");
+    let (listen, admin) = (free_addr(), free_addr());
+    let mut p = Proc(
+        bin()
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--threads", "1"])
+            .args(["--route", &format!("svc.localhost={}", up.addr)])
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(listen);
+    let c = reqwest::blocking::Client::builder()
+        .resolve("svc.localhost", listen)
+        .build()
+        .unwrap();
+    let url = format!("http://svc.localhost:{}/", listen.port());
+    assert_eq!(get(&c, &url), (200, "fronted".into()));
+    assert_eq!(get(&c, &format!("http://{admin}/readyz")).0, 200);
+
+    let t = Instant::now();
+    signal(&p.0, "-TERM");
+    let status = loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    // Idle: it exits as soon as it drained, not after the whole drain timeout (30 s).
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn dev_follows_routes_written_to_redis() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("from-redis");
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, control, admin) = (free_addr(), free_addr(), free_addr());
+    let _dev = Proc(
+        bin()
+            .args(["dev", "--redis", &redis.url()])
+            .args(["--proxy-listen", &proxy.to_string()])
+            .args(["--control-listen", &control.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(proxy);
+    assert!(dir.path().join("data").is_dir(), "dev creates its data dir");
+    let out = bin()
+        .args(["routes", "put", "--redis", &redis.url(), "--slug", "hello"])
+        .args(["--upstream", &up.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let c = reqwest::blocking::Client::builder()
+        .resolve("hello.localhost", proxy)
+        .build()
+        .unwrap();
+    let url = format!("http://hello.localhost:{}/", proxy.port());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if get(&c, &url) == (200, "from-redis".into()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "route never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = bin()
+        .args([
+            "routes",
+            "delete",
+            "--redis",
+            &redis.url(),
+            "--slug",
+            "hello",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url).0 != 404 {
+        assert!(Instant::now() < deadline, "deleted route still served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Bad input to the route tool: a clear error, non-zero exit, nothing written.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "routes",
+            "put",
+            "--redis",
+            &redis.url(),
+            "--slug",
+            "Bad_Slug",
+        ])
+        .args(["--upstream", &up.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("slug"));
+    let list = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["routes", "list", "--redis", &redis.url()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).trim().is_empty());
+}

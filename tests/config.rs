@@ -1,0 +1,223 @@
+//! Configuration as an operator meets it: precedence, and `check-config` errors that point at
+//! the line.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Command;
+
+use clap::Parser;
+use tollgate::cli::{Cli, Command as Sub, proxy_config};
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let m: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| m.get(k).cloned()
+}
+
+fn proxy_args(args: &[&str]) -> tollgate::cli::ProxyArgs {
+    let mut argv = vec!["tollgate", "proxy"];
+    argv.extend_from_slice(args);
+    match Cli::parse_from(argv).command {
+        Sub::Proxy(a) => a,
+        other => panic!("parsed as {other:?}"),
+    }
+}
+
+const FILE: &str = r#"
+[proxy]
+listen = "127.0.0.1:1001"
+threads = 2
+base_domain = "Apps.Example.com"
+
+[admin]
+listen = "127.0.0.1:2001"
+
+[[route]]
+host = "static.example.com"
+upstreams = ["127.0.0.1:3000"]
+"#;
+
+#[test]
+fn file_then_env_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(&dir, "t.toml", FILE);
+    let fs = f.to_str().unwrap();
+    let a: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+    let b: SocketAddr = "127.0.0.1:1002".parse().unwrap();
+    let c: SocketAddr = "127.0.0.1:1003".parse().unwrap();
+
+    // File alone.
+    let cfg = proxy_config(&proxy_args(&["--config", fs]), &env_of(&[])).unwrap();
+    assert_eq!(cfg.proxy.listen, a);
+    assert_eq!(cfg.proxy.threads, 2);
+    assert_eq!(cfg.proxy.base_domain, "apps.example.com");
+    assert_eq!(cfg.routes.len(), 1);
+    assert!(cfg.redis.is_none());
+
+    // Environment beats the file.
+    let env = env_of(&[
+        ("TOLLGATE_PROXY_LISTEN", "127.0.0.1:1002"),
+        ("TOLLGATE_PROXY_THREADS", "3"),
+        ("TOLLGATE_REDIS_URL", "redis://127.0.0.1:7777/"),
+    ]);
+    let cfg = proxy_config(&proxy_args(&["--config", fs]), &env).unwrap();
+    assert_eq!(cfg.proxy.listen, b);
+    assert_eq!(cfg.proxy.threads, 3);
+    assert_eq!(cfg.redis.as_ref().unwrap().url, "redis://127.0.0.1:7777/");
+    assert_eq!(cfg.admin.listen, "127.0.0.1:2001".parse().unwrap());
+
+    // Flags beat both; --route adds to the file's routes.
+    let cfg = proxy_config(
+        &proxy_args(&[
+            "--config",
+            fs,
+            "--listen",
+            "127.0.0.1:1003",
+            "--threads",
+            "4",
+            "--redis",
+            "redis://127.0.0.1:8888/",
+            "--route",
+            "x.localhost=127.0.0.1:9000,127.0.0.1:9001",
+        ]),
+        &env,
+    )
+    .unwrap();
+    assert_eq!(cfg.proxy.listen, c);
+    assert_eq!(cfg.proxy.threads, 4);
+    assert_eq!(cfg.redis.as_ref().unwrap().url, "redis://127.0.0.1:8888/");
+    assert_eq!(cfg.routes.len(), 2);
+    assert_eq!(cfg.routes[1].upstreams.len(), 2);
+}
+
+#[test]
+fn bad_environment_values_name_the_variable() {
+    let e = proxy_config(
+        &proxy_args(&[]),
+        &env_of(&[("TOLLGATE_PROXY_THREADS", "zero")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("TOLLGATE_PROXY_THREADS"), "{e}");
+    let e = proxy_config(
+        &proxy_args(&[]),
+        &env_of(&[("TOLLGATE_REDIS_URL", "http://x")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("TOLLGATE_REDIS_URL") && e.contains("redis://"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_flags_are_refused_by_the_parser() {
+    for bad in [
+        vec!["tollgate", "proxy", "--threads", "0"],
+        vec!["tollgate", "proxy", "--listen", "nope"],
+        vec!["tollgate", "proxy", "--route", "no-equals-sign"],
+        vec!["tollgate", "proxy", "--route", "bad_host=127.0.0.1:1"],
+        vec!["tollgate", "proxy", "--route", "a.localhost=localhost:1"],
+    ] {
+        assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?} was accepted");
+    }
+}
+
+fn check_config(text: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(&dir, "c.toml", text);
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let (code, out, _) = check_config(FILE);
+    assert_eq!(code, 0);
+    assert!(out.contains("ok"), "{out}");
+    // The shipped example must stay valid.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tollgate.example.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_points_at_the_first_error() {
+    let cases = [
+        // (file, expected line, words in the reason)
+        (
+            "[proxy]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n",
+            3,
+            "unknown field",
+        ),
+        ("[proxy]\nthreads = 0\n", 2, "threads"),
+        ("[proxy]\nbase_domain = \"bad_domain\"\n", 2, "host name"),
+        (
+            "[proxy]\nupstream_read_timeout_seconds = -1\n",
+            2,
+            "seconds",
+        ),
+        ("[admin]\nlisten = \"localhost\"\n", 2, "address"),
+        (
+            "\n\n[[route]]\nhost = \"a.localhost\"\nupstreams = []\n",
+            5,
+            "at least one",
+        ),
+        ("[redis]\nurl = \"http://nope\"\n", 2, "redis://"),
+        ("[log]\nformat = \"xml\"\n", 2, "unknown variant"),
+        ("[proxy\n", 1, ""),
+    ];
+    for (text, line, words) in cases {
+        let (code, _, err) = check_config(text);
+        assert_eq!(code, 1, "accepted: {text}");
+        let expect = format!("c.toml:{line}:");
+        assert!(
+            err.contains(&expect),
+            "for {text:?} expected {expect} in: {err}"
+        );
+        assert!(
+            err.contains(words),
+            "for {text:?} expected '{words}' in: {err}"
+        );
+    }
+    let (code, _, err) = {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["check-config", "/nonexistent/x.toml"])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            (),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read"), "{err}");
+}
