@@ -102,6 +102,7 @@ impl ConfigError {
 pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_PROXY_LISTEN",
     "TOLLGATE_PROXY_THREADS",
+    "TOLLGATE_PROXY_WORK_STEALING",
     "TOLLGATE_BASE_DOMAIN",
     "TOLLGATE_MAX_BODY_BYTES",
     "TOLLGATE_MAX_REQUEST_HEADER_BYTES",
@@ -168,6 +169,13 @@ impl Config {
                 "TOLLGATE_PROXY_LISTEN" => self.proxy.listen = parse_addr(&val).map_err(fail)?,
                 "TOLLGATE_PROXY_THREADS" => {
                     self.proxy.threads = parse_threads(&val).map_err(fail)?
+                }
+                "TOLLGATE_PROXY_WORK_STEALING" => {
+                    self.proxy.work_stealing = match val.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(fail(format!("'{val}': expected true or false"))),
+                    }
                 }
                 "TOLLGATE_BASE_DOMAIN" => {
                     self.proxy.base_domain = parse_host(&val).map_err(fail)?;

@@ -179,6 +179,7 @@ impl Proxy {
 
         let conf = ServerConf {
             threads: opts.proxy.threads,
+            work_stealing: opts.proxy.work_stealing,
             grace_period_seconds: Some(opts.shutdown.drain_timeout_seconds),
             graceful_shutdown_timeout_seconds: Some(1),
             upgrade_sock: opts

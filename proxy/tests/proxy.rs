@@ -99,6 +99,7 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
 
     let r = c.get(node.url("dead.localhost", "/")).send().await.unwrap();
     assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["connection"], "close");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["type"], "urn:tollgate:problem:upstream-unavailable");
 

@@ -1,0 +1,380 @@
+//! The node's background half: cuts usage into settle batches every `settle_interval` (or at
+//! once when a slot asks for a refill), journals each batch before sending it, applies the
+//! store's lease grants to the slots, and follows the account change feed.
+//!
+//! Only this task talks to the store; the request path never waits on the network.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, watch};
+use tollgate_metering::{
+    FeedEvent, Incarnation, Journal, LeaseGrant, SettleBatch, SettleEntry, SettleError, Status,
+    Store, StoreError, Usage,
+};
+
+use crate::cache::{BalanceCache, REFILL, SUSPENDED, Slot};
+use crate::metrics::CacheMetrics;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Stable name of this node (its journal and its leases are keyed by it).
+    pub node_id: String,
+    /// How often usage is settled (a refill request settles at once).
+    pub settle_interval: Duration,
+    /// Lease lifetime on the store's clock; must equal the store's.
+    pub lease_ttl: Duration,
+    /// Stop spending leases this long before the store would expire them.
+    pub lease_margin: Duration,
+    /// Smallest and largest lease asked for (p$).
+    pub min_lease: i64,
+    pub max_lease: i64,
+    /// A lease unused this long goes back to the account.
+    pub idle_return: Duration,
+    pub journal_path: PathBuf,
+    /// Entries per settle batch.
+    pub max_batch: usize,
+}
+
+impl AgentConfig {
+    pub fn new(node_id: &str, journal_path: PathBuf) -> Self {
+        AgentConfig {
+            node_id: node_id.to_owned(),
+            settle_interval: Duration::from_millis(50),
+            lease_ttl: Duration::from_secs(10),
+            lease_margin: Duration::from_secs(2),
+            // 100 requests at the default price, and $0.50.
+            min_lease: 50_000_000,
+            max_lease: 500_000_000_000,
+            idle_return: Duration::from_secs(5),
+            journal_path,
+            max_batch: 500,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Journal(#[from] tollgate_metering::JournalError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("settle refused: {0}")]
+    Settle(#[from] SettleError),
+}
+
+/// What the agent remembers of an account beyond its slot.
+#[derive(Default)]
+struct Known {
+    /// This node's outstanding lease as the store last reported it.
+    lease: i64,
+    /// Cost settled per interval, smoothed (p$), to size the next lease.
+    rate: i64,
+    last_settled: Option<Instant>,
+}
+
+pub struct Agent {
+    cache: Arc<BalanceCache>,
+    store: Arc<dyn Store>,
+    cfg: AgentConfig,
+    inc: Incarnation,
+    journal: Journal,
+    next_seq: u64,
+    known: HashMap<Box<str>, Known>,
+    last_ok: Instant,
+    metrics: CacheMetrics,
+}
+
+impl Agent {
+    /// Replays what the previous incarnation journaled but never had acknowledged, releases its
+    /// leases, and starts a new incarnation.
+    pub async fn start(
+        cache: Arc<BalanceCache>,
+        store: Arc<dyn Store>,
+        cfg: AgentConfig,
+        metrics: CacheMetrics,
+    ) -> Result<Agent, AgentError> {
+        let mut journal = Journal::open(&cfg.journal_path)?;
+        let pending: Vec<SettleBatch> = journal.pending().to_vec();
+        if !pending.is_empty() {
+            tracing::info!(batches = pending.len(), "replaying the settle journal");
+        }
+        for b in pending {
+            match send(&*store, &b, &metrics).await {
+                Ok(_) => {}
+                Err(e) => tracing::error!(seq = b.seq, error = %e, "journaled batch refused"),
+            }
+            journal.ack(&b)?;
+        }
+        if let Some(old) = journal.incarnation().cloned()
+            && old.node_id == cfg.node_id
+        {
+            let n = store.release(&old).await?;
+            tracing::info!(
+                epoch = old.epoch,
+                leases = n,
+                "released the previous incarnation"
+            );
+        }
+        let inc = store.begin(&cfg.node_id).await?;
+        journal.set_incarnation(&inc)?;
+        tracing::info!(node = %inc.node_id, epoch = inc.epoch, "metering agent started");
+        Ok(Agent {
+            cache,
+            store,
+            cfg,
+            inc,
+            journal,
+            next_seq: 1,
+            known: HashMap::new(),
+            last_ok: Instant::now(),
+            metrics,
+        })
+    }
+
+    pub fn incarnation(&self) -> &Incarnation {
+        &self.inc
+    }
+
+    /// Runs until `shutdown`; then settles what is left, returns every lease and releases the
+    /// incarnation.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let feed = tokio::spawn(follow_feed(
+            self.cache.clone(),
+            self.store.clone(),
+            self.store.subscribe(),
+            shutdown.clone(),
+        ));
+        let mut reap = tokio::time::interval(self.cfg.lease_ttl / 2);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.settle_interval) => {}
+                _ = self.cache.wake.notified() => {}
+                _ = reap.tick() => {
+                    if let Err(e) = self.store.reap_expired().await {
+                        tracing::debug!(error = %e, "lease reaper");
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+            if let Err(e) = self.tick(false).await {
+                tracing::error!(error = %e, "settle failed");
+            }
+        }
+        if let Err(e) = self.tick(true).await {
+            tracing::error!(error = %e, "final settle failed; the journal keeps it");
+        } else if let Err(e) = self.store.release(&self.inc).await {
+            tracing::warn!(error = %e, "release at shutdown failed; leases expire instead");
+        }
+        feed.abort();
+    }
+
+    /// One settle round. `closing`: return every lease.
+    pub async fn tick(&mut self, closing: bool) -> Result<(), AgentError> {
+        self.check_lease_validity();
+        let now_s = self.cache.now_s();
+        let idle_s = self.cfg.idle_return.as_secs() as u32;
+        let refresh_after = self.cfg.lease_ttl / 3;
+        let mut entries = Vec::new();
+        {
+            let map = self.cache.map.pin();
+            for (account, slot) in map.iter() {
+                let usage = Usage {
+                    requests: slot.requests.swap(0, Ordering::AcqRel),
+                    cpu_us: slot.cpu_us.swap(0, Ordering::AcqRel),
+                    deploys: 0,
+                };
+                let state = slot.state.fetch_and(!REFILL, Ordering::AcqRel);
+                let k = self.known.get(account);
+                let lease = k.map_or(0, |k| k.lease);
+                let idle = now_s.saturating_sub(slot.last_used_s.load(Ordering::Relaxed)) > idle_s;
+                let stale = k
+                    .and_then(|k| k.last_settled)
+                    .is_none_or(|t| t.elapsed() > refresh_after);
+                let wants_refill = state & REFILL != 0;
+                if usage.is_zero() && !wants_refill && !closing && !(lease > 0 && (stale || idle)) {
+                    continue;
+                }
+                let cost = i64::try_from(self.cache.prices.cost(&usage)).unwrap_or(i64::MAX);
+                let want = if closing || (idle && !wants_refill) {
+                    0
+                } else {
+                    let rate = k.map_or(0, |k| k.rate).max(cost);
+                    (rate * 4).clamp(self.cfg.min_lease, self.cfg.max_lease)
+                };
+                entries.push(SettleEntry {
+                    account: account.to_string(),
+                    usage,
+                    cost: cost.min(tollgate_metering::MAX_OP_AMOUNT),
+                    want,
+                });
+            }
+        }
+        for chunk in entries.chunks(self.cfg.max_batch.max(1)) {
+            let batch = SettleBatch {
+                node_id: self.inc.node_id.clone(),
+                epoch: self.inc.epoch,
+                seq: self.next_seq,
+                entries: chunk.to_vec(),
+            };
+            self.next_seq += 1;
+            self.journal.append(&batch)?;
+            self.metrics
+                .journal_depth
+                .set(self.journal.pending().len() as i64);
+            let grants = loop {
+                match send(&*self.store, &batch, &self.metrics).await {
+                    Ok(g) => break g,
+                    Err(SettleError::Unavailable(e)) => {
+                        self.cache.store_down.store(true, Ordering::Release);
+                        self.check_lease_validity();
+                        tracing::warn!(error = %e, seq = batch.seq, "store unreachable; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            self.apply(&batch, &grants);
+            self.journal.ack(&batch)?;
+            self.metrics
+                .journal_depth
+                .set(self.journal.pending().len() as i64);
+            self.last_ok = Instant::now();
+            self.cache.store_down.store(false, Ordering::Release);
+            self.cache.leases_valid.store(true, Ordering::Release);
+        }
+        self.cache.changed.notify_waiters();
+        Ok(())
+    }
+
+    fn check_lease_validity(&self) {
+        let limit = self.cfg.lease_ttl.saturating_sub(self.cfg.lease_margin);
+        if self.last_ok.elapsed() > limit && self.cache.leases_valid.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                "no settle for longer than leases live: spending stops until the store answers"
+            );
+        }
+    }
+
+    fn apply(&mut self, batch: &SettleBatch, grants: &[LeaseGrant]) {
+        let map = self.cache.map.pin();
+        for (e, g) in batch.entries.iter().zip(grants) {
+            let Some(slot) = map.get(e.account.as_str()) else {
+                continue;
+            };
+            let k = self.known.entry(e.account.as_str().into()).or_default();
+            // The store took `cost` out of the lease we knew, then moved it to `g.lease`.
+            let delta = g.lease - (k.lease - e.cost);
+            slot.remaining.fetch_add(delta, Ordering::AcqRel);
+            if g.lease > k.lease - e.cost {
+                self.metrics.lease_refills_total.inc();
+            }
+            k.lease = g.lease;
+            k.rate = (k.rate * 3 + e.cost) / 4;
+            k.last_settled = Some(Instant::now());
+            slot.refill_below.store(
+                (g.lease / 2).max(self.cache.prices.per_request),
+                Ordering::Relaxed,
+            );
+            apply_status(slot, g.version, g.status);
+        }
+        self.known.retain(|_, k| k.lease > 0 || k.rate > 0);
+    }
+}
+
+async fn send(
+    store: &dyn Store,
+    b: &SettleBatch,
+    metrics: &CacheMetrics,
+) -> Result<Vec<LeaseGrant>, SettleError> {
+    let t = Instant::now();
+    let r = store.settle(b).await;
+    metrics.settle_seconds.observe(t.elapsed().as_secs_f64());
+    match r {
+        Ok(o) => {
+            metrics.settle_batches_total.inc();
+            Ok(o.grants().to_vec())
+        }
+        Err(e) => {
+            metrics.settle_failures_total.inc();
+            Err(e)
+        }
+    }
+}
+
+/// Applies a status if its version is newer than the slot's.
+fn apply_status(slot: &Slot, version: u64, status: Status) -> bool {
+    let mut cur = slot.state.load(Ordering::Acquire);
+    loop {
+        if cur >> 2 >= version {
+            return false;
+        }
+        let flags = cur & REFILL;
+        let susp = if status == Status::Suspended {
+            SUSPENDED
+        } else {
+            0
+        };
+        let next = version << 2 | flags | susp;
+        match slot
+            .state
+            .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
+    }
+}
+
+/// Applies the change feed: newer versions only; after a `Resync` (or lag), re-reads every
+/// cached account from the store.
+async fn follow_feed(
+    cache: Arc<BalanceCache>,
+    store: Arc<dyn Store>,
+    mut rx: broadcast::Receiver<FeedEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = shutdown.changed() => return,
+        };
+        match ev {
+            Ok(FeedEvent::Change(c)) => {
+                let map = cache.map.pin();
+                if let Some(slot) = map.get(c.account.as_str()) {
+                    let was = slot.is_suspended();
+                    if apply_status(slot, c.version, c.status) {
+                        if was && c.status == Status::Active {
+                            // Resumed: get a lease now rather than at the next request.
+                            slot.state.fetch_or(REFILL, Ordering::AcqRel);
+                            cache.wake.notify_one();
+                        }
+                        cache.changed.notify_waiters();
+                    }
+                }
+            }
+            Ok(FeedEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                let ids: Vec<String> = cache.map.pin().keys().map(|k| k.to_string()).collect();
+                for chunk in ids.chunks(1000) {
+                    match store.accounts(chunk).await {
+                        Ok(states) => {
+                            let map = cache.map.pin();
+                            for st in states.into_iter().flatten() {
+                                if let Some(slot) = map.get(st.account.as_str()) {
+                                    apply_status(slot, st.version, st.status);
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "resync read failed"),
+                    }
+                }
+                cache.changed.notify_waiters();
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The hot path: one lock-free map lookup and a few atomic operations on the account's own slot.
+//! No lock, no allocation for a known account, no network.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+use tollgate_metering::Prices;
+
+/// Per-account state on one node. Everything the hot path touches lives here, in the account's
+/// own allocation, so two accounts never share a cache line through the cache itself.
+#[derive(Debug)]
+pub struct Slot {
+    /// What is left of this node's lease (p$). CPU charges may push it below zero.
+    pub(crate) remaining: AtomicI64,
+    /// Refill when `remaining` drops below this (half the last lease; set by the agent).
+    pub(crate) refill_below: AtomicI64,
+    /// Usage not yet cut into a settle batch.
+    pub(crate) requests: AtomicU64,
+    pub(crate) cpu_us: AtomicU64,
+    /// `version << 2 | REFILL << 1 | SUSPENDED`.
+    pub(crate) state: AtomicU64,
+    /// Coarse seconds since the cache started, of the last spend (idle leases are returned).
+    pub(crate) last_used_s: AtomicU32,
+}
+
+pub(crate) const SUSPENDED: u64 = 1;
+pub(crate) const REFILL: u64 = 2;
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            remaining: AtomicI64::new(0),
+            refill_below: AtomicI64::new(0),
+            requests: AtomicU64::new(0),
+            cpu_us: AtomicU64::new(0),
+            state: AtomicU64::new(REFILL),
+            last_used_s: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn is_suspended(&self) -> bool {
+        self.state.load(Ordering::Acquire) & SUSPENDED != 0
+    }
+
+    /// Flags a refill; true when this call set it (so the caller wakes the agent once).
+    fn flag_refill(&self) -> bool {
+        self.state.fetch_or(REFILL, Ordering::AcqRel) & REFILL == 0
+    }
+}
+
+/// The answer to "may this request go through?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    /// Paid from this node's lease.
+    Ok,
+    /// The account has nothing left anywhere: 402 / suspension page.
+    Suspended,
+    /// No lease here yet (new account, or just spent): a refill is on its way; wait for
+    /// [`BalanceCache::changed`] briefly and try again.
+    Pending,
+    /// Leases are gone and the store cannot be reached: 503 + Retry-After, never 402.
+    Unavailable,
+}
+
+type Map = papaya::HashMap<Box<str>, Slot, foldhash::fast::RandomState>;
+
+pub struct BalanceCache {
+    pub(crate) map: Map,
+    pub(crate) prices: Prices,
+    /// The agent wakes on this when a slot wants a refill or a new account appears.
+    pub(crate) wake: Notify,
+    /// The agent signals this after every settle reply or feed update.
+    pub(crate) changed: Notify,
+    /// False when the store has been unreachable for longer than leases live: stop spending.
+    pub(crate) leases_valid: AtomicBool,
+    /// True while the last settle attempt failed to reach the store.
+    pub(crate) store_down: AtomicBool,
+    started: Instant,
+}
+
+impl BalanceCache {
+    pub fn new(prices: Prices) -> Arc<BalanceCache> {
+        Arc::new(BalanceCache {
+            map: Map::with_hasher(foldhash::fast::RandomState::default()),
+            prices,
+            wake: Notify::new(),
+            changed: Notify::new(),
+            leases_valid: AtomicBool::new(true),
+            store_down: AtomicBool::new(false),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn prices(&self) -> &Prices {
+        &self.prices
+    }
+
+    pub(crate) fn now_s(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    /// Charges one request to `account`. Lock-free; never blocks, never does I/O.
+    #[inline]
+    pub fn try_spend_request(&self, account: &str) -> Spend {
+        self.try_spend(account, self.prices.per_request, true)
+    }
+
+    /// Charges `amount` p$ of request-like usage (the hot-path primitive).
+    #[inline]
+    pub fn try_spend(&self, account: &str, amount: i64, count_request: bool) -> Spend {
+        let map = self.map.pin();
+        let Some(slot) = map.get(account) else {
+            drop(map);
+            self.register(account);
+            return Spend::Pending;
+        };
+        if !self.leases_valid.load(Ordering::Relaxed) {
+            return Spend::Unavailable;
+        }
+        let now = self.now_s();
+        if slot.last_used_s.load(Ordering::Relaxed) != now {
+            slot.last_used_s.store(now, Ordering::Relaxed);
+        }
+        let left = slot.remaining.fetch_sub(amount, Ordering::AcqRel) - amount;
+        if left >= 0 {
+            if count_request {
+                slot.requests.fetch_add(1, Ordering::Relaxed);
+            }
+            if left < slot.refill_below.load(Ordering::Relaxed) && slot.flag_refill() {
+                self.wake.notify_one();
+            }
+            return Spend::Ok;
+        }
+        slot.remaining.fetch_add(amount, Ordering::AcqRel);
+        if slot.is_suspended() {
+            return Spend::Suspended;
+        }
+        if self.store_down.load(Ordering::Relaxed) {
+            return Spend::Unavailable;
+        }
+        if slot.flag_refill() {
+            self.wake.notify_one();
+        }
+        Spend::Pending
+    }
+
+    /// Charges CPU as it accrues, even past the lease (it was already used): the excess is
+    /// settled as debt, and a refill is asked for. Returns false if the account is unknown here.
+    pub fn charge_cpu(&self, account: &str, cpu_us: u64) -> bool {
+        let map = self.map.pin();
+        let Some(slot) = map.get(account) else {
+            drop(map);
+            // Usage must never be dropped: register and charge the fresh slot.
+            self.register(account);
+            let map = self.map.pin();
+            return match map.get(account) {
+                Some(slot) => {
+                    self.charge_slot(slot, cpu_us);
+                    true
+                }
+                None => false,
+            };
+        };
+        self.charge_slot(slot, cpu_us);
+        true
+    }
+
+    fn charge_slot(&self, slot: &Slot, cpu_us: u64) {
+        let cost = i64::try_from(i128::from(cpu_us) * i128::from(self.prices.per_cpu_us))
+            .unwrap_or(i64::MAX / 4);
+        slot.cpu_us.fetch_add(cpu_us, Ordering::Relaxed);
+        let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
+        if left < slot.refill_below.load(Ordering::Relaxed) && slot.flag_refill() {
+            self.wake.notify_one();
+        }
+    }
+
+    fn register(&self, account: &str) {
+        if tollgate_metering::validate_account_id(account).is_err() {
+            return;
+        }
+        let map = self.map.pin();
+        map.get_or_insert_with(account.into(), Slot::new);
+        self.wake.notify_one();
+    }
+
+    /// Resolves when the agent applied a settle reply or a feed change (then retry a
+    /// [`Spend::Pending`]).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Accounts cached on this node.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// What this node may still spend for `account` (p$), for tests and debugging.
+    pub fn remaining(&self, account: &str) -> Option<i64> {
+        self.map
+            .pin()
+            .get(account)
+            .map(|s| s.remaining.load(Ordering::Acquire))
+    }
+
+    /// Whether the node currently believes `account` is suspended.
+    pub fn is_suspended(&self, account: &str) -> Option<bool> {
+        self.map.pin().get(account).map(Slot::is_suspended)
+    }
+
+    /// Inserts an account slot without waking the agent (benchmarks, preloading).
+    pub fn preload(&self, account: &str, lease: i64) {
+        let map = self.map.pin();
+        let slot = map.get_or_insert_with(account.into(), Slot::new);
+        slot.remaining.store(lease, Ordering::Release);
+        slot.state.store(0, Ordering::Release);
+    }
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Throughput of tollgate's proxy against nginx as a reverse proxy, in the same run, on loopback.
+#
+#   benches/scripts/proxy-vs-nginx.sh [REPS] [SECONDS]      (defaults: 5 reps x 10 s)
+#
+# Cases: (1) wrk -> upstream directly, (2) wrk -> nginx reverse proxy -> upstream,
+# (3) wrk -> `tollgate proxy --threads 1` -> upstream, (4) the same with work stealing off. The system under test is pinned to CPU1;
+# wrk (and the upstream, when a proxy is under test) to CPU0. Reps are interleaved (rep 1 of
+# every case, then rep 2, ...) so drift hits every case alike; medians are reported.
+# Needs: nginx (Debian nginx-light), wrk, taskset, a release build of tollgate.
+set -euo pipefail
+REPS=${1:-5}
+SECS=${2:-10}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BIN=${TOLLGATE_BIN:-$ROOT/target/release/tollgate}
+[[ -x $BIN ]] || { echo "build first: cargo build --release --bin tollgate" >&2; exit 1; }
+command -v wrk >/dev/null && command -v nginx >/dev/null || { echo "needs wrk and nginx" >&2; exit 1; }
+[[ $(nproc) -ge 2 ]] || { echo "needs 2 cores" >&2; exit 1; }
+
+W=$(mktemp -d)
+OUT=${OUT:-$ROOT/target/bench-proxy}   # raw wrk outputs are kept here
+rm -rf "$OUT"; mkdir -p "$OUT"
+UP=18081; NGX=18082; TG=18083; TGA=18093; TG2=18084; TGA2=18094
+cleanup() {
+  [[ -f $W/up/nginx.pid ]] && kill "$(cat "$W/up/nginx.pid")" 2>/dev/null || true
+  [[ -f $W/rp/nginx.pid ]] && kill "$(cat "$W/rp/nginx.pid")" 2>/dev/null || true
+  [[ -n ${TGPID:-} ]] && kill -INT "$TGPID" 2>/dev/null || true
+  [[ -n ${TG2PID:-} ]] && kill -INT "$TG2PID" 2>/dev/null || true
+  sleep 0.3; rm -rf "$W"
+}
+trap cleanup EXIT
+mkdir -p "$W/up/tmp" "$W/rp/tmp"
+cat > "$W/up.conf" <<CONF
+worker_processes 1; pid up/nginx.pid; error_log up/error.log warn; daemon on;
+events { worker_connections 4096; multi_accept on; }
+http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000; client_body_temp_path up/tmp;
+  server { listen 127.0.0.1:$UP reuseport backlog=4096;
+    location / { default_type text/plain; return 200 "hello\n"; } } }
+CONF
+cat > "$W/rp.conf" <<CONF
+worker_processes 1; pid rp/nginx.pid; error_log rp/error.log warn; daemon on;
+events { worker_connections 4096; multi_accept on; }
+http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
+  client_body_temp_path rp/tmp; proxy_temp_path rp/tmp;
+  upstream hello_up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; keepalive_timeout 60s; }
+  server { listen 127.0.0.1:$NGX reuseport backlog=4096;
+    location / { proxy_pass http://hello_up; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host \$host; proxy_buffering on;
+      add_header X-Request-Id \$request_id always; } } }
+CONF
+nginx -c "$W/up.conf" -p "$W/"
+nginx -c "$W/rp.conf" -p "$W/"
+TOLLGATE_LOG=warn "$BIN" proxy --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$TGA --threads 1 \
+  --route bench.localhost=127.0.0.1:$UP >"$W/tg.log" 2>&1 &
+TGPID=$!
+TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false "$BIN" proxy --listen 127.0.0.1:$TG2 \
+  --admin-listen 127.0.0.1:$TGA2 --threads 1 --route bench.localhost=127.0.0.1:$UP >"$W/tg2.log" 2>&1 &
+TG2PID=$!
+for p in $UP $NGX $TG $TG2; do
+  for _ in $(seq 100); do curl -sf -H 'Host: bench.localhost' "http://127.0.0.1:$p/" >/dev/null && break; sleep 0.05; done
+done
+UPPID=$(cat "$W/up/nginx.pid"); RPPID=$(cat "$W/rp/nginx.pid")
+pin() { taskset -a -pc "$1" "$2" >/dev/null; for c in $(pgrep -P "$2" || true); do taskset -a -pc "$1" "$c" >/dev/null; done; }
+
+run_case() { # name port sut_pid_or_empty
+  local name=$1 port=$2
+  if [[ $name == direct ]]; then pin 1 "$UPPID"; else pin 0 "$UPPID"; fi
+  # Only the system under test gets CPU1; every idle server waits on CPU0.
+  pin 0 "$RPPID"; pin 0 "$TGPID"; pin 0 "$TG2PID"
+  case $name in
+    nginx) pin 1 "$RPPID" ;;
+    tollgate) pin 1 "$TGPID" ;;
+    tollgate_nosteal) pin 1 "$TG2PID" ;;
+  esac
+  taskset -c 0 wrk -t1 -c64 -d2s -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null
+  taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench.localhost' "http://127.0.0.1:$port/" > "$OUT/$name.$rep.txt"
+}
+for rep in $(seq "$REPS"); do
+  for c in direct:$UP nginx:$NGX tollgate:$TG tollgate_nosteal:$TG2; do run_case "${c%%:*}" "${c##*:}"; done
+done
+
+python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_nosteal

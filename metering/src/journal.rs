@@ -1,0 +1,230 @@
+//! The node's settle journal: every batch is appended and fsynced *before* its first send, and
+//! acknowledged after the store answered. After a crash, the unacknowledged batches are sent
+//! again with the same bytes (same `(node, epoch, seq)`), which the store applies at most once.
+//!
+//! Format: JSON lines, `{"batch":{…}}` or `{"ack":{"node_id":…,"epoch":…,"seq":…}}`. A torn last
+//! line (crash mid-write) is ignored: its batch was never sent.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Incarnation, SettleBatch};
+
+#[derive(Serialize, Deserialize)]
+struct Ack {
+    node_id: String,
+    epoch: u64,
+    seq: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Line {
+    Batch(SettleBatch),
+    Ack(Ack),
+    /// The incarnation that writes this journal (so the next one can release its leases).
+    Incarnation(Incarnation),
+}
+
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    /// Appended but not yet acknowledged, in order.
+    pending: Vec<SettleBatch>,
+    incarnation: Option<Incarnation>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("journal {path}: {0}", path = .1)]
+    Encode(serde_json::Error, String),
+}
+
+impl Journal {
+    /// Opens (or creates) the journal and loads what was never acknowledged.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let io = |source| JournalError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut pending: Vec<SettleBatch> = Vec::new();
+        let mut incarnation = None;
+        if path.exists() {
+            // Cut a torn last line (crash mid-write) so the next append starts on a fresh line.
+            let bytes = std::fs::read(path).map_err(io)?;
+            let keep = bytes.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+            if keep < bytes.len() {
+                tracing::warn!(path = %path.display(), "cutting a torn journal line");
+                let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+                f.set_len(keep as u64).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            let f = File::open(path).map_err(io)?;
+            for line in BufReader::new(f).lines() {
+                let line = line.map_err(io)?;
+                match serde_json::from_str::<Line>(&line) {
+                    Ok(Line::Batch(b)) => pending.push(b),
+                    Ok(Line::Ack(a)) => pending.retain(|b| {
+                        !(b.node_id == a.node_id && b.epoch == a.epoch && b.seq == a.seq)
+                    }),
+                    Ok(Line::Incarnation(i)) => incarnation = Some(i),
+                    // Only a torn final line can fail to parse.
+                    Err(e) => tracing::warn!(error = %e, "ignoring a torn journal line"),
+                }
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        let mut j = Journal {
+            path: path.to_owned(),
+            file,
+            pending,
+            incarnation,
+        };
+        if j.pending.is_empty() {
+            j.compact()?;
+        }
+        Ok(j)
+    }
+
+    /// Batches that were journaled but never acknowledged (oldest first).
+    pub fn pending(&self) -> &[SettleBatch] {
+        &self.pending
+    }
+
+    /// The incarnation that last wrote this journal (its leases are to be released).
+    pub fn incarnation(&self) -> Option<&Incarnation> {
+        self.incarnation.as_ref()
+    }
+
+    /// Records the incarnation now writing this journal.
+    pub fn set_incarnation(&mut self, inc: &Incarnation) -> Result<(), JournalError> {
+        self.write_line(&Line::Incarnation(inc.clone()))?;
+        self.incarnation = Some(inc.clone());
+        Ok(())
+    }
+
+    /// Appends and fsyncs; only then may the batch be sent.
+    pub fn append(&mut self, b: &SettleBatch) -> Result<(), JournalError> {
+        self.write_line(&Line::Batch(b.clone()))?;
+        self.pending.push(b.clone());
+        Ok(())
+    }
+
+    /// Records that the store answered for this batch; compacts when nothing is pending.
+    pub fn ack(&mut self, b: &SettleBatch) -> Result<(), JournalError> {
+        self.write_line(&Line::Ack(Ack {
+            node_id: b.node_id.clone(),
+            epoch: b.epoch,
+            seq: b.seq,
+        }))?;
+        self.pending
+            .retain(|p| !(p.node_id == b.node_id && p.epoch == b.epoch && p.seq == b.seq));
+        if self.pending.is_empty() {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    fn write_line(&mut self, l: &Line) -> Result<(), JournalError> {
+        let mut bytes = serde_json::to_vec(l)
+            .map_err(|e| JournalError::Encode(e, self.path.display().to_string()))?;
+        bytes.push(b'\n');
+        let io = |source| JournalError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        self.file.write_all(&bytes).map_err(io)?;
+        self.file.sync_data().map_err(io)
+    }
+
+    /// Nothing pending: start the file again with only the incarnation line.
+    fn compact(&mut self) -> Result<(), JournalError> {
+        let io = |source| JournalError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        self.file.set_len(0).map_err(io)?;
+        self.file.sync_all().map_err(io)?;
+        if let Some(inc) = self.incarnation.clone() {
+            self.write_line(&Line::Incarnation(inc))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::SettleEntry;
+
+    fn b(seq: u64) -> SettleBatch {
+        SettleBatch {
+            node_id: "n".into(),
+            epoch: 1,
+            seq,
+            entries: vec![SettleEntry {
+                account: "a".into(),
+                usage: Default::default(),
+                cost: seq as i64,
+                want: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn unacknowledged_batches_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        {
+            let mut j = Journal::open(&p).unwrap();
+            j.append(&b(1)).unwrap();
+            j.ack(&b(1)).unwrap();
+            j.append(&b(2)).unwrap();
+            j.append(&b(3)).unwrap();
+            j.ack(&b(2)).unwrap();
+        }
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.pending(), &[b(3)]);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored_and_compaction_empties_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        {
+            let mut j = Journal::open(&p).unwrap();
+            j.append(&b(1)).unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"batch\":{\"node_id\":\"n\",\"ep").unwrap();
+        drop(f);
+        let mut j = Journal::open(&p).unwrap();
+        assert_eq!(j.pending(), &[b(1)]);
+        j.append(&b(2)).unwrap();
+        drop(j);
+        let mut j = Journal::open(&p).unwrap();
+        assert_eq!(
+            j.pending(),
+            &[b(1), b(2)],
+            "the append after the cut is readable"
+        );
+        j.ack(&b(1)).unwrap();
+        j.ack(&b(2)).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+    }
+}

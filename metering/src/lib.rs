@@ -1,0 +1,21 @@
+//! The money core. Integer pico-dollars, accounts whose invariant
+//! `credited − debited = available + Σ leases` always holds, leases that nodes spend locally, and
+//! settlement/credits that are idempotent by keys the caller persists first. No Pingora here.
+//! Operators: docs/money.md.
+
+pub mod embedded;
+pub mod journal;
+pub mod money;
+pub mod redis_store;
+pub mod store;
+pub mod types;
+
+pub use embedded::EmbeddedStore;
+pub use journal::{Journal, JournalError};
+pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};
+pub use redis_store::RedisStore;
+pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
+pub use types::{
+    AccountChange, AccountState, CreditError, CreditOutcome, Incarnation, LeaseGrant, LedgerEntry,
+    SettleBatch, SettleEntry, SettleError, SettleOutcome, Status, validate_account_id,
+};

@@ -1,0 +1,501 @@
+//! The Redis backend: every operation is one Lua script, so it is atomic and either fully applied
+//! or not at all. Money arithmetic happens in `HINCRBY` (exact 64-bit integers); Lua numbers
+//! (doubles) only ever hold amounts below 2⁵³ (lease sizes, batch costs), see
+//! [`crate::store::MAX_OP_AMOUNT`]. JSON leaving a script is assembled from Redis' own integer
+//! strings, never from Lua numbers, so no amount is printed in exponent form.
+//!
+//! Keys (prefix `tollgate`), documented in docs/money.md:
+//! `acct:{id}` hash (credited, debited, avail, leased, status, ver) · `lease:{id}` hash
+//! (`node:epoch` → p$) · `leases` zset (`id|node:epoch` by expiry ms) · `inc:{node}:{epoch}` hash
+//! (hwm, digest, reply, released) · `incacct:{node}:{epoch}` set · `epoch:{node}` counter ·
+//! `credits` hash (key → `id|amount`) · `ledger` stream · `accounts:events` channel.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use tokio::sync::broadcast;
+
+use crate::store::{FeedEvent, Store, StoreError, validate_batch, validate_credit};
+use crate::types::{
+    AccountChange, AccountState, CreditError, CreditOutcome, Incarnation, LeaseGrant, LedgerEntry,
+    SettleBatch, SettleError, SettleOutcome, Status,
+};
+
+/// Shared Lua: recompute status, bump the version, publish the change. `acct` is the hash key,
+/// `id` the account id. Returns the new version.
+const LUA_COMMON: &str = r#"
+local function touch(p, id, acct)
+  redis.call('HSETNX', acct, 'credited', 0)
+  redis.call('HSETNX', acct, 'debited', 0)
+  redis.call('HSETNX', acct, 'avail', 0)
+  redis.call('HSETNX', acct, 'leased', 0)
+  local avail = redis.call('HGET', acct, 'avail')
+  local status = 'active'
+  if tonumber(avail) <= 0 then status = 'suspended' end
+  redis.call('HSET', acct, 'status', status)
+  local ver = redis.call('HINCRBY', acct, 'ver', 1)
+  redis.call('PUBLISH', p .. ':accounts:events',
+    '{"account":' .. cjson.encode(id) .. ',"version":' .. ver .. ',"available":' .. avail ..
+    ',"status":"' .. status .. '"}')
+  return {avail, status, ver}
+end
+local function fmt(n) return string.format('%d', n) end
+"#;
+
+const SETTLE: &str = r#"
+local p, node, epoch = ARGV[1], ARGV[2], ARGV[3]
+local seq = tonumber(ARGV[4])
+local digest, ttl = ARGV[5], tonumber(ARGV[6])
+local entries = cjson.decode(ARGV[7])
+local inc = p .. ':inc:' .. node .. ':' .. epoch
+local hwm = tonumber(redis.call('HGET', inc, 'hwm') or '0')
+if seq <= hwm then
+  if seq == hwm then
+    if redis.call('HGET', inc, 'digest') ~= digest then return {'MISMATCH', ''} end
+    return {'DUP', redis.call('HGET', inc, 'reply')}
+  end
+  return {'STALE', tostring(hwm)}
+end
+if seq ~= hwm + 1 then return {'GAP', tostring(hwm + 1)} end
+local released = redis.call('HGET', inc, 'released')
+local t = redis.call('TIME')
+local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+local field = node .. ':' .. epoch
+local key = 'settle:' .. node .. ':' .. epoch .. ':' .. ARGV[4]
+local out = {}
+for _, e in ipairs(entries) do
+  local id = e.account
+  local acct = p .. ':acct:' .. id
+  local lkey = p .. ':lease:' .. id
+  local member = id .. '|' .. field
+  local cost, want = tonumber(e.cost), tonumber(e.want)
+  if released then want = 0 end
+  local old = tonumber(redis.call('HGET', lkey, field) or '0')
+  if cost > 0 then redis.call('HINCRBY', acct, 'debited', e.cost) end
+  local o = old - cost
+  if o < 0 then
+    redis.call('HINCRBY', acct, 'avail', fmt(o))
+    o = 0
+  end
+  local new = o
+  if want > o then
+    local avail = tonumber(redis.call('HGET', acct, 'avail') or '0')
+    local g = want - o
+    if avail < g then g = avail end
+    if g > 0 then
+      redis.call('HINCRBY', acct, 'avail', fmt(-g))
+      new = o + g
+    end
+  elseif want < o then
+    redis.call('HINCRBY', acct, 'avail', fmt(o - want))
+    new = want
+  end
+  redis.call('HINCRBY', acct, 'leased', fmt(new - old))
+  if new > 0 then
+    redis.call('HSET', lkey, field, fmt(new))
+    redis.call('ZADD', p .. ':leases', expires, member)
+    redis.call('SADD', p .. ':incacct:' .. node .. ':' .. epoch, id)
+  else
+    redis.call('HDEL', lkey, field)
+    redis.call('ZREM', p .. ':leases', member)
+  end
+  local st = touch(p, id, acct)
+  redis.call('XADD', p .. ':ledger', '*', 'kind', 'settle', 'key', key, 'account', id,
+    'amount', e.cost, 'requests', e.requests, 'cpu_us', e.cpu_us, 'deploys', e.deploys)
+  out[#out + 1] = '{"account":' .. cjson.encode(id) .. ',"lease":' .. fmt(new) ..
+    ',"available":' .. st[1] .. ',"status":"' .. st[2] .. '","version":' .. st[3] .. '}'
+end
+local reply = '[' .. table.concat(out, ',') .. ']'
+redis.call('HSET', inc, 'hwm', ARGV[4], 'digest', digest, 'reply', reply)
+return {'OK', reply}
+"#;
+
+const CREDIT: &str = r#"
+local p, id, ckey, amount = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local acct = p .. ':acct:' .. id
+local prev = redis.call('HGET', p .. ':credits', ckey)
+if prev then
+  if prev ~= id .. '|' .. amount then return {'MISMATCH', prev} end
+  return {'DUP'}
+end
+redis.call('HSET', p .. ':credits', ckey, id .. '|' .. amount)
+redis.call('HINCRBY', acct, 'credited', amount)
+redis.call('HINCRBY', acct, 'avail', amount)
+touch(p, id, acct)
+redis.call('XADD', p .. ':ledger', '*', 'kind', 'credit', 'key', 'credit:' .. ckey,
+  'account', id, 'amount', amount, 'requests', 0, 'cpu_us', 0, 'deploys', 0)
+return {'OK'}
+"#;
+
+/// Returns one lease (`id|node:epoch`) to its account. Shared by release and reap.
+const LUA_RETURN_LEASE: &str = r#"
+local function return_lease(p, id, field, why)
+  local lkey = p .. ':lease:' .. id
+  local amt = redis.call('HGET', lkey, field)
+  redis.call('ZREM', p .. ':leases', id .. '|' .. field)
+  if not amt then return 0 end
+  local acct = p .. ':acct:' .. id
+  redis.call('HDEL', lkey, field)
+  redis.call('HINCRBY', acct, 'avail', amt)
+  redis.call('HINCRBY', acct, 'leased', '-' .. amt)
+  touch(p, id, acct)
+  redis.call('XADD', p .. ':ledger', '*', 'kind', why, 'key', why .. ':' .. field,
+    'account', id, 'amount', 0, 'requests', 0, 'cpu_us', 0, 'deploys', 0)
+  return 1
+end
+"#;
+
+const RELEASE: &str = r#"
+local p, node, epoch = ARGV[1], ARGV[2], ARGV[3]
+local field = node .. ':' .. epoch
+redis.call('HSET', p .. ':inc:' .. field, 'released', '1')
+local set = p .. ':incacct:' .. field
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', set)) do
+  n = n + return_lease(p, id, field, 'release')
+end
+redis.call('DEL', set)
+return n
+"#;
+
+const REAP: &str = r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = 0
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now, 'LIMIT', 0, 500)) do
+  local bar = string.find(m, '|', 1, true)
+  local id, field = string.sub(m, 1, bar - 1), string.sub(m, bar + 1)
+  n = n + return_lease(p, id, field, 'expire')
+end
+return n
+"#;
+
+/// Redis-backed store. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    lease_ttl: Duration,
+    settle: redis::Script,
+    credit: redis::Script,
+    release: redis::Script,
+    reap: redis::Script,
+    feed: broadcast::Sender<FeedEvent>,
+    /// The feed task ends once every clone of the store is gone.
+    _alive: std::sync::Arc<()>,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisStore {
+    /// Connects; `lease_ttl` is how long a lease lives on the store's clock without a settle.
+    pub async fn connect(url: &str, prefix: &str, lease_ttl: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let conn = ConnectionManager::new(client.clone())
+            .await
+            .map_err(unavailable)?;
+        let (feed, _) = broadcast::channel(65_536);
+        let alive = std::sync::Arc::new(());
+        let store = RedisStore {
+            client,
+            conn,
+            prefix: prefix.to_owned(),
+            lease_ttl,
+            settle: redis::Script::new(&format!("{LUA_COMMON}{SETTLE}")),
+            credit: redis::Script::new(&format!("{LUA_COMMON}{CREDIT}")),
+            release: redis::Script::new(&format!("{LUA_COMMON}{LUA_RETURN_LEASE}{RELEASE}")),
+            reap: redis::Script::new(&format!("{LUA_COMMON}{LUA_RETURN_LEASE}{REAP}")),
+            feed,
+            _alive: alive.clone(),
+        };
+        tokio::spawn(feed_loop(
+            store.client.clone(),
+            format!("{prefix}:accounts:events"),
+            store.feed.clone(),
+            std::sync::Arc::downgrade(&alive),
+        ));
+        Ok(store)
+    }
+
+    fn acct_key(&self, id: &str) -> String {
+        format!("{}:acct:{id}", self.prefix)
+    }
+}
+
+/// Subscriber loop: pushes changes into the broadcast channel; pings the connection and
+/// resubscribes on loss. Every time the subscription becomes live (the first time included) it
+/// announces `Resync`, so caches re-read what they may have missed. Ends with the store.
+async fn feed_loop(
+    client: redis::Client,
+    channel: String,
+    tx: broadcast::Sender<FeedEvent>,
+    alive: std::sync::Weak<()>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    while alive.strong_count() > 0 {
+        let session = async {
+            let pubsub = tokio::time::timeout(Duration::from_secs(1), client.get_async_pubsub())
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            let (mut sink, mut stream) = pubsub.split();
+            sink.subscribe(&channel).await.map_err(|e| e.to_string())?;
+            let _ = tx.send(FeedEvent::Resync);
+            backoff = Duration::from_millis(50);
+            let mut ping = tokio::time::interval(Duration::from_millis(250));
+            ping.tick().await;
+            loop {
+                tokio::select! {
+                    m = stream.next() => {
+                        let Some(m) = m else { return Err::<(), String>("stream ended".into()) };
+                        let payload: Vec<u8> = m.get_payload().unwrap_or_default();
+                        match serde_json::from_slice::<AccountChange>(&payload) {
+                            Ok(c) => { let _ = tx.send(FeedEvent::Change(c)); }
+                            Err(e) => tracing::warn!(error = %e, "account change that does not parse"),
+                        }
+                    }
+                    _ = ping.tick() => {
+                        if alive.strong_count() == 0 {
+                            return Ok(());
+                        }
+                        tokio::time::timeout(Duration::from_millis(500), sink.ping::<redis::Value>())
+                            .await
+                            .map_err(|_| "ping timed out".to_owned())?
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+        };
+        if let Err(e) = session.await {
+            tracing::warn!(error = %e, "account change feed lost; resubscribing");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn parse_state(id: &str, v: Vec<Option<String>>) -> Result<Option<AccountState>, StoreError> {
+    if v.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let num = |i: usize| -> Result<i64, StoreError> {
+        v.get(i)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| "0".into())
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("account {id} field {i}")))
+    };
+    let status = match v.get(4).cloned().flatten().as_deref() {
+        Some("active") => Status::Active,
+        _ => Status::Suspended,
+    };
+    Ok(Some(AccountState {
+        account: id.to_owned(),
+        credited: num(0)?,
+        debited: num(1)?,
+        available: num(2)?,
+        leased: num(3)?,
+        status,
+        version: num(5)? as u64,
+    }))
+}
+
+const FIELDS: [&str; 6] = ["credited", "debited", "avail", "leased", "status", "ver"];
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn begin(&self, node_id: &str) -> Result<Incarnation, StoreError> {
+        let mut c = self.conn.clone();
+        let epoch: u64 = redis::cmd("INCR")
+            .arg(format!("{}:epoch:{node_id}", self.prefix))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(Incarnation {
+            node_id: node_id.to_owned(),
+            epoch,
+        })
+    }
+
+    async fn settle(&self, batch: &SettleBatch) -> Result<SettleOutcome, SettleError> {
+        validate_batch(batch)?;
+        #[derive(serde::Serialize)]
+        struct E<'a> {
+            account: &'a str,
+            cost: String,
+            want: String,
+            requests: String,
+            cpu_us: String,
+            deploys: String,
+        }
+        let entries: Vec<E> = batch
+            .entries
+            .iter()
+            .map(|e| E {
+                account: &e.account,
+                cost: e.cost.to_string(),
+                want: e.want.to_string(),
+                requests: e.usage.requests.to_string(),
+                cpu_us: e.usage.cpu_us.to_string(),
+                deploys: e.usage.deploys.to_string(),
+            })
+            .collect();
+        let json =
+            serde_json::to_string(&entries).map_err(|e| SettleError::Invalid(e.to_string()))?;
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self
+            .settle
+            .arg(&self.prefix)
+            .arg(&batch.node_id)
+            .arg(batch.epoch)
+            .arg(batch.seq)
+            .arg(batch.digest())
+            .arg(self.lease_ttl.as_millis() as u64)
+            .arg(json)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| SettleError::Unavailable(e.to_string()))?;
+        let tag = reply.first().map(String::as_str).unwrap_or("");
+        let body = reply.get(1).map(String::as_str).unwrap_or("");
+        let grants = || -> Result<Vec<LeaseGrant>, SettleError> {
+            serde_json::from_str(body)
+                .map_err(|e| SettleError::Unavailable(format!("bad reply: {e}")))
+        };
+        match tag {
+            "OK" => Ok(SettleOutcome::Applied(grants()?)),
+            "DUP" => Ok(SettleOutcome::Duplicate(grants()?)),
+            "MISMATCH" => Err(SettleError::Mismatch { seq: batch.seq }),
+            "STALE" => Err(SettleError::Stale {
+                seq: batch.seq,
+                hwm: body.parse().unwrap_or(0),
+            }),
+            "GAP" => Err(SettleError::Gap {
+                expected: body.parse().unwrap_or(0),
+                got: batch.seq,
+            }),
+            other => Err(SettleError::Unavailable(format!(
+                "unexpected reply {other}"
+            ))),
+        }
+    }
+
+    async fn release(&self, inc: &Incarnation) -> Result<u64, StoreError> {
+        let mut c = self.conn.clone();
+        self.release
+            .arg(&self.prefix)
+            .arg(&inc.node_id)
+            .arg(inc.epoch)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn credit(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+    ) -> Result<CreditOutcome, CreditError> {
+        validate_credit(account, key, amount)?;
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self
+            .credit
+            .arg(&self.prefix)
+            .arg(account)
+            .arg(key)
+            .arg(amount)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| CreditError::Unavailable(e.to_string()))?;
+        let applied = match reply.first().map(String::as_str) {
+            Some("OK") => true,
+            Some("DUP") => false,
+            Some("MISMATCH") => {
+                let stored = reply
+                    .get(1)
+                    .and_then(|s| s.rsplit('|').next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                return Err(CreditError::Mismatch {
+                    key: key.to_owned(),
+                    stored,
+                });
+            }
+            _ => return Err(CreditError::Unavailable("unexpected reply".into())),
+        };
+        let state = self
+            .account(account)
+            .await
+            .map_err(|e| CreditError::Unavailable(e.to_string()))?
+            .ok_or_else(|| CreditError::Unavailable("account vanished".into()))?;
+        Ok(CreditOutcome { applied, state })
+    }
+
+    async fn account(&self, account: &str) -> Result<Option<AccountState>, StoreError> {
+        Ok(self
+            .accounts(&[account.to_owned()])
+            .await?
+            .into_iter()
+            .next()
+            .flatten())
+    }
+
+    async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<AccountState>>, StoreError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET").arg(self.acct_key(id)).arg(&FIELDS[..]);
+        }
+        let mut c = self.conn.clone();
+        let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await.map_err(unavailable)?;
+        ids.iter()
+            .zip(rows)
+            .map(|(id, row)| parse_state(id, row))
+            .collect()
+    }
+
+    async fn reap_expired(&self) -> Result<u64, StoreError> {
+        let mut c = self.conn.clone();
+        self.reap
+            .arg(&self.prefix)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
+        let mut c = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{}:ledger", self.prefix))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(reply.ids.len());
+        for id in reply.ids {
+            let s = |k: &str| -> String { id.get::<String>(k).unwrap_or_default() };
+            let n = |k: &str| -> u64 { s(k).parse().unwrap_or(0) };
+            out.push(LedgerEntry {
+                kind: s("kind"),
+                key: s("key"),
+                account: s("account"),
+                amount: s("amount").parse().unwrap_or(0),
+                requests: n("requests"),
+                cpu_us: n("cpu_us"),
+                deploys: n("deploys"),
+            });
+        }
+        Ok(out)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
+        self.feed.subscribe()
+    }
+}

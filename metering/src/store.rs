@@ -1,0 +1,128 @@
+//! The money store: one interface, two backends (Redis for many nodes, an embedded durable store
+//! for one), one conformance suite (`tests/conformance.rs`).
+//!
+//! Every operation is idempotent by a key the caller chooses and persists before the first try:
+//! settles by `(node_id, epoch, seq)`, credits by an external key, releases by incarnation.
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use crate::types::{
+    AccountChange, AccountState, CreditError, CreditOutcome, Incarnation, LedgerEntry, SettleBatch,
+    SettleError, SettleOutcome,
+};
+
+/// Largest single amount a store operation accepts (2⁵³ − 1 p$ ≈ $9,007): Redis scripts compare
+/// such amounts as Lua numbers (doubles), exact only below 2⁵³. Balances themselves are
+/// changed with integer commands and may be larger.
+pub const MAX_OP_AMOUNT: i64 = (1 << 53) - 1;
+
+/// Most entries one settle batch may carry (keeps each script short: Redis runs it alone).
+pub const MAX_BATCH_ENTRIES: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// What the change feed delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    Change(AccountChange),
+    /// The feed was interrupted and is live again: events may have been missed, so re-read what
+    /// you cache.
+    Resync,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Starts a new incarnation of `node_id` (a fresh, never reused epoch).
+    async fn begin(&self, node_id: &str) -> Result<Incarnation, StoreError>;
+
+    /// Applies a batch once: debits each entry's cost from this incarnation's lease (any excess
+    /// becomes debt on `available`) and moves the lease toward `want`. See [`SettleBatch`].
+    async fn settle(&self, batch: &SettleBatch) -> Result<SettleOutcome, SettleError>;
+
+    /// Returns every lease of an incarnation to its accounts and refuses new leases to it.
+    /// Idempotent. Called for a dead incarnation after its journal was replayed.
+    async fn release(&self, inc: &Incarnation) -> Result<u64, StoreError>;
+
+    /// Adds `amount` p$ to `account` exactly once per `key`. The same key with another amount is
+    /// refused; the same key again changes nothing.
+    async fn credit(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+    ) -> Result<CreditOutcome, CreditError>;
+
+    async fn account(&self, account: &str) -> Result<Option<AccountState>, StoreError>;
+
+    async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<AccountState>>, StoreError>;
+
+    /// Voids leases whose expiry (the store's clock) has passed and returns them to their
+    /// accounts. Returns how many were voided.
+    async fn reap_expired(&self) -> Result<u64, StoreError>;
+
+    /// Every ledger entry, oldest first (tests, reconciliation, audits).
+    async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError>;
+
+    /// The change feed. Each receiver sees every change published after it subscribed (and a
+    /// `Resync` whenever it may have missed some).
+    fn subscribe(&self) -> broadcast::Receiver<FeedEvent>;
+}
+
+/// Checks a batch before any backend touches it: bad input changes nothing.
+pub fn validate_batch(b: &SettleBatch) -> Result<(), SettleError> {
+    let bad = |m: String| Err(SettleError::Invalid(m));
+    if b.node_id.is_empty()
+        || b.node_id.len() > 64
+        || !b
+            .node_id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return bad(format!(
+            "node id '{}' must be 1-64 of [A-Za-z0-9._-]",
+            b.node_id
+        ));
+    }
+    if b.seq == 0 {
+        return bad("seq starts at 1".into());
+    }
+    if b.entries.len() > MAX_BATCH_ENTRIES {
+        return bad(format!("at most {MAX_BATCH_ENTRIES} entries per batch"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for e in &b.entries {
+        crate::types::validate_account_id(&e.account).map_err(SettleError::Invalid)?;
+        if !seen.insert(e.account.as_str()) {
+            return bad(format!("account {} appears twice", e.account));
+        }
+        if !(0..=MAX_OP_AMOUNT).contains(&e.cost) || !(0..=MAX_OP_AMOUNT).contains(&e.want) {
+            return bad(format!("cost and want must be 0..={MAX_OP_AMOUNT} p$"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a credit before any backend touches it.
+pub fn validate_credit(account: &str, key: &str, amount: i64) -> Result<(), CreditError> {
+    crate::types::validate_account_id(account).map_err(CreditError::Invalid)?;
+    if key.is_empty() || key.len() > 256 || key.chars().any(char::is_control) {
+        return Err(CreditError::Invalid(
+            "credit key must be 1-256 printable characters".into(),
+        ));
+    }
+    if !(1..=MAX_OP_AMOUNT).contains(&amount) {
+        return Err(CreditError::Invalid(format!(
+            "credit amount must be 1..={MAX_OP_AMOUNT} p$, got {amount}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The shapes every money backend speaks: accounts, settle batches, credits, the change feed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::money::Usage;
+
+/// An account id: the paying agent (the payments layer derives it from the payer). Opaque to
+/// us, but bounded: 1–128 of `[A-Za-z0-9_.:-]`, so it is safe in keys, logs and metrics.
+pub fn validate_account_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!(
+            "account id must be 1 to 128 characters, got {}",
+            id.len()
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+    {
+        return Err(format!(
+            "account id '{id}' may contain only A-Z a-z 0-9 _ . : -"
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Active,
+    /// Nothing left to lease: nodes answer 402 once their own lease is spent.
+    Suspended,
+}
+
+/// An account as the store holds it. Invariant (checked by tests after every scenario):
+/// `credited - debited == available + leased`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountState {
+    pub account: String,
+    /// Everything ever credited (p$).
+    pub credited: i64,
+    /// Everything ever debited (p$).
+    pub debited: i64,
+    /// Free to lease (p$). Negative means debt (usage that ran past a lease).
+    pub available: i64,
+    /// Sum of outstanding leases on all nodes (p$).
+    pub leased: i64,
+    pub status: Status,
+    /// Increases with every change; nodes keep only newer versions.
+    pub version: u64,
+}
+
+impl AccountState {
+    pub fn holds_invariant(&self) -> bool {
+        i128::from(self.credited) - i128::from(self.debited)
+            == i128::from(self.available) + i128::from(self.leased)
+    }
+}
+
+/// A node incarnation: one process lifetime. `epoch` comes from the store at boot and is never
+/// reused, so a restarted node can never collide with batches of its previous life.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Incarnation {
+    pub node_id: String,
+    pub epoch: u64,
+}
+
+/// One account's line in a settle batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleEntry {
+    pub account: String,
+    /// Raw usage since the last batch (for the ledger and reconciliation).
+    pub usage: Usage,
+    /// Its price, computed when the batch was cut (p$). Debited from this node's lease.
+    pub cost: i64,
+    /// The lease this node wants to hold after the batch (p$); 0 returns the lease.
+    pub want: i64,
+}
+
+/// What one node settles in one go. Idempotent by `(node_id, epoch, seq)`: the store keeps a
+/// high-water mark per incarnation, applies `seq == hwm + 1`, answers `seq == hwm` with the
+/// stored reply, and reports anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleBatch {
+    pub node_id: String,
+    pub epoch: u64,
+    pub seq: u64,
+    pub entries: Vec<SettleEntry>,
+}
+
+impl SettleBatch {
+    /// Stable digest of the batch content: a retry with the same seq but other content is a
+    /// bug to report, never to apply.
+    pub fn digest(&self) -> String {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        // FNV-1a 64: no crypto needed, only "same bytes or not".
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// The store's answer for one account of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub account: String,
+    /// This node's outstanding lease after the batch (p$).
+    pub lease: i64,
+    pub available: i64,
+    pub status: Status,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Applied(Vec<LeaseGrant>),
+    /// The same batch was applied before; this is its stored reply. Nothing changed.
+    Duplicate(Vec<LeaseGrant>),
+}
+
+impl SettleOutcome {
+    pub fn grants(&self) -> &[LeaseGrant] {
+        match self {
+            SettleOutcome::Applied(g) | SettleOutcome::Duplicate(g) => g,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettleError {
+    #[error("batch {got} arrived but {expected} was expected next: resend the missing batches")]
+    Gap { expected: u64, got: u64 },
+    #[error("batch {seq} was applied with different content: refusing (node bug or key reuse)")]
+    Mismatch { seq: u64 },
+    #[error("batch {seq} is older than the last applied one ({hwm})")]
+    Stale { seq: u64, hwm: u64 },
+    #[error("invalid batch: {0}")]
+    Invalid(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditOutcome {
+    /// False when the key was credited before (nothing changed).
+    pub applied: bool,
+    pub state: AccountState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CreditError {
+    #[error("credit key '{key}' was used before for another amount ({stored} p$)")]
+    Mismatch { key: String, stored: i64 },
+    #[error("invalid credit: {0}")]
+    Invalid(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What every change publishes; nodes apply only a newer version per account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountChange {
+    pub account: String,
+    pub version: u64,
+    pub available: i64,
+    pub status: Status,
+}
+
+/// One ledger line: every money movement, with the idempotency key that made it happen once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// `credit` | `settle` | `release`
+    pub kind: String,
+    /// `credit:<key>`, `settle:<node>:<epoch>:<seq>`, `release:<node>:<epoch>`.
+    pub key: String,
+    pub account: String,
+    /// Money added (credit) or debited (settle cost), p$.
+    pub amount: i64,
+    pub requests: u64,
+    pub cpu_us: u64,
+    pub deploys: u64,
+}

@@ -1,0 +1,481 @@
+//! One suite, two backends: every money rule holds the same against a real redis-server and the
+//! embedded store. Each scenario ends by checking the account invariant.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate_metering::{
+    AccountState, CreditError, EmbeddedStore, FeedEvent, RedisStore, SettleBatch, SettleEntry,
+    SettleError, SettleOutcome, Status, Store, Usage,
+};
+use tollgate_testkit::RedisServer;
+
+const USD: i64 = 1_000_000_000_000;
+const CENT: i64 = USD / 100;
+
+/// A backend under test.
+struct Backend {
+    store: Arc<dyn Store>,
+    /// A second handle as another node would have it (own connection / same file).
+    other: Arc<dyn Store>,
+}
+
+/// Whatever keeps a backend alive; held by the test runner, not the scenario, so that a
+/// scenario using only some fields cannot drop the server early.
+type Guard = (Option<RedisServer>, Option<tempfile::TempDir>);
+
+async fn redis_backend(ttl: Duration) -> (Backend, Guard) {
+    let redis = RedisServer::start();
+    let a = RedisStore::connect(&redis.url(), "tollgate", ttl)
+        .await
+        .unwrap();
+    let b = RedisStore::connect(&redis.url(), "tollgate", ttl)
+        .await
+        .unwrap();
+    let backend = Backend {
+        store: Arc::new(a),
+        other: Arc::new(b),
+    };
+    (backend, (Some(redis), None))
+}
+
+async fn embedded_backend(ttl: Duration) -> (Backend, Guard) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = EmbeddedStore::open(&dir.path().join("money.redb"), ttl).unwrap();
+    let backend = Backend {
+        store: Arc::new(s.clone()),
+        other: Arc::new(s),
+    };
+    (backend, (None, Some(dir)))
+}
+
+/// Runs a scenario against both backends.
+macro_rules! conformance {
+    ($name:ident, $ttl:expr, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                let (b, _guard) = redis_backend($ttl).await;
+                ($body)(b).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                let (b, _guard) = embedded_backend($ttl).await;
+                ($body)(b).await;
+            }
+        }
+    };
+}
+
+const TTL: Duration = Duration::from_secs(10);
+
+fn entry(account: &str, requests: u64, cost: i64, want: i64) -> SettleEntry {
+    SettleEntry {
+        account: account.into(),
+        usage: Usage {
+            requests,
+            cpu_us: 0,
+            deploys: 0,
+        },
+        cost,
+        want,
+    }
+}
+
+fn batch(node: &str, epoch: u64, seq: u64, entries: Vec<SettleEntry>) -> SettleBatch {
+    SettleBatch {
+        node_id: node.into(),
+        epoch,
+        seq,
+        entries,
+    }
+}
+
+async fn state(s: &dyn Store, id: &str) -> AccountState {
+    let st = s.account(id).await.unwrap().expect("account exists");
+    assert!(st.holds_invariant(), "invariant broken: {st:?}");
+    st
+}
+
+conformance!(credits_apply_once_per_key, TTL, |b: Backend| async move {
+    let s = b.store;
+    let r = s.credit("alice", "chan1:100", 5 * USD).await.unwrap();
+    assert!(r.applied);
+    assert_eq!(r.state.credited, 5 * USD);
+    assert_eq!(r.state.available, 5 * USD);
+    assert_eq!(r.state.status, Status::Active);
+    // Retried: nothing changes.
+    let again = s.credit("alice", "chan1:100", 5 * USD).await.unwrap();
+    assert!(!again.applied);
+    assert_eq!(again.state.credited, 5 * USD);
+    // Same key, other amount: refused, nothing changes.
+    let e = s.credit("alice", "chan1:100", 6 * USD).await.unwrap_err();
+    assert!(
+        matches!(e, CreditError::Mismatch { stored, .. } if stored == 5 * USD),
+        "{e:?}"
+    );
+    // Bad input: refused before anything is written.
+    assert!(matches!(
+        s.credit("alice", "k2", 0).await,
+        Err(CreditError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.credit("alice", "k2", -5).await,
+        Err(CreditError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.credit("bad id!", "k3", 5).await,
+        Err(CreditError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.credit("alice", "", 5).await,
+        Err(CreditError::Invalid(_))
+    ));
+    let st = state(&*s, "alice").await;
+    assert_eq!(st.credited, 5 * USD);
+    assert!(s.account("bad id!").await.unwrap().is_none());
+    let credits: Vec<_> = s
+        .ledger()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "credit")
+        .collect();
+    assert_eq!(credits.len(), 1);
+    assert_eq!(credits[0].key, "credit:chan1:100");
+});
+
+conformance!(
+    two_nodes_crediting_the_same_voucher_credit_once,
+    TTL,
+    |b: Backend| async move {
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let s = if i % 2 == 0 {
+                b.store.clone()
+            } else {
+                b.other.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                s.credit("bob", "chan9:250", 250 * CENT).await
+            }));
+        }
+        let mut applied = 0;
+        for t in tasks {
+            if t.await.unwrap().unwrap().applied {
+                applied += 1;
+            }
+        }
+        assert_eq!(applied, 1);
+        assert_eq!(state(&*b.store, "bob").await.credited, 250 * CENT);
+    }
+);
+
+conformance!(
+    settle_debits_grants_and_is_idempotent,
+    TTL,
+    |b: Backend| async move {
+        let s = b.store;
+        s.credit("carol", "k", USD).await.unwrap();
+        let inc = s.begin("node-a").await.unwrap();
+        // First batch: no usage, ask for a 10-cent lease.
+        let o = s
+            .settle(&batch(
+                "node-a",
+                inc.epoch,
+                1,
+                vec![entry("carol", 0, 0, 10 * CENT)],
+            ))
+            .await
+            .unwrap();
+        let g = &o.grants()[0];
+        assert_eq!(g.lease, 10 * CENT);
+        assert_eq!(g.available, 90 * CENT);
+        let st = state(&*s, "carol").await;
+        assert_eq!(
+            (st.available, st.leased, st.debited),
+            (90 * CENT, 10 * CENT, 0)
+        );
+
+        // Spend 3 cents out of the lease, keep wanting 10.
+        let b2 = batch(
+            "node-a",
+            inc.epoch,
+            2,
+            vec![entry("carol", 60_000, 3 * CENT, 10 * CENT)],
+        );
+        let first = s.settle(&b2).await.unwrap();
+        assert!(matches!(first, SettleOutcome::Applied(_)));
+        let st = state(&*s, "carol").await;
+        assert_eq!(
+            (st.debited, st.leased, st.available),
+            (3 * CENT, 10 * CENT, 87 * CENT)
+        );
+        // The same batch again (a retry after a lost reply): same answer, nothing moves.
+        let dup = s.settle(&b2).await.unwrap();
+        assert!(matches!(dup, SettleOutcome::Duplicate(_)));
+        assert_eq!(dup.grants(), first.grants());
+        assert_eq!(state(&*s, "carol").await, st);
+        // Same seq, other content: refused.
+        let evil = batch("node-a", inc.epoch, 2, vec![entry("carol", 1, 1, 0)]);
+        assert_eq!(
+            s.settle(&evil).await.unwrap_err(),
+            SettleError::Mismatch { seq: 2 }
+        );
+        // A gap, and an old batch.
+        let gap = batch("node-a", inc.epoch, 4, vec![entry("carol", 1, 1, 0)]);
+        assert_eq!(
+            s.settle(&gap).await.unwrap_err(),
+            SettleError::Gap {
+                expected: 3,
+                got: 4
+            }
+        );
+        let old = batch(
+            "node-a",
+            inc.epoch,
+            1,
+            vec![entry("carol", 0, 0, 10 * CENT)],
+        );
+        assert!(matches!(
+            s.settle(&old).await,
+            Err(SettleError::Stale { seq: 1, hwm: 2 })
+        ));
+        // Invalid input changes nothing.
+        for bad in [
+            batch("node-a", inc.epoch, 3, vec![entry("carol", 1, -1, 0)]),
+            batch("node-a", inc.epoch, 3, vec![entry("bad id", 1, 1, 0)]),
+            batch("node a", inc.epoch, 3, vec![entry("carol", 1, 1, 0)]),
+            batch("node-a", inc.epoch, 0, vec![entry("carol", 1, 1, 0)]),
+            batch(
+                "node-a",
+                inc.epoch,
+                3,
+                vec![entry("carol", 1, 1, 0), entry("carol", 1, 1, 0)],
+            ),
+        ] {
+            assert!(
+                matches!(s.settle(&bad).await, Err(SettleError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(state(&*s, "carol").await, st);
+        // Give the lease back.
+        s.settle(&batch(
+            "node-a",
+            inc.epoch,
+            3,
+            vec![entry("carol", 0, 0, 0)],
+        ))
+        .await
+        .unwrap();
+        let st = state(&*s, "carol").await;
+        assert_eq!((st.leased, st.available), (0, 97 * CENT));
+        // The ledger has one settle line per applied (batch, account), none for duplicates.
+        let settles: Vec<_> = s
+            .ledger()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "settle")
+            .collect();
+        assert_eq!(settles.len(), 3);
+        assert_eq!(settles.iter().map(|e| e.amount).sum::<i64>(), st.debited);
+        assert_eq!(settles[1].key, format!("settle:node-a:{}:2", inc.epoch));
+        assert_eq!(settles[1].requests, 60_000);
+    }
+);
+
+conformance!(
+    spending_past_the_lease_is_debt_and_suspends,
+    TTL,
+    |b: Backend| async move {
+        let s = b.store;
+        let mut feed = s.subscribe();
+        s.credit("dave", "k", 2 * CENT).await.unwrap();
+        let inc = s.begin("node-a").await.unwrap();
+        s.settle(&batch(
+            "node-a",
+            inc.epoch,
+            1,
+            vec![entry("dave", 0, 0, 2 * CENT)],
+        ))
+        .await
+        .unwrap();
+        let st = state(&*s, "dave").await;
+        assert_eq!(
+            (st.available, st.leased, st.status),
+            (0, 2 * CENT, Status::Suspended)
+        );
+        // CPU ran 1 cent past the lease: the excess is debt.
+        s.settle(&batch(
+            "node-a",
+            inc.epoch,
+            2,
+            vec![entry("dave", 10, 3 * CENT, CENT)],
+        ))
+        .await
+        .unwrap();
+        let st = state(&*s, "dave").await;
+        assert_eq!((st.debited, st.leased, st.available), (3 * CENT, 0, -CENT));
+        assert_eq!(st.status, Status::Suspended);
+        // A top-up pays the debt first and resumes the account.
+        let r = s.credit("dave", "k2", 5 * CENT).await.unwrap();
+        assert_eq!(
+            (r.state.available, r.state.status),
+            (4 * CENT, Status::Active)
+        );
+        // The feed carried every change, versions increasing.
+        let mut last = 0;
+        let mut seen_active = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !seen_active && tokio::time::Instant::now() < deadline {
+            if let Ok(Ok(FeedEvent::Change(c))) =
+                tokio::time::timeout(Duration::from_millis(500), feed.recv()).await
+            {
+                assert_eq!(c.account, "dave");
+                assert!(c.version > last, "versions must increase");
+                last = c.version;
+                seen_active = c.status == Status::Active && c.available == 4 * CENT;
+            }
+        }
+        assert!(seen_active, "the feed never carried the resumption");
+    }
+);
+
+conformance!(release_returns_leases_once, TTL, |b: Backend| async move {
+    let s = b.store;
+    s.credit("erin", "k", USD).await.unwrap();
+    s.credit("frank", "k2", USD).await.unwrap();
+    let inc = s.begin("node-b").await.unwrap();
+    let inc2 = s.begin("node-b").await.unwrap();
+    assert!(inc2.epoch > inc.epoch, "epochs are never reused");
+    s.settle(&batch(
+        "node-b",
+        inc.epoch,
+        1,
+        vec![
+            entry("erin", 0, 0, 20 * CENT),
+            entry("frank", 0, 0, 30 * CENT),
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(s.release(&inc).await.unwrap(), 2);
+    assert_eq!(s.release(&inc).await.unwrap(), 0, "release is idempotent");
+    let e = state(&*s, "erin").await;
+    assert_eq!((e.leased, e.available), (0, USD));
+    // A late batch of the released incarnation still debits (usage is never forgiven) but gets
+    // no lease.
+    let o = s
+        .settle(&batch(
+            "node-b",
+            inc.epoch,
+            2,
+            vec![entry("erin", 5, 5 * CENT, 10 * CENT)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(o.grants()[0].lease, 0);
+    let e = state(&*s, "erin").await;
+    assert_eq!((e.debited, e.leased, e.available), (5 * CENT, 0, 95 * CENT));
+});
+
+conformance!(
+    expired_leases_are_reaped,
+    Duration::from_millis(300),
+    |b: Backend| async move {
+        let s = b.store;
+        s.credit("gina", "k", USD).await.unwrap();
+        let inc = s.begin("node-c").await.unwrap();
+        s.settle(&batch(
+            "node-c",
+            inc.epoch,
+            1,
+            vec![entry("gina", 0, 0, 40 * CENT)],
+        ))
+        .await
+        .unwrap();
+        assert_eq!(s.reap_expired().await.unwrap(), 0, "not expired yet");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(s.reap_expired().await.unwrap(), 1);
+        let g = state(&*s, "gina").await;
+        assert_eq!((g.leased, g.available), (0, USD));
+        // The node comes back late and settles what it spent: accepted once, as debt if need be.
+        s.settle(&batch(
+            "node-c",
+            inc.epoch,
+            2,
+            vec![entry("gina", 1, CENT, 0)],
+        ))
+        .await
+        .unwrap();
+        let g = state(&*s, "gina").await;
+        assert_eq!((g.debited, g.available, g.leased), (CENT, 99 * CENT, 0));
+    }
+);
+
+conformance!(
+    grants_never_exceed_what_is_available,
+    TTL,
+    |b: Backend| async move {
+        let s = b.store;
+        s.credit("hal", "k", 5 * CENT).await.unwrap();
+        let a = s.begin("na").await.unwrap();
+        let c = s.begin("nb").await.unwrap();
+        let ga = s
+            .settle(&batch("na", a.epoch, 1, vec![entry("hal", 0, 0, 4 * CENT)]))
+            .await
+            .unwrap();
+        let gb = s
+            .settle(&batch("nb", c.epoch, 1, vec![entry("hal", 0, 0, 4 * CENT)]))
+            .await
+            .unwrap();
+        assert_eq!(ga.grants()[0].lease, 4 * CENT);
+        assert_eq!(gb.grants()[0].lease, CENT, "only what was left");
+        let h = state(&*s, "hal").await;
+        assert_eq!((h.available, h.leased), (0, 5 * CENT));
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("money.redb");
+    let epoch;
+    {
+        let s = EmbeddedStore::open(&path, TTL).unwrap();
+        s.credit("ivy", "k", USD).await.unwrap();
+        epoch = s.begin("n1").await.unwrap().epoch;
+        s.settle(&batch(
+            "n1",
+            epoch,
+            1,
+            vec![entry("ivy", 7, 7 * CENT, 10 * CENT)],
+        ))
+        .await
+        .unwrap();
+    }
+    let s = EmbeddedStore::open(&path, TTL).unwrap();
+    let st = state(&s, "ivy").await;
+    assert_eq!(
+        (st.credited, st.debited, st.leased),
+        (USD, 7 * CENT, 10 * CENT)
+    );
+    // Idempotency keys survived too.
+    assert!(!s.credit("ivy", "k", USD).await.unwrap().applied);
+    let dup = s
+        .settle(&batch(
+            "n1",
+            epoch,
+            1,
+            vec![entry("ivy", 7, 7 * CENT, 10 * CENT)],
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(dup, SettleOutcome::Duplicate(_)));
+    assert!(s.begin("n1").await.unwrap().epoch > epoch);
+    assert_eq!(s.ledger().await.unwrap().len(), 2);
+}
