@@ -37,6 +37,10 @@ pub struct AgentConfig {
     pub journal_path: PathBuf,
     /// Entries per settle batch.
     pub max_batch: usize,
+    /// Fault injection for crash tests: stop (forever) right after journaling a batch, before
+    /// sending it, so a test can `kill -9` the process at exactly that point.
+    #[doc(hidden)]
+    pub hang_after_journal: bool,
 }
 
 impl AgentConfig {
@@ -52,6 +56,7 @@ impl AgentConfig {
             idle_return: Duration::from_secs(5),
             journal_path,
             max_batch: 500,
+            hang_after_journal: false,
         }
     }
 }
@@ -135,6 +140,13 @@ impl Agent {
         })
     }
 
+    /// Replaces the configuration (tests switch fault injection on mid-run).
+    #[doc(hidden)]
+    pub fn with_config(mut self, cfg: AgentConfig) -> Agent {
+        self.cfg = cfg;
+        self
+    }
+
     pub fn incarnation(&self) -> &Incarnation {
         &self.inc
     }
@@ -198,18 +210,31 @@ impl Agent {
                 if usage.is_zero() && !wants_refill && !closing && !(lease > 0 && (stale || idle)) {
                     continue;
                 }
-                let cost = i64::try_from(self.cache.prices.cost(&usage)).unwrap_or(i64::MAX);
-                let want = if closing || (idle && !wants_refill) {
+                let cost = i64::try_from(self.cache.prices.cost(&usage))
+                    .unwrap_or(i64::MAX)
+                    .min(tollgate_metering::MAX_OP_AMOUNT);
+                let target = if closing || (idle && !wants_refill) {
                     0
                 } else {
                     let rate = k.map_or(0, |k| k.rate).max(cost);
                     (rate * 4).clamp(self.cfg.min_lease, self.cfg.max_lease)
                 };
+                // Hand back what is above twice the target (all of it when the target is 0):
+                // taken out of `remaining` first, so it can never be spent here afterwards.
+                let keep_max = if target == 0 { 0 } else { target * 2 };
+                let give_back = take_above(slot, keep_max, target);
+                let left = slot.remaining.load(Ordering::Acquire);
+                let ask = if target > 0 && left < target {
+                    (target - left.max(0)).min(tollgate_metering::MAX_OP_AMOUNT)
+                } else {
+                    0
+                };
                 entries.push(SettleEntry {
                     account: account.to_string(),
                     usage,
-                    cost: cost.min(tollgate_metering::MAX_OP_AMOUNT),
-                    want,
+                    cost,
+                    give_back,
+                    ask,
                 });
             }
         }
@@ -225,6 +250,10 @@ impl Agent {
             self.metrics
                 .journal_depth
                 .set(self.journal.pending().len() as i64);
+            if self.cfg.hang_after_journal {
+                println!("JOURNALED {} {}", batch.epoch, batch.seq);
+                std::future::pending::<()>().await;
+            }
             let grants = loop {
                 match send(&*self.store, &batch, &self.metrics).await {
                     Ok(g) => break g,
@@ -266,10 +295,16 @@ impl Agent {
                 continue;
             };
             let k = self.known.entry(e.account.as_str().into()).or_default();
-            // The store took `cost` out of the lease we knew, then moved it to `g.lease`.
-            let delta = g.lease - (k.lease - e.cost);
+            if g.prev != k.lease {
+                // Cannot happen while node and store follow this protocol; alert if it does.
+                self.metrics.lease_drift_total.inc();
+                tracing::error!(account = %e.account, node_view = k.lease, store_view = g.prev, seq = batch.seq, "lease drift");
+            }
+            // The store took `cost` and `give_back` out of the lease we knew (both already gone
+            // from `remaining`), then granted more: add exactly what it added.
+            let delta = g.lease - (k.lease - e.cost - e.give_back);
             slot.remaining.fetch_add(delta, Ordering::AcqRel);
-            if g.lease > k.lease - e.cost {
+            if delta > 0 {
                 self.metrics.lease_refills_total.inc();
             }
             k.lease = g.lease;
@@ -279,7 +314,7 @@ impl Agent {
                 (g.lease / 2).max(self.cache.prices.per_request),
                 Ordering::Relaxed,
             );
-            apply_status(slot, g.version, g.status);
+            apply_status(slot, g.version, g.status, Source::Reply);
         }
         self.known.retain(|_, k| k.lease > 0 || k.rate > 0);
     }
@@ -305,18 +340,45 @@ async fn send(
     }
 }
 
+/// Atomically lowers `remaining` to `to` if it is above `above`; returns what was taken.
+fn take_above(slot: &Slot, above: i64, to: i64) -> i64 {
+    let mut cur = slot.remaining.load(Ordering::Acquire);
+    loop {
+        if cur <= above || cur <= to {
+            return 0;
+        }
+        match slot
+            .remaining
+            .compare_exchange(cur, to, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return cur - to,
+            Err(now) => cur = now,
+        }
+    }
+}
+
+/// Where a status comes from. Only this node's own settle reply may *set* the suspended flag:
+/// it answered our request for a lease, so "nothing left" is confirmed for this node. The feed
+/// may only clear it: `suspended` there means `available` touched zero, while other nodes may
+/// still hand money back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Reply,
+    Feed,
+}
+
 /// Applies a status if its version is newer than the slot's.
-fn apply_status(slot: &Slot, version: u64, status: Status) -> bool {
+fn apply_status(slot: &Slot, version: u64, status: Status, source: Source) -> bool {
     let mut cur = slot.state.load(Ordering::Acquire);
     loop {
         if cur >> 2 >= version {
             return false;
         }
         let flags = cur & REFILL;
-        let susp = if status == Status::Suspended {
-            SUSPENDED
-        } else {
-            0
+        let susp = match (status, source) {
+            (Status::Active, _) => 0,
+            (Status::Suspended, Source::Reply) => SUSPENDED,
+            (Status::Suspended, Source::Feed) => cur & SUSPENDED,
         };
         let next = version << 2 | flags | susp;
         match slot
@@ -347,7 +409,7 @@ async fn follow_feed(
                 let map = cache.map.pin();
                 if let Some(slot) = map.get(c.account.as_str()) {
                     let was = slot.is_suspended();
-                    if apply_status(slot, c.version, c.status) {
+                    if apply_status(slot, c.version, c.status, Source::Feed) {
                         if was && c.status == Status::Active {
                             // Resumed: get a lease now rather than at the next request.
                             slot.state.fetch_or(REFILL, Ordering::AcqRel);
@@ -365,7 +427,7 @@ async fn follow_feed(
                             let map = cache.map.pin();
                             for st in states.into_iter().flatten() {
                                 if let Some(slot) = map.get(st.account.as_str()) {
-                                    apply_status(slot, st.version, st.status);
+                                    apply_status(slot, st.version, st.status, Source::Feed);
                                 }
                             }
                         }

@@ -9,6 +9,7 @@ pub struct CacheMetrics {
     pub settle_seconds: Histogram,
     pub lease_refills_total: IntCounter,
     pub journal_depth: IntGauge,
+    pub lease_drift_total: IntCounter,
 }
 
 impl CacheMetrics {
@@ -37,12 +38,17 @@ impl CacheMetrics {
                 "tollgate_settle_journal_depth",
                 "Batches journaled but not yet acknowledged by the store.",
             )?,
+            lease_drift_total: IntCounter::new(
+                "tollgate_lease_drift_total",
+                "Settle replies whose previous lease differed from this node's record (a bug).",
+            )?,
         };
         registry.register(Box::new(m.settle_batches_total.clone()))?;
         registry.register(Box::new(m.settle_failures_total.clone()))?;
         registry.register(Box::new(m.settle_seconds.clone()))?;
         registry.register(Box::new(m.lease_refills_total.clone()))?;
         registry.register(Box::new(m.journal_depth.clone()))?;
+        registry.register(Box::new(m.lease_drift_total.clone()))?;
         Ok(m)
     }
 }

@@ -4,7 +4,7 @@
 #   benches/scripts/proxy-vs-nginx.sh [REPS] [SECONDS]      (defaults: 5 reps x 10 s)
 #
 # Cases: (1) wrk -> upstream directly, (2) wrk -> nginx reverse proxy -> upstream,
-# (3) wrk -> `tollgate proxy --threads 1` -> upstream, (4) the same with work stealing off. The system under test is pinned to CPU1;
+# (3) wrk -> `tollgate proxy --threads 1` -> upstream, (4) the same with work stealing on. The system under test is pinned to CPU1;
 # wrk (and the upstream, when a proxy is under test) to CPU0. Reps are interleaved (rep 1 of
 # every case, then rep 2, ...) so drift hits every case alike; medians are reported.
 # Needs: nginx (Debian nginx-light), wrk, taskset, a release build of tollgate.
@@ -50,10 +50,10 @@ http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
 CONF
 nginx -c "$W/up.conf" -p "$W/"
 nginx -c "$W/rp.conf" -p "$W/"
-TOLLGATE_LOG=warn "$BIN" proxy --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$TGA --threads 1 \
+TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false "$BIN" proxy --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$TGA --threads 1 \
   --route bench.localhost=127.0.0.1:$UP >"$W/tg.log" 2>&1 &
 TGPID=$!
-TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false "$BIN" proxy --listen 127.0.0.1:$TG2 \
+TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=true "$BIN" proxy --listen 127.0.0.1:$TG2 \
   --admin-listen 127.0.0.1:$TGA2 --threads 1 --route bench.localhost=127.0.0.1:$UP >"$W/tg2.log" 2>&1 &
 TG2PID=$!
 for p in $UP $NGX $TG $TG2; do
@@ -70,13 +70,13 @@ run_case() { # name port sut_pid_or_empty
   case $name in
     nginx) pin 1 "$RPPID" ;;
     tollgate) pin 1 "$TGPID" ;;
-    tollgate_nosteal) pin 1 "$TG2PID" ;;
+    tollgate_steal) pin 1 "$TG2PID" ;;
   esac
   taskset -c 0 wrk -t1 -c64 -d2s -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null
   taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench.localhost' "http://127.0.0.1:$port/" > "$OUT/$name.$rep.txt"
 }
 for rep in $(seq "$REPS"); do
-  for c in direct:$UP nginx:$NGX tollgate:$TG tollgate_nosteal:$TG2; do run_case "${c%%:*}" "${c##*:}"; done
+  for c in direct:$UP nginx:$NGX tollgate:$TG tollgate_steal:$TG2; do run_case "${c%%:*}" "${c##*:}"; done
 done
 
-python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_nosteal
+python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_steal

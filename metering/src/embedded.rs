@@ -278,25 +278,18 @@ impl Store for EmbeddedStore {
                         Some(v) => dec::<Lease>(v.value())?.amount,
                         None => 0,
                     };
-                    let want = if inc.released { 0 } else { e.want };
+                    let ask = if inc.released { 0 } else { e.ask };
                     let mut s = tx.get(&e.account)?;
                     s.debited += e.cost;
-                    let mut o = old - e.cost;
+                    s.available += e.give_back;
+                    let mut o = old - e.cost - e.give_back;
                     if o < 0 {
                         s.available += o;
                         o = 0;
                     }
-                    let mut new = o;
-                    if want > o {
-                        let g = (want - o).min(s.available);
-                        if g > 0 {
-                            s.available -= g;
-                            new = o + g;
-                        }
-                    } else if want < o {
-                        s.available += o - want;
-                        new = want;
-                    }
+                    let g = crate::store::grant(ask, s.available);
+                    s.available -= g;
+                    let new = o + g;
                     s.leased += new - old;
                     if new > 0 {
                         tx.leases.insert(
@@ -327,6 +320,7 @@ impl Store for EmbeddedStore {
                     grants.push(LeaseGrant {
                         account: e.account.clone(),
                         lease: new,
+                        prev: old,
                         available: s.available,
                         status: s.status,
                         version: s.version,

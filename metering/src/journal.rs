@@ -181,7 +181,8 @@ mod tests {
                 account: "a".into(),
                 usage: Default::default(),
                 cost: seq as i64,
-                want: 0,
+                give_back: 0,
+                ask: 0,
             }],
         }
     }

@@ -70,27 +70,28 @@ for _, e in ipairs(entries) do
   local acct = p .. ':acct:' .. id
   local lkey = p .. ':lease:' .. id
   local member = id .. '|' .. field
-  local cost, want = tonumber(e.cost), tonumber(e.want)
-  if released then want = 0 end
+  local cost, back, ask = tonumber(e.cost), tonumber(e.give_back), tonumber(e.ask)
+  if released then ask = 0 end
   local old = tonumber(redis.call('HGET', lkey, field) or '0')
   if cost > 0 then redis.call('HINCRBY', acct, 'debited', e.cost) end
-  local o = old - cost
+  if back > 0 then redis.call('HINCRBY', acct, 'avail', e.give_back) end
+  local o = old - cost - back
   if o < 0 then
     redis.call('HINCRBY', acct, 'avail', fmt(o))
     o = 0
   end
   local new = o
-  if want > o then
+  if ask > 0 then
     local avail = tonumber(redis.call('HGET', acct, 'avail') or '0')
-    local g = want - o
-    if avail < g then g = avail end
+    local g = 0
+    if avail <= 0 then g = 0
+    elseif avail <= ask then g = avail
+    elseif avail < 2 * ask then g = math.floor(avail / 2)
+    else g = ask end
     if g > 0 then
       redis.call('HINCRBY', acct, 'avail', fmt(-g))
       new = o + g
     end
-  elseif want < o then
-    redis.call('HINCRBY', acct, 'avail', fmt(o - want))
-    new = want
   end
   redis.call('HINCRBY', acct, 'leased', fmt(new - old))
   if new > 0 then
@@ -104,7 +105,7 @@ for _, e in ipairs(entries) do
   local st = touch(p, id, acct)
   redis.call('XADD', p .. ':ledger', '*', 'kind', 'settle', 'key', key, 'account', id,
     'amount', e.cost, 'requests', e.requests, 'cpu_us', e.cpu_us, 'deploys', e.deploys)
-  out[#out + 1] = '{"account":' .. cjson.encode(id) .. ',"lease":' .. fmt(new) ..
+  out[#out + 1] = '{"account":' .. cjson.encode(id) .. ',"lease":' .. fmt(new) .. ',"prev":' .. fmt(old) ..
     ',"available":' .. st[1] .. ',"status":"' .. st[2] .. '","version":' .. st[3] .. '}'
 end
 local reply = '[' .. table.concat(out, ',') .. ']'
@@ -330,7 +331,8 @@ impl Store for RedisStore {
         struct E<'a> {
             account: &'a str,
             cost: String,
-            want: String,
+            give_back: String,
+            ask: String,
             requests: String,
             cpu_us: String,
             deploys: String,
@@ -341,7 +343,8 @@ impl Store for RedisStore {
             .map(|e| E {
                 account: &e.account,
                 cost: e.cost.to_string(),
-                want: e.want.to_string(),
+                give_back: e.give_back.to_string(),
+                ask: e.ask.to_string(),
                 requests: e.usage.requests.to_string(),
                 cpu_us: e.usage.cpu_us.to_string(),
                 deploys: e.usage.deploys.to_string(),

@@ -44,8 +44,9 @@ pub trait Store: Send + Sync + 'static {
     /// Starts a new incarnation of `node_id` (a fresh, never reused epoch).
     async fn begin(&self, node_id: &str) -> Result<Incarnation, StoreError>;
 
-    /// Applies a batch once: debits each entry's cost from this incarnation's lease (any excess
-    /// becomes debt on `available`) and moves the lease toward `want`. See [`SettleBatch`].
+    /// Applies a batch once: debits each entry's cost from this incarnation's lease, takes the
+    /// handed-back part of the lease back into `available` (any shortfall becomes debt), then
+    /// grants up to `ask` more. See [`SettleBatch`] and [`grant`].
     async fn settle(&self, batch: &SettleBatch) -> Result<SettleOutcome, SettleError>;
 
     /// Returns every lease of an incarnation to its accounts and refuses new leases to it.
@@ -77,6 +78,22 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<FeedEvent>;
 }
 
+/// How much of an `ask` the store grants out of `available`: all of it while at least twice that
+/// is left; half of what is left when less (so one node cannot take the last of an account that
+/// other nodes serve too); everything that is left once it is no more than the ask. The Redis
+/// script implements the same rule.
+pub fn grant(ask: i64, available: i64) -> i64 {
+    if ask <= 0 || available <= 0 {
+        0
+    } else if available <= ask {
+        available
+    } else if available < 2 * ask {
+        available / 2
+    } else {
+        ask
+    }
+}
+
 /// Checks a batch before any backend touches it: bad input changes nothing.
 pub fn validate_batch(b: &SettleBatch) -> Result<(), SettleError> {
     let bad = |m: String| Err(SettleError::Invalid(m));
@@ -104,8 +121,12 @@ pub fn validate_batch(b: &SettleBatch) -> Result<(), SettleError> {
         if !seen.insert(e.account.as_str()) {
             return bad(format!("account {} appears twice", e.account));
         }
-        if !(0..=MAX_OP_AMOUNT).contains(&e.cost) || !(0..=MAX_OP_AMOUNT).contains(&e.want) {
-            return bad(format!("cost and want must be 0..={MAX_OP_AMOUNT} p$"));
+        for v in [e.cost, e.give_back, e.ask] {
+            if !(0..=MAX_OP_AMOUNT).contains(&v) {
+                return bad(format!(
+                    "cost, give_back and ask must be 0..={MAX_OP_AMOUNT} p$"
+                ));
+            }
         }
     }
     Ok(())

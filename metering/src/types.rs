@@ -73,8 +73,11 @@ pub struct SettleEntry {
     pub usage: Usage,
     /// Its price, computed when the batch was cut (p$). Debited from this node's lease.
     pub cost: i64,
-    /// The lease this node wants to hold after the batch (p$); 0 returns the lease.
-    pub want: i64,
+    /// Lease the node hands back (p$). It has already removed this from what it may spend, so
+    /// the store can give it to others at once: a node never returns money it might still spend.
+    pub give_back: i64,
+    /// More lease the node asks for (p$). The store grants at most this.
+    pub ask: i64,
 }
 
 /// What one node settles in one go. Idempotent by `(node_id, epoch, seq)`: the store keeps a
@@ -109,6 +112,9 @@ pub struct LeaseGrant {
     pub account: String,
     /// This node's outstanding lease after the batch (p$).
     pub lease: i64,
+    /// The lease the store held for this node before the batch; a node whose own record
+    /// differs has drifted (a bug to alert on).
+    pub prev: i64,
     pub available: i64,
     pub status: Status,
     pub version: u64,

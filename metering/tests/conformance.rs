@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tollgate_metering::store::grant;
 use tollgate_metering::{
     AccountState, CreditError, EmbeddedStore, FeedEvent, RedisStore, SettleBatch, SettleEntry,
     SettleError, SettleOutcome, Status, Store, Usage,
@@ -71,7 +72,7 @@ macro_rules! conformance {
 
 const TTL: Duration = Duration::from_secs(10);
 
-fn entry(account: &str, requests: u64, cost: i64, want: i64) -> SettleEntry {
+fn entry(account: &str, requests: u64, cost: i64, give_back: i64, ask: i64) -> SettleEntry {
     SettleEntry {
         account: account.into(),
         usage: Usage {
@@ -80,7 +81,8 @@ fn entry(account: &str, requests: u64, cost: i64, want: i64) -> SettleEntry {
             deploys: 0,
         },
         cost,
-        want,
+        give_back,
+        ask,
     }
 }
 
@@ -186,7 +188,7 @@ conformance!(
                 "node-a",
                 inc.epoch,
                 1,
-                vec![entry("carol", 0, 0, 10 * CENT)],
+                vec![entry("carol", 0, 0, 0, 10 * CENT)],
             ))
             .await
             .unwrap();
@@ -199,12 +201,12 @@ conformance!(
             (90 * CENT, 10 * CENT, 0)
         );
 
-        // Spend 3 cents out of the lease, keep wanting 10.
+        // Spend 3 cents out of the lease and ask for 3 more (back to 10).
         let b2 = batch(
             "node-a",
             inc.epoch,
             2,
-            vec![entry("carol", 60_000, 3 * CENT, 10 * CENT)],
+            vec![entry("carol", 60_000, 3 * CENT, 0, 3 * CENT)],
         );
         let first = s.settle(&b2).await.unwrap();
         assert!(matches!(first, SettleOutcome::Applied(_)));
@@ -219,13 +221,13 @@ conformance!(
         assert_eq!(dup.grants(), first.grants());
         assert_eq!(state(&*s, "carol").await, st);
         // Same seq, other content: refused.
-        let evil = batch("node-a", inc.epoch, 2, vec![entry("carol", 1, 1, 0)]);
+        let evil = batch("node-a", inc.epoch, 2, vec![entry("carol", 1, 1, 0, 0)]);
         assert_eq!(
             s.settle(&evil).await.unwrap_err(),
             SettleError::Mismatch { seq: 2 }
         );
         // A gap, and an old batch.
-        let gap = batch("node-a", inc.epoch, 4, vec![entry("carol", 1, 1, 0)]);
+        let gap = batch("node-a", inc.epoch, 4, vec![entry("carol", 1, 1, 0, 0)]);
         assert_eq!(
             s.settle(&gap).await.unwrap_err(),
             SettleError::Gap {
@@ -237,7 +239,7 @@ conformance!(
             "node-a",
             inc.epoch,
             1,
-            vec![entry("carol", 0, 0, 10 * CENT)],
+            vec![entry("carol", 0, 0, 0, 10 * CENT)],
         );
         assert!(matches!(
             s.settle(&old).await,
@@ -245,15 +247,15 @@ conformance!(
         ));
         // Invalid input changes nothing.
         for bad in [
-            batch("node-a", inc.epoch, 3, vec![entry("carol", 1, -1, 0)]),
-            batch("node-a", inc.epoch, 3, vec![entry("bad id", 1, 1, 0)]),
-            batch("node a", inc.epoch, 3, vec![entry("carol", 1, 1, 0)]),
-            batch("node-a", inc.epoch, 0, vec![entry("carol", 1, 1, 0)]),
+            batch("node-a", inc.epoch, 3, vec![entry("carol", 1, -1, 0, 0)]),
+            batch("node-a", inc.epoch, 3, vec![entry("bad id", 1, 1, 0, 0)]),
+            batch("node a", inc.epoch, 3, vec![entry("carol", 1, 1, 0, 0)]),
+            batch("node-a", inc.epoch, 0, vec![entry("carol", 1, 1, 0, 0)]),
             batch(
                 "node-a",
                 inc.epoch,
                 3,
-                vec![entry("carol", 1, 1, 0), entry("carol", 1, 1, 0)],
+                vec![entry("carol", 1, 1, 0, 0), entry("carol", 1, 1, 0, 0)],
             ),
         ] {
             assert!(
@@ -267,7 +269,7 @@ conformance!(
             "node-a",
             inc.epoch,
             3,
-            vec![entry("carol", 0, 0, 0)],
+            vec![entry("carol", 0, 0, 10 * CENT, 0)],
         ))
         .await
         .unwrap();
@@ -300,7 +302,7 @@ conformance!(
             "node-a",
             inc.epoch,
             1,
-            vec![entry("dave", 0, 0, 2 * CENT)],
+            vec![entry("dave", 0, 0, 0, 2 * CENT)],
         ))
         .await
         .unwrap();
@@ -314,7 +316,7 @@ conformance!(
             "node-a",
             inc.epoch,
             2,
-            vec![entry("dave", 10, 3 * CENT, CENT)],
+            vec![entry("dave", 10, 3 * CENT, 0, CENT)],
         ))
         .await
         .unwrap();
@@ -357,8 +359,8 @@ conformance!(release_returns_leases_once, TTL, |b: Backend| async move {
         inc.epoch,
         1,
         vec![
-            entry("erin", 0, 0, 20 * CENT),
-            entry("frank", 0, 0, 30 * CENT),
+            entry("erin", 0, 0, 0, 20 * CENT),
+            entry("frank", 0, 0, 0, 30 * CENT),
         ],
     ))
     .await
@@ -374,7 +376,7 @@ conformance!(release_returns_leases_once, TTL, |b: Backend| async move {
             "node-b",
             inc.epoch,
             2,
-            vec![entry("erin", 5, 5 * CENT, 10 * CENT)],
+            vec![entry("erin", 5, 5 * CENT, 0, 10 * CENT)],
         ))
         .await
         .unwrap();
@@ -394,7 +396,7 @@ conformance!(
             "node-c",
             inc.epoch,
             1,
-            vec![entry("gina", 0, 0, 40 * CENT)],
+            vec![entry("gina", 0, 0, 0, 40 * CENT)],
         ))
         .await
         .unwrap();
@@ -408,7 +410,7 @@ conformance!(
             "node-c",
             inc.epoch,
             2,
-            vec![entry("gina", 1, CENT, 0)],
+            vec![entry("gina", 1, CENT, 0, 0)],
         ))
         .await
         .unwrap();
@@ -426,15 +428,27 @@ conformance!(
         let a = s.begin("na").await.unwrap();
         let c = s.begin("nb").await.unwrap();
         let ga = s
-            .settle(&batch("na", a.epoch, 1, vec![entry("hal", 0, 0, 4 * CENT)]))
+            .settle(&batch(
+                "na",
+                a.epoch,
+                1,
+                vec![entry("hal", 0, 0, 0, 4 * CENT)],
+            ))
             .await
             .unwrap();
         let gb = s
-            .settle(&batch("nb", c.epoch, 1, vec![entry("hal", 0, 0, 4 * CENT)]))
+            .settle(&batch(
+                "nb",
+                c.epoch,
+                1,
+                vec![entry("hal", 0, 0, 0, 4 * CENT)],
+            ))
             .await
             .unwrap();
-        assert_eq!(ga.grants()[0].lease, 4 * CENT);
-        assert_eq!(gb.grants()[0].lease, CENT, "only what was left");
+        // 5 cents left, 4 asked: less than twice the ask is left, so half of it.
+        assert_eq!(ga.grants()[0].lease, 5 * CENT / 2);
+        // 2.5 left, 4 asked: all that is left.
+        assert_eq!(gb.grants()[0].lease, 5 * CENT / 2, "only what was left");
         let h = state(&*s, "hal").await;
         assert_eq!((h.available, h.leased), (0, 5 * CENT));
     }
@@ -453,7 +467,7 @@ async fn embedded_store_survives_a_restart() {
             "n1",
             epoch,
             1,
-            vec![entry("ivy", 7, 7 * CENT, 10 * CENT)],
+            vec![entry("ivy", 7, 7 * CENT, 0, 10 * CENT)],
         ))
         .await
         .unwrap();
@@ -471,11 +485,27 @@ async fn embedded_store_survives_a_restart() {
             "n1",
             epoch,
             1,
-            vec![entry("ivy", 7, 7 * CENT, 10 * CENT)],
+            vec![entry("ivy", 7, 7 * CENT, 0, 10 * CENT)],
         ))
         .await
         .unwrap();
     assert!(matches!(dup, SettleOutcome::Duplicate(_)));
     assert!(s.begin("n1").await.unwrap().epoch > epoch);
     assert_eq!(s.ledger().await.unwrap().len(), 2);
+}
+
+#[test]
+fn the_grant_rule() {
+    assert_eq!(grant(10, 100), 10, "plenty: all of the ask");
+    assert_eq!(grant(10, 20), 10);
+    assert_eq!(
+        grant(10, 19),
+        9,
+        "less than twice the ask: half of what is left"
+    );
+    assert_eq!(grant(10, 10), 10, "no more than the ask: all of it");
+    assert_eq!(grant(10, 3), 3);
+    assert_eq!(grant(10, 0), 0);
+    assert_eq!(grant(10, -5), 0, "debt: nothing");
+    assert_eq!(grant(0, 100), 0);
 }

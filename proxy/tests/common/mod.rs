@@ -20,6 +20,11 @@ pub fn options(redis_url: Option<&str>, routes: &[(&str, SocketAddr)]) -> ProxyO
     o.proxy.listen = free_addr();
     o.admin.listen = free_addr();
     o.proxy.upstream_read_timeout_seconds = 5.0;
+    // Many proxies start and stop in one test process. Pingora's no-steal runtime finds its
+    // threads' runtimes through a thread-local keyed by thread id, which a later runtime's
+    // thread can inherit once the first is gone; one proxy per process (production, and the
+    // binary tests in tests/cli.rs) is unaffected. The work-stealing runtime has no such state.
+    o.proxy.work_stealing = true;
     o.shutdown.drain_timeout_seconds = 3;
     o.redis = redis_url.map(|u| {
         let mut r = RedisConfig::new(u);
