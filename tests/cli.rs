@@ -164,3 +164,74 @@ fn dev_follows_routes_written_to_redis() {
         .unwrap();
     assert!(String::from_utf8_lossy(&list.stdout).trim().is_empty());
 }
+
+#[test]
+fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests() {
+    let up = Upstream::start("up");
+    let listen = free_addr();
+    let route = format!("u.localhost={}", up.addr);
+    let mut old = Proc(
+        bin()
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--route", &route])
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(listen);
+    let c = reqwest::blocking::Client::builder()
+        .resolve("u.localhost", listen)
+        .build()
+        .unwrap();
+    let url = format!("http://u.localhost:{}/", listen.port());
+    // Traffic throughout the hand-over.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get(&url).send() {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let _new = Proc(
+        bin()
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--route", &route])
+            .arg("--upgrade")
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&old.0, "-QUIT");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = old.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "old process did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "requests failed during the upgrade: {failed:?}"
+    );
+    assert!(ok > 100, "too little traffic: {ok}");
+    // The new process serves alone now.
+    assert_eq!(get(&c, &url), (200, "up".into()));
+}

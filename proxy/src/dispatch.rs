@@ -38,6 +38,7 @@ impl Health {
 
 pub struct Dispatch {
     pub(crate) table: Arc<RouteTable>,
+    pub(crate) health: Arc<Health>,
     pub(crate) metrics: Arc<ProxyMetrics>,
     pub(crate) max_header_bytes: usize,
     pub(crate) max_body_bytes: u64,
@@ -49,9 +50,15 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
-    pub fn new(cfg: &ProxyConfig, table: Arc<RouteTable>, metrics: Arc<ProxyMetrics>) -> Self {
+    pub fn new(
+        cfg: &ProxyConfig,
+        table: Arc<RouteTable>,
+        health: Arc<Health>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
         Dispatch {
             table,
+            health,
             metrics,
             max_header_bytes: cfg.max_request_header_bytes,
             max_body_bytes: cfg.max_body_bytes,
@@ -265,10 +272,16 @@ impl ProxyHttp for Dispatch {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if self.health.is_draining() {
+            // Close each client connection after its current response, so that clients open
+            // their next one to a node (or upgraded process) that is not going away, instead
+            // of racing a request into a socket we are about to close.
+            session.set_keepalive(None);
+        }
         if resp.status.as_u16() != 101 {
             // Hop-by-hop fields of the upstream's connection, not of ours (RFC 9110 §7.6.1).
             resp.remove_header("keep-alive");

@@ -208,7 +208,7 @@ impl Proxy {
         };
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
-        let dispatch = Dispatch::new(&opts.proxy, table, metrics.clone());
+        let dispatch = Dispatch::new(&opts.proxy, table, health.clone(), metrics.clone());
         let mut service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             dispatch,
@@ -240,6 +240,18 @@ impl Proxy {
         tracing::info!("proxy stopped");
         Ok(())
     }
+}
+
+/// Exits the process once `after` has passed and no request is in flight (binary only).
+fn exit_once_drained(in_flight: prometheus::IntGauge, after: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        while in_flight.get() > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::info!("drained: no request in flight; exiting");
+        std::process::exit(0);
+    });
 }
 
 struct Watcher {
@@ -304,22 +316,19 @@ impl ShutdownSignalWatch for Watcher {
                 );
                 tokio::time::sleep(self.drain_delay).await;
                 if self.exit_when_drained {
-                    let gauge = self.in_flight.clone();
-                    std::thread::spawn(move || {
-                        // Pingora stops accepting right after we return; give it a moment.
-                        std::thread::sleep(Duration::from_millis(100));
-                        while gauge.get() > 0 {
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        tracing::info!("drained: no request in flight; exiting");
-                        std::process::exit(0);
-                    });
+                    // Pingora stops accepting right after we return; give it a moment.
+                    exit_once_drained(self.in_flight.clone(), Duration::from_millis(100));
                 }
                 ShutdownSignal::GracefulTerminate
             }
             Got::Upgrade => {
                 self.health.set_draining();
                 tracing::info!("SIGQUIT: handing listeners to the new process");
+                if self.exit_when_drained {
+                    // Pingora sends the sockets, keeps serving what it has for 5 s
+                    // (CLOSE_TIMEOUT), then stops; exit once that is over and nothing is left.
+                    exit_once_drained(self.in_flight.clone(), Duration::from_secs(6));
+                }
                 ShutdownSignal::GracefulUpgrade
             }
         }

@@ -332,7 +332,8 @@ async fn graceful_stop_fails_readyz_and_finishes_in_flight() {
         let c = c.clone();
         async move {
             let r = c.get(url).send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
+            let conn = r.headers().get("connection").cloned();
+            (r.status().as_u16(), conn, r.text().await.unwrap())
         }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -347,8 +348,10 @@ async fn graceful_stop_fails_readyz_and_finishes_in_flight() {
     );
     let (_, v) = node.readyz().await;
     assert_eq!(v["draining"], true);
-    let (status, body) = inflight.await.unwrap();
+    let (status, conn, body) = inflight.await.unwrap();
     assert_eq!((status, body.as_str()), (200, "slow"));
+    // Answered while draining: the client is told not to reuse the connection.
+    assert_eq!(conn.unwrap(), "close");
     // After the drain delay the listener is closed.
     let addr = node.addr;
     assert!(
