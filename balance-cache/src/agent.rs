@@ -187,20 +187,20 @@ impl Agent {
     /// One settle round. `closing`: return every lease.
     pub async fn tick(&mut self, closing: bool) -> Result<(), AgentError> {
         self.check_lease_validity();
-        let now_s = self.cache.now_s();
+        let now_s = self.cache.tick_clock();
+        self.cache.adopt_pending();
         let idle_s = self.cfg.idle_return.as_secs() as u32;
         let refresh_after = self.cfg.lease_ttl / 3;
         let mut entries = Vec::new();
         {
-            let map = self.cache.map.pin();
-            for (account, slot) in map.iter() {
+            self.cache.map.for_each(|account, slot| {
                 let usage = Usage {
                     requests: slot.requests.swap(0, Ordering::AcqRel),
                     cpu_us: slot.cpu_us.swap(0, Ordering::AcqRel),
                     deploys: 0,
                 };
                 let state = slot.state.fetch_and(!REFILL, Ordering::AcqRel);
-                let k = self.known.get(account);
+                let k = self.known.get(&**account);
                 let lease = k.map_or(0, |k| k.lease);
                 let idle = now_s.saturating_sub(slot.last_used_s.load(Ordering::Relaxed)) > idle_s;
                 let stale = k
@@ -208,7 +208,7 @@ impl Agent {
                     .is_none_or(|t| t.elapsed() > refresh_after);
                 let wants_refill = state & REFILL != 0;
                 if usage.is_zero() && !wants_refill && !closing && !(lease > 0 && (stale || idle)) {
-                    continue;
+                    return;
                 }
                 let cost = i64::try_from(self.cache.prices.cost(&usage))
                     .unwrap_or(i64::MAX)
@@ -236,7 +236,7 @@ impl Agent {
                     give_back,
                     ask,
                 });
-            }
+            });
         }
         for chunk in entries.chunks(self.cfg.max_batch.max(1)) {
             let batch = SettleBatch {
@@ -289,11 +289,7 @@ impl Agent {
     }
 
     fn apply(&mut self, batch: &SettleBatch, grants: &[LeaseGrant]) {
-        let map = self.cache.map.pin();
         for (e, g) in batch.entries.iter().zip(grants) {
-            let Some(slot) = map.get(e.account.as_str()) else {
-                continue;
-            };
             let k = self.known.entry(e.account.as_str().into()).or_default();
             if g.prev != k.lease {
                 // Cannot happen while node and store follow this protocol; alert if it does.
@@ -303,18 +299,27 @@ impl Agent {
             // The store took `cost` and `give_back` out of the lease we knew (both already gone
             // from `remaining`), then granted more: add exactly what it added.
             let delta = g.lease - (k.lease - e.cost - e.give_back);
-            slot.remaining.fetch_add(delta, Ordering::AcqRel);
             if delta > 0 {
                 self.metrics.lease_refills_total.inc();
             }
             k.lease = g.lease;
             k.rate = (k.rate * 3 + e.cost) / 4;
             k.last_settled = Some(Instant::now());
-            slot.refill_below.store(
-                (g.lease / 2).max(self.cache.prices.per_request),
-                Ordering::Relaxed,
-            );
-            apply_status(slot, g.version, g.status, Source::Reply);
+            let refill_below = (g.lease / 2).max(self.cache.prices.per_request);
+            // Suspended for this node only when the store had nothing left to give it: a
+            // reply that granted a lease may say `suspended` (it took the last of `available`),
+            // but once that lease is spent the node asks again before answering 402.
+            let status = if g.lease >= self.cache.prices.per_request {
+                Status::Active
+            } else {
+                g.status
+            };
+            // Slots are never removed, so the one the batch was cut from is still there.
+            self.cache.map.with(&e.account, |slot| {
+                slot.remaining.fetch_add(delta, Ordering::AcqRel);
+                slot.refill_below.store(refill_below, Ordering::Relaxed);
+                apply_status(slot, g.version, status, Source::Reply);
+            });
         }
         self.known.retain(|_, k| k.lease > 0 || k.rate > 0);
     }
@@ -406,29 +411,29 @@ async fn follow_feed(
         };
         match ev {
             Ok(FeedEvent::Change(c)) => {
-                let map = cache.map.pin();
-                if let Some(slot) = map.get(c.account.as_str()) {
+                let changed = cache.map.with(&c.account, |slot| {
                     let was = slot.is_suspended();
-                    if apply_status(slot, c.version, c.status, Source::Feed) {
-                        if was && c.status == Status::Active {
-                            // Resumed: get a lease now rather than at the next request.
-                            slot.state.fetch_or(REFILL, Ordering::AcqRel);
-                            cache.wake.notify_one();
-                        }
-                        cache.changed.notify_waiters();
+                    let applied = apply_status(slot, c.version, c.status, Source::Feed);
+                    if applied && was && c.status == Status::Active {
+                        // Resumed: get a lease now rather than at the next request.
+                        slot.state.fetch_or(REFILL, Ordering::AcqRel);
+                        cache.wake.notify_one();
                     }
+                    applied
+                });
+                if changed == Some(true) {
+                    cache.changed.notify_waiters();
                 }
             }
             Ok(FeedEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                let ids: Vec<String> = cache.map.pin().keys().map(|k| k.to_string()).collect();
+                let ids: Vec<String> = cache.map.keys();
                 for chunk in ids.chunks(1000) {
                     match store.accounts(chunk).await {
                         Ok(states) => {
-                            let map = cache.map.pin();
                             for st in states.into_iter().flatten() {
-                                if let Some(slot) = map.get(st.account.as_str()) {
-                                    apply_status(slot, st.version, st.status, Source::Feed);
-                                }
+                                cache.map.with(&st.account, |slot| {
+                                    apply_status(slot, st.version, st.status, Source::Feed)
+                                });
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "resync read failed"),

@@ -1,12 +1,15 @@
 //! The hot path: one lock-free map lookup and a few atomic operations on the account's own slot.
 //! No lock, no allocation for a known account, no network.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::Notify;
 use tollgate_metering::Prices;
+
+use crate::slots::SlotMap;
 
 /// Per-account state on one node. Everything the hot path touches lives here, in the account's
 /// own allocation, so two accounts never share a cache line through the cache itself.
@@ -29,7 +32,7 @@ pub(crate) const SUSPENDED: u64 = 1;
 pub(crate) const REFILL: u64 = 2;
 
 impl Slot {
-    fn new() -> Slot {
+    pub(crate) fn new() -> Slot {
         Slot {
             remaining: AtomicI64::new(0),
             refill_below: AtomicI64::new(0),
@@ -64,10 +67,10 @@ pub enum Spend {
     Unavailable,
 }
 
-type Map = papaya::HashMap<Box<str>, Slot, foldhash::fast::RandomState>;
-
 pub struct BalanceCache {
-    pub(crate) map: Map,
+    pub(crate) map: SlotMap,
+    /// Accounts first seen on the request path, for the agent to add (cold path).
+    pub(crate) pending: Mutex<HashMap<String, u64>>,
     pub(crate) prices: Prices,
     /// The agent wakes on this when a slot wants a refill or a new account appears.
     pub(crate) wake: Notify,
@@ -78,18 +81,23 @@ pub struct BalanceCache {
     /// True while the last settle attempt failed to reach the store.
     pub(crate) store_down: AtomicBool,
     started: Instant,
+    /// Seconds since `started`, advanced by the agent each tick: the hot path reads this
+    /// instead of the clock (`clock_gettime` cost more than the rest of `try_spend` here).
+    coarse_s: AtomicU32,
 }
 
 impl BalanceCache {
     pub fn new(prices: Prices) -> Arc<BalanceCache> {
         Arc::new(BalanceCache {
-            map: Map::with_hasher(foldhash::fast::RandomState::default()),
+            map: SlotMap::new(),
+            pending: Mutex::new(HashMap::new()),
             prices,
             wake: Notify::new(),
             changed: Notify::new(),
             leases_valid: AtomicBool::new(true),
             store_down: AtomicBool::new(false),
             started: Instant::now(),
+            coarse_s: AtomicU32::new(0),
         })
     }
 
@@ -97,8 +105,16 @@ impl BalanceCache {
         &self.prices
     }
 
+    /// The coarse clock (seconds; at most one settle interval behind).
     pub(crate) fn now_s(&self) -> u32 {
-        self.started.elapsed().as_secs() as u32
+        self.coarse_s.load(Ordering::Relaxed)
+    }
+
+    /// Advances the coarse clock (the agent calls this every tick).
+    pub(crate) fn tick_clock(&self) -> u32 {
+        let now = self.started.elapsed().as_secs() as u32;
+        self.coarse_s.store(now, Ordering::Relaxed);
+        now
     }
 
     /// Charges one request to `account`. Lock-free; never blocks, never does I/O.
@@ -110,12 +126,20 @@ impl BalanceCache {
     /// Charges `amount` p$ of request-like usage (the hot-path primitive).
     #[inline]
     pub fn try_spend(&self, account: &str, amount: i64, count_request: bool) -> Spend {
-        let map = self.map.pin();
-        let Some(slot) = map.get(account) else {
-            drop(map);
-            self.register(account);
-            return Spend::Pending;
-        };
+        match self
+            .map
+            .with(account, |slot| self.spend_slot(slot, amount, count_request))
+        {
+            Some(s) => s,
+            None => {
+                self.register(account, 0);
+                Spend::Pending
+            }
+        }
+    }
+
+    #[inline]
+    fn spend_slot(&self, slot: &Slot, amount: i64, count_request: bool) -> Spend {
         if !self.leases_valid.load(Ordering::Relaxed) {
             return Spend::Unavailable;
         }
@@ -147,43 +171,46 @@ impl BalanceCache {
     }
 
     /// Charges CPU as it accrues, even past the lease (it was already used): the excess is
-    /// settled as debt, and a refill is asked for. Returns false if the account is unknown here.
-    pub fn charge_cpu(&self, account: &str, cpu_us: u64) -> bool {
-        let map = self.map.pin();
-        let Some(slot) = map.get(account) else {
-            drop(map);
-            // Usage must never be dropped: register and charge the fresh slot.
-            self.register(account);
-            let map = self.map.pin();
-            return match map.get(account) {
-                Some(slot) => {
-                    self.charge_slot(slot, cpu_us);
-                    true
-                }
-                None => false,
-            };
-        };
-        self.charge_slot(slot, cpu_us);
-        true
-    }
-
-    fn charge_slot(&self, slot: &Slot, cpu_us: u64) {
-        let cost = i64::try_from(i128::from(cpu_us) * i128::from(self.prices.per_cpu_us))
-            .unwrap_or(i64::MAX / 4);
-        slot.cpu_us.fetch_add(cpu_us, Ordering::Relaxed);
-        let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
-        if left < slot.refill_below.load(Ordering::Relaxed) && slot.flag_refill() {
-            self.wake.notify_one();
+    /// settled as debt, and a refill is asked for. CPU of an account not cached yet is kept
+    /// until its slot exists, so none is dropped.
+    pub fn charge_cpu(&self, account: &str, cpu_us: u64) {
+        let charged = self.map.with(account, |slot| {
+            let cost = i64::try_from(i128::from(cpu_us) * i128::from(self.prices.per_cpu_us))
+                .unwrap_or(i64::MAX / 4);
+            slot.cpu_us.fetch_add(cpu_us, Ordering::Relaxed);
+            let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
+            if left < slot.refill_below.load(Ordering::Relaxed) && slot.flag_refill() {
+                self.wake.notify_one();
+            }
+        });
+        if charged.is_none() {
+            self.register(account, cpu_us);
         }
     }
 
-    fn register(&self, account: &str) {
+    fn register(&self, account: &str, cpu_us: u64) {
         if tollgate_metering::validate_account_id(account).is_err() {
             return;
         }
-        let map = self.map.pin();
-        map.get_or_insert_with(account.into(), Slot::new);
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        *p.entry(account.to_owned()).or_insert(0) += cpu_us;
+        drop(p);
         self.wake.notify_one();
+    }
+
+    /// Adds the accounts first seen since the last call (the agent, each tick).
+    pub(crate) fn adopt_pending(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if pending.is_empty() {
+            return;
+        }
+        let cpu: Vec<(String, u64)> = pending.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        self.map.insert_many(pending.into_keys(), Slot::new);
+        for (account, cpu_us) in cpu {
+            if cpu_us > 0 {
+                self.charge_cpu(&account, cpu_us);
+            }
+        }
     }
 
     /// Resolves when the agent applied a settle reply or a feed change (then retry a
@@ -198,27 +225,35 @@ impl BalanceCache {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.len() == 0
     }
 
     /// What this node may still spend for `account` (p$), for tests and debugging.
     pub fn remaining(&self, account: &str) -> Option<i64> {
         self.map
-            .pin()
-            .get(account)
-            .map(|s| s.remaining.load(Ordering::Acquire))
+            .with(account, |s| s.remaining.load(Ordering::Acquire))
     }
 
     /// Whether the node currently believes `account` is suspended.
     pub fn is_suspended(&self, account: &str) -> Option<bool> {
-        self.map.pin().get(account).map(Slot::is_suspended)
+        self.map.with(account, Slot::is_suspended)
     }
 
-    /// Inserts an account slot without waking the agent (benchmarks, preloading).
-    pub fn preload(&self, account: &str, lease: i64) {
-        let map = self.map.pin();
-        let slot = map.get_or_insert_with(account.into(), Slot::new);
-        slot.remaining.store(lease, Ordering::Release);
-        slot.state.store(0, Ordering::Release);
+    /// Benchmarks only: a slot holding `lease` p$ that no store granted. Never use it where
+    /// money is real; it creates spendable credit out of nothing.
+    #[doc(hidden)]
+    pub fn bench_preload(&self, account: &str, lease: i64) {
+        self.bench_preload_many(std::iter::once(account.to_owned()), lease);
+    }
+
+    /// Benchmarks only: many such slots at once.
+    #[doc(hidden)]
+    pub fn bench_preload_many(&self, accounts: impl IntoIterator<Item = String>, lease: i64) {
+        self.map.insert_many(accounts, || {
+            let s = Slot::new();
+            s.remaining.store(lease, Ordering::Release);
+            s.state.store(0, Ordering::Release);
+            s
+        });
     }
 }

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cache;
 pub mod metrics;
+mod slots;
 
 pub use agent::{Agent, AgentConfig, AgentError};
 pub use cache::{BalanceCache, Spend};

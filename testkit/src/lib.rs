@@ -40,7 +40,8 @@ pub fn free_addr() -> SocketAddr {
 pub struct RedisServer {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    aof: bool,
 }
 
 impl RedisServer {
@@ -59,25 +60,74 @@ impl RedisServer {
             .unwrap_or_else(|| panic!("redis-server did not start on {port}"))
     }
 
+    /// Started with `appendonly yes` and `appendfsync always`, as production money needs;
+    /// [`RedisServer::restart`] then brings back every acknowledged write.
+    pub fn start_durable() -> RedisServer {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            if let Some(s) = RedisServer::spawn(free_port(), dir, true) {
+                return s;
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
     fn try_start_on(port: u16) -> Option<RedisServer> {
+        RedisServer::spawn(port, tempfile::tempdir().expect("tempdir"), false)
+    }
+
+    fn command(port: u16, dir: &std::path::Path, aof: bool) -> Command {
         let bin = std::env::var("TOLLGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new(&bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        let mut c = Command::new(bin);
+        c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--daemonize", "no"])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::null());
+        if aof {
+            c.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            c.args(["--appendonly", "no"]);
+        }
+        c
+    }
+
+    fn spawn(port: u16, dir: tempfile::TempDir, aof: bool) -> Option<RedisServer> {
+        let child = RedisServer::command(port, dir.path(), aof)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (install redis-server)"));
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e} (install redis-server)"));
         let mut server = RedisServer {
             child,
             port,
-            _dir: dir,
+            dir,
+            aof,
         };
         // A port picked by `free_port` can be taken before redis binds it: report and retry.
         server.wait_ready(Duration::from_secs(5)).then_some(server)
+    }
+
+    /// Kills the server (SIGKILL) and leaves it down until [`RedisServer::start_again`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub fn start_again(&mut self) {
+        self.child = RedisServer::command(self.port, self.dir.path(), self.aof)
+            .spawn()
+            .expect("restart redis-server");
+        assert!(
+            self.wait_ready(Duration::from_secs(10)),
+            "redis-server did not come back"
+        );
+    }
+
+    /// Kill -9 and start again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
     }
 
     fn wait_ready(&mut self, within: Duration) -> bool {

@@ -1,0 +1,232 @@
+//! Faults with real Redis: Redis down (leases keep serving, then 503-style `Unavailable`, then
+//! recovery with nothing lost), Redis killed and restarted with AOF under load, and the change
+//! feed's subscriber killed while a credit is published.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics, Spend};
+use tollgate_metering::{Prices, RedisStore, Store};
+use tollgate_testkit::RedisServer;
+
+const PRICE: i64 = 500_000;
+const USD: i64 = 1_000_000_000_000;
+
+struct Node {
+    cache: Arc<BalanceCache>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn node(url: &str, name: &str, dir: &tempfile::TempDir) -> Node {
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(url, "tollgate", Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    let cache = BalanceCache::new(Prices::default());
+    let cfg = AgentConfig::new(name, dir.path().join(format!("{name}.journal")));
+    let metrics = CacheMetrics::new(&prometheus::Registry::new()).unwrap();
+    let agent = Agent::start(cache.clone(), store, cfg, metrics)
+        .await
+        .unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(agent.run(rx));
+    Node { cache, stop, task }
+}
+
+/// Reads an account, retrying while the admin connection reconnects after a Redis restart.
+async fn read(store: &RedisStore, account: &str) -> tollgate_metering::AccountState {
+    for _ in 0..50 {
+        if let Ok(Some(st)) = store.account(account).await {
+            return st;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot read {account}");
+}
+
+async fn read_ledger(store: &RedisStore) -> Vec<tollgate_metering::LedgerEntry> {
+    for _ in 0..50 {
+        if let Ok(l) = store.ledger().await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot read the ledger");
+}
+
+impl Node {
+    async fn shutdown(self) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap();
+    }
+
+    /// Spends one request, waiting out `Pending`.
+    async fn spend(&self, account: &str) -> Spend {
+        let t = Instant::now();
+        loop {
+            match self.cache.try_spend_request(account) {
+                Spend::Pending if t.elapsed() < Duration::from_secs(5) => {
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(20), self.cache.changed()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_serves_leases_then_unavailable_then_recovers_with_nothing_lost() {
+    let mut redis = RedisServer::start_durable();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    admin.credit("acct", "v1", USD).await.unwrap();
+    let n = node(&url, "n1", &dir).await;
+    let mut paid = 0i64;
+    for _ in 0..50 {
+        assert_eq!(n.spend("acct").await, Spend::Ok);
+        paid += 1;
+    }
+
+    redis.kill();
+    // The lease this node holds keeps paying; once it is spent, the answer is Unavailable
+    // (503 upstream), never Suspended (402).
+    let t = Instant::now();
+    let mut during = 0i64;
+    loop {
+        match n.cache.try_spend_request("acct") {
+            Spend::Ok => during += 1,
+            Spend::Unavailable => break,
+            Spend::Pending => tokio::time::sleep(Duration::from_millis(1)).await,
+            Spend::Suspended => panic!("402 while the store is down"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never became unavailable"
+        );
+    }
+    paid += during;
+    assert!(
+        during > 0,
+        "the lease held before the outage was not usable"
+    );
+
+    redis.start_again();
+    let t = Instant::now();
+    loop {
+        if n.cache.try_spend_request("acct") == Spend::Ok {
+            paid += 1;
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "did not recover");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    n.shutdown().await;
+    let st = read(&admin, "acct").await;
+    assert!(st.holds_invariant(), "{st:?}");
+    assert_eq!(
+        st.debited,
+        paid * PRICE,
+        "every paid request debited exactly once"
+    );
+    assert_eq!(st.leased, 0);
+    assert_eq!(st.credited, USD, "the credit survived the restart (AOF)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load_loses_and_duplicates_nothing() {
+    let mut redis = RedisServer::start_durable();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    admin.credit("busy", "v1", USD).await.unwrap();
+    let nodes = [node(&url, "a", &dir).await, node(&url, "b", &dir).await];
+    let stop = Arc::new(AtomicBool::new(false));
+    let paid = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for n in &nodes {
+        let (cache, stop, paid) = (n.cache.clone(), stop.clone(), paid.clone());
+        load.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if cache.try_spend_request("busy") == Spend::Ok {
+                    paid.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+                if i.is_multiple_of(32) {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart(); // kill -9, then start on the same AOF
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+    let paid = paid.load(Ordering::Relaxed) as i64;
+    let st = read(&admin, "busy").await;
+    assert!(st.holds_invariant(), "{st:?}");
+    assert!(paid > 1000, "too little load: {paid}");
+    assert_eq!(
+        st.debited,
+        paid * PRICE,
+        "paid {paid}: debited {}",
+        st.debited
+    );
+    assert_eq!(st.leased, 0);
+    let ledger = read_ledger(&admin).await;
+    assert_eq!(ledger.iter().map(|e| e.requests).sum::<u64>() as i64, paid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_published_while_the_subscriber_is_down_still_resumes_the_node() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    admin.credit("s", "v1", 10 * PRICE).await.unwrap();
+    let n = node(&url, "n", &dir).await;
+    loop {
+        match n.spend("s").await {
+            Spend::Ok => {}
+            Spend::Suspended => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    // Cut every subscriber and publish the credit before they can come back: the event is
+    // lost, only the resync after resubscribing can deliver the resumption.
+    assert!(redis.kill_pubsub_clients() >= 1);
+    admin.credit("s", "v2", 10 * PRICE).await.unwrap();
+    // The node serves again: from the change if it slipped through before the cut, else from
+    // the re-read after resubscribing.
+    let t = Instant::now();
+    while n.spend("s").await != Spend::Ok {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "resumption never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    n.shutdown().await;
+    let st = read(&admin, "s").await;
+    assert!(st.holds_invariant());
+    assert_eq!(st.debited, 11 * PRICE);
+}
