@@ -27,11 +27,7 @@ use crate::types::{
 /// `id` the account id. Returns the new version.
 const LUA_COMMON: &str = r#"
 local function touch(p, id, acct)
-  redis.call('HSETNX', acct, 'credited', 0)
-  redis.call('HSETNX', acct, 'debited', 0)
-  redis.call('HSETNX', acct, 'avail', 0)
-  redis.call('HSETNX', acct, 'leased', 0)
-  local avail = redis.call('HGET', acct, 'avail')
+  local avail = redis.call('HGET', acct, 'avail') or '0'
   local status = 'active'
   if tonumber(avail) <= 0 then status = 'suspended' end
   redis.call('HSET', acct, 'status', status)
@@ -64,49 +60,62 @@ local t = redis.call('TIME')
 local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
 local field = node .. ':' .. epoch
 local key = 'settle:' .. node .. ':' .. epoch .. ':' .. ARGV[4]
-local out = {}
+local out, changes, lines = {}, {}, {}
 for _, e in ipairs(entries) do
   local id = e.account
   local acct = p .. ':acct:' .. id
   local lkey = p .. ':lease:' .. id
-  local member = id .. '|' .. field
   local cost, back, ask = tonumber(e.cost), tonumber(e.give_back), tonumber(e.ask)
   if released then ask = 0 end
   local old = tonumber(redis.call('HGET', lkey, field) or '0')
-  if cost > 0 then redis.call('HINCRBY', acct, 'debited', e.cost) end
-  if back > 0 then redis.call('HINCRBY', acct, 'avail', e.give_back) end
+  -- Net change of avail, computed on small numbers only: the hand-back, any debt (cost past
+  -- the lease), minus the grant. Applied with one exact HINCRBY.
   local o = old - cost - back
+  local delta = back
   if o < 0 then
-    redis.call('HINCRBY', acct, 'avail', fmt(o))
+    delta = delta + o
     o = 0
   end
-  local new = o
+  local g = 0
   if ask > 0 then
-    local avail = tonumber(redis.call('HGET', acct, 'avail') or '0')
-    local g = 0
-    if avail <= 0 then g = 0
-    elseif avail <= ask then g = avail
-    elseif avail < 2 * ask then g = math.floor(avail / 2)
+    local a = tonumber(redis.call('HGET', acct, 'avail') or '0') + delta
+    if a <= 0 then g = 0
+    elseif a <= ask then g = a
+    elseif a < 2 * ask then g = math.floor(a / 2)
     else g = ask end
-    if g > 0 then
-      redis.call('HINCRBY', acct, 'avail', fmt(-g))
-      new = o + g
-    end
   end
-  redis.call('HINCRBY', acct, 'leased', fmt(new - old))
+  delta = delta - g
+  local new = o + g
+  if delta ~= 0 then redis.call('HINCRBY', acct, 'avail', fmt(delta)) end
+  if cost > 0 then redis.call('HINCRBY', acct, 'debited', e.cost) end
+  if new ~= old then redis.call('HINCRBY', acct, 'leased', fmt(new - old)) end
+  local member = id .. '|' .. field
   if new > 0 then
     redis.call('HSET', lkey, field, fmt(new))
     redis.call('ZADD', p .. ':leases', expires, member)
-    redis.call('SADD', p .. ':incacct:' .. node .. ':' .. epoch, id)
-  else
+    if old == 0 then redis.call('SADD', p .. ':incacct:' .. node .. ':' .. epoch, id) end
+  elseif old > 0 then
     redis.call('HDEL', lkey, field)
     redis.call('ZREM', p .. ':leases', member)
   end
-  local st = touch(p, id, acct)
-  redis.call('XADD', p .. ':ledger', '*', 'kind', 'settle', 'key', key, 'account', id,
-    'amount', e.cost, 'requests', e.requests, 'cpu_us', e.cpu_us, 'deploys', e.deploys)
-  out[#out + 1] = '{"account":' .. cjson.encode(id) .. ',"lease":' .. fmt(new) .. ',"prev":' .. fmt(old) ..
-    ',"available":' .. st[1] .. ',"status":"' .. st[2] .. '","version":' .. st[3] .. '}'
+  local avail = redis.call('HGET', acct, 'avail') or '0'
+  local status = 'active'
+  if tonumber(avail) <= 0 then status = 'suspended' end
+  redis.call('HSET', acct, 'status', status)
+  local ver = redis.call('HINCRBY', acct, 'ver', 1)
+  local jid = cjson.encode(id)
+  changes[#changes + 1] = '{"account":' .. jid .. ',"version":' .. ver .. ',"available":' ..
+    avail .. ',"status":"' .. status .. '"}'
+  lines[#lines + 1] = '{"account":' .. jid .. ',"amount":' .. e.cost .. ',"requests":' ..
+    e.requests .. ',"cpu_us":' .. e.cpu_us .. ',"deploys":' .. e.deploys .. '}'
+  out[#out + 1] = '{"account":' .. jid .. ',"lease":' .. fmt(new) .. ',"prev":' .. fmt(old) ..
+    ',"available":' .. avail .. ',"status":"' .. status .. '","version":' .. ver .. '}'
+end
+-- One ledger entry and one feed message per batch (their lines are per account).
+if #lines > 0 then
+  redis.call('XADD', p .. ':ledger', '*', 'kind', 'settle', 'key', key,
+    'lines', '[' .. table.concat(lines, ',') .. ']')
+  redis.call('PUBLISH', p .. ':accounts:events', '[' .. table.concat(changes, ',') .. ']')
 end
 local reply = '[' .. table.concat(out, ',') .. ']'
 redis.call('HSET', inc, 'hwm', ARGV[4], 'digest', digest, 'reply', reply)
@@ -256,8 +265,11 @@ async fn feed_loop(
                     m = stream.next() => {
                         let Some(m) = m else { return Err::<(), String>("stream ended".into()) };
                         let payload: Vec<u8> = m.get_payload().unwrap_or_default();
-                        match serde_json::from_slice::<AccountChange>(&payload) {
-                            Ok(c) => { let _ = tx.send(FeedEvent::Change(c)); }
+                        // A settle publishes one array per batch; other operations one object.
+                        let parsed = serde_json::from_slice::<Vec<AccountChange>>(&payload)
+                            .or_else(|_| serde_json::from_slice::<AccountChange>(&payload).map(|c| vec![c]));
+                        match parsed {
+                            Ok(cs) => for c in cs { let _ = tx.send(FeedEvent::Change(c)); },
                             Err(e) => tracing::warn!(error = %e, "account change that does not parse"),
                         }
                     }
@@ -482,9 +494,33 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         let mut out = Vec::with_capacity(reply.ids.len());
+        #[derive(serde::Deserialize)]
+        struct Line {
+            account: String,
+            amount: i64,
+            requests: u64,
+            cpu_us: u64,
+            deploys: u64,
+        }
         for id in reply.ids {
             let s = |k: &str| -> String { id.get::<String>(k).unwrap_or_default() };
             let n = |k: &str| -> u64 { s(k).parse().unwrap_or(0) };
+            if let Some(lines) = id.get::<String>("lines") {
+                let lines: Vec<Line> = serde_json::from_str(&lines)
+                    .map_err(|e| StoreError::Corrupt(format!("ledger {}: {e}", id.id)))?;
+                for l in lines {
+                    out.push(LedgerEntry {
+                        kind: s("kind"),
+                        key: s("key"),
+                        account: l.account,
+                        amount: l.amount,
+                        requests: l.requests,
+                        cpu_us: l.cpu_us,
+                        deploys: l.deploys,
+                    });
+                }
+                continue;
+            }
             out.push(LedgerEntry {
                 kind: s("kind"),
                 key: s("key"),
