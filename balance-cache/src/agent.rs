@@ -16,7 +16,7 @@ use tollgate_metering::{
     Store, StoreError, Usage,
 };
 
-use crate::cache::{BalanceCache, REFILL, SUSPENDED, Slot};
+use crate::cache::{BalanceCache, DIRTY, REFILL, SHIFT, SUSPENDED, Slot};
 use crate::metrics::CacheMetrics;
 
 #[derive(Debug, Clone)]
@@ -191,15 +191,35 @@ impl Agent {
         self.cache.adopt_pending();
         let idle_s = self.cfg.idle_return.as_secs() as u32;
         let refresh_after = self.cfg.lease_ttl / 3;
+        // Visit the slots used or flagged since the last cut, plus leases due for a refresh
+        // (or to be handed back when idle); at shutdown, every slot.
+        let mut visit: Vec<Arc<str>> = if closing {
+            let mut all = Vec::new();
+            self.cache.map.for_each(|k, _| all.push(k.clone()));
+            all
+        } else {
+            std::mem::take(&mut *self.cache.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+        };
+        if !closing {
+            for (account, k) in &self.known {
+                let due = k.last_settled.is_none_or(|t| t.elapsed() > refresh_after);
+                if k.lease > 0 && due {
+                    visit.push(Arc::from(&**account));
+                }
+            }
+        }
+        visit.sort_unstable();
+        visit.dedup();
         let mut entries = Vec::new();
-        {
-            self.cache.map.for_each(|account, slot| {
+        for account in visit {
+            let entry = self.cache.map.with(&account, |account, slot| {
+                // Off the visit list first: a spend after this line puts it back on.
+                let state = slot.state.fetch_and(!(REFILL | DIRTY), Ordering::AcqRel);
                 let usage = Usage {
                     requests: slot.requests.swap(0, Ordering::AcqRel),
                     cpu_us: slot.cpu_us.swap(0, Ordering::AcqRel),
                     deploys: 0,
                 };
-                let state = slot.state.fetch_and(!REFILL, Ordering::AcqRel);
                 let k = self.known.get(&**account);
                 let lease = k.map_or(0, |k| k.lease);
                 let idle = now_s.saturating_sub(slot.last_used_s.load(Ordering::Relaxed)) > idle_s;
@@ -208,7 +228,7 @@ impl Agent {
                     .is_none_or(|t| t.elapsed() > refresh_after);
                 let wants_refill = state & REFILL != 0;
                 if usage.is_zero() && !wants_refill && !closing && !(lease > 0 && (stale || idle)) {
-                    return;
+                    return None;
                 }
                 let cost = i64::try_from(self.cache.prices.cost(&usage))
                     .unwrap_or(i64::MAX)
@@ -229,14 +249,17 @@ impl Agent {
                 } else {
                     0
                 };
-                entries.push(SettleEntry {
+                Some(SettleEntry {
                     account: account.to_string(),
                     usage,
                     cost,
                     give_back,
                     ask,
-                });
+                })
             });
+            if let Some(Some(e)) = entry {
+                entries.push(e);
+            }
         }
         for chunk in entries.chunks(self.cfg.max_batch.max(1)) {
             let batch = SettleBatch {
@@ -315,7 +338,7 @@ impl Agent {
                 g.status
             };
             // Slots are never removed, so the one the batch was cut from is still there.
-            self.cache.map.with(&e.account, |slot| {
+            self.cache.map.with(&e.account, |_, slot| {
                 slot.remaining.fetch_add(delta, Ordering::AcqRel);
                 slot.refill_below.store(refill_below, Ordering::Relaxed);
                 apply_status(slot, g.version, status, Source::Reply);
@@ -376,16 +399,16 @@ enum Source {
 fn apply_status(slot: &Slot, version: u64, status: Status, source: Source) -> bool {
     let mut cur = slot.state.load(Ordering::Acquire);
     loop {
-        if cur >> 2 >= version {
+        if cur >> SHIFT >= version {
             return false;
         }
-        let flags = cur & REFILL;
+        let flags = cur & (REFILL | DIRTY);
         let susp = match (status, source) {
             (Status::Active, _) => 0,
             (Status::Suspended, Source::Reply) => SUSPENDED,
             (Status::Suspended, Source::Feed) => cur & SUSPENDED,
         };
-        let next = version << 2 | flags | susp;
+        let next = version << SHIFT | flags | susp;
         match slot
             .state
             .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire)
@@ -411,13 +434,12 @@ async fn follow_feed(
         };
         match ev {
             Ok(FeedEvent::Change(c)) => {
-                let changed = cache.map.with(&c.account, |slot| {
+                let changed = cache.map.with(&c.account, |key, slot| {
                     let was = slot.is_suspended();
                     let applied = apply_status(slot, c.version, c.status, Source::Feed);
                     if applied && was && c.status == Status::Active {
                         // Resumed: get a lease now rather than at the next request.
-                        slot.state.fetch_or(REFILL, Ordering::AcqRel);
-                        cache.wake.notify_one();
+                        cache.mark(key, slot, REFILL);
                     }
                     applied
                 });
@@ -431,7 +453,7 @@ async fn follow_feed(
                     match store.accounts(chunk).await {
                         Ok(states) => {
                             for st in states.into_iter().flatten() {
-                                cache.map.with(&st.account, |slot| {
+                                cache.map.with(&st.account, |_, slot| {
                                     apply_status(slot, st.version, st.status, Source::Feed)
                                 });
                             }

@@ -22,7 +22,7 @@ pub struct Slot {
     /// Usage not yet cut into a settle batch.
     pub(crate) requests: AtomicU64,
     pub(crate) cpu_us: AtomicU64,
-    /// `version << 2 | REFILL << 1 | SUSPENDED`.
+    /// `version << SHIFT | DIRTY | REFILL | SUSPENDED`.
     pub(crate) state: AtomicU64,
     /// Coarse seconds since the cache started, of the last spend (idle leases are returned).
     pub(crate) last_used_s: AtomicU32,
@@ -30,6 +30,9 @@ pub struct Slot {
 
 pub(crate) const SUSPENDED: u64 = 1;
 pub(crate) const REFILL: u64 = 2;
+/// On the agent's list of slots to visit at the next cut.
+pub(crate) const DIRTY: u64 = 4;
+pub(crate) const SHIFT: u32 = 3;
 
 impl Slot {
     pub(crate) fn new() -> Slot {
@@ -45,11 +48,6 @@ impl Slot {
 
     pub(crate) fn is_suspended(&self) -> bool {
         self.state.load(Ordering::Acquire) & SUSPENDED != 0
-    }
-
-    /// Flags a refill; true when this call set it (so the caller wakes the agent once).
-    fn flag_refill(&self) -> bool {
-        self.state.fetch_or(REFILL, Ordering::AcqRel) & REFILL == 0
     }
 }
 
@@ -69,6 +67,9 @@ pub enum Spend {
 
 pub struct BalanceCache {
     pub(crate) map: SlotMap,
+    /// Slots used or flagged since the last cut: the agent visits only these (and the leases it
+    /// must refresh), not every cached account.
+    pub(crate) dirty: Mutex<Vec<Arc<str>>>,
     /// Accounts first seen on the request path, for the agent to add (cold path).
     pub(crate) pending: Mutex<HashMap<String, u64>>,
     pub(crate) prices: Prices,
@@ -90,6 +91,7 @@ impl BalanceCache {
     pub fn new(prices: Prices) -> Arc<BalanceCache> {
         Arc::new(BalanceCache {
             map: SlotMap::new(),
+            dirty: Mutex::new(Vec::new()),
             pending: Mutex::new(HashMap::new()),
             prices,
             wake: Notify::new(),
@@ -126,10 +128,9 @@ impl BalanceCache {
     /// Charges `amount` p$ of request-like usage (the hot-path primitive).
     #[inline]
     pub fn try_spend(&self, account: &str, amount: i64, count_request: bool) -> Spend {
-        match self
-            .map
-            .with(account, |slot| self.spend_slot(slot, amount, count_request))
-        {
+        match self.map.with(account, |key, slot| {
+            self.spend_slot(key, slot, amount, count_request)
+        }) {
             Some(s) => s,
             None => {
                 self.register(account, 0);
@@ -138,8 +139,23 @@ impl BalanceCache {
         }
     }
 
+    /// Puts the slot on the agent's visit list (once per cut) and sets `bits`; wakes the agent
+    /// when this sets `REFILL`.
+    pub(crate) fn mark(&self, key: &Arc<str>, slot: &Slot, bits: u64) {
+        let prev = slot.state.fetch_or(bits | DIRTY, Ordering::AcqRel);
+        if prev & DIRTY == 0 {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(key.clone());
+        }
+        if bits & REFILL != 0 && prev & REFILL == 0 {
+            self.wake.notify_one();
+        }
+    }
+
     #[inline]
-    fn spend_slot(&self, slot: &Slot, amount: i64, count_request: bool) -> Spend {
+    fn spend_slot(&self, key: &Arc<str>, slot: &Slot, amount: i64, count_request: bool) -> Spend {
         if !self.leases_valid.load(Ordering::Relaxed) {
             return Spend::Unavailable;
         }
@@ -152,8 +168,10 @@ impl BalanceCache {
             if count_request {
                 slot.requests.fetch_add(1, Ordering::Relaxed);
             }
-            if left < slot.refill_below.load(Ordering::Relaxed) && slot.flag_refill() {
-                self.wake.notify_one();
+            if left < slot.refill_below.load(Ordering::Relaxed) {
+                self.mark(key, slot, REFILL);
+            } else if slot.state.load(Ordering::Relaxed) & DIRTY == 0 {
+                self.mark(key, slot, 0);
             }
             return Spend::Ok;
         }
@@ -164,9 +182,7 @@ impl BalanceCache {
         if self.store_down.load(Ordering::Relaxed) {
             return Spend::Unavailable;
         }
-        if slot.flag_refill() {
-            self.wake.notify_one();
-        }
+        self.mark(key, slot, REFILL);
         Spend::Pending
     }
 
@@ -174,14 +190,17 @@ impl BalanceCache {
     /// settled as debt, and a refill is asked for. CPU of an account not cached yet is kept
     /// until its slot exists, so none is dropped.
     pub fn charge_cpu(&self, account: &str, cpu_us: u64) {
-        let charged = self.map.with(account, |slot| {
+        let charged = self.map.with(account, |key, slot| {
             let cost = i64::try_from(i128::from(cpu_us) * i128::from(self.prices.per_cpu_us))
                 .unwrap_or(i64::MAX / 4);
             slot.cpu_us.fetch_add(cpu_us, Ordering::Relaxed);
             let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
-            if left < slot.refill_below.load(Ordering::Relaxed) && slot.flag_refill() {
-                self.wake.notify_one();
-            }
+            let bits = if left < slot.refill_below.load(Ordering::Relaxed) {
+                REFILL
+            } else {
+                0
+            };
+            self.mark(key, slot, bits);
         });
         if charged.is_none() {
             self.register(account, cpu_us);
@@ -205,7 +224,9 @@ impl BalanceCache {
             return;
         }
         let cpu: Vec<(String, u64)> = pending.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        self.map.insert_many(pending.into_keys(), Slot::new);
+        for (key, slot) in self.map.insert_many(pending.into_keys(), Slot::new) {
+            self.mark(&key, &slot, REFILL);
+        }
         for (account, cpu_us) in cpu {
             if cpu_us > 0 {
                 self.charge_cpu(&account, cpu_us);
@@ -231,12 +252,12 @@ impl BalanceCache {
     /// What this node may still spend for `account` (p$), for tests and debugging.
     pub fn remaining(&self, account: &str) -> Option<i64> {
         self.map
-            .with(account, |s| s.remaining.load(Ordering::Acquire))
+            .with(account, |_, s| s.remaining.load(Ordering::Acquire))
     }
 
     /// Whether the node currently believes `account` is suspended.
     pub fn is_suspended(&self, account: &str) -> Option<bool> {
-        self.map.with(account, Slot::is_suspended)
+        self.map.with(account, |_, s| s.is_suspended())
     }
 
     /// Benchmarks only: a slot holding `lease` p$ that no store granted. Never use it where

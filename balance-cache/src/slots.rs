@@ -35,16 +35,20 @@ impl SlotMap {
         }
     }
 
-    /// Runs `f` on the account's slot, if the account is known here.
+    /// Runs `f` on the account's key and slot, if the account is known here.
     #[inline]
-    pub(crate) fn with<R>(&self, account: &str, f: impl FnOnce(&Slot) -> R) -> Option<R> {
+    pub(crate) fn with<R>(
+        &self,
+        account: &str,
+        f: impl FnOnce(&Arc<str>, &Slot) -> R,
+    ) -> Option<R> {
         let snap = self.current.load();
         if !snap.overlay.is_empty()
-            && let Some(s) = snap.overlay.get(account)
+            && let Some((k, s)) = snap.overlay.get_key_value(account)
         {
-            return Some(f(s));
+            return Some(f(k, s));
         }
-        snap.base.get(account).map(|s| f(s))
+        snap.base.get_key_value(account).map(|(k, s)| f(k, s))
     }
 
     /// Adds accounts that are not there yet; returns the new slots.

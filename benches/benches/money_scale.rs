@@ -142,6 +142,15 @@ async fn run() -> Res<()> {
         (batches * 500) as f64 / total.as_secs_f64()
     );
 
+    // Where the settle time goes: Redis' own accounting of the script.
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha")) {
+        println!("settle: redis {line}");
+    }
+
     // 4. Change feed: a change made through node A's handle, seen by node B's subscriber.
     let b_store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10)).await?;
     let mut feed = b_store.subscribe();
