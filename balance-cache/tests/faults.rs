@@ -3,40 +3,18 @@
 //! feed's subscriber killed while a credit is published.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics, Spend};
-use tollgate_metering::{Prices, RedisStore, Store};
+use common::{PRICE, node};
+use tollgate_balance_cache::Spend;
+use tollgate_metering::{RedisStore, Store};
 use tollgate_testkit::RedisServer;
 
-const PRICE: i64 = 500_000;
 const USD: i64 = 1_000_000_000_000;
-
-struct Node {
-    cache: Arc<BalanceCache>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn node(url: &str, name: &str, dir: &tempfile::TempDir) -> Node {
-    let store: Arc<dyn Store> = Arc::new(
-        RedisStore::connect(url, "tollgate", Duration::from_secs(10))
-            .await
-            .unwrap(),
-    );
-    let cache = BalanceCache::new(Prices::default());
-    let cfg = AgentConfig::new(name, dir.path().join(format!("{name}.journal")));
-    let metrics = CacheMetrics::new(&prometheus::Registry::new()).unwrap();
-    let agent = Agent::start(cache.clone(), store, cfg, metrics)
-        .await
-        .unwrap();
-    let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(agent.run(rx));
-    Node { cache, stop, task }
-}
 
 /// Reads an account, retrying while the admin connection reconnects after a Redis restart.
 async fn read(store: &RedisStore, account: &str) -> tollgate_metering::AccountState {
@@ -57,27 +35,6 @@ async fn read_ledger(store: &RedisStore) -> Vec<tollgate_metering::LedgerEntry> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("cannot read the ledger");
-}
-
-impl Node {
-    async fn shutdown(self) {
-        self.stop.send(true).unwrap();
-        self.task.await.unwrap();
-    }
-
-    /// Spends one request, waiting out `Pending`.
-    async fn spend(&self, account: &str) -> Spend {
-        let t = Instant::now();
-        loop {
-            match self.cache.try_spend_request(account) {
-                Spend::Pending if t.elapsed() < Duration::from_secs(5) => {
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(20), self.cache.changed()).await;
-                }
-                other => return other,
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

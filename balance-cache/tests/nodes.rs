@@ -3,47 +3,18 @@
 //! nothing twice.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics, Spend};
-use tollgate_metering::{Prices, RedisStore, Status, Store};
+use common::{PRICE, node};
+use tollgate_balance_cache::{BalanceCache, Spend};
+use tollgate_metering::{RedisStore, Status, Store};
 use tollgate_testkit::RedisServer;
 
-const PRICE: i64 = 500_000; // one request at the default price
 const CENT: i64 = 10_000_000_000;
-
-struct Node {
-    cache: Arc<BalanceCache>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn node(redis: &RedisServer, name: &str, dir: &tempfile::TempDir) -> Node {
-    let store: Arc<dyn Store> = Arc::new(
-        RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-            .await
-            .unwrap(),
-    );
-    let cache = BalanceCache::new(Prices::default());
-    let cfg = AgentConfig::new(name, dir.path().join(format!("{name}.journal")));
-    let metrics = CacheMetrics::new(&prometheus::Registry::new()).unwrap();
-    let agent = Agent::start(cache.clone(), store, cfg, metrics)
-        .await
-        .unwrap();
-    let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(agent.run(rx));
-    Node { cache, stop, task }
-}
-
-impl Node {
-    async fn shutdown(self) {
-        self.stop.send(true).unwrap();
-        self.task.await.unwrap();
-    }
-}
 
 /// Spends until the account stays suspended; returns how many requests were paid. Like a
 /// client that retries a 402 once a little later: near the end of a balance, a node can be out
@@ -83,9 +54,9 @@ async fn three_nodes_never_spend_more_than_the_balance() {
         .unwrap();
     admin.credit("tiny", "voucher:1", 2 * CENT).await.unwrap(); // 40,000 requests
     let nodes = [
-        node(&redis, "n1", &dir).await,
-        node(&redis, "n2", &dir).await,
-        node(&redis, "n3", &dir).await,
+        node(&redis.url(), "n1", &dir).await,
+        node(&redis.url(), "n2", &dir).await,
+        node(&redis.url(), "n3", &dir).await,
     ];
     let mut tasks = Vec::new();
     for n in &nodes {
@@ -130,8 +101,8 @@ async fn suspension_reaches_other_nodes_and_a_credit_resumes_them() {
         .await
         .unwrap();
     admin.credit("acct", "v1", 1_000 * PRICE).await.unwrap();
-    let a = node(&redis, "a", &dir).await;
-    let b = node(&redis, "b", &dir).await;
+    let a = node(&redis.url(), "a", &dir).await;
+    let b = node(&redis.url(), "b", &dir).await;
     // B knows the account and holds a lease, then A drains everything it can get.
     assert!(matches!(b.cache.try_spend_request("acct"), Spend::Pending));
     let _ = hammer(a.cache.clone(), "acct").await;
@@ -219,7 +190,7 @@ async fn kill_9_between_journal_and_send_loses_nothing_and_counts_nothing_twice(
 
     // Restart with the same journal: replay, release the dead incarnation, start anew.
     for round in 0..2 {
-        let n = node(&redis, "crashy", &dir).await;
+        let n = node(&redis.url(), "crashy", &dir).await;
         // `node()` uses <name>.journal in the same dir as the child did.
         n.shutdown().await;
         let st = admin.account("crash").await.unwrap().unwrap();

@@ -429,15 +429,6 @@ impl Store for EmbeddedStore {
         }
     }
 
-    async fn account(&self, account: &str) -> Result<Option<AccountState>, StoreError> {
-        Ok(self
-            .accounts(&[account.to_owned()])
-            .await?
-            .into_iter()
-            .next()
-            .flatten())
-    }
-
     async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<AccountState>>, StoreError> {
         let ids = ids.to_vec();
         self.read(move |rtx| {

@@ -453,15 +453,6 @@ impl Store for RedisStore {
         Ok(CreditOutcome { applied, state })
     }
 
-    async fn account(&self, account: &str) -> Result<Option<AccountState>, StoreError> {
-        Ok(self
-            .accounts(&[account.to_owned()])
-            .await?
-            .into_iter()
-            .next()
-            .flatten())
-    }
-
     async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<AccountState>>, StoreError> {
         let mut pipe = redis::pipe();
         for id in ids {

@@ -62,7 +62,14 @@ pub trait Store: Send + Sync + 'static {
         amount: i64,
     ) -> Result<CreditOutcome, CreditError>;
 
-    async fn account(&self, account: &str) -> Result<Option<AccountState>, StoreError>;
+    async fn account(&self, account: &str) -> Result<Option<AccountState>, StoreError> {
+        Ok(self
+            .accounts(&[account.to_owned()])
+            .await?
+            .into_iter()
+            .next()
+            .flatten())
+    }
 
     async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<AccountState>>, StoreError>;
 

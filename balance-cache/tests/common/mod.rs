@@ -1,0 +1,57 @@
+//! Harness: a metering node (cache + agent) against a real Redis.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics, Spend};
+use tollgate_metering::{Prices, RedisStore, Store};
+
+pub const PRICE: i64 = 500_000; // one request at the default price
+
+pub struct Node {
+    pub cache: Arc<BalanceCache>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A node named `name`, journaling to `<dir>/<name>.journal`.
+pub async fn node(url: &str, name: &str, dir: &tempfile::TempDir) -> Node {
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(url, "tollgate", Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    let cache = BalanceCache::new(Prices::default());
+    let cfg = AgentConfig::new(name, dir.path().join(format!("{name}.journal")));
+    let metrics = CacheMetrics::new(&prometheus::Registry::new()).unwrap();
+    let agent = Agent::start(cache.clone(), store, cfg, metrics)
+        .await
+        .unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(agent.run(rx));
+    Node { cache, stop, task }
+}
+
+impl Node {
+    /// Final settle, leases returned, incarnation released.
+    pub async fn shutdown(self) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap();
+    }
+
+    /// Spends one request, waiting out `Pending`.
+    pub async fn spend(&self, account: &str) -> Spend {
+        let t = Instant::now();
+        loop {
+            match self.cache.try_spend_request(account) {
+                Spend::Pending if t.elapsed() < Duration::from_secs(5) => {
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(20), self.cache.changed()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
