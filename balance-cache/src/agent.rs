@@ -62,8 +62,41 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Refuses settings that cannot work (they would panic or never refresh a lease in time).
+    pub fn validate(&self) -> Result<(), AgentError> {
+        let bad = |m: &str| Err(AgentError::Config(m.to_owned()));
+        if self.min_lease < 1 || self.min_lease > self.max_lease {
+            return bad("min_lease must be at least 1 p$ and at most max_lease");
+        }
+        if self.max_lease > tollgate_metering::MAX_OP_AMOUNT {
+            return bad("max_lease is above the largest single store operation");
+        }
+        if self.lease_margin.is_zero() || self.lease_margin >= self.lease_ttl {
+            return bad("lease_margin must be above 0 and below lease_ttl");
+        }
+        if self.settle_interval.is_zero() || self.settle_interval >= self.lease_margin / 2 {
+            return bad("settle_interval must be above 0 and below half of lease_margin");
+        }
+        if self.max_batch == 0 || self.max_batch > tollgate_metering::MAX_BATCH_ENTRIES {
+            return bad("max_batch must be 1..=1000");
+        }
+        Ok(())
+    }
+
+    /// A lease is refreshed when its last settle is older than this, so that even after one
+    /// more settle interval it is younger than `lease_ttl − lease_margin`.
+    fn refresh_after(&self) -> Duration {
+        self.lease_margin / 2
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+    #[error("stopped while the store was unreachable; the journal keeps the batch")]
+    Interrupted,
     #[error("{0}")]
     Journal(#[from] tollgate_metering::JournalError),
     #[error("{0}")]
@@ -79,6 +112,8 @@ struct Known {
     lease: i64,
     /// Cost settled per interval, smoothed (p$), to size the next lease.
     rate: i64,
+    /// When the batch that last refreshed this lease was *first sent*: the store's expiry is
+    /// counted from no earlier than that.
     last_settled: Option<Instant>,
 }
 
@@ -90,8 +125,8 @@ pub struct Agent {
     journal: Journal,
     next_seq: u64,
     known: HashMap<Box<str>, Known>,
-    last_ok: Instant,
     metrics: CacheMetrics,
+    shutdown: Option<watch::Receiver<bool>>,
 }
 
 impl Agent {
@@ -103,17 +138,36 @@ impl Agent {
         cfg: AgentConfig,
         metrics: CacheMetrics,
     ) -> Result<Agent, AgentError> {
+        cfg.validate()?;
         let mut journal = Journal::open(&cfg.journal_path)?;
         let pending: Vec<SettleBatch> = journal.pending().to_vec();
         if !pending.is_empty() {
             tracing::info!(batches = pending.len(), "replaying the settle journal");
         }
         for b in pending {
-            match send(&*store, &b, &metrics).await {
-                Ok(_) => {}
-                Err(e) => tracing::error!(seq = b.seq, error = %e, "journaled batch refused"),
+            let mut wait = Duration::from_millis(100);
+            loop {
+                match send(&*store, &b, &metrics).await {
+                    // Applied now or before: done.
+                    Ok(_) | Err(SettleError::Stale { .. }) => {
+                        journal.ack(&b)?;
+                        break;
+                    }
+                    // The store cannot take it yet: never drop usage, wait for it.
+                    Err(SettleError::Unavailable(e)) => {
+                        tracing::warn!(error = %e, seq = b.seq, "store unreachable during replay");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                    // The store lost earlier writes of that incarnation (data loss) or holds
+                    // other content: an operator must look. Keep it journaled, go on.
+                    Err(e) => {
+                        metrics.settle_failures_total.inc();
+                        tracing::error!(seq = b.seq, error = %e, "journaled batch refused; kept in the journal");
+                        break;
+                    }
+                }
             }
-            journal.ack(&b)?;
         }
         if let Some(old) = journal.incarnation().cloned()
             && old.node_id == cfg.node_id
@@ -136,8 +190,8 @@ impl Agent {
             journal,
             next_seq: 1,
             known: HashMap::new(),
-            last_ok: Instant::now(),
             metrics,
+            shutdown: None,
         })
     }
 
@@ -155,6 +209,7 @@ impl Agent {
     /// Runs until `shutdown`; then settles what is left, returns every lease and releases the
     /// incarnation.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        self.shutdown = Some(shutdown.clone());
         let feed = tokio::spawn(follow_feed(
             self.cache.clone(),
             self.store.clone(),
@@ -191,7 +246,7 @@ impl Agent {
         let now_s = self.cache.tick_clock();
         self.cache.adopt_pending();
         let idle_s = self.cfg.idle_return.as_secs() as u32;
-        let refresh_after = self.cfg.lease_ttl / 3;
+        let refresh_after = self.cfg.refresh_after();
         // Visit the slots used or flagged since the last cut, plus leases due for a refresh
         // (or to be handed back when idle); at shutdown, every slot.
         let mut visit: Vec<Arc<str>> = if closing {
@@ -262,15 +317,27 @@ impl Agent {
                 entries.push(e);
             }
         }
-        for chunk in entries.chunks(self.cfg.max_batch.max(1)) {
+        let chunks: Vec<Vec<SettleEntry>> = entries
+            .chunks(self.cfg.max_batch.max(1))
+            .map(<[SettleEntry]>::to_vec)
+            .collect();
+        let mut chunks = chunks.into_iter();
+        while let Some(chunk) = chunks.next() {
             let batch = SettleBatch {
                 node_id: self.inc.node_id.clone(),
                 epoch: self.inc.epoch,
                 seq: self.next_seq,
-                entries: chunk.to_vec(),
+                entries: chunk,
             };
+            if let Err(e) = self.journal.append(&batch) {
+                // Not journaled, so not sent: the usage goes back to the slots, untouched.
+                self.restore(&batch.entries);
+                for rest in chunks.by_ref() {
+                    self.restore(&rest);
+                }
+                return Err(e.into());
+            }
             self.next_seq += 1;
-            self.journal.append(&batch)?;
             self.metrics
                 .journal_depth
                 .set(self.journal.pending().len() as i64);
@@ -278,41 +345,125 @@ impl Agent {
                 println!("JOURNALED {} {}", batch.epoch, batch.seq);
                 std::future::pending::<()>().await;
             }
-            let grants = loop {
+            // The store counts a lease's expiry from no earlier than the first send.
+            let sent_at = Instant::now();
+            let mut tries = 0u32;
+            let outcome = loop {
                 match send(&*self.store, &batch, &self.metrics).await {
-                    Ok(g) => break g,
+                    Ok(g) => break Ok(g),
                     Err(SettleError::Unavailable(e)) => {
                         self.cache.store_down.store(true, Ordering::Release);
                         self.check_lease_validity();
+                        tries += 1;
+                        let stopping = self.shutdown.as_ref().is_some_and(|s| *s.borrow());
+                        if (stopping && !closing) || (closing && tries >= 10) {
+                            // The journal keeps the batch; the next start replays it.
+                            for rest in chunks.by_ref() {
+                                self.restore(&rest);
+                            }
+                            return Err(AgentError::Interrupted);
+                        }
                         tracing::warn!(error = %e, seq = batch.seq, "store unreachable; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => break Err(e),
                 }
             };
-            self.apply(&batch, &grants);
-            self.journal.ack(&batch)?;
-            self.metrics
-                .journal_depth
-                .set(self.journal.pending().len() as i64);
-            self.last_ok = Instant::now();
-            self.cache.store_down.store(false, Ordering::Release);
-            self.cache.leases_valid.store(true, Ordering::Release);
+            match outcome {
+                Ok(grants) => {
+                    self.apply(&batch, &grants, sent_at);
+                    self.cache.store_down.store(false, Ordering::Release);
+                    self.check_lease_validity();
+                    if let Err(e) = self.journal.ack(&batch) {
+                        // Applied; a replay of it would be answered as a duplicate.
+                        tracing::error!(error = %e, seq = batch.seq, "journal ack failed");
+                    }
+                    self.metrics
+                        .journal_depth
+                        .set(self.journal.pending().len() as i64);
+                }
+                Err(e) => {
+                    // Gap, stale or mismatch: this incarnation's sequence is broken (the store
+                    // lost writes, or a bug). Start a new one; nothing cut is lost.
+                    tracing::error!(error = %e, seq = batch.seq, "settle refused; starting a new incarnation");
+                    let mut unsent = vec![batch];
+                    unsent.extend(chunks.by_ref().map(|entries| SettleBatch {
+                        node_id: self.inc.node_id.clone(),
+                        epoch: self.inc.epoch,
+                        seq: 0,
+                        entries,
+                    }));
+                    self.reincarnate(unsent).await?;
+                    return Err(e.into());
+                }
+            }
         }
         self.cache.changed.notify_waiters();
         Ok(())
     }
 
+    /// Puts the usage and the hand-back of entries that were never applied back into their
+    /// slots, so the next cut carries them.
+    fn restore(&self, entries: &[SettleEntry]) {
+        for e in entries {
+            self.cache.map.with(&e.account, |_, slot| {
+                slot.requests.fetch_add(e.usage.requests, Ordering::AcqRel);
+                slot.cpu_us.fetch_add(e.usage.cpu_us, Ordering::AcqRel);
+                slot.remaining.fetch_add(e.give_back, Ordering::AcqRel);
+                slot.state.fetch_or(DIRTY, Ordering::AcqRel);
+            });
+            self.cache
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Arc::from(e.account.as_str()));
+        }
+    }
+
+    /// Abandons the current incarnation after the store refused its sequence: the unapplied
+    /// batches' usage goes back to the slots (and their journal lines are acked, so a replay
+    /// cannot count them too), every lease of the old incarnation returns to its account, and
+    /// each slot's `remaining` drops by the lease it no longer has.
+    async fn reincarnate(&mut self, unsent: Vec<SettleBatch>) -> Result<(), AgentError> {
+        for b in &unsent {
+            self.restore(&b.entries);
+            if b.seq != 0 {
+                self.journal.ack(b)?;
+            }
+        }
+        self.store.release(&self.inc).await?;
+        for (account, k) in self.known.drain() {
+            self.cache.map.with(&account, |_, slot| {
+                slot.remaining.fetch_sub(k.lease, Ordering::AcqRel);
+            });
+        }
+        self.inc = self.store.begin(&self.cfg.node_id).await?;
+        self.journal.set_incarnation(&self.inc)?;
+        self.next_seq = 1;
+        tracing::warn!(epoch = self.inc.epoch, "new incarnation");
+        Ok(())
+    }
+
+    /// Spending stops when the oldest lease this node holds was last refreshed longer ago than
+    /// the store keeps it, minus the safety margin (the reaper may give it away after that).
     fn check_lease_validity(&self) {
         let limit = self.cfg.lease_ttl.saturating_sub(self.cfg.lease_margin);
-        if self.last_ok.elapsed() > limit && self.cache.leases_valid.swap(false, Ordering::AcqRel) {
+        let oldest = self
+            .known
+            .values()
+            .filter(|k| k.lease > 0)
+            .filter_map(|k| k.last_settled)
+            .min();
+        let valid = oldest.is_none_or(|t| t.elapsed() <= limit);
+        let was = self.cache.leases_valid.swap(valid, Ordering::AcqRel);
+        if was && !valid {
             tracing::warn!(
-                "no settle for longer than leases live: spending stops until the store answers"
+                "a lease was not refreshed in time: spending stops until the store answers"
             );
         }
     }
 
-    fn apply(&mut self, batch: &SettleBatch, grants: &[LeaseGrant]) {
+    fn apply(&mut self, batch: &SettleBatch, grants: &[LeaseGrant], sent_at: Instant) {
         for (e, g) in batch.entries.iter().zip(grants) {
             let k = self.known.entry(e.account.as_str().into()).or_default();
             if g.prev != k.lease {
@@ -328,7 +479,7 @@ impl Agent {
             }
             k.lease = g.lease;
             k.rate = (k.rate * 3 + e.cost) / 4;
-            k.last_settled = Some(Instant::now());
+            k.last_settled = Some(sent_at);
             let refill_below = (g.lease / 2).max(self.cache.prices.per_request);
             // Suspended for this node only when the store had nothing left to give it: a
             // reply that granted a lease may say `suspended` (it took the last of `available`),
@@ -451,15 +602,25 @@ async fn follow_feed(
             Ok(FeedEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 let ids: Vec<String> = cache.map.keys();
                 for chunk in ids.chunks(1000) {
-                    match store.accounts(chunk).await {
-                        Ok(states) => {
-                            for st in states.into_iter().flatten() {
-                                cache.map.with(&st.account, |_, slot| {
-                                    apply_status(slot, st.version, st.status, Source::Feed)
-                                });
+                    // A missed resumption would keep a paid account at 402: retry until read.
+                    let mut wait = Duration::from_millis(50);
+                    let states = loop {
+                        match store.accounts(chunk).await {
+                            Ok(states) => break states,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "resync read failed; retrying");
+                                tokio::select! {
+                                    _ = tokio::time::sleep(wait) => {}
+                                    _ = shutdown.changed() => return,
+                                }
+                                wait = (wait * 2).min(Duration::from_secs(2));
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "resync read failed"),
+                    };
+                    for st in states.into_iter().flatten() {
+                        cache.map.with(&st.account, |_, slot| {
+                            apply_status(slot, st.version, st.status, Source::Feed)
+                        });
                     }
                 }
                 cache.changed.notify_waiters();

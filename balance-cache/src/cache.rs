@@ -125,9 +125,9 @@ impl BalanceCache {
         self.try_spend(account, self.prices.per_request, true)
     }
 
-    /// Charges `amount` p$ of request-like usage (the hot-path primitive).
+    /// Charges `amount` p$ of usage that is counted in `requests` (so it is settled).
     #[inline]
-    pub fn try_spend(&self, account: &str, amount: i64, count_request: bool) -> Spend {
+    fn try_spend(&self, account: &str, amount: i64, count_request: bool) -> Spend {
         match self.map.with(account, |key, slot| {
             self.spend_slot(key, slot, amount, count_request)
         }) {
@@ -194,6 +194,11 @@ impl BalanceCache {
             let cost = i64::try_from(i128::from(cpu_us) * i128::from(self.prices.per_cpu_us))
                 .unwrap_or(i64::MAX / 4);
             slot.cpu_us.fetch_add(cpu_us, Ordering::Relaxed);
+            // CPU is use: an account busy only with CPU must not look idle.
+            let now = self.now_s();
+            if slot.last_used_s.load(Ordering::Relaxed) != now {
+                slot.last_used_s.store(now, Ordering::Relaxed);
+            }
             let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
             let bits = if left < slot.refill_below.load(Ordering::Relaxed) {
                 REFILL

@@ -187,3 +187,53 @@ async fn a_credit_published_while_the_subscriber_is_down_still_resumes_the_node(
     assert!(st.holds_invariant());
     assert_eq!(st.debited, 11 * PRICE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_redis_is_down_finishes_and_the_journal_keeps_the_usage() {
+    let mut redis = RedisServer::start_durable();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    admin.credit("down", "v1", USD).await.unwrap();
+    let n = node(&url, "d1", &dir).await;
+    let mut paid = 0i64;
+    for _ in 0..20 {
+        assert_eq!(n.spend("down").await, Spend::Ok);
+        paid += 1;
+    }
+    redis.kill();
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), n.shutdown())
+        .await
+        .expect("shutdown hung while Redis was down");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // Redis back, the node restarts: the journaled usage is settled exactly once.
+    redis.start_again();
+    let n = node(&url, "d1", &dir).await;
+    n.shutdown().await;
+    let st = read(&admin, "down").await;
+    assert!(st.holds_invariant(), "{st:?}");
+    assert_eq!(st.debited, paid * PRICE);
+    assert_eq!(st.leased, 0);
+}
+
+#[test]
+fn agent_config_is_checked() {
+    use tollgate_balance_cache::AgentConfig;
+    let ok = AgentConfig::new("n", "/tmp/j".into());
+    assert!(ok.validate().is_ok());
+    let mut c = ok.clone();
+    c.min_lease = c.max_lease + 1;
+    assert!(c.validate().is_err());
+    let mut c = ok.clone();
+    c.lease_margin = c.lease_ttl;
+    assert!(c.validate().is_err());
+    let mut c = ok.clone();
+    c.settle_interval = Duration::ZERO;
+    assert!(c.validate().is_err());
+    let mut c = ok;
+    c.max_batch = 0;
+    assert!(c.validate().is_err());
+}

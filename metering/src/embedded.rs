@@ -280,7 +280,10 @@ impl Store for EmbeddedStore {
                     };
                     let ask = if inc.released { 0 } else { e.ask };
                     let mut s = tx.get(&e.account)?;
-                    s.debited += e.cost;
+                    s.debited = s
+                        .debited
+                        .checked_add(e.cost)
+                        .ok_or_else(|| E("lifetime debits pass the 64-bit limit".into()))?;
                     s.available += e.give_back;
                     let mut o = old - e.cost - e.give_back;
                     if o < 0 {
@@ -400,7 +403,10 @@ impl Store for EmbeddedStore {
                     .as_slice(),
                 )?;
                 let mut s = tx.get(&account)?;
-                s.credited += amount;
+                s.credited = s
+                    .credited
+                    .checked_add(amount)
+                    .ok_or_else(|| E("lifetime credits pass the 64-bit limit".into()))?;
                 s.available += amount;
                 touch(&mut s, &mut tx.changes);
                 tx.put(&s)?;

@@ -60,6 +60,11 @@ local t = redis.call('TIME')
 local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
 local field = node .. ':' .. epoch
 local key = 'settle:' .. node .. ':' .. epoch .. ':' .. ARGV[4]
+-- Lifetime totals are i64: refuse the whole batch before writing anything.
+for _, e in ipairs(entries) do
+  local d = tonumber(redis.call('HGET', p .. ':acct:' .. e.account, 'debited') or '0')
+  if d + tonumber(e.cost) > 9.0e18 then return {'OVERFLOW', e.account} end
+end
 local out, changes, lines = {}, {}, {}
 for _, e in ipairs(entries) do
   local id = e.account
@@ -130,9 +135,13 @@ if prev then
   if prev ~= id .. '|' .. amount then return {'MISMATCH', prev} end
   return {'DUP'}
 end
-redis.call('HSET', p .. ':credits', ckey, id .. '|' .. amount)
+-- Lifetime totals are i64: refuse before writing anything (a script is not rolled back).
+if tonumber(redis.call('HGET', acct, 'credited') or '0') + tonumber(amount) > 9.0e18 then
+  return {'OVERFLOW'}
+end
 redis.call('HINCRBY', acct, 'credited', amount)
 redis.call('HINCRBY', acct, 'avail', amount)
+redis.call('HSET', p .. ':credits', ckey, id .. '|' .. amount)
 touch(p, id, acct)
 redis.call('XADD', p .. ':ledger', '*', 'kind', 'credit', 'key', 'credit:' .. ckey,
   'account', id, 'amount', amount, 'requests', 0, 'cpu_us', 0, 'deploys', 0)
@@ -207,7 +216,15 @@ impl RedisStore {
     /// Connects; `lease_ttl` is how long a lease lives on the store's clock without a settle.
     pub async fn connect(url: &str, prefix: &str, lease_ttl: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let conn = ConnectionManager::new(client.clone())
+        // Fail fast while Redis is away: callers (the agent) retry with their own schedule and
+        // must stay responsive (shutdown, lease validity), not wait in the client's backoff.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(unavailable)?;
         let (feed, _) = broadcast::channel(65_536);
@@ -391,6 +408,9 @@ impl Store for RedisStore {
                 seq: batch.seq,
                 hwm: body.parse().unwrap_or(0),
             }),
+            "OVERFLOW" => Err(SettleError::Invalid(format!(
+                "account {body}: lifetime debits would pass the 64-bit limit"
+            ))),
             "GAP" => Err(SettleError::Gap {
                 expected: body.parse().unwrap_or(0),
                 got: batch.seq,
@@ -432,6 +452,11 @@ impl Store for RedisStore {
         let applied = match reply.first().map(String::as_str) {
             Some("OK") => true,
             Some("DUP") => false,
+            Some("OVERFLOW") => {
+                return Err(CreditError::Invalid(
+                    "lifetime credits of this account would pass the 64-bit limit".into(),
+                ));
+            }
             Some("MISMATCH") => {
                 let stored = reply
                     .get(1)
