@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{PRICE, node};
-use tollgate_balance_cache::Spend;
-use tollgate_metering::{RedisStore, Store};
+use common::{PRICE, crash_after_journal, node};
+use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics, Spend};
+use tollgate_metering::{Prices, RedisStore, Store};
 use tollgate_testkit::RedisServer;
 
 const USD: i64 = 1_000_000_000_000;
@@ -236,4 +236,47 @@ fn agent_config_is_checked() {
     let mut c = ok;
     c.max_batch = 0;
     assert!(c.validate().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_redis_is_down_waits_to_replay_and_drops_nothing() {
+    let mut redis = RedisServer::start_durable();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    admin.credit("late", "v1", USD).await.unwrap();
+    crash_after_journal(&url, &dir, "r1", "late", 300).await;
+    // The restarting node's store handle exists; then Redis goes away.
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    redis.kill();
+    let waiting = tokio::spawn({
+        let journal = dir.path().join("r1.journal");
+        async move {
+            let cache = BalanceCache::new(Prices::default());
+            let cfg = AgentConfig::new("r1", journal);
+            let metrics = CacheMetrics::new(&prometheus::Registry::new()).unwrap();
+            Agent::start(cache, store, cfg, metrics).await.unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "started without replaying its journal"
+    );
+    redis.start_again();
+    let agent = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("never started after Redis came back")
+        .unwrap();
+    drop(agent);
+    let st = read(&admin, "late").await;
+    assert!(st.holds_invariant(), "{st:?}");
+    assert_eq!(st.debited, 300 * PRICE, "the journaled usage, exactly once");
+    assert_eq!(st.leased, 0, "the crashed incarnation's lease went back");
 }

@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{PRICE, node};
+use common::{PRICE, crash_after_journal, node};
 use tollgate_balance_cache::{BalanceCache, Spend};
 use tollgate_metering::{RedisStore, Status, Store};
 use tollgate_testkit::RedisServer;
@@ -150,36 +149,11 @@ async fn suspension_reaches_other_nodes_and_a_credit_resumes_them() {
 async fn kill_9_between_journal_and_send_loses_nothing_and_counts_nothing_twice() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let journal = dir.path().join("crashy.journal"); // what node("crashy") opens
     let admin = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
         .await
         .unwrap();
     admin.credit("crash", "v1", 10 * CENT).await.unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metering-fault-node"))
-        .args([
-            &redis.url(),
-            journal.to_str().unwrap(),
-            "crashy",
-            "crash",
-            "250",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    // Wait until the batch is journaled (the node then hangs before sending it).
-    let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut l = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut l).unwrap();
-        l
-    })
-    .await
-    .unwrap();
-    assert!(line.starts_with("JOURNALED"), "{line}");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    crash_after_journal(&redis.url(), &dir, "crashy", "crash", 250).await;
 
     let before = admin.account("crash").await.unwrap().unwrap();
     assert!(

@@ -55,3 +55,36 @@ impl Node {
         }
     }
 }
+
+/// Runs the `metering-fault-node` test tool as node `name` (journal `<dir>/<name>.journal`):
+/// it spends `spend` requests of `account`, journals the settle batch, and is `kill -9`ed
+/// right there, before sending it.
+pub async fn crash_after_journal(
+    url: &str,
+    dir: &tempfile::TempDir,
+    name: &str,
+    account: &str,
+    spend: u64,
+) {
+    use std::process::{Command, Stdio};
+    let journal = dir.path().join(format!("{name}.journal"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metering-fault-node"))
+        .args([url, journal.to_str().unwrap(), name, account])
+        .arg(spend.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut l = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut l).unwrap();
+        l
+    })
+    .await
+    .unwrap();
+    assert!(line.starts_with("JOURNALED"), "{line}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
