@@ -23,12 +23,24 @@ fn bin() -> Command {
     c
 }
 
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never listened");
-        std::thread::sleep(Duration::from_millis(20));
+/// Starts a server process whose addresses come from `make(listen)`, retrying with fresh ports
+/// when one was taken between picking and binding (the process then exits at once).
+fn start_listening(make: impl Fn(SocketAddr) -> Command) -> (Proc, SocketAddr) {
+    for _ in 0..5 {
+        let listen = free_addr();
+        let mut p = Proc(make(listen).spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if TcpStream::connect(listen).is_ok() {
+                return (p, listen);
+            }
+            if p.0.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
+    panic!("the server never listened");
 }
 
 fn get(client: &reqwest::blocking::Client, url: &str) -> (u16, String) {
@@ -48,17 +60,15 @@ fn signal(child: &Child, sig: &str) {
 #[test]
 fn proxy_fronts_an_upstream_and_exits_0_on_sigterm() {
     let up = Upstream::start("fronted");
-    let (listen, admin) = (free_addr(), free_addr());
-    let mut p = Proc(
-        bin()
-            .args(["proxy", "--listen", &listen.to_string()])
+    let admin = free_addr();
+    let (mut p, listen) = start_listening(|listen| {
+        let mut c = bin();
+        c.args(["proxy", "--listen", &listen.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .args(["--threads", "1"])
-            .args(["--route", &format!("svc.localhost={}", up.addr)])
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(listen);
+            .args(["--route", &format!("svc.localhost={}", up.addr)]);
+        c
+    });
     let c = reqwest::blocking::Client::builder()
         .resolve("svc.localhost", listen)
         .build()
@@ -93,19 +103,17 @@ fn dev_follows_routes_written_to_redis() {
     let redis = RedisServer::start();
     let up = Upstream::start("from-redis");
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, control, admin) = (free_addr(), free_addr(), free_addr());
-    let _dev = Proc(
-        bin()
-            .args(["dev", "--redis", &redis.url()])
+    let (control, admin) = (free_addr(), free_addr());
+    let (_dev, proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.args(["dev", "--redis", &redis.url()])
             .args(["--proxy-listen", &proxy.to_string()])
             .args(["--control-listen", &control.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(proxy);
+            .arg(dir.path().join("data"));
+        c
+    });
     assert!(dir.path().join("data").is_dir(), "dev creates its data dir");
     let out = bin()
         .args(["routes", "put", "--redis", &redis.url(), "--slug", "hello"])
@@ -168,17 +176,14 @@ fn dev_follows_routes_written_to_redis() {
 #[test]
 fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests() {
     let up = Upstream::start("up");
-    let listen = free_addr();
     let route = format!("u.localhost={}", up.addr);
-    let mut old = Proc(
-        bin()
-            .args(["proxy", "--listen", &listen.to_string()])
+    let (mut old, listen) = start_listening(|listen| {
+        let mut c = bin();
+        c.args(["proxy", "--listen", &listen.to_string()])
             .args(["--admin-listen", &free_addr().to_string()])
-            .args(["--route", &route])
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(listen);
+            .args(["--route", &route]);
+        c
+    });
     let c = reqwest::blocking::Client::builder()
         .resolve("u.localhost", listen)
         .build()

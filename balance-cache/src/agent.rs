@@ -605,7 +605,7 @@ async fn follow_feed(
                     // A missed resumption would keep a paid account at 402: retry until read.
                     let mut wait = Duration::from_millis(50);
                     let states = loop {
-                        match store.accounts(chunk).await {
+                        match store.account_changes(chunk).await {
                             Ok(states) => break states,
                             Err(e) => {
                                 tracing::warn!(error = %e, "resync read failed; retrying");
@@ -617,9 +617,9 @@ async fn follow_feed(
                             }
                         }
                     };
-                    for st in states.into_iter().flatten() {
-                        cache.map.with(&st.account, |_, slot| {
-                            apply_status(slot, st.version, st.status, Source::Feed)
+                    for c in states.into_iter().flatten() {
+                        cache.map.with(&c.account, |_, slot| {
+                            apply_status(slot, c.version, c.status, Source::Feed)
                         });
                     }
                 }

@@ -491,6 +491,38 @@ impl Store for RedisStore {
             .collect()
     }
 
+    async fn account_changes(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<AccountChange>>, StoreError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(self.acct_key(id))
+                .arg(&["ver", "avail", "status"]);
+        }
+        let mut c = self.conn.clone();
+        let rows: Vec<(Option<u64>, Option<i64>, Option<String>)> =
+            pipe.query_async(&mut c).await.map_err(unavailable)?;
+        Ok(ids
+            .iter()
+            .zip(rows)
+            .map(|(id, (ver, avail, status))| {
+                let ver = ver?;
+                Some(AccountChange {
+                    account: id.clone(),
+                    version: ver,
+                    available: avail.unwrap_or(0),
+                    status: if status.as_deref() == Some("active") {
+                        Status::Active
+                    } else {
+                        Status::Suspended
+                    },
+                })
+            })
+            .collect())
+    }
+
     async fn reap_expired(&self) -> Result<u64, StoreError> {
         let mut c = self.conn.clone();
         self.reap

@@ -73,6 +73,27 @@ pub trait Store: Send + Sync + 'static {
 
     async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<AccountState>>, StoreError>;
 
+    /// What a node needs to resync its cache: version, available and status per account
+    /// (cheaper than [`Store::accounts`] where the backend can read fewer fields).
+    async fn account_changes(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<AccountChange>>, StoreError> {
+        Ok(self
+            .accounts(ids)
+            .await?
+            .into_iter()
+            .map(|s| {
+                s.map(|s| AccountChange {
+                    account: s.account,
+                    version: s.version,
+                    available: s.available,
+                    status: s.status,
+                })
+            })
+            .collect())
+    }
+
     /// Voids leases whose expiry (the store's clock) has passed and returns them to their
     /// accounts. Returns how many were voided.
     async fn reap_expired(&self) -> Result<u64, StoreError>;

@@ -138,6 +138,17 @@ conformance!(credits_apply_once_per_key, TTL, |b: Backend| async move {
     let st = state(&*s, "alice").await;
     assert_eq!(st.credited, 5 * USD);
     assert!(s.account("bad id!").await.unwrap().is_none());
+    // The node-resync view agrees with the full record.
+    let view = s
+        .account_changes(&["alice".to_owned(), "nobody".to_owned()])
+        .await
+        .unwrap();
+    let a = view[0].as_ref().unwrap();
+    assert_eq!(
+        (a.version, a.available, a.status),
+        (st.version, st.available, st.status)
+    );
+    assert!(view[1].is_none());
     let credits: Vec<_> = s
         .ledger()
         .await

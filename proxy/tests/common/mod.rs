@@ -43,10 +43,23 @@ pub fn options(redis_url: Option<&str>, routes: &[(&str, SocketAddr)]) -> ProxyO
 }
 
 impl Node {
-    pub fn start(opts: ProxyOptions) -> Node {
+    pub fn start(mut opts: ProxyOptions) -> Node {
+        // A port that was free a moment ago can be taken meanwhile (outgoing connections get
+        // ephemeral ports from the same range): pick new ones and try again.
+        let mut tries = 0;
+        let proxy = loop {
+            match Proxy::prepare(opts.clone()) {
+                Ok(p) => break p,
+                Err(e) if tries < 5 && format!("{e:#}").contains("in use") => {
+                    tries += 1;
+                    opts.proxy.listen = free_addr();
+                    opts.admin.listen = free_addr();
+                }
+                Err(e) => panic!("prepare: {e:#}"),
+            }
+        };
         let addr = opts.proxy.listen;
         let admin = opts.admin.listen;
-        let proxy = Proxy::prepare(opts).expect("prepare");
         let stop = proxy.stop_handle();
         let thread = std::thread::spawn(move || proxy.run());
         let deadline = Instant::now() + Duration::from_secs(10);
