@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{PRICE, crash_after_journal, node};
+use common::{Fixture, PRICE, crash_after_journal, durable_with_credit, node};
 use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics, Spend};
 use tollgate_metering::{Prices, RedisStore, Store};
 use tollgate_testkit::RedisServer;
@@ -39,13 +39,12 @@ async fn read_ledger(store: &RedisStore) -> Vec<tollgate_metering::LedgerEntry> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_serves_leases_then_unavailable_then_recovers_with_nothing_lost() {
-    let mut redis = RedisServer::start_durable();
-    let url = redis.url();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    admin.credit("acct", "v1", USD).await.unwrap();
+    let Fixture {
+        mut redis,
+        url,
+        dir,
+        admin,
+    } = durable_with_credit("acct", USD).await;
     let n = node(&url, "n1", &dir).await;
     let mut paid = 0i64;
     for _ in 0..50 {
@@ -100,13 +99,12 @@ async fn redis_down_serves_leases_then_unavailable_then_recovers_with_nothing_lo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_under_load_loses_and_duplicates_nothing() {
-    let mut redis = RedisServer::start_durable();
-    let url = redis.url();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    admin.credit("busy", "v1", USD).await.unwrap();
+    let Fixture {
+        mut redis,
+        url,
+        dir,
+        admin,
+    } = durable_with_credit("busy", USD).await;
     let nodes = [node(&url, "a", &dir).await, node(&url, "b", &dir).await];
     let stop = Arc::new(AtomicBool::new(false));
     let paid = Arc::new(AtomicU64::new(0));
@@ -190,13 +188,12 @@ async fn a_credit_published_while_the_subscriber_is_down_still_resumes_the_node(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_while_redis_is_down_finishes_and_the_journal_keeps_the_usage() {
-    let mut redis = RedisServer::start_durable();
-    let url = redis.url();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    admin.credit("down", "v1", USD).await.unwrap();
+    let Fixture {
+        mut redis,
+        url,
+        dir,
+        admin,
+    } = durable_with_credit("down", USD).await;
     let n = node(&url, "d1", &dir).await;
     let mut paid = 0i64;
     for _ in 0..20 {
@@ -240,13 +237,12 @@ fn agent_config_is_checked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_while_redis_is_down_waits_to_replay_and_drops_nothing() {
-    let mut redis = RedisServer::start_durable();
-    let url = redis.url();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    admin.credit("late", "v1", USD).await.unwrap();
+    let Fixture {
+        mut redis,
+        url,
+        dir,
+        admin,
+    } = durable_with_credit("late", USD).await;
     crash_after_journal(&url, &dir, "r1", "late", 300).await;
     // The restarting node's store handle exists; then Redis goes away.
     let store: Arc<dyn Store> = Arc::new(

@@ -25,21 +25,7 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = rt.block_on(run()) {
-        eprintln!("money_scale failed: {e}");
-        std::process::exit(1);
-    }
+    tollgate_benches::run_probe("money_scale", run());
 }
 
 async fn run() -> Res<()> {

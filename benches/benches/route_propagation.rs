@@ -20,22 +20,7 @@ const CHANGES: u64 = 10_000;
 const KEYS: u64 = 1_000;
 
 fn main() {
-    // `cargo bench` passes `--bench`; criterion-style filters are ignored here.
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = rt.block_on(run()) {
-        eprintln!("route_propagation failed: {e}");
-        std::process::exit(1);
-    }
+    tollgate_benches::run_probe("route_propagation", run());
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {

@@ -58,12 +58,14 @@ macro_rules! conformance {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
-                let (b, _guard) = redis_backend($ttl).await;
+                let (b, guard) = redis_backend($ttl).await;
+                assert!(guard.0.is_some(), "runs against a real redis-server");
                 ($body)(b).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn embedded() {
-                let (b, _guard) = embedded_backend($ttl).await;
+                let (b, guard) = embedded_backend($ttl).await;
+                assert!(guard.1.is_some(), "runs against an embedded store file");
                 ($body)(b).await;
             }
         }

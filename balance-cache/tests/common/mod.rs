@@ -88,3 +88,27 @@ pub async fn crash_after_journal(
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 }
+
+/// A durable (AOF) Redis, a temp dir for journals, and an admin store handle with `amount` p$
+/// credited to `account`.
+pub struct Fixture {
+    pub redis: tollgate_testkit::RedisServer,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub admin: RedisStore,
+}
+
+pub async fn durable_with_credit(account: &str, amount: i64) -> Fixture {
+    let redis = tollgate_testkit::RedisServer::start_durable();
+    let url = redis.url();
+    let admin = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    admin.credit(account, "v1", amount).await.unwrap();
+    Fixture {
+        redis,
+        url,
+        dir: tempfile::tempdir().unwrap(),
+        admin,
+    }
+}
