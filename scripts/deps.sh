@@ -12,3 +12,10 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "tollgate: needs Rust (cargo); see rust-toolchain.toml" >&2; exit 1; }
+# workerd, esbuild and the curated tenant packages, pinned by runtime/npm/package-lock.json.
+# (The code installs them itself when missing; doing it here keeps the test log readable.)
+command -v npm >/dev/null 2>&1 || { echo "tollgate: needs Node.js and npm (for workerd and esbuild)" >&2; exit 1; }
+if [[ ! -x runtime/npm/node_modules/@cloudflare/workerd-linux-64/bin/workerd || ! -x runtime/npm/node_modules/@esbuild/linux-x64/bin/esbuild ]]; then
+  echo "tollgate: installing the pinned JS toolchain (npm ci --ignore-scripts in runtime/npm)" >&2
+  (cd runtime/npm && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+fi

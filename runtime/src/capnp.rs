@@ -1,0 +1,121 @@
+//! The workerd config for one deployment version, as capnp text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// What goes into one workerd process.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig<'a> {
+    /// File name of the bundle, next to the config file.
+    pub module_file: &'a str,
+    pub compatibility_date: &'a str,
+    pub compatibility_flags: &'a [String],
+    /// Env vars and secrets; become text bindings on `env`.
+    pub bindings: &'a BTreeMap<String, String>,
+}
+
+/// A binding name workerd (and JavaScript) accepts: an identifier.
+pub fn valid_binding_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 128
+}
+
+/// A `YYYY-MM-DD` date, as workerd wants for `compatibilityDate`.
+pub fn valid_compatibility_date(date: &str) -> bool {
+    let b = date.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+/// Quotes `s` as a capnp text literal.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Renders the config. Callers validate names and dates first (see [`valid_binding_name`]).
+///
+/// Outbound `fetch` goes to an explicit network service that allows only public addresses, so
+/// tenant code cannot reach loopback (Redis, the control API, other tenants' ports) or private
+/// ranges, whatever workerd's defaults become.
+pub fn render(cfg: &WorkerConfig<'_>) -> String {
+    let mut bindings = String::new();
+    for (name, value) in cfg.bindings {
+        let _ = write!(
+            bindings,
+            "(name = {}, text = {}), ",
+            quote(name),
+            quote(value)
+        );
+    }
+    let flags = cfg
+        .compatibility_flags
+        .iter()
+        .map(|f| quote(f))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"using Workerd = import "/workerd/workerd.capnp";
+const config :Workerd.Config = (
+  services = [
+    (name = "main", worker = .tenant),
+    (name = "egress", network = (allow = ["public"], deny = ["private", "local"]))
+  ],
+  sockets = [ (name = "http", address = "127.0.0.1:0", http = (), service = "main") ],
+  structuredLogging = true,
+);
+const tenant :Workerd.Worker = (
+  modules = [ (name = "worker.js", esModule = embed {module}) ],
+  compatibilityDate = {date},
+  compatibilityFlags = [{flags}],
+  bindings = [{bindings}],
+  globalOutbound = "egress",
+);
+"#,
+        module = quote(cfg.module_file),
+        date = quote(cfg.compatibility_date),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_hostile_values() {
+        assert_eq!(quote("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\x01\"");
+    }
+
+    #[test]
+    fn names_and_dates() {
+        assert!(valid_binding_name("API_KEY"));
+        assert!(valid_binding_name("_x1"));
+        assert!(!valid_binding_name("1X"));
+        assert!(!valid_binding_name("A-B"));
+        assert!(!valid_binding_name(""));
+        assert!(valid_compatibility_date("2025-01-01"));
+        assert!(!valid_compatibility_date("2025-1-01"));
+        assert!(!valid_compatibility_date("2025-01-0x"));
+    }
+}

@@ -1,0 +1,154 @@
+//! One workerd process: spawn, learn its port, wait until it answers, stop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+use crate::logs::LogBuffer;
+
+pub(crate) struct Spawned {
+    pub child: Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub started: Instant,
+}
+
+/// Starts `workerd serve <config>` with `--control-fd 1`: workerd writes its `listen` event (with
+/// the port it bound on 127.0.0.1:0) to stdout, next to the structured console lines, which go to
+/// the deployment's log buffer. No fd juggling and no port allocator.
+pub(crate) async fn spawn(
+    workerd: &Path,
+    config: &Path,
+    logs: Arc<LogBuffer>,
+    ready_timeout: Duration,
+) -> Result<Spawned, String> {
+    let started = Instant::now();
+    let mut child = Command::new(workerd)
+        .arg("serve")
+        .arg(config)
+        .args(["--control-fd", "1"])
+        .current_dir(config.parent().unwrap_or(Path::new(".")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start workerd ({}): {e}", workerd.display()))?;
+    let pid = child.id().ok_or("workerd exited at once")?;
+    let (port_tx, port_rx) = oneshot::channel::<u16>();
+    if let Some(stdout) = child.stdout.take() {
+        let logs = logs.clone();
+        tokio::spawn(async move {
+            let mut port_tx = Some(port_tx);
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with("{\"event\":") {
+                    if let Some(port) = listen_port(&line)
+                        && let Some(tx) = port_tx.take()
+                    {
+                        let _ = tx.send(port);
+                    }
+                    continue;
+                }
+                logs.push_workerd_line(&line);
+            }
+        });
+    }
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                logs.push_workerd_line(&line);
+            }
+        });
+    }
+    let ready = async {
+        let port = port_rx
+            .await
+            .map_err(|_| "workerd exited before it listened".to_owned())?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Ready = it answers HTTP (any status: the tenant's `/` may well be a 404).
+        let mut delay = Duration::from_millis(2);
+        loop {
+            match probe(addr).await {
+                Ok(()) => return Ok::<_, String>(addr),
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(50));
+                }
+            }
+        }
+    };
+    let addr = tokio::select! {
+        r = tokio::time::timeout(ready_timeout, ready) => match r {
+            Ok(r) => r?,
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(format!("workerd did not answer within {} ms", ready_timeout.as_millis()));
+            }
+        },
+        status = child.wait() => {
+            // Let the log readers catch workerd's last words.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Err(match status {
+                Ok(s) => format!("workerd exited during start ({s})"),
+                Err(e) => format!("workerd: {e}"),
+            });
+        }
+    };
+    Ok(Spawned {
+        child,
+        pid,
+        addr,
+        started,
+    })
+}
+
+fn listen_port(line: &str) -> Option<u16> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v.get("event")?.as_str()? == "listen").then_some(())?;
+    u16::try_from(v.get("port")?.as_u64()?).ok()
+}
+
+/// One HTTP/1.1 request; succeeds on any status line.
+pub(crate) async fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: tollgate-runtime-probe\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).await?;
+    if line.starts_with("HTTP/1.") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("not an HTTP answer"))
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+pub(crate) async fn stop(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+pub(crate) fn kill_now(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}

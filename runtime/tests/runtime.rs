@@ -1,0 +1,475 @@
+//! Real workerd processes from the pinned toolchain, bundled by the real esbuild.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tollgate_bundler::{Bundler, BundlerConfig, Limits};
+use tollgate_runtime::{
+    CpuDelta, CpuSink, DeploymentSpec, Phase, RuntimeConfig, RuntimeError, RuntimeEvent,
+    Supervisor, Toolchain,
+};
+
+#[derive(Default)]
+struct Meter(Mutex<HashMap<String, u64>>);
+
+impl CpuSink for Meter {
+    fn record(&self, deltas: &[CpuDelta]) {
+        let mut m = self.0.lock().unwrap();
+        for d in deltas {
+            *m.entry(d.deployment_id.to_string()).or_default() += d.cpu_us;
+        }
+    }
+}
+
+impl Meter {
+    fn total(&self, id: &str) -> u64 {
+        self.0.lock().unwrap().get(id).copied().unwrap_or(0)
+    }
+}
+
+struct Rig {
+    sup: Supervisor,
+    events: tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    meter: Arc<Meter>,
+    bundler: Bundler,
+    _dir: tempfile::TempDir,
+}
+
+fn rig_with(f: impl FnOnce(&mut RuntimeConfig)) -> Rig {
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundler = Bundler::new(BundlerConfig {
+        esbuild: t.esbuild.clone(),
+        node_modules: t.node_modules.clone(),
+        packages: t.packages.clone(),
+        work_dir: dir.path().join("builds"),
+        limits: Limits::default(),
+    })
+    .unwrap();
+    let mut cfg = RuntimeConfig {
+        data_dir: dir.path().join("runtime"),
+        sample_interval: Duration::from_millis(20),
+        min_drain: Duration::from_millis(50),
+        ..RuntimeConfig::default()
+    };
+    f(&mut cfg);
+    let meter = Arc::new(Meter::default());
+    let (sup, events) = Supervisor::new(cfg, t, meter.clone()).unwrap();
+    Rig {
+        sup,
+        events,
+        meter,
+        bundler,
+        _dir: dir,
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(|_| {})
+}
+
+const APP: &str = r#"import { Hono } from 'hono'
+import { greet } from './greet'
+import info from './info.json'
+type Env = { Bindings: { NAME: string, VERSION: string } }
+const app = new Hono<Env>()
+app.get('/', (c) => c.text(greet(c.env.NAME) + ' v' + c.env.VERSION))
+app.get('/info', (c) => c.json(info))
+app.get('/page', (c) => c.html(<h1>Hi {c.env.NAME}</h1>))
+app.get('/log', (c) => { console.log('hello from the handler', c.req.query('n')); return c.text('logged') })
+app.get('/throw', () => { throw new Error('handler exploded') })
+app.get('/burn', (c) => {
+  const ms = Number(c.req.query('ms') ?? '100'); const t = performance.now(); let x = 0
+  while (performance.now() - t < ms) { x += Math.sqrt(x + 1) }
+  return c.text('burned ' + (x > 0))
+})
+app.get('/spin', () => { let x = 0; for (;;) { x += 1 } })
+app.get('/egress', async (c) => {
+  try { const r = await fetch(c.req.query('url')!); return c.text('reached ' + r.status) }
+  catch (e) { return c.text('refused: ' + e, 502) }
+})
+export default app
+"#;
+
+async fn deploy(rig: &Rig, id: &str, version: &str) -> Result<SocketAddr, RuntimeError> {
+    let bundle = rig
+        .bundler
+        .bundle_raw([
+            ("src/index.tsx", APP),
+            (
+                "src/greet.ts",
+                "export const greet = (n: string) => `hello ${n}`",
+            ),
+            ("src/info.json", "{\"service\":\"demo\"}"),
+        ])
+        .await
+        .unwrap();
+    let started = rig.sup.start(spec(id, bundle.code, version)).await?;
+    Ok(started.addr)
+}
+
+fn spec(id: &str, code: String, version: &str) -> DeploymentSpec {
+    DeploymentSpec {
+        deployment_id: id.to_owned(),
+        project_id: "proj1".to_owned(),
+        code,
+        compatibility_date: "2025-01-01".to_owned(),
+        env: BTreeMap::from([
+            ("NAME".to_owned(), "tollgate \"quoted\"".to_owned()),
+            ("VERSION".to_owned(), version.to_owned()),
+        ]),
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> reqwest::Result<(u16, String, String)> {
+    let r = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    Ok((status, ctype, r.text().await?))
+}
+
+#[tokio::test]
+async fn hono_tsx_app_serves_its_routes_with_env_bindings() {
+    let rig = rig();
+    let addr = deploy(&rig, "d1", "1").await.unwrap();
+    assert_eq!(
+        get(addr, "/").await.unwrap().2,
+        "hello tollgate \"quoted\" v1"
+    );
+    let (s, ct, body) = get(addr, "/info").await.unwrap();
+    assert_eq!((s, body.as_str()), (200, "{\"service\":\"demo\"}"));
+    assert!(ct.starts_with("application/json"));
+    let (_, ct, body) = get(addr, "/page").await.unwrap();
+    assert!(ct.starts_with("text/html"));
+    assert_eq!(body, "<h1>Hi tollgate &quot;quoted&quot;</h1>");
+    let st = rig.sup.status("d1").unwrap();
+    assert_eq!(st.phase, Phase::Running);
+    assert!(st.cold_start_ms.unwrap() < 10_000);
+    rig.sup.remove("d1", false).await.unwrap();
+    assert!(get(addr, "/").await.is_err(), "process stopped");
+    assert!(rig.sup.status("d1").is_none());
+}
+
+#[tokio::test]
+async fn console_output_and_uncaught_errors_are_captured() {
+    let rig = rig();
+    let addr = deploy(&rig, "logs", "1").await.unwrap();
+    get(addr, "/log?n=42").await.unwrap();
+    assert_eq!(get(addr, "/throw").await.unwrap().0, 500);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (entries, _) = rig.sup.logs("logs", 0, 100).unwrap();
+        let log = entries
+            .iter()
+            .find(|e| e.level == "log" && e.message == "hello from the handler 42");
+        let err = entries
+            .iter()
+            .find(|e| e.level == "error" && e.message.contains("handler exploded"));
+        if let (Some(log), Some(_)) = (log, err) {
+            assert!(log.ts_ms > 1_700_000_000_000, "timestamped");
+            // A cursor skips what was read.
+            let after = rig.sup.logs("logs", log.seq + 1, 100).unwrap().0;
+            assert!(after.iter().all(|e| e.seq > log.seq));
+            break;
+        }
+        assert!(Instant::now() < deadline, "logs not captured: {entries:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rig.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn tenant_cannot_reach_loopback_or_private_addresses() {
+    let rig = rig();
+    let addr = deploy(&rig, "egress", "1").await.unwrap();
+    // A real listener on loopback that the tenant must not reach (as if it were Redis).
+    let secret = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = secret.local_addr().unwrap();
+    for url in [
+        format!("http://{target}/"),
+        format!("http://localhost:{}/", target.port()),
+        "http://10.1.2.3/".to_owned(),
+        "http://192.168.1.1/".to_owned(),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+    ] {
+        let (status, _, body) = get(addr, &format!("/egress?url={url}")).await.unwrap();
+        assert_eq!(status, 502, "{url}: {body}");
+        assert!(body.starts_with("refused:"), "{url}: {body}");
+    }
+    let accepted = tokio::time::timeout(Duration::from_millis(100), secret.accept()).await;
+    assert!(accepted.is_err(), "the tenant connected to a loopback port");
+    rig.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn cpu_is_measured_within_ten_percent_of_the_kernels_count() {
+    let rig = rig();
+    let addr = deploy(&rig, "cpu", "1").await.unwrap();
+    let st = rig.sup.status("cpu").unwrap();
+    let pid = st.pid.unwrap();
+    eprintln!("CPU accounting here: {:?}", st.limits);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let base_sink = rig.meter.total("cpu");
+    let base_kernel = tollgate_runtime::cpu::proc_cpu_us(pid).unwrap();
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/burn?ms=250").await.unwrap().0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await; // a few sample intervals
+    let sink = rig.meter.total("cpu") - base_sink;
+    let kernel = tollgate_runtime::cpu::proc_cpu_us(pid).unwrap() - base_kernel;
+    let ratio = sink as f64 / kernel as f64;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "charged {sink} µs, kernel counted {kernel} µs"
+    );
+    // The handler spun for 1 s of wall time; on a busy machine it gets less CPU, never more.
+    assert!(
+        (500_000..=1_100_000).contains(&sink),
+        "charged {sink} µs for a 1 s burn"
+    );
+    assert!(rig.sup.status("cpu").unwrap().cpu_us_total >= sink);
+    rig.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn cpu_is_measured_from_proc_where_no_cgroup_is_used() {
+    let rig = rig_with(|c| c.cgroups = tollgate_runtime::CgroupMode::Off);
+    let addr = deploy(&rig, "cpu-proc", "1").await.unwrap();
+    let st = rig.sup.status("cpu-proc").unwrap();
+    assert_eq!(
+        st.limits.accounting,
+        Some(tollgate_runtime::CpuSourceKind::Proc)
+    );
+    assert_eq!((st.limits.memory, st.limits.cpu_share), (None, None));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let base = rig.meter.total("cpu-proc");
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/burn?ms=250").await.unwrap().0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let sink = rig.meter.total("cpu-proc") - base;
+    assert!(
+        (500_000..=1_100_000).contains(&sink),
+        "charged {sink} µs for a 1 s burn"
+    );
+    rig.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn runaway_loop_is_killed_at_the_cap_and_the_deployment_restarts() {
+    let rig = rig_with(|c| c.cpu_limit_per_request = Duration::from_millis(800));
+    let addr = deploy(&rig, "spin", "1").await.unwrap();
+    let inflight = rig.sup.inflight("spin").unwrap();
+    let started = Instant::now();
+    let guard = inflight.begin(); // what the proxy does for each request
+    let r = get(addr, "/spin").await;
+    drop(guard);
+    assert!(r.is_err(), "the request was cut off: {r:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // It comes back on a new port and serves again.
+    let mut rx = rig.events;
+    let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let st = rig.sup.status("spin").unwrap();
+    assert_eq!(st.cpu_limit_kills, 1);
+    let RuntimeEvent::Upstream {
+        deployment_id,
+        addr: new_addr,
+    } = ev
+    else {
+        panic!("unexpected {ev:?}")
+    };
+    assert_eq!(deployment_id, "spin");
+    assert_eq!(get(new_addr, "/").await.unwrap().0, 200);
+    let logs = rig.sup.logs("spin", 0, 100).unwrap().0;
+    assert!(
+        logs.iter()
+            .any(|e| e.level == "system" && e.message.contains("over the 800 ms limit"))
+    );
+    rig.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn crashed_process_restarts_and_repeated_crashes_mark_it_failed() {
+    let mut rig = rig_with(|c| c.max_restarts = 2);
+    let addr = deploy(&rig, "crashy", "1").await.unwrap();
+    let mut last = addr;
+    for round in 1..=2 {
+        let pid = rig.sup.status("crashy").unwrap().pid.unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(10), rig.events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let RuntimeEvent::Upstream { addr, .. } = ev else {
+            panic!("{ev:?}")
+        };
+        assert_ne!(addr, last);
+        last = addr;
+        assert_eq!(get(addr, "/").await.unwrap().0, 200, "round {round}");
+        assert_eq!(rig.sup.status("crashy").unwrap().restarts, round);
+    }
+    let pid = rig.sup.status("crashy").unwrap().pid.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), rig.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let RuntimeEvent::Failed {
+        deployment_id,
+        reason,
+    } = ev
+    else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(deployment_id, "crashy");
+    assert!(reason.contains("signal: 9"), "{reason}");
+    let st = rig.sup.status("crashy").unwrap();
+    assert_eq!(st.phase, Phase::Failed);
+    assert!(st.failure.unwrap().contains("crashed 3 times"));
+}
+
+#[tokio::test]
+async fn code_that_fails_at_startup_is_refused_with_the_reason() {
+    let rig = rig();
+    let err = rig
+        .sup
+        .start(spec(
+            "bad",
+            "throw new Error('top-level boom'); export default {}".to_owned(),
+            "1",
+        ))
+        .await
+        .unwrap_err();
+    let RuntimeError::StartFailed(reason) = err else {
+        panic!("{err:?}")
+    };
+    assert!(reason.contains("top-level boom"), "{reason}");
+    assert!(rig.sup.status("bad").is_none(), "nothing half-registered");
+}
+
+#[tokio::test]
+async fn invalid_specs_are_refused_before_anything_starts() {
+    let rig = rig();
+    let mut s = spec("x1", "export default {}".to_owned(), "1");
+    s.env.insert("NOT-AN-IDENT".to_owned(), "v".to_owned());
+    assert!(
+        matches!(rig.sup.start(s).await, Err(RuntimeError::Invalid(m)) if m.contains("NOT-AN-IDENT"))
+    );
+    let mut s = spec("x1", "export default {}".to_owned(), "1");
+    s.compatibility_date = "yesterday".to_owned();
+    assert!(matches!(
+        rig.sup.start(s).await,
+        Err(RuntimeError::Invalid(_))
+    ));
+    let s = spec("../escape", "export default {}".to_owned(), "1");
+    assert!(matches!(
+        rig.sup.start(s).await,
+        Err(RuntimeError::Invalid(_))
+    ));
+    assert!(rig.sup.list().is_empty());
+}
+
+/// The proxy's view, reduced to its essentials: requests go to the currently published address
+/// and hold an in-flight guard. Redeploys under this traffic must not fail a single request.
+#[tokio::test]
+async fn redeploy_under_continuous_traffic_fails_no_request() {
+    let rig = rig();
+    let first = deploy(&rig, "v1", "1").await.unwrap();
+    let route = Arc::new(Mutex::new((first, rig.sup.inflight("v1").unwrap())));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let route = route.clone();
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut ok, mut failed, mut versions) =
+                (0u32, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (addr, inflight) = route.lock().unwrap().clone();
+                let _guard = inflight.begin();
+                match client.get(format!("http://{addr}/")).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok += 1;
+                        versions.insert(r.text().await.unwrap_or_default());
+                    }
+                    Ok(r) => failed.push(format!("status {}", r.status())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed, versions)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let bundle = rig
+        .bundler
+        .bundle_raw([
+            ("src/index.tsx", APP),
+            (
+                "src/greet.ts",
+                "export const greet = (n: string) => `hi ${n}`",
+            ),
+            ("src/info.json", "{}"),
+        ])
+        .await
+        .unwrap();
+    let mut old = "v1".to_owned();
+    for v in 2..=3 {
+        let id = format!("v{v}");
+        let sup = rig.sup.clone();
+        let route2 = route.clone();
+        let id2 = id.clone();
+        rig.sup
+            .redeploy(
+                Some(&old),
+                spec(&id, bundle.code.clone(), &v.to_string()),
+                move |addr| async move {
+                    let inflight = sup.inflight(&id2).ok_or("gone")?;
+                    *route2.lock().unwrap() = (addr, inflight);
+                    Ok(())
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(rig.sup.status(&old).unwrap().phase, Phase::Stopped);
+        old = id;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for c in clients {
+        let (ok, failed, versions) = c.await.unwrap();
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        total += ok;
+        seen.extend(versions);
+    }
+    assert!(total > 50, "only {total} requests");
+    assert!(
+        seen.contains("hello tollgate \"quoted\" v1") && seen.contains("hi tollgate \"quoted\" v3"),
+        "{seen:?}"
+    );
+    rig.sup.shutdown().await;
+}
