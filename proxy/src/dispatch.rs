@@ -88,6 +88,8 @@ pub struct Ctx {
     body_bytes: u64,
     request_id: String,
     html: bool,
+    /// An upstream took the request and dropped the connection without answering.
+    interrupted: bool,
     _in_flight: InFlight,
 }
 
@@ -116,6 +118,7 @@ impl ProxyHttp for Dispatch {
             body_bytes: 0,
             request_id: String::new(),
             html: false,
+            interrupted: false,
             _in_flight: InFlight(self.metrics.in_flight.clone()),
         }
     }
@@ -187,6 +190,29 @@ impl ProxyHttp for Dispatch {
         o.write_timeout = Some(self.write_timeout);
         o.idle_timeout = Some(self.idle_timeout);
         Ok(Box::new(peer))
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if matches!(e.etype(), ConnectionClosed | ReadError) {
+            ctx.interrupted = true;
+        }
+        // Pingora's own rule: retry idempotent requests that failed on a reused connection
+        // (the upstream may have closed it while idle).
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     fn fail_to_connect(
@@ -301,6 +327,15 @@ impl ProxyHttp for Dispatch {
                 Some(Problem::gateway_timeout(ctx.host()))
             }
             _ => match e.esource() {
+                // Connected and sent, then the connection died with no answer.
+                // (A retry of it then finds the port closed: the process is gone.)
+                ErrorSource::Upstream
+                    if (ctx.interrupted || matches!(e.etype(), ConnectionClosed | ReadError))
+                        && session.response_written().is_none() =>
+                {
+                    self.metrics.upstream_other_errors.inc();
+                    Some(Problem::service_interrupted(ctx.host()))
+                }
                 ErrorSource::Upstream => {
                     if !matches!(
                         e.etype(),

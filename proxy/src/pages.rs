@@ -87,6 +87,22 @@ impl Problem {
         }
     }
 
+    /// The upstream took the request and then dropped the connection without an answer: on this
+    /// platform, the service's process stopped (killed at its CPU limit, or crashed); the
+    /// runtime restarts it.
+    pub fn service_interrupted(host: &str) -> Self {
+        Problem {
+            status: 503,
+            kind: "service-interrupted",
+            title: "The service stopped while handling this request",
+            detail: format!(
+                "The service at {host} stopped before it answered: its process was ended, for example for passing its CPU limit per request, or it crashed. It is restarted automatically."
+            ),
+            hint: "Retry in a moment. If this request always fails, it likely exceeds the CPU limit: the service's owner can see why in its logs.",
+            retry_after_seconds: Some(1),
+        }
+    }
+
     pub fn gateway_timeout(host: &str) -> Self {
         Problem {
             status: 504,

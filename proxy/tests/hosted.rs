@@ -1,0 +1,226 @@
+//! Agents' code behind the proxy: files → esbuild bundle → workerd process → route in Redis →
+//! the proxy serves it; redeploys drop nothing; a process killed mid-request is a clear 503.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Node, eventually, options};
+use tollgate_bundler::{Bundler, BundlerConfig, Limits};
+use tollgate_routes::{Route, RouteKey, RouteStore};
+use tollgate_runtime::{
+    CpuDelta, CpuSink, DeploymentSpec, RuntimeConfig, RuntimeEvent, Supervisor, Toolchain,
+};
+use tollgate_testkit::RedisServer;
+
+struct NoMeter;
+impl CpuSink for NoMeter {
+    fn record(&self, _: &[CpuDelta]) {}
+}
+
+const APP: &str = r#"import { Hono } from 'hono'
+const app = new Hono<{ Bindings: { VERSION: string } }>()
+app.get('/', (c) => c.text('version ' + c.env.VERSION))
+app.get('/spin', () => { let x = 0; for (;;) { x += 1 } })
+export default app
+"#;
+
+fn route(addr: SocketAddr, deployment: &str) -> Route {
+    Route {
+        upstreams: vec![addr],
+        account_id: Some("acct1".into()),
+        project_id: Some("proj1".into()),
+        deployment_id: Some(deployment.into()),
+    }
+}
+
+struct Rig {
+    sup: Supervisor,
+    events: tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    code: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig() -> Rig {
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundler = Bundler::new(BundlerConfig {
+        esbuild: t.esbuild.clone(),
+        node_modules: t.node_modules.clone(),
+        packages: t.packages.clone(),
+        work_dir: dir.path().join("builds"),
+        limits: Limits::default(),
+    })
+    .unwrap();
+    let code = bundler
+        .bundle_raw([("src/index.ts", APP)])
+        .await
+        .unwrap()
+        .code;
+    let cfg = RuntimeConfig {
+        data_dir: dir.path().join("runtime"),
+        min_drain: Duration::from_millis(100),
+        sample_interval: Duration::from_millis(20),
+        cpu_limit_per_request: Duration::from_millis(800),
+        ..RuntimeConfig::default()
+    };
+    let (sup, events) = Supervisor::new(cfg, t, Arc::new(NoMeter)).unwrap();
+    Rig {
+        sup,
+        events,
+        code,
+        _dir: dir,
+    }
+}
+
+fn spec(rig: &Rig, id: &str, version: &str) -> DeploymentSpec {
+    DeploymentSpec {
+        deployment_id: id.into(),
+        project_id: "proj1".into(),
+        code: rig.code.clone(),
+        compatibility_date: "2025-01-01".into(),
+        env: BTreeMap::from([("VERSION".to_owned(), version.to_owned())]),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployed_code_is_served_and_redeploys_drop_nothing() {
+    let redis = RedisServer::start();
+    let store = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let key = RouteKey::slug("app").unwrap();
+    let rig = rig().await;
+    let first = rig.sup.start(spec(&rig, "dep1", "1")).await.unwrap();
+    store.put(&key, &route(first.addr, "dep1")).await.unwrap();
+
+    let node = Node::start(options(Some(&redis.url()), &[]));
+    let c = node.client(&["app.localhost"]);
+    let url = node.url("app.localhost", "/");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            matches!(c.get(&url).send().await, Ok(r) if r.status() == 200)
+        })
+        .await
+    );
+    assert_eq!(
+        c.get(&url).send().await.unwrap().text().await.unwrap(),
+        "version 1"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failures, mut seen) =
+                (0u32, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok += 1;
+                        seen.insert(r.text().await.unwrap());
+                    }
+                    Ok(r) => failures.push(format!("status {}", r.status())),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (ok, failures, seen)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut old = "dep1".to_owned();
+    for v in 2..=3 {
+        let id = format!("dep{v}");
+        let (store2, key2, id2) = (store.clone(), key.clone(), id.clone());
+        rig.sup
+            .redeploy(
+                Some(&old),
+                spec(&rig, &id, &v.to_string()),
+                move |addr| async move {
+                    store2
+                        .put(&key2, &route(addr, &id2))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                },
+            )
+            .await
+            .unwrap();
+        old = id;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut total, mut seen) = (0, std::collections::BTreeSet::new());
+    for w in workers {
+        let (ok, failures, s) = w.await.unwrap();
+        assert!(
+            failures.is_empty(),
+            "failed requests during redeploys: {failures:?}"
+        );
+        total += ok;
+        seen.extend(s);
+    }
+    assert!(total > 50, "only {total} requests");
+    assert!(
+        seen.contains("version 1") && seen.contains("version 3"),
+        "{seen:?}"
+    );
+    rig.sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart() {
+    let redis = RedisServer::start();
+    let store = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let key = RouteKey::slug("spin").unwrap();
+    let mut rig = rig().await;
+    let started = rig.sup.start(spec(&rig, "spin1", "1")).await.unwrap();
+    store
+        .put(&key, &route(started.addr, "spin1"))
+        .await
+        .unwrap();
+    let node = Node::start(options(Some(&redis.url()), &[]));
+    let c = node.client(&["spin.localhost"]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            matches!(c.get(node.url("spin.localhost", "/")).send().await, Ok(r) if r.status() == 200)
+        })
+        .await
+    );
+
+    let inflight = rig.sup.inflight("spin1").unwrap();
+    let guard = inflight.begin();
+    let r = c
+        .get(node.url("spin.localhost", "/spin"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    drop(guard);
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "urn:tollgate:problem:service-interrupted");
+    assert!(v["hint"].as_str().unwrap().contains("CPU limit"), "{v}");
+
+    // The control plane's job, done here: follow the restarted process.
+    let ev = tokio::time::timeout(Duration::from_secs(10), rig.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let RuntimeEvent::Upstream { addr, .. } = ev else {
+        panic!("{ev:?}")
+    };
+    store.put(&key, &route(addr, "spin1")).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            matches!(c.get(node.url("spin.localhost", "/")).send().await, Ok(r) if r.status() == 200)
+        })
+        .await
+    );
+    rig.sup.shutdown().await;
+}
