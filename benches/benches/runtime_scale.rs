@@ -1,0 +1,174 @@
+//! Runtime numbers, printed as a table: bundle time of a small Hono app (3 files, TSX); process
+//! start → first 200; idle memory (PSS) per deployment at 1, 10 and 100 deployments; requests/s
+//! straight into one workerd process (closed loop, 32 connections, 5 s).
+//! Run: `cargo bench -p tollgate-benches --bench runtime_scale`
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tollgate_bundler::{Bundler, BundlerConfig, Limits};
+use tollgate_runtime::{CpuDelta, CpuSink, DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct NoMeter;
+impl CpuSink for NoMeter {
+    fn record(&self, _: &[CpuDelta]) {}
+}
+
+const APP: [(&str, &str); 3] = [
+    (
+        "src/index.tsx",
+        "import { Hono } from 'hono'\nimport { greet } from './greet'\nimport info from './info.json'\nconst app = new Hono()\napp.get('/', (c) => c.text(greet('world')))\napp.get('/info', (c) => c.json(info))\napp.get('/page', (c) => c.html(<h1>Hi</h1>))\nexport default app\n",
+    ),
+    (
+        "src/greet.ts",
+        "export const greet = (n: string): string => `hello ${n}`\n",
+    ),
+    ("src/info.json", "{\"service\":\"bench\"}\n"),
+];
+
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    tollgate_benches::run_probe("runtime_scale", run());
+}
+
+async fn run() -> Res<()> {
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir())?;
+    let dir = tempfile::tempdir()?;
+    let bundler = Bundler::new(BundlerConfig {
+        esbuild: t.esbuild.clone(),
+        node_modules: t.node_modules.clone(),
+        packages: t.packages.clone(),
+        work_dir: dir.path().join("builds"),
+        limits: Limits::default(),
+    })?;
+
+    // 1. Bundle time.
+    let mut times = Vec::new();
+    let mut code = String::new();
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        let b = bundler.bundle_raw(APP).await?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        code = b.code;
+    }
+    println!(
+        "bundle, Hono + TSX, 3 files ({} KB out): p50 {:.1} ms, max {:.1} ms (20 runs)",
+        code.len() / 1024,
+        pct(&mut times, 0.5),
+        pct(&mut times, 1.0)
+    );
+
+    let cfg = RuntimeConfig {
+        data_dir: dir.path().join("runtime"),
+        ..RuntimeConfig::default()
+    };
+    let (sup, _events) = Supervisor::new(cfg, t, Arc::new(NoMeter))?;
+    let spec = |id: String| DeploymentSpec {
+        deployment_id: id,
+        project_id: "bench".into(),
+        code: code.clone(),
+        compatibility_date: "2025-01-01".into(),
+        env: BTreeMap::new(),
+    };
+    let client = reqwest::Client::new();
+
+    // 2. Start → first 200.
+    let mut starts = Vec::new();
+    for i in 0..10 {
+        let t0 = Instant::now();
+        let s = sup.start(spec(format!("cold{i}"))).await?;
+        let r = client.get(format!("http://{}/", s.addr)).send().await?;
+        if r.status() != 200 {
+            return Err(format!("status {}", r.status()).into());
+        }
+        starts.push(t0.elapsed().as_secs_f64() * 1e3);
+        sup.remove(&format!("cold{i}"), false).await?;
+    }
+    println!(
+        "process start → first 200: p50 {:.0} ms, max {:.0} ms (10 starts, one at a time)",
+        pct(&mut starts, 0.5),
+        pct(&mut starts, 1.0)
+    );
+
+    // 3. Idle PSS per deployment.
+    let mut running = 0;
+    for target in [1usize, 10, 100] {
+        let t0 = Instant::now();
+        while running < target {
+            sup.start(spec(format!("idle{running}"))).await?;
+            running += 1;
+        }
+        let started = t0.elapsed();
+        // Touch each once so every process has served a request, then let them idle.
+        for s in sup.list() {
+            if let Some(a) = s.addr {
+                client.get(format!("http://{a}/")).send().await?;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pss: Vec<u64> = sup
+            .list()
+            .iter()
+            .filter_map(|s| s.pid)
+            .map(pss_kib)
+            .collect();
+        let total: u64 = pss.iter().sum();
+        println!(
+            "{target:>3} deployments: PSS {:.1} MiB total, {:.1} MiB each (started in {:.1} s)",
+            total as f64 / 1024.0,
+            total as f64 / 1024.0 / pss.len() as f64,
+            started.as_secs_f64()
+        );
+    }
+    sup.shutdown().await;
+
+    // 4. Requests/s into one process.
+    let s = sup.start(spec("rps".into())).await?;
+    let url = format!("http://{}/", s.addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (client, url, stop, done) = (client.clone(), url.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(r) = client.get(&url).send().await
+                    && r.bytes().await.is_ok()
+                {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = done.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let n = done.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    println!(
+        "hello-world, one workerd process, 32 connections from this probe (same 2 cores): {:.0} req/s",
+        n as f64 / 5.0
+    );
+    sup.shutdown().await;
+    Ok(())
+}
