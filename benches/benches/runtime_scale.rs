@@ -1,6 +1,7 @@
 //! Runtime numbers, printed as a table: bundle time of a small Hono app (3 files, TSX); process
 //! start → first 200; idle memory (PSS) per deployment at 1, 10 and 100 deployments; requests/s
-//! straight into one workerd process (closed loop, 32 connections, 5 s).
+//! straight into one workerd process (closed loop, 32 connections, 5 s); cold start of an
+//! idle-stopped deployment on its next request.
 //! Run: `cargo bench -p tollgate-benches --bench runtime_scale`
 
 use std::collections::BTreeMap;
@@ -168,6 +169,43 @@ async fn run() -> Res<()> {
     println!(
         "hello-world, one workerd process, 32 connections from this probe (same 2 cores): {:.0} req/s",
         n as f64 / 5.0
+    );
+    sup.shutdown().await;
+
+    // 5. Cold start of an idle-stopped deployment: first request at its activator → 200.
+    let cfg = RuntimeConfig {
+        data_dir: dir.path().join("runtime-idle"),
+        idle_timeout: Some(Duration::from_millis(200)),
+        ..RuntimeConfig::default()
+    };
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir())?;
+    let (sup, mut events) = Supervisor::new(cfg, t, Arc::new(NoMeter))?;
+    sup.start(spec("idle".into())).await?;
+    let mut colds = Vec::new();
+    for _ in 0..10 {
+        let activator = loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.recv()).await? {
+                Some(tollgate_runtime::RuntimeEvent::Upstream { addr, .. })
+                    if sup.status("idle").map(|s| s.phase)
+                        == Some(tollgate_runtime::Phase::Idle) =>
+                {
+                    break addr;
+                }
+                Some(_) => continue,
+                None => return Err("supervisor gone".into()),
+            }
+        };
+        let t0 = Instant::now();
+        let r = client.get(format!("http://{activator}/")).send().await?;
+        if r.status() != 200 {
+            return Err(format!("status {}", r.status()).into());
+        }
+        colds.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "idle → first request answered (cold start through the activator): p50 {:.0} ms, max {:.0} ms (10 wakes)",
+        pct(&mut colds, 0.5),
+        pct(&mut colds, 1.0)
     );
     sup.shutdown().await;
     Ok(())

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -43,6 +44,10 @@ pub struct RuntimeConfig {
     pub max_restarts: u32,
     pub restart_window: Duration,
     pub compatibility_flags: Vec<String>,
+    /// A deployment with no request and no CPU use for this long has its process stopped; a
+    /// loopback "activator" socket takes its place in the route and starts it again on the
+    /// next connection. `None` keeps processes running.
+    pub idle_timeout: Option<Duration>,
     pub log_entries: usize,
     pub log_line_bytes: usize,
 }
@@ -63,6 +68,7 @@ impl Default for RuntimeConfig {
             max_restarts: 5,
             restart_window: Duration::from_secs(60),
             compatibility_flags: vec!["nodejs_compat".to_owned()],
+            idle_timeout: Some(Duration::from_secs(600)),
             log_entries: 1000,
             log_line_bytes: 4096,
         }
@@ -112,7 +118,8 @@ pub trait CpuSink: Send + Sync + 'static {
 /// Things the control plane must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuntimeEvent {
-    /// A restarted process listens on a new address: republish the route.
+    /// The deployment's address changed (restart, idle stop to its activator, cold start from
+    /// it): republish the route.
     Upstream {
         deployment_id: String,
         addr: SocketAddr,
@@ -158,6 +165,8 @@ impl Drop for InflightGuard {
 pub enum Phase {
     Starting,
     Running,
+    /// Stopped for idleness; `addr` is the activator that starts it on the next connection.
+    Idle,
     Restarting,
     Stopping,
     Stopped,
@@ -206,11 +215,16 @@ struct Deployment {
     status: Mutex<DeploymentStatus>,
     proc_: Mutex<Option<Proc>>,
     killed_for_cpu: AtomicBool,
+    idle_req: tokio::sync::Notify,
+    idle_requested: AtomicBool,
+    /// Milliseconds since `Inner::epoch` of the last request or CPU use.
+    last_active_ms: AtomicU64,
     stop_tx: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Inner {
+    epoch: Instant,
     cfg: RuntimeConfig,
     toolchain: Toolchain,
     cgroups: CgroupRoots,
@@ -246,6 +260,7 @@ impl Supervisor {
         tracing::info!(?cgroups, "runtime: cgroup support");
         let (events, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
+            epoch: Instant::now(),
             cfg,
             toolchain,
             cgroups,
@@ -314,6 +329,9 @@ impl Supervisor {
             }),
             proc_: Mutex::new(None),
             killed_for_cpu: AtomicBool::new(false),
+            idle_req: tokio::sync::Notify::new(),
+            idle_requested: AtomicBool::new(false),
+            last_active_ms: AtomicU64::new(self.inner.now_ms()),
             stop_tx,
             task: Mutex::new(None),
         });
@@ -487,6 +505,10 @@ impl Drop for Inner {
 }
 
 impl Inner {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     /// Reads every running process's CPU, charges the deltas, enforces the per-request cap.
     fn sample(&self) {
         let deps: Vec<_> = self
@@ -505,6 +527,16 @@ impl Inner {
                 && let Some(p) = guard.as_mut()
             {
                 let busy = dep.inflight.busy_periods.load(Ordering::Acquire);
+                let now = self.now_ms();
+                if delta > 0 || busy != p.seen_busy || dep.inflight.count() > 0 {
+                    dep.last_active_ms.store(now, Ordering::Release);
+                } else if let Some(idle) = self.cfg.idle_timeout
+                    && now.saturating_sub(dep.last_active_ms.load(Ordering::Acquire))
+                        > idle.as_millis() as u64
+                    && !dep.idle_requested.swap(true, Ordering::AcqRel)
+                {
+                    dep.idle_req.notify_one();
+                }
                 if dep.inflight.count() == 0 {
                     p.streak_us = 0;
                 } else if busy != p.seen_busy {
@@ -565,6 +597,8 @@ async fn monitor(
     let mut ready_tx = Some(ready_tx);
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     let config_path = dep.dir.join("config.capnp");
+    // After an idle stop: the activator socket and the connection that woke it.
+    let mut woken: Option<(TcpListener, TcpStream)> = None;
     loop {
         let spawned = instance::spawn(
             &inner.toolchain.workerd,
@@ -574,7 +608,17 @@ async fn monitor(
         )
         .await;
         let mut sp = match spawned {
-            Ok(sp) => sp,
+            Ok(sp) => {
+                if let Some((listener, first)) = woken.take() {
+                    tokio::spawn(relay_from_activator(
+                        listener,
+                        first,
+                        sp.addr,
+                        cfg.min_drain * 8,
+                    ));
+                }
+                sp
+            }
             Err(reason) => {
                 let reason = with_log_tail(&reason, &dep.logs);
                 if let Some(tx) = ready_tx.take() {
@@ -642,12 +686,63 @@ async fn monitor(
             }
         }
 
-        let stopped = tokio::select! {
-            status = sp.child.wait() => Err(status),
-            _ = stop_rx.wait_for(|s| *s) => Ok(()),
+        let stopped = loop {
+            let idle = tokio::select! {
+                status = sp.child.wait() => break Exit::Crashed(status),
+                r = stop_rx.wait_for(|s| *s) => {
+                    drop(r);
+                    break Exit::Stop;
+                }
+                _ = dep.idle_req.notified() => true,
+            };
+            if idle {
+                match TcpListener::bind("127.0.0.1:0").await {
+                    Ok(l) => break Exit::Idle(l),
+                    Err(e) => {
+                        tracing::warn!(deployment = %dep.id, "no activator socket ({e}); staying up");
+                        dep.idle_requested.store(false, Ordering::Release);
+                    }
+                }
+            }
         };
         match stopped {
-            Ok(()) => {
+            Exit::Idle(listener) => {
+                let _ = take_delta(&dep);
+                instance::stop(&mut sp.child, cfg.stop_grace).await;
+                let _ = take_delta(&dep);
+                end_proc(&dep, &meter);
+                let activator = listener.local_addr().ok();
+                dep.update(|s| {
+                    s.phase = Phase::Idle;
+                    s.addr = activator;
+                    s.pid = None;
+                });
+                dep.logs
+                    .system("idle: process stopped; the next request starts it again");
+                if let Some(addr) = activator {
+                    let _ = inner.events.send(RuntimeEvent::Upstream {
+                        deployment_id: dep.id.to_string(),
+                        addr,
+                    });
+                }
+                tokio::select! {
+                    conn = listener.accept() => {
+                        dep.last_active_ms.store(inner.now_ms(), Ordering::Release);
+                        dep.idle_requested.store(false, Ordering::Release);
+                        dep.update(|s| s.phase = Phase::Starting);
+                        match conn {
+                            Ok((stream, _)) => woken = Some((listener, stream)),
+                            Err(e) => tracing::warn!(deployment = %dep.id, "activator: {e}"),
+                        }
+                        continue;
+                    }
+                    _ = stop_rx.wait_for(|s| *s) => {
+                        finish_stopped(&dep);
+                        return;
+                    }
+                }
+            }
+            Exit::Stop => {
                 dep.update(|s| s.phase = Phase::Stopping);
                 let _ = take_delta(&dep);
                 instance::stop(&mut sp.child, cfg.stop_grace).await;
@@ -656,7 +751,7 @@ async fn monitor(
                 finish_stopped(&dep);
                 return;
             }
-            Err(status) => {
+            Exit::Crashed(status) => {
                 let _ = take_delta(&dep);
                 end_proc(&dep, &meter);
                 let exit = match status {
@@ -684,6 +779,39 @@ async fn monitor(
                     return;
                 }
             }
+        }
+    }
+}
+
+enum Exit {
+    Crashed(std::io::Result<std::process::ExitStatus>),
+    Stop,
+    Idle(TcpListener),
+}
+
+/// Relays the connection that woke an idle deployment, and any that arrive at the activator
+/// until the route has moved on (`linger`), to the freshly started process.
+async fn relay_from_activator(
+    listener: TcpListener,
+    first: TcpStream,
+    to: SocketAddr,
+    linger: Duration,
+) {
+    async fn relay(mut inbound: TcpStream, to: SocketAddr) {
+        if let Ok(mut outbound) = TcpStream::connect(to).await {
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        }
+    }
+    tokio::spawn(relay(first, to));
+    let deadline = tokio::time::sleep(linger);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok((s, _)) => { tokio::spawn(relay(s, to)); }
+                Err(_) => break,
+            },
+            _ = &mut deadline => break,
         }
     }
 }

@@ -473,3 +473,55 @@ async fn redeploy_under_continuous_traffic_fails_no_request() {
     );
     rig.sup.shutdown().await;
 }
+
+#[tokio::test]
+async fn idle_deployment_stops_and_the_next_request_starts_it_again() {
+    let mut rig = rig_with(|c| c.idle_timeout = Some(Duration::from_millis(300)));
+    let addr = deploy(&rig, "sleepy", "1").await.unwrap();
+    assert_eq!(get(addr, "/").await.unwrap().0, 200);
+    // Goes idle: the process stops and an activator takes its place in the route.
+    let ev = tokio::time::timeout(Duration::from_secs(10), rig.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let RuntimeEvent::Upstream {
+        addr: activator, ..
+    } = ev
+    else {
+        panic!("{ev:?}")
+    };
+    let st = rig.sup.status("sleepy").unwrap();
+    assert_eq!(
+        (st.phase, st.pid, st.addr),
+        (Phase::Idle, None, Some(activator))
+    );
+    assert!(get(addr, "/").await.is_err(), "the old process is gone");
+    let cold_before = st.cold_start_ms;
+
+    // The next request, sent to the activator, is served by a freshly started process.
+    let (status, _, body) = get(activator, "/").await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello tollgate \"quoted\" v1")
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(10), rig.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let RuntimeEvent::Upstream { addr: fresh, .. } = ev else {
+        panic!("{ev:?}")
+    };
+    assert_ne!(fresh, activator);
+    let st = rig.sup.status("sleepy").unwrap();
+    assert_eq!(st.phase, Phase::Running);
+    assert!(st.cold_start_ms.is_some() && st.pid.is_some());
+    let _ = cold_before;
+    assert_eq!(get(fresh, "/").await.unwrap().0, 200);
+    assert_eq!(st.restarts, 0, "an idle stop is not a crash");
+    let logs = rig.sup.logs("sleepy", 0, 100).unwrap().0;
+    assert!(
+        logs.iter()
+            .any(|e| e.message.starts_with("idle: process stopped"))
+    );
+    rig.sup.shutdown().await;
+}
