@@ -45,6 +45,40 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Closed-loop requests/s over 5 s (after 1 s of warm-up) from 32 concurrent connections.
+async fn rps(client: &reqwest::Client, url: String, host: Option<&str>) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (client, url, stop, done) = (client.clone(), url.clone(), stop.clone(), done.clone());
+        let host = host.map(str::to_owned);
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut req = client.get(&url);
+                if let Some(h) = &host {
+                    req = req.header("host", h);
+                }
+                if let Ok(r) = req.send().await
+                    && r.status() == 200
+                    && r.bytes().await.is_ok()
+                {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = done.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let n = done.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    n as f64 / 5.0
+}
+
 fn main() {
     tollgate_benches::run_probe("runtime_scale", run());
 }
@@ -140,36 +174,41 @@ async fn run() -> Res<()> {
     }
     sup.shutdown().await;
 
-    // 4. Requests/s into one process.
+    // 4. Requests/s into one process, directly and through the proxy (same run).
     let s = sup.start(spec("rps".into())).await?;
-    let url = format!("http://{}/", s.addr);
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let (client, url, stop, done) = (client.clone(), url.clone(), stop.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(r) = client.get(&url).send().await
-                    && r.bytes().await.is_ok()
-                {
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = done.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let n = done.load(Ordering::Relaxed) - before;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
+    let mut opts = tollgate_proxy::ProxyOptions::default();
+    opts.proxy.listen = tollgate_testkit::free_addr();
+    opts.admin.listen = tollgate_testkit::free_addr();
+    opts.proxy.threads = 1;
+    opts.routes = vec![tollgate_proxy::StaticRoute {
+        host: "bench.localhost".into(),
+        upstreams: vec![s.addr],
+    }];
+    let proxy_addr = opts.proxy.listen;
+    let proxy = tollgate_proxy::Proxy::prepare(opts).map_err(|e| e.to_string())?;
+    let proxy_stop = proxy.stop_handle();
+    let proxy_thread = std::thread::spawn(move || proxy.run());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let direct = rps(&client, format!("http://{}/", s.addr), None).await;
+    let via = rps(
+        &client,
+        format!("http://{proxy_addr}/"),
+        Some("bench.localhost"),
+    )
+    .await;
+    let direct2 = rps(&client, format!("http://{}/", s.addr), None).await;
+    let via2 = rps(
+        &client,
+        format!("http://{proxy_addr}/"),
+        Some("bench.localhost"),
+    )
+    .await;
     println!(
-        "hello-world, one workerd process, 32 connections from this probe (same 2 cores): {:.0} req/s",
-        n as f64 / 5.0
+        "hello-world req/s, 32 connections from this probe on the same 2 cores: direct to workerd {direct:.0} / {direct2:.0}; through the proxy (1 thread) → workerd {via:.0} / {via2:.0} (ratio {:.2})",
+        (via + via2) / (direct + direct2)
     );
+    proxy_stop.stop(tollgate_proxy::Stop::Fast);
+    let _ = proxy_thread.join();
     sup.shutdown().await;
 
     // 5. Cold start of an idle-stopped deployment: first request at its activator → 200.
