@@ -3,9 +3,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tollgate_proxy::{Proxy, ProxyOptions, StaticRoute};
+use tollgate_balance_cache::AgentConfig;
+use tollgate_proxy::{MeteringOptions, Proxy, ProxyOptions, StaticRoute, StoreSource};
 use tollgate_routes::{Route, RouteKey, RouteStore};
 
 use crate::config::{Config, LogFormat, parse_addr, parse_host, parse_threads};
@@ -256,8 +258,60 @@ fn check_config(file: &Path) -> ExitCode {
     }
 }
 
-fn options(cfg: &Config, upgrade: bool) -> ProxyOptions {
-    ProxyOptions {
+/// Metering for this node: Redis when configured (every node shares it), else the embedded,
+/// durable store in the data dir (one node alone).
+fn metering(cfg: &Config) -> anyhow::Result<Option<MeteringOptions>> {
+    let m = &cfg.metering;
+    if !m.enabled {
+        return Ok(None);
+    }
+    let prices = cfg.prices.prices().map_err(anyhow::Error::msg)?;
+    let lease_ttl = Duration::from_secs(m.lease_ttl_seconds);
+    let node_id = m
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("proxy-{}", cfg.proxy.listen.port()));
+    let store = match &cfg.redis {
+        Some(r) => StoreSource::Redis {
+            url: r.url.clone(),
+            prefix: r.key_prefix.clone(),
+            lease_ttl,
+        },
+        None => StoreSource::Embedded {
+            path: cfg.control.data_dir.join("money.redb"),
+            lease_ttl,
+        },
+    };
+    let mut agent = AgentConfig::new(
+        &node_id,
+        cfg.control.data_dir.join(format!("{node_id}.journal")),
+    );
+    agent.settle_interval = Duration::from_millis(m.settle_interval_ms);
+    agent.lease_ttl = lease_ttl;
+    agent.lease_margin = lease_ttl / 5;
+    agent
+        .validate()
+        .map_err(|e| anyhow::anyhow!("[metering]: {e}"))?;
+    Ok(Some(MeteringOptions {
+        store,
+        prices,
+        agent,
+        lease_wait: Duration::from_millis(m.lease_wait_ms),
+        top_up: m.top_up.clone(),
+        hooks: None,
+    }))
+}
+
+fn options(cfg: &Config, upgrade: bool) -> anyhow::Result<ProxyOptions> {
+    if cfg.metering.enabled {
+        std::fs::create_dir_all(&cfg.control.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create data dir {} (journals, embedded store): {e}",
+                cfg.control.data_dir.display()
+            )
+        })?;
+    }
+    Ok(ProxyOptions {
         proxy: cfg.proxy.clone(),
         admin: cfg.admin.clone(),
         redis: cfg.redis.clone(),
@@ -266,11 +320,12 @@ fn options(cfg: &Config, upgrade: bool) -> ProxyOptions {
         upgrade,
         exit_when_drained: true,
         os_signals: true,
-    }
+        metering: metering(cfg)?,
+    })
 }
 
 fn run_proxy(cfg: Config, upgrade: bool) -> anyhow::Result<ExitCode> {
-    let proxy = Proxy::prepare(options(&cfg, upgrade))?;
+    let proxy = Proxy::prepare(options(&cfg, upgrade)?)?;
     proxy.run()?;
     Ok(ExitCode::SUCCESS)
 }
@@ -282,7 +337,7 @@ fn run_dev(cfg: Config) -> anyhow::Result<ExitCode> {
             cfg.control.data_dir.display()
         )
     })?;
-    let proxy = Proxy::prepare(options(&cfg, false))?;
+    let proxy = Proxy::prepare(options(&cfg, false)?)?;
     let port = cfg.proxy.listen.port();
     let routes_from = match &cfg.redis {
         Some(r) => format!("Redis at {}", r.url),

@@ -20,6 +20,8 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub metering: MeteringConfig,
+    pub prices: PriceConfig,
     /// Static routes: `[[route]] host = "…" upstreams = ["127.0.0.1:3000"]`.
     #[serde(rename = "route")]
     pub routes: Vec<StaticRoute>,
@@ -40,6 +42,69 @@ impl Default for ControlConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8790)),
             data_dir: PathBuf::from(".tollgate"),
         }
+    }
+}
+
+/// Charging requests to the routes' owning accounts (docs/money.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    /// Off: every route is free, whatever its account (a plain routing proxy).
+    pub enabled: bool,
+    /// This node's stable name: its journal and its leases are keyed by it, so it must be unique
+    /// per node and the same across restarts. Default: `proxy-<listen port>`.
+    pub node_id: Option<String>,
+    /// How long a request waits for this node's first lease on an account (ms) before a 503.
+    pub lease_wait_ms: u64,
+    /// How settle interval and leases behave; defaults suit most deployments.
+    pub settle_interval_ms: u64,
+    pub lease_ttl_seconds: u64,
+    /// Shown on 402 answers and the suspension page: how an owner adds credit.
+    pub top_up: String,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig {
+            enabled: true,
+            node_id: None,
+            lease_wait_ms: 200,
+            settle_interval_ms: 50,
+            lease_ttl_seconds: 10,
+            top_up:
+                "the owner's agent can add credit with the `top_up` tool of the tollgate MCP server"
+                    .into(),
+        }
+    }
+}
+
+/// Prices in dollars, as operators write them; money is integer pico-dollars inside.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriceConfig {
+    pub deploy_usd: String,
+    pub requests_per_million_usd: String,
+    pub cpu_ms_per_million_usd: String,
+}
+
+impl Default for PriceConfig {
+    fn default() -> Self {
+        PriceConfig {
+            deploy_usd: "0.05".into(),
+            requests_per_million_usd: "0.50".into(),
+            cpu_ms_per_million_usd: "12.50".into(),
+        }
+    }
+}
+
+impl PriceConfig {
+    pub fn prices(&self) -> Result<tollgate_metering::Prices, String> {
+        tollgate_metering::Prices::from_usd(
+            &self.deploy_usd,
+            &self.requests_per_million_usd,
+            &self.cpu_ms_per_million_usd,
+        )
+        .map_err(|e| format!("[prices]: {e}"))
     }
 }
 
@@ -118,6 +183,17 @@ pub const ENV_VARS: &[&str] = &[
 impl Config {
     /// Parses a config file's text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg = Self::parse_toml(text, origin)?;
+        cfg.prices.prices().map_err(|message| ConfigError {
+            origin: origin.to_owned(),
+            line: None,
+            column: None,
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         toml::from_str::<Config>(text).map_err(|e| {
             let (line, column) = match e.span() {
                 Some(span) => {

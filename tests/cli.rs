@@ -20,6 +20,13 @@ impl Drop for Proc {
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
     c.stdout(Stdio::null()).stderr(Stdio::null());
+    // Journals and the embedded money store go to a fresh folder, not the checkout.
+    let data = tempfile::Builder::new()
+        .prefix("tollgate-cli-test-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    c.env("TOLLGATE_DATA_DIR", data);
     c
 }
 

@@ -118,6 +118,7 @@ async fn run() -> Res<()> {
     let spec = |id: String| DeploymentSpec {
         deployment_id: id,
         project_id: "bench".into(),
+        account_id: "acct1".into(),
         code: code.clone(),
         compatibility_date: "2025-01-01".into(),
         env: BTreeMap::new(),

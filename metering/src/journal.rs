@@ -30,6 +30,8 @@ enum Line {
 }
 
 pub struct Journal {
+    /// Held while open (see `open`).
+    _lock: File,
     path: PathBuf,
     file: File,
     /// Appended but not yet acknowledged, in order.
@@ -46,6 +48,10 @@ pub enum JournalError {
     },
     #[error("journal {path}: {0}", path = .1)]
     Encode(serde_json::Error, String),
+    /// Another live process (for example the old one during a zero-downtime upgrade) still
+    /// owns this journal; it is free once that process has settled and exited.
+    #[error("journal {path} is in use by another process")]
+    Locked { path: String },
 }
 
 impl Journal {
@@ -57,6 +63,25 @@ impl Journal {
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        // One owner at a time: two processes appending to (and compacting) one journal would
+        // lose batches. The lock lives on a sidecar file because compaction replaces the journal.
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(JournalError::Locked {
+                    path: path.display().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
         let mut pending: Vec<SettleBatch> = Vec::new();
         let mut incarnation = None;
@@ -90,6 +115,7 @@ impl Journal {
             .open(path)
             .map_err(io)?;
         let mut j = Journal {
+            _lock: lock,
             path: path.to_owned(),
             file,
             pending,
@@ -227,5 +253,23 @@ mod tests {
         j.ack(&b(1)).unwrap();
         j.ack(&b(2)).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_has_one_owner_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n1.journal");
+        let first = Journal::open(&path).unwrap();
+        assert!(matches!(
+            Journal::open(&path),
+            Err(JournalError::Locked { .. })
+        ));
+        drop(first);
+        Journal::open(&path).unwrap();
     }
 }

@@ -11,9 +11,11 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use tollgate_balance_cache::Spend;
 use tollgate_routes::{MAX_HOST_LEN, ResolvedRoute, RouteTable, normalize_host};
 
 use crate::config::ProxyConfig;
+use crate::gate::Gate;
 use crate::metrics::ProxyMetrics;
 use crate::pages::{Problem, wants_html};
 
@@ -37,6 +39,7 @@ impl Health {
 }
 
 pub struct Dispatch {
+    pub(crate) gate: Option<Gate>,
     pub(crate) table: Arc<RouteTable>,
     pub(crate) health: Arc<Health>,
     pub(crate) metrics: Arc<ProxyMetrics>,
@@ -50,13 +53,15 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
-    pub fn new(
+    pub(crate) fn new(
         cfg: &ProxyConfig,
         table: Arc<RouteTable>,
         health: Arc<Health>,
         metrics: Arc<ProxyMetrics>,
+        gate: Option<Gate>,
     ) -> Self {
         Dispatch {
+            gate,
             table,
             health,
             metrics,
@@ -90,6 +95,8 @@ pub struct Ctx {
     html: bool,
     /// An upstream took the request and dropped the connection without answering.
     interrupted: bool,
+    /// Held for the request's lifetime (the runtime's in-flight count).
+    _request_guard: Option<Box<dyn Send + Sync>>,
     _in_flight: InFlight,
 }
 
@@ -119,6 +126,7 @@ impl ProxyHttp for Dispatch {
             request_id: String::new(),
             html: false,
             interrupted: false,
+            _request_guard: None,
             _in_flight: InFlight(self.metrics.in_flight.clone()),
         }
     }
@@ -162,6 +170,31 @@ impl ProxyHttp for Dispatch {
         };
         match self.table.lookup(host) {
             Some(route) => {
+                if let Some(gate) = &self.gate
+                    && let Some(account) = route.account_id.as_deref()
+                {
+                    match gate.pay(account).await {
+                        Spend::Ok => {
+                            gate.metered.inc();
+                            if let (Some(hooks), Some(dep)) =
+                                (&gate.hooks, route.deployment_id.as_deref())
+                            {
+                                ctx._request_guard = hooks.begin(dep);
+                            }
+                        }
+                        Spend::Suspended => {
+                            gate.rejected_suspended.inc();
+                            let p = Problem::suspended(&route.hostname, &gate.top_up);
+                            ctx.route = Some(route);
+                            return respond(session, ctx, &p).await;
+                        }
+                        Spend::Pending | Spend::Unavailable => {
+                            gate.rejected_unavailable.inc();
+                            ctx.route = Some(route);
+                            return respond(session, ctx, &Problem::metering_unavailable()).await;
+                        }
+                    }
+                }
                 ctx.first_pick = route.first_pick();
                 ctx.route = Some(route);
                 Ok(false)

@@ -5,9 +5,11 @@
 pub mod admin;
 pub mod config;
 pub mod dispatch;
+pub mod gate;
 pub mod metrics;
 pub mod pages;
 pub mod server;
 
 pub use config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
+pub use gate::{MeteringOptions, RequestHooks, StoreSource};
 pub use server::{Proxy, ProxyOptions, Stop, StopHandle};

@@ -2,6 +2,8 @@
 //! Self-contained (no external assets), `Cache-Control: no-store`, with the request id so that a
 //! user's report can be matched to the logs.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -14,7 +16,9 @@ pub struct Problem {
     pub kind: &'static str,
     pub title: &'static str,
     pub detail: String,
-    pub hint: &'static str,
+    pub hint: Cow<'static, str>,
+    /// Extra members of the problem+json body (RFC 9457 extensions).
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
     pub retry_after_seconds: Option<u32>,
 }
 
@@ -25,7 +29,10 @@ impl Problem {
             kind: "bad-host",
             title: "Bad Host header",
             detail,
-            hint: "Send the service's host name in the Host header, for example my-app.localhost.",
+            hint: Cow::Borrowed(
+                "Send the service's host name in the Host header, for example my-app.localhost.",
+            ),
+            extra: None,
             retry_after_seconds: None,
         }
     }
@@ -36,7 +43,10 @@ impl Problem {
             kind: "unknown-host",
             title: "No service at this address",
             detail: format!("Nothing is deployed at {host}."),
-            hint: "Check the address. A service that was deleted or expired no longer answers here.",
+            hint: Cow::Borrowed(
+                "Check the address. A service that was deleted or expired no longer answers here.",
+            ),
+            extra: None,
             retry_after_seconds: None,
         }
     }
@@ -47,7 +57,10 @@ impl Problem {
             kind: "header-too-large",
             title: "Request headers too large",
             detail: format!("The request line and headers exceed {limit} bytes."),
-            hint: "Send fewer or smaller headers (large cookies are the usual cause).",
+            hint: Cow::Borrowed(
+                "Send fewer or smaller headers (large cookies are the usual cause).",
+            ),
+            extra: None,
             retry_after_seconds: None,
         }
     }
@@ -58,7 +71,8 @@ impl Problem {
             kind: "body-too-large",
             title: "Request body too large",
             detail: format!("The request body exceeds {limit} bytes."),
-            hint: "Send a smaller body, or split the upload into parts.",
+            hint: Cow::Borrowed("Send a smaller body, or split the upload into parts."),
+            extra: None,
             retry_after_seconds: None,
         }
     }
@@ -69,7 +83,8 @@ impl Problem {
             kind: "not-ready",
             title: "Starting up",
             detail: "This proxy has not loaded its routes yet.".into(),
-            hint: "Retry in a moment.",
+            hint: Cow::Borrowed("Retry in a moment."),
+            extra: None,
             retry_after_seconds: Some(1),
         }
     }
@@ -82,7 +97,10 @@ impl Problem {
             detail: format!(
                 "The service at {host} could not be reached or gave an invalid answer."
             ),
-            hint: "Retry shortly. If it persists, the service's owner should check its logs.",
+            hint: Cow::Borrowed(
+                "Retry shortly. If it persists, the service's owner should check its logs.",
+            ),
+            extra: None,
             retry_after_seconds: None,
         }
     }
@@ -98,8 +116,46 @@ impl Problem {
             detail: format!(
                 "The service at {host} stopped before it answered: its process was ended, for example for passing its CPU limit per request, or it crashed. It is restarted automatically."
             ),
-            hint: "Retry in a moment. If this request always fails, it likely exceeds the CPU limit: the service's owner can see why in its logs.",
+            hint: Cow::Borrowed(
+                "Retry in a moment. If this request always fails, it likely exceeds the CPU limit: the service's owner can see why in its logs.",
+            ),
+            extra: None,
             retry_after_seconds: Some(1),
+        }
+    }
+
+    /// The service's owner has no credit left (402): API clients get this as problem+json,
+    /// browsers as the suspension page.
+    pub fn suspended(host: &str, top_up: &str) -> Self {
+        let mut extra = serde_json::Map::new();
+        extra.insert("service".into(), host.into());
+        extra.insert("balance_usd".into(), "0.00".into());
+        extra.insert("top_up".into(), top_up.into());
+        Problem {
+            status: 402,
+            kind: "service-suspended",
+            title: "This service is paused",
+            detail: format!(
+                "The service at {host} has used up the credit its owner prepaid, so it is paused. It resumes by itself as soon as its owner adds credit; nothing is lost meanwhile."
+            ),
+            hint: Cow::Owned(format!(
+                "If you own this service, top up its balance: {top_up}. Otherwise, let its owner know and try again later."
+            )),
+            extra: Some(extra),
+            retry_after_seconds: None,
+        }
+    }
+
+    /// No lease is left on this node and the money store cannot be reached: never a 402.
+    pub fn metering_unavailable() -> Self {
+        Problem {
+            status: 503,
+            kind: "metering-unavailable",
+            title: "Temporarily unavailable",
+            detail: "This request could not be paid for right now: the platform's balance store is unreachable. Nothing was charged.".into(),
+            hint: Cow::Borrowed("Retry in a few seconds."),
+            extra: None,
+            retry_after_seconds: Some(2),
         }
     }
 
@@ -109,7 +165,10 @@ impl Problem {
             kind: "upstream-timeout",
             title: "The service took too long",
             detail: format!("The service at {host} did not answer in time."),
-            hint: "Retry later, or ask the service's owner to make this request faster.",
+            hint: Cow::Borrowed(
+                "Retry later, or ask the service's owner to make this request faster.",
+            ),
+            extra: None,
             retry_after_seconds: None,
         }
     }
@@ -120,7 +179,8 @@ impl Problem {
             kind: "internal",
             title: "Internal error",
             detail: "The proxy failed to handle this request.".into(),
-            hint: "Retry; if it persists, report the request id to the operator.",
+            hint: Cow::Borrowed("Retry; if it persists, report the request id to the operator."),
+            extra: None,
             retry_after_seconds: None,
         }
     }
@@ -131,7 +191,8 @@ impl Problem {
             kind: "bad-request",
             title: "Bad request",
             detail,
-            hint: "Check the request against HTTP/1.1 (RFC 9112).",
+            hint: Cow::Borrowed("Check the request against HTTP/1.1 (RFC 9112)."),
+            extra: None,
             retry_after_seconds: None,
         }
     }
@@ -164,15 +225,20 @@ impl Problem {
     }
 
     pub fn json(&self, request_id: &str) -> String {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "type": format!("urn:tollgate:problem:{}", self.kind),
             "title": self.title,
             "status": self.status,
             "detail": self.detail,
             "hint": self.hint,
             "request_id": request_id,
-        })
-        .to_string()
+        });
+        if let (Some(extra), Some(obj)) = (&self.extra, v.as_object_mut()) {
+            for (k, val) in extra {
+                obj.entry(k.clone()).or_insert_with(|| val.clone());
+            }
+        }
+        v.to_string()
     }
 
     pub fn html(&self, request_id: &str) -> String {
@@ -201,7 +267,7 @@ code{{font-family:ui-monospace,monospace}}
             status = self.status,
             title = escape(self.title),
             detail = escape(&self.detail),
-            hint = escape(self.hint),
+            hint = escape(&self.hint),
             rid = escape(request_id),
         )
     }

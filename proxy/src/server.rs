@@ -16,7 +16,9 @@ use tollgate_routes::{RouteSync, RouteTable, SyncMetrics, SyncOptions};
 use crate::admin::{AdminState, router};
 use crate::config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
 use crate::dispatch::{Dispatch, Health};
+use crate::gate::{Gate, MeteringOptions};
 use crate::metrics::{ProxyMetrics, register_build_info};
+use tollgate_balance_cache::{Agent, BalanceCache, CacheMetrics};
 
 /// Everything one proxy node needs.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +36,9 @@ pub struct ProxyOptions {
     pub exit_when_drained: bool,
     /// Also stop on SIGTERM/SIGINT/SIGQUIT (the binary); tests use [`StopHandle`] alone.
     pub os_signals: bool,
+    /// Charge requests to the routes' owning accounts (see `docs/money.md`). Without it every
+    /// route is free (static routes, the proxy-only benchmarks).
+    pub metering: Option<MeteringOptions>,
 }
 
 /// How to stop a running node.
@@ -65,6 +70,7 @@ pub struct Proxy {
     admin_listener: TcpListener,
     stop_rx: mpsc::UnboundedReceiver<Stop>,
     stop_tx: mpsc::UnboundedSender<Stop>,
+    metering: Option<(Arc<BalanceCache>, Gate, CacheMetrics)>,
 }
 
 impl Proxy {
@@ -94,7 +100,18 @@ impl Proxy {
             })?);
         }
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let metering = match &opts.metering {
+            Some(m) => {
+                m.agent.validate()?;
+                let cache = BalanceCache::new(m.prices);
+                let gate = Gate::new(cache.clone(), m, &registry)?;
+                let cache_metrics = CacheMetrics::new(&registry)?;
+                Some((cache, gate, cache_metrics))
+            }
+            None => None,
+        };
         Ok(Proxy {
+            metering,
             opts,
             registry,
             table,
@@ -115,6 +132,12 @@ impl Proxy {
         self.registry.clone()
     }
 
+    /// This node's balance cache, when metering is on: CPU usage from the runtime is charged
+    /// through it (`charge_cpu`).
+    pub fn balance_cache(&self) -> Option<Arc<BalanceCache>> {
+        self.metering.as_ref().map(|(c, _, _)| c.clone())
+    }
+
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(self.stop_tx.clone())
     }
@@ -131,6 +154,7 @@ impl Proxy {
             admin_listener,
             stop_rx,
             stop_tx: _,
+            metering,
         } = self;
 
         let bg = tokio::runtime::Builder::new_multi_thread()
@@ -177,6 +201,20 @@ impl Proxy {
             bg.spawn(sync.run(bg_stop_rx.clone()));
         }
 
+        let (gate, agent_task) = match (metering, &opts.metering) {
+            (Some((cache, gate, cache_metrics)), Some(m)) => {
+                let task = bg.spawn(run_agent(
+                    cache,
+                    m.store.clone(),
+                    m.agent.clone(),
+                    cache_metrics,
+                    bg_stop_rx.clone(),
+                ));
+                (Some(gate), Some(task))
+            }
+            _ => (None, None),
+        };
+
         let conf = ServerConf {
             threads: opts.proxy.threads,
             work_stealing: opts.proxy.work_stealing,
@@ -208,7 +246,7 @@ impl Proxy {
         };
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
-        let dispatch = Dispatch::new(&opts.proxy, table, health.clone(), metrics.clone());
+        let dispatch = Dispatch::new(&opts.proxy, table, health.clone(), metrics.clone(), gate);
         let mut service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             dispatch,
@@ -236,10 +274,47 @@ impl Proxy {
         });
 
         let _ = bg_stop_tx.send(true);
+        if let Some(task) = agent_task {
+            // The agent settles what is left and returns its leases; give it time to.
+            let _ =
+                bg.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+        }
         bg.shutdown_timeout(Duration::from_secs(1));
         tracing::info!("proxy stopped");
         Ok(())
     }
+}
+
+/// Starts the metering agent (retrying while the store is unreachable: requests get 503 meanwhile)
+/// and runs it until shutdown, when it settles what is left and returns its leases.
+async fn run_agent(
+    cache: Arc<BalanceCache>,
+    store: crate::gate::StoreSource,
+    cfg: tollgate_balance_cache::AgentConfig,
+    metrics: CacheMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut wait = Duration::from_millis(100);
+    let agent = loop {
+        let started = match store.open().await {
+            Ok(store) => Agent::start(cache.clone(), store, cfg.clone(), metrics.clone())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(a) => break a,
+            Err(e) => {
+                tracing::warn!(error = %e, "metering agent cannot start yet; metered routes answer 503");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    agent.run(stop).await;
 }
 
 /// Exits the process once `after` has passed and no request is in flight (binary only).

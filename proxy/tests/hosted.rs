@@ -27,6 +27,11 @@ const APP: &str = r#"import { Hono } from 'hono'
 const app = new Hono<{ Bindings: { VERSION: string } }>()
 app.get('/', (c) => c.text('version ' + c.env.VERSION))
 app.get('/spin', () => { let x = 0; for (;;) { x += 1 } })
+app.get('/burn', (c) => {
+  const ms = Number(c.req.query('ms') ?? '100'); const t = performance.now(); let x = 0
+  while (performance.now() - t < ms) { x += Math.sqrt(x + 1) }
+  return c.text('burned ' + (x > 0))
+})
 export default app
 "#;
 
@@ -82,6 +87,7 @@ fn spec(rig: &Rig, id: &str, version: &str) -> DeploymentSpec {
     DeploymentSpec {
         deployment_id: id.into(),
         project_id: "proj1".into(),
+        account_id: "acct1".into(),
         code: rig.code.clone(),
         compatibility_date: "2025-01-01".into(),
         env: BTreeMap::from([("VERSION".to_owned(), version.to_owned())]),
@@ -223,4 +229,104 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
         .await
     );
     rig.sup.shutdown().await;
+}
+
+/// What the dev binary wires: the runtime's CPU deltas charged to the owner on this node.
+struct ChargeCpu(Arc<tollgate_balance_cache::BalanceCache>);
+impl CpuSink for ChargeCpu {
+    fn record(&self, deltas: &[CpuDelta]) {
+        for d in deltas {
+            self.0.charge_cpu(&d.account_id, d.cpu_us);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_is_charged_while_a_long_request_is_still_running() {
+    use tollgate_metering::{Prices, RedisStore, Store};
+    let redis = RedisServer::start();
+    let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let st: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    st.credit("acct1", "deposit", 5_000_000_000_000)
+        .await
+        .unwrap(); // $5
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(Some(&redis.url()), &[]);
+    o.metering = Some(tollgate_proxy::MeteringOptions {
+        store: st.clone().into(),
+        prices: Prices::default(),
+        agent: tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal")),
+        lease_wait: Duration::from_secs(2),
+        top_up: "top up".into(),
+        hooks: None,
+    });
+    let node = Node::start(o);
+    let cache = node.cache.clone().unwrap();
+
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let bundle = Bundler::new(BundlerConfig {
+        esbuild: t.esbuild.clone(),
+        node_modules: t.node_modules.clone(),
+        packages: t.packages.clone(),
+        work_dir: dir.path().join("builds"),
+        limits: Limits::default(),
+    })
+    .unwrap()
+    .bundle_raw([("src/index.ts", APP)])
+    .await
+    .unwrap();
+    let cfg = RuntimeConfig {
+        data_dir: dir.path().join("runtime"),
+        sample_interval: Duration::from_millis(20),
+        ..RuntimeConfig::default()
+    };
+    let (sup, _events) = Supervisor::new(cfg, t, Arc::new(ChargeCpu(cache))).unwrap();
+    let started = sup
+        .start(DeploymentSpec {
+            deployment_id: "burner".into(),
+            project_id: "proj1".into(),
+            account_id: "acct1".into(),
+            code: bundle.code,
+            compatibility_date: "2025-01-01".into(),
+            env: BTreeMap::from([("VERSION".to_owned(), "1".to_owned())]),
+        })
+        .await
+        .unwrap();
+    routes
+        .put(
+            &RouteKey::slug("burn").unwrap(),
+            &route(started.addr, "burner"),
+        )
+        .await
+        .unwrap();
+    let c = node.client(&["burn.localhost"]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            matches!(c.get(node.url("burn.localhost", "/")).send().await, Ok(r) if r.status() == 200)
+        })
+        .await
+    );
+    let before = st.account("acct1").await.unwrap().unwrap().debited;
+    let url = node.url("burn.localhost", "/burn?ms=2000");
+    let long = tokio::spawn(async move { c.get(url).send().await.unwrap().status() });
+    // While it burns, its CPU reaches the ledger: well over one request's price.
+    let mut charged_mid_request = 0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        charged_mid_request = st.account("acct1").await.unwrap().unwrap().debited - before;
+        if charged_mid_request > 100 * 12_500_000 {
+            break; // > 100 ms of CPU at 12,500 p$/µs
+        }
+    }
+    assert!(!long.is_finished(), "the request was still running");
+    assert!(
+        charged_mid_request > 100 * 12_500_000,
+        "only {charged_mid_request} p$ charged while the request ran"
+    );
+    assert_eq!(long.await.unwrap(), 200);
+    sup.shutdown().await;
 }

@@ -80,6 +80,8 @@ impl Default for RuntimeConfig {
 pub struct DeploymentSpec {
     pub deployment_id: String,
     pub project_id: String,
+    /// The paying account: CPU deltas carry it so the metering side can charge them.
+    pub account_id: String,
     /// The bundled ES module.
     pub code: String,
     pub compatibility_date: String,
@@ -106,6 +108,7 @@ pub enum RuntimeError {
 pub struct CpuDelta {
     pub deployment_id: Arc<str>,
     pub project_id: Arc<str>,
+    pub account_id: Arc<str>,
     pub cpu_us: u64,
 }
 
@@ -209,6 +212,7 @@ struct Proc {
 struct Deployment {
     id: Arc<str>,
     project: Arc<str>,
+    account: Arc<str>,
     dir: PathBuf,
     logs: Arc<LogBuffer>,
     inflight: Arc<Inflight>,
@@ -310,6 +314,7 @@ impl Supervisor {
         let dep = Arc::new(Deployment {
             id: spec.deployment_id.as_str().into(),
             project: spec.project_id.as_str().into(),
+            account: spec.account_id.as_str().into(),
             dir: dir.clone(),
             logs: Arc::new(LogBuffer::new(cfg.log_entries, cfg.log_line_bytes)),
             inflight: Arc::new(Inflight::default()),
@@ -564,6 +569,7 @@ impl Inner {
                 deltas.push(CpuDelta {
                     deployment_id: dep.id.clone(),
                     project_id: dep.project.clone(),
+                    account_id: dep.account.clone(),
                     cpu_us: delta,
                 });
             }

@@ -115,6 +115,7 @@ fn spec(id: &str, code: String, version: &str) -> DeploymentSpec {
     DeploymentSpec {
         deployment_id: id.to_owned(),
         project_id: "proj1".to_owned(),
+        account_id: "acct1".into(),
         code,
         compatibility_date: "2025-01-01".to_owned(),
         env: BTreeMap::from([

@@ -10,6 +10,8 @@ use tollgate_testkit::free_addr;
 
 pub struct Node {
     pub addr: SocketAddr,
+    /// The node's balance cache, when metering is on.
+    pub cache: Option<std::sync::Arc<tollgate_balance_cache::BalanceCache>>,
     pub admin: SocketAddr,
     stop: StopHandle,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
@@ -61,6 +63,7 @@ impl Node {
         let addr = opts.proxy.listen;
         let admin = opts.admin.listen;
         let stop = proxy.stop_handle();
+        let cache = proxy.balance_cache();
         let thread = std::thread::spawn(move || proxy.run());
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
@@ -69,6 +72,7 @@ impl Node {
         }
         Node {
             addr,
+            cache,
             admin,
             stop,
             thread: Some(thread),

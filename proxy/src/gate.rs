@@ -1,0 +1,147 @@
+//! The money gate on the request path: each request to a service that has an owning account is
+//! paid from this node's lease in the balance cache (lock-free, no I/O) before it is proxied.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use std::path::PathBuf;
+use tollgate_balance_cache::{AgentConfig, BalanceCache, Spend};
+
+use tollgate_metering::{EmbeddedStore, Prices, RedisStore, Store};
+
+/// Called for each paid request with its deployment id; the returned guard lives as long as the
+/// request (the runtime's in-flight count, which its per-request CPU cap needs).
+pub trait RequestHooks: Send + Sync + 'static {
+    fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>>;
+}
+
+/// Where balances, leases and the ledger live.
+#[derive(Clone)]
+pub enum StoreSource {
+    /// Already open (tests).
+    Ready(Arc<dyn Store>),
+    /// Shared by every node of a deployment; connected (and reconnected) by the node itself.
+    Redis {
+        url: String,
+        prefix: String,
+        lease_ttl: Duration,
+    },
+    /// One node alone (`tollgate dev`, a single-node install): a durable file.
+    Embedded { path: PathBuf, lease_ttl: Duration },
+}
+
+impl StoreSource {
+    pub(crate) async fn open(&self) -> Result<Arc<dyn Store>, String> {
+        match self {
+            StoreSource::Ready(s) => Ok(s.clone()),
+            StoreSource::Redis {
+                url,
+                prefix,
+                lease_ttl,
+            } => RedisStore::connect(url, prefix, *lease_ttl)
+                .await
+                .map(|s| Arc::new(s) as Arc<dyn Store>)
+                .map_err(|e| e.to_string()),
+            StoreSource::Embedded { path, lease_ttl } => EmbeddedStore::open(path, *lease_ttl)
+                .map(|s| Arc::new(s) as Arc<dyn Store>)
+                .map_err(|e| format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+impl From<Arc<dyn Store>> for StoreSource {
+    fn from(s: Arc<dyn Store>) -> Self {
+        StoreSource::Ready(s)
+    }
+}
+
+/// Metering, as the embedding binary configures it.
+#[derive(Clone)]
+pub struct MeteringOptions {
+    pub store: StoreSource,
+    pub prices: Prices,
+    pub agent: AgentConfig,
+    /// How long a request waits for this node's first lease on an account before it gets 503.
+    pub lease_wait: Duration,
+    /// How an owner tops up (shown on the 402 answer and the suspension page).
+    pub top_up: String,
+    pub hooks: Option<Arc<dyn RequestHooks>>,
+}
+
+impl std::fmt::Debug for MeteringOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteringOptions")
+            .field("prices", &self.prices)
+            .field("node_id", &self.agent.node_id)
+            .field("lease_wait", &self.lease_wait)
+            .field("top_up", &self.top_up)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Gate {
+    pub cache: Arc<BalanceCache>,
+    pub lease_wait: Duration,
+    pub top_up: String,
+    pub hooks: Option<Arc<dyn RequestHooks>>,
+    pub metered: IntCounter,
+    pub rejected_suspended: IntCounter,
+    pub rejected_unavailable: IntCounter,
+}
+
+impl Gate {
+    pub fn new(
+        cache: Arc<BalanceCache>,
+        opts: &MeteringOptions,
+        registry: &Registry,
+    ) -> prometheus::Result<Gate> {
+        let metered = IntCounter::new(
+            "tollgate_metered_requests_total",
+            "Requests paid from a balance (routes with an owning account).",
+        )?;
+        registry.register(Box::new(metered.clone()))?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "tollgate_metering_rejected_total",
+                "Requests refused by the money gate, by reason (suspended → 402, metering_unavailable → 503).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(rejected.clone()))?;
+        Ok(Gate {
+            cache,
+            lease_wait: opts.lease_wait,
+            top_up: opts.top_up.clone(),
+            hooks: opts.hooks.clone(),
+            metered,
+            rejected_suspended: rejected.with_label_values(&["suspended"]),
+            rejected_unavailable: rejected.with_label_values(&["metering_unavailable"]),
+        })
+    }
+
+    /// Pays one request. `Pending` (no lease here yet) waits up to `lease_wait` for the agent's
+    /// refill; what is still pending then counts as unavailable (503), never as suspended.
+    pub async fn pay(&self, account: &str) -> Spend {
+        let mut deadline = None;
+        loop {
+            match self.cache.try_spend_request(account) {
+                Spend::Pending => {
+                    let end = *deadline.get_or_insert_with(|| Instant::now() + self.lease_wait);
+                    let left = end.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Spend::Unavailable;
+                    }
+                    // `changed` fires after every settle reply and feed update; the cap covers a
+                    // wake-up that happened between our check and the wait.
+                    let _ = tokio::time::timeout(
+                        left.min(Duration::from_millis(10)),
+                        self.cache.changed(),
+                    )
+                    .await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
