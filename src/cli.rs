@@ -40,6 +40,32 @@ pub enum Command {
     /// Read and write routes in Redis (what the control service does), for operators.
     #[command(subcommand)]
     Routes(RoutesCommand),
+    /// Read accounts and add credit by hand in Redis, for operators (refunds, goodwill, tests).
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Show an account: credited, debited, available, leased, status (JSON).
+    Show {
+        #[arg(long)]
+        redis: String,
+        account: String,
+    },
+    /// Add credit exactly once per --key (repeating the command with the same key adds nothing).
+    Credit {
+        #[arg(long)]
+        redis: String,
+        #[arg(long)]
+        account: String,
+        /// Dollars, e.g. 1.50.
+        #[arg(long)]
+        usd: String,
+        /// Idempotency key, e.g. a ticket number.
+        #[arg(long)]
+        key: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
         Command::Routes(cmd) => routes(cmd),
+        Command::Accounts(cmd) => accounts(cmd),
     }
 }
 
@@ -404,6 +431,36 @@ fn routes(cmd: RoutesCommand) -> anyhow::Result<ExitCode> {
                         );
                     }
                 }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn accounts(cmd: AccountsCommand) -> anyhow::Result<ExitCode> {
+    use tollgate_metering::{Picos, RedisStore, Store};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (redis, account) = match &cmd {
+            AccountsCommand::Show { redis, account } => (redis, account),
+            AccountsCommand::Credit { redis, account, .. } => (redis, account),
+        };
+        let store = RedisStore::connect(redis, "tollgate", Duration::from_secs(10)).await?;
+        if let AccountsCommand::Credit { usd, key, .. } = &cmd {
+            let amount = Picos::parse_usd(usd).map_err(|e| anyhow::anyhow!("--usd {usd}: {e}"))?;
+            let out = store
+                .credit(account, key, amount.0)
+                .await
+                .map_err(|e| anyhow::anyhow!("credit refused: {e}"))?;
+            eprintln!("{out:?}");
+        }
+        match store.account(account).await? {
+            Some(a) => println!("{}", serde_json::to_string(&a)?),
+            None => {
+                eprintln!("no account {account:?}");
+                return Ok(ExitCode::from(1));
             }
         }
         Ok(ExitCode::SUCCESS)

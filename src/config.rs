@@ -176,6 +176,8 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_DATA_DIR",
     "TOLLGATE_REDIS_URL",
     "TOLLGATE_DRAIN_TIMEOUT_SECONDS",
+    "TOLLGATE_METERING_ENABLED",
+    "TOLLGATE_NODE_ID",
     "TOLLGATE_LOG_LEVEL",
     "TOLLGATE_LOG_FORMAT",
 ];
@@ -271,6 +273,14 @@ impl Config {
                 "TOLLGATE_DRAIN_TIMEOUT_SECONDS" => {
                     self.shutdown.drain_timeout_seconds = parse_num(&val).map_err(fail)?;
                 }
+                "TOLLGATE_METERING_ENABLED" => {
+                    self.metering.enabled = match val.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(fail(format!("{val:?}: expected true or false"))),
+                    }
+                }
+                "TOLLGATE_NODE_ID" => self.metering.node_id = Some(val),
                 "TOLLGATE_LOG_LEVEL" => self.log.level = val,
                 "TOLLGATE_LOG_FORMAT" => {
                     self.log.format = match val.as_str() {

@@ -247,3 +247,77 @@ fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests()
     // The new process serves alone now.
     assert_eq!(get(&c, &url), (200, "up".into()));
 }
+
+/// An operator's path through metering: a route owned by an account with no credit answers 402;
+/// `tollgate accounts credit` (idempotent by key) brings it back.
+#[test]
+fn metered_route_is_402_until_an_operator_credits_the_account() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("paid");
+    let (_dev, proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.args(["dev", "--redis", &redis.url()])
+            .args(["--proxy-listen", &proxy.to_string()])
+            .args(["--control-listen", &free_addr().to_string()])
+            .args(["--admin-listen", &free_addr().to_string()]);
+        c
+    });
+    let out = bin()
+        .args(["routes", "put", "--redis", &redis.url(), "--slug", "paid"])
+        .args([
+            "--upstream",
+            &up.addr.to_string(),
+            "--account-id",
+            "acct-ops",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let c = reqwest::blocking::Client::builder()
+        .resolve("paid.localhost", proxy)
+        .build()
+        .unwrap();
+    let url = format!("http://paid.localhost:{}/", proxy.port());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url).0 != 402 {
+        assert!(
+            Instant::now() < deadline,
+            "an account without credit must get 402"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let credit = || {
+        bin()
+            .stdout(Stdio::piped())
+            .args([
+                "accounts",
+                "credit",
+                "--redis",
+                &redis.url(),
+                "--account",
+                "acct-ops",
+            ])
+            .args(["--usd", "0.01", "--key", "ticket-42"])
+            .output()
+            .unwrap()
+    };
+    let out = credit();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["credited"], 10_000_000_000i64); // $0.01 in pico-dollars
+    // The same key again adds nothing.
+    let again: serde_json::Value = serde_json::from_slice(&credit().stdout).unwrap();
+    assert_eq!(again["credited"], 10_000_000_000i64);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url) != (200, "paid".into()) {
+        assert!(
+            Instant::now() < deadline,
+            "credit did not resume the service"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -221,3 +221,43 @@ fn check_config_points_at_the_first_error() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot read"), "{err}");
 }
+
+#[test]
+fn prices_and_metering_are_configurable_and_bad_prices_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        &dir,
+        "good.toml",
+        "[prices]\nrequests_per_million_usd = \"1.00\"\n[metering]\nlease_wait_ms = 50\n",
+    );
+    let cfg = proxy_config(
+        &proxy_args(&["--config", good.to_str().unwrap()]),
+        &env_of(&[]),
+    )
+    .unwrap();
+    assert_eq!(cfg.prices.prices().unwrap().per_request, 1_000_000);
+    assert_eq!(cfg.metering.lease_wait_ms, 50);
+    let cfg = proxy_config(
+        &proxy_args(&["--config", good.to_str().unwrap()]),
+        &env_of(&[
+            ("TOLLGATE_METERING_ENABLED", "false"),
+            ("TOLLGATE_NODE_ID", "edge-1"),
+        ]),
+    )
+    .unwrap();
+    assert!(!cfg.metering.enabled);
+    assert_eq!(cfg.metering.node_id.as_deref(), Some("edge-1"));
+
+    let bad = write(
+        &dir,
+        "bad.toml",
+        "[prices]\ncpu_ms_per_million_usd = \"0.0000000000001\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[prices]"), "{err}");
+}

@@ -208,6 +208,15 @@ async fn run() -> Res<()> {
         "hello-world req/s, 32 connections from this probe on the same 2 cores: direct to workerd {direct:.0} / {direct2:.0}; through the proxy (1 thread) → workerd {via:.0} / {via2:.0} (ratio {:.2})",
         (via + via2) / (direct + direct2)
     );
+    if let Some(st) = sup.status("rps")
+        && st.restarts > 0
+    {
+        return Err(format!(
+            "the workerd process restarted during the run: {:?}",
+            st.last_exit
+        )
+        .into());
+    }
     proxy_stop.stop(tollgate_proxy::Stop::Fast);
     let _ = proxy_thread.join();
     sup.shutdown().await;

@@ -256,7 +256,9 @@ async fn two_nodes_debit_exactly_what_they_served() {
     }
     let st = store(&redis).await;
     for a in accounts {
-        st.credit(a, &format!("deposit-{a}"), 1_000_000 * PRICE).await.unwrap();
+        st.credit(a, &format!("deposit-{a}"), 1_000_000 * PRICE)
+            .await
+            .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let n1 = Node::start(metered(&redis, st.clone(), "n1", &dir, 50 * PRICE));

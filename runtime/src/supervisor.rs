@@ -63,7 +63,9 @@ impl Default for RuntimeConfig {
             min_drain: Duration::from_millis(250),
             drain_timeout: Duration::from_secs(30),
             cpu_limit_per_request: Duration::from_secs(30),
-            memory_limit_bytes: Some(256 * 1024 * 1024),
+            // A busy workerd grows to ~300 MiB (runtime.md) and keeps it; 256 MiB got it
+            // OOM-killed under a benchmark's load.
+            memory_limit_bytes: Some(512 * 1024 * 1024),
             cpu_share_percent: Some(100),
             max_restarts: 5,
             restart_window: Duration::from_secs(60),
