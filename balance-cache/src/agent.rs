@@ -554,11 +554,19 @@ fn apply_status(slot: &Slot, version: u64, status: Status, source: Source) -> bo
         if cur >> SHIFT >= version {
             return false;
         }
-        let flags = cur & (REFILL | DIRTY);
         let susp = match (status, source) {
             (Status::Active, _) => 0,
             (Status::Suspended, Source::Reply) => SUSPENDED,
             (Status::Suspended, Source::Feed) => cur & SUSPENDED,
+        };
+        // "Nothing left for you" answers every refill asked for until now, including one a
+        // request flagged while this reply was on its way. A stale flag would make this node
+        // take the next top-up at its next tick, with no request waiting for it here, and hold
+        // it (until `idle_return`) while the node that has the traffic answers 402.
+        let flags = if source == Source::Reply && susp != 0 {
+            cur & DIRTY
+        } else {
+            cur & (REFILL | DIRTY)
         };
         let next = version << SHIFT | flags | susp;
         match slot
@@ -586,14 +594,12 @@ async fn follow_feed(
         };
         match ev {
             Ok(FeedEvent::Change(c)) => {
-                let changed = cache.map.with(&c.account, |key, slot| {
-                    let was = slot.is_suspended();
-                    let applied = apply_status(slot, c.version, c.status, Source::Feed);
-                    if applied && was && c.status == Status::Active {
-                        // Resumed: get a lease now rather than at the next request.
-                        cache.mark(key, slot, REFILL);
-                    }
-                    applied
+                // A resumed account gets its lease at its next request here (one store round
+                // trip), not at once: every node asking at once would let a node with no traffic
+                // for it take a small top-up and hold it until `idle_return`, while the node
+                // that has the traffic answers 402.
+                let changed = cache.map.with(&c.account, |_, slot| {
+                    apply_status(slot, c.version, c.status, Source::Feed)
                 });
                 if changed == Some(true) {
                     cache.changed.notify_waiters();

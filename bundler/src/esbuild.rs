@@ -2,6 +2,7 @@
 //! directory (on every path, including timeouts: the temp dir and the child die with the future).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
 
@@ -40,8 +41,14 @@ pub(crate) async fn run(
             .map_err(|e| BundleError::internal(format!("writing sources: {e}")))?;
     }
 
+    // Our own tsconfig: a tenant's `extends`/`paths` could otherwise point at host files.
+    tokio::fs::write(dir.path().join("tsconfig.json"), "{}")
+        .await
+        .map_err(|e| BundleError::internal(format!("writing tsconfig: {e}")))?;
     let mut cmd = tokio::process::Command::new(&config.esbuild);
     cmd.current_dir(&src)
+        .env_clear()
+        .arg("--tsconfig=../tsconfig.json")
         .arg(entry)
         .args([
             "--bundle",
@@ -197,9 +204,20 @@ fn check_imports(
         if path.contains("node_modules/") {
             continue;
         }
-        if files.contains(path) {
-            inputs.push(path.clone());
+        if !files.contains(path) {
+            // The pre-scan refuses the ways to get here; this is the backstop.
+            return Err(BundleError::build(
+                vec![Diagnostic {
+                    file: None,
+                    line: None,
+                    column: None,
+                    message: "the bundle would include a file that is not part of the upload"
+                        .into(),
+                }],
+                "Import only the uploaded files and the platform's packages.",
+            ));
         }
+        inputs.push(path.clone());
         for import in input.imports.iter().filter(|i| !i.external) {
             let Some(pkg) = package_of(&import.path) else {
                 continue;
@@ -228,10 +246,10 @@ fn check_imports(
     Ok((inputs, used))
 }
 
-/// Bare specifiers the agent's files import (`from "x"`, `import "x"`, `import("x")`,
-/// `require("x")`), as package names. A scan, not a parse: it runs before esbuild so that an
-/// unavailable package is named plainly instead of through errors deep inside some other package.
-pub(crate) fn imported_packages(text: &str) -> Vec<String> {
+/// Specifiers the agent's files import (`from "x"`, `import "x"`, `import("x")`,
+/// `require("x")`). A scan, not a parse: it runs before esbuild so that an import that escapes the
+/// uploaded files, or names a host tool, is refused before esbuild reads anything.
+pub(crate) fn imported_specifiers(text: &str) -> Vec<&str> {
     let b = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
@@ -255,48 +273,97 @@ pub(crate) fn imported_packages(text: &str) -> Vec<String> {
                 && !before[..before.len() - k.len()]
                     .ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$' || c == '.')
         });
-        if keyword
-            && !spec.is_empty()
-            && !spec.starts_with('.')
-            && !spec.starts_with('/')
-            && !spec.starts_with("node:")
-            && !spec.starts_with("cloudflare:")
-            && let Some(pkg) = package_of(&format!("node_modules/{spec}"))
-        {
-            out.push(pkg);
+        if keyword && !spec.is_empty() {
+            out.push(spec);
         }
         i += len + 2;
     }
     out
 }
 
-/// Refuses imports of packages outside the curated set before any work is done.
+/// Refuses, before any work: absolute imports, relative imports that climb out of the uploaded
+/// files, URL imports, and packages installed on the host that are not offered to tenants (the
+/// tools). A package that is not installed at all is left to esbuild, which names it ("Could not
+/// resolve") and gets the list of what is available as its hint.
 pub(crate) fn precheck_imports(
     files: &SourceFiles,
     curated: &BTreeMap<String, String>,
+    node_modules: &Path,
 ) -> Result<(), BundleError> {
+    let refuse = |path: &str, message: String, hint: String| {
+        Err(BundleError::build(
+            vec![Diagnostic {
+                file: Some(path.to_owned()),
+                line: None,
+                column: None,
+                message: format!("{path}: {message}"),
+            }],
+            hint,
+        ))
+    };
     for (path, text) in files.iter() {
         if !is_code(path) {
             continue;
         }
-        if let Some(pkg) = imported_packages(text)
-            .into_iter()
-            .find(|p| !curated.contains_key(p))
-        {
-            return Err(BundleError::build(
-                vec![Diagnostic {
-                    file: Some(path.to_owned()),
-                    line: None,
-                    column: None,
-                    message: format!(
-                        "{path}: imports package {pkg:?}, which is not in the platform's package set"
-                    ),
-                }],
-                available(curated),
-            ));
+        for spec in imported_specifiers(text) {
+            if spec.starts_with('/') {
+                return refuse(
+                    path,
+                    format!("imports {spec:?}, an absolute path"),
+                    "Import only the uploaded files, with relative paths such as './lib'.".into(),
+                );
+            }
+            if spec.starts_with('.') {
+                if escapes(path, spec) {
+                    return refuse(
+                        path,
+                        format!("imports {spec:?}, which is outside the uploaded files"),
+                        "Import only the uploaded files.".into(),
+                    );
+                }
+                continue;
+            }
+            if spec.starts_with("node:") || spec.starts_with("cloudflare:") {
+                continue;
+            }
+            if spec.contains(':') {
+                return refuse(
+                    path,
+                    format!("imports {spec:?}: URL imports are not supported"),
+                    available(curated),
+                );
+            }
+            let Some(pkg) = package_of(&format!("node_modules/{spec}")) else {
+                continue;
+            };
+            if !curated.contains_key(&pkg) && node_modules.join(&pkg).exists() {
+                return refuse(
+                    path,
+                    format!("imports package {pkg:?}, which is not in the platform's package set"),
+                    available(curated),
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// True when `spec`, relative to the directory of `importer`, leaves the upload's root.
+fn escapes(importer: &str, spec: &str) -> bool {
+    let mut depth = importer.matches('/').count() as i64;
+    for seg in spec.split('/') {
+        match seg {
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            "." | "" => {}
+            _ => depth += 1,
+        }
+    }
+    false
 }
 
 fn is_code(path: &str) -> bool {
@@ -394,7 +461,17 @@ mod tests {
     }
 
     #[test]
-    fn finds_bare_imports_only() {
+    fn escaping_relative_imports_are_detected() {
+        assert!(!escapes("src/index.ts", "./lib"));
+        assert!(!escapes("src/index.ts", "../other.ts"));
+        assert!(escapes("src/index.ts", "../../x"));
+        assert!(escapes("index.ts", "../x"));
+        assert!(escapes("src/a/b.ts", "../../../etc/passwd"));
+        assert!(!escapes("src/a/b.ts", "./c/../../d"));
+    }
+
+    #[test]
+    fn finds_import_specifiers() {
         let src = r#"import { Hono } from 'hono'
 import x from "./local"
 import "@hono/zod-validator/x"
@@ -404,8 +481,15 @@ import fs from "node:fs"
 const notAnImport = myfrom("nope")
 "#;
         assert_eq!(
-            imported_packages(src),
-            vec!["hono", "@hono/zod-validator", "zod", "lodash"]
+            imported_specifiers(src),
+            vec![
+                "hono",
+                "./local",
+                "@hono/zod-validator/x",
+                "zod",
+                "lodash",
+                "node:fs"
+            ]
         );
     }
 

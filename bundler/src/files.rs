@@ -61,6 +61,19 @@ impl SourceFiles {
                 ));
             }
         }
+        // `src` as a file and `src/index.ts` cannot both exist on disk.
+        for path in files.keys() {
+            let mut dir = path.as_str();
+            while let Some((parent, _)) = dir.rsplit_once('/') {
+                if files.contains_key(parent) {
+                    return Err(BundleError::validation(
+                        format!("{parent:?} is both a file and the folder of {path:?}"),
+                        "Rename the file or the folder.",
+                    ));
+                }
+                dir = parent;
+            }
+        }
         if files.is_empty() {
             return Err(BundleError::validation(
                 "no files".to_owned(),
@@ -141,6 +154,9 @@ pub fn normalize_path(raw: &str) -> Result<String, BundleError> {
                 "Send only the service's source files.",
             );
         }
+        if seg.len() > 255 {
+            return bad("a path segment is longer than 255 bytes", relative);
+        }
         if seg.chars().any(char::is_control) {
             return bad("path contains a control character", relative);
         }
@@ -155,7 +171,7 @@ pub fn normalize_path(raw: &str) -> Result<String, BundleError> {
             "Pass secrets as the deployment's env vars; the service reads them from `env`.",
         );
     }
-    if raw.ends_with('/') {
+    if raw.ends_with('/') || raw.ends_with("/.") {
         return bad("path ends with `/` (a directory)", relative);
     }
     Ok(parts.join("/"))
@@ -172,6 +188,23 @@ mod tests {
     }
 
     #[test]
+    fn a_file_cannot_also_be_a_folder() {
+        let e = SourceFiles::new([("src", "x"), ("src/index.ts", "y")], &Limits::default())
+            .unwrap_err();
+        assert_eq!(e.code(), "VALIDATION_ERROR");
+        assert!(
+            e.message.contains("both a file and the folder"),
+            "{}",
+            e.message
+        );
+        let long = format!("src/{}.ts", "a".repeat(253));
+        assert_eq!(
+            normalize_path(&long).unwrap_err().code(),
+            "VALIDATION_ERROR"
+        );
+    }
+
+    #[test]
     fn refuses_escaping_and_secret_paths() {
         for p in [
             "",
@@ -185,6 +218,7 @@ mod tests {
             "node_modules/hono/index.js",
             "src/.git/config",
             "src/",
+            "src/.",
             ".",
             "a\nb.ts",
         ] {

@@ -125,7 +125,7 @@ impl Bundler {
 
     pub async fn bundle(&self, files: &SourceFiles) -> Result<Bundle, BundleError> {
         let entry = find_entry(files)?;
-        esbuild::precheck_imports(files, &self.config.packages)?;
+        esbuild::precheck_imports(files, &self.config.packages, &self.config.node_modules)?;
         let jsx = uses_hono(files).then(|| "hono/jsx".to_owned());
         esbuild::run(&self.config, files, &entry, jsx).await
     }

@@ -136,12 +136,12 @@ async fn imports_outside_the_curated_set_name_the_package_and_list_the_set() {
         .unwrap_err();
     assert_eq!(e.code(), "BUNDLE_FAILED");
     assert!(
-        e.message.contains(
-            "src/index.ts: imports package \"lodash\", which is not in the platform's package set"
-        ),
+        e.message
+            .contains("src/index.ts:1:14 Could not resolve \"lodash\""),
         "{}",
         e.message
     );
+    assert!(e.hint.contains("\"lodash\" is not available"), "{}", e.hint);
     assert!(e.hint.contains("hono@"), "{}", e.hint);
     // Installed on the host (it is a tool), but not offered to tenants.
     let e = b
@@ -274,4 +274,73 @@ async fn oversized_bundle_is_refused() {
         "{}",
         e.message
     );
+}
+
+#[tokio::test]
+async fn imports_cannot_reach_host_files() {
+    let (b, work) = bundler();
+    // A file beside the build dirs that a tenant must never read.
+    std::fs::write(
+        work.path().join("secret.js"),
+        "export default 'host secret'",
+    )
+    .unwrap();
+    let secret = work.path().join("secret.js");
+    for (entry, needle) in [
+        (
+            format!(
+                "import s from {:?}\nexport default s",
+                secret.display().to_string()
+            ),
+            "an absolute path",
+        ),
+        (
+            "import s from '../../secret.js'\nexport default s".to_owned(),
+            "outside the uploaded files",
+        ),
+        (
+            "import s from '../../../../../../etc/passwd'\nexport default s".to_owned(),
+            "outside the uploaded files",
+        ),
+        (
+            "import s from 'file:///etc/passwd'\nexport default s".to_owned(),
+            "URL imports",
+        ),
+    ] {
+        let e = b
+            .bundle_raw([("src/index.ts", entry.as_str())])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "BUNDLE_FAILED");
+        assert!(e.message.contains(needle), "{needle}: {}", e.message);
+        assert!(!e.message.contains("host secret"));
+    }
+    // A tenant tsconfig cannot map an import onto host files either.
+    let tsconfig = format!(
+        r#"{{"compilerOptions": {{"baseUrl": ".", "paths": {{"x": [{:?}]}}}}}}"#,
+        secret.display().to_string()
+    );
+    let r = b
+        .bundle_raw([
+            ("tsconfig.json", tsconfig.as_str()),
+            ("src/index.ts", "import s from 'x'\nexport default s"),
+        ])
+        .await;
+    match r {
+        Ok(bundle) => panic!("bundled host file: {}", bundle.code),
+        Err(e) => assert!(!e.message.contains("host secret"), "{}", e.message),
+    }
+}
+
+#[tokio::test]
+async fn type_only_imports_of_absent_packages_are_fine() {
+    let (b, _w) = bundler();
+    let bundle = b
+        .bundle_raw([(
+            "src/index.ts",
+            "import type { ExecutionContext } from '@cloudflare/workers-types'\nexport default { fetch(_r: Request, _e: unknown, _c: ExecutionContext) { return new Response('ok') } }",
+        )])
+        .await
+        .unwrap();
+    assert!(bundle.code.contains("ok"));
 }

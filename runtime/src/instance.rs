@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
@@ -28,6 +28,7 @@ pub(crate) async fn spawn(
     config: &Path,
     logs: Arc<LogBuffer>,
     ready_timeout: Duration,
+    max_line: usize,
 ) -> Result<Spawned, String> {
     let started = Instant::now();
     let mut child = Command::new(workerd)
@@ -47,26 +48,23 @@ pub(crate) async fn spawn(
         let logs = logs.clone();
         tokio::spawn(async move {
             let mut port_tx = Some(port_tx);
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            for_each_line(stdout, max_line, |line| {
                 if line.starts_with("{\"event\":") {
-                    if let Some(port) = listen_port(&line)
+                    if let Some(port) = listen_port(line)
                         && let Some(tx) = port_tx.take()
                     {
                         let _ = tx.send(port);
                     }
-                    continue;
+                    return;
                 }
-                logs.push_workerd_line(&line);
-            }
+                logs.push_workerd_line(line);
+            })
+            .await;
         });
     }
     if let Some(stderr) = child.stderr.take() {
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                logs.push_workerd_line(&line);
-            }
+            for_each_line(stderr, max_line, |line| logs.push_workerd_line(line)).await;
         });
     }
     let ready = async {
@@ -111,6 +109,32 @@ pub(crate) async fn spawn(
     })
 }
 
+/// Calls `f` with each `\n`-terminated line, keeping at most `max` bytes of it: a tenant that
+/// prints a huge line cannot make the supervisor buffer it.
+async fn for_each_line<R: AsyncRead + Unpin>(r: R, max: usize, mut f: impl FnMut(&str)) {
+    let mut r = BufReader::new(r);
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let buf = match r.fill_buf().await {
+            Ok(b) if !b.is_empty() => b,
+            _ => break,
+        };
+        let end = buf.iter().position(|&c| c == b'\n');
+        let take = end.unwrap_or(buf.len());
+        let room = max.saturating_sub(line.len());
+        line.extend_from_slice(&buf[..take.min(room)]);
+        let consumed = end.map_or(buf.len(), |p| p + 1);
+        r.consume(consumed);
+        if end.is_some() {
+            f(&String::from_utf8_lossy(&line));
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        f(&String::from_utf8_lossy(&line));
+    }
+}
+
 fn listen_port(line: &str) -> Option<u16> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     (v.get("event")?.as_str()? == "listen").then_some(())?;
@@ -146,9 +170,18 @@ pub(crate) async fn stop(child: &mut Child, grace: Duration) {
     let _ = child.wait().await;
 }
 
-pub(crate) fn kill_now(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_cut_not_buffered() {
+        let input = format!("short\n{}\nlast", "x".repeat(10_000));
+        let mut got = Vec::new();
+        for_each_line(input.as_bytes(), 100, |l| got.push(l.to_owned())).await;
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], "short");
+        assert_eq!(got[1].len(), 100);
+        assert_eq!(got[2], "last");
+    }
 }

@@ -103,7 +103,13 @@ impl LogBuffer {
                     _ => None,
                 }
                 .unwrap_or_else(now_ms);
-                self.push(ts, level.as_deref().unwrap_or("log"), &message);
+                // workerd appends its own native stack (host paths) to internal errors: that is
+                // ours, not the tenant's.
+                let message = match message.split_once("\nstack: ") {
+                    Some((head, tail)) if tail.contains("workerd") => head,
+                    _ => message.as_str(),
+                };
+                self.push(ts, level.as_deref().unwrap_or("log"), message);
             }
             _ if line.trim().is_empty() => {}
             _ => self.push(now_ms(), "error", line),
@@ -166,12 +172,17 @@ mod tests {
         b.push_workerd_line(r#"{"timestamp":1795713341051,"level":"log","message":"burned 200"}"#);
         b.push_workerd_line(r#"{"timestamp":"1795713340792","level":"error","message":"x"}"#);
         b.push_workerd_line("plain crash text");
+        b.push_workerd_line(r#"{"level":"error","message":"failed: connecting to 10.0.0.1:80 is not allowed\nstack: /opt/x/workerd@2b5edc0 /opt/x/workerd@3f"}"#);
         let (e, _) = b.read(0, 10);
         assert_eq!((e[0].ts_ms, e[0].level.as_str()), (1795713341051, "log"));
         assert_eq!(e[1].ts_ms, 1795713340792);
         assert_eq!(
             (e[2].level.as_str(), e[2].message.as_str()),
             ("error", "plain crash text")
+        );
+        assert_eq!(
+            e[3].message,
+            "failed: connecting to 10.0.0.1:80 is not allowed"
         );
     }
 

@@ -142,6 +142,7 @@ pub enum RuntimeEvent {
 pub struct Inflight {
     count: AtomicU32,
     busy_periods: AtomicU64,
+    completed: AtomicU64,
 }
 
 pub struct InflightGuard(Arc<Inflight>);
@@ -161,6 +162,7 @@ impl Inflight {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
+        self.0.completed.fetch_add(1, Ordering::AcqRel);
         self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -204,10 +206,10 @@ pub struct Started {
 }
 
 struct Proc {
-    pid: u32,
     meter: CpuMeter,
     last_us: u64,
     seen_busy: u64,
+    seen_completed: u64,
     streak_us: u64,
 }
 
@@ -221,6 +223,9 @@ struct Deployment {
     status: Mutex<DeploymentStatus>,
     proc_: Mutex<Option<Proc>>,
     killed_for_cpu: AtomicBool,
+    /// The sampler asks the monitor (which owns the child) to kill it: no raw pid that could
+    /// have been reused by then.
+    cpu_kill: tokio::sync::Notify,
     idle_req: tokio::sync::Notify,
     idle_requested: AtomicBool,
     /// Milliseconds since `Inner::epoch` of the last request or CPU use.
@@ -336,6 +341,7 @@ impl Supervisor {
             }),
             proc_: Mutex::new(None),
             killed_for_cpu: AtomicBool::new(false),
+            cpu_kill: tokio::sync::Notify::new(),
             idle_req: tokio::sync::Notify::new(),
             idle_requested: AtomicBool::new(false),
             last_active_ms: AtomicU64::new(self.inner.now_ms()),
@@ -481,16 +487,32 @@ fn write_files(
     spec: &DeploymentSpec,
     cfg: &RuntimeConfig,
 ) -> Result<(), RuntimeError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |e: std::io::Error| RuntimeError::Io(format!("{}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::write(dir.join("worker.js"), &spec.code).map_err(io)?;
+    // The config holds the deployment's secrets: only we may read it.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let write = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dir.join(name))?;
+        f.write_all(bytes)
+    };
+    write("worker.js", spec.code.as_bytes()).map_err(io)?;
     let config = capnp::render(&WorkerConfig {
         module_file: "worker.js",
         compatibility_date: &spec.compatibility_date,
         compatibility_flags: &cfg.compatibility_flags,
         bindings: &spec.env,
     });
-    std::fs::write(dir.join("config.capnp"), config).map_err(io)
+    write("config.capnp", config.as_bytes()).map_err(io)
 }
 
 impl Deployment {
@@ -534,8 +556,16 @@ impl Inner {
                 && let Some(p) = guard.as_mut()
             {
                 let busy = dep.inflight.busy_periods.load(Ordering::Acquire);
+                let new_period = busy != p.seen_busy;
+                p.seen_busy = busy;
+                let completed = dep.inflight.completed.load(Ordering::Acquire);
+                // A request finished: the event loop is making progress. A runaway synchronous
+                // loop blocks it, so nothing finishes while it burns.
+                let progressed = completed != p.seen_completed;
+                p.seen_completed = completed;
+                let in_flight = dep.inflight.count();
                 let now = self.now_ms();
-                if delta > 0 || busy != p.seen_busy || dep.inflight.count() > 0 {
+                if delta > 0 || new_period || progressed || in_flight > 0 {
                     dep.last_active_ms.store(now, Ordering::Release);
                 } else if let Some(idle) = self.cfg.idle_timeout
                     && now.saturating_sub(dep.last_active_ms.load(Ordering::Acquire))
@@ -544,20 +574,19 @@ impl Inner {
                 {
                     dep.idle_req.notify_one();
                 }
-                if dep.inflight.count() == 0 {
+                if in_flight == 0 || progressed {
                     p.streak_us = 0;
-                } else if busy != p.seen_busy {
-                    p.seen_busy = busy;
+                } else if new_period {
                     p.streak_us = delta;
                 } else {
                     p.streak_us += delta;
                 }
                 if p.streak_us > cap_us {
-                    kill = Some((p.pid, p.streak_us));
+                    kill = Some(p.streak_us);
                     p.streak_us = 0;
                 }
             }
-            if let Some((pid, used)) = kill {
+            if let Some(used) = kill {
                 dep.killed_for_cpu.store(true, Ordering::Release);
                 dep.logs.system(&format!(
                     "killed: {} ms of CPU while handling requests, over the {} ms limit; restarting",
@@ -565,7 +594,7 @@ impl Inner {
                     cap_us / 1000
                 ));
                 tracing::warn!(deployment = %dep.id, cpu_ms = used / 1000, "CPU limit per request exceeded; killing the process");
-                instance::kill_now(pid);
+                dep.cpu_kill.notify_one();
             }
             if delta > 0 {
                 deltas.push(CpuDelta {
@@ -613,6 +642,8 @@ async fn monitor(
             &config_path,
             dep.logs.clone(),
             cfg.ready_timeout,
+            // JSON framing around a message of up to `log_line_bytes`.
+            cfg.log_line_bytes * 2 + 1024,
         )
         .await;
         let mut sp = match spawned {
@@ -658,10 +689,10 @@ async fn monitor(
         let last_us = meter.read_us().unwrap_or(0);
         if let Ok(mut p) = dep.proc_.lock() {
             *p = Some(Proc {
-                pid: sp.pid,
                 meter: meter.clone(),
                 last_us,
                 seen_busy: dep.inflight.busy_periods.load(Ordering::Acquire),
+                seen_completed: dep.inflight.completed.load(Ordering::Acquire),
                 streak_us: 0,
             });
         }
@@ -702,6 +733,10 @@ async fn monitor(
                     break Exit::Stop;
                 }
                 _ = dep.idle_req.notified() => true,
+                _ = dep.cpu_kill.notified() => {
+                    let _ = sp.child.start_kill();
+                    false
+                }
             };
             if idle {
                 match TcpListener::bind("127.0.0.1:0").await {
@@ -715,11 +750,25 @@ async fn monitor(
         };
         match stopped {
             Exit::Idle(listener) => {
+                // Point the route at the activator first, let that propagate and anything
+                // already sent to the process finish; only then stop it. Connections that
+                // reach the activator meanwhile wait in its backlog for the next start.
+                let activator = listener.local_addr().ok();
+                if let Some(addr) = activator {
+                    let _ = inner.events.send(RuntimeEvent::Upstream {
+                        deployment_id: dep.id.to_string(),
+                        addr,
+                    });
+                }
+                tokio::time::sleep(cfg.min_drain).await;
+                let deadline = Instant::now() + cfg.drain_timeout;
+                while dep.inflight.count() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let _ = take_delta(&dep);
                 instance::stop(&mut sp.child, cfg.stop_grace).await;
                 let _ = take_delta(&dep);
                 end_proc(&dep, &meter);
-                let activator = listener.local_addr().ok();
                 dep.update(|s| {
                     s.phase = Phase::Idle;
                     s.addr = activator;
@@ -727,12 +776,6 @@ async fn monitor(
                 });
                 dep.logs
                     .system("idle: process stopped; the next request starts it again");
-                if let Some(addr) = activator {
-                    let _ = inner.events.send(RuntimeEvent::Upstream {
-                        deployment_id: dep.id.to_string(),
-                        addr,
-                    });
-                }
                 tokio::select! {
                     conn = listener.accept() => {
                         dep.last_active_ms.store(inner.now_ms(), Ordering::Release);
@@ -832,6 +875,8 @@ fn end_proc(dep: &Deployment, meter: &CpuMeter) {
 }
 
 fn finish_stopped(dep: &Deployment) {
+    // The secrets in the config are not needed once the version is stopped.
+    let _ = std::fs::remove_file(dep.dir.join("config.capnp"));
     dep.update(|s| {
         s.phase = Phase::Stopped;
         s.addr = None;

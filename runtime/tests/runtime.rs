@@ -197,16 +197,49 @@ async fn tenant_cannot_reach_loopback_or_private_addresses() {
     // A real listener on loopback that the tenant must not reach (as if it were Redis).
     let secret = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = secret.local_addr().unwrap();
-    for url in [
-        format!("http://{target}/"),
-        format!("http://localhost:{}/", target.port()),
-        "http://10.1.2.3/".to_owned(),
-        "http://192.168.1.1/".to_owned(),
-        "http://169.254.169.254/latest/meta-data/".to_owned(),
+    for (url, dest) in [
+        (format!("http://{target}/"), target.to_string()),
+        (
+            format!("http://localhost:{}/", target.port()),
+            format!("localhost:{}", target.port()),
+        ),
+        (
+            format!("http://[::1]:{}/", target.port()),
+            format!("::1:{}", target.port()),
+        ),
+        (
+            format!("http://0.0.0.0:{}/", target.port()),
+            format!("0.0.0.0:{}", target.port()),
+        ),
+        ("http://10.1.2.3/".to_owned(), "10.1.2.3:80".to_owned()),
+        (
+            "http://192.168.1.1/".to_owned(),
+            "192.168.1.1:80".to_owned(),
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/".to_owned(),
+            "169.254.169.254:80".to_owned(),
+        ),
     ] {
         let (status, _, body) = get(addr, &format!("/egress?url={url}")).await.unwrap();
         assert_eq!(status, 502, "{url}: {body}");
         assert!(body.starts_with("refused:"), "{url}: {body}");
+        // Refused by the egress rule, not merely unreachable.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let logs = rig.sup.logs("egress", 0, 1000).unwrap().0;
+            if logs.iter().any(|e| {
+                e.message
+                    .contains(&format!("connecting to {dest} is not allowed"))
+            }) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url}: no denial in the logs: {logs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let accepted = tokio::time::timeout(Duration::from_millis(100), secret.accept()).await;
     assert!(accepted.is_err(), "the tenant connected to a loopback port");
@@ -491,6 +524,12 @@ async fn idle_deployment_stops_and_the_next_request_starts_it_again() {
     else {
         panic!("{ev:?}")
     };
+    // The route moves first; the process stops once that has propagated.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.sup.status("sleepy").unwrap().phase != Phase::Idle {
+        assert!(Instant::now() < deadline, "never went idle");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let st = rig.sup.status("sleepy").unwrap();
     assert_eq!(
         (st.phase, st.pid, st.addr),
@@ -516,7 +555,7 @@ async fn idle_deployment_stops_and_the_next_request_starts_it_again() {
     let st = rig.sup.status("sleepy").unwrap();
     assert_eq!(st.phase, Phase::Running);
     assert!(st.cold_start_ms.is_some() && st.pid.is_some());
-    let _ = cold_before;
+    assert!(cold_before.is_some());
     assert_eq!(get(fresh, "/").await.unwrap().0, 200);
     assert_eq!(st.restarts, 0, "an idle stop is not a crash");
     let logs = rig.sup.logs("sleepy", 0, 100).unwrap().0;
@@ -525,4 +564,85 @@ async fn idle_deployment_stops_and_the_next_request_starts_it_again() {
             .any(|e| e.message.starts_with("idle: process stopped"))
     );
     rig.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn steady_overlapping_traffic_is_not_mistaken_for_a_runaway_request() {
+    let rig = rig_with(|c| c.cpu_limit_per_request = Duration::from_millis(500));
+    let addr = deploy(&rig, "busy", "1").await.unwrap();
+    let inflight = rig.sup.inflight("busy").unwrap();
+    // Four clients keep requests of ~20 ms CPU overlapping for 3 s: far more CPU than the cap
+    // in total, while every single request stays far below it.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let inflight = inflight.clone();
+        clients.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let mut n = 0;
+            while t.elapsed() < Duration::from_secs(3) {
+                let _g = inflight.begin();
+                assert_eq!(get(addr, "/burn?ms=20").await.unwrap().0, 200);
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for c in clients {
+        total += c.await.unwrap();
+    }
+    let st = rig.sup.status("busy").unwrap();
+    assert!(
+        st.cpu_us_total > 1_000_000,
+        "only {} µs of CPU",
+        st.cpu_us_total
+    );
+    assert_eq!(
+        st.cpu_limit_kills, 0,
+        "killed a healthy busy service after {total} requests"
+    );
+    rig.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_stop_waits_for_requests_in_flight() {
+    let mut rig = rig_with(|c| c.idle_timeout = Some(Duration::from_millis(300)));
+    let addr = deploy(&rig, "slowidle", "1").await.unwrap();
+    let inflight = rig.sup.inflight("slowidle").unwrap();
+    // Requests come and go through the guard, as from the proxy; then silence.
+    for _ in 0..3 {
+        let _g = inflight.begin();
+        assert_eq!(get(addr, "/").await.unwrap().0, 200);
+    }
+    let ev = tokio::time::timeout(Duration::from_secs(10), rig.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev, RuntimeEvent::Upstream { .. }),
+        "went idle after guarded requests: {ev:?}"
+    );
+    rig.sup.shutdown().await;
+}
+
+#[test]
+fn deployment_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let rig = rig();
+        deploy(&rig, "perms", "1").await.unwrap();
+        let dir = rig._dir.path().join("runtime/deployments/perms");
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let cfg = dir.join("config.capnp");
+        assert_eq!(
+            std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        rig.sup.stop("perms", false).await.unwrap();
+        assert!(!cfg.exists(), "secrets removed once stopped");
+    });
 }

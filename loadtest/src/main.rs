@@ -1,0 +1,187 @@
+//! `loadtest`: drive tollgate proxies and keep the books (see `loadtest --help`).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tollgate_loadtest::{HostSpec, Mode, Plan, scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "loadtest",
+    about = "Load generator for tollgate with its own record of every request and its price"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load running proxies; prints a JSON report (requests/s, latency percentiles, statuses,
+    /// errors by kind, and the expected request cost per account).
+    Run {
+        /// Proxy node IP:PORT (repeatable: requests go round-robin).
+        #[arg(long = "target", required = true)]
+        targets: Vec<SocketAddr>,
+        /// HOST or HOST=ACCOUNT (repeatable): hostnames to spread requests over.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Connections (closed loop, unless --rate is given).
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Open loop: requests per second in total.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup_seconds: f64,
+        /// Price of one request in pico-dollars (default $0.50 per million).
+        #[arg(long, default_value_t = 500_000)]
+        price: i64,
+    },
+    /// Start a stack on loopback (redis-server, an upstream, proxy nodes) and run a scenario.
+    Scenario {
+        #[command(subcommand)]
+        which: ScenarioCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScenarioCmd {
+    /// N services × M accounts across 2 proxy nodes sharing one Redis; then every account's
+    /// ledger debits must equal this generator's record exactly (exit 1 if not).
+    Reconcile {
+        #[arg(long, default_value_t = 20)]
+        services: usize,
+        #[arg(long, default_value_t = 5)]
+        accounts: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Metering on vs off on the same node in the same run (interleaved reps).
+    Overhead {
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+    /// Suspension seen by a second node after the last credit is spent, and resumption after
+    /// a top-up, over many rounds.
+    DrainTopUp {
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run {
+            targets,
+            hosts,
+            path,
+            concurrency,
+            rate,
+            seconds,
+            warmup_seconds,
+            price,
+        } => {
+            let hosts = hosts
+                .iter()
+                .map(|h| match h.split_once('=') {
+                    Some((host, account)) => HostSpec {
+                        host: host.to_owned(),
+                        account: Some(account.to_owned()),
+                    },
+                    None => HostSpec {
+                        host: h.clone(),
+                        account: None,
+                    },
+                })
+                .collect();
+            let mode = match rate {
+                Some(rate) => Mode::Open { rate, concurrency },
+                None => Mode::Closed { concurrency },
+            };
+            let report = tollgate_loadtest::run(&Plan {
+                targets,
+                hosts,
+                path,
+                mode,
+                duration: Duration::from_secs_f64(seconds),
+                warmup: Duration::from_secs_f64(warmup_seconds),
+                price_per_request: price,
+            })
+            .await?;
+            println!("{}", scenario::to_json(&report));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Scenario { which } => match which {
+            ScenarioCmd::Reconcile {
+                services,
+                accounts,
+                concurrency,
+                seconds,
+            } => {
+                let r = scenario::reconcile(
+                    services,
+                    accounts,
+                    Mode::Closed { concurrency },
+                    Duration::from_secs_f64(seconds),
+                )
+                .await?;
+                println!("{}", scenario::to_json(&r));
+                Ok(if r.all_exact {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            }
+            ScenarioCmd::Overhead {
+                concurrency,
+                seconds,
+                reps,
+            } => {
+                let r =
+                    scenario::overhead(concurrency, Duration::from_secs_f64(seconds), reps).await?;
+                println!("{}", scenario::to_json(&r));
+                Ok(ExitCode::SUCCESS)
+            }
+            ScenarioCmd::DrainTopUp { rounds } => {
+                let r = scenario::drain_top_up(rounds).await?;
+                println!("{}", scenario::to_json(&r));
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+    }
+}

@@ -1,0 +1,430 @@
+//! Scenarios that start their own stack on loopback (a `redis-server`, an upstream, proxy nodes in
+//! this process) and prove something with the generator: exact reconciliation with the ledger,
+//! metering overhead, and how fast suspension and resumption reach a second node.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tollgate_balance_cache::AgentConfig;
+use tollgate_metering::{Prices, RedisStore, Store};
+use tollgate_proxy::{MeteringOptions, Proxy, ProxyOptions, RedisConfig, Stop, StopHandle};
+use tollgate_routes::{Route, RouteKey, RouteStore};
+use tollgate_testkit::{RedisServer, Upstream, free_addr};
+
+use crate::{HostSpec, Mode, Plan, Report};
+
+pub const PRICE: i64 = 500_000;
+
+/// Redis, one upstream, and proxy nodes sharing them.
+pub struct Stack {
+    pub redis: RedisServer,
+    pub upstream: Upstream,
+    pub routes: RouteStore,
+    pub store: Arc<dyn Store>,
+    nodes: Vec<Node>,
+    dir: tempfile::TempDir,
+}
+
+struct Node {
+    addr: SocketAddr,
+    stop: StopHandle,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Stack {
+    pub async fn start() -> anyhow::Result<Stack> {
+        let redis = RedisServer::start();
+        let upstream = Upstream::start("ok");
+        let routes = RouteStore::connect(&redis.url(), "tollgate").await?;
+        let store: Arc<dyn Store> =
+            Arc::new(RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10)).await?);
+        Ok(Stack {
+            redis,
+            upstream,
+            routes,
+            store,
+            nodes: Vec::new(),
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// Starts proxy node `name` (metering on, leases of at most `max_lease` p$) and waits until
+    /// it has loaded its routes.
+    pub async fn add_node(&mut self, name: &str, max_lease: i64) -> anyhow::Result<SocketAddr> {
+        let mut o = ProxyOptions::default();
+        o.proxy.listen = free_addr();
+        o.admin.listen = free_addr();
+        o.proxy.threads = 1;
+        // Several Pingora servers in one process need the work-stealing runtime (docs/proxy.md).
+        o.proxy.work_stealing = true;
+        o.shutdown.drain_timeout_seconds = 5;
+        o.redis = Some(RedisConfig::new(&self.redis.url()));
+        let mut agent = AgentConfig::new(name, self.dir.path().join(format!("{name}.journal")));
+        agent.min_lease = PRICE.min(max_lease);
+        agent.max_lease = max_lease;
+        o.metering = Some(MeteringOptions {
+            store: self.store.clone().into(),
+            prices: Prices::default(),
+            agent,
+            lease_wait: Duration::from_secs(1),
+            top_up: "top up".into(),
+            hooks: None,
+        });
+        let (addr, admin) = (o.proxy.listen, o.admin.listen);
+        let proxy = Proxy::prepare(o)?;
+        let stop = proxy.stop_handle();
+        let thread = std::thread::spawn(move || proxy.run());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = TcpStream::connect(addr).is_ok()
+                && matches!(reqwest::get(format!("http://{admin}/readyz")).await, Ok(r) if r.status() == 200);
+            if ready {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {name} did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.nodes.push(Node {
+            addr,
+            stop,
+            thread: Some(thread),
+        });
+        Ok(addr)
+    }
+
+    pub async fn publish(&self, slug: &str, account: Option<&str>) -> anyhow::Result<String> {
+        let route = Route {
+            upstreams: vec![self.upstream.addr],
+            account_id: account.map(str::to_owned),
+            project_id: None,
+            deployment_id: None,
+        };
+        self.routes.put(&RouteKey::slug(slug)?, &route).await?;
+        Ok(format!("{slug}.localhost"))
+    }
+
+    /// Graceful stop of every node: each settles what is left and returns its leases.
+    pub fn stop_nodes(&mut self) -> anyhow::Result<()> {
+        for n in &self.nodes {
+            n.stop.stop(Stop::Graceful);
+        }
+        for n in &mut self.nodes {
+            if let Some(t) = n.thread.take() {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a proxy thread panicked"))??;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node_addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.addr).collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            n.stop.stop(Stop::Fast);
+        }
+        for n in &mut self.nodes {
+            if let Some(t) = n.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AccountCheck {
+    pub account: String,
+    pub expected_picos: i64,
+    pub debited_picos: i64,
+    pub leased_picos: i64,
+    pub exact: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Reconciliation {
+    pub scenario: &'static str,
+    pub services: usize,
+    pub accounts: usize,
+    pub nodes: usize,
+    pub load: Report,
+    pub checks: Vec<AccountCheck>,
+    pub all_exact: bool,
+}
+
+/// `services` hostnames owned by `accounts` accounts, load over two proxy nodes sharing one
+/// Redis; then every account's request debits in the ledger must equal the generator's own
+/// record exactly.
+pub async fn reconcile(
+    services: usize,
+    accounts: usize,
+    mode: Mode,
+    duration: Duration,
+) -> anyhow::Result<Reconciliation> {
+    anyhow::ensure!(services > 0 && accounts > 0, "need services and accounts");
+    let mut stack = Stack::start().await?;
+    let mut hosts = Vec::new();
+    for i in 0..services {
+        let account = format!("acct-{}", i % accounts);
+        let host = stack.publish(&format!("svc-{i}"), Some(&account)).await?;
+        hosts.push(HostSpec {
+            host,
+            account: Some(account),
+        });
+    }
+    for a in 0..accounts {
+        stack
+            .store
+            .credit(
+                &format!("acct-{a}"),
+                &format!("deposit-{a}"),
+                1_000 * 1_000_000_000_000,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("credit: {e}"))?;
+    }
+    stack.add_node("node-a", 100 * PRICE).await?;
+    stack.add_node("node-b", 100 * PRICE).await?;
+    let plan = Plan {
+        targets: stack.node_addrs(),
+        hosts,
+        path: "/".into(),
+        mode,
+        duration,
+        warmup: Duration::ZERO,
+        price_per_request: PRICE,
+    };
+    let load = crate::run(&plan).await?;
+    stack.stop_nodes()?;
+    let mut checks = Vec::new();
+    for a in 0..accounts {
+        let account = format!("acct-{a}");
+        let state = stack
+            .store
+            .account(&account)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{account} missing"))?;
+        let expected = load
+            .expected_request_cost_picos
+            .get(&account)
+            .copied()
+            .unwrap_or(0);
+        checks.push(AccountCheck {
+            exact: state.debited == expected,
+            account,
+            expected_picos: expected,
+            debited_picos: state.debited,
+            leased_picos: state.leased,
+        });
+    }
+    Ok(Reconciliation {
+        scenario: "reconcile",
+        services,
+        accounts,
+        nodes: 2,
+        all_exact: checks.iter().all(|c| c.exact),
+        load,
+        checks,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct Overhead {
+    pub scenario: &'static str,
+    pub reps: usize,
+    pub metered_rps: Vec<f64>,
+    pub free_rps: Vec<f64>,
+    pub metered_p99_us: Vec<u64>,
+    pub free_p99_us: Vec<u64>,
+    /// Medians over the reps.
+    pub rps_ratio: f64,
+    pub added_p99_us: i64,
+}
+
+fn median<T: Copy + PartialOrd>(v: &[T]) -> T {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    s[s.len() / 2]
+}
+
+/// The same proxy node, the same upstream, two hostnames: one owned by an account (every request
+/// goes through the money gate), one free. Reps alternate so drift hits both alike.
+pub async fn overhead(
+    concurrency: usize,
+    duration: Duration,
+    reps: usize,
+) -> anyhow::Result<Overhead> {
+    let mut stack = Stack::start().await?;
+    let metered = stack.publish("metered", Some("acct-o")).await?;
+    let free = stack.publish("free", None).await?;
+    stack
+        .store
+        .credit("acct-o", "deposit", 1_000_000 * 1_000_000_000_000)
+        .await
+        .map_err(|e| anyhow::anyhow!("credit: {e}"))?;
+    let node = stack.add_node("node-o", 1_000_000_000_000).await?;
+    let plan = |host: &str| Plan {
+        targets: vec![node],
+        hosts: vec![HostSpec {
+            host: host.to_owned(),
+            account: None,
+        }],
+        path: "/".into(),
+        mode: Mode::Closed { concurrency },
+        duration,
+        warmup: Duration::from_millis(500),
+        price_per_request: PRICE,
+    };
+    let mut out = Overhead {
+        scenario: "overhead",
+        reps,
+        metered_rps: Vec::new(),
+        free_rps: Vec::new(),
+        metered_p99_us: Vec::new(),
+        free_p99_us: Vec::new(),
+        rps_ratio: 0.0,
+        added_p99_us: 0,
+    };
+    for _ in 0..reps.max(1) {
+        let m = crate::run(&plan(&metered)).await?;
+        anyhow::ensure!(
+            m.by_status.keys().all(|s| *s == 200),
+            "metered run: {:?}",
+            m.by_status
+        );
+        let f = crate::run(&plan(&free)).await?;
+        out.metered_rps.push(m.requests_per_s);
+        out.metered_p99_us.push(m.latency.p99_us);
+        out.free_rps.push(f.requests_per_s);
+        out.free_p99_us.push(f.latency.p99_us);
+    }
+    out.rps_ratio = median(&out.metered_rps) / median(&out.free_rps);
+    out.added_p99_us = median(&out.metered_p99_us) as i64 - median(&out.free_p99_us) as i64;
+    stack.stop_nodes()?;
+    Ok(out)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Timing {
+    pub samples: usize,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+fn timing(mut v: Vec<u64>) -> Timing {
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Timing {
+        samples: v.len(),
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        max_us: at(1.0),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct DrainTopUp {
+    pub scenario: &'static str,
+    /// From a credit's return to the first 200 on node B (the credit was made at the store, as
+    /// the payments service does).
+    pub resume: Timing,
+    /// From the request on node B that spent the account's last credit to node A's first 402.
+    pub suspension_on_other_node: Timing,
+}
+
+/// Drain-to-zero and top-up timing across two nodes; leases are one request, so each node's view
+/// follows the store closely.
+pub async fn drain_top_up(rounds: usize) -> anyhow::Result<DrainTopUp> {
+    let mut stack = Stack::start().await?;
+    let host = stack.publish("drain", Some("acct-d")).await?;
+    let a = stack.add_node("node-a", PRICE).await?;
+    let b = stack.add_node("node-b", PRICE).await?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let get = |node: SocketAddr| {
+        let client = client.clone();
+        let host = host.clone();
+        async move {
+            client
+                .get(format!("http://{node}/"))
+                .header("host", host)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    // Both nodes first see the account empty.
+    for n in [a, b] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while get(n).await != 402 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "an empty account must answer 402"
+            );
+        }
+    }
+    let (mut resume, mut suspend) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        stack
+            .store
+            .credit("acct-d", &format!("top-up-{round}"), PRICE)
+            .await
+            .map_err(|e| anyhow::anyhow!("credit: {e}"))?;
+        let t0 = Instant::now();
+        loop {
+            match get(b).await {
+                200 => break,
+                402 | 503 => {}
+                s => anyhow::bail!("unexpected status {s}"),
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                let st = stack.store.account("acct-d").await?;
+                anyhow::bail!("never resumed (round {round}); account: {st:?}");
+            }
+        }
+        resume.push(t0.elapsed().as_micros() as u64);
+        // That 200 spent the one request credited: node A must now refuse.
+        let t1 = Instant::now();
+        loop {
+            match get(a).await {
+                402 => break,
+                503 => {}
+                200 => anyhow::bail!("node A served a request nobody paid for"),
+                s => anyhow::bail!("unexpected status {s}"),
+            }
+            anyhow::ensure!(t1.elapsed() < Duration::from_secs(5), "never suspended");
+        }
+        suspend.push(t1.elapsed().as_micros() as u64);
+    }
+    stack.stop_nodes()?;
+    let state = stack.store.account("acct-d").await?;
+    if let Some(s) = state {
+        anyhow::ensure!(
+            s.debited == rounds as i64 * PRICE,
+            "debited {} for {rounds} paid requests",
+            s.debited
+        );
+    }
+    Ok(DrainTopUp {
+        scenario: "drain_top_up",
+        resume: timing(resume),
+        suspension_on_other_node: timing(suspend),
+    })
+}
+
+/// Per-scenario JSON, for `docs/benchmarks.md` and CI artefacts.
+pub fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+pub type Statuses = BTreeMap<u16, u64>;
