@@ -551,7 +551,12 @@ enum Source {
 fn apply_status(slot: &Slot, version: u64, status: Status, source: Source) -> bool {
     let mut cur = slot.state.load(Ordering::Acquire);
     loop {
-        if cur >> SHIFT >= version {
+        // Our own reply at the version the feed already brought describes the same store state,
+        // plus what only the reply knows (this node asked and got nothing): apply it. A settle
+        // that grants nothing changes no version, so skipping it would leave the node asking
+        // again and again until some later change, while requests wait.
+        let seen = cur >> SHIFT;
+        if seen > version || (seen == version && source == Source::Feed) {
             return false;
         }
         let susp = match (status, source) {

@@ -245,6 +245,12 @@ impl BalanceCache {
         self.changed.notified().await
     }
 
+    /// The same as [`BalanceCache::changed`], as a future to create (and `enable`) *before*
+    /// trying to spend, so a change that lands between the try and the wait is not missed.
+    pub fn changed_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
     /// Accounts cached on this node.
     pub fn len(&self) -> usize {
         self.map.len()

@@ -4,7 +4,9 @@
 #   benches/scripts/proxy-vs-nginx.sh [REPS] [SECONDS]      (defaults: 5 reps x 10 s)
 #
 # Cases: (1) wrk -> upstream directly, (2) wrk -> nginx reverse proxy -> upstream,
-# (3) wrk -> `tollgate proxy --threads 1` -> upstream, (4) the same with work stealing on. The system under test is pinned to CPU1;
+# (3) wrk -> `tollgate proxy --threads 1` -> upstream, (4) the same with work stealing on,
+# (5) the same as (3) with metering on: the route has an owning account (routes and balances in a
+# redis-server this script starts), so every request goes through the money gate. The system under test is pinned to CPU1;
 # wrk (and the upstream, when a proxy is under test) to CPU0. Reps are interleaved (rep 1 of
 # every case, then rep 2, ...) so drift hits every case alike; medians are reported.
 # Needs: nginx (Debian nginx-light), wrk, taskset, a release build of tollgate.
@@ -20,12 +22,14 @@ command -v wrk >/dev/null && command -v nginx >/dev/null || { echo "needs wrk an
 W=$(mktemp -d)
 OUT=${OUT:-$ROOT/target/bench-proxy}   # raw wrk outputs are kept here
 rm -rf "$OUT"; mkdir -p "$OUT"
-UP=18081; NGX=18082; TG=18083; TGA=18093; TG2=18084; TGA2=18094
+UP=18081; NGX=18082; TG=18083; TGA=18093; TG2=18084; TGA2=18094; TGM=18085; TGMA=18095; RDS=18096
 cleanup() {
   [[ -f $W/up/nginx.pid ]] && kill "$(cat "$W/up/nginx.pid")" 2>/dev/null || true
   [[ -f $W/rp/nginx.pid ]] && kill "$(cat "$W/rp/nginx.pid")" 2>/dev/null || true
   [[ -n ${TGPID:-} ]] && kill -INT "$TGPID" 2>/dev/null || true
   [[ -n ${TG2PID:-} ]] && kill -INT "$TG2PID" 2>/dev/null || true
+  [[ -n ${TGMPID:-} ]] && kill -INT "$TGMPID" 2>/dev/null || true
+  [[ -n ${RDSPID:-} ]] && kill "$RDSPID" 2>/dev/null || true
   sleep 0.3; rm -rf "$W"
 }
 trap cleanup EXIT
@@ -50,13 +54,22 @@ http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
 CONF
 nginx -c "$W/up.conf" -p "$W/"
 nginx -c "$W/rp.conf" -p "$W/"
-TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false "$BIN" proxy --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$TGA --threads 1 \
+export TOLLGATE_DATA_DIR="$W/data"
+TOLLGATE_METERING_ENABLED=false TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false "$BIN" proxy --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$TGA --threads 1 \
   --route bench.localhost=127.0.0.1:$UP >"$W/tg.log" 2>&1 &
 TGPID=$!
-TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=true "$BIN" proxy --listen 127.0.0.1:$TG2 \
+TOLLGATE_METERING_ENABLED=false TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=true "$BIN" proxy --listen 127.0.0.1:$TG2 \
   --admin-listen 127.0.0.1:$TGA2 --threads 1 --route bench.localhost=127.0.0.1:$UP >"$W/tg2.log" 2>&1 &
 TG2PID=$!
-for p in $UP $NGX $TG $TG2; do
+redis-server --port $RDS --bind 127.0.0.1 --save '' --appendonly no >"$W/redis.log" 2>&1 &
+RDSPID=$!
+for _ in $(seq 100); do redis-cli -p $RDS ping >/dev/null 2>&1 && break; sleep 0.05; done
+"$BIN" routes put --redis redis://127.0.0.1:$RDS/ --slug bench --upstream 127.0.0.1:$UP --account-id acct-bench >/dev/null
+"$BIN" accounts credit --redis redis://127.0.0.1:$RDS/ --account acct-bench --usd 9000 --key bench-deposit >/dev/null
+TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false TOLLGATE_NODE_ID=bench-metered "$BIN" proxy --listen 127.0.0.1:$TGM \
+  --admin-listen 127.0.0.1:$TGMA --threads 1 --base-domain localhost --redis redis://127.0.0.1:$RDS/ >"$W/tgm.log" 2>&1 &
+TGMPID=$!
+for p in $UP $NGX $TG $TG2 $TGM; do
   for _ in $(seq 100); do curl -sf -H 'Host: bench.localhost' "http://127.0.0.1:$p/" >/dev/null && break; sleep 0.05; done
 done
 UPPID=$(cat "$W/up/nginx.pid"); RPPID=$(cat "$W/rp/nginx.pid")
@@ -66,17 +79,21 @@ run_case() { # name port sut_pid_or_empty
   local name=$1 port=$2
   if [[ $name == direct ]]; then pin 1 "$UPPID"; else pin 0 "$UPPID"; fi
   # Only the system under test gets CPU1; every idle server waits on CPU0.
-  pin 0 "$RPPID"; pin 0 "$TGPID"; pin 0 "$TG2PID"
+  pin 0 "$RPPID"; pin 0 "$TGPID"; pin 0 "$TG2PID"; pin 0 "$TGMPID"; pin 0 "$RDSPID"
   case $name in
     nginx) pin 1 "$RPPID" ;;
     tollgate) pin 1 "$TGPID" ;;
     tollgate_steal) pin 1 "$TG2PID" ;;
+    tollgate_metered) pin 1 "$TGMPID" ;;
   esac
   taskset -c 0 wrk -t1 -c64 -d2s -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null
   taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench.localhost' "http://127.0.0.1:$port/" > "$OUT/$name.$rep.txt"
 }
 for rep in $(seq "$REPS"); do
-  for c in direct:$UP nginx:$NGX tollgate:$TG tollgate_steal:$TG2; do run_case "${c%%:*}" "${c##*:}"; done
+  for c in direct:$UP nginx:$NGX tollgate:$TG tollgate_steal:$TG2 tollgate_metered:$TGM; do run_case "${c%%:*}" "${c##*:}"; done
 done
 
-python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_steal
+python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_steal tollgate_metered
+# Every metered request was paid: the ledger shows it once the node has settled.
+sleep 0.5
+"$BIN" accounts show --redis redis://127.0.0.1:$RDS/ acct-bench

@@ -268,7 +268,7 @@ pub async fn overhead(
     let free = stack.publish("free", None).await?;
     stack
         .store
-        .credit("acct-o", "deposit", 1_000_000 * 1_000_000_000_000)
+        .credit("acct-o", "deposit", 9_000 * 1_000_000_000_000)
         .await
         .map_err(|e| anyhow::anyhow!("credit: {e}"))?;
     let node = stack.add_node("node-o", 1_000_000_000_000).await?;

@@ -123,22 +123,24 @@ impl Gate {
     /// Pays one request. `Pending` (no lease here yet) waits up to `lease_wait` for the agent's
     /// refill; what is still pending then counts as unavailable (503), never as suspended.
     pub async fn pay(&self, account: &str) -> Spend {
-        let mut deadline = None;
+        match self.cache.try_spend_request(account) {
+            Spend::Pending => {}
+            other => return other,
+        }
+        let end = Instant::now() + self.lease_wait;
         loop {
+            // Registered before the next try: a settle reply or feed update that lands between
+            // the try and the wait still wakes us.
+            let changed = self.cache.changed_notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             match self.cache.try_spend_request(account) {
                 Spend::Pending => {
-                    let end = *deadline.get_or_insert_with(|| Instant::now() + self.lease_wait);
                     let left = end.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Spend::Unavailable;
                     }
-                    // `changed` fires after every settle reply and feed update; the cap covers a
-                    // wake-up that happened between our check and the wait.
-                    let _ = tokio::time::timeout(
-                        left.min(Duration::from_millis(10)),
-                        self.cache.changed(),
-                    )
-                    .await;
+                    let _ = tokio::time::timeout(left, changed).await;
                 }
                 other => return other,
             }
