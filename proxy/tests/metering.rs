@@ -297,3 +297,39 @@ async fn two_nodes_debit_exactly_what_they_served() {
         assert_eq!(s.status, Status::Active);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_finishes_when_the_balance_runs_out_and_new_ones_get_402() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("slow");
+    let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    routes
+        .put(
+            &RouteKey::slug("slow").unwrap(),
+            &route(up.addr, Some("acct-s")),
+        )
+        .await
+        .unwrap();
+    let st = store(&redis).await;
+    st.credit("acct-s", "deposit", PRICE).await.unwrap(); // exactly one request
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(metered(&redis, st.clone(), "n1", &dir, 100 * PRICE));
+    ready(&node).await;
+    let c = node.client(&["slow.localhost"]);
+    let slow = {
+        let (c, url) = (c.clone(), node.url("slow.localhost", "/sleep/1500"));
+        tokio::spawn(async move { c.get(url).send().await.unwrap().status() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The money is gone (the slow request took it): new requests are refused meanwhile.
+    let r = c.get(node.url("slow.localhost", "/")).send().await.unwrap();
+    assert_eq!(r.status(), 402);
+    assert!(!slow.is_finished(), "the paid request is still running");
+    assert_eq!(
+        slow.await.unwrap(),
+        200,
+        "the paid request finishes normally"
+    );
+    node.stop(tollgate_proxy::Stop::Graceful);
+    assert_eq!(st.account("acct-s").await.unwrap().unwrap().debited, PRICE);
+}
