@@ -115,8 +115,34 @@ fn try_make(dir: &Path) -> Option<PathBuf> {
     Some(dir.to_owned())
 }
 
-/// Removes `tollgate-<pid>` siblings of `dir` left by supervisors that died without cleaning up
-/// (their processes are gone, so the groups are empty and can be removed).
+/// Kills what is left in a group of a dead supervisor (workerd processes it could not stop),
+/// then waits briefly for the group to empty.
+fn kill_members(group: &Path) {
+    if fs::write(group.join("cgroup.kill"), "1").is_err() {
+        for pid in fs::read_to_string(group.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    for _ in 0..100 {
+        if fs::read_to_string(group.join("cgroup.procs"))
+            .map(|p| p.trim().is_empty())
+            .unwrap_or(true)
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Removes `tollgate-<pid>` siblings of `dir` left by supervisors that died without cleaning up,
+/// killing any workerd process still in them first.
 fn sweep_stale(dir: &Path) {
     let Some(parent) = dir.parent() else { return };
     let Ok(entries) = fs::read_dir(parent) else {
@@ -133,6 +159,7 @@ fn sweep_stale(dir: &Path) {
         if let Ok(children) = fs::read_dir(e.path()) {
             for c in children.flatten() {
                 if c.path().is_dir() {
+                    kill_members(&c.path());
                     let _ = fs::remove_dir(c.path());
                 }
             }

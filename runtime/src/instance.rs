@@ -31,7 +31,18 @@ pub(crate) async fn spawn(
     max_line: usize,
 ) -> Result<Spawned, String> {
     let started = Instant::now();
-    let mut child = Command::new(workerd)
+    // Through `setpriv --pdeathsig KILL` (util-linux) where available: if the supervisor dies,
+    // the kernel kills its workerd children instead of leaving them running unsupervised and
+    // unbilled. (Setting it ourselves would take `unsafe` code between fork and exec.)
+    let mut cmd = match setpriv() {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(workerd);
+            c
+        }
+        None => Command::new(workerd),
+    };
+    let mut child = cmd
         .arg("serve")
         .arg(config)
         .args(["--control-fd", "1"])
@@ -107,6 +118,18 @@ pub(crate) async fn spawn(
         addr,
         started,
     })
+}
+
+fn setpriv() -> Option<&'static Path> {
+    static FOUND: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            ["/usr/bin/setpriv", "/bin/setpriv"]
+                .iter()
+                .map(std::path::PathBuf::from)
+                .find(|p| p.exists())
+        })
+        .as_deref()
 }
 
 /// Calls `f` with each `\n`-terminated line, keeping at most `max` bytes of it: a tenant that

@@ -646,3 +646,62 @@ fn deployment_files_are_private() {
         assert!(!cfg.exists(), "secrets removed once stopped");
     });
 }
+
+/// Run in a child process by the test below: a supervisor with one deployment, killed -9.
+#[test]
+#[ignore = "helper: run by workerd_processes_die_with_their_supervisor"]
+fn helper_supervisor_process() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let rig = rig();
+        deploy(&rig, "orphan", "1").await.unwrap();
+        let pid = rig.sup.status("orphan").unwrap().pid.unwrap();
+        println!("WORKERD_PID {pid}");
+        use std::io::Write;
+        std::io::stdout().flush().unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+}
+
+#[test]
+fn workerd_processes_die_with_their_supervisor() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_supervisor_process",
+            "--ignored",
+            "--nocapture",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut pid = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(p) = line.strip_prefix("WORKERD_PID ") {
+            pid = Some(p.trim().parse::<u32>().unwrap());
+            break;
+        }
+    }
+    let pid = pid.expect("the helper started a deployment");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    child.kill().unwrap(); // SIGKILL: no cleanup code runs in the supervisor
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        if !alive {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workerd {pid} outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
