@@ -189,7 +189,27 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
         .put(&key, &route(started.addr, "spin1"))
         .await
         .unwrap();
-    let node = Node::start(options(Some(&redis.url()), &[]));
+    // Metered, with the proxy holding the runtime's in-flight guard for each request (what
+    // `tollgate dev` wires): the CPU cap sees the request through the real proxy.
+    let st: Arc<dyn tollgate_metering::Store> = Arc::new(
+        tollgate_metering::RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    st.credit("acct1", "deposit", 1_000_000_000_000)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(Some(&redis.url()), &[]);
+    o.metering = Some(tollgate_proxy::MeteringOptions {
+        store: st.into(),
+        prices: tollgate_metering::Prices::default(),
+        agent: tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal")),
+        lease_wait: Duration::from_secs(2),
+        top_up: "top up".into(),
+        hooks: Some(Arc::new(Hooks(rig.sup.clone()))),
+    });
+    let node = Node::start(o);
     let c = node.client(&["spin.localhost"]);
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -198,15 +218,12 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
         .await
     );
 
-    let inflight = rig.sup.inflight("spin1").unwrap();
-    let guard = inflight.begin();
     let r = c
         .get(node.url("spin.localhost", "/spin"))
         .header("accept", "application/json")
         .send()
         .await
         .unwrap();
-    drop(guard);
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     let v: serde_json::Value = r.json().await.unwrap();
@@ -221,6 +238,11 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
     let RuntimeEvent::Upstream { addr, .. } = ev else {
         panic!("{ev:?}")
     };
+    assert_eq!(
+        rig.sup.status("spin1").unwrap().cpu_limit_kills,
+        1,
+        "killed at the cap"
+    );
     store.put(&key, &route(addr, "spin1")).await.unwrap();
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -229,6 +251,15 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
         .await
     );
     rig.sup.shutdown().await;
+}
+
+/// What the dev binary wires: the proxy holds the runtime's in-flight guard per request.
+struct Hooks(Supervisor);
+impl tollgate_proxy::RequestHooks for Hooks {
+    fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>> {
+        let guard = self.0.inflight(deployment_id)?.begin();
+        Some(Box::new(guard))
+    }
 }
 
 /// What the dev binary wires: the runtime's CPU deltas charged to the owner on this node.
