@@ -1,0 +1,12 @@
+//! The control service: the owner of projects, deployments and their lifecycle. Each account is
+//! an ephemeral org with no human owner: the payer. See docs/control.md.
+
+pub mod error;
+pub mod model;
+mod service;
+pub mod store;
+
+pub use error::ControlError;
+pub use model::{DeployStatus, Deployment, Project, ProjectStatus};
+pub use service::{Control, ControlConfig, DeployOutcome, DeployRequest, ProjectView};
+pub use store::{ControlStore, RedisControlStore};

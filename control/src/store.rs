@@ -1,0 +1,198 @@
+//! Where projects, deployments, their source and bundles live. Redis in production (shared by
+//! control instances and outliving them); the embedded store for `tollgate dev` comes with the
+//! dev wiring.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+
+use crate::error::ControlError;
+use crate::model::{Deployment, Env, Files, Project};
+
+#[async_trait]
+pub trait ControlStore: Send + Sync + 'static {
+    /// Reserves `slug` for `project_id`; false when another project holds it (or held it within
+    /// the grace period after its deletion).
+    async fn claim_slug(&self, slug: &str, project_id: &str) -> Result<bool, ControlError>;
+    /// Frees `slug` after `grace` (links to the deleted service keep failing cleanly meanwhile).
+    async fn release_slug(&self, slug: &str, grace: Duration) -> Result<(), ControlError>;
+    async fn put_project(&self, p: &Project) -> Result<(), ControlError>;
+    async fn project(&self, id: &str) -> Result<Option<Project>, ControlError>;
+    async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, ControlError>;
+    async fn all_projects(&self) -> Result<Vec<Project>, ControlError>;
+    async fn put_deployment(&self, d: &Deployment) -> Result<(), ControlError>;
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>, ControlError>;
+    async fn put_artifacts(
+        &self,
+        deployment: &str,
+        files: &Files,
+        bundle: &str,
+    ) -> Result<(), ControlError>;
+    async fn files(&self, deployment: &str) -> Result<Option<Files>, ControlError>;
+    async fn bundle(&self, deployment: &str) -> Result<Option<String>, ControlError>;
+    async fn delete_artifacts(&self, deployment: &str) -> Result<(), ControlError>;
+    async fn put_env(&self, project: &str, env: &Env) -> Result<(), ControlError>;
+    async fn env(&self, project: &str) -> Result<Env, ControlError>;
+}
+
+pub struct RedisControlStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisControlStore {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, ControlError> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        Ok(RedisControlStore {
+            conn,
+            prefix: format!("{prefix}:ctl"),
+        })
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: String,
+    ) -> Result<Option<T>, ControlError> {
+        let mut c = self.conn.clone();
+        let v: Option<String> = c.get(key).await?;
+        Ok(match v {
+            Some(s) => Some(serde_json::from_str(&s)?),
+            None => None,
+        })
+    }
+
+    async fn set_json<T: serde::Serialize>(&self, key: String, v: &T) -> Result<(), ControlError> {
+        let mut c = self.conn.clone();
+        let _: () = c.set(key, serde_json::to_string(v)?).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ControlStore for RedisControlStore {
+    async fn claim_slug(&self, slug: &str, project_id: &str) -> Result<bool, ControlError> {
+        let mut c = self.conn.clone();
+        let ok: bool = redis::cmd("SET")
+            .arg(self.key("slug", slug))
+            .arg(project_id)
+            .arg("NX")
+            .query_async::<Option<String>>(&mut c)
+            .await?
+            .is_some();
+        Ok(ok)
+    }
+
+    async fn release_slug(&self, slug: &str, grace: Duration) -> Result<(), ControlError> {
+        let mut c = self.conn.clone();
+        let key = self.key("slug", slug);
+        if grace.is_zero() {
+            let _: () = c.del(key).await?;
+        } else {
+            let _: () = c.pexpire(key, grace.as_millis() as i64).await?;
+        }
+        Ok(())
+    }
+
+    async fn put_project(&self, p: &Project) -> Result<(), ControlError> {
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .set(self.key("project", &p.id), serde_json::to_string(p)?)
+            .sadd(self.key("owner", &p.owner), &p.id)
+            .sadd(format!("{}:projects", self.prefix), &p.id)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    async fn project(&self, id: &str) -> Result<Option<Project>, ControlError> {
+        self.get_json(self.key("project", id)).await
+    }
+
+    async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, ControlError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = c.smembers(self.key("owner", owner)).await?;
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(p) = self.project(&id).await? {
+                out.push(p);
+            }
+        }
+        out.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn all_projects(&self) -> Result<Vec<Project>, ControlError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = c.smembers(format!("{}:projects", self.prefix)).await?;
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(p) = self.project(&id).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_deployment(&self, d: &Deployment) -> Result<(), ControlError> {
+        self.set_json(self.key("deployment", &d.id), d).await
+    }
+
+    async fn deployment(&self, id: &str) -> Result<Option<Deployment>, ControlError> {
+        self.get_json(self.key("deployment", id)).await
+    }
+
+    async fn put_artifacts(
+        &self,
+        deployment: &str,
+        files: &Files,
+        bundle: &str,
+    ) -> Result<(), ControlError> {
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .set(self.key("files", deployment), serde_json::to_string(files)?)
+            .set(self.key("bundle", deployment), bundle)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    async fn files(&self, deployment: &str) -> Result<Option<Files>, ControlError> {
+        self.get_json(self.key("files", deployment)).await
+    }
+
+    async fn bundle(&self, deployment: &str) -> Result<Option<String>, ControlError> {
+        let mut c = self.conn.clone();
+        Ok(c.get(self.key("bundle", deployment)).await?)
+    }
+
+    async fn delete_artifacts(&self, deployment: &str) -> Result<(), ControlError> {
+        let mut c = self.conn.clone();
+        let _: () = c
+            .del(&[
+                self.key("files", deployment),
+                self.key("bundle", deployment),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    async fn put_env(&self, project: &str, env: &Env) -> Result<(), ControlError> {
+        self.set_json(self.key("env", project), env).await
+    }
+
+    async fn env(&self, project: &str) -> Result<Env, ControlError> {
+        Ok(self
+            .get_json(self.key("env", project))
+            .await?
+            .unwrap_or_default())
+    }
+}

@@ -1,0 +1,466 @@
+//! The deploy pipeline with real parts: Redis for state and routes, esbuild, workerd.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate_bundler::{Bundler, BundlerConfig, Limits};
+use tollgate_control::{
+    Control, ControlConfig, ControlStore, DeployRequest, DeployStatus, RedisControlStore,
+};
+use tollgate_routes::{RouteKey, RouteStore};
+use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
+use tollgate_testkit::RedisServer;
+
+struct NoMeter;
+impl CpuSink for NoMeter {
+    fn record(&self, _: &[CpuDelta]) {}
+}
+
+struct Rig {
+    control: Arc<Control>,
+    store: Arc<dyn ControlStore>,
+    routes: RouteStore,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(redis: &RedisServer) -> Rig {
+    rig_at(&redis.url()).await
+}
+
+async fn rig_at(redis_url: &str) -> Rig {
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundler = Bundler::new(BundlerConfig {
+        esbuild: t.esbuild.clone(),
+        node_modules: t.node_modules.clone(),
+        packages: t.packages.clone(),
+        work_dir: dir.path().join("builds"),
+        limits: Limits::default(),
+    })
+    .unwrap();
+    let (runtime, events) = Supervisor::new(
+        RuntimeConfig {
+            data_dir: dir.path().join("runtime"),
+            min_drain: Duration::from_millis(50),
+            ..RuntimeConfig::default()
+        },
+        t,
+        Arc::new(NoMeter),
+    )
+    .unwrap();
+    let store: Arc<dyn ControlStore> = Arc::new(
+        RedisControlStore::connect(redis_url, "tollgate")
+            .await
+            .unwrap(),
+    );
+    let routes = RouteStore::connect(redis_url, "tollgate").await.unwrap();
+    let control = Control::new(
+        store.clone(),
+        bundler,
+        runtime,
+        routes.clone(),
+        ControlConfig {
+            slug_grace: Duration::ZERO,
+            ..ControlConfig::default()
+        },
+    );
+    tokio::spawn(control.clone().follow_runtime(events));
+    Rig {
+        control,
+        store,
+        routes,
+        _dir: dir,
+    }
+}
+
+fn files(greeting: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "src/index.ts".to_owned(),
+            format!(
+                "import {{ Hono }} from 'hono'\nimport {{ who }} from './who'\nconst app = new Hono<{{ Bindings: {{ MODE?: string }} }}>()\napp.get('/', (c) => c.text('{greeting} ' + who() + (c.env.MODE ? ' ' + c.env.MODE : '')))\nexport default app\n"
+            ),
+        ),
+        (
+            "src/who.ts".to_owned(),
+            "export const who = () => 'world'\n".to_owned(),
+        ),
+    ])
+}
+
+/// The upstream the route for `slug` points at now.
+async fn upstream(routes: &RouteStore, slug: &str) -> Option<SocketAddr> {
+    let want = RouteKey::slug(slug).unwrap();
+    routes
+        .load_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == want)
+        .and_then(|(_, r)| r.route)
+        .map(|r| r.upstreams[0])
+}
+
+async fn body(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_iterate_rollback_delete() {
+    let redis = RedisServer::start();
+    let rig = rig(&redis).await;
+    let c = &rig.control;
+
+    let first = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(files("hello")),
+                project_name: Some("My Todo API".into()),
+                env: BTreeMap::from([("MODE".into(), "prod".into())]),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.slug, "my-todo-api");
+    assert_eq!(first.url, "http://my-todo-api.localhost:8080");
+    assert_eq!((first.version, first.status), (1, DeployStatus::Live));
+    let addr1 = upstream(&rig.routes, "my-todo-api").await.unwrap();
+    assert_eq!(body(addr1).await, "hello world prod");
+
+    // Iterate with changes: edit one file, the rest stays.
+    let second = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                changes: Some(BTreeMap::from([(
+                    "src/who.ts".to_owned(),
+                    Some("export const who = () => 'agents'\n".to_owned()),
+                )])),
+                project_id: Some(first.project_id.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.version, 2);
+    let addr2 = upstream(&rig.routes, "my-todo-api").await.unwrap();
+    assert_ne!(addr1, addr2);
+    assert_eq!(body(addr2).await, "hello agents prod");
+    assert!(
+        reqwest::get(format!("http://{addr1}/")).await.is_err(),
+        "v1 stopped"
+    );
+    assert_eq!(
+        c.read_file("acct-a", &first.project_id, "./src/who.ts")
+            .await
+            .unwrap(),
+        "export const who = () => 'agents'\n"
+    );
+    let view = c.get_project("acct-a", &first.project_id).await.unwrap();
+    assert_eq!(view.live.as_ref().unwrap().id, second.deployment_id);
+    assert_eq!(view.recent[1].status, DeployStatus::Superseded);
+    assert_eq!(view.env["MODE"].as_deref(), Some("prod"));
+
+    // Rollback: v1's code runs again, as deployment 3.
+    let third = c.rollback("acct-a", &first.project_id, None).await.unwrap();
+    assert_eq!(third.version, 3);
+    let addr3 = upstream(&rig.routes, "my-todo-api").await.unwrap();
+    assert_eq!(body(addr3).await, "hello world prod");
+    let d3 = rig
+        .store
+        .deployment(&third.deployment_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        d3.rollback_of.as_deref(),
+        Some(first.deployment_id.as_str())
+    );
+
+    // Delete: the route goes, the process stops, the slug is free again (grace 0 here).
+    c.delete("acct-a", &first.project_id).await.unwrap();
+    assert_eq!(upstream(&rig.routes, "my-todo-api").await, None);
+    assert!(reqwest::get(format!("http://{addr3}/")).await.is_err());
+    assert!(c.list_projects("acct-a").await.unwrap().is_empty());
+    assert_eq!(
+        c.get_project("acct-a", &first.project_id)
+            .await
+            .unwrap_err()
+            .code,
+        "NOT_FOUND"
+    );
+    let again = c
+        .deploy(
+            "acct-b",
+            DeployRequest {
+                files: Some(files("hi")),
+                project_name: Some("my-todo-api".into()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again.slug, "my-todo-api",
+        "a deleted project's slug is free after the grace"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_deploys_leave_the_previous_version_serving() {
+    let redis = RedisServer::start();
+    let rig = rig(&redis).await;
+    let c = &rig.control;
+    let ok = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(files("stable")),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(ok.slug.starts_with("app-"));
+    let addr = upstream(&rig.routes, &ok.slug).await.unwrap();
+
+    // Does not bundle.
+    let e = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                changes: Some(BTreeMap::from([(
+                    "src/who.ts".to_owned(),
+                    Some("export const who = ( => 1\n".to_owned()),
+                )])),
+                project_id: Some(ok.project_id.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "BUNDLE_FAILED");
+    assert!(e.message.starts_with("src/who.ts:1:"), "{}", e.message);
+    // Bundles, but throws while loading.
+    let e = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                changes: Some(BTreeMap::from([(
+                    "src/who.ts".to_owned(),
+                    Some(
+                        "throw new Error('boot failure')\nexport const who = () => 'x'\n"
+                            .to_owned(),
+                    ),
+                )])),
+                project_id: Some(ok.project_id.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "DEPLOY_FAILED");
+    assert!(e.message.contains("boot failure"), "{}", e.message);
+
+    assert_eq!(upstream(&rig.routes, &ok.slug).await, Some(addr));
+    assert_eq!(body(addr).await, "stable world");
+    let view = c.get_project("acct-a", &ok.project_id).await.unwrap();
+    assert_eq!(view.live.unwrap().id, ok.deployment_id);
+    let failed: Vec<_> = view
+        .recent
+        .iter()
+        .filter(|d| d.status == DeployStatus::Failed)
+        .collect();
+    assert_eq!(failed.len(), 2);
+    assert!(failed.iter().all(|d| d.reason.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_never_sees_or_touches_another_accounts_projects() {
+    let redis = RedisServer::start();
+    let rig = rig(&redis).await;
+    let c = &rig.control;
+    let mine = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(files("mine")),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    let other = "acct-b";
+    assert!(c.list_projects(other).await.unwrap().is_empty());
+    assert_eq!(
+        c.get_project(other, &mine.project_id)
+            .await
+            .unwrap_err()
+            .code,
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        c.read_file(other, &mine.project_id, "src/who.ts")
+            .await
+            .unwrap_err()
+            .code,
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        c.logs(other, &mine.project_id, 0, 10)
+            .await
+            .unwrap_err()
+            .code,
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        c.rollback(other, &mine.project_id, None)
+            .await
+            .unwrap_err()
+            .code,
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        c.delete(other, &mine.project_id).await.unwrap_err().code,
+        "NOT_FOUND"
+    );
+    let e = c
+        .deploy(
+            other,
+            DeployRequest {
+                changes: Some(BTreeMap::from([("src/who.ts".to_owned(), None)])),
+                project_id: Some(mine.project_id.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "NOT_FOUND");
+    // Still mine, still serving.
+    assert_eq!(c.list_projects("acct-a").await.unwrap().len(), 1);
+    let addr = upstream(&rig.routes, &mine.slug).await.unwrap();
+    assert_eq!(body(addr).await, "mine world");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_creates_nothing() {
+    let redis = RedisServer::start();
+    let rig = rig(&redis).await;
+    let c = &rig.control;
+    let cases = [
+        (DeployRequest::default(), "VALIDATION_ERROR"),
+        (
+            DeployRequest {
+                files: Some(files("x")),
+                changes: Some(BTreeMap::new()),
+                ..DeployRequest::default()
+            },
+            "VALIDATION_ERROR",
+        ),
+        (
+            DeployRequest {
+                changes: Some(BTreeMap::new()),
+                ..DeployRequest::default()
+            },
+            "VALIDATION_ERROR",
+        ),
+        (
+            DeployRequest {
+                files: Some(BTreeMap::from([(
+                    "../escape.ts".to_owned(),
+                    "x".to_owned(),
+                )])),
+                ..DeployRequest::default()
+            },
+            "VALIDATION_ERROR",
+        ),
+        (
+            DeployRequest {
+                files: Some(files("x")),
+                env: BTreeMap::from([("BAD-NAME".into(), "v".into())]),
+                ..DeployRequest::default()
+            },
+            "VALIDATION_ERROR",
+        ),
+        (
+            DeployRequest {
+                files: Some(files("x")),
+                project_name: Some("!!!".into()),
+                ..DeployRequest::default()
+            },
+            "VALIDATION_ERROR",
+        ),
+        (
+            DeployRequest {
+                files: Some(BTreeMap::from([(
+                    "src/index.ts".to_owned(),
+                    "x".repeat(600 * 1024),
+                )])),
+                ..DeployRequest::default()
+            },
+            "SIZE_LIMIT",
+        ),
+    ];
+    for (req, code) in cases {
+        let e = c.deploy("acct-a", req).await.unwrap_err();
+        assert_eq!(e.code, code, "{e:?}");
+        assert!(!e.hint.is_empty());
+    }
+    assert!(
+        c.list_projects("acct-a").await.unwrap().is_empty(),
+        "nothing created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_service_brings_live_deployments_back() {
+    let redis = RedisServer::start();
+    // The first control service runs on its own runtime; dropping that runtime is its process
+    // ending (its workerd children die with it).
+    let url = redis.url();
+    let slug = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let rig = rig_at(&url).await;
+            let d = rig
+                .control
+                .deploy(
+                    "acct-a",
+                    DeployRequest {
+                        files: Some(files("durable")),
+                        ..DeployRequest::default()
+                    },
+                )
+                .await
+                .unwrap();
+            d.slug
+        })
+    })
+    .join()
+    .unwrap();
+    let old = upstream(
+        &RouteStore::connect(&redis.url(), "tollgate").await.unwrap(),
+        &slug,
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reqwest::get(format!("http://{old}/")).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "old process still up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rig = rig(&redis).await;
+    assert_eq!(rig.control.recover().await.unwrap(), 1);
+    let addr = upstream(&rig.routes, &slug).await.unwrap();
+    assert_eq!(body(addr).await, "durable world");
+}
