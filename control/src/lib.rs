@@ -2,6 +2,7 @@
 //! an ephemeral org with no human owner: the payer. See docs/control.md.
 
 pub mod error;
+pub mod http;
 pub mod model;
 mod service;
 pub mod store;

@@ -464,3 +464,107 @@ async fn a_restarted_control_service_brings_live_deployments_back() {
     let addr = upstream(&rig.routes, &slug).await.unwrap();
     assert_eq!(body(addr).await, "durable world");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_inspect_suspend_resume_and_delete_with_the_admin_token() {
+    let redis = RedisServer::start();
+    let rig = rig(&redis).await;
+    let d = rig
+        .control
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(files("ops")),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    let app = tollgate_control::http::admin_router(rig.control.clone(), Some("s3cret".into()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let c = reqwest::Client::new();
+    let auth = |r: reqwest::RequestBuilder| r.header("authorization", "Bearer s3cret");
+
+    // No token, wrong token: refused, with a hint.
+    let r = c
+        .get(format!("{base}/v1/admin/projects"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(format!("{base}/v1/admin/projects"))
+        .header("authorization", "Bearer nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+
+    let v: serde_json::Value = auth(c.get(format!("{base}/v1/admin/projects")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["projects"][0]["project"]["id"], d.project_id.as_str());
+    assert_eq!(v["projects"][0]["project"]["owner"], "acct-a");
+
+    let r = auth(c.post(format!("{base}/v1/admin/projects/{}/suspend", d.project_id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["project"]["status"], "suspended");
+    assert_eq!(
+        upstream(&rig.routes, &d.slug).await,
+        None,
+        "route taken down"
+    );
+
+    let r = auth(c.post(format!("{base}/v1/admin/projects/{}/resume", d.project_id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let addr = upstream(&rig.routes, &d.slug).await.unwrap();
+    assert_eq!(body(addr).await, "ops world", "serving again after resume");
+
+    let r = auth(c.get(format!("{base}/v1/admin/projects/p_nope")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = auth(c.delete(format!("{base}/v1/admin/projects/{}", d.project_id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(upstream(&rig.routes, &d.slug).await, None);
+    let r = auth(c.delete(format!("{base}/v1/admin/projects/{}", d.project_id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "already deleted");
+}
+
+#[tokio::test]
+async fn without_a_token_the_operator_api_is_off() {
+    let redis = RedisServer::start();
+    let rig = rig(&redis).await;
+    let app = tollgate_control::http::admin_router(rig.control.clone(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/admin/projects"))
+        .header("authorization", "Bearer ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+}
