@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -202,12 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Control(args) => {
             let cfg = Config::load(Some(&args.config), &env)?;
             init_logging(&cfg);
-            eprintln!(
-                "tollgate control: the control service is not built yet (it will listen on {}). \
-                 Use `tollgate routes put` to publish routes meanwhile.",
-                cfg.control.listen
-            );
-            Ok(ExitCode::from(2))
+            run_control(cfg)
         }
         Command::Routes(cmd) => routes(cmd),
         Command::Accounts(cmd) => accounts(cmd),
@@ -357,6 +353,45 @@ fn run_proxy(cfg: Config, upgrade: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `tollgate control`: the control service, its runtime and a metering node for CPU, until
+/// SIGTERM/SIGINT.
+fn run_control(cfg: Config) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&cfg.control.data_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let node_id = format!("control-{}", cfg.control.listen.port());
+        let (cache, agent) = crate::stack::metering_node(&cfg, &node_id, stop_rx.clone()).await?;
+        let (sup, events, toolchain) =
+            crate::stack::runtime(&cfg, Arc::new(crate::stack::ChargeCpu(cache)))?;
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        crate::stack::serve_control(cfg, sup, events, toolchain, stop_rx).await?;
+        let _ = agent.await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 fn run_dev(cfg: Config) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&cfg.control.data_dir).map_err(|e| {
         anyhow::anyhow!(
@@ -364,7 +399,40 @@ fn run_dev(cfg: Config) -> anyhow::Result<ExitCode> {
             cfg.control.data_dir.display()
         )
     })?;
-    let proxy = Proxy::prepare(options(&cfg, false)?)?;
+    // With Redis, the control service and the runtime run in this process too: the proxy holds
+    // the runtime's in-flight guard per request and CPU is charged through the proxy's cache.
+    let bg = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tollgate-control")
+        .enable_all()
+        .build()?;
+    let mut opts = options(&cfg, false)?;
+    let late_cpu = Arc::new(crate::stack::LateCpu::default());
+    let control = match &cfg.redis {
+        Some(_) => {
+            let _enter = bg.enter();
+            let (sup, events, toolchain) = crate::stack::runtime(&cfg, late_cpu.clone())?;
+            if let Some(m) = &mut opts.metering {
+                m.hooks = Some(Arc::new(crate::stack::InflightHooks(sup.clone())));
+            }
+            Some((sup, events, toolchain))
+        }
+        None => None,
+    };
+    let proxy = Proxy::prepare(opts)?;
+    if let Some(cache) = proxy.balance_cache() {
+        let _ = late_cpu.0.set(cache);
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let control_task = control.map(|(sup, events, toolchain)| {
+        let cfg = cfg.clone();
+        bg.spawn(async move {
+            if let Err(e) = crate::stack::serve_control(cfg, sup, events, toolchain, stop_rx).await
+            {
+                tracing::error!(error = %format!("{e:#}"), "control service stopped");
+            }
+        })
+    });
     let port = cfg.proxy.listen.port();
     let routes_from = match &cfg.redis {
         Some(r) => format!("Redis at {}", r.url),
@@ -376,19 +444,32 @@ fn run_dev(cfg: Config) -> anyhow::Result<ExitCode> {
          \x20 admin     http://{admin}/metrics  /livez  /readyz\n\
          \x20 routes    from {routes_from}; {n} static route(s)\n\
          \x20 data      {data}\n\
-         \x20 not yet   control + MCP on {control} (deploys), runtime (workerd), payments and the\n\
-         \x20           local test chain: they arrive with their issues; until then publish routes\n\
-         \x20           with --route HOST=ADDR or `tollgate routes put --redis URL ...`\n",
+         \x20 control   {control_line}\n\
+         \x20 not yet   MCP (deploys for agents), payments and the local test chain: they arrive\n\
+         \x20           with their issues; until then publish routes with --route HOST=ADDR or\n\
+         \x20           `tollgate routes put --redis URL ...`\n",
         base = cfg.proxy.base_domain,
         admin = cfg.admin.listen,
         n = cfg.routes.len(),
         data = cfg.control.data_dir.display(),
-        control = cfg.control.listen,
+        control_line = if control_task.is_some() {
+            format!(
+                "http://{}/v1/admin/projects (operator API; token from TOLLGATE_ADMIN_TOKEN), runtime (workerd)",
+                cfg.control.listen
+            )
+        } else {
+            "needs --redis (the embedded store for the control service is not built yet)".to_owned()
+        },
     );
     for r in &cfg.routes {
         println!("  route     http://{}:{port}/ -> {:?}", r.host, r.upstreams);
     }
     proxy.run()?;
+    let _ = stop_tx.send(true);
+    if let Some(task) = control_task {
+        let _ = bg.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+    }
+    bg.shutdown_timeout(Duration::from_secs(2));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -32,8 +32,16 @@ pub struct Config {
 pub struct ControlConfig {
     /// Control API and MCP endpoint (`/mcp`).
     pub listen: SocketAddr,
-    /// Where `tollgate dev` keeps its embedded store.
+    /// Journals, the embedded money store, deployment folders and build dirs.
     pub data_dir: PathBuf,
+    /// Bearer token of the operator API (`/v1/admin/…`); unset: the API is off.
+    /// Prefer `TOLLGATE_ADMIN_TOKEN` to writing it in a file.
+    pub admin_token: Option<String>,
+    /// How a project's public URL is written; `{slug}` is replaced. Default:
+    /// `http://{slug}.<proxy.base_domain>:<proxy port>`.
+    pub public_url: Option<String>,
+    /// The pinned JS toolchain (package.json + lockfile); installed there when missing.
+    pub toolchain_dir: PathBuf,
 }
 
 impl Default for ControlConfig {
@@ -41,6 +49,9 @@ impl Default for ControlConfig {
         ControlConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8790)),
             data_dir: PathBuf::from(".tollgate"),
+            admin_token: None,
+            public_url: None,
+            toolchain_dir: PathBuf::from("runtime/npm"),
         }
     }
 }
@@ -174,6 +185,7 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_ADMIN_LISTEN",
     "TOLLGATE_CONTROL_LISTEN",
     "TOLLGATE_DATA_DIR",
+    "TOLLGATE_ADMIN_TOKEN",
     "TOLLGATE_REDIS_URL",
     "TOLLGATE_DRAIN_TIMEOUT_SECONDS",
     "TOLLGATE_METERING_ENABLED",
@@ -269,6 +281,7 @@ impl Config {
                     self.control.listen = parse_addr(&val).map_err(fail)?;
                 }
                 "TOLLGATE_DATA_DIR" => self.control.data_dir = PathBuf::from(val),
+                "TOLLGATE_ADMIN_TOKEN" => self.control.admin_token = Some(val),
                 "TOLLGATE_REDIS_URL" => self.set_redis_url(&val).map_err(fail)?,
                 "TOLLGATE_DRAIN_TIMEOUT_SECONDS" => {
                     self.shutdown.drain_timeout_seconds = parse_num(&val).map_err(fail)?;

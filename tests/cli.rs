@@ -321,3 +321,96 @@ fn metered_route_is_402_until_an_operator_credits_the_account() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `tollgate dev --redis` runs the control service and the runtime in the same process; its
+/// operator API answers with the admin token.
+#[test]
+fn dev_runs_the_control_service_with_its_operator_api() {
+    let redis = RedisServer::start();
+    let control = free_addr();
+    let (_dev, _proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.env("TOLLGATE_ADMIN_TOKEN", "t0ken")
+            .args(["dev", "--redis", &redis.url()])
+            .args(["--proxy-listen", &proxy.to_string()])
+            .args(["--control-listen", &control.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()]);
+        c
+    });
+    let c = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = c.get(format!("http://{control}/healthz")).send()
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "control never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = c
+        .get(format!("http://{control}/v1/admin/projects"))
+        .bearer_auth("t0ken")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), r#"{"projects":[]}"#);
+    let r = c
+        .get(format!("http://{control}/v1/admin/projects"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// `tollgate control --config F` serves until SIGTERM, then exits 0.
+#[test]
+fn control_command_serves_and_stops_on_sigterm() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let control = free_addr();
+    let cfg = dir.path().join("control.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nlisten = \"{control}\"\ndata_dir = {:?}\n[redis]\nurl = \"{}\"\n",
+            dir.path().join("data").display().to_string(),
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let mut p = Proc(
+        bin()
+            .args(["control", "--config"])
+            .arg(&cfg)
+            .spawn()
+            .unwrap(),
+    );
+    let c = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = c.get(format!("http://{control}/healthz")).send()
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(p.0.try_wait().unwrap().is_none(), "control exited early");
+        assert!(Instant::now() < deadline, "control never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // No admin token configured: the operator API is off.
+    let r = c
+        .get(format!("http://{control}/v1/admin/projects"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    signal(&p.0, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "control did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

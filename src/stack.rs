@@ -1,0 +1,165 @@
+//! Wiring of the control service with its runtime, for `tollgate control` and `tollgate dev`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tollgate_balance_cache::BalanceCache;
+use tollgate_bundler::{Bundler, BundlerConfig, Limits};
+use tollgate_control::{Control, ControlConfig, RedisControlStore};
+use tollgate_proxy::RequestHooks;
+use tollgate_routes::RouteStore;
+use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
+
+use crate::config::Config;
+
+/// The runtime's CPU deltas, charged to the owning accounts through a balance cache (the proxy's
+/// in `dev`, the control node's own otherwise) as they accrue.
+pub struct ChargeCpu(pub Arc<BalanceCache>);
+
+impl CpuSink for ChargeCpu {
+    fn record(&self, deltas: &[CpuDelta]) {
+        for d in deltas {
+            self.0.charge_cpu(&d.account_id, d.cpu_us);
+        }
+    }
+}
+
+/// The proxy holds the runtime's in-flight guard per request (the per-request CPU cap and the
+/// drain before a version stops need it).
+pub struct InflightHooks(pub Supervisor);
+
+impl RequestHooks for InflightHooks {
+    fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>> {
+        let guard = self.0.inflight(deployment_id)?.begin();
+        Some(Box::new(guard))
+    }
+}
+
+/// The runtime half: toolchain checked (installed when missing), supervisor started.
+pub fn runtime(
+    cfg: &Config,
+    cpu: Arc<dyn CpuSink>,
+) -> anyhow::Result<(
+    Supervisor,
+    tokio::sync::mpsc::UnboundedReceiver<tollgate_runtime::RuntimeEvent>,
+    Toolchain,
+)> {
+    let toolchain = Toolchain::ensure(&cfg.control.toolchain_dir)
+        .with_context(|| "the JS toolchain (control.toolchain_dir)".to_string())?;
+    tracing::info!(workerd = %toolchain.workerd_version, esbuild = %toolchain.esbuild_version, "JS toolchain ready");
+    let rt = RuntimeConfig {
+        data_dir: cfg.control.data_dir.join("runtime"),
+        ..RuntimeConfig::default()
+    };
+    let (sup, events) = Supervisor::new(rt, toolchain.clone(), cpu)?;
+    Ok((sup, events, toolchain))
+}
+
+/// The control service on `cfg.control.listen` until `stop` fires. Needs Redis (state and
+/// routes); returns an error saying so without it.
+pub async fn serve_control(
+    cfg: Config,
+    sup: Supervisor,
+    events: tokio::sync::mpsc::UnboundedReceiver<tollgate_runtime::RuntimeEvent>,
+    toolchain: Toolchain,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let redis = cfg.redis.clone().context(
+        "the control service keeps projects and routes in Redis: give --redis URL (the embedded store for `dev` is not built yet)",
+    )?;
+    let store = Arc::new(
+        RedisControlStore::connect(&redis.url, &redis.key_prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("control store: {e}"))?,
+    );
+    let routes = RouteStore::connect(&redis.url, &redis.key_prefix).await?;
+    let bundler = Bundler::new(BundlerConfig {
+        esbuild: toolchain.esbuild.clone(),
+        node_modules: toolchain.node_modules.clone(),
+        packages: toolchain.packages.clone(),
+        work_dir: cfg.control.data_dir.join("builds"),
+        limits: Limits::default(),
+    })
+    .map_err(|e| anyhow::anyhow!("bundler: {e}"))?;
+    let public_url = cfg.control.public_url.clone().unwrap_or_else(|| {
+        format!(
+            "http://{{slug}}.{}:{}",
+            cfg.proxy.base_domain,
+            cfg.proxy.listen.port()
+        )
+    });
+    let control = Control::new(
+        store,
+        bundler,
+        sup.clone(),
+        routes,
+        ControlConfig {
+            url_template: public_url,
+            ..ControlConfig::default()
+        },
+    );
+    tokio::spawn(control.clone().follow_runtime(events));
+    let n = control
+        .recover()
+        .await
+        .map_err(|e| anyhow::anyhow!("recovery: {e}"))?;
+    tracing::info!(deployments = n, "live deployments restarted");
+    let app = tollgate_control::http::admin_router(control, cfg.control.admin_token.clone())
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(cfg.control.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (control.listen)", cfg.control.listen))?;
+    tracing::info!(addr = %cfg.control.listen, "control listening (/v1/admin, /healthz)");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    sup.shutdown().await;
+    Ok(())
+}
+
+/// A CPU sink whose balance cache is set once it exists (in `dev` the proxy creates it after the
+/// runtime must already be running for the proxy's hooks).
+#[derive(Default)]
+pub struct LateCpu(pub std::sync::OnceLock<Arc<BalanceCache>>);
+
+impl CpuSink for LateCpu {
+    fn record(&self, deltas: &[CpuDelta]) {
+        match self.0.get() {
+            Some(cache) => ChargeCpu(cache.clone()).record(deltas),
+            // Only before the proxy exists, when no deployment can run yet.
+            None => tracing::warn!(n = deltas.len(), "CPU usage before metering started"),
+        }
+    }
+}
+
+/// A metering node of its own (balance cache + settling agent) for `tollgate control`, which
+/// charges CPU without a proxy in the process.
+pub async fn metering_node(
+    cfg: &Config,
+    node_id: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<BalanceCache>, tokio::task::JoinHandle<()>)> {
+    use tollgate_balance_cache::{Agent, AgentConfig, CacheMetrics};
+    use tollgate_metering::{RedisStore, Store};
+    let redis = cfg
+        .redis
+        .clone()
+        .context("the control service charges CPU through Redis: give --redis URL")?;
+    let prices = cfg.prices.prices().map_err(anyhow::Error::msg)?;
+    let lease_ttl = std::time::Duration::from_secs(cfg.metering.lease_ttl_seconds);
+    let store: Arc<dyn Store> =
+        Arc::new(RedisStore::connect(&redis.url, &redis.key_prefix, lease_ttl).await?);
+    let cache = BalanceCache::new(prices);
+    let mut agent_cfg = AgentConfig::new(
+        node_id,
+        cfg.control.data_dir.join(format!("{node_id}.journal")),
+    );
+    agent_cfg.lease_ttl = lease_ttl;
+    agent_cfg.lease_margin = lease_ttl / 5;
+    let metrics = CacheMetrics::new(&prometheus::Registry::new())?;
+    let agent = Agent::start(cache.clone(), store, agent_cfg, metrics).await?;
+    let task = tokio::spawn(agent.run(stop));
+    Ok((cache, task))
+}
