@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tollgate_balance_cache::BalanceCache;
-use tollgate_bundler::{Bundler, BundlerConfig, Limits};
 use tollgate_control::{Control, ControlConfig, RedisControlStore};
 use tollgate_proxy::RequestHooks;
 use tollgate_routes::RouteStore;
@@ -73,14 +72,8 @@ pub async fn serve_control(
             .map_err(|e| anyhow::anyhow!("control store: {e}"))?,
     );
     let routes = RouteStore::connect(&redis.url, &redis.key_prefix).await?;
-    let bundler = Bundler::new(BundlerConfig {
-        esbuild: toolchain.esbuild.clone(),
-        node_modules: toolchain.node_modules.clone(),
-        packages: toolchain.packages.clone(),
-        work_dir: cfg.control.data_dir.join("builds"),
-        limits: Limits::default(),
-    })
-    .map_err(|e| anyhow::anyhow!("bundler: {e}"))?;
+    let bundler = tollgate_control::bundler_for(&toolchain, cfg.control.data_dir.join("builds"))
+        .map_err(|e| anyhow::anyhow!("bundler: {e}"))?;
     let public_url = cfg.control.public_url.clone().unwrap_or_else(|| {
         format!(
             "http://{{slug}}.{}:{}",

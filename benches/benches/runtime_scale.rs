@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tollgate_bundler::{Bundler, BundlerConfig, Limits};
 use tollgate_runtime::{CpuDelta, CpuSink, DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -86,13 +85,7 @@ fn main() {
 async fn run() -> Res<()> {
     let t = Toolchain::ensure(&Toolchain::source_tree_dir())?;
     let dir = tempfile::tempdir()?;
-    let bundler = Bundler::new(BundlerConfig {
-        esbuild: t.esbuild.clone(),
-        node_modules: t.node_modules.clone(),
-        packages: t.packages.clone(),
-        work_dir: dir.path().join("builds"),
-        limits: Limits::default(),
-    })?;
+    let bundler = tollgate_control::bundler_for(&t, dir.path().join("builds"))?;
 
     // 1. Bundle time.
     let mut times = Vec::new();

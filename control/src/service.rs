@@ -82,6 +82,21 @@ pub struct Control {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// What the runtime needs to run `dep` of `project`.
+fn spec_for(project: &Project, dep: &Deployment, code: String, env: &Env) -> DeploymentSpec {
+    DeploymentSpec {
+        deployment_id: dep.id.clone(),
+        project_id: project.id.clone(),
+        account_id: project.owner.clone(),
+        code,
+        compatibility_date: dep.compatibility_date.clone(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect(),
+    }
+}
+
 fn slugify(name: &str) -> String {
     let mut s = String::new();
     for c in name.trim().chars().flat_map(char::to_lowercase) {
@@ -93,6 +108,21 @@ fn slugify(name: &str) -> String {
     }
     let s: String = s.trim_matches('-').chars().take(40).collect();
     s.trim_end_matches('-').to_owned()
+}
+
+/// A bundler over the runtime's pinned toolchain, building under `work_dir`.
+pub fn bundler_for(
+    toolchain: &tollgate_runtime::Toolchain,
+    work_dir: std::path::PathBuf,
+) -> Result<Bundler, ControlError> {
+    Bundler::new(tollgate_bundler::BundlerConfig {
+        esbuild: toolchain.esbuild.clone(),
+        node_modules: toolchain.node_modules.clone(),
+        packages: toolchain.packages.clone(),
+        work_dir,
+        limits: tollgate_bundler::Limits::default(),
+    })
+    .map_err(ControlError::from)
 }
 
 impl Control {
@@ -336,17 +366,7 @@ impl Control {
         code: String,
         env: &Env,
     ) -> Result<DeployOutcome, ControlError> {
-        let spec = DeploymentSpec {
-            deployment_id: dep.id.clone(),
-            project_id: project.id.clone(),
-            account_id: project.owner.clone(),
-            code,
-            compatibility_date: dep.compatibility_date.clone(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.value.clone()))
-                .collect(),
-        };
+        let spec = spec_for(&project, &dep, code, env);
         let route = Route {
             upstreams: Vec::new(),
             account_id: Some(project.owner.clone()),
@@ -775,17 +795,7 @@ impl Control {
             )));
         };
         let env = self.store.env(&project.id).await?;
-        let spec = DeploymentSpec {
-            deployment_id: dep.id.clone(),
-            project_id: project.id.clone(),
-            account_id: project.owner.clone(),
-            code,
-            compatibility_date: dep.compatibility_date.clone(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.value.clone()))
-                .collect(),
-        };
+        let spec = spec_for(project, &dep, code, &env);
         let started = self.runtime.start(spec).await.map_err(|e| {
             ControlError::new("DEPLOY_FAILED", e.to_string(), "See the deployment's logs.")
         })?;

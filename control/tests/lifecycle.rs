@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tollgate_bundler::{Bundler, BundlerConfig, Limits};
 use tollgate_control::{
     Control, ControlConfig, ControlStore, DeployRequest, DeployStatus, RedisControlStore,
 };
@@ -33,14 +32,7 @@ async fn rig(redis: &RedisServer) -> Rig {
 async fn rig_at(redis_url: &str) -> Rig {
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bundler = Bundler::new(BundlerConfig {
-        esbuild: t.esbuild.clone(),
-        node_modules: t.node_modules.clone(),
-        packages: t.packages.clone(),
-        work_dir: dir.path().join("builds"),
-        limits: Limits::default(),
-    })
-    .unwrap();
+    let bundler = tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap();
     let (runtime, events) = Supervisor::new(
         RuntimeConfig {
             data_dir: dir.path().join("runtime"),

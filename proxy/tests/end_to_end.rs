@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::{Node, eventually, options};
 use tollgate_balance_cache::{AgentConfig, BalanceCache};
-use tollgate_bundler::{Bundler, BundlerConfig, Limits};
 use tollgate_control::{Control, ControlConfig, ControlStore, DeployRequest, RedisControlStore};
 use tollgate_metering::{Prices, RedisStore, Store};
 use tollgate_proxy::MeteringOptions;
@@ -88,14 +87,7 @@ async fn deploy_serve_meter_suspend_and_resume() {
     );
     let control = Control::new(
         store,
-        Bundler::new(BundlerConfig {
-            esbuild: t.esbuild.clone(),
-            node_modules: t.node_modules.clone(),
-            packages: t.packages.clone(),
-            work_dir: dir.path().join("builds"),
-            limits: Limits::default(),
-        })
-        .unwrap(),
+        tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap(),
         sup.clone(),
         RouteStore::connect(&redis.url(), "tollgate").await.unwrap(),
         ControlConfig {

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{Node, eventually, options};
-use tollgate_bundler::{Bundler, BundlerConfig, Limits};
 use tollgate_routes::{Route, RouteKey, RouteStore};
 use tollgate_runtime::{
     CpuDelta, CpuSink, DeploymentSpec, RuntimeConfig, RuntimeEvent, Supervisor, Toolchain,
@@ -54,14 +53,7 @@ struct Rig {
 async fn rig() -> Rig {
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bundler = Bundler::new(BundlerConfig {
-        esbuild: t.esbuild.clone(),
-        node_modules: t.node_modules.clone(),
-        packages: t.packages.clone(),
-        work_dir: dir.path().join("builds"),
-        limits: Limits::default(),
-    })
-    .unwrap();
+    let bundler = tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap();
     let code = bundler
         .bundle_raw([("src/index.ts", APP)])
         .await
@@ -299,17 +291,11 @@ async fn cpu_is_charged_while_a_long_request_is_still_running() {
     let cache = node.cache.clone().unwrap();
 
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
-    let bundle = Bundler::new(BundlerConfig {
-        esbuild: t.esbuild.clone(),
-        node_modules: t.node_modules.clone(),
-        packages: t.packages.clone(),
-        work_dir: dir.path().join("builds"),
-        limits: Limits::default(),
-    })
-    .unwrap()
-    .bundle_raw([("src/index.ts", APP)])
-    .await
-    .unwrap();
+    let bundle = tollgate_control::bundler_for(&t, dir.path().join("builds"))
+        .unwrap()
+        .bundle_raw([("src/index.ts", APP)])
+        .await
+        .unwrap();
     let cfg = RuntimeConfig {
         data_dir: dir.path().join("runtime"),
         sample_interval: Duration::from_millis(20),
