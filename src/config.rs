@@ -42,6 +42,8 @@ pub struct ControlConfig {
     pub public_url: Option<String>,
     /// The pinned JS toolchain (package.json + lockfile); installed there when missing.
     pub toolchain_dir: PathBuf,
+    /// A project with no request and no deploy for this long expires and is collected.
+    pub inactivity_ttl_seconds: u64,
 }
 
 impl Default for ControlConfig {
@@ -52,6 +54,7 @@ impl Default for ControlConfig {
             admin_token: None,
             public_url: None,
             toolchain_dir: PathBuf::from("runtime/npm"),
+            inactivity_ttl_seconds: 7 * 24 * 3600,
         }
     }
 }

@@ -88,10 +88,29 @@ pub async fn serve_control(
         routes,
         ControlConfig {
             url_template: public_url,
+            inactivity_ttl: std::time::Duration::from_secs(cfg.control.inactivity_ttl_seconds),
             ..ControlConfig::default()
         },
     );
     tokio::spawn(control.clone().follow_runtime(events));
+    // The cleanup job: expire and collect unused projects (idempotent, so a missed or repeated
+    // run is harmless).
+    let sweeper = control.clone();
+    let every =
+        std::time::Duration::from_secs((cfg.control.inactivity_ttl_seconds / 10).clamp(1, 60));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            match sweeper.sweep().await {
+                Ok(expired) if !expired.is_empty() => {
+                    tracing::info!(n = expired.len(), "expired unused projects")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cleanup sweep failed"),
+            }
+        }
+    });
     let n = control
         .recover()
         .await

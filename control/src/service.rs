@@ -21,8 +21,10 @@ pub struct ControlConfig {
     /// How a project's URL is written: `{slug}` is replaced (e.g. `http://{slug}.localhost:8080`).
     pub url_template: String,
     pub compatibility_date: String,
-    /// A deleted project's slug stays reserved this long.
+    /// A deleted or expired project's slug stays reserved this long.
     pub slug_grace: Duration,
+    /// A project with no request and no deploy for this long expires and is garbage-collected.
+    pub inactivity_ttl: Duration,
 }
 
 impl Default for ControlConfig {
@@ -31,6 +33,7 @@ impl Default for ControlConfig {
             url_template: "http://{slug}.localhost:8080".into(),
             compatibility_date: "2025-09-01".into(),
             slug_grace: Duration::from_secs(24 * 3600),
+            inactivity_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -707,6 +710,52 @@ impl Control {
             }
         }
         Ok(n)
+    }
+}
+
+/// The cleanup job.
+impl Control {
+    /// Expires every project unused (no request, no deploy) for `inactivity_ttl`: its process
+    /// stops, its route goes (the URL answers 404), its artifacts are deleted, its slug is freed
+    /// after the grace period. Idempotent; returns the projects it expired now.
+    pub async fn sweep(&self) -> Result<Vec<String>, ControlError> {
+        let now = now_ms();
+        let ttl = self.cfg.inactivity_ttl.as_millis() as u64;
+        let mut expired = Vec::new();
+        for p in self.store.all_projects().await? {
+            if !matches!(p.status, ProjectStatus::Active | ProjectStatus::Suspended) {
+                continue;
+            }
+            if now.saturating_sub(self.last_activity(&p, now)) <= ttl {
+                continue;
+            }
+            let lock = self.lock_for(&p.id);
+            let _guard = lock.lock().await;
+            // Re-check under the lock: a deploy may have just happened.
+            let Some(mut p) = self.store.project(&p.id).await? else {
+                continue;
+            };
+            if !matches!(p.status, ProjectStatus::Active | ProjectStatus::Suspended)
+                || now.saturating_sub(self.last_activity(&p, now)) <= ttl
+            {
+                continue;
+            }
+            self.teardown(&mut p, ProjectStatus::Expired).await?;
+            tracing::info!(project = %p.id, "expired after inactivity");
+            expired.push(p.id);
+        }
+        Ok(expired)
+    }
+
+    /// The later of the last deploy and the last request the runtime saw.
+    fn last_activity(&self, p: &Project, now: u64) -> u64 {
+        let seen = p
+            .live_deployment
+            .as_deref()
+            .and_then(|d| self.runtime.idle_for(d))
+            .map(|idle| now.saturating_sub(idle.as_millis() as u64))
+            .unwrap_or(0);
+        p.last_activity_ms.max(seen)
     }
 }
 

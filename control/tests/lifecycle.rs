@@ -30,6 +30,10 @@ async fn rig(redis: &RedisServer) -> Rig {
 }
 
 async fn rig_at(redis_url: &str) -> Rig {
+    rig_with(redis_url, |_| {}).await
+}
+
+async fn rig_with(redis_url: &str, tweak: impl FnOnce(&mut ControlConfig)) -> Rig {
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bundler = tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap();
@@ -49,16 +53,14 @@ async fn rig_at(redis_url: &str) -> Rig {
             .unwrap(),
     );
     let routes = RouteStore::connect(redis_url, "tollgate").await.unwrap();
-    let control = Control::new(
-        store.clone(),
-        bundler,
-        runtime,
-        routes.clone(),
-        ControlConfig {
+    let control = Control::new(store.clone(), bundler, runtime, routes.clone(), {
+        let mut cfg = ControlConfig {
             slug_grace: Duration::ZERO,
             ..ControlConfig::default()
-        },
-    );
+        };
+        tweak(&mut cfg);
+        cfg
+    });
     tokio::spawn(control.clone().follow_runtime(events));
     Rig {
         control,
@@ -559,4 +561,64 @@ async fn without_a_token_the_operator_api_is_off() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_projects_expire_and_are_collected_used_ones_stay() {
+    let redis = RedisServer::start();
+    let rig = rig_with(&redis.url(), |c| {
+        c.inactivity_ttl = Duration::from_millis(800)
+    })
+    .await;
+    let c = &rig.control;
+    let idle = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(files("idle")),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    let busy = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(files("busy")),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    let busy_addr = upstream(&rig.routes, &busy.slug).await.unwrap();
+    let idle_addr = upstream(&rig.routes, &idle.slug).await.unwrap();
+    // Requests keep one of them in use past the TTL.
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_millis(1200) {
+        assert_eq!(body(busy_addr).await, "busy world");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.sweep().await.unwrap(), vec![idle.project_id.clone()]);
+    assert_eq!(
+        upstream(&rig.routes, &idle.slug).await,
+        None,
+        "route removed"
+    );
+    assert!(
+        reqwest::get(format!("http://{idle_addr}/")).await.is_err(),
+        "process stopped"
+    );
+    let p = rig.store.project(&idle.project_id).await.unwrap().unwrap();
+    assert_eq!(p.status, tollgate_control::ProjectStatus::Expired);
+    assert!(
+        rig.store
+            .bundle(&idle.deployment_id)
+            .await
+            .unwrap()
+            .is_none(),
+        "artifacts deleted"
+    );
+    assert_eq!(body(busy_addr).await, "busy world", "the used one stays");
+    assert!(c.sweep().await.unwrap().is_empty(), "idempotent");
 }

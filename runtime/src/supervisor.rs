@@ -449,6 +449,16 @@ impl Supervisor {
         Some(s)
     }
 
+    /// How long since the deployment last had a request, a completed request or CPU use (as far
+    /// as this supervisor has seen since it started).
+    pub fn idle_for(&self, deployment_id: &str) -> Option<Duration> {
+        let dep = self.get(deployment_id)?;
+        let last = dep.last_active_ms.load(Ordering::Acquire);
+        Some(Duration::from_millis(
+            self.inner.now_ms().saturating_sub(last),
+        ))
+    }
+
     pub fn list(&self) -> Vec<DeploymentStatus> {
         let deps: Vec<_> = self.lock_map().values().cloned().collect();
         deps.iter()
