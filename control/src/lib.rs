@@ -9,5 +9,8 @@ pub mod store;
 
 pub use error::ControlError;
 pub use model::{DeployStatus, Deployment, Project, ProjectStatus};
-pub use service::{Control, ControlConfig, DeployOutcome, DeployRequest, ProjectView, bundler_for};
-pub use store::{ControlStore, RedisControlStore};
+pub use service::{
+    Control, ControlConfig, DeployOutcome, DeployRequest, ProjectView, Traffic, UsageView,
+    bundler_for,
+};
+pub use store::{ControlStore, RedisControlStore, Usage};

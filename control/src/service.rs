@@ -73,6 +73,25 @@ pub struct ProjectView {
     pub recent: Vec<Deployment>,
     /// Env var names; secret values are never shown.
     pub env: BTreeMap<String, Option<String>>,
+    pub usage: UsageView,
+}
+
+/// What the project's service did, from the proxies' counts and the runtime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsageView {
+    /// The current UTC clock hour so far.
+    pub hour: Traffic,
+    /// The last 24 UTC hour buckets, the current one included.
+    pub day: Traffic,
+    pub last_request_ms: Option<u64>,
+    /// CPU of the live deployment's process(es) since this control service started it.
+    pub cpu_ms_live: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    pub requests: u64,
+    pub bytes_out: u64,
 }
 
 pub struct Control {
@@ -574,12 +593,37 @@ impl Control {
             .into_iter()
             .map(|(k, v)| (k, (!v.secret).then_some(v.value)))
             .collect();
+        let now_s = now_ms() / 1000;
+        let buckets: Vec<String> = (0..24)
+            .map(|h| tollgate_routes::hour_bucket(now_s.saturating_sub(h * 3600)))
+            .collect();
+        let counted = self.store.usage(&project.id, &buckets).await?;
+        let mut usage = UsageView {
+            last_request_ms: counted.last_request_ms,
+            ..UsageView::default()
+        };
+        for (i, (req, bytes)) in counted.buckets.iter().enumerate() {
+            if i == 0 {
+                usage.hour = Traffic {
+                    requests: *req,
+                    bytes_out: *bytes,
+                };
+            }
+            usage.day.requests += req;
+            usage.day.bytes_out += bytes;
+        }
+        usage.cpu_ms_live = project
+            .live_deployment
+            .as_deref()
+            .and_then(|d| self.runtime.status(d))
+            .map_or(0, |s| s.cpu_us_total / 1000);
         Ok(ProjectView {
             url: self.url(&project.slug),
             project,
             live,
             recent,
             env,
+            usage,
         })
     }
 
@@ -726,7 +770,7 @@ impl Control {
             if !matches!(p.status, ProjectStatus::Active | ProjectStatus::Suspended) {
                 continue;
             }
-            if now.saturating_sub(self.last_activity(&p, now)) <= ttl {
+            if now.saturating_sub(self.last_activity(&p, now).await?) <= ttl {
                 continue;
             }
             let lock = self.lock_for(&p.id);
@@ -736,7 +780,7 @@ impl Control {
                 continue;
             };
             if !matches!(p.status, ProjectStatus::Active | ProjectStatus::Suspended)
-                || now.saturating_sub(self.last_activity(&p, now)) <= ttl
+                || now.saturating_sub(self.last_activity(&p, now).await?) <= ttl
             {
                 continue;
             }
@@ -747,15 +791,22 @@ impl Control {
         Ok(expired)
     }
 
-    /// The later of the last deploy and the last request the runtime saw.
-    fn last_activity(&self, p: &Project, now: u64) -> u64 {
+    /// The latest of: the last deploy, the last request the runtime saw, the last request a
+    /// proxy counted.
+    async fn last_activity(&self, p: &Project, now: u64) -> Result<u64, ControlError> {
         let seen = p
             .live_deployment
             .as_deref()
             .and_then(|d| self.runtime.idle_for(d))
             .map(|idle| now.saturating_sub(idle.as_millis() as u64))
             .unwrap_or(0);
-        p.last_activity_ms.max(seen)
+        let counted = self
+            .store
+            .usage(&p.id, &[])
+            .await?
+            .last_request_ms
+            .unwrap_or(0);
+        Ok(p.last_activity_ms.max(seen).max(counted))
     }
 }
 

@@ -35,6 +35,17 @@ pub trait ControlStore: Send + Sync + 'static {
     async fn delete_artifacts(&self, deployment: &str) -> Result<(), ControlError>;
     async fn put_env(&self, project: &str, env: &Env) -> Result<(), ControlError>;
     async fn env(&self, project: &str) -> Result<Env, ControlError>;
+    /// Requests and response bytes the proxies counted, by UTC hour buckets (`YYYYMMDDHH`), and
+    /// the time of the last request.
+    async fn usage(&self, project: &str, buckets: &[String]) -> Result<Usage, ControlError>;
+}
+
+/// What the proxies counted for a project (see `tollgate_proxy::usage`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// Per bucket asked for, in order: (requests, response bytes).
+    pub buckets: Vec<(u64, u64)>,
+    pub last_request_ms: Option<u64>,
 }
 
 pub struct RedisControlStore {
@@ -195,4 +206,38 @@ impl ControlStore for RedisControlStore {
             .await?
             .unwrap_or_default())
     }
+
+    async fn usage(&self, project: &str, buckets: &[String]) -> Result<Usage, ControlError> {
+        // Written by the proxies under `<prefix>:usage:…` (not `:ctl:`).
+        let base = self.prefix.trim_end_matches(":ctl");
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for b in buckets {
+            pipe.cmd("HMGET")
+                .arg(format!("{base}:usage:{project}:{b}"))
+                .arg("requests")
+                .arg("bytes_out");
+        }
+        pipe.hget(format!("{base}:usage:{project}"), "last_request_ms");
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+        let last = replies.pop();
+        let last_request_ms = match last {
+            Some(v) => redis::from_redis_value::<Option<u64>>(v).map_err(parse_err)?,
+            None => None,
+        };
+        let mut out = Vec::new();
+        for v in replies {
+            let pair: (Option<u64>, Option<u64>) = redis::from_redis_value(v).map_err(parse_err)?;
+            out.push((pair.0.unwrap_or(0), pair.1.unwrap_or(0)));
+        }
+        Ok(Usage {
+            buckets: out,
+            last_request_ms,
+        })
+    }
+}
+
+fn parse_err(e: impl std::fmt::Display) -> ControlError {
+    tracing::error!(error = %e, "usage record");
+    ControlError::internal("a usage record could not be read")
 }

@@ -413,6 +413,14 @@ impl ProxyHttp for Dispatch {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.metrics.count_status(status);
+        if let Some(route) = &ctx.route
+            && route.project_id.is_some()
+        {
+            route.requests.fetch_add(1, Ordering::Relaxed);
+            route
+                .bytes_out
+                .fetch_add(session.body_bytes_sent() as u64, Ordering::Relaxed);
+        }
         self.metrics
             .duration_seconds
             .observe(ctx.start.elapsed().as_secs_f64());

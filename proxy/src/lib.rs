@@ -9,6 +9,7 @@ pub mod gate;
 pub mod metrics;
 pub mod pages;
 pub mod server;
+pub mod usage;
 
 pub use config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
 pub use gate::{MeteringOptions, RequestHooks, StoreSource};

@@ -199,6 +199,13 @@ impl Proxy {
             };
             let sync = RouteSync::new(sync_opts, table.clone(), sync_metrics);
             bg.spawn(sync.run(bg_stop_rx.clone()));
+            bg.spawn(crate::usage::flush_loop(
+                table.clone(),
+                redis.url.clone(),
+                redis.key_prefix.clone(),
+                Duration::from_secs(1),
+                bg_stop_rx.clone(),
+            ));
         }
 
         let (gate, agent_task) = match (metering, &opts.metering) {

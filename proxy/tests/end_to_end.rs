@@ -152,6 +152,26 @@ async fn deploy_serve_meter_suspend_and_resume() {
     );
     assert!(served > 0);
 
+    // The proxies' counts reach the project's usage (flushed every second), with its CPU.
+    let admitted = served as u64 + 2; // the two `/` requests above
+    let mut view = None;
+    for _ in 0..50 {
+        let v = control
+            .get_project("agent-1", &out.project_id)
+            .await
+            .unwrap();
+        if v.usage.hour.requests >= admitted {
+            view = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let view = view.expect("usage counted");
+    assert_eq!(view.usage.day.requests, view.usage.hour.requests);
+    assert!(view.usage.hour.bytes_out > 0);
+    assert!(view.usage.last_request_ms.is_some());
+    assert!(view.usage.cpu_ms_live > 0, "{:?}", view.usage);
+
     // A top-up brings it back.
     money
         .credit("agent-1", "voucher-2", 10_000_000_000)

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -28,6 +28,10 @@ pub struct ResolvedRoute {
     pub deployment_id: Option<Arc<str>>,
     /// Round-robin cursor; relaxed is enough, fairness is statistical.
     cursor: AtomicUsize,
+    /// Requests and response bytes served through this route since the last usage flush (the
+    /// proxy counts, a background task swaps them out).
+    pub requests: AtomicU64,
+    pub bytes_out: AtomicU64,
 }
 
 impl ResolvedRoute {
@@ -39,6 +43,8 @@ impl ResolvedRoute {
             project_id: route.project_id.map(Arc::from),
             deployment_id: route.deployment_id.map(Arc::from),
             cursor: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
         }
     }
 
@@ -88,6 +94,22 @@ impl Snapshot {
 
     fn entry(&self, host: &str) -> Option<&Entry> {
         self.overlay.get(host).or_else(|| self.base.get(host))
+    }
+
+    /// Every live route (overlay entries shadow base ones).
+    pub fn routes(&self) -> Vec<Arc<ResolvedRoute>> {
+        let mut out: Vec<Arc<ResolvedRoute>> = self
+            .overlay
+            .values()
+            .filter_map(|e| e.route.clone())
+            .collect();
+        out.extend(
+            self.base
+                .iter()
+                .filter(|(h, _)| !self.overlay.contains_key(*h))
+                .filter_map(|(_, e)| e.route.clone()),
+        );
+        out
     }
 
     /// Number of live (non-deleted) routes.
