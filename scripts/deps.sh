@@ -19,3 +19,7 @@ if [[ ! -x runtime/npm/node_modules/@cloudflare/workerd-linux-64/bin/workerd || 
   echo "tollgate: installing the pinned JS toolchain (npm ci --ignore-scripts in runtime/npm)" >&2
   (cd runtime/npm && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
+# The official MCP TypeScript SDK client the MCP interop tests drive (pinned by its lockfile).
+if [[ ! -d mcp/tests/js/node_modules/@modelcontextprotocol/sdk ]]; then
+  (cd mcp/tests/js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+fi

@@ -89,6 +89,11 @@ pub struct DevArgs {
     /// Serve HOST from ADDR (repeatable), e.g. --route hello.localhost=127.0.0.1:3000
     #[arg(long = "route", value_parser = StaticRoute::parse_flag)]
     pub routes: Vec<StaticRoute>,
+    /// Local development only: every MCP call acts as this account (no payment, no proof), so an
+    /// agent on this machine can deploy before payments are wired. Credit it with
+    /// `tollgate accounts credit`. Not available in `tollgate control`.
+    #[arg(long)]
+    pub dev_account: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -198,7 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => {
             let cfg = dev_config(&args, &env)?;
             init_logging(&cfg);
-            run_dev(cfg)
+            run_dev(cfg, args.dev_account)
         }
         Command::Control(args) => {
             let cfg = Config::load(Some(&args.config), &env)?;
@@ -371,7 +376,8 @@ fn run_control(cfg: Config) -> anyhow::Result<ExitCode> {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        crate::stack::serve_control(cfg, sup, events, toolchain, stop_rx).await?;
+        // MCP for agents needs the payments layer's identity (issue #5): not mounted here yet.
+        crate::stack::serve_control(cfg, sup, events, toolchain, None, stop_rx).await?;
         let _ = agent.await;
         Ok(ExitCode::SUCCESS)
     })
@@ -392,7 +398,8 @@ async fn shutdown_signal() {
     }
 }
 
-fn run_dev(cfg: Config) -> anyhow::Result<ExitCode> {
+fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode> {
+    let dev_account_shown = dev_account.clone();
     std::fs::create_dir_all(&cfg.control.data_dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot create data dir {}: {e}",
@@ -427,7 +434,10 @@ fn run_dev(cfg: Config) -> anyhow::Result<ExitCode> {
     let control_task = control.map(|(sup, events, toolchain)| {
         let cfg = cfg.clone();
         bg.spawn(async move {
-            if let Err(e) = crate::stack::serve_control(cfg, sup, events, toolchain, stop_rx).await
+            let identity = dev_account
+                .map(|a| Arc::new(crate::stack::DevIdentity(a)) as Arc<dyn tollgate_mcp::Identify>);
+            if let Err(e) =
+                crate::stack::serve_control(cfg, sup, events, toolchain, identity, stop_rx).await
             {
                 tracing::error!(error = %format!("{e:#}"), "control service stopped");
             }
@@ -453,8 +463,15 @@ fn run_dev(cfg: Config) -> anyhow::Result<ExitCode> {
         n = cfg.routes.len(),
         data = cfg.control.data_dir.display(),
         control_line = if control_task.is_some() {
+            let mcp = match &dev_account_shown {
+                Some(a) => format!(
+                    "\n\x20           MCP http://{}/mcp, acting as account {a:?} (dev only: no payment)",
+                    cfg.control.listen
+                ),
+                None => String::new(),
+            };
             format!(
-                "http://{}/v1/admin/projects (operator API; token from TOLLGATE_ADMIN_TOKEN), runtime (workerd)",
+                "http://{}/v1/admin/projects (operator API; token from TOLLGATE_ADMIN_TOKEN), runtime (workerd){mcp}",
                 cfg.control.listen
             )
         } else {

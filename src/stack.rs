@@ -61,6 +61,7 @@ pub async fn serve_control(
     sup: Supervisor,
     events: tokio::sync::mpsc::UnboundedReceiver<tollgate_runtime::RuntimeEvent>,
     toolchain: Toolchain,
+    mcp_identity: Option<Arc<dyn tollgate_mcp::Identify>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let redis = cfg.redis.clone().context(
@@ -116,8 +117,18 @@ pub async fn serve_control(
         .await
         .map_err(|e| anyhow::anyhow!("recovery: {e}"))?;
     tracing::info!(deployments = n, "live deployments restarted");
-    let app = tollgate_control::http::admin_router(control, cfg.control.admin_token.clone())
-        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let mut app =
+        tollgate_control::http::admin_router(control.clone(), cfg.control.admin_token.clone())
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
+    if let Some(identity) = mcp_identity {
+        let host = cfg.control.listen.ip().to_string();
+        let mcp_cfg = tollgate_mcp::McpConfig {
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), host],
+            ..tollgate_mcp::McpConfig::default()
+        };
+        app = app.merge(tollgate_mcp::router(control, identity, &mcp_cfg));
+        tracing::info!(addr = %cfg.control.listen, "MCP at /mcp");
+    }
     let listener = tokio::net::TcpListener::bind(cfg.control.listen)
         .await
         .with_context(|| format!("cannot listen on {} (control.listen)", cfg.control.listen))?;
@@ -174,4 +185,19 @@ pub async fn metering_node(
     let agent = Agent::start(cache.clone(), store, agent_cfg, metrics).await?;
     let task = tokio::spawn(agent.run(stop));
     Ok((cache, task))
+}
+
+/// `tollgate dev --dev-account A`: every MCP call acts as `A`. Local development only (no
+/// payment, no proof); `tollgate control` never uses it.
+pub struct DevIdentity(pub String);
+
+#[async_trait::async_trait]
+impl tollgate_mcp::Identify for DevIdentity {
+    async fn account(
+        &self,
+        _parts: Option<&http::request::Parts>,
+        _meta: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, tollgate_mcp::ToolFailure> {
+        Ok(self.0.clone())
+    }
 }

@@ -414,3 +414,76 @@ fn control_command_serves_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The path an agent takes on a developer's machine, with the real binary and the official MCP
+/// TypeScript SDK client: `tollgate dev --redis --dev-account`, credit, deploy over MCP, fetch the
+/// URL through the metered proxy. (Payment over MPP replaces the operator's credit in issue #5.)
+#[test]
+fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
+    let redis = RedisServer::start();
+    let control = free_addr();
+    let (_dev, proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.args(["dev", "--redis", &redis.url(), "--dev-account", "acct-dev"])
+            .args(["--proxy-listen", &proxy.to_string()])
+            .args(["--control-listen", &control.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()]);
+        c
+    });
+    let http = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(http.get(format!("http://{control}/healthz")).send(), Ok(r) if r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "control never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let credit = bin()
+        .args([
+            "accounts",
+            "credit",
+            "--redis",
+            &redis.url(),
+            "--account",
+            "acct-dev",
+        ])
+        .args(["--usd", "1.00", "--key", "dev-credit"])
+        .output()
+        .unwrap();
+    assert!(credit.status.success());
+
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
+    assert!(
+        js.join("node_modules/@modelcontextprotocol/sdk").exists(),
+        "run scripts/deps.sh"
+    );
+    let out = Command::new("node")
+        .arg(js.join("deploy.mjs"))
+        .arg(format!("http://{control}/mcp"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deployed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deployed["status"], "live", "{deployed}");
+    let url = deployed["url"].as_str().unwrap().to_owned();
+    assert_eq!(
+        url,
+        format!("http://hello-agent.localhost:{}", proxy.port())
+    );
+
+    let c = reqwest::blocking::Client::builder()
+        .resolve("hello-agent.localhost", proxy)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if get(&c, &url) == (200, "hello from an agent".into()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the deployed URL never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -74,12 +74,9 @@ pub(crate) async fn run(
     if let Some(source) = &jsx_import_source {
         cmd.arg(format!("--jsx-import-source={source}"));
     }
-    let mut child = cmd.spawn().map_err(|e| {
-        BundleError::internal(format!(
-            "cannot start esbuild ({}): {e}",
-            config.esbuild.display()
-        ))
-    })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BundleError::internal(format!("cannot start the bundler: {e}")))?;
     let mut stderr = String::new();
     let timeout = config.limits.timeout;
     let outcome = tokio::time::timeout(timeout, async {

@@ -239,6 +239,21 @@ impl Control {
         owner: &str,
         req: DeployRequest,
     ) -> Result<DeployOutcome, ControlError> {
+        self.deploy_observed(owner, req, None).await
+    }
+
+    /// [`Control::deploy`], reporting its steps (`bundling`, `starting`) as they begin.
+    pub async fn deploy_observed(
+        &self,
+        owner: &str,
+        req: DeployRequest,
+        steps: Option<&tokio::sync::mpsc::UnboundedSender<&'static str>>,
+    ) -> Result<DeployOutcome, ControlError> {
+        let step = |s: &'static str| {
+            if let Some(tx) = steps {
+                let _ = tx.send(s);
+            }
+        };
         match (&req.files, &req.changes, &req.project_id) {
             (Some(_), Some(_), _) => {
                 return Err(ControlError::validation(
@@ -357,6 +372,7 @@ impl Control {
         project.deployments.push(dep.id.clone());
         self.store.put_project(&project).await?;
 
+        step("bundling");
         let bundle = match self
             .bundler
             .bundle_raw(
@@ -377,6 +393,7 @@ impl Control {
         self.store
             .put_artifacts(&dep.id, &files, &bundle.code)
             .await?;
+        step("starting");
         self.go_live(project, dep, bundle.code, &env).await
     }
 

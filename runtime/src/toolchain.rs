@@ -67,6 +67,11 @@ impl Toolchain {
     /// binaries are missing or differ from the lockfile. Safe to call from several processes at once
     /// (an exclusive file lock serialises installs).
     pub fn ensure(dir: &Path) -> Result<Toolchain, ToolchainError> {
+        // Absolute, so the binaries can be started from any working directory.
+        let dir = &std::fs::canonicalize(dir).map_err(|e| ToolchainError::Manifest {
+            dir: dir.to_owned(),
+            what: format!("cannot open the folder: {e}"),
+        })?;
         let pins = read_package_json(&dir.join("package.json"), dir)?.dependencies;
         if let Ok(t) = Self::check(dir, &pins) {
             return Ok(t);

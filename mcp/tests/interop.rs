@@ -1,0 +1,227 @@
+//! The official MCP TypeScript SDK client (npm, pinned in mcp/tests/js) runs an agent session
+//! against the real server: tools with schemas, deploy with progress, read back, tool errors with
+//! {code, message, hint}, ownership, delete. Identity here comes from a test header; the payments
+//! layer (issue #5) replaces it with MPP credentials.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tollgate_control::{Control, ControlConfig, ControlStore, RedisControlStore};
+use tollgate_mcp::{Identify, McpConfig, ToolFailure};
+use tollgate_routes::RouteStore;
+use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
+use tollgate_testkit::RedisServer;
+
+struct NoMeter;
+impl CpuSink for NoMeter {
+    fn record(&self, _: &[CpuDelta]) {}
+}
+
+/// Test identity: the account named in a header. Never used outside tests.
+struct HeaderIdentity;
+
+#[async_trait]
+impl Identify for HeaderIdentity {
+    async fn account(
+        &self,
+        parts: Option<&http::request::Parts>,
+        _meta: &serde_json::Map<String, Value>,
+    ) -> Result<String, ToolFailure> {
+        parts
+            .and_then(|p| p.headers.get("x-tollgate-test-account"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(ToolFailure {
+                code: "UNAUTHENTICATED",
+                message: "no account".into(),
+                hint: "test header missing".into(),
+            })
+    }
+}
+
+fn js_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js")
+}
+
+fn ensure_client() {
+    if js_dir()
+        .join("node_modules/@modelcontextprotocol/sdk")
+        .exists()
+    {
+        return;
+    }
+    let ok = Command::new("npm")
+        .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"])
+        .current_dir(js_dir())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "npm ci in mcp/tests/js failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_session_with_the_typescript_sdk_client() {
+    ensure_client();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let (sup, events) = Supervisor::new(
+        RuntimeConfig {
+            data_dir: dir.path().join("runtime"),
+            min_drain: Duration::from_millis(50),
+            ..RuntimeConfig::default()
+        },
+        t.clone(),
+        Arc::new(NoMeter),
+    )
+    .unwrap();
+    let store: Arc<dyn ControlStore> = Arc::new(
+        RedisControlStore::connect(&redis.url(), "tollgate")
+            .await
+            .unwrap(),
+    );
+    let control = Control::new(
+        store,
+        tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap(),
+        sup,
+        RouteStore::connect(&redis.url(), "tollgate").await.unwrap(),
+        ControlConfig::default(),
+    );
+    tokio::spawn(control.clone().follow_runtime(events));
+    let app = tollgate_mcp::router(
+        control.clone(),
+        Arc::new(HeaderIdentity),
+        &McpConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    // Another account's project, which the agent must never see.
+    control
+        .deploy(
+            "someone-else",
+            tollgate_control::DeployRequest {
+                files: Some(
+                    [(
+                        "index.js".to_owned(),
+                        "export default { fetch() { return new Response('theirs') } }".to_owned(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(js_dir().join("agent.mjs"))
+            .args([&url, "agent-7"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agent failed: {stderr}");
+    let steps: HashMap<String, Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_str().unwrap().to_owned(), v["value"].clone())
+        })
+        .collect();
+
+    assert_eq!(steps["server"]["name"], "tollgate");
+    let tools = steps["tools"].as_array().unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    for want in [
+        "deploy_project",
+        "get_project",
+        "list_projects",
+        "delete_project",
+        "rollback_project",
+        "get_logs",
+        "read_project_file",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert!(
+        tools
+            .iter()
+            .all(|t| t["hasOutputSchema"] == true && t["description"].as_str().unwrap().len() > 40)
+    );
+
+    let deploy = &steps["deploy"];
+    assert_eq!(deploy["isError"], false, "{deploy}");
+    assert_eq!(deploy["structured"]["status"], "live");
+    assert!(
+        deploy["structured"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://mcp-app.localhost")
+    );
+    let progress: Vec<&str> = steps["progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(progress, ["bundling", "starting"]);
+
+    let listed = &steps["list"];
+    assert_eq!(listed["slug"], "mcp-app");
+    assert_eq!(listed["status"], "active");
+    assert_eq!(
+        steps["read"]["structured"]["content"],
+        "export const msg = 'deployed over MCP'\n"
+    );
+
+    // Tool errors: isError with {code, message, hint}, as text and in _meta.
+    let bad = &steps["bad_deploy"];
+    assert_eq!(bad["isError"], true);
+    let err: Value = serde_json::from_str(bad["text"].as_str().unwrap()).unwrap();
+    assert_eq!(err["code"], "BUNDLE_FAILED");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("src/msg.ts:1:"),
+        "{err}"
+    );
+    assert!(!err["hint"].as_str().unwrap().is_empty());
+    assert_eq!(bad["meta"]["dev.tollgate/error"]["code"], "BUNDLE_FAILED");
+    let nf: Value = serde_json::from_str(steps["not_found"]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(nf["code"], "NOT_FOUND");
+
+    // The failed deploy left v1 live; usage is reported.
+    let got = &steps["get"]["structured"];
+    assert_eq!(got["live"]["version"], 1);
+    assert_eq!(got["recent"][0]["status"], "failed");
+    assert!(got["usage"]["day"]["requests"].is_number());
+    let logs = steps["logs"]["structured"]["entries"].as_array().unwrap();
+    assert!(
+        logs.iter().any(
+            |e| e["level"] == "system" && e["message"].as_str().unwrap().starts_with("started")
+        )
+    );
+
+    assert_eq!(steps["delete"]["structured"]["deleted"], true);
+    assert_eq!(
+        steps["after_delete"]["structured"]["projects"],
+        serde_json::json!([])
+    );
+    // The other account's project was never listed and is still there.
+    assert_eq!(
+        control.list_projects("someone-else").await.unwrap().len(),
+        1
+    );
+}
