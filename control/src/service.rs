@@ -415,19 +415,22 @@ impl Control {
         let key = RouteKey::slug(&project.slug)
             .map_err(|e| ControlError::internal(format!("stored slug is invalid: {e}")))?;
         let old = project.live_deployment.clone();
-        let routes = &self.routes;
-        let started = self
-            .runtime
-            .redeploy(old.as_deref(), spec, |addr| async move {
+        // Start the new version and point the route at it; the old version drains and stops in
+        // the background, so the agent gets its answer as soon as the new one serves.
+        let started = match self.runtime.start(spec).await {
+            Ok(started) => {
                 let mut route = route;
-                route.upstreams = vec![addr];
-                routes
-                    .put(&key, &route)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-            .await;
+                route.upstreams = vec![started.addr];
+                match self.routes.put(&key, &route).await {
+                    Ok(_) => Ok(started),
+                    Err(e) => {
+                        let _ = self.runtime.remove(&dep.id, false).await;
+                        Err(format!("could not publish the route: {e}"))
+                    }
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
         if let Err(e) = started {
             let e = ControlError::new(
                 "DEPLOY_FAILED",
@@ -436,6 +439,12 @@ impl Control {
             );
             self.fail(&mut dep, &e).await;
             return Err(e);
+        }
+        if let Some(old) = old.clone() {
+            let runtime = self.runtime.clone();
+            tokio::spawn(async move {
+                let _ = runtime.stop(&old, true).await;
+            });
         }
         if let Some(old) = &old
             && let Some(mut prev) = self.store.deployment(old).await?
