@@ -377,7 +377,7 @@ fn run_control(cfg: Config) -> anyhow::Result<ExitCode> {
             let _ = stop_tx.send(true);
         });
         // MCP for agents needs the payments layer's identity (issue #5): not mounted here yet.
-        crate::stack::serve_control(cfg, sup, events, toolchain, None, stop_rx).await?;
+        crate::stack::serve_control(cfg, sup, events, toolchain, None, None, stop_rx).await?;
         let _ = agent.await;
         Ok(ExitCode::SUCCESS)
     })
@@ -406,8 +406,9 @@ fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode>
             cfg.control.data_dir.display()
         )
     })?;
-    // With Redis, the control service and the runtime run in this process too: the proxy holds
-    // the runtime's in-flight guard per request and CPU is charged through the proxy's cache.
+    // The control service and the runtime run in this process too: the proxy holds the runtime's
+    // in-flight guard per request and CPU is charged through the proxy's cache. Without Redis the
+    // control service keeps its state in the data dir and publishes routes into this proxy.
     let bg = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tollgate-control")
@@ -415,18 +416,16 @@ fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode>
         .build()?;
     let mut opts = options(&cfg, false)?;
     let late_cpu = Arc::new(crate::stack::LateCpu::default());
-    let control = match &cfg.redis {
-        Some(_) => {
-            let _enter = bg.enter();
-            let (sup, events, toolchain) = crate::stack::runtime(&cfg, late_cpu.clone())?;
-            if let Some(m) = &mut opts.metering {
-                m.hooks = Some(Arc::new(crate::stack::InflightHooks(sup.clone())));
-            }
-            Some((sup, events, toolchain))
+    let control = {
+        let _enter = bg.enter();
+        let (sup, events, toolchain) = crate::stack::runtime(&cfg, late_cpu.clone())?;
+        if let Some(m) = &mut opts.metering {
+            m.hooks = Some(Arc::new(crate::stack::InflightHooks(sup.clone())));
         }
-        None => None,
+        Some((sup, events, toolchain))
     };
     let proxy = Proxy::prepare(opts)?;
+    let local_table = cfg.redis.is_none().then(|| proxy.table());
     if let Some(cache) = proxy.balance_cache() {
         let _ = late_cpu.0.set(cache);
     }
@@ -436,8 +435,16 @@ fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode>
         bg.spawn(async move {
             let identity = dev_account
                 .map(|a| Arc::new(crate::stack::DevIdentity(a)) as Arc<dyn tollgate_mcp::Identify>);
-            if let Err(e) =
-                crate::stack::serve_control(cfg, sup, events, toolchain, identity, stop_rx).await
+            if let Err(e) = crate::stack::serve_control(
+                cfg,
+                sup,
+                events,
+                toolchain,
+                identity,
+                local_table,
+                stop_rx,
+            )
+            .await
             {
                 tracing::error!(error = %format!("{e:#}"), "control service stopped");
             }
@@ -462,7 +469,7 @@ fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode>
         admin = cfg.admin.listen,
         n = cfg.routes.len(),
         data = cfg.control.data_dir.display(),
-        control_line = if control_task.is_some() {
+        control_line = {
             let mcp = match &dev_account_shown {
                 Some(a) => format!(
                     "\n\x20           MCP http://{}/mcp, acting as account {a:?} (dev only: no payment)",
@@ -471,11 +478,18 @@ fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode>
                 None => String::new(),
             };
             format!(
-                "http://{}/v1/admin/projects (operator API; token from TOLLGATE_ADMIN_TOKEN), runtime (workerd){mcp}",
-                cfg.control.listen
+                "http://{}/v1/admin/projects (operator API; token from TOLLGATE_ADMIN_TOKEN), runtime (workerd), state in {}{mcp}",
+                cfg.control.listen,
+                if cfg.redis.is_some() {
+                    "Redis".to_owned()
+                } else {
+                    cfg.control
+                        .data_dir
+                        .join("control.redb")
+                        .display()
+                        .to_string()
+                }
             )
-        } else {
-            "needs --redis (the embedded store for the control service is not built yet)".to_owned()
         },
     );
     for r in &cfg.routes {

@@ -4,7 +4,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tollgate_balance_cache::BalanceCache;
-use tollgate_control::{Control, ControlConfig, RedisControlStore};
+use tollgate_control::{
+    Control, ControlConfig, ControlStore, EmbeddedControlStore, LocalRoutes, RedisControlStore,
+    RoutePublisher,
+};
 use tollgate_proxy::RequestHooks;
 use tollgate_routes::RouteStore;
 use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
@@ -62,17 +65,34 @@ pub async fn serve_control(
     events: tokio::sync::mpsc::UnboundedReceiver<tollgate_runtime::RuntimeEvent>,
     toolchain: Toolchain,
     mcp_identity: Option<Arc<dyn tollgate_mcp::Identify>>,
+    local_table: Option<Arc<tollgate_routes::RouteTable>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let redis = cfg.redis.clone().context(
-        "the control service keeps projects and routes in Redis: give --redis URL (the embedded store for `dev` is not built yet)",
-    )?;
-    let store = Arc::new(
-        RedisControlStore::connect(&redis.url, &redis.key_prefix)
-            .await
-            .map_err(|e| anyhow::anyhow!("control store: {e}"))?,
-    );
-    let routes = RouteStore::connect(&redis.url, &redis.key_prefix).await?;
+    // Redis when configured (shared by every node); otherwise one node alone: the embedded store
+    // in the data dir, and routes straight into this process's proxy table.
+    let (store, routes): (Arc<dyn ControlStore>, Arc<dyn RoutePublisher>) = match (
+        &cfg.redis,
+        local_table,
+    ) {
+        (Some(redis), _) => (
+            Arc::new(
+                RedisControlStore::connect(&redis.url, &redis.key_prefix)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("control store: {e}"))?,
+            ),
+            Arc::new(RouteStore::connect(&redis.url, &redis.key_prefix).await?),
+        ),
+        (None, Some(table)) => (
+            Arc::new(
+                EmbeddedControlStore::open(&cfg.control.data_dir.join("control.redb"))
+                    .map_err(|e| anyhow::anyhow!("control store: {e}"))?,
+            ),
+            Arc::new(LocalRoutes::new(table)),
+        ),
+        (None, None) => anyhow::bail!(
+            "the control service keeps projects and routes in Redis: configure [redis] (only `tollgate dev` can run it without, beside its own proxy)"
+        ),
+    };
     let bundler = tollgate_control::bundler_for(&toolchain, cfg.control.data_dir.join("builds"))
         .map_err(|e| anyhow::anyhow!("bundler: {e}"))?;
     let public_url = cfg.control.public_url.clone().unwrap_or_else(|| {
@@ -94,7 +114,12 @@ pub async fn serve_control(
         },
     );
     tokio::spawn(control.clone().follow_runtime(events));
-    // The cleanup job: expire and collect unused projects (idempotent, so a missed or repeated
+    let n = control
+        .recover()
+        .await
+        .map_err(|e| anyhow::anyhow!("recovery: {e}"))?;
+    tracing::info!(deployments = n, "live deployments restarted");
+    // The cleanup job (after recovery, so it never sees a project mid-restart): expire and collect unused projects (idempotent, so a missed or repeated
     // run is harmless).
     let sweeper = control.clone();
     let every =
@@ -112,15 +137,15 @@ pub async fn serve_control(
             }
         }
     });
-    let n = control
-        .recover()
-        .await
-        .map_err(|e| anyhow::anyhow!("recovery: {e}"))?;
-    tracing::info!(deployments = n, "live deployments restarted");
     let mut app =
         tollgate_control::http::admin_router(control.clone(), cfg.control.admin_token.clone())
             .route("/healthz", axum::routing::get(|| async { "ok" }));
     if let Some(identity) = mcp_identity {
+        anyhow::ensure!(
+            cfg.control.listen.ip().is_loopback(),
+            "--dev-account serves MCP without payment or proof: control.listen must be a loopback address, not {}",
+            cfg.control.listen
+        );
         let host = cfg.control.listen.ip().to_string();
         let mcp_cfg = tollgate_mcp::McpConfig {
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), host],

@@ -254,7 +254,7 @@ fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests()
 fn metered_route_is_402_until_an_operator_credits_the_account() {
     let redis = RedisServer::start();
     let up = Upstream::start("paid");
-    let (_dev, proxy) = start_listening(|proxy| {
+    let (mut dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.args(["dev", "--redis", &redis.url()])
             .args(["--proxy-listen", &proxy.to_string()])
@@ -320,6 +320,30 @@ fn metered_route_is_402_until_an_operator_credits_the_account() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(get(&c, &url), (200, "paid".into()));
+    // A graceful stop settles what was served and returns the node's lease before exiting.
+    signal(&dev.0, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = dev.0.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "dev did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let shown = bin()
+        .stdout(Stdio::piped())
+        .args(["accounts", "show", "--redis", &redis.url(), "acct-ops"])
+        .output()
+        .unwrap();
+    let acct: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        acct["debited"],
+        2 * 500_000i64,
+        "two requests served, both settled: {acct}"
+    );
+    assert_eq!(acct["leased"], 0, "lease returned at exit: {acct}");
 }
 
 /// `tollgate dev --redis` runs the control service and the runtime in the same process; its

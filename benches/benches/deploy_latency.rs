@@ -47,7 +47,7 @@ async fn run() -> Res<()> {
         store,
         tollgate_control::bundler_for(&t, dir.path().join("builds"))?,
         sup.clone(),
-        RouteStore::connect(&redis.url(), "tollgate").await?,
+        Arc::new(RouteStore::connect(&redis.url(), "tollgate").await?),
         ControlConfig::default(),
     );
     tokio::spawn(control.clone().follow_runtime(events));

@@ -1,14 +1,18 @@
 //! The control service: the owner of projects, deployments and their lifecycle. Each account is
 //! an ephemeral org with no human owner: the payer. See docs/control.md.
 
+pub mod embedded;
 pub mod error;
 pub mod http;
 pub mod model;
+pub mod routes;
 mod service;
 pub mod store;
 
+pub use embedded::EmbeddedControlStore;
 pub use error::ControlError;
 pub use model::{DeployStatus, Deployment, Project, ProjectStatus};
+pub use routes::{LocalRoutes, RoutePublisher};
 pub use service::{
     Control, ControlConfig, DeployOutcome, DeployRequest, ProjectView, Traffic, UsageView,
     bundler_for,

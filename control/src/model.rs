@@ -58,10 +58,21 @@ pub struct Deployment {
 }
 
 /// An env var of a project; secrets are never read back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvVar {
     pub value: String,
     pub secret: bool,
+}
+
+/// Secrets never reach logs through `{:?}`.
+impl std::fmt::Debug for EnvVar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = if self.secret { "<secret>" } else { &self.value };
+        f.debug_struct("EnvVar")
+            .field("value", &value)
+            .field("secret", &self.secret)
+            .finish()
+    }
 }
 
 pub type Env = BTreeMap<String, EnvVar>;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tollgate_bundler::Bundler;
-use tollgate_routes::{Route, RouteKey, RouteStore, validate_slug};
+use tollgate_routes::{Route, RouteKey, validate_slug};
+
+use crate::routes::RoutePublisher;
 use tollgate_runtime::{DeploymentSpec, LogEntry, RuntimeEvent, Supervisor};
 
 use crate::error::ControlError;
@@ -39,7 +41,7 @@ impl Default for ControlConfig {
 }
 
 /// What `deploy_project` takes (after the MCP layer parsed it).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct DeployRequest {
     /// The whole source (new project, or a full replacement with `project_id`).
     pub files: Option<Files>,
@@ -52,6 +54,26 @@ pub struct DeployRequest {
     pub env: BTreeMap<String, String>,
     /// Secrets to set (write-only).
     pub secrets: BTreeMap<String, String>,
+}
+
+/// Names only: file contents are noise and secrets must never reach logs.
+impl std::fmt::Debug for DeployRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeployRequest")
+            .field(
+                "files",
+                &self.files.as_ref().map(|m| m.keys().collect::<Vec<_>>()),
+            )
+            .field(
+                "changes",
+                &self.changes.as_ref().map(|m| m.keys().collect::<Vec<_>>()),
+            )
+            .field("project_id", &self.project_id)
+            .field("project_name", &self.project_name)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -98,7 +120,7 @@ pub struct Control {
     store: Arc<dyn ControlStore>,
     bundler: Bundler,
     runtime: Supervisor,
-    routes: RouteStore,
+    routes: Arc<dyn RoutePublisher>,
     cfg: ControlConfig,
     /// One pipeline at a time per project (one control instance; see docs/control.md).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -152,7 +174,7 @@ impl Control {
         store: Arc<dyn ControlStore>,
         bundler: Bundler,
         runtime: Supervisor,
-        routes: RouteStore,
+        routes: Arc<dyn RoutePublisher>,
         cfg: ControlConfig,
     ) -> Arc<Control> {
         Arc::new(Control {
@@ -183,6 +205,25 @@ impl Control {
         match self.store.project(project_id).await? {
             Some(p) if p.owner == owner && p.status != ProjectStatus::Deleted => Ok(p),
             _ => Err(ControlError::not_found(&format!("project {project_id:?}"))),
+        }
+    }
+
+    /// A project of `owner` that may change: active. A suspended (by an operator) or expired
+    /// project only answers reads; its slug may already belong to someone else.
+    async fn owned_active(&self, owner: &str, project_id: &str) -> Result<Project, ControlError> {
+        let p = self.owned(owner, project_id).await?;
+        match p.status {
+            ProjectStatus::Active => Ok(p),
+            ProjectStatus::Suspended => Err(ControlError::new(
+                "PROJECT_SUSPENDED",
+                format!("project {project_id:?} is suspended by the platform's operators"),
+                "It cannot be changed until it is resumed; contact the operator.",
+            )),
+            _ => Err(ControlError::new(
+                "PROJECT_EXPIRED",
+                format!("project {project_id:?} expired after a long time without use"),
+                "Deploy it again as a new project (without project_id).",
+            )),
         }
     }
 
@@ -293,13 +334,13 @@ impl Control {
             )?;
         }
         let project = match &req.project_id {
-            Some(id) => self.owned(owner, id).await?,
+            Some(id) => self.owned_active(owner, id).await?,
             None => self.new_project(owner, req.project_name.as_deref()).await?,
         };
         let lock = self.lock_for(&project.id);
         let _guard = lock.lock().await;
         // Re-read under the lock: another deploy may have finished meanwhile.
-        let mut project = self.owned(owner, &project.id).await?;
+        let mut project = self.owned_active(owner, &project.id).await?;
 
         let files = match (req.files, req.changes) {
             (Some(files), _) => files,
@@ -443,7 +484,8 @@ impl Control {
         if let Some(old) = old.clone() {
             let runtime = self.runtime.clone();
             tokio::spawn(async move {
-                let _ = runtime.stop(&old, true).await;
+                // Drained, stopped, and its folder (with the config and its secrets) removed.
+                let _ = runtime.remove(&old, true).await;
             });
         }
         if let Some(old) = &old
@@ -486,7 +528,7 @@ impl Control {
     ) -> Result<DeployOutcome, ControlError> {
         let lock = self.lock_for(project_id);
         let _guard = lock.lock().await;
-        let mut project = self.owned(owner, project_id).await?;
+        let mut project = self.owned_active(owner, project_id).await?;
         let target = match target {
             Some(t) => {
                 if !project.deployments.iter().any(|d| d == t) {
@@ -554,6 +596,12 @@ impl Control {
         let lock = self.lock_for(project_id);
         let _guard = lock.lock().await;
         let mut project = self.owned(owner, project_id).await?;
+        if project.status == ProjectStatus::Expired {
+            // Already torn down; its slug may belong to another project by now: touch nothing
+            // of it.
+            project.status = ProjectStatus::Deleted;
+            return self.store.put_project(&project).await;
+        }
         self.teardown(&mut project, ProjectStatus::Deleted).await
     }
 
@@ -576,7 +624,7 @@ impl Control {
         project.live_deployment = None;
         self.store.put_project(project).await?;
         self.store
-            .release_slug(&project.slug, self.cfg.slug_grace)
+            .release_slug(&project.slug, &project.id, self.cfg.slug_grace)
             .await?;
         tracing::info!(project = %project.id, ?status, "torn down");
         Ok(())
@@ -708,7 +756,7 @@ impl Control {
                 RuntimeEvent::Upstream {
                     deployment_id,
                     addr,
-                } => self.republish(&deployment_id, addr).await,
+                } => self.republish_locked(&deployment_id, addr).await,
                 RuntimeEvent::Failed {
                     deployment_id,
                     reason,
@@ -718,6 +766,20 @@ impl Control {
                 tracing::error!(error = %e, "runtime event not applied");
             }
         }
+    }
+
+    /// [`Control::republish`] under the project's lock, so it cannot interleave with a deploy.
+    async fn republish_locked(
+        &self,
+        deployment_id: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), ControlError> {
+        let Some(dep) = self.store.deployment(deployment_id).await? else {
+            return Ok(());
+        };
+        let lock = self.lock_for(&dep.project_id);
+        let _guard = lock.lock().await;
+        self.republish(deployment_id, addr).await
     }
 
     async fn republish(
@@ -731,8 +793,10 @@ impl Control {
         let Some(project) = self.store.project(&dep.project_id).await? else {
             return Ok(());
         };
-        if project.live_deployment.as_deref() != Some(deployment_id) {
-            return Ok(()); // an old version being drained
+        if project.live_deployment.as_deref() != Some(deployment_id)
+            || project.status != ProjectStatus::Active
+        {
+            return Ok(()); // an old version being drained, or a project not serving
         }
         let key = RouteKey::slug(&project.slug)
             .map_err(|e| ControlError::internal(format!("stored slug is invalid: {e}")))?;
@@ -888,8 +952,13 @@ impl Control {
         if p.status == ProjectStatus::Suspended {
             p.status = ProjectStatus::Active;
             self.store.put_project(&p).await?;
-            if let Some(live) = p.live_deployment.clone() {
-                self.restart_live(&p, &live).await?;
+            if let Some(live) = p.live_deployment.clone()
+                && let Err(e) = self.restart_live(&p, &live).await
+            {
+                // Back to suspended, so the resume can be retried.
+                p.status = ProjectStatus::Suspended;
+                self.store.put_project(&p).await?;
+                return Err(e);
             }
             tracing::info!(project = %p.id, "resumed by an operator");
         }

@@ -16,8 +16,14 @@ pub trait ControlStore: Send + Sync + 'static {
     /// Reserves `slug` for `project_id`; false when another project holds it (or held it within
     /// the grace period after its deletion).
     async fn claim_slug(&self, slug: &str, project_id: &str) -> Result<bool, ControlError>;
-    /// Frees `slug` after `grace` (links to the deleted service keep failing cleanly meanwhile).
-    async fn release_slug(&self, slug: &str, grace: Duration) -> Result<(), ControlError>;
+    /// Frees `slug` after `grace` (links to the deleted service keep failing cleanly meanwhile),
+    /// if `project_id` still holds it.
+    async fn release_slug(
+        &self,
+        slug: &str,
+        project_id: &str,
+        grace: Duration,
+    ) -> Result<(), ControlError>;
     async fn put_project(&self, p: &Project) -> Result<(), ControlError>;
     async fn project(&self, id: &str) -> Result<Option<Project>, ControlError>;
     async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, ControlError>;
@@ -100,14 +106,24 @@ impl ControlStore for RedisControlStore {
         Ok(ok)
     }
 
-    async fn release_slug(&self, slug: &str, grace: Duration) -> Result<(), ControlError> {
+    async fn release_slug(
+        &self,
+        slug: &str,
+        project_id: &str,
+        grace: Duration,
+    ) -> Result<(), ControlError> {
+        // Compare and release in one step: never free a slug another project holds by now.
+        const SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) == 0 then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1"#;
         let mut c = self.conn.clone();
-        let key = self.key("slug", slug);
-        if grace.is_zero() {
-            let _: () = c.del(key).await?;
-        } else {
-            let _: () = c.pexpire(key, grace.as_millis() as i64).await?;
-        }
+        let _: i64 = redis::Script::new(SCRIPT)
+            .key(self.key("slug", slug))
+            .arg(project_id)
+            .arg(grace.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await?;
         Ok(())
     }
 

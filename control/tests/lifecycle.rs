@@ -53,7 +53,7 @@ async fn rig_with(redis_url: &str, tweak: impl FnOnce(&mut ControlConfig)) -> Ri
             .unwrap(),
     );
     let routes = RouteStore::connect(redis_url, "tollgate").await.unwrap();
-    let control = Control::new(store.clone(), bundler, runtime, routes.clone(), {
+    let control = Control::new(store.clone(), bundler, runtime, Arc::new(routes.clone()), {
         let mut cfg = ControlConfig {
             slug_grace: Duration::ZERO,
             ..ControlConfig::default()
@@ -120,6 +120,7 @@ async fn deploy_iterate_rollback_delete() {
                 files: Some(files("hello")),
                 project_name: Some("My Todo API".into()),
                 env: BTreeMap::from([("MODE".into(), "prod".into())]),
+                secrets: BTreeMap::from([("API_KEY".into(), "sk-very-secret".into())]),
                 ..DeployRequest::default()
             },
         )
@@ -166,6 +167,17 @@ async fn deploy_iterate_rollback_delete() {
     assert_eq!(view.live.as_ref().unwrap().id, second.deployment_id);
     assert_eq!(view.recent[1].status, DeployStatus::Superseded);
     assert_eq!(view.env["MODE"].as_deref(), Some("prod"));
+    assert_eq!(view.env["API_KEY"], None, "secrets are write-only");
+    assert!(
+        !serde_json::to_string(&view)
+            .unwrap()
+            .contains("sk-very-secret")
+    );
+    let env = rig.store.env(&first.project_id).await.unwrap();
+    assert!(
+        !format!("{env:?}").contains("sk-very-secret"),
+        "not in Debug output either"
+    );
 
     // Rollback: v1's code runs again, as deployment 3.
     let third = c.rollback("acct-a", &first.project_id, None).await.unwrap();
@@ -522,6 +534,22 @@ async fn operators_list_inspect_suspend_resume_and_delete_with_the_admin_token()
         "route taken down"
     );
 
+    // While suspended by an operator, its owner cannot bring it back by deploying.
+    let e = rig
+        .control
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                changes: Some(BTreeMap::new()),
+                project_id: Some(d.project_id.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "PROJECT_SUSPENDED");
+    assert_eq!(upstream(&rig.routes, &d.slug).await, None);
+
     let r = auth(c.post(format!("{base}/v1/admin/projects/{}/resume", d.project_id)))
         .send()
         .await
@@ -623,4 +651,145 @@ async fn unused_projects_expire_and_are_collected_used_ones_stay() {
     );
     assert_eq!(body(busy_addr).await, "busy world", "the used one stays");
     assert!(c.sweep().await.unwrap().is_empty(), "idempotent");
+
+    // The expired project cannot be changed; its slug is free (grace 0 here) and taken by
+    // another account, whose service the old owner's calls must never touch.
+    let e = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                changes: Some(BTreeMap::new()),
+                project_id: Some(idle.project_id.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "PROJECT_EXPIRED");
+    let rollback = c
+        .rollback("acct-a", &idle.project_id, None)
+        .await
+        .unwrap_err();
+    assert_eq!(rollback.code, "PROJECT_EXPIRED");
+    let taker = c
+        .deploy(
+            "acct-b",
+            DeployRequest {
+                files: Some(files("new owner")),
+                project_name: Some(idle.slug.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(taker.slug, idle.slug);
+    c.delete("acct-a", &idle.project_id).await.unwrap();
+    let addr = upstream(&rig.routes, &idle.slug).await.unwrap();
+    assert_eq!(
+        body(addr).await,
+        "new owner world",
+        "the new owner's route survived"
+    );
+    assert!(
+        !rig.store.claim_slug(&idle.slug, "p_x").await.unwrap(),
+        "still held by its new owner"
+    );
+}
+
+/// `tollgate dev` without Redis: state in one durable file, routes straight into the proxy's
+/// table; after a restart the live deployment comes back from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_and_local_routes_survive_a_restart() {
+    use tollgate_control::{EmbeddedControlStore, LocalRoutes};
+    use tollgate_routes::RouteTable;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("control.redb");
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let (t2, dir2, file2) = (t.clone(), dir.path().to_owned(), file.clone());
+    let start = move |n: u32| {
+        let (t, dir, file) = (t2.clone(), dir2.clone(), file2.clone());
+        async move {
+            let (runtime, events) = Supervisor::new(
+                RuntimeConfig {
+                    data_dir: dir.join(format!("runtime{n}")),
+                    min_drain: Duration::from_millis(50),
+                    ..RuntimeConfig::default()
+                },
+                t.clone(),
+                Arc::new(NoMeter),
+            )
+            .unwrap();
+            let table = Arc::new(RouteTable::new("localhost", Vec::new()));
+            table.mark_synced();
+            let control = Control::new(
+                Arc::new(EmbeddedControlStore::open(&file).unwrap()),
+                tollgate_control::bundler_for(&t, dir.join("builds")).unwrap(),
+                runtime.clone(),
+                Arc::new(LocalRoutes::new(table.clone())),
+                ControlConfig::default(),
+            );
+            tokio::spawn(control.clone().follow_runtime(events));
+            (control, table, runtime)
+        }
+    };
+    let addr_of = |table: &RouteTable, host: &str| table.lookup(host).map(|r| r.upstreams[0]);
+
+    // The first "process" runs on its own runtime; dropping it ends everything it started.
+    let first = {
+        let start = start.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(async move {
+                    let (control, table, _runtime) = start(1).await;
+                    let d = control
+                        .deploy(
+                            "acct-a",
+                            DeployRequest {
+                                files: Some(files("local")),
+                                project_name: Some("solo".into()),
+                                ..DeployRequest::default()
+                            },
+                        )
+                        .await
+                        .unwrap();
+                    let addr = table.lookup("solo.localhost").unwrap().upstreams[0];
+                    assert_eq!(body(addr).await, "local world");
+                    let d2 = control
+                        .deploy(
+                            "acct-a",
+                            DeployRequest {
+                                changes: Some(BTreeMap::from([(
+                                    "src/who.ts".to_owned(),
+                                    Some("export const who = () => 'disk'\n".to_owned()),
+                                )])),
+                                project_id: Some(d.project_id.clone()),
+                                ..DeployRequest::default()
+                            },
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(d2.version, 2);
+                    let addr = table.lookup("solo.localhost").unwrap().upstreams[0];
+                    assert_eq!(body(addr).await, "local disk");
+                    d
+                })
+        })
+        .join()
+        .unwrap()
+    };
+    let d = first;
+
+    // A new process: same file, an empty table.
+    let (control, table, _runtime) = start(2).await;
+    assert_eq!(addr_of(&table, "solo.localhost"), None);
+    assert_eq!(control.recover().await.unwrap(), 1);
+    assert_eq!(
+        body(addr_of(&table, "solo.localhost").unwrap()).await,
+        "local disk"
+    );
+    let view = control.get_project("acct-a", &d.project_id).await.unwrap();
+    assert_eq!(view.live.unwrap().version, 2);
+    control.delete("acct-a", &d.project_id).await.unwrap();
+    assert_eq!(addr_of(&table, "solo.localhost"), None);
 }

@@ -30,7 +30,8 @@ pub struct TollgateMcp {
 
 // ---- inputs ----
 
-#[derive(Debug, Deserialize, JsonSchema)]
+/// (No `Debug`: it carries secrets.)
+#[derive(Deserialize, JsonSchema)]
 pub struct DeployArgs {
     /// The whole source: path → file text, e.g. {"src/index.ts": "import { Hono } from 'hono' …"}.
     /// For a new project, or to replace all files of `project_id`.

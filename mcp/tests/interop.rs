@@ -90,7 +90,7 @@ async fn an_agent_session_with_the_typescript_sdk_client() {
         store,
         tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap(),
         sup,
-        RouteStore::connect(&redis.url(), "tollgate").await.unwrap(),
+        Arc::new(RouteStore::connect(&redis.url(), "tollgate").await.unwrap()),
         ControlConfig::default(),
     );
     tokio::spawn(control.clone().follow_runtime(events));

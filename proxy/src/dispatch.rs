@@ -95,6 +95,8 @@ pub struct Ctx {
     html: bool,
     /// An upstream took the request and dropped the connection without answering.
     interrupted: bool,
+    /// The money gate refused it (402/503): not the service's usage.
+    refused: bool,
     /// Held for the request's lifetime (the runtime's in-flight count).
     _request_guard: Option<Box<dyn Send + Sync>>,
     _in_flight: InFlight,
@@ -126,6 +128,7 @@ impl ProxyHttp for Dispatch {
             request_id: String::new(),
             html: false,
             interrupted: false,
+            refused: false,
             _request_guard: None,
             _in_flight: InFlight(self.metrics.in_flight.clone()),
         }
@@ -184,12 +187,14 @@ impl ProxyHttp for Dispatch {
                         }
                         Spend::Suspended => {
                             gate.rejected_suspended.inc();
+                            ctx.refused = true;
                             let p = Problem::suspended(&route.hostname, &gate.top_up);
                             ctx.route = Some(route);
                             return respond(session, ctx, &p).await;
                         }
                         Spend::Pending | Spend::Unavailable => {
                             gate.rejected_unavailable.inc();
+                            ctx.refused = true;
                             ctx.route = Some(route);
                             return respond(session, ctx, &Problem::metering_unavailable()).await;
                         }
@@ -415,6 +420,7 @@ impl ProxyHttp for Dispatch {
         self.metrics.count_status(status);
         if let Some(route) = &ctx.route
             && route.project_id.is_some()
+            && !ctx.refused
         {
             route.requests.fetch_add(1, Ordering::Relaxed);
             route

@@ -163,6 +163,11 @@ impl Proxy {
             .enable_all()
             .build()?;
         let (bg_stop_tx, bg_stop_rx) = watch::channel(false);
+        let bg_stop_tx = Arc::new(bg_stop_tx);
+        // Background work that must finish before the process exits (the agent's final settle,
+        // the last usage flush): each sends once when done.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let mut must_finish = 0usize;
 
         let admin_state = AdminState {
             registry,
@@ -199,24 +204,36 @@ impl Proxy {
             };
             let sync = RouteSync::new(sync_opts, table.clone(), sync_metrics);
             bg.spawn(sync.run(bg_stop_rx.clone()));
-            bg.spawn(crate::usage::flush_loop(
+            let flush = crate::usage::flush_loop(
                 table.clone(),
                 redis.url.clone(),
                 redis.key_prefix.clone(),
                 Duration::from_secs(1),
                 bg_stop_rx.clone(),
-            ));
+            );
+            let done = done_tx.clone();
+            must_finish += 1;
+            bg.spawn(async move {
+                flush.await;
+                let _ = done.send(());
+            });
         }
 
         let (gate, agent_task) = match (metering, &opts.metering) {
             (Some((cache, gate, cache_metrics)), Some(m)) => {
-                let task = bg.spawn(run_agent(
+                let agent = run_agent(
                     cache,
                     m.store.clone(),
                     m.agent.clone(),
                     cache_metrics,
                     bg_stop_rx.clone(),
-                ));
+                );
+                let done = done_tx.clone();
+                must_finish += 1;
+                let task = bg.spawn(async move {
+                    agent.await;
+                    let _ = done.send(());
+                });
                 (Some(gate), Some(task))
             }
             _ => (None, None),
@@ -275,6 +292,27 @@ impl Proxy {
             in_flight: metrics.in_flight.clone(),
             exit_when_drained: opts.exit_when_drained,
             os_signals: opts.os_signals,
+            before_exit: {
+                let stop = bg_stop_tx.clone();
+                let done = std::sync::Mutex::new(done_rx);
+                Arc::new(move || {
+                    // Settle what is left, return leases, flush usage; then exit.
+                    let _ = stop.send(true);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    if let Ok(rx) = done.lock() {
+                        for _ in 0..must_finish {
+                            let left =
+                                deadline.saturating_duration_since(std::time::Instant::now());
+                            if rx.recv_timeout(left).is_err() {
+                                tracing::warn!(
+                                    "background work did not finish before exit; the journal keeps unsettled usage"
+                                );
+                                break;
+                            }
+                        }
+                    }
+                })
+            },
         };
         server.run(RunArgs {
             shutdown_signal: Box::new(watcher),
@@ -324,13 +362,19 @@ async fn run_agent(
     agent.run(stop).await;
 }
 
-/// Exits the process once `after` has passed and no request is in flight (binary only).
-fn exit_once_drained(in_flight: prometheus::IntGauge, after: Duration) {
+/// Exits the process once `after` has passed and no request is in flight (binary only), after
+/// `before_exit` (final settle, lease return, usage flush).
+fn exit_once_drained(
+    in_flight: prometheus::IntGauge,
+    after: Duration,
+    before_exit: Arc<dyn Fn() + Send + Sync>,
+) {
     std::thread::spawn(move || {
         std::thread::sleep(after);
         while in_flight.get() > 0 {
             std::thread::sleep(Duration::from_millis(20));
         }
+        before_exit();
         tracing::info!("drained: no request in flight; exiting");
         std::process::exit(0);
     });
@@ -343,6 +387,7 @@ struct Watcher {
     in_flight: prometheus::IntGauge,
     exit_when_drained: bool,
     os_signals: bool,
+    before_exit: Arc<dyn Fn() + Send + Sync>,
 }
 
 enum Got {
@@ -399,7 +444,11 @@ impl ShutdownSignalWatch for Watcher {
                 tokio::time::sleep(self.drain_delay).await;
                 if self.exit_when_drained {
                     // Pingora stops accepting right after we return; give it a moment.
-                    exit_once_drained(self.in_flight.clone(), Duration::from_millis(100));
+                    exit_once_drained(
+                        self.in_flight.clone(),
+                        Duration::from_millis(100),
+                        self.before_exit.clone(),
+                    );
                 }
                 ShutdownSignal::GracefulTerminate
             }
@@ -409,7 +458,11 @@ impl ShutdownSignalWatch for Watcher {
                 if self.exit_when_drained {
                     // Pingora sends the sockets, keeps serving what it has for 5 s
                     // (CLOSE_TIMEOUT), then stops; exit once that is over and nothing is left.
-                    exit_once_drained(self.in_flight.clone(), Duration::from_secs(6));
+                    exit_once_drained(
+                        self.in_flight.clone(),
+                        Duration::from_secs(6),
+                        self.before_exit.clone(),
+                    );
                 }
                 ShutdownSignal::GracefulUpgrade
             }

@@ -89,7 +89,7 @@ async fn deploy_serve_meter_suspend_and_resume() {
         store,
         tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap(),
         sup.clone(),
-        RouteStore::connect(&redis.url(), "tollgate").await.unwrap(),
+        Arc::new(RouteStore::connect(&redis.url(), "tollgate").await.unwrap()),
         ControlConfig {
             url_template: format!("http://{{slug}}.localhost:{}", node.addr.port()),
             ..ControlConfig::default()
