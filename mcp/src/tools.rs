@@ -175,6 +175,16 @@ fn status_str<T: Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
+fn deploy_out(out: tollgate_control::DeployOutcome) -> DeployOut {
+    DeployOut {
+        project_id: out.project_id,
+        deployment_id: out.deployment_id,
+        url: out.url,
+        status: status_str(&out.status),
+        version: out.version,
+    }
+}
+
 fn deployment_out(d: &tollgate_control::Deployment) -> DeploymentOut {
     DeploymentOut {
         deployment_id: d.id.clone(),
@@ -246,6 +256,23 @@ impl TollgateMcp {
         Self::tool_router()
     }
 
+    /// Resolves the caller, runs `f` for them, and turns the outcome into a tool result:
+    /// `structuredContent` on success, an `isError` result with `{code, message, hint}` on failure.
+    async fn act<T: Serialize>(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        f: impl AsyncFnOnce(String) -> Result<T, ControlError>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let owner = match self.who(ctx).await {
+            Ok(o) => o,
+            Err(r) => return Ok(r),
+        };
+        match f(owner).await {
+            Ok(v) => ok(&v),
+            Err(e) => Ok(from_control(e)),
+        }
+    }
+
     async fn who(&self, ctx: &RequestContext<RoleServer>) -> Result<String, CallToolResult> {
         let parts = ctx.extensions.get::<http::request::Parts>();
         self.identify
@@ -267,10 +294,6 @@ impl TollgateMcp {
         Parameters(a): Parameters<DeployArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let owner = match self.who(&ctx).await {
-            Ok(o) => o,
-            Err(r) => return Ok(r),
-        };
         let req = DeployRequest {
             files: a.files,
             changes: a.changes,
@@ -279,40 +302,36 @@ impl TollgateMcp {
             env: a.env.unwrap_or_default(),
             secrets: a.secrets.unwrap_or_default(),
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
         let token = ctx.meta.get_progress_token();
         let peer = ctx.peer.clone();
-        let progress = async move {
-            let mut n = 0.0;
-            while let Some(step) = rx.recv().await {
-                n += 1.0;
-                if let Some(token) = token.clone() {
-                    let _ = peer
-                        .notify_progress(
-                            ProgressNotificationParam::new(token, n)
-                                .with_total(3.0)
-                                .with_message(step),
-                        )
-                        .await;
+        self.act(&ctx, async |owner| {
+            // Steps arrive on a channel while the deploy runs; each becomes a progress
+            // notification when the client asked for them.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+            let progress = async move {
+                let mut n = 0.0;
+                while let Some(step) = rx.recv().await {
+                    n += 1.0;
+                    if let Some(token) = token.clone() {
+                        let _ = peer
+                            .notify_progress(
+                                ProgressNotificationParam::new(token, n)
+                                    .with_total(3.0)
+                                    .with_message(step),
+                            )
+                            .await;
+                    }
                 }
-            }
-        };
-        let deploy = async {
-            let r = self.control.deploy_observed(&owner, req, Some(&tx)).await;
-            drop(tx);
-            r
-        };
-        let (result, ()) = tokio::join!(deploy, progress);
-        match result {
-            Ok(out) => ok(&DeployOut {
-                project_id: out.project_id,
-                deployment_id: out.deployment_id,
-                url: out.url,
-                status: status_str(&out.status),
-                version: out.version,
-            }),
-            Err(e) => Ok(from_control(e)),
-        }
+            };
+            let deploy = async {
+                let r = self.control.deploy_observed(&owner, req, Some(&tx)).await;
+                drop(tx);
+                r
+            };
+            let (result, ()) = tokio::join!(deploy, progress);
+            result.map(deploy_out)
+        })
+        .await
     }
 
     #[tool(
@@ -325,14 +344,13 @@ impl TollgateMcp {
         Parameters(a): Parameters<ProjectRef>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let owner = match self.who(&ctx).await {
-            Ok(o) => o,
-            Err(r) => return Ok(r),
-        };
-        match self.control.get_project(&owner, &a.project_id).await {
-            Ok(v) => ok(&project_out(v)),
-            Err(e) => Ok(from_control(e)),
-        }
+        self.act(&ctx, async |owner| {
+            self.control
+                .get_project(&owner, &a.project_id)
+                .await
+                .map(project_out)
+        })
+        .await
     }
 
     #[tool(
@@ -345,16 +363,13 @@ impl TollgateMcp {
         Parameters(_): Parameters<NoArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let owner = match self.who(&ctx).await {
-            Ok(o) => o,
-            Err(r) => return Ok(r),
-        };
-        match self.control.list_projects(&owner).await {
-            Ok(list) => ok(&ProjectList {
+        self.act(&ctx, async |owner| {
+            let list = self.control.list_projects(&owner).await?;
+            Ok(ProjectList {
                 projects: list.into_iter().map(project_out).collect(),
-            }),
-            Err(e) => Ok(from_control(e)),
-        }
+            })
+        })
+        .await
     }
 
     #[tool(
@@ -367,17 +382,14 @@ impl TollgateMcp {
         Parameters(a): Parameters<ProjectRef>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let owner = match self.who(&ctx).await {
-            Ok(o) => o,
-            Err(r) => return Ok(r),
-        };
-        match self.control.delete(&owner, &a.project_id).await {
-            Ok(()) => ok(&DeleteOut {
-                project_id: a.project_id,
+        self.act(&ctx, async |owner| {
+            self.control.delete(&owner, &a.project_id).await?;
+            Ok(DeleteOut {
+                project_id: a.project_id.clone(),
                 deleted: true,
-            }),
-            Err(e) => Ok(from_control(e)),
-        }
+            })
+        })
+        .await
     }
 
     #[tool(
@@ -390,24 +402,13 @@ impl TollgateMcp {
         Parameters(a): Parameters<RollbackArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let owner = match self.who(&ctx).await {
-            Ok(o) => o,
-            Err(r) => return Ok(r),
-        };
-        match self
-            .control
-            .rollback(&owner, &a.project_id, a.deployment_id.as_deref())
-            .await
-        {
-            Ok(out) => ok(&DeployOut {
-                project_id: out.project_id,
-                deployment_id: out.deployment_id,
-                url: out.url,
-                status: status_str(&out.status),
-                version: out.version,
-            }),
-            Err(e) => Ok(from_control(e)),
-        }
+        self.act(&ctx, async |owner| {
+            self.control
+                .rollback(&owner, &a.project_id, a.deployment_id.as_deref())
+                .await
+                .map(deploy_out)
+        })
+        .await
     }
 
     #[tool(
@@ -420,30 +421,28 @@ impl TollgateMcp {
         Parameters(a): Parameters<LogsArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let owner = match self.who(&ctx).await {
-            Ok(o) => o,
-            Err(r) => return Ok(r),
-        };
         let since = a.since.unwrap_or(0);
         let limit = a.limit.unwrap_or(100).clamp(1, 1000) as usize;
-        match self.control.logs(&owner, &a.project_id, since, limit).await {
-            Ok(entries) => {
-                let next_since = entries.last().map_or(since, |e| e.seq + 1);
-                ok(&LogsOut {
-                    entries: entries
-                        .into_iter()
-                        .map(|e| LogLine {
-                            seq: e.seq,
-                            ts_ms: e.ts_ms,
-                            level: e.level,
-                            message: e.message,
-                        })
-                        .collect(),
-                    next_since,
-                })
-            }
-            Err(e) => Ok(from_control(e)),
-        }
+        self.act(&ctx, async |owner| {
+            let entries = self
+                .control
+                .logs(&owner, &a.project_id, since, limit)
+                .await?;
+            let next_since = entries.last().map_or(since, |e| e.seq + 1);
+            Ok(LogsOut {
+                entries: entries
+                    .into_iter()
+                    .map(|e| LogLine {
+                        seq: e.seq,
+                        ts_ms: e.ts_ms,
+                        level: e.level,
+                        message: e.message,
+                    })
+                    .collect(),
+                next_since,
+            })
+        })
+        .await
     }
 
     #[tool(
@@ -456,17 +455,17 @@ impl TollgateMcp {
         Parameters(a): Parameters<FileArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let owner = match self.who(&ctx).await {
-            Ok(o) => o,
-            Err(r) => return Ok(r),
-        };
-        match self.control.read_file(&owner, &a.project_id, &a.path).await {
-            Ok(content) => ok(&FileOut {
-                path: a.path,
+        self.act(&ctx, async |owner| {
+            let content = self
+                .control
+                .read_file(&owner, &a.project_id, &a.path)
+                .await?;
+            Ok(FileOut {
+                path: a.path.clone(),
                 content,
-            }),
-            Err(e) => Ok(from_control(e)),
-        }
+            })
+        })
+        .await
     }
 }
 
