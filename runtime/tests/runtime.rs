@@ -647,30 +647,29 @@ fn deployment_files_are_private() {
     });
 }
 
-/// Run in a child process by the test below: a supervisor with one deployment, killed -9.
-#[test]
-#[ignore = "helper: run by workerd_processes_die_with_their_supervisor"]
-fn helper_supervisor_process() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let rig = rig();
-        deploy(&rig, "orphan", "1").await.unwrap();
-        let pid = rig.sup.status("orphan").unwrap().pid.unwrap();
-        println!("WORKERD_PID {pid}");
-        use std::io::Write;
-        std::io::stdout().flush().unwrap();
-        tokio::time::sleep(Duration::from_secs(60)).await;
-    });
-}
-
+/// The test re-runs itself in a child process (marked by an env var) that plays the supervisor: it
+/// deploys, prints the workerd pid, and waits to be killed with -9.
 #[test]
 fn workerd_processes_die_with_their_supervisor() {
     use std::io::BufRead;
+    if std::env::var_os("TOLLGATE_TEST_SUPERVISOR_CHILD").is_some() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let rig = rig();
+            deploy(&rig, "orphan", "1").await.unwrap();
+            let pid = rig.sup.status("orphan").unwrap().pid.unwrap();
+            println!("WORKERD_PID {pid}");
+            use std::io::Write;
+            std::io::stdout().flush().unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        return;
+    }
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("TOLLGATE_TEST_SUPERVISOR_CHILD", "1")
         .args([
             "--exact",
-            "helper_supervisor_process",
-            "--ignored",
+            "workerd_processes_die_with_their_supervisor",
             "--nocapture",
         ])
         .stdout(std::process::Stdio::piped())
