@@ -126,6 +126,16 @@ pub struct Control {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// The route of `project` to its deployment `deployment` (upstreams filled in by the caller).
+fn route_for(project: &Project, deployment: &str) -> Route {
+    Route {
+        upstreams: Vec::new(),
+        account_id: Some(project.owner.clone()),
+        project_id: Some(project.id.clone()),
+        deployment_id: Some(deployment.to_owned()),
+    }
+}
+
 /// What the runtime needs to run `dep` of `project`.
 fn spec_for(project: &Project, dep: &Deployment, code: String, env: &Env) -> DeploymentSpec {
     DeploymentSpec {
@@ -425,7 +435,14 @@ impl Control {
         {
             Ok(b) => b,
             Err(e) => {
-                let e = ControlError::from(e);
+                let mut e = ControlError::from(e);
+                if project.live_deployment.is_none() {
+                    // Keep the agent on this project (and its name) when it retries.
+                    e.hint = format!(
+                        "{} Retry with project_id {:?}, which keeps the name {:?}.",
+                        e.hint, project.id, project.slug
+                    );
+                }
                 self.fail(&mut dep, &e).await;
                 return Err(e);
             }
@@ -447,12 +464,7 @@ impl Control {
         env: &Env,
     ) -> Result<DeployOutcome, ControlError> {
         let spec = spec_for(&project, &dep, code, env);
-        let route = Route {
-            upstreams: Vec::new(),
-            account_id: Some(project.owner.clone()),
-            project_id: Some(project.id.clone()),
-            deployment_id: Some(dep.id.clone()),
-        };
+        let route = route_for(&project, &dep.id);
         let key = RouteKey::slug(&project.slug)
             .map_err(|e| ControlError::internal(format!("stored slug is invalid: {e}")))?;
         let old = project.live_deployment.clone();
@@ -473,13 +485,52 @@ impl Control {
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = started {
+            let hint = match &old {
+                Some(_) => {
+                    "Fix the error and deploy again; the previous version keeps serving.".to_owned()
+                }
+                None => format!(
+                    "Fix the error and deploy again with project_id {:?}, which keeps the name {:?}.",
+                    project.id, project.slug
+                ),
+            };
             let e = ControlError::new(
                 "DEPLOY_FAILED",
                 format!("the service did not start: {e}"),
-                "Fix the error (see get_logs for the deployment's output) and deploy again; the previous version keeps serving.",
+                hint,
             );
             self.fail(&mut dep, &e).await;
             return Err(e);
+        }
+        // Record the switch before touching the old version: if the store fails here, the route
+        // goes back to the old version (still running) and the new one is dropped.
+        dep.status = DeployStatus::Live;
+        project.live_deployment = Some(dep.id.clone());
+        project.last_activity_ms = now_ms();
+        let recorded = async {
+            self.store.put_deployment(&dep).await?;
+            self.store.put_project(&project).await
+        }
+        .await;
+        if let Err(e) = recorded {
+            if let Some(old_addr) = old
+                .as_deref()
+                .and_then(|o| self.runtime.status(o))
+                .and_then(|s| s.addr)
+                && let Some(old_id) = &old
+            {
+                let mut back = route_for(&project, old_id);
+                back.upstreams = vec![old_addr];
+                let _ = self.routes.put(&key, &back).await;
+            }
+            let _ = self.runtime.remove(&dep.id, false).await;
+            return Err(e);
+        }
+        if let Some(old) = &old
+            && let Some(mut prev) = self.store.deployment(old).await?
+        {
+            prev.status = DeployStatus::Superseded;
+            self.store.put_deployment(&prev).await?;
         }
         if let Some(old) = old.clone() {
             let runtime = self.runtime.clone();
@@ -488,17 +539,6 @@ impl Control {
                 let _ = runtime.remove(&old, true).await;
             });
         }
-        if let Some(old) = &old
-            && let Some(mut prev) = self.store.deployment(old).await?
-        {
-            prev.status = DeployStatus::Superseded;
-            self.store.put_deployment(&prev).await?;
-        }
-        dep.status = DeployStatus::Live;
-        self.store.put_deployment(&dep).await?;
-        project.live_deployment = Some(dep.id.clone());
-        project.last_activity_ms = now_ms();
-        self.store.put_project(&project).await?;
         tracing::info!(project = %project.id, deployment = %dep.id, version = dep.version, "live");
         Ok(DeployOutcome {
             url: self.url(&project.slug),
@@ -805,9 +845,7 @@ impl Control {
                 &key,
                 &Route {
                     upstreams: vec![addr],
-                    account_id: Some(project.owner.clone()),
-                    project_id: Some(project.id.clone()),
-                    deployment_id: Some(dep.id.clone()),
+                    ..route_for(&project, &dep.id)
                 },
             )
             .await

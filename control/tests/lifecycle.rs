@@ -793,3 +793,48 @@ async fn the_embedded_store_and_local_routes_survive_a_restart() {
     control.delete("acct-a", &d.project_id).await.unwrap();
     assert_eq!(addr_of(&table, "solo.localhost"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_deploy_tells_how_to_keep_its_name() {
+    let redis = RedisServer::start();
+    let rig = rig(&redis).await;
+    let c = &rig.control;
+    let e = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(BTreeMap::from([(
+                    "src/index.ts".to_owned(),
+                    "export default (".to_owned(),
+                )])),
+                project_name: Some("first-try".into()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "BUNDLE_FAILED");
+    let project_id = e
+        .hint
+        .split("project_id \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no project_id in {:?}", e.hint))
+        .to_owned();
+    assert!(e.hint.contains("\"first-try\""), "{}", e.hint);
+    let ok = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(files("second try")),
+                project_id: Some(project_id.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (ok.project_id, ok.slug.as_str(), ok.version),
+        (project_id, "first-try", 2)
+    );
+}
