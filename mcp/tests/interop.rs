@@ -103,8 +103,8 @@ async fn an_agent_session_with_the_typescript_sdk_client() {
     let url = format!("http://{}/mcp", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    // Another account's project, which the agent must never see.
-    control
+    // Another account's project, which the agent must never see or touch.
+    let theirs = control
         .deploy(
             "someone-else",
             tollgate_control::DeployRequest {
@@ -121,10 +121,11 @@ async fn an_agent_session_with_the_typescript_sdk_client() {
         .await
         .unwrap();
 
+    let theirs_id = theirs.project_id.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(js_dir().join("agent.mjs"))
-            .args([&url, "agent-7"])
+            .args([&url, "agent-7", &theirs_id])
             .output()
             .unwrap()
     })
@@ -201,6 +202,11 @@ async fn an_agent_session_with_the_typescript_sdk_client() {
     assert_eq!(bad["meta"]["dev.tollgate/error"]["code"], "BUNDLE_FAILED");
     let nf: Value = serde_json::from_str(steps["not_found"]["text"].as_str().unwrap()).unwrap();
     assert_eq!(nf["code"], "NOT_FOUND");
+    for step in ["others_get", "others_delete", "others_logs"] {
+        assert_eq!(steps[step]["isError"], true, "{step}");
+        let e: Value = serde_json::from_str(steps[step]["text"].as_str().unwrap()).unwrap();
+        assert_eq!(e["code"], "NOT_FOUND", "{step}: {e}");
+    }
 
     // The failed deploy left v1 live; usage is reported.
     let got = &steps["get"]["structured"];

@@ -1,9 +1,9 @@
 // An agent session with the official MCP TypeScript SDK client: every step's result is printed
-// as one JSON line for the Rust test to check. Usage: node agent.mjs MCP_URL ACCOUNT
+// as one JSON line for the Rust test to check. Usage: node agent.mjs MCP_URL ACCOUNT OTHERS_PROJECT_ID
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 
-const [url, account] = process.argv.slice(2);
+const [url, account, othersProject] = process.argv.slice(2);
 const out = (step, value) => console.log(JSON.stringify({ step, value }));
 
 const client = new Client({ name: 'tollgate-test-agent', version: '1.0.0' });
@@ -33,6 +33,9 @@ out('list', deployed);
 out('read', await call('read_project_file', { project_id: deployed.project_id, path: 'src/msg.ts' }));
 out('bad_deploy', await call('deploy_project', { changes: { 'src/msg.ts': 'export const msg = (' }, project_id: deployed.project_id }));
 out('not_found', await call('get_project', { project_id: 'p_doesnotexist' }));
+out('others_get', await call('get_project', { project_id: othersProject }));
+out('others_delete', await call('delete_project', { project_id: othersProject }));
+out('others_logs', await call('get_logs', { project_id: othersProject }));
 out('get', await call('get_project', { project_id: deployed.project_id }));
 out('logs', await call('get_logs', { project_id: deployed.project_id }));
 out('delete', await call('delete_project', { project_id: deployed.project_id }));
