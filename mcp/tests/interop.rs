@@ -65,11 +65,8 @@ fn ensure_client() {
     assert!(ok, "npm ci in mcp/tests/js failed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_session_with_the_typescript_sdk_client() {
-    ensure_client();
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
+/// The MCP server over a real control service; returns its `/mcp` URL.
+async fn server(redis: &RedisServer, dir: &tempfile::TempDir) -> (String, Arc<Control>) {
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
     let (sup, events) = Supervisor::new(
         RuntimeConfig {
@@ -102,6 +99,15 @@ async fn an_agent_session_with_the_typescript_sdk_client() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/mcp", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, control)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_session_with_the_typescript_sdk_client() {
+    ensure_client();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, control) = server(&redis, &dir).await;
 
     // Another account's project, which the agent must never see or touch.
     let theirs = control
@@ -230,4 +236,37 @@ async fn an_agent_session_with_the_typescript_sdk_client() {
         control.list_projects("someone-else").await.unwrap().len(),
         1
     );
+}
+
+/// DNS-rebinding protection: an unknown `Host` or a browser `Origin` is refused; a client that
+/// sends no `Accept` (some agents) is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_hosts_and_origins_are_refused() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _control) = server(&redis, &dir).await;
+    let init = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "raw", "version": "1"}}
+    });
+    let c = reqwest::Client::new();
+    let post = || {
+        c.post(&url)
+            .header("content-type", "application/json")
+            .header("x-tollgate-test-account", "a")
+            .body(init.to_string())
+    };
+    let r = post().send().await.unwrap();
+    assert_eq!(r.status(), 200, "no Accept header: normalised and served");
+    let body = r.text().await.unwrap();
+    assert!(body.contains("\"tollgate\""), "{body}");
+    let r = post().header("host", "evil.example").send().await.unwrap();
+    assert_eq!(r.status(), 403, "unknown Host");
+    let r = post()
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "unlisted Origin");
 }
