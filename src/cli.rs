@@ -94,6 +94,10 @@ pub struct DevArgs {
     /// `tollgate accounts credit`. Not available in `tollgate control`.
     #[arg(long)]
     pub dev_account: Option<String>,
+    /// With --dev-account: credit it this many dollars at start (once per amount; repeated starts
+    /// add nothing), e.g. --dev-credit-usd 1.00.
+    #[arg(long, requires = "dev_account")]
+    pub dev_credit_usd: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -203,7 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => {
             let cfg = dev_config(&args, &env)?;
             init_logging(&cfg);
-            run_dev(cfg, args.dev_account)
+            run_dev(cfg, args.dev_account, args.dev_credit_usd)
         }
         Command::Control(args) => {
             let cfg = Config::load(Some(&args.config), &env)?;
@@ -398,7 +402,11 @@ async fn shutdown_signal() {
     }
 }
 
-fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode> {
+fn run_dev(
+    cfg: Config,
+    dev_account: Option<String>,
+    dev_credit_usd: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let dev_account_shown = dev_account.clone();
     std::fs::create_dir_all(&cfg.control.data_dir).map_err(|e| {
         anyhow::anyhow!(
@@ -424,6 +432,9 @@ fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode>
         }
         Some((sup, events, toolchain))
     };
+    if let (Some(account), Some(usd)) = (&dev_account, &dev_credit_usd) {
+        dev_credit(&bg, &cfg, &mut opts, account, usd)?;
+    }
     let proxy = Proxy::prepare(opts)?;
     let local_table = cfg.redis.is_none().then(|| proxy.table());
     if let Some(cache) = proxy.balance_cache() {
@@ -462,9 +473,8 @@ fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode>
          \x20 routes    from {routes_from}; {n} static route(s)\n\
          \x20 data      {data}\n\
          \x20 control   {control_line}\n\
-         \x20 not yet   MCP (deploys for agents), payments and the local test chain: they arrive\n\
-         \x20           with their issues; until then publish routes with --route HOST=ADDR or\n\
-         \x20           `tollgate routes put --redis URL ...`\n",
+         \x20 not yet   payments (MPP) and the local test chain; meanwhile `--dev-account A\n\
+         \x20           --dev-credit-usd 1.00` gives a local agent an account with credit\n",
         base = cfg.proxy.base_domain,
         admin = cfg.admin.listen,
         n = cfg.routes.len(),
@@ -502,6 +512,40 @@ fn run_dev(cfg: Config, dev_account: Option<String>) -> anyhow::Result<ExitCode>
     }
     bg.shutdown_timeout(Duration::from_secs(2));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Credits the dev account once per amount, in the store the proxy is about to use (the embedded
+/// file is opened here and handed to the proxy, since only one process may hold it).
+fn dev_credit(
+    bg: &tokio::runtime::Runtime,
+    cfg: &Config,
+    opts: &mut ProxyOptions,
+    account: &str,
+    usd: &str,
+) -> anyhow::Result<()> {
+    use tollgate_metering::{EmbeddedStore, Picos, RedisStore, Store};
+    let amount =
+        Picos::parse_usd(usd).map_err(|e| anyhow::anyhow!("--dev-credit-usd {usd}: {e}"))?;
+    let lease_ttl = Duration::from_secs(cfg.metering.lease_ttl_seconds);
+    let store: Arc<dyn Store> = match &cfg.redis {
+        Some(r) => Arc::new(bg.block_on(RedisStore::connect(&r.url, &r.key_prefix, lease_ttl))?),
+        None => {
+            let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
+                &cfg.control.data_dir.join("money.redb"),
+                lease_ttl,
+            )?);
+            if let Some(m) = &mut opts.metering {
+                m.store = StoreSource::Ready(store.clone());
+            }
+            store
+        }
+    };
+    let key = format!("dev-credit:{account}:{}", amount.0);
+    let out = bg
+        .block_on(store.credit(account, &key, amount.0))
+        .map_err(|e| anyhow::anyhow!("dev credit: {e}"))?;
+    tracing::info!(account, usd, ?out, "dev account credited");
+    Ok(())
 }
 
 fn routes(cmd: RoutesCommand) -> anyhow::Result<ExitCode> {

@@ -511,3 +511,53 @@ fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The same path with no Redis at all: `tollgate dev` keeps money, projects and routes on disk
+/// in its data dir, and `--dev-credit-usd` gives the dev account its credit.
+#[test]
+fn without_redis_dev_runs_the_whole_path_on_its_embedded_stores() {
+    let control = free_addr();
+    let (_dev, proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.args([
+            "dev",
+            "--dev-account",
+            "acct-solo",
+            "--dev-credit-usd",
+            "0.50",
+        ])
+        .args(["--proxy-listen", &proxy.to_string()])
+        .args(["--control-listen", &control.to_string()])
+        .args(["--admin-listen", &free_addr().to_string()]);
+        c
+    });
+    let http = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(http.get(format!("http://{control}/healthz")).send(), Ok(r) if r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "control never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
+    let out = Command::new("node")
+        .arg(js.join("deploy.mjs"))
+        .arg(format!("http://{control}/mcp"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deployed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let url = deployed["url"].as_str().unwrap_or_default().to_owned();
+    let c = reqwest::blocking::Client::builder()
+        .resolve("hello-agent.localhost", proxy)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url) != (200, "hello from an agent".into()) {
+        assert!(Instant::now() < deadline, "not served: {deployed}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
