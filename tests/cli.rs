@@ -50,6 +50,20 @@ fn start_listening(make: impl Fn(SocketAddr) -> Command) -> (Proc, SocketAddr) {
     panic!("the server never listened");
 }
 
+/// Waits until the control service at `control` answers `/healthz`, failing if `p` exits first.
+fn wait_for_control(control: SocketAddr, p: &mut Proc) {
+    let c = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(c.get(format!("http://{control}/healthz")).send(), Ok(r) if r.status() == 200) {
+        assert!(
+            p.0.try_wait().unwrap().is_none(),
+            "the process exited early"
+        );
+        assert!(Instant::now() < deadline, "control never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn get(client: &reqwest::blocking::Client, url: &str) -> (u16, String) {
     let r = client.get(url).send().unwrap();
     (r.status().as_u16(), r.text().unwrap())
@@ -352,7 +366,7 @@ fn metered_route_is_402_until_an_operator_credits_the_account() {
 fn dev_runs_the_control_service_with_its_operator_api() {
     let redis = RedisServer::start();
     let control = free_addr();
-    let (_dev, _proxy) = start_listening(|proxy| {
+    let (mut dev, _proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.env("TOLLGATE_ADMIN_TOKEN", "t0ken")
             .args(["dev", "--redis", &redis.url()])
@@ -361,17 +375,8 @@ fn dev_runs_the_control_service_with_its_operator_api() {
             .args(["--admin-listen", &free_addr().to_string()]);
         c
     });
+    wait_for_control(control, &mut dev);
     let c = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = c.get(format!("http://{control}/healthz")).send()
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "control never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let r = c
         .get(format!("http://{control}/v1/admin/projects"))
         .bearer_auth("t0ken")
@@ -409,18 +414,8 @@ fn control_command_serves_and_stops_on_sigterm() {
             .spawn()
             .unwrap(),
     );
+    wait_for_control(control, &mut p);
     let c = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = c.get(format!("http://{control}/healthz")).send()
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(p.0.try_wait().unwrap().is_none(), "control exited early");
-        assert!(Instant::now() < deadline, "control never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     // No admin token configured: the operator API is off.
     let r = c
         .get(format!("http://{control}/v1/admin/projects"))
@@ -446,7 +441,7 @@ fn control_command_serves_and_stops_on_sigterm() {
 fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
     let redis = RedisServer::start();
     let control = free_addr();
-    let (_dev, proxy) = start_listening(|proxy| {
+    let (mut dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.args(["dev", "--redis", &redis.url(), "--dev-account", "acct-dev"])
             .args(["--proxy-listen", &proxy.to_string()])
@@ -454,13 +449,7 @@ fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
             .args(["--admin-listen", &free_addr().to_string()]);
         c
     });
-    let http = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http.get(format!("http://{control}/healthz")).send(), Ok(r) if r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "control never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_control(control, &mut dev);
     let credit = bin()
         .args([
             "accounts",
@@ -517,7 +506,7 @@ fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
 #[test]
 fn without_redis_dev_runs_the_whole_path_on_its_embedded_stores() {
     let control = free_addr();
-    let (_dev, proxy) = start_listening(|proxy| {
+    let (mut dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.args([
             "dev",
@@ -531,13 +520,7 @@ fn without_redis_dev_runs_the_whole_path_on_its_embedded_stores() {
         .args(["--admin-listen", &free_addr().to_string()]);
         c
     });
-    let http = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http.get(format!("http://{control}/healthz")).send(), Ok(r) if r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "control never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_control(control, &mut dev);
     let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
     let out = Command::new("node")
         .arg(js.join("deploy.mjs"))
