@@ -11,10 +11,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::store::{FeedEvent, Store, StoreError, validate_batch, validate_credit};
+use crate::store::{
+    FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
+};
 use crate::types::{
-    AccountChange, AccountState, CreditError, CreditOutcome, Incarnation, LeaseGrant, LedgerEntry,
-    SettleBatch, SettleError, SettleOutcome, Status,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status,
 };
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -24,6 +26,7 @@ const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 /// `node:epoch` → incarnation record.
 const INCS: TableDefinition<&str, &[u8]> = TableDefinition::new("incarnations");
 const CREDITS: TableDefinition<&str, &[u8]> = TableDefinition::new("credits");
+const CHARGES: TableDefinition<&str, &[u8]> = TableDefinition::new("charges");
 const LEDGER: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger");
 
 #[derive(Serialize, Deserialize)]
@@ -45,6 +48,13 @@ struct IncRecord {
 struct CreditRecord {
     account: String,
     amount: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChargeRecord {
+    account: String,
+    amount: i64,
+    taken: i64,
 }
 
 #[derive(Clone)]
@@ -432,6 +442,90 @@ impl Store for EmbeddedStore {
                 key: key.to_owned(),
                 stored,
             }),
+        }
+    }
+
+    async fn charge(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+        partial: bool,
+    ) -> Result<ChargeOutcome, ChargeError> {
+        validate_charge(account, key, amount)?;
+        let (account, key_owned) = (account.to_owned(), key.to_owned());
+        enum R {
+            Done(ChargeOutcome),
+            Mismatch,
+            Insufficient(i64),
+        }
+        let r = self
+            .write(move |tx, wtx| {
+                let key = key_owned;
+                let mut charges = wtx.open_table(CHARGES)?;
+                let prev: Option<ChargeRecord> = match charges.get(key.as_str())? {
+                    Some(v) => Some(dec(v.value())?),
+                    None => None,
+                };
+                if let Some(prev) = prev {
+                    if prev.account != account || prev.amount != amount {
+                        return Ok(R::Mismatch);
+                    }
+                    return Ok(R::Done(ChargeOutcome {
+                        applied: false,
+                        taken: prev.taken,
+                        state: tx.get(&account)?,
+                    }));
+                }
+                let mut s = tx.get(&account)?;
+                let taken = if s.available >= amount {
+                    amount
+                } else if partial {
+                    s.available.max(0)
+                } else {
+                    return Ok(R::Insufficient(s.available));
+                };
+                charges.insert(
+                    key.as_str(),
+                    enc(&ChargeRecord {
+                        account: account.clone(),
+                        amount,
+                        taken,
+                    })?
+                    .as_slice(),
+                )?;
+                if taken > 0 {
+                    s.debited = s
+                        .debited
+                        .checked_add(taken)
+                        .ok_or_else(|| E("lifetime debits pass the 64-bit limit".into()))?;
+                    s.available -= taken;
+                    touch(&mut s, &mut tx.changes);
+                    tx.put(&s)?;
+                    tx.log(&LedgerEntry {
+                        kind: "charge".into(),
+                        key: format!("charge:{key}"),
+                        account: account.clone(),
+                        amount: taken,
+                        requests: 0,
+                        cpu_us: 0,
+                        deploys: 0,
+                    })?;
+                }
+                Ok(R::Done(ChargeOutcome {
+                    applied: true,
+                    taken,
+                    state: s,
+                }))
+            })
+            .await
+            .map_err(|e| ChargeError::Unavailable(e.0))?;
+        match r {
+            R::Done(o) => Ok(o),
+            R::Mismatch => Err(ChargeError::Mismatch {
+                key: key.to_owned(),
+            }),
+            R::Insufficient(available) => Err(ChargeError::Insufficient { available }),
         }
     }
 

@@ -16,6 +16,7 @@ pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};
 pub use redis_store::RedisStore;
 pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
 pub use types::{
-    AccountChange, AccountState, CreditError, CreditOutcome, Incarnation, LeaseGrant, LedgerEntry,
-    SettleBatch, SettleEntry, SettleError, SettleOutcome, Status, validate_account_id,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleEntry, SettleError, SettleOutcome,
+    Status, validate_account_id,
 };

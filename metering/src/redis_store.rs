@@ -17,10 +17,12 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use tokio::sync::broadcast;
 
-use crate::store::{FeedEvent, Store, StoreError, validate_batch, validate_credit};
+use crate::store::{
+    FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
+};
 use crate::types::{
-    AccountChange, AccountState, CreditError, CreditOutcome, Incarnation, LeaseGrant, LedgerEntry,
-    SettleBatch, SettleError, SettleOutcome, Status,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status,
 };
 
 /// Shared Lua: recompute status, bump the version, publish the change. `acct` is the hash key,
@@ -148,6 +150,37 @@ redis.call('XADD', p .. ':ledger', '*', 'kind', 'credit', 'key', 'credit:' .. ck
 return {'OK'}
 "#;
 
+/// `charges` hash: key → `id|amount|taken`. Insufficient (all-or-nothing) records nothing.
+const CHARGE: &str = r#"
+local p, id, ckey, amount, partial = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local acct = p .. ':acct:' .. id
+local prev = redis.call('HGET', p .. ':charges', ckey)
+if prev then
+  local head = id .. '|' .. amount .. '|'
+  if string.sub(prev, 1, #head) ~= head then return {'MISMATCH'} end
+  return {'DUP', string.sub(prev, #head + 1)}
+end
+local avail = redis.call('HGET', acct, 'avail') or '0'
+local take = amount
+if tonumber(avail) < tonumber(amount) then
+  if partial ~= '1' then return {'INSUFFICIENT', avail} end
+  take = avail
+  if tonumber(avail) < 0 then take = '0' end
+end
+if tonumber(redis.call('HGET', acct, 'debited') or '0') + tonumber(take) > 9.0e18 then
+  return {'OVERFLOW'}
+end
+redis.call('HSET', p .. ':charges', ckey, id .. '|' .. amount .. '|' .. take)
+if tonumber(take) > 0 then
+  redis.call('HINCRBY', acct, 'avail', '-' .. take)
+  redis.call('HINCRBY', acct, 'debited', take)
+  touch(p, id, acct)
+  redis.call('XADD', p .. ':ledger', '*', 'kind', 'charge', 'key', 'charge:' .. ckey,
+    'account', id, 'amount', take, 'requests', 0, 'cpu_us', 0, 'deploys', 0)
+end
+return {'OK', take}
+"#;
+
 /// Returns one lease (`id|node:epoch`) to its account. Shared by release and reap.
 const LUA_RETURN_LEASE: &str = r#"
 local function return_lease(p, id, field, why)
@@ -201,6 +234,7 @@ pub struct RedisStore {
     lease_ttl: Duration,
     settle: redis::Script,
     credit: redis::Script,
+    charge: redis::Script,
     release: redis::Script,
     reap: redis::Script,
     feed: broadcast::Sender<FeedEvent>,
@@ -236,6 +270,7 @@ impl RedisStore {
             lease_ttl,
             settle: redis::Script::new(&format!("{LUA_COMMON}{SETTLE}")),
             credit: redis::Script::new(&format!("{LUA_COMMON}{CREDIT}")),
+            charge: redis::Script::new(&format!("{LUA_COMMON}{CHARGE}")),
             release: redis::Script::new(&format!("{LUA_COMMON}{LUA_RETURN_LEASE}{RELEASE}")),
             reap: redis::Script::new(&format!("{LUA_COMMON}{LUA_RETURN_LEASE}{REAP}")),
             feed,
@@ -476,6 +511,63 @@ impl Store for RedisStore {
             .map_err(|e| CreditError::Unavailable(e.to_string()))?
             .ok_or_else(|| CreditError::Unavailable("account vanished".into()))?;
         Ok(CreditOutcome { applied, state })
+    }
+
+    async fn charge(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+        partial: bool,
+    ) -> Result<ChargeOutcome, ChargeError> {
+        validate_charge(account, key, amount)?;
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self
+            .charge
+            .arg(&self.prefix)
+            .arg(account)
+            .arg(key)
+            .arg(amount)
+            .arg(if partial { "1" } else { "0" })
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| ChargeError::Unavailable(e.to_string()))?;
+        let number = |i: usize| -> Result<i64, ChargeError> {
+            reply
+                .get(i)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| ChargeError::Unavailable("unexpected reply".into()))
+        };
+        let (applied, taken) = match reply.first().map(String::as_str) {
+            Some("OK") => (true, number(1)?),
+            Some("DUP") => (false, number(1)?),
+            Some("INSUFFICIENT") => {
+                return Err(ChargeError::Insufficient {
+                    available: number(1)?,
+                });
+            }
+            Some("MISMATCH") => {
+                return Err(ChargeError::Mismatch {
+                    key: key.to_owned(),
+                });
+            }
+            Some("OVERFLOW") => {
+                return Err(ChargeError::Invalid(
+                    "lifetime debits of this account would pass the 64-bit limit".into(),
+                ));
+            }
+            _ => return Err(ChargeError::Unavailable("unexpected reply".into())),
+        };
+        let state = self
+            .account(account)
+            .await
+            .map_err(|e| ChargeError::Unavailable(e.to_string()))?
+            .unwrap_or_else(|| AccountState::empty(account));
+        Ok(ChargeOutcome {
+            applied,
+            taken,
+            state,
+        })
     }
 
     async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<AccountState>>, StoreError> {

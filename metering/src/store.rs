@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::types::{
-    AccountChange, AccountState, CreditError, CreditOutcome, Incarnation, LedgerEntry, SettleBatch,
-    SettleError, SettleOutcome,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    Incarnation, LedgerEntry, SettleBatch, SettleError, SettleOutcome,
 };
 
 /// Largest single amount a store operation accepts (2⁵³ − 1 p$ ≈ $9,007): Redis scripts compare
@@ -61,6 +61,19 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
         amount: i64,
     ) -> Result<CreditOutcome, CreditError>;
+
+    /// Debits `amount` p$ from `account`'s available balance exactly once per `key`: a deploy's
+    /// price, or the unused credit withdrawn when a payment channel closes. Without `partial` it
+    /// is all or nothing ([`ChargeError::Insufficient`], nothing recorded, so the same key may be
+    /// retried after a top-up); with `partial` it takes what is available, up to `amount`.
+    /// The same key again changes nothing and answers what the first call took.
+    async fn charge(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+        partial: bool,
+    ) -> Result<ChargeOutcome, ChargeError>;
 
     async fn account(&self, account: &str) -> Result<Option<AccountState>, StoreError> {
         Ok(self
@@ -161,6 +174,13 @@ pub fn validate_batch(b: &SettleBatch) -> Result<(), SettleError> {
 }
 
 /// Checks a credit before any backend touches it.
+pub fn validate_charge(account: &str, key: &str, amount: i64) -> Result<(), ChargeError> {
+    validate_credit(account, key, amount).map_err(|e| match e {
+        CreditError::Invalid(m) => ChargeError::Invalid(m.replace("credit", "charge")),
+        other => ChargeError::Invalid(other.to_string()),
+    })
+}
+
 pub fn validate_credit(account: &str, key: &str, amount: i64) -> Result<(), CreditError> {
     crate::types::validate_account_id(account).map_err(CreditError::Invalid)?;
     if key.is_empty() || key.len() > 256 || key.chars().any(char::is_control) {

@@ -51,6 +51,19 @@ pub struct AccountState {
 }
 
 impl AccountState {
+    /// An account the store has never seen: nothing credited, suspended.
+    pub fn empty(id: &str) -> Self {
+        AccountState {
+            account: id.to_owned(),
+            credited: 0,
+            debited: 0,
+            available: 0,
+            leased: 0,
+            status: Status::Suspended,
+            version: 0,
+        }
+    }
+
     pub fn holds_invariant(&self) -> bool {
         i128::from(self.credited) - i128::from(self.debited)
             == i128::from(self.available) + i128::from(self.leased)
@@ -161,6 +174,28 @@ pub enum CreditError {
     #[error("credit key '{key}' was used before for another amount ({stored} p$)")]
     Mismatch { key: String, stored: i64 },
     #[error("invalid credit: {0}")]
+    Invalid(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What a [`crate::Store::charge`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeOutcome {
+    /// False when the key was charged before (nothing changed; `taken` is the first answer's).
+    pub applied: bool,
+    /// p$ actually debited: the amount, or with `partial` what was available (possibly 0).
+    pub taken: i64,
+    pub state: AccountState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChargeError {
+    #[error("insufficient balance: {available} p$ available")]
+    Insufficient { available: i64 },
+    #[error("charge key '{key}' was used before for another account or amount")]
+    Mismatch { key: String },
+    #[error("invalid charge: {0}")]
     Invalid(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),

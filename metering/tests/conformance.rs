@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tollgate_metering::store::grant;
 use tollgate_metering::{
-    AccountState, CreditError, EmbeddedStore, FeedEvent, RedisStore, SettleBatch, SettleEntry,
-    SettleError, SettleOutcome, Status, Store, Usage,
+    AccountState, ChargeError, CreditError, EmbeddedStore, FeedEvent, RedisStore, SettleBatch,
+    SettleEntry, SettleError, SettleOutcome, Status, Store, Usage,
 };
 use tollgate_testkit::RedisServer;
 
@@ -102,6 +102,70 @@ async fn state(s: &dyn Store, id: &str) -> AccountState {
     assert!(st.holds_invariant(), "invariant broken: {st:?}");
     st
 }
+
+conformance!(charges_apply_once_per_key, TTL, |b: Backend| async move {
+    let s = b.store;
+    s.credit("carol", "c1", 3 * USD).await.unwrap();
+    // All or nothing: more than available is refused and records nothing.
+    let e = s
+        .charge("carol", "deploy:d1", 4 * USD, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e, ChargeError::Insufficient { available: 3 * USD });
+    let r = s.charge("carol", "deploy:d1", USD, false).await.unwrap();
+    assert!(r.applied);
+    assert_eq!(r.taken, USD);
+    assert_eq!(r.state.available, 2 * USD);
+    assert_eq!(r.state.debited, USD);
+    // Retried (same key, same amount): the first answer, nothing moves.
+    let again = s.charge("carol", "deploy:d1", USD, false).await.unwrap();
+    assert!(!again.applied);
+    assert_eq!(again.taken, USD);
+    assert_eq!(again.state.available, 2 * USD);
+    // Same key, other amount or account: refused.
+    assert!(matches!(
+        s.charge("carol", "deploy:d1", 2 * USD, false).await,
+        Err(ChargeError::Mismatch { .. })
+    ));
+    // Partial takes what there is, once.
+    let p = s.charge("carol", "close:ch1", 5 * USD, true).await.unwrap();
+    assert_eq!(p.taken, 2 * USD);
+    assert_eq!(p.state.available, 0);
+    assert_eq!(p.state.status, Status::Suspended);
+    let p2 = s.charge("carol", "close:ch1", 5 * USD, true).await.unwrap();
+    assert!(!p2.applied);
+    assert_eq!(p2.taken, 2 * USD);
+    // Nothing left: a partial charge takes 0 and still answers the same on retry.
+    let z = s.charge("carol", "close:ch2", USD, true).await.unwrap();
+    assert_eq!(z.taken, 0);
+    // Bad input changes nothing.
+    assert!(matches!(
+        s.charge("carol", "k", 0, false).await,
+        Err(ChargeError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.charge("bad id!", "k", 5, false).await,
+        Err(ChargeError::Invalid(_))
+    ));
+    let st = state(&*s, "carol").await;
+    assert_eq!(st.credited, 3 * USD);
+    assert_eq!(st.debited, 3 * USD);
+    let charges: Vec<_> = s
+        .ledger()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "charge")
+        .map(|e| (e.key, e.amount))
+        .collect();
+    assert_eq!(
+        charges,
+        vec![
+            ("charge:deploy:d1".to_owned(), USD),
+            ("charge:close:ch1".to_owned(), 2 * USD)
+        ]
+    );
+});
 
 conformance!(credits_apply_once_per_key, TTL, |b: Backend| async move {
     let s = b.store;
