@@ -23,3 +23,7 @@ fi
 if [[ ! -d mcp/tests/js/node_modules/@modelcontextprotocol/sdk ]]; then
   (cd mcp/tests/js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
+# The real MPP client (mppx) the payment interop tests drive (pinned by its lockfile).
+if [[ ! -d payments/tests/js/node_modules/mppx ]]; then
+  (cd payments/tests/js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+fi

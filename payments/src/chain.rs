@@ -1,0 +1,226 @@
+//! Chain access for what tollgate itself sends: settlements and closes (the `mpp` crate sends
+//! the client's open and top-up transactions through its own provider). Behind a trait so the
+//! schedule and close logic do not care whether the JSON-RPC endpoint is a Tempo node or the
+//! project's local test chain; [`RpcChain`] speaks to either.
+
+use alloy::eips::Encodable2718;
+use alloy::network::ReceiptResponse;
+use alloy::primitives::{Address, B256, Bytes, TxKind, U256, Uint};
+use alloy::providers::Provider;
+use alloy::signers::Signer;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolCall;
+use async_trait::async_trait;
+use mpp::protocol::methods::tempo::session::ChannelDescriptor;
+use tempo_alloy::contracts::precompiles::ITIP20ChannelReserve;
+use tempo_alloy::primitives::TempoTransaction;
+use tempo_alloy::primitives::transaction::{Call, TEMPO_EXPIRING_NONCE_KEY};
+
+/// A channel as the escrow holds it (base units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OnChain {
+    pub settled: u128,
+    pub deposit: u128,
+    pub close_requested_at: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The transaction was included and reverted: nothing changed on chain.
+    #[error("transaction reverted: {0}")]
+    Reverted(String),
+    /// The node refused the transaction: nothing was broadcast.
+    #[error("transaction refused: {0}")]
+    Refused(String),
+    /// The outcome is unknown (timeout, connection lost after sending): check before retrying.
+    #[error("chain unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+#[async_trait]
+pub trait Chain: Send + Sync + 'static {
+    async fn channel(&self, id: B256) -> Result<OnChain, ChainError>;
+    /// `settle(descriptor, cumulative, signature)`: pays the payee up to `cumulative`.
+    async fn settle(
+        &self,
+        descriptor: &ChannelDescriptor,
+        cumulative: u128,
+        signature: &[u8],
+    ) -> Result<B256, ChainError>;
+    /// `close(descriptor, cumulative, capture, signature)`: pays `capture` to the payee and
+    /// refunds the rest of the deposit.
+    async fn close(
+        &self,
+        descriptor: &ChannelDescriptor,
+        cumulative: u128,
+        capture: u128,
+        signature: &[u8],
+    ) -> Result<B256, ChainError>;
+}
+
+/// JSON-RPC chain access with the payee's key (the payee, or its operator, is the only party
+/// the escrow lets settle and close).
+pub struct RpcChain {
+    provider: mpp::server::TempoProvider,
+    signer: PrivateKeySigner,
+    chain_id: u64,
+    escrow: Address,
+}
+
+impl RpcChain {
+    pub fn new(
+        rpc_url: &str,
+        signer: PrivateKeySigner,
+        chain_id: u64,
+        escrow: Address,
+    ) -> Result<Self, ChainError> {
+        let provider = mpp::server::tempo_provider(rpc_url)
+            .map_err(|e| ChainError::Invalid(format!("rpc url {rpc_url}: {e}")))?;
+        Ok(RpcChain {
+            provider,
+            signer,
+            chain_id,
+            escrow,
+        })
+    }
+
+    async fn send(&self, input: Vec<u8>) -> Result<B256, ChainError> {
+        let gas_price = self
+            .provider
+            .get_gas_price()
+            .await
+            .map_err(|e| ChainError::Unavailable(e.to_string()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        // An expiring nonce: nodes sharing the payee key never race for a sequential nonce,
+        // and a lost transaction stops being valid after 25 s (so a retry cannot double-send).
+        let tx = TempoTransaction {
+            chain_id: self.chain_id,
+            nonce: 0,
+            nonce_key: TEMPO_EXPIRING_NONCE_KEY,
+            valid_before: std::num::NonZeroU64::new(now + 25),
+            gas_limit: 2_000_000,
+            max_fee_per_gas: gas_price,
+            max_priority_fee_per_gas: gas_price,
+            calls: vec![Call {
+                to: TxKind::Call(self.escrow),
+                value: U256::ZERO,
+                input: Bytes::from(input),
+            }],
+            ..Default::default()
+        };
+        let sig = self
+            .signer
+            .sign_hash(&tx.signature_hash())
+            .await
+            .map_err(|e| ChainError::Invalid(format!("signing: {e}")))?;
+        let raw = tx.into_signed(sig.into()).encoded_2718();
+        let pending = self
+            .provider
+            .send_raw_transaction(&raw)
+            .await
+            .map_err(|e| {
+                if e.as_error_resp().is_some() {
+                    ChainError::Refused(e.to_string())
+                } else {
+                    ChainError::Unavailable(e.to_string())
+                }
+            })?;
+        let receipt = pending
+            .with_timeout(Some(std::time::Duration::from_secs(30)))
+            .get_receipt()
+            .await
+            .map_err(|e| ChainError::Unavailable(e.to_string()))?;
+        let hash = receipt.transaction_hash();
+        if !receipt.status() {
+            return Err(ChainError::Reverted(format!("{hash}")));
+        }
+        Ok(hash)
+    }
+}
+
+fn u96(v: u128, what: &str) -> Result<Uint<96, 2>, ChainError> {
+    Uint::<96, 2>::try_from(v).map_err(|_| ChainError::Invalid(format!("{what} exceeds uint96")))
+}
+
+/// The descriptor in the precompile's ABI form.
+pub fn wire_descriptor(
+    d: &ChannelDescriptor,
+) -> Result<ITIP20ChannelReserve::ChannelDescriptor, ChainError> {
+    let addr = |s: &str, f: &str| -> Result<Address, ChainError> {
+        s.parse()
+            .map_err(|_| ChainError::Invalid(format!("descriptor {f}")))
+    };
+    let word = |s: &str, f: &str| -> Result<B256, ChainError> {
+        s.parse()
+            .map_err(|_| ChainError::Invalid(format!("descriptor {f}")))
+    };
+    Ok(ITIP20ChannelReserve::ChannelDescriptor {
+        payer: addr(&d.payer, "payer")?,
+        payee: addr(&d.payee, "payee")?,
+        operator: addr(&d.operator, "operator")?,
+        token: addr(&d.token, "token")?,
+        salt: word(&d.salt, "salt")?,
+        authorizedSigner: addr(&d.authorized_signer, "authorizedSigner")?,
+        expiringNonceHash: word(&d.expiring_nonce_hash, "expiringNonceHash")?,
+    })
+}
+
+#[async_trait]
+impl Chain for RpcChain {
+    async fn channel(&self, id: B256) -> Result<OnChain, ChainError> {
+        let data = ITIP20ChannelReserve::getChannelStateCall { channelId: id }.abi_encode();
+        let out: Bytes = self
+            .provider
+            .raw_request(
+                "eth_call".into(),
+                (
+                    serde_json::json!({"to": self.escrow, "input": Bytes::from(data)}),
+                    "latest",
+                ),
+            )
+            .await
+            .map_err(|e| ChainError::Unavailable(e.to_string()))?;
+        let s = ITIP20ChannelReserve::getChannelStateCall::abi_decode_returns(&out)
+            .map_err(|e| ChainError::Invalid(format!("getChannelState reply: {e}")))?;
+        Ok(OnChain {
+            settled: s.settled.to::<u128>(),
+            deposit: s.deposit.to::<u128>(),
+            close_requested_at: u64::from(s.closeRequestedAt),
+        })
+    }
+
+    async fn settle(
+        &self,
+        descriptor: &ChannelDescriptor,
+        cumulative: u128,
+        signature: &[u8],
+    ) -> Result<B256, ChainError> {
+        let call = ITIP20ChannelReserve::settleCall {
+            descriptor: wire_descriptor(descriptor)?,
+            cumulativeAmount: u96(cumulative, "cumulative")?,
+            signature: Bytes::copy_from_slice(signature),
+        };
+        self.send(call.abi_encode()).await
+    }
+
+    async fn close(
+        &self,
+        descriptor: &ChannelDescriptor,
+        cumulative: u128,
+        capture: u128,
+        signature: &[u8],
+    ) -> Result<B256, ChainError> {
+        let call = ITIP20ChannelReserve::closeCall {
+            descriptor: wire_descriptor(descriptor)?,
+            cumulativeAmount: u96(cumulative, "cumulative")?,
+            captureAmount: u96(capture, "capture")?,
+            signature: Bytes::copy_from_slice(signature),
+        };
+        self.send(call.abi_encode()).await
+    }
+}

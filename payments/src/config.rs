@@ -1,0 +1,126 @@
+//! Payments configuration. Secrets (the HMAC key and the payee's private key) are wrapped so
+//! that they never reach a log or a `Debug` print.
+
+use std::time::Duration;
+
+use alloy::primitives::{Address, address};
+
+/// Tempo's TIP-1034 channel escrow precompile: the same address on every Tempo chain.
+pub const ESCROW: Address = address!("0x4d50500000000000000000000000000000000000");
+/// pathUSD, Tempo's 6-decimal stablecoin.
+pub const PATH_USD: Address = address!("0x20c0000000000000000000000000000000000000");
+
+/// A string that must not be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PaymentsConfig {
+    /// Protection space named in challenges (usually the public host).
+    pub realm: String,
+    /// HMAC key binding challenges (at least 32 bytes).
+    pub secret: Secret,
+    pub chain_id: u64,
+    /// JSON-RPC endpoint of the chain (a Tempo node, or the local test chain).
+    pub rpc_url: String,
+    pub escrow: Address,
+    /// The TIP-20 token payments are made in.
+    pub currency: Address,
+    /// The payee's private key: its address is the recipient in every challenge, and it
+    /// signs settlements and closes.
+    pub payee_key: Secret,
+    /// Deposit a client is asked to lock when it opens a channel (base units; $5 default).
+    pub suggested_deposit: u128,
+    /// Smallest voucher increase accepted (base units).
+    pub min_voucher_delta: u128,
+    /// Largest single top-up (dollars).
+    pub max_top_up_usd: u64,
+    /// How long a challenge may be answered.
+    pub challenge_ttl: Duration,
+    /// How often spent money is settled on chain.
+    pub settle_interval: Duration,
+    /// Smallest amount worth a settlement transaction (base units).
+    pub settle_min: u128,
+}
+
+impl PaymentsConfig {
+    /// Defaults around the given chain endpoint and keys.
+    pub fn new(rpc_url: &str, chain_id: u64, secret: Secret, payee_key: Secret) -> Self {
+        PaymentsConfig {
+            realm: "tollgate".into(),
+            secret,
+            chain_id,
+            rpc_url: rpc_url.to_owned(),
+            escrow: ESCROW,
+            currency: PATH_USD,
+            payee_key,
+            suggested_deposit: 5_000_000,
+            min_voucher_delta: 0,
+            max_top_up_usd: 1_000,
+            challenge_ttl: Duration::from_secs(300),
+            settle_interval: Duration::from_secs(60),
+            settle_min: 1_000_000,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.secret.expose().len() < 32 {
+            return Err("payments.secret must be at least 32 bytes".into());
+        }
+        if self.realm.is_empty() || self.realm.contains('"') {
+            return Err("payments.realm must be non-empty and contain no quotes".into());
+        }
+        if self.suggested_deposit == 0 {
+            return Err("payments.suggested_deposit_usd must be more than 0".into());
+        }
+        if self.max_top_up_usd == 0 || self.max_top_up_usd > 9_000 {
+            return Err("payments.max_top_up_usd must be 1..=9000".into());
+        }
+        if self.challenge_ttl < Duration::from_secs(10) {
+            return Err("payments.challenge_ttl must be at least 10 s".into());
+        }
+        if self.settle_interval < Duration::from_secs(1) {
+            return Err("payments.settle_interval must be at least 1 s".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let c = PaymentsConfig::new(
+            "http://127.0.0.1:8545",
+            42431,
+            Secret::new("s".repeat(40)),
+            Secret::new("k".repeat(64)),
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("ssss"), "{shown}");
+        assert!(!shown.contains("kkkk"), "{shown}");
+        assert!(c.validate().is_ok());
+        let short = PaymentsConfig {
+            secret: Secret::new("short"),
+            ..c
+        };
+        assert!(short.validate().is_err());
+    }
+}

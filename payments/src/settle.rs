@@ -1,0 +1,120 @@
+//! The settlement schedule: money the payer has spent is moved to the payee on chain with the
+//! escrow's `settle`, using a voucher the payer signed.
+//!
+//! What counts as spent: the channel's accepted cumulative minus the account's unspent credit
+//! (available plus what proxies hold in leases). With one channel per account that is exact;
+//! with several it errs low (each channel assumes all unspent credit could be its own), so a
+//! settlement never takes money the payer may still get back on close. Only signed amounts can
+//! be settled: the largest kept voucher at or below the target. A retried or duplicated
+//! settlement is harmless: the escrow refuses a cumulative at or below what it has settled.
+
+use alloy::primitives::B256;
+use mpp::VerificationError;
+
+use crate::Payments;
+use crate::channels::{ChainOp, Update};
+use crate::close::now_ms;
+use crate::units::picos_to_base;
+
+pub(crate) async fn settle_due(p: &Payments) -> Result<usize, String> {
+    let ids = p.backend.channel_ids().await.map_err(|e| e.message)?;
+    let mut sent = 0;
+    for id in ids {
+        match settle_one(p, &id).await {
+            Ok(true) => sent += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(channel = %id, error = %e, "settlement failed; retried next round")
+            }
+        }
+    }
+    Ok(sent)
+}
+
+async fn settle_one(p: &Payments, id: &str) -> Result<bool, String> {
+    let Some(record) = p.backend.get(id).await.map_err(|e| e.message)? else {
+        return Ok(false);
+    };
+    let st = &record.state;
+    if st.finalized || st.closing || st.highest_voucher_amount <= st.settled_on_chain {
+        return Ok(false);
+    }
+    let Some(descriptor) = record.descriptor.clone() else {
+        return Ok(false);
+    };
+    let channel: B256 = id.parse().map_err(|_| format!("bad channel id {id}"))?;
+    // The chain is the truth for what was settled (a previous round may have landed after
+    // its answer was lost).
+    let on_chain = p.chain.channel(channel).await.map_err(|e| e.to_string())?;
+    let settled = on_chain.settled.max(st.settled_on_chain);
+    let unspent = match p.money.account(&record.account).await {
+        Ok(Some(a)) => picos_to_base(a.available.saturating_add(a.leased)),
+        Ok(None) => 0,
+        Err(e) => return Err(format!("money store: {e}")),
+    };
+    let target = st.highest_voucher_amount.saturating_sub(unspent);
+    let Some(voucher) = record
+        .vouchers
+        .iter()
+        .filter(|v| v.cumulative <= target && v.cumulative > settled)
+        .max_by_key(|v| v.cumulative)
+        .cloned()
+    else {
+        refresh(p, id, settled, None).await?;
+        return Ok(false);
+    };
+    if voucher.cumulative - settled < p.cfg.settle_min {
+        refresh(p, id, settled, None).await?;
+        return Ok(false);
+    }
+    let tx = match p
+        .chain
+        .settle(&descriptor, voucher.cumulative, &voucher.signature)
+        .await
+    {
+        Ok(tx) => {
+            p.metrics.chain_op("settle", true);
+            tx
+        }
+        Err(e) => {
+            p.metrics.chain_op("settle", false);
+            return Err(e.to_string());
+        }
+    };
+    let op = ChainOp {
+        kind: "settle".into(),
+        cumulative: voucher.cumulative,
+        settled: voucher.cumulative,
+        tx_hash: format!("{tx:#x}"),
+        at_ms: now_ms(),
+    };
+    tracing::info!(channel = %id, cumulative = voucher.cumulative, tx = %op.tx_hash, "settled on chain");
+    refresh(p, id, voucher.cumulative, Some(op)).await?;
+    Ok(true)
+}
+
+/// Records what the chain has settled (never lowering it) and the operation, if any.
+async fn refresh(p: &Payments, id: &str, settled: u128, op: Option<ChainOp>) -> Result<(), String> {
+    let current = p.backend.get(id).await.map_err(|e| e.message)?;
+    if op.is_none() && current.is_some_and(|r| r.state.settled_on_chain >= settled) {
+        return Ok(());
+    }
+    p.backend
+        .update(
+            id,
+            Box::new(move |prev| {
+                let mut r = prev.ok_or_else(|| VerificationError::channel_not_found("gone"))?;
+                r.state.settled_on_chain = r.state.settled_on_chain.max(settled);
+                if let Some(op) = op {
+                    r.chain_ops.push(op);
+                }
+                Ok(Update {
+                    record: r,
+                    credits: Vec::new(),
+                })
+            }),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.message)
+}

@@ -1,0 +1,250 @@
+//! Every refusal credits nothing; the same voucher sent to two nodes at once credits once; a
+//! replay after a restart credits nothing. The channel is opened by the real mppx client; the
+//! later vouchers are signed here with the payer's key, as a hostile or buggy client would.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use alloy::primitives::{Address, B256};
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use common::*;
+use mpp::PaymentCredential;
+use mpp::protocol::methods::tempo::precompile_voucher::precompile_voucher_signing_hash_with_escrow;
+use serde_json::json;
+use tollgate_metering::PICOS_PER_USD;
+use tollgate_payments::{Payments, Rejection};
+
+const USD: i64 = PICOS_PER_USD;
+
+fn sign(key: &str, channel: B256, cumulative: u128, escrow: Address) -> String {
+    let signer: PrivateKeySigner = key.parse().unwrap();
+    let hash = precompile_voucher_signing_hash_with_escrow(
+        channel,
+        cumulative,
+        escrow,
+        tollgate_testchain::DEFAULT_CHAIN_ID,
+    )
+    .unwrap();
+    let sig = signer.sign_hash_sync(&hash).unwrap();
+    alloy::hex::encode_prefixed(sig.as_bytes())
+}
+
+fn voucher(p: &Payments, channel: &str, cumulative: u128, signature: String) -> PaymentCredential {
+    let challenge = p.session_challenge(1_000_000, None).unwrap();
+    let descriptor = DESCRIPTOR.get().cloned().unwrap_or(serde_json::Value::Null);
+    PaymentCredential {
+        challenge: challenge.to_echo(),
+        source: Some(account(PAYER_KEY)),
+        payload: json!({
+            "action": "voucher",
+            "channelId": channel,
+            "cumulativeAmount": cumulative.to_string(),
+            "signature": signature,
+            "descriptor": descriptor,
+        }),
+    }
+}
+
+/// The channel's descriptor as the client sends it with every voucher.
+static DESCRIPTOR: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+
+async fn credits(rig: &Rig) -> usize {
+    rig.money
+        .ledger()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "credit")
+        .count()
+}
+
+/// Refused (not retryable) with a problem type ending in `kind`.
+fn refused(r: Result<tollgate_payments::Accepted, Rejection>, kind: &str) {
+    let e = r.expect_err("refused");
+    assert!(!e.retryable, "{e:?}");
+    assert!(
+        e.problem.problem_type.ends_with(kind),
+        "expected {kind}: {e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credits_once() {
+    let rig = Rig::start(2).await;
+    rig.fund(PAYER_KEY);
+    let url = format!("{}/v1/top-up?amount_usd=1", rig.nodes[0].url);
+    let opened = mppx(&rig.chain.url(), PAYER_KEY, &["http", &url, "1"]).await;
+    let ch_str = opened[0]["receipt"]["channelId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ch: B256 = ch_str.parse().unwrap();
+    let escrow = rig.config().escrow;
+    let acct = account(PAYER_KEY);
+    assert_eq!(rig.available(&acct).await, USD);
+    assert_eq!(credits(&rig).await, 1);
+    let (a, b) = (&rig.nodes[0].payments, &rig.nodes[1].payments);
+    let record = a.backend().get(&ch_str).await.unwrap().unwrap();
+    DESCRIPTOR
+        .set(serde_json::to_value(record.descriptor.expect("descriptor kept")).unwrap())
+        .unwrap();
+
+    // Signed by someone else.
+    let forged = voucher(
+        a,
+        &ch_str,
+        2_000_000,
+        sign(PAYER2_KEY, ch, 2_000_000, escrow),
+    );
+    refused(a.accept(&forged).await, "session/invalid-signature");
+    // Not above the accepted cumulative.
+    let same = voucher(
+        a,
+        &ch_str,
+        1_000_000,
+        sign(PAYER_KEY, ch, 1_000_000, escrow),
+    );
+    refused(a.accept(&same).await, "session/delta-too-small");
+    // Above the deposit ($5).
+    let big = voucher(
+        a,
+        &ch_str,
+        6_000_000,
+        sign(PAYER_KEY, ch, 6_000_000, escrow),
+    );
+    refused(a.accept(&big).await, "session/amount-exceeds-deposit");
+    // A tampered challenge (another expiry than we issued): the HMAC no longer matches.
+    let mut tampered = voucher(
+        a,
+        &ch_str,
+        2_000_000,
+        sign(PAYER_KEY, ch, 2_000_000, escrow),
+    );
+    tampered.challenge.expires = Some("2099-01-01T00:00:00Z".into());
+    refused(a.accept(&tampered).await, "invalid-challenge");
+    // A signature with its bytes changed (non-canonical / garbage).
+    let mut sig = sign(PAYER_KEY, ch, 2_000_000, escrow);
+    sig.replace_range(10..12, "00");
+    let bad = voucher(a, &ch_str, 2_000_000, sig);
+    refused(a.accept(&bad).await, "invalid-signature");
+    // An unknown channel.
+    let other = format!("0x{}", "ab".repeat(32));
+    let unknown = voucher(
+        a,
+        &other,
+        2_000_000,
+        sign(PAYER_KEY, other.parse().unwrap(), 2_000_000, escrow),
+    );
+    assert!(a.accept(&unknown).await.is_err());
+    assert_eq!(credits(&rig).await, 1, "a refusal credited something");
+    assert_eq!(rig.available(&acct).await, USD);
+
+    // The same good voucher at both nodes at once: exactly one accepts, one credit.
+    let good = voucher(
+        a,
+        &ch_str,
+        2_000_000,
+        sign(PAYER_KEY, ch, 2_000_000, escrow),
+    );
+    let (ra, rb) = tokio::join!(a.accept(&good), b.accept(&good));
+    assert_eq!(
+        ra.is_ok() as u8 + rb.is_ok() as u8,
+        1,
+        "{:?} / {:?}",
+        ra.as_ref().map(|a| a.accepted_cumulative),
+        rb.as_ref().map(|a| a.accepted_cumulative)
+    );
+    assert_eq!(credits(&rig).await, 2);
+    assert_eq!(rig.available(&acct).await, 2 * USD);
+
+    // Retried at either node: nothing more.
+    for p in [a, b] {
+        assert!(p.accept(&good).await.is_err());
+    }
+    // A "restarted" node (fresh process state over the same stores): the replay is refused too.
+    let cfg = rig.config();
+    let restarted = Payments::new(
+        cfg.clone(),
+        Arc::new(
+            tollgate_payments::RedisChannels::connect(&rig.redis.url(), "tollgate")
+                .await
+                .unwrap(),
+        ),
+        Arc::new(mpp::MemoryStore::new()),
+        rig.money.clone(),
+        Arc::new(
+            tollgate_payments::RpcChain::new(
+                &rig.chain.url(),
+                PAYEE_KEY.parse().unwrap(),
+                cfg.chain_id,
+                cfg.escrow,
+            )
+            .unwrap(),
+        ),
+    )
+    .unwrap();
+    refused(restarted.accept(&good).await, "session/delta-too-small");
+    assert_eq!(credits(&rig).await, 2);
+    assert_eq!(rig.available(&acct).await, 2 * USD);
+    // Garbage payloads: refused, nothing credited, no panic.
+    for payload in [
+        json!({}),
+        json!({"action": "voucher"}),
+        json!({"action": "voucher", "channelId": "zz", "cumulativeAmount": "-1", "signature": "0x"}),
+        json!({"action": "close", "channelId": ch_str, "cumulativeAmount": "99999999999999999999999999999", "signature": "0x00"}),
+        json!({"action": "open", "type": "transaction", "channelId": ch_str, "transaction": "0x76c0", "cumulativeAmount": "1", "signature": "0x"}),
+    ] {
+        let mut c = voucher(a, &ch_str, 1, String::new());
+        c.payload = payload;
+        assert!(a.accept(&c).await.is_err());
+    }
+    assert_eq!(credits(&rig).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
+    let rig = Rig::start_with(1, |c| c.settle_min = 1).await;
+    rig.fund(PAYER_KEY);
+    let payee = address(PAYEE_KEY);
+    let payee_before = rig.token_balance(payee);
+    let url = format!("{}/v1/top-up?amount_usd=1", rig.nodes[0].url);
+    let lines = mppx(&rig.chain.url(), PAYER_KEY, &["http", &url, "3"]).await;
+    let ch: B256 = lines[0]["receipt"]["channelId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let p = &rig.nodes[0].payments;
+    // Nothing spent yet: nothing to settle.
+    assert_eq!(p.settle_now().await.unwrap(), 0);
+    assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 0);
+    // $1.50 spent: the largest signed voucher at or below it is $1.
+    rig.money
+        .charge(&account(PAYER_KEY), "spend-1", 15 * USD / 10, false)
+        .await
+        .unwrap();
+    assert_eq!(p.settle_now().await.unwrap(), 1);
+    assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 1_000_000);
+    assert_eq!(rig.token_balance(payee), payee_before + 1_000_000);
+    // Again: nothing new to settle.
+    assert_eq!(p.settle_now().await.unwrap(), 0);
+    // All $3 spent: settles the rest.
+    rig.money
+        .charge(&account(PAYER_KEY), "spend-2", 15 * USD / 10, false)
+        .await
+        .unwrap();
+    assert_eq!(p.settle_now().await.unwrap(), 1);
+    assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 3_000_000);
+    assert_eq!(rig.token_balance(payee), payee_before + 3_000_000);
+    let rec = p.backend().get(&format!("{ch:#x}")).await.unwrap().unwrap();
+    assert_eq!(rec.state.settled_on_chain, 3_000_000);
+    assert_eq!(rec.chain_ops.len(), 2);
+    assert!(
+        rec.chain_ops
+            .iter()
+            .all(|o| o.kind == "settle" && o.tx_hash.len() == 66)
+    );
+}
