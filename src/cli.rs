@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tollgate_balance_cache::AgentConfig;
 use tollgate_proxy::{MeteringOptions, Proxy, ProxyOptions, StaticRoute, StoreSource};
@@ -98,6 +99,12 @@ pub struct DevArgs {
     /// add nothing), e.g. --dev-credit-usd 1.00.
     #[arg(long, requires = "dev_account")]
     pub dev_credit_usd: Option<String>,
+    /// Where the local test chain (no real money) listens for the payment clients' RPC.
+    #[arg(long, value_parser = parse_addr, default_value = "127.0.0.1:8545")]
+    pub chain_listen: SocketAddr,
+    /// Use this chain JSON-RPC endpoint instead of starting the local test chain.
+    #[arg(long)]
+    pub chain_rpc: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -207,7 +214,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => {
             let cfg = dev_config(&args, &env)?;
             init_logging(&cfg);
-            run_dev(cfg, args.dev_account, args.dev_credit_usd)
+            run_dev(
+                cfg,
+                DevChoices {
+                    dev_account: args.dev_account,
+                    dev_credit_usd: args.dev_credit_usd,
+                    chain_listen: args.chain_listen,
+                    chain_rpc: args.chain_rpc,
+                },
+            )
         }
         Command::Control(args) => {
             let cfg = Config::load(Some(&args.config), &env)?;
@@ -372,16 +387,54 @@ fn run_control(cfg: Config) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Payments first: a missing secret or a test chain stops the start before anything runs.
+        let redis = cfg
+            .redis
+            .clone()
+            .context("the control service needs [redis]")?;
+        let money: Arc<dyn tollgate_metering::Store> = Arc::new(
+            tollgate_metering::RedisStore::connect(
+                &redis.url,
+                &redis.key_prefix,
+                Duration::from_secs(cfg.metering.lease_ttl_seconds),
+            )
+            .await?,
+        );
+        let payments = crate::paid::payments(
+            &cfg,
+            money,
+            crate::paid::PaymentStores::Redis {
+                url: redis.url.clone(),
+                prefix: redis.key_prefix.clone(),
+            },
+            false,
+        )
+        .await?;
         let node_id = format!("control-{}", cfg.control.listen.port());
         let (cache, agent) = crate::stack::metering_node(&cfg, &node_id, stop_rx.clone()).await?;
         let (sup, events, toolchain) =
             crate::stack::runtime(&cfg, Arc::new(crate::stack::ChargeCpu(cache)))?;
+        let registry = prometheus::Registry::new();
+        payments.metrics.register(&registry)?;
+        tokio::spawn(payments.clone().run(stop_rx.clone()));
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        // MCP for agents needs the payments layer's identity (issue #5): not mounted here yet.
-        crate::stack::serve_control(cfg, sup, events, toolchain, None, None, stop_rx).await?;
+        crate::stack::serve_control(
+            cfg,
+            sup,
+            events,
+            toolchain,
+            crate::stack::Agents {
+                dev_identity: None,
+                payments: Some(payments),
+                registry: Some(registry),
+            },
+            None,
+            stop_rx,
+        )
+        .await?;
         let _ = agent.await;
         Ok(ExitCode::SUCCESS)
     })
@@ -402,11 +455,20 @@ async fn shutdown_signal() {
     }
 }
 
-fn run_dev(
-    cfg: Config,
-    dev_account: Option<String>,
-    dev_credit_usd: Option<String>,
-) -> anyhow::Result<ExitCode> {
+pub struct DevChoices {
+    pub dev_account: Option<String>,
+    pub dev_credit_usd: Option<String>,
+    pub chain_listen: SocketAddr,
+    pub chain_rpc: Option<String>,
+}
+
+fn run_dev(mut cfg: Config, choices: DevChoices) -> anyhow::Result<ExitCode> {
+    let DevChoices {
+        dev_account,
+        dev_credit_usd,
+        chain_listen,
+        chain_rpc,
+    } = choices;
     let dev_account_shown = dev_account.clone();
     std::fs::create_dir_all(&cfg.control.data_dir).map_err(|e| {
         anyhow::anyhow!(
@@ -432,15 +494,57 @@ fn run_dev(
         }
         Some((sup, events, toolchain))
     };
+    let money = dev_money(&bg, &cfg, &mut opts)?;
     if let (Some(account), Some(usd)) = (&dev_account, &dev_credit_usd) {
-        dev_credit(&bg, &cfg, &mut opts, account, usd)?;
+        dev_credit(&bg, &money, account, usd)?;
     }
+    // The local test chain (no real money), unless another chain is named.
+    let chain = match &chain_rpc {
+        Some(url) => {
+            cfg.payments.rpc_url = url.clone();
+            None
+        }
+        None => {
+            let chain = bg
+                .block_on(tollgate_testchain::TestChain::spawn(
+                    chain_listen,
+                    tollgate_testchain::ChainConfig {
+                        state_file: Some(cfg.control.data_dir.join("testchain.json")),
+                        ..Default::default()
+                    },
+                ))
+                .with_context(|| {
+                    format!("starting the local test chain on {chain_listen} (--chain-listen)")
+                })?;
+            cfg.payments.rpc_url = chain.url();
+            cfg.payments.chain_id = chain.chain().chain_id();
+            cfg.payments.allow_test_chain = true;
+            Some(chain)
+        }
+    };
+    let payments = bg.block_on(crate::paid::payments(
+        &cfg,
+        money,
+        match &cfg.redis {
+            Some(r) => crate::paid::PaymentStores::Redis {
+                url: r.url.clone(),
+                prefix: r.key_prefix.clone(),
+            },
+            None => crate::paid::PaymentStores::Embedded {
+                dir: cfg.control.data_dir.join("payments"),
+            },
+        },
+        true,
+    ))?;
     let proxy = Proxy::prepare(opts)?;
+    payments.metrics.register(&proxy.registry())?;
     let local_table = cfg.redis.is_none().then(|| proxy.table());
     if let Some(cache) = proxy.balance_cache() {
         let _ = late_cpu.0.set(cache);
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    bg.spawn(payments.clone().run(stop_rx.clone()));
+    let payee = payments.payee();
     let control_task = control.map(|(sup, events, toolchain)| {
         let cfg = cfg.clone();
         bg.spawn(async move {
@@ -451,7 +555,11 @@ fn run_dev(
                 sup,
                 events,
                 toolchain,
-                identity,
+                crate::stack::Agents {
+                    dev_identity: identity,
+                    payments: Some(payments),
+                    registry: None,
+                },
                 local_table,
                 stop_rx,
             )
@@ -473,8 +581,22 @@ fn run_dev(
          \x20 routes    from {routes_from}; {n} static route(s)\n\
          \x20 data      {data}\n\
          \x20 control   {control_line}\n\
-         \x20 not yet   payments (MPP) and the local test chain; meanwhile `--dev-account A\n\
-         \x20           --dev-credit-usd 1.00` gives a local agent an account with credit\n",
+         \x20 MCP       http://{control}/mcp  (agents: tools deploy_project, top_up, get_balance, ...)\n\
+         \x20 top-up    POST http://{control}/v1/top-up?amount_usd=5  (MPP 402 challenge)\n\
+         \x20 chain     {chain_line}\n\
+         \x20 payee     {payee:#x} (key in {data}/payee.key)\n",
+        control = cfg.control.listen,
+        chain_line = match &chain {
+            Some(c) => format!(
+                "{} (chain id {}): the local TEST chain, NO REAL MONEY; fund a wallet with tempo_fundAddress",
+                c.url(),
+                c.chain().chain_id()
+            ),
+            None => format!(
+                "{} (chain id {})",
+                cfg.payments.rpc_url, cfg.payments.chain_id
+            ),
+        },
         base = cfg.proxy.base_domain,
         admin = cfg.admin.listen,
         n = cfg.routes.len(),
@@ -510,22 +632,21 @@ fn run_dev(
     if let Some(task) = control_task {
         let _ = bg.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
     }
+    if let Some(chain) = chain {
+        bg.block_on(chain.shutdown());
+    }
     bg.shutdown_timeout(Duration::from_secs(2));
     Ok(ExitCode::SUCCESS)
 }
 
-/// Credits the dev account once per amount, in the store the proxy is about to use (the embedded
-/// file is opened here and handed to the proxy, since only one process may hold it).
-fn dev_credit(
+/// The money store of `dev`, shared by the proxy and payments (the embedded file is opened here
+/// and handed to the proxy, since only one process may hold it).
+fn dev_money(
     bg: &tokio::runtime::Runtime,
     cfg: &Config,
     opts: &mut ProxyOptions,
-    account: &str,
-    usd: &str,
-) -> anyhow::Result<()> {
-    use tollgate_metering::{EmbeddedStore, Picos, RedisStore, Store};
-    let amount =
-        Picos::parse_usd(usd).map_err(|e| anyhow::anyhow!("--dev-credit-usd {usd}: {e}"))?;
+) -> anyhow::Result<Arc<dyn tollgate_metering::Store>> {
+    use tollgate_metering::{EmbeddedStore, RedisStore, Store};
     let lease_ttl = Duration::from_secs(cfg.metering.lease_ttl_seconds);
     let store: Arc<dyn Store> = match &cfg.redis {
         Some(r) => Arc::new(bg.block_on(RedisStore::connect(&r.url, &r.key_prefix, lease_ttl))?),
@@ -540,6 +661,18 @@ fn dev_credit(
             store
         }
     };
+    Ok(store)
+}
+
+/// Credits the dev account once per amount.
+fn dev_credit(
+    bg: &tokio::runtime::Runtime,
+    store: &Arc<dyn tollgate_metering::Store>,
+    account: &str,
+    usd: &str,
+) -> anyhow::Result<()> {
+    let amount = tollgate_metering::Picos::parse_usd(usd)
+        .map_err(|e| anyhow::anyhow!("--dev-credit-usd {usd}: {e}"))?;
     let key = format!("dev-credit:{account}:{}", amount.0);
     let out = bg
         .block_on(store.credit(account, &key, amount.0))

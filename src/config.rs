@@ -22,6 +22,7 @@ pub struct Config {
     pub log: LogConfig,
     pub metering: MeteringConfig,
     pub prices: PriceConfig,
+    pub payments: PaymentsConfig,
     /// Static routes: `[[route]] host = "…" upstreams = ["127.0.0.1:3000"]`.
     #[serde(rename = "route")]
     pub routes: Vec<StaticRoute>,
@@ -88,6 +89,57 @@ impl Default for MeteringConfig {
             top_up:
                 "the owner's agent can add credit with the `top_up` tool of the tollgate MCP server"
                     .into(),
+        }
+    }
+}
+
+/// MPP payments (docs/payments.md). Secrets come from files or the environment, never from
+/// this file: `TOLLGATE_PAYMENTS_SECRET`, `TOLLGATE_PAYEE_KEY` (or the `*_file` keys).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentsConfig {
+    /// JSON-RPC endpoint of the Tempo chain. `tollgate dev` starts the project's local test
+    /// chain (no real money) here unless `--chain-rpc` points elsewhere.
+    pub rpc_url: String,
+    pub chain_id: u64,
+    /// The production services refuse to start against the project's test chain unless this
+    /// is true (`tollgate dev` sets it).
+    pub allow_test_chain: bool,
+    /// Challenge realm; default: the control listener's host.
+    pub realm: Option<String>,
+    /// TIP-20 token payments are made in (default pathUSD).
+    pub currency: String,
+    /// File holding the HMAC secret that binds challenges (≥ 32 bytes).
+    pub secret_file: Option<PathBuf>,
+    /// File holding the payee's private key (hex): it receives payments and signs settlements.
+    pub payee_key_file: Option<PathBuf>,
+    pub suggested_deposit_usd: String,
+    pub min_voucher_delta_usd: String,
+    pub max_top_up_usd: u64,
+    /// Spent money is settled on chain this often, when at least `settle_min_usd` is due.
+    pub settle_interval_seconds: u64,
+    pub settle_min_usd: String,
+    /// Extra credit a deploy buys for the service's requests and CPU unless the agent says
+    /// otherwise (`prepay_usd`).
+    pub default_prepay_usd: String,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig {
+            rpc_url: "http://127.0.0.1:8545".into(),
+            chain_id: 42431,
+            allow_test_chain: false,
+            realm: None,
+            currency: "0x20c0000000000000000000000000000000000000".into(),
+            secret_file: None,
+            payee_key_file: None,
+            suggested_deposit_usd: "5".into(),
+            min_voucher_delta_usd: "0".into(),
+            max_top_up_usd: 1000,
+            settle_interval_seconds: 60,
+            settle_min_usd: "1".into(),
+            default_prepay_usd: "1".into(),
         }
     }
 }

@@ -57,6 +57,15 @@ pub fn runtime(
     Ok((sup, events, toolchain))
 }
 
+/// What the control listener offers agents: MCP with a dev identity (no payment; `dev
+/// --dev-account` only) or with MPP payments, the top-up endpoint, and `/metrics` when the
+/// process has no proxy admin listener to carry them.
+pub struct Agents {
+    pub dev_identity: Option<Arc<dyn tollgate_mcp::Identify>>,
+    pub payments: Option<Arc<tollgate_payments::Payments>>,
+    pub registry: Option<prometheus::Registry>,
+}
+
 /// The control service on `cfg.control.listen` until `stop` fires. Needs Redis (state and
 /// routes); returns an error saying so without it.
 pub async fn serve_control(
@@ -64,7 +73,7 @@ pub async fn serve_control(
     sup: Supervisor,
     events: tokio::sync::mpsc::UnboundedReceiver<tollgate_runtime::RuntimeEvent>,
     toolchain: Toolchain,
-    mcp_identity: Option<Arc<dyn tollgate_mcp::Identify>>,
+    agents: Agents,
     local_table: Option<Arc<tollgate_routes::RouteTable>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -140,19 +149,58 @@ pub async fn serve_control(
     let mut app =
         tollgate_control::http::admin_router(control.clone(), cfg.control.admin_token.clone())
             .route("/healthz", axum::routing::get(|| async { "ok" }));
-    if let Some(identity) = mcp_identity {
-        anyhow::ensure!(
-            cfg.control.listen.ip().is_loopback(),
-            "--dev-account serves MCP without payment or proof: control.listen must be a loopback address, not {}",
-            cfg.control.listen
-        );
-        let host = cfg.control.listen.ip().to_string();
-        let mcp_cfg = tollgate_mcp::McpConfig {
-            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), host],
-            ..tollgate_mcp::McpConfig::default()
-        };
+    let host = cfg.control.listen.ip().to_string();
+    // Deploys cost money where payments run (and never with a dev identity).
+    let pricing = match (&agents.payments, &agents.dev_identity) {
+        (Some(_), None) => Some(tollgate_mcp::DeployPricing {
+            deploy_picos: cfg.prices.prices().map_err(anyhow::Error::msg)?.per_deploy,
+            default_prepay: tollgate_payments::units::parse_usd(
+                &cfg.payments.default_prepay_usd,
+                9_000,
+            )
+            .map_err(|e| anyhow::anyhow!("payments.default_prepay_usd: {e}"))?,
+        }),
+        _ => None,
+    };
+    let mcp_cfg = tollgate_mcp::McpConfig {
+        allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), host],
+        pricing,
+        ..tollgate_mcp::McpConfig::default()
+    };
+    let identity: Option<Arc<dyn tollgate_mcp::Identify>> = match agents.dev_identity {
+        Some(identity) => {
+            anyhow::ensure!(
+                cfg.control.listen.ip().is_loopback(),
+                "--dev-account serves MCP without payment or proof: control.listen must be a loopback address, not {}",
+                cfg.control.listen
+            );
+            Some(identity)
+        }
+        None => agents
+            .payments
+            .clone()
+            .map(|p| Arc::new(crate::paid::PaidIdentity(p)) as Arc<dyn tollgate_mcp::Identify>),
+    };
+    if let Some(identity) = identity {
         app = app.merge(tollgate_mcp::router(control, identity, &mcp_cfg));
         tracing::info!(addr = %cfg.control.listen, "MCP at /mcp");
+    }
+    if let Some(p) = agents.payments {
+        app = app.merge(crate::paid::top_up_router(p));
+    }
+    if let Some(registry) = agents.registry {
+        app = app.route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut out = String::new();
+                    let _ =
+                        prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out);
+                    out
+                }
+            }),
+        );
     }
     let listener = tokio::net::TcpListener::bind(cfg.control.listen)
         .await
@@ -222,7 +270,7 @@ impl tollgate_mcp::Identify for DevIdentity {
         &self,
         _parts: Option<&http::request::Parts>,
         _meta: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<String, tollgate_mcp::ToolFailure> {
-        Ok(self.0.clone())
+    ) -> Result<tollgate_mcp::Caller, tollgate_mcp::Refusal> {
+        Ok(tollgate_mcp::Caller::unpaid(self.0.clone()))
     }
 }

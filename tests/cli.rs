@@ -128,6 +128,7 @@ fn dev_follows_routes_written_to_redis() {
     let (_dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.args(["dev", "--redis", &redis.url()])
+            .args(["--chain-listen", &free_addr().to_string()])
             .args(["--proxy-listen", &proxy.to_string()])
             .args(["--control-listen", &control.to_string()])
             .args(["--admin-listen", &admin.to_string()])
@@ -271,6 +272,7 @@ fn metered_route_is_402_until_an_operator_credits_the_account() {
     let (mut dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.args(["dev", "--redis", &redis.url()])
+            .args(["--chain-listen", &free_addr().to_string()])
             .args(["--proxy-listen", &proxy.to_string()])
             .args(["--control-listen", &free_addr().to_string()])
             .args(["--admin-listen", &free_addr().to_string()]);
@@ -370,6 +372,7 @@ fn dev_runs_the_control_service_with_its_operator_api() {
         let mut c = bin();
         c.env("TOLLGATE_ADMIN_TOKEN", "t0ken")
             .args(["dev", "--redis", &redis.url()])
+            .args(["--chain-listen", &free_addr().to_string()])
             .args(["--proxy-listen", &proxy.to_string()])
             .args(["--control-listen", &control.to_string()])
             .args(["--admin-listen", &free_addr().to_string()]);
@@ -407,8 +410,24 @@ fn control_command_serves_and_stops_on_sigterm() {
         ),
     )
     .unwrap();
+    // Production takes its payment secrets from the environment (or files), never from dev
+    // defaults: without them it does not start.
+    let status = bin()
+        .args(["control", "--config"])
+        .arg(&cfg)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "started without payment secrets");
     let mut p = Proc(
         bin()
+            .env(
+                "TOLLGATE_PAYMENTS_SECRET",
+                "a-32-byte-or-longer-secret-for-hmac!",
+            )
+            .env(
+                "TOLLGATE_PAYEE_KEY",
+                "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+            )
             .args(["control", "--config"])
             .arg(&cfg)
             .spawn()
@@ -444,6 +463,7 @@ fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
     let (mut dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.args(["dev", "--redis", &redis.url(), "--dev-account", "acct-dev"])
+            .args(["--chain-listen", &free_addr().to_string()])
             .args(["--proxy-listen", &proxy.to_string()])
             .args(["--control-listen", &control.to_string()])
             .args(["--admin-listen", &free_addr().to_string()]);
@@ -515,6 +535,7 @@ fn without_redis_dev_runs_the_whole_path_on_its_embedded_stores() {
             "--dev-credit-usd",
             "0.50",
         ])
+        .args(["--chain-listen", &free_addr().to_string()])
         .args(["--proxy-listen", &proxy.to_string()])
         .args(["--control-listen", &control.to_string()])
         .args(["--admin-listen", &free_addr().to_string()]);
@@ -543,4 +564,104 @@ fn without_redis_dev_runs_the_whole_path_on_its_embedded_stores() {
         assert!(Instant::now() < deadline, "not served: {deployed}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The whole path an agent with no human account takes, with real clients only: `tollgate dev`
+/// (embedded stores, the local test chain), the pinned mppx client wrapping the official MCP
+/// TypeScript SDK client. It tops up (a voucher), reads its balance (a zero-amount proof),
+/// deploys paying the price plus prepay in one voucher, and its URL answers through the metered
+/// proxy; the HTTP top-up endpoint takes the plain mppx fetch client too.
+#[test]
+fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
+    const PAYER: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+    let control = free_addr();
+    let chain = free_addr();
+    let (mut dev, proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.args(["dev", "--chain-listen", &chain.to_string()])
+            .args(["--proxy-listen", &proxy.to_string()])
+            .args(["--control-listen", &control.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()]);
+        c
+    });
+    wait_for_control(control, &mut dev);
+    let rpc = format!("http://{chain}");
+    let c = reqwest::blocking::Client::builder()
+        .resolve("paid-agent.localhost", proxy)
+        .build()
+        .unwrap();
+    // The faucet of the test chain (no real money) funds the agent's wallet.
+    let payer = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
+    let r: serde_json::Value = c
+        .post(&rpc)
+        .json(&serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tempo_fundAddress","params":[payer]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(r["result"].is_array(), "{r}");
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
+    let mppx = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = Command::new("node")
+            .arg(js.join("client.mjs"))
+            .args(args)
+            .env("RPC", &rpc)
+            .env("KEY", PAYER)
+            .output()
+            .unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        assert!(
+            out.status.success(),
+            "{lines:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lines
+    };
+    let mcp = format!("http://{control}/mcp");
+    let account = format!("did:pkh:eip155:42431:{}", payer.to_lowercase());
+
+    let top = mppx(&["mcp", &mcp, "top_up", r#"{"amount_usd":"2"}"#, "1"]);
+    assert_eq!(top[0]["structured"]["available_usd"], "2.000000", "{top:?}");
+    assert_eq!(top[0]["structured"]["account"], account.as_str());
+    assert_eq!(
+        top[0]["receipt"]["acceptedCumulative"], "2000000",
+        "{top:?}"
+    );
+
+    let bal = mppx(&["mcp", &mcp, "get_balance", "{}", "1"]);
+    assert_eq!(bal[0]["structured"]["available_usd"], "2.000000", "{bal:?}");
+    assert_eq!(bal[0]["structured"]["credited_usd"], "2.000000");
+
+    let deploy_args = serde_json::json!({
+        "project_name": "paid-agent",
+        "prepay_usd": "1",
+        "files": {"src/index.ts": "import { Hono } from 'hono'\nconst app = new Hono()\napp.get('/', (c) => c.text('paid for by an agent'))\nexport default app\n"}
+    })
+    .to_string();
+    let d = mppx(&["mcp", &mcp, "deploy_project", &deploy_args, "1"]);
+    let out = &d[0]["structured"];
+    assert_eq!(out["status"], "live", "{d:?}");
+    assert_eq!(out["charged_usd"], "0.050000");
+    // $2 + ($0.05 + $1 paid) − $0.05 deploy = $3 (requests since may have taken a little).
+    assert_eq!(out["balance_usd"], "3.000000", "{d:?}");
+    assert_eq!(d[0]["receipt"]["acceptedCumulative"], "1050000", "{d:?}");
+    let url = out["url"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url) != (200, "paid for by an agent".into()) {
+        assert!(Instant::now() < deadline, "not served: {d:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The HTTP binding: the plain mppx fetch client pays the top-up endpoint's 402 by itself.
+    let http = mppx(&[
+        "http",
+        &format!("http://{control}/v1/top-up?amount_usd=0.5"),
+        "2",
+    ]);
+    assert!(http.iter().all(|l| l["status"] == 200), "{http:?}");
+    assert_eq!(http[1]["receipt"]["acceptedCumulative"], "1000000");
+    assert_eq!(http[1]["body"]["account"], account.as_str());
 }

@@ -3,9 +3,9 @@
 //! `structuredContent`. Tool failures are results with `isError: true` and `{code, message,
 //! hint}`; protocol problems stay JSON-RPC errors. See docs/agents.md.
 //!
-//! Who is calling comes from an [`Identify`] implementation: the payments layer (issue #5)
-//! verifies MPP credentials (a zero-amount proof for free tools); until it is wired, the server is
-//! not mounted by the binary.
+//! Who is calling, and payment, come from an [`Identify`] implementation: the payments layer
+//! verifies MPP credentials (a zero-amount proof for free tools, a session voucher for paid
+//! ones) and answers with the MPP MCP binding (`-32042` and a challenge) when one is missing.
 
 mod tools;
 
@@ -27,14 +27,100 @@ pub struct ToolFailure {
     pub hint: String,
 }
 
-/// Resolves the calling account from the HTTP request and the MCP request's `_meta`.
+/// Why a call cannot go ahead: a tool failure the agent reads, or a JSON-RPC error (payment
+/// required, `-32042` with challenges in `data`; verification failed, `-32043`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    Tool(ToolFailure),
+    Rpc {
+        code: i32,
+        message: String,
+        data: serde_json::Value,
+    },
+}
+
+impl From<ToolFailure> for Refusal {
+    fn from(f: ToolFailure) -> Self {
+        Refusal::Tool(f)
+    }
+}
+
+/// The caller of a tool, and the payment receipt to return in `result._meta` (if it paid).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caller {
+    pub account: String,
+    /// `(meta key, receipt)`, e.g. `("org.paymentauth/receipt", {...})`.
+    pub receipt: Option<(String, serde_json::Value)>,
+    /// Unique per accepted payment or proof (e.g. `channel:cumulative`): keys what the call
+    /// charges, so a retried call cannot charge twice.
+    pub payment_ref: Option<String>,
+}
+
+impl Caller {
+    pub fn unpaid(account: impl Into<String>) -> Self {
+        Caller {
+            account: account.into(),
+            receipt: None,
+            payment_ref: None,
+        }
+    }
+}
+
+/// An account's money, for `get_balance` (p$ inside, dollars at the edge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    pub available_picos: i64,
+    /// Held by proxies for requests in flight (leases): not spent yet, not available either.
+    pub reserved_picos: i64,
+    pub credited_picos: i64,
+    pub spent_picos: i64,
+}
+
+/// Resolves the calling account from the HTTP request and the MCP request's `_meta`, takes
+/// payments, and reads balances.
 #[async_trait]
 pub trait Identify: Send + Sync + 'static {
+    /// Who calls a free tool.
     async fn account(
         &self,
         parts: Option<&http::request::Parts>,
         meta: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<String, ToolFailure>;
+    ) -> Result<Caller, Refusal>;
+
+    /// Takes a payment of `amount` base units ($0.000001 each) as credit for the caller's
+    /// account; `what` says in words what it is for (it goes into the payment-required message).
+    async fn pay(
+        &self,
+        _parts: Option<&http::request::Parts>,
+        _meta: &serde_json::Map<String, serde_json::Value>,
+        _amount: u128,
+        _what: &str,
+    ) -> Result<Caller, Refusal> {
+        Err(Refusal::Tool(ToolFailure {
+            code: "PAYMENT_UNAVAILABLE",
+            message: "this server takes no payments".into(),
+            hint: "run tollgate with payments configured ([payments] in the config)".into(),
+        }))
+    }
+
+    /// Debits `picos` from `account` once per `key` (a deploy's price). `Ok(false)` when the
+    /// balance is short (nothing taken). Default: everything is free.
+    async fn charge(&self, _account: &str, _key: &str, _picos: i64) -> Result<bool, ToolFailure> {
+        Ok(true)
+    }
+
+    /// Gives a charge back (a deploy that failed), once per key.
+    async fn refund(&self, _account: &str, _key: &str, _picos: i64) -> Result<(), ToolFailure> {
+        Ok(())
+    }
+
+    async fn balance(&self, _account: &str) -> Result<Balance, ToolFailure> {
+        Err(ToolFailure {
+            code: "PAYMENT_UNAVAILABLE",
+            message: "this server keeps no balances".into(),
+            hint: "run tollgate with metering enabled".into(),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +131,17 @@ pub struct McpConfig {
     pub allowed_origins: Vec<String>,
     /// Largest request body: inline `files` of a deploy must fit (500 KB of source + JSON).
     pub max_body_bytes: usize,
+    /// What a deploy costs; `None`: deploys are free (development without payments).
+    pub pricing: Option<DeployPricing>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeployPricing {
+    /// The deploy price (p$), charged from the balance once the new version is live; a failed
+    /// deploy is refunded.
+    pub deploy_picos: i64,
+    /// Credit a deploy buys for the service unless the agent sets `prepay_usd` (base units).
+    pub default_prepay: u128,
 }
 
 impl Default for McpConfig {
@@ -53,6 +150,7 @@ impl Default for McpConfig {
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             allowed_origins: Vec::new(),
             max_body_bytes: 4 * 1024 * 1024,
+            pricing: None,
         }
     }
 }
@@ -60,6 +158,7 @@ impl Default for McpConfig {
 /// `/mcp`, to merge into the control listener's router.
 pub fn router(control: Arc<Control>, identify: Arc<dyn Identify>, cfg: &McpConfig) -> axum::Router {
     let tools = Arc::new(TollgateMcp::tool_router_shared());
+    let pricing = cfg.pricing;
     let svc_cfg = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(false)
         .with_json_response(true)
@@ -69,11 +168,10 @@ pub fn router(control: Arc<Control>, identify: Arc<dyn Identify>, cfg: &McpConfi
         .with_max_request_body_bytes(cfg.max_body_bytes);
     let svc = StreamableHttpService::new(
         move || {
-            Ok(TollgateMcp::new(
-                control.clone(),
-                identify.clone(),
-                tools.clone(),
-            ))
+            Ok(
+                TollgateMcp::new(control.clone(), identify.clone(), tools.clone())
+                    .with_pricing(pricing),
+            )
         },
         Arc::new(NeverSessionManager::default()),
         svc_cfg,

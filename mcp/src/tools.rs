@@ -16,7 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tollgate_control::{Control, ControlError, DeployRequest, ProjectView};
 
-use crate::{Identify, ToolFailure};
+use crate::{Caller, Identify, Refusal};
 
 /// `_meta` key of a failed tool's `{code, message, hint}` (also in the text content).
 pub const ERROR_META: &str = "dev.tollgate/error";
@@ -26,6 +26,7 @@ pub struct TollgateMcp {
     control: Arc<Control>,
     identify: Arc<dyn Identify>,
     tool_router: Arc<ToolRouter<TollgateMcp>>,
+    pricing: Option<crate::DeployPricing>,
 }
 
 // ---- inputs ----
@@ -46,6 +47,9 @@ pub struct DeployArgs {
     pub env: Option<BTreeMap<String, String>>,
     /// Secrets, readable as `env.NAME`, never shown back.
     pub secrets: Option<BTreeMap<String, String>>,
+    /// Extra credit (dollars) this deploy buys for the service's requests and CPU, paid with
+    /// the deploy. "0" deploys on existing balance alone. Default: the server's (usually "1").
+    pub prepay_usd: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -80,6 +84,28 @@ pub struct FileArgs {
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct NoArgs {}
 
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct TopUpArgs {
+    /// Dollars to add to your balance, e.g. "5" or "2.50" (at most 6 decimals).
+    pub amount_usd: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BalanceOut {
+    /// Your account: the payer's address as a did:pkh.
+    pub account: String,
+    /// What your services can still spend, in dollars.
+    pub available_usd: String,
+    /// Held by the proxies for requests in flight; returns to available when unused.
+    pub reserved_usd: String,
+    /// Everything you ever paid in.
+    pub credited_usd: String,
+    /// Everything spent (deploys, requests, CPU).
+    pub spent_usd: String,
+    /// active (services answer) or suspended (services answer 402 until you top up).
+    pub status: String,
+}
+
 // ---- outputs ----
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -91,6 +117,10 @@ pub struct DeployOut {
     /// `live`: the new version serves; requests are paid from the owner's balance.
     pub status: String,
     pub version: u32,
+    /// What this deploy cost (dollars); 0 when deploys are free here.
+    pub charged_usd: String,
+    /// Your balance after it (dollars), when this server keeps balances.
+    pub balance_usd: Option<String>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -182,6 +212,8 @@ fn deploy_out(out: tollgate_control::DeployOutcome) -> DeployOut {
         url: out.url,
         status: status_str(&out.status),
         version: out.version,
+        charged_usd: usd(0),
+        balance_usd: None,
     }
 }
 
@@ -228,6 +260,71 @@ pub fn tool_error(code: &str, message: &str, hint: &str) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(body.to_string())]).with_meta(Some(meta))
 }
 
+/// A refusal as the tool call's answer: a tool error result, or a JSON-RPC error (payment).
+fn refused(r: Refusal) -> Result<CallToolResult, ErrorData> {
+    match r {
+        Refusal::Tool(f) => Ok(tool_error(f.code, &f.message, &f.hint)),
+        Refusal::Rpc {
+            code,
+            message,
+            data,
+        } => Err(ErrorData::new(
+            rmcp::model::ErrorCode(code),
+            message,
+            Some(data),
+        )),
+    }
+}
+
+/// Puts the payment receipt, if the call paid, into `result._meta`.
+fn with_receipt(mut r: CallToolResult, caller: &Caller) -> CallToolResult {
+    if let Some((key, receipt)) = &caller.receipt {
+        let mut meta = r.meta.take().unwrap_or_default();
+        meta.insert(key.clone(), receipt.clone());
+        r = r.with_meta(Some(meta));
+    }
+    r
+}
+
+/// p$ as a dollar string with 6 decimals (rounded toward zero), e.g. "4.950000".
+pub fn usd(picos: i64) -> String {
+    let micros = picos / 1_000_000;
+    let sign = if micros < 0 { "-" } else { "" };
+    let m = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
+/// A key for a charge whose caller brought no payment reference (free identities).
+fn unique_ref() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Dollars (up to 6 decimals) → base units ($0.000001).
+fn parse_usd(text: &str) -> Option<u128> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    if whole.is_empty()
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || frac.len() > 6
+        || (text.contains('.') && frac.is_empty())
+        || whole.len() > 9
+    {
+        return None;
+    }
+    let f: u128 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<6}").parse().ok()?
+    };
+    Some(whole.parse::<u128>().ok()? * 1_000_000 + f)
+}
+
 fn from_control(e: ControlError) -> CallToolResult {
     tool_error(e.code, &e.message, &e.hint)
 }
@@ -248,12 +345,18 @@ impl TollgateMcp {
             control,
             identify,
             tool_router,
+            pricing: None,
         }
+    }
+
+    pub fn with_pricing(mut self, pricing: Option<crate::DeployPricing>) -> Self {
+        self.pricing = pricing;
+        self
     }
 
     /// Built once and shared: the server is constructed per request (stateless transport).
     pub fn tool_router_shared() -> ToolRouter<TollgateMcp> {
-        Self::tool_router()
+        Self::tool_router() + Self::pay_router()
     }
 
     /// Resolves the caller, runs `f` for them, and turns the outcome into a tool result:
@@ -263,22 +366,38 @@ impl TollgateMcp {
         ctx: &RequestContext<RoleServer>,
         f: impl AsyncFnOnce(String) -> Result<T, ControlError>,
     ) -> Result<CallToolResult, ErrorData> {
-        let owner = match self.who(ctx).await {
-            Ok(o) => o,
-            Err(r) => return Ok(r),
+        let caller = match self.who(ctx).await {
+            Ok(c) => c,
+            Err(r) => return r,
         };
-        match f(owner).await {
-            Ok(v) => ok(&v),
+        match f(caller.account.clone()).await {
+            Ok(v) => ok(&v).map(|r| with_receipt(r, &caller)),
             Err(e) => Ok(from_control(e)),
         }
     }
 
-    async fn who(&self, ctx: &RequestContext<RoleServer>) -> Result<String, CallToolResult> {
+    async fn who(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<Caller, Result<CallToolResult, ErrorData>> {
         let parts = ctx.extensions.get::<http::request::Parts>();
         self.identify
             .account(parts, &ctx.meta.0.0)
             .await
-            .map_err(|f: ToolFailure| tool_error(f.code, &f.message, &f.hint))
+            .map_err(refused)
+    }
+
+    async fn pay(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        amount: u128,
+        what: &str,
+    ) -> Result<Caller, Result<CallToolResult, ErrorData>> {
+        let parts = ctx.extensions.get::<http::request::Parts>();
+        self.identify
+            .pay(parts, &ctx.meta.0.0, amount, what)
+            .await
+            .map_err(refused)
     }
 }
 
@@ -294,6 +413,20 @@ impl TollgateMcp {
         Parameters(a): Parameters<DeployArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
+        let prepay = match (&self.pricing, a.prepay_usd.as_deref()) {
+            (None, _) => 0,
+            (Some(p), None) => p.default_prepay,
+            (Some(_), Some(s)) => match parse_usd(s.trim()) {
+                Some(v) => v,
+                None => {
+                    return Ok(tool_error(
+                        "VALIDATION_ERROR",
+                        &format!("prepay_usd '{s}' is not a dollar amount"),
+                        "write it like \"1\" or \"0.50\", or \"0\" to deploy on your balance alone",
+                    ));
+                }
+            },
+        };
         let req = DeployRequest {
             files: a.files,
             changes: a.changes,
@@ -302,36 +435,113 @@ impl TollgateMcp {
             env: a.env.unwrap_or_default(),
             secrets: a.secrets.unwrap_or_default(),
         };
+        // Payment first: the deploy's price plus the prepay, as one voucher (or, with no
+        // prepay, an identity proof and the balance).
+        let price = self.pricing.map_or(0, |p| p.deploy_picos.max(0));
+        let price_base = u128::try_from(price).unwrap_or(0).div_ceil(1_000_000);
+        let caller = if self.pricing.is_none() || prepay == 0 {
+            self.who(&ctx).await
+        } else {
+            let what = format!(
+                "a deploy (${} ) plus ${} of prepaid credit for the service",
+                usd(price),
+                usd(i64::try_from(prepay).unwrap_or(0).saturating_mul(1_000_000))
+            )
+            .replace(" )", ")");
+            self.pay(&ctx, price_base + prepay, &what).await
+        };
+        let caller = match caller {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let charge = if price > 0 {
+            let key = format!(
+                "deploy:{}",
+                caller.payment_ref.clone().unwrap_or_else(unique_ref)
+            );
+            match self.identify.charge(&caller.account, &key, price).await {
+                Ok(true) => Some((key, price)),
+                Ok(false) => {
+                    // Short of the price: ask for it (the answer is a payment challenge).
+                    let parts = ctx.extensions.get::<http::request::Parts>();
+                    let what = format!("a deploy (${}); your balance is short", usd(price));
+                    return match self
+                        .identify
+                        .pay(parts, &serde_json::Map::new(), price_base, &what)
+                        .await
+                    {
+                        Err(r) => refused(r),
+                        Ok(_) => Ok(tool_error(
+                            "INSUFFICIENT_BALANCE",
+                            "your balance does not cover the deploy price",
+                            "call top_up, or deploy with prepay_usd above 0",
+                        )),
+                    };
+                }
+                Err(f) => return Ok(tool_error(f.code, &f.message, &f.hint)),
+            }
+        } else {
+            None
+        };
+        let owner = caller.account.clone();
         let token = ctx.meta.get_progress_token();
         let peer = ctx.peer.clone();
-        self.act(&ctx, async |owner| {
-            // Steps arrive on a channel while the deploy runs; each becomes a progress
-            // notification when the client asked for them.
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
-            let progress = async move {
-                let mut n = 0.0;
-                while let Some(step) = rx.recv().await {
-                    n += 1.0;
-                    if let Some(token) = token.clone() {
-                        let _ = peer
-                            .notify_progress(
-                                ProgressNotificationParam::new(token, n)
-                                    .with_total(3.0)
-                                    .with_message(step),
-                            )
-                            .await;
+        // Steps arrive on a channel while the deploy runs; each becomes a progress
+        // notification when the client asked for them.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+        let progress = async move {
+            let mut n = 0.0;
+            while let Some(step) = rx.recv().await {
+                n += 1.0;
+                if let Some(token) = token.clone() {
+                    let _ = peer
+                        .notify_progress(
+                            ProgressNotificationParam::new(token, n)
+                                .with_total(3.0)
+                                .with_message(step),
+                        )
+                        .await;
+                }
+            }
+        };
+        let deploy = async {
+            let r = self.control.deploy_observed(&owner, req, Some(&tx)).await;
+            drop(tx);
+            r
+        };
+        let (result, ()) = tokio::join!(deploy, progress);
+        match result {
+            Ok(out) => {
+                let mut o = deploy_out(out);
+                o.charged_usd = usd(charge.as_ref().map_or(0, |c| c.1));
+                if self.pricing.is_some() {
+                    o.balance_usd = self
+                        .identify
+                        .balance(&owner)
+                        .await
+                        .ok()
+                        .map(|b| usd(b.available_picos));
+                }
+                ok(&o).map(|r| with_receipt(r, &caller))
+            }
+            Err(e) => {
+                // A failed deploy is not charged: the price goes back (once per key).
+                let mut message = e.message.clone();
+                if let Some((key, picos)) = &charge {
+                    match self
+                        .identify
+                        .refund(&owner, &format!("refund:{key}"), *picos)
+                        .await
+                    {
+                        Ok(()) => message.push_str(" (the deploy price was refunded)"),
+                        Err(f) => {
+                            tracing::error!(key, error = %f.message, "deploy refund failed; retried by nobody")
+                        }
                     }
                 }
-            };
-            let deploy = async {
-                let r = self.control.deploy_observed(&owner, req, Some(&tx)).await;
-                drop(tx);
-                r
-            };
-            let (result, ()) = tokio::join!(deploy, progress);
-            result.map(deploy_out)
-        })
-        .await
+                Ok(with_receipt(tool_error(e.code, &message, &e.hint), &caller))
+            }
+        }
     }
 
     #[tool(
@@ -466,6 +676,82 @@ impl TollgateMcp {
             })
         })
         .await
+    }
+}
+
+#[tool_router(router = pay_router, vis = "pub")]
+impl TollgateMcp {
+    #[tool(
+        description = "Add credit to your balance, paid over MPP (the Machine Payments Protocol): the call first answers JSON-RPC error -32042 with a Tempo session challenge for the amount; an MPP client (e.g. mppx) opens or reuses a payment channel, signs a voucher, and repeats the call with the credential in _meta. Credit lands once per voucher and resumes suspended services at once. Returns the new balance.",
+        annotations(title = "Top up balance", read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = true),
+        output_schema = schema_for_output::<BalanceOut>()
+    )]
+    async fn top_up(
+        &self,
+        Parameters(a): Parameters<TopUpArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let Some(amount) = parse_usd(a.amount_usd.trim()).filter(|a| *a > 0) else {
+            return Ok(tool_error(
+                "VALIDATION_ERROR",
+                &format!(
+                    "amount_usd '{}' is not a dollar amount above 0",
+                    a.amount_usd
+                ),
+                "write it like \"5\" or \"2.50\" (at most 6 decimals)",
+            ));
+        };
+        let what = format!("a top-up of ${} credit", a.amount_usd.trim());
+        let caller = match self.pay(&ctx, amount, &what).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        match self.balance_of(&caller.account).await {
+            Ok(b) => ok(&b).map(|r| with_receipt(r, &caller)),
+            Err(r) => Ok(r),
+        }
+    }
+
+    #[tool(
+        description = "Your balance: available, reserved for requests in flight, credited in total, spent in total, and whether your services run (active) or answer 402 (suspended). Free; asks for a zero-amount MPP identity proof.",
+        annotations(title = "Get balance", read_only_hint = true),
+        output_schema = schema_for_output::<BalanceOut>()
+    )]
+    async fn get_balance(
+        &self,
+        Parameters(_a): Parameters<NoArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let caller = match self.who(&ctx).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        match self.balance_of(&caller.account).await {
+            Ok(b) => ok(&b).map(|r| with_receipt(r, &caller)),
+            Err(r) => Ok(r),
+        }
+    }
+}
+
+impl TollgateMcp {
+    async fn balance_of(&self, account: &str) -> Result<BalanceOut, CallToolResult> {
+        let b = self
+            .identify
+            .balance(account)
+            .await
+            .map_err(|f| tool_error(f.code, &f.message, &f.hint))?;
+        Ok(BalanceOut {
+            account: account.to_owned(),
+            available_usd: usd(b.available_picos),
+            reserved_usd: usd(b.reserved_picos),
+            credited_usd: usd(b.credited_picos),
+            spent_usd: usd(b.spent_picos),
+            status: if b.available_picos > 0 {
+                "active".into()
+            } else {
+                "suspended".into()
+            },
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use tollgate_control::{Control, ControlConfig, ControlStore, RedisControlStore};
-use tollgate_mcp::{Identify, McpConfig, ToolFailure};
+use tollgate_mcp::{Caller, Identify, McpConfig, Refusal, ToolFailure};
 use tollgate_routes::RouteStore;
 use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
 use tollgate_testkit::RedisServer;
@@ -32,16 +32,16 @@ impl Identify for HeaderIdentity {
         &self,
         parts: Option<&http::request::Parts>,
         _meta: &serde_json::Map<String, Value>,
-    ) -> Result<String, ToolFailure> {
+    ) -> Result<Caller, Refusal> {
         parts
             .and_then(|p| p.headers.get("x-tollgate-test-account"))
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or(ToolFailure {
+            .map(Caller::unpaid)
+            .ok_or(Refusal::Tool(ToolFailure {
                 code: "UNAUTHENTICATED",
                 message: "no account".into(),
                 hint: "test header missing".into(),
-            })
+            }))
     }
 }
 

@@ -1,0 +1,362 @@
+//! Wiring of MPP payments into the control service: the payments service from the config, the
+//! MCP identity and payment gate over it, and the HTTP top-up endpoint.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tollgate_mcp::{Balance, Caller, Identify, Refusal, ToolFailure};
+use tollgate_metering::Store;
+use tollgate_payments::config::Secret;
+use tollgate_payments::units::{format_usd, parse_usd};
+use tollgate_payments::{Payments, Rejection};
+
+use crate::config::Config;
+
+/// Where the payments service keeps its state.
+pub enum PaymentStores {
+    /// Shared by every node.
+    Redis { url: String, prefix: String },
+    /// One node (`tollgate dev`): files in the data dir.
+    Embedded { dir: std::path::PathBuf },
+}
+
+/// Builds the payments service. `dev` creates a secret and a payee key in the data dir when
+/// none is given (test money only: `dev` runs against the local test chain).
+pub async fn payments(
+    cfg: &Config,
+    money: Arc<dyn Store>,
+    stores: PaymentStores,
+    dev: bool,
+) -> anyhow::Result<Arc<Payments>> {
+    let p = &cfg.payments;
+    let secret = load_secret(
+        "TOLLGATE_PAYMENTS_SECRET",
+        p.secret_file.as_deref(),
+        dev.then(|| cfg.control.data_dir.join("payments-secret")),
+        || {
+            let a: [u8; 32] = rand::random();
+            alloy::hex::encode(a)
+        },
+    )
+    .context("payments secret (TOLLGATE_PAYMENTS_SECRET or payments.secret_file)")?;
+    let payee_key = load_secret(
+        "TOLLGATE_PAYEE_KEY",
+        p.payee_key_file.as_deref(),
+        dev.then(|| cfg.control.data_dir.join("payee.key")),
+        || {
+            alloy::hex::encode_prefixed(
+                alloy::signers::local::PrivateKeySigner::random().to_bytes(),
+            )
+        },
+    )
+    .context("payee key (TOLLGATE_PAYEE_KEY or payments.payee_key_file)")?;
+    let mut pc = tollgate_payments::PaymentsConfig::new(&p.rpc_url, p.chain_id, secret, payee_key);
+    pc.realm = p
+        .realm
+        .clone()
+        .unwrap_or_else(|| cfg.control.listen.ip().to_string());
+    pc.currency = p
+        .currency
+        .parse()
+        .map_err(|_| anyhow::anyhow!("payments.currency '{}' is not an address", p.currency))?;
+    pc.suggested_deposit = parse_usd(&p.suggested_deposit_usd, 9_000)
+        .map_err(|e| anyhow::anyhow!("payments.suggested_deposit_usd: {e}"))?;
+    pc.min_voucher_delta = parse_usd(&p.min_voucher_delta_usd, 9_000)
+        .map_err(|e| anyhow::anyhow!("payments.min_voucher_delta_usd: {e}"))?;
+    pc.settle_min = parse_usd(&p.settle_min_usd, 9_000)
+        .map_err(|e| anyhow::anyhow!("payments.settle_min_usd: {e}"))?;
+    pc.max_top_up_usd = p.max_top_up_usd;
+    pc.settle_interval = Duration::from_secs(p.settle_interval_seconds);
+    pc.validate().map_err(anyhow::Error::msg)?;
+    refuse_test_chain(&p.rpc_url, p.allow_test_chain).await?;
+
+    let signer: alloy::signers::local::PrivateKeySigner = pc
+        .payee_key
+        .expose()
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("the payee key is not a secp256k1 private key"))?;
+    let chain = Arc::new(
+        tollgate_payments::RpcChain::new(&p.rpc_url, signer, pc.chain_id, pc.escrow)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let (backend, kv): (
+        Arc<dyn tollgate_payments::ChannelBackend>,
+        Arc<dyn mpp::Store>,
+    ) = match stores {
+        PaymentStores::Redis { url, prefix } => (
+            Arc::new(
+                tollgate_payments::RedisChannels::connect(&url, &prefix)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?,
+            ),
+            Arc::new(
+                tollgate_payments::kv::RedisKv::connect(&url, &prefix, Duration::from_secs(3600))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("payments kv: {e}"))?,
+            ),
+        ),
+        PaymentStores::Embedded { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            (
+                Arc::new(
+                    tollgate_payments::EmbeddedChannels::open(&dir.join("channels.redb"))
+                        .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?,
+                ),
+                Arc::new(
+                    mpp::FileStore::new(dir.join("proofs"))
+                        .map_err(|e| anyhow::anyhow!("payments kv: {e}"))?,
+                ),
+            )
+        }
+    };
+    let payments = Payments::new(pc, backend, kv, money, chain).map_err(anyhow::Error::msg)?;
+    tracing::info!(payee = %payments.payee(), rpc = %p.rpc_url, chain_id = p.chain_id, "payments ready");
+    Ok(Arc::new(payments))
+}
+
+/// A secret from the environment, else a file, else (dev) a file created with `make`.
+fn load_secret(
+    var: &str,
+    file: Option<&Path>,
+    dev_file: Option<std::path::PathBuf>,
+    make: impl FnOnce() -> String,
+) -> anyhow::Result<Secret> {
+    if let Ok(v) = std::env::var(var)
+        && !v.trim().is_empty()
+    {
+        return Ok(Secret::new(v.trim()));
+    }
+    if let Some(f) = file {
+        let v = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        return Ok(Secret::new(v.trim()));
+    }
+    let Some(f) = dev_file else {
+        anyhow::bail!("not set");
+    };
+    if let Ok(v) = std::fs::read_to_string(&f) {
+        return Ok(Secret::new(v.trim()));
+    }
+    if let Some(dir) = f.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let v = make();
+    write_private(&f, &v)?;
+    Ok(Secret::new(v))
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The project's test chain names itself in `web3_clientVersion`; production must not take
+/// "payments" that are test money.
+async fn refuse_test_chain(rpc_url: &str, allowed: bool) -> anyhow::Result<()> {
+    if allowed {
+        return Ok(());
+    }
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "web3_clientVersion", "params": []});
+    let resp = reqwest::Client::new()
+        .post(rpc_url)
+        .timeout(Duration::from_secs(5))
+        .json(&body)
+        .send()
+        .await;
+    if let Ok(r) = resp
+        && let Ok(v) = r.json::<serde_json::Value>().await
+        && v["result"]
+            .as_str()
+            .is_some_and(|s| s.contains("tollgate-testchain"))
+    {
+        anyhow::bail!(
+            "payments.rpc_url {rpc_url} is the project's test chain, which holds no real money; set payments.allow_test_chain = true only for development"
+        );
+    }
+    Ok(())
+}
+
+/// MCP identity and payment over MPP: free tools ask for a zero-amount proof, paid tools for a
+/// session voucher (JSON-RPC -32042 with the challenge; the message says it in words too).
+pub struct PaidIdentity(pub Arc<Payments>);
+
+impl PaidIdentity {
+    fn rpc(
+        &self,
+        challenge: Result<mpp::PaymentChallenge, String>,
+        rejection: Option<&Rejection>,
+        words: &str,
+    ) -> Refusal {
+        match challenge {
+            Ok(ch) => {
+                let (code, message, data) =
+                    tollgate_payments::mcp::payment_required(&ch, rejection, words);
+                Refusal::Rpc {
+                    code,
+                    message,
+                    data,
+                }
+            }
+            Err(e) => Refusal::Tool(ToolFailure {
+                code: "PAYMENT_UNAVAILABLE",
+                message: format!("could not build a payment challenge: {e}"),
+                hint: "retry later".into(),
+            }),
+        }
+    }
+
+    fn retry_later(r: &Rejection) -> Refusal {
+        Refusal::Tool(ToolFailure {
+            code: "PAYMENT_UNAVAILABLE",
+            message: format!(
+                "payment could not be checked right now: {}",
+                r.problem.detail
+            ),
+            hint: "nothing was charged; repeat the call in a few seconds".into(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Identify for PaidIdentity {
+    async fn account(
+        &self,
+        _parts: Option<&http::request::Parts>,
+        meta: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Caller, Refusal> {
+        let words = "This tool is free, but it needs to know who you are: answer the MPP challenge (method tempo, intent charge, amount 0) with a zero-amount proof signed by your wallet (an MPP client such as mppx does this and repeats the call). Your account is your wallet address.";
+        let cred = match tollgate_payments::mcp::credential(meta) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(self.rpc(self.0.identity_challenge(), None, words)),
+            Err(r) => return Err(self.rpc(self.0.identity_challenge(), Some(&r), words)),
+        };
+        match self.0.identify(&cred).await {
+            Ok((account, payment_ref)) => Ok(Caller {
+                account,
+                receipt: None,
+                payment_ref: Some(payment_ref),
+            }),
+            Err(r) if r.retryable => Err(Self::retry_later(&r)),
+            Err(r) => Err(self.rpc(self.0.identity_challenge(), Some(&r), words)),
+        }
+    }
+
+    async fn pay(
+        &self,
+        _parts: Option<&http::request::Parts>,
+        meta: &serde_json::Map<String, serde_json::Value>,
+        amount: u128,
+        what: &str,
+    ) -> Result<Caller, Refusal> {
+        let cfg = self.0.config();
+        let words = format!(
+            "Payment required: ${} for {what}, in pathUSD on Tempo (chain {}) through an MPP payment-channel session (method tempo, intent session, payee {:#x}). An MPP client such as mppx opens a channel (suggested deposit ${}) or reuses yours, signs a voucher for +${}, and repeats this call with the credential in _meta[\"org.paymentauth/credential\"]. The money becomes your tollgate balance.",
+            format_usd(amount),
+            cfg.chain_id,
+            self.0.payee(),
+            format_usd(cfg.suggested_deposit.max(amount)),
+            format_usd(amount),
+        );
+        let challenge = self.0.session_challenge(amount, Some(what));
+        let cred = match tollgate_payments::mcp::credential(meta) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(self.rpc(challenge, None, &words)),
+            Err(r) => return Err(self.rpc(challenge, Some(&r), &words)),
+        };
+        match self.0.accept(&cred).await {
+            Ok(a) if !a.action.is_management() => Ok(Caller {
+                payment_ref: Some(a.payment_ref()),
+                account: a.account,
+                receipt: Some((
+                    tollgate_payments::mcp::RECEIPT_META_KEY.to_owned(),
+                    tollgate_payments::mcp::receipt_meta(&a.receipt, &a.challenge_id),
+                )),
+            }),
+            // A deposit top-up or a close pays for nothing by itself: ask for the voucher.
+            Ok(_) => Err(self.rpc(challenge, None, &words)),
+            Err(r) if r.retryable => Err(Self::retry_later(&r)),
+            Err(r) => Err(self.rpc(challenge, Some(&r), &words)),
+        }
+    }
+
+    async fn charge(&self, account: &str, key: &str, picos: i64) -> Result<bool, ToolFailure> {
+        match self.0.money().charge(account, key, picos, false).await {
+            Ok(_) => Ok(true),
+            Err(tollgate_metering::ChargeError::Insufficient { .. }) => Ok(false),
+            Err(e) => Err(ToolFailure {
+                code: "UNAVAILABLE",
+                message: format!("could not charge the deploy: {e}"),
+                hint: "nothing was charged; repeat the call in a few seconds".into(),
+            }),
+        }
+    }
+
+    async fn refund(&self, account: &str, key: &str, picos: i64) -> Result<(), ToolFailure> {
+        // Idempotent by key: retried a few times here; a store that stays away leaves it
+        // logged for the operator (docs/operations.md).
+        let mut last = String::new();
+        for pause in [0u64, 100, 500, 2000] {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            match self.0.money().credit(account, key, picos).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        tracing::error!(account, key, picos, error = %last, "refund not applied: credit it by hand with `tollgate accounts credit`");
+        Err(ToolFailure {
+            code: "UNAVAILABLE",
+            message: format!("refund failed: {last}"),
+            hint: "the operator has been told; the refund key is in the log".into(),
+        })
+    }
+
+    async fn balance(&self, account: &str) -> Result<Balance, ToolFailure> {
+        let s = self
+            .0
+            .money()
+            .account(account)
+            .await
+            .map_err(|e| ToolFailure {
+                code: "UNAVAILABLE",
+                message: format!("balance unavailable: {e}"),
+                hint: "retry in a few seconds".into(),
+            })?
+            .unwrap_or_else(|| tollgate_metering::AccountState::empty(account));
+        Ok(Balance {
+            available_picos: s.available,
+            reserved_picos: s.leased,
+            credited_picos: s.credited,
+            spent_picos: s.debited,
+        })
+    }
+}
+
+/// `POST /v1/top-up?amount_usd=…` on the control listener.
+pub fn top_up_router(p: Arc<Payments>) -> axum::Router {
+    use axum::extract::{Query, State};
+    use axum::http::HeaderMap;
+    use axum::response::IntoResponse;
+    async fn top_up(
+        State(p): State<Arc<Payments>>,
+        Query(q): Query<std::collections::HashMap<String, String>>,
+        headers: HeaderMap,
+    ) -> axum::response::Response {
+        tollgate_payments::http::top_up(&p, q.get("amount_usd").map(String::as_str), &headers)
+            .await
+            .into_response()
+    }
+    axum::Router::new()
+        .route("/v1/top-up", axum::routing::post(top_up).get(top_up))
+        .with_state(p)
+}
