@@ -346,6 +346,7 @@ fn metering(cfg: &Config) -> anyhow::Result<Option<MeteringOptions>> {
         lease_wait: Duration::from_millis(m.lease_wait_ms),
         top_up: m.top_up.clone(),
         hooks: None,
+        payments: None,
     }))
 }
 
@@ -536,6 +537,14 @@ fn run_dev(mut cfg: Config, choices: DevChoices) -> anyhow::Result<ExitCode> {
         },
         true,
     ))?;
+    if let Some(m) = &mut opts.metering {
+        m.payments = Some(Arc::new(crate::paid::ProxyDesk {
+            payments: payments.clone(),
+            amount: tollgate_payments::units::parse_usd(&cfg.payments.default_prepay_usd, 9_000)
+                .map_err(|e| anyhow::anyhow!("payments.default_prepay_usd: {e}"))?
+                .max(1),
+        }));
+    }
     let proxy = Proxy::prepare(opts)?;
     payments.metrics.register(&proxy.registry())?;
     let local_table = cfg.redis.is_none().then(|| proxy.table());

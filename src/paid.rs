@@ -342,6 +342,69 @@ impl Identify for PaidIdentity {
     }
 }
 
+/// MPP at the proxy: a suspended service's 402 carries a session challenge to top up its
+/// owner's account, and the owner's wallet answering it pays on the retried request.
+pub struct ProxyDesk {
+    pub payments: Arc<Payments>,
+    /// What the challenge asks for (base units).
+    pub amount: u128,
+}
+
+#[async_trait::async_trait]
+impl tollgate_proxy::PaymentDesk for ProxyDesk {
+    fn challenge(&self, _account: &str, host: &str) -> Option<String> {
+        let ch = self
+            .payments
+            .session_challenge(
+                self.amount,
+                Some(&format!("Top up the balance of the owner of {host}")),
+            )
+            .ok()?;
+        mpp::format_www_authenticate(&ch).ok()
+    }
+
+    async fn redeem(
+        &self,
+        account: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<tollgate_proxy::Redeemed, tollgate_proxy::Refused> {
+        use tollgate_proxy::{Redeemed, Refused};
+        let refused = |detail: String| Refused {
+            detail,
+            retryable: false,
+        };
+        let cred = match tollgate_payments::http::credential(headers) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(refused("no Payment credential".into())),
+            Err(r) => return Err(refused(r.problem.detail.clone())),
+        };
+        // Money from another wallet would land on that wallet's account, not on this
+        // service's: refuse it before anything moves.
+        match self.payments.payer_of(&cred).await {
+            Some(payer) if payer == account => {}
+            _ => {
+                return Err(refused(
+                    "only the service owner's wallet can top it up here; nothing was taken".into(),
+                ));
+            }
+        }
+        match self.payments.accept(&cred).await {
+            Ok(a) => {
+                let receipt = mpp::format_receipt(&a.receipt).unwrap_or_default();
+                Ok(if a.action.is_management() {
+                    Redeemed::Management(receipt)
+                } else {
+                    Redeemed::Paid(receipt)
+                })
+            }
+            Err(r) => Err(Refused {
+                detail: r.problem.detail.clone(),
+                retryable: r.retryable,
+            }),
+        }
+    }
+}
+
 /// `POST /v1/top-up?amount_usd=…` on the control listener.
 pub fn top_up_router(p: Arc<Payments>) -> axum::Router {
     use axum::extract::{Query, State};

@@ -588,6 +588,7 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     let rpc = format!("http://{chain}");
     let c = reqwest::blocking::Client::builder()
         .resolve("paid-agent.localhost", proxy)
+        .resolve("thin-agent.localhost", proxy)
         .build()
         .unwrap();
     // The faucet of the test chain (no real money) funds the agent's wallet.
@@ -601,12 +602,13 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
         .unwrap();
     assert!(r["result"].is_array(), "{r}");
     let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
-    let mppx = |args: &[&str]| -> Vec<serde_json::Value> {
+    let mppx_as = |key: &str, args: &[&str]| -> Vec<serde_json::Value> {
         let out = Command::new("node")
             .arg(js.join("client.mjs"))
             .args(args)
             .env("RPC", &rpc)
-            .env("KEY", PAYER)
+            .env("KEY", key)
+            .env("RESOLVE", "thin-agent.localhost:127.0.0.1")
             .output()
             .unwrap();
         let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
@@ -620,6 +622,7 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
         );
         lines
     };
+    let mppx = |args: &[&str]| mppx_as(PAYER, args);
     let mcp = format!("http://{control}/mcp");
     let account = format!("did:pkh:eip155:42431:{}", payer.to_lowercase());
 
@@ -664,4 +667,58 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     assert!(http.iter().all(|l| l["status"] == 200), "{http:?}");
     assert_eq!(http[1]["receipt"]["acceptedCumulative"], "1000000");
     assert_eq!(http[1]["body"]["account"], account.as_str());
+
+    // A second agent runs its balance to zero: its URL answers 402 with a Payment challenge,
+    // and its own wallet answering that challenge (mppx fetch, on the service URL) tops it up
+    // and gets the page, with a receipt.
+    const OWNER2: &str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
+    let owner2 = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+    let r: serde_json::Value = c
+        .post(&rpc)
+        .json(&serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tempo_fundAddress","params":[owner2]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(r["result"].is_array(), "{r}");
+    // $0.05 for the deploy and $0.000002: four requests.
+    let top = mppx_as(
+        OWNER2,
+        &["mcp", &mcp, "top_up", r#"{"amount_usd":"0.050002"}"#, "1"],
+    );
+    assert_eq!(top[0]["structured"]["available_usd"], "0.050002", "{top:?}");
+    let thin_args = serde_json::json!({
+        "project_name": "thin-agent",
+        "prepay_usd": "0",
+        "files": {"src/index.ts": "export default { fetch: () => new Response('thin but paid') }\n"}
+    })
+    .to_string();
+    let d = mppx_as(OWNER2, &["mcp", &mcp, "deploy_project", &thin_args, "1"]);
+    assert_eq!(d[0]["structured"]["status"], "live", "{d:?}");
+    assert_eq!(d[0]["structured"]["balance_usd"], "0.000002", "{d:?}");
+    let thin = d[0]["structured"]["url"].as_str().unwrap().to_owned();
+    let mut served = 0;
+    let suspended = loop {
+        let r = c.get(&thin).send().unwrap();
+        if r.status() == 402 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        served += 1;
+        assert!(served <= 4, "served past the balance");
+    };
+    let challenge = suspended
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(challenge.starts_with("Payment "), "{challenge:?}");
+    assert!(challenge.contains(r#"intent="session""#), "{challenge}");
+    assert_eq!(suspended.headers()["cache-control"], "no-store");
+    let paid = mppx_as(OWNER2, &["http", &thin, "1", "GET"]);
+    assert_eq!(paid[0]["status"], 200, "{paid:?}");
+    assert_eq!(paid[0]["body"], "thin but paid", "{paid:?}");
+    assert_eq!(paid[0]["receipt"]["status"], "success", "{paid:?}");
+    assert_eq!(get(&c, &thin), (200, "thin but paid".into()));
 }

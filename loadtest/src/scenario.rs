@@ -72,6 +72,7 @@ impl Stack {
             lease_wait: Duration::from_secs(1),
             top_up: "top up".into(),
             hooks: None,
+            payments: None,
         });
         let (addr, admin) = (o.proxy.listen, o.admin.listen);
         let proxy = Proxy::prepare(o)?;

@@ -401,6 +401,41 @@ impl Payments {
         })
     }
 
+    /// The account a session credential would credit: the channel's payer (the stored channel,
+    /// or for an `open` the descriptor, whose payer the crate checks against the transaction's
+    /// sender). Read before accepting, to refuse money meant for someone else.
+    pub async fn payer_of(&self, cred: &PaymentCredential) -> Option<String> {
+        let payload: SessionCredentialPayload =
+            serde_json::from_value(cred.payload.clone()).ok()?;
+        let (id, descriptor) = match &payload {
+            SessionCredentialPayload::Open {
+                channel_id,
+                descriptor,
+                ..
+            }
+            | SessionCredentialPayload::TopUp {
+                channel_id,
+                descriptor,
+                ..
+            }
+            | SessionCredentialPayload::Voucher {
+                channel_id,
+                descriptor,
+                ..
+            }
+            | SessionCredentialPayload::Close {
+                channel_id,
+                descriptor,
+                ..
+            } => (channel_id.to_ascii_lowercase(), descriptor),
+        };
+        if let Ok(Some(r)) = self.backend.get(&id).await {
+            return Some(r.account);
+        }
+        let payer: Address = descriptor.as_ref()?.payer.parse().ok()?;
+        Some(account_of(self.cfg.chain_id, &payer))
+    }
+
     /// The crate binds the challenge by HMAC and checks currency and recipient; the escrow and
     /// chain the client used are pinned here too.
     fn check_pins(&self, cred: &PaymentCredential) -> Result<(), Rejection> {

@@ -15,7 +15,7 @@ use tollgate_balance_cache::Spend;
 use tollgate_routes::{MAX_HOST_LEN, ResolvedRoute, RouteTable, normalize_host};
 
 use crate::config::ProxyConfig;
-use crate::gate::Gate;
+use crate::gate::{Gate, Redeemed};
 use crate::metrics::ProxyMetrics;
 use crate::pages::{Problem, wants_html};
 
@@ -97,6 +97,9 @@ pub struct Ctx {
     interrupted: bool,
     /// The money gate refused it (402/503): not the service's usage.
     refused: bool,
+    /// The `Payment-Receipt` of a top-up paid with this request (a suspended service's owner
+    /// answered its 402 challenge).
+    receipt: Option<String>,
     /// Held for the request's lifetime (the runtime's in-flight count).
     _request_guard: Option<Box<dyn Send + Sync>>,
     _in_flight: InFlight,
@@ -129,6 +132,7 @@ impl ProxyHttp for Dispatch {
             html: false,
             interrupted: false,
             refused: false,
+            receipt: None,
             _request_guard: None,
             _in_flight: InFlight(self.metrics.in_flight.clone()),
         }
@@ -176,7 +180,31 @@ impl ProxyHttp for Dispatch {
                 if let Some(gate) = &self.gate
                     && let Some(account) = route.account_id.as_deref()
                 {
-                    match gate.pay(account).await {
+                    let mut spend = gate.pay(account).await;
+                    let mut refused_detail = None;
+                    if matches!(spend, Spend::Suspended)
+                        && let Some(desk) = &gate.payments
+                        && carries_payment(&session.req_header().headers)
+                    {
+                        // The owner answers the 402 challenge: a top-up, then this request.
+                        match desk.redeem(account, &session.req_header().headers).await {
+                            Ok(Redeemed::Management(receipt)) => {
+                                ctx.refused = true;
+                                ctx.route = Some(route);
+                                return respond_management(session, ctx, receipt).await;
+                            }
+                            Ok(Redeemed::Paid(receipt)) => {
+                                spend =
+                                    gate.pay_after_credit(account, Duration::from_secs(2)).await;
+                                if matches!(spend, Spend::Ok) {
+                                    ctx.receipt = Some(receipt);
+                                }
+                            }
+                            Err(r) if r.retryable => spend = Spend::Unavailable,
+                            Err(r) => refused_detail = Some(r.detail),
+                        }
+                    }
+                    match spend {
                         Spend::Ok => {
                             gate.metered.inc();
                             if let (Some(hooks), Some(dep)) =
@@ -188,9 +216,16 @@ impl ProxyHttp for Dispatch {
                         Spend::Suspended => {
                             gate.rejected_suspended.inc();
                             ctx.refused = true;
-                            let p = Problem::suspended(&route.hostname, &gate.top_up);
+                            let mut p = Problem::suspended(&route.hostname, &gate.top_up);
+                            if let Some(d) = refused_detail {
+                                p.detail = format!("{} The payment was refused: {d}", p.detail);
+                            }
+                            let challenge = gate
+                                .payments
+                                .as_ref()
+                                .and_then(|d| d.challenge(account, &route.hostname));
                             ctx.route = Some(route);
-                            return respond(session, ctx, &p).await;
+                            return respond_with(session, ctx, &p, challenge).await;
                         }
                         Spend::Pending | Spend::Unavailable => {
                             gate.rejected_unavailable.inc();
@@ -352,6 +387,10 @@ impl ProxyHttp for Dispatch {
             resp.remove_header("proxy-connection");
         }
         resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(receipt) = ctx.receipt.take() {
+            resp.insert_header("payment-receipt", receipt)?;
+            resp.insert_header("cache-control", "private")?;
+        }
         Ok(())
     }
 
@@ -451,11 +490,48 @@ impl ProxyHttp for Dispatch {
 
 /// Writes a proxy-made answer and ends the request (`Ok(true)` for `request_filter`).
 async fn respond(session: &mut Session, ctx: &Ctx, p: &Problem) -> Result<bool> {
-    let (h, body) = p.render(&ctx.request_id, ctx.html)?;
+    respond_with(session, ctx, p, None).await
+}
+
+/// A problem answer, with a `WWW-Authenticate: Payment` challenge when there is one (a 402
+/// must carry at least one).
+async fn respond_with(
+    session: &mut Session,
+    ctx: &Ctx,
+    p: &Problem,
+    challenge: Option<String>,
+) -> Result<bool> {
+    let (mut h, body) = p.render(&ctx.request_id, ctx.html)?;
+    if let Some(c) = challenge {
+        h.insert_header("www-authenticate", c)?;
+    }
     session.set_keepalive(None);
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)
+}
+
+/// 204 with the receipt: a payment-channel change that pays for nothing by itself.
+async fn respond_management(session: &mut Session, ctx: &Ctx, receipt: String) -> Result<bool> {
+    let mut h = ResponseHeader::build(204, Some(4))?;
+    h.insert_header("payment-receipt", receipt)?;
+    h.insert_header("cache-control", "private")?;
+    if !ctx.request_id.is_empty() {
+        h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    }
+    session.write_response_header(Box::new(h), true).await?;
+    Ok(true)
+}
+
+/// Whether the request carries an MPP credential (`Authorization: Payment …`).
+fn carries_payment(headers: &http::HeaderMap) -> bool {
+    ["authorization", "payment-authorization"].iter().any(|n| {
+        headers.get_all(*n).iter().any(|v| {
+            v.as_bytes()
+                .get(..8)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"payment "))
+        })
+    })
 }
 
 /// Keeps a client's request id if it is sane (1–128 of `[A-Za-z0-9._:-]`), else makes one.

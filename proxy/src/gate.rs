@@ -16,6 +16,38 @@ pub trait RequestHooks: Send + Sync + 'static {
     fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>>;
 }
 
+/// MPP at the proxy, for services whose owner ran out of credit: the 402 carries a
+/// `WWW-Authenticate: Payment` challenge to top up the owner's account, and a retried request
+/// that carries the owner's `Authorization: Payment` credential is taken as that top-up. Only
+/// such requests reach it (the paid path never does), so the proxy crate stays free of the
+/// payment protocol and the hot path of any I/O.
+#[async_trait::async_trait]
+pub trait PaymentDesk: Send + Sync + 'static {
+    /// The `WWW-Authenticate` value for the 402 of a service owned by `account`.
+    fn challenge(&self, account: &str, host: &str) -> Option<String>;
+    /// Takes the request's credential as a top-up of `account`.
+    async fn redeem(&self, account: &str, headers: &http::HeaderMap) -> Result<Redeemed, Refused>;
+}
+
+/// A credential taken at the proxy.
+#[derive(Debug, Clone)]
+pub enum Redeemed {
+    /// Credit landed: the request goes on, its response carries this `Payment-Receipt`.
+    Paid(String),
+    /// A deposit change (top-up of the channel, close): answered 204 with this receipt, not
+    /// proxied.
+    Management(String),
+}
+
+/// Why a credential at the proxy was not taken.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// Shown in the 402's problem body.
+    pub detail: String,
+    /// The store or chain was unavailable: 503, the same credential may be sent again.
+    pub retryable: bool,
+}
+
 /// Where balances, leases and the ledger live.
 #[derive(Clone)]
 pub enum StoreSource {
@@ -67,6 +99,7 @@ pub struct MeteringOptions {
     /// How an owner tops up (shown on the 402 answer and the suspension page).
     pub top_up: String,
     pub hooks: Option<Arc<dyn RequestHooks>>,
+    pub payments: Option<Arc<dyn PaymentDesk>>,
 }
 
 impl std::fmt::Debug for MeteringOptions {
@@ -85,6 +118,7 @@ pub(crate) struct Gate {
     pub lease_wait: Duration,
     pub top_up: String,
     pub hooks: Option<Arc<dyn RequestHooks>>,
+    pub payments: Option<Arc<dyn PaymentDesk>>,
     pub metered: IntCounter,
     pub rejected_suspended: IntCounter,
     pub rejected_unavailable: IntCounter,
@@ -114,10 +148,32 @@ impl Gate {
             lease_wait: opts.lease_wait,
             top_up: opts.top_up.clone(),
             hooks: opts.hooks.clone(),
+            payments: opts.payments.clone(),
             metered,
             rejected_suspended: rejected.with_label_values(&["suspended"]),
             rejected_unavailable: rejected.with_label_values(&["metering_unavailable"]),
         })
+    }
+
+    /// Pays one request after a top-up: waits up to `wait` for the credit to reach this
+    /// node's cache (the change feed, usually within milliseconds).
+    pub async fn pay_after_credit(&self, account: &str, wait: Duration) -> Spend {
+        let end = Instant::now() + wait;
+        loop {
+            let changed = self.cache.changed_notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.pay(account).await {
+                Spend::Suspended => {
+                    let left = end.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Spend::Suspended;
+                    }
+                    let _ = tokio::time::timeout(left, changed).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Pays one request. `Pending` (no lease here yet) waits up to `lease_wait` for the agent's

@@ -12,5 +12,5 @@ pub mod server;
 pub mod usage;
 
 pub use config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
-pub use gate::{MeteringOptions, RequestHooks, StoreSource};
+pub use gate::{MeteringOptions, PaymentDesk, Redeemed, Refused, RequestHooks, StoreSource};
 pub use server::{Proxy, ProxyOptions, Stop, StopHandle};

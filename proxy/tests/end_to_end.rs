@@ -76,6 +76,7 @@ async fn deploy_serve_meter_suspend_and_resume() {
         lease_wait: Duration::from_secs(2),
         top_up: "call top_up".into(),
         hooks: Some(Arc::new(Hooks(sup.clone()))),
+        payments: None,
     });
     let node = Node::start(o);
     let _ = cpu.0.set(node.cache.clone().unwrap());

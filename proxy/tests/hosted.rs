@@ -200,6 +200,7 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
         lease_wait: Duration::from_secs(2),
         top_up: "top up".into(),
         hooks: Some(Arc::new(Hooks(rig.sup.clone()))),
+        payments: None,
     });
     let node = Node::start(o);
     let c = node.client(&["spin.localhost"]);
@@ -286,6 +287,7 @@ async fn cpu_is_charged_while_a_long_request_is_still_running() {
         lease_wait: Duration::from_secs(2),
         top_up: "top up".into(),
         hooks: None,
+        payments: None,
     });
     let node = Node::start(o);
     let cache = node.cache.clone().unwrap();

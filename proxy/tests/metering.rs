@@ -53,6 +53,7 @@ fn metered(
         lease_wait: Duration::from_secs(2),
         top_up: "call the top_up tool at http://control.test/mcp".into(),
         hooks: None,
+        payments: None,
     });
     o
 }

@@ -1,7 +1,7 @@
 // Drives the real, pinned mppx client against a tollgate endpoint. Used by the Rust tests in
 // payments/tests and the root crate; prints one JSON object per line on stdout.
 //
-//   RPC=http://127.0.0.1:PORT KEY=0x... node client.mjs http    URL N [METHOD]
+//   RPC=http://127.0.0.1:PORT KEY=0x... [RESOLVE=host:ip,...] node client.mjs http URL N [METHOD]
 //   RPC=... KEY=... node client.mjs manager URL N [close|wait-close]
 //   RPC=... KEY=... node client.mjs mcp     MCP_URL TOOL ARGS_JSON N
 //
@@ -20,6 +20,33 @@ const rpc = process.env.RPC
 const chain = { ...tempoModerato, rpcUrls: { default: { http: [rpc] } } }
 const client = createClient({ chain, transport: http(rpc) })
 const account = privateKeyToAccount(process.env.KEY)
+// RESOLVE=name:127.0.0.1 sends requests for `name` to that address with `Host: name` kept
+// (tests reach services at <slug>.localhost through the proxy; the resolver knows no such name).
+const resolve = Object.fromEntries((process.env.RESOLVE ?? '').split(',').filter(Boolean).map((e) => e.split(':')))
+async function resolvingFetch(input, init = {}) {
+  const url = new URL(typeof input === 'string' || input instanceof URL ? input : input.url)
+  const ip = resolve[url.hostname]
+  if (!ip) return fetch(input, init)
+  const { request } = await import('node:http')
+  const headers = Object.fromEntries(new Headers(init.headers ?? (input instanceof Request ? input.headers : {})).entries())
+  headers.host = url.host
+  const body = init.body ?? null
+  return await new Promise((ok, fail) => {
+    const req = request({ host: ip, port: url.port || 80, path: url.pathname + url.search, method: init.method ?? 'GET', headers }, (res) => {
+      const chunks = []
+      res.on('data', (c) => chunks.push(c))
+      res.on('end', () => {
+        const h = new Headers()
+        for (const [k, v] of Object.entries(res.headers)) for (const x of [].concat(v)) h.append(k, x)
+        const status = res.statusCode
+        ok(new Response([101, 204, 205, 304].includes(status) ? null : Buffer.concat(chunks), { status, headers: h }))
+      })
+    })
+    req.on('error', fail)
+    if (body) req.write(body)
+    req.end()
+  })
+}
 const out = (o) => process.stdout.write(JSON.stringify(o, (_, v) => (typeof v === 'bigint' ? v.toString() : v)) + '\n')
 
 function decodeReceipt(h) {
@@ -43,7 +70,7 @@ async function body(res) {
 try {
   if (mode === 'http') {
     const [n, method = 'POST'] = rest
-    const mppx = Mppx.create({ polyfill: false, methods: [tempo({ account, getClient: () => client })] })
+    const mppx = Mppx.create({ polyfill: false, fetch: resolvingFetch, methods: [tempo({ account, getClient: () => client })] })
     for (let i = 0; i < Number(n); i++) {
       const res = await mppx.fetch(target, { method })
       out({ call: i, status: res.status, receipt: decodeReceipt(res.headers.get('payment-receipt')), body: await body(res) })
