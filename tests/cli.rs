@@ -418,6 +418,45 @@ fn control_command_serves_and_stops_on_sigterm() {
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(1), "started without payment secrets");
+    // Nor does it take "payments" on the project's test chain (no real money) unless told.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let chain = rt
+        .block_on(tollgate_testchain::TestChain::spawn(
+            free_addr(),
+            tollgate_testchain::ChainConfig::default(),
+        ))
+        .unwrap();
+    let test_cfg = dir.path().join("on-test-chain.toml");
+    std::fs::write(
+        &test_cfg,
+        format!(
+            "{}[payments]\nrpc_url = \"{}\"\n",
+            std::fs::read_to_string(&cfg).unwrap(),
+            chain.url()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .env(
+            "TOLLGATE_PAYMENTS_SECRET",
+            "a-32-byte-or-longer-secret-for-hmac!",
+        )
+        .env(
+            "TOLLGATE_PAYEE_KEY",
+            "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+        )
+        .args(["control", "--config"])
+        .arg(&test_cfg)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("test chain") && err.contains("no real money"),
+        "{err}"
+    );
+    drop(chain);
     let mut p = Proc(
         bin()
             .env(

@@ -24,6 +24,7 @@ pub(crate) async fn settle_due(p: &Payments) -> Result<usize, String> {
             Ok(true) => sent += 1,
             Ok(false) => {}
             Err(e) => {
+                p.metrics.chain_op("settle", false);
                 tracing::warn!(channel = %id, error = %e, "settlement failed; retried next round")
             }
         }
@@ -76,10 +77,8 @@ async fn settle_one(p: &Payments, id: &str) -> Result<bool, String> {
             p.metrics.chain_op("settle", true);
             tx
         }
-        Err(e) => {
-            p.metrics.chain_op("settle", false);
-            return Err(e.to_string());
-        }
+        // Counted by the caller, with every other failure of the round.
+        Err(e) => return Err(e.to_string()),
     };
     let op = ChainOp {
         kind: "settle".into(),

@@ -218,6 +218,28 @@ async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
         .parse()
         .unwrap();
     let p = &rig.nodes[0].payments;
+    // A node whose chain endpoint is down: its round fails, is counted, and records nothing.
+    let cfg = rig.config();
+    let cut_off = Payments::new(
+        cfg.clone(),
+        Arc::new(
+            tollgate_payments::RedisChannels::connect(&rig.redis.url(), "tollgate")
+                .await
+                .unwrap(),
+        ),
+        Arc::new(mpp::MemoryStore::new()),
+        rig.money.clone(),
+        Arc::new(
+            tollgate_payments::RpcChain::new(
+                "http://127.0.0.1:9",
+                PAYEE_KEY.parse().unwrap(),
+                cfg.chain_id,
+                cfg.escrow,
+            )
+            .unwrap(),
+        ),
+    )
+    .unwrap();
     // Nothing spent yet: nothing to settle.
     assert_eq!(p.settle_now().await.unwrap(), 0);
     assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 0);
@@ -226,6 +248,17 @@ async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
         .charge(&account(PAYER_KEY), "spend-1", 15 * USD / 10, false)
         .await
         .unwrap();
+    assert_eq!(cut_off.settle_now().await.unwrap(), 0);
+    assert_eq!(
+        cut_off
+            .metrics
+            .chain_ops
+            .with_label_values(&["settle", "failed"])
+            .get(),
+        1
+    );
+    assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 0);
+    // The next round, with the chain reachable, settles.
     assert_eq!(p.settle_now().await.unwrap(), 1);
     assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 1_000_000);
     assert_eq!(rig.token_balance(payee), payee_before + 1_000_000);
