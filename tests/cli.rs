@@ -760,4 +760,59 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     assert_eq!(paid[0]["body"], "thin but paid", "{paid:?}");
     assert_eq!(paid[0]["receipt"]["status"], "success", "{paid:?}");
     assert_eq!(get(&c, &thin), (200, "thin but paid".into()));
+
+    // A deploy that fails to bundle charges nothing (its price comes back), and the live
+    // version keeps serving.
+    let before = mppx_as(OWNER2, &["mcp", &mcp, "get_balance", "{}", "1"]);
+    let broken = serde_json::json!({
+        "project_id": d[0]["structured"]["project_id"],
+        "prepay_usd": "0",
+        "files": {"src/index.ts": "export default { fetch: () => new Response('oops' }\n"}
+    })
+    .to_string();
+    let failed = mppx_as(OWNER2, &["mcp", &mcp, "deploy_project", &broken, "1"]);
+    assert_eq!(failed[0]["isError"], true, "{failed:?}");
+    let text = failed[0]["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("BUNDLE_FAILED") && text.contains("refunded"),
+        "{text}"
+    );
+    let after = mppx_as(OWNER2, &["mcp", &mcp, "get_balance", "{}", "1"]);
+    // The price was charged and given back: both totals moved by exactly $0.05, nothing else.
+    let micros = |v: &[serde_json::Value], k: &str| -> i64 {
+        v[0]["structured"][k]
+            .as_str()
+            .unwrap()
+            .replace('.', "")
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        micros(&after, "credited_usd") - micros(&before, "credited_usd"),
+        50_000
+    );
+    assert_eq!(
+        micros(&after, "spent_usd") - micros(&before, "spent_usd"),
+        50_000
+    );
+    assert_eq!(get(&c, &thin), (200, "thin but paid".into()));
+
+    // Two payers never see each other's projects.
+    let mine = mppx_as(OWNER2, &["mcp", &mcp, "list_projects", "{}", "1"]);
+    let slugs: Vec<&str> = mine[0]["structured"]["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["slug"].as_str())
+        .collect();
+    assert_eq!(slugs, ["thin-agent"], "{mine:?}");
+    let theirs = serde_json::json!({"project_id": out["project_id"]}).to_string();
+    let denied = mppx_as(OWNER2, &["mcp", &mcp, "get_project", &theirs, "1"]);
+    assert_eq!(denied[0]["isError"], true, "{denied:?}");
+    assert!(
+        denied[0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("NOT_FOUND")
+    );
 }

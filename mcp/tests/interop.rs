@@ -270,3 +270,70 @@ async fn unknown_hosts_and_origins_are_refused() {
         .unwrap();
     assert_eq!(r.status(), 403, "unlisted Origin");
 }
+
+/// A 2026-07-28 (modern era) client: no `initialize`, the version and capabilities in every
+/// request's `_meta`, the `Mcp-Method`/`Mcp-Name` headers. The same server answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2026_07_28_client_calls_tools_without_initialize() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _control) = server(&redis, &dir).await;
+    let http = reqwest::Client::new();
+    let meta = serde_json::json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "modern-agent", "version": "1.0.0"}
+    });
+    let post = |method: &'static str, name: Option<&'static str>, params: Value| {
+        let mut r = http
+            .post(&url)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", method)
+            .header("x-tollgate-test-account", "modern-7");
+        if let Some(n) = name {
+            r = r.header("mcp-name", n);
+        }
+        r.json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}))
+            .send()
+    };
+    let r = post("tools/list", None, serde_json::json!({"_meta": meta}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let tools: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    for t in ["deploy_project", "list_projects", "top_up", "get_balance"] {
+        assert!(tools.contains(&t), "{t} missing: {tools:?}");
+    }
+    let r = post(
+        "tools/call",
+        Some("list_projects"),
+        serde_json::json!({"name": "list_projects", "arguments": {}, "_meta": meta}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["result"]["structuredContent"],
+        serde_json::json!({"projects": []}),
+        "{v}"
+    );
+    assert_eq!(v["result"]["resultType"], "complete", "{v}");
+    // The era's header rule: a tools/call whose Mcp-Name does not match is refused.
+    let r = post(
+        "tools/call",
+        Some("get_logs"),
+        serde_json::json!({"name": "list_projects", "arguments": {}, "_meta": meta}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+}
