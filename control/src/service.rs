@@ -202,12 +202,13 @@ impl Control {
     }
 
     fn lock_for(&self, project: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(project.to_owned())
-            .or_default()
-            .clone()
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // One entry per project ever touched would grow forever: drop the ones nobody holds
+        // (only the map has them) once the map is large.
+        if locks.len() >= 1024 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(project.to_owned()).or_default().clone()
     }
 
     /// A project of `owner`; another owner's project is "not found" (no existence leak).
@@ -406,8 +407,8 @@ impl Control {
                 },
             );
         }
-        self.store.put_env(&project.id, &env).await?;
-
+        // Saved once the new version is live: a failed deploy changes nothing (the running
+        // version, its restarts and rollbacks keep the env they had).
         let mut dep = Deployment {
             id: new_id("d"),
             project_id: project.id.clone(),
@@ -452,7 +453,13 @@ impl Control {
             .put_artifacts(&dep.id, &files, &bundle.code)
             .await?;
         step("starting");
-        self.go_live(project, dep, bundle.code, &env).await
+        let project_id = project.id.clone();
+        let out = self.go_live(project, dep, bundle.code, &env).await?;
+        if let Err(e) = self.store.put_env(&project_id, &env).await {
+            // Live with the new env, but a restart would use the old one until the next deploy.
+            tracing::error!(project = %project_id, error = %e, "env of a live deployment not saved");
+        }
+        Ok(out)
     }
 
     /// Starts `dep`'s code, switches the route to it, drains and stops the previous live one.

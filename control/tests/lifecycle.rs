@@ -252,6 +252,7 @@ async fn failed_deploys_leave_the_previous_version_serving() {
                     Some("export const who = ( => 1\n".to_owned()),
                 )])),
                 project_id: Some(ok.project_id.clone()),
+                env: BTreeMap::from([("MODE".to_owned(), "broken".to_owned())]),
                 ..DeployRequest::default()
             },
         )
@@ -291,6 +292,8 @@ async fn failed_deploys_leave_the_previous_version_serving() {
         .collect();
     assert_eq!(failed.len(), 2);
     assert!(failed.iter().all(|d| d.reason.is_some()));
+    // The failed deploy's env change was not kept: the live version's env is what stays.
+    assert!(!view.env.contains_key("MODE"), "{:?}", view.env);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
