@@ -242,11 +242,7 @@ impl Identify for PaidIdentity {
             Err(r) => return Err(self.rpc(self.0.identity_challenge(), Some(&r), words)),
         };
         match self.0.identify(&cred).await {
-            Ok((account, payment_ref)) => Ok(Caller {
-                account,
-                receipt: None,
-                payment_ref: Some(payment_ref),
-            }),
+            Ok((account, _)) => Ok(Caller::unpaid(account)),
             Err(r) if r.retryable => Err(Self::retry_later(&r)),
             Err(r) => Err(self.rpc(self.0.identity_challenge(), Some(&r), words)),
         }
@@ -276,7 +272,6 @@ impl Identify for PaidIdentity {
         };
         match self.0.accept(&cred).await {
             Ok(a) if !a.action.is_management() => Ok(Caller {
-                payment_ref: Some(a.payment_ref()),
                 account: a.account,
                 receipt: Some((
                     tollgate_payments::mcp::RECEIPT_META_KEY.to_owned(),
@@ -294,31 +289,36 @@ impl Identify for PaidIdentity {
         match self.0.money().charge(account, key, picos, false).await {
             Ok(_) => Ok(true),
             Err(tollgate_metering::ChargeError::Insufficient { .. }) => Ok(false),
-            Err(e) => Err(ToolFailure {
-                code: "UNAVAILABLE",
-                message: format!("could not charge the deploy: {e}"),
-                hint: "nothing was charged; repeat the call in a few seconds".into(),
-            }),
+            Err(e) => {
+                // The answer may have been lost after the charge landed: reverse it durably
+                // (a no-op if it never landed), so "nothing was charged" holds.
+                let reversed = self.0.reverse_charge(account, key, picos).await;
+                if let Err(r) = reversed {
+                    tracing::warn!(account, key, error = %r.message, "charge reversal pending; the background drain applies it");
+                }
+                Err(ToolFailure {
+                    code: "PAYMENT_UNAVAILABLE",
+                    message: format!("could not charge the deploy: {e}"),
+                    hint: "nothing was charged (or it is given back); repeat the call in a few seconds".into(),
+                })
+            }
         }
     }
 
     async fn refund(&self, account: &str, key: &str, picos: i64) -> Result<(), ToolFailure> {
-        // Idempotent by key: retried a few times here; a store that stays away leaves it
-        // logged for the operator (docs/operations.md).
-        let mut last = String::new();
-        for pause in [0u64, 100, 500, 2000] {
-            tokio::time::sleep(Duration::from_millis(pause)).await;
-            match self.0.money().credit(account, key, picos).await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        tracing::error!(account, key, picos, error = %last, "refund not applied: credit it by hand with `tollgate accounts credit`");
-        Err(ToolFailure {
-            code: "UNAVAILABLE",
-            message: format!("refund failed: {last}"),
-            hint: "the operator has been told; the refund key is in the log".into(),
-        })
+        // `key` is `refund:<charge key>`: reversed durably, applied now or by the drain.
+        let charge_key = key.strip_prefix("refund:").unwrap_or(key);
+        self.0
+            .reverse_charge(account, charge_key, picos)
+            .await
+            .map_err(|e| ToolFailure {
+                code: "PAYMENT_UNAVAILABLE",
+                message: format!(
+                    "refund recorded, applied once the money store answers: {}",
+                    e.message
+                ),
+                hint: "nothing to do: the refund lands by itself".into(),
+            })
     }
 
     async fn balance(&self, account: &str) -> Result<Balance, ToolFailure> {

@@ -51,9 +51,6 @@ pub struct Caller {
     pub account: String,
     /// `(meta key, receipt)`, e.g. `("org.paymentauth/receipt", {...})`.
     pub receipt: Option<(String, serde_json::Value)>,
-    /// Unique per accepted payment or proof (e.g. `channel:cumulative`): keys what the call
-    /// charges, so a retried call cannot charge twice.
-    pub payment_ref: Option<String>,
 }
 
 impl Caller {
@@ -61,7 +58,6 @@ impl Caller {
         Caller {
             account: account.into(),
             receipt: None,
-            payment_ref: None,
         }
     }
 }

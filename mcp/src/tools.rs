@@ -294,15 +294,23 @@ pub fn usd(picos: i64) -> String {
     format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
 }
 
-/// A key for a charge whose caller brought no payment reference (free identities).
+/// A key unique to one charge (one tool call).
 fn unique_ref() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
+    use std::hash::{BuildHasher, Hasher};
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
+    // A random part too: several control nodes charge into one money store.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!(
+        "{nanos}-{random:016x}-{}",
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Dollars (up to 6 decimals) → base units ($0.000001).
@@ -455,10 +463,9 @@ impl TollgateMcp {
             Err(r) => return r,
         };
         let charge = if price > 0 {
-            let key = format!(
-                "deploy:{}",
-                caller.payment_ref.clone().unwrap_or_else(unique_ref)
-            );
+            // Unique per call: one payment reference could otherwise be presented again (or by
+            // two calls at once) to deploy on one charge.
+            let key = format!("deploy:{}", unique_ref());
             match self.identify.charge(&caller.account, &key, price).await {
                 Ok(true) => Some((key, price)),
                 Ok(false) => {

@@ -61,8 +61,12 @@ pub struct CloseRecord {
     pub signature: Vec<u8>,
     /// Captured by the payee; the rest of the deposit goes back to the payer.
     pub capture: u128,
-    /// Unused credit withdrawn from the account (p$) under key `mpp-close:{channel}`.
+    /// Refunded to the payer on chain, in p$ (whole base units).
     pub refund_picos: i64,
+    /// What the close asked the account for (p$, key `mpp-close:{channel}`): fixed at the
+    /// first attempt so a retry charges the same key with the same amount.
+    #[serde(default)]
+    pub refund_ask_picos: Option<i64>,
     pub challenge_id: String,
     pub tx_hash: Option<String>,
 }
@@ -83,13 +87,19 @@ pub struct ChannelRecord {
     pub chain_ops: Vec<ChainOp>,
 }
 
-/// A credit decided with a channel update and not yet applied to the money core.
+/// A credit decided with a channel update (or a reversal of a charge) and not yet applied to
+/// the money core.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingCredit {
-    /// Idempotency key in the money core: `mpp:{channel}:{cumulative}`.
+    /// Idempotency key in the money core: `mpp:{channel}:{cumulative}` for a voucher.
     pub key: String,
     pub account: String,
     pub picos: i64,
+    /// Set for a reversal: the charge key it gives back. The drain first makes sure that charge
+    /// was applied (charging the same key again is a no-op if it was), then credits `key`, so
+    /// the net is zero whether or not the charge had landed.
+    #[serde(default)]
+    pub reverses: Option<String>,
 }
 
 /// The next record and the credits it implies, committed together.
@@ -112,6 +122,8 @@ pub trait ChannelBackend: Send + Sync + 'static {
     /// Atomic read-modify-write of one channel; when the updater fails nothing is written.
     async fn update(&self, id: &str, f: Updater) -> Result<ChannelRecord, VerificationError>;
     async fn pending_credits(&self) -> Result<Vec<PendingCredit>, VerificationError>;
+    /// Records a credit to apply outside any channel update (a reversal); idempotent by key.
+    async fn add_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError>;
     /// Forgets a pending credit once the money core has it (idempotent).
     async fn credit_done(&self, key: &str) -> Result<(), VerificationError>;
     /// Every channel id ever stored.
@@ -160,6 +172,7 @@ fn wrap(id: String, chain_id: u64, updater: StateUpdater) -> Updater {
                 key: format!("mpp:{id}:{}", next.highest_voucher_amount),
                 account: record.account.clone(),
                 picos,
+                reverses: None,
             });
             if let Some(sig) = &next.highest_voucher_signature {
                 record.vouchers.push(SignedVoucher {
@@ -364,6 +377,18 @@ impl ChannelBackend for RedisChannels {
             .collect()
     }
 
+    async fn add_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd("HSETNX")
+            .arg(self.key("credits:pending"))
+            .arg(&credit.key)
+            .arg(serde_json::to_string(credit).map_err(corrupt)?)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn credit_done(&self, key: &str) -> Result<(), VerificationError> {
         let mut c = self.conn.clone();
         let _: i64 = redis::cmd("HDEL")
@@ -492,6 +517,24 @@ impl ChannelBackend for EmbeddedChannels {
                 out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn add_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
+        let credit = credit.clone();
+        let bytes = serde_json::to_vec(&credit).map_err(corrupt)?;
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = tx.open_table(PENDING).map_err(unavailable)?;
+                if t.get(credit.key.as_str()).map_err(unavailable)?.is_none() {
+                    t.insert(credit.key.as_str(), bytes.as_slice())
+                        .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(())
         })
         .await
     }

@@ -124,6 +124,16 @@ pub(crate) async fn close(
                 if r.state.finalized {
                     return Err(VerificationError::channel_closed("closed meanwhile"));
                 }
+                // The first close fixes the amount: a second one at another amount would credit
+                // a rise while the first close's refund is already decided.
+                if let Some(c) = &r.close
+                    && c.cumulative != cumulative
+                {
+                    return Err(VerificationError::channel_closed(format!(
+                        "a close at {} is in progress",
+                        c.cumulative
+                    )));
+                }
                 let mut credits = Vec::new();
                 if cumulative > r.state.highest_voucher_amount {
                     let delta = cumulative - r.state.highest_voucher_amount;
@@ -133,6 +143,7 @@ pub(crate) async fn close(
                         picos: base_to_picos(delta).ok_or_else(|| {
                             VerificationError::invalid_amount("close adds too much at once")
                         })?,
+                        reverses: None,
                     });
                     r.state.highest_voucher_amount = cumulative;
                     r.state.highest_voucher_signature = Some(sig2.clone());
@@ -141,12 +152,13 @@ pub(crate) async fn close(
                 if r.descriptor.is_none() {
                     r.descriptor = Some(desc2);
                 }
-                if r.close.as_ref().map(|c| c.cumulative) != Some(cumulative) {
+                if r.close.is_none() {
                     r.close = Some(CloseRecord {
                         cumulative,
                         signature: sig2,
                         capture: 0,
                         refund_picos: 0,
+                        refund_ask_picos: None,
                         challenge_id,
                         tx_hash: None,
                     });
@@ -156,73 +168,188 @@ pub(crate) async fn close(
         )
         .await
         .map_err(Rejection::from_verification)?;
+    let _ = record;
     p.drain_credits()
         .await
         .map_err(Rejection::from_verification)?;
+    let (account, c) = finish_close(p, &id_str).await?;
+    Ok(receipt(p, cred, &id_str, &account, &c))
+}
 
-    // 3. Withdraw unused credit (idempotent: a retry gets the first answer).
-    let settled = record.state.settled_on_chain;
+/// Steps 3–5 for a channel whose close is recorded: withdraw the unused credit (the ask is
+/// fixed once and stored, so a retry charges the same key with the same amount), close on
+/// chain, finalize. Resumable: the client's retry and the background reconciler both call it.
+pub(crate) async fn finish_close(
+    p: &Payments,
+    id_str: &str,
+) -> Result<(String, CloseRecord), Rejection> {
+    let unavailable = |what: String| {
+        Rejection::from_verification(VerificationError::network_error(what).retryable())
+    };
+    let record = p
+        .backend
+        .get(id_str)
+        .await
+        .map_err(Rejection::from_verification)?
+        .ok_or_else(|| Rejection::invalid("not-found", "no channel with this id here"))?;
+    let Some(close) = record.close.clone() else {
+        return Err(Rejection::invalid(
+            "payload",
+            "no close recorded for this channel",
+        ));
+    };
+    if record.state.finalized {
+        return Ok((record.account, close));
+    }
+    let descriptor = record
+        .descriptor
+        .clone()
+        .ok_or_else(|| Rejection::invalid("payload", "close needs the channel descriptor"))?;
+    let id: B256 = id_str
+        .parse()
+        .map_err(|_| Rejection::invalid("payload", "bad channel id"))?;
+    let cumulative = close.cumulative;
+    // The chain is the truth for what is settled (a settlement may have landed meanwhile), and
+    // for whether the channel still exists (an earlier attempt may have closed it).
+    let on_chain = p
+        .chain
+        .channel(id)
+        .await
+        .map_err(|e| unavailable(format!("chain: {e}")))?;
+    if on_chain.deposit == 0 {
+        // Gone on chain: closed by an earlier attempt whose answer was lost, or withdrawn by
+        // the payer. Nothing more can move; record it (without a transaction hash).
+        let record = mark_closed(p, id_str, None, None).await?;
+        tracing::warn!(channel = %id_str, "channel already gone on chain; recorded as closed");
+        let c = record.close.unwrap_or(close);
+        return Ok((record.account, c));
+    }
+    let settled = on_chain.settled.max(record.state.settled_on_chain);
     let refundable = cumulative.saturating_sub(settled);
-    let ask = base_to_picos(refundable)
-        .unwrap_or(tollgate_metering::MAX_OP_AMOUNT)
-        .min(tollgate_metering::MAX_OP_AMOUNT);
-    let refund_picos = if ask > 0 {
+
+    // 3. Withdraw unused credit, with an ask fixed at the first attempt.
+    let ask = match close.refund_ask_picos {
+        Some(a) => a,
+        None => {
+            let a = base_to_picos(refundable)
+                .unwrap_or(tollgate_metering::MAX_OP_AMOUNT)
+                .min(tollgate_metering::MAX_OP_AMOUNT);
+            p.backend
+                .update(
+                    id_str,
+                    Box::new(move |prev| {
+                        let mut r =
+                            prev.ok_or_else(|| VerificationError::channel_not_found("gone"))?;
+                        if let Some(c) = r.close.as_mut()
+                            && c.refund_ask_picos.is_none()
+                        {
+                            c.refund_ask_picos = Some(a);
+                        }
+                        Ok(Update {
+                            record: r,
+                            credits: Vec::new(),
+                        })
+                    }),
+                )
+                .await
+                .map_err(Rejection::from_verification)?
+                .close
+                .and_then(|c| c.refund_ask_picos)
+                .unwrap_or(a)
+        }
+    };
+    let taken = if ask > 0 {
         p.money
             .charge(&record.account, &format!("mpp-close:{id_str}"), ask, true)
             .await
-            .map_err(|e| {
-                Rejection::from_verification(
-                    VerificationError::network_error(format!("money store: {e}")).retryable(),
-                )
-            })?
+            .map_err(|e| unavailable(format!("money store: {e}")))?
             .taken
     } else {
         0
     };
-    // Whole base units only; the sub-micro-dollar remainder stays captured.
-    let refund = picos_to_base(refund_picos).min(refundable);
+    // Whole base units only (the sub-micro-dollar remainder stays captured), and never below
+    // what is settled. Credit withdrawn that cannot go back on chain returns to the account.
+    let taken_base = picos_to_base(taken);
+    let refund = taken_base.min(refundable);
     let capture = cumulative - refund;
+    if taken_base > refund {
+        let back = base_to_picos(taken_base - refund).unwrap_or(0);
+        let account = record.account.clone();
+        let key = format!("mpp-close-return:{id_str}");
+        p.backend
+            .update(
+                id_str,
+                Box::new(move |prev| {
+                    let r = prev.ok_or_else(|| VerificationError::channel_not_found("gone"))?;
+                    Ok(Update {
+                        record: r,
+                        credits: vec![PendingCredit {
+                            key,
+                            account,
+                            picos: back,
+                            reverses: None,
+                        }],
+                    })
+                }),
+            )
+            .await
+            .map_err(Rejection::from_verification)?;
+        let _ = p.drain_credits().await;
+    }
 
     // 4. Close on chain.
     let tx = p
         .chain
-        .close(&descriptor, cumulative, capture, &sig)
+        .close(&descriptor, cumulative, capture, &close.signature)
         .await
         .map_err(|e| {
             p.metrics.chain_op("close", false);
             tracing::warn!(channel = %id_str, error = %e, "close transaction failed");
-            Rejection::from_verification(
-                VerificationError::network_error(format!("close transaction: {e}")).retryable(),
-            )
+            unavailable(format!("close transaction: {e}"))
         })?;
     p.metrics.chain_op("close", true);
     let tx_hash = format!("{tx:#x}");
 
     // 5. Finalize.
-    let account = record.account.clone();
-    let tx2 = tx_hash.clone();
-    let record = p
-        .backend
+    let record = mark_closed(p, id_str, Some((capture, refund)), Some(tx_hash.clone())).await?;
+    tracing::info!(channel = %id_str, account = %record.account, cumulative, capture, refund, tx = %tx_hash, "channel closed");
+    let c = record
+        .close
+        .ok_or_else(|| Rejection::invalid("payload", "close record missing"))?;
+    Ok((record.account, c))
+}
+
+async fn mark_closed(
+    p: &Payments,
+    id_str: &str,
+    amounts: Option<(u128, u128)>,
+    tx_hash: Option<String>,
+) -> Result<crate::channels::ChannelRecord, Rejection> {
+    p.backend
         .update(
-            &id_str,
+            id_str,
             Box::new(move |prev| {
                 let mut r = prev.ok_or_else(|| VerificationError::channel_not_found("gone"))?;
                 r.state.finalized = true;
                 r.state.closing = false;
-                r.state.settled_on_chain = capture;
-                r.state.spent = capture;
                 if let Some(c) = r.close.as_mut() {
-                    c.capture = capture;
-                    c.refund_picos = (refund as i64).saturating_mul(PICOS_PER_BASE_UNIT);
-                    c.tx_hash = Some(tx2.clone());
+                    if let Some((capture, refund)) = amounts {
+                        c.capture = capture;
+                        c.refund_picos = (refund as i64).saturating_mul(PICOS_PER_BASE_UNIT);
+                        r.state.settled_on_chain = capture;
+                        r.state.spent = capture;
+                    }
+                    c.tx_hash = tx_hash.clone();
                 }
-                r.chain_ops.push(ChainOp {
-                    kind: "close".into(),
-                    cumulative,
-                    settled: capture,
-                    tx_hash: tx2,
-                    at_ms: now_ms(),
-                });
+                if let (Some(tx), Some(c)) = (tx_hash, r.close.as_ref()) {
+                    r.chain_ops.push(ChainOp {
+                        kind: "close".into(),
+                        cumulative: c.cumulative,
+                        settled: c.capture,
+                        tx_hash: tx,
+                        at_ms: now_ms(),
+                    });
+                }
                 Ok(Update {
                     record: r,
                     credits: Vec::new(),
@@ -230,12 +357,7 @@ pub(crate) async fn close(
             }),
         )
         .await
-        .map_err(Rejection::from_verification)?;
-    tracing::info!(channel = %id_str, account = %account, cumulative, capture, refund, tx = %tx_hash, "channel closed");
-    let Some(c) = record.close.as_ref() else {
-        return Err(Rejection::invalid("payload", "close record missing"));
-    };
-    Ok(receipt(p, cred, &id_str, &account, c))
+        .map_err(Rejection::from_verification)
 }
 
 fn receipt(

@@ -309,7 +309,15 @@ impl Payments {
                 Ok((account, format!("proof:{}", cred.challenge.id)))
             }
             "session" => {
+                // Only payments identify: a close or a deposit top-up moves no money for the
+                // call, and a close is answered again when replayed.
                 let a = self.accept(cred).await?;
+                if a.action.is_management() {
+                    return Err(Rejection::invalid(
+                        "payload",
+                        "a close or deposit top-up does not identify a caller; send a proof",
+                    ));
+                }
                 let r = a.payment_ref();
                 Ok((a.account, r))
             }
@@ -493,6 +501,28 @@ impl Payments {
         let pending = self.backend.pending_credits().await?;
         let mut applied = 0;
         for c in pending {
+            if let Some(charge_key) = &c.reverses {
+                // A reversal: make sure the charge landed (a no-op if it had), then give it back.
+                match self
+                    .money
+                    .charge(&c.account, charge_key, c.picos, false)
+                    .await
+                {
+                    Ok(_) => {}
+                    // Never applied (a duplicate answers before the balance is checked):
+                    // nothing to give back.
+                    Err(tollgate_metering::ChargeError::Insufficient { .. }) => {
+                        self.backend.credit_done(&c.key).await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(
+                            VerificationError::network_error(format!("money store: {e}"))
+                                .retryable(),
+                        );
+                    }
+                }
+            }
             match self.money.credit(&c.account, &c.key, c.picos).await {
                 Ok(o) => {
                     if o.applied {
@@ -518,6 +548,27 @@ impl Payments {
             }
         }
         Ok(applied)
+    }
+
+    /// Gives back a charge (`charge_key`, `picos`) exactly once, whether or not the charge had
+    /// landed: recorded durably first, applied now if the money store answers, else by the
+    /// background drain. For a deploy that failed after it was charged, or a charge whose answer
+    /// was lost.
+    pub async fn reverse_charge(
+        &self,
+        account: &str,
+        charge_key: &str,
+        picos: i64,
+    ) -> Result<(), VerificationError> {
+        self.backend
+            .add_pending(&channels::PendingCredit {
+                key: format!("refund:{charge_key}"),
+                account: account.to_owned(),
+                picos,
+                reverses: Some(charge_key.to_owned()),
+            })
+            .await?;
+        self.drain_credits().await.map(|_| ())
     }
 
     /// Runs the background work until `stop` resolves: pending credits (every second) and

@@ -20,6 +20,18 @@ pub(crate) async fn settle_due(p: &Payments) -> Result<usize, String> {
     let ids = p.backend.channel_ids().await.map_err(|e| e.message)?;
     let mut sent = 0;
     for id in ids {
+        // Closes the client started and did not see through (a lost answer, a chain error) are
+        // finished here: the close is recorded, and the payee holds the signed voucher.
+        if let Ok(Some(r)) = p.backend.get(&id).await
+            && r.state.closing
+            && !r.state.finalized
+            && r.close.is_some()
+        {
+            if let Err(e) = crate::close::finish_close(p, &id).await {
+                tracing::warn!(channel = %id, error = %e.problem.detail, "close not finished yet; retried next round");
+            }
+            continue;
+        }
         match settle_one(p, &id).await {
             Ok(true) => sent += 1,
             Ok(false) => {}

@@ -34,7 +34,12 @@ fn sign(key: &str, channel: B256, cumulative: u128, escrow: Address) -> String {
 
 fn voucher(p: &Payments, channel: &str, cumulative: u128, signature: String) -> PaymentCredential {
     let challenge = p.session_challenge(1_000_000, None).unwrap();
-    let descriptor = DESCRIPTOR.get().cloned().unwrap_or(serde_json::Value::Null);
+    let descriptor = DESCRIPTORS
+        .lock()
+        .unwrap()
+        .get(channel)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
     PaymentCredential {
         challenge: challenge.to_echo(),
         source: Some(account(PAYER_KEY)),
@@ -48,8 +53,16 @@ fn voucher(p: &Payments, channel: &str, cumulative: u128, signature: String) -> 
     }
 }
 
-/// The channel's descriptor as the client sends it with every voucher.
-static DESCRIPTOR: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+/// Each channel's descriptor, as the client sends it with every voucher.
+static DESCRIPTORS: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn remember(channel: &str, d: Option<mpp::protocol::methods::tempo::session::ChannelDescriptor>) {
+    DESCRIPTORS.lock().unwrap().insert(
+        channel.to_owned(),
+        serde_json::to_value(d.expect("descriptor kept")).unwrap(),
+    );
+}
 
 async fn credits(rig: &Rig) -> usize {
     rig.money
@@ -88,9 +101,7 @@ async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credit
     assert_eq!(credits(&rig).await, 1);
     let (a, b) = (&rig.nodes[0].payments, &rig.nodes[1].payments);
     let record = a.backend().get(&ch_str).await.unwrap().unwrap();
-    DESCRIPTOR
-        .set(serde_json::to_value(record.descriptor.expect("descriptor kept")).unwrap())
-        .unwrap();
+    remember(&ch_str, record.descriptor);
 
     // Signed by someone else.
     let forged = voucher(
@@ -279,5 +290,103 @@ async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
         rec.chain_ops
             .iter()
             .all(|o| o.kind == "settle" && o.tx_hash.len() == 66)
+    );
+}
+
+fn close_cred(
+    p: &Payments,
+    channel: &str,
+    cumulative: u128,
+    ch: B256,
+    escrow: Address,
+) -> PaymentCredential {
+    let mut c = voucher(
+        p,
+        channel,
+        cumulative,
+        sign(PAYER_KEY, ch, cumulative, escrow),
+    );
+    c.payload["action"] = json!("close");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_amount_is_fixed_once_and_the_server_finishes_an_interrupted_close() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let funded = rig.token_balance(address(PAYER_KEY));
+    let url = format!("{}/v1/top-up?amount_usd=1", rig.nodes[0].url);
+    let opened = mppx(&rig.chain.url(), PAYER_KEY, &["http", &url, "1"]).await;
+    let ch_str = opened[0]["receipt"]["channelId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ch: B256 = ch_str.parse().unwrap();
+    let escrow = rig.config().escrow;
+    let acct = account(PAYER_KEY);
+    let healthy = &rig.nodes[0].payments;
+    let record = healthy.backend().get(&ch_str).await.unwrap().unwrap();
+    remember(&ch_str, record.descriptor);
+    // A node whose chain is unreachable records the close (and credits its $1 rise), then
+    // cannot send it: a retryable failure.
+    let cfg = rig.config();
+    let cut_off = Payments::new(
+        cfg.clone(),
+        Arc::new(
+            tollgate_payments::RedisChannels::connect(&rig.redis.url(), "tollgate")
+                .await
+                .unwrap(),
+        ),
+        Arc::new(mpp::MemoryStore::new()),
+        rig.money.clone(),
+        Arc::new(
+            tollgate_payments::RpcChain::new(
+                "http://127.0.0.1:9",
+                PAYEE_KEY.parse().unwrap(),
+                cfg.chain_id,
+                cfg.escrow,
+            )
+            .unwrap(),
+        ),
+    )
+    .unwrap();
+    let first = close_cred(&cut_off, &ch_str, 2_000_000, ch, escrow);
+    let e = cut_off.accept(&first).await.unwrap_err();
+    assert!(e.retryable, "{e:?}");
+    assert_eq!(rig.available(&acct).await, 2 * USD);
+    assert_eq!(credits(&rig).await, 2);
+    // While it is in progress: a close at another amount, or a voucher, credits nothing.
+    refused(
+        healthy
+            .accept(&close_cred(healthy, &ch_str, 3_000_000, ch, escrow))
+            .await,
+        "session/channel-finalized",
+    );
+    assert!(
+        healthy
+            .accept(&voucher(
+                healthy,
+                &ch_str,
+                3_000_000,
+                sign(PAYER_KEY, ch, 3_000_000, escrow)
+            ))
+            .await
+            .is_err()
+    );
+    assert_eq!(credits(&rig).await, 2);
+    assert_eq!(rig.available(&acct).await, 2 * USD);
+    // The server finishes it by itself: nothing of the $2 was spent, so all of the deposit
+    // goes back and the unused credit leaves the account.
+    healthy.settle_now().await.unwrap();
+    assert!(rig.chain.chain().channel(ch).is_none_or(|v| v.deposit == 0));
+    assert_eq!(rig.token_balance(address(PAYER_KEY)), funded);
+    assert_eq!(rig.available(&acct).await, 0);
+    // The client's retry of its close gets the receipt.
+    let again = healthy.accept(&first).await.unwrap();
+    assert_eq!(again.accepted_cumulative, 2_000_000);
+    assert!(
+        again.receipt.extensions.get("txHash").is_some(),
+        "{:?}",
+        again.receipt
     );
 }
