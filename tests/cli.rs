@@ -697,6 +697,74 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    assert!(out["expires_at_ms"].as_u64().unwrap_or(0) > 0, "{d:?}");
+
+    // Iterate: a redeploy with `changes` (paid from the balance) while requests keep coming:
+    // none fails, and the response changes.
+    let project_id = out["project_id"].as_str().unwrap().to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut bad) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get(&url).send() {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => bad.push(r.status().as_u16()),
+                    Err(e) => bad.push(if e.is_timeout() { 1 } else { 0 }),
+                }
+            }
+            (ok, bad)
+        })
+    };
+    let v2 = serde_json::json!({
+        "project_id": project_id,
+        "prepay_usd": "0",
+        "changes": {"src/index.ts": "import { Hono } from 'hono'\nconst app = new Hono()\napp.get('/', (c) => { console.log('served v2'); return c.text('v2, still paid for') })\nexport default app\n"}
+    })
+    .to_string();
+    let r2 = mppx(&["mcp", &mcp, "deploy_project", &v2, "1"]);
+    assert_eq!(r2[0]["structured"]["status"], "live", "{r2:?}");
+    assert_eq!(r2[0]["structured"]["version"], 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url) != (200, "v2, still paid for".into()) {
+        assert!(Instant::now() < deadline, "v2 not served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, bad) = hammer.join().unwrap();
+    assert!(ok > 0 && bad.is_empty(), "{ok} ok, failures {bad:?}");
+    // Observe: the handler's console.log is in the logs.
+    let logs = mppx(&[
+        "mcp",
+        &mcp,
+        "get_logs",
+        &serde_json::json!({"project_id": project_id}).to_string(),
+        "1",
+    ]);
+    let lines = logs[0]["structured"]["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        lines.iter().any(|l| l["message"] == "served v2"),
+        "{logs:?}"
+    );
+    // Roll back (free, with a proof): version 1's code answers again.
+    let rb = mppx(&[
+        "mcp",
+        &mcp,
+        "rollback_project",
+        &serde_json::json!({"project_id": project_id}).to_string(),
+        "1",
+    ]);
+    assert_eq!(rb[0]["structured"]["status"], "live", "{rb:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url) != (200, "paid for by an agent".into()) {
+        assert!(Instant::now() < deadline, "rollback not served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // The HTTP binding: the plain mppx fetch client pays the top-up endpoint's 402 by itself.
     let http = mppx(&[
         "http",
@@ -815,4 +883,19 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
             .unwrap_or_default()
             .contains("NOT_FOUND")
     );
+
+    // Clean up: deleting the project takes its URL down.
+    let del = mppx(&[
+        "mcp",
+        &mcp,
+        "delete_project",
+        &serde_json::json!({"project_id": project_id}).to_string(),
+        "1",
+    ]);
+    assert_eq!(del[0]["structured"]["deleted"], true, "{del:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url).0 != 404 {
+        assert!(Instant::now() < deadline, "still served after delete");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

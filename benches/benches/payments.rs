@@ -3,6 +3,11 @@
 //! one node, one after another: HMAC check, signature, the escrow read from the chain (the
 //! local test chain over loopback HTTP), the per-channel Redis lock and fenced commit with its
 //! pending credit, and the credit applied to the money core.
+//! (3) The added latency of a paid MCP call over an unpaid one, as an agent sees it: the same
+//! tool (`list_projects`) on two MCP servers over one control service, one with a fixed
+//! identity (no payment) and one with MPP (each call: `-32042`, a zero-amount proof, the call
+//! again), plus a paid `top_up` (a voucher), all driven by the real mppx client wrapping the
+//! official MCP TypeScript SDK client (`payments/tests/js/latency.mjs`).
 //! The channel is opened by the real mppx client (node). Run:
 //! `cargo bench -p tollgate-benches --bench payments`
 
@@ -185,7 +190,86 @@ async fn run() -> Res<()> {
         pct(&mut lat, 0.99),
         pct(&mut lat, 1.0),
     );
+
+    // (3) Paid versus unpaid MCP calls.
+    let dir = tempfile::tempdir()?;
+    let t = tollgate_runtime::Toolchain::ensure(&tollgate_runtime::Toolchain::source_tree_dir())?;
+    let (sup, events) = tollgate_runtime::Supervisor::new(
+        tollgate_runtime::RuntimeConfig {
+            data_dir: dir.path().join("runtime"),
+            ..Default::default()
+        },
+        t.clone(),
+        Arc::new(NoMeter),
+    )?;
+    let control = tollgate_control::Control::new(
+        Arc::new(tollgate_control::RedisControlStore::connect(&redis.url(), "tollgate").await?),
+        tollgate_control::bundler_for(&t, dir.path().join("builds"))?,
+        sup,
+        Arc::new(tollgate_routes::RouteStore::connect(&redis.url(), "tollgate").await?),
+        tollgate_control::ControlConfig::default(),
+    );
+    tokio::spawn(control.clone().follow_runtime(events));
+    let cfg = tollgate_mcp::McpConfig::default();
+    let free = mount(tollgate_mcp::router(control.clone(), Arc::new(Fixed), &cfg)).await?;
+    let paid = mount(tollgate_mcp::router(
+        control,
+        Arc::new(tollgate::paid::PaidIdentity(payments.clone())),
+        &cfg,
+    ))
+    .await?;
+    let out = tokio::process::Command::new("node")
+        .arg(js.join("latency.mjs"))
+        .args([&free, &paid, "200"])
+        .env("RPC", running.url())
+        .env("KEY", PAYER)
+        .output()
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "latency.mjs: {e}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    println!(
+        "MCP tools/call over HTTP, mppx-wrapped TS SDK client, {} each: unpaid list_projects p50 {} ms p99 {} ms; with identity proof p50 {} ms p99 {} ms; paid top_up (voucher) p50 {} ms p99 {} ms",
+        v["n"],
+        v["unpaid"]["p50_ms"],
+        v["unpaid"]["p99_ms"],
+        v["proof"]["p50_ms"],
+        v["proof"]["p99_ms"],
+        v["voucher"]["p50_ms"],
+        v["voucher"]["p99_ms"],
+    );
     Ok(())
+}
+
+struct NoMeter;
+impl tollgate_runtime::CpuSink for NoMeter {
+    fn record(&self, _: &[tollgate_runtime::CpuDelta]) {}
+}
+
+/// The unpaid side: every call acts as one account.
+struct Fixed;
+#[async_trait::async_trait]
+impl tollgate_mcp::Identify for Fixed {
+    async fn account(
+        &self,
+        _parts: Option<&http::request::Parts>,
+        _meta: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<tollgate_mcp::Caller, tollgate_mcp::Refusal> {
+        Ok(tollgate_mcp::Caller::unpaid("bench-free"))
+    }
+}
+
+async fn mount(app: axum::Router) -> Res<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}/mcp"))
 }
 
 async fn serve(p: Arc<Payments>) -> Res<String> {

@@ -197,6 +197,11 @@ impl Control {
         })
     }
 
+    /// How long a project may go without a request or a deploy before it expires.
+    pub fn inactivity_ttl(&self) -> Duration {
+        self.cfg.inactivity_ttl
+    }
+
     pub fn url(&self, slug: &str) -> String {
         self.cfg.url_template.replace("{slug}", slug)
     }

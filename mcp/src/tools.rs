@@ -121,6 +121,9 @@ pub struct DeployOut {
     pub charged_usd: String,
     /// Your balance after it (dollars), when this server keeps balances.
     pub balance_usd: Option<String>,
+    /// Unix ms after which the project expires (and is collected) if it gets no request and no
+    /// deploy until then; every request or deploy moves it.
+    pub expires_at_ms: u64,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -214,6 +217,7 @@ fn deploy_out(out: tollgate_control::DeployOutcome) -> DeployOut {
         version: out.version,
         charged_usd: usd(0),
         balance_usd: None,
+        expires_at_ms: 0,
     }
 }
 
@@ -355,6 +359,14 @@ impl TollgateMcp {
             tool_router,
             pricing: None,
         }
+    }
+
+    /// When a project just deployed (or otherwise used now) expires if unused.
+    fn expires_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| (d + self.control.inactivity_ttl()).as_millis() as u64)
+            .unwrap_or(0)
     }
 
     pub fn with_pricing(mut self, pricing: Option<crate::DeployPricing>) -> Self {
@@ -520,6 +532,7 @@ impl TollgateMcp {
         match result {
             Ok(out) => {
                 let mut o = deploy_out(out);
+                o.expires_at_ms = self.expires_ms();
                 o.charged_usd = usd(charge.as_ref().map_or(0, |c| c.1));
                 if self.pricing.is_some() {
                     o.balance_usd = self
@@ -623,7 +636,11 @@ impl TollgateMcp {
             self.control
                 .rollback(&owner, &a.project_id, a.deployment_id.as_deref())
                 .await
-                .map(deploy_out)
+                .map(|o| {
+                    let mut d = deploy_out(o);
+                    d.expires_at_ms = self.expires_ms();
+                    d
+                })
         })
         .await
     }
