@@ -152,14 +152,19 @@ pub async fn serve_control(
     let host = cfg.control.listen.ip().to_string();
     // Deploys cost money where payments run (and never with a dev identity).
     let pricing = match (&agents.payments, &agents.dev_identity) {
-        (Some(_), None) => Some(tollgate_mcp::DeployPricing {
-            deploy_picos: cfg.prices.prices().map_err(anyhow::Error::msg)?.per_deploy,
-            default_prepay: tollgate_payments::units::parse_usd(
-                &cfg.payments.default_prepay_usd,
-                9_000,
-            )
-            .map_err(|e| anyhow::anyhow!("payments.default_prepay_usd: {e}"))?,
-        }),
+        (Some(_), None) => {
+            let prices = cfg.prices.prices().map_err(anyhow::Error::msg)?;
+            Some(tollgate_mcp::DeployPricing {
+                deploy_picos: prices.per_deploy,
+                per_request_picos: prices.per_request,
+                per_cpu_us_picos: prices.per_cpu_us,
+                default_prepay: tollgate_payments::units::parse_usd(
+                    &cfg.payments.default_prepay_usd,
+                    9_000,
+                )
+                .map_err(|e| anyhow::anyhow!("payments.default_prepay_usd: {e}"))?,
+            })
+        }
         _ => None,
     };
     let mcp_cfg = tollgate_mcp::McpConfig {

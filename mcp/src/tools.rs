@@ -104,6 +104,17 @@ pub struct BalanceOut {
     pub spent_usd: String,
     /// active (services answer) or suspended (services answer 402 until you top up).
     pub status: String,
+    /// What each of your projects cost over the last 24 hours (requests) and its live version's
+    /// CPU so far.
+    pub projects: Vec<ProjectCostOut>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ProjectCostOut {
+    pub project_id: String,
+    pub slug: String,
+    pub day_request_cost_usd: String,
+    pub cpu_cost_live_usd: String,
 }
 
 // ---- outputs ----
@@ -141,6 +152,8 @@ pub struct DeploymentOut {
 pub struct TrafficOut {
     pub requests: u64,
     pub bytes_out: u64,
+    /// What these requests cost (dollars); "0.000000" where this server does not charge.
+    pub request_cost_usd: String,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -151,6 +164,8 @@ pub struct UsageOut {
     pub day: TrafficOut,
     pub last_request_ms: Option<u64>,
     pub cpu_ms_live: u64,
+    /// What the live version's CPU has cost so far (dollars).
+    pub cpu_cost_live_usd: String,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -231,7 +246,15 @@ fn deployment_out(d: &tollgate_control::Deployment) -> DeploymentOut {
     }
 }
 
-fn project_out(v: ProjectView) -> ProjectOut {
+/// p$ per request and per CPU-µs, (0, 0) where nothing is charged.
+type UsagePrices = (i64, i64);
+
+fn project_out(v: ProjectView, prices: UsagePrices) -> ProjectOut {
+    let req_cost = |n: u64| {
+        usd(i64::try_from(n)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(prices.0))
+    };
     ProjectOut {
         project_id: v.project.id.clone(),
         slug: v.project.slug.clone(),
@@ -244,13 +267,19 @@ fn project_out(v: ProjectView) -> ProjectOut {
             hour: TrafficOut {
                 requests: v.usage.hour.requests,
                 bytes_out: v.usage.hour.bytes_out,
+                request_cost_usd: req_cost(v.usage.hour.requests),
             },
             day: TrafficOut {
                 requests: v.usage.day.requests,
                 bytes_out: v.usage.day.bytes_out,
+                request_cost_usd: req_cost(v.usage.day.requests),
             },
             last_request_ms: v.usage.last_request_ms,
             cpu_ms_live: v.usage.cpu_ms_live,
+            cpu_cost_live_usd: usd(i64::try_from(v.usage.cpu_ms_live)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000)
+                .saturating_mul(prices.1)),
         },
     }
 }
@@ -359,6 +388,11 @@ impl TollgateMcp {
             tool_router,
             pricing: None,
         }
+    }
+
+    fn prices(&self) -> UsagePrices {
+        self.pricing
+            .map_or((0, 0), |p| (p.per_request_picos, p.per_cpu_us_picos))
     }
 
     /// When a project just deployed (or otherwise used now) expires if unused.
@@ -578,7 +612,7 @@ impl TollgateMcp {
             self.control
                 .get_project(&owner, &a.project_id)
                 .await
-                .map(project_out)
+                .map(|v| project_out(v, self.prices()))
         })
         .await
     }
@@ -596,7 +630,10 @@ impl TollgateMcp {
         self.act(&ctx, async |owner| {
             let list = self.control.list_projects(&owner).await?;
             Ok(ProjectList {
-                projects: list.into_iter().map(project_out).collect(),
+                projects: list
+                    .into_iter()
+                    .map(|v| project_out(v, self.prices()))
+                    .collect(),
             })
         })
         .await
@@ -764,7 +801,23 @@ impl TollgateMcp {
             .balance(account)
             .await
             .map_err(|f| tool_error(f.code, &f.message, &f.hint))?;
+        let projects = match self.control.list_projects(account).await {
+            Ok(list) => list
+                .into_iter()
+                .map(|v| {
+                    let o = project_out(v, self.prices());
+                    ProjectCostOut {
+                        project_id: o.project_id,
+                        slug: o.slug,
+                        day_request_cost_usd: o.usage.day.request_cost_usd,
+                        cpu_cost_live_usd: o.usage.cpu_cost_live_usd,
+                    }
+                })
+                .collect(),
+            Err(e) => return Err(from_control(e)),
+        };
         Ok(BalanceOut {
+            projects,
             account: account.to_owned(),
             available_usd: usd(b.available_picos),
             reserved_usd: usd(b.reserved_picos),
