@@ -847,7 +847,10 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     );
     let after = mppx_as(OWNER2, &["mcp", &mcp, "get_balance", "{}", "1"]);
     // The balance names what each project costs.
-    assert_eq!(after[0]["structured"]["projects"][0]["slug"], "thin-agent", "{after:?}");
+    assert_eq!(
+        after[0]["structured"]["projects"][0]["slug"], "thin-agent",
+        "{after:?}"
+    );
     assert!(after[0]["structured"]["projects"][0]["day_request_cost_usd"].is_string());
     // The price was charged and given back: both totals moved by exactly $0.05, nothing else.
     let micros = |v: &[serde_json::Value], k: &str| -> i64 {
