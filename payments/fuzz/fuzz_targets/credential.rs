@@ -35,17 +35,31 @@ fn rig() -> &'static Rig {
             Secret::new(key),
         );
         let money: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open(&dir.path().join("money.redb"), std::time::Duration::from_secs(10))
-                .unwrap(),
+            EmbeddedStore::open(
+                &dir.path().join("money.redb"),
+                std::time::Duration::from_secs(10),
+            )
+            .unwrap(),
         );
         let backend = Arc::new(EmbeddedChannels::open(&dir.path().join("ch.redb")).unwrap());
         let chain = Arc::new(RpcChain::new(rpc, key.parse().unwrap(), 42431, cfg.escrow).unwrap());
         let payments = {
             let _g = rt.enter();
-            Payments::new(cfg, backend, Arc::new(mpp::MemoryStore::new()), money.clone(), chain)
-                .unwrap()
+            Payments::new(
+                cfg,
+                backend,
+                Arc::new(mpp::MemoryStore::new()),
+                money.clone(),
+                chain,
+            )
+            .unwrap()
         };
-        Rig { rt, payments, money, _dir: dir }
+        Rig {
+            rt,
+            payments,
+            money,
+            _dir: dir,
+        }
     })
 }
 
@@ -71,5 +85,8 @@ fuzz_target!(|data: &[u8]| {
         });
     }
     let ledger = r.rt.block_on(r.money.ledger()).unwrap();
-    assert!(ledger.is_empty(), "a hostile credential credited: {ledger:?}");
+    assert!(
+        ledger.is_empty(),
+        "a hostile credential credited: {ledger:?}"
+    );
 });
