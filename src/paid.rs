@@ -404,22 +404,3 @@ impl tollgate_proxy::PaymentDesk for ProxyDesk {
         }
     }
 }
-
-/// `POST /v1/top-up?amount_usd=…` on the control listener.
-pub fn top_up_router(p: Arc<Payments>) -> axum::Router {
-    use axum::extract::{Query, State};
-    use axum::http::HeaderMap;
-    use axum::response::IntoResponse;
-    async fn top_up(
-        State(p): State<Arc<Payments>>,
-        Query(q): Query<std::collections::HashMap<String, String>>,
-        headers: HeaderMap,
-    ) -> axum::response::Response {
-        tollgate_payments::http::top_up(&p, q.get("amount_usd").map(String::as_str), &headers)
-            .await
-            .into_response()
-    }
-    axum::Router::new()
-        .route("/v1/top-up", axum::routing::post(top_up).get(top_up))
-        .with_state(p)
-}

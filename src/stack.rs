@@ -191,7 +191,7 @@ pub async fn serve_control(
         tracing::info!(addr = %cfg.control.listen, "MCP at /mcp");
     }
     if let Some(p) = agents.payments {
-        app = app.merge(crate::paid::top_up_router(p));
+        app = app.merge(tollgate_payments::http::router(p));
     }
     if let Some(registry) = agents.registry {
         app = app.route(

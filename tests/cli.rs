@@ -69,6 +69,18 @@ fn get(client: &reqwest::blocking::Client, url: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().unwrap())
 }
 
+/// Test money from the test chain's faucet (`tempo_fundAddress`).
+fn fund(c: &reqwest::blocking::Client, rpc: &str, address: &str) {
+    let r: serde_json::Value = c
+        .post(rpc)
+        .json(&serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tempo_fundAddress","params":[address]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(r["result"].is_array(), "{r}");
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -632,14 +644,7 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
         .unwrap();
     // The faucet of the test chain (no real money) funds the agent's wallet.
     let payer = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
-    let r: serde_json::Value = c
-        .post(&rpc)
-        .json(&serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tempo_fundAddress","params":[payer]}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    assert!(r["result"].is_array(), "{r}");
+    fund(&c, &rpc, payer);
     let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
     let mppx_as = |key: &str, args: &[&str]| -> Vec<serde_json::Value> {
         let out = Command::new("node")
@@ -780,14 +785,7 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     // and gets the page, with a receipt.
     const OWNER2: &str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
     let owner2 = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
-    let r: serde_json::Value = c
-        .post(&rpc)
-        .json(&serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tempo_fundAddress","params":[owner2]}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    assert!(r["result"].is_array(), "{r}");
+    fund(&c, &rpc, owner2);
     // $0.05 for the deploy and $0.000002: four requests.
     let top = mppx_as(
         OWNER2,

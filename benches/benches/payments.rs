@@ -211,13 +211,14 @@ async fn run() -> Res<()> {
     );
     tokio::spawn(control.clone().follow_runtime(events));
     let cfg = tollgate_mcp::McpConfig::default();
-    let free = mount(tollgate_mcp::router(control.clone(), Arc::new(Fixed), &cfg)).await?;
+    let free = mount(tollgate_mcp::router(control.clone(), Arc::new(Fixed), &cfg)).await? + "/mcp";
     let paid = mount(tollgate_mcp::router(
         control,
         Arc::new(tollgate::paid::PaidIdentity(payments.clone())),
         &cfg,
     ))
-    .await?;
+    .await?
+        + "/mcp";
     let out = tokio::process::Command::new("node")
         .arg(js.join("latency.mjs"))
         .args([&free, &paid, "200"])
@@ -243,6 +244,37 @@ async fn run() -> Res<()> {
         v["voucher"]["p99_ms"],
     );
     Ok(())
+}
+
+struct NoMeter;
+impl tollgate_runtime::CpuSink for NoMeter {
+    fn record(&self, _: &[tollgate_runtime::CpuDelta]) {}
+}
+
+/// The unpaid side: every call acts as one account.
+struct Fixed;
+#[async_trait::async_trait]
+impl tollgate_mcp::Identify for Fixed {
+    async fn account(
+        &self,
+        _parts: Option<&http::request::Parts>,
+        _meta: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<tollgate_mcp::Caller, tollgate_mcp::Refusal> {
+        Ok(tollgate_mcp::Caller::unpaid("bench-free"))
+    }
+}
+
+async fn mount(app: axum::Router) -> Res<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}"))
+}
+
+async fn serve(p: Arc<Payments>) -> Res<String> {
+    mount(tollgate_payments::http::router(p)).await
 }
 
 struct NoMeter;

@@ -174,6 +174,24 @@ pub async fn top_up(
     resp
 }
 
+/// `POST|GET /v1/top-up?amount_usd=…`, for the control service's listener.
+pub fn router(p: std::sync::Arc<crate::Payments>) -> axum::Router {
+    use axum::extract::{Query, State};
+    use axum::response::IntoResponse;
+    async fn handle(
+        State(p): State<std::sync::Arc<crate::Payments>>,
+        Query(q): Query<std::collections::HashMap<String, String>>,
+        headers: HeaderMap,
+    ) -> axum::response::Response {
+        top_up(&p, q.get("amount_usd").map(String::as_str), &headers)
+            .await
+            .into_response()
+    }
+    axum::Router::new()
+        .route("/v1/top-up", axum::routing::post(handle).get(handle))
+        .with_state(p)
+}
+
 fn bad_request(detail: &str) -> Response<String> {
     problem(
         StatusCode::BAD_REQUEST,

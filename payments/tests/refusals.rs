@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use alloy::primitives::{Address, B256};
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
@@ -176,27 +174,7 @@ async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credit
         assert!(p.accept(&good).await.is_err());
     }
     // A "restarted" node (fresh process state over the same stores): the replay is refused too.
-    let cfg = rig.config();
-    let restarted = Payments::new(
-        cfg.clone(),
-        Arc::new(
-            tollgate_payments::RedisChannels::connect(&rig.redis.url(), "tollgate")
-                .await
-                .unwrap(),
-        ),
-        Arc::new(mpp::MemoryStore::new()),
-        rig.money.clone(),
-        Arc::new(
-            tollgate_payments::RpcChain::new(
-                &rig.chain.url(),
-                PAYEE_KEY.parse().unwrap(),
-                cfg.chain_id,
-                cfg.escrow,
-            )
-            .unwrap(),
-        ),
-    )
-    .unwrap();
+    let restarted = rig.bare_node(&rig.chain.url()).await;
     refused(restarted.accept(&good).await, "session/delta-too-small");
     assert_eq!(credits(&rig).await, 2);
     assert_eq!(rig.available(&acct).await, 2 * USD);
@@ -230,27 +208,7 @@ async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
         .unwrap();
     let p = &rig.nodes[0].payments;
     // A node whose chain endpoint is down: its round fails, is counted, and records nothing.
-    let cfg = rig.config();
-    let cut_off = Payments::new(
-        cfg.clone(),
-        Arc::new(
-            tollgate_payments::RedisChannels::connect(&rig.redis.url(), "tollgate")
-                .await
-                .unwrap(),
-        ),
-        Arc::new(mpp::MemoryStore::new()),
-        rig.money.clone(),
-        Arc::new(
-            tollgate_payments::RpcChain::new(
-                "http://127.0.0.1:9",
-                PAYEE_KEY.parse().unwrap(),
-                cfg.chain_id,
-                cfg.escrow,
-            )
-            .unwrap(),
-        ),
-    )
-    .unwrap();
+    let cut_off = rig.bare_node("http://127.0.0.1:9").await;
     // Nothing spent yet: nothing to settle.
     assert_eq!(p.settle_now().await.unwrap(), 0);
     assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 0);
@@ -329,27 +287,7 @@ async fn a_close_amount_is_fixed_once_and_the_server_finishes_an_interrupted_clo
     remember(&ch_str, record.descriptor);
     // A node whose chain is unreachable records the close (and credits its $1 rise), then
     // cannot send it: a retryable failure.
-    let cfg = rig.config();
-    let cut_off = Payments::new(
-        cfg.clone(),
-        Arc::new(
-            tollgate_payments::RedisChannels::connect(&rig.redis.url(), "tollgate")
-                .await
-                .unwrap(),
-        ),
-        Arc::new(mpp::MemoryStore::new()),
-        rig.money.clone(),
-        Arc::new(
-            tollgate_payments::RpcChain::new(
-                "http://127.0.0.1:9",
-                PAYEE_KEY.parse().unwrap(),
-                cfg.chain_id,
-                cfg.escrow,
-            )
-            .unwrap(),
-        ),
-    )
-    .unwrap();
+    let cut_off = rig.bare_node("http://127.0.0.1:9").await;
     let first = close_cred(&cut_off, &ch_str, 2_000_000, ch, escrow);
     let e = cut_off.accept(&first).await.unwrap_err();
     assert!(e.retryable, "{e:?}");

@@ -113,6 +113,26 @@ impl Rig {
         }
     }
 
+    /// Another node over the same stores, with its own (empty) proof-replay memory and the
+    /// chain at `rpc` (a dead address makes every chain call fail).
+    pub async fn bare_node(&self, rpc: &str) -> Payments {
+        let cfg = self.config();
+        Payments::new(
+            cfg.clone(),
+            Arc::new(
+                RedisChannels::connect(&self.redis.url(), "tollgate")
+                    .await
+                    .unwrap(),
+            ),
+            Arc::new(mpp::MemoryStore::new()),
+            self.money.clone(),
+            Arc::new(
+                RpcChain::new(rpc, PAYEE_KEY.parse().unwrap(), cfg.chain_id, cfg.escrow).unwrap(),
+            ),
+        )
+        .unwrap()
+    }
+
     pub fn fund(&self, key: &str) {
         self.chain.chain().fund(address(key));
     }
@@ -131,24 +151,9 @@ impl Rig {
     }
 }
 
-/// An HTTP server with `POST|GET /v1/top-up?amount_usd=…` (the same handler the control service
-/// mounts).
+/// An HTTP server with the top-up endpoint (the router the control service mounts).
 async fn serve(p: Arc<Payments>) -> (tokio::task::JoinHandle<()>, String) {
-    use axum::extract::{Query, State};
-    use axum::http::HeaderMap;
-    use axum::response::IntoResponse;
-    async fn top_up(
-        State(p): State<Arc<Payments>>,
-        Query(q): Query<std::collections::HashMap<String, String>>,
-        headers: HeaderMap,
-    ) -> axum::response::Response {
-        tollgate_payments::http::top_up(&p, q.get("amount_usd").map(String::as_str), &headers)
-            .await
-            .into_response()
-    }
-    let app = axum::Router::new()
-        .route("/v1/top-up", axum::routing::any(top_up))
-        .with_state(p);
+    let app = tollgate_payments::http::router(p);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let h = tokio::spawn(async move {
