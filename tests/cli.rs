@@ -821,11 +821,18 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     assert!(challenge.starts_with("Payment "), "{challenge:?}");
     assert!(challenge.contains(r#"intent="session""#), "{challenge}");
     assert_eq!(suspended.headers()["cache-control"], "no-store");
+    // The agent sees why: its project is suspended for lack of credit.
+    let thin_id = serde_json::json!({"project_id": d[0]["structured"]["project_id"]}).to_string();
+    let gp = mppx_as(OWNER2, &["mcp", &mcp, "get_project", &thin_id, "1"]);
+    assert_eq!(gp[0]["structured"]["status"], "suspended", "{gp:?}");
+    assert_eq!(gp[0]["structured"]["suspended_for"], "no_credit", "{gp:?}");
     let paid = mppx_as(OWNER2, &["http", &thin, "1", "GET"]);
     assert_eq!(paid[0]["status"], 200, "{paid:?}");
     assert_eq!(paid[0]["body"], "thin but paid", "{paid:?}");
     assert_eq!(paid[0]["receipt"]["status"], "success", "{paid:?}");
     assert_eq!(get(&c, &thin), (200, "thin but paid".into()));
+    let gp = mppx_as(OWNER2, &["mcp", &mcp, "get_project", &thin_id, "1"]);
+    assert_eq!(gp[0]["structured"]["status"], "active", "{gp:?}");
 
     // A deploy that fails to bundle charges nothing (its price comes back), and the live
     // version keeps serving.

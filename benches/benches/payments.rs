@@ -99,11 +99,6 @@ async fn run() -> Res<()> {
         Secret::new("bench-secret-bench-secret-bench-secret-1"),
         Secret::new(PAYEE),
     );
-    // Room for many vouchers in one channel.
-    let cfg = PaymentsConfig {
-        suggested_deposit: 900_000_000,
-        ..cfg
-    };
     let payments = Arc::new(Payments::new(
         cfg.clone(),
         Arc::new(
@@ -121,7 +116,8 @@ async fn run() -> Res<()> {
         )?),
     )?);
     let url = serve(payments.clone()).await?;
-    // The real client opens the channel ($1 voucher in a $900 deposit).
+    // The real client opens the channel ($1 voucher in the default $5 deposit; the 1,000
+    // vouchers below add $1).
     let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../payments/tests/js");
     let out = tokio::process::Command::new("node")
         .arg(js.join("client.mjs"))

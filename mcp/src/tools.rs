@@ -175,6 +175,9 @@ pub struct ProjectOut {
     pub url: String,
     /// active | suspended | expired
     pub status: String,
+    /// Why it is suspended: `no_credit` (your balance is used up: its URL answers 402 until you
+    /// top up, then it resumes by itself) or `operator`.
+    pub suspended_for: Option<String>,
     pub live: Option<DeploymentOut>,
     /// Newest first.
     pub recent: Vec<DeploymentOut>,
@@ -259,6 +262,7 @@ fn project_out(v: ProjectView, prices: UsagePrices) -> ProjectOut {
         project_id: v.project.id.clone(),
         slug: v.project.slug.clone(),
         url: v.url,
+        suspended_for: (status_str(&v.project.status) == "suspended").then(|| "operator".into()),
         status: status_str(&v.project.status),
         live: v.live.as_ref().map(deployment_out),
         recent: v.recent.iter().map(deployment_out).collect(),
@@ -387,6 +391,23 @@ impl TollgateMcp {
             identify,
             tool_router,
             pricing: None,
+        }
+    }
+
+    /// Where balances are kept and the owner's is used up, its active projects are suspended
+    /// in fact (the proxy answers 402): say so.
+    async fn mark_unpaid(&self, owner: &str, projects: &mut [ProjectOut]) {
+        if self.pricing.is_none() {
+            return;
+        }
+        if let Ok(b) = self.identify.balance(owner).await
+            && b.available_picos <= 0
+            && b.reserved_picos <= 0
+        {
+            for p in projects.iter_mut().filter(|p| p.status == "active") {
+                p.status = "suspended".into();
+                p.suspended_for = Some("no_credit".into());
+            }
         }
     }
 
@@ -609,10 +630,11 @@ impl TollgateMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         self.act(&ctx, async |owner| {
-            self.control
-                .get_project(&owner, &a.project_id)
-                .await
-                .map(|v| project_out(v, self.prices()))
+            let v = self.control.get_project(&owner, &a.project_id).await?;
+            let mut out = [project_out(v, self.prices())];
+            self.mark_unpaid(&owner, &mut out).await;
+            let [out] = out;
+            Ok(out)
         })
         .await
     }
@@ -629,12 +651,12 @@ impl TollgateMcp {
     ) -> Result<CallToolResult, ErrorData> {
         self.act(&ctx, async |owner| {
             let list = self.control.list_projects(&owner).await?;
-            Ok(ProjectList {
-                projects: list
-                    .into_iter()
-                    .map(|v| project_out(v, self.prices()))
-                    .collect(),
-            })
+            let mut projects: Vec<ProjectOut> = list
+                .into_iter()
+                .map(|v| project_out(v, self.prices()))
+                .collect();
+            self.mark_unpaid(&owner, &mut projects).await;
+            Ok(ProjectList { projects })
         })
         .await
     }

@@ -269,7 +269,7 @@ async fn cpu_is_measured_within_ten_percent_of_the_kernels_count() {
     );
     // The handler spun for 1 s of wall time; on a busy machine it gets less CPU, never more.
     assert!(
-        (500_000..=1_100_000).contains(&sink),
+        (100_000..=1_100_000).contains(&sink),
         "charged {sink} µs for a 1 s burn"
     );
     assert!(rig.sup.status("cpu").unwrap().cpu_us_total >= sink);
@@ -286,15 +286,25 @@ async fn cpu_is_measured_from_proc_where_no_cgroup_is_used() {
         Some(tollgate_runtime::CpuSourceKind::Proc)
     );
     assert_eq!((st.limits.memory, st.limits.cpu_share), (None, None));
+    let pid = st.pid.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let base = rig.meter.total("cpu-proc");
+    let base_kernel = tollgate_runtime::cpu::proc_cpu_us(pid).unwrap();
     for _ in 0..4 {
         assert_eq!(get(addr, "/burn?ms=250").await.unwrap().0, 200);
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
     let sink = rig.meter.total("cpu-proc") - base;
+    let kernel = tollgate_runtime::cpu::proc_cpu_us(pid).unwrap() - base_kernel;
+    // What is charged is what the kernel counted; how much CPU a 1 s spin gets depends on how
+    // busy the machine is (a loaded CI machine gave it 0.45 s), never more than the wall time.
+    let ratio = sink as f64 / kernel as f64;
     assert!(
-        (500_000..=1_100_000).contains(&sink),
+        (0.9..=1.1).contains(&ratio),
+        "charged {sink} µs, kernel counted {kernel} µs"
+    );
+    assert!(
+        (100_000..=1_100_000).contains(&sink),
         "charged {sink} µs for a 1 s burn"
     );
     rig.sup.shutdown().await;
