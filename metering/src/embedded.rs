@@ -88,18 +88,6 @@ fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, E> {
     Ok(serde_json::from_slice(b)?)
 }
 
-fn fresh(id: &str) -> AccountState {
-    AccountState {
-        account: id.to_owned(),
-        credited: 0,
-        debited: 0,
-        available: 0,
-        leased: 0,
-        status: Status::Suspended,
-        version: 0,
-    }
-}
-
 /// Recomputes status and bumps the version, like the scripts' `touch`.
 fn touch(s: &mut AccountState, changes: &mut Vec<AccountChange>) {
     s.status = if s.available > 0 {
@@ -127,7 +115,7 @@ impl Tx<'_> {
     fn get(&self, id: &str) -> Result<AccountState, E> {
         match self.accounts.get(id)? {
             Some(v) => dec(v.value()),
-            None => Ok(fresh(id)),
+            None => Ok(AccountState::empty(id)),
         }
     }
 

@@ -86,13 +86,7 @@ fn refused(r: Result<tollgate_payments::Accepted, Rejection>, kind: &str) {
 async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credits_once() {
     let rig = Rig::start(2).await;
     rig.fund(PAYER_KEY);
-    let url = format!("{}/v1/top-up?amount_usd=1", rig.nodes[0].url);
-    let opened = mppx(&rig.chain.url(), PAYER_KEY, &["http", &url, "1"]).await;
-    let ch_str = opened[0]["receipt"]["channelId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let ch: B256 = ch_str.parse().unwrap();
+    let (ch_str, ch) = open_channel(&rig).await;
     let escrow = rig.config().escrow;
     let acct = account(PAYER_KEY);
     assert_eq!(rig.available(&acct).await, USD);
@@ -251,6 +245,18 @@ async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
     );
 }
 
+/// The real mppx client opens a channel with one $1 payment; its id.
+async fn open_channel(rig: &Rig) -> (String, B256) {
+    let url = format!("{}/v1/top-up?amount_usd=1", rig.nodes[0].url);
+    let opened = mppx(&rig.chain.url(), PAYER_KEY, &["http", &url, "1"]).await;
+    let ch_str = opened[0]["receipt"]["channelId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ch = ch_str.parse().unwrap();
+    (ch_str, ch)
+}
+
 fn close_cred(
     p: &Payments,
     channel: &str,
@@ -273,13 +279,7 @@ async fn a_close_amount_is_fixed_once_and_the_server_finishes_an_interrupted_clo
     let rig = Rig::start(1).await;
     rig.fund(PAYER_KEY);
     let funded = rig.token_balance(address(PAYER_KEY));
-    let url = format!("{}/v1/top-up?amount_usd=1", rig.nodes[0].url);
-    let opened = mppx(&rig.chain.url(), PAYER_KEY, &["http", &url, "1"]).await;
-    let ch_str = opened[0]["receipt"]["channelId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let ch: B256 = ch_str.parse().unwrap();
+    let (ch_str, ch) = open_channel(&rig).await;
     let escrow = rig.config().escrow;
     let acct = account(PAYER_KEY);
     let healthy = &rig.nodes[0].payments;
