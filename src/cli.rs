@@ -336,6 +336,7 @@ fn metering(cfg: &Config) -> anyhow::Result<Option<MeteringOptions>> {
     agent.settle_interval = Duration::from_millis(m.settle_interval_ms);
     agent.lease_ttl = lease_ttl;
     agent.lease_margin = lease_ttl / 5;
+    agent.cpu_debt_limit_ms = m.cpu_debt_limit_ms;
     agent
         .validate()
         .map_err(|e| anyhow::anyhow!("[metering]: {e}"))?;

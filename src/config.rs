@@ -76,6 +76,9 @@ pub struct MeteringConfig {
     pub lease_ttl_seconds: u64,
     /// Shown on 402 answers and the suspension page: how an owner adds credit.
     pub top_up: String,
+    /// CPU (ms, at the CPU price) an account's services may keep using on a node once its
+    /// balance is gone, before the runtime interrupts them (the `D` of the overspend bound).
+    pub cpu_debt_limit_ms: u64,
 }
 
 impl Default for MeteringConfig {
@@ -86,6 +89,7 @@ impl Default for MeteringConfig {
             lease_wait_ms: 200,
             settle_interval_ms: 50,
             lease_ttl_seconds: 10,
+            cpu_debt_limit_ms: tollgate_balance_cache::DEFAULT_CPU_DEBT_MS,
             top_up:
                 "the owner's agent can add credit with the `top_up` tool of the tollgate MCP server"
                     .into(),

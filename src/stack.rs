@@ -24,6 +24,14 @@ impl CpuSink for ChargeCpu {
             self.0.charge_cpu(&d.account_id, d.cpu_us);
         }
     }
+
+    fn unpaid(&self, deltas: &[CpuDelta]) -> Vec<Arc<str>> {
+        deltas
+            .iter()
+            .filter(|d| self.0.cpu_unpaid(&d.account_id))
+            .map(|d| d.deployment_id.clone())
+            .collect()
+    }
 }
 
 /// The proxy holds the runtime's in-flight guard per request (the per-request CPU cap and the
@@ -233,6 +241,13 @@ impl CpuSink for LateCpu {
             None => tracing::warn!(n = deltas.len(), "CPU usage before metering started"),
         }
     }
+
+    fn unpaid(&self, deltas: &[CpuDelta]) -> Vec<Arc<str>> {
+        self.0
+            .get()
+            .map(|cache| ChargeCpu(cache.clone()).unpaid(deltas))
+            .unwrap_or_default()
+    }
 }
 
 /// A metering node of its own (balance cache + settling agent) for `tollgate control`, which
@@ -259,6 +274,7 @@ pub async fn metering_node(
     );
     agent_cfg.lease_ttl = lease_ttl;
     agent_cfg.lease_margin = lease_ttl / 5;
+    agent_cfg.cpu_debt_limit_ms = cfg.metering.cpu_debt_limit_ms;
     let metrics = CacheMetrics::new(&prometheus::Registry::new())?;
     let agent = Agent::start(cache.clone(), store, agent_cfg, metrics).await?;
     let task = tokio::spawn(agent.run(stop));

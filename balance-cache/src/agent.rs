@@ -16,8 +16,9 @@ use tollgate_metering::{
     Store, StoreError, Usage,
 };
 
-use crate::cache::{BalanceCache, DIRTY, REFILL, SHIFT, SUSPENDED, Slot};
+use crate::cache::{BalanceCache, DIRTY, OVERDRAWN, REFILL, SHIFT, SUSPENDED, Slot};
 use crate::metrics::CacheMetrics;
+use crate::slots::SlotId;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -38,6 +39,9 @@ pub struct AgentConfig {
     /// Entries per settle batch. Each line costs ≈ 26 µs inside Redis (docs/benchmarks.md), and
     /// Redis runs one script at a time: 100 lines keep a settle under ≈ 3 ms.
     pub max_batch: usize,
+    /// CPU (ms at the CPU price) an account may run past its lease here once it cannot pay,
+    /// before the runtime interrupts it ([`BalanceCache::cpu_unpaid`]).
+    pub cpu_debt_limit_ms: u64,
     /// Fault injection for crash tests: stop (forever) right after journaling a batch, before
     /// sending it, so a test can `kill -9` the process at exactly that point.
     #[doc(hidden)]
@@ -57,6 +61,7 @@ impl AgentConfig {
             idle_return: Duration::from_secs(5),
             journal_path,
             max_batch: 100,
+            cpu_debt_limit_ms: crate::cache::DEFAULT_CPU_DEBT_MS,
             hang_after_journal: false,
         }
     }
@@ -139,6 +144,7 @@ impl Agent {
         metrics: CacheMetrics,
     ) -> Result<Agent, AgentError> {
         cfg.validate()?;
+        cache.set_cpu_debt_limit_ms(cfg.cpu_debt_limit_ms);
         let mut journal = Journal::open(&cfg.journal_path)?;
         let pending: Vec<SettleBatch> = journal.pending().to_vec();
         if !pending.is_empty() {
@@ -215,6 +221,7 @@ impl Agent {
             self.store.clone(),
             self.store.subscribe(),
             shutdown.clone(),
+            self.metrics.feed_lag_seconds.clone(),
         ));
         let mut reap = tokio::time::interval(self.cfg.lease_ttl / 2);
         loop {
@@ -249,34 +256,39 @@ impl Agent {
         let refresh_after = self.cfg.refresh_after();
         // Visit the slots used or flagged since the last cut, plus leases due for a refresh
         // (or to be handed back when idle); at shutdown, every slot.
-        let mut visit: Vec<Arc<str>> = if closing {
-            let mut all = Vec::new();
-            self.cache.map.for_each(|k, _| all.push(k.clone()));
-            all
+        let mut visit: Vec<SlotId> = if closing {
+            self.cache.map.ids().collect()
         } else {
             std::mem::take(&mut *self.cache.dirty.lock().unwrap_or_else(|e| e.into_inner()))
         };
         if !closing {
             for (account, k) in &self.known {
                 let due = k.last_settled.is_none_or(|t| t.elapsed() > refresh_after);
-                if k.lease > 0 && due {
-                    visit.push(Arc::from(&**account));
+                if k.lease > 0
+                    && due
+                    && let Some(id) = self.cache.map.find(account)
+                {
+                    visit.push(id);
                 }
             }
         }
         visit.sort_unstable();
         visit.dedup();
         let mut entries = Vec::new();
-        for account in visit {
-            let entry = self.cache.map.with(&account, |account, slot| {
+        for id in visit {
+            let (Some(slot), Some(account)) = (self.cache.map.slot(id), self.cache.map.name(id))
+            else {
+                continue;
+            };
+            let entry = (|| {
                 // Off the visit list first: a spend after this line puts it back on.
                 let state = slot.state.fetch_and(!(REFILL | DIRTY), Ordering::AcqRel);
                 let usage = Usage {
-                    requests: slot.requests.swap(0, Ordering::AcqRel),
+                    requests: u64::from(slot.requests.swap(0, Ordering::AcqRel)),
                     cpu_us: slot.cpu_us.swap(0, Ordering::AcqRel),
                     deploys: 0,
                 };
-                let k = self.known.get(&**account);
+                let k = self.known.get(account.as_str());
                 let lease = k.map_or(0, |k| k.lease);
                 let idle = now_s.saturating_sub(slot.last_used_s.load(Ordering::Relaxed)) > idle_s;
                 let stale = k
@@ -306,14 +318,14 @@ impl Agent {
                     0
                 };
                 Some(SettleEntry {
-                    account: account.to_string(),
+                    account: account.clone(),
                     usage,
                     cost,
                     give_back,
                     ask,
                 })
-            });
-            if let Some(Some(e)) = entry {
+            })();
+            if let Some(e) = entry {
                 entries.push(e);
             }
         }
@@ -406,17 +418,22 @@ impl Agent {
     /// slots, so the next cut carries them.
     fn restore(&self, entries: &[SettleEntry]) {
         for e in entries {
-            self.cache.map.with(&e.account, |_, slot| {
-                slot.requests.fetch_add(e.usage.requests, Ordering::AcqRel);
+            let id = self.cache.map.with(&e.account, |id, slot| {
+                // A cut never takes more than a u32 of requests out of a slot (see `Slot`).
+                let requests = u32::try_from(e.usage.requests).unwrap_or(u32::MAX);
+                slot.requests.fetch_add(requests, Ordering::AcqRel);
                 slot.cpu_us.fetch_add(e.usage.cpu_us, Ordering::AcqRel);
                 slot.remaining.fetch_add(e.give_back, Ordering::AcqRel);
                 slot.state.fetch_or(DIRTY, Ordering::AcqRel);
+                id
             });
-            self.cache
-                .dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Arc::from(e.account.as_str()));
+            if let Some(id) = id {
+                self.cache
+                    .dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(id);
+            }
         }
     }
 
@@ -493,7 +510,8 @@ impl Agent {
             self.cache.map.with(&e.account, |_, slot| {
                 slot.remaining.fetch_add(delta, Ordering::AcqRel);
                 slot.refill_below.store(refill_below, Ordering::Relaxed);
-                apply_status(slot, g.version, status, Source::Reply);
+                let overdrawn = g.available < -self.cache.cpu_debt_limit();
+                apply_status(slot, g.version, status, overdrawn, Source::Reply);
             });
         }
         self.known.retain(|_, k| k.lease > 0 || k.rate > 0);
@@ -548,7 +566,13 @@ enum Source {
 }
 
 /// Applies a status if its version is newer than the slot's.
-fn apply_status(slot: &Slot, version: u64, status: Status, source: Source) -> bool {
+fn apply_status(
+    slot: &Slot,
+    version: u64,
+    status: Status,
+    overdrawn: bool,
+    source: Source,
+) -> bool {
     let mut cur = slot.state.load(Ordering::Acquire);
     loop {
         // Our own reply at the version the feed already brought describes the same store state,
@@ -573,7 +597,8 @@ fn apply_status(slot: &Slot, version: u64, status: Status, source: Source) -> bo
         } else {
             cur & (REFILL | DIRTY)
         };
-        let next = version << SHIFT | flags | susp;
+        let over = if overdrawn { OVERDRAWN } else { 0 };
+        let next = version << SHIFT | flags | susp | over;
         match slot
             .state
             .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire)
@@ -591,6 +616,7 @@ async fn follow_feed(
     store: Arc<dyn Store>,
     mut rx: broadcast::Receiver<FeedEvent>,
     mut shutdown: watch::Receiver<bool>,
+    lag: prometheus::Histogram,
 ) {
     loop {
         let ev = tokio::select! {
@@ -604,10 +630,24 @@ async fn follow_feed(
                 // for it take a small top-up and hold it until `idle_return`, while the node
                 // that has the traffic answers 402.
                 let changed = cache.map.with(&c.account, |_, slot| {
-                    apply_status(slot, c.version, c.status, Source::Feed)
+                    apply_status(
+                        slot,
+                        c.version,
+                        c.status,
+                        c.available < -cache.cpu_debt_limit(),
+                        Source::Feed,
+                    )
                 });
                 if changed == Some(true) {
                     cache.changed.notify_waiters();
+                }
+                // Store clock to this node's clock: exact on one machine; across machines it
+                // also carries their clock offset (a negative lag counts as zero).
+                if let Some(at) = c.at_us {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_micros() as u64);
+                    lag.observe(now.saturating_sub(at) as f64 / 1e6);
                 }
             }
             Ok(FeedEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -630,7 +670,13 @@ async fn follow_feed(
                     };
                     for c in states.into_iter().flatten() {
                         cache.map.with(&c.account, |_, slot| {
-                            apply_status(slot, c.version, c.status, Source::Feed)
+                            apply_status(
+                                slot,
+                                c.version,
+                                c.status,
+                                c.available < -cache.cpu_debt_limit(),
+                                Source::Feed,
+                            )
                         });
                     }
                 }

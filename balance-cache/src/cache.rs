@@ -9,46 +9,68 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tollgate_metering::Prices;
 
-use crate::slots::SlotMap;
+use crate::slots::{KeyWords, SlotId, SlotMap};
 
-/// Per-account state on one node. Everything the hot path touches lives here, in the account's
-/// own allocation, so two accounts never share a cache line through the cache itself.
+/// Per-account state on one node: exactly one cache line, holding everything the hot path
+/// touches and the account id itself, so two accounts never share a line and a cached account
+/// costs 64 bytes plus a 4-byte index entry.
 #[derive(Debug)]
+#[repr(align(64))]
 pub struct Slot {
     /// What is left of this node's lease (p$). CPU charges may push it below zero.
     pub(crate) remaining: AtomicI64,
     /// Refill when `remaining` drops below this (half the last lease; set by the agent).
     pub(crate) refill_below: AtomicI64,
-    /// Usage not yet cut into a settle batch.
-    pub(crate) requests: AtomicU64,
+    /// Usage not yet cut into a settle batch. Requests fit 32 bits: spending stops once
+    /// leases are not refreshed for `lease_ttl` (10 s), so a slot never holds more than
+    /// seconds of requests; CPU, charged even then, keeps 64.
     pub(crate) cpu_us: AtomicU64,
-    /// `version << SHIFT | DIRTY | REFILL | SUSPENDED`.
+    /// `version << SHIFT | OVERDRAWN | DIRTY | REFILL | SUSPENDED`.
     pub(crate) state: AtomicU64,
+    pub(crate) requests: AtomicU32,
     /// Coarse seconds since the cache started, of the last spend (idle leases are returned).
     pub(crate) last_used_s: AtomicU32,
+    /// The account id, packed (see `slots`).
+    pub(crate) key: KeyWords,
 }
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
 
 pub(crate) const SUSPENDED: u64 = 1;
 pub(crate) const REFILL: u64 = 2;
 /// On the agent's list of slots to visit at the next cut.
 pub(crate) const DIRTY: u64 = 4;
-pub(crate) const SHIFT: u32 = 3;
+/// The account's balance at the store (last reply or feed change) is below minus the CPU
+/// debt limit: its CPU on this node is no longer paid for.
+pub(crate) const OVERDRAWN: u64 = 8;
+pub(crate) const SHIFT: u32 = 4;
 
 impl Slot {
     pub(crate) fn new() -> Slot {
         Slot {
             remaining: AtomicI64::new(0),
             refill_below: AtomicI64::new(0),
-            requests: AtomicU64::new(0),
             cpu_us: AtomicU64::new(0),
             state: AtomicU64::new(REFILL),
+            requests: AtomicU32::new(0),
             last_used_s: AtomicU32::new(0),
+            key: KeyWords::default(),
         }
     }
 
     pub(crate) fn is_suspended(&self) -> bool {
         self.state.load(Ordering::Acquire) & SUSPENDED != 0
     }
+}
+
+/// Default CPU debt limit: a quarter of a CPU-second (at the default price, $0.003125) lets a
+/// normal request in flight finish, and stops a runaway one.
+pub const DEFAULT_CPU_DEBT_MS: u64 = 250;
+
+fn debt_limit(prices: &Prices, ms: u64) -> i64 {
+    i64::try_from(i128::from(ms) * 1000 * i128::from(prices.per_cpu_us))
+        .unwrap_or(i64::MAX)
+        .min(tollgate_metering::MAX_OP_AMOUNT)
 }
 
 /// The answer to "may this request go through?".
@@ -69,7 +91,7 @@ pub struct BalanceCache {
     pub(crate) map: SlotMap,
     /// Slots used or flagged since the last cut: the agent visits only these (and the leases it
     /// must refresh), not every cached account.
-    pub(crate) dirty: Mutex<Vec<Arc<str>>>,
+    pub(crate) dirty: Mutex<Vec<SlotId>>,
     /// Accounts first seen on the request path, for the agent to add (cold path).
     pub(crate) pending: Mutex<HashMap<String, u64>>,
     pub(crate) prices: Prices,
@@ -81,6 +103,9 @@ pub struct BalanceCache {
     pub(crate) leases_valid: AtomicBool,
     /// True while the last settle attempt failed to reach the store.
     pub(crate) store_down: AtomicBool,
+    /// CPU this node lets an account run past its lease once it cannot pay (p$); see
+    /// [`BalanceCache::cpu_unpaid`].
+    cpu_debt_limit: AtomicI64,
     started: Instant,
     /// Seconds since `started`, advanced by the agent each tick: the hot path reads this
     /// instead of the clock (`clock_gettime` cost more than the rest of `try_spend` here).
@@ -98,6 +123,7 @@ impl BalanceCache {
             changed: Notify::new(),
             leases_valid: AtomicBool::new(true),
             store_down: AtomicBool::new(false),
+            cpu_debt_limit: AtomicI64::new(debt_limit(&prices, DEFAULT_CPU_DEBT_MS)),
             started: Instant::now(),
             coarse_s: AtomicU32::new(0),
         })
@@ -105,6 +131,38 @@ impl BalanceCache {
 
     pub fn prices(&self) -> &Prices {
         &self.prices
+    }
+
+    /// How much CPU (ms, at the CPU price) an account may run past its lease on this node once
+    /// it cannot pay, before [`BalanceCache::cpu_unpaid`] says to interrupt it. This is the
+    /// `D` of the overspend bound (docs/money.md).
+    pub fn set_cpu_debt_limit_ms(&self, ms: u64) {
+        self.cpu_debt_limit
+            .store(debt_limit(&self.prices, ms), Ordering::Relaxed);
+    }
+
+    /// True when `account` keeps using CPU nobody will pay for: its balance at the store is
+    /// below minus the CPU debt limit (CPU past an empty balance is settled as debt, by every
+    /// node), or this node's lease is overdrawn by more than the limit and the store refused a
+    /// refill or cannot be reached. The runtime then interrupts the
+    /// account's work on this node; new requests already get 402 (or 503).
+    pub fn cpu_unpaid(&self, account: &str) -> bool {
+        self.map
+            .with(account, |_, slot| {
+                // Debt already settled shows at the store (any node's); debt not yet settled
+                // shows here, and only counts when it cannot be settled or refilled.
+                slot.state.load(Ordering::Acquire) & OVERDRAWN != 0
+                    || (slot.remaining.load(Ordering::Acquire) < -self.cpu_debt_limit()
+                        && (slot.is_suspended()
+                            || self.store_down.load(Ordering::Relaxed)
+                            || !self.leases_valid.load(Ordering::Relaxed)))
+            })
+            .unwrap_or(false)
+    }
+
+    /// The CPU debt limit in p$.
+    pub(crate) fn cpu_debt_limit(&self) -> i64 {
+        self.cpu_debt_limit.load(Ordering::Relaxed)
     }
 
     /// The coarse clock (seconds; at most one settle interval behind).
@@ -141,13 +199,13 @@ impl BalanceCache {
 
     /// Puts the slot on the agent's visit list (once per cut) and sets `bits`; wakes the agent
     /// when this sets `REFILL`.
-    pub(crate) fn mark(&self, key: &Arc<str>, slot: &Slot, bits: u64) {
+    pub(crate) fn mark(&self, id: SlotId, slot: &Slot, bits: u64) {
         let prev = slot.state.fetch_or(bits | DIRTY, Ordering::AcqRel);
         if prev & DIRTY == 0 {
             self.dirty
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(key.clone());
+                .push(id);
         }
         if bits & REFILL != 0 && prev & REFILL == 0 {
             self.wake.notify_one();
@@ -155,7 +213,7 @@ impl BalanceCache {
     }
 
     #[inline]
-    fn spend_slot(&self, key: &Arc<str>, slot: &Slot, amount: i64, count_request: bool) -> Spend {
+    fn spend_slot(&self, key: SlotId, slot: &Slot, amount: i64, count_request: bool) -> Spend {
         if !self.leases_valid.load(Ordering::Relaxed) {
             return Spend::Unavailable;
         }
@@ -190,7 +248,7 @@ impl BalanceCache {
     /// settled as debt, and a refill is asked for. CPU of an account not cached yet is kept
     /// until its slot exists, so none is dropped.
     pub fn charge_cpu(&self, account: &str, cpu_us: u64) {
-        let charged = self.map.with(account, |key, slot| {
+        let charged = self.map.with(account, |id, slot| {
             let cost = i64::try_from(i128::from(cpu_us) * i128::from(self.prices.per_cpu_us))
                 .unwrap_or(i64::MAX / 4);
             slot.cpu_us.fetch_add(cpu_us, Ordering::Relaxed);
@@ -205,7 +263,7 @@ impl BalanceCache {
             } else {
                 0
             };
-            self.mark(key, slot, bits);
+            self.mark(id, slot, bits);
         });
         if charged.is_none() {
             self.register(account, cpu_us);
@@ -229,8 +287,10 @@ impl BalanceCache {
             return;
         }
         let cpu: Vec<(String, u64)> = pending.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        for (key, slot) in self.map.insert_many(pending.into_keys(), Slot::new) {
-            self.mark(&key, &slot, REFILL);
+        for id in self.map.insert_many(pending.into_keys(), |_| {}) {
+            if let Some(slot) = self.map.slot(id) {
+                self.mark(id, slot, REFILL);
+            }
         }
         for (account, cpu_us) in cpu {
             if cpu_us > 0 {
@@ -281,11 +341,9 @@ impl BalanceCache {
     /// Benchmarks only: many such slots at once.
     #[doc(hidden)]
     pub fn bench_preload_many(&self, accounts: impl IntoIterator<Item = String>, lease: i64) {
-        self.map.insert_many(accounts, || {
-            let s = Slot::new();
+        self.map.insert_many(accounts, |s| {
             s.remaining.store(lease, Ordering::Release);
             s.state.store(0, Ordering::Release);
-            s
         });
     }
 }

@@ -9,5 +9,5 @@ pub mod metrics;
 mod slots;
 
 pub use agent::{Agent, AgentConfig, AgentError};
-pub use cache::{BalanceCache, Spend};
+pub use cache::{BalanceCache, DEFAULT_CPU_DEBT_MS, Spend};
 pub use metrics::CacheMetrics;

@@ -10,6 +10,7 @@ pub struct CacheMetrics {
     pub lease_refills_total: IntCounter,
     pub journal_depth: IntGauge,
     pub lease_drift_total: IntCounter,
+    pub feed_lag_seconds: Histogram,
 }
 
 impl CacheMetrics {
@@ -42,6 +43,16 @@ impl CacheMetrics {
                 "tollgate_lease_drift_total",
                 "Settle replies whose previous lease differed from this node's record (a bug).",
             )?,
+            // The target is 5 ms p99 node to node; loopback is ~0.3 ms.
+            feed_lag_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tollgate_balance_feed_lag_seconds",
+                    "From a balance change at the store (its clock) to this node applying it.",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+                ]),
+            )?,
         };
         registry.register(Box::new(m.settle_batches_total.clone()))?;
         registry.register(Box::new(m.settle_failures_total.clone()))?;
@@ -49,6 +60,7 @@ impl CacheMetrics {
         registry.register(Box::new(m.lease_refills_total.clone()))?;
         registry.register(Box::new(m.journal_depth.clone()))?;
         registry.register(Box::new(m.lease_drift_total.clone()))?;
+        registry.register(Box::new(m.feed_lag_seconds.clone()))?;
         Ok(m)
     }
 }

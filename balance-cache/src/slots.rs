@@ -1,29 +1,160 @@
-//! The account → slot map. Readers do one `ArcSwap` load and at most two hash lookups; they
-//! never lock and never write shared memory. A snapshot is a large `base` plus a small `overlay`
-//! of accounts added since; adding accounts copies only the overlay, and the overlay is folded
-//! into a new base once it passes 1/32 of it (the same scheme as the route table).
+//! The account → slot map, built for a million accounts in well under 100 bytes each.
 //!
-//! Each slot is its own allocation of one cache line (16 bytes of `Arc` header + 48 of slot),
-//! so threads spending for different accounts never share a line.
+//! - Slots live in a slab of fixed chunks that never move, one cache line per slot, so threads
+//!   spending for different accounts never share a line, and a slot needs no `Arc` header.
+//! - The account id is stored *inside* its slot, packed into 24 bytes (`Packed`): ids of up to 23
+//!   bytes as they are; longer ids of the form `<prefix>:0x<lowercase hex>` (the payments
+//!   crate's `did:pkh:eip155:<chain>:0x<address>`) as a small interned prefix number plus the hex
+//!   decoded to bytes. Anything else "spills" into a small side map (rare; never on a hot path
+//!   that matters).
+//! - The index is a table of 4-byte slot numbers keyed by a hash of the packed id: readers do one
+//!   `ArcSwap` load and one probe, never lock and never write shared memory. A snapshot is a large
+//!   `base` plus a small `overlay` of accounts added since; adding accounts copies only the
+//!   overlay, which is folded into a new base once it passes 1/32 of it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
+use hashbrown::HashTable;
 
 use crate::cache::Slot;
 
-type Hasher = foldhash::fast::RandomState;
-type Inner = HashMap<Arc<str>, Arc<Slot>, Hasher>;
+/// A slot's number in the slab.
+pub(crate) type SlotId = u32;
+
+const CHUNK_BITS: u32 = 12;
+const CHUNK: usize = 1 << CHUNK_BITS;
+const CHUNKS: usize = 4096;
+/// 16.7 million accounts per node; beyond that an account stays uncached (its requests wait,
+/// then get 503 `metering-unavailable`), which an operator sees in the log.
+pub(crate) const MAX_SLOTS: usize = CHUNK * CHUNKS;
+/// Interned prefixes (`did:pkh:eip155:42431:` …); a deployment has a handful.
+const MAX_PREFIXES: usize = 64;
+
+const TAG_HEX: u8 = 0x80;
+const TAG_SPILL: u8 = 0xff;
+const INLINE_MAX: usize = 23;
+const HEX_MAX: usize = 21;
+
+/// An account id packed into 24 bytes (see the module doc). Byte 0 says which form:
+/// `0..=23` inline (the length), `0x80 | n` prefix number + n bytes of decoded hex, `0xff`
+/// spilled (the rest is the spill number).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct Packed([u64; 3]);
+
+impl Packed {
+    fn from_bytes(b: &[u8; 24]) -> Packed {
+        let w = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(x)
+        };
+        Packed([w(0), w(1), w(2)])
+    }
+
+    fn bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        for (i, w) in self.0.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    fn spill(n: u32) -> Packed {
+        let mut b = [0u8; 24];
+        b[0] = TAG_SPILL;
+        b[4..8].copy_from_slice(&n.to_le_bytes());
+        Packed::from_bytes(&b)
+    }
+}
+
+/// Splits `<prefix>0x<hex>` at the last `:0x`; `hex` must be lowercase, even and ≤ 42 digits.
+fn split_hex(account: &str) -> Option<(&str, &[u8])> {
+    let b = account.as_bytes();
+    let at = b.windows(3).rposition(|w| w == b":0x")?;
+    let hex = &b[at + 3..];
+    if hex.is_empty() || !hex.len().is_multiple_of(2) || hex.len() > 2 * HEX_MAX {
+        return None;
+    }
+    Some((&account[..at + 1], hex))
+}
+
+#[inline]
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// Packs `account` the one way it is always packed: inline when short; prefix + hex when the
+/// prefix is interned; `None` otherwise (look in the spill map).
+#[inline]
+fn pack(account: &str, prefixes: &[Box<str>]) -> Option<Packed> {
+    let a = account.as_bytes();
+    let mut b = [0u8; 24];
+    if a.len() <= INLINE_MAX {
+        b[0] = a.len() as u8;
+        b[1..1 + a.len()].copy_from_slice(a);
+        return Some(Packed::from_bytes(&b));
+    }
+    let (prefix, hex) = split_hex(account)?;
+    let p = prefixes.iter().position(|x| **x == *prefix)?;
+    b[0] = TAG_HEX | (hex.len() / 2) as u8;
+    b[1..3].copy_from_slice(&(p as u16).to_le_bytes());
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        b[3 + i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(Packed::from_bytes(&b))
+}
+
+fn unpack(p: Packed, prefixes: &[Box<str>], spilled: &Mutex<Vec<Arc<str>>>) -> Option<String> {
+    let b = p.bytes();
+    match b[0] {
+        n @ 0..=23 => String::from_utf8(b[1..1 + n as usize].to_vec()).ok(),
+        TAG_SPILL => {
+            let mut n = [0u8; 4];
+            n.copy_from_slice(&b[4..8]);
+            let s = spilled.lock().unwrap_or_else(|e| e.into_inner());
+            s.get(u32::from_le_bytes(n) as usize).map(|s| s.to_string())
+        }
+        t if t & TAG_HEX != 0 => {
+            let n = (t & !TAG_HEX) as usize;
+            let prefix = prefixes.get(u16::from_le_bytes([b[1], b[2]]) as usize)?;
+            let mut s = String::with_capacity(prefix.len() + 2 + 2 * n);
+            s.push_str(prefix);
+            s.push_str("0x");
+            for byte in &b[3..3 + n] {
+                s.push_str(&format!("{byte:02x}"));
+            }
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+type Table = HashTable<SlotId>;
 
 #[derive(Default)]
 struct Snapshot {
-    base: Arc<Inner>,
-    overlay: Inner,
+    base: Arc<Table>,
+    overlay: Table,
+    /// Ids that do not pack (long and not `<prefix>:0x<hex>`, or the prefix table is full).
+    spill: Arc<HashMap<Arc<str>, SlotId, foldhash::fast::RandomState>>,
+    prefixes: Arc<Vec<Box<str>>>,
+    len: u32,
 }
 
 pub(crate) struct SlotMap {
     current: ArcSwap<Snapshot>,
+    chunks: Box<[OnceLock<Box<[Slot]>>]>,
+    hasher: foldhash::fast::RandomState,
+    /// Names of spilled ids by spill number (read by the agent only).
+    spilled: Mutex<Vec<Arc<str>>>,
     writer: Mutex<()>,
 }
 
@@ -31,82 +162,308 @@ impl SlotMap {
     pub(crate) fn new() -> Self {
         SlotMap {
             current: ArcSwap::from_pointee(Snapshot::default()),
+            chunks: (0..CHUNKS).map(|_| OnceLock::new()).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+            spilled: Mutex::new(Vec::new()),
             writer: Mutex::new(()),
         }
     }
 
-    /// Runs `f` on the account's key and slot, if the account is known here.
     #[inline]
-    pub(crate) fn with<R>(
-        &self,
-        account: &str,
-        f: impl FnOnce(&Arc<str>, &Slot) -> R,
-    ) -> Option<R> {
-        let snap = self.current.load();
-        if !snap.overlay.is_empty()
-            && let Some((k, s)) = snap.overlay.get_key_value(account)
-        {
-            return Some(f(k, s));
-        }
-        snap.base.get_key_value(account).map(|(k, s)| f(k, s))
+    pub(crate) fn slot(&self, id: SlotId) -> Option<&Slot> {
+        let id = id as usize;
+        self.chunks
+            .get(id >> CHUNK_BITS)?
+            .get()?
+            .get(id & (CHUNK - 1))
     }
 
-    /// Adds accounts that are not there yet; returns the new slots.
+    #[inline]
+    fn hash(&self, p: &Packed) -> u64 {
+        self.hasher.hash_one(p)
+    }
+
+    #[inline]
+    fn find_in(&self, snap: &Snapshot, account: &str) -> Option<SlotId> {
+        let Some(p) = pack(account, &snap.prefixes) else {
+            return snap.spill.get(account).copied();
+        };
+        let h = self.hash(&p);
+        let eq = |&i: &SlotId| self.slot(i).is_some_and(|s| s.packed() == p);
+        if !snap.overlay.is_empty()
+            && let Some(&i) = snap.overlay.find(h, eq)
+        {
+            return Some(i);
+        }
+        snap.base.find(h, eq).copied()
+    }
+
+    /// The slot number of `account`, if it is cached here.
+    pub(crate) fn find(&self, account: &str) -> Option<SlotId> {
+        self.find_in(&self.current.load(), account)
+    }
+
+    /// Runs `f` on the account's slot, if the account is known here.
+    #[inline]
+    pub(crate) fn with<R>(&self, account: &str, f: impl FnOnce(SlotId, &Slot) -> R) -> Option<R> {
+        let id = self.find_in(&self.current.load(), account)?;
+        self.slot(id).map(|s| f(id, s))
+    }
+
+    /// The account id of a slot (allocates: for the agent, not the request path).
+    pub(crate) fn name(&self, id: SlotId) -> Option<String> {
+        let snap = self.current.load();
+        let p = self.slot(id)?.packed();
+        unpack(p, &snap.prefixes, &self.spilled)
+    }
+
+    /// Adds accounts that are not there yet, each slot first set up by `init`; returns the new
+    /// slots' numbers.
     pub(crate) fn insert_many(
         &self,
         accounts: impl IntoIterator<Item = String>,
-        make: impl Fn() -> Slot,
-    ) -> Vec<(Arc<str>, Arc<Slot>)> {
+        init: impl Fn(&Slot),
+    ) -> Vec<SlotId> {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.current.load_full();
         let mut overlay = cur.overlay.clone();
+        let mut prefixes = cur.prefixes.clone();
+        let mut spill = cur.spill.clone();
+        let mut len = cur.len;
         let mut added = Vec::new();
         for a in accounts {
-            if cur.base.contains_key(a.as_str()) || overlay.contains_key(a.as_str()) {
+            if self.find_in(&cur, &a).is_some() {
                 continue;
             }
-            let key: Arc<str> = Arc::from(a.as_str());
-            let slot = Arc::new(make());
-            overlay.insert(key.clone(), slot.clone());
-            added.push((key, slot));
+            if (len as usize) >= MAX_SLOTS {
+                tracing::error!(
+                    account = %a,
+                    "the balance cache is full ({MAX_SLOTS} accounts): this account is not metered here"
+                );
+                break;
+            }
+            // Intern a new prefix while there is room, so the id packs.
+            if a.len() > INLINE_MAX
+                && pack(&a, &prefixes).is_none()
+                && let Some((prefix, _)) = split_hex(&a)
+                && prefixes.len() < MAX_PREFIXES
+                && !prefixes.iter().any(|p| **p == *prefix)
+            {
+                Arc::make_mut(&mut prefixes).push(prefix.into());
+            }
+            let packed = match pack(&a, &prefixes) {
+                Some(p) => {
+                    let h = self.hash(&p);
+                    let dup = |&i: &SlotId| self.slot(i).is_some_and(|s| s.packed() == p);
+                    if overlay.find(h, dup).is_some() {
+                        continue;
+                    }
+                    p
+                }
+                None => {
+                    if spill.contains_key(a.as_str()) {
+                        continue;
+                    }
+                    let mut names = self.spilled.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = names.len() as u32;
+                    names.push(Arc::from(a.as_str()));
+                    Packed::spill(n)
+                }
+            };
+            let id = len;
+            let Some(slot) = self.slot_or_alloc(id) else {
+                break;
+            };
+            init(slot);
+            slot.set_packed(packed);
+            if packed.bytes()[0] == TAG_SPILL {
+                Arc::make_mut(&mut spill).insert(Arc::from(a.as_str()), id);
+            } else {
+                let h = self.hash(&packed);
+                overlay.insert_unique(h, id, |&i| self.hash_of(i));
+            }
+            len += 1;
+            added.push(id);
         }
         if added.is_empty() {
             return added;
         }
         let next = if overlay.len() > 256 + cur.base.len() / 32 {
             let mut base = (*cur.base).clone();
-            base.reserve(overlay.len());
-            base.extend(overlay);
+            base.reserve(overlay.len(), |&i| self.hash_of(i));
+            for &i in overlay.iter() {
+                base.insert_unique(self.hash_of(i), i, |&j| self.hash_of(j));
+            }
             Snapshot {
                 base: Arc::new(base),
-                overlay: Inner::default(),
+                overlay: Table::default(),
+                spill,
+                prefixes,
+                len,
             }
         } else {
             Snapshot {
                 base: cur.base.clone(),
                 overlay,
+                spill,
+                prefixes,
+                len,
             }
         };
         self.current.store(Arc::new(next));
         added
     }
 
-    /// Every (account, slot), for the agent's cut.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&Arc<str>, &Slot)) {
-        let snap = self.current.load();
-        for (k, v) in snap.base.iter().chain(snap.overlay.iter()) {
-            f(k, v);
-        }
+    fn hash_of(&self, id: SlotId) -> u64 {
+        self.slot(id).map_or(0, |s| self.hash(&s.packed()))
+    }
+
+    fn slot_or_alloc(&self, id: SlotId) -> Option<&Slot> {
+        let id = id as usize;
+        let chunk = self
+            .chunks
+            .get(id >> CHUNK_BITS)?
+            .get_or_init(|| (0..CHUNK).map(|_| Slot::new()).collect());
+        chunk.get(id & (CHUNK - 1))
+    }
+
+    /// Every slot number in use.
+    pub(crate) fn ids(&self) -> std::ops::Range<SlotId> {
+        0..self.current.load().len
     }
 
     pub(crate) fn keys(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        self.for_each(|k, _| out.push(k.to_string()));
-        out
+        self.ids().filter_map(|i| self.name(i)).collect()
     }
 
     pub(crate) fn len(&self) -> usize {
-        let snap = self.current.load();
-        snap.base.len() + snap.overlay.len()
+        self.current.load().len as usize
+    }
+}
+
+/// Storage for a packed id inside a slot: written once before the slot is published (the
+/// snapshot's `ArcSwap` store orders it before any reader finds the slot), then only read.
+#[derive(Debug, Default)]
+pub(crate) struct KeyWords([AtomicU64; 3]);
+
+impl KeyWords {
+    #[inline]
+    fn load(&self) -> Packed {
+        Packed([
+            self.0[0].load(Ordering::Relaxed),
+            self.0[1].load(Ordering::Relaxed),
+            self.0[2].load(Ordering::Relaxed),
+        ])
+    }
+
+    fn store(&self, p: Packed) {
+        for (w, v) in self.0.iter().zip(p.0) {
+            w.store(v, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Slot {
+    #[inline]
+    pub(crate) fn packed(&self) -> Packed {
+        self.key.load()
+    }
+
+    fn set_packed(&self, p: Packed) {
+        self.key.store(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(map: &SlotMap, accounts: &[&str]) -> Vec<Option<String>> {
+        accounts
+            .iter()
+            .map(|a| map.find(a).and_then(|i| map.name(i)))
+            .collect()
+    }
+
+    #[test]
+    fn every_form_of_id_is_found_and_named_back_exactly() {
+        let map = SlotMap::new();
+        let did = "did:pkh:eip155:42431:0x5b38da6a701c568545dcfcb03fcb875f56beddc4";
+        let did2 = "did:pkh:eip155:1:0x5b38da6a701c568545dcfcb03fcb875f56beddc4";
+        let upper = "did:pkh:eip155:42431:0x5B38Da6a701c568545dCfcB03FcB875f56beddC4";
+        let long = "an-account-id-that-is-longer-than-twenty-three-bytes";
+        let odd = "x:0xabc-and-then-some-more-bytes-to-be-long";
+        let all = [
+            "a",
+            "acct-0000001",
+            "exactly-23-bytes-long-x",
+            did,
+            did2,
+            upper,
+            long,
+            odd,
+        ];
+        let added = map.insert_many(all.iter().map(|s| s.to_string()), |_| {});
+        assert_eq!(added.len(), all.len());
+        assert_eq!(map.len(), all.len());
+        let want: Vec<Option<String>> = all.iter().map(|s| Some(s.to_string())).collect();
+        assert_eq!(names(&map, &all), want);
+        // Distinct ids, distinct slots.
+        let mut ids: Vec<SlotId> = all.iter().filter_map(|a| map.find(a)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), all.len());
+        // Near misses are not found.
+        for miss in [
+            "",
+            "acct-000000",
+            "did:pkh:eip155:42431:0x5b38da6a701c568545dcfcb03fcb875f56beddc5",
+            "did:pkh:eip155:42431:0x5b38da6a701c568545dcfcb03fcb875f56beddc",
+            "did:pkh:eip155:4243:0x5b38da6a701c568545dcfcb03fcb875f56beddc4",
+        ] {
+            assert_eq!(map.find(miss), None, "{miss}");
+        }
+        // Adding again adds nothing.
+        assert!(
+            map.insert_many(all.iter().map(|s| s.to_string()), |_| {})
+                .is_empty()
+        );
+        assert_eq!(map.keys().len(), all.len());
+    }
+
+    #[test]
+    fn a_full_prefix_table_spills_and_ids_stay_found() {
+        let map = SlotMap::new();
+        let ids: Vec<String> = (0..MAX_PREFIXES + 10)
+            .map(|i| format!("did:pkh:eip155:{i}:0x5b38da6a701c568545dcfcb03fcb875f56beddc4"))
+            .collect();
+        map.insert_many(ids.iter().cloned(), |_| {});
+        for id in &ids {
+            let i = map.find(id).expect("cached");
+            assert_eq!(map.name(i).as_deref(), Some(id.as_str()));
+        }
+        assert_eq!(map.len(), ids.len());
+    }
+
+    #[test]
+    fn many_accounts_across_folds_and_chunks() {
+        let map = SlotMap::new();
+        let n = CHUNK * 2 + 100;
+        for batch in (0..n).collect::<Vec<_>>().chunks(700) {
+            map.insert_many(
+                batch
+                    .iter()
+                    .map(|i| format!("did:pkh:eip155:42431:0x{i:040x}")),
+                |s| s.requests.store(7, Ordering::Relaxed),
+            );
+        }
+        assert_eq!(map.len(), n);
+        for i in (0..n).step_by(97) {
+            let id = format!("did:pkh:eip155:42431:0x{i:040x}");
+            let got = map.with(&id, |slot_id, s| {
+                (map.name(slot_id), s.requests.load(Ordering::Relaxed))
+            });
+            assert_eq!(got, Some((Some(id.clone()), 7)));
+        }
     }
 }

@@ -16,8 +16,17 @@ fn cache() -> Arc<BalanceCache> {
     let c = BalanceCache::new(Prices::default());
     for i in 0..ACCOUNTS {
         c.bench_preload(&format!("acct-{i}"), i64::MAX / 4);
+        c.bench_preload(&did(i), i64::MAX / 4);
     }
     c
+}
+
+/// A real account id, as the payments crate derives it from a payer (63 bytes).
+fn did(i: usize) -> String {
+    format!(
+        "did:pkh:eip155:42431:0x{:040x}",
+        i.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    )
 }
 
 /// `threads` threads, each spending `iters` times on its own account; total wall time.
@@ -89,6 +98,14 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) & 1023;
             black_box(cache.try_spend_request(black_box(&names[i])))
+        })
+    });
+    let dids: Vec<String> = (0..1024).map(|i| did((i * 7) % ACCOUNTS)).collect();
+    let mut i = 0usize;
+    g.bench_function("balance_cache_1_thread_did_pkh_ids", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            black_box(cache.try_spend_request(black_box(&dids[i])))
         })
     });
     let naive: Mutex<HashMap<String, i64>> = Mutex::new(

@@ -101,7 +101,15 @@ fn touch(s: &mut AccountState, changes: &mut Vec<AccountChange>) {
         version: s.version,
         available: s.available,
         status: s.status,
+        at_us: Some(now_us()),
     });
+}
+
+/// Wall-clock µs (the same clock the Redis store stamps changes with: the machine's).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 struct Tx<'a> {

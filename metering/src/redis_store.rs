@@ -34,9 +34,10 @@ local function touch(p, id, acct)
   if tonumber(avail) <= 0 then status = 'suspended' end
   redis.call('HSET', acct, 'status', status)
   local ver = redis.call('HINCRBY', acct, 'ver', 1)
+  local t = redis.call('TIME')
   redis.call('PUBLISH', p .. ':accounts:events',
     '{"account":' .. cjson.encode(id) .. ',"version":' .. ver .. ',"available":' .. avail ..
-    ',"status":"' .. status .. '"}')
+    ',"status":"' .. status .. '","at_us":' .. t[1] .. string.format('%06d', tonumber(t[2])) .. '}')
   return {avail, status, ver}
 end
 local function fmt(n) return string.format('%d', n) end
@@ -59,6 +60,8 @@ end
 if seq ~= hwm + 1 then return {'GAP', tostring(hwm + 1)} end
 local released = redis.call('HGET', inc, 'released')
 local t = redis.call('TIME')
+-- When the change happened, on the store's clock: receivers measure the feed's lag with it.
+local at_us = t[1] .. string.format('%06d', tonumber(t[2]))
 local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
 local field = node .. ':' .. epoch
 local key = 'settle:' .. node .. ':' .. epoch .. ':' .. ARGV[4]
@@ -112,7 +115,7 @@ for _, e in ipairs(entries) do
   local ver = redis.call('HINCRBY', acct, 'ver', 1)
   local jid = cjson.encode(id)
   changes[#changes + 1] = '{"account":' .. jid .. ',"version":' .. ver .. ',"available":' ..
-    avail .. ',"status":"' .. status .. '"}'
+    avail .. ',"status":"' .. status .. '","at_us":' .. at_us .. '}'
   lines[#lines + 1] = '{"account":' .. jid .. ',"amount":' .. e.cost .. ',"requests":' ..
     e.requests .. ',"cpu_us":' .. e.cpu_us .. ',"deploys":' .. e.deploys .. '}'
   out[#out + 1] = '{"account":' .. jid .. ',"lease":' .. fmt(new) .. ',"prev":' .. fmt(old) ..
@@ -610,6 +613,7 @@ impl Store for RedisStore {
                     } else {
                         Status::Suspended
                     },
+                    at_us: None,
                 })
             })
             .collect())

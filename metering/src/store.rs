@@ -102,6 +102,7 @@ pub trait Store: Send + Sync + 'static {
                     version: s.version,
                     available: s.available,
                     status: s.status,
+                    at_us: None,
                 })
             })
             .collect())

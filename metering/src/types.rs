@@ -208,6 +208,10 @@ pub struct AccountChange {
     pub version: u64,
     pub available: i64,
     pub status: Status,
+    /// When the store made the change (µs since the Unix epoch, the store's clock); receivers
+    /// measure the feed's lag with it. Absent where the change was read rather than published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_us: Option<u64>,
 }
 
 /// One ledger line: every money movement, with the idempotency key that made it happen once.

@@ -255,7 +255,8 @@ impl tollgate_proxy::RequestHooks for Hooks {
     }
 }
 
-/// What the dev binary wires: the runtime's CPU deltas charged to the owner on this node.
+/// What the dev binary wires: the runtime's CPU deltas charged to the owner on this node, and
+/// the deployments whose CPU can no longer be paid for handed back for interruption.
 struct ChargeCpu(Arc<tollgate_balance_cache::BalanceCache>);
 impl CpuSink for ChargeCpu {
     fn record(&self, deltas: &[CpuDelta]) {
@@ -263,10 +264,27 @@ impl CpuSink for ChargeCpu {
             self.0.charge_cpu(&d.account_id, d.cpu_us);
         }
     }
+    fn unpaid(&self, deltas: &[CpuDelta]) -> Vec<Arc<str>> {
+        deltas
+            .iter()
+            .filter(|d| self.0.cpu_unpaid(&d.account_id))
+            .map(|d| d.deployment_id.clone())
+            .collect()
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cpu_is_charged_while_a_long_request_is_still_running() {
+/// A metered proxy node and a runtime charging CPU through it; the `APP` deployed as
+/// `burner` for `acct1` (credited `credit` p$) at `burn.localhost`, answering.
+struct Burner {
+    node: Node,
+    st: Arc<dyn tollgate_metering::Store>,
+    sup: Supervisor,
+    c: reqwest::Client,
+    _redis: RedisServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn burner(credit: i64, cpu_debt_limit_ms: u64) -> Burner {
     use tollgate_metering::{Prices, RedisStore, Store};
     let redis = RedisServer::start();
     let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
@@ -275,15 +293,15 @@ async fn cpu_is_charged_while_a_long_request_is_still_running() {
             .await
             .unwrap(),
     );
-    st.credit("acct1", "deposit", 5_000_000_000_000)
-        .await
-        .unwrap(); // $5
+    st.credit("acct1", "deposit", credit).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut o = options(Some(&redis.url()), &[]);
+    let mut agent = tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal"));
+    agent.cpu_debt_limit_ms = cpu_debt_limit_ms;
     o.metering = Some(tollgate_proxy::MeteringOptions {
         store: st.clone().into(),
         prices: Prices::default(),
-        agent: tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal")),
+        agent,
         lease_wait: Duration::from_secs(2),
         top_up: "top up".into(),
         hooks: None,
@@ -329,14 +347,28 @@ async fn cpu_is_charged_while_a_long_request_is_still_running() {
         })
         .await
     );
-    let before = st.account("acct1").await.unwrap().unwrap().debited;
-    let url = node.url("burn.localhost", "/burn?ms=2000");
+    Burner {
+        node,
+        st,
+        sup,
+        c,
+        _redis: redis,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_is_charged_while_a_long_request_is_still_running() {
+    let b = burner(5_000_000_000_000, 250).await; // $5
+    let before = b.st.account("acct1").await.unwrap().unwrap().debited;
+    let url = b.node.url("burn.localhost", "/burn?ms=2000");
+    let c = b.c.clone();
     let long = tokio::spawn(async move { c.get(url).send().await.unwrap().status() });
     // While it burns, its CPU reaches the ledger: well over one request's price.
     let mut charged_mid_request = 0;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        charged_mid_request = st.account("acct1").await.unwrap().unwrap().debited - before;
+        charged_mid_request = b.st.account("acct1").await.unwrap().unwrap().debited - before;
         if charged_mid_request > 100 * 12_500_000 {
             break; // > 100 ms of CPU at 12,500 p$/µs
         }
@@ -347,5 +379,68 @@ async fn cpu_is_charged_while_a_long_request_is_still_running() {
         "only {charged_mid_request} p$ charged while the request ran"
     );
     assert_eq!(long.await.unwrap(), 200);
-    sup.shutdown().await;
+    b.sup.shutdown().await;
+}
+
+/// A CPU-heavy request that outlives its owner's money is interrupted once the CPU debt passes
+/// the limit: the account ends within the overspend bound, not 10 s of CPU later, and the
+/// service answers 402 afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_heavy_request_past_an_empty_balance_is_interrupted_within_the_bound() {
+    let credit = 10_000_000_000; // $0.01: 0.8 s of CPU
+    let b = burner(credit, 100).await;
+    let t0 = std::time::Instant::now();
+    let status =
+        b.c.get(b.node.url("burn.localhost", "/burn?ms=10000"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+    let took = t0.elapsed();
+    assert_ne!(status, 200, "the request ran to the end");
+    assert!(
+        took < Duration::from_secs(5),
+        "interrupted only after {took:?}"
+    );
+    // Once the settle that carries the last CPU lands, the account is where the bound says.
+    let t = std::time::Instant::now();
+    let st = loop {
+        let st = b.st.account("acct1").await.unwrap().unwrap();
+        if st.status == tollgate_metering::Status::Suspended || t.elapsed() > Duration::from_secs(2)
+        {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await; // the last samples settle
+    let st2 = b.st.account("acct1").await.unwrap().unwrap();
+    assert!(st2.holds_invariant(), "{st2:?}");
+    // D + p·K·(T_settle + T_s + R): 100 ms of debt, then 2 cores × (50 + 20 + 100 ms).
+    let bound = 100_000 * 12_500 + 12_500 * 2 * 170_000;
+    let overspend = st2.debited - st2.credited;
+    println!(
+        "interrupted after {took:?} ({status}); overspend {overspend} p$, bound {bound} p$; {st:?}"
+    );
+    assert!(
+        overspend > 0,
+        "the request used the whole balance and some debt"
+    );
+    assert!(
+        overspend <= bound,
+        "overspent {overspend} p$, bound {bound} p$"
+    );
+    // New requests: 402, not the service.
+    let r =
+        b.c.get(b.node.url("burn.localhost", "/"))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 402);
+    let (logs, _) = b.sup.logs("burner", 0, 100).unwrap();
+    assert!(
+        logs.iter()
+            .any(|l| l.message.contains("prepaid balance is used up")),
+        "{logs:?}"
+    );
+    b.sup.shutdown().await;
 }

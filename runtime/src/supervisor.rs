@@ -118,6 +118,14 @@ pub struct CpuDelta {
 /// sampler task: keep it cheap and non-blocking.
 pub trait CpuSink: Send + Sync + 'static {
     fn record(&self, deltas: &[CpuDelta]);
+
+    /// Called right after `record`: the deployments among `deltas` whose owner can no longer
+    /// pay for the CPU they keep using. The runtime interrupts them (kills the process and
+    /// restarts it idle), so a CPU-heavy request cannot run far past an empty balance.
+    /// Default: none (nothing is metered).
+    fn unpaid(&self, _deltas: &[CpuDelta]) -> Vec<Arc<str>> {
+        Vec::new()
+    }
 }
 
 /// Things the control plane must act on.
@@ -223,6 +231,8 @@ struct Deployment {
     status: Mutex<DeploymentStatus>,
     proc_: Mutex<Option<Proc>>,
     killed_for_cpu: AtomicBool,
+    /// Set before an interruption because the owner cannot pay for the CPU.
+    killed_unpaid: AtomicBool,
     /// The sampler asks the monitor (which owns the child) to kill it: no raw pid that could
     /// have been reused by then.
     cpu_kill: tokio::sync::Notify,
@@ -341,6 +351,7 @@ impl Supervisor {
             }),
             proc_: Mutex::new(None),
             killed_for_cpu: AtomicBool::new(false),
+            killed_unpaid: AtomicBool::new(false),
             cpu_kill: tokio::sync::Notify::new(),
             idle_req: tokio::sync::Notify::new(),
             idle_requested: AtomicBool::new(false),
@@ -550,15 +561,15 @@ impl Inner {
 
     /// Reads every running process's CPU, charges the deltas, enforces the per-request cap.
     fn sample(&self) {
-        let deps: Vec<_> = self
+        let deps: Vec<Arc<Deployment>> = self
             .deployments
             .lock()
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
         let cap_us = self.cfg.cpu_limit_per_request.as_micros() as u64;
         let mut deltas = Vec::new();
-        for dep in deps {
-            let Some(delta) = take_delta(&dep) else {
+        for dep in &deps {
+            let Some(delta) = take_delta(dep) else {
                 continue;
             };
             let mut kill = None;
@@ -617,6 +628,20 @@ impl Inner {
         }
         if !deltas.is_empty() {
             self.cpu_sink.record(&deltas);
+            for id in self.cpu_sink.unpaid(&deltas) {
+                let Some(dep) = deps.iter().find(|d| d.id == id) else {
+                    continue;
+                };
+                if dep.killed_unpaid.swap(true, Ordering::AcqRel) {
+                    continue; // already being interrupted
+                }
+                dep.logs.system(
+                    "interrupted: the owner's prepaid balance is used up and this CPU cannot be paid for; \
+                     requests get 402 until the balance is topped up",
+                );
+                tracing::warn!(deployment = %dep.id, account = %dep.account, "CPU past an empty balance; interrupting the process");
+                dep.cpu_kill.notify_one();
+            }
         }
     }
 }
@@ -779,6 +804,8 @@ async fn monitor(
                 instance::stop(&mut sp.child, cfg.stop_grace).await;
                 let _ = take_delta(&dep);
                 end_proc(&dep, &meter);
+                // An interruption asked for meanwhile is moot: the process is gone.
+                dep.killed_unpaid.store(false, Ordering::Release);
                 dep.update(|s| {
                     s.phase = Phase::Idle;
                     s.addr = activator;
@@ -825,6 +852,14 @@ async fn monitor(
                         s.cpu_limit_kills += 1;
                         s.restarts += 1;
                         s.last_exit = Some("killed: CPU limit per request".to_owned());
+                        s.phase = Phase::Restarting;
+                    });
+                    continue;
+                }
+                if dep.killed_unpaid.swap(false, Ordering::AcqRel) {
+                    dep.update(|s| {
+                        s.restarts += 1;
+                        s.last_exit = Some("interrupted: prepaid balance used up".to_owned());
                         s.phase = Phase::Restarting;
                     });
                     continue;

@@ -12,6 +12,7 @@ pub const PRICE: i64 = 500_000; // one request at the default price
 
 pub struct Node {
     pub cache: Arc<BalanceCache>,
+    pub metrics: CacheMetrics,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -26,12 +27,17 @@ pub async fn node(url: &str, name: &str, dir: &tempfile::TempDir) -> Node {
     let cache = BalanceCache::new(Prices::default());
     let cfg = AgentConfig::new(name, dir.path().join(format!("{name}.journal")));
     let metrics = CacheMetrics::new(&prometheus::Registry::new()).unwrap();
-    let agent = Agent::start(cache.clone(), store, cfg, metrics)
+    let agent = Agent::start(cache.clone(), store, cfg, metrics.clone())
         .await
         .unwrap();
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(agent.run(rx));
-    Node { cache, stop, task }
+    Node {
+        cache,
+        metrics,
+        stop,
+        task,
+    }
 }
 
 impl Node {
