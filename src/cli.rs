@@ -323,6 +323,7 @@ fn metering(cfg: &Config) -> anyhow::Result<Option<MeteringOptions>> {
             url: r.url.clone(),
             prefix: r.key_prefix.clone(),
             lease_ttl,
+            ledger_retention: m.ledger_retention(),
         },
         None => StoreSource::Embedded {
             path: cfg.control.data_dir.join("money.redb"),
@@ -413,17 +414,20 @@ fn run_control(cfg: Config) -> anyhow::Result<ExitCode> {
         )
         .await?;
         let node_id = format!("control-{}", cfg.control.listen.port());
-        let (cache, agent) = crate::stack::metering_node(&cfg, &node_id, stop_rx.clone()).await?;
+        let registry = prometheus::Registry::new();
+        // The agent stops after the runtime (below), so the deployments' last CPU is settled.
+        let (agent_stop, agent_stop_rx) = tokio::sync::watch::channel(false);
+        let (cache, agent) =
+            crate::stack::metering_node(&cfg, &node_id, &registry, agent_stop_rx).await?;
         let (sup, events, toolchain) =
             crate::stack::runtime(&cfg, Arc::new(crate::stack::ChargeCpu(cache)))?;
-        let registry = prometheus::Registry::new();
         payments.metrics.register(&registry)?;
         tokio::spawn(payments.clone().run(stop_rx.clone()));
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        crate::stack::serve_control(
+        let served = crate::stack::serve_control(
             cfg,
             sup,
             events,
@@ -436,8 +440,11 @@ fn run_control(cfg: Config) -> anyhow::Result<ExitCode> {
             None,
             stop_rx,
         )
-        .await?;
+        .await;
+        // serve_control has shut the runtime down: now settle and return leases.
+        let _ = agent_stop.send(true);
         let _ = agent.await;
+        served?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -492,7 +499,10 @@ fn run_dev(mut cfg: Config, choices: DevChoices) -> anyhow::Result<ExitCode> {
         let _enter = bg.enter();
         let (sup, events, toolchain) = crate::stack::runtime(&cfg, late_cpu.clone())?;
         if let Some(m) = &mut opts.metering {
-            m.hooks = Some(Arc::new(crate::stack::InflightHooks(sup.clone())));
+            m.hooks = Some(Arc::new(crate::stack::InflightHooks(
+                sup.clone(),
+                bg.handle().clone(),
+            )));
         }
         Some((sup, events, toolchain))
     };

@@ -79,6 +79,14 @@ pub struct MeteringConfig {
     /// CPU (ms, at the CPU price) an account's services may keep using on a node once its
     /// balance is gone, before the runtime interrupts them (the `D` of the overspend bound).
     pub cpu_debt_limit_ms: u64,
+    /// The Redis ledger stream keeps this many days of entries (0: all; export with `XRANGE`).
+    pub ledger_retention_days: u64,
+}
+
+impl MeteringConfig {
+    pub fn ledger_retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ledger_retention_days.saturating_mul(86_400))
+    }
 }
 
 impl Default for MeteringConfig {
@@ -90,6 +98,7 @@ impl Default for MeteringConfig {
             settle_interval_ms: 50,
             lease_ttl_seconds: 10,
             cpu_debt_limit_ms: tollgate_balance_cache::DEFAULT_CPU_DEBT_MS,
+            ledger_retention_days: 90,
             top_up:
                 "the owner's agent can add credit with the `top_up` tool of the tollgate MCP server"
                     .into(),

@@ -36,12 +36,18 @@ impl CpuSink for ChargeCpu {
 
 /// The proxy holds the runtime's in-flight guard per request (the per-request CPU cap and the
 /// drain before a version stops need it).
-pub struct InflightHooks(pub Supervisor);
+pub struct InflightHooks(pub Supervisor, pub tokio::runtime::Handle);
 
 impl RequestHooks for InflightHooks {
     fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>> {
         let guard = self.0.inflight(deployment_id)?.begin();
         Some(Box::new(guard))
+    }
+
+    /// `dev`: stop the deployments (their last CPU is charged to this proxy's cache) before
+    /// the proxy's final settle carries it to the store.
+    fn before_final_settle(&self) {
+        self.1.block_on(self.0.shutdown());
     }
 }
 
@@ -255,6 +261,7 @@ impl CpuSink for LateCpu {
 pub async fn metering_node(
     cfg: &Config,
     node_id: &str,
+    registry: &prometheus::Registry,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(Arc<BalanceCache>, tokio::task::JoinHandle<()>)> {
     use tollgate_balance_cache::{Agent, AgentConfig, CacheMetrics};
@@ -265,8 +272,11 @@ pub async fn metering_node(
         .context("the control service charges CPU through Redis: give --redis URL")?;
     let prices = cfg.prices.prices().map_err(anyhow::Error::msg)?;
     let lease_ttl = std::time::Duration::from_secs(cfg.metering.lease_ttl_seconds);
-    let store: Arc<dyn Store> =
-        Arc::new(RedisStore::connect(&redis.url, &redis.key_prefix, lease_ttl).await?);
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(&redis.url, &redis.key_prefix, lease_ttl)
+            .await?
+            .with_ledger_retention(cfg.metering.ledger_retention()),
+    );
     let cache = BalanceCache::new(prices);
     let mut agent_cfg = AgentConfig::new(
         node_id,
@@ -275,7 +285,8 @@ pub async fn metering_node(
     agent_cfg.lease_ttl = lease_ttl;
     agent_cfg.lease_margin = lease_ttl / 5;
     agent_cfg.cpu_debt_limit_ms = cfg.metering.cpu_debt_limit_ms;
-    let metrics = CacheMetrics::new(&prometheus::Registry::new())?;
+    // On the control service's /metrics: the CPU it charges, its settles, its feed lag.
+    let metrics = CacheMetrics::new(registry)?;
     let agent = Agent::start(cache.clone(), store, agent_cfg, metrics).await?;
     let task = tokio::spawn(agent.run(stop));
     Ok((cache, task))

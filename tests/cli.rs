@@ -207,22 +207,26 @@ fn dev_follows_routes_written_to_redis() {
     assert!(String::from_utf8_lossy(&list.stdout).trim().is_empty());
 }
 
-#[test]
-fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests() {
-    let up = Upstream::start("up");
-    let route = format!("u.localhost={}", up.addr);
-    let (mut old, listen) = start_listening(|listen| {
-        let mut c = bin();
-        c.args(["proxy", "--listen", &listen.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()])
-            .args(["--route", &route]);
-        c
-    });
+/// Starts a proxy made by `make(listen, upgrade)`, keeps requests to `host` going, starts its
+/// successor with `--upgrade` and SIGQUITs the old one. Asserts that the old one exits 0, no
+/// request fails during the hand-over and the new process serves `body` alone; returns the new
+/// process, its address and how many requests got 200.
+fn upgrade_under_traffic(
+    make: impl Fn(SocketAddr, bool) -> Command,
+    host: &str,
+    body: &str,
+) -> (Proc, SocketAddr, u32) {
+    let (mut old, listen) = start_listening(|listen| make(listen, false));
     let c = reqwest::blocking::Client::builder()
-        .resolve("u.localhost", listen)
+        .resolve(host, listen)
         .build()
         .unwrap();
-    let url = format!("http://u.localhost:{}/", listen.port());
+    let url = format!("http://{host}:{}/", listen.port());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url) != (200, body.into()) {
+        assert!(Instant::now() < deadline, "the old process never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Traffic throughout the hand-over.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
@@ -240,15 +244,7 @@ fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests()
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let _new = Proc(
-        bin()
-            .args(["proxy", "--listen", &listen.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()])
-            .args(["--route", &route])
-            .arg("--upgrade")
-            .spawn()
-            .unwrap(),
-    );
+    let new = Proc(make(listen, true).spawn().unwrap());
     std::thread::sleep(Duration::from_millis(500));
     signal(&old.0, "-QUIT");
     let t = Instant::now();
@@ -265,14 +261,106 @@ fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests()
     assert_eq!(status.code(), Some(0));
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = traffic.join().unwrap();
+    let (mut ok, failed) = traffic.join().unwrap();
     assert!(
         failed.is_empty(),
         "requests failed during the upgrade: {failed:?}"
     );
     assert!(ok > 100, "too little traffic: {ok}");
     // The new process serves alone now.
-    assert_eq!(get(&c, &url), (200, "up".into()));
+    assert_eq!(get(&c, &url), (200, body.into()));
+    ok += 2; // the first and the last request above
+    (new, listen, ok)
+}
+
+#[test]
+fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests() {
+    let up = Upstream::start("up");
+    let route = format!("u.localhost={}", up.addr);
+    upgrade_under_traffic(
+        |listen, upgrade| {
+            let mut c = bin();
+            c.args(["proxy", "--listen", &listen.to_string()])
+                .args(["--admin-listen", &free_addr().to_string()])
+                .args(["--route", &route]);
+            if upgrade {
+                c.arg("--upgrade");
+            }
+            c
+        },
+        "u.localhost",
+        "up",
+    );
+}
+
+/// The same hand-over on a metered route: the new process meters at once as a stand-in node
+/// (the old one still holds the journal), so no request gets 503, and every request either
+/// process served is debited exactly once.
+#[test]
+fn a_metered_route_upgrades_without_a_503_and_every_request_is_paid_once() {
+    let redis = RedisServer::start();
+    let up = Upstream::start("paid");
+    let data = tempfile::tempdir().unwrap();
+    let ok = bin()
+        .args(["routes", "put", "--redis", &redis.url(), "--slug", "paid"])
+        .args([
+            "--upstream",
+            &up.addr.to_string(),
+            "--account-id",
+            "acct-up",
+        ])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let credited = bin()
+        .args([
+            "accounts",
+            "credit",
+            "--redis",
+            &redis.url(),
+            "--account",
+            "acct-up",
+        ])
+        .args(["--usd", "5", "--key", "upgrade-test"])
+        .output()
+        .unwrap();
+    assert!(credited.status.success());
+    let (mut new, _, served) = upgrade_under_traffic(
+        |listen, upgrade| {
+            let mut c = bin();
+            c.env("TOLLGATE_DATA_DIR", data.path())
+                .args(["proxy", "--listen", &listen.to_string()])
+                .args(["--admin-listen", &free_addr().to_string()])
+                .args(["--redis", &redis.url()]);
+            if upgrade {
+                c.arg("--upgrade");
+            }
+            c
+        },
+        "paid.localhost",
+        "paid",
+    );
+    signal(&new.0, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while new.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "new process did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let shown = bin()
+        .stdout(Stdio::piped())
+        .args(["accounts", "show", "--redis", &redis.url(), "acct-up"])
+        .output()
+        .unwrap();
+    let acct: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        acct["debited"],
+        i64::from(served) * 500_000,
+        "{served} requests served across both processes: {acct}"
+    );
+    assert_eq!(
+        acct["leased"], 0,
+        "both processes returned their leases: {acct}"
+    );
 }
 
 /// An operator's path through metering: a route owned by an account with no credit answers 402;

@@ -481,6 +481,10 @@ impl Agent {
     }
 
     fn apply(&mut self, batch: &SettleBatch, grants: &[LeaseGrant], sent_at: Instant) {
+        let cpu_us: u64 = batch.entries.iter().map(|e| e.usage.cpu_us).sum();
+        self.metrics
+            .metered_cpu_seconds_total
+            .inc_by(cpu_us as f64 / 1e6);
         for (e, g) in batch.entries.iter().zip(grants) {
             let k = self.known.entry(e.account.as_str().into()).or_default();
             if g.prev != k.lease {

@@ -1,6 +1,6 @@
 //! Metering metrics on a node (registered in the injected registry).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{Counter, Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 
 #[derive(Clone)]
 pub struct CacheMetrics {
@@ -11,6 +11,7 @@ pub struct CacheMetrics {
     pub journal_depth: IntGauge,
     pub lease_drift_total: IntCounter,
     pub feed_lag_seconds: Histogram,
+    pub metered_cpu_seconds_total: Counter,
 }
 
 impl CacheMetrics {
@@ -53,6 +54,10 @@ impl CacheMetrics {
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
                 ]),
             )?,
+            metered_cpu_seconds_total: Counter::new(
+                "tollgate_metered_cpu_seconds_total",
+                "CPU time of hosted services charged to their owners through this node (settled).",
+            )?,
         };
         registry.register(Box::new(m.settle_batches_total.clone()))?;
         registry.register(Box::new(m.settle_failures_total.clone()))?;
@@ -61,6 +66,7 @@ impl CacheMetrics {
         registry.register(Box::new(m.journal_depth.clone()))?;
         registry.register(Box::new(m.lease_drift_total.clone()))?;
         registry.register(Box::new(m.feed_lag_seconds.clone()))?;
+        registry.register(Box::new(m.metered_cpu_seconds_total.clone()))?;
         Ok(m)
     }
 }

@@ -151,9 +151,16 @@ async fn three_nodes_burning_cpu_overspend_no_more_than_the_bound() {
         cpu_us += c;
         paid += p;
     }
+    let metrics: Vec<_> = nodes.iter().map(|n| n.metrics.clone()).collect();
     for n in nodes {
         n.shutdown().await;
     }
+    // What SREs see: the CPU the nodes charged, in seconds.
+    let seen: f64 = metrics
+        .iter()
+        .map(|m| m.metered_cpu_seconds_total.get())
+        .sum();
+    assert!((seen - cpu_us as f64 / 1e6).abs() < 1e-6, "{seen} s");
     let st = admin.account("cpu").await.unwrap().unwrap();
     assert!(st.holds_invariant(), "{st:?}");
     assert_eq!(st.leased, 0);

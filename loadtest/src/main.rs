@@ -64,6 +64,9 @@ enum ScenarioCmd {
         concurrency: usize,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Serve from real workerd deployments and reconcile their CPU too.
+        #[arg(long)]
+        runtime: bool,
     },
     /// Metering on vs off on the same node in the same run (interleaved reps).
     Overhead {
@@ -152,12 +155,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 accounts,
                 concurrency,
                 seconds,
+                runtime,
             } => {
                 let r = scenario::reconcile(
                     services,
                     accounts,
                     Mode::Closed { concurrency },
                     Duration::from_secs_f64(seconds),
+                    runtime,
                 )
                 .await?;
                 println!("{}", scenario::to_json(&r));

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tollgate_balance_cache::AgentConfig;
+use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics};
 use tollgate_metering::{Prices, RedisStore, Store};
 use tollgate_proxy::{MeteringOptions, Proxy, ProxyOptions, RedisConfig, Stop, StopHandle};
 use tollgate_routes::{Route, RouteKey, RouteStore};
+use tollgate_runtime::{CpuDelta, CpuSink, DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
 use tollgate_testkit::{RedisServer, Upstream, free_addr};
 
 use crate::{HostSpec, Mode, Plan, Report};
@@ -145,15 +146,25 @@ impl Drop for Stack {
 #[derive(Debug, Serialize)]
 pub struct AccountCheck {
     pub account: String,
+    /// The generator's own record: requests answered × the request price.
     pub expected_picos: i64,
+    /// What the ledger's settle lines charged this account for requests and for CPU.
+    pub ledger_request_picos: i64,
+    pub ledger_cpu_us: u64,
+    /// The runtime's own count of the CPU of this account's deployments (`--runtime` only).
+    pub runtime_cpu_us: Option<u64>,
     pub debited_picos: i64,
     pub leased_picos: i64,
+    /// Request debits equal the generator's record, CPU debits equal the runtime's count, and
+    /// the account's `debited` is exactly their sum at the prices.
     pub exact: bool,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Reconciliation {
     pub scenario: &'static str,
+    /// Services were real workerd deployments whose CPU was charged (`--runtime`).
+    pub runtime: bool,
     pub services: usize,
     pub accounts: usize,
     pub nodes: usize,
@@ -164,19 +175,32 @@ pub struct Reconciliation {
 
 /// `services` hostnames owned by `accounts` accounts, load over two proxy nodes sharing one
 /// Redis; then every account's request debits in the ledger must equal the generator's own
-/// record exactly.
+/// record exactly. With `runtime`, each service is a real workerd deployment doing some CPU
+/// work per request, its CPU charged as it accrues through a third metering node (as the
+/// control service does); then every account's CPU debits must also equal the runtime's own
+/// count of its deployments' CPU.
 pub async fn reconcile(
     services: usize,
     accounts: usize,
     mode: Mode,
     duration: Duration,
+    runtime: bool,
 ) -> anyhow::Result<Reconciliation> {
     anyhow::ensure!(services > 0 && accounts > 0, "need services and accounts");
     let mut stack = Stack::start().await?;
+    let mut hosted = if runtime {
+        Some(Hosted::start(&stack).await?)
+    } else {
+        None
+    };
     let mut hosts = Vec::new();
     for i in 0..services {
         let account = format!("acct-{}", i % accounts);
-        let host = stack.publish(&format!("svc-{i}"), Some(&account)).await?;
+        let slug = format!("svc-{i}");
+        let host = match &mut hosted {
+            Some(h) => h.deploy(&stack, &slug, &account).await?,
+            None => stack.publish(&slug, Some(&account)).await?,
+        };
         hosts.push(HostSpec {
             host,
             account: Some(account),
@@ -198,7 +222,8 @@ pub async fn reconcile(
     let plan = Plan {
         targets: stack.node_addrs(),
         hosts,
-        path: "/".into(),
+        // Some CPU per request for workerd (a stub upstream ignores the query).
+        path: "/?work=20000".into(),
         mode,
         duration,
         warmup: Duration::ZERO,
@@ -206,6 +231,13 @@ pub async fn reconcile(
     };
     let load = crate::run(&plan).await?;
     stack.stop_nodes()?;
+    // The runtime's own count, after its last samples are charged and settled.
+    let runtime_cpu = match hosted {
+        Some(h) => Some(h.stop().await?),
+        None => None,
+    };
+    let ledger = stack.store.ledger().await?;
+    let prices = Prices::default();
     let mut checks = Vec::new();
     for a in 0..accounts {
         let account = format!("acct-{a}");
@@ -219,16 +251,33 @@ pub async fn reconcile(
             .get(&account)
             .copied()
             .unwrap_or(0);
+        let mine = ledger
+            .iter()
+            .filter(|e| e.kind == "settle" && e.account == account);
+        let requests: u64 = mine.clone().map(|e| e.requests).sum();
+        let ledger_cpu_us: u64 = mine.map(|e| e.cpu_us).sum();
+        let ledger_request_picos = requests as i64 * prices.per_request;
+        let runtime_cpu_us = runtime_cpu
+            .as_ref()
+            .map(|m| m.get(&account).copied().unwrap_or(0));
+        // Without the runtime nothing uses CPU: the ledger must hold none.
+        let exact = ledger_request_picos == expected
+            && runtime_cpu_us.unwrap_or(0) == ledger_cpu_us
+            && state.debited == expected + ledger_cpu_us as i64 * prices.per_cpu_us;
         checks.push(AccountCheck {
-            exact: state.debited == expected,
+            exact,
             account,
             expected_picos: expected,
+            ledger_request_picos,
+            ledger_cpu_us,
+            runtime_cpu_us,
             debited_picos: state.debited,
             leased_picos: state.leased,
         });
     }
     Ok(Reconciliation {
         scenario: "reconcile",
+        runtime,
         services,
         accounts,
         nodes: 2,
@@ -236,6 +285,99 @@ pub async fn reconcile(
         load,
         checks,
     })
+}
+
+/// A Worker that does `work` iterations of arithmetic per request: real, variable CPU.
+const WORKER: &str = r#"export default {
+  async fetch(request) {
+    const n = Number(new URL(request.url).searchParams.get('work') ?? '0');
+    let x = 0;
+    for (let i = 0; i < n; i++) { x += Math.sqrt(x + i); }
+    return new Response('ok ' + (x >= 0));
+  },
+};
+"#;
+
+/// The runtime's CPU deltas charged through a metering node, as `tollgate dev` and the
+/// control service wire it.
+struct ChargeCpu(Arc<BalanceCache>);
+
+impl CpuSink for ChargeCpu {
+    fn record(&self, deltas: &[CpuDelta]) {
+        for d in deltas {
+            self.0.charge_cpu(&d.account_id, d.cpu_us);
+        }
+    }
+}
+
+/// workerd deployments and the metering node that charges their CPU.
+struct Hosted {
+    sup: Supervisor,
+    deployments: Vec<(String, String)>,
+    stop: tokio::sync::watch::Sender<bool>,
+    agent: tokio::task::JoinHandle<()>,
+}
+
+impl Hosted {
+    async fn start(stack: &Stack) -> anyhow::Result<Hosted> {
+        let toolchain = Toolchain::ensure(&Toolchain::source_tree_dir())?;
+        let cache = BalanceCache::new(Prices::default());
+        let cfg = AgentConfig::new("runtime", stack.dir.path().join("runtime.journal"));
+        let metrics = CacheMetrics::new(&prometheus::Registry::new())?;
+        let agent = Agent::start(cache.clone(), stack.store.clone(), cfg, metrics).await?;
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let agent = tokio::spawn(agent.run(rx));
+        let rt = RuntimeConfig {
+            data_dir: stack.dir.path().join("runtime"),
+            ..RuntimeConfig::default()
+        };
+        let (sup, _events) = Supervisor::new(rt, toolchain, Arc::new(ChargeCpu(cache)))?;
+        Ok(Hosted {
+            sup,
+            deployments: Vec::new(),
+            stop,
+            agent,
+        })
+    }
+
+    async fn deploy(&mut self, stack: &Stack, slug: &str, account: &str) -> anyhow::Result<String> {
+        let id = format!("dep-{slug}");
+        let started = self
+            .sup
+            .start(DeploymentSpec {
+                deployment_id: id.clone(),
+                project_id: format!("proj-{slug}"),
+                account_id: account.to_owned(),
+                code: WORKER.to_owned(),
+                compatibility_date: "2025-01-01".into(),
+                env: BTreeMap::new(),
+            })
+            .await?;
+        let route = Route {
+            upstreams: vec![started.addr],
+            account_id: Some(account.to_owned()),
+            project_id: Some(format!("proj-{slug}")),
+            deployment_id: Some(id.clone()),
+        };
+        stack.routes.put(&RouteKey::slug(slug)?, &route).await?;
+        self.deployments.push((id, account.to_owned()));
+        Ok(format!("{slug}.localhost"))
+    }
+
+    /// Stops every deployment (its last CPU charged), then the metering node (settled); returns
+    /// the runtime's count of CPU-µs per account.
+    async fn stop(self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let mut cpu = BTreeMap::new();
+        for (id, account) in &self.deployments {
+            self.sup.stop(id, false).await?;
+            let used = self.sup.status(id).map_or(0, |s| s.cpu_us_total);
+            *cpu.entry(account.clone()).or_insert(0) += used;
+        }
+        self.sup.shutdown().await;
+        let _ = self.stop.send(true);
+        self.agent.await?;
+        Ok(cpu)
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -13,6 +13,7 @@ async fn multi_node_run_reconciles_exactly_with_the_ledger() {
         4,
         Mode::Closed { concurrency: 8 },
         Duration::from_secs(2),
+        false,
     )
     .await
     .unwrap();
@@ -41,6 +42,7 @@ async fn open_loop_run_also_reconciles() {
             concurrency: 8,
         },
         Duration::from_secs(2),
+        false,
     )
     .await
     .unwrap();

@@ -13,7 +13,7 @@ pub mod types;
 pub use embedded::EmbeddedStore;
 pub use journal::{Journal, JournalError};
 pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};
-pub use redis_store::RedisStore;
+pub use redis_store::{DEFAULT_LEDGER_RETENTION, RedisStore};
 pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
 pub use types::{
     AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,

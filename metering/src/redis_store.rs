@@ -225,8 +225,34 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now, 'LIM
   local id, field = string.sub(m, 1, bar - 1), string.sub(m, bar + 1)
   n = n + return_lease(p, id, field, 'expire')
 end
+-- The ledger is an audit trail (idempotency lives in the high-water marks and the credit keys):
+-- entries older than the retention go, exactly, so Redis does not grow forever.
+-- At most 1,000 entries per round, so a long backlog (retention just lowered, or a first run
+-- after an upgrade) cannot block Redis: the rounds catch up.
+local keep = tonumber(ARGV[2] or '0') or 0
+if keep > 0 and now > keep then
+  local old = redis.call('XRANGE', p .. ':ledger', '-', string.format('%d', now - keep),
+    'COUNT', 1000)
+  if #old > 0 then
+    local ids = {}
+    for i, e in ipairs(old) do ids[i] = e[1] end
+    redis.call('XDEL', p .. ':ledger', unpack(ids))
+  end
+end
 return n
 "#;
+
+/// How long the ledger stream keeps entries by default (a billing dispute window); export it
+/// (`XRANGE`) to keep more.
+pub const DEFAULT_LEDGER_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+
+impl RedisStore {
+    /// Ledger entries older than this are trimmed by the periodic reaper (zero: keep all).
+    pub fn with_ledger_retention(mut self, keep: Duration) -> Self {
+        self.ledger_retention = keep;
+        self
+    }
+}
 
 /// Redis-backed store. Cheap to clone.
 #[derive(Clone)]
@@ -235,6 +261,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     lease_ttl: Duration,
+    ledger_retention: Duration,
     settle: redis::Script,
     credit: redis::Script,
     charge: redis::Script,
@@ -271,6 +298,7 @@ impl RedisStore {
             conn,
             prefix: prefix.to_owned(),
             lease_ttl,
+            ledger_retention: DEFAULT_LEDGER_RETENTION,
             settle: redis::Script::new(&format!("{LUA_COMMON}{SETTLE}")),
             credit: redis::Script::new(&format!("{LUA_COMMON}{CREDIT}")),
             charge: redis::Script::new(&format!("{LUA_COMMON}{CHARGE}")),
@@ -623,6 +651,7 @@ impl Store for RedisStore {
         let mut c = self.conn.clone();
         self.reap
             .arg(&self.prefix)
+            .arg(self.ledger_retention.as_millis() as u64)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)

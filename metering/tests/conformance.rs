@@ -571,6 +571,40 @@ async fn embedded_store_survives_a_restart() {
     assert_eq!(s.ledger().await.unwrap().len(), 2);
 }
 
+/// The Redis ledger is trimmed by age on the reaper's rounds; money and idempotency do not
+/// depend on it: a credit resubmitted after its ledger entry is gone is still applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ledger_is_trimmed_by_age_and_idempotency_survives() {
+    let redis = RedisServer::start();
+    let s = RedisStore::connect(&redis.url(), "tollgate", TTL)
+        .await
+        .unwrap()
+        .with_ledger_retention(Duration::from_millis(200));
+    s.credit("lea", "voucher-1", USD).await.unwrap();
+    s.reap_expired().await.unwrap();
+    assert_eq!(s.ledger().await.unwrap().len(), 1, "young entries stay");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.credit("lea", "voucher-2", USD).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.reap_expired().await.unwrap();
+    let ledger = s.ledger().await.unwrap();
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    assert_eq!(ledger[0].key, "credit:voucher-2");
+    // The trimmed credit's key still guards it.
+    assert!(!s.credit("lea", "voucher-1", USD).await.unwrap().applied);
+    let st = state(&s, "lea").await;
+    assert_eq!(st.credited, 2 * USD);
+    assert!(st.holds_invariant());
+    // Retention zero keeps everything.
+    let all = RedisStore::connect(&redis.url(), "tollgate", TTL)
+        .await
+        .unwrap()
+        .with_ledger_retention(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    all.reap_expired().await.unwrap();
+    assert_eq!(all.ledger().await.unwrap().len(), 1);
+}
+
 #[test]
 fn the_grant_rule() {
     assert_eq!(grant(10, 100), 10, "plenty: all of the ask");

@@ -14,6 +14,11 @@ use tollgate_metering::{EmbeddedStore, Prices, RedisStore, Store};
 /// request (the runtime's in-flight count, which its per-request CPU cap needs).
 pub trait RequestHooks: Send + Sync + 'static {
     fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>>;
+
+    /// Called once the node has stopped serving, before its final settle (blocking, on a thread
+    /// outside any async runtime): whatever still charges this node (the runtime's last CPU
+    /// samples) must be done by then, or its charges would miss the last batch.
+    fn before_final_settle(&self) {}
 }
 
 /// MPP at the proxy, for services whose owner ran out of credit: the 402 carries a
@@ -58,6 +63,8 @@ pub enum StoreSource {
         url: String,
         prefix: String,
         lease_ttl: Duration,
+        /// Ledger entries older than this are trimmed (zero: keep all).
+        ledger_retention: Duration,
     },
     /// One node alone (`tollgate dev`, a single-node install): a durable file.
     Embedded { path: PathBuf, lease_ttl: Duration },
@@ -71,9 +78,10 @@ impl StoreSource {
                 url,
                 prefix,
                 lease_ttl,
+                ledger_retention,
             } => RedisStore::connect(url, prefix, *lease_ttl)
                 .await
-                .map(|s| Arc::new(s) as Arc<dyn Store>)
+                .map(|s| Arc::new(s.with_ledger_retention(*ledger_retention)) as Arc<dyn Store>)
                 .map_err(|e| e.to_string()),
             StoreSource::Embedded { path, lease_ttl } => EmbeddedStore::open(path, *lease_ttl)
                 .map(|s| Arc::new(s) as Arc<dyn Store>)

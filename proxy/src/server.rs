@@ -219,6 +219,7 @@ impl Proxy {
             });
         }
 
+        let hooks = opts.metering.as_ref().and_then(|m| m.hooks.clone());
         let (gate, agent_task) = match (metering, &opts.metering) {
             (Some((cache, gate, cache_metrics)), Some(m)) => {
                 let agent = run_agent(
@@ -295,7 +296,11 @@ impl Proxy {
             before_exit: {
                 let stop = bg_stop_tx.clone();
                 let done = std::sync::Mutex::new(done_rx);
+                let hooks = hooks.clone();
                 Arc::new(move || {
+                    if let Some(h) = &hooks {
+                        h.before_final_settle();
+                    }
                     // Settle what is left, return leases, flush usage; then exit.
                     let _ = stop.send(true);
                     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -318,6 +323,9 @@ impl Proxy {
             shutdown_signal: Box::new(watcher),
         });
 
+        if let Some(h) = &hooks {
+            h.before_final_settle();
+        }
         let _ = bg_stop_tx.send(true);
         if let Some(task) = agent_task {
             // The agent settles what is left and returns its leases; give it time to.
@@ -330,8 +338,35 @@ impl Proxy {
     }
 }
 
+/// How many stand-in identities a node may take while another process of the same node holds
+/// its journal (a zero-downtime upgrade runs the old and the new process side by side).
+const STAND_INS: u32 = 3;
+
+/// The configuration of stand-in `n` of `base` (0 is `base` itself): node `<id>.<n>`, journal
+/// `<id>.<n>.journal` beside the node's own.
+fn stand_in(
+    base: &tollgate_balance_cache::AgentConfig,
+    n: u32,
+) -> tollgate_balance_cache::AgentConfig {
+    if n == 0 {
+        return base.clone();
+    }
+    let mut cfg = base.clone();
+    cfg.node_id = format!("{}.{n}", base.node_id);
+    cfg.journal_path = base
+        .journal_path
+        .with_file_name(format!("{}.journal", cfg.node_id));
+    cfg
+}
+
 /// Starts the metering agent (retrying while the store is unreachable: requests get 503 meanwhile)
 /// and runs it until shutdown, when it settles what is left and returns its leases.
+///
+/// A journal has one owner. When another process of this node holds it (the old process of a
+/// zero-downtime upgrade, draining), this one meters at once as a stand-in node with its own
+/// journal and leases instead of answering 503 until the old one exits. Once running, it replays
+/// the journals of stand-ins no process holds (left by a crash), so their usage is not held back
+/// until the next upgrade.
 async fn run_agent(
     cache: Arc<BalanceCache>,
     store: crate::gate::StoreSource,
@@ -339,17 +374,33 @@ async fn run_agent(
     metrics: CacheMetrics,
     mut stop: watch::Receiver<bool>,
 ) {
+    use tollgate_balance_cache::AgentError;
+    use tollgate_metering::JournalError;
     let mut wait = Duration::from_millis(100);
-    let agent = loop {
+    let mut n = 0;
+    let (agent, mine) = loop {
+        let try_cfg = stand_in(&cfg, n);
         let started = match store.open().await {
-            Ok(store) => Agent::start(cache.clone(), store, cfg.clone(), metrics.clone())
+            Ok(store) => Agent::start(cache.clone(), store, try_cfg.clone(), metrics.clone())
                 .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+                .map_err(|e| {
+                    (
+                        matches!(e, AgentError::Journal(JournalError::Locked { .. })),
+                        e.to_string(),
+                    )
+                }),
+            Err(e) => Err((false, e)),
         };
         match started {
-            Ok(a) => break a,
-            Err(e) => {
+            Ok(a) => {
+                if n > 0 {
+                    tracing::info!(node = %try_cfg.node_id, "journal held by another process of this node (an upgrade?): metering as a stand-in");
+                }
+                break (a, n);
+            }
+            Err((true, _)) if n < STAND_INS => n += 1,
+            Err((_, e)) => {
+                n = 0;
                 tracing::warn!(error = %e, "metering agent cannot start yet; metered routes answer 503");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -359,7 +410,51 @@ async fn run_agent(
             }
         }
     };
+    tokio::spawn(replay_orphans(store, cfg, mine, *cache.prices()));
     agent.run(stop).await;
+}
+
+/// Settles what the journals of this node's unheld identities still hold (a crashed process),
+/// each through a short-lived agent of its own: replay, then release that incarnation.
+async fn replay_orphans(
+    store: crate::gate::StoreSource,
+    base: tollgate_balance_cache::AgentConfig,
+    mine: u32,
+    prices: tollgate_metering::Prices,
+) {
+    for n in (0..=STAND_INS).filter(|&n| n != mine) {
+        let cfg = stand_in(&base, n);
+        if !cfg.journal_path.exists() {
+            continue;
+        }
+        // Held by a live process (it settles its own), or nothing left to send (the common case:
+        // a process that exited cleanly): leave it. Leases of a crashed one expire by themselves.
+        match tollgate_metering::Journal::open(&cfg.journal_path) {
+            Ok(j) if !j.pending().is_empty() => {}
+            _ => continue,
+        }
+        let Ok(store) = store.open().await else {
+            return;
+        };
+        let metrics = match CacheMetrics::new(&prometheus::Registry::new()) {
+            Ok(m) => m,
+            Err(_) => return,
+        };
+        // Its own cache: the replayed batches' grants must not reach the serving cache.
+        let scratch = BalanceCache::new(prices);
+        match Agent::start(scratch, store, cfg.clone(), metrics).await {
+            Ok(agent) => {
+                // Started = replayed; a stop right away returns its leases and releases it.
+                let (tx, rx) = watch::channel(false);
+                let run = tokio::spawn(agent.run(rx));
+                let _ = tx.send(true);
+                let _ = run.await;
+                tracing::info!(node = %cfg.node_id, "replayed a journal no process held");
+            }
+            // Held by a live process (it settles its own), or unreachable: nothing to do here.
+            Err(e) => tracing::debug!(node = %cfg.node_id, error = %e, "journal not replayed"),
+        }
+    }
 }
 
 /// Exits the process once `after` has passed and no request is in flight (binary only), after

@@ -121,7 +121,8 @@ pub trait CpuSink: Send + Sync + 'static {
 
     /// Called right after `record`: the deployments among `deltas` whose owner can no longer
     /// pay for the CPU they keep using. The runtime interrupts them (kills the process and
-    /// restarts it idle), so a CPU-heavy request cannot run far past an empty balance.
+    /// starts it again at once, with nothing in flight), so a CPU-heavy request cannot run far
+    /// past an empty balance.
     /// Default: none (nothing is metered).
     fn unpaid(&self, _deltas: &[CpuDelta]) -> Vec<Arc<str>> {
         Vec::new()
@@ -646,6 +647,21 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The last CPU of a process that is stopping or gone, charged like any sample: without
+    /// it, the runtime's account of a deployment's CPU would exceed what its owner paid.
+    fn take_and_charge(&self, dep: &Deployment) {
+        if let Some(cpu_us) = take_delta(dep).filter(|d| *d > 0) {
+            self.cpu_sink.record(&[CpuDelta {
+                deployment_id: dep.id.clone(),
+                project_id: dep.project.clone(),
+                account_id: dep.account.clone(),
+                cpu_us,
+            }]);
+        }
+    }
+}
+
 /// CPU since the last read of this deployment's current process.
 fn take_delta(dep: &Deployment) -> Option<u64> {
     let mut guard = dep.proc_.lock().ok()?;
@@ -769,7 +785,13 @@ async fn monitor(
                 }
                 _ = dep.idle_req.notified() => true,
                 _ = dep.cpu_kill.notified() => {
-                    let _ = sp.child.start_kill();
+                    // A wake-up left over from a process that is gone (its flag was cleared)
+                    // must not kill this one.
+                    if dep.killed_for_cpu.load(Ordering::Acquire)
+                        || dep.killed_unpaid.load(Ordering::Acquire)
+                    {
+                        let _ = sp.child.start_kill();
+                    }
                     false
                 }
             };
@@ -800,9 +822,9 @@ async fn monitor(
                 while dep.inflight.count() > 0 && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                let _ = take_delta(&dep);
+                inner.take_and_charge(&dep);
                 instance::stop(&mut sp.child, cfg.stop_grace).await;
-                let _ = take_delta(&dep);
+                inner.take_and_charge(&dep);
                 end_proc(&dep, &meter);
                 // An interruption asked for meanwhile is moot: the process is gone.
                 dep.killed_unpaid.store(false, Ordering::Release);
@@ -832,21 +854,24 @@ async fn monitor(
             }
             Exit::Stop => {
                 dep.update(|s| s.phase = Phase::Stopping);
-                let _ = take_delta(&dep);
+                inner.take_and_charge(&dep);
                 instance::stop(&mut sp.child, cfg.stop_grace).await;
-                let _ = take_delta(&dep); // cgroup meters still read after exit
+                inner.take_and_charge(&dep); // cgroup meters still read after exit
                 end_proc(&dep, &meter);
                 finish_stopped(&dep);
                 return;
             }
             Exit::Crashed(status) => {
-                let _ = take_delta(&dep);
+                inner.take_and_charge(&dep);
                 end_proc(&dep, &meter);
                 let exit = match status {
                     Ok(s) => s.to_string(),
                     Err(e) => e.to_string(),
                 };
-                if dep.killed_for_cpu.swap(false, Ordering::AcqRel) {
+                // Both flags are cleared here: one left set would block later kills.
+                let capped = dep.killed_for_cpu.swap(false, Ordering::AcqRel);
+                let unpaid = dep.killed_unpaid.swap(false, Ordering::AcqRel);
+                if capped {
                     // Our own kill: restart at once, not counted as a crash.
                     dep.update(|s| {
                         s.cpu_limit_kills += 1;
@@ -856,7 +881,7 @@ async fn monitor(
                     });
                     continue;
                 }
-                if dep.killed_unpaid.swap(false, Ordering::AcqRel) {
+                if unpaid {
                     dep.update(|s| {
                         s.restarts += 1;
                         s.last_exit = Some("interrupted: prepaid balance used up".to_owned());
