@@ -277,7 +277,7 @@ fn upgrade_under_traffic(
 fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests() {
     let up = Upstream::start("up");
     let route = format!("u.localhost={}", up.addr);
-    upgrade_under_traffic(
+    let (mut new, _, served) = upgrade_under_traffic(
         |listen, upgrade| {
             let mut c = bin();
             c.args(["proxy", "--listen", &listen.to_string()])
@@ -290,6 +290,11 @@ fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests()
         },
         "u.localhost",
         "up",
+    );
+    assert!(served > 100, "{served}");
+    assert!(
+        new.0.try_wait().unwrap().is_none(),
+        "the new process keeps serving"
     );
 }
 

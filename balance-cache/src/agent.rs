@@ -613,6 +613,23 @@ fn apply_status(
     }
 }
 
+/// Applies one account change from the store (feed or resync) to its slot, if cached here;
+/// true when the slot changed.
+fn apply_change(cache: &BalanceCache, c: &tollgate_metering::AccountChange) -> bool {
+    cache
+        .map
+        .with(&c.account, |_, slot| {
+            apply_status(
+                slot,
+                c.version,
+                c.status,
+                c.available < -cache.cpu_debt_limit(),
+                Source::Feed,
+            )
+        })
+        .unwrap_or(false)
+}
+
 /// Applies the change feed: newer versions only; after a `Resync` (or lag), re-reads every
 /// cached account from the store.
 async fn follow_feed(
@@ -633,16 +650,7 @@ async fn follow_feed(
                 // trip), not at once: every node asking at once would let a node with no traffic
                 // for it take a small top-up and hold it until `idle_return`, while the node
                 // that has the traffic answers 402.
-                let changed = cache.map.with(&c.account, |_, slot| {
-                    apply_status(
-                        slot,
-                        c.version,
-                        c.status,
-                        c.available < -cache.cpu_debt_limit(),
-                        Source::Feed,
-                    )
-                });
-                if changed == Some(true) {
+                if apply_change(&cache, &c) {
                     cache.changed.notify_waiters();
                 }
                 // Store clock to this node's clock: exact on one machine; across machines it
@@ -673,15 +681,7 @@ async fn follow_feed(
                         }
                     };
                     for c in states.into_iter().flatten() {
-                        cache.map.with(&c.account, |_, slot| {
-                            apply_status(
-                                slot,
-                                c.version,
-                                c.status,
-                                c.available < -cache.cpu_debt_limit(),
-                                Source::Feed,
-                            )
-                        });
+                        apply_change(&cache, &c);
                     }
                 }
                 cache.changed.notify_waiters();
