@@ -90,6 +90,49 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok);
 }
 
+/// `tollgate routes put`: `slug` served from `upstream`, owned (and paid for) by `account`.
+fn put_metered_route(redis: &str, slug: &str, upstream: SocketAddr, account: &str) {
+    let out = bin()
+        .args(["routes", "put", "--redis", redis, "--slug", slug])
+        .args(["--upstream", &upstream.to_string(), "--account-id", account])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+/// `tollgate accounts credit` (idempotent by `key`); its output, JSON on stdout.
+fn credit_account(redis: &str, account: &str, usd: &str, key: &str) -> std::process::Output {
+    bin()
+        .stdout(Stdio::piped())
+        .args(["accounts", "credit", "--redis", redis, "--account", account])
+        .args(["--usd", usd, "--key", key])
+        .output()
+        .unwrap()
+}
+
+/// `tollgate accounts show`, parsed.
+fn account_json(redis: &str, account: &str) -> serde_json::Value {
+    let shown = bin()
+        .stdout(Stdio::piped())
+        .args(["accounts", "show", "--redis", redis, account])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&shown.stdout).unwrap()
+}
+
+/// SIGTERM, then wait (bounded) for the exit.
+fn terminate(p: &mut Proc) -> std::process::ExitStatus {
+    signal(&p.0, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the process did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn proxy_fronts_an_upstream_and_exits_0_on_sigterm() {
     let up = Upstream::start("fronted");
@@ -111,17 +154,7 @@ fn proxy_fronts_an_upstream_and_exits_0_on_sigterm() {
     assert_eq!(get(&c, &format!("http://{admin}/readyz")).0, 200);
 
     let t = Instant::now();
-    signal(&p.0, "-TERM");
-    let status = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = terminate(&mut p);
     assert_eq!(status.code(), Some(0));
     // Idle: it exits as soon as it drained, not after the whole drain timeout (30 s).
     assert!(
@@ -306,30 +339,12 @@ fn a_metered_route_upgrades_without_a_503_and_every_request_is_paid_once() {
     let redis = RedisServer::start();
     let up = Upstream::start("paid");
     let data = tempfile::tempdir().unwrap();
-    let ok = bin()
-        .args(["routes", "put", "--redis", &redis.url(), "--slug", "paid"])
-        .args([
-            "--upstream",
-            &up.addr.to_string(),
-            "--account-id",
-            "acct-up",
-        ])
-        .output()
-        .unwrap();
-    assert!(ok.status.success());
-    let credited = bin()
-        .args([
-            "accounts",
-            "credit",
-            "--redis",
-            &redis.url(),
-            "--account",
-            "acct-up",
-        ])
-        .args(["--usd", "5", "--key", "upgrade-test"])
-        .output()
-        .unwrap();
-    assert!(credited.status.success());
+    put_metered_route(&redis.url(), "paid", up.addr, "acct-up");
+    assert!(
+        credit_account(&redis.url(), "acct-up", "5", "upgrade-test")
+            .status
+            .success()
+    );
     let (mut new, _, served) = upgrade_under_traffic(
         |listen, upgrade| {
             let mut c = bin();
@@ -345,18 +360,8 @@ fn a_metered_route_upgrades_without_a_503_and_every_request_is_paid_once() {
         "paid.localhost",
         "paid",
     );
-    signal(&new.0, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while new.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "new process did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let shown = bin()
-        .stdout(Stdio::piped())
-        .args(["accounts", "show", "--redis", &redis.url(), "acct-up"])
-        .output()
-        .unwrap();
-    let acct: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(terminate(&mut new).success());
+    let acct = account_json(&redis.url(), "acct-up");
     assert_eq!(
         acct["debited"],
         i64::from(served) * 500_000,
@@ -383,17 +388,7 @@ fn metered_route_is_402_until_an_operator_credits_the_account() {
             .args(["--admin-listen", &free_addr().to_string()]);
         c
     });
-    let out = bin()
-        .args(["routes", "put", "--redis", &redis.url(), "--slug", "paid"])
-        .args([
-            "--upstream",
-            &up.addr.to_string(),
-            "--account-id",
-            "acct-ops",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    put_metered_route(&redis.url(), "paid", up.addr, "acct-ops");
     let c = reqwest::blocking::Client::builder()
         .resolve("paid.localhost", proxy)
         .build()
@@ -407,21 +402,7 @@ fn metered_route_is_402_until_an_operator_credits_the_account() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let credit = || {
-        bin()
-            .stdout(Stdio::piped())
-            .args([
-                "accounts",
-                "credit",
-                "--redis",
-                &redis.url(),
-                "--account",
-                "acct-ops",
-            ])
-            .args(["--usd", "0.01", "--key", "ticket-42"])
-            .output()
-            .unwrap()
-    };
+    let credit = || credit_account(&redis.url(), "acct-ops", "0.01", "ticket-42");
     let out = credit();
     assert!(
         out.status.success(),
@@ -443,22 +424,9 @@ fn metered_route_is_402_until_an_operator_credits_the_account() {
     }
     assert_eq!(get(&c, &url), (200, "paid".into()));
     // A graceful stop settles what was served and returns the node's lease before exiting.
-    signal(&dev.0, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = dev.0.try_wait().unwrap() {
-            assert!(status.success(), "{status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "dev did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let shown = bin()
-        .stdout(Stdio::piped())
-        .args(["accounts", "show", "--redis", &redis.url(), "acct-ops"])
-        .output()
-        .unwrap();
-    let acct: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let status = terminate(&mut dev);
+    assert!(status.success(), "{status}");
+    let acct = account_json(&redis.url(), "acct-ops");
     assert_eq!(
         acct["debited"],
         2 * 500_000i64,
@@ -585,16 +553,8 @@ fn control_command_serves_and_stops_on_sigterm() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 503);
-    signal(&p.0, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = p.0.try_wait().unwrap() {
-            assert!(status.success(), "{status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "control did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = terminate(&mut p);
+    assert!(status.success(), "{status}");
 }
 
 /// The path an agent takes on a developer's machine, with the real binary and the official MCP
@@ -614,19 +574,11 @@ fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
         c
     });
     wait_for_control(control, &mut dev);
-    let credit = bin()
-        .args([
-            "accounts",
-            "credit",
-            "--redis",
-            &redis.url(),
-            "--account",
-            "acct-dev",
-        ])
-        .args(["--usd", "1.00", "--key", "dev-credit"])
-        .output()
-        .unwrap();
-    assert!(credit.status.success());
+    assert!(
+        credit_account(&redis.url(), "acct-dev", "1.00", "dev-credit")
+            .status
+            .success()
+    );
 
     let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
     assert!(
