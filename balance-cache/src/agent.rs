@@ -132,6 +132,8 @@ pub struct Agent {
     known: HashMap<Box<str>, Known>,
     metrics: CacheMetrics,
     shutdown: Option<watch::Receiver<bool>>,
+    /// For logging the moment spending stops (and starts again).
+    leases_were_valid: bool,
 }
 
 impl Agent {
@@ -144,6 +146,7 @@ impl Agent {
         metrics: CacheMetrics,
     ) -> Result<Agent, AgentError> {
         cfg.validate()?;
+        crate::clock::ensure_running().map_err(AgentError::Config)?;
         cache.set_cpu_debt_limit_ms(cfg.cpu_debt_limit_ms);
         let mut journal = Journal::open(&cfg.journal_path)?;
         let pending: Vec<SettleBatch> = journal.pending().to_vec();
@@ -198,6 +201,7 @@ impl Agent {
             known: HashMap::new(),
             metrics,
             shutdown: None,
+            leases_were_valid: true,
         })
     }
 
@@ -249,8 +253,9 @@ impl Agent {
 
     /// One settle round. `closing`: return every lease.
     pub async fn tick(&mut self, closing: bool) -> Result<(), AgentError> {
-        self.check_lease_validity();
-        let now_s = self.cache.tick_clock();
+        crate::clock::advance();
+        self.refresh_deadline();
+        let now_s = self.cache.now_s();
         self.cache.adopt_pending();
         let idle_s = self.cfg.idle_return.as_secs() as u32;
         let refresh_after = self.cfg.refresh_after();
@@ -365,7 +370,7 @@ impl Agent {
                     Ok(g) => break Ok(g),
                     Err(SettleError::Unavailable(e)) => {
                         self.cache.store_down.store(true, Ordering::Release);
-                        self.check_lease_validity();
+                        self.refresh_deadline();
                         tries += 1;
                         let stopping = self.shutdown.as_ref().is_some_and(|s| *s.borrow());
                         if (stopping && !closing) || (closing && tries >= 10) {
@@ -385,7 +390,7 @@ impl Agent {
                 Ok(grants) => {
                     self.apply(&batch, &grants, sent_at);
                     self.cache.store_down.store(false, Ordering::Release);
-                    self.check_lease_validity();
+                    self.refresh_deadline();
                     if let Err(e) = self.journal.ack(&batch) {
                         // Applied; a replay of it would be answered as a duplicate.
                         tracing::error!(error = %e, seq = batch.seq, "journal ack failed");
@@ -439,8 +444,9 @@ impl Agent {
 
     /// Abandons the current incarnation after the store refused its sequence: the unapplied
     /// batches' usage goes back to the slots (and their journal lines are acked, so a replay
-    /// cannot count them too), every lease of the old incarnation returns to its account, and
-    /// each slot's `remaining` drops by the lease it no longer has.
+    /// cannot count them too), each slot's `remaining` drops by the lease it is about to lose,
+    /// and only then every lease of the old incarnation returns to its account: the store may
+    /// hand that money to another node at once, so this node must have stopped spending it.
     async fn reincarnate(&mut self, unsent: Vec<SettleBatch>) -> Result<(), AgentError> {
         for b in &unsent {
             self.restore(&b.entries);
@@ -448,12 +454,13 @@ impl Agent {
                 self.journal.ack(b)?;
             }
         }
-        self.store.release(&self.inc).await?;
         for (account, k) in self.known.drain() {
             self.cache.map.with(&account, |_, slot| {
                 slot.remaining.fetch_sub(k.lease, Ordering::AcqRel);
             });
         }
+        self.refresh_deadline();
+        self.store.release(&self.inc).await?;
         self.inc = self.store.begin(&self.cfg.node_id).await?;
         self.journal.set_incarnation(&self.inc)?;
         self.next_seq = 1;
@@ -461,23 +468,34 @@ impl Agent {
         Ok(())
     }
 
-    /// Spending stops when the oldest lease this node holds was last refreshed longer ago than
-    /// the store keeps it, minus the safety margin (the reaper may give it away after that).
-    fn check_lease_validity(&self) {
+    /// Publishes when spending must stop: the earliest `last refresh + lease_ttl − lease_margin`
+    /// of the leases held (the store may give a lease away after its ttl; the refresh counts
+    /// from when its batch was first sent, which is no later than the store's own clock saw
+    /// it). The request path compares it with the coarse clock on every spend.
+    fn refresh_deadline(&mut self) {
         let limit = self.cfg.lease_ttl.saturating_sub(self.cfg.lease_margin);
-        let oldest = self
+        let limit_ms = limit.as_millis() as u64;
+        let deadline = self
             .known
             .values()
             .filter(|k| k.lease > 0)
             .filter_map(|k| k.last_settled)
-            .min();
-        let valid = oldest.is_none_or(|t| t.elapsed() <= limit);
-        let was = self.cache.leases_valid.swap(valid, Ordering::AcqRel);
-        if was && !valid {
+            .min()
+            .map_or(u64::MAX, |t| {
+                crate::clock::ms_of(t).saturating_add(limit_ms)
+            });
+        self.cache
+            .spend_deadline_ms
+            .store(deadline, Ordering::Release);
+        let valid = self.cache.leases_valid();
+        if self.leases_were_valid && !valid {
             tracing::warn!(
                 "a lease was not refreshed in time: spending stops until the store answers"
             );
+        } else if !self.leases_were_valid && valid {
+            tracing::info!("leases refreshed: spending again");
         }
+        self.leases_were_valid = valid;
     }
 
     fn apply(&mut self, batch: &SettleBatch, grants: &[LeaseGrant], sent_at: Instant) {

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use tokio::sync::Notify;
 use tollgate_metering::Prices;
@@ -99,17 +98,16 @@ pub struct BalanceCache {
     pub(crate) wake: Notify,
     /// The agent signals this after every settle reply or feed update.
     pub(crate) changed: Notify,
-    /// False when the store has been unreachable for longer than leases live: stop spending.
-    pub(crate) leases_valid: AtomicBool,
+    /// Leases may be spent while the coarse clock ([`crate::clock`], ms) is below this: the
+    /// earliest `lease start + ttl − margin` of the leases this node holds, set by the agent
+    /// from its settle replies. Checked by time on every spend, so a settle call blocked by a
+    /// partitioned store cannot extend it. `u64::MAX` while no lease is held.
+    pub(crate) spend_deadline_ms: AtomicU64,
     /// True while the last settle attempt failed to reach the store.
     pub(crate) store_down: AtomicBool,
     /// CPU this node lets an account run past its lease once it cannot pay (p$); see
     /// [`BalanceCache::cpu_unpaid`].
     cpu_debt_limit: AtomicI64,
-    started: Instant,
-    /// Seconds since `started`, advanced by the agent each tick: the hot path reads this
-    /// instead of the clock (`clock_gettime` cost more than the rest of `try_spend` here).
-    coarse_s: AtomicU32,
 }
 
 impl BalanceCache {
@@ -121,11 +119,9 @@ impl BalanceCache {
             prices,
             wake: Notify::new(),
             changed: Notify::new(),
-            leases_valid: AtomicBool::new(true),
+            spend_deadline_ms: AtomicU64::new(u64::MAX),
             store_down: AtomicBool::new(false),
             cpu_debt_limit: AtomicI64::new(debt_limit(&prices, DEFAULT_CPU_DEBT_MS)),
-            started: Instant::now(),
-            coarse_s: AtomicU32::new(0),
         })
     }
 
@@ -155,7 +151,7 @@ impl BalanceCache {
                     || (slot.remaining.load(Ordering::Acquire) < -self.cpu_debt_limit()
                         && (slot.is_suspended()
                             || self.store_down.load(Ordering::Relaxed)
-                            || !self.leases_valid.load(Ordering::Relaxed)))
+                            || !self.leases_valid()))
             })
             .unwrap_or(false)
     }
@@ -165,16 +161,16 @@ impl BalanceCache {
         self.cpu_debt_limit.load(Ordering::Relaxed)
     }
 
-    /// The coarse clock (seconds; at most one settle interval behind).
+    /// The coarse clock in seconds (idle detection).
     pub(crate) fn now_s(&self) -> u32 {
-        self.coarse_s.load(Ordering::Relaxed)
+        (crate::clock::now_ms() / 1000) as u32
     }
 
-    /// Advances the coarse clock (the agent calls this every tick).
-    pub(crate) fn tick_clock(&self) -> u32 {
-        let now = self.started.elapsed().as_secs() as u32;
-        self.coarse_s.store(now, Ordering::Relaxed);
-        now
+    /// Whether the leases this node holds may still be spent: their deadline, on this node's
+    /// own clock, has not passed.
+    #[inline]
+    pub fn leases_valid(&self) -> bool {
+        crate::clock::now_ms() < self.spend_deadline_ms.load(Ordering::Relaxed)
     }
 
     /// Charges one request to `account`. Lock-free; never blocks, never does I/O.
@@ -214,7 +210,7 @@ impl BalanceCache {
 
     #[inline]
     fn spend_slot(&self, key: SlotId, slot: &Slot, amount: i64, count_request: bool) -> Spend {
-        if !self.leases_valid.load(Ordering::Relaxed) {
+        if !self.leases_valid() {
             return Spend::Unavailable;
         }
         let now = self.now_s();

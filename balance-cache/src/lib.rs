@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cache;
+pub mod clock;
 pub mod metrics;
 mod slots;
 

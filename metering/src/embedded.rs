@@ -15,7 +15,7 @@ use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
 };
 use crate::types::{
-    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
     Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status,
 };
 
@@ -441,12 +441,12 @@ impl Store for EmbeddedStore {
         }
     }
 
-    async fn charge(
+    async fn debit(
         &self,
         account: &str,
         key: &str,
         amount: i64,
-        partial: bool,
+        mode: DebitMode,
     ) -> Result<ChargeOutcome, ChargeError> {
         validate_charge(account, key, amount)?;
         let (account, key_owned) = (account.to_owned(), key.to_owned());
@@ -474,11 +474,7 @@ impl Store for EmbeddedStore {
                     }));
                 }
                 let mut s = tx.get(&account)?;
-                let taken = if s.available >= amount {
-                    amount
-                } else if partial {
-                    s.available.max(0)
-                } else {
+                let Some(taken) = mode.take(amount, s.available, s.leased) else {
                     return Ok(R::Insufficient(s.available));
                 };
                 charges.insert(
@@ -498,9 +494,10 @@ impl Store for EmbeddedStore {
                     s.available -= taken;
                     touch(&mut s, &mut tx.changes);
                     tx.put(&s)?;
+                    let kind = mode.ledger_kind();
                     tx.log(&LedgerEntry {
-                        kind: "charge".into(),
-                        key: format!("charge:{key}"),
+                        kind: kind.into(),
+                        key: format!("{kind}:{key}"),
                         account: account.clone(),
                         amount: taken,
                         requests: 0,

@@ -37,6 +37,9 @@ pub struct Journal {
     /// Appended but not yet acknowledged, in order.
     pending: Vec<SettleBatch>,
     incarnation: Option<Incarnation>,
+    /// Tests: stop a compaction after its first durable step, as a crash there would.
+    #[cfg(test)]
+    crash_mid_compaction: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +123,8 @@ impl Journal {
             file,
             pending,
             incarnation,
+            #[cfg(test)]
+            crash_mid_compaction: false,
         };
         if j.pending.is_empty() {
             j.compact()?;
@@ -178,17 +183,51 @@ impl Journal {
         self.file.sync_data().map_err(io)
     }
 
-    /// Nothing pending: start the file again with only the incarnation line.
+    /// Nothing pending: start the file again with only the incarnation line. Crash-safe: the
+    /// new content is written to a side file and renamed over the journal, so at every instant
+    /// the journal on disk is either the old one or the new one, each naming the incarnation
+    /// whose leases the next start must release.
     fn compact(&mut self) -> Result<(), JournalError> {
         let io = |source| JournalError::Io {
             path: self.path.display().to_string(),
             source,
         };
-        self.file.set_len(0).map_err(io)?;
-        self.file.sync_all().map_err(io)?;
-        if let Some(inc) = self.incarnation.clone() {
-            self.write_line(&Line::Incarnation(inc))?;
+        let mut tmp_path = self.path.as_os_str().to_owned();
+        tmp_path.push(".compact");
+        let tmp_path = PathBuf::from(tmp_path);
+        let mut bytes = Vec::new();
+        if let Some(inc) = &self.incarnation {
+            bytes = serde_json::to_vec(&Line::Incarnation(inc.clone()))
+                .map_err(|e| JournalError::Encode(e, self.path.display().to_string()))?;
+            bytes.push(b'\n');
         }
+        let mut tmp = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&tmp_path)
+            .map_err(io)?;
+        tmp.write_all(&bytes).map_err(io)?;
+        tmp.sync_all().map_err(io)?;
+        drop(tmp);
+        #[cfg(test)]
+        if self.crash_mid_compaction {
+            return Ok(());
+        }
+        std::fs::rename(&tmp_path, &self.path).map_err(io)?;
+        // The rename itself is durable once the directory is.
+        if let Some(dir) = self.path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
         Ok(())
     }
 }
@@ -253,6 +292,62 @@ mod tests {
         j.ack(&b(1)).unwrap();
         j.ack(&b(2)).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+    }
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+
+    fn inc(epoch: u64) -> Incarnation {
+        Incarnation {
+            node_id: "n".into(),
+            epoch,
+        }
+    }
+
+    fn batch(seq: u64) -> SettleBatch {
+        SettleBatch {
+            node_id: "n".into(),
+            epoch: 7,
+            seq,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Reading the journal after a crash at any point of a compaction still names the
+    /// incarnation (whose leases the next start releases) and loses no pending batch. The old
+    /// compaction truncated the file first: a crash right after left no incarnation line.
+    #[test]
+    fn a_crash_during_compaction_keeps_the_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.journal");
+        {
+            let mut j = Journal::open(&p).unwrap();
+            j.set_incarnation(&inc(7)).unwrap();
+            j.append(&batch(1)).unwrap();
+            j.crash_mid_compaction = true;
+            // Nothing pending any more: this compacts, and "crashes" before the rename.
+            j.ack(&batch(1)).unwrap();
+        }
+        let mut j = Journal::open(&p).unwrap();
+        assert_eq!(j.incarnation(), Some(&inc(7)), "crash mid-compaction");
+        assert!(j.pending().is_empty());
+        // A finished compaction leaves exactly the incarnation line.
+        j.set_incarnation(&inc(8)).unwrap();
+        j.append(&batch(1)).unwrap();
+        j.ack(&batch(1)).unwrap();
+        drop(j);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.incarnation(), Some(&inc(8)));
+        // Appends after a compaction go to the new file.
+        drop(j);
+        let mut j = Journal::open(&p).unwrap();
+        j.append(&batch(2)).unwrap();
+        drop(j);
+        assert_eq!(Journal::open(&p).unwrap().pending(), &[batch(2)]);
     }
 }
 

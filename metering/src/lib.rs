@@ -16,7 +16,7 @@ pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};
 pub use redis_store::{DEFAULT_LEDGER_RETENTION, RedisStore};
 pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
 pub use types::{
-    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
     Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleEntry, SettleError, SettleOutcome,
     Status, validate_account_id,
 };

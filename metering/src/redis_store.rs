@@ -21,7 +21,7 @@ use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
 };
 use crate::types::{
-    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
     Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status,
 };
 
@@ -154,8 +154,10 @@ return {'OK'}
 "#;
 
 /// `charges` hash: key → `id|amount|taken`. Insufficient (all-or-nothing) records nothing.
+/// `mode`: `all`, `avail` (up to available) or `balance` (up to available + leased: a
+/// write-off, which may leave `avail` below zero by at most what nodes hold).
 const CHARGE: &str = r#"
-local p, id, ckey, amount, partial = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local p, id, ckey, amount, mode, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local acct = p .. ':acct:' .. id
 local prev = redis.call('HGET', p .. ':charges', ckey)
 if prev then
@@ -165,8 +167,14 @@ if prev then
 end
 local avail = redis.call('HGET', acct, 'avail') or '0'
 local take = amount
-if tonumber(avail) < tonumber(amount) then
-  if partial ~= '1' then return {'INSUFFICIENT', avail} end
+if mode == 'balance' then
+  local room = tonumber(avail) + tonumber(redis.call('HGET', acct, 'leased') or '0')
+  if room < tonumber(amount) then
+    take = string.format('%d', room)
+    if room < 0 then take = '0' end
+  end
+elseif tonumber(avail) < tonumber(amount) then
+  if mode ~= 'avail' then return {'INSUFFICIENT', avail} end
   take = avail
   if tonumber(avail) < 0 then take = '0' end
 end
@@ -178,7 +186,7 @@ if tonumber(take) > 0 then
   redis.call('HINCRBY', acct, 'avail', '-' .. take)
   redis.call('HINCRBY', acct, 'debited', take)
   touch(p, id, acct)
-  redis.call('XADD', p .. ':ledger', '*', 'kind', 'charge', 'key', 'charge:' .. ckey,
+  redis.call('XADD', p .. ':ledger', '*', 'kind', kind, 'key', kind .. ':' .. ckey,
     'account', id, 'amount', take, 'requests', 0, 'cpu_us', 0, 'deploys', 0)
 end
 return {'OK', take}
@@ -544,12 +552,12 @@ impl Store for RedisStore {
         Ok(CreditOutcome { applied, state })
     }
 
-    async fn charge(
+    async fn debit(
         &self,
         account: &str,
         key: &str,
         amount: i64,
-        partial: bool,
+        mode: DebitMode,
     ) -> Result<ChargeOutcome, ChargeError> {
         validate_charge(account, key, amount)?;
         let mut c = self.conn.clone();
@@ -559,7 +567,12 @@ impl Store for RedisStore {
             .arg(account)
             .arg(key)
             .arg(amount)
-            .arg(if partial { "1" } else { "0" })
+            .arg(match mode {
+                DebitMode::All => "all",
+                DebitMode::UpToAvailable => "avail",
+                DebitMode::UpToBalance => "balance",
+            })
+            .arg(mode.ledger_kind())
             .invoke_async(&mut c)
             .await
             .map_err(|e| ChargeError::Unavailable(e.to_string()))?;

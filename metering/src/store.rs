@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::types::{
-    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
     Incarnation, LedgerEntry, SettleBatch, SettleError, SettleOutcome,
 };
 
@@ -73,6 +73,38 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
         amount: i64,
         partial: bool,
+    ) -> Result<ChargeOutcome, ChargeError> {
+        let mode = if partial {
+            DebitMode::UpToAvailable
+        } else {
+            DebitMode::All
+        };
+        self.debit(account, key, amount, mode).await
+    }
+
+    /// Removes credit that no money backs any more (a payment channel's voucher that can no
+    /// longer be captured): up to `amount`, out of the whole balance, leases included (so the
+    /// credit cannot come back when a node returns its lease). Idempotent per `key` like a
+    /// charge (the same key again answers the first result); ledger kind `write_off`.
+    async fn write_off(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+    ) -> Result<ChargeOutcome, ChargeError> {
+        self.debit(account, key, amount, DebitMode::UpToBalance)
+            .await
+    }
+
+    /// The one debit primitive behind [`Store::charge`] and [`Store::write_off`]: atomic,
+    /// recorded once per `key` (charges and write-offs share the key space), nothing recorded
+    /// when [`DebitMode::All`] finds too little.
+    async fn debit(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+        mode: DebitMode,
     ) -> Result<ChargeOutcome, ChargeError>;
 
     async fn account(&self, account: &str) -> Result<Option<AccountState>, StoreError> {

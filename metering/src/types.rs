@@ -179,6 +179,37 @@ pub enum CreditError {
     Unavailable(String),
 }
 
+/// How much a debit may take (see [`crate::Store::charge`] and [`crate::Store::write_off`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebitMode {
+    /// The whole amount from `available`, or nothing.
+    All,
+    /// Up to what is `available`.
+    UpToAvailable,
+    /// Up to the account's whole balance, leases included (`available` may go below zero by
+    /// what nodes hold: they spend or return it, and the account ends where it should).
+    UpToBalance,
+}
+
+impl DebitMode {
+    /// The ledger kind of a debit taken this way.
+    pub fn ledger_kind(self) -> &'static str {
+        match self {
+            DebitMode::All | DebitMode::UpToAvailable => "charge",
+            DebitMode::UpToBalance => "write_off",
+        }
+    }
+
+    /// How much of `amount` a balance allows.
+    pub fn take(self, amount: i64, available: i64, leased: i64) -> Option<i64> {
+        match self {
+            DebitMode::All => (available >= amount).then_some(amount),
+            DebitMode::UpToAvailable => Some(amount.min(available.max(0))),
+            DebitMode::UpToBalance => Some(amount.min(available.saturating_add(leased).max(0))),
+        }
+    }
+}
+
 /// What a [`crate::Store::charge`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeOutcome {

@@ -167,6 +167,72 @@ conformance!(charges_apply_once_per_key, TTL, |b: Backend| async move {
     );
 });
 
+conformance!(
+    write_offs_take_leases_too_once_per_key,
+    TTL,
+    |b: Backend| async move {
+        let s = b.store;
+        s.credit("wo", "c1", 10 * USD).await.unwrap();
+        // A node holds 4 of the 10 in a lease.
+        let g = s
+            .settle(&batch("n1", 1, 1, vec![entry("wo", 0, 0, 0, 4 * USD)]))
+            .await
+            .unwrap();
+        assert_eq!(g.grants()[0].lease, 4 * USD);
+        // Writing off 7 takes the 6 available and 1 against the lease: available goes to −1.
+        let w = s.write_off("wo", "writeoff:ch1", 7 * USD).await.unwrap();
+        assert!(w.applied);
+        assert_eq!(w.taken, 7 * USD);
+        assert_eq!(w.state.available, -USD);
+        assert_eq!(w.state.leased, 4 * USD);
+        assert_eq!(w.state.status, Status::Suspended);
+        // Retried: the first answer, nothing moves.
+        let again = s.write_off("wo", "writeoff:ch1", 7 * USD).await.unwrap();
+        assert!(!again.applied);
+        assert_eq!(again.taken, 7 * USD);
+        assert_eq!(again.state.available, -USD);
+        // Charges and write-offs share the key space.
+        assert!(matches!(
+            s.charge("wo", "writeoff:ch1", USD, true).await,
+            Err(ChargeError::Mismatch { .. })
+        ));
+        // The node returns its lease unspent: the account ends at what stays backed (3).
+        s.settle(&batch("n1", 1, 2, vec![entry("wo", 0, 0, 4 * USD, 0)]))
+            .await
+            .unwrap();
+        let st = state(&*s, "wo").await;
+        assert_eq!(st.available, 3 * USD);
+        // More than the whole balance: takes the balance, never pushes it further down.
+        let all = s.write_off("wo", "writeoff:ch2", 50 * USD).await.unwrap();
+        assert_eq!(all.taken, 3 * USD);
+        assert_eq!(all.state.available, 0);
+        let none = s.write_off("wo", "writeoff:ch3", USD).await.unwrap();
+        assert_eq!(none.taken, 0);
+        assert!(matches!(
+            s.write_off("wo", "k", -1).await,
+            Err(ChargeError::Invalid(_))
+        ));
+        let st = state(&*s, "wo").await;
+        assert_eq!(st.credited, 10 * USD);
+        assert_eq!(st.debited, 10 * USD);
+        let offs: Vec<_> = s
+            .ledger()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "write_off")
+            .map(|e| (e.key, e.amount))
+            .collect();
+        assert_eq!(
+            offs,
+            vec![
+                ("write_off:writeoff:ch1".to_owned(), 7 * USD),
+                ("write_off:writeoff:ch2".to_owned(), 3 * USD)
+            ]
+        );
+    }
+);
+
 conformance!(credits_apply_once_per_key, TTL, |b: Backend| async move {
     let s = b.store;
     let r = s.credit("alice", "chan1:100", 5 * USD).await.unwrap();

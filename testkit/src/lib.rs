@@ -124,6 +124,24 @@ impl RedisServer {
         );
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and every call hangs, as behind a
+    /// network partition that drops packets, until [`RedisServer::resume`].
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Thaws a [`RedisServer::pause`]d server (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+
+    fn resume_quietly(&self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
     /// Kill -9 and start again on the same port and data directory.
     pub fn restart(&mut self) {
         self.kill();
@@ -170,8 +188,19 @@ impl RedisServer {
     }
 }
 
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        self.resume_quietly();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
