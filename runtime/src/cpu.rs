@@ -233,24 +233,19 @@ impl CgroupRoots {
         }
     }
 
-    /// Puts `pid` in per-process groups named `group` and applies limits; returns the CPU meter
-    /// and what held.
-    pub fn attach(
-        &self,
-        group: &str,
-        pid: u32,
-        limits: ProcessLimits,
-    ) -> (CpuMeter, AppliedLimits) {
+    /// Makes per-process groups named `group` and applies the limits, *before* the process
+    /// exists: it joins them itself ([`Jail::procs`]) before running anything, so its module
+    /// code and start-up run capped and metered from the first instruction.
+    pub fn prepare(&self, group: &str, limits: ProcessLimits) -> Jail {
         let mut applied = AppliedLimits::default();
         let mut groups = Vec::new();
         let mut meter = None;
-        let join = |root: &Path| -> Option<PathBuf> {
+        let make = |root: &Path| -> Option<PathBuf> {
             let dir = root.join(group);
             fs::create_dir_all(&dir).ok()?;
-            fs::write(dir.join("cgroup.procs"), pid.to_string()).ok()?;
-            Some(dir)
+            dir.join("cgroup.procs").exists().then_some(dir)
         };
-        if let Some(dir) = self.v2.as_deref().and_then(join) {
+        if let Some(dir) = self.v2.as_deref().and_then(make) {
             if let Some(mem) = limits.memory_bytes
                 && self.v2_memory
                 && fs::write(dir.join("memory.max"), mem.to_string()).is_ok()
@@ -269,14 +264,14 @@ impl CgroupRoots {
             groups.push(dir);
         }
         if meter.is_none()
-            && let Some(dir) = self.v1_cpuacct.as_deref().and_then(join)
+            && let Some(dir) = self.v1_cpuacct.as_deref().and_then(make)
         {
             meter = Some(CpuMeter::CgroupV1(dir.clone()));
             groups.push(dir);
         }
         if applied.memory.is_none()
             && let Some(mem) = limits.memory_bytes
-            && let Some(dir) = self.v1_memory.as_deref().and_then(join)
+            && let Some(dir) = self.v1_memory.as_deref().and_then(make)
         {
             if fs::write(dir.join("memory.limit_in_bytes"), mem.to_string()).is_ok() {
                 applied.memory = Some("cgroup v1 memory.limit_in_bytes");
@@ -285,7 +280,7 @@ impl CgroupRoots {
         }
         if applied.cpu_share.is_none()
             && let Some(pct) = limits.cpu_percent
-            && let Some(dir) = self.v1_cpu.as_deref().and_then(join)
+            && let Some(dir) = self.v1_cpu.as_deref().and_then(make)
         {
             let ok = fs::write(dir.join("cpu.cfs_period_us"), "100000").is_ok()
                 && fs::write(
@@ -298,9 +293,53 @@ impl CgroupRoots {
             }
             groups.push(dir);
         }
-        let meter = meter.unwrap_or(CpuMeter::Proc(pid));
+        // Several controllers may share one mounted hierarchy (v1 `cpu,cpuacct`): join each
+        // group once.
+        groups.sort();
+        groups.dedup();
+        Jail {
+            groups,
+            meter,
+            applied,
+        }
+    }
+}
+
+/// Groups (with their limits) made for one process before it starts.
+#[derive(Debug)]
+pub struct Jail {
+    groups: Vec<PathBuf>,
+    /// The cgroup meter, if the host gives us one; else the process's own `/proc` counters.
+    meter: Option<CpuMeter>,
+    applied: AppliedLimits,
+}
+
+impl Jail {
+    /// The `cgroup.procs` files the process writes its own pid into before it runs anything.
+    pub fn procs(&self) -> Vec<PathBuf> {
+        self.groups.iter().map(|g| g.join("cgroup.procs")).collect()
+    }
+
+    /// CPU used in the groups so far (µs), where a cgroup meters it.
+    pub fn cgroup_cpu_us(&self) -> Option<u64> {
+        self.meter.as_ref().and_then(|m| m.read_us().ok())
+    }
+
+    /// The meter of process `pid`, now running inside the groups, and what held. Its count
+    /// starts at the process's first instruction (a fresh group, or the process's own
+    /// `/proc` counters), so nothing before the first sample goes unbilled.
+    pub fn into_meter(self, pid: u32) -> (CpuMeter, AppliedLimits) {
+        let meter = self.meter.unwrap_or(CpuMeter::Proc(pid));
+        let mut applied = self.applied;
         applied.accounting = Some(meter.kind());
-        (meter.with_groups(groups), applied)
+        (meter.with_groups(self.groups), applied)
+    }
+
+    /// Removes the groups of a process that did not start (they must be empty by then).
+    pub fn discard(self) {
+        for g in &self.groups {
+            let _ = fs::remove_dir(g);
+        }
     }
 }
 

@@ -20,27 +20,68 @@ pub(crate) struct Spawned {
     pub started: Instant,
 }
 
+/// A start that did not get to serve, and the CPU its process used meanwhile (µs, from its own
+/// `/proc` counters: what a cgroup does not meter).
+#[derive(Debug)]
+pub(crate) struct StartFailed {
+    pub reason: String,
+    pub proc_cpu_us: u64,
+}
+
 /// Starts `workerd serve <config>` with `--control-fd 1`: workerd writes its `listen` event (with
 /// the port it bound on 127.0.0.1:0) to stdout, next to the structured console lines, which go to
 /// the deployment's log buffer. No fd juggling and no port allocator.
+///
+/// `join`: `cgroup.procs` files the process writes its own pid into before anything else runs
+/// (a tiny `sh` step that then `exec`s workerd, keeping the pid): the tenant's module code runs
+/// capped and metered from its first instruction. A join that fails stops the start.
 pub(crate) async fn spawn(
     workerd: &Path,
     config: &Path,
     logs: Arc<LogBuffer>,
     ready_timeout: Duration,
     max_line: usize,
-) -> Result<Spawned, String> {
+    join: &[std::path::PathBuf],
+) -> Result<Spawned, StartFailed> {
+    let fail = |reason: String| StartFailed {
+        reason,
+        proc_cpu_us: 0,
+    };
     let started = Instant::now();
+    let mut cmd = if join.is_empty() {
+        None
+    } else {
+        let mut c = Command::new("/bin/sh");
+        c.args([
+            "-c",
+            // Exit 125 (before workerd ever runs) when a group cannot be joined.
+            r#"while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#,
+            "tollgate-join",
+        ]);
+        c.args(join).arg("--");
+        Some(c)
+    };
     // Through `setpriv --pdeathsig KILL` (util-linux) where available: if the supervisor dies,
     // the kernel kills its workerd children instead of leaving them running unsupervised and
     // unbilled. (Setting it ourselves would take `unsafe` code between fork and exec.)
-    let mut cmd = match setpriv() {
-        Some(setpriv) => {
+    match (&mut cmd, setpriv()) {
+        (Some(c), Some(setpriv)) => {
+            c.arg(setpriv)
+                .args(["--pdeathsig", "KILL", "--"])
+                .arg(workerd);
+        }
+        (Some(c), None) => {
+            c.arg(workerd);
+        }
+        (None, Some(setpriv)) => {
             let mut c = Command::new(setpriv);
             c.args(["--pdeathsig", "KILL", "--"]).arg(workerd);
-            c
+            cmd = Some(c);
         }
-        None => Command::new(workerd),
+        (None, None) => cmd = Some(Command::new(workerd)),
+    }
+    let Some(mut cmd) = cmd else {
+        return Err(fail("no command".into()));
     };
     let mut child = cmd
         .arg("serve")
@@ -52,8 +93,33 @@ pub(crate) async fn spawn(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot start workerd ({}): {e}", workerd.display()))?;
-    let pid = child.id().ok_or("workerd exited at once")?;
+        .map_err(|e| fail(format!("cannot start workerd ({}): {e}", workerd.display())))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| fail("workerd exited at once".into()))?;
+    // The process's own CPU, sampled while it starts: what a failed start used is billed too.
+    let cpu_seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let cpu_seen = cpu_seen.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(us) = crate::cpu::proc_cpu_us(pid) {
+                    cpu_seen.fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let failed = |reason: String| {
+        sampler.abort();
+        if let Ok(us) = crate::cpu::proc_cpu_us(pid) {
+            cpu_seen.fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+        }
+        StartFailed {
+            reason,
+            proc_cpu_us: cpu_seen.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    };
     let (port_tx, port_rx) = oneshot::channel::<u16>();
     if let Some(stdout) = child.stdout.take() {
         let logs = logs.clone();
@@ -97,21 +163,27 @@ pub(crate) async fn spawn(
     };
     let addr = tokio::select! {
         r = tokio::time::timeout(ready_timeout, ready) => match r {
-            Ok(r) => r?,
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => return Err(failed(e)),
             Err(_) => {
+                let f = failed(format!("workerd did not answer within {} ms", ready_timeout.as_millis()));
                 let _ = child.start_kill();
-                return Err(format!("workerd did not answer within {} ms", ready_timeout.as_millis()));
+                return Err(f);
             }
         },
         status = child.wait() => {
             // Let the log readers catch workerd's last words.
             tokio::time::sleep(Duration::from_millis(20)).await;
-            return Err(match status {
+            return Err(failed(match status {
+                Ok(s) if s.code() == Some(125) && !join.is_empty() => {
+                    format!("could not put the process under its resource limits ({s})")
+                }
                 Ok(s) => format!("workerd exited during start ({s})"),
                 Err(e) => format!("workerd: {e}"),
-            });
+            }));
         }
     };
+    sampler.abort();
     Ok(Spawned {
         child,
         pid,

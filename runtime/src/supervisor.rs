@@ -651,14 +651,26 @@ impl Inner {
     /// The last CPU of a process that is stopping or gone, charged like any sample: without
     /// it, the runtime's account of a deployment's CPU would exceed what its owner paid.
     fn take_and_charge(&self, dep: &Deployment) {
-        if let Some(cpu_us) = take_delta(dep).filter(|d| *d > 0) {
-            self.cpu_sink.record(&[CpuDelta {
-                deployment_id: dep.id.clone(),
-                project_id: dep.project.clone(),
-                account_id: dep.account.clone(),
-                cpu_us,
-            }]);
+        if let Some(cpu_us) = take_delta(dep) {
+            self.charge(dep, cpu_us);
         }
+    }
+
+    /// Charges `cpu_us` of this deployment's CPU to its owner (and counts it in its status).
+    fn charge(&self, dep: &Deployment, cpu_us: u64) {
+        if cpu_us == 0 {
+            return;
+        }
+        if dep.proc_.lock().map(|p| p.is_none()).unwrap_or(true) {
+            // Not counted by `take_delta` (a start that failed): count it here.
+            dep.update(|s| s.cpu_us_total += cpu_us);
+        }
+        self.cpu_sink.record(&[CpuDelta {
+            deployment_id: dep.id.clone(),
+            project_id: dep.project.clone(),
+            account_id: dep.account.clone(),
+            cpu_us,
+        }]);
     }
 }
 
@@ -687,7 +699,18 @@ async fn monitor(
     let config_path = dep.dir.join("config.capnp");
     // After an idle stop: the activator socket and the connection that woke it.
     let mut woken: Option<(TcpListener, TcpStream)> = None;
+    let mut start_no = 0u64;
     loop {
+        start_no += 1;
+        // Limits and meter first: the process joins them before its first instruction, so its
+        // module code and start-up are capped and billed like the rest of its life.
+        let jail = inner.cgroups.prepare(
+            &format!("{}-{start_no}", dep.id),
+            ProcessLimits {
+                memory_bytes: cfg.memory_limit_bytes,
+                cpu_percent: cfg.cpu_share_percent,
+            },
+        );
         let spawned = instance::spawn(
             &inner.toolchain.workerd,
             &config_path,
@@ -695,6 +718,7 @@ async fn monitor(
             cfg.ready_timeout,
             // JSON framing around a message of up to `log_line_bytes`.
             cfg.log_line_bytes * 2 + 1024,
+            &jail.procs(),
         )
         .await;
         let mut sp = match spawned {
@@ -709,8 +733,17 @@ async fn monitor(
                 }
                 sp
             }
-            Err(reason) => {
-                let reason = with_log_tail(&reason, &dep.logs);
+            Err(failed) => {
+                // A start that never served still ran the tenant's code: bill what it used.
+                let cpu_us = jail.cgroup_cpu_us().unwrap_or(failed.proc_cpu_us);
+                inner.charge(&dep, cpu_us);
+                // Its groups empty once the killed process is reaped.
+                let cleanup = jail;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    cleanup.discard();
+                });
+                let reason = with_log_tail(&failed.reason, &dep.logs);
                 if let Some(tx) = ready_tx.take() {
                     dep.update(|s| {
                         s.phase = Phase::Failed;
@@ -729,19 +762,12 @@ async fn monitor(
                 continue;
             }
         };
-        let (meter, limits) = inner.cgroups.attach(
-            &format!("{}-{}", dep.id, sp.pid),
-            sp.pid,
-            ProcessLimits {
-                memory_bytes: cfg.memory_limit_bytes,
-                cpu_percent: cfg.cpu_share_percent,
-            },
-        );
-        let last_us = meter.read_us().unwrap_or(0);
+        let (meter, limits) = jail.into_meter(sp.pid);
         if let Ok(mut p) = dep.proc_.lock() {
             *p = Some(Proc {
                 meter: meter.clone(),
-                last_us,
+                // From zero: the meter counts from the process's first instruction.
+                last_us: 0,
                 seen_busy: dep.inflight.busy_periods.load(Ordering::Acquire),
                 seen_completed: dep.inflight.completed.load(Ordering::Acquire),
                 streak_us: 0,

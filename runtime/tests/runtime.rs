@@ -413,6 +413,92 @@ async fn code_that_fails_at_startup_is_refused_with_the_reason() {
     assert!(rig.sup.status("bad").is_none(), "nothing half-registered");
 }
 
+/// Top-level module code that burns CPU before the worker exists: a fixed amount of work
+/// (clocks do not advance while a module loads), about 0.4 s of one core on this machine.
+fn burn_at_load(then: &str) -> String {
+    format!(
+        "let x = 0; for (let i = 0; i < 4e7; i++) {{ x += Math.sqrt(x + i) }}\n\
+         {then}\n\
+         export default {{ fetch() {{ return new Response('ok ' + (x > 0)) }} }}"
+    )
+}
+
+#[tokio::test]
+async fn module_code_and_start_up_are_billed_from_the_first_instruction() {
+    for (mode, id) in [
+        (tollgate_runtime::CgroupMode::Auto, "load-cg"),
+        (tollgate_runtime::CgroupMode::Off, "load-proc"),
+    ] {
+        let rig = rig_with(|c| c.cgroups = mode);
+        let started = rig
+            .sup
+            .start(spec(id, burn_at_load(""), "1"))
+            .await
+            .unwrap();
+        // No request yet: whatever is charged is the start itself.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let charged = rig.meter.total(id);
+        let kernel = tollgate_runtime::cpu::proc_cpu_us(started.pid).unwrap();
+        assert!(kernel >= 50_000, "{id}: the load burned only {kernel} µs");
+        // Everything the process used since it was created (the kernel's count) is charged,
+        // the module's top-level loop and the readiness probe included.
+        assert!(
+            charged as f64 >= 0.9 * kernel as f64,
+            "{id}: charged {charged} µs of the {kernel} µs the process used starting"
+        );
+        rig.sup.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_start_that_fails_after_running_module_code_is_billed() {
+    let rig = rig();
+    let err = rig
+        .sup
+        .start(spec(
+            "load-fail",
+            burn_at_load("throw new Error('boom after burning')"),
+            "1",
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("boom after burning"), "{err}");
+    let charged = rig.meter.total("load-fail");
+    assert!(
+        charged >= 50_000,
+        "a failed start ran ~0.4 s of module code and was charged {charged} µs"
+    );
+}
+
+#[tokio::test]
+async fn the_memory_limit_holds_for_module_code() {
+    let rig = rig_with(|c| c.memory_limit_bytes = Some(96 * 1024 * 1024));
+    // Where the host lets us set memory limits (checked on a small service first), a module
+    // that allocates far past the limit at load time is stopped during its start.
+    let small = rig
+        .sup
+        .start(spec(
+            "mem-ok",
+            "export default { fetch() { return new Response('ok') } }".into(),
+            "1",
+        ))
+        .await
+        .unwrap();
+    let _ = small;
+    if rig.sup.status("mem-ok").unwrap().limits.memory.is_none() {
+        eprintln!("no writable memory controller here: the limit cannot be tested");
+        return;
+    }
+    let hog = "const keep = []; for (let i = 0; i < 64; i++) { keep.push(new Uint8Array(16 * 1024 * 1024).fill(i + 1)) }\n\
+               export default { fetch() { return new Response(String(keep.length)) } }";
+    let err = rig.sup.start(spec("mem-hog", hog.into(), "1")).await;
+    assert!(
+        err.is_err(),
+        "a module holding 1 GiB at load started under a 96 MiB limit"
+    );
+    rig.sup.shutdown().await;
+}
+
 #[tokio::test]
 async fn invalid_specs_are_refused_before_anything_starts() {
     let rig = rig();
