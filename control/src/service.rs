@@ -514,8 +514,10 @@ impl Control {
             self.fail(&mut dep, &e).await;
             return Err(e);
         }
-        // Record the switch before touching the old version: if the store fails here, the route
-        // goes back to the old version (still running) and the new one is dropped.
+        // Record the switch before touching the old version. The rule the caller's money
+        // follows (a deploy is charged when it serves, refunded when it does not): from here,
+        // an error means the route no longer points at the new version, and `Ok` means it
+        // serves.
         dep.status = DeployStatus::Live;
         project.live_deployment = Some(dep.id.clone());
         project.last_activity_ms = now_ms();
@@ -525,24 +527,49 @@ impl Control {
         }
         .await;
         if let Err(e) = recorded {
-            if let Some(old_addr) = old
-                .as_deref()
-                .and_then(|o| self.runtime.status(o))
-                .and_then(|s| s.addr)
-                && let Some(old_id) = &old
-            {
-                let mut back = route_for(&project, old_id);
-                back.upstreams = vec![old_addr];
-                let _ = self.routes.put(&key, &back).await;
+            // Point the route back at what the store says is live (the old version, still
+            // running), or take it down for a first deploy.
+            let reverted = match old.as_deref().and_then(|o| {
+                self.runtime
+                    .status(o)
+                    .and_then(|s| s.addr)
+                    .map(|addr| (o, addr))
+            }) {
+                Some((old_id, old_addr)) => {
+                    let mut back = route_for(&project, old_id);
+                    back.upstreams = vec![old_addr];
+                    self.routes.put(&key, &back).await
+                }
+                None => self.routes.delete(&key).await,
+            };
+            match reverted {
+                Ok(()) => {
+                    let _ = self.runtime.remove(&dep.id, false).await;
+                    return Err(e);
+                }
+                Err(route_err) => {
+                    // The route could not be moved back: the new version is what serves, so it
+                    // is the live one (and charged). Its record is written again by the next
+                    // deploy or recovery; say so loudly.
+                    tracing::error!(project = %project.id, deployment = %dep.id, error = %e, route_error = %route_err, "deployment serves but its record was not written");
+                }
             }
-            let _ = self.runtime.remove(&dep.id, false).await;
-            return Err(e);
         }
-        if let Some(old) = &old
-            && let Some(mut prev) = self.store.deployment(old).await?
-        {
-            prev.status = DeployStatus::Superseded;
-            self.store.put_deployment(&prev).await?;
+        // Serving now: bookkeeping of the old version that fails from here on is logged and
+        // repaired later, never reported as a failed deploy.
+        if let Some(old) = &old {
+            match self.store.deployment(old).await {
+                Ok(Some(mut prev)) => {
+                    prev.status = DeployStatus::Superseded;
+                    if let Err(e) = self.store.put_deployment(&prev).await {
+                        tracing::error!(deployment = %old, error = %e, "previous deployment not marked superseded");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(deployment = %old, error = %e, "previous deployment not marked superseded");
+                }
+            }
         }
         if let Some(old) = old.clone() {
             let runtime = self.runtime.clone();

@@ -841,3 +841,180 @@ async fn a_failed_first_deploy_tells_how_to_keep_its_name() {
         (project_id, "first-try", 2)
     );
 }
+
+/// A control store whose next `put_deployment` of a deployment in status `fail_on` fails, as a
+/// store write that times out would.
+struct FailingStore {
+    inner: Arc<dyn ControlStore>,
+    fail_on: std::sync::Mutex<Option<DeployStatus>>,
+}
+
+#[async_trait::async_trait]
+impl ControlStore for FailingStore {
+    async fn claim_slug(&self, s: &str, p: &str) -> Result<bool, tollgate_control::ControlError> {
+        self.inner.claim_slug(s, p).await
+    }
+    async fn release_slug(
+        &self,
+        s: &str,
+        p: &str,
+        g: Duration,
+    ) -> Result<(), tollgate_control::ControlError> {
+        self.inner.release_slug(s, p, g).await
+    }
+    async fn put_project(
+        &self,
+        p: &tollgate_control::model::Project,
+    ) -> Result<(), tollgate_control::ControlError> {
+        self.inner.put_project(p).await
+    }
+    async fn project(
+        &self,
+        id: &str,
+    ) -> Result<Option<tollgate_control::model::Project>, tollgate_control::ControlError> {
+        self.inner.project(id).await
+    }
+    async fn projects_of(
+        &self,
+        o: &str,
+    ) -> Result<Vec<tollgate_control::model::Project>, tollgate_control::ControlError> {
+        self.inner.projects_of(o).await
+    }
+    async fn all_projects(
+        &self,
+    ) -> Result<Vec<tollgate_control::model::Project>, tollgate_control::ControlError> {
+        self.inner.all_projects().await
+    }
+    async fn put_deployment(
+        &self,
+        d: &tollgate_control::model::Deployment,
+    ) -> Result<(), tollgate_control::ControlError> {
+        let fail = {
+            let mut f = self.fail_on.lock().unwrap();
+            let hit = *f == Some(d.status);
+            if hit {
+                *f = None;
+            }
+            hit
+        };
+        if fail {
+            return Err(tollgate_control::ControlError::internal(
+                "store write timed out (test)",
+            ));
+        }
+        self.inner.put_deployment(d).await
+    }
+    async fn deployment(
+        &self,
+        id: &str,
+    ) -> Result<Option<tollgate_control::model::Deployment>, tollgate_control::ControlError> {
+        self.inner.deployment(id).await
+    }
+    async fn put_artifacts(
+        &self,
+        d: &str,
+        f: &tollgate_control::model::Files,
+        b: &str,
+    ) -> Result<(), tollgate_control::ControlError> {
+        self.inner.put_artifacts(d, f, b).await
+    }
+    async fn files(
+        &self,
+        d: &str,
+    ) -> Result<Option<tollgate_control::model::Files>, tollgate_control::ControlError> {
+        self.inner.files(d).await
+    }
+    async fn bundle(&self, d: &str) -> Result<Option<String>, tollgate_control::ControlError> {
+        self.inner.bundle(d).await
+    }
+    async fn delete_artifacts(&self, d: &str) -> Result<(), tollgate_control::ControlError> {
+        self.inner.delete_artifacts(d).await
+    }
+    async fn put_env(
+        &self,
+        p: &str,
+        e: &tollgate_control::model::Env,
+    ) -> Result<(), tollgate_control::ControlError> {
+        self.inner.put_env(p, e).await
+    }
+    async fn env(
+        &self,
+        p: &str,
+    ) -> Result<tollgate_control::model::Env, tollgate_control::ControlError> {
+        self.inner.env(p).await
+    }
+    async fn usage(
+        &self,
+        p: &str,
+        b: &[String],
+    ) -> Result<tollgate_control::store::Usage, tollgate_control::ControlError> {
+        self.inner.usage(p, b).await
+    }
+}
+
+/// The rule deploy money follows (the MCP tool refunds exactly the deploys that return an
+/// error): an error means the new version does not serve, `Ok` means it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_that_serves_succeeds_and_one_that_does_not_fails() {
+    let redis = RedisServer::start();
+    let base = rig(&redis).await;
+    let failing = Arc::new(FailingStore {
+        inner: base.store.clone(),
+        fail_on: std::sync::Mutex::new(None),
+    });
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, events) = Supervisor::new(
+        RuntimeConfig {
+            data_dir: dir.path().join("runtime"),
+            min_drain: Duration::from_millis(50),
+            ..RuntimeConfig::default()
+        },
+        t.clone(),
+        Arc::new(NoMeter),
+    )
+    .unwrap();
+    let c = Control::new(
+        failing.clone(),
+        tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap(),
+        runtime,
+        Arc::new(base.routes.clone()),
+        ControlConfig::default(),
+    );
+    tokio::spawn(c.clone().follow_runtime(events));
+    let deploy = |greeting: &'static str, project_id: Option<String>| {
+        let c = c.clone();
+        async move {
+            c.deploy(
+                "acct-m",
+                DeployRequest {
+                    files: Some(files(greeting)),
+                    project_id,
+                    ..DeployRequest::default()
+                },
+            )
+            .await
+        }
+    };
+    let v1 = deploy("one", None).await.unwrap();
+    let pid = Some(v1.project_id.clone());
+    // The switch is recorded, then marking the old version superseded fails: the new version
+    // serves, so the deploy succeeded (and stays paid for).
+    *failing.fail_on.lock().unwrap() = Some(DeployStatus::Superseded);
+    let v2 = deploy("two", pid.clone())
+        .await
+        .expect("a deploy whose version serves is a success");
+    let addr = upstream(&base.routes, &v2.slug).await.unwrap();
+    assert_eq!(body(addr).await, "two world");
+    let view = c.get_project("acct-m", &v2.project_id).await.unwrap();
+    assert_eq!(view.live.unwrap().id, v2.deployment_id);
+    // Recording the switch fails: the route goes back to the version still running, and the
+    // deploy fails (refunded).
+    *failing.fail_on.lock().unwrap() = Some(DeployStatus::Live);
+    let e = deploy("three", pid).await.unwrap_err();
+    assert!(e.message.contains("timed out"), "{}", e.message);
+    let addr = upstream(&base.routes, &v2.slug).await.unwrap();
+    assert_eq!(body(addr).await, "two world");
+    let view = c.get_project("acct-m", &v2.project_id).await.unwrap();
+    assert_eq!(view.live.unwrap().id, v2.deployment_id);
+}

@@ -434,6 +434,72 @@ impl TollgateMcp {
         Self::tool_router() + Self::pay_router()
     }
 
+    /// Charges the deploy price for a process start the owner asks for (a deploy or a
+    /// rollback), once per call. `Ok(None)` where nothing is charged. When the balance is
+    /// short, the answer is a payment challenge for the price.
+    async fn charge_start(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        caller: &Caller,
+        what: &str,
+    ) -> Result<Option<(String, i64)>, Result<CallToolResult, ErrorData>> {
+        let price = self.pricing.map_or(0, |p| p.deploy_picos.max(0));
+        if price == 0 {
+            return Ok(None);
+        }
+        // Unique per call: one payment reference could otherwise be presented again (or by
+        // two calls at once) to start on one charge.
+        let key = format!("deploy:{}", unique_ref());
+        match self.identify.charge(&caller.account, &key, price).await {
+            Ok(true) => Ok(Some((key, price))),
+            Ok(false) => {
+                // Short of the price: ask for it (the answer is a payment challenge).
+                let parts = ctx.extensions.get::<http::request::Parts>();
+                let words = format!("{what} (${}); your balance is short", usd(price));
+                let price_base = u128::try_from(price).unwrap_or(0).div_ceil(1_000_000);
+                Err(
+                    match self
+                        .identify
+                        .pay(parts, &serde_json::Map::new(), price_base, &words)
+                        .await
+                    {
+                        Err(r) => refused(r),
+                        Ok(_) => Ok(tool_error(
+                            "INSUFFICIENT_BALANCE",
+                            &format!("your balance does not cover the price of {what}"),
+                            "call top_up, or deploy with prepay_usd above 0",
+                        )),
+                    },
+                )
+            }
+            Err(f) => Err(Ok(tool_error(f.code, &f.message, &f.hint))),
+        }
+    }
+
+    /// A start that did not go live is not charged: its price goes back (once per key), and
+    /// `message` says so.
+    async fn refund_start(
+        &self,
+        owner: &str,
+        charge: &Option<(String, i64)>,
+        message: &mut String,
+    ) {
+        let Some((key, picos)) = charge else {
+            return;
+        };
+        match self
+            .identify
+            .refund(owner, &format!("refund:{key}"), *picos)
+            .await
+        {
+            Ok(()) => message.push_str(" (the price was refunded)"),
+            Err(f) => {
+                // Recorded durably by the payments layer: the drain applies it.
+                tracing::error!(key, error = %f.message, "refund not applied yet")
+            }
+        }
+    }
+
     /// Resolves the caller, runs `f` for them, and turns the outcome into a tool result:
     /// `structuredContent` on success, an `isError` result with `{code, message, hint}` on failure.
     async fn act<T: Serialize>(
@@ -529,33 +595,9 @@ impl TollgateMcp {
             Ok(c) => c,
             Err(r) => return r,
         };
-        let charge = if price > 0 {
-            // Unique per call: one payment reference could otherwise be presented again (or by
-            // two calls at once) to deploy on one charge.
-            let key = format!("deploy:{}", unique_ref());
-            match self.identify.charge(&caller.account, &key, price).await {
-                Ok(true) => Some((key, price)),
-                Ok(false) => {
-                    // Short of the price: ask for it (the answer is a payment challenge).
-                    let parts = ctx.extensions.get::<http::request::Parts>();
-                    let what = format!("a deploy (${}); your balance is short", usd(price));
-                    return match self
-                        .identify
-                        .pay(parts, &serde_json::Map::new(), price_base, &what)
-                        .await
-                    {
-                        Err(r) => refused(r),
-                        Ok(_) => Ok(tool_error(
-                            "INSUFFICIENT_BALANCE",
-                            "your balance does not cover the deploy price",
-                            "call top_up, or deploy with prepay_usd above 0",
-                        )),
-                    };
-                }
-                Err(f) => return Ok(tool_error(f.code, &f.message, &f.hint)),
-            }
-        } else {
-            None
+        let charge = match self.charge_start(&ctx, &caller, "a deploy").await {
+            Ok(c) => c,
+            Err(r) => return r,
         };
         let owner = caller.account.clone();
         let token = ctx.meta.get_progress_token();
@@ -600,20 +642,8 @@ impl TollgateMcp {
                 ok(&o).map(|r| with_receipt(r, &caller))
             }
             Err(e) => {
-                // A failed deploy is not charged: the price goes back (once per key).
                 let mut message = e.message.clone();
-                if let Some((key, picos)) = &charge {
-                    match self
-                        .identify
-                        .refund(&owner, &format!("refund:{key}"), *picos)
-                        .await
-                    {
-                        Ok(()) => message.push_str(" (the deploy price was refunded)"),
-                        Err(f) => {
-                            tracing::error!(key, error = %f.message, "deploy refund failed; retried by nobody")
-                        }
-                    }
-                }
+                self.refund_start(&owner, &charge, &mut message).await;
                 Ok(with_receipt(tool_error(e.code, &message, &e.hint), &caller))
             }
         }
@@ -691,17 +721,34 @@ impl TollgateMcp {
         Parameters(a): Parameters<RollbackArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        self.act(&ctx, async |owner| {
-            self.control
-                .rollback(&owner, &a.project_id, a.deployment_id.as_deref())
-                .await
-                .map(|o| {
-                    let mut d = deploy_out(o);
-                    d.expires_at_ms = self.expires_ms();
-                    d
-                })
-        })
-        .await
+        let caller = match self.who(&ctx).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        // A rollback starts a new deployment, like a deploy: the same price, given back if it
+        // does not go live.
+        let charge = match self.charge_start(&ctx, &caller, "a rollback").await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let owner = caller.account.clone();
+        match self
+            .control
+            .rollback(&owner, &a.project_id, a.deployment_id.as_deref())
+            .await
+        {
+            Ok(o) => {
+                let mut d = deploy_out(o);
+                d.expires_at_ms = self.expires_ms();
+                d.charged_usd = usd(charge.as_ref().map_or(0, |c| c.1));
+                ok(&d).map(|r| with_receipt(r, &caller))
+            }
+            Err(e) => {
+                let mut message = e.message.clone();
+                self.refund_start(&owner, &charge, &mut message).await;
+                Ok(with_receipt(tool_error(e.code, &message, &e.hint), &caller))
+            }
+        }
     }
 
     #[tool(
