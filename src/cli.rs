@@ -68,6 +68,45 @@ pub enum AccountsCommand {
         #[arg(long)]
         key: String,
     },
+    /// Check that every account's balance is backed by money held or still collectable:
+    /// `credited − debited ≤ Σ capturable vouchers + direct credits`, the ledger against the
+    /// accounts, and each payment channel against the chain. Prints every difference; exits 1
+    /// on any.
+    Audit {
+        /// The shared Redis (money, channels); without it, the embedded stores in --data-dir
+        /// (stop `tollgate dev` first: it holds them).
+        #[arg(long, env = "TOLLGATE_REDIS_URL")]
+        redis: Option<String>,
+        #[arg(long, default_value = "tollgate")]
+        key_prefix: String,
+        #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = ".tollgate")]
+        data_dir: PathBuf,
+        /// The chain's JSON-RPC endpoint, to compare channels with what the escrow holds
+        /// (read only). Without it, only the stores are compared.
+        #[arg(long)]
+        rpc: Option<String>,
+        #[arg(long, default_value_t = 42431)]
+        chain_id: u64,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pending credits the money store refused for good (set aside so others go on): list
+    /// them, or resolve one by putting it back in the drain (--retry) or dropping it (--drop).
+    Credits {
+        #[arg(long, env = "TOLLGATE_REDIS_URL")]
+        redis: Option<String>,
+        #[arg(long, default_value = "tollgate")]
+        key_prefix: String,
+        #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = ".tollgate")]
+        data_dir: PathBuf,
+        /// Put this key back among the pending credits (after fixing the cause).
+        #[arg(long, conflicts_with = "drop")]
+        retry: Option<String>,
+        /// Forget this key (settle it by other means, e.g. `tollgate accounts credit`).
+        #[arg(long)]
+        drop: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -361,8 +400,15 @@ fn options(cfg: &Config, upgrade: bool) -> anyhow::Result<ProxyOptions> {
             )
         })?;
     }
+    let mut proxy = cfg.proxy.clone();
+    if proxy.payment_realms.is_empty()
+        && let Ok(realm) = cfg.payment_realm()
+    {
+        // The platform's own credentials never reach hosted services.
+        proxy.payment_realms = vec![tollgate_payments::config::services_realm_of(&realm), realm];
+    }
     Ok(ProxyOptions {
-        proxy: cfg.proxy.clone(),
+        proxy,
         admin: cfg.admin.clone(),
         redis: cfg.redis.clone(),
         shutdown: cfg.shutdown.clone(),
@@ -755,6 +801,81 @@ fn accounts(cmd: AccountsCommand) -> anyhow::Result<ExitCode> {
         let (redis, account) = match &cmd {
             AccountsCommand::Show { redis, account } => (redis, account),
             AccountsCommand::Credit { redis, account, .. } => (redis, account),
+            AccountsCommand::Audit {
+                redis,
+                key_prefix,
+                data_dir,
+                rpc,
+                chain_id,
+                json,
+            } => {
+                let (money, channels) =
+                    crate::paid::open_money_and_channels(redis.as_deref(), key_prefix, data_dir)
+                        .await?;
+                let chain = match rpc {
+                    Some(url) => Some(
+                        tollgate_payments::RpcChain::read_only(
+                            url,
+                            *chain_id,
+                            tollgate_payments::config::ESCROW,
+                        )
+                        .map_err(|e| anyhow::anyhow!("--rpc {url}: {e}"))?,
+                    ),
+                    None => None,
+                };
+                let report = tollgate_payments::audit::audit(
+                    &*channels,
+                    &*money,
+                    chain.as_ref().map(|c| c as &dyn tollgate_payments::Chain),
+                )
+                .await
+                .map_err(anyhow::Error::msg)?;
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", report.render());
+                }
+                return Ok(if report.is_clean() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
+            AccountsCommand::Credits {
+                redis,
+                key_prefix,
+                data_dir,
+                retry,
+                drop,
+            } => {
+                let (_, channels) =
+                    crate::paid::open_money_and_channels(redis.as_deref(), key_prefix, data_dir)
+                        .await?;
+                if let Some(key) = retry.as_ref().or(drop.as_ref()) {
+                    return match channels
+                        .unpoison(key, retry.is_some())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}", e.message))?
+                    {
+                        Some(p) => {
+                            println!("{}", serde_json::to_string(&p)?);
+                            Ok(ExitCode::SUCCESS)
+                        }
+                        None => {
+                            eprintln!("no set-aside credit {key:?}");
+                            Ok(ExitCode::from(1))
+                        }
+                    };
+                }
+                for p in channels
+                    .poisoned()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?
+                {
+                    println!("{}", serde_json::to_string(&p)?);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
         };
         let store = RedisStore::connect(redis, "tollgate", Duration::from_secs(10)).await?;
         if let AccountsCommand::Credit { usd, key, .. } = &cmd {

@@ -23,6 +23,7 @@ pub struct Config {
     pub metering: MeteringConfig,
     pub prices: PriceConfig,
     pub payments: PaymentsConfig,
+    pub public: PublicConfig,
     /// Static routes: `[[route]] host = "…" upstreams = ["127.0.0.1:3000"]`.
     #[serde(rename = "route")]
     pub routes: Vec<StaticRoute>,
@@ -58,6 +59,17 @@ impl Default for ControlConfig {
             inactivity_ttl_seconds: 7 * 24 * 3600,
         }
     }
+}
+
+/// How the platform is reached from outside (what agents and wallets see).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicConfig {
+    /// The MCP endpoint agents connect to, e.g. `https://mcp.example.com/mcp`. Its host is the
+    /// payment realm (credentials are bound to it) and an allowed `Host` of the MCP server.
+    /// Default: `http://localhost:<control port>/mcp` when the control service listens on
+    /// loopback; required otherwise.
+    pub mcp_url: Option<String>,
 }
 
 /// Charging requests to the routes' owning accounts (docs/money.md).
@@ -118,7 +130,8 @@ pub struct PaymentsConfig {
     /// The production services refuse to start against the project's test chain unless this
     /// is true (`tollgate dev` sets it).
     pub allow_test_chain: bool,
-    /// Challenge realm; default: the control listener's host.
+    /// Challenge realm: the public MCP host, to which credentials are bound. Default: the host
+    /// of `public.mcp_url`. Never an IP address.
     pub realm: Option<String>,
     /// TIP-20 token payments are made in (default pathUSD).
     pub currency: String,
@@ -135,6 +148,13 @@ pub struct PaymentsConfig {
     /// Extra credit a deploy buys for the service's requests and CPU unless the agent says
     /// otherwise (`prepay_usd`).
     pub default_prepay_usd: String,
+    /// How often the close watcher reads the escrow's close requests (it captures the
+    /// vouchers of channels a payer closes on chain).
+    pub close_watch_seconds: u64,
+    /// A voucher not captured this long before the payer may withdraw is written off.
+    pub write_off_margin_seconds: u64,
+    /// How long a payment challenge may be answered.
+    pub challenge_ttl_seconds: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -153,6 +173,9 @@ impl Default for PaymentsConfig {
             settle_interval_seconds: 60,
             settle_min_usd: "1".into(),
             default_prepay_usd: "1".into(),
+            close_watch_seconds: 10,
+            write_off_margin_seconds: 60,
+            challenge_ttl_seconds: 60,
         }
     }
 }
@@ -258,6 +281,7 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_DRAIN_TIMEOUT_SECONDS",
     "TOLLGATE_METERING_ENABLED",
     "TOLLGATE_NODE_ID",
+    "TOLLGATE_PUBLIC_MCP_URL",
     "TOLLGATE_LOG_LEVEL",
     "TOLLGATE_LOG_FORMAT",
 ];
@@ -362,6 +386,10 @@ impl Config {
                     }
                 }
                 "TOLLGATE_NODE_ID" => self.metering.node_id = Some(val),
+                "TOLLGATE_PUBLIC_MCP_URL" => {
+                    parse_public_url(&val).map_err(fail)?;
+                    self.public.mcp_url = Some(val);
+                }
                 "TOLLGATE_LOG_LEVEL" => self.log.level = val,
                 "TOLLGATE_LOG_FORMAT" => {
                     self.log.format = match val.as_str() {
@@ -374,6 +402,40 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The public MCP URL: `public.mcp_url`, or on a loopback control listener
+    /// `http://localhost:<port>/mcp`.
+    pub fn public_mcp_url(&self) -> Result<String, String> {
+        match &self.public.mcp_url {
+            Some(u) => {
+                parse_public_url(u).map_err(|e| format!("public.mcp_url: {e}"))?;
+                Ok(u.clone())
+            }
+            None if self.control.listen.ip().is_loopback() => Ok(format!(
+                "http://localhost:{}/mcp",
+                self.control.listen.port()
+            )),
+            None => Err(format!(
+                "public.mcp_url is not set: agents reach MCP (and wallets see the payment realm) at a public host name, not at control.listen {}; set [public] mcp_url = \"https://mcp.example.com/mcp\" (or TOLLGATE_PUBLIC_MCP_URL)",
+                self.control.listen
+            )),
+        }
+    }
+
+    /// The public MCP host (`host` or `host:port` as in the URL): the payment realm, unless
+    /// `payments.realm` names another, and a `Host` the MCP server accepts.
+    pub fn public_mcp_host(&self) -> Result<String, String> {
+        let url = self.public_mcp_url()?;
+        parse_public_url(&url).map_err(|e| format!("public.mcp_url: {e}"))
+    }
+
+    /// The payment realm: `payments.realm`, else the public MCP host.
+    pub fn payment_realm(&self) -> Result<String, String> {
+        match &self.payments.realm {
+            Some(r) => Ok(r.clone()),
+            None => self.public_mcp_host(),
+        }
     }
 
     /// Sets the Redis URL, keeping the other `[redis]` settings.
@@ -390,6 +452,33 @@ impl Config {
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("'{s}': expected IP:PORT, such as 127.0.0.1:8080"))
+}
+
+/// An `http(s)://host[:port]/…` URL; returns its `host[:port]` (lowercase).
+pub fn parse_public_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(|| format!("'{s}': expected an http:// or https:// URL"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') || authority.contains(char::is_whitespace) {
+        return Err(format!("'{s}': expected http(s)://HOST[:PORT]/PATH"));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+            if !p.is_empty() && p.parse::<u16>().is_err() {
+                return Err(format!("'{s}': the port is not a number"));
+            }
+            (h, Some(p))
+        }
+        _ => (authority, None),
+    };
+    tollgate_routes::normalize_host_owned(host).map_err(|e| format!("'{s}': {e}"))?;
+    let host = host.to_ascii_lowercase();
+    Ok(match port {
+        Some(p) if !p.is_empty() => format!("{host}:{p}"),
+        _ => host,
+    })
 }
 
 pub fn parse_threads(s: &str) -> Result<usize, String> {

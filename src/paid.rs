@@ -53,10 +53,7 @@ pub async fn payments(
     )
     .context("payee key (TOLLGATE_PAYEE_KEY or payments.payee_key_file)")?;
     let mut pc = tollgate_payments::PaymentsConfig::new(&p.rpc_url, p.chain_id, secret, payee_key);
-    pc.realm = p
-        .realm
-        .clone()
-        .unwrap_or_else(|| cfg.control.listen.ip().to_string());
+    pc.realm = cfg.payment_realm().map_err(anyhow::Error::msg)?;
     pc.currency = p
         .currency
         .parse()
@@ -69,6 +66,9 @@ pub async fn payments(
         .map_err(|e| anyhow::anyhow!("payments.settle_min_usd: {e}"))?;
     pc.max_top_up_usd = p.max_top_up_usd;
     pc.settle_interval = Duration::from_secs(p.settle_interval_seconds);
+    pc.close_watch_interval = Duration::from_secs(p.close_watch_seconds);
+    pc.write_off_margin = Duration::from_secs(p.write_off_margin_seconds);
+    pc.challenge_ttl = Duration::from_secs(p.challenge_ttl_seconds);
     pc.validate().map_err(anyhow::Error::msg)?;
     refuse_test_chain(&p.rpc_url, p.allow_test_chain).await?;
 
@@ -115,6 +115,43 @@ pub async fn payments(
     let payments = Payments::new(pc, backend, kv, money, chain).map_err(anyhow::Error::msg)?;
     tracing::info!(payee = %payments.payee(), rpc = %p.rpc_url, chain_id = p.chain_id, "payments ready");
     Ok(Arc::new(payments))
+}
+
+/// The money store and the channel store, for operator commands: the shared Redis, or the
+/// embedded files of `dev` in `data_dir` (which a running `dev` holds).
+pub async fn open_money_and_channels(
+    redis: Option<&str>,
+    prefix: &str,
+    data_dir: &Path,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn tollgate_payments::ChannelBackend>)> {
+    let ttl = Duration::from_secs(10);
+    Ok(match redis {
+        Some(url) => (
+            Arc::new(tollgate_metering::RedisStore::connect(url, prefix, ttl).await?),
+            Arc::new(
+                tollgate_payments::RedisChannels::connect(url, prefix)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?,
+            ),
+        ),
+        None => (
+            Arc::new(
+                tollgate_metering::EmbeddedStore::open(&data_dir.join("money.redb"), ttl)
+                    .with_context(|| {
+                        format!(
+                            "{}/money.redb (is tollgate dev running?)",
+                            data_dir.display()
+                        )
+                    })?,
+            ),
+            Arc::new(
+                tollgate_payments::EmbeddedChannels::open(
+                    &data_dir.join("payments").join("channels.redb"),
+                )
+                .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?,
+            ),
+        ),
+    })
 }
 
 /// A secret from the environment, else a file, else (dev) a file created with `make`.
@@ -355,7 +392,8 @@ impl tollgate_proxy::PaymentDesk for ProxyDesk {
     fn challenge(&self, _account: &str, host: &str) -> Option<String> {
         let ch = self
             .payments
-            .session_challenge(
+            .session_challenge_in(
+                tollgate_payments::Realm::Services,
                 self.amount,
                 Some(&format!("Top up the balance of the owner of {host}")),
             )
@@ -388,7 +426,11 @@ impl tollgate_proxy::PaymentDesk for ProxyDesk {
                 ));
             }
         }
-        match self.payments.accept(&cred).await {
+        match self
+            .payments
+            .accept_in(tollgate_payments::Realm::Services, &cred)
+            .await
+        {
             Ok(a) => {
                 let receipt = mpp::format_receipt(&a.receipt).unwrap_or_default();
                 Ok(if a.action.is_management() {

@@ -181,8 +181,17 @@ pub async fn serve_control(
         }
         _ => None,
     };
+    let mut allowed_hosts = vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), host];
+    if let Ok(public) = cfg.public_mcp_host() {
+        // `Host` is compared without its port.
+        let name = public
+            .rsplit_once(':')
+            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            .map_or(public.as_str(), |(h, _)| h);
+        allowed_hosts.push(name.trim_matches(['[', ']']).to_owned());
+    }
     let mcp_cfg = tollgate_mcp::McpConfig {
-        allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), host],
+        allowed_hosts,
         pricing,
         ..tollgate_mcp::McpConfig::default()
     };

@@ -672,8 +672,10 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     const PAYER: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
     let control = free_addr();
     let chain = free_addr();
+    let data = tempfile::tempdir().unwrap();
     let (mut dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
+        c.env("TOLLGATE_DATA_DIR", data.path());
         c.args(["dev", "--chain-listen", &chain.to_string()])
             .args(["--proxy-listen", &proxy.to_string()])
             .args(["--control-listen", &control.to_string()])
@@ -800,7 +802,8 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
         lines.iter().any(|l| l["message"] == "served v2"),
         "{logs:?}"
     );
-    // Roll back (free, with a proof): version 1's code answers again.
+    // Roll back (a new deployment, at the deploy price from the balance): version 1's code
+    // answers again.
     let rb = mppx(&[
         "mcp",
         &mcp,
@@ -809,6 +812,7 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
         "1",
     ]);
     assert_eq!(rb[0]["structured"]["status"], "live", "{rb:?}");
+    assert_eq!(rb[0]["structured"]["charged_usd"], "0.050000", "{rb:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while get(&c, &url) != (200, "paid for by an agent".into()) {
         assert!(Instant::now() < deadline, "rollback not served");
@@ -954,4 +958,30 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
         assert!(Instant::now() < deadline, "still served after delete");
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // The books: every balance is backed by money captured or still capturable on chain
+    // (`tollgate accounts audit`, once dev has settled and let go of its stores; the test
+    // chain comes back from its state file).
+    assert!(terminate(&mut dev).success());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let chain = rt
+        .block_on(tollgate_testchain::TestChain::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            tollgate_testchain::ChainConfig {
+                state_file: Some(data.path().join("testchain.json")),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let audit = bin()
+        .stdout(Stdio::piped())
+        .args(["accounts", "audit", "--rpc", &chain.url()])
+        .arg("--data-dir")
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success(), "{report}");
+    assert!(report.contains("no differences"), "{report}");
+    assert!(report.contains(&account), "{report}");
 }

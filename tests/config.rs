@@ -261,3 +261,42 @@ fn prices_and_metering_are_configurable_and_bad_prices_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[prices]"), "{err}");
 }
+
+#[test]
+fn the_payment_realm_is_the_public_mcp_host_never_an_ip() {
+    use tollgate::config::Config;
+    // Loopback development: localhost and the control port.
+    let cfg = Config::default();
+    assert_eq!(cfg.payment_realm().unwrap(), "localhost:8790");
+    // Public: the host (and port) of public.mcp_url, lowercased.
+    let cfg = Config::parse(
+        "[public]\nmcp_url = \"https://MCP.Example.com/mcp\"\n[control]\nlisten = \"0.0.0.0:8790\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(cfg.payment_realm().unwrap(), "mcp.example.com");
+    assert_eq!(cfg.public_mcp_url().unwrap(), "https://MCP.Example.com/mcp");
+    // A public listener with no public name: refused, naming the key to set.
+    let cfg = Config::parse("[control]\nlisten = \"0.0.0.0:8790\"\n", "t.toml").unwrap();
+    let e = cfg.payment_realm().unwrap_err();
+    assert!(e.contains("public.mcp_url"), "{e}");
+    // Not a URL: refused where it is read.
+    let e = Config::load(
+        None,
+        &env_of(&[("TOLLGATE_PUBLIC_MCP_URL", "mcp.example.com")]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("TOLLGATE_PUBLIC_MCP_URL"), "{e}");
+    // The payments layer refuses a bare IP realm whatever set it.
+    for ip in ["127.0.0.1", "10.0.0.7:8790", "[::1]:8790", "::1"] {
+        let mut pc = tollgate_payments::PaymentsConfig::new(
+            "http://127.0.0.1:8545",
+            42431,
+            tollgate_payments::config::Secret::new("s".repeat(40)),
+            tollgate_payments::config::Secret::new("k".repeat(64)),
+        );
+        pc.realm = ip.into();
+        let e = pc.validate().unwrap_err();
+        assert!(e.contains("IP address"), "{ip}: {e}");
+    }
+}

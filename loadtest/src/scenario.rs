@@ -170,6 +170,8 @@ pub struct Reconciliation {
     pub nodes: usize,
     pub load: Report,
     pub checks: Vec<AccountCheck>,
+    /// What `tollgate accounts audit` finds in the stores afterwards (must be nothing).
+    pub audit_differences: Vec<tollgate_payments::audit::Difference>,
     pub all_exact: bool,
 }
 
@@ -275,13 +277,21 @@ pub async fn reconcile(
             leased_picos: state.leased,
         });
     }
+    // The operators' audit over the same stores: invariants, ledger totals, backing.
+    let channels = tollgate_payments::RedisChannels::connect(&stack.redis.url(), "tollgate")
+        .await
+        .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?;
+    let audit = tollgate_payments::audit::audit(&channels, &*stack.store, None)
+        .await
+        .map_err(anyhow::Error::msg)?;
     Ok(Reconciliation {
         scenario: "reconcile",
         runtime,
         services,
         accounts,
         nodes: 2,
-        all_exact: checks.iter().all(|c| c.exact),
+        all_exact: checks.iter().all(|c| c.exact) && audit.is_clean(),
+        audit_differences: audit.differences,
         load,
         checks,
     })

@@ -29,6 +29,7 @@ async fn multi_node_run_reconciles_exactly_with_the_ledger() {
         assert_eq!(c.debited_picos, c.expected_picos, "{c:?}");
         assert_eq!(c.leased_picos, 0, "leases returned: {c:?}");
     }
+    assert_eq!(r.audit_differences, vec![], "tollgate accounts audit");
     assert!(r.all_exact);
 }
 

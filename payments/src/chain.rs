@@ -39,9 +39,41 @@ pub enum ChainError {
     Invalid(String),
 }
 
+/// What a payer did to one of our channels on chain, read from the escrow's event log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelEvent {
+    /// `requestClose`: after `grace_end` (chain time, Unix seconds) the payer may withdraw.
+    CloseRequested { channel: B256, grace_end: u64 },
+    /// A top-up cleared the close request.
+    CloseCancelled { channel: B256 },
+    /// The channel is gone (closed by the payee, or withdrawn by the payer), and what the
+    /// payee got in total.
+    Closed {
+        channel: B256,
+        settled_to_payee: u128,
+    },
+}
+
+/// Events of a block range, and where the next read starts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventPage {
+    pub events: Vec<ChannelEvent>,
+    /// The first block not read yet.
+    pub next_block: u64,
+    /// True when `next_block` is past the chain's latest block.
+    pub caught_up: bool,
+}
+
 #[async_trait]
 pub trait Chain: Send + Sync + 'static {
     async fn channel(&self, id: B256) -> Result<OnChain, ChainError>;
+    /// The chain's clock: the latest block's timestamp (Unix seconds).
+    async fn now(&self) -> Result<u64, ChainError>;
+    /// The latest block number.
+    async fn latest_block(&self) -> Result<u64, ChainError>;
+    /// The escrow's close requests, cancellations and closes of channels paying us, from
+    /// `from_block` on (one bounded range per call: one `eth_getLogs`, however many channels).
+    async fn channel_events(&self, from_block: u64) -> Result<EventPage, ChainError>;
     /// `settle(descriptor, cumulative, signature)`: pays the payee up to `cumulative`.
     async fn settle(
         &self,
@@ -60,6 +92,9 @@ pub trait Chain: Send + Sync + 'static {
     ) -> Result<B256, ChainError>;
 }
 
+/// Blocks one `channel_events` call reads at most (nodes cap `eth_getLogs` ranges).
+pub const EVENT_RANGE: u64 = 5_000;
+
 /// JSON-RPC chain access with the payee's key (the payee, or its operator, is the only party
 /// the escrow lets settle and close).
 pub struct RpcChain {
@@ -67,6 +102,8 @@ pub struct RpcChain {
     signer: PrivateKeySigner,
     chain_id: u64,
     escrow: Address,
+    /// Reads only (audits): sending is refused.
+    read_only: bool,
 }
 
 impl RpcChain {
@@ -83,19 +120,32 @@ impl RpcChain {
             signer,
             chain_id,
             escrow,
+            read_only: false,
         })
     }
 
+    /// Chain reads without the payee's key (operator audits); settlements and closes are
+    /// refused.
+    pub fn read_only(rpc_url: &str, chain_id: u64, escrow: Address) -> Result<Self, ChainError> {
+        let mut c = RpcChain::new(rpc_url, PrivateKeySigner::random(), chain_id, escrow)?;
+        c.read_only = true;
+        Ok(c)
+    }
+
     async fn send(&self, input: Vec<u8>) -> Result<B256, ChainError> {
+        if self.read_only {
+            return Err(ChainError::Invalid(
+                "this chain access is read-only (no payee key)".into(),
+            ));
+        }
         let gas_price = self
             .provider
             .get_gas_price()
             .await
             .map_err(|e| ChainError::Unavailable(e.to_string()))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        // The validity window is counted on the chain's clock, not ours: a node whose clock
+        // drifted would otherwise send transactions the chain refuses as expired.
+        let now = self.now().await?;
         // An expiring nonce: nodes sharing the payee key never race for a sequential nonce,
         // and a lost transaction stops being valid after 25 s (so a retry cannot double-send).
         let tx = TempoTransaction {
@@ -170,8 +220,103 @@ pub fn wire_descriptor(
     })
 }
 
+fn quantity(v: &serde_json::Value, what: &str) -> Result<u64, ChainError> {
+    v.as_str()
+        .and_then(|s| s.strip_prefix("0x"))
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .ok_or_else(|| ChainError::Invalid(format!("{what} is not a hex quantity: {v}")))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ChainError {
+    ChainError::Unavailable(e.to_string())
+}
+
 #[async_trait]
 impl Chain for RpcChain {
+    async fn now(&self) -> Result<u64, ChainError> {
+        let block: serde_json::Value = self
+            .provider
+            .raw_request("eth_getBlockByNumber".into(), ("latest", false))
+            .await
+            .map_err(unavailable)?;
+        quantity(&block["timestamp"], "block timestamp")
+    }
+
+    async fn latest_block(&self) -> Result<u64, ChainError> {
+        let n: serde_json::Value = self
+            .provider
+            .raw_request("eth_blockNumber".into(), ())
+            .await
+            .map_err(unavailable)?;
+        quantity(&n, "block number")
+    }
+
+    async fn channel_events(&self, from_block: u64) -> Result<EventPage, ChainError> {
+        use ITIP20ChannelReserve::{ChannelClosed, CloseRequestCancelled, CloseRequested};
+        use alloy::sol_types::SolEvent;
+        let latest = self.latest_block().await?;
+        if from_block > latest {
+            return Ok(EventPage {
+                events: Vec::new(),
+                next_block: from_block,
+                caught_up: true,
+            });
+        }
+        let to = latest.min(from_block.saturating_add(EVENT_RANGE - 1));
+        let payee = B256::left_padding_from(self.signer.address().as_slice());
+        let filter = serde_json::json!({
+            "fromBlock": format!("{from_block:#x}"),
+            "toBlock": format!("{to:#x}"),
+            "address": self.escrow,
+            "topics": [
+                [CloseRequested::SIGNATURE_HASH, CloseRequestCancelled::SIGNATURE_HASH, ChannelClosed::SIGNATURE_HASH],
+                null,
+                null,
+                payee,
+            ],
+        });
+        let logs: Vec<alloy::rpc::types::Log> = self
+            .provider
+            .raw_request("eth_getLogs".into(), (filter,))
+            .await
+            .map_err(unavailable)?;
+        let mut events = Vec::new();
+        for log in logs {
+            let Some(topic) = log.topic0().copied() else {
+                continue;
+            };
+            let ev = if topic == CloseRequested::SIGNATURE_HASH {
+                let e = CloseRequested::decode_log_data(log.data())
+                    .map_err(|e| ChainError::Invalid(format!("CloseRequested log: {e}")))?;
+                ChannelEvent::CloseRequested {
+                    channel: e.channelId,
+                    grace_end: u64::try_from(e.closeGraceEnd).unwrap_or(u64::MAX),
+                }
+            } else if topic == CloseRequestCancelled::SIGNATURE_HASH {
+                let e = CloseRequestCancelled::decode_log_data(log.data())
+                    .map_err(|e| ChainError::Invalid(format!("CloseRequestCancelled log: {e}")))?;
+                ChannelEvent::CloseCancelled {
+                    channel: e.channelId,
+                }
+            } else if topic == ChannelClosed::SIGNATURE_HASH {
+                let e = ChannelClosed::decode_log_data(log.data())
+                    .map_err(|e| ChainError::Invalid(format!("ChannelClosed log: {e}")))?;
+                ChannelEvent::Closed {
+                    channel: e.channelId,
+                    settled_to_payee: e.settledToPayee.to::<u128>(),
+                }
+            } else {
+                continue;
+            };
+            events.push(ev);
+        }
+        Ok(EventPage {
+            events,
+            next_block: to + 1,
+            caught_up: to == latest,
+        })
+    }
+
     async fn channel(&self, id: B256) -> Result<OnChain, ChainError> {
         let data = ITIP20ChannelReserve::getChannelStateCall { channelId: id }.abi_encode();
         let out: Bytes = self

@@ -71,6 +71,52 @@ pub struct CloseRecord {
     pub tx_hash: Option<String>,
 }
 
+/// A close the payer started on chain (`requestClose`) and what tollgate did about it: capture
+/// the highest accepted voucher in full before the grace period ends, or else write off the
+/// credit it no longer backs. See docs/payments.md ("Channel lifecycle").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForcedClose {
+    /// Chain time (Unix seconds) from which the payer may `withdraw` the deposit.
+    pub grace_end: u64,
+    /// The cumulative amount captured on chain once it covered every accepted voucher.
+    #[serde(default)]
+    pub captured: Option<u128>,
+    /// The write-off asked (p$), fixed at the first attempt so a retry uses the same key and
+    /// amount.
+    #[serde(default)]
+    pub write_off_ask: Option<i64>,
+    /// What the write-off took from the account (p$).
+    #[serde(default)]
+    pub written_off: Option<i64>,
+    /// The write-off went back to the account (the voucher was captured after all, or the payer
+    /// cancelled the close).
+    #[serde(default)]
+    pub restored: bool,
+    /// The payer cancelled the request (a top-up on chain).
+    #[serde(default)]
+    pub cancelled: bool,
+}
+
+/// Where a channel is in its life (docs/payments.md has the table of who moves each edge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lifecycle {
+    /// Opened; no voucher beyond the opening one yet.
+    Open,
+    /// Vouchers are accepted and credited.
+    Active,
+    /// The payer asked for a cooperative close: no more vouchers, capture being decided.
+    Closing,
+    /// The payer started a close on chain: no more vouchers; capture in progress.
+    CloseRequested,
+    /// Every accepted voucher is captured on chain.
+    Captured,
+    /// The voucher could not be captured in time: its unbacked credit was written off.
+    WrittenOff,
+    /// Gone on chain (closed by us, or withdrawn by the payer) and settled in our books.
+    Closed,
+}
+
 /// Everything tollgate keeps about one channel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChannelRecord {
@@ -85,6 +131,69 @@ pub struct ChannelRecord {
     pub close: Option<CloseRecord>,
     #[serde(default)]
     pub chain_ops: Vec<ChainOp>,
+    #[serde(default)]
+    pub forced_close: Option<ForcedClose>,
+    /// The channel is gone on chain; what the payee got in total (from the escrow's
+    /// `ChannelClosed` event).
+    #[serde(default)]
+    pub closed_on_chain: Option<u128>,
+}
+
+impl ChannelRecord {
+    pub fn lifecycle(&self) -> Lifecycle {
+        let st = &self.state;
+        if st.finalized {
+            return Lifecycle::Closed;
+        }
+        if let Some(f) = &self.forced_close
+            && !f.cancelled
+        {
+            return if f.written_off.is_some() && !f.restored {
+                Lifecycle::WrittenOff
+            } else if f.captured.is_some() {
+                Lifecycle::Captured
+            } else {
+                Lifecycle::CloseRequested
+            };
+        }
+        if self.close.is_some() || st.closing {
+            return Lifecycle::Closing;
+        }
+        if self.vouchers.len() > 1 || st.highest_voucher_amount > st.settled_on_chain {
+            Lifecycle::Active
+        } else {
+            Lifecycle::Open
+        }
+    }
+
+    /// What of this channel's accepted vouchers can still become (or has become) ours on
+    /// chain, in base units: the captured amount once the channel is closed or written off,
+    /// else the highest accepted voucher (the payee can settle it while the channel lives).
+    pub fn capturable(&self) -> u128 {
+        let settled = self
+            .state
+            .settled_on_chain
+            .max(self.closed_on_chain.unwrap_or(0));
+        match self.lifecycle() {
+            Lifecycle::Closed => self
+                .close
+                .as_ref()
+                .filter(|c| c.tx_hash.is_some())
+                .map_or(settled, |c| c.capture.max(settled)),
+            Lifecycle::WrittenOff => settled,
+            _ if self.closed_on_chain.is_some() => settled,
+            _ => self.state.highest_voucher_amount,
+        }
+    }
+}
+
+/// A pending credit that cannot be applied (refused by the money store for a reason retrying
+/// will not change): set aside so it does not hold up the others, for an operator to resolve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoisonedCredit {
+    pub credit: PendingCredit,
+    pub reason: String,
+    pub at_ms: u64,
 }
 
 /// A credit decided with a channel update (or a reversal of a charge) and not yet applied to
@@ -128,6 +237,23 @@ pub trait ChannelBackend: Send + Sync + 'static {
     async fn credit_done(&self, key: &str) -> Result<(), VerificationError>;
     /// Every channel id ever stored.
     async fn channel_ids(&self) -> Result<Vec<String>, VerificationError>;
+    /// Moves a pending credit aside (atomically: it is then no longer pending).
+    async fn poison(&self, p: &PoisonedCredit) -> Result<(), VerificationError>;
+    async fn poisoned(&self) -> Result<Vec<PoisonedCredit>, VerificationError>;
+    /// Takes a credit out of the poisoned set: back to pending with `retry`, else gone.
+    /// Returns it, or `None` when no such key is poisoned.
+    async fn unpoison(
+        &self,
+        key: &str,
+        retry: bool,
+    ) -> Result<Option<PoisonedCredit>, VerificationError>;
+    /// Small named values (the close watcher's block cursor).
+    async fn meta_get(&self, key: &str) -> Result<Option<String>, VerificationError>;
+    async fn meta_set(&self, key: &str, value: &str) -> Result<(), VerificationError>;
+    /// Channels with a forced close not yet resolved (so the watcher visits only those).
+    async fn forced_add(&self, id: &str) -> Result<(), VerificationError>;
+    async fn forced_remove(&self, id: &str) -> Result<(), VerificationError>;
+    async fn forced_ids(&self) -> Result<Vec<String>, VerificationError>;
 }
 
 /// The account id of a payer: a `did:pkh` (CAIP-10) identifier, lowercase.
@@ -158,6 +284,8 @@ fn wrap(id: String, chain_id: u64, updater: StateUpdater) -> Updater {
                 vouchers: Vec::new(),
                 close: None,
                 chain_ops: Vec::new(),
+                forced_close: None,
+                closed_on_chain: None,
             },
         };
         let mut credits = Vec::new();
@@ -250,7 +378,9 @@ return 1
 
 /// Channel records in Redis. Keys (prefix configurable): `{p}:mpp:ch:{id}` JSON record,
 /// `{p}:mpp:lock:{id}` lock token, `{p}:mpp:channels` set of ids, `{p}:mpp:credits:pending`
-/// hash key → JSON credit.
+/// hash key → JSON credit, `{p}:mpp:credits:poisoned` hash key → JSON [`PoisonedCredit`],
+/// `{p}:mpp:forced` set of ids with an unresolved forced close, `{p}:mpp:meta` hash (the close
+/// watcher's block cursor).
 #[derive(Clone)]
 pub struct RedisChannels {
     conn: ConnectionManager,
@@ -408,6 +538,121 @@ impl ChannelBackend for RedisChannels {
             .await
             .map_err(unavailable)
     }
+
+    async fn poison(&self, p: &PoisonedCredit) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let json = serde_json::to_string(p).map_err(corrupt)?;
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(self.key("credits:poisoned"))
+            .arg(&p.credit.key)
+            .arg(json)
+            .ignore()
+            .cmd("HDEL")
+            .arg(self.key("credits:pending"))
+            .arg(&p.credit.key)
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn poisoned(&self) -> Result<Vec<PoisonedCredit>, VerificationError> {
+        let mut c = self.conn.clone();
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.key("credits:poisoned"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        all.into_iter()
+            .map(|(_, v)| serde_json::from_str(&v).map_err(corrupt))
+            .collect()
+    }
+
+    async fn unpoison(
+        &self,
+        key: &str,
+        retry: bool,
+    ) -> Result<Option<PoisonedCredit>, VerificationError> {
+        let mut c = self.conn.clone();
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.key("credits:poisoned"))
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let Some(raw) = raw else { return Ok(None) };
+        let p: PoisonedCredit = serde_json::from_str(&raw).map_err(corrupt)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HDEL")
+            .arg(self.key("credits:poisoned"))
+            .arg(key)
+            .ignore();
+        if retry {
+            pipe.cmd("HSETNX")
+                .arg(self.key("credits:pending"))
+                .arg(key)
+                .arg(serde_json::to_string(&p.credit).map_err(corrupt)?)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut c).await.map_err(unavailable)?;
+        Ok(Some(p))
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<String>, VerificationError> {
+        let mut c = self.conn.clone();
+        redis::cmd("HGET")
+            .arg(self.key("meta"))
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn meta_set(&self, key: &str, value: &str) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.key("meta"))
+            .arg(key)
+            .arg(value)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn forced_add(&self, id: &str) -> Result<(), VerificationError> {
+        self.set_op("SADD", id).await
+    }
+
+    async fn forced_remove(&self, id: &str) -> Result<(), VerificationError> {
+        self.set_op("SREM", id).await
+    }
+
+    async fn forced_ids(&self) -> Result<Vec<String>, VerificationError> {
+        let mut c = self.conn.clone();
+        redis::cmd("SMEMBERS")
+            .arg(self.key("forced"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+impl RedisChannels {
+    async fn set_op(&self, op: &str, id: &str) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd(op)
+            .arg(self.key("forced"))
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 fn rand_token() -> u128 {
@@ -432,6 +677,9 @@ fn rand_token() -> u128 {
 
 const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("mpp_channels");
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("mpp_pending_credits");
+const POISONED: TableDefinition<&str, &[u8]> = TableDefinition::new("mpp_poisoned_credits");
+const META: TableDefinition<&str, &str> = TableDefinition::new("mpp_meta");
+const FORCED: TableDefinition<&str, ()> = TableDefinition::new("mpp_forced_closes");
 
 /// Channel records in a redb file; every update is one durable write transaction.
 #[derive(Clone)]
@@ -445,6 +693,9 @@ impl EmbeddedChannels {
         let tx = db.begin_write().map_err(unavailable)?;
         tx.open_table(CHANNELS).map_err(unavailable)?;
         tx.open_table(PENDING).map_err(unavailable)?;
+        tx.open_table(POISONED).map_err(unavailable)?;
+        tx.open_table(META).map_err(unavailable)?;
+        tx.open_table(FORCED).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
         Ok(EmbeddedChannels { db: Arc::new(db) })
     }
@@ -557,6 +808,136 @@ impl ChannelBackend for EmbeddedChannels {
         self.blocking(|db| {
             let tx = db.begin_read().map_err(unavailable)?;
             let t = tx.open_table(CHANNELS).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (k, _) = row.map_err(unavailable)?;
+                out.push(k.value().to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn poison(&self, p: &PoisonedCredit) -> Result<(), VerificationError> {
+        let bytes = serde_json::to_vec(p).map_err(corrupt)?;
+        let key = p.credit.key.clone();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = tx.open_table(POISONED).map_err(unavailable)?;
+                t.insert(key.as_str(), bytes.as_slice())
+                    .map_err(unavailable)?;
+                let mut pending = tx.open_table(PENDING).map_err(unavailable)?;
+                pending.remove(key.as_str()).map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn poisoned(&self) -> Result<Vec<PoisonedCredit>, VerificationError> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let t = tx.open_table(POISONED).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (_, v) = row.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn unpoison(
+        &self,
+        key: &str,
+        retry: bool,
+    ) -> Result<Option<PoisonedCredit>, VerificationError> {
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            let found: Option<PoisonedCredit> = {
+                let mut t = tx.open_table(POISONED).map_err(unavailable)?;
+                match t.remove(key.as_str()).map_err(unavailable)? {
+                    Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+                    None => None,
+                }
+            };
+            if let (Some(p), true) = (&found, retry) {
+                let bytes = serde_json::to_vec(&p.credit).map_err(corrupt)?;
+                let mut pending = tx.open_table(PENDING).map_err(unavailable)?;
+                if pending.get(key.as_str()).map_err(unavailable)?.is_none() {
+                    pending
+                        .insert(key.as_str(), bytes.as_slice())
+                        .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<String>, VerificationError> {
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let t = tx.open_table(META).map_err(unavailable)?;
+            Ok(t.get(key.as_str())
+                .map_err(unavailable)?
+                .map(|v| v.value().to_owned()))
+        })
+        .await
+    }
+
+    async fn meta_set(&self, key: &str, value: &str) -> Result<(), VerificationError> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            tx.open_table(META)
+                .map_err(unavailable)?
+                .insert(key.as_str(), value.as_str())
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn forced_add(&self, id: &str) -> Result<(), VerificationError> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            tx.open_table(FORCED)
+                .map_err(unavailable)?
+                .insert(id.as_str(), ())
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn forced_remove(&self, id: &str) -> Result<(), VerificationError> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            tx.open_table(FORCED)
+                .map_err(unavailable)?
+                .remove(id.as_str())
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn forced_ids(&self) -> Result<Vec<String>, VerificationError> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let t = tx.open_table(FORCED).map_err(unavailable)?;
             let mut out = Vec::new();
             for row in t.iter().map_err(unavailable)? {
                 let (k, _) = row.map_err(unavailable)?;

@@ -22,10 +22,11 @@ use mpp::{PaymentCredential, VerificationError};
 
 use crate::channels::{ChainOp, CloseRecord, PendingCredit, Update};
 use crate::units::{PICOS_PER_BASE_UNIT, base_to_picos, picos_to_base};
-use crate::{Accepted, Action, Payments, Rejection};
+use crate::{Accepted, Action, Payments, Realm, Rejection};
 
 pub(crate) async fn close(
     p: &Payments,
+    realm: Realm,
     cred: &PaymentCredential,
     payload: SessionCredentialPayload,
 ) -> Result<Accepted, Rejection> {
@@ -39,7 +40,7 @@ pub(crate) async fn close(
     else {
         return Err(Rejection::invalid("payload", "not a close"));
     };
-    verify_echo(p, cred)?;
+    verify_echo(p, realm, cred)?;
     let id_str = channel_id.to_ascii_lowercase();
     let id: B256 = id_str
         .parse()
@@ -123,6 +124,15 @@ pub(crate) async fn close(
                 let mut r = prev.ok_or_else(|| VerificationError::channel_not_found("gone"))?;
                 if r.state.finalized {
                     return Err(VerificationError::channel_closed("closed meanwhile"));
+                }
+                // Checked again here, inside the atomic update that records the close: a higher
+                // voucher may have been accepted on another node since the read above, and a
+                // close recorded below it would leave that voucher's credit uncapturable.
+                if cumulative < r.state.highest_voucher_amount {
+                    return Err(VerificationError::invalid_amount(format!(
+                        "close amount {cumulative} is below the accepted cumulative {}",
+                        r.state.highest_voucher_amount
+                    )));
                 }
                 // The first close fixes the amount: a second one at another amount would credit
                 // a rise while the first close's refund is already decided.
@@ -218,11 +228,15 @@ pub(crate) async fn finish_close(
         .map_err(|e| unavailable(format!("chain: {e}")))?;
     if on_chain.deposit == 0 {
         // Gone on chain: closed by an earlier attempt whose answer was lost, or withdrawn by
-        // the payer. Nothing more can move; record it (without a transaction hash).
-        let record = mark_closed(p, id_str, None, None).await?;
-        tracing::warn!(channel = %id_str, "channel already gone on chain; recorded as closed");
-        let c = record.close.unwrap_or(close);
-        return Ok((record.account, c));
+        // the payer. What we got is in the escrow's `ChannelClosed` event: the close watcher
+        // reads it, writes off any credit it does not cover, and closes the books.
+        p.backend
+            .forced_add(id_str)
+            .await
+            .map_err(Rejection::from_verification)?;
+        p.close_watch_wake.notify_one();
+        tracing::warn!(channel = %id_str, "channel already gone on chain; the close watcher settles its books");
+        return Ok((record.account, close));
     }
     let settled = on_chain.settled.max(record.state.settled_on_chain);
     let refundable = cumulative.saturating_sub(settled);
@@ -406,7 +420,7 @@ fn identifies(p: &Payments, d: &ChannelDescriptor, id: B256) -> bool {
 }
 
 /// The crate's HMAC and expiry check is private; the same check over the echoed challenge.
-fn verify_echo(p: &Payments, cred: &PaymentCredential) -> Result<(), Rejection> {
+fn verify_echo(p: &Payments, realm: Realm, cred: &PaymentCredential) -> Result<(), Rejection> {
     let c = &cred.challenge;
     let expected = mpp::compute_challenge_id_with_header(
         p.cfg.secret.expose(),
@@ -419,7 +433,7 @@ fn verify_echo(p: &Payments, cred: &PaymentCredential) -> Result<(), Rejection> 
         c.opaque.as_ref().map(|o| o.raw()),
         c.header.as_deref(),
     );
-    if c.realm != p.cfg.realm || !constant_time_eq(expected.as_bytes(), c.id.as_bytes()) {
+    if c.realm != p.realm_name(realm) || !constant_time_eq(expected.as_bytes(), c.id.as_bytes()) {
         return Err(Rejection::invalid(
             "challenge",
             "challenge was not issued by this server",

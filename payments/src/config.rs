@@ -29,6 +29,11 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// The services realm of a platform realm (see [`PaymentsConfig::services_realm`]).
+pub fn services_realm_of(realm: &str) -> String {
+    format!("{realm}/services")
+}
+
 #[derive(Debug, Clone)]
 pub struct PaymentsConfig {
     /// Protection space named in challenges (usually the public host).
@@ -56,6 +61,17 @@ pub struct PaymentsConfig {
     pub settle_interval: Duration,
     /// Smallest amount worth a settlement transaction (base units).
     pub settle_min: u128,
+    /// How often the close watcher reads the escrow's events and works on channels whose payer
+    /// requested a close on chain (it also wakes at once when a voucher finds one).
+    pub close_watch_interval: Duration,
+    /// Blocks the watcher looks back on its very first run.
+    pub close_watch_lookback_blocks: u64,
+    /// The escrow's close grace period (Tempo: 900 s): dates a close request the crate recorded.
+    pub close_grace: Duration,
+    /// Write off the credit of a voucher still not captured this long before the payer may
+    /// withdraw (the capture is retried until the channel is gone, and a late one gives the
+    /// write-off back).
+    pub write_off_margin: Duration,
 }
 
 impl PaymentsConfig {
@@ -72,18 +88,53 @@ impl PaymentsConfig {
             suggested_deposit: 5_000_000,
             min_voucher_delta: 0,
             max_top_up_usd: 1_000,
-            challenge_ttl: Duration::from_secs(300),
+            challenge_ttl: Duration::from_secs(60),
             settle_interval: Duration::from_secs(60),
             settle_min: 1_000_000,
+            close_watch_interval: Duration::from_secs(10),
+            close_grace: Duration::from_secs(900),
+            close_watch_lookback_blocks: 5_000,
+            write_off_margin: Duration::from_secs(60),
         }
+    }
+
+    /// The realm of the 402 challenges on hosted services: derived from the platform realm, and
+    /// not a hostname, so it can never equal the realm of a tenant that runs MPP itself (whose
+    /// realm is usually its own host).
+    pub fn services_realm(&self) -> String {
+        services_realm_of(&self.realm)
     }
 
     pub fn validate(&self) -> Result<(), String> {
         if self.secret.expose().len() < 32 {
             return Err("payments.secret must be at least 32 bytes".into());
         }
-        if self.realm.is_empty() || self.realm.contains('"') {
-            return Err("payments.realm must be non-empty and contain no quotes".into());
+        if self.realm.is_empty()
+            || self.realm.contains(['"', '\\', '/'])
+            || self.realm.chars().any(char::is_control)
+        {
+            return Err(
+                "payments.realm must be a host name (non-empty; no quotes, backslashes or slashes)"
+                    .into(),
+            );
+        }
+        // A bare IP names a listener, not the platform: a wallet could not tell it from
+        // anyone else's listener on that address.
+        let host = self
+            .realm
+            .rsplit_once(':')
+            .filter(|(_, port)| port.parse::<u16>().is_ok())
+            .map_or(self.realm.as_str(), |(h, _)| h);
+        if host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+            || self.realm.parse::<std::net::IpAddr>().is_ok()
+        {
+            return Err(format!(
+                "payments.realm '{}' is an IP address: set public.mcp_url (or payments.realm) to the public MCP host name",
+                self.realm
+            ));
         }
         if self.suggested_deposit == 0 {
             return Err("payments.suggested_deposit_usd must be more than 0".into());
@@ -96,6 +147,15 @@ impl PaymentsConfig {
         }
         if self.settle_interval < Duration::from_secs(1) {
             return Err("payments.settle_interval must be at least 1 s".into());
+        }
+        // A close request must be seen and captured well inside Tempo's 900 s grace period.
+        if self.close_watch_interval.is_zero()
+            || self.close_watch_interval > Duration::from_secs(300)
+        {
+            return Err("payments.close_watch_seconds must be 1..=300".into());
+        }
+        if self.write_off_margin >= Duration::from_secs(600) {
+            return Err("payments.write_off_margin_seconds must be below 600".into());
         }
         Ok(())
     }

@@ -16,9 +16,11 @@
 //!   the account's unused credit, which only tollgate knows;
 //! - settlement is ours: the crate has no settle API.
 
+pub mod audit;
 pub mod chain;
 pub mod channels;
 pub mod config;
+pub mod forced;
 pub mod http;
 pub mod kv;
 pub mod mcp;
@@ -42,14 +44,25 @@ use mpp::{
 };
 use tollgate_metering::Store;
 
-pub use chain::{Chain, ChainError, OnChain, RpcChain};
+pub use chain::{Chain, ChainError, ChannelEvent, EventPage, OnChain, RpcChain};
 pub use channels::{
-    ChannelBackend, ChannelRecord, EmbeddedChannels, RedisChannels, SharedChannels, account_of,
+    ChannelBackend, ChannelRecord, EmbeddedChannels, ForcedClose, Lifecycle, PendingCredit,
+    PoisonedCredit, RedisChannels, SharedChannels, account_of,
 };
 pub use config::PaymentsConfig;
 pub use metrics::PaymentMetrics;
 
 type MppServer = Mpp<TempoChargeMethod<TempoProvider>, TempoSessionMethod<TempoProvider>>;
+
+/// The protection space a credential was issued for. Credentials of one are refused at the
+/// other: a voucher paid on a hosted service's 402 cannot identify its payer over MCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Realm {
+    /// MCP and the HTTP top-up API: the configured public MCP host.
+    Platform,
+    /// The 402 of hosted services at the proxy (`<platform realm>/services`).
+    Services,
+}
 
 /// What the payer did with an accepted credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,12 +165,17 @@ impl Rejection {
 /// The payments service: one per process, shared by the HTTP and MCP endpoints.
 pub struct Payments {
     mpp: MppServer,
+    /// The same, for the services realm (the proxy's 402 on hosted URLs).
+    services: MppServer,
     cfg: PaymentsConfig,
     payee: Address,
     backend: Arc<dyn ChannelBackend>,
     money: Arc<dyn Store>,
     chain: Arc<dyn Chain>,
     pub metrics: PaymentMetrics,
+    /// Wakes the close watcher (a voucher found a close request).
+    pub(crate) close_watch_wake: tokio::sync::Notify,
+    pub(crate) chain_clock: forced::ChainClock,
 }
 
 impl Payments {
@@ -176,38 +194,43 @@ impl Payments {
             .parse()
             .map_err(|_| "payments.payee_key is not a secp256k1 private key (64 hex digits)")?;
         let payee = signer.address();
-        let payee_str = format!("{payee:#x}");
-        let currency = format!("{:#x}", cfg.currency);
-        let session = TempoSessionMethod::new(
-            mpp::server::tempo_provider(&cfg.rpc_url).map_err(|e| e.to_string())?,
-            Arc::new(SharedChannels::new(backend.clone(), cfg.chain_id)),
-            SessionMethodConfig {
-                escrow_contract: cfg.escrow,
-                chain_id: cfg.chain_id,
-                min_voucher_delta: cfg.min_voucher_delta,
-            },
-        );
-        let mpp = Mpp::create(
-            mpp::server::tempo(TempoConfig {
-                recipient: &payee_str,
-            })
-            .rpc_url(&cfg.rpc_url)
-            .chain_id(cfg.chain_id)
-            .currency(&currency)
-            .secret_key(cfg.secret.expose())
-            .realm(&cfg.realm)
-            .store(kv),
-        )
-        .map_err(|e| e.to_string())?
-        .with_session_method(session);
+        let backend_for = |realm: &str| -> Result<MppServer, String> {
+            let session = TempoSessionMethod::new(
+                mpp::server::tempo_provider(&cfg.rpc_url).map_err(|e| e.to_string())?,
+                Arc::new(SharedChannels::new(backend.clone(), cfg.chain_id)),
+                SessionMethodConfig {
+                    escrow_contract: cfg.escrow,
+                    chain_id: cfg.chain_id,
+                    min_voucher_delta: cfg.min_voucher_delta,
+                },
+            );
+            Ok(Mpp::create(
+                mpp::server::tempo(TempoConfig {
+                    recipient: &format!("{payee:#x}"),
+                })
+                .rpc_url(&cfg.rpc_url)
+                .chain_id(cfg.chain_id)
+                .currency(&format!("{:#x}", cfg.currency))
+                .secret_key(cfg.secret.expose())
+                .realm(realm)
+                .store(kv.clone()),
+            )
+            .map_err(|e| e.to_string())?
+            .with_session_method(session))
+        };
+        let mpp = backend_for(&cfg.realm)?;
+        let services = backend_for(&cfg.services_realm())?;
         Ok(Payments {
             mpp,
+            services,
             cfg,
             payee,
             backend,
             money,
             chain,
             metrics: PaymentMetrics::new().map_err(|e| e.to_string())?,
+            close_watch_wake: tokio::sync::Notify::new(),
+            chain_clock: forced::ChainClock::default(),
         })
     }
 
@@ -232,6 +255,17 @@ impl Payments {
         amount: u128,
         description: Option<&str>,
     ) -> Result<PaymentChallenge, String> {
+        self.session_challenge_in(Realm::Platform, amount, description)
+    }
+
+    /// [`Payments::session_challenge`] for a realm.
+    pub fn session_challenge_in(
+        &self,
+        realm: Realm,
+        amount: u128,
+        description: Option<&str>,
+    ) -> Result<PaymentChallenge, String> {
+        let realm = self.realm_name(realm);
         let deposit = amount.max(self.cfg.suggested_deposit);
         let mut details = serde_json::json!({
             "chainId": self.cfg.chain_id,
@@ -259,7 +293,7 @@ impl Payments {
         let expires = expires_in(self.cfg.challenge_ttl)?;
         let id = mpp::compute_challenge_id(
             self.cfg.secret.expose(),
-            &self.cfg.realm,
+            &realm,
             "tempo",
             "session",
             request.raw(),
@@ -269,7 +303,7 @@ impl Payments {
         );
         Ok(PaymentChallenge {
             id,
-            realm: self.cfg.realm.clone(),
+            realm,
             method: "tempo".into(),
             intent: "session".into(),
             request,
@@ -284,12 +318,29 @@ impl Payments {
     /// A zero-amount challenge: the client answers with a signed proof of its address (the
     /// spec's `proof` credential), which identifies the payer without moving money.
     pub fn identity_challenge(&self) -> Result<PaymentChallenge, String> {
+        // Short-lived: a proof is single-use, and the less time a copied challenge has, the
+        // less use it is to anyone replaying it.
+        let expires = expires_in(self.cfg.challenge_ttl)?;
         self.mpp
-            .charge("0")
+            .charge_with_options(
+                "0",
+                mpp::server::ChargeOptions {
+                    expires: Some(&expires),
+                    ..Default::default()
+                },
+            )
             .map_err(|e| e.to_string())?
             .into_iter()
             .next()
             .ok_or_else(|| "no identity challenge".to_owned())
+    }
+
+    /// The realm string of a protection space.
+    pub fn realm_name(&self, realm: Realm) -> String {
+        match realm {
+            Realm::Platform => self.cfg.realm.clone(),
+            Realm::Services => self.cfg.services_realm(),
+        }
     }
 
     /// Verifies an identity proof (or any session credential, which identifies its payer too)
@@ -310,7 +361,8 @@ impl Payments {
             }
             "session" => {
                 // Only payments identify: a close or a deposit top-up moves no money for the
-                // call, and a close is answered again when replayed.
+                // call, and a close is answered again when replayed. Only the platform realm's:
+                // a voucher paid on a hosted service's 402 identifies nobody here.
                 let a = self.accept(cred).await?;
                 if a.action.is_management() {
                     return Err(Rejection::invalid(
@@ -342,18 +394,38 @@ impl Payments {
     /// channel's new state, and credits each rise of the accepted cumulative to the payer's
     /// account. Retrying the same credential credits nothing more.
     pub async fn accept(&self, cred: &PaymentCredential) -> Result<Accepted, Rejection> {
+        self.accept_in(Realm::Platform, cred).await
+    }
+
+    /// [`Payments::accept`] in a realm: a credential for a challenge of another realm is
+    /// refused (its HMAC binds the realm it was issued for).
+    pub async fn accept_in(
+        &self,
+        realm: Realm,
+        cred: &PaymentCredential,
+    ) -> Result<Accepted, Rejection> {
         let started = std::time::Instant::now();
-        let result = self.accept_inner(cred).await;
-        self.metrics.observe(&result, started.elapsed());
+        let result = self.accept_inner(realm, cred).await;
+        self.metrics.observe(cred, &result, started.elapsed());
         result
     }
 
-    async fn accept_inner(&self, cred: &PaymentCredential) -> Result<Accepted, Rejection> {
+    async fn accept_inner(
+        &self,
+        realm: Realm,
+        cred: &PaymentCredential,
+    ) -> Result<Accepted, Rejection> {
         if cred.challenge.method.as_str() != "tempo" || cred.challenge.intent.as_str() != "session"
         {
             return Err(Rejection::invalid(
                 "challenge",
                 "expected a tempo session credential",
+            ));
+        }
+        if cred.challenge.realm != self.realm_name(realm) {
+            return Err(Rejection::invalid(
+                "challenge",
+                "this credential answers a challenge of another realm; ask this endpoint for a challenge",
             ));
         }
         self.check_pins(cred)?;
@@ -376,15 +448,21 @@ impl Payments {
                 ..
             } => (Action::TopUp, channel_id, descriptor),
             SessionCredentialPayload::Close { .. } => {
-                return close::close(self, cred, payload).await;
+                return close::close(self, realm, cred, payload).await;
             }
         };
         let channel_id = channel_id.to_ascii_lowercase();
-        let verified = self
-            .mpp
-            .verify_session(cred)
-            .await
-            .map_err(Rejection::from_verification)?;
+        let server = match realm {
+            Realm::Platform => &self.mpp,
+            Realm::Services => &self.services,
+        };
+        let verified = match server.verify_session(cred).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.notice_close_request(&channel_id).await;
+                return Err(Rejection::from_verification(e));
+            }
+        };
         if let Some(d) = descriptor {
             // The crate checked that the descriptor identifies this channel.
             self.remember_descriptor(&channel_id, d).await;
@@ -407,6 +485,25 @@ impl Payments {
             receipt: verified.receipt,
             challenge_id: cred.challenge.id.clone(),
         })
+    }
+
+    /// A refused voucher may be the first sign that the payer requested a close on chain (the
+    /// crate reads the channel on every voucher and records the request): hand the channel to
+    /// the close watcher at once.
+    async fn notice_close_request(&self, channel_id: &str) {
+        if let Ok(Some(r)) = self.backend.get(channel_id).await
+            && r.state.close_requested_at != 0
+            && !r.state.finalized
+            && r.forced_close.as_ref().is_none_or(|f| f.cancelled)
+        {
+            let grace_end = r
+                .state
+                .close_requested_at
+                .saturating_add(self.cfg.close_grace.as_secs());
+            if let Err(e) = forced::request(self, channel_id, grace_end).await {
+                tracing::warn!(channel = channel_id, error = %e.message, "close request not recorded yet; the watcher finds it in the escrow's events");
+            }
+        }
     }
 
     /// The account a session credential would credit: the channel's payer (the stored channel,
@@ -496,58 +593,120 @@ impl Payments {
     }
 
     /// Applies pending credits to the money core (idempotent per key) and forgets them.
-    /// Returns how many were applied now.
+    /// Returns how many were applied now. A credit the money store refuses for good (an amount
+    /// over the per-operation cap, a key reused with another amount) is set aside, counted and
+    /// logged, and the drain goes on: one bad entry never holds up other payers' credit.
     pub async fn drain_credits(&self) -> Result<usize, VerificationError> {
         let pending = self.backend.pending_credits().await?;
         let mut applied = 0;
+        let mut left = pending.len();
+        let mut unavailable = None;
         for c in pending {
-            if let Some(charge_key) = &c.reverses {
-                // A reversal: make sure the charge landed (a no-op if it had), then give it back.
-                match self
-                    .money
-                    .charge(&c.account, charge_key, c.picos, false)
-                    .await
-                {
-                    Ok(_) => {}
-                    // Never applied (a duplicate answers before the balance is checked):
-                    // nothing to give back.
-                    Err(tollgate_metering::ChargeError::Insufficient { .. }) => {
-                        self.backend.credit_done(&c.key).await?;
-                        continue;
-                    }
-                    Err(e) => {
-                        return Err(
-                            VerificationError::network_error(format!("money store: {e}"))
-                                .retryable(),
-                        );
-                    }
-                }
-            }
-            match self.money.credit(&c.account, &c.key, c.picos).await {
-                Ok(o) => {
-                    if o.applied {
+            match self.apply_credit(&c).await {
+                Ok(now) => {
+                    left -= 1;
+                    if now {
                         applied += 1;
-                        self.metrics.credited(c.picos);
                     }
-                    self.backend.credit_done(&c.key).await?;
                 }
-                Err(tollgate_metering::CreditError::Mismatch { key, stored }) => {
-                    // Cannot happen unless a key is reused: keep it pending and shout.
-                    tracing::error!(
-                        key,
-                        stored,
-                        amount = c.picos,
-                        "credit key reused with another amount"
-                    );
+                Err(CreditFailure::Refused(reason)) => {
+                    left -= 1;
+                    self.metrics.credits_poisoned.inc();
+                    tracing::error!(key = %c.key, account = %c.account, amount = c.picos, reason = %reason, "pending credit refused for good: set aside (tollgate payments credits list)");
+                    self.backend
+                        .poison(&PoisonedCredit {
+                            credit: c,
+                            reason,
+                            at_ms: close::now_ms(),
+                        })
+                        .await?;
                 }
-                Err(e) => {
-                    return Err(
-                        VerificationError::network_error(format!("money store: {e}")).retryable(),
-                    );
+                // The store is away: the others would fail the same way. Retried next round.
+                Err(CreditFailure::Unavailable(e)) => {
+                    unavailable = Some(e);
+                    break;
                 }
             }
         }
-        Ok(applied)
+        self.metrics.credits_pending.set(left as i64);
+        if let Ok(p) = self.backend.poisoned().await {
+            self.metrics.credits_poisoned_now.set(p.len() as i64);
+        }
+        match unavailable {
+            Some(e) => {
+                Err(VerificationError::network_error(format!("money store: {e}")).retryable())
+            }
+            None => Ok(applied),
+        }
+    }
+
+    /// One pending credit into the money core; true when it was applied now (not before).
+    async fn apply_credit(&self, c: &PendingCredit) -> Result<bool, CreditFailure> {
+        use tollgate_metering::{ChargeError, CreditError};
+        let mut amount = c.picos;
+        if let Some(charge_key) = &c.reverses {
+            // A reversal: take hold of the charge's key first. If the charge landed, this
+            // answers what it took; if not, it records the key now (taking whatever the balance
+            // allows, possibly nothing), so the charge can never land later, unreversed. Then
+            // exactly what the key took is given back.
+            match self
+                .money
+                .charge(&c.account, charge_key, c.picos, true)
+                .await
+            {
+                Ok(o) => amount = o.taken,
+                Err(ChargeError::Unavailable(e)) => return Err(CreditFailure::Unavailable(e)),
+                Err(e) => {
+                    return Err(CreditFailure::Refused(format!(
+                        "reversal of {charge_key}: {e}"
+                    )));
+                }
+            }
+            if amount == 0 {
+                self.backend
+                    .credit_done(&c.key)
+                    .await
+                    .map_err(|e| CreditFailure::Unavailable(e.message))?;
+                return Ok(false);
+            }
+        }
+        match self.money.credit(&c.account, &c.key, amount).await {
+            Ok(o) => {
+                if o.applied {
+                    self.metrics.credited(amount);
+                }
+                self.backend
+                    .credit_done(&c.key)
+                    .await
+                    .map_err(|e| CreditFailure::Unavailable(e.message))?;
+                Ok(o.applied)
+            }
+            Err(CreditError::Unavailable(e)) => Err(CreditFailure::Unavailable(e)),
+            Err(e) => Err(CreditFailure::Refused(e.to_string())),
+        }
+    }
+
+    /// Pending credits set aside, for operators.
+    pub async fn poisoned_credits(&self) -> Result<Vec<PoisonedCredit>, VerificationError> {
+        self.backend.poisoned().await
+    }
+
+    /// Resolves a set-aside credit: `retry` puts it back in the drain (after the cause was
+    /// fixed), otherwise it is dropped (logged; the operator settles it by other means, e.g.
+    /// `tollgate accounts credit`). `None` when no such key is set aside.
+    pub async fn resolve_poisoned(
+        &self,
+        key: &str,
+        retry: bool,
+    ) -> Result<Option<PoisonedCredit>, VerificationError> {
+        let p = self.backend.unpoison(key, retry).await?;
+        if let Some(p) = &p {
+            tracing::warn!(key, account = %p.credit.account, amount = p.credit.picos, retry, "set-aside credit resolved by an operator");
+            if retry {
+                let _ = self.drain_credits().await;
+            }
+        }
+        Ok(p)
     }
 
     /// Gives back a charge (`charge_key`, `picos`) exactly once, whether or not the charge had
@@ -576,11 +735,15 @@ impl Payments {
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut credit_tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut settle_tick = tokio::time::interval(self.cfg.settle_interval);
+        let mut watch_tick = tokio::time::interval(self.cfg.close_watch_interval);
         credit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
+                _ = watch_tick.tick() => self.watch_closes_logged().await,
+                _ = self.close_watch_wake.notified() => self.watch_closes_logged().await,
                 _ = credit_tick.tick() => {
                     if let Err(e) = self.drain_credits().await {
                         tracing::warn!(error = %e.message, "pending credits not applied yet");
@@ -600,9 +763,35 @@ impl Payments {
         settle::settle_due(self).await
     }
 
+    /// One round of the close watcher now (tests, operators): reads the escrow's close
+    /// requests, captures the vouchers of channels closing on chain, writes off what can no
+    /// longer be captured.
+    pub async fn watch_closes(&self) -> Result<(), String> {
+        forced::watch(self).await
+    }
+
+    async fn watch_closes_logged(&self) {
+        if let Err(e) = self.watch_closes().await {
+            tracing::warn!(error = %e, "close watcher round failed; retried");
+        }
+    }
+
+    /// The chain access (audits read channels through it).
+    pub fn chain(&self) -> &Arc<dyn Chain> {
+        &self.chain
+    }
+
     pub fn backend(&self) -> &Arc<dyn ChannelBackend> {
         &self.backend
     }
+}
+
+/// Why a pending credit did not apply.
+enum CreditFailure {
+    /// The money store refuses it, and would again: set it aside.
+    Refused(String),
+    /// The money store cannot be reached: try again later.
+    Unavailable(String),
 }
 
 fn expires_in(ttl: std::time::Duration) -> Result<String, String> {

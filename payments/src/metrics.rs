@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::{Accepted, Rejection};
 
@@ -14,8 +14,19 @@ pub struct PaymentMetrics {
     pub verify_seconds: Histogram,
     /// p$ credited to accounts from vouchers.
     pub credited_picodollars: IntCounter,
-    /// Settlement and close transactions by kind (`settle|close`) and result (`ok|failed`).
+    /// Chain operations by kind (`settle|close|capture reads as settle|events|read`) and result
+    /// (`ok|failed`).
     pub chain_ops: IntCounterVec,
+    /// Close requests the payers made on chain (seen by the close watcher).
+    pub close_requests: IntCounter,
+    /// Write-offs of credit whose voucher could not be captured in time, and what they took.
+    pub write_offs: IntCounter,
+    pub written_off_picodollars: IntCounter,
+    /// Pending credits set aside because the money store refuses them for good.
+    pub credits_poisoned: IntCounter,
+    /// Credits waiting to be applied, and set aside, as of the last drain.
+    pub credits_pending: IntGauge,
+    pub credits_poisoned_now: IntGauge,
 }
 
 impl PaymentMetrics {
@@ -47,11 +58,47 @@ impl PaymentMetrics {
             ),
             &["kind", "result"],
         )?;
+        let close_requests = IntCounter::new(
+            "tollgate_payment_close_requests_total",
+            "Channel close requests payers made on chain (the payee then captures in full)",
+        )?;
+        let write_offs = IntCounter::new(
+            "tollgate_payment_write_offs_total",
+            "Credit written off because its voucher could not be captured before the payer could withdraw",
+        )?;
+        let written_off_picodollars = IntCounter::new(
+            "tollgate_payment_written_off_picodollars_total",
+            "Credit written off (pico-dollars)",
+        )?;
+        let credits_poisoned = IntCounter::new(
+            "tollgate_payment_credits_poisoned_total",
+            "Pending credits set aside because the money store refuses them for good",
+        )?;
+        let credits_pending = IntGauge::new(
+            "tollgate_payment_credits_pending",
+            "Credits recorded with a payment and not yet applied to the account",
+        )?;
+        let credits_poisoned_now = IntGauge::new(
+            "tollgate_payment_credits_poisoned",
+            "Credits set aside for an operator (tollgate payments credits)",
+        )?;
+        // Failure series exist from the start, so rate() sees the first failure.
+        for kind in ["settle", "close", "events", "read"] {
+            for result in ["ok", "failed"] {
+                chain_ops.with_label_values(&[kind, result]);
+            }
+        }
         Ok(PaymentMetrics {
             credentials,
             verify_seconds,
             credited_picodollars,
             chain_ops,
+            close_requests,
+            write_offs,
+            written_off_picodollars,
+            credits_poisoned,
+            credits_pending,
+            credits_poisoned_now,
         })
     }
 
@@ -60,21 +107,46 @@ impl PaymentMetrics {
         registry.register(Box::new(self.verify_seconds.clone()))?;
         registry.register(Box::new(self.credited_picodollars.clone()))?;
         registry.register(Box::new(self.chain_ops.clone()))?;
+        registry.register(Box::new(self.close_requests.clone()))?;
+        registry.register(Box::new(self.write_offs.clone()))?;
+        registry.register(Box::new(self.written_off_picodollars.clone()))?;
+        registry.register(Box::new(self.credits_poisoned.clone()))?;
+        registry.register(Box::new(self.credits_pending.clone()))?;
+        registry.register(Box::new(self.credits_poisoned_now.clone()))?;
         Ok(())
     }
 
-    pub(crate) fn observe(&self, r: &Result<Accepted, Rejection>, took: Duration) {
+    pub(crate) fn observe(
+        &self,
+        cred: &mpp::PaymentCredential,
+        r: &Result<Accepted, Rejection>,
+        took: Duration,
+    ) {
         self.verify_seconds.observe(took.as_secs_f64());
+        // What the payer attempted, also when refused (bounded: unknown values are "unknown").
+        let attempted = match cred.payload.get("action").and_then(|a| a.as_str()) {
+            Some("open") => "open",
+            Some("voucher") => "voucher",
+            Some("topUp") => "topUp",
+            Some("close") => "close",
+            _ => "unknown",
+        };
         let (action, result) = match r {
             Ok(a) => (a.action.as_str(), "accepted"),
-            Err(e) if e.retryable => ("unknown", "unavailable"),
-            Err(_) => ("unknown", "rejected"),
+            Err(e) if e.retryable => (attempted, "unavailable"),
+            Err(_) => (attempted, "rejected"),
         };
         self.credentials.with_label_values(&[action, result]).inc();
     }
 
     pub(crate) fn credited(&self, picos: i64) {
         self.credited_picodollars
+            .inc_by(u64::try_from(picos).unwrap_or(0));
+    }
+
+    pub(crate) fn written_off(&self, picos: i64) {
+        self.write_offs.inc();
+        self.written_off_picodollars
             .inc_by(u64::try_from(picos).unwrap_or(0));
     }
 

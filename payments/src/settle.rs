@@ -17,6 +17,10 @@ use crate::close::now_ms;
 use crate::units::picos_to_base;
 
 pub(crate) async fn settle_due(p: &Payments) -> Result<usize, String> {
+    // Closes the payers forced on chain first: their capture is the one with a deadline.
+    if let Err(e) = crate::forced::watch(p).await {
+        tracing::warn!(error = %e, "close watcher round failed; retried");
+    }
     let ids = p.backend.channel_ids().await.map_err(|e| e.message)?;
     let mut sent = 0;
     for id in ids {
@@ -49,7 +53,12 @@ async fn settle_one(p: &Payments, id: &str) -> Result<bool, String> {
         return Ok(false);
     };
     let st = &record.state;
-    if st.finalized || st.closing || st.highest_voucher_amount <= st.settled_on_chain {
+    // Channels closing on chain are the close watcher's (it captures in full).
+    if st.finalized
+        || st.closing
+        || record.forced_close.as_ref().is_some_and(|f| !f.cancelled)
+        || st.highest_voucher_amount <= st.settled_on_chain
+    {
         return Ok(false);
     }
     let Some(descriptor) = record.descriptor.clone() else {

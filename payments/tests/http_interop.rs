@@ -62,6 +62,7 @@ async fn mppx_opens_a_channel_pays_vouchers_tops_up_the_deposit_and_credit_lands
     let view = rig.chain.chain().channel(id).expect("channel on chain");
     assert_eq!(view.deposit, 10_000_000);
     assert_eq!(rig.token_balance(address(PAYER_KEY)), before - 10_000_000);
+    assert_eq!(rig.audit().await, vec![], "every credit backed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,4 +124,5 @@ async fn close_captures_only_what_was_spent_and_refunds_the_rest() {
         .filter(|e| e.kind == "credit")
         .count();
     assert_eq!(ledger_credits, 2);
+    assert_eq!(rig.audit().await, vec![], "every credit backed");
 }

@@ -5,82 +5,9 @@
 
 mod common;
 
-use alloy::primitives::{Address, B256};
-use alloy::signers::SignerSync;
-use alloy::signers::local::PrivateKeySigner;
+use alloy::primitives::B256;
 use common::*;
-use mpp::PaymentCredential;
-use mpp::protocol::methods::tempo::precompile_voucher::precompile_voucher_signing_hash_with_escrow;
 use serde_json::json;
-use tollgate_metering::PICOS_PER_USD;
-use tollgate_payments::{Payments, Rejection};
-
-const USD: i64 = PICOS_PER_USD;
-
-fn sign(key: &str, channel: B256, cumulative: u128, escrow: Address) -> String {
-    let signer: PrivateKeySigner = key.parse().unwrap();
-    let hash = precompile_voucher_signing_hash_with_escrow(
-        channel,
-        cumulative,
-        escrow,
-        tollgate_testchain::DEFAULT_CHAIN_ID,
-    )
-    .unwrap();
-    let sig = signer.sign_hash_sync(&hash).unwrap();
-    alloy::hex::encode_prefixed(sig.as_bytes())
-}
-
-fn voucher(p: &Payments, channel: &str, cumulative: u128, signature: String) -> PaymentCredential {
-    let challenge = p.session_challenge(1_000_000, None).unwrap();
-    let descriptor = DESCRIPTORS
-        .lock()
-        .unwrap()
-        .get(channel)
-        .cloned()
-        .unwrap_or(serde_json::Value::Null);
-    PaymentCredential {
-        challenge: challenge.to_echo(),
-        source: Some(account(PAYER_KEY)),
-        payload: json!({
-            "action": "voucher",
-            "channelId": channel,
-            "cumulativeAmount": cumulative.to_string(),
-            "signature": signature,
-            "descriptor": descriptor,
-        }),
-    }
-}
-
-/// Each channel's descriptor, as the client sends it with every voucher.
-static DESCRIPTORS: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-
-fn remember(channel: &str, d: Option<mpp::protocol::methods::tempo::session::ChannelDescriptor>) {
-    DESCRIPTORS.lock().unwrap().insert(
-        channel.to_owned(),
-        serde_json::to_value(d.expect("descriptor kept")).unwrap(),
-    );
-}
-
-async fn credits(rig: &Rig) -> usize {
-    rig.money
-        .ledger()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.kind == "credit")
-        .count()
-}
-
-/// Refused (not retryable) with a problem type ending in `kind`.
-fn refused(r: Result<tollgate_payments::Accepted, Rejection>, kind: &str) {
-    let e = r.expect_err("refused");
-    assert!(!e.retryable, "{e:?}");
-    assert!(
-        e.problem.problem_type.ends_with(kind),
-        "expected {kind}: {e:?}"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credits_once() {
@@ -185,6 +112,7 @@ async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credit
         assert!(a.accept(&c).await.is_err());
     }
     assert_eq!(credits(&rig).await, 2);
+    assert_eq!(rig.audit().await, vec![], "every credit backed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,35 +171,7 @@ async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
             .iter()
             .all(|o| o.kind == "settle" && o.tx_hash.len() == 66)
     );
-}
-
-/// The real mppx client opens a channel with one $1 payment; its id.
-async fn open_channel(rig: &Rig) -> (String, B256) {
-    let url = format!("{}/v1/top-up?amount_usd=1", rig.nodes[0].url);
-    let opened = mppx(&rig.chain.url(), PAYER_KEY, &["http", &url, "1"]).await;
-    let ch_str = opened[0]["receipt"]["channelId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let ch = ch_str.parse().unwrap();
-    (ch_str, ch)
-}
-
-fn close_cred(
-    p: &Payments,
-    channel: &str,
-    cumulative: u128,
-    ch: B256,
-    escrow: Address,
-) -> PaymentCredential {
-    let mut c = voucher(
-        p,
-        channel,
-        cumulative,
-        sign(PAYER_KEY, ch, cumulative, escrow),
-    );
-    c.payload["action"] = json!("close");
-    c
+    assert_eq!(rig.audit().await, vec![], "every credit backed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,4 +227,5 @@ async fn a_close_amount_is_fixed_once_and_the_server_finishes_an_interrupted_clo
         "{:?}",
         again.receipt
     );
+    assert_eq!(rig.audit().await, vec![], "every credit backed");
 }

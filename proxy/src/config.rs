@@ -43,6 +43,12 @@ pub struct ProxyConfig {
     pub trust_forwarded_headers: bool,
     /// Socket used to hand listeners to a new process on SIGQUIT (zero-downtime upgrade).
     pub upgrade_sock: Option<PathBuf>,
+    /// MPP realms of the platform itself. An `Authorization: Payment` (or
+    /// `Payment-Authorization`) credential issued for one of them is never forwarded to a
+    /// hosted service: a tenant could replay it as the visitor's identity. Credentials of any
+    /// other realm (tenants running MPP themselves) pass through. The binary adds the payment
+    /// realm and its services realm.
+    pub payment_realms: Vec<String>,
 }
 
 impl Default for ProxyConfig {
@@ -60,6 +66,7 @@ impl Default for ProxyConfig {
             upstream_idle_timeout_seconds: 60.0,
             trust_forwarded_headers: false,
             upgrade_sock: None,
+            payment_realms: Vec::new(),
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Dispatch {
     pub(crate) max_header_bytes: usize,
     pub(crate) max_body_bytes: u64,
     pub(crate) trust_forwarded: bool,
+    /// Credentials for these realms never reach an upstream.
+    pub(crate) payment_realms: Arc<[String]>,
     pub(crate) connect_timeout: Duration,
     pub(crate) read_timeout: Duration,
     pub(crate) write_timeout: Duration,
@@ -68,6 +70,7 @@ impl Dispatch {
             max_header_bytes: cfg.max_request_header_bytes,
             max_body_bytes: cfg.max_body_bytes,
             trust_forwarded: cfg.trust_forwarded_headers,
+            payment_realms: cfg.payment_realms.iter().cloned().collect(),
             connect_timeout: Duration::from_secs_f64(cfg.upstream_connect_timeout_seconds),
             read_timeout: Duration::from_secs_f64(cfg.upstream_read_timeout_seconds),
             write_timeout: Duration::from_secs_f64(cfg.upstream_write_timeout_seconds),
@@ -331,6 +334,9 @@ impl ProxyHttp for Dispatch {
         ctx: &mut Ctx,
     ) -> Result<()> {
         strip_internal_headers(upstream);
+        if !self.payment_realms.is_empty() {
+            strip_platform_credentials(upstream, &self.payment_realms);
+        }
         let client_ip = match session.client_addr() {
             Some(PingoraAddr::Inet(a)) => a.ip().to_string(),
             _ => String::new(),
@@ -531,6 +537,72 @@ fn carries_payment(headers: &http::HeaderMap) -> bool {
                 .get(..8)
                 .is_some_and(|p| p.eq_ignore_ascii_case(b"payment "))
         })
+    })
+}
+
+/// Drops the `Authorization: Payment …` / `Payment-Authorization: Payment …` values that answer
+/// a challenge of one of `realms` (the platform's own): a hosted service must never see a
+/// credential it could replay at the platform as its visitor. Only requests that carry a
+/// `Payment` credential pay for the decoding.
+fn strip_platform_credentials(req: &mut RequestHeader, realms: &[String]) {
+    for name in ["authorization", "payment-authorization"] {
+        let values = req.headers.get_all(name);
+        if !values
+            .iter()
+            .any(|v| is_platform_credential(v.as_bytes(), realms))
+        {
+            continue;
+        }
+        let keep: Vec<http::HeaderValue> = values
+            .iter()
+            .filter(|v| !is_platform_credential(v.as_bytes(), realms))
+            .cloned()
+            .collect();
+        req.remove_header(name);
+        for v in keep {
+            // Re-adding a value that was already valid cannot fail.
+            let _ = req.append_header(name, v);
+        }
+    }
+}
+
+/// Whether a header value is a `Payment` credential (scheme case-insensitive, possibly one of
+/// several comma-separated credentials) whose echoed challenge names one of `realms`.
+fn is_platform_credential(value: &[u8], realms: &[String]) -> bool {
+    use base64::Engine;
+    value.split(|&c| c == b',').any(|part| {
+        let part = part.trim_ascii_start();
+        let Some(token) = part
+            .get(..8)
+            .filter(|p| p.eq_ignore_ascii_case(b"payment "))
+            .and_then(|_| part.get(8..))
+        else {
+            return false;
+        };
+        let token = token.trim_ascii();
+        // Clients send url-safe or standard base64, padded or not.
+        let token: Vec<u8> = token
+            .iter()
+            .filter(|&&c| c != b'=')
+            .map(|&c| match c {
+                b'+' => b'-',
+                b'/' => b'_',
+                c => c,
+            })
+            .collect();
+        let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&token) else {
+            return false;
+        };
+        #[derive(serde::Deserialize)]
+        struct Cred {
+            challenge: Challenge,
+        }
+        #[derive(serde::Deserialize)]
+        struct Challenge {
+            realm: String,
+        }
+        serde_json::from_slice::<Cred>(&json)
+            .is_ok_and(|c| realms.contains(&c.challenge.realm))
     })
 }
 

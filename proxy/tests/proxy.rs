@@ -208,6 +208,95 @@ async fn forwarding_headers_request_id_and_stripping() {
     assert_ne!(r.headers()["x-request-id"], "has space<script>");
 }
 
+/// `Payment <base64url(JSON)>` for a challenge of `realm`, as an MPP client sends it.
+fn payment_credential(realm: &str) -> String {
+    use base64::Engine;
+    let json = serde_json::json!({
+        "challenge": {"id": "x", "realm": realm, "method": "tempo", "intent": "charge",
+                      "request": "e30", "expires": "2099-01-01T00:00:00Z"},
+        "payload": {"type": "proof", "signature": "0x00"},
+        "source": "did:pkh:eip155:42431:0x0000000000000000000000000000000000000001",
+    });
+    format!(
+        "Payment {}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platforms_payment_credentials_never_reach_a_hosted_service() {
+    let up = Upstream::start("t");
+    let mut opts = options(None, &[("t.localhost", up.addr)]);
+    opts.proxy.payment_realms = vec!["mcp.example.com".into(), "mcp.example.com/services".into()];
+    let node = Node::start(opts);
+    let c = node.client(&["t.localhost"]);
+    let seen = |h: serde_json::Value, name: &str| -> Vec<String> {
+        h[name]
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    // A visitor's wallet answered a 402 the tenant served with the platform's identity
+    // challenge: the tenant must not get the proof to replay at MCP. Both realms, both headers,
+    // any scheme case, standard base64 too.
+    for (header, value) in [
+        ("authorization", payment_credential("mcp.example.com")),
+        (
+            "authorization",
+            payment_credential("mcp.example.com/services"),
+        ),
+        (
+            "payment-authorization",
+            payment_credential("mcp.example.com"),
+        ),
+        (
+            "authorization",
+            payment_credential("mcp.example.com").replace("Payment ", "PAYMENT "),
+        ),
+        (
+            "authorization",
+            payment_credential("mcp.example.com")
+                .replace('-', "+")
+                .replace('_', "/"),
+        ),
+    ] {
+        let r = c
+            .get(node.url("t.localhost", "/headers"))
+            .header(header, &value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let h: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            seen(h, header).is_empty(),
+            "{header}: {value} reached the tenant"
+        );
+    }
+    // A tenant that runs MPP itself gets its own credentials, and other authorization too.
+    let own = payment_credential("t.localhost");
+    let r = c
+        .get(node.url("t.localhost", "/headers"))
+        .header("authorization", &own)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen(r.json().await.unwrap(), "authorization"), vec![own]);
+    let r = c
+        .get(node.url("t.localhost", "/headers"))
+        .header("authorization", "Bearer abc")
+        .header("payment-authorization", payment_credential("shop.example"))
+        .send()
+        .await
+        .unwrap();
+    let h: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        seen(h.clone(), "authorization"),
+        vec!["Bearer abc".to_owned()]
+    );
+    assert_eq!(seen(h, "payment-authorization").len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_and_body_limits() {
     let up = Upstream::start("lim");

@@ -21,6 +21,7 @@
 //! ```
 
 mod chain;
+pub mod client;
 mod exec;
 mod rpc;
 mod state;

@@ -309,6 +309,10 @@ fn dispatch(chain: &TestChain, method: &str, params: &[Value]) -> Result<Value, 
             let hash: B256 = param(params, 0, "transaction hash")?;
             chain.read(|s| receipt_json(s, hash))
         }
+        "eth_getLogs" => {
+            let filter: LogFilter = param(params, 0, "filter")?;
+            chain.read(|s| get_logs(s, &filter))
+        }
         "eth_getTransactionByHash" => {
             let hash: B256 = param(params, 0, "transaction hash")?;
             chain.read(|s| match s.txs.get(&hash) {
@@ -365,6 +369,116 @@ fn dispatch(chain: &TestChain, method: &str, params: &[Value]) -> Result<Value, 
         }
         _ => Err(RpcError::method_not_found(method)),
     }
+}
+
+/// Most blocks one `eth_getLogs` may span (real nodes cap the range too).
+pub(crate) const MAX_LOG_RANGE: u64 = 10_000;
+
+/// `eth_getLogs`'s filter: a block range (or one block hash), addresses, and topics by position
+/// (each `null`, one topic, or a list of alternatives).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LogFilter {
+    from_block: Option<Value>,
+    to_block: Option<Value>,
+    block_hash: Option<B256>,
+    #[serde(default)]
+    address: Option<OneOrMany<Address>>,
+    #[serde(default)]
+    topics: Vec<Option<OneOrMany<B256>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: PartialEq> OneOrMany<T> {
+    fn matches(&self, v: &T) -> bool {
+        match self {
+            OneOrMany::One(x) => x == v,
+            // An empty list matches anything, as on geth.
+            OneOrMany::Many(xs) => xs.is_empty() || xs.contains(v),
+        }
+    }
+}
+
+fn block_tag(s: &State, tag: Option<&Value>, default_latest: bool) -> Result<u64, RpcError> {
+    let latest = s.blocks.len().saturating_sub(1) as u64;
+    let bad = || RpcError::invalid_params("invalid block number in the log filter");
+    match tag {
+        None => Ok(if default_latest { latest } else { 0 }),
+        Some(Value::String(t)) => match t.as_str() {
+            "latest" | "pending" | "safe" | "finalized" => Ok(latest),
+            "earliest" => Ok(0),
+            hex => parse_hex_u64(hex).ok_or_else(bad),
+        },
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn get_logs(s: &State, f: &LogFilter) -> Result<Value, RpcError> {
+    let latest = s.blocks.len().saturating_sub(1) as u64;
+    let (from, to) = match f.block_hash {
+        Some(h) => match s.blocks.iter().find(|b| b.hash == h) {
+            Some(b) => (b.number, b.number),
+            None => return Err(RpcError::invalid_params("unknown block hash")),
+        },
+        None => (
+            // Defaults as on geth: both ends "latest".
+            block_tag(s, f.from_block.as_ref(), true)?,
+            block_tag(s, f.to_block.as_ref(), true)?,
+        ),
+    };
+    if from > to {
+        return Err(RpcError::invalid_params("fromBlock is after toBlock"));
+    }
+    if to - from >= MAX_LOG_RANGE {
+        return Err(RpcError::invalid_params(format!(
+            "block range too large: at most {MAX_LOG_RANGE} blocks per query"
+        )));
+    }
+    let mut out = Vec::new();
+    for n in from..=to.min(latest) {
+        let Some(block) = usize::try_from(n).ok().and_then(|n| s.blocks.get(n)) else {
+            break;
+        };
+        let mut log_index = 0u64;
+        for (tx_index, hash) in block.transactions.iter().enumerate() {
+            let Some(rec) = s.txs.get(hash) else { continue };
+            for log in &rec.logs {
+                let index = log_index;
+                log_index += 1;
+                if let Some(a) = &f.address
+                    && !a.matches(&log.address)
+                {
+                    continue;
+                }
+                let topics = log.data.topics();
+                let topic_ok = f.topics.iter().enumerate().all(|(i, want)| match want {
+                    None => true,
+                    Some(w) => topics.get(i).is_some_and(|t| w.matches(t)),
+                });
+                if !topic_ok {
+                    continue;
+                }
+                out.push(RpcLog {
+                    inner: log.clone(),
+                    block_hash: Some(block.hash),
+                    block_number: Some(block.number),
+                    block_timestamp: Some(block.timestamp),
+                    transaction_hash: Some(rec.hash),
+                    transaction_index: Some(tx_index as u64),
+                    log_index: Some(index),
+                    removed: false,
+                });
+            }
+        }
+    }
+    to_json(&out)
 }
 
 fn parse_hex_u64(s: &str) -> Option<u64> {

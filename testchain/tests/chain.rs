@@ -6,9 +6,9 @@ mod common;
 use alloy::primitives::aliases::U96;
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::signers::local::PrivateKeySigner;
-use alloy::sol_types::{SolCall, SolError};
+use alloy::sol_types::{SolCall, SolError, SolEvent};
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 use tempo_alloy::contracts::precompiles::ITIP20;
 use tempo_alloy::contracts::precompiles::ITIP20ChannelReserve as Escrow;
 use tollgate_testchain::{ChainConfig, DEFAULT_CHAIN_ID, ESCROW, PATH_USD, TestChain};
@@ -544,6 +544,79 @@ async fn top_up_cancels_a_close_request() {
         "CloseRequestCancelled + TopUp"
     );
     assert_eq!(c.channel(open.id).await["closeRequestedAt"], 0);
+
+    // eth_getLogs: the escrow's CloseRequested and CloseRequestCancelled for this payee,
+    // selected by address, by topic position (with alternatives), and by block range.
+    let payee_topic = B256::left_padding_from(open.descriptor.payee.as_slice());
+    let filter = |from: u64, topics: Value| json!([{"fromBlock": format!("{from:#x}"), "toBlock": "latest", "address": ESCROW, "topics": topics}]);
+    let wanted = json!([
+        [
+            Escrow::CloseRequested::SIGNATURE_HASH,
+            Escrow::CloseRequestCancelled::SIGNATURE_HASH
+        ],
+        null,
+        null,
+        payee_topic
+    ]);
+    let logs = c.ok("eth_getLogs", filter(0, wanted.clone())).await;
+    let logs = logs.as_array().unwrap();
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert_eq!(
+        logs[0]["topics"][0],
+        json!(Escrow::CloseRequested::SIGNATURE_HASH)
+    );
+    assert_eq!(logs[0]["topics"][1], json!(open.id));
+    assert_eq!(
+        logs[1]["topics"][0],
+        json!(Escrow::CloseRequestCancelled::SIGNATURE_HASH)
+    );
+    let grace_end = U256::from_str_radix(
+        logs[0]["data"].as_str().unwrap().trim_start_matches("0x"),
+        16,
+    )
+    .unwrap();
+    assert!(grace_end >= U256::from(now + 900));
+    // Another payee's logs, a later range: none.
+    let other = json!([null, null, null, B256::repeat_byte(7)]);
+    assert_eq!(c.ok("eth_getLogs", filter(0, other)).await, json!([]));
+    let last = u64::from_str_radix(
+        logs[1]["blockNumber"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("0x"),
+        16,
+    )
+    .unwrap();
+    let requested_only = json!([Escrow::CloseRequested::SIGNATURE_HASH]);
+    assert_eq!(
+        c.ok("eth_getLogs", filter(last, requested_only)).await,
+        json!([])
+    );
+    assert_eq!(
+        c.ok("eth_getLogs", filter(last, wanted))
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Bad ranges: refused with a clear error, nothing else changes.
+    let e = c
+        .call(
+            "eth_getLogs",
+            json!([{"fromBlock": "0x5", "toBlock": "0x1"}]),
+        )
+        .await
+        .unwrap_err();
+    assert!(e["message"].as_str().unwrap().contains("fromBlock"), "{e}");
+    let e = c
+        .call(
+            "eth_getLogs",
+            json!([{"fromBlock": "0x0", "toBlock": "0xfffff"}]),
+        )
+        .await
+        .unwrap_err();
+    assert!(e["message"].as_str().unwrap().contains("range"), "{e}");
     chain.shutdown().await;
 }
 

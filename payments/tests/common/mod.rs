@@ -151,6 +151,123 @@ impl Rig {
     }
 }
 
+/// One JSON-RPC call to the test chain; the result, or the error object.
+pub async fn rpc(url: &str, method: &str, params: Value) -> Result<Value, Value> {
+    let v: Value = reqwest::Client::new()
+        .post(url)
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    match v.get("error") {
+        Some(e) => Err(e.clone()),
+        None => Ok(v["result"].clone()),
+    }
+}
+
+impl Rig {
+    /// The chain's clock (latest block's timestamp).
+    pub async fn chain_time(&self) -> u64 {
+        let b = rpc(
+            &self.chain.url(),
+            "eth_getBlockByNumber",
+            serde_json::json!(["latest", false]),
+        )
+        .await
+        .unwrap();
+        u64::from_str_radix(
+            b["timestamp"].as_str().unwrap().trim_start_matches("0x"),
+            16,
+        )
+        .unwrap()
+    }
+
+    /// Moves the chain's clock forward (the test chain's `testchain_increaseTime`).
+    pub async fn increase_time(&self, secs: u64) {
+        rpc(
+            &self.chain.url(),
+            "testchain_increaseTime",
+            serde_json::json!([secs]),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// The payer `key` sends one escrow call in a signed 0x76 transaction; true if it
+    /// succeeded (false: it reverted).
+    pub async fn payer_call(&self, key: &str, input: Vec<u8>) -> bool {
+        use tollgate_testchain::client::{TxOpts, build_tx, escrow_call};
+        let signer: PrivateKeySigner = key.parse().unwrap();
+        let opts = TxOpts::client(
+            tollgate_testchain::DEFAULT_CHAIN_ID,
+            self.chain_time().await,
+        );
+        let (raw, _) = build_tx(&signer, vec![escrow_call(input)], opts).unwrap();
+        let hash = rpc(
+            &self.chain.url(),
+            "eth_sendRawTransaction",
+            serde_json::json!([alloy::primitives::Bytes::from(raw)]),
+        )
+        .await
+        .expect("transaction refused");
+        let r = rpc(
+            &self.chain.url(),
+            "eth_getTransactionReceipt",
+            serde_json::json!([hash]),
+        )
+        .await
+        .unwrap();
+        r["status"] == "0x1"
+    }
+
+    /// The payer starts a unilateral close of `channel` (`requestClose`).
+    pub async fn request_close(&self, key: &str, channel: &str) -> bool {
+        use alloy::sol_types::SolCall;
+        let d = self.descriptor(channel).await;
+        let call = tempo_alloy::contracts::precompiles::ITIP20ChannelReserve::requestCloseCall {
+            descriptor: d,
+        };
+        self.payer_call(key, call.abi_encode()).await
+    }
+
+    /// The payer takes back what is not settled, after the grace period (`withdraw`).
+    pub async fn withdraw(&self, key: &str, channel: &str) -> bool {
+        use alloy::sol_types::SolCall;
+        let d = self.descriptor(channel).await;
+        let call = tempo_alloy::contracts::precompiles::ITIP20ChannelReserve::withdrawCall {
+            descriptor: d,
+        };
+        self.payer_call(key, call.abi_encode()).await
+    }
+
+    async fn descriptor(
+        &self,
+        channel: &str,
+    ) -> tempo_alloy::contracts::precompiles::ITIP20ChannelReserve::ChannelDescriptor {
+        let rec = self.nodes[0]
+            .payments
+            .backend()
+            .get(channel)
+            .await
+            .unwrap()
+            .expect("channel recorded");
+        tollgate_payments::chain::wire_descriptor(&rec.descriptor.expect("descriptor kept"))
+            .unwrap()
+    }
+
+    /// `tollgate accounts audit` over the rig's stores and chain: every difference.
+    pub async fn audit(&self) -> Vec<tollgate_payments::audit::Difference> {
+        let p = &self.nodes[0].payments;
+        tollgate_payments::audit::audit(&**p.backend(), &*self.money, Some(&**p.chain()))
+            .await
+            .unwrap()
+            .differences
+    }
+}
+
 /// An HTTP server with the top-up endpoint (the router the control service mounts).
 async fn serve(p: Arc<Payments>) -> (tokio::task::JoinHandle<()>, String) {
     let app = tollgate_payments::http::router(p);
@@ -273,4 +390,119 @@ impl MppxRun {
         assert!(status.success(), "client exit {status}: {out:?}");
         out
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vouchers signed here with the payer's key, as a hostile or buggy client would.
+
+use alloy::primitives::B256;
+use alloy::signers::SignerSync;
+use mpp::PaymentCredential;
+use mpp::protocol::methods::tempo::precompile_voucher::precompile_voucher_signing_hash_with_escrow;
+use serde_json::json;
+use tollgate_metering::PICOS_PER_USD;
+use tollgate_payments::Rejection;
+
+pub const USD: i64 = PICOS_PER_USD;
+
+pub fn sign(key: &str, channel: B256, cumulative: u128, escrow: Address) -> String {
+    let signer: PrivateKeySigner = key.parse().unwrap();
+    let hash = precompile_voucher_signing_hash_with_escrow(
+        channel,
+        cumulative,
+        escrow,
+        tollgate_testchain::DEFAULT_CHAIN_ID,
+    )
+    .unwrap();
+    let sig = signer.sign_hash_sync(&hash).unwrap();
+    alloy::hex::encode_prefixed(sig.as_bytes())
+}
+
+pub fn voucher(
+    p: &Payments,
+    channel: &str,
+    cumulative: u128,
+    signature: String,
+) -> PaymentCredential {
+    let challenge = p.session_challenge(1_000_000, None).unwrap();
+    let descriptor = DESCRIPTORS
+        .lock()
+        .unwrap()
+        .get(channel)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    PaymentCredential {
+        challenge: challenge.to_echo(),
+        source: Some(account(PAYER_KEY)),
+        payload: json!({
+            "action": "voucher",
+            "channelId": channel,
+            "cumulativeAmount": cumulative.to_string(),
+            "signature": signature,
+            "descriptor": descriptor,
+        }),
+    }
+}
+
+/// Each channel's descriptor, as the client sends it with every voucher.
+pub static DESCRIPTORS: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+pub fn remember(
+    channel: &str,
+    d: Option<mpp::protocol::methods::tempo::session::ChannelDescriptor>,
+) {
+    DESCRIPTORS.lock().unwrap().insert(
+        channel.to_owned(),
+        serde_json::to_value(d.expect("descriptor kept")).unwrap(),
+    );
+}
+
+pub async fn credits(rig: &Rig) -> usize {
+    rig.money
+        .ledger()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "credit")
+        .count()
+}
+
+/// Refused (not retryable) with a problem type ending in `kind`.
+pub fn refused(r: Result<tollgate_payments::Accepted, Rejection>, kind: &str) {
+    let e = r.expect_err("refused");
+    assert!(!e.retryable, "{e:?}");
+    assert!(
+        e.problem.problem_type.ends_with(kind),
+        "expected {kind}: {e:?}"
+    );
+}
+
+/// The real mppx client opens a channel with one $1 payment; its id.
+pub async fn open_channel(rig: &Rig) -> (String, B256) {
+    let url = format!("{}/v1/top-up?amount_usd=1", rig.nodes[0].url);
+    let opened = mppx(&rig.chain.url(), PAYER_KEY, &["http", &url, "1"]).await;
+    let ch_str = opened[0]["receipt"]["channelId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ch = ch_str.parse().unwrap();
+    (ch_str, ch)
+}
+
+pub fn close_cred(
+    p: &Payments,
+    channel: &str,
+    cumulative: u128,
+    ch: B256,
+    escrow: Address,
+) -> PaymentCredential {
+    let mut c = voucher(
+        p,
+        channel,
+        cumulative,
+        sign(PAYER_KEY, ch, cumulative, escrow),
+    );
+    c.payload["action"] = json!("close");
+    c
 }

@@ -7,12 +7,8 @@
     unreachable_pub
 )]
 
-use std::num::NonZeroU64;
-
-use alloy::eips::Encodable2718;
 use alloy::primitives::aliases::U96;
-use alloy::primitives::{Address, B256, Bytes, TxKind, U256};
-use alloy::signers::SignerSync;
+use alloy::primitives::{Address, B256, Bytes};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
 use mpp::protocol::methods::tempo::precompile_voucher::{
@@ -20,8 +16,7 @@ use mpp::protocol::methods::tempo::precompile_voucher::{
 };
 use serde_json::{Value, json};
 use tempo_alloy::contracts::precompiles::ITIP20ChannelReserve as Escrow;
-use tempo_alloy::primitives::TempoTransaction;
-use tempo_alloy::primitives::transaction::{Call, TEMPO_EXPIRING_NONCE_KEY};
+use tempo_alloy::primitives::transaction::Call;
 use tollgate_testchain::{ChainConfig, ESCROW, PATH_USD, RunningChain, TestChain};
 
 pub struct Client {
@@ -135,76 +130,10 @@ pub async fn spawn(cfg: ChainConfig) -> (RunningChain, Client) {
     (running, client)
 }
 
-/// How a test transaction is built: like the server's (nonce 0, 25 s) or the mppx client's.
-#[derive(Clone, Copy)]
-pub struct TxOpts {
-    pub chain_id: u64,
-    pub now: u64,
-    pub valid_for: u64,
-    pub nonce: u64,
-    pub valid_after: Option<u64>,
-    pub fee_token: Option<Address>,
-    /// `U256::MAX` (expiring) unless a test wants sequential nonces.
-    pub nonce_key: U256,
-}
-
-impl TxOpts {
-    pub fn server(chain_id: u64, now: u64) -> Self {
-        Self {
-            chain_id,
-            now,
-            valid_for: 25,
-            nonce: 0,
-            valid_after: None,
-            fee_token: None,
-            nonce_key: TEMPO_EXPIRING_NONCE_KEY,
-        }
-    }
-
-    /// mppx: expiring nonce with a random nonce, 270 s window, fee token = session token.
-    pub fn client(chain_id: u64, now: u64) -> Self {
-        Self {
-            chain_id,
-            now,
-            valid_for: 270,
-            nonce: rand_nonce(),
-            valid_after: None,
-            fee_token: Some(PATH_USD),
-            nonce_key: TEMPO_EXPIRING_NONCE_KEY,
-        }
-    }
-}
-
-fn rand_nonce() -> u64 {
-    u64::from_be_bytes(B256::random()[..8].try_into().unwrap()) & ((1 << 48) - 1)
-}
-
-pub fn escrow_call(input: Vec<u8>) -> Call {
-    Call {
-        to: TxKind::Call(ESCROW),
-        value: U256::ZERO,
-        input: Bytes::from(input),
-    }
-}
+pub use tollgate_testchain::client::{TxOpts, escrow_call};
 
 pub fn build_tx(signer: &PrivateKeySigner, calls: Vec<Call>, o: TxOpts) -> (Vec<u8>, B256) {
-    let tx = TempoTransaction {
-        chain_id: o.chain_id,
-        nonce: o.nonce,
-        nonce_key: o.nonce_key,
-        valid_before: NonZeroU64::new(o.now + o.valid_for),
-        valid_after: o.valid_after.and_then(NonZeroU64::new),
-        gas_limit: 2_000_000,
-        max_fee_per_gas: 20_000_000_000,
-        max_priority_fee_per_gas: 20_000_000_000,
-        fee_token: o.fee_token,
-        calls,
-        ..Default::default()
-    };
-    let sig = signer.sign_hash_sync(&tx.signature_hash()).unwrap();
-    let signed = tx.into_signed(sig.into());
-    let nonce_hash = signed.expiring_nonce_hash(signer.address());
-    (signed.encoded_2718(), nonce_hash)
+    tollgate_testchain::client::build_tx(signer, calls, o).unwrap()
 }
 
 /// A channel opened by `payer` to `payee` in PATH_USD, as mppx opens it.
