@@ -1,4 +1,5 @@
+//! The `tollgate` binary's command line, as a library for its tests. The composition is in
+//! `tollgate-app`.
+
 pub mod cli;
-pub mod config;
-pub mod paid;
-pub mod stack;
+pub use tollgate_app::config;

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tollgate_metering::{
-    FeedEvent, Incarnation, Journal, LeaseGrant, SettleBatch, SettleEntry, SettleError, Status,
-    Store, StoreError, Usage,
+    Incarnation, Journal, LeaseGrant, SettleBatch, SettleEntry, SettleError, Status, Store,
+    StoreError, Usage,
 };
 
-use crate::cache::{BalanceCache, DIRTY, OVERDRAWN, REFILL, SHIFT, SUSPENDED, Slot};
+use crate::cache::{BalanceCache, DIRTY, REFILL, Slot};
 use crate::metrics::CacheMetrics;
 use crate::slots::SlotId;
 
@@ -42,9 +42,9 @@ pub struct AgentConfig {
     /// CPU (ms at the CPU price) an account may run past its lease here once it cannot pay,
     /// before the runtime interrupts it ([`BalanceCache::cpu_unpaid`]).
     pub cpu_debt_limit_ms: u64,
-    /// Fault injection for crash tests: stop (forever) right after journaling a batch, before
-    /// sending it, so a test can `kill -9` the process at exactly that point.
-    #[doc(hidden)]
+    /// Fault injection for crash tests (feature `testing`): stop (forever) right after
+    /// journaling a batch, before sending it, so a test can `kill -9` the process there.
+    #[cfg(feature = "testing")]
     pub hang_after_journal: bool,
 }
 
@@ -62,6 +62,7 @@ impl AgentConfig {
             journal_path,
             max_batch: 100,
             cpu_debt_limit_ms: crate::cache::DEFAULT_CPU_DEBT_MS,
+            #[cfg(feature = "testing")]
             hang_after_journal: false,
         }
     }
@@ -206,7 +207,7 @@ impl Agent {
     }
 
     /// Replaces the configuration (tests switch fault injection on mid-run).
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn with_config(mut self, cfg: AgentConfig) -> Agent {
         self.cfg = cfg;
         self
@@ -220,7 +221,7 @@ impl Agent {
     /// incarnation.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         self.shutdown = Some(shutdown.clone());
-        let feed = tokio::spawn(follow_feed(
+        let feed = tokio::spawn(crate::feed::follow_feed(
             self.cache.clone(),
             self.store.clone(),
             self.store.subscribe(),
@@ -358,6 +359,7 @@ impl Agent {
             self.metrics
                 .journal_depth
                 .set(self.journal.pending().len() as i64);
+            #[cfg(feature = "testing")]
             if self.cfg.hang_after_journal {
                 println!("JOURNALED {} {}", batch.epoch, batch.seq);
                 std::future::pending::<()>().await;
@@ -533,7 +535,13 @@ impl Agent {
                 slot.remaining.fetch_add(delta, Ordering::AcqRel);
                 slot.refill_below.store(refill_below, Ordering::Relaxed);
                 let overdrawn = g.available < -self.cache.cpu_debt_limit();
-                apply_status(slot, g.version, status, overdrawn, Source::Reply);
+                crate::feed::apply_status(
+                    slot,
+                    g.version,
+                    status,
+                    overdrawn,
+                    crate::feed::Source::Reply,
+                );
             });
         }
         self.known.retain(|_, k| k.lease > 0 || k.rate > 0);
@@ -573,138 +581,6 @@ fn take_above(slot: &Slot, above: i64, to: i64) -> i64 {
         {
             Ok(_) => return cur - to,
             Err(now) => cur = now,
-        }
-    }
-}
-
-/// Where a status comes from. Only this node's own settle reply may *set* the suspended flag:
-/// it answered our request for a lease, so "nothing left" is confirmed for this node. The feed
-/// may only clear it: `suspended` there means `available` touched zero, while other nodes may
-/// still hand money back.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Reply,
-    Feed,
-}
-
-/// Applies a status if its version is newer than the slot's.
-fn apply_status(
-    slot: &Slot,
-    version: u64,
-    status: Status,
-    overdrawn: bool,
-    source: Source,
-) -> bool {
-    let mut cur = slot.state.load(Ordering::Acquire);
-    loop {
-        // Our own reply at the version the feed already brought describes the same store state,
-        // plus what only the reply knows (this node asked and got nothing): apply it. A settle
-        // that grants nothing changes no version, so skipping it would leave the node asking
-        // again and again until some later change, while requests wait.
-        let seen = cur >> SHIFT;
-        if seen > version || (seen == version && source == Source::Feed) {
-            return false;
-        }
-        let susp = match (status, source) {
-            (Status::Active, _) => 0,
-            (Status::Suspended, Source::Reply) => SUSPENDED,
-            (Status::Suspended, Source::Feed) => cur & SUSPENDED,
-        };
-        // "Nothing left for you" answers every refill asked for until now, including one a
-        // request flagged while this reply was on its way. A stale flag would make this node
-        // take the next top-up at its next tick, with no request waiting for it here, and hold
-        // it (until `idle_return`) while the node that has the traffic answers 402.
-        let flags = if source == Source::Reply && susp != 0 {
-            cur & DIRTY
-        } else {
-            cur & (REFILL | DIRTY)
-        };
-        let over = if overdrawn { OVERDRAWN } else { 0 };
-        let next = version << SHIFT | flags | susp | over;
-        match slot
-            .state
-            .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => return true,
-            Err(now) => cur = now,
-        }
-    }
-}
-
-/// Applies one account change from the store (feed or resync) to its slot, if cached here;
-/// true when the slot changed.
-fn apply_change(cache: &BalanceCache, c: &tollgate_metering::AccountChange) -> bool {
-    cache
-        .map
-        .with(&c.account, |_, slot| {
-            apply_status(
-                slot,
-                c.version,
-                c.status,
-                c.available < -cache.cpu_debt_limit(),
-                Source::Feed,
-            )
-        })
-        .unwrap_or(false)
-}
-
-/// Applies the change feed: newer versions only; after a `Resync` (or lag), re-reads every
-/// cached account from the store.
-async fn follow_feed(
-    cache: Arc<BalanceCache>,
-    store: Arc<dyn Store>,
-    mut rx: broadcast::Receiver<FeedEvent>,
-    mut shutdown: watch::Receiver<bool>,
-    lag: prometheus::Histogram,
-) {
-    loop {
-        let ev = tokio::select! {
-            ev = rx.recv() => ev,
-            _ = shutdown.changed() => return,
-        };
-        match ev {
-            Ok(FeedEvent::Change(c)) => {
-                // A resumed account gets its lease at its next request here (one store round
-                // trip), not at once: every node asking at once would let a node with no traffic
-                // for it take a small top-up and hold it until `idle_return`, while the node
-                // that has the traffic answers 402.
-                if apply_change(&cache, &c) {
-                    cache.changed.notify_waiters();
-                }
-                // Store clock to this node's clock: exact on one machine; across machines it
-                // also carries their clock offset (a negative lag counts as zero).
-                if let Some(at) = c.at_us {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_micros() as u64);
-                    lag.observe(now.saturating_sub(at) as f64 / 1e6);
-                }
-            }
-            Ok(FeedEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                let ids: Vec<String> = cache.map.keys();
-                for chunk in ids.chunks(1000) {
-                    // A missed resumption would keep a paid account at 402: retry until read.
-                    let mut wait = Duration::from_millis(50);
-                    let states = loop {
-                        match store.account_changes(chunk).await {
-                            Ok(states) => break states,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "resync read failed; retrying");
-                                tokio::select! {
-                                    _ = tokio::time::sleep(wait) => {}
-                                    _ = shutdown.changed() => return,
-                                }
-                                wait = (wait * 2).min(Duration::from_secs(2));
-                            }
-                        }
-                    };
-                    for c in states.into_iter().flatten() {
-                        apply_change(&cache, &c);
-                    }
-                }
-                cache.changed.notify_waiters();
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -327,15 +327,15 @@ impl BalanceCache {
         self.map.with(account, |_, s| s.is_suspended())
     }
 
-    /// Benchmarks only: a slot holding `lease` p$ that no store granted. Never use it where
-    /// money is real; it creates spendable credit out of nothing.
-    #[doc(hidden)]
+    /// Benchmarks only (feature `testing`): a slot holding `lease` p$ that no store granted.
+    /// Never use it where money is real; it creates spendable credit out of nothing.
+    #[cfg(feature = "testing")]
     pub fn bench_preload(&self, account: &str, lease: i64) {
         self.bench_preload_many(std::iter::once(account.to_owned()), lease);
     }
 
-    /// Benchmarks only: many such slots at once.
-    #[doc(hidden)]
+    /// Benchmarks only (feature `testing`): many such slots at once.
+    #[cfg(feature = "testing")]
     pub fn bench_preload_many(&self, accounts: impl IntoIterator<Item = String>, lease: i64) {
         self.map.insert_many(accounts, |s| {
             s.remaining.store(lease, Ordering::Release);

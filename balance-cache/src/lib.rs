@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cache;
 pub mod clock;
+mod feed;
 pub mod metrics;
 mod slots;
 

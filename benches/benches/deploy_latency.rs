@@ -10,15 +10,10 @@ use std::time::{Duration, Instant};
 
 use tollgate_control::{Control, ControlConfig, ControlStore, DeployRequest, RedisControlStore};
 use tollgate_routes::RouteStore;
-use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
+use tollgate_runtime::{RuntimeConfig, Supervisor, Toolchain};
 use tollgate_testkit::RedisServer;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-struct NoMeter;
-impl CpuSink for NoMeter {
-    fn record(&self, _: &[CpuDelta]) {}
-}
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -39,7 +34,7 @@ async fn run() -> Res<()> {
             ..RuntimeConfig::default()
         },
         t.clone(),
-        Arc::new(NoMeter),
+        Arc::new(tollgate_runtime::NoCpuSink),
     )?;
     let store: Arc<dyn ControlStore> =
         Arc::new(RedisControlStore::connect(&redis.url(), "tollgate").await?);

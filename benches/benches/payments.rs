@@ -196,7 +196,7 @@ async fn run() -> Res<()> {
             ..Default::default()
         },
         t.clone(),
-        Arc::new(NoMeter),
+        Arc::new(tollgate_runtime::NoCpuSink),
     )?;
     let control = tollgate_control::Control::new(
         Arc::new(tollgate_control::RedisControlStore::connect(&redis.url(), "tollgate").await?),
@@ -207,10 +207,16 @@ async fn run() -> Res<()> {
     );
     tokio::spawn(control.clone().follow_runtime(events));
     let cfg = tollgate_mcp::McpConfig::default();
-    let free = mount(tollgate_mcp::router(control.clone(), Arc::new(Fixed), &cfg)).await? + "/mcp";
+    let free = mount(tollgate_mcp::router(
+        control.clone(),
+        Arc::new(tollgate_app::adapters::DevIdentity("bench-free".into())),
+        &cfg,
+    ))
+    .await?
+        + "/mcp";
     let paid = mount(tollgate_mcp::router(
         control,
-        Arc::new(tollgate::paid::PaidIdentity(payments.clone())),
+        Arc::new(tollgate_app::paid::PaidIdentity(payments.clone())),
         &cfg,
     ))
     .await?
@@ -242,24 +248,7 @@ async fn run() -> Res<()> {
     Ok(())
 }
 
-struct NoMeter;
-impl tollgate_runtime::CpuSink for NoMeter {
-    fn record(&self, _: &[tollgate_runtime::CpuDelta]) {}
-}
-
 /// The unpaid side: every call acts as one account.
-struct Fixed;
-#[async_trait::async_trait]
-impl tollgate_mcp::Identify for Fixed {
-    async fn account(
-        &self,
-        _parts: Option<&http::request::Parts>,
-        _meta: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<tollgate_mcp::Caller, tollgate_mcp::Refusal> {
-        Ok(tollgate_mcp::Caller::unpaid("bench-free"))
-    }
-}
-
 async fn mount(app: axum::Router) -> Res<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -9,14 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tollgate_runtime::{CpuDelta, CpuSink, DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
+use tollgate_runtime::{DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-struct NoMeter;
-impl CpuSink for NoMeter {
-    fn record(&self, _: &[CpuDelta]) {}
-}
 
 const APP: [(&str, &str); 3] = [
     (
@@ -107,7 +102,7 @@ async fn run() -> Res<()> {
         data_dir: dir.path().join("runtime"),
         ..RuntimeConfig::default()
     };
-    let (sup, _events) = Supervisor::new(cfg, t, Arc::new(NoMeter))?;
+    let (sup, _events) = Supervisor::new(cfg, t, Arc::new(tollgate_runtime::NoCpuSink))?;
     let spec = |id: String| DeploymentSpec {
         deployment_id: id,
         project_id: "bench".into(),
@@ -179,9 +174,9 @@ async fn run() -> Res<()> {
         upstreams: vec![s.addr],
     }];
     let proxy_addr = opts.proxy.listen;
-    let proxy = tollgate_proxy::Proxy::prepare(opts).map_err(|e| e.to_string())?;
-    let proxy_stop = proxy.stop_handle();
-    let proxy_thread = std::thread::spawn(move || proxy.run());
+    let proxy = tollgate_proxy::Proxy::prepare(opts, prometheus::Registry::new())
+        .and_then(|p| p.start(&tokio::runtime::Handle::current()))
+        .map_err(|e| e.to_string())?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let direct = rps(&client, format!("http://{}/", s.addr), None).await;
     let via = rps(
@@ -210,8 +205,7 @@ async fn run() -> Res<()> {
         )
         .into());
     }
-    proxy_stop.stop(tollgate_proxy::Stop::Fast);
-    let _ = proxy_thread.join();
+    proxy.shutdown(tollgate_proxy::Stop::Fast).await;
     sup.shutdown().await;
 
     // 5. Cold start of an idle-stopped deployment: first request at its activator → 200.
@@ -221,7 +215,7 @@ async fn run() -> Res<()> {
         ..RuntimeConfig::default()
     };
     let t = Toolchain::ensure(&Toolchain::source_tree_dir())?;
-    let (sup, mut events) = Supervisor::new(cfg, t, Arc::new(NoMeter))?;
+    let (sup, mut events) = Supervisor::new(cfg, t, Arc::new(tollgate_runtime::NoCpuSink))?;
     sup.start(spec("idle".into())).await?;
     let mut colds = Vec::new();
     for _ in 0..10 {

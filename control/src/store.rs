@@ -230,11 +230,14 @@ return 1"#;
         let mut pipe = redis::pipe();
         for b in buckets {
             pipe.cmd("HMGET")
-                .arg(format!("{base}:usage:{project}:{b}"))
+                .arg(tollgate_routes::usage_key(base, project, Some(b)))
                 .arg("requests")
                 .arg("bytes_out");
         }
-        pipe.hget(format!("{base}:usage:{project}"), "last_request_ms");
+        pipe.hget(
+            tollgate_routes::usage_key(base, project, None),
+            "last_request_ms",
+        );
         let mut replies: Vec<redis::Value> = pipe.query_async(&mut c).await?;
         let last = replies.pop();
         let last_request_ms = match last {

@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics};
+use tollgate_app::adapters::ChargeCpu;
+use tollgate_app::metering::{MeteringNode, MeteringSpec, StoreSource};
+use tollgate_app::node::{GateSpec, PreparedNode, ProxyNode};
+use tollgate_balance_cache::AgentConfig;
 use tollgate_metering::{Prices, RedisStore, Store};
-use tollgate_proxy::{MeteringOptions, Proxy, ProxyOptions, RedisConfig, Stop, StopHandle};
+use tollgate_proxy::{ProxyOptions, RedisConfig, Stop};
 use tollgate_routes::{Route, RouteKey, RouteStore};
-use tollgate_runtime::{CpuDelta, CpuSink, DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
+use tollgate_runtime::{DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
 use tollgate_testkit::{RedisServer, Upstream, free_addr};
 
 use crate::{HostSpec, Mode, Plan, Report};
@@ -31,8 +34,7 @@ pub struct Stack {
 
 struct Node {
     addr: SocketAddr,
-    stop: StopHandle,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    node: Option<ProxyNode>,
 }
 
 impl Stack {
@@ -66,19 +68,20 @@ impl Stack {
         let mut agent = AgentConfig::new(name, self.dir.path().join(format!("{name}.journal")));
         agent.min_lease = PRICE.min(max_lease);
         agent.max_lease = max_lease;
-        o.metering = Some(MeteringOptions {
-            store: self.store.clone().into(),
-            prices: Prices::default(),
-            agent,
+        let gate = GateSpec {
+            metering: MeteringSpec {
+                store: StoreSource::Ready(self.store.clone()),
+                prices: Prices::default(),
+                agent,
+            },
             lease_wait: Duration::from_secs(1),
             top_up: "top up".into(),
             hooks: None,
-            payments: None,
-        });
+            desk: None,
+        };
         let (addr, admin) = (o.proxy.listen, o.admin.listen);
-        let proxy = Proxy::prepare(o)?;
-        let stop = proxy.stop_handle();
-        let thread = std::thread::spawn(move || proxy.run());
+        let rt = tokio::runtime::Handle::current();
+        let node = PreparedNode::prepare(o, Some(gate), &rt)?.start(&rt)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ready = TcpStream::connect(addr).is_ok()
@@ -94,8 +97,7 @@ impl Stack {
         }
         self.nodes.push(Node {
             addr,
-            stop,
-            thread: Some(thread),
+            node: Some(node),
         });
         Ok(addr)
     }
@@ -111,18 +113,15 @@ impl Stack {
         Ok(format!("{slug}.localhost"))
     }
 
-    /// Graceful stop of every node: each settles what is left and returns its leases.
-    pub fn stop_nodes(&mut self) -> anyhow::Result<()> {
-        for n in &self.nodes {
-            n.stop.stop(Stop::Graceful);
-        }
-        for n in &mut self.nodes {
-            if let Some(t) = n.thread.take() {
-                t.join()
-                    .map_err(|_| anyhow::anyhow!("a proxy thread panicked"))??;
-            }
-        }
-        Ok(())
+    /// Graceful stop of every node: each drains, settles what is left and returns its leases.
+    pub async fn stop_nodes(&mut self) {
+        let stopping: Vec<_> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.node.take())
+            .map(|n| n.shutdown(Stop::Graceful))
+            .collect();
+        futures_util::future::join_all(stopping).await;
     }
 
     pub fn node_addrs(&self) -> Vec<SocketAddr> {
@@ -132,12 +131,9 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for n in &self.nodes {
-            n.stop.stop(Stop::Fast);
-        }
         for n in &mut self.nodes {
-            if let Some(t) = n.thread.take() {
-                let _ = t.join();
+            if let Some(node) = n.node.take() {
+                node.abort();
             }
         }
     }
@@ -232,7 +228,7 @@ pub async fn reconcile(
         price_per_request: PRICE,
     };
     let load = crate::run(&plan).await?;
-    stack.stop_nodes()?;
+    stack.stop_nodes().await;
     // The runtime's own count, after its last samples are charged and settled.
     let runtime_cpu = match hosted {
         Some(h) => Some(h.stop().await?),
@@ -308,45 +304,36 @@ const WORKER: &str = r#"export default {
 };
 "#;
 
-/// The runtime's CPU deltas charged through a metering node, as `tollgate dev` and the
-/// control service wire it.
-struct ChargeCpu(Arc<BalanceCache>);
-
-impl CpuSink for ChargeCpu {
-    fn record(&self, deltas: &[CpuDelta]) {
-        for d in deltas {
-            self.0.charge_cpu(&d.account_id, d.cpu_us);
-        }
-    }
-}
-
-/// workerd deployments and the metering node that charges their CPU.
+/// workerd deployments and the metering node that charges their CPU (as the control service
+/// wires it, through the same adapter: interrupts of unpaid CPU included).
 struct Hosted {
     sup: Supervisor,
     deployments: Vec<(String, String)>,
-    stop: tokio::sync::watch::Sender<bool>,
-    agent: tokio::task::JoinHandle<()>,
+    metering: MeteringNode,
 }
 
 impl Hosted {
     async fn start(stack: &Stack) -> anyhow::Result<Hosted> {
         let toolchain = Toolchain::ensure(&Toolchain::source_tree_dir())?;
-        let cache = BalanceCache::new(Prices::default());
-        let cfg = AgentConfig::new("runtime", stack.dir.path().join("runtime.journal"));
-        let metrics = CacheMetrics::new(&prometheus::Registry::new())?;
-        let agent = Agent::start(cache.clone(), stack.store.clone(), cfg, metrics).await?;
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let agent = tokio::spawn(agent.run(rx));
+        let metering = MeteringNode::start(
+            MeteringSpec {
+                store: StoreSource::Ready(stack.store.clone()),
+                prices: Prices::default(),
+                agent: AgentConfig::new("runtime", stack.dir.path().join("runtime.journal")),
+            },
+            &prometheus::Registry::new(),
+            &tokio::runtime::Handle::current(),
+        )?;
         let rt = RuntimeConfig {
             data_dir: stack.dir.path().join("runtime"),
             ..RuntimeConfig::default()
         };
-        let (sup, _events) = Supervisor::new(rt, toolchain, Arc::new(ChargeCpu(cache)))?;
+        let (sup, _events) =
+            Supervisor::new(rt, toolchain, Arc::new(ChargeCpu(metering.cache().clone())))?;
         Ok(Hosted {
             sup,
             deployments: Vec::new(),
-            stop,
-            agent,
+            metering,
         })
     }
 
@@ -384,8 +371,7 @@ impl Hosted {
             *cpu.entry(account.clone()).or_insert(0) += used;
         }
         self.sup.shutdown().await;
-        let _ = self.stop.send(true);
-        self.agent.await?;
+        self.metering.settle_and_stop().await;
         Ok(cpu)
     }
 }
@@ -462,7 +448,7 @@ pub async fn overhead(
     }
     out.rps_ratio = median(&out.metered_rps) / median(&out.free_rps);
     out.added_p99_us = median(&out.metered_p99_us) as i64 - median(&out.free_p99_us) as i64;
-    stack.stop_nodes()?;
+    stack.stop_nodes().await;
     Ok(out)
 }
 
@@ -559,7 +545,7 @@ pub async fn drain_top_up(rounds: usize) -> anyhow::Result<DrainTopUp> {
         }
         suspend.push(t1.elapsed().as_micros() as u64);
     }
-    stack.stop_nodes()?;
+    stack.stop_nodes().await;
     let state = stack.store.account("acct-d").await?;
     if let Some(s) = state {
         anyhow::ensure!(

@@ -100,15 +100,12 @@ pub trait Identify: Send + Sync + 'static {
     }
 
     /// Debits `picos` from `account` once per `key` (a deploy's price). `Ok(false)` when the
-    /// balance is short (nothing taken). Default: everything is free.
-    async fn charge(&self, _account: &str, _key: &str, _picos: i64) -> Result<bool, ToolFailure> {
-        Ok(true)
-    }
+    /// balance is short (nothing taken). No default: a server that charges must say how, and
+    /// one that does not (no pricing) never calls it.
+    async fn charge(&self, account: &str, key: &str, picos: i64) -> Result<bool, ToolFailure>;
 
     /// Gives a charge back (a deploy that failed), once per key.
-    async fn refund(&self, _account: &str, _key: &str, _picos: i64) -> Result<(), ToolFailure> {
-        Ok(())
-    }
+    async fn refund(&self, account: &str, key: &str, picos: i64) -> Result<(), ToolFailure>;
 
     async fn balance(&self, _account: &str) -> Result<Balance, ToolFailure> {
         Err(ToolFailure {

@@ -43,6 +43,23 @@ impl Identify for HeaderIdentity {
                 hint: "test header missing".into(),
             }))
     }
+
+    // This server has no pricing: nothing is ever charged or refunded.
+    async fn charge(&self, _: &str, _: &str, _: i64) -> Result<bool, ToolFailure> {
+        Err(no_payments())
+    }
+
+    async fn refund(&self, _: &str, _: &str, _: i64) -> Result<(), ToolFailure> {
+        Err(no_payments())
+    }
+}
+
+fn no_payments() -> ToolFailure {
+    ToolFailure {
+        code: "PAYMENT_UNAVAILABLE",
+        message: "this test server takes no payments".into(),
+        hint: "none".into(),
+    }
 }
 
 fn js_dir() -> std::path::PathBuf {

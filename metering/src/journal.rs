@@ -37,9 +37,10 @@ pub struct Journal {
     /// Appended but not yet acknowledged, in order.
     pending: Vec<SettleBatch>,
     incarnation: Option<Incarnation>,
-    /// Tests: stop a compaction after its first durable step, as a crash there would.
+    /// Tests: stop a compaction after its n-th durable step (1: the side file written, 2: the
+    /// rename), as a crash there would.
     #[cfg(test)]
-    crash_mid_compaction: bool,
+    crash_after_step: Option<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +125,7 @@ impl Journal {
             pending,
             incarnation,
             #[cfg(test)]
-            crash_mid_compaction: false,
+            crash_after_step: None,
         };
         if j.pending.is_empty() {
             j.compact()?;
@@ -211,10 +212,20 @@ impl Journal {
         tmp.sync_all().map_err(io)?;
         drop(tmp);
         #[cfg(test)]
-        if self.crash_mid_compaction {
+        if self.crash_after_step == Some(1) {
             return Ok(());
         }
         std::fs::rename(&tmp_path, &self.path).map_err(io)?;
+        // From here appends must go to the new file, whatever happens next (an error below
+        // must not leave this journal writing into the unlinked old one).
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
+        #[cfg(test)]
+        if self.crash_after_step == Some(2) {
+            return Ok(());
+        }
         // The rename itself is durable once the directory is.
         if let Some(dir) = self.path.parent() {
             let dir = if dir.as_os_str().is_empty() {
@@ -224,10 +235,6 @@ impl Journal {
             };
             File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(io)?;
         Ok(())
     }
 }
@@ -320,34 +327,44 @@ mod compaction_tests {
     /// compaction truncated the file first: a crash right after left no incarnation line.
     #[test]
     fn a_crash_during_compaction_keeps_the_incarnation() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("n.journal");
-        {
+        for step in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("n.journal");
+            {
+                let mut j = Journal::open(&p).unwrap();
+                j.set_incarnation(&inc(7)).unwrap();
+                j.append(&batch(1)).unwrap();
+                j.crash_after_step = Some(step);
+                // Nothing pending any more: this compacts, and "crashes" after `step`.
+                j.ack(&batch(1)).unwrap();
+                // A process that goes on (the rename done, the directory not yet synced)
+                // appends to the new file.
+                if step == 2 {
+                    j.append(&batch(2)).unwrap();
+                }
+            }
             let mut j = Journal::open(&p).unwrap();
-            j.set_incarnation(&inc(7)).unwrap();
+            assert_eq!(j.incarnation(), Some(&inc(7)), "crash after step {step}");
+            let want: &[SettleBatch] = if step == 2 { &[batch(2)] } else { &[] };
+            assert_eq!(j.pending(), want, "crash after step {step}");
+            if step == 2 {
+                j.ack(&batch(2)).unwrap();
+            }
+            // A finished compaction leaves exactly the incarnation line.
+            j.set_incarnation(&inc(8)).unwrap();
             j.append(&batch(1)).unwrap();
-            j.crash_mid_compaction = true;
-            // Nothing pending any more: this compacts, and "crashes" before the rename.
             j.ack(&batch(1)).unwrap();
+            drop(j);
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert_eq!(text.lines().count(), 1, "{text}");
+            let j = Journal::open(&p).unwrap();
+            assert_eq!(j.incarnation(), Some(&inc(8)));
+            drop(j);
+            let mut j = Journal::open(&p).unwrap();
+            j.append(&batch(3)).unwrap();
+            drop(j);
+            assert_eq!(Journal::open(&p).unwrap().pending(), &[batch(3)]);
         }
-        let mut j = Journal::open(&p).unwrap();
-        assert_eq!(j.incarnation(), Some(&inc(7)), "crash mid-compaction");
-        assert!(j.pending().is_empty());
-        // A finished compaction leaves exactly the incarnation line.
-        j.set_incarnation(&inc(8)).unwrap();
-        j.append(&batch(1)).unwrap();
-        j.ack(&batch(1)).unwrap();
-        drop(j);
-        let text = std::fs::read_to_string(&p).unwrap();
-        assert_eq!(text.lines().count(), 1, "{text}");
-        let j = Journal::open(&p).unwrap();
-        assert_eq!(j.incarnation(), Some(&inc(8)));
-        // Appends after a compaction go to the new file.
-        drop(j);
-        let mut j = Journal::open(&p).unwrap();
-        j.append(&batch(2)).unwrap();
-        drop(j);
-        assert_eq!(Journal::open(&p).unwrap().pending(), &[batch(2)]);
     }
 }
 

@@ -6,9 +6,11 @@
 pub mod embedded;
 pub mod journal;
 pub mod money;
+mod redis_scripts;
 pub mod redis_store;
 pub mod store;
 pub mod types;
+pub mod units;
 
 pub use embedded::EmbeddedStore;
 pub use journal::{Journal, JournalError};

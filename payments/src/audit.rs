@@ -19,7 +19,7 @@ use tollgate_metering::{LedgerEntry, Store};
 
 use crate::chain::Chain;
 use crate::channels::{ChannelBackend, ChannelRecord, Lifecycle};
-use crate::units::base_to_picos;
+use tollgate_metering::units::base_to_picos;
 
 /// Credit keys that give back an earlier debit (their debit is in the ledger too), rather than
 /// add money: reversals of charges, a close's return of withdrawn credit, a write-off given back.
@@ -78,7 +78,7 @@ impl AuditReport {
 
     /// One line per account and per difference, for people.
     pub fn render(&self) -> String {
-        let usd = crate::units::picos_to_usd_string;
+        let usd = tollgate_metering::units::picos_to_usd_string;
         let mut out = String::new();
         for a in &self.accounts {
             out.push_str(&format!(

@@ -21,8 +21,8 @@ use mpp::protocol::methods::tempo::session::ChannelDescriptor;
 use mpp::{PaymentCredential, VerificationError};
 
 use crate::channels::{ChainOp, CloseRecord, PendingCredit, Update};
-use crate::units::{PICOS_PER_BASE_UNIT, base_to_picos, picos_to_base};
 use crate::{Accepted, Action, Payments, Realm, Rejection};
+use tollgate_metering::units::{PICOS_PER_BASE_UNIT, base_to_picos, picos_to_base};
 
 pub(crate) async fn close(
     p: &Payments,

@@ -23,7 +23,7 @@ use crate::Payments;
 use crate::chain::{ChainError, ChannelEvent};
 use crate::channels::{ChainOp, ChannelRecord, ForcedClose, PendingCredit, Update};
 use crate::close::now_ms;
-use crate::units::base_to_picos;
+use tollgate_metering::units::base_to_picos;
 
 /// Where the event scan resumes (a block number), in the channel store's meta values.
 pub(crate) const CURSOR: &str = "close-watch:next-block";

@@ -122,14 +122,16 @@ pub async fn top_up(
     amount_usd: Option<&str>,
     headers: &HeaderMap,
 ) -> Response<String> {
-    let amount = match amount_usd.map(|a| crate::units::parse_usd(a, p.config().max_top_up_usd)) {
+    let amount = match amount_usd
+        .map(|a| tollgate_metering::units::parse_usd_base(a, p.config().max_top_up_usd))
+    {
         Some(Ok(a)) if a > 0 => a,
         Some(Err(e)) => return bad_request(&e),
         _ => {
             return bad_request("amount_usd is required and must be more than 0");
         }
     };
-    let usd = crate::units::format_usd(amount);
+    let usd = tollgate_metering::units::format_base_usd(amount);
     let challenge =
         match p.session_challenge(amount, Some(&format!("Top up ${usd} of tollgate credit"))) {
             Ok(c) => c,
@@ -157,9 +159,9 @@ pub async fn top_up(
         let body = serde_json::json!({
             "account": accepted.account,
             "channel_id": accepted.channel_id,
-            "accepted_cumulative_usd": crate::units::format_usd(accepted.accepted_cumulative),
-            "available_usd": balance.as_ref().map(|b| crate::units::picos_to_usd_string(b.available)),
-            "credited_usd": balance.as_ref().map(|b| crate::units::picos_to_usd_string(b.credited)),
+            "accepted_cumulative_usd": tollgate_metering::units::format_base_usd(accepted.accepted_cumulative),
+            "available_usd": balance.as_ref().map(|b| tollgate_metering::units::picos_to_usd_string(b.available)),
+            "credited_usd": balance.as_ref().map(|b| tollgate_metering::units::picos_to_usd_string(b.credited)),
         });
         let mut r = Response::new(body.to_string());
         r.headers_mut().insert(

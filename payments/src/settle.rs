@@ -14,7 +14,7 @@ use mpp::VerificationError;
 use crate::Payments;
 use crate::channels::{ChainOp, Update};
 use crate::close::now_ms;
-use crate::units::picos_to_base;
+use tollgate_metering::units::picos_to_base;
 
 pub(crate) async fn settle_due(p: &Payments) -> Result<usize, String> {
     // Closes the payers forced on chain first: their capture is the one with a deadline.

@@ -16,12 +16,14 @@ use tollgate_routes::{MAX_HOST_LEN, ResolvedRoute, RouteTable, normalize_host};
 
 use crate::config::ProxyConfig;
 use crate::gate::{Gate, Redeemed};
+use crate::headers::{
+    REQUEST_ID, carries_payment, content_length, header_bytes, request_id, strip_internal_headers,
+    strip_platform_credentials,
+};
 use crate::metrics::ProxyMetrics;
 use crate::pages::{Problem, wants_html};
 
-/// Request header prefix reserved for tollgate itself; clients may not send it upstream.
-pub const INTERNAL_HEADER_PREFIX: &str = "x-tollgate-";
-const REQUEST_ID: &str = "x-request-id";
+pub use crate::headers::INTERNAL_HEADER_PREFIX;
 
 /// Shared between the proxy and the admin server: ready = routes loaded and not draining.
 #[derive(Default)]
@@ -527,145 +529,4 @@ async fn respond_management(session: &mut Session, ctx: &Ctx, receipt: String) -
     }
     session.write_response_header(Box::new(h), true).await?;
     Ok(true)
-}
-
-/// Whether the request carries an MPP credential (`Authorization: Payment …`).
-fn carries_payment(headers: &http::HeaderMap) -> bool {
-    ["authorization", "payment-authorization"].iter().any(|n| {
-        headers.get_all(*n).iter().any(|v| {
-            v.as_bytes()
-                .get(..8)
-                .is_some_and(|p| p.eq_ignore_ascii_case(b"payment "))
-        })
-    })
-}
-
-/// Drops the `Authorization: Payment …` / `Payment-Authorization: Payment …` values that answer
-/// a challenge of one of `realms` (the platform's own): a hosted service must never see a
-/// credential it could replay at the platform as its visitor. Only requests that carry a
-/// `Payment` credential pay for the decoding.
-fn strip_platform_credentials(req: &mut RequestHeader, realms: &[String]) {
-    for name in ["authorization", "payment-authorization"] {
-        let values = req.headers.get_all(name);
-        if !values
-            .iter()
-            .any(|v| is_platform_credential(v.as_bytes(), realms))
-        {
-            continue;
-        }
-        let keep: Vec<http::HeaderValue> = values
-            .iter()
-            .filter(|v| !is_platform_credential(v.as_bytes(), realms))
-            .cloned()
-            .collect();
-        req.remove_header(name);
-        for v in keep {
-            // Re-adding a value that was already valid cannot fail.
-            let _ = req.append_header(name, v);
-        }
-    }
-}
-
-/// Whether a header value is a `Payment` credential (scheme case-insensitive, possibly one of
-/// several comma-separated credentials) whose echoed challenge names one of `realms`.
-fn is_platform_credential(value: &[u8], realms: &[String]) -> bool {
-    use base64::Engine;
-    value.split(|&c| c == b',').any(|part| {
-        let part = part.trim_ascii_start();
-        let Some(token) = part
-            .get(..8)
-            .filter(|p| p.eq_ignore_ascii_case(b"payment "))
-            .and_then(|_| part.get(8..))
-        else {
-            return false;
-        };
-        let token = token.trim_ascii();
-        // Clients send url-safe or standard base64, padded or not.
-        let token: Vec<u8> = token
-            .iter()
-            .filter(|&&c| c != b'=')
-            .map(|&c| match c {
-                b'+' => b'-',
-                b'/' => b'_',
-                c => c,
-            })
-            .collect();
-        let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&token) else {
-            return false;
-        };
-        #[derive(serde::Deserialize)]
-        struct Cred {
-            challenge: Challenge,
-        }
-        #[derive(serde::Deserialize)]
-        struct Challenge {
-            realm: String,
-        }
-        serde_json::from_slice::<Cred>(&json)
-            .is_ok_and(|c| realms.contains(&c.challenge.realm))
-    })
-}
-
-/// Keeps a client's request id if it is sane (1–128 of `[A-Za-z0-9._:-]`), else makes one.
-fn request_id(req: &RequestHeader) -> String {
-    if let Some(v) = req.headers.get(REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= 128
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'))
-            && let Ok(s) = v.to_str()
-        {
-            return s.to_owned();
-        }
-    }
-    new_request_id()
-}
-
-/// 128 random bits as 32 hex digits. From the thread-local CSPRNG (`rand::rng`), which reseeds
-/// from the OS now and then, so there is no `getrandom` syscall per request (uuid's v4 made one:
-/// 1.3 % of the proxy's CPU in a profile, docs/benchmarks.md).
-fn new_request_id() -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits: u128 = rand::random();
-    let mut out = String::with_capacity(32);
-    for i in (0..32).rev() {
-        out.push(char::from(HEX[((bits >> (i * 4)) & 0xf) as usize]));
-    }
-    out
-}
-
-/// Request line plus header block, as sent (close enough: `name: value\r\n`).
-fn header_bytes(req: &RequestHeader) -> usize {
-    let line =
-        req.method.as_str().len() + req.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
-    req.headers
-        .iter()
-        .fold(line, |acc, (k, v)| acc + k.as_str().len() + v.len() + 4)
-}
-
-fn content_length(req: &RequestHeader) -> Option<u64> {
-    req.headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse().ok())
-}
-
-fn strip_internal_headers(req: &mut RequestHeader) {
-    let has_internal = req
-        .headers
-        .keys()
-        .any(|k| k.as_str().starts_with(INTERNAL_HEADER_PREFIX));
-    if !has_internal {
-        return;
-    }
-    let names: Vec<http::HeaderName> = req
-        .headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(INTERNAL_HEADER_PREFIX))
-        .cloned()
-        .collect();
-    for n in names {
-        req.remove_header(&n);
-    }
 }

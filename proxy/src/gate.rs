@@ -5,20 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
-use std::path::PathBuf;
-use tollgate_balance_cache::{AgentConfig, BalanceCache, Spend};
-
-use tollgate_metering::{EmbeddedStore, Prices, RedisStore, Store};
+use tollgate_balance_cache::{BalanceCache, Spend};
 
 /// Called for each paid request with its deployment id; the returned guard lives as long as the
 /// request (the runtime's in-flight count, which its per-request CPU cap needs).
 pub trait RequestHooks: Send + Sync + 'static {
     fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>>;
-
-    /// Called once the node has stopped serving, before its final settle (blocking, on a thread
-    /// outside any async runtime): whatever still charges this node (the runtime's last CPU
-    /// samples) must be done by then, or its charges would miss the last batch.
-    fn before_final_settle(&self) {}
 }
 
 /// MPP at the proxy, for services whose owner ran out of credit: the 402 carries a
@@ -53,55 +45,11 @@ pub struct Refused {
     pub retryable: bool,
 }
 
-/// Where balances, leases and the ledger live.
+/// The money gate's parts, built by the application: the node's balance cache (its metering
+/// node settles it in the background), and what the request path needs around it.
 #[derive(Clone)]
-pub enum StoreSource {
-    /// Already open (tests).
-    Ready(Arc<dyn Store>),
-    /// Shared by every node of a deployment; connected (and reconnected) by the node itself.
-    Redis {
-        url: String,
-        prefix: String,
-        lease_ttl: Duration,
-        /// Ledger entries older than this are trimmed (zero: keep all).
-        ledger_retention: Duration,
-    },
-    /// One node alone (`tollgate dev`, a single-node install): a durable file.
-    Embedded { path: PathBuf, lease_ttl: Duration },
-}
-
-impl StoreSource {
-    pub(crate) async fn open(&self) -> Result<Arc<dyn Store>, String> {
-        match self {
-            StoreSource::Ready(s) => Ok(s.clone()),
-            StoreSource::Redis {
-                url,
-                prefix,
-                lease_ttl,
-                ledger_retention,
-            } => RedisStore::connect(url, prefix, *lease_ttl)
-                .await
-                .map(|s| Arc::new(s.with_ledger_retention(*ledger_retention)) as Arc<dyn Store>)
-                .map_err(|e| e.to_string()),
-            StoreSource::Embedded { path, lease_ttl } => EmbeddedStore::open(path, *lease_ttl)
-                .map(|s| Arc::new(s) as Arc<dyn Store>)
-                .map_err(|e| format!("{}: {e}", path.display())),
-        }
-    }
-}
-
-impl From<Arc<dyn Store>> for StoreSource {
-    fn from(s: Arc<dyn Store>) -> Self {
-        StoreSource::Ready(s)
-    }
-}
-
-/// Metering, as the embedding binary configures it.
-#[derive(Clone)]
-pub struct MeteringOptions {
-    pub store: StoreSource,
-    pub prices: Prices,
-    pub agent: AgentConfig,
+pub struct Metering {
+    pub cache: Arc<BalanceCache>,
     /// How long a request waits for this node's first lease on an account before it gets 503.
     pub lease_wait: Duration,
     /// How an owner tops up (shown on the 402 answer and the suspension page).
@@ -110,11 +58,9 @@ pub struct MeteringOptions {
     pub payments: Option<Arc<dyn PaymentDesk>>,
 }
 
-impl std::fmt::Debug for MeteringOptions {
+impl std::fmt::Debug for Metering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeteringOptions")
-            .field("prices", &self.prices)
-            .field("node_id", &self.agent.node_id)
+        f.debug_struct("Metering")
             .field("lease_wait", &self.lease_wait)
             .field("top_up", &self.top_up)
             .finish_non_exhaustive()
@@ -133,11 +79,7 @@ pub(crate) struct Gate {
 }
 
 impl Gate {
-    pub fn new(
-        cache: Arc<BalanceCache>,
-        opts: &MeteringOptions,
-        registry: &Registry,
-    ) -> prometheus::Result<Gate> {
+    pub fn new(opts: &Metering, registry: &Registry) -> prometheus::Result<Gate> {
         let metered = IntCounter::new(
             "tollgate_metered_requests_total",
             "Requests paid from a balance (routes with an owning account).",
@@ -152,7 +94,7 @@ impl Gate {
         )?;
         registry.register(Box::new(rejected.clone()))?;
         Ok(Gate {
-            cache,
+            cache: opts.cache.clone(),
             lease_wait: opts.lease_wait,
             top_up: opts.top_up.clone(),
             hooks: opts.hooks.clone(),

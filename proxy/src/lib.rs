@@ -6,11 +6,12 @@ pub mod admin;
 pub mod config;
 pub mod dispatch;
 pub mod gate;
+mod headers;
 pub mod metrics;
 pub mod pages;
 pub mod server;
 pub mod usage;
 
 pub use config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
-pub use gate::{MeteringOptions, PaymentDesk, Redeemed, Refused, RequestHooks, StoreSource};
-pub use server::{Proxy, ProxyOptions, Stop, StopHandle};
+pub use gate::{Metering, PaymentDesk, Redeemed, Refused, RequestHooks};
+pub use server::{Proxy, ProxyOptions, RunningProxy, Stop};

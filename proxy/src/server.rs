@@ -1,9 +1,13 @@
-//! Assembles and runs one proxy node: the Pingora proxy service, plus a small background runtime
-//! for the admin listener and the route sync.
+//! One proxy node: the Pingora proxy service on threads of its own, and the node's background
+//! work (admin listener, route sync, usage flush) on a runtime the application provides.
+//!
+//! The application owns the order of shutdown (docs/architecture.md); a running node gives it
+//! the steps: [`RunningProxy::stop_intake`], [`RunningProxy::drained`],
+//! [`RunningProxy::stop_background`].
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -11,14 +15,14 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use prometheus::Registry;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tollgate_routes::{RouteSync, RouteTable, SyncMetrics, SyncOptions};
 
 use crate::admin::{AdminState, router};
 use crate::config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
 use crate::dispatch::{Dispatch, Health};
-use crate::gate::{Gate, MeteringOptions};
+use crate::gate::{Gate, Metering};
 use crate::metrics::{ProxyMetrics, register_build_info};
-use tollgate_balance_cache::{Agent, BalanceCache, CacheMetrics};
 
 /// Everything one proxy node needs.
 #[derive(Debug, Clone, Default)]
@@ -31,35 +35,24 @@ pub struct ProxyOptions {
     pub routes: Vec<StaticRoute>,
     /// Take the listening sockets over from a running old process (Pingora's `--upgrade`).
     pub upgrade: bool,
-    /// After a graceful stop, exit the process as soon as no request is in flight instead of
-    /// sleeping out the whole drain timeout. Only for the binary: it calls `process::exit`.
-    pub exit_when_drained: bool,
-    /// Also stop on SIGTERM/SIGINT/SIGQUIT (the binary); tests use [`StopHandle`] alone.
-    pub os_signals: bool,
     /// Charge requests to the routes' owning accounts (see `docs/money.md`). Without it every
     /// route is free (static routes, the proxy-only benchmarks).
-    pub metering: Option<MeteringOptions>,
+    pub metering: Option<Metering>,
 }
 
-/// How to stop a running node.
-#[derive(Debug, Clone, Copy)]
+/// How a node stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     /// Fail `/readyz`, wait `drain_delay_seconds`, stop accepting, finish in-flight requests.
     Graceful,
+    /// Hand the listening sockets to a new process (zero-downtime upgrade), then finish
+    /// in-flight requests.
+    Upgrade,
     /// Stop now.
     Fast,
 }
 
-#[derive(Clone)]
-pub struct StopHandle(mpsc::UnboundedSender<Stop>);
-
-impl StopHandle {
-    pub fn stop(&self, how: Stop) {
-        let _ = self.0.send(how);
-    }
-}
-
-/// A node that has bound its admin listener and built its state, ready to `run`.
+/// A node that has bound its admin listener and built its state, ready to [`Proxy::start`].
 pub struct Proxy {
     opts: ProxyOptions,
     registry: Registry,
@@ -68,14 +61,13 @@ pub struct Proxy {
     metrics: Arc<ProxyMetrics>,
     sync_metrics: SyncMetrics,
     admin_listener: TcpListener,
-    stop_rx: mpsc::UnboundedReceiver<Stop>,
-    stop_tx: mpsc::UnboundedSender<Stop>,
-    metering: Option<(Arc<BalanceCache>, Gate, CacheMetrics)>,
+    gate: Option<Gate>,
 }
 
 impl Proxy {
-    pub fn prepare(opts: ProxyOptions) -> anyhow::Result<Proxy> {
-        let registry = Registry::new();
+    /// Builds the node; its metrics go to `registry` (the application's metering node may
+    /// already have registered there).
+    pub fn prepare(opts: ProxyOptions, registry: Registry) -> anyhow::Result<Proxy> {
         register_build_info(&registry)?;
         let metrics = Arc::new(ProxyMetrics::new(&registry)?);
         let sync_metrics = SyncMetrics::new(&registry)?;
@@ -99,19 +91,12 @@ impl Proxy {
                 format!("cannot listen on {} (proxy.listen)", opts.proxy.listen)
             })?);
         }
-        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-        let metering = match &opts.metering {
-            Some(m) => {
-                m.agent.validate()?;
-                let cache = BalanceCache::new(m.prices);
-                let gate = Gate::new(cache.clone(), m, &registry)?;
-                let cache_metrics = CacheMetrics::new(&registry)?;
-                Some((cache, gate, cache_metrics))
-            }
+        let gate = match &opts.metering {
+            Some(m) => Some(Gate::new(m, &registry)?),
             None => None,
         };
         Ok(Proxy {
-            metering,
+            gate,
             opts,
             registry,
             table,
@@ -119,8 +104,6 @@ impl Proxy {
             metrics,
             sync_metrics,
             admin_listener,
-            stop_rx,
-            stop_tx,
         })
     }
 
@@ -132,18 +115,9 @@ impl Proxy {
         self.registry.clone()
     }
 
-    /// This node's balance cache, when metering is on: CPU usage from the runtime is charged
-    /// through it (`charge_cpu`).
-    pub fn balance_cache(&self) -> Option<Arc<BalanceCache>> {
-        self.metering.as_ref().map(|(c, _, _)| c.clone())
-    }
-
-    pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(self.stop_tx.clone())
-    }
-
-    /// Runs until stopped; returns once the proxy has drained and every runtime has exited.
-    pub fn run(self) -> anyhow::Result<()> {
+    /// Serves: Pingora on a thread of its own (with its own runtimes), the admin listener,
+    /// route sync and usage flush on `rt`.
+    pub fn start(self, rt: &tokio::runtime::Handle) -> anyhow::Result<RunningProxy> {
         let Proxy {
             opts,
             registry,
@@ -152,22 +126,10 @@ impl Proxy {
             metrics,
             sync_metrics,
             admin_listener,
-            stop_rx,
-            stop_tx: _,
-            metering,
+            gate,
         } = self;
-
-        let bg = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("tollgate-bg")
-            .enable_all()
-            .build()?;
-        let (bg_stop_tx, bg_stop_rx) = watch::channel(false);
-        let bg_stop_tx = Arc::new(bg_stop_tx);
-        // Background work that must finish before the process exits (the agent's final settle,
-        // the last usage flush): each sends once when done.
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let mut must_finish = 0usize;
+        let (bg_stop, bg_stop_rx) = watch::channel(false);
+        let mut background = Vec::new();
 
         let admin_state = AdminState {
             registry,
@@ -176,14 +138,12 @@ impl Proxy {
         };
         let mut admin_stop = bg_stop_rx.clone();
         let admin_addr = opts.admin.listen;
-        bg.spawn(async move {
-            let listener = match tokio::net::TcpListener::from_std(admin_listener) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "admin listener failed");
-                    return;
-                }
-            };
+        let listener = {
+            let _enter = rt.enter();
+            tokio::net::TcpListener::from_std(admin_listener)
+                .context("admin listener (admin.listen)")?
+        };
+        background.push(rt.spawn(async move {
             tracing::info!(addr = %admin_addr, "admin listening (/metrics /livez /readyz)");
             let serve =
                 axum::serve(listener, router(admin_state)).with_graceful_shutdown(async move {
@@ -192,7 +152,7 @@ impl Proxy {
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "admin server failed");
             }
-        });
+        }));
 
         if let Some(redis) = &opts.redis {
             let sync_opts = SyncOptions {
@@ -203,46 +163,22 @@ impl Proxy {
                 retry_initial: Duration::from_millis(50),
             };
             let sync = RouteSync::new(sync_opts, table.clone(), sync_metrics);
-            bg.spawn(sync.run(bg_stop_rx.clone()));
-            let flush = crate::usage::flush_loop(
+            background.push(rt.spawn(sync.run(bg_stop_rx.clone())));
+            background.push(rt.spawn(crate::usage::flush_loop(
                 table.clone(),
                 redis.url.clone(),
                 redis.key_prefix.clone(),
                 Duration::from_secs(1),
                 bg_stop_rx.clone(),
-            );
-            let done = done_tx.clone();
-            must_finish += 1;
-            bg.spawn(async move {
-                flush.await;
-                let _ = done.send(());
-            });
+            )));
         }
 
-        let hooks = opts.metering.as_ref().and_then(|m| m.hooks.clone());
-        let (gate, agent_task) = match (metering, &opts.metering) {
-            (Some((cache, gate, cache_metrics)), Some(m)) => {
-                let agent = run_agent(
-                    cache,
-                    m.store.clone(),
-                    m.agent.clone(),
-                    cache_metrics,
-                    bg_stop_rx.clone(),
-                );
-                let done = done_tx.clone();
-                must_finish += 1;
-                let task = bg.spawn(async move {
-                    agent.await;
-                    let _ = done.send(());
-                });
-                (Some(gate), Some(task))
-            }
-            _ => (None, None),
-        };
-
+        let drain_timeout = Duration::from_secs(opts.shutdown.drain_timeout_seconds);
         let conf = ServerConf {
             threads: opts.proxy.threads,
             work_stealing: opts.proxy.work_stealing,
+            // Pingora keeps serving what it has this long after it stops accepting; the
+            // application's own drain (in-flight count) usually ends well before.
             grace_period_seconds: Some(opts.shutdown.drain_timeout_seconds),
             graceful_shutdown_timeout_seconds: Some(1),
             upgrade_sock: opts
@@ -279,257 +215,65 @@ impl Proxy {
         );
         service.add_tcp(&opts.proxy.listen.to_string());
         server.add_service(service);
+        let (to_pingora, from_app) = mpsc::unbounded_channel();
+        let pingora = std::thread::Builder::new()
+            .name("tollgate-pingora".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(AppSignal(tokio::sync::Mutex::new(from_app))),
+                })
+            })
+            .context("starting the proxy thread")?;
         tracing::info!(
             addr = %opts.proxy.listen,
             threads = opts.proxy.threads,
             base_domain = %opts.proxy.base_domain,
             "proxy listening"
         );
-
-        let watcher = Watcher {
-            stop_rx: tokio::sync::Mutex::new(stop_rx),
+        Ok(RunningProxy {
+            addr: opts.proxy.listen,
+            admin: opts.admin.listen,
             health,
-            drain_delay: Duration::from_secs_f64(opts.shutdown.drain_delay_seconds),
             in_flight: metrics.in_flight.clone(),
-            exit_when_drained: opts.exit_when_drained,
-            os_signals: opts.os_signals,
-            before_exit: {
-                let stop = bg_stop_tx.clone();
-                let done = std::sync::Mutex::new(done_rx);
-                let hooks = hooks.clone();
-                Arc::new(move || {
-                    if let Some(h) = &hooks {
-                        h.before_final_settle();
-                    }
-                    // Settle what is left, return leases, flush usage; then exit.
-                    let _ = stop.send(true);
-                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                    if let Ok(rx) = done.lock() {
-                        for _ in 0..must_finish {
-                            let left =
-                                deadline.saturating_duration_since(std::time::Instant::now());
-                            if rx.recv_timeout(left).is_err() {
-                                tracing::warn!(
-                                    "background work did not finish before exit; the journal keeps unsettled usage"
-                                );
-                                break;
-                            }
-                        }
-                    }
-                })
-            },
-        };
-        server.run(RunArgs {
-            shutdown_signal: Box::new(watcher),
-        });
-
-        if let Some(h) = &hooks {
-            h.before_final_settle();
-        }
-        let _ = bg_stop_tx.send(true);
-        if let Some(task) = agent_task {
-            // The agent settles what is left and returns its leases; give it time to.
-            let _ =
-                bg.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
-        }
-        bg.shutdown_timeout(Duration::from_secs(1));
-        tracing::info!("proxy stopped");
-        Ok(())
+            drain_delay: Duration::from_secs_f64(opts.shutdown.drain_delay_seconds),
+            drain_timeout,
+            to_pingora,
+            bg_stop,
+            background,
+            _pingora: pingora,
+        })
     }
 }
 
-/// How many stand-in identities a node may take while another process of the same node holds
-/// its journal (a zero-downtime upgrade runs the old and the new process side by side).
-const STAND_INS: u32 = 3;
-
-/// The configuration of stand-in `n` of `base` (0 is `base` itself): node `<id>.<n>`, journal
-/// `<id>.<n>.journal` beside the node's own.
-fn stand_in(
-    base: &tollgate_balance_cache::AgentConfig,
-    n: u32,
-) -> tollgate_balance_cache::AgentConfig {
-    if n == 0 {
-        return base.clone();
-    }
-    let mut cfg = base.clone();
-    cfg.node_id = format!("{}.{n}", base.node_id);
-    cfg.journal_path = base
-        .journal_path
-        .with_file_name(format!("{}.journal", cfg.node_id));
-    cfg
-}
-
-/// Starts the metering agent (retrying while the store is unreachable: requests get 503 meanwhile)
-/// and runs it until shutdown, when it settles what is left and returns its leases.
-///
-/// A journal has one owner. When another process of this node holds it (the old process of a
-/// zero-downtime upgrade, draining), this one meters at once as a stand-in node with its own
-/// journal and leases instead of answering 503 until the old one exits. Once running, it replays
-/// the journals of stand-ins no process holds (left by a crash), so their usage is not held back
-/// until the next upgrade.
-async fn run_agent(
-    cache: Arc<BalanceCache>,
-    store: crate::gate::StoreSource,
-    cfg: tollgate_balance_cache::AgentConfig,
-    metrics: CacheMetrics,
-    mut stop: watch::Receiver<bool>,
-) {
-    use tollgate_balance_cache::AgentError;
-    use tollgate_metering::JournalError;
-    let mut wait = Duration::from_millis(100);
-    let mut n = 0;
-    let (agent, mine) = loop {
-        let try_cfg = stand_in(&cfg, n);
-        let started = match store.open().await {
-            Ok(store) => Agent::start(cache.clone(), store, try_cfg.clone(), metrics.clone())
-                .await
-                .map_err(|e| {
-                    (
-                        matches!(e, AgentError::Journal(JournalError::Locked { .. })),
-                        e.to_string(),
-                    )
-                }),
-            Err(e) => Err((false, e)),
-        };
-        match started {
-            Ok(a) => {
-                if n > 0 {
-                    tracing::info!(node = %try_cfg.node_id, "journal held by another process of this node (an upgrade?): metering as a stand-in");
-                }
-                break (a, n);
-            }
-            Err((true, _)) if n < STAND_INS => n += 1,
-            Err((_, e)) => {
-                n = 0;
-                tracing::warn!(error = %e, "metering agent cannot start yet; metered routes answer 503");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        }
-    };
-    tokio::spawn(replay_orphans(store, cfg, mine, *cache.prices()));
-    agent.run(stop).await;
-}
-
-/// Settles what the journals of this node's unheld identities still hold (a crashed process),
-/// each through a short-lived agent of its own: replay, then release that incarnation.
-async fn replay_orphans(
-    store: crate::gate::StoreSource,
-    base: tollgate_balance_cache::AgentConfig,
-    mine: u32,
-    prices: tollgate_metering::Prices,
-) {
-    for n in (0..=STAND_INS).filter(|&n| n != mine) {
-        let cfg = stand_in(&base, n);
-        if !cfg.journal_path.exists() {
-            continue;
-        }
-        // Held by a live process (it settles its own), or nothing left to send (the common case:
-        // a process that exited cleanly): leave it. Leases of a crashed one expire by themselves.
-        match tollgate_metering::Journal::open(&cfg.journal_path) {
-            Ok(j) if !j.pending().is_empty() => {}
-            _ => continue,
-        }
-        let Ok(store) = store.open().await else {
-            return;
-        };
-        let metrics = match CacheMetrics::new(&prometheus::Registry::new()) {
-            Ok(m) => m,
-            Err(_) => return,
-        };
-        // Its own cache: the replayed batches' grants must not reach the serving cache.
-        let scratch = BalanceCache::new(prices);
-        match Agent::start(scratch, store, cfg.clone(), metrics).await {
-            Ok(agent) => {
-                // Started = replayed; a stop right away returns its leases and releases it.
-                let (tx, rx) = watch::channel(false);
-                let run = tokio::spawn(agent.run(rx));
-                let _ = tx.send(true);
-                let _ = run.await;
-                tracing::info!(node = %cfg.node_id, "replayed a journal no process held");
-            }
-            // Held by a live process (it settles its own), or unreachable: nothing to do here.
-            Err(e) => tracing::debug!(node = %cfg.node_id, error = %e, "journal not replayed"),
-        }
-    }
-}
-
-/// Exits the process once `after` has passed and no request is in flight (binary only), after
-/// `before_exit` (final settle, lease return, usage flush).
-fn exit_once_drained(
-    in_flight: prometheus::IntGauge,
-    after: Duration,
-    before_exit: Arc<dyn Fn() + Send + Sync>,
-) {
-    std::thread::spawn(move || {
-        std::thread::sleep(after);
-        while in_flight.get() > 0 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        before_exit();
-        tracing::info!("drained: no request in flight; exiting");
-        std::process::exit(0);
-    });
-}
-
-struct Watcher {
-    stop_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Stop>>,
+/// A serving node.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
     health: Arc<Health>,
-    drain_delay: Duration,
     in_flight: prometheus::IntGauge,
-    exit_when_drained: bool,
-    os_signals: bool,
-    before_exit: Arc<dyn Fn() + Send + Sync>,
+    drain_delay: Duration,
+    drain_timeout: Duration,
+    to_pingora: mpsc::UnboundedSender<ShutdownSignal>,
+    bg_stop: watch::Sender<bool>,
+    background: Vec<JoinHandle<()>>,
+    /// Not joined: after its listeners close, Pingora sleeps out its grace period; the
+    /// application is done before that (its own drain follows the in-flight count).
+    _pingora: std::thread::JoinHandle<()>,
 }
 
-enum Got {
-    Stop(Stop),
-    Upgrade,
-}
-
-impl Watcher {
-    async fn next(&self) -> Got {
-        let mut rx = self.stop_rx.lock().await;
-        let from_handle = async {
-            match rx.recv().await {
-                Some(s) => Got::Stop(s),
-                // Every handle dropped: only signals can stop us now.
-                None => std::future::pending().await,
-            }
-        };
-        if !self.os_signals {
-            return from_handle.await;
-        }
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::quit()),
-        ) else {
-            tracing::error!("cannot install signal handlers; stop only through the handle");
-            return from_handle.await;
-        };
-        tokio::select! {
-            g = from_handle => g,
-            _ = term.recv() => Got::Stop(Stop::Graceful),
-            _ = int.recv() => Got::Stop(Stop::Fast),
-            _ = quit.recv() => Got::Upgrade,
-        }
+impl RunningProxy {
+    /// Requests being served now.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.get()
     }
-}
 
-#[async_trait]
-impl ShutdownSignalWatch for Watcher {
-    async fn recv(&self) -> ShutdownSignal {
-        match self.next().await {
-            Got::Stop(Stop::Fast) => {
-                tracing::info!("fast shutdown");
-                ShutdownSignal::FastShutdown
-            }
-            Got::Stop(Stop::Graceful) => {
+    /// Step 1, stop taking new work. `Graceful`: `/readyz` fails and responses close their
+    /// connections, so load balancers move away; after `drain_delay_seconds` the listeners
+    /// close. `Upgrade`: the listeners go to the new process (which serves from then on).
+    /// `Fast`: the listeners close now.
+    pub async fn stop_intake(&self, how: Stop) {
+        match how {
+            Stop::Graceful => {
                 self.health.set_draining();
                 tracing::info!(
                     delay_seconds = self.drain_delay.as_secs_f64(),
@@ -537,30 +281,85 @@ impl ShutdownSignalWatch for Watcher {
                     "graceful shutdown: /readyz now fails; draining"
                 );
                 tokio::time::sleep(self.drain_delay).await;
-                if self.exit_when_drained {
-                    // Pingora stops accepting right after we return; give it a moment.
-                    exit_once_drained(
-                        self.in_flight.clone(),
-                        Duration::from_millis(100),
-                        self.before_exit.clone(),
-                    );
-                }
-                ShutdownSignal::GracefulTerminate
+                let _ = self.to_pingora.send(ShutdownSignal::GracefulTerminate);
             }
-            Got::Upgrade => {
+            Stop::Upgrade => {
                 self.health.set_draining();
-                tracing::info!("SIGQUIT: handing listeners to the new process");
-                if self.exit_when_drained {
-                    // Pingora sends the sockets, keeps serving what it has for 5 s
-                    // (CLOSE_TIMEOUT), then stops; exit once that is over and nothing is left.
-                    exit_once_drained(
-                        self.in_flight.clone(),
-                        Duration::from_secs(6),
-                        self.before_exit.clone(),
-                    );
-                }
-                ShutdownSignal::GracefulUpgrade
+                tracing::info!("upgrade: handing the listeners to the new process");
+                let _ = self.to_pingora.send(ShutdownSignal::GracefulUpgrade);
+            }
+            Stop::Fast => {
+                tracing::info!("fast shutdown");
+                let _ = self.to_pingora.send(ShutdownSignal::FastShutdown);
             }
         }
+    }
+
+    /// Step 2: requests in flight finish (at most `drain_timeout_seconds`). After an upgrade
+    /// handover, Pingora keeps accepting on the old sockets for 5 s (what the new process has
+    /// not taken yet): wait that out first.
+    pub async fn drained(&self, how: Stop) {
+        if how == Stop::Fast {
+            return;
+        }
+        if how == Stop::Upgrade {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        } else {
+            // Pingora stops accepting right after the signal; give it a moment.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let deadline = Instant::now() + self.drain_timeout;
+        while self.in_flight.get() > 0 {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    in_flight = self.in_flight.get(),
+                    "drain timeout: requests still in flight are cut"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!("drained: no request in flight");
+    }
+
+    /// Last step: the route sync and the admin listener stop, and the usage counted so far is
+    /// flushed to Redis.
+    pub async fn stop_background(self) {
+        let _ = self.bg_stop.send(true);
+        for t in self.background {
+            if tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a proxy background task did not stop in time");
+            }
+        }
+    }
+
+    /// Stops without waiting (a harness being dropped): listeners close now, background work
+    /// is told to stop.
+    pub fn abort(&self) {
+        let _ = self.to_pingora.send(ShutdownSignal::FastShutdown);
+        let _ = self.bg_stop.send(true);
+    }
+
+    /// The three steps, for a node with nothing else to stop in between.
+    pub async fn shutdown(self, how: Stop) {
+        self.stop_intake(how).await;
+        self.drained(how).await;
+        self.stop_background().await;
+        tracing::info!("proxy stopped");
+    }
+}
+
+/// Pingora's shutdown signal, as the application gives it.
+struct AppSignal(tokio::sync::Mutex<mpsc::UnboundedReceiver<ShutdownSignal>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for AppSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.lock().await;
+        // The application gone without a word: stop now.
+        rx.recv().await.unwrap_or(ShutdownSignal::FastShutdown)
     }
 }

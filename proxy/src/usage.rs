@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 use tokio::sync::watch;
-use tollgate_routes::{ResolvedRoute, RouteTable, hour_bucket};
+use tollgate_routes::{ResolvedRoute, RouteTable, hour_bucket, usage_key};
 
 const BUCKET_TTL_S: i64 = 8 * 24 * 3600;
 
@@ -68,7 +68,7 @@ pub async fn flush_loop(
                 let bucket = hour_bucket(unix_s);
                 let mut pipe = redis::pipe();
                 for (project, (req, bytes)) in &pending {
-                    let key = format!("{prefix}:usage:{project}:{bucket}");
+                    let key = usage_key(&prefix, project, Some(&bucket));
                     pipe.hincr(&key, "requests", *req)
                         .ignore()
                         .hincr(&key, "bytes_out", *bytes)
@@ -76,7 +76,7 @@ pub async fn flush_loop(
                         .expire(&key, BUCKET_TTL_S)
                         .ignore()
                         .hset(
-                            format!("{prefix}:usage:{project}"),
+                            usage_key(&prefix, project, None),
                             "last_request_ms",
                             unix_ms,
                         )

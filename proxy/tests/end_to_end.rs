@@ -9,32 +9,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Node, eventually, options};
-use tollgate_balance_cache::{AgentConfig, BalanceCache};
+use common::{Node, eventually, gate, options};
+use tollgate_app::adapters::{ChargeCpu, InflightHooks};
+use tollgate_balance_cache::AgentConfig;
 use tollgate_control::{Control, ControlConfig, ControlStore, DeployRequest, RedisControlStore};
-use tollgate_metering::{Prices, RedisStore, Store};
-use tollgate_proxy::MeteringOptions;
+use tollgate_metering::{RedisStore, Store};
 use tollgate_routes::RouteStore;
-use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
+use tollgate_runtime::{RuntimeConfig, Supervisor, Toolchain};
 use tollgate_testkit::RedisServer;
-
-#[derive(Default)]
-struct LateCpu(std::sync::OnceLock<Arc<BalanceCache>>);
-impl CpuSink for LateCpu {
-    fn record(&self, deltas: &[CpuDelta]) {
-        let cache = self.0.get().expect("cache set before any deployment");
-        for d in deltas {
-            cache.charge_cpu(&d.account_id, d.cpu_us);
-        }
-    }
-}
-
-struct Hooks(Supervisor);
-impl tollgate_proxy::RequestHooks for Hooks {
-    fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>> {
-        Some(Box::new(self.0.inflight(deployment_id)?.begin()))
-    }
-}
 
 const PRICE: i64 = 500_000;
 
@@ -54,32 +36,32 @@ async fn deploy_serve_meter_suspend_and_resume() {
         .unwrap();
 
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
-    let cpu = Arc::new(LateCpu::default());
-    let (sup, events) = Supervisor::new(
-        RuntimeConfig {
-            data_dir: dir.path().join("runtime"),
-            sample_interval: Duration::from_millis(20),
-            ..RuntimeConfig::default()
-        },
-        t.clone(),
-        cpu.clone(),
-    )
-    .unwrap();
-    let mut o = options(Some(&redis.url()), &[]);
+    let o = options(Some(&redis.url()), &[]);
     let mut agent = AgentConfig::new("edge-1", dir.path().join("edge-1.journal"));
     agent.min_lease = PRICE;
     agent.max_lease = 20 * PRICE;
-    o.metering = Some(MeteringOptions {
-        store: money.clone().into(),
-        prices: Prices::default(),
-        agent,
-        lease_wait: Duration::from_secs(2),
-        top_up: "call top_up".into(),
-        hooks: Some(Arc::new(Hooks(sup.clone()))),
-        payments: None,
-    });
-    let node = Node::start(o);
-    let _ = cpu.0.set(node.cache.clone().unwrap());
+    // As `tollgate dev` wires it: the runtime charges its CPU to the node's cache, and the
+    // proxy holds its in-flight guard per request.
+    let runtime = std::sync::Mutex::new(None);
+    let node = Node::start_with(
+        o,
+        Some(gate(money.clone(), agent, "call top_up")),
+        |cache| {
+            let (sup, events) = Supervisor::new(
+                RuntimeConfig {
+                    data_dir: dir.path().join("runtime"),
+                    sample_interval: Duration::from_millis(20),
+                    ..RuntimeConfig::default()
+                },
+                t.clone(),
+                Arc::new(ChargeCpu(cache.clone())),
+            )?;
+            let hooks = Arc::new(InflightHooks(sup.clone()));
+            *runtime.lock().unwrap() = Some((sup, events));
+            Ok(Some(hooks as Arc<dyn tollgate_proxy::RequestHooks>))
+        },
+    );
+    let (sup, events) = runtime.lock().unwrap().take().unwrap();
 
     let store: Arc<dyn ControlStore> = Arc::new(
         RedisControlStore::connect(&redis.url(), "tollgate")

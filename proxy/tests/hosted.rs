@@ -10,17 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Node, eventually, options};
+use common::{Node, eventually, gate, options};
+use tollgate_app::adapters::{ChargeCpu, InflightHooks};
 use tollgate_routes::{Route, RouteKey, RouteStore};
 use tollgate_runtime::{
-    CpuDelta, CpuSink, DeploymentSpec, RuntimeConfig, RuntimeEvent, Supervisor, Toolchain,
+    DeploymentSpec, NoCpuSink, RuntimeConfig, RuntimeEvent, Supervisor, Toolchain,
 };
 use tollgate_testkit::RedisServer;
-
-struct NoMeter;
-impl CpuSink for NoMeter {
-    fn record(&self, _: &[CpuDelta]) {}
-}
 
 const APP: &str = r#"import { Hono } from 'hono'
 const app = new Hono<{ Bindings: { VERSION: string } }>()
@@ -66,7 +62,7 @@ async fn rig() -> Rig {
         cpu_limit_per_request: Duration::from_millis(800),
         ..RuntimeConfig::default()
     };
-    let (sup, events) = Supervisor::new(cfg, t, Arc::new(NoMeter)).unwrap();
+    let (sup, events) = Supervisor::new(cfg, t, Arc::new(NoCpuSink)).unwrap();
     Rig {
         sup,
         events,
@@ -133,21 +129,14 @@ async fn deployed_code_is_served_and_redeploys_drop_nothing() {
     let mut old = "dep1".to_owned();
     for v in 2..=3 {
         let id = format!("dep{v}");
-        let (store2, key2, id2) = (store.clone(), key.clone(), id.clone());
-        rig.sup
-            .redeploy(
-                Some(&old),
-                spec(&rig, &id, &v.to_string()),
-                move |addr| async move {
-                    store2
-                        .put(&key2, &route(addr, &id2))
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                },
-            )
+        // The control service's switch: start, publish the route, drain and stop the old one.
+        let started = rig
+            .sup
+            .start(spec(&rig, &id, &v.to_string()))
             .await
             .unwrap();
+        store.put(&key, &route(started.addr, &id)).await.unwrap();
+        rig.sup.stop(&old, true).await.unwrap();
         old = id;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -192,17 +181,14 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut o = options(Some(&redis.url()), &[]);
-    o.metering = Some(tollgate_proxy::MeteringOptions {
-        store: st.into(),
-        prices: tollgate_metering::Prices::default(),
-        agent: tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal")),
-        lease_wait: Duration::from_secs(2),
-        top_up: "top up".into(),
-        hooks: Some(Arc::new(Hooks(rig.sup.clone()))),
-        payments: None,
-    });
-    let node = Node::start(o);
+    let o = options(Some(&redis.url()), &[]);
+    let mut g = gate(
+        st,
+        tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal")),
+        "top up",
+    );
+    g.hooks = Some(Arc::new(InflightHooks(rig.sup.clone())));
+    let node = Node::start_metered(o, g);
     let c = node.client(&["spin.localhost"]);
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -246,33 +232,6 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
     rig.sup.shutdown().await;
 }
 
-/// What the dev binary wires: the proxy holds the runtime's in-flight guard per request.
-struct Hooks(Supervisor);
-impl tollgate_proxy::RequestHooks for Hooks {
-    fn begin(&self, deployment_id: &str) -> Option<Box<dyn Send + Sync>> {
-        let guard = self.0.inflight(deployment_id)?.begin();
-        Some(Box::new(guard))
-    }
-}
-
-/// What the dev binary wires: the runtime's CPU deltas charged to the owner on this node, and
-/// the deployments whose CPU can no longer be paid for handed back for interruption.
-struct ChargeCpu(Arc<tollgate_balance_cache::BalanceCache>);
-impl CpuSink for ChargeCpu {
-    fn record(&self, deltas: &[CpuDelta]) {
-        for d in deltas {
-            self.0.charge_cpu(&d.account_id, d.cpu_us);
-        }
-    }
-    fn unpaid(&self, deltas: &[CpuDelta]) -> Vec<Arc<str>> {
-        deltas
-            .iter()
-            .filter(|d| self.0.cpu_unpaid(&d.account_id))
-            .map(|d| d.deployment_id.clone())
-            .collect()
-    }
-}
-
 /// A metered proxy node and a runtime charging CPU through it; the `APP` deployed as
 /// `burner` for `acct1` (credited `credit` p$) at `burn.localhost`, answering.
 struct Burner {
@@ -285,7 +244,7 @@ struct Burner {
 }
 
 async fn burner(credit: i64, cpu_debt_limit_ms: u64) -> Burner {
-    use tollgate_metering::{Prices, RedisStore, Store};
+    use tollgate_metering::{RedisStore, Store};
     let redis = RedisServer::start();
     let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
     let st: Arc<dyn Store> = Arc::new(
@@ -295,19 +254,10 @@ async fn burner(credit: i64, cpu_debt_limit_ms: u64) -> Burner {
     );
     st.credit("acct1", "deposit", credit).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut o = options(Some(&redis.url()), &[]);
+    let o = options(Some(&redis.url()), &[]);
     let mut agent = tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal"));
     agent.cpu_debt_limit_ms = cpu_debt_limit_ms;
-    o.metering = Some(tollgate_proxy::MeteringOptions {
-        store: st.clone().into(),
-        prices: Prices::default(),
-        agent,
-        lease_wait: Duration::from_secs(2),
-        top_up: "top up".into(),
-        hooks: None,
-        payments: None,
-    });
-    let node = Node::start(o);
+    let node = Node::start_metered(o, gate(st.clone(), agent, "top up"));
     let cache = node.cache.clone().unwrap();
 
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();

@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Node, eventually, metric, options};
+use common::{Node, eventually, gate, metric, options};
+use tollgate_app::node::GateSpec;
 use tollgate_balance_cache::AgentConfig;
-use tollgate_metering::{Prices, RedisStore, Status, Store};
-use tollgate_proxy::MeteringOptions;
+use tollgate_metering::{RedisStore, Status, Store};
 use tollgate_routes::{Route, RouteKey, RouteStore};
 use tollgate_testkit::{RedisServer, Upstream};
 
@@ -35,27 +35,24 @@ async fn store(redis: &RedisServer) -> Arc<dyn Store> {
     )
 }
 
+/// A metered node `node` on `redis`, with leases of at most `max_lease`.
 fn metered(
     redis: &RedisServer,
     store: Arc<dyn Store>,
     node: &str,
     dir: &tempfile::TempDir,
     max_lease: i64,
-) -> tollgate_proxy::ProxyOptions {
-    let mut o = options(Some(&redis.url()), &[]);
+) -> Node {
+    let o = options(Some(&redis.url()), &[]);
     let mut agent = AgentConfig::new(node, dir.path().join(format!("{node}.journal")));
     agent.min_lease = PRICE;
     agent.max_lease = max_lease;
-    o.metering = Some(MeteringOptions {
-        store: store.into(),
-        prices: Prices::default(),
+    let g: GateSpec = gate(
+        store,
         agent,
-        lease_wait: Duration::from_secs(2),
-        top_up: "call the top_up tool at http://control.test/mcp".into(),
-        hooks: None,
-        payments: None,
-    });
-    o
+        "call the top_up tool at http://control.test/mcp",
+    );
+    Node::start_metered(o, g)
 }
 
 async fn ready(node: &Node) {
@@ -86,7 +83,7 @@ async fn paid_requests_pass_and_an_empty_balance_is_402_or_the_suspension_page_u
     let st = store(&redis).await;
     st.credit("acct-a", "deposit-1", 5 * PRICE).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(metered(&redis, st.clone(), "n1", &dir, 100 * PRICE));
+    let node = metered(&redis, st.clone(), "n1", &dir, 100 * PRICE);
     ready(&node).await;
     let c = node.client(&["paid.localhost", "free.localhost"]);
     let url = node.url("paid.localhost", "/");
@@ -190,7 +187,7 @@ async fn redis_down_serves_from_the_lease_then_answers_503_never_402_and_recover
     st.credit("acct-b", "deposit", 1_000 * PRICE).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Leases of at most 20 requests, so the one held runs out quickly.
-    let node = Node::start(metered(&redis, st.clone(), "n1", &dir, 20 * PRICE));
+    let node = metered(&redis, st.clone(), "n1", &dir, 20 * PRICE);
     ready(&node).await;
     let c = node.client(&["svc.localhost"]);
     let url = node.url("svc.localhost", "/");
@@ -269,8 +266,8 @@ async fn two_nodes_debit_exactly_what_they_served() {
             .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let n1 = Node::start(metered(&redis, st.clone(), "n1", &dir, 50 * PRICE));
-    let n2 = Node::start(metered(&redis, st.clone(), "n2", &dir, 50 * PRICE));
+    let n1 = metered(&redis, st.clone(), "n1", &dir, 50 * PRICE);
+    let n2 = metered(&redis, st.clone(), "n2", &dir, 50 * PRICE);
     ready(&n1).await;
     ready(&n2).await;
     let hosts = ["s0.localhost", "s1.localhost", "s2.localhost"];
@@ -321,7 +318,7 @@ async fn a_request_in_flight_finishes_when_the_balance_runs_out_and_new_ones_get
     let st = store(&redis).await;
     st.credit("acct-s", "deposit", PRICE).await.unwrap(); // exactly one request
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(metered(&redis, st.clone(), "n1", &dir, 100 * PRICE));
+    let node = metered(&redis, st.clone(), "n1", &dir, 100 * PRICE);
     ready(&node).await;
     let c = node.client(&["slow.localhost"]);
     let slow = {

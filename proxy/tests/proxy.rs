@@ -255,6 +255,10 @@ async fn the_platforms_payment_credentials_never_reach_a_hosted_service() {
         ),
         (
             "authorization",
+            payment_credential("mcp.example.com").replace("Payment ", "Payment\t"),
+        ),
+        (
+            "authorization",
             payment_credential("mcp.example.com")
                 .replace('-', "+")
                 .replace('_', "/"),
@@ -414,7 +418,7 @@ async fn graceful_stop_fails_readyz_and_finishes_in_flight() {
     let mut o = options(None, &[("s.localhost", up.addr)]);
     o.shutdown.drain_delay_seconds = 0.3;
     o.shutdown.drain_timeout_seconds = 2;
-    let node = Node::start(o);
+    let mut node = Node::start(o);
     let c = node.client(&["s.localhost"]);
     let url = node.url("s.localhost", "/sleep/1000");
     let inflight = tokio::spawn({
@@ -426,8 +430,7 @@ async fn graceful_stop_fails_readyz_and_finishes_in_flight() {
         }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let stop = node.stop_handle();
-    stop.stop(Stop::Graceful);
+    node.begin_stop(Stop::Graceful);
     assert!(
         eventually(Duration::from_millis(200), || async {
             node.readyz().await.0 == 503

@@ -18,4 +18,4 @@ pub use schema::{Route, RouteError, RouteEvent, RouteKey, RouteRecord};
 pub use store::{Keys, RouteStore, StoreError};
 pub use sync::{RouteSync, SyncOptions};
 pub use table::{Change, ResolvedRoute, RouteTable, Snapshot};
-pub use usage::hour_bucket;
+pub use usage::{hour_bucket, usage_key};

@@ -1,4 +1,15 @@
 //! Shared by the proxies that count usage and the control service that reads it.
+//!
+//! Keys: `<prefix>:usage:<project>:<YYYYMMDDHH>` (hash: `requests`, `bytes_out`; one per UTC
+//! hour) and `<prefix>:usage:<project>` (hash: `last_request_ms`).
+
+/// The key of a project's usage in one hour bucket, or (without a bucket) its summary.
+pub fn usage_key(prefix: &str, project: &str, bucket: Option<&str>) -> String {
+    match bucket {
+        Some(b) => format!("{prefix}:usage:{project}:{b}"),
+        None => format!("{prefix}:usage:{project}"),
+    }
+}
 
 /// Civil date-hour (UTC) of a Unix time, as `YYYYMMDDHH`.
 pub fn hour_bucket(unix_s: u64) -> String {

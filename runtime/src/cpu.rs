@@ -240,9 +240,14 @@ impl CgroupRoots {
         let mut applied = AppliedLimits::default();
         let mut groups = Vec::new();
         let mut meter = None;
+        // A fresh group per process: one left from an earlier process must not be reused (its
+        // usage would be billed again), so an existing empty one is removed first.
         let make = |root: &Path| -> Option<PathBuf> {
             let dir = root.join(group);
-            fs::create_dir_all(&dir).ok()?;
+            if fs::create_dir(&dir).is_err() {
+                fs::remove_dir(&dir).ok()?;
+                fs::create_dir(&dir).ok()?;
+            }
             dir.join("cgroup.procs").exists().then_some(dir)
         };
         if let Some(dir) = self.v2.as_deref().and_then(make) {
@@ -318,6 +323,22 @@ impl Jail {
     /// The `cgroup.procs` files the process writes its own pid into before it runs anything.
     pub fn procs(&self) -> Vec<PathBuf> {
         self.groups.iter().map(|g| g.join("cgroup.procs")).collect()
+    }
+
+    /// Whether process `pid` sits in every group of this jail (read from `/proc/<pid>/cgroup`):
+    /// a process outside its accounting group would run unbilled.
+    pub fn holds(&self, pid: u32) -> bool {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            return self.groups.is_empty();
+        };
+        let paths: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .filter(|p| *p != "/")
+            .collect();
+        self.groups
+            .iter()
+            .all(|g| paths.iter().any(|p| g.ends_with(p.trim_start_matches('/'))))
     }
 
     /// CPU used in the groups so far (µs), where a cgroup meters it.

@@ -568,21 +568,16 @@ async fn redeploy_under_continuous_traffic_fails_no_request() {
     let mut old = "v1".to_owned();
     for v in 2..=3 {
         let id = format!("v{v}");
-        let sup = rig.sup.clone();
-        let route2 = route.clone();
-        let id2 = id.clone();
-        rig.sup
-            .redeploy(
-                Some(&old),
-                spec(&id, bundle.code.clone(), &v.to_string()),
-                move |addr| async move {
-                    let inflight = sup.inflight(&id2).ok_or("gone")?;
-                    *route2.lock().unwrap() = (addr, inflight);
-                    Ok(())
-                },
-            )
+        // The control service's switch: start the new version, point the route at it, then
+        // drain and stop the old one.
+        let started = rig
+            .sup
+            .start(spec(&id, bundle.code.clone(), &v.to_string()))
             .await
             .unwrap();
+        let inflight = rig.sup.inflight(&id).unwrap();
+        *route.lock().unwrap() = (started.addr, inflight);
+        rig.sup.stop(&old, true).await.unwrap();
         assert_eq!(rig.sup.status(&old).unwrap().phase, Phase::Stopped);
         old = id;
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -2,6 +2,9 @@
 //!
 //! Blocks, receipts and transactions are rendered through tempo-alloy's own RPC types, so
 //! alloy's `TempoNetwork` provider (and viem) parse them exactly as they would Tempo's.
+//!
+//! (Over 600 lines on purpose: the JSON-RPC method table and the rendering of blocks,
+//! receipts and logs read best next to each other; it is a test tool.)
 
 use alloy::consensus::EthereumReceipt;
 use alloy::consensus::ReceiptWithBloom;

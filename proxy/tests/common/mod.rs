@@ -5,16 +5,19 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use tollgate_proxy::{Proxy, ProxyOptions, RedisConfig, StaticRoute, Stop, StopHandle};
+use tollgate_app::node::{GateSpec, PreparedNode, ProxyNode};
+use tollgate_proxy::{ProxyOptions, RedisConfig, StaticRoute, Stop};
 use tollgate_testkit::free_addr;
 
+/// A proxy node as the application builds it (`tollgate_app::node`), on a runtime of its own.
 pub struct Node {
     pub addr: SocketAddr,
     /// The node's balance cache, when metering is on.
     pub cache: Option<std::sync::Arc<tollgate_balance_cache::BalanceCache>>,
     pub admin: SocketAddr,
-    stop: StopHandle,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    node: Option<ProxyNode>,
+    rt: Option<tokio::runtime::Runtime>,
+    stopping: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub fn options(redis_url: Option<&str>, routes: &[(&str, SocketAddr)]) -> ProxyOptions {
@@ -45,12 +48,35 @@ pub fn options(redis_url: Option<&str>, routes: &[(&str, SocketAddr)]) -> ProxyO
 }
 
 impl Node {
-    pub fn start(mut opts: ProxyOptions) -> Node {
+    /// A node without metering.
+    pub fn start(opts: ProxyOptions) -> Node {
+        Node::start_with(opts, None, |_| Ok(None))
+    }
+
+    /// A node whose money gate runs a metering node of its own.
+    pub fn start_metered(opts: ProxyOptions, gate: GateSpec) -> Node {
+        Node::start_with(opts, Some(gate), |_| Ok(None))
+    }
+
+    /// The general case: `hooks` made from the metering node's cache (a runtime charged there).
+    pub fn start_with(
+        mut opts: ProxyOptions,
+        gate: Option<GateSpec>,
+        hooks: impl Fn(
+            &std::sync::Arc<tollgate_balance_cache::BalanceCache>,
+        )
+            -> anyhow::Result<Option<std::sync::Arc<dyn tollgate_proxy::RequestHooks>>>,
+    ) -> Node {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         // A port that was free a moment ago can be taken meanwhile (outgoing connections get
         // ephemeral ports from the same range): pick new ones and try again.
         let mut tries = 0;
-        let proxy = loop {
-            match Proxy::prepare(opts.clone()) {
+        let prepared = loop {
+            match PreparedNode::prepare_with(opts.clone(), gate.clone(), rt.handle(), &hooks) {
                 Ok(p) => break p,
                 Err(e) if tries < 5 && format!("{e:#}").contains("in use") => {
                     tries += 1;
@@ -62,9 +88,8 @@ impl Node {
         };
         let addr = opts.proxy.listen;
         let admin = opts.admin.listen;
-        let stop = proxy.stop_handle();
-        let cache = proxy.balance_cache();
-        let thread = std::thread::spawn(move || proxy.run());
+        let cache = prepared.cache().cloned();
+        let node = prepared.start(rt.handle()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
             assert!(Instant::now() < deadline, "proxy did not start listening");
@@ -74,8 +99,9 @@ impl Node {
             addr,
             cache,
             admin,
-            stop,
-            thread: Some(thread),
+            node: Some(node),
+            rt: Some(rt),
+            stopping: None,
         }
     }
 
@@ -92,17 +118,28 @@ impl Node {
         b.build().unwrap()
     }
 
-    pub fn stop_handle(&self) -> StopHandle {
-        self.stop.clone()
+    /// Starts stopping in the application's order (intake, drain, final settle, flush) and
+    /// returns at once; [`Node::stop`] waits for it.
+    pub fn begin_stop(&mut self, how: Stop) {
+        if let (Some(node), Some(rt)) = (self.node.take(), self.rt.as_ref()) {
+            self.stopping = Some(rt.spawn(node.shutdown(how)));
+        }
     }
 
-    /// Stops and waits; returns how long the stop took.
+    /// Stops (or finishes a stop begun earlier) and waits; returns how long it took.
     pub fn stop(mut self, how: Stop) -> Duration {
         let t = Instant::now();
-        self.stop.stop(how);
-        if let Some(th) = self.thread.take() {
-            th.join().unwrap().unwrap();
-        }
+        self.begin_stop(how);
+        let (stopping, rt) = (self.stopping.take(), self.rt.take());
+        // On a thread of its own: the caller may be on another runtime's worker.
+        std::thread::spawn(move || {
+            if let (Some(h), Some(rt)) = (stopping, rt) {
+                let _ = rt.block_on(h);
+                rt.shutdown_timeout(Duration::from_secs(1));
+            }
+        })
+        .join()
+        .unwrap();
         t.elapsed()
     }
 
@@ -126,10 +163,32 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(th) = self.thread.take() {
-            self.stop.stop(Stop::Fast);
-            let _ = th.join();
+        if let Some(node) = self.node.take() {
+            node.abort();
         }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A money gate over `store` (a metering node with `agent`'s settings; requests wait up to 2 s
+/// for a node's first lease).
+pub fn gate(
+    store: std::sync::Arc<dyn tollgate_metering::Store>,
+    agent: tollgate_balance_cache::AgentConfig,
+    top_up: &str,
+) -> GateSpec {
+    GateSpec {
+        metering: tollgate_app::metering::MeteringSpec {
+            store: tollgate_app::metering::StoreSource::Ready(store),
+            prices: tollgate_metering::Prices::default(),
+            agent,
+        },
+        lease_wait: Duration::from_secs(2),
+        top_up: top_up.to_owned(),
+        hooks: None,
+        desk: None,
     }
 }
 

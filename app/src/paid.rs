@@ -1,5 +1,6 @@
-//! Wiring of MPP payments into the control service: the payments service from the config, the
-//! MCP identity and payment gate over it, and the HTTP top-up endpoint.
+//! MPP payments wired in: the payments service from the settings (its secrets loaded, its
+//! stores opened), the MCP identity and payment gate over it, the proxy's payment desk for a
+//! suspended service's 402, and the stores operator commands read.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,11 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use tollgate_mcp::{Balance, Caller, Identify, Refusal, ToolFailure};
 use tollgate_metering::Store;
+use tollgate_metering::units::format_base_usd;
 use tollgate_payments::config::Secret;
-use tollgate_payments::units::{format_usd, parse_usd};
 use tollgate_payments::{Payments, Rejection};
 
-use crate::config::Config;
+use crate::settings::Settings;
 
 /// Where the payments service keeps its state.
 pub enum PaymentStores {
@@ -25,11 +26,12 @@ pub enum PaymentStores {
 /// Builds the payments service. `dev` creates a secret and a payee key in the data dir when
 /// none is given (test money only: `dev` runs against the local test chain).
 pub async fn payments(
-    cfg: &Config,
+    settings: &Settings,
     money: Arc<dyn Store>,
     stores: PaymentStores,
     dev: bool,
 ) -> anyhow::Result<Arc<Payments>> {
+    let cfg = &settings.config;
     let p = &cfg.payments;
     let secret = load_secret(
         "TOLLGATE_PAYMENTS_SECRET",
@@ -58,12 +60,9 @@ pub async fn payments(
         .currency
         .parse()
         .map_err(|_| anyhow::anyhow!("payments.currency '{}' is not an address", p.currency))?;
-    pc.suggested_deposit = parse_usd(&p.suggested_deposit_usd, 9_000)
-        .map_err(|e| anyhow::anyhow!("payments.suggested_deposit_usd: {e}"))?;
-    pc.min_voucher_delta = parse_usd(&p.min_voucher_delta_usd, 9_000)
-        .map_err(|e| anyhow::anyhow!("payments.min_voucher_delta_usd: {e}"))?;
-    pc.settle_min = parse_usd(&p.settle_min_usd, 9_000)
-        .map_err(|e| anyhow::anyhow!("payments.settle_min_usd: {e}"))?;
+    pc.suggested_deposit = settings.payments.suggested_deposit;
+    pc.min_voucher_delta = settings.payments.min_voucher_delta;
+    pc.settle_min = settings.payments.settle_min;
     pc.max_top_up_usd = p.max_top_up_usd;
     pc.settle_interval = Duration::from_secs(p.settle_interval_seconds);
     pc.close_watch_interval = Duration::from_secs(p.close_watch_seconds);
@@ -295,11 +294,11 @@ impl Identify for PaidIdentity {
         let cfg = self.0.config();
         let words = format!(
             "Payment required: ${} for {what}, in pathUSD on Tempo (chain {}) through an MPP payment-channel session (method tempo, intent session, payee {:#x}). An MPP client such as mppx opens a channel (suggested deposit ${}) or reuses yours, signs a voucher for +${}, and repeats this call with the credential in _meta[\"org.paymentauth/credential\"]. The money becomes your tollgate balance.",
-            format_usd(amount),
+            format_base_usd(amount),
             cfg.chain_id,
             self.0.payee(),
-            format_usd(cfg.suggested_deposit.max(amount)),
-            format_usd(amount),
+            format_base_usd(cfg.suggested_deposit.max(amount)),
+            format_base_usd(amount),
         );
         let challenge = self.0.session_challenge(amount, Some(what));
         let cred = match tollgate_payments::mcp::credential(meta) {

@@ -1,6 +1,9 @@
-//! The tools.
+//! The tools: each with a description agents read, an input and an output schema, and
+//! `structuredContent`. Types are in `types`, what tools cost in `money`.
 
-use std::collections::BTreeMap;
+mod money;
+mod types;
+
 use std::sync::Arc;
 
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -12,11 +15,16 @@ use rmcp::model::{
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler, tool, tool_handler, tool_router};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-use tollgate_control::{Control, ControlError, DeployRequest, ProjectView};
+use serde::Serialize;
+use tollgate_control::{Control, ControlError, DeployRequest};
+use tollgate_metering::units::format_usd6;
+
+pub use types::*;
 
 use crate::{Caller, Identify, Refusal};
+
+/// The largest payment one call takes (a single money-core operation holds about $9,007).
+const MAX_PAYMENT_USD: u64 = 9_000;
 
 /// `_meta` key of a failed tool's `{code, message, hint}` (also in the text content).
 pub const ERROR_META: &str = "dev.tollgate/error";
@@ -29,265 +37,6 @@ pub struct TollgateMcp {
     pricing: Option<crate::DeployPricing>,
 }
 
-// ---- inputs ----
-
-/// (No `Debug`: it carries secrets.)
-#[derive(Deserialize, JsonSchema)]
-pub struct DeployArgs {
-    /// The whole source: path → file text, e.g. {"src/index.ts": "import { Hono } from 'hono' …"}.
-    /// For a new project, or to replace all files of `project_id`.
-    pub files: Option<BTreeMap<String, String>>,
-    /// Edits to the live source of `project_id`: path → new text, or null to delete the file.
-    pub changes: Option<BTreeMap<String, Option<String>>>,
-    /// The project to update (from an earlier deploy). Omit to create a new project.
-    pub project_id: Option<String>,
-    /// For a new project: the name its URL is made from (e.g. "todo-api").
-    pub project_name: Option<String>,
-    /// Env vars for the service, readable in code as `env.NAME`.
-    pub env: Option<BTreeMap<String, String>>,
-    /// Secrets, readable as `env.NAME`, never shown back.
-    pub secrets: Option<BTreeMap<String, String>>,
-    /// Extra credit (dollars) this deploy buys for the service's requests and CPU, paid with
-    /// the deploy. "0" deploys on existing balance alone. Default: the server's (usually "1").
-    pub prepay_usd: Option<String>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct ProjectRef {
-    /// A project id (p_…) from deploy_project or list_projects.
-    pub project_id: String,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct RollbackArgs {
-    pub project_id: String,
-    /// The deployment (d_…) whose code to run again; default: the previous live one.
-    pub deployment_id: Option<String>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct LogsArgs {
-    pub project_id: String,
-    /// Only entries with `seq` ≥ this (use `next_since` from the previous call).
-    pub since: Option<u64>,
-    /// At most this many entries (1–1000, default 100).
-    pub limit: Option<u32>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct FileArgs {
-    pub project_id: String,
-    /// A path as deployed, e.g. "src/index.ts".
-    pub path: String,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct NoArgs {}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct TopUpArgs {
-    /// Dollars to add to your balance, e.g. "5" or "2.50" (at most 6 decimals).
-    pub amount_usd: String,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct BalanceOut {
-    /// Your account: the payer's address as a did:pkh.
-    pub account: String,
-    /// What your services can still spend, in dollars.
-    pub available_usd: String,
-    /// Held by the proxies for requests in flight; returns to available when unused.
-    pub reserved_usd: String,
-    /// Everything you ever paid in.
-    pub credited_usd: String,
-    /// Everything spent (deploys, requests, CPU).
-    pub spent_usd: String,
-    /// active (services answer) or suspended (services answer 402 until you top up).
-    pub status: String,
-    /// What each of your projects cost over the last 24 hours (requests) and its live version's
-    /// CPU so far.
-    pub projects: Vec<ProjectCostOut>,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct ProjectCostOut {
-    pub project_id: String,
-    pub slug: String,
-    pub day_request_cost_usd: String,
-    pub cpu_cost_live_usd: String,
-}
-
-// ---- outputs ----
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct DeployOut {
-    pub project_id: String,
-    pub deployment_id: String,
-    /// Where the service answers.
-    pub url: String,
-    /// `live`: the new version serves; requests are paid from the owner's balance.
-    pub status: String,
-    pub version: u32,
-    /// What this deploy cost (dollars); 0 when deploys are free here.
-    pub charged_usd: String,
-    /// Your balance after it (dollars), when this server keeps balances.
-    pub balance_usd: Option<String>,
-    /// Unix ms after which the project expires (and is collected) if it gets no request and no
-    /// deploy until then; every request or deploy moves it.
-    pub expires_at_ms: u64,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct DeploymentOut {
-    pub deployment_id: String,
-    pub version: u32,
-    /// building | live | failed | superseded
-    pub status: String,
-    /// Why it failed.
-    pub reason: Option<String>,
-    pub created_ms: u64,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct TrafficOut {
-    pub requests: u64,
-    pub bytes_out: u64,
-    /// What these requests cost (dollars); "0.000000" where this server does not charge.
-    pub request_cost_usd: String,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct UsageOut {
-    /// The current UTC hour so far.
-    pub hour: TrafficOut,
-    /// The last 24 UTC hours.
-    pub day: TrafficOut,
-    pub last_request_ms: Option<u64>,
-    pub cpu_ms_live: u64,
-    /// What the live version's CPU has cost so far (dollars).
-    pub cpu_cost_live_usd: String,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct ProjectOut {
-    pub project_id: String,
-    pub slug: String,
-    pub url: String,
-    /// active | suspended | expired
-    pub status: String,
-    /// Why it is suspended: `no_credit` (your balance is used up: its URL answers 402 until you
-    /// top up, then it resumes by itself) or `operator`.
-    pub suspended_for: Option<String>,
-    pub live: Option<DeploymentOut>,
-    /// Newest first.
-    pub recent: Vec<DeploymentOut>,
-    /// Env var names with values; secrets show as null.
-    pub env: BTreeMap<String, Option<String>>,
-    pub usage: UsageOut,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct ProjectList {
-    pub projects: Vec<ProjectOut>,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct DeleteOut {
-    pub project_id: String,
-    pub deleted: bool,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct LogLine {
-    pub seq: u64,
-    pub ts_ms: u64,
-    /// log | info | warn | error | debug | system
-    pub level: String,
-    pub message: String,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct LogsOut {
-    pub entries: Vec<LogLine>,
-    /// Pass as `since` to get only newer entries.
-    pub next_since: u64,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct FileOut {
-    pub path: String,
-    pub content: String,
-}
-
-fn status_str<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-fn deploy_out(out: tollgate_control::DeployOutcome) -> DeployOut {
-    DeployOut {
-        project_id: out.project_id,
-        deployment_id: out.deployment_id,
-        url: out.url,
-        status: status_str(&out.status),
-        version: out.version,
-        charged_usd: usd(0),
-        balance_usd: None,
-        expires_at_ms: 0,
-    }
-}
-
-fn deployment_out(d: &tollgate_control::Deployment) -> DeploymentOut {
-    DeploymentOut {
-        deployment_id: d.id.clone(),
-        version: d.version,
-        status: status_str(&d.status),
-        reason: d.reason.clone(),
-        created_ms: d.created_ms,
-    }
-}
-
-/// p$ per request and per CPU-µs, (0, 0) where nothing is charged.
-type UsagePrices = (i64, i64);
-
-fn project_out(v: ProjectView, prices: UsagePrices) -> ProjectOut {
-    let req_cost = |n: u64| {
-        usd(i64::try_from(n)
-            .unwrap_or(i64::MAX)
-            .saturating_mul(prices.0))
-    };
-    ProjectOut {
-        project_id: v.project.id.clone(),
-        slug: v.project.slug.clone(),
-        url: v.url,
-        suspended_for: (status_str(&v.project.status) == "suspended").then(|| "operator".into()),
-        status: status_str(&v.project.status),
-        live: v.live.as_ref().map(deployment_out),
-        recent: v.recent.iter().map(deployment_out).collect(),
-        env: v.env,
-        usage: UsageOut {
-            hour: TrafficOut {
-                requests: v.usage.hour.requests,
-                bytes_out: v.usage.hour.bytes_out,
-                request_cost_usd: req_cost(v.usage.hour.requests),
-            },
-            day: TrafficOut {
-                requests: v.usage.day.requests,
-                bytes_out: v.usage.day.bytes_out,
-                request_cost_usd: req_cost(v.usage.day.requests),
-            },
-            last_request_ms: v.usage.last_request_ms,
-            cpu_ms_live: v.usage.cpu_ms_live,
-            cpu_cost_live_usd: usd(i64::try_from(v.usage.cpu_ms_live)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(1000)
-                .saturating_mul(prices.1)),
-        },
-    }
-}
-
 /// A failed tool: `isError: true`, `{code, message, hint}` as text and in `_meta` (not as
 /// `structuredContent`: clients validate that against the output schema even on errors).
 pub fn tool_error(code: &str, message: &str, hint: &str) -> CallToolResult {
@@ -298,7 +47,7 @@ pub fn tool_error(code: &str, message: &str, hint: &str) -> CallToolResult {
 }
 
 /// A refusal as the tool call's answer: a tool error result, or a JSON-RPC error (payment).
-fn refused(r: Refusal) -> Result<CallToolResult, ErrorData> {
+pub(crate) fn refused(r: Refusal) -> Result<CallToolResult, ErrorData> {
     match r {
         Refusal::Tool(f) => Ok(tool_error(f.code, &f.message, &f.hint)),
         Refusal::Rpc {
@@ -314,7 +63,7 @@ fn refused(r: Refusal) -> Result<CallToolResult, ErrorData> {
 }
 
 /// Puts the payment receipt, if the call paid, into `result._meta`.
-fn with_receipt(mut r: CallToolResult, caller: &Caller) -> CallToolResult {
+pub(crate) fn with_receipt(mut r: CallToolResult, caller: &Caller) -> CallToolResult {
     if let Some((key, receipt)) = &caller.receipt {
         let mut meta = r.meta.take().unwrap_or_default();
         meta.insert(key.clone(), receipt.clone());
@@ -323,58 +72,11 @@ fn with_receipt(mut r: CallToolResult, caller: &Caller) -> CallToolResult {
     r
 }
 
-/// p$ as a dollar string with 6 decimals (rounded toward zero), e.g. "4.950000".
-pub fn usd(picos: i64) -> String {
-    let micros = picos / 1_000_000;
-    let sign = if micros < 0 { "-" } else { "" };
-    let m = micros.unsigned_abs();
-    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
-}
-
-/// A key unique to one charge (one tool call).
-fn unique_ref() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    use std::hash::{BuildHasher, Hasher};
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    // A random part too: several control nodes charge into one money store.
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    format!(
-        "{nanos}-{random:016x}-{}",
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Dollars (up to 6 decimals) → base units ($0.000001).
-fn parse_usd(text: &str) -> Option<u128> {
-    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
-    if whole.is_empty()
-        || !whole.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
-        || frac.len() > 6
-        || (text.contains('.') && frac.is_empty())
-        || whole.len() > 9
-    {
-        return None;
-    }
-    let f: u128 = if frac.is_empty() {
-        0
-    } else {
-        format!("{frac:0<6}").parse().ok()?
-    };
-    Some(whole.parse::<u128>().ok()? * 1_000_000 + f)
-}
-
-fn from_control(e: ControlError) -> CallToolResult {
+pub(crate) fn from_control(e: ControlError) -> CallToolResult {
     tool_error(e.code, &e.message, &e.hint)
 }
 
-fn ok<T: Serialize>(v: &T) -> Result<CallToolResult, ErrorData> {
+pub(crate) fn ok<T: Serialize>(v: &T) -> Result<CallToolResult, ErrorData> {
     serde_json::to_value(v)
         .map(CallToolResult::structured)
         .map_err(|e| ErrorData::internal_error(e.to_string(), None))
@@ -391,23 +93,6 @@ impl TollgateMcp {
             identify,
             tool_router,
             pricing: None,
-        }
-    }
-
-    /// Where balances are kept and the owner's is used up, its active projects are suspended
-    /// in fact (the proxy answers 402): say so.
-    async fn mark_unpaid(&self, owner: &str, projects: &mut [ProjectOut]) {
-        if self.pricing.is_none() {
-            return;
-        }
-        if let Ok(b) = self.identify.balance(owner).await
-            && b.available_picos <= 0
-            && b.reserved_picos <= 0
-        {
-            for p in projects.iter_mut().filter(|p| p.status == "active") {
-                p.status = "suspended".into();
-                p.suspended_for = Some("no_credit".into());
-            }
         }
     }
 
@@ -432,72 +117,6 @@ impl TollgateMcp {
     /// Built once and shared: the server is constructed per request (stateless transport).
     pub fn tool_router_shared() -> ToolRouter<TollgateMcp> {
         Self::tool_router() + Self::pay_router()
-    }
-
-    /// Charges the deploy price for a process start the owner asks for (a deploy or a
-    /// rollback), once per call. `Ok(None)` where nothing is charged. When the balance is
-    /// short, the answer is a payment challenge for the price.
-    async fn charge_start(
-        &self,
-        ctx: &RequestContext<RoleServer>,
-        caller: &Caller,
-        what: &str,
-    ) -> Result<Option<(String, i64)>, Result<CallToolResult, ErrorData>> {
-        let price = self.pricing.map_or(0, |p| p.deploy_picos.max(0));
-        if price == 0 {
-            return Ok(None);
-        }
-        // Unique per call: one payment reference could otherwise be presented again (or by
-        // two calls at once) to start on one charge.
-        let key = format!("deploy:{}", unique_ref());
-        match self.identify.charge(&caller.account, &key, price).await {
-            Ok(true) => Ok(Some((key, price))),
-            Ok(false) => {
-                // Short of the price: ask for it (the answer is a payment challenge).
-                let parts = ctx.extensions.get::<http::request::Parts>();
-                let words = format!("{what} (${}); your balance is short", usd(price));
-                let price_base = u128::try_from(price).unwrap_or(0).div_ceil(1_000_000);
-                Err(
-                    match self
-                        .identify
-                        .pay(parts, &serde_json::Map::new(), price_base, &words)
-                        .await
-                    {
-                        Err(r) => refused(r),
-                        Ok(_) => Ok(tool_error(
-                            "INSUFFICIENT_BALANCE",
-                            &format!("your balance does not cover the price of {what}"),
-                            "call top_up, or deploy with prepay_usd above 0",
-                        )),
-                    },
-                )
-            }
-            Err(f) => Err(Ok(tool_error(f.code, &f.message, &f.hint))),
-        }
-    }
-
-    /// A start that did not go live is not charged: its price goes back (once per key), and
-    /// `message` says so.
-    async fn refund_start(
-        &self,
-        owner: &str,
-        charge: &Option<(String, i64)>,
-        message: &mut String,
-    ) {
-        let Some((key, picos)) = charge else {
-            return;
-        };
-        match self
-            .identify
-            .refund(owner, &format!("refund:{key}"), *picos)
-            .await
-        {
-            Ok(()) => message.push_str(" (the price was refunded)"),
-            Err(f) => {
-                // Recorded durably by the payments layer: the drain applies it.
-                tracing::error!(key, error = %f.message, "refund not applied yet")
-            }
-        }
     }
 
     /// Resolves the caller, runs `f` for them, and turns the outcome into a tool result:
@@ -554,16 +173,16 @@ impl TollgateMcp {
         Parameters(a): Parameters<DeployArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let prepay = match (&self.pricing, a.prepay_usd.as_deref()) {
+        let prepay = match (&self.pricing, &a.prepay_usd) {
             (None, _) => 0,
             (Some(p), None) => p.default_prepay,
-            (Some(_), Some(s)) => match parse_usd(s.trim()) {
-                Some(v) => v,
-                None => {
+            (Some(_), Some(s)) => match s.base_units(MAX_PAYMENT_USD) {
+                Ok(v) => v,
+                Err(e) => {
                     return Ok(tool_error(
                         "VALIDATION_ERROR",
-                        &format!("prepay_usd '{s}' is not a dollar amount"),
-                        "write it like \"1\" or \"0.50\", or \"0\" to deploy on your balance alone",
+                        &format!("prepay_usd: {e}"),
+                        "write it like \"1\", \"0.50\" or 0.5, or \"0\" to deploy on your balance alone",
                     ));
                 }
             },
@@ -585,8 +204,8 @@ impl TollgateMcp {
         } else {
             let what = format!(
                 "a deploy (${} ) plus ${} of prepaid credit for the service",
-                usd(price),
-                usd(i64::try_from(prepay).unwrap_or(0).saturating_mul(1_000_000))
+                format_usd6(price),
+                format_usd6(i64::try_from(prepay).unwrap_or(0).saturating_mul(1_000_000))
             )
             .replace(" )", ")");
             self.pay(&ctx, price_base + prepay, &what).await
@@ -630,14 +249,14 @@ impl TollgateMcp {
             Ok(out) => {
                 let mut o = deploy_out(out);
                 o.expires_at_ms = self.expires_ms();
-                o.charged_usd = usd(charge.as_ref().map_or(0, |c| c.1));
+                o.charged_usd = format_usd6(charge.as_ref().map_or(0, |c| c.1));
                 if self.pricing.is_some() {
                     o.balance_usd = self
                         .identify
                         .balance(&owner)
                         .await
                         .ok()
-                        .map(|b| usd(b.available_picos));
+                        .map(|b| format_usd6(b.available_picos));
                 }
                 ok(&o).map(|r| with_receipt(r, &caller))
             }
@@ -740,7 +359,7 @@ impl TollgateMcp {
             Ok(o) => {
                 let mut d = deploy_out(o);
                 d.expires_at_ms = self.expires_ms();
-                d.charged_usd = usd(charge.as_ref().map_or(0, |c| c.1));
+                d.charged_usd = format_usd6(charge.as_ref().map_or(0, |c| c.1));
                 ok(&d).map(|r| with_receipt(r, &caller))
             }
             Err(e) => {
@@ -821,17 +440,24 @@ impl TollgateMcp {
         Parameters(a): Parameters<TopUpArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let Some(amount) = parse_usd(a.amount_usd.trim()).filter(|a| *a > 0) else {
-            return Ok(tool_error(
-                "VALIDATION_ERROR",
-                &format!(
-                    "amount_usd '{}' is not a dollar amount above 0",
-                    a.amount_usd
-                ),
-                "write it like \"5\" or \"2.50\" (at most 6 decimals)",
-            ));
+        let amount = match a.amount_usd.base_units(MAX_PAYMENT_USD) {
+            Ok(v) if v > 0 => v,
+            Ok(_) => {
+                return Ok(tool_error(
+                    "VALIDATION_ERROR",
+                    "amount_usd is 0: a top-up adds more than nothing",
+                    "write it like \"5\", \"2.50\" or 2.5 (at most 6 decimals)",
+                ));
+            }
+            Err(e) => {
+                return Ok(tool_error(
+                    "VALIDATION_ERROR",
+                    &format!("amount_usd: {e}"),
+                    "write it like \"5\", \"2.50\" or 2.5 (at most 6 decimals)",
+                ));
+            }
         };
-        let what = format!("a top-up of ${} credit", a.amount_usd.trim());
+        let what = format!("a top-up of ${} credit", a.amount_usd.text());
         let caller = match self.pay(&ctx, amount, &what).await {
             Ok(c) => c,
             Err(r) => return r,
@@ -860,44 +486,6 @@ impl TollgateMcp {
             Ok(b) => ok(&b).map(|r| with_receipt(r, &caller)),
             Err(r) => Ok(r),
         }
-    }
-}
-
-impl TollgateMcp {
-    async fn balance_of(&self, account: &str) -> Result<BalanceOut, CallToolResult> {
-        let b = self
-            .identify
-            .balance(account)
-            .await
-            .map_err(|f| tool_error(f.code, &f.message, &f.hint))?;
-        let projects = match self.control.list_projects(account).await {
-            Ok(list) => list
-                .into_iter()
-                .map(|v| {
-                    let o = project_out(v, self.prices());
-                    ProjectCostOut {
-                        project_id: o.project_id,
-                        slug: o.slug,
-                        day_request_cost_usd: o.usage.day.request_cost_usd,
-                        cpu_cost_live_usd: o.usage.cpu_cost_live_usd,
-                    }
-                })
-                .collect(),
-            Err(e) => return Err(from_control(e)),
-        };
-        Ok(BalanceOut {
-            projects,
-            account: account.to_owned(),
-            available_usd: usd(b.available_picos),
-            reserved_usd: usd(b.reserved_picos),
-            credited_usd: usd(b.credited_picos),
-            spent_usd: usd(b.spent_picos),
-            status: if b.available_picos > 0 {
-                "active".into()
-            } else {
-                "suspended".into()
-            },
-        })
     }
 }
 

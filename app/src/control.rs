@@ -1,0 +1,240 @@
+//! The control service's half of a process: the runtime (workerd), the control service over
+//! its stores, and what its listener offers (operator API, MCP, top-up, health, metrics).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tollgate_control::{
+    Control, ControlConfig, ControlStore, EmbeddedControlStore, LocalRoutes, RedisControlStore,
+    RoutePublisher,
+};
+use tollgate_routes::RouteStore;
+use tollgate_runtime::{CpuSink, RuntimeConfig, RuntimeEvent, Supervisor, Toolchain};
+
+use crate::settings::Settings;
+
+/// The runtime half: toolchain checked (installed when missing), supervisor started; CPU
+/// charged through `cpu`.
+pub fn runtime(
+    settings: &Settings,
+    cpu: Arc<dyn CpuSink>,
+) -> anyhow::Result<(
+    Supervisor,
+    tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    Toolchain,
+)> {
+    let cfg = &settings.config;
+    let toolchain = Toolchain::ensure(&cfg.control.toolchain_dir)
+        .with_context(|| "the JS toolchain (control.toolchain_dir)".to_string())?;
+    tracing::info!(workerd = %toolchain.workerd_version, esbuild = %toolchain.esbuild_version, "JS toolchain ready");
+    let rt = RuntimeConfig {
+        data_dir: cfg.control.data_dir.join("runtime"),
+        ..RuntimeConfig::default()
+    };
+    let (sup, events) = Supervisor::new(rt, toolchain.clone(), cpu)?;
+    Ok((sup, events, toolchain))
+}
+
+/// What the control listener offers agents: MCP with a dev identity (no payment; `dev
+/// --dev-account` only) or with MPP payments, the top-up endpoint, and `/metrics` when the
+/// process has no proxy admin listener to carry them.
+pub struct Agents {
+    pub dev_identity: Option<Arc<dyn tollgate_mcp::Identify>>,
+    pub payments: Option<Arc<tollgate_payments::Payments>>,
+    pub registry: Option<prometheus::Registry>,
+}
+
+/// A control service ready to serve: its HTTP app, and its background tasks (runtime events,
+/// the cleanup sweep), which stop with `stop`.
+pub struct ControlService {
+    pub router: axum::Router,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds the control service: its stores (Redis when configured, shared by every node;
+/// otherwise the embedded store in the data dir and routes straight into `local_table`, this
+/// process's proxy), recovery of live deployments, the sweep, and the listener's routes.
+pub async fn control_service(
+    settings: &Settings,
+    sup: Supervisor,
+    events: tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    toolchain: Toolchain,
+    agents: Agents,
+    local_table: Option<Arc<tollgate_routes::RouteTable>>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<ControlService> {
+    let cfg = &settings.config;
+    let (store, routes): (Arc<dyn ControlStore>, Arc<dyn RoutePublisher>) = match (
+        &cfg.redis,
+        local_table,
+    ) {
+        (Some(redis), _) => (
+            Arc::new(
+                RedisControlStore::connect(&redis.url, &redis.key_prefix)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("control store (redis.url {}): {e}", redis.url))?,
+            ),
+            Arc::new(RouteStore::connect(&redis.url, &redis.key_prefix).await?),
+        ),
+        (None, Some(table)) => (
+            Arc::new(
+                EmbeddedControlStore::open(&cfg.control.data_dir.join("control.redb"))
+                    .map_err(|e| anyhow::anyhow!("control store: {e}"))?,
+            ),
+            Arc::new(LocalRoutes::new(table)),
+        ),
+        (None, None) => anyhow::bail!(
+            "the control service keeps projects and routes in Redis: configure [redis] (only `tollgate dev` can run it without, beside its own proxy)"
+        ),
+    };
+    let bundler = tollgate_control::bundler_for(&toolchain, cfg.control.data_dir.join("builds"))
+        .map_err(|e| anyhow::anyhow!("bundler: {e}"))?;
+    let public_url = cfg.control.public_url.clone().unwrap_or_else(|| {
+        format!(
+            "http://{{slug}}.{}:{}",
+            cfg.proxy.base_domain,
+            cfg.proxy.listen.port()
+        )
+    });
+    let control = Control::new(
+        store,
+        bundler,
+        sup,
+        routes,
+        ControlConfig {
+            url_template: public_url,
+            inactivity_ttl: std::time::Duration::from_secs(cfg.control.inactivity_ttl_seconds),
+            ..ControlConfig::default()
+        },
+    );
+    let mut tasks = Vec::new();
+    {
+        let (control, mut stop) = (control.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = control.follow_runtime(events) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        }));
+    }
+    let n = control
+        .recover()
+        .await
+        .map_err(|e| anyhow::anyhow!("recovery: {e}"))?;
+    tracing::info!(deployments = n, "live deployments restarted");
+    // The cleanup job (after recovery, so it never sees a project mid-restart): expire and
+    // collect unused projects (idempotent, so a missed or repeated run is harmless).
+    let sweeper = control.clone();
+    let every =
+        std::time::Duration::from_secs((cfg.control.inactivity_ttl_seconds / 10).clamp(1, 60));
+    let mut sweep_stop = stop;
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = sweep_stop.wait_for(|s| *s) => return,
+            }
+            match sweeper.sweep().await {
+                Ok(expired) if !expired.is_empty() => {
+                    tracing::info!(n = expired.len(), "expired unused projects")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cleanup sweep failed"),
+            }
+        }
+    }));
+    let mut app =
+        tollgate_control::http::admin_router(control.clone(), cfg.control.admin_token.clone())
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
+    // Deploys cost money where payments run (and never with a dev identity).
+    let pricing = match (&agents.payments, &agents.dev_identity) {
+        (Some(_), None) => Some(tollgate_mcp::DeployPricing {
+            deploy_picos: settings.prices.per_deploy,
+            per_request_picos: settings.prices.per_request,
+            per_cpu_us_picos: settings.prices.per_cpu_us,
+            default_prepay: settings.payments.default_prepay,
+        }),
+        _ => None,
+    };
+    let mut allowed_hosts = vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+        cfg.control.listen.ip().to_string(),
+    ];
+    if let Ok(public) = cfg.public_mcp_host() {
+        // `Host` is compared without its port.
+        let name = public
+            .rsplit_once(':')
+            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            .map_or(public.as_str(), |(h, _)| h);
+        allowed_hosts.push(name.trim_matches(['[', ']']).to_owned());
+    }
+    let mcp_cfg = tollgate_mcp::McpConfig {
+        allowed_hosts,
+        pricing,
+        ..tollgate_mcp::McpConfig::default()
+    };
+    let identity: Option<Arc<dyn tollgate_mcp::Identify>> = match agents.dev_identity {
+        Some(identity) => {
+            anyhow::ensure!(
+                cfg.control.listen.ip().is_loopback(),
+                "--dev-account serves MCP without payment or proof: control.listen must be a loopback address, not {}",
+                cfg.control.listen
+            );
+            Some(identity)
+        }
+        None => agents
+            .payments
+            .clone()
+            .map(|p| Arc::new(crate::paid::PaidIdentity(p)) as Arc<dyn tollgate_mcp::Identify>),
+    };
+    if let Some(identity) = identity {
+        app = app.merge(tollgate_mcp::router(control, identity, &mcp_cfg));
+        tracing::info!(addr = %cfg.control.listen, "MCP at /mcp");
+    }
+    if let Some(p) = agents.payments {
+        app = app.merge(tollgate_payments::http::router(p));
+    }
+    if let Some(registry) = agents.registry {
+        app = app.route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut out = String::new();
+                    let _ =
+                        prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out);
+                    out
+                }
+            }),
+        );
+    }
+    Ok(ControlService { router: app, tasks })
+}
+
+/// Serves `app` on the control listener until `stop` (then it finishes the requests it has).
+pub async fn serve(
+    settings: &Settings,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let listen = settings.config.control.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (control.listen)"))?;
+    tracing::info!(addr = %listen, "control listening (/v1/admin, /healthz)");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "control listener failed");
+        }
+    }))
+}

@@ -1,0 +1,443 @@
+//! The run modes: `tollgate proxy`, `tollgate control`, `tollgate dev`. Each builds its parts
+//! once, in dependency order, on one runtime, and stops them in one order
+//! (docs/architecture.md, "Shutdown"):
+//!
+//! 1. stop intake (the proxy's `/readyz` fails and its listeners close; the control listener
+//!    stops accepting);
+//! 2. drain (requests in flight finish);
+//! 3. stop the runtime (workerd processes; their last CPU is charged);
+//! 4. final settle (the metering node settles what is left and returns its leases);
+//! 5. flush (usage counts) and stop background work.
+//!
+//! Then they return to `main`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tollgate_metering::Store;
+use tollgate_proxy::{ProxyOptions, Stop};
+
+use crate::adapters::{ChargeCpu, DevIdentity, InflightHooks};
+use crate::control::{Agents, control_service, runtime, serve};
+use crate::metering::{MeteringNode, MeteringSpec, StoreSource};
+use crate::node::{GateSpec, PreparedNode};
+use crate::paid::{PaymentStores, ProxyDesk, payments};
+use crate::settings::Settings;
+
+/// The process's one runtime for everything that is not Pingora's own.
+fn runtime_for(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+/// Waits for SIGTERM (graceful), SIGINT (fast) or SIGQUIT (upgrade: hand the listeners over).
+async fn next_signal() -> Stop {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stopping");
+        return Stop::Fast;
+    };
+    tokio::select! {
+        _ = term.recv() => Stop::Graceful,
+        _ = int.recv() => Stop::Fast,
+        _ = quit.recv() => Stop::Upgrade,
+    }
+}
+
+/// The proxy's options from the settings: the platform's payment realms are never forwarded to
+/// hosted services.
+pub fn proxy_options(settings: &Settings, upgrade: bool) -> anyhow::Result<ProxyOptions> {
+    let cfg = &settings.config;
+    let mut proxy = cfg.proxy.clone();
+    // On a public listener the realm must be named: a default (the loopback MCP host) would
+    // not match the platform's real credentials, which would then reach hosted services.
+    if proxy.payment_realms.is_empty()
+        && !proxy.listen.ip().is_loopback()
+        && cfg.public.mcp_url.is_none()
+        && cfg.payments.realm.is_none()
+    {
+        anyhow::bail!(
+            "proxy.listen {} is public but the platform's payment realm is not set: set public.mcp_url (or payments.realm, or proxy.payment_realms) to what the control service uses",
+            proxy.listen
+        );
+    }
+    if proxy.payment_realms.is_empty() {
+        let realm = cfg.payment_realm().map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; the proxy must know the platform's payment realm to keep its credentials from hosted services (or set proxy.payment_realms)"
+            )
+        })?;
+        proxy.payment_realms = vec![tollgate_payments::config::services_realm_of(&realm), realm];
+    }
+    Ok(ProxyOptions {
+        proxy,
+        admin: cfg.admin.clone(),
+        redis: cfg.redis.clone(),
+        shutdown: cfg.shutdown.clone(),
+        routes: cfg.routes.clone(),
+        upgrade,
+        metering: None,
+    })
+}
+
+/// The money gate of this node: Redis when configured (every node shares it), else the
+/// embedded store in the data dir, or `store` when the process opened it already.
+fn gate_spec(
+    settings: &Settings,
+    node_id: &str,
+    store: Option<Arc<dyn Store>>,
+) -> anyhow::Result<Option<GateSpec>> {
+    let cfg = &settings.config;
+    if !cfg.metering.enabled {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(&cfg.control.data_dir).with_context(|| {
+        format!(
+            "cannot create the data dir {} (control.data_dir: journals, embedded store)",
+            cfg.control.data_dir.display()
+        )
+    })?;
+    let store = match (store, &cfg.redis) {
+        (Some(s), _) => StoreSource::Ready(s),
+        (None, Some(r)) => StoreSource::Redis {
+            url: r.url.clone(),
+            prefix: r.key_prefix.clone(),
+            lease_ttl: settings.lease_ttl,
+            ledger_retention: cfg.metering.ledger_retention(),
+        },
+        (None, None) => StoreSource::Embedded {
+            path: cfg.control.data_dir.join("money.redb"),
+            lease_ttl: settings.lease_ttl,
+        },
+    };
+    Ok(Some(GateSpec {
+        metering: MeteringSpec {
+            store,
+            prices: settings.prices,
+            agent: settings.agent(node_id)?,
+        },
+        lease_wait: settings.lease_wait,
+        top_up: cfg.metering.top_up.clone(),
+        hooks: None,
+        desk: None,
+    }))
+}
+
+/// `tollgate proxy`: one proxy node until a signal.
+pub fn run_proxy(settings: Settings, upgrade: bool) -> anyhow::Result<()> {
+    let rt = runtime_for("tollgate")?;
+    let opts = proxy_options(&settings, upgrade)?;
+    let gate = gate_spec(&settings, &settings.proxy_node_id(), None)?;
+    let node = PreparedNode::prepare(opts, gate, rt.handle())?.start(rt.handle())?;
+    rt.block_on(async move {
+        let how = next_signal().await;
+        node.shutdown(how).await;
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// The shared money store, opened once (payments and the metering node use the same).
+/// `tollgate control` retries while Redis is not up yet, saying where it looks.
+async fn open_money(settings: &Settings, retry_for: Duration) -> anyhow::Result<Arc<dyn Store>> {
+    let cfg = &settings.config;
+    let source = match &cfg.redis {
+        Some(r) => StoreSource::Redis {
+            url: r.url.clone(),
+            prefix: r.key_prefix.clone(),
+            lease_ttl: settings.lease_ttl,
+            ledger_retention: cfg.metering.ledger_retention(),
+        },
+        None => StoreSource::Embedded {
+            path: cfg.control.data_dir.join("money.redb"),
+            lease_ttl: settings.lease_ttl,
+        },
+    };
+    let deadline = tokio::time::Instant::now() + retry_for;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match source.open().await {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "money store not reachable yet (redis.url); retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => anyhow::bail!("the money store: {e}"),
+        }
+    }
+}
+
+/// `tollgate control`: the control service, its runtime and a metering node for CPU, until a
+/// signal.
+pub fn run_control(settings: Settings) -> anyhow::Result<()> {
+    let cfg = &settings.config;
+    std::fs::create_dir_all(&cfg.control.data_dir).with_context(|| {
+        format!(
+            "cannot create the data dir {} (control.data_dir)",
+            cfg.control.data_dir.display()
+        )
+    })?;
+    let redis = cfg
+        .redis
+        .clone()
+        .context("the control service keeps its state in Redis: configure [redis] url (or TOLLGATE_REDIS_URL)")?;
+    let rt = runtime_for("tollgate")?;
+    let handle = rt.handle().clone();
+    let result = rt.block_on(async move {
+        let money = open_money(&settings, Duration::from_secs(60)).await?;
+        // Payments first: a missing secret or a test chain stops the start before anything runs.
+        let payments = payments(
+            &settings,
+            money.clone(),
+            PaymentStores::Redis {
+                url: redis.url.clone(),
+                prefix: redis.key_prefix.clone(),
+            },
+            false,
+        )
+        .await?;
+        let registry = prometheus::Registry::new();
+        tollgate_proxy::metrics::register_build_info(&registry)?;
+        let node_id = format!("control-{}", settings.config.control.listen.port());
+        let metering = MeteringNode::start(
+            MeteringSpec {
+                store: StoreSource::Ready(money),
+                prices: settings.prices,
+                agent: settings.agent(&node_id)?,
+            },
+            &registry,
+            &handle,
+        )?;
+        let (sup, events, toolchain) =
+            runtime(&settings, Arc::new(ChargeCpu(metering.cache().clone())))?;
+        payments.metrics.register(&registry)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let payments_task = tokio::spawn(payments.clone().run(stop_rx.clone()));
+        let svc = control_service(
+            &settings,
+            sup.clone(),
+            events,
+            toolchain,
+            Agents {
+                dev_identity: None,
+                payments: Some(payments),
+                registry: Some(registry),
+            },
+            None,
+            stop_rx.clone(),
+        )
+        .await?;
+        let server = serve(&settings, svc.router, stop_rx).await?;
+        let _ = next_signal().await;
+        // 1–2: the listener stops accepting and finishes its requests; background work stops.
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+        for t in svc.tasks {
+            let _ = t.await;
+        }
+        let _ = payments_task.await;
+        // 3: the runtime (its last CPU is charged); 4: final settle.
+        sup.shutdown().await;
+        metering.settle_and_stop().await;
+        tracing::info!("control service stopped");
+        anyhow::Ok(())
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// What `tollgate dev` takes beside the settings.
+pub struct DevChoices {
+    pub dev_account: Option<String>,
+    pub dev_credit_usd: Option<String>,
+    pub chain_listen: std::net::SocketAddr,
+    pub chain_rpc: Option<String>,
+}
+
+/// `tollgate dev`: everything on one machine (proxy, control, runtime, payments, and the local
+/// test chain when built with it), until a signal.
+pub fn run_dev(mut settings: Settings, choices: DevChoices) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.config.control.data_dir).with_context(|| {
+        format!(
+            "cannot create the data dir {} (--data-dir)",
+            settings.config.control.data_dir.display()
+        )
+    })?;
+    let rt = runtime_for("tollgate")?;
+    let handle = rt.handle().clone();
+    let result = rt.block_on(async move {
+        let money = open_money(&settings, Duration::ZERO).await?;
+        if let (Some(account), Some(usd)) = (&choices.dev_account, &choices.dev_credit_usd) {
+            dev_credit(&money, account, usd).await?;
+        }
+        let chain = crate::devchain::start(&mut settings, &choices).await?;
+        let cfg = settings.config.clone();
+        let payments = payments(
+            &settings,
+            money.clone(),
+            match &cfg.redis {
+                Some(r) => PaymentStores::Redis {
+                    url: r.url.clone(),
+                    prefix: r.key_prefix.clone(),
+                },
+                None => PaymentStores::Embedded {
+                    dir: cfg.control.data_dir.join("payments"),
+                },
+            },
+            true,
+        )
+        .await?;
+        // The proxy node, its cache charged by the runtime, which the proxy holds an in-flight
+        // guard of per request.
+        let mut gate = gate_spec(&settings, &settings.proxy_node_id(), Some(money))?;
+        if let Some(g) = &mut gate {
+            g.desk = Some(Arc::new(ProxyDesk {
+                payments: payments.clone(),
+                amount: settings.payments.default_prepay.max(1),
+            }));
+        }
+        let mut started_runtime = None;
+        let prepared =
+            PreparedNode::prepare_with(proxy_options(&settings, false)?, gate, &handle, |cache| {
+                let (sup, events, toolchain) =
+                    runtime(&settings, Arc::new(ChargeCpu(cache.clone())))?;
+                let hooks = Arc::new(InflightHooks(sup.clone()));
+                started_runtime = Some((sup, events, toolchain));
+                Ok(Some(hooks as Arc<dyn tollgate_proxy::RequestHooks>))
+            })?;
+        let (sup, events, toolchain) = match started_runtime {
+            Some(r) => r,
+            // Metering off: the runtime is charged to nobody.
+            None => runtime(&settings, Arc::new(tollgate_runtime::NoCpuSink))?,
+        };
+        payments.metrics.register(&prepared.registry())?;
+        let local_table = cfg.redis.is_none().then(|| prepared.table());
+        let node = prepared.start(&handle)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let payments_task = tokio::spawn(payments.clone().run(stop_rx.clone()));
+        let payee = payments.payee();
+        let svc = control_service(
+            &settings,
+            sup.clone(),
+            events,
+            toolchain,
+            Agents {
+                dev_identity: choices
+                    .dev_account
+                    .clone()
+                    .map(|a| Arc::new(DevIdentity(a)) as Arc<dyn tollgate_mcp::Identify>),
+                payments: Some(payments),
+                registry: None,
+            },
+            local_table,
+            stop_rx.clone(),
+        )
+        .await?;
+        let server = serve(&settings, svc.router, stop_rx).await?;
+        print_banner(
+            &settings,
+            &choices,
+            chain.as_ref().map(|c| c.describe()),
+            payee,
+        );
+
+        let how = next_signal().await;
+        // 1: intake stops (the proxy's listeners, the control listener).
+        let _ = stop_tx.send(true);
+        node.proxy.stop_intake(how).await;
+        // 2: requests in flight finish.
+        node.proxy.drained(how).await;
+        let _ = server.await;
+        for t in svc.tasks {
+            let _ = t.await;
+        }
+        let _ = payments_task.await;
+        // 3: the runtime; 4–5: final settle, then usage flushed.
+        sup.shutdown().await;
+        node.settle_and_flush().await;
+        if let Some(chain) = chain {
+            chain.shutdown().await;
+        }
+        tracing::info!("dev stopped");
+        anyhow::Ok(())
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+/// Credits the dev account once per amount.
+async fn dev_credit(store: &Arc<dyn Store>, account: &str, usd: &str) -> anyhow::Result<()> {
+    let amount = tollgate_metering::units::parse_usd(usd)
+        .map_err(|e| anyhow::anyhow!("--dev-credit-usd {usd}: {e}"))?;
+    let key = format!("dev-credit:{account}:{}", amount.0);
+    let out = store
+        .credit(account, &key, amount.0)
+        .await
+        .map_err(|e| anyhow::anyhow!("dev credit: {e}"))?;
+    tracing::info!(account, usd, ?out, "dev account credited");
+    Ok(())
+}
+
+fn print_banner(
+    settings: &Settings,
+    choices: &DevChoices,
+    chain: Option<String>,
+    payee: alloy::primitives::Address,
+) {
+    let cfg = &settings.config;
+    let port = cfg.proxy.listen.port();
+    let routes_from = match &cfg.redis {
+        Some(r) => format!("Redis at {}", r.url),
+        None => "the config file and --route (in process)".to_owned(),
+    };
+    let mcp = match &choices.dev_account {
+        Some(a) => format!(
+            "\n\x20           MCP http://{}/mcp, acting as account {a:?} (dev only: no payment)",
+            cfg.control.listen
+        ),
+        None => String::new(),
+    };
+    let state = if cfg.redis.is_some() {
+        "Redis".to_owned()
+    } else {
+        cfg.control
+            .data_dir
+            .join("control.redb")
+            .display()
+            .to_string()
+    };
+    println!(
+        "\ntollgate dev: everything on one machine\n\
+         \x20 proxy     http://<slug>.{base}:{port}/\n\
+         \x20 admin     http://{admin}/metrics  /livez  /readyz\n\
+         \x20 routes    from {routes_from}; {n} static route(s)\n\
+         \x20 data      {data}\n\
+         \x20 control   http://{control}/v1/admin/projects (operator API; token from TOLLGATE_ADMIN_TOKEN), runtime (workerd), state in {state}{mcp}\n\
+         \x20 MCP       http://{control}/mcp  (agents: tools deploy_project, top_up, get_balance, ...)\n\
+         \x20 top-up    POST http://{control}/v1/top-up?amount_usd=5  (MPP 402 challenge)\n\
+         \x20 chain     {chain_line}\n\
+         \x20 payee     {payee:#x} (key in {data}/payee.key)\n",
+        control = cfg.control.listen,
+        chain_line = chain.unwrap_or_else(|| format!(
+            "{} (chain id {})",
+            cfg.payments.rpc_url, cfg.payments.chain_id
+        )),
+        base = cfg.proxy.base_domain,
+        admin = cfg.admin.listen,
+        n = cfg.routes.len(),
+        data = cfg.control.data_dir.display(),
+    );
+    for r in &cfg.routes {
+        println!("  route     http://{}:{port}/ -> {:?}", r.host, r.upstreams);
+    }
+}

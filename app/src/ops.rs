@@ -1,0 +1,182 @@
+//! Operator commands: routes and accounts by hand, the audit of the books, credits set aside.
+//! Each opens what it needs for one call and prints JSON (or lines, for the audit).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tollgate_metering::{RedisStore, Store};
+use tollgate_routes::{Route, RouteKey, RouteStore};
+
+fn one_shot() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// What to do with routes.
+pub enum RouteOp {
+    Put {
+        key: RouteKey,
+        upstreams: Vec<SocketAddr>,
+        account_id: Option<String>,
+    },
+    Delete {
+        key: RouteKey,
+    },
+    List,
+}
+
+/// Reads or writes routes in Redis, as the control service does.
+pub fn routes(redis: &str, prefix: &str, op: RouteOp) -> anyhow::Result<()> {
+    one_shot()?.block_on(async move {
+        let store = RouteStore::connect(redis, prefix).await?;
+        match op {
+            RouteOp::Put {
+                key,
+                upstreams,
+                account_id,
+            } => {
+                let route = Route {
+                    upstreams,
+                    account_id,
+                    project_id: None,
+                    deployment_id: None,
+                };
+                let v = store.put(&key, &route).await?;
+                println!("{} = {:?} (version {v})", key.field(), route.upstreams);
+            }
+            RouteOp::Delete { key } => {
+                let v = store.delete(&key).await?;
+                println!("{} deleted (version {v})", key.field());
+            }
+            RouteOp::List => {
+                for (key, rec) in store.load_all().await? {
+                    if let Some(route) = rec.route {
+                        println!(
+                            "{}",
+                            serde_json::json!({"key": key.field(), "version": rec.v, "route": route})
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// What to do with one account.
+pub enum AccountOp {
+    Show,
+    /// Adds `usd` once per `key`.
+    Credit {
+        usd: String,
+        key: String,
+    },
+}
+
+/// Shows (after crediting, for `Credit`) an account as JSON; false when it does not exist.
+pub fn account(redis: &str, prefix: &str, account: &str, op: AccountOp) -> anyhow::Result<bool> {
+    one_shot()?.block_on(async move {
+        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
+        if let AccountOp::Credit { usd, key } = &op {
+            let amount = tollgate_metering::units::parse_usd(usd)
+                .map_err(|e| anyhow::anyhow!("--usd {usd}: {e}"))?;
+            let out = store
+                .credit(account, key, amount.0)
+                .await
+                .map_err(|e| anyhow::anyhow!("credit refused: {e}"))?;
+            eprintln!("{out:?}");
+        }
+        match store.account(account).await? {
+            Some(a) => {
+                println!("{}", serde_json::to_string(&a)?);
+                Ok(true)
+            }
+            None => {
+                eprintln!("no account {account:?}");
+                Ok(false)
+            }
+        }
+    })
+}
+
+/// Where the books are: the shared Redis, or the embedded stores of a stopped `dev`.
+pub struct Books<'a> {
+    pub redis: Option<&'a str>,
+    pub prefix: &'a str,
+    pub data_dir: &'a Path,
+}
+
+/// `tollgate accounts audit`: prints the report (lines or JSON); true when it is clean.
+pub fn audit(
+    books: Books<'_>,
+    rpc: Option<&str>,
+    chain_id: u64,
+    json: bool,
+) -> anyhow::Result<bool> {
+    one_shot()?.block_on(async move {
+        let (money, channels) =
+            crate::paid::open_money_and_channels(books.redis, books.prefix, books.data_dir).await?;
+        let chain = match rpc {
+            Some(url) => Some(
+                tollgate_payments::RpcChain::read_only(
+                    url,
+                    chain_id,
+                    tollgate_payments::config::ESCROW,
+                )
+                .map_err(|e| anyhow::anyhow!("--rpc {url}: {e}"))?,
+            ),
+            None => {
+                eprintln!("no --rpc: channels are not compared with the chain");
+                None
+            }
+        };
+        let report = tollgate_payments::audit::audit(
+            &*channels,
+            &*money,
+            chain.as_ref().map(|c| c as &dyn tollgate_payments::Chain),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.render());
+        }
+        Ok(report.is_clean())
+    })
+}
+
+/// `tollgate accounts credits`: lists credits set aside, or resolves one (`retry` puts it back
+/// in the drain, otherwise it is dropped). False when the key is not set aside.
+pub fn credits(books: Books<'_>, resolve: Option<(&str, bool)>) -> anyhow::Result<bool> {
+    one_shot()?.block_on(async move {
+        let (_, channels) =
+            crate::paid::open_money_and_channels(books.redis, books.prefix, books.data_dir).await?;
+        if let Some((key, retry)) = resolve {
+            return match channels
+                .unpoison(key, retry)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?
+            {
+                Some(p) => {
+                    println!("{}", serde_json::to_string(&p)?);
+                    Ok(true)
+                }
+                None => {
+                    eprintln!("no set-aside credit {key:?}");
+                    Ok(false)
+                }
+            };
+        }
+        for p in channels
+            .poisoned()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?
+        {
+            println!("{}", serde_json::to_string(&p)?);
+        }
+        Ok(true)
+    })
+}

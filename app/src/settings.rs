@@ -1,0 +1,203 @@
+//! The configuration, checked once and turned into what the components take. Everything
+//! `tollgate check-config` can know without starting anything is checked here, and every error
+//! names its config key.
+
+use std::time::Duration;
+
+use tollgate_balance_cache::AgentConfig;
+use tollgate_metering::Prices;
+use tollgate_metering::units::parse_usd_base;
+
+use crate::config::Config;
+
+/// A value that cannot work, and the key it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+fn bad(key: &str, message: impl Into<String>) -> SettingsError {
+    SettingsError {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Payment amounts in token base units ($0.000001).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PaymentAmounts {
+    pub suggested_deposit: u128,
+    pub min_voucher_delta: u128,
+    pub settle_min: u128,
+    /// Credit a deploy buys unless the agent says otherwise; also what a hosted service's 402
+    /// asks its owner for.
+    pub default_prepay: u128,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub prices: Prices,
+    pub lease_ttl: Duration,
+    pub lease_wait: Duration,
+    pub payments: PaymentAmounts,
+    /// The `tracing` filter (`TOLLGATE_LOG` wins over `log.level`).
+    pub log_filter: String,
+}
+
+impl Settings {
+    pub fn from_config(config: Config) -> Result<Settings, SettingsError> {
+        let prices = config
+            .prices
+            .prices()
+            .map_err(|e| bad("prices", e.trim_start_matches("[prices]: ")))?;
+        let m = &config.metering;
+        let lease_ttl = Duration::from_secs(m.lease_ttl_seconds);
+        let p = &config.payments;
+        let usd = |key: &str, text: &str| {
+            parse_usd_base(text, 9_000).map_err(|e| bad(&format!("payments.{key}"), e))
+        };
+        let payments = PaymentAmounts {
+            suggested_deposit: usd("suggested_deposit_usd", &p.suggested_deposit_usd)?,
+            min_voucher_delta: usd("min_voucher_delta_usd", &p.min_voucher_delta_usd)?,
+            settle_min: usd("settle_min_usd", &p.settle_min_usd)?,
+            default_prepay: usd("default_prepay_usd", &p.default_prepay_usd)?,
+        };
+        if payments.suggested_deposit == 0 {
+            return Err(bad("payments.suggested_deposit_usd", "must be more than 0"));
+        }
+        if p.max_top_up_usd == 0 || p.max_top_up_usd > 9_000 {
+            return Err(bad("payments.max_top_up_usd", "must be 1..=9000"));
+        }
+        if p.settle_interval_seconds == 0 {
+            return Err(bad(
+                "payments.settle_interval_seconds",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=300).contains(&p.close_watch_seconds) {
+            return Err(bad(
+                "payments.close_watch_seconds",
+                "must be 1..=300 (a close request must be captured well inside Tempo's 900 s grace period)",
+            ));
+        }
+        if p.write_off_margin_seconds >= 600 {
+            return Err(bad(
+                "payments.write_off_margin_seconds",
+                "must be below 600",
+            ));
+        }
+        if p.challenge_ttl_seconds < 10 {
+            return Err(bad("payments.challenge_ttl_seconds", "must be at least 10"));
+        }
+        p.currency
+            .parse::<alloy::primitives::Address>()
+            .map_err(|_| {
+                bad(
+                    "payments.currency",
+                    format!("'{}' is not an address", p.currency),
+                )
+            })?;
+        if let Some(realm) = &p.realm {
+            let mut check = tollgate_payments::PaymentsConfig::new(
+                "http://127.0.0.1:1",
+                p.chain_id,
+                tollgate_payments::config::Secret::new("x".repeat(32)),
+                tollgate_payments::config::Secret::new("x".repeat(64)),
+            );
+            check.realm = realm.clone();
+            check.validate().map_err(|e| bad("payments.realm", e))?;
+        }
+        if let Some(url) = &config.public.mcp_url {
+            crate::config::parse_public_url(url).map_err(|e| bad("public.mcp_url", e))?;
+        }
+        let log_filter = std::env::var("TOLLGATE_LOG").unwrap_or_else(|_| config.log.level.clone());
+        tracing_subscriber::EnvFilter::try_new(&log_filter).map_err(|e| {
+            bad(
+                "log.level",
+                format!("'{log_filter}' is not a tracing filter: {e}"),
+            )
+        })?;
+        let settings = Settings {
+            prices,
+            lease_ttl,
+            lease_wait: Duration::from_millis(m.lease_wait_ms),
+            payments,
+            log_filter,
+            config,
+        };
+        // The agent's rules (settle interval against the lease margin, lease sizes).
+        settings.agent("check")?;
+        Ok(settings)
+    }
+
+    /// The metering agent of node `node_id`, journaling in the data dir.
+    pub fn agent(&self, node_id: &str) -> Result<AgentConfig, SettingsError> {
+        let m = &self.config.metering;
+        let mut agent = AgentConfig::new(
+            node_id,
+            self.config
+                .control
+                .data_dir
+                .join(format!("{node_id}.journal")),
+        );
+        agent.settle_interval = Duration::from_millis(m.settle_interval_ms);
+        agent.lease_ttl = self.lease_ttl;
+        agent.lease_margin = self.lease_ttl / 5;
+        agent.cpu_debt_limit_ms = m.cpu_debt_limit_ms;
+        agent.validate().map_err(|e| {
+            bad(
+                "metering",
+                format!(
+                    "{e} (settle_interval_ms = {}, lease_ttl_seconds = {}; the margin is a fifth of the ttl)",
+                    m.settle_interval_ms, m.lease_ttl_seconds
+                ),
+            )
+        })?;
+        Ok(agent)
+    }
+
+    /// This proxy node's name (its journal and leases are keyed by it).
+    pub fn proxy_node_id(&self) -> String {
+        self.config
+            .metering
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("proxy-{}", self.config.proxy.listen.port()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let check = |toml: &str| {
+            let cfg = Config::parse(toml, "t.toml").unwrap();
+            Settings::from_config(cfg).unwrap_err()
+        };
+        let e = check("[metering]\nsettle_interval_ms = 5000\n");
+        assert_eq!(e.key, "metering", "{e}");
+        assert!(e.message.contains("settle_interval"), "{e}");
+        let e = check("[payments]\nsuggested_deposit_usd = \"five\"\n");
+        assert_eq!(e.key, "payments.suggested_deposit_usd", "{e}");
+        let e = check("[payments]\nrealm = \"10.0.0.1\"\n");
+        assert_eq!(e.key, "payments.realm", "{e}");
+        let e = check("[payments]\nclose_watch_seconds = 0\n");
+        assert_eq!(e.key, "payments.close_watch_seconds", "{e}");
+        let e = check("[log]\nlevel = \"info,,==\"\n");
+        assert_eq!(e.key, "log.level", "{e}");
+        assert!(Settings::from_config(Config::default()).is_ok());
+    }
+}

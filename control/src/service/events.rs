@@ -1,0 +1,114 @@
+//! The runtime's events (a process restarted or failed) and recovery after a restart.
+
+use std::sync::Arc;
+
+use tollgate_routes::RouteKey;
+
+use super::*;
+use crate::error::ControlError;
+use crate::model::{DeployStatus, ProjectStatus};
+
+impl Control {
+    /// Follows the runtime: a restarted, idle-stopped or woken process gets its route updated;
+    /// a deployment that keeps crashing is recorded as failed, with the reason.
+    pub async fn follow_runtime(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    ) {
+        while let Some(ev) = events.recv().await {
+            let res = match ev {
+                RuntimeEvent::Upstream {
+                    deployment_id,
+                    addr,
+                } => self.republish_locked(&deployment_id, addr).await,
+                RuntimeEvent::Failed {
+                    deployment_id,
+                    reason,
+                } => self.mark_crashed(&deployment_id, &reason).await,
+            };
+            if let Err(e) = res {
+                tracing::error!(error = %e, "runtime event not applied");
+            }
+        }
+    }
+
+    /// [`Control::republish`] under the project's lock, so it cannot interleave with a deploy.
+    pub(crate) async fn republish_locked(
+        &self,
+        deployment_id: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), ControlError> {
+        let Some(dep) = self.store.deployment(deployment_id).await? else {
+            return Ok(());
+        };
+        let lock = self.lock_for(&dep.project_id);
+        let _guard = lock.lock().await;
+        self.republish(deployment_id, addr).await
+    }
+
+    pub(crate) async fn republish(
+        &self,
+        deployment_id: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), ControlError> {
+        let Some(dep) = self.store.deployment(deployment_id).await? else {
+            return Ok(());
+        };
+        let Some(project) = self.store.project(&dep.project_id).await? else {
+            return Ok(());
+        };
+        if project.live_deployment.as_deref() != Some(deployment_id)
+            || project.status != ProjectStatus::Active
+        {
+            return Ok(()); // an old version being drained, or a project not serving
+        }
+        let key = RouteKey::slug(&project.slug)
+            .map_err(|e| ControlError::internal(format!("stored slug is invalid: {e}")))?;
+        self.routes
+            .put(
+                &key,
+                &Route {
+                    upstreams: vec![addr],
+                    ..route_for(&project, &dep.id)
+                },
+            )
+            .await
+            .map_err(|e| ControlError::internal(format!("route put: {e}")))?;
+        Ok(())
+    }
+
+    pub(crate) async fn mark_crashed(
+        &self,
+        deployment_id: &str,
+        reason: &str,
+    ) -> Result<(), ControlError> {
+        if let Some(mut dep) = self.store.deployment(deployment_id).await? {
+            dep.status = DeployStatus::Failed;
+            dep.reason = Some(format!("crashed repeatedly: {reason}"));
+            self.store.put_deployment(&dep).await?;
+        }
+        Ok(())
+    }
+
+    /// After a restart of the control service (its workerd processes died with it): starts every
+    /// active project's live deployment again from its stored bundle and republishes its route.
+    /// Returns how many came back.
+    pub async fn recover(&self) -> Result<usize, ControlError> {
+        let mut n = 0;
+        for project in self.store.all_projects().await? {
+            if project.status != ProjectStatus::Active {
+                continue;
+            }
+            let Some(live) = project.live_deployment.clone() else {
+                continue;
+            };
+            match self.restart_live(&project, &live).await {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::error!(project = %project.id, error = %e, "could not restart a live deployment");
+                }
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,121 @@
+//! Rollback (an earlier version's code as a new deployment) and delete.
+
+use tollgate_routes::RouteKey;
+
+use super::*;
+use crate::error::ControlError;
+use crate::model::{DeployStatus, Deployment, Project, ProjectStatus, new_id, now_ms};
+
+impl Control {
+    /// Runs an earlier deployment's code again, as a new deployment (code only: env and secrets
+    /// stay as they are now). Default target: the live one before the current.
+    pub async fn rollback(
+        &self,
+        owner: &str,
+        project_id: &str,
+        target: Option<&str>,
+    ) -> Result<DeployOutcome, ControlError> {
+        let lock = self.lock_for(project_id);
+        let _guard = lock.lock().await;
+        let mut project = self.owned_active(owner, project_id).await?;
+        let target = match target {
+            Some(t) => {
+                if !project.deployments.iter().any(|d| d == t) {
+                    return Err(ControlError::not_found(&format!(
+                        "deployment {t:?} in this project"
+                    )));
+                }
+                t.to_owned()
+            }
+            None => {
+                let mut found = None;
+                for id in project.deployments.iter().rev() {
+                    if Some(id) == project.live_deployment.as_ref() {
+                        continue;
+                    }
+                    if let Some(d) = self.store.deployment(id).await?
+                        && d.status == DeployStatus::Superseded
+                    {
+                        found = Some(d.id);
+                        break;
+                    }
+                }
+                found.ok_or_else(|| {
+                    ControlError::validation(
+                        "there is no earlier live deployment to roll back to",
+                        "get_project lists the deployments; pass deployment_id to choose one.",
+                    )
+                })?
+            }
+        };
+        let (Some(files), Some(code)) = (
+            self.store.files(&target).await?,
+            self.store.bundle(&target).await?,
+        ) else {
+            return Err(ControlError::validation(
+                format!("deployment {target:?} has no stored code (it failed, or was cleaned up)"),
+                "Pick a deployment that was live once.",
+            ));
+        };
+        let source = self.store.deployment(&target).await?;
+        let dep = Deployment {
+            id: new_id("d"),
+            project_id: project.id.clone(),
+            version: project.deployments.len() as u32 + 1,
+            status: DeployStatus::Building,
+            reason: None,
+            created_ms: now_ms(),
+            manifest: source.as_ref().and_then(|s| s.manifest.clone()),
+            rollback_of: Some(target.clone()),
+            compatibility_date: source
+                .map(|s| s.compatibility_date)
+                .unwrap_or_else(|| self.cfg.compatibility_date.clone()),
+        };
+        self.store.put_deployment(&dep).await?;
+        self.store.put_artifacts(&dep.id, &files, &code).await?;
+        project.deployments.push(dep.id.clone());
+        self.store.put_project(&project).await?;
+        let env = self.store.env(&project.id).await?;
+        self.go_live(project, dep, code, &env).await
+    }
+
+    /// Stops the service, removes its route (the URL answers 404), deletes its artifacts and
+    /// frees its slug after the grace period. Idempotent.
+    pub async fn delete(&self, owner: &str, project_id: &str) -> Result<(), ControlError> {
+        let lock = self.lock_for(project_id);
+        let _guard = lock.lock().await;
+        let mut project = self.owned(owner, project_id).await?;
+        if project.status == ProjectStatus::Expired {
+            // Already torn down; its slug may belong to another project by now: touch nothing
+            // of it.
+            project.status = ProjectStatus::Deleted;
+            return self.store.put_project(&project).await;
+        }
+        self.teardown(&mut project, ProjectStatus::Deleted).await
+    }
+
+    pub(crate) async fn teardown(
+        &self,
+        project: &mut Project,
+        status: ProjectStatus,
+    ) -> Result<(), ControlError> {
+        if let Ok(key) = RouteKey::slug(&project.slug) {
+            self.routes
+                .delete(&key)
+                .await
+                .map_err(|e| ControlError::internal(format!("route delete: {e}")))?;
+        }
+        for d in &project.deployments {
+            let _ = self.runtime.remove(d, false).await;
+            self.store.delete_artifacts(d).await?;
+        }
+        project.status = status;
+        project.live_deployment = None;
+        self.store.put_project(project).await?;
+        self.store
+            .release_slug(&project.slug, &project.id, self.cfg.slug_grace)
+            .await?;
+        tracing::info!(project = %project.id, ?status, "torn down");
+        Ok(())
+    }
+}

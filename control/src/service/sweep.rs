@@ -1,0 +1,58 @@
+//! Expiry: unused projects are stopped and collected.
+
+use super::*;
+use crate::error::ControlError;
+use crate::model::{Project, ProjectStatus, now_ms};
+
+/// The cleanup job.
+impl Control {
+    /// Expires every project unused (no request, no deploy) for `inactivity_ttl`: its process
+    /// stops, its route goes (the URL answers 404), its artifacts are deleted, its slug is freed
+    /// after the grace period. Idempotent; returns the projects it expired now.
+    pub async fn sweep(&self) -> Result<Vec<String>, ControlError> {
+        let now = now_ms();
+        let ttl = self.cfg.inactivity_ttl.as_millis() as u64;
+        let mut expired = Vec::new();
+        for p in self.store.all_projects().await? {
+            if !matches!(p.status, ProjectStatus::Active | ProjectStatus::Suspended) {
+                continue;
+            }
+            if now.saturating_sub(self.last_activity(&p, now).await?) <= ttl {
+                continue;
+            }
+            let lock = self.lock_for(&p.id);
+            let _guard = lock.lock().await;
+            // Re-check under the lock: a deploy may have just happened.
+            let Some(mut p) = self.store.project(&p.id).await? else {
+                continue;
+            };
+            if !matches!(p.status, ProjectStatus::Active | ProjectStatus::Suspended)
+                || now.saturating_sub(self.last_activity(&p, now).await?) <= ttl
+            {
+                continue;
+            }
+            self.teardown(&mut p, ProjectStatus::Expired).await?;
+            tracing::info!(project = %p.id, "expired after inactivity");
+            expired.push(p.id);
+        }
+        Ok(expired)
+    }
+
+    /// The latest of: the last deploy, the last request the runtime saw, the last request a
+    /// proxy counted.
+    pub(crate) async fn last_activity(&self, p: &Project, now: u64) -> Result<u64, ControlError> {
+        let seen = p
+            .live_deployment
+            .as_deref()
+            .and_then(|d| self.runtime.idle_for(d))
+            .map(|idle| now.saturating_sub(idle.as_millis() as u64))
+            .unwrap_or(0);
+        let counted = self
+            .store
+            .usage(&p.id, &[])
+            .await?
+            .last_request_ms
+            .unwrap_or(0);
+        Ok(p.last_activity_ms.max(seen).max(counted))
+    }
+}

@@ -1,0 +1,228 @@
+//! The Redis backend's Lua scripts: each money operation is one script, so it is atomic and
+//! either fully applied or not at all (see `redis_store` for what calls them, and docs/money.md
+//! for the keys).
+
+/// Shared Lua: recompute status, bump the version, publish the change. `acct` is the hash key,
+/// `id` the account id. Returns the new version.
+pub(crate) const LUA_COMMON: &str = r#"
+local function touch(p, id, acct)
+  local avail = redis.call('HGET', acct, 'avail') or '0'
+  local status = 'active'
+  if tonumber(avail) <= 0 then status = 'suspended' end
+  redis.call('HSET', acct, 'status', status)
+  local ver = redis.call('HINCRBY', acct, 'ver', 1)
+  local t = redis.call('TIME')
+  redis.call('PUBLISH', p .. ':accounts:events',
+    '{"account":' .. cjson.encode(id) .. ',"version":' .. ver .. ',"available":' .. avail ..
+    ',"status":"' .. status .. '","at_us":' .. t[1] .. string.format('%06d', tonumber(t[2])) .. '}')
+  return {avail, status, ver}
+end
+local function fmt(n) return string.format('%d', n) end
+"#;
+
+pub(crate) const SETTLE: &str = r#"
+local p, node, epoch = ARGV[1], ARGV[2], ARGV[3]
+local seq = tonumber(ARGV[4])
+local digest, ttl = ARGV[5], tonumber(ARGV[6])
+local entries = cjson.decode(ARGV[7])
+local inc = p .. ':inc:' .. node .. ':' .. epoch
+local hwm = tonumber(redis.call('HGET', inc, 'hwm') or '0')
+if seq <= hwm then
+  if seq == hwm then
+    if redis.call('HGET', inc, 'digest') ~= digest then return {'MISMATCH', ''} end
+    return {'DUP', redis.call('HGET', inc, 'reply')}
+  end
+  return {'STALE', tostring(hwm)}
+end
+if seq ~= hwm + 1 then return {'GAP', tostring(hwm + 1)} end
+local released = redis.call('HGET', inc, 'released')
+local t = redis.call('TIME')
+-- When the change happened, on the store's clock: receivers measure the feed's lag with it.
+local at_us = t[1] .. string.format('%06d', tonumber(t[2]))
+local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+local field = node .. ':' .. epoch
+local key = 'settle:' .. node .. ':' .. epoch .. ':' .. ARGV[4]
+-- Lifetime totals are i64: refuse the whole batch before writing anything.
+for _, e in ipairs(entries) do
+  local d = tonumber(redis.call('HGET', p .. ':acct:' .. e.account, 'debited') or '0')
+  if d + tonumber(e.cost) > 9.0e18 then return {'OVERFLOW', e.account} end
+end
+local out, changes, lines = {}, {}, {}
+for _, e in ipairs(entries) do
+  local id = e.account
+  local acct = p .. ':acct:' .. id
+  local lkey = p .. ':lease:' .. id
+  local cost, back, ask = tonumber(e.cost), tonumber(e.give_back), tonumber(e.ask)
+  if released then ask = 0 end
+  local old = tonumber(redis.call('HGET', lkey, field) or '0')
+  -- Net change of avail, computed on small numbers only: the hand-back, any debt (cost past
+  -- the lease), minus the grant. Applied with one exact HINCRBY.
+  local o = old - cost - back
+  local delta = back
+  if o < 0 then
+    delta = delta + o
+    o = 0
+  end
+  local g = 0
+  if ask > 0 then
+    local a = tonumber(redis.call('HGET', acct, 'avail') or '0') + delta
+    if a <= 0 then g = 0
+    elseif a <= ask then g = a
+    elseif a < 2 * ask then g = math.floor(a / 2)
+    else g = ask end
+  end
+  delta = delta - g
+  local new = o + g
+  if delta ~= 0 then redis.call('HINCRBY', acct, 'avail', fmt(delta)) end
+  if cost > 0 then redis.call('HINCRBY', acct, 'debited', e.cost) end
+  if new ~= old then redis.call('HINCRBY', acct, 'leased', fmt(new - old)) end
+  local member = id .. '|' .. field
+  if new > 0 then
+    redis.call('HSET', lkey, field, fmt(new))
+    redis.call('ZADD', p .. ':leases', expires, member)
+    if old == 0 then redis.call('SADD', p .. ':incacct:' .. node .. ':' .. epoch, id) end
+  elseif old > 0 then
+    redis.call('HDEL', lkey, field)
+    redis.call('ZREM', p .. ':leases', member)
+  end
+  local avail = redis.call('HGET', acct, 'avail') or '0'
+  local status = 'active'
+  if tonumber(avail) <= 0 then status = 'suspended' end
+  redis.call('HSET', acct, 'status', status)
+  local ver = redis.call('HINCRBY', acct, 'ver', 1)
+  local jid = cjson.encode(id)
+  changes[#changes + 1] = '{"account":' .. jid .. ',"version":' .. ver .. ',"available":' ..
+    avail .. ',"status":"' .. status .. '","at_us":' .. at_us .. '}'
+  lines[#lines + 1] = '{"account":' .. jid .. ',"amount":' .. e.cost .. ',"requests":' ..
+    e.requests .. ',"cpu_us":' .. e.cpu_us .. ',"deploys":' .. e.deploys .. '}'
+  out[#out + 1] = '{"account":' .. jid .. ',"lease":' .. fmt(new) .. ',"prev":' .. fmt(old) ..
+    ',"available":' .. avail .. ',"status":"' .. status .. '","version":' .. ver .. '}'
+end
+-- One ledger entry and one feed message per batch (their lines are per account).
+if #lines > 0 then
+  redis.call('XADD', p .. ':ledger', '*', 'kind', 'settle', 'key', key,
+    'lines', '[' .. table.concat(lines, ',') .. ']')
+  redis.call('PUBLISH', p .. ':accounts:events', '[' .. table.concat(changes, ',') .. ']')
+end
+local reply = '[' .. table.concat(out, ',') .. ']'
+redis.call('HSET', inc, 'hwm', ARGV[4], 'digest', digest, 'reply', reply)
+return {'OK', reply}
+"#;
+
+pub(crate) const CREDIT: &str = r#"
+local p, id, ckey, amount = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local acct = p .. ':acct:' .. id
+local prev = redis.call('HGET', p .. ':credits', ckey)
+if prev then
+  if prev ~= id .. '|' .. amount then return {'MISMATCH', prev} end
+  return {'DUP'}
+end
+-- Lifetime totals are i64: refuse before writing anything (a script is not rolled back).
+if tonumber(redis.call('HGET', acct, 'credited') or '0') + tonumber(amount) > 9.0e18 then
+  return {'OVERFLOW'}
+end
+redis.call('HINCRBY', acct, 'credited', amount)
+redis.call('HINCRBY', acct, 'avail', amount)
+redis.call('HSET', p .. ':credits', ckey, id .. '|' .. amount)
+touch(p, id, acct)
+redis.call('XADD', p .. ':ledger', '*', 'kind', 'credit', 'key', 'credit:' .. ckey,
+  'account', id, 'amount', amount, 'requests', 0, 'cpu_us', 0, 'deploys', 0)
+return {'OK'}
+"#;
+
+/// `charges` hash: key → `id|amount|taken`. Insufficient (all-or-nothing) records nothing.
+/// `mode`: `all`, `avail` (up to available) or `balance` (up to available + leased: a
+/// write-off, which may leave `avail` below zero by at most what nodes hold).
+pub(crate) const CHARGE: &str = r#"
+local p, id, ckey, amount, mode, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local acct = p .. ':acct:' .. id
+local prev = redis.call('HGET', p .. ':charges', ckey)
+if prev then
+  local head = id .. '|' .. amount .. '|'
+  if string.sub(prev, 1, #head) ~= head then return {'MISMATCH'} end
+  return {'DUP', string.sub(prev, #head + 1)}
+end
+local avail = redis.call('HGET', acct, 'avail') or '0'
+local take = amount
+if mode == 'balance' then
+  local room = tonumber(avail) + tonumber(redis.call('HGET', acct, 'leased') or '0')
+  if room < tonumber(amount) then
+    take = string.format('%d', room)
+    if room < 0 then take = '0' end
+  end
+elseif tonumber(avail) < tonumber(amount) then
+  if mode ~= 'avail' then return {'INSUFFICIENT', avail} end
+  take = avail
+  if tonumber(avail) < 0 then take = '0' end
+end
+if tonumber(redis.call('HGET', acct, 'debited') or '0') + tonumber(take) > 9.0e18 then
+  return {'OVERFLOW'}
+end
+redis.call('HSET', p .. ':charges', ckey, id .. '|' .. amount .. '|' .. take)
+if tonumber(take) > 0 then
+  redis.call('HINCRBY', acct, 'avail', '-' .. take)
+  redis.call('HINCRBY', acct, 'debited', take)
+  touch(p, id, acct)
+  redis.call('XADD', p .. ':ledger', '*', 'kind', kind, 'key', kind .. ':' .. ckey,
+    'account', id, 'amount', take, 'requests', 0, 'cpu_us', 0, 'deploys', 0)
+end
+return {'OK', take}
+"#;
+
+/// Returns one lease (`id|node:epoch`) to its account. Shared by release and reap.
+pub(crate) const LUA_RETURN_LEASE: &str = r#"
+local function return_lease(p, id, field, why)
+  local lkey = p .. ':lease:' .. id
+  local amt = redis.call('HGET', lkey, field)
+  redis.call('ZREM', p .. ':leases', id .. '|' .. field)
+  if not amt then return 0 end
+  local acct = p .. ':acct:' .. id
+  redis.call('HDEL', lkey, field)
+  redis.call('HINCRBY', acct, 'avail', amt)
+  redis.call('HINCRBY', acct, 'leased', '-' .. amt)
+  touch(p, id, acct)
+  redis.call('XADD', p .. ':ledger', '*', 'kind', why, 'key', why .. ':' .. field,
+    'account', id, 'amount', 0, 'requests', 0, 'cpu_us', 0, 'deploys', 0)
+  return 1
+end
+"#;
+
+pub(crate) const RELEASE: &str = r#"
+local p, node, epoch = ARGV[1], ARGV[2], ARGV[3]
+local field = node .. ':' .. epoch
+redis.call('HSET', p .. ':inc:' .. field, 'released', '1')
+local set = p .. ':incacct:' .. field
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', set)) do
+  n = n + return_lease(p, id, field, 'release')
+end
+redis.call('DEL', set)
+return n
+"#;
+
+pub(crate) const REAP: &str = r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = 0
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', p .. ':leases', '-inf', now, 'LIMIT', 0, 500)) do
+  local bar = string.find(m, '|', 1, true)
+  local id, field = string.sub(m, 1, bar - 1), string.sub(m, bar + 1)
+  n = n + return_lease(p, id, field, 'expire')
+end
+-- The ledger is an audit trail (idempotency lives in the high-water marks and the credit keys):
+-- entries older than the retention go, exactly, so Redis does not grow forever.
+-- At most 1,000 entries per round, so a long backlog (retention just lowered, or a first run
+-- after an upgrade) cannot block Redis: the rounds catch up.
+local keep = tonumber(ARGV[2] or '0') or 0
+if keep > 0 and now > keep then
+  local old = redis.call('XRANGE', p .. ':ledger', '-', string.format('%d', now - keep),
+    'COUNT', 1000)
+  if #old > 0 then
+    local ids = {}
+    for i, e in ipairs(old) do ids[i] = e[1] end
+    redis.call('XDEL', p .. ':ledger', unpack(ids))
+  end
+end
+return n
+"#;

@@ -1,0 +1,323 @@
+//! Channel records in Redis (many nodes): a per-channel lock (`SET NX PX`) and a fenced Lua
+//! commit.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mpp::VerificationError;
+use redis::aio::ConnectionManager;
+
+use super::{
+    ChannelBackend, ChannelRecord, PendingCredit, PoisonedCredit, Updater, corrupt, unavailable,
+};
+
+/// Writes the record and the pending credits only while this node still holds the lock.
+const COMMIT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'LOST' end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
+for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('DEL', KEYS[1])
+return 'OK'
+"#;
+
+const UNLOCK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+/// Channel records in Redis. Keys (prefix configurable): `{p}:mpp:ch:{id}` JSON record,
+/// `{p}:mpp:lock:{id}` lock token, `{p}:mpp:channels` set of ids, `{p}:mpp:credits:pending`
+/// hash key → JSON credit, `{p}:mpp:credits:poisoned` hash key → JSON [`PoisonedCredit`],
+/// `{p}:mpp:forced` set of ids with an unresolved forced close, `{p}:mpp:meta` hash (the close
+/// watcher's block cursor).
+#[derive(Clone)]
+pub struct RedisChannels {
+    conn: ConnectionManager,
+    prefix: String,
+    commit: redis::Script,
+    unlock: redis::Script,
+    lock_ttl: Duration,
+    lock_wait: Duration,
+}
+
+impl RedisChannels {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, VerificationError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unavailable)?;
+        Ok(RedisChannels {
+            conn,
+            prefix: prefix.to_owned(),
+            commit: redis::Script::new(COMMIT),
+            unlock: redis::Script::new(UNLOCK),
+            lock_ttl: Duration::from_secs(5),
+            lock_wait: Duration::from_secs(3),
+        })
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}:mpp:{what}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl ChannelBackend for RedisChannels {
+    async fn get(&self, id: &str) -> Result<Option<ChannelRecord>, VerificationError> {
+        let mut c = self.conn.clone();
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.key(&format!("ch:{id}")))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        raw.map(|s| serde_json::from_str(&s).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn update(&self, id: &str, f: Updater) -> Result<ChannelRecord, VerificationError> {
+        let mut c = self.conn.clone();
+        let lock = self.key(&format!("lock:{id}"));
+        let token = format!("{:032x}", rand_token());
+        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let got: Option<String> = redis::cmd("SET")
+                .arg(&lock)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(self.lock_ttl.as_millis() as u64)
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            if got.is_some() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VerificationError::network_error(
+                    "channel is busy with another update; retry",
+                )
+                .retryable());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+        let result = async {
+            let prev = self.get(id).await?;
+            let upd = f(prev)?;
+            let json = serde_json::to_string(&upd.record).map_err(corrupt)?;
+            let mut inv = self.commit.prepare_invoke();
+            inv.key(&lock)
+                .key(self.key(&format!("ch:{id}")))
+                .key(self.key("credits:pending"))
+                .key(self.key("channels"))
+                .arg(&token)
+                .arg(json)
+                .arg(id);
+            for credit in &upd.credits {
+                inv.arg(&credit.key)
+                    .arg(serde_json::to_string(credit).map_err(corrupt)?);
+            }
+            let reply: String = inv.invoke_async(&mut c).await.map_err(unavailable)?;
+            if reply != "OK" {
+                return Err(VerificationError::network_error(
+                    "channel update lost its lock (the node stalled); nothing was written",
+                )
+                .retryable());
+            }
+            Ok(upd.record)
+        }
+        .await;
+        if result.is_err() {
+            // Best effort: the lock expires by itself anyway.
+            let _: Result<i64, _> = self
+                .unlock
+                .key(&lock)
+                .arg(&token)
+                .invoke_async(&mut c)
+                .await;
+        }
+        result
+    }
+
+    async fn pending_credits(&self) -> Result<Vec<PendingCredit>, VerificationError> {
+        let mut c = self.conn.clone();
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.key("credits:pending"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        all.into_iter()
+            .map(|(_, v)| serde_json::from_str(&v).map_err(corrupt))
+            .collect()
+    }
+
+    async fn add_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd("HSETNX")
+            .arg(self.key("credits:pending"))
+            .arg(&credit.key)
+            .arg(serde_json::to_string(credit).map_err(corrupt)?)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn credit_done(&self, key: &str) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd("HDEL")
+            .arg(self.key("credits:pending"))
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn channel_ids(&self) -> Result<Vec<String>, VerificationError> {
+        let mut c = self.conn.clone();
+        redis::cmd("SMEMBERS")
+            .arg(self.key("channels"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn poison(&self, p: &PoisonedCredit) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let json = serde_json::to_string(p).map_err(corrupt)?;
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(self.key("credits:poisoned"))
+            .arg(&p.credit.key)
+            .arg(json)
+            .ignore()
+            .cmd("HDEL")
+            .arg(self.key("credits:pending"))
+            .arg(&p.credit.key)
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn poisoned(&self) -> Result<Vec<PoisonedCredit>, VerificationError> {
+        let mut c = self.conn.clone();
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.key("credits:poisoned"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        all.into_iter()
+            .map(|(_, v)| serde_json::from_str(&v).map_err(corrupt))
+            .collect()
+    }
+
+    async fn unpoison(
+        &self,
+        key: &str,
+        retry: bool,
+    ) -> Result<Option<PoisonedCredit>, VerificationError> {
+        let mut c = self.conn.clone();
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.key("credits:poisoned"))
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let Some(raw) = raw else { return Ok(None) };
+        let p: PoisonedCredit = serde_json::from_str(&raw).map_err(corrupt)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HDEL")
+            .arg(self.key("credits:poisoned"))
+            .arg(key)
+            .ignore();
+        if retry {
+            pipe.cmd("HSETNX")
+                .arg(self.key("credits:pending"))
+                .arg(key)
+                .arg(serde_json::to_string(&p.credit).map_err(corrupt)?)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut c).await.map_err(unavailable)?;
+        Ok(Some(p))
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<String>, VerificationError> {
+        let mut c = self.conn.clone();
+        redis::cmd("HGET")
+            .arg(self.key("meta"))
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn meta_set(&self, key: &str, value: &str) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.key("meta"))
+            .arg(key)
+            .arg(value)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn forced_add(&self, id: &str) -> Result<(), VerificationError> {
+        self.set_op("SADD", id).await
+    }
+
+    async fn forced_remove(&self, id: &str) -> Result<(), VerificationError> {
+        self.set_op("SREM", id).await
+    }
+
+    async fn forced_ids(&self) -> Result<Vec<String>, VerificationError> {
+        let mut c = self.conn.clone();
+        redis::cmd("SMEMBERS")
+            .arg(self.key("forced"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+impl RedisChannels {
+    async fn set_op(&self, op: &str, id: &str) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd(op)
+            .arg(self.key("forced"))
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+fn rand_token() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    // Unique per call within and across processes: two random hasher seeds and the clock.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let hi = h.finish();
+    let lo = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (u128::from(hi) << 64) | u128::from(lo)
+}
