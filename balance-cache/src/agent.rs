@@ -42,6 +42,9 @@ pub struct AgentConfig {
     /// CPU (ms at the CPU price) an account may run past its lease here once it cannot pay,
     /// before the runtime interrupts it ([`BalanceCache::cpu_unpaid`]).
     pub cpu_debt_limit_ms: u64,
+    /// How long the closing round keeps trying an unreachable store before it leaves the rest
+    /// to the journal (the next start sends it). Below the caller's own stop timeout.
+    pub closing_budget: Duration,
     /// Fault injection for crash tests (feature `testing`): stop (forever) right after
     /// journaling a batch, before sending it, so a test can `kill -9` the process there.
     #[cfg(feature = "testing")]
@@ -62,6 +65,7 @@ impl AgentConfig {
             journal_path,
             max_batch: 100,
             cpu_debt_limit_ms: crate::cache::DEFAULT_CPU_DEBT_MS,
+            closing_budget: Duration::from_secs(4),
             #[cfg(feature = "testing")]
             hang_after_journal: false,
         }
@@ -244,10 +248,31 @@ impl Agent {
                 tracing::error!(error = %e, "settle failed");
             }
         }
-        if let Err(e) = self.tick(true).await {
-            tracing::error!(error = %e, "final settle failed; the journal keeps it");
-        } else if let Err(e) = self.store.release(&self.inc).await {
-            tracing::warn!(error = %e, "release at shutdown failed; leases expire instead");
+        // A refused batch starts a new incarnation with the cut's usage back in the slots: the
+        // closing round runs again to carry it (bounded: a store that keeps refusing needs an
+        // operator, and the usage is in the log below).
+        for attempt in 1..=3 {
+            match self.tick(true).await {
+                Ok(()) => {
+                    if let Err(e) = self.store.release(&self.inc).await {
+                        tracing::warn!(error = %e, "release at shutdown failed; leases expire instead");
+                    }
+                    break;
+                }
+                Err(AgentError::Interrupted) => {
+                    tracing::error!(
+                        pending = self.journal.pending().len(),
+                        "final settle: the store is unreachable; the journal keeps every batch and the next start sends them"
+                    );
+                    break;
+                }
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, "final settle refused; settling again under a new incarnation");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, unsettled = ?self.unsettled(), "final settle failed; this usage is not recorded");
+                }
+            }
         }
         feed.abort();
     }
@@ -335,51 +360,66 @@ impl Agent {
                 entries.push(e);
             }
         }
-        let chunks: Vec<Vec<SettleEntry>> = entries
-            .chunks(self.cfg.max_batch.max(1))
-            .map(<[SettleEntry]>::to_vec)
+        // What this incarnation journaled and has not had applied goes first (a round cut
+        // short by a stop while the store was away): sending the new cut before it would leave
+        // a gap in the sequence the store refuses.
+        let mut batches: Vec<SettleBatch> = self
+            .journal
+            .pending()
+            .iter()
+            .filter(|b| b.node_id == self.inc.node_id && b.epoch == self.inc.epoch)
+            .cloned()
             .collect();
-        let mut chunks = chunks.into_iter();
-        while let Some(chunk) = chunks.next() {
+        // Every chunk of the cut is journaled before the first is sent: whatever happens from
+        // here (the store away past the closing budget, the process killed), the next start
+        // replays it. A chunk that cannot be journaled goes back to its slots, untouched.
+        let mut chunks = entries.chunks(self.cfg.max_batch.max(1));
+        let mut journal_failed = None;
+        for chunk in chunks.by_ref() {
             let batch = SettleBatch {
                 node_id: self.inc.node_id.clone(),
                 epoch: self.inc.epoch,
                 seq: self.next_seq,
-                entries: chunk,
+                entries: chunk.to_vec(),
             };
             if let Err(e) = self.journal.append(&batch) {
-                // Not journaled, so not sent: the usage goes back to the slots, untouched.
                 self.restore(&batch.entries);
-                for rest in chunks.by_ref() {
-                    self.restore(&rest);
-                }
-                return Err(e.into());
+                journal_failed = Some(e);
+                break;
             }
             self.next_seq += 1;
-            self.metrics
-                .journal_depth
-                .set(self.journal.pending().len() as i64);
-            #[cfg(feature = "testing")]
-            if self.cfg.hang_after_journal {
-                println!("JOURNALED {} {}", batch.epoch, batch.seq);
-                std::future::pending::<()>().await;
+            batches.push(batch);
+        }
+        for rest in chunks {
+            self.restore(rest);
+        }
+        self.metrics
+            .journal_depth
+            .set(self.journal.pending().len() as i64);
+        #[cfg(feature = "testing")]
+        if self.cfg.hang_after_journal && !batches.is_empty() {
+            for b in &batches {
+                println!("JOURNALED {} {}", b.epoch, b.seq);
             }
+            std::future::pending::<()>().await;
+        }
+        let started = Instant::now();
+        let mut batches = batches.into_iter();
+        while let Some(batch) = batches.next() {
             // The store counts a lease's expiry from no earlier than the first send.
             let sent_at = Instant::now();
-            let mut tries = 0u32;
             let outcome = loop {
                 match send(&*self.store, &batch, &self.metrics).await {
                     Ok(g) => break Ok(g),
                     Err(SettleError::Unavailable(e)) => {
                         self.cache.store_down.store(true, Ordering::Release);
                         self.refresh_deadline();
-                        tries += 1;
                         let stopping = self.shutdown.as_ref().is_some_and(|s| *s.borrow());
-                        if (stopping && !closing) || (closing && tries >= 10) {
-                            // The journal keeps the batch; the next start replays it.
-                            for rest in chunks.by_ref() {
-                                self.restore(&rest);
-                            }
+                        if (stopping && !closing)
+                            || (closing && started.elapsed() >= self.cfg.closing_budget)
+                        {
+                            // Every batch of this round is journaled: the closing round (or
+                            // the next start) sends them.
                             return Err(AgentError::Interrupted);
                         }
                         tracing::warn!(error = %e, seq = batch.seq, "store unreachable; retrying");
@@ -406,19 +446,35 @@ impl Agent {
                     // lost writes, or a bug). Start a new one; nothing cut is lost.
                     tracing::error!(error = %e, seq = batch.seq, "settle refused; starting a new incarnation");
                     let mut unsent = vec![batch];
-                    unsent.extend(chunks.by_ref().map(|entries| SettleBatch {
-                        node_id: self.inc.node_id.clone(),
-                        epoch: self.inc.epoch,
-                        seq: 0,
-                        entries,
-                    }));
+                    unsent.extend(batches.by_ref());
                     self.reincarnate(unsent).await?;
                     return Err(e.into());
                 }
             }
         }
+        if let Some(e) = journal_failed {
+            return Err(e.into());
+        }
         self.cache.changed.notify_waiters();
         Ok(())
+    }
+
+    /// Usage still in the slots, not cut into any batch: (accounts, requests, CPU µs). For the
+    /// log when it cannot be recorded.
+    fn unsettled(&self) -> (usize, u64, u64) {
+        let mut out = (0, 0, 0);
+        for id in self.cache.map.ids() {
+            if let Some(slot) = self.cache.map.slot(id) {
+                let r = u64::from(slot.requests.load(Ordering::Acquire));
+                let c = slot.cpu_us.load(Ordering::Acquire);
+                if r > 0 || c > 0 {
+                    out.0 += 1;
+                    out.1 += r;
+                    out.2 += c;
+                }
+            }
+        }
+        out
     }
 
     /// Puts the usage and the hand-back of entries that were never applied back into their

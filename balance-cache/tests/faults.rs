@@ -216,6 +216,43 @@ async fn shutdown_while_redis_is_down_finishes_and_the_journal_keeps_the_usage()
     assert_eq!(st.leased, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_during_the_closing_round_settles_every_batch_in_order() {
+    let Fixture {
+        mut redis,
+        url,
+        dir,
+        admin,
+    } = durable_with_credit("late-close", USD).await;
+    let n = node(&url, "c1", &dir).await;
+    let mut paid = 0i64;
+    for _ in 0..20 {
+        assert_eq!(n.spend("late-close").await, Spend::Ok);
+        paid += 1;
+    }
+    redis.kill();
+    // Spent from the lease while Redis is away: a settle round journals this and keeps
+    // retrying, until the stop cuts it short.
+    for _ in 0..10 {
+        assert_eq!(n.spend("late-close").await, Spend::Ok);
+        paid += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stopping = tokio::spawn(n.shutdown());
+    // Redis comes back while the closing round is still trying.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.start_again();
+    tokio::time::timeout(Duration::from_secs(15), stopping)
+        .await
+        .expect("shutdown hung")
+        .unwrap();
+    // Settled by the closing round itself (no restart replays anything here).
+    let st = read(&admin, "late-close").await;
+    assert!(st.holds_invariant(), "{st:?}");
+    assert_eq!(st.debited, paid * PRICE, "{st:?}");
+    assert_eq!(st.leased, 0, "{st:?}");
+}
+
 #[test]
 fn agent_config_is_checked() {
     use tollgate_balance_cache::AgentConfig;
