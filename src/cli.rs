@@ -76,9 +76,13 @@ pub enum AccountsCommand {
         #[command(flatten)]
         books: BooksArgs,
         /// The chain's JSON-RPC endpoint, to compare channels with what the escrow holds
-        /// (read only). Without it, only the stores are compared.
-        #[arg(long)]
+        /// (read only). Required: a close request or a withdrawal on chain that our books
+        /// missed is the difference that matters most.
+        #[arg(long, required_unless_present = "offline")]
         rpc: Option<String>,
+        /// Compare the stores only, without the chain (says so in the report).
+        #[arg(long, conflicts_with = "rpc")]
+        offline: bool,
         #[arg(long, default_value_t = 42431)]
         chain_id: u64,
         /// One JSON document instead of lines.
@@ -357,6 +361,7 @@ fn accounts(cmd: AccountsCommand) -> anyhow::Result<ExitCode> {
         AccountsCommand::Audit {
             books,
             rpc,
+            offline: _,
             chain_id,
             json,
         } => ops::audit(books.books(), rpc.as_deref(), chain_id, json)?,

@@ -128,7 +128,7 @@ pub fn audit(
                 .map_err(|e| anyhow::anyhow!("--rpc {url}: {e}"))?,
             ),
             None => {
-                eprintln!("no --rpc: channels are not compared with the chain");
+                eprintln!("--offline: channels are NOT compared with the chain (close requests and withdrawals our books missed go unseen)");
                 None
             }
         };

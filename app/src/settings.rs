@@ -91,10 +91,19 @@ impl Settings {
                 "must be 1..=300 (a close request must be captured well inside Tempo's 900 s grace period)",
             ));
         }
-        if p.write_off_margin_seconds >= 600 {
+        if !(30..600).contains(&p.write_off_margin_seconds) {
             return Err(bad(
                 "payments.write_off_margin_seconds",
-                "must be below 600",
+                "must be 30..600 (time left to write unbacked credit off before the payer can withdraw)",
+            ));
+        }
+        if p.close_watch_seconds * 2 > p.write_off_margin_seconds {
+            return Err(bad(
+                "payments.close_watch_seconds",
+                format!(
+                    "must be at most half of payments.write_off_margin_seconds ({}), so two watcher rounds fit before the payer can withdraw",
+                    p.write_off_margin_seconds
+                ),
             ));
         }
         if p.challenge_ttl_seconds < 10 {
@@ -196,6 +205,11 @@ mod tests {
         assert_eq!(e.key, "payments.realm", "{e}");
         let e = check("[payments]\nclose_watch_seconds = 0\n");
         assert_eq!(e.key, "payments.close_watch_seconds", "{e}");
+        let e = check("[payments]\nwrite_off_margin_seconds = 5\n");
+        assert_eq!(e.key, "payments.write_off_margin_seconds", "{e}");
+        let e = check("[payments]\nclose_watch_seconds = 40\nwrite_off_margin_seconds = 60\n");
+        assert_eq!(e.key, "payments.close_watch_seconds", "{e}");
+        assert!(e.message.contains("half"), "{e}");
         let e = check("[log]\nlevel = \"info,,==\"\n");
         assert_eq!(e.key, "log.level", "{e}");
         assert!(Settings::from_config(Config::default()).is_ok());

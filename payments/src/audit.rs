@@ -23,7 +23,12 @@ use tollgate_metering::units::base_to_picos;
 
 /// Credit keys that give back an earlier debit (their debit is in the ledger too), rather than
 /// add money: reversals of charges, a close's return of withdrawn credit, a write-off given back.
-const REVERSAL_PREFIXES: &[&str] = &["refund:", "mpp-close-return:", "mpp-writeoff-undo:"];
+const REVERSAL_PREFIXES: &[&str] = &[
+    "refund:",
+    "mpp-close-return:",
+    "mpp-writeoff-undo:",
+    "mpp-writeoff-trueup:",
+];
 
 /// Voucher credits: `mpp:{channel}:{cumulative}`.
 const VOUCHER_PREFIX: &str = "mpp:";
@@ -55,6 +60,9 @@ pub struct ChannelAudit {
     pub settled_on_chain: Option<String>,
     pub deposit_on_chain: Option<String>,
     pub capturable: String,
+    /// Vouchers accepted (and credited) that will never be captured: revenue lost when the
+    /// payer spent the credit before a forced close took the rest back (base units).
+    pub uncollected: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -97,14 +105,15 @@ impl AuditReport {
         }
         for c in &self.channels {
             out.push_str(&format!(
-                "channel {} ({}): {:?}, highest voucher {}, settled {} (chain: {}), capturable {}\n",
+                "channel {} ({}): {:?}, highest voucher {}, settled {} (chain: {}), capturable {}, uncollected {}\n",
                 c.channel,
                 c.account,
                 c.lifecycle,
                 c.highest_voucher,
                 c.settled_recorded,
                 c.settled_on_chain.as_deref().unwrap_or("-"),
-                c.capturable
+                c.capturable,
+                c.uncollected
             ));
         }
         if self.differences.is_empty() {
@@ -204,6 +213,14 @@ pub async fn audit(
             settled_on_chain: None,
             deposit_on_chain: None,
             capturable: capturable.to_string(),
+            // Only a close the payer forced leaves credited vouchers uncaptured: a cooperative
+            // close withdraws the unspent part from the account instead.
+            uncollected: if r.forced_close.is_some() {
+                r.state.highest_voucher_amount.saturating_sub(capturable)
+            } else {
+                0
+            }
+            .to_string(),
         };
         if let Some(chain) = chain
             && let Ok(cid) = id.parse::<B256>()

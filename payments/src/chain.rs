@@ -39,29 +39,52 @@ pub enum ChainError {
     Invalid(String),
 }
 
+/// Where an event sits in the chain's log: events are applied in this order, so a cancellation
+/// only ends a close request that came before it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct EventPos {
+    pub block: u64,
+    pub index: u64,
+}
+
 /// What a payer did to one of our channels on chain, read from the escrow's event log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelEvent {
     /// `requestClose`: after `grace_end` (chain time, Unix seconds) the payer may withdraw.
-    CloseRequested { channel: B256, grace_end: u64 },
+    CloseRequested {
+        channel: B256,
+        grace_end: u64,
+        pos: EventPos,
+    },
     /// A top-up cleared the close request.
-    CloseCancelled { channel: B256 },
+    CloseCancelled { channel: B256, pos: EventPos },
     /// The channel is gone (closed by the payee, or withdrawn by the payer), and what the
     /// payee got in total.
     Closed {
         channel: B256,
         settled_to_payee: u128,
+        pos: EventPos,
     },
 }
 
-/// Events of a block range, and where the next read starts.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct EventPage {
-    pub events: Vec<ChannelEvent>,
-    /// The first block not read yet.
-    pub next_block: u64,
-    /// True when `next_block` is past the chain's latest block.
-    pub caught_up: bool,
+impl ChannelEvent {
+    pub fn channel(&self) -> B256 {
+        match self {
+            ChannelEvent::CloseRequested { channel, .. }
+            | ChannelEvent::CloseCancelled { channel, .. }
+            | ChannelEvent::Closed { channel, .. } => *channel,
+        }
+    }
+
+    pub fn pos(&self) -> EventPos {
+        match self {
+            ChannelEvent::CloseRequested { pos, .. }
+            | ChannelEvent::CloseCancelled { pos, .. }
+            | ChannelEvent::Closed { pos, .. } => *pos,
+        }
+    }
 }
 
 #[async_trait]
@@ -71,9 +94,16 @@ pub trait Chain: Send + Sync + 'static {
     async fn now(&self) -> Result<u64, ChainError>;
     /// The latest block number.
     async fn latest_block(&self) -> Result<u64, ChainError>;
-    /// The escrow's close requests, cancellations and closes of channels paying us, from
-    /// `from_block` on (one bounded range per call: one `eth_getLogs`, however many channels).
-    async fn channel_events(&self, from_block: u64) -> Result<EventPage, ChainError>;
+    /// The escrow's close requests, cancellations and closes of channels paying us in blocks
+    /// `from..=to` (one `eth_getLogs`, however many channels), in log order; only `channel`'s
+    /// when given. A node that refuses the range (too many blocks or results) answers
+    /// [`ChainError::Refused`]: the caller asks again with a smaller one.
+    async fn channel_events(
+        &self,
+        from: u64,
+        to: u64,
+        channel: Option<B256>,
+    ) -> Result<Vec<ChannelEvent>, ChainError>;
     /// `settle(descriptor, cumulative, signature)`: pays the payee up to `cumulative`.
     async fn settle(
         &self,
@@ -92,7 +122,8 @@ pub trait Chain: Send + Sync + 'static {
     ) -> Result<B256, ChainError>;
 }
 
-/// Blocks one `channel_events` call reads at most (nodes cap `eth_getLogs` ranges).
+/// Blocks one `channel_events` call asks for at first (nodes cap `eth_getLogs` ranges; the
+/// watcher halves the range while a node refuses it).
 pub const EVENT_RANGE: u64 = 5_000;
 
 /// JSON-RPC chain access with the payee's key (the payee, or its operator, is the only party
@@ -251,26 +282,25 @@ impl Chain for RpcChain {
         quantity(&n, "block number")
     }
 
-    async fn channel_events(&self, from_block: u64) -> Result<EventPage, ChainError> {
+    async fn channel_events(
+        &self,
+        from: u64,
+        to: u64,
+        channel: Option<B256>,
+    ) -> Result<Vec<ChannelEvent>, ChainError> {
         use ITIP20ChannelReserve::{ChannelClosed, CloseRequestCancelled, CloseRequested};
         use alloy::sol_types::SolEvent;
-        let latest = self.latest_block().await?;
-        if from_block > latest {
-            return Ok(EventPage {
-                events: Vec::new(),
-                next_block: from_block,
-                caught_up: true,
-            });
+        if from > to {
+            return Ok(Vec::new());
         }
-        let to = latest.min(from_block.saturating_add(EVENT_RANGE - 1));
         let payee = B256::left_padding_from(self.signer.address().as_slice());
         let filter = serde_json::json!({
-            "fromBlock": format!("{from_block:#x}"),
+            "fromBlock": format!("{from:#x}"),
             "toBlock": format!("{to:#x}"),
             "address": self.escrow,
             "topics": [
                 [CloseRequested::SIGNATURE_HASH, CloseRequestCancelled::SIGNATURE_HASH, ChannelClosed::SIGNATURE_HASH],
-                null,
+                channel,
                 null,
                 payee,
             ],
@@ -279,24 +309,39 @@ impl Chain for RpcChain {
             .provider
             .raw_request("eth_getLogs".into(), (filter,))
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| {
+                // An error answer (range or result count over the node's cap) is the node
+                // refusing this query; anything else is the node being away.
+                if e.as_error_resp().is_some() {
+                    ChainError::Refused(e.to_string())
+                } else {
+                    ChainError::Unavailable(e.to_string())
+                }
+            })?;
         let mut events = Vec::new();
         for log in logs {
             let Some(topic) = log.topic0().copied() else {
                 continue;
             };
+            let (Some(block), Some(index)) = (log.block_number, log.log_index) else {
+                // Pending logs carry no position; they come again once mined.
+                continue;
+            };
+            let pos = EventPos { block, index };
             let ev = if topic == CloseRequested::SIGNATURE_HASH {
                 let e = CloseRequested::decode_log_data(log.data())
                     .map_err(|e| ChainError::Invalid(format!("CloseRequested log: {e}")))?;
                 ChannelEvent::CloseRequested {
                     channel: e.channelId,
                     grace_end: u64::try_from(e.closeGraceEnd).unwrap_or(u64::MAX),
+                    pos,
                 }
             } else if topic == CloseRequestCancelled::SIGNATURE_HASH {
                 let e = CloseRequestCancelled::decode_log_data(log.data())
                     .map_err(|e| ChainError::Invalid(format!("CloseRequestCancelled log: {e}")))?;
                 ChannelEvent::CloseCancelled {
                     channel: e.channelId,
+                    pos,
                 }
             } else if topic == ChannelClosed::SIGNATURE_HASH {
                 let e = ChannelClosed::decode_log_data(log.data())
@@ -304,17 +349,15 @@ impl Chain for RpcChain {
                 ChannelEvent::Closed {
                     channel: e.channelId,
                     settled_to_payee: e.settledToPayee.to::<u128>(),
+                    pos,
                 }
             } else {
                 continue;
             };
             events.push(ev);
         }
-        Ok(EventPage {
-            events,
-            next_block: to + 1,
-            caught_up: to == latest,
-        })
+        events.sort_by_key(ChannelEvent::pos);
+        Ok(events)
     }
 
     async fn channel(&self, id: B256) -> Result<OnChain, ChainError> {

@@ -154,8 +154,18 @@ impl PaymentsConfig {
         {
             return Err("payments.close_watch_seconds must be 1..=300".into());
         }
-        if self.write_off_margin >= Duration::from_secs(600) {
-            return Err("payments.write_off_margin_seconds must be below 600".into());
+        if self.write_off_margin < Duration::from_secs(30)
+            || self.write_off_margin >= Duration::from_secs(600)
+        {
+            return Err("payments.write_off_margin_seconds must be 30..600".into());
+        }
+        // At least two watcher rounds fit in the margin: one failed read must not carry the
+        // write-off past the moment the payer can withdraw.
+        if self.close_watch_interval * 2 > self.write_off_margin {
+            return Err(
+                "payments.close_watch_seconds must be at most half of payments.write_off_margin_seconds"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -179,8 +189,18 @@ mod tests {
         assert!(c.validate().is_ok());
         let short = PaymentsConfig {
             secret: Secret::new("short"),
-            ..c
+            ..c.clone()
         };
         assert!(short.validate().is_err());
+        let thin_margin = PaymentsConfig {
+            write_off_margin: Duration::from_secs(10),
+            ..c.clone()
+        };
+        assert!(thin_margin.validate().is_err());
+        let slow_watch = PaymentsConfig {
+            close_watch_interval: Duration::from_secs(40),
+            ..c
+        };
+        assert!(slow_watch.validate().is_err());
     }
 }

@@ -33,7 +33,7 @@ mod settle;
 
 use mpp::{MppError, PaymentError, PaymentErrorDetails, Receipt, VerificationError};
 
-pub use chain::{Chain, ChainError, ChannelEvent, EventPage, OnChain, RpcChain};
+pub use chain::{Chain, ChainError, ChannelEvent, EventPos, OnChain, RpcChain};
 pub use channels::{
     ChannelBackend, ChannelRecord, EmbeddedChannels, ForcedClose, Lifecycle, PendingCredit,
     PoisonedCredit, RedisChannels, SharedChannels, account_of,

@@ -33,7 +33,7 @@ pub struct Payments {
     pub metrics: PaymentMetrics,
     /// Wakes the close watcher (a voucher found a close request).
     pub(crate) close_watch_wake: tokio::sync::Notify,
-    pub(crate) chain_clock: forced::ChainClock,
+    pub(crate) watch: forced::WatchState,
 }
 
 impl Payments {
@@ -88,7 +88,7 @@ impl Payments {
             chain,
             metrics: PaymentMetrics::new().map_err(|e| e.to_string())?,
             close_watch_wake: tokio::sync::Notify::new(),
-            chain_clock: forced::ChainClock::default(),
+            watch: forced::WatchState::default(),
         })
     }
 
@@ -358,8 +358,12 @@ impl Payments {
                 .state
                 .close_requested_at
                 .saturating_add(self.cfg.close_grace.as_secs());
-            if let Err(e) = forced::request(self, channel_id, grace_end).await {
-                tracing::warn!(channel = channel_id, error = %e.message, "close request not recorded yet; the watcher finds it in the escrow's events");
+            match forced::request(self, channel_id, grace_end, None).await {
+                Ok(true) => self.close_watch_wake.notify_one(),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(channel = channel_id, error = %e.message, "close request not recorded yet; the watcher finds it in the escrow's events");
+                }
             }
         }
     }
@@ -450,20 +454,32 @@ impl Payments {
         }
     }
 
-    /// Runs the background work until `stop` resolves: pending credits (every second) and
-    /// the settlement schedule.
+    /// Runs the background work until `stop` resolves: pending credits (every second), the
+    /// settlement schedule, and the close watcher in a task of its own (a long settlement
+    /// round must not delay a capture that has a deadline).
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let watcher = {
+            let p = self.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(p.cfg.close_watch_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => p.watch_closes_logged().await,
+                        _ = p.close_watch_wake.notified() => p.watch_closes_logged().await,
+                    }
+                }
+            })
+        };
         let mut credit_tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut settle_tick = tokio::time::interval(self.cfg.settle_interval);
-        let mut watch_tick = tokio::time::interval(self.cfg.close_watch_interval);
         credit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = watch_tick.tick() => self.watch_closes_logged().await,
-                _ = self.close_watch_wake.notified() => self.watch_closes_logged().await,
                 _ = credit_tick.tick() => {
                     if let Err(e) = self.drain_credits().await {
                         tracing::warn!(error = %e.message, "pending credits not applied yet");
@@ -476,16 +492,20 @@ impl Payments {
                 }
             }
         }
+        if let Err(e) = watcher.await {
+            tracing::warn!(error = %e, "close watcher task ended abnormally");
+        }
     }
 
-    /// One settlement round now (tests, operators).
+    /// One round of the close watcher and one settlement round, now (tests, operators).
     pub async fn settle_now(&self) -> Result<usize, String> {
+        self.watch_closes_logged().await;
         settle::settle_due(self).await
     }
 
     /// One round of the close watcher now (tests, operators): reads the escrow's close
     /// requests, captures the vouchers of channels closing on chain, writes off what can no
-    /// longer be captured.
+    /// longer be captured, closes the books of channels gone on chain.
     pub async fn watch_closes(&self) -> Result<(), String> {
         forced::watch(self).await
     }

@@ -17,10 +17,6 @@ use crate::close::now_ms;
 use tollgate_metering::units::picos_to_base;
 
 pub(crate) async fn settle_due(p: &Payments) -> Result<usize, String> {
-    // Closes the payers forced on chain first: their capture is the one with a deadline.
-    if let Err(e) = crate::forced::watch(p).await {
-        tracing::warn!(error = %e, "close watcher round failed; retried");
-    }
     let ids = p.backend.channel_ids().await.map_err(|e| e.message)?;
     let mut sent = 0;
     for id in ids {
@@ -68,6 +64,25 @@ async fn settle_one(p: &Payments, id: &str) -> Result<bool, String> {
     // The chain is the truth for what was settled (a previous round may have landed after
     // its answer was lost).
     let on_chain = p.chain.channel(channel).await.map_err(|e| e.to_string())?;
+    // This read may be the first sign of a close on chain (the watcher's scan brings it too):
+    // hand the channel over, the watcher captures in full.
+    if on_chain.deposit == 0 {
+        p.backend.forced_add(id).await.map_err(|e| e.message)?;
+        p.close_watch_wake.notify_one();
+        return Ok(false);
+    }
+    if on_chain.close_requested_at != 0 {
+        let grace_end = on_chain
+            .close_requested_at
+            .saturating_add(p.cfg.close_grace.as_secs());
+        if crate::forced::request(p, id, grace_end, None)
+            .await
+            .map_err(|e| e.message)?
+        {
+            p.close_watch_wake.notify_one();
+        }
+        return Ok(false);
+    }
     let settled = on_chain.settled.max(st.settled_on_chain);
     let unspent = match p.money.account(&record.account).await {
         Ok(Some(a)) => picos_to_base(a.available.saturating_add(a.leased)),

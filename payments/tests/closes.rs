@@ -6,7 +6,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use alloy::primitives::B256;
 use async_trait::async_trait;
@@ -124,25 +124,66 @@ async fn a_voucher_sent_after_a_close_request_is_refused_and_hands_the_channel_t
     assert_eq!(rig.audit().await, vec![]);
 }
 
-/// The chain, with settlement transactions failing while `broken` is set.
-struct FlakySettle {
-    inner: RpcChain,
+/// The chain, with faults switched on and off: settlements that fail (`broken`) or land with
+/// their answer lost (`lose_answer`), reads from a node that lags behind a close request
+/// (`stale_reads`), event scans that see nothing (`hide_events`; a lookup by channel still
+/// works), and a node that refuses event ranges over `max_range` blocks.
+#[derive(Default)]
+struct Faulty {
+    inner: Option<RpcChain>,
     broken: AtomicBool,
+    lose_answer: AtomicBool,
+    stale_reads: AtomicBool,
+    hide_events: AtomicBool,
+    max_range: AtomicU64,
+    refused: AtomicU64,
+    /// `latest_block` calls: one per scan.
+    heads: AtomicU64,
+    /// Hold a settlement's answer (after it landed) until `release` is notified.
+    hold_answer: AtomicBool,
+    landed: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl Faulty {
+    fn inner(&self) -> &RpcChain {
+        self.inner.as_ref().unwrap()
+    }
 }
 
 #[async_trait]
-impl tollgate_payments::Chain for FlakySettle {
+impl tollgate_payments::Chain for Faulty {
     async fn channel(&self, id: B256) -> Result<OnChain, ChainError> {
-        self.inner.channel(id).await
+        let mut oc = self.inner().channel(id).await?;
+        if self.stale_reads.load(Ordering::Acquire) {
+            oc.close_requested_at = 0;
+        }
+        Ok(oc)
     }
     async fn now(&self) -> Result<u64, ChainError> {
-        self.inner.now().await
+        self.inner().now().await
     }
     async fn latest_block(&self) -> Result<u64, ChainError> {
-        self.inner.latest_block().await
+        self.heads.fetch_add(1, Ordering::AcqRel);
+        self.inner().latest_block().await
     }
-    async fn channel_events(&self, from: u64) -> Result<tollgate_payments::EventPage, ChainError> {
-        self.inner.channel_events(from).await
+    async fn channel_events(
+        &self,
+        from: u64,
+        to: u64,
+        channel: Option<B256>,
+    ) -> Result<Vec<tollgate_payments::ChannelEvent>, ChainError> {
+        let cap = self.max_range.load(Ordering::Acquire);
+        if cap > 0 && to - from + 1 > cap {
+            self.refused.fetch_add(1, Ordering::AcqRel);
+            return Err(ChainError::Refused(format!(
+                "query exceeds max block range {cap} (test)"
+            )));
+        }
+        if channel.is_none() && self.hide_events.load(Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
+        self.inner().channel_events(from, to, channel).await
     }
     async fn settle(
         &self,
@@ -153,7 +194,15 @@ impl tollgate_payments::Chain for FlakySettle {
         if self.broken.load(Ordering::Acquire) {
             return Err(ChainError::Unavailable("connection refused (test)".into()));
         }
-        self.inner.settle(d, cumulative, sig).await
+        let r = self.inner().settle(d, cumulative, sig).await;
+        if self.hold_answer.load(Ordering::Acquire) {
+            self.landed.notify_one();
+            self.release.notified().await;
+        }
+        if self.lose_answer.load(Ordering::Acquire) {
+            return Err(ChainError::Unavailable("answer lost (test)".into()));
+        }
+        r
     }
     async fn close(
         &self,
@@ -162,29 +211,38 @@ impl tollgate_payments::Chain for FlakySettle {
         capture: u128,
         sig: &[u8],
     ) -> Result<B256, ChainError> {
-        self.inner.close(d, cumulative, capture, sig).await
+        self.inner().close(d, cumulative, capture, sig).await
     }
 }
 
-async fn flaky_node(rig: &Rig) -> (Payments, Arc<FlakySettle>) {
+/// A payments node over the rig's stores whose settlements fail until `broken` is cleared.
+async fn flaky_node(rig: &Rig) -> (Payments, Arc<Faulty>) {
+    let backend = Arc::new(
+        RedisChannels::connect(&rig.redis.url(), "tollgate")
+            .await
+            .unwrap(),
+    );
+    faulty_node(rig, backend).await
+}
+
+async fn faulty_node(rig: &Rig, backend: Arc<dyn ChannelBackend>) -> (Payments, Arc<Faulty>) {
     let cfg = rig.config();
-    let chain = Arc::new(FlakySettle {
-        inner: RpcChain::new(
-            &rig.chain.url(),
-            PAYEE_KEY.parse().unwrap(),
-            cfg.chain_id,
-            cfg.escrow,
-        )
-        .unwrap(),
+    let chain = Arc::new(Faulty {
+        inner: Some(
+            RpcChain::new(
+                &rig.chain.url(),
+                PAYEE_KEY.parse().unwrap(),
+                cfg.chain_id,
+                cfg.escrow,
+            )
+            .unwrap(),
+        ),
         broken: AtomicBool::new(true),
+        ..Faulty::default()
     });
     let p = Payments::new(
         cfg,
-        Arc::new(
-            RedisChannels::connect(&rig.redis.url(), "tollgate")
-                .await
-                .unwrap(),
-        ),
+        backend,
         Arc::new(mpp::MemoryStore::new()),
         rig.money.clone(),
         chain.clone(),
@@ -273,6 +331,309 @@ async fn a_capture_that_lands_after_a_write_off_gives_the_credit_back() {
     assert_eq!(rig.available(&acct).await, 3 * USD);
     p.settle_now().await.unwrap();
     assert_eq!(rig.available(&acct).await, 3 * USD, "given back once");
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_node_showing_no_close_request_never_reopens_the_channel() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let acct = account(PAYER_KEY);
+    let (id, _) = channel_at(&rig, 3_000_000).await;
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    let (p, chain) = flaky_node(&rig).await;
+    // The escrow's log says "requested"; every read comes from a node that has not seen it.
+    chain.stale_reads.store(true, Ordering::Release);
+    p.watch_closes().await.unwrap();
+    p.watch_closes().await.unwrap();
+    let r = record(&rig, &id).await;
+    assert_eq!(r.lifecycle(), Lifecycle::CloseRequested);
+    assert!(r.state.closing, "a stale read reopened the channel");
+    // Still nothing captured when the payer can almost withdraw: written off.
+    rig.increase_time(880).await;
+    p.watch_closes().await.unwrap();
+    assert_eq!(rig.available(&acct).await, 0);
+    assert_eq!(record(&rig, &id).await.lifecycle(), Lifecycle::WrittenOff);
+    // The node catches up and the chain takes the capture: backed again, given back once.
+    chain.stale_reads.store(false, Ordering::Release);
+    chain.broken.store(false, Ordering::Release);
+    p.watch_closes().await.unwrap();
+    p.watch_closes().await.unwrap();
+    assert_eq!(record(&rig, &id).await.lifecycle(), Lifecycle::Captured);
+    assert_eq!(rig.available(&acct).await, 3 * USD);
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_off_racing_a_capture_on_another_node_never_sticks() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let acct = account(PAYER_KEY);
+    let (id, ch) = channel_at(&rig, 3_000_000).await;
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    let backend = Arc::new(Interleaved {
+        inner: RedisChannels::connect(&rig.redis.url(), "tollgate")
+            .await
+            .unwrap(),
+        hook: tokio::sync::Mutex::new(None),
+    });
+    let (a, _chain) = faulty_node(&rig, backend.clone()).await;
+    a.watch_closes().await.unwrap();
+    rig.increase_time(880).await;
+    // Node A cannot capture and decides to write off; node B captures just before A fixes the
+    // amount of its write-off.
+    let b = rig.nodes[0].payments.clone();
+    *backend.hook.lock().await = Some(Box::pin(async move {
+        b.watch_closes().await.unwrap();
+    }));
+    a.watch_closes().await.unwrap();
+    assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 3_000_000);
+    a.watch_closes().await.unwrap();
+    rig.nodes[0].payments.watch_closes().await.unwrap();
+    assert_eq!(record(&rig, &id).await.lifecycle(), Lifecycle::Captured);
+    assert_eq!(
+        rig.available(&acct).await,
+        3 * USD,
+        "captured credit written off"
+    );
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_whose_answer_was_lost_is_found_at_the_close_and_the_write_off_given_back() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let acct = account(PAYER_KEY);
+    let (id, _) = channel_at(&rig, 3_000_000).await;
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    let (p, chain) = flaky_node(&rig).await;
+    chain.broken.store(false, Ordering::Release);
+    chain.lose_answer.store(true, Ordering::Release);
+    // Late in the grace period the capture lands, but its answer is lost: written off.
+    rig.increase_time(880).await;
+    p.watch_closes().await.unwrap();
+    assert_eq!(rig.available(&acct).await, 0);
+    // The payer withdraws before the next round reads the channel: only the close event says
+    // the payee got all $3.
+    rig.increase_time(30).await;
+    assert!(rig.withdraw(PAYER_KEY, &id).await);
+    p.watch_closes().await.unwrap();
+    let r = record(&rig, &id).await;
+    assert_eq!(r.lifecycle(), Lifecycle::Closed);
+    assert_eq!(r.closed_on_chain, Some(3_000_000));
+    assert_eq!(
+        rig.available(&acct).await,
+        3 * USD,
+        "captured credit kept written off"
+    );
+    p.watch_closes().await.unwrap();
+    assert_eq!(rig.available(&acct).await, 3 * USD, "given back once");
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_whose_events_a_node_never_returns_is_still_found_and_closed() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let acct = account(PAYER_KEY);
+    let (id, ch) = channel_at(&rig, 3_000_000).await;
+    let (p, chain) = flaky_node(&rig).await;
+    chain.hide_events.store(true, Ordering::Release);
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    // The settlement round reads the channel, finds the request and hands it over.
+    p.settle_now().await.unwrap();
+    let r = record(&rig, &id).await;
+    assert!(r.state.closing);
+    assert_eq!(r.lifecycle(), Lifecycle::CloseRequested);
+    rig.increase_time(880).await;
+    p.settle_now().await.unwrap();
+    assert_eq!(rig.available(&acct).await, 0);
+    rig.increase_time(30).await;
+    assert!(rig.withdraw(PAYER_KEY, &id).await);
+    assert!(rig.chain.chain().channel(ch).is_none());
+    // Gone, and the scan never brings its close event: looked up by channel after a few rounds.
+    for _ in 0..5 {
+        p.watch_closes().await.unwrap();
+    }
+    let r = record(&rig, &id).await;
+    assert_eq!(r.lifecycle(), Lifecycle::Closed);
+    assert_eq!(r.closed_on_chain, Some(0));
+    assert_eq!(rig.available(&acct).await, 0);
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_caps_event_ranges_is_read_in_smaller_ranges_and_the_scan_keeps_up() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let (id, ch) = channel_at(&rig, 2_000_000).await;
+    let (p, chain) = flaky_node(&rig).await;
+    chain.broken.store(false, Ordering::Release);
+    chain.max_range.store(2, Ordering::Release);
+    for _ in 0..5 {
+        p.watch_closes().await.unwrap();
+    }
+    // Far more blocks than one round's ranges of this node cover, then the request.
+    for _ in 0..150 {
+        rig.increase_time(0).await;
+    }
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    for _ in 0..15 {
+        p.watch_closes().await.unwrap();
+        if record(&rig, &id).await.lifecycle() == Lifecycle::Captured {
+            break;
+        }
+    }
+    assert!(chain.refused.load(Ordering::Acquire) > 0);
+    assert_eq!(record(&rig, &id).await.lifecycle(), Lifecycle::Captured);
+    assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 2_000_000);
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_off_fixed_by_a_node_that_died_is_carried_out_by_the_next() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let acct = account(PAYER_KEY);
+    let (id, _) = channel_at(&rig, 3_000_000).await;
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    let (p, _chain) = flaky_node(&rig).await;
+    p.watch_closes().await.unwrap();
+    rig.increase_time(880).await;
+    // A node fixed the write-off's amount and died before the money store took it.
+    p.backend()
+        .update(
+            &id,
+            Box::new(|prev| {
+                let mut r = prev.unwrap();
+                r.forced_close.as_mut().unwrap().write_off_ask = Some(3 * USD);
+                Ok(tollgate_payments::channels::Update {
+                    record: r,
+                    credits: Vec::new(),
+                })
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rig.available(&acct).await, 3 * USD);
+    p.watch_closes().await.unwrap();
+    assert_eq!(
+        rig.available(&acct).await,
+        0,
+        "the unbacked credit stayed spendable"
+    );
+    assert_eq!(record(&rig, &id).await.lifecycle(), Lifecycle::WrittenOff);
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_answered_after_the_books_closed_gives_nothing_back_twice() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let acct = account(PAYER_KEY);
+    let (id, _) = channel_at(&rig, 3_000_000).await;
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    let (a, chain) = flaky_node(&rig).await;
+    a.watch_closes().await.unwrap();
+    // Late in the grace period node A writes off, then its capture lands on chain but the
+    // answer is slow to come back.
+    rig.increase_time(880).await;
+    chain.broken.store(false, Ordering::Release);
+    chain.hold_answer.store(true, Ordering::Release);
+    let a = Arc::new(a);
+    let round = tokio::spawn({
+        let a = a.clone();
+        async move { a.watch_closes().await }
+    });
+    chain.landed.notified().await;
+    assert_eq!(rig.available(&acct).await, 0);
+    // Meanwhile the payer withdraws and node B closes the books on what the payee got: the
+    // write-off is given back there.
+    rig.increase_time(30).await;
+    assert!(rig.withdraw(PAYER_KEY, &id).await);
+    let b = &rig.nodes[0].payments;
+    b.watch_closes().await.unwrap();
+    assert_eq!(record(&rig, &id).await.lifecycle(), Lifecycle::Closed);
+    assert_eq!(rig.available(&acct).await, 3 * USD);
+    // A's answer arrives now: nothing more is given back.
+    chain.release.notify_one();
+    round.await.unwrap().unwrap();
+    a.watch_closes().await.unwrap();
+    b.watch_closes().await.unwrap();
+    assert_eq!(rig.available(&acct).await, 3 * USD, "given back twice");
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_that_keeps_failing_does_not_spin_the_watcher() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let (id, _) = channel_at(&rig, 3_000_000).await;
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    let (p, chain) = flaky_node(&rig).await;
+    let p = Arc::new(p);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(p.clone().run(stop_rx));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(
+        record(&rig, &id).await.lifecycle(),
+        Lifecycle::CloseRequested
+    );
+    // One round at start (the interval is 10 s); a wake-up loop would have run hundreds.
+    let rounds = chain.heads.load(Ordering::Acquire);
+    assert!(rounds <= 3, "{rounds} watcher rounds in 1.5 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_close_request_is_its_own_case_with_its_own_write_off() {
+    let rig = Rig::start(1).await;
+    rig.fund(PAYER_KEY);
+    let acct = account(PAYER_KEY);
+    let (id, _) = channel_at(&rig, 3_000_000).await;
+    let (p, _chain) = flaky_node(&rig).await;
+    // Requested, cancelled and requested again before the watcher looks: one open case, the
+    // second.
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    assert!(rig.cancel_close(PAYER_KEY, &id).await);
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    p.watch_closes().await.unwrap();
+    let f = record(&rig, &id).await.forced_close.unwrap();
+    assert_eq!((f.cycle, f.cancelled), (2, false));
+    // Written off as the grace period ends, given back when the payer cancels with a top-up.
+    rig.increase_time(880).await;
+    p.watch_closes().await.unwrap();
+    assert_eq!(rig.available(&acct).await, 0);
+    assert!(rig.cancel_close(PAYER_KEY, &id).await);
+    p.watch_closes().await.unwrap();
+    let r = record(&rig, &id).await;
+    assert_eq!(rig.available(&acct).await, 3 * USD);
+    assert!(!r.state.closing);
+    assert_eq!(r.lifecycle(), Lifecycle::Active);
+    // A third request is a new case: written off again under its own key.
+    assert!(rig.request_close(PAYER_KEY, &id).await);
+    p.watch_closes().await.unwrap();
+    assert_eq!(record(&rig, &id).await.forced_close.unwrap().cycle, 3);
+    rig.increase_time(880).await;
+    p.watch_closes().await.unwrap();
+    assert_eq!(rig.available(&acct).await, 0);
+    let keys: Vec<_> = rig
+        .money
+        .ledger()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "write_off")
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            format!("write_off:mpp-writeoff:{id}:2"),
+            format!("write_off:mpp-writeoff:{id}:3")
+        ]
+    );
     assert_eq!(rig.audit().await, vec![]);
 }
 

@@ -18,6 +18,7 @@
 
 use std::sync::Arc;
 
+use crate::chain::EventPos;
 use async_trait::async_trait;
 use mpp::VerificationError;
 use mpp::protocol::methods::tempo::session::ChannelDescriptor;
@@ -75,11 +76,23 @@ pub struct CloseRecord {
 
 /// A close the payer started on chain (`requestClose`) and what tollgate did about it: capture
 /// the highest accepted voucher in full before the grace period ends, or else write off the
-/// credit it no longer backs. See docs/payments.md ("Channel lifecycle").
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// credit it no longer backs. One value per close request (a payer may request, cancel with a
+/// top-up, and request again: each request is a new `cycle`). See docs/payments.md ("Channel
+/// lifecycle").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForcedClose {
     /// Chain time (Unix seconds) from which the payer may `withdraw` the deposit.
     pub grace_end: u64,
+    /// Which close request of this channel (1, 2, …): the write-off's key carries it.
+    #[serde(default)]
+    pub cycle: u32,
+    /// Where the request is in the chain's log, once its event was read (a request first seen
+    /// by reading the channel has none yet). Only a cancellation after it ends it.
+    #[serde(default)]
+    pub requested_at: Option<EventPos>,
+    /// Where the cancellation is in the chain's log.
+    #[serde(default)]
+    pub cancelled_at: Option<EventPos>,
     /// The cumulative amount captured on chain once it covered every accepted voucher.
     #[serde(default)]
     pub captured: Option<u128>,
@@ -90,13 +103,32 @@ pub struct ForcedClose {
     /// What the write-off took from the account (p$).
     #[serde(default)]
     pub written_off: Option<i64>,
-    /// The write-off went back to the account (the voucher was captured after all, or the payer
-    /// cancelled the close).
+    /// The write-off is being given back (the voucher was captured after all, or the payer
+    /// cancelled the close): a reversal of its key was queued with the record.
     #[serde(default)]
     pub restored: bool,
     /// The payer cancelled the request (a top-up on chain).
     #[serde(default)]
     pub cancelled: bool,
+}
+
+impl ForcedClose {
+    /// Still to be resolved: neither cancelled nor captured.
+    pub fn active(&self) -> bool {
+        !self.cancelled && self.captured.is_none()
+    }
+}
+
+/// The books of a channel once it is gone on chain: what the payee got decides what of the
+/// credit was unbacked; a write-off made earlier is trued up to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseBooks {
+    /// Further write-off asked at the close (p$), fixed before it is sent.
+    #[serde(default)]
+    pub write_off_ask: Option<i64>,
+    /// Over-written-off credit given back at the close (p$), queued with the record.
+    #[serde(default)]
+    pub given_back: Option<i64>,
 }
 
 /// Where a channel is in its life (docs/payments.md has the table of who moves each edge).
@@ -139,6 +171,8 @@ pub struct ChannelRecord {
     /// `ChannelClosed` event).
     #[serde(default)]
     pub closed_on_chain: Option<u128>,
+    #[serde(default)]
+    pub close_books: Option<CloseBooks>,
 }
 
 impl ChannelRecord {
@@ -288,6 +322,7 @@ fn wrap(id: String, chain_id: u64, updater: StateUpdater) -> Updater {
                 chain_ops: Vec::new(),
                 forced_close: None,
                 closed_on_chain: None,
+                close_books: None,
             },
         };
         let mut credits = Vec::new();

@@ -233,6 +233,17 @@ impl Rig {
         self.payer_call(key, call.abi_encode()).await
     }
 
+    /// The payer cancels a close request with a zero top-up (`topUp(descriptor, 0)`).
+    pub async fn cancel_close(&self, key: &str, channel: &str) -> bool {
+        use alloy::sol_types::SolCall;
+        let d = self.descriptor(channel).await;
+        let call = tempo_alloy::contracts::precompiles::ITIP20ChannelReserve::topUpCall {
+            descriptor: d,
+            additionalDeposit: alloy::primitives::Uint::<96, 2>::ZERO,
+        };
+        self.payer_call(key, call.abi_encode()).await
+    }
+
     /// The payer takes back what is not settled, after the grace period (`withdraw`).
     pub async fn withdraw(&self, key: &str, channel: &str) -> bool {
         use alloy::sol_types::SolCall;
