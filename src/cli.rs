@@ -83,8 +83,9 @@ pub enum AccountsCommand {
         /// Compare the stores only, without the chain (says so in the report).
         #[arg(long, conflicts_with = "rpc")]
         offline: bool,
-        #[arg(long, default_value_t = 42431)]
-        chain_id: u64,
+        /// The chain id (default: `payments.chain_id` of the config).
+        #[arg(long)]
+        chain_id: Option<u64>,
         /// One JSON document instead of lines.
         #[arg(long)]
         json: bool,
@@ -204,36 +205,104 @@ pub enum RoutesCommand {
 }
 
 /// Where the books are: the shared Redis, or the embedded stores of a stopped `tollgate dev`.
+/// Read from the fleet's config file (and `TOLLGATE_*`), so an operator command looks at the
+/// same keys as the nodes; flags win.
 #[derive(Debug, Args)]
 pub struct BooksArgs {
-    /// The shared Redis (money, channels); without it, the embedded stores in --data-dir.
-    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    /// The configuration file the nodes run with ([redis], control.data_dir).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The shared Redis (money, channels); without it, the embedded stores in the data dir.
+    #[arg(long)]
     pub redis: Option<String>,
-    #[arg(long, env = "TOLLGATE_REDIS_KEY_PREFIX", default_value = "tollgate")]
-    pub key_prefix: String,
-    #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = ".tollgate")]
-    pub data_dir: PathBuf,
+    /// The prefix of every key (`redis.key_prefix`, default `tollgate`).
+    #[arg(long)]
+    pub key_prefix: Option<String>,
+    /// The data dir of a stopped `tollgate dev` (`control.data_dir`, default `.tollgate`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
-impl BooksArgs {
+/// The books an operator command opens, resolved.
+struct Where {
+    redis: Option<String>,
+    prefix: String,
+    data_dir: PathBuf,
+    chain_id: u64,
+}
+
+impl Where {
     fn books(&self) -> Books<'_> {
         Books {
             redis: self.redis.as_deref(),
-            prefix: &self.key_prefix,
+            prefix: &self.prefix,
             data_dir: &self.data_dir,
         }
     }
 }
 
-/// Which Redis, and its key prefix.
+fn resolve(
+    config: Option<&std::path::Path>,
+    redis: Option<&str>,
+    key_prefix: Option<&str>,
+    data_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Where> {
+    let mut cfg = Config::load(config, &env)?;
+    if let Some(url) = redis {
+        cfg.set_redis_url(url).map_err(anyhow::Error::msg)?;
+    }
+    Ok(Where {
+        prefix: key_prefix
+            .map(str::to_owned)
+            .or_else(|| cfg.redis.as_ref().map(|r| r.key_prefix.clone()))
+            .unwrap_or_else(|| "tollgate".into()),
+        redis: cfg.redis.map(|r| r.url),
+        data_dir: data_dir.map_or(cfg.control.data_dir, std::path::Path::to_path_buf),
+        chain_id: cfg.payments.chain_id,
+    })
+}
+
+impl BooksArgs {
+    fn resolve(&self) -> anyhow::Result<Where> {
+        resolve(
+            self.config.as_deref(),
+            self.redis.as_deref(),
+            self.key_prefix.as_deref(),
+            self.data_dir.as_deref(),
+        )
+    }
+}
+
+/// Which Redis, and its key prefix: flags, else the config file and `TOLLGATE_*`.
 #[derive(Debug, Args)]
 pub struct RedisArgs {
+    /// The configuration file the nodes run with ([redis]).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// The shared Redis, e.g. redis://127.0.0.1:6379/.
-    #[arg(long = "redis", env = "TOLLGATE_REDIS_URL")]
-    pub url: String,
-    /// The prefix of every key (`redis.key_prefix`).
-    #[arg(long, env = "TOLLGATE_REDIS_KEY_PREFIX", default_value = "tollgate")]
-    pub key_prefix: String,
+    #[arg(long = "redis")]
+    pub url: Option<String>,
+    /// The prefix of every key (`redis.key_prefix`, default `tollgate`).
+    #[arg(long)]
+    pub key_prefix: Option<String>,
+}
+
+impl RedisArgs {
+    /// (url, prefix).
+    fn resolve(&self) -> anyhow::Result<(String, String)> {
+        let w = resolve(
+            self.config.as_deref(),
+            self.url.as_deref(),
+            self.key_prefix.as_deref(),
+            None,
+        )?;
+        let url = w.redis.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no Redis: give --redis URL, a --config with [redis], or TOLLGATE_REDIS_URL"
+            )
+        })?;
+        Ok((url, w.prefix))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -336,7 +405,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
                 RoutesCommand::List { redis } => (redis, RouteOp::List),
             };
-            tollgate_app::ops::routes(&redis.url, &redis.key_prefix, op)?;
+            let (url, prefix) = redis.resolve()?;
+            tollgate_app::ops::routes(&url, &prefix, op)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Accounts(cmd) => accounts(cmd),
@@ -347,7 +417,8 @@ fn accounts(cmd: AccountsCommand) -> anyhow::Result<ExitCode> {
     use tollgate_app::ops;
     Ok(exit(match cmd {
         AccountsCommand::Show { redis, account } => {
-            ops::account(&redis.url, &redis.key_prefix, &account, AccountOp::Show)?
+            let (url, prefix) = redis.resolve()?;
+            ops::account(&url, &prefix, &account, AccountOp::Show)?
         }
         AccountsCommand::Credit {
             redis,
@@ -356,7 +427,8 @@ fn accounts(cmd: AccountsCommand) -> anyhow::Result<ExitCode> {
             key,
         } => {
             let op = AccountOp::Credit { usd, key };
-            ops::account(&redis.url, &redis.key_prefix, &account, op)?
+            let (url, prefix) = redis.resolve()?;
+            ops::account(&url, &prefix, &account, op)?
         }
         AccountsCommand::Audit {
             books,
@@ -364,14 +436,18 @@ fn accounts(cmd: AccountsCommand) -> anyhow::Result<ExitCode> {
             offline: _,
             chain_id,
             json,
-        } => ops::audit(books.books(), rpc.as_deref(), chain_id, json)?,
+        } => {
+            let w = books.resolve()?;
+            let chain_id = chain_id.unwrap_or(w.chain_id);
+            ops::audit(w.books(), rpc.as_deref(), chain_id, json)?
+        }
         AccountsCommand::Credits { books, retry, drop } => {
             let resolve = match (&retry, &drop) {
                 (Some(k), _) => Some((k.as_str(), true)),
                 (None, Some(k)) => Some((k.as_str(), false)),
                 (None, None) => None,
             };
-            ops::credits(books.books(), resolve)?
+            ops::credits(books.resolve()?.books(), resolve)?
         }
     }))
 }

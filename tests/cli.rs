@@ -139,7 +139,8 @@ fn proxy_fronts_an_upstream_and_exits_0_on_sigterm() {
     let admin = free_addr();
     let (mut p, listen) = start_listening(|listen| {
         let mut c = bin();
-        c.args(["proxy", "--listen", &listen.to_string()])
+        c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
+            .args(["proxy", "--listen", &listen.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .args(["--threads", "1"])
             .args(["--route", &format!("svc.localhost={}", up.addr)]);
@@ -162,6 +163,92 @@ fn proxy_fronts_an_upstream_and_exits_0_on_sigterm() {
         "took {:?}",
         t.elapsed()
     );
+}
+
+#[test]
+fn a_proxy_that_does_not_know_the_platform_realm_refuses_to_start() {
+    // Even on a loopback listener (behind a local load balancer it is just as public).
+    let out = bin()
+        .stderr(Stdio::piped())
+        .args(["proxy", "--listen", &free_addr().to_string()])
+        .args(["--admin-listen", &free_addr().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("public.mcp_url"), "{err}");
+}
+
+#[test]
+fn operator_commands_read_the_key_prefix_of_the_fleet_config() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fleet.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[redis]\nurl = \"{}\"\nkey_prefix = \"fleet\"\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .stdout(Stdio::piped())
+        .args(["accounts", "credit", "--config"])
+        .arg(&file)
+        .args(["--account", "a1", "--usd", "2", "--key", "k1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Under the fleet's prefix, not the default one.
+    let mut conn = redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(keys.iter().any(|k| k.starts_with("fleet:")), "{keys:?}");
+    assert!(!keys.iter().any(|k| k.starts_with("tollgate:")), "{keys:?}");
+    let shown = bin()
+        .stdout(Stdio::piped())
+        .args(["accounts", "show", "--config"])
+        .arg(&file)
+        .arg("a1")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(v["available"], 2_000_000_000_000i64, "{v}");
+}
+
+#[test]
+fn a_signal_during_start_up_stops_dev_in_order_and_a_taken_port_stops_it_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = |control: SocketAddr| {
+        let mut c = bin();
+        c.stderr(Stdio::piped())
+            .args(["dev", "--chain-listen", &free_addr().to_string()])
+            .args(["--proxy-listen", &free_addr().to_string()])
+            .args(["--control-listen", &control.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"));
+        c
+    };
+    // SIGTERM while it is still starting: handled (exit 0), not the default action.
+    let mut p = dev(free_addr()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&p, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = p.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dev did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    // The control port is taken: refused at once, nothing started.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = dev(taken.local_addr().unwrap()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("control.listen"), "{err}");
 }
 
 #[test]
@@ -313,7 +400,8 @@ fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests()
     let (mut new, _, served) = upgrade_under_traffic(
         |listen, upgrade| {
             let mut c = bin();
-            c.args(["proxy", "--listen", &listen.to_string()])
+            c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
+                .args(["proxy", "--listen", &listen.to_string()])
                 .args(["--admin-listen", &free_addr().to_string()])
                 .args(["--route", &route]);
             if upgrade {
@@ -349,6 +437,7 @@ fn a_metered_route_upgrades_without_a_503_and_every_request_is_paid_once() {
         |listen, upgrade| {
             let mut c = bin();
             c.env("TOLLGATE_DATA_DIR", data.path())
+                .env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
                 .args(["proxy", "--listen", &listen.to_string()])
                 .args(["--admin-listen", &free_addr().to_string()])
                 .args(["--redis", &redis.url()]);

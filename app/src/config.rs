@@ -278,6 +278,7 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_DATA_DIR",
     "TOLLGATE_ADMIN_TOKEN",
     "TOLLGATE_REDIS_URL",
+    "TOLLGATE_REDIS_KEY_PREFIX",
     "TOLLGATE_DRAIN_TIMEOUT_SECONDS",
     "TOLLGATE_METERING_ENABLED",
     "TOLLGATE_NODE_ID",
@@ -375,6 +376,12 @@ impl Config {
                 "TOLLGATE_DATA_DIR" => self.control.data_dir = PathBuf::from(val),
                 "TOLLGATE_ADMIN_TOKEN" => self.control.admin_token = Some(val),
                 "TOLLGATE_REDIS_URL" => self.set_redis_url(&val).map_err(fail)?,
+                // Only with a Redis to prefix (the URL comes first).
+                "TOLLGATE_REDIS_KEY_PREFIX" => {
+                    if let Some(r) = &mut self.redis {
+                        r.key_prefix = val;
+                    }
+                }
                 "TOLLGATE_DRAIN_TIMEOUT_SECONDS" => {
                     self.shutdown.drain_timeout_seconds = parse_num(&val).map_err(fail)?;
                 }

@@ -216,18 +216,25 @@ pub async fn control_service(
     Ok(ControlService { router: app, tasks })
 }
 
-/// Serves `app` on the control listener until `stop` (then it finishes the requests it has).
-pub async fn serve(
-    settings: &Settings,
+/// Binds the control listener (first thing at start: a port in use stops the start before
+/// anything runs).
+pub async fn bind_control(settings: &Settings) -> anyhow::Result<tokio::net::TcpListener> {
+    let listen = settings.config.control.listen;
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (control.listen)"))
+}
+
+/// Serves `app` on `listener` until `stop` (then it finishes the requests it has).
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<JoinHandle<()>> {
-    let listen = settings.config.control.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (control.listen)"))?;
-    tracing::info!(addr = %listen, "control listening (/v1/admin, /healthz)");
-    Ok(tokio::spawn(async move {
+) -> JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "control listening (/v1/admin, /healthz)");
+    }
+    tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -236,5 +243,5 @@ pub async fn serve(
         if let Err(e) = served {
             tracing::error!(error = %e, "control listener failed");
         }
-    }))
+    })
 }

@@ -137,25 +137,31 @@ async fn run_agent(
 ) {
     let mut wait = Duration::from_millis(100);
     let mut n = 0;
-    let (agent, mine) = loop {
+    let (agent, mine, opened) = loop {
         let try_cfg = stand_in(&cfg, n);
         let started = match store.open().await {
-            Ok(store) => Agent::start(cache.clone(), store, try_cfg.clone(), metrics.clone())
-                .await
-                .map_err(|e| {
-                    (
-                        matches!(e, AgentError::Journal(JournalError::Locked { .. })),
-                        e.to_string(),
-                    )
-                }),
+            Ok(store) => Agent::start(
+                cache.clone(),
+                store.clone(),
+                try_cfg.clone(),
+                metrics.clone(),
+            )
+            .await
+            .map(|a| (a, store))
+            .map_err(|e| {
+                (
+                    matches!(e, AgentError::Journal(JournalError::Locked { .. })),
+                    e.to_string(),
+                )
+            }),
             Err(e) => Err((false, e)),
         };
         match started {
-            Ok(a) => {
+            Ok((a, opened)) => {
                 if n > 0 {
                     tracing::info!(node = %try_cfg.node_id, "journal held by another process of this node (an upgrade?): metering as a stand-in");
                 }
-                break (a, n);
+                break (a, n, opened);
             }
             Err((true, _)) if n < STAND_INS => n += 1,
             Err((_, e)) => {
@@ -169,14 +175,22 @@ async fn run_agent(
             }
         }
     };
-    let orphans = tokio::spawn(replay_orphans(store, cfg, mine, *cache.prices()));
+    // The store this agent opened (an embedded store cannot be opened twice in one process).
+    let orphans = tokio::spawn(replay_orphans(opened, cfg, mine, *cache.prices()));
     agent.run(stop).await;
-    orphans.abort();
+    // A replay in progress finishes (it is short, and aborting it would leave its leases to
+    // expire); bounded so a stop never hangs on it.
+    if tokio::time::timeout(Duration::from_secs(5), orphans)
+        .await
+        .is_err()
+    {
+        tracing::warn!("a journal replay did not finish in 5 s; its leases expire instead");
+    }
 }
 
 /// Settles what the journals of this node's unheld identities still hold (a crashed process),
 /// each through a short-lived agent of its own: replay, then release that incarnation.
-async fn replay_orphans(store: StoreSource, base: AgentConfig, mine: u32, prices: Prices) {
+async fn replay_orphans(store: Arc<dyn Store>, base: AgentConfig, mine: u32, prices: Prices) {
     for n in (0..=STAND_INS).filter(|&n| n != mine) {
         let cfg = stand_in(&base, n);
         if !cfg.journal_path.exists() {
@@ -188,16 +202,13 @@ async fn replay_orphans(store: StoreSource, base: AgentConfig, mine: u32, prices
             Ok(j) if !j.pending().is_empty() => {}
             _ => continue,
         }
-        let Ok(store) = store.open().await else {
-            return;
-        };
         let metrics = match CacheMetrics::new(&prometheus::Registry::new()) {
             Ok(m) => m,
             Err(_) => return,
         };
         // Its own cache: the replayed batches' grants must not reach the serving cache.
         let scratch = BalanceCache::new(prices);
-        match Agent::start(scratch, store, cfg.clone(), metrics).await {
+        match Agent::start(scratch, store.clone(), cfg.clone(), metrics).await {
             Ok(agent) => {
                 // Started = replayed; a stop right away returns its leases and releases it.
                 let (tx, rx) = watch::channel(false);
@@ -206,7 +217,9 @@ async fn replay_orphans(store: StoreSource, base: AgentConfig, mine: u32, prices
                 let _ = run.await;
                 tracing::info!(node = %cfg.node_id, "replayed a journal no process held");
             }
-            Err(e) => tracing::debug!(node = %cfg.node_id, error = %e, "journal not replayed"),
+            Err(e) => {
+                tracing::warn!(node = %cfg.node_id, error = %e, "a journal no process holds was not replayed (retried at the next start)")
+            }
         }
     }
 }

@@ -9,20 +9,26 @@
 //! 4. final settle (the metering node settles what is left and returns its leases);
 //! 5. flush (usage counts) and stop background work.
 //!
-//! Then they return to `main`.
+//! Then they return to `main`. Signal handlers are installed before anything starts (a signal
+//! during start-up is acted on once start-up is done, instead of killing the process half
+//! way); every wait of the shutdown is bounded, and a second signal cuts the waits short. A
+//! start that fails half way stops what it started, in the same order.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tollgate_metering::Store;
 use tollgate_proxy::{ProxyOptions, Stop};
+use tollgate_runtime::Supervisor;
 
 use crate::adapters::{ChargeCpu, DevIdentity, InflightHooks};
-use crate::control::{Agents, control_service, runtime, serve};
+use crate::control::{Agents, bind_control, control_service, runtime, serve_on};
+use crate::devchain::DevChain;
 use crate::metering::{MeteringNode, MeteringSpec, StoreSource};
-use crate::node::{GateSpec, PreparedNode};
+use crate::node::{GateSpec, PreparedNode, ProxyNode};
 use crate::paid::{PaymentStores, ProxyDesk, payments};
 use crate::settings::Settings;
 
@@ -35,48 +41,173 @@ fn runtime_for(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Waits for SIGTERM (graceful), SIGINT (fast) or SIGQUIT (upgrade: hand the listeners over).
-async fn next_signal() -> Stop {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::quit()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stopping");
-        return Stop::Fast;
-    };
+/// SIGTERM (graceful), SIGINT (fast), SIGQUIT (upgrade: hand the listeners over), installed
+/// once, first thing.
+pub(crate) struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            quit: signal(SignalKind::quit()).context("SIGQUIT handler")?,
+        })
+    }
+
+    pub(crate) async fn next(&mut self) -> Stop {
+        tokio::select! {
+            _ = self.term.recv() => Stop::Graceful,
+            _ = self.int.recv() => Stop::Fast,
+            _ = self.quit.recv() => Stop::Upgrade,
+        }
+    }
+
+    /// After the first signal: a second one hurries the shutdown (every wait left is cut
+    /// short; the final settle still runs, within its own bound).
+    fn hurry_on_next(mut self) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            let _ = self.next().await;
+            tracing::warn!("second signal: cutting the shutdown's waits short");
+            let _ = tx.send(true);
+        });
+        rx
+    }
+}
+
+/// Waits for `task` at most `limit`, or until hurried; then aborts it. Aborting is safe for
+/// every task given here (their state is in idempotent stores); the wait is for tidiness.
+async fn bounded(what: &str, task: JoinHandle<()>, limit: Duration, hurry: &watch::Receiver<bool>) {
+    let abort = task.abort_handle();
+    let mut hurry = hurry.clone();
     tokio::select! {
-        _ = term.recv() => Stop::Graceful,
-        _ = int.recv() => Stop::Fast,
-        _ = quit.recv() => Stop::Upgrade,
+        _ = task => {}
+        _ = tokio::time::sleep(limit) => {
+            tracing::warn!(task = what, seconds = limit.as_secs(), "did not stop in time; aborted");
+            abort.abort();
+        }
+        _ = hurry.wait_for(|h| *h) => abort.abort(),
+    }
+}
+
+/// What a `control` or `dev` process has started so far, stopped in one order by [`Parts::stop`]
+/// (after a signal, or when the start fails half way).
+#[derive(Default)]
+struct Parts {
+    /// Closes the control listener (it finishes the requests it has).
+    intake: Option<watch::Sender<bool>>,
+    /// Stops background work: runtime events, the sweep, payments.
+    background: Option<watch::Sender<bool>>,
+    server: Option<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    payments: Option<JoinHandle<()>>,
+    node: Option<ProxyNode>,
+    prepared: Option<PreparedNode>,
+    sup: Option<Supervisor>,
+    metering: Option<MeteringNode>,
+    chain: Option<DevChain>,
+    drain: Duration,
+}
+
+impl Parts {
+    async fn stop(mut self, how: Stop, hurry: watch::Receiver<bool>) {
+        // 1: intake stops (the proxy's listeners, the control listener).
+        if let Some(tx) = &self.intake {
+            let _ = tx.send(true);
+        }
+        if let Some(node) = &self.node {
+            node.proxy.stop_intake(how).await;
+        }
+        // 2: requests in flight finish (the proxy bounds its own drain).
+        if let Some(node) = &self.node {
+            node.proxy.drained(how).await;
+        }
+        let drain = if how == Stop::Fast {
+            Duration::from_secs(1)
+        } else {
+            self.drain
+        };
+        if let Some(server) = self.server.take() {
+            bounded("control listener", server, drain, &hurry).await;
+        }
+        // Background work stops after the drain: routes of deployments the runtime restarts
+        // stay current while requests finish.
+        if let Some(tx) = &self.background {
+            let _ = tx.send(true);
+        }
+        let mut waits = Vec::new();
+        for t in self.tasks.drain(..) {
+            waits.push(bounded(
+                "control background",
+                t,
+                Duration::from_secs(10),
+                &hurry,
+            ));
+        }
+        if let Some(p) = self.payments.take() {
+            waits.push(bounded("payments", p, Duration::from_secs(10), &hurry));
+        }
+        futures_util::future::join_all(waits).await;
+        // 3: the runtime (each workerd's last CPU sample is charged).
+        if let Some(sup) = &self.sup
+            && tokio::time::timeout(Duration::from_secs(30), sup.shutdown())
+                .await
+                .is_err()
+        {
+            tracing::error!(
+                "the runtime did not stop in 30 s; its last CPU samples may be missing"
+            );
+        }
+        // 4–5: final settle (leases returned), then usage flushed.
+        if let Some(m) = self.metering.take() {
+            m.settle_and_stop().await;
+        }
+        if let Some(p) = self.prepared.take() {
+            p.settle_and_stop().await;
+        }
+        if let Some(node) = self.node.take() {
+            node.settle_and_flush().await;
+        }
+        if let Some(chain) = self.chain.take() {
+            chain.shutdown().await;
+        }
     }
 }
 
 /// The proxy's options from the settings: the platform's payment realms are never forwarded to
-/// hosted services.
-pub fn proxy_options(settings: &Settings, upgrade: bool) -> anyhow::Result<ProxyOptions> {
+/// hosted services. `standalone` (`tollgate proxy`): the realm must be named, whatever the
+/// listen address (a proxy behind a local load balancer is just as public, and the default, the
+/// loopback MCP host of this file, is not what a control service elsewhere issues).
+pub fn proxy_options(
+    settings: &Settings,
+    upgrade: bool,
+    standalone: bool,
+) -> anyhow::Result<ProxyOptions> {
     let cfg = &settings.config;
     let mut proxy = cfg.proxy.clone();
-    // On a public listener the realm must be named: a default (the loopback MCP host) would
-    // not match the platform's real credentials, which would then reach hosted services.
-    if proxy.payment_realms.is_empty()
-        && !proxy.listen.ip().is_loopback()
-        && cfg.public.mcp_url.is_none()
-        && cfg.payments.realm.is_none()
-    {
+    if standalone && cfg.public.mcp_url.is_none() && cfg.payments.realm.is_none() {
         anyhow::bail!(
-            "proxy.listen {} is public but the platform's payment realm is not set: set public.mcp_url (or payments.realm, or proxy.payment_realms) to what the control service uses",
-            proxy.listen
+            "the platform's payment realm is not set: set public.mcp_url (or TOLLGATE_PUBLIC_MCP_URL, or payments.realm) to what the control service uses; the proxy strips the platform's payment credentials before forwarding to hosted services and must know them"
         );
     }
-    if proxy.payment_realms.is_empty() {
-        let realm = cfg.payment_realm().map_err(|e| {
-            anyhow::anyhow!(
-                "{e}; the proxy must know the platform's payment realm to keep its credentials from hosted services (or set proxy.payment_realms)"
-            )
-        })?;
-        proxy.payment_realms = vec![tollgate_payments::config::services_realm_of(&realm), realm];
+    let realm = cfg.payment_realm().map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; the proxy must know the platform's payment realm to keep its credentials from hosted services"
+        )
+    })?;
+    // Configured realms add to the platform's own (an operator's extra names never replace it).
+    for r in [
+        realm.clone(),
+        tollgate_payments::config::services_realm_of(&realm),
+    ] {
+        if !proxy.payment_realms.contains(&r) {
+            proxy.payment_realms.push(r);
+        }
     }
     Ok(ProxyOptions {
         proxy,
@@ -135,11 +266,12 @@ fn gate_spec(
 /// `tollgate proxy`: one proxy node until a signal.
 pub fn run_proxy(settings: Settings, upgrade: bool) -> anyhow::Result<()> {
     let rt = runtime_for("tollgate")?;
-    let opts = proxy_options(&settings, upgrade)?;
+    let mut signals = rt.block_on(async { Signals::install() })?;
+    let opts = proxy_options(&settings, upgrade, true)?;
     let gate = gate_spec(&settings, &settings.proxy_node_id(), None)?;
     let node = PreparedNode::prepare(opts, gate, rt.handle())?.start(rt.handle())?;
     rt.block_on(async move {
-        let how = next_signal().await;
+        let how = signals.next().await;
         node.shutdown(how).await;
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -194,21 +326,52 @@ pub fn run_control(settings: Settings) -> anyhow::Result<()> {
     let rt = runtime_for("tollgate")?;
     let handle = rt.handle().clone();
     let result = rt.block_on(async move {
-        let money = open_money(&settings, Duration::from_secs(60)).await?;
-        // Payments first: a missing secret or a test chain stops the start before anything runs.
-        let payments = payments(
-            &settings,
-            money.clone(),
-            PaymentStores::Redis {
-                url: redis.url.clone(),
-                prefix: redis.key_prefix.clone(),
-            },
-            false,
-        )
-        .await?;
-        let registry = prometheus::Registry::new();
-        tollgate_proxy::metrics::register_build_info(&registry)?;
-        let node_id = format!("control-{}", settings.config.control.listen.port());
+        let mut signals = Signals::install()?;
+        // The listener first: a port in use stops the start before anything runs.
+        let listener = bind_control(&settings).await?;
+        let mut parts = Parts {
+            drain: settings.drain_timeout,
+            ..Parts::default()
+        };
+        let started = start_control(&settings, redis, listener, &handle, &mut parts).await;
+        let how = match started {
+            Ok(()) => signals.next().await,
+            Err(e) => {
+                parts.stop(Stop::Fast, watch::channel(false).1).await;
+                return Err(e);
+            }
+        };
+        parts.stop(how, signals.hurry_on_next()).await;
+        tracing::info!("control service stopped");
+        anyhow::Ok(())
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn start_control(
+    settings: &Settings,
+    redis: tollgate_proxy::RedisConfig,
+    listener: tokio::net::TcpListener,
+    handle: &tokio::runtime::Handle,
+    parts: &mut Parts,
+) -> anyhow::Result<()> {
+    let money = open_money(settings, Duration::from_secs(60)).await?;
+    // Payments first: a missing secret or a test chain stops the start before anything runs.
+    let payments = payments(
+        settings,
+        money.clone(),
+        PaymentStores::Redis {
+            url: redis.url.clone(),
+            prefix: redis.key_prefix.clone(),
+        },
+        false,
+    )
+    .await?;
+    let registry = prometheus::Registry::new();
+    tollgate_proxy::metrics::register_build_info(&registry)?;
+    let cpu: Arc<dyn tollgate_runtime::CpuSink> = if settings.config.metering.enabled {
+        let node_id = settings.control_node_id();
         let metering = MeteringNode::start(
             MeteringSpec {
                 store: StoreSource::Ready(money),
@@ -216,44 +379,40 @@ pub fn run_control(settings: Settings) -> anyhow::Result<()> {
                 agent: settings.agent(&node_id)?,
             },
             &registry,
-            &handle,
+            handle,
         )?;
-        let (sup, events, toolchain) =
-            runtime(&settings, Arc::new(ChargeCpu(metering.cache().clone())))?;
-        payments.metrics.register(&registry)?;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let payments_task = tokio::spawn(payments.clone().run(stop_rx.clone()));
-        let svc = control_service(
-            &settings,
-            sup.clone(),
-            events,
-            toolchain,
-            Agents {
-                dev_identity: None,
-                payments: Some(payments),
-                registry: Some(registry),
-            },
-            None,
-            stop_rx.clone(),
-        )
-        .await?;
-        let server = serve(&settings, svc.router, stop_rx).await?;
-        let _ = next_signal().await;
-        // 1–2: the listener stops accepting and finishes its requests; background work stops.
-        let _ = stop_tx.send(true);
-        let _ = server.await;
-        for t in svc.tasks {
-            let _ = t.await;
-        }
-        let _ = payments_task.await;
-        // 3: the runtime (its last CPU is charged); 4: final settle.
-        sup.shutdown().await;
-        metering.settle_and_stop().await;
-        tracing::info!("control service stopped");
-        anyhow::Ok(())
-    });
-    rt.shutdown_timeout(Duration::from_secs(1));
-    result
+        let cpu = Arc::new(ChargeCpu(metering.cache().clone()));
+        parts.metering = Some(metering);
+        cpu
+    } else {
+        tracing::warn!("metering.enabled = false: the runtime's CPU is charged to nobody");
+        Arc::new(tollgate_runtime::NoCpuSink)
+    };
+    let (sup, events, toolchain) = runtime(settings, cpu)?;
+    parts.sup = Some(sup.clone());
+    payments.metrics.register(&registry)?;
+    let (intake_tx, intake_rx) = watch::channel(false);
+    let (bg_tx, bg_rx) = watch::channel(false);
+    parts.intake = Some(intake_tx);
+    parts.background = Some(bg_tx);
+    parts.payments = Some(tokio::spawn(payments.clone().run(bg_rx.clone())));
+    let svc = control_service(
+        settings,
+        sup,
+        events,
+        toolchain,
+        Agents {
+            dev_identity: None,
+            payments: Some(payments),
+            registry: Some(registry),
+        },
+        None,
+        bg_rx,
+    )
+    .await?;
+    parts.tasks = svc.tasks;
+    parts.server = Some(serve_on(listener, svc.router, intake_rx));
+    Ok(())
 }
 
 /// What `tollgate dev` takes beside the settings.
@@ -266,7 +425,7 @@ pub struct DevChoices {
 
 /// `tollgate dev`: everything on one machine (proxy, control, runtime, payments, and the local
 /// test chain when built with it), until a signal.
-pub fn run_dev(mut settings: Settings, choices: DevChoices) -> anyhow::Result<()> {
+pub fn run_dev(settings: Settings, choices: DevChoices) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.config.control.data_dir).with_context(|| {
         format!(
             "cannot create the data dir {} (--data-dir)",
@@ -276,103 +435,124 @@ pub fn run_dev(mut settings: Settings, choices: DevChoices) -> anyhow::Result<()
     let rt = runtime_for("tollgate")?;
     let handle = rt.handle().clone();
     let result = rt.block_on(async move {
-        let money = open_money(&settings, Duration::ZERO).await?;
-        if let (Some(account), Some(usd)) = (&choices.dev_account, &choices.dev_credit_usd) {
-            dev_credit(&money, account, usd).await?;
-        }
-        let chain = crate::devchain::start(&mut settings, &choices).await?;
-        let cfg = settings.config.clone();
-        let payments = payments(
-            &settings,
-            money.clone(),
-            match &cfg.redis {
-                Some(r) => PaymentStores::Redis {
-                    url: r.url.clone(),
-                    prefix: r.key_prefix.clone(),
-                },
-                None => PaymentStores::Embedded {
-                    dir: cfg.control.data_dir.join("payments"),
-                },
-            },
-            true,
-        )
-        .await?;
-        // The proxy node, its cache charged by the runtime, which the proxy holds an in-flight
-        // guard of per request.
-        let mut gate = gate_spec(&settings, &settings.proxy_node_id(), Some(money))?;
-        if let Some(g) = &mut gate {
-            g.desk = Some(Arc::new(ProxyDesk {
-                payments: payments.clone(),
-                amount: settings.payments.default_prepay.max(1),
-            }));
-        }
-        let mut started_runtime = None;
-        let prepared =
-            PreparedNode::prepare_with(proxy_options(&settings, false)?, gate, &handle, |cache| {
-                let (sup, events, toolchain) =
-                    runtime(&settings, Arc::new(ChargeCpu(cache.clone())))?;
-                let hooks = Arc::new(InflightHooks(sup.clone()));
-                started_runtime = Some((sup, events, toolchain));
-                Ok(Some(hooks as Arc<dyn tollgate_proxy::RequestHooks>))
-            })?;
-        let (sup, events, toolchain) = match started_runtime {
-            Some(r) => r,
-            // Metering off: the runtime is charged to nobody.
-            None => runtime(&settings, Arc::new(tollgate_runtime::NoCpuSink))?,
+        let mut signals = Signals::install()?;
+        let listener = bind_control(&settings).await?;
+        let mut parts = Parts {
+            drain: settings.drain_timeout,
+            ..Parts::default()
         };
-        payments.metrics.register(&prepared.registry())?;
-        let local_table = cfg.redis.is_none().then(|| prepared.table());
-        let node = prepared.start(&handle)?;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let payments_task = tokio::spawn(payments.clone().run(stop_rx.clone()));
-        let payee = payments.payee();
-        let svc = control_service(
-            &settings,
-            sup.clone(),
-            events,
-            toolchain,
-            Agents {
-                dev_identity: choices
-                    .dev_account
-                    .clone()
-                    .map(|a| Arc::new(DevIdentity(a)) as Arc<dyn tollgate_mcp::Identify>),
-                payments: Some(payments),
-                registry: None,
-            },
-            local_table,
-            stop_rx.clone(),
-        )
-        .await?;
-        let server = serve(&settings, svc.router, stop_rx).await?;
-        print_banner(
-            &settings,
-            &choices,
-            chain.as_ref().map(|c| c.describe()),
-            payee,
-        );
-
-        let how = next_signal().await;
-        // 1: intake stops (the proxy's listeners, the control listener).
-        let _ = stop_tx.send(true);
-        node.proxy.stop_intake(how).await;
-        // 2: requests in flight finish.
-        node.proxy.drained(how).await;
-        let _ = server.await;
-        for t in svc.tasks {
-            let _ = t.await;
-        }
-        let _ = payments_task.await;
-        // 3: the runtime; 4–5: final settle, then usage flushed.
-        sup.shutdown().await;
-        node.settle_and_flush().await;
-        if let Some(chain) = chain {
-            chain.shutdown().await;
-        }
+        let started = start_dev(settings, &choices, listener, &handle, &mut parts).await;
+        let how = match started {
+            Ok(()) => signals.next().await,
+            Err(e) => {
+                parts.stop(Stop::Fast, watch::channel(false).1).await;
+                return Err(e);
+            }
+        };
+        parts.stop(how, signals.hurry_on_next()).await;
         tracing::info!("dev stopped");
         anyhow::Ok(())
     });
     rt.shutdown_timeout(Duration::from_secs(2));
     result
+}
+
+async fn start_dev(
+    mut settings: Settings,
+    choices: &DevChoices,
+    listener: tokio::net::TcpListener,
+    handle: &tokio::runtime::Handle,
+    parts: &mut Parts,
+) -> anyhow::Result<()> {
+    let money = open_money(&settings, Duration::ZERO).await?;
+    if let (Some(account), Some(usd)) = (&choices.dev_account, &choices.dev_credit_usd) {
+        dev_credit(&money, account, usd).await?;
+    }
+    parts.chain = crate::devchain::start(&mut settings, choices).await?;
+    let cfg = settings.config.clone();
+    let payments = payments(
+        &settings,
+        money.clone(),
+        match &cfg.redis {
+            Some(r) => PaymentStores::Redis {
+                url: r.url.clone(),
+                prefix: r.key_prefix.clone(),
+            },
+            None => PaymentStores::Embedded {
+                dir: cfg.control.data_dir.join("payments"),
+            },
+        },
+        true,
+    )
+    .await?;
+    // The proxy node, its cache charged by the runtime, which the proxy holds an in-flight
+    // guard of per request.
+    let mut gate = gate_spec(&settings, &settings.proxy_node_id(), Some(money))?;
+    if let Some(g) = &mut gate {
+        g.desk = Some(Arc::new(ProxyDesk {
+            payments: payments.clone(),
+            amount: settings.payments.default_prepay.max(1),
+        }));
+    }
+    let mut started_runtime = None;
+    let prepared = PreparedNode::prepare_with(
+        proxy_options(&settings, false, false)?,
+        gate,
+        handle,
+        |cache| {
+            let (sup, events, toolchain) = runtime(&settings, Arc::new(ChargeCpu(cache.clone())))?;
+            let hooks = Arc::new(InflightHooks(sup.clone()));
+            started_runtime = Some((sup, events, toolchain));
+            Ok(Some(hooks as Arc<dyn tollgate_proxy::RequestHooks>))
+        },
+    )?;
+    let (sup, events, toolchain) = match started_runtime {
+        Some(r) => r,
+        // Metering off: the runtime is charged to nobody.
+        None => runtime(&settings, Arc::new(tollgate_runtime::NoCpuSink))?,
+    };
+    parts.sup = Some(sup.clone());
+    let registry = prepared.registry();
+    let local_table = cfg.redis.is_none().then(|| prepared.table());
+    parts.prepared = Some(prepared);
+    payments.metrics.register(&registry)?;
+    if let Some(prepared) = parts.prepared.take() {
+        // A start that fails here drops the node: nothing was served on it yet, so its agent
+        // has nothing to settle.
+        parts.node = Some(prepared.start(handle)?);
+    }
+    let (intake_tx, intake_rx) = watch::channel(false);
+    let (bg_tx, bg_rx) = watch::channel(false);
+    parts.intake = Some(intake_tx);
+    parts.background = Some(bg_tx);
+    parts.payments = Some(tokio::spawn(payments.clone().run(bg_rx.clone())));
+    let payee = payments.payee();
+    let svc = control_service(
+        &settings,
+        sup,
+        events,
+        toolchain,
+        Agents {
+            dev_identity: choices
+                .dev_account
+                .clone()
+                .map(|a| Arc::new(DevIdentity(a)) as Arc<dyn tollgate_mcp::Identify>),
+            payments: Some(payments),
+            registry: None,
+        },
+        local_table,
+        bg_rx,
+    )
+    .await?;
+    parts.tasks = svc.tasks;
+    parts.server = Some(serve_on(listener, svc.router, intake_rx));
+    print_banner(
+        &settings,
+        choices,
+        parts.chain.as_ref().map(|c| c.describe()),
+        payee,
+    );
+    Ok(())
 }
 
 /// Credits the dev account once per amount.

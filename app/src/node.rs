@@ -83,6 +83,14 @@ impl PreparedNode {
         self.metering.as_ref().map(|m| m.cache())
     }
 
+    /// Not started after all (a later part of the start failed): the metering node settles
+    /// and stops; the bound listeners close.
+    pub async fn settle_and_stop(self) {
+        if let Some(m) = self.metering {
+            m.settle_and_stop().await;
+        }
+    }
+
     /// Starts serving (Pingora on its own thread, the node's background work on `rt`).
     pub fn start(self, rt: &tokio::runtime::Handle) -> anyhow::Result<ProxyNode> {
         let proxy = self.proxy.start(rt)?;

@@ -139,6 +139,13 @@ pub fn audit(
         )
         .await
         .map_err(anyhow::Error::msg)?;
+        if report.accounts.is_empty() && report.channels.is_empty() {
+            eprintln!(
+                "note: no accounts and no channels in {} (key prefix {:?}): is this the fleet's --config / --key-prefix?",
+                books.redis.unwrap_or("the embedded stores"),
+                books.prefix
+            );
+        }
         if json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {

@@ -50,6 +50,8 @@ pub struct Settings {
     pub prices: Prices,
     pub lease_ttl: Duration,
     pub lease_wait: Duration,
+    /// How long the shutdown waits for in-flight requests (`shutdown.drain_timeout_seconds`).
+    pub drain_timeout: Duration,
     pub payments: PaymentAmounts,
     /// The `tracing` filter (`TOLLGATE_LOG` wins over `log.level`).
     pub log_filter: String,
@@ -117,18 +119,76 @@ impl Settings {
                     format!("'{}' is not an address", p.currency),
                 )
             })?;
-        if let Some(realm) = &p.realm {
+        if let Some(url) = &config.public.mcp_url {
+            crate::config::parse_public_url(url).map_err(|e| bad("public.mcp_url", e))?;
+        }
+        // The realm as the services will use it, named or derived from the public MCP URL (an
+        // IP address is refused either way: challenges must name the platform).
+        if p.realm.is_some() || config.public.mcp_url.is_some() {
+            let key = if p.realm.is_some() {
+                "payments.realm"
+            } else {
+                "public.mcp_url"
+            };
+            let realm = config.payment_realm().map_err(|e| bad(key, e))?;
             let mut check = tollgate_payments::PaymentsConfig::new(
                 "http://127.0.0.1:1",
                 p.chain_id,
                 tollgate_payments::config::Secret::new("x".repeat(32)),
                 tollgate_payments::config::Secret::new("x".repeat(64)),
             );
-            check.realm = realm.clone();
-            check.validate().map_err(|e| bad("payments.realm", e))?;
+            check.realm = realm;
+            check.validate().map_err(|e| bad(key, e))?;
         }
-        if let Some(url) = &config.public.mcp_url {
-            crate::config::parse_public_url(url).map_err(|e| bad("public.mcp_url", e))?;
+        if m.lease_wait_ms > 60_000 {
+            return Err(bad(
+                "metering.lease_wait_ms",
+                "must be at most 60000 (a request waits this long for a first lease)",
+            ));
+        }
+        if let Some(id) = &m.node_id {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(bad(
+                    "metering.node_id",
+                    format!(
+                        "'{id}' must be 1..=64 letters, digits, '-' or '_' (it names the node's journal file and leases; '.' is kept for stand-ins)"
+                    ),
+                ));
+            }
+        }
+        let sd = &config.shutdown;
+        if sd.drain_timeout_seconds > 3_600 {
+            return Err(bad(
+                "shutdown.drain_timeout_seconds",
+                "must be at most 3600",
+            ));
+        }
+        if config.control.inactivity_ttl_seconds < 60 {
+            return Err(bad(
+                "control.inactivity_ttl_seconds",
+                "must be at least 60 (unused projects are torn down after it)",
+            ));
+        }
+        for r in &config.proxy.payment_realms {
+            let host = r.strip_suffix("/services").unwrap_or(r);
+            let ok = !host.is_empty()
+                && host.len() <= 255
+                && !host.contains("://")
+                && !host.contains('/')
+                && !host.chars().any(char::is_whitespace);
+            if !ok {
+                return Err(bad(
+                    "proxy.payment_realms",
+                    format!(
+                        "'{r}' is not a realm: a host[:port] as in the challenges (e.g. mcp.example.com), optionally with /services"
+                    ),
+                ));
+            }
         }
         let log_filter = std::env::var("TOLLGATE_LOG").unwrap_or_else(|_| config.log.level.clone());
         tracing_subscriber::EnvFilter::try_new(&log_filter).map_err(|e| {
@@ -141,6 +201,7 @@ impl Settings {
             prices,
             lease_ttl,
             lease_wait: Duration::from_millis(m.lease_wait_ms),
+            drain_timeout: Duration::from_secs(config.shutdown.drain_timeout_seconds),
             payments,
             log_filter,
             config,
@@ -174,6 +235,15 @@ impl Settings {
             )
         })?;
         Ok(agent)
+    }
+
+    /// The control service's metering node (it charges the runtime's CPU): `<node_id>-control`
+    /// when the node is named, else `control-<port>`.
+    pub fn control_node_id(&self) -> String {
+        match &self.config.metering.node_id {
+            Some(id) => format!("{id}-control"),
+            None => format!("control-{}", self.config.control.listen.port()),
+        }
     }
 
     /// This proxy node's name (its journal and leases are keyed by it).
@@ -210,6 +280,18 @@ mod tests {
         let e = check("[payments]\nclose_watch_seconds = 40\nwrite_off_margin_seconds = 60\n");
         assert_eq!(e.key, "payments.close_watch_seconds", "{e}");
         assert!(e.message.contains("half"), "{e}");
+        let e = check("[public]\nmcp_url = \"http://10.0.0.7:8080/mcp\"\n");
+        assert_eq!(e.key, "public.mcp_url", "{e}");
+        let e = check("[metering]\nnode_id = \"../x\"\n");
+        assert_eq!(e.key, "metering.node_id", "{e}");
+        let e = check("[metering]\nlease_wait_ms = 100000000000\n");
+        assert_eq!(e.key, "metering.lease_wait_ms", "{e}");
+        let e = check("[shutdown]\ndrain_timeout_seconds = 99999999999\n");
+        assert_eq!(e.key, "shutdown.drain_timeout_seconds", "{e}");
+        let e = check("[control]\ninactivity_ttl_seconds = 0\n");
+        assert_eq!(e.key, "control.inactivity_ttl_seconds", "{e}");
+        let e = check("[proxy]\npayment_realms = [\"https://mcp.example.com\"]\n");
+        assert_eq!(e.key, "proxy.payment_realms", "{e}");
         let e = check("[log]\nlevel = \"info,,==\"\n");
         assert_eq!(e.key, "log.level", "{e}");
         assert!(Settings::from_config(Config::default()).is_ok());

@@ -738,6 +738,69 @@ fn deployment_files_are_private() {
     });
 }
 
+/// A CPU sink that takes its time once `slow` is set (a money store answering slowly).
+#[derive(Default)]
+struct SlowMeter {
+    slow: std::sync::atomic::AtomicBool,
+    recorded_slowly: std::sync::atomic::AtomicU64,
+}
+
+impl CpuSink for SlowMeter {
+    fn record(&self, _deltas: &[CpuDelta]) {
+        use std::sync::atomic::Ordering;
+        if self.slow.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(300));
+            self.recorded_slowly.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_waits_for_a_stop_already_under_way_elsewhere() {
+    use std::sync::atomic::Ordering;
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundler = Bundler::new(BundlerConfig {
+        esbuild: t.esbuild.clone(),
+        node_modules: t.node_modules.clone(),
+        packages: t.packages.clone(),
+        work_dir: dir.path().join("builds"),
+        limits: Limits::default(),
+    })
+    .unwrap();
+    let meter = Arc::new(SlowMeter::default());
+    let cfg = RuntimeConfig {
+        data_dir: dir.path().join("runtime"),
+        sample_interval: Duration::from_millis(20),
+        min_drain: Duration::from_millis(50),
+        ..RuntimeConfig::default()
+    };
+    let (sup, _events) = Supervisor::new(cfg, t, meter.clone()).unwrap();
+    let bundle = bundler
+        .bundle_raw([(
+            "src/index.ts",
+            "export default { fetch() { return new Response('ok') } }",
+        )])
+        .await
+        .unwrap();
+    sup.start(spec("busy", bundle.code, "1")).await.unwrap();
+    // The store turns slow, and a redeploy's background removal takes the deployment's task
+    // just before the process is told to stop.
+    meter.slow.store(true, Ordering::Release);
+    let remover = {
+        let sup = sup.clone();
+        tokio::spawn(async move { sup.remove("busy", false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    sup.shutdown().await;
+    // Returned only once the deployment's last CPU sample was recorded.
+    assert!(
+        meter.recorded_slowly.load(Ordering::Acquire) >= 1,
+        "shutdown returned before the last CPU sample was recorded"
+    );
+    remover.await.unwrap().unwrap();
+}
+
 /// The test re-runs itself in a child process (marked by an env var) that plays the supervisor: it
 /// deploys, prints the workerd pid, and waits to be killed with -9.
 #[test]

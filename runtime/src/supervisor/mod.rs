@@ -52,6 +52,18 @@ pub(crate) struct Deployment {
     pub(crate) last_active_ms: AtomicU64,
     pub(crate) stop_tx: watch::Sender<bool>,
     pub(crate) task: Mutex<Option<JoinHandle<()>>>,
+    /// Set once the monitor task has ended (its process gone, its last CPU charged), however
+    /// it ended: every stopper waits for it, not only the one holding the task handle.
+    pub(crate) finished: watch::Sender<bool>,
+}
+
+/// Marks a deployment's monitor finished when dropped (also when the task panics).
+struct Finished(Arc<Deployment>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finished.send_replace(true);
+    }
 }
 
 pub(crate) struct Inner {
@@ -168,6 +180,7 @@ impl Supervisor {
             last_active_ms: AtomicU64::new(self.inner.now_ms()),
             stop_tx,
             task: Mutex::new(None),
+            finished: watch::channel(false).0,
         });
         {
             let mut map = self.lock_map();
@@ -180,15 +193,19 @@ impl Supervisor {
         }
         if let Err(e) = write_files(&dir, &spec, cfg) {
             self.lock_map().remove(&spec.deployment_id);
+            dep.finished.send_replace(true);
             return Err(e);
         }
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(monitor::monitor(
-            self.inner.clone(),
-            dep.clone(),
-            stop_rx,
-            ready_tx,
-        ));
+        let task = tokio::spawn({
+            let guard = Finished(dep.clone());
+            let inner = self.inner.clone();
+            let dep = dep.clone();
+            async move {
+                let _guard = guard;
+                monitor::monitor(inner, dep, stop_rx, ready_tx).await;
+            }
+        });
         if let Ok(mut t) = dep.task.lock() {
             *t = Some(task);
         }
@@ -223,6 +240,11 @@ impl Supervisor {
         if let Some(task) = task {
             let _ = task.await;
         }
+        // Another stopper (a redeploy's background removal) may hold the task: wait for the
+        // monitor to end all the same, so a shutdown never returns before the last CPU sample
+        // of any deployment is charged.
+        let mut finished = dep.finished.subscribe();
+        let _ = finished.wait_for(|done| *done).await;
         Ok(())
     }
 
