@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tollgate_app::config::{Config, parse_addr, parse_host, parse_threads};
-use tollgate_app::ops::{AccountOp, Books, RouteOp};
+use tollgate_app::ops::{AccountOp, BooksAt, RouteOp};
 use tollgate_app::{DevChoices, Settings};
 use tollgate_proxy::StaticRoute;
 use tollgate_routes::RouteKey;
@@ -223,52 +223,14 @@ pub struct BooksArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// The books an operator command opens, resolved.
-struct Where {
-    redis: Option<String>,
-    prefix: String,
-    data_dir: PathBuf,
-    chain_id: u64,
-}
-
-impl Where {
-    fn books(&self) -> Books<'_> {
-        Books {
-            redis: self.redis.as_deref(),
-            prefix: &self.prefix,
-            data_dir: &self.data_dir,
-        }
-    }
-}
-
-fn resolve(
-    config: Option<&std::path::Path>,
-    redis: Option<&str>,
-    key_prefix: Option<&str>,
-    data_dir: Option<&std::path::Path>,
-) -> anyhow::Result<Where> {
-    let mut cfg = Config::load(config, &env)?;
-    if let Some(url) = redis {
-        cfg.set_redis_url(url).map_err(anyhow::Error::msg)?;
-    }
-    Ok(Where {
-        prefix: key_prefix
-            .map(str::to_owned)
-            .or_else(|| cfg.redis.as_ref().map(|r| r.key_prefix.clone()))
-            .unwrap_or_else(|| "tollgate".into()),
-        redis: cfg.redis.map(|r| r.url),
-        data_dir: data_dir.map_or(cfg.control.data_dir, std::path::Path::to_path_buf),
-        chain_id: cfg.payments.chain_id,
-    })
-}
-
 impl BooksArgs {
-    fn resolve(&self) -> anyhow::Result<Where> {
-        resolve(
+    fn resolve(&self) -> anyhow::Result<BooksAt> {
+        BooksAt::resolve(
             self.config.as_deref(),
             self.redis.as_deref(),
             self.key_prefix.as_deref(),
             self.data_dir.as_deref(),
+            &env,
         )
     }
 }
@@ -290,18 +252,14 @@ pub struct RedisArgs {
 impl RedisArgs {
     /// (url, prefix).
     fn resolve(&self) -> anyhow::Result<(String, String)> {
-        let w = resolve(
+        BooksAt::resolve(
             self.config.as_deref(),
             self.url.as_deref(),
             self.key_prefix.as_deref(),
             None,
-        )?;
-        let url = w.redis.ok_or_else(|| {
-            anyhow::anyhow!(
-                "no Redis: give --redis URL, a --config with [redis], or TOLLGATE_REDIS_URL"
-            )
-        })?;
-        Ok((url, w.prefix))
+            &env,
+        )?
+        .redis_only()
     }
 }
 

@@ -21,6 +21,7 @@ pub mod node;
 pub mod ops;
 pub mod paid;
 pub mod settings;
+mod shutdown;
 
 pub use modes::{DevChoices, proxy_options, run_control, run_dev, run_proxy};
 pub use settings::{Settings, SettingsError};

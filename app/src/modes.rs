@@ -19,18 +19,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tollgate_metering::Store;
-use tollgate_proxy::{ProxyOptions, Stop};
-use tollgate_runtime::Supervisor;
+use tollgate_proxy::ProxyOptions;
 
 use crate::adapters::{ChargeCpu, DevIdentity, InflightHooks};
 use crate::control::{Agents, bind_control, control_service, runtime, serve_on};
-use crate::devchain::DevChain;
 use crate::metering::{MeteringNode, MeteringSpec, StoreSource};
-use crate::node::{GateSpec, PreparedNode, ProxyNode};
+use crate::node::{GateSpec, PreparedNode};
 use crate::paid::{PaymentStores, ProxyDesk, payments};
 use crate::settings::Settings;
+use crate::shutdown::{Parts, Signals};
 
 /// The process's one runtime for everything that is not Pingora's own.
 fn runtime_for(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -39,144 +37,6 @@ fn runtime_for(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
         .thread_name(name)
         .enable_all()
         .build()?)
-}
-
-/// SIGTERM (graceful), SIGINT (fast), SIGQUIT (upgrade: hand the listeners over), installed
-/// once, first thing.
-pub(crate) struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    quit: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    pub(crate) fn install() -> anyhow::Result<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals {
-            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
-            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
-            quit: signal(SignalKind::quit()).context("SIGQUIT handler")?,
-        })
-    }
-
-    pub(crate) async fn next(&mut self) -> Stop {
-        tokio::select! {
-            _ = self.term.recv() => Stop::Graceful,
-            _ = self.int.recv() => Stop::Fast,
-            _ = self.quit.recv() => Stop::Upgrade,
-        }
-    }
-
-    /// After the first signal: a second one hurries the shutdown (every wait left is cut
-    /// short; the final settle still runs, within its own bound).
-    fn hurry_on_next(mut self) -> watch::Receiver<bool> {
-        let (tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
-            let _ = self.next().await;
-            tracing::warn!("second signal: cutting the shutdown's waits short");
-            let _ = tx.send(true);
-        });
-        rx
-    }
-}
-
-/// Waits for `task` at most `limit`, or until hurried; then aborts it. Aborting is safe for
-/// every task given here (their state is in idempotent stores); the wait is for tidiness.
-async fn bounded(what: &str, task: JoinHandle<()>, limit: Duration, hurry: &watch::Receiver<bool>) {
-    let abort = task.abort_handle();
-    let mut hurry = hurry.clone();
-    tokio::select! {
-        _ = task => {}
-        _ = tokio::time::sleep(limit) => {
-            tracing::warn!(task = what, seconds = limit.as_secs(), "did not stop in time; aborted");
-            abort.abort();
-        }
-        _ = hurry.wait_for(|h| *h) => abort.abort(),
-    }
-}
-
-/// What a `control` or `dev` process has started so far, stopped in one order by [`Parts::stop`]
-/// (after a signal, or when the start fails half way).
-#[derive(Default)]
-struct Parts {
-    /// Closes the control listener (it finishes the requests it has).
-    intake: Option<watch::Sender<bool>>,
-    /// Stops background work: runtime events, the sweep, payments.
-    background: Option<watch::Sender<bool>>,
-    server: Option<JoinHandle<()>>,
-    tasks: Vec<JoinHandle<()>>,
-    payments: Option<JoinHandle<()>>,
-    node: Option<ProxyNode>,
-    prepared: Option<PreparedNode>,
-    sup: Option<Supervisor>,
-    metering: Option<MeteringNode>,
-    chain: Option<DevChain>,
-    drain: Duration,
-}
-
-impl Parts {
-    async fn stop(mut self, how: Stop, hurry: watch::Receiver<bool>) {
-        // 1: intake stops (the proxy's listeners, the control listener).
-        if let Some(tx) = &self.intake {
-            let _ = tx.send(true);
-        }
-        if let Some(node) = &self.node {
-            node.proxy.stop_intake(how).await;
-        }
-        // 2: requests in flight finish (the proxy bounds its own drain).
-        if let Some(node) = &self.node {
-            node.proxy.drained(how).await;
-        }
-        let drain = if how == Stop::Fast {
-            Duration::from_secs(1)
-        } else {
-            self.drain
-        };
-        if let Some(server) = self.server.take() {
-            bounded("control listener", server, drain, &hurry).await;
-        }
-        // Background work stops after the drain: routes of deployments the runtime restarts
-        // stay current while requests finish.
-        if let Some(tx) = &self.background {
-            let _ = tx.send(true);
-        }
-        let mut waits = Vec::new();
-        for t in self.tasks.drain(..) {
-            waits.push(bounded(
-                "control background",
-                t,
-                Duration::from_secs(10),
-                &hurry,
-            ));
-        }
-        if let Some(p) = self.payments.take() {
-            waits.push(bounded("payments", p, Duration::from_secs(10), &hurry));
-        }
-        futures_util::future::join_all(waits).await;
-        // 3: the runtime (each workerd's last CPU sample is charged).
-        if let Some(sup) = &self.sup
-            && tokio::time::timeout(Duration::from_secs(30), sup.shutdown())
-                .await
-                .is_err()
-        {
-            tracing::error!(
-                "the runtime did not stop in 30 s; its last CPU samples may be missing"
-            );
-        }
-        // 4–5: final settle (leases returned), then usage flushed.
-        if let Some(m) = self.metering.take() {
-            m.settle_and_stop().await;
-        }
-        if let Some(p) = self.prepared.take() {
-            p.settle_and_stop().await;
-        }
-        if let Some(node) = self.node.take() {
-            node.settle_and_flush().await;
-        }
-        if let Some(chain) = self.chain.take() {
-            chain.shutdown().await;
-        }
-    }
 }
 
 /// The proxy's options from the settings: the platform's payment realms are never forwarded to
@@ -326,7 +186,7 @@ pub fn run_control(settings: Settings) -> anyhow::Result<()> {
     let rt = runtime_for("tollgate")?;
     let handle = rt.handle().clone();
     let result = rt.block_on(async move {
-        let mut signals = Signals::install()?;
+        let signals = Signals::install()?;
         // The listener first: a port in use stops the start before anything runs.
         let listener = bind_control(&settings).await?;
         let mut parts = Parts {
@@ -334,14 +194,7 @@ pub fn run_control(settings: Settings) -> anyhow::Result<()> {
             ..Parts::default()
         };
         let started = start_control(&settings, redis, listener, &handle, &mut parts).await;
-        let how = match started {
-            Ok(()) => signals.next().await,
-            Err(e) => {
-                parts.stop(Stop::Fast, watch::channel(false).1).await;
-                return Err(e);
-            }
-        };
-        parts.stop(how, signals.hurry_on_next()).await;
+        parts.run_until_signal(started, signals).await?;
         tracing::info!("control service stopped");
         anyhow::Ok(())
     });
@@ -435,21 +288,14 @@ pub fn run_dev(settings: Settings, choices: DevChoices) -> anyhow::Result<()> {
     let rt = runtime_for("tollgate")?;
     let handle = rt.handle().clone();
     let result = rt.block_on(async move {
-        let mut signals = Signals::install()?;
+        let signals = Signals::install()?;
         let listener = bind_control(&settings).await?;
         let mut parts = Parts {
             drain: settings.drain_timeout,
             ..Parts::default()
         };
         let started = start_dev(settings, &choices, listener, &handle, &mut parts).await;
-        let how = match started {
-            Ok(()) => signals.next().await,
-            Err(e) => {
-                parts.stop(Stop::Fast, watch::channel(false).1).await;
-                return Err(e);
-            }
-        };
-        parts.stop(how, signals.hurry_on_next()).await;
+        parts.run_until_signal(started, signals).await?;
         tracing::info!("dev stopped");
         anyhow::Ok(())
     });

@@ -2,7 +2,7 @@
 //! Each opens what it needs for one call and prints JSON (or lines, for the audit).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tollgate_metering::{RedisStore, Store};
@@ -106,6 +106,57 @@ pub struct Books<'a> {
     pub redis: Option<&'a str>,
     pub prefix: &'a str,
     pub data_dir: &'a Path,
+}
+
+/// The books an operator command opens: from the fleet's config file (and `TOLLGATE_*`),
+/// then the flags given, so the command reads the same keys as the nodes.
+pub struct BooksAt {
+    pub redis: Option<String>,
+    pub prefix: String,
+    pub data_dir: PathBuf,
+    pub chain_id: u64,
+}
+
+impl BooksAt {
+    pub fn resolve(
+        config: Option<&Path>,
+        redis: Option<&str>,
+        key_prefix: Option<&str>,
+        data_dir: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<BooksAt> {
+        let mut cfg = crate::config::Config::load(config, env)?;
+        if let Some(url) = redis {
+            cfg.set_redis_url(url).map_err(anyhow::Error::msg)?;
+        }
+        Ok(BooksAt {
+            prefix: key_prefix
+                .map(str::to_owned)
+                .or_else(|| cfg.redis.as_ref().map(|r| r.key_prefix.clone()))
+                .unwrap_or_else(|| "tollgate".into()),
+            redis: cfg.redis.map(|r| r.url),
+            data_dir: data_dir.map_or(cfg.control.data_dir, Path::to_path_buf),
+            chain_id: cfg.payments.chain_id,
+        })
+    }
+
+    pub fn books(&self) -> Books<'_> {
+        Books {
+            redis: self.redis.as_deref(),
+            prefix: &self.prefix,
+            data_dir: &self.data_dir,
+        }
+    }
+
+    /// (url, prefix), for commands that need the shared Redis.
+    pub fn redis_only(self) -> anyhow::Result<(String, String)> {
+        let url = self.redis.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no Redis: give --redis URL, a --config with [redis], or TOLLGATE_REDIS_URL"
+            )
+        })?;
+        Ok((url, self.prefix))
+    }
 }
 
 /// `tollgate accounts audit`: prints the report (lines or JSON); true when it is clean.

@@ -9,10 +9,9 @@
 //! settlement is harmless: the escrow refuses a cumulative at or below what it has settled.
 
 use alloy::primitives::B256;
-use mpp::VerificationError;
 
 use crate::Payments;
-use crate::channels::{ChainOp, Update};
+use crate::channels::{ChainOp, edit};
 use crate::close::now_ms;
 use tollgate_metering::units::picos_to_base;
 
@@ -137,16 +136,9 @@ async fn refresh(p: &Payments, id: &str, settled: u128, op: Option<ChainOp>) -> 
     p.backend
         .update(
             id,
-            Box::new(move |prev| {
-                let mut r = prev.ok_or_else(|| VerificationError::channel_not_found("gone"))?;
-                r.state.settled_on_chain = r.state.settled_on_chain.max(settled);
-                if let Some(op) = op {
-                    r.chain_ops.push(op);
-                }
-                Ok(Update {
-                    record: r,
-                    credits: Vec::new(),
-                })
+            edit(move |r| {
+                r.record_settled(settled, op);
+                Vec::new()
             }),
         )
         .await

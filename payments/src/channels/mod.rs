@@ -176,6 +176,14 @@ pub struct ChannelRecord {
 }
 
 impl ChannelRecord {
+    /// Records what the chain has settled (never lowering it) and the operation that did it.
+    pub fn record_settled(&mut self, settled: u128, op: Option<ChainOp>) {
+        self.state.settled_on_chain = self.state.settled_on_chain.max(settled);
+        if let Some(op) = op {
+            self.chain_ops.push(op);
+        }
+    }
+
     pub fn lifecycle(&self) -> Lifecycle {
         let st = &self.state;
         if st.finalized {
@@ -259,6 +267,16 @@ pub type StateUpdater =
 
 pub type Updater =
     Box<dyn FnOnce(Option<ChannelRecord>) -> Result<Update, VerificationError> + Send>;
+
+/// An updater that edits the channel's existing record (refused when the channel is gone) and
+/// queues the credits `f` returns in the same atomic update.
+pub fn edit(f: impl FnOnce(&mut ChannelRecord) -> Vec<PendingCredit> + Send + 'static) -> Updater {
+    Box::new(move |prev| {
+        let mut record = prev.ok_or_else(|| VerificationError::channel_not_found("gone"))?;
+        let credits = f(&mut record);
+        Ok(Update { record, credits })
+    })
+}
 
 /// Storage for channel records and pending credits.
 #[async_trait]
