@@ -95,6 +95,7 @@ async fn redis_down_serves_leases_then_unavailable_then_recovers_with_nothing_lo
     );
     assert_eq!(st.leased, 0);
     assert_eq!(st.credited, USD, "the credit survived the restart (AOF)");
+    assert_eq!(common::audit(&url).await, vec![], "tollgate accounts audit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,6 +148,7 @@ async fn redis_killed_and_restarted_under_load_loses_and_duplicates_nothing() {
     assert_eq!(st.leased, 0);
     let ledger = read_ledger(&admin).await;
     assert_eq!(ledger.iter().map(|e| e.requests).sum::<u64>() as i64, paid);
+    assert_eq!(common::audit(&url).await, vec![], "tollgate accounts audit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,6 +216,7 @@ async fn shutdown_while_redis_is_down_finishes_and_the_journal_keeps_the_usage()
     assert!(st.holds_invariant(), "{st:?}");
     assert_eq!(st.debited, paid * PRICE);
     assert_eq!(st.leased, 0);
+    assert_eq!(common::audit(&url).await, vec![], "tollgate accounts audit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,6 +254,7 @@ async fn redis_back_during_the_closing_round_settles_every_batch_in_order() {
     assert!(st.holds_invariant(), "{st:?}");
     assert_eq!(st.debited, paid * PRICE, "{st:?}");
     assert_eq!(st.leased, 0, "{st:?}");
+    assert_eq!(common::audit(&url).await, vec![], "tollgate accounts audit");
 }
 
 #[test]
@@ -312,4 +316,5 @@ async fn a_restart_while_redis_is_down_waits_to_replay_and_drops_nothing() {
     assert!(st.holds_invariant(), "{st:?}");
     assert_eq!(st.debited, 300 * PRICE, "the journaled usage, exactly once");
     assert_eq!(st.leased, 0, "the crashed incarnation's lease went back");
+    assert_eq!(common::audit(&url).await, vec![], "tollgate accounts audit");
 }

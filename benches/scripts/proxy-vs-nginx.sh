@@ -55,6 +55,8 @@ CONF
 nginx -c "$W/up.conf" -p "$W/"
 nginx -c "$W/rp.conf" -p "$W/"
 export TOLLGATE_DATA_DIR="$W/data"
+# The platform realm (the proxy strips its payment credentials; `tollgate proxy` needs it).
+export TOLLGATE_PUBLIC_MCP_URL=http://mcp.localhost
 TOLLGATE_METERING_ENABLED=false TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false "$BIN" proxy --listen 127.0.0.1:$TG --admin-listen 127.0.0.1:$TGA --threads 1 \
   --route bench.localhost=127.0.0.1:$UP >"$W/tg.log" 2>&1 &
 TGPID=$!

@@ -118,3 +118,22 @@ pub async fn durable_with_credit(account: &str, amount: i64) -> Fixture {
         admin,
     }
 }
+
+/// `tollgate accounts audit` over this Redis: every difference (the books must show none:
+/// each account's invariant, the ledger's totals against the accounts, every balance backed).
+pub async fn audit(url: &str) -> Vec<tollgate_payments::audit::Difference> {
+    let store = RedisStore::connect(url, "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let channels = tollgate_payments::RedisChannels::connect(url, "tollgate")
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        if let Ok(r) = tollgate_payments::audit::audit(&channels, &store, None).await {
+            return r.differences;
+        }
+        // The admin connection reconnects after a Redis restart.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the audit could not read the books");
+}
