@@ -46,6 +46,43 @@ impl EmbeddedChannels {
             .await
             .map_err(unavailable)?
     }
+
+    /// Every key of `table`.
+    async fn keys<V: redb::Value + Send + Sync + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, V>,
+    ) -> Result<Vec<String>, VerificationError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let t = tx.open_table(table).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (k, _) = row.map_err(unavailable)?;
+                out.push(k.value().to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Removes `key` from `table` (a no-op when absent).
+    async fn remove_key<V: redb::Value + Send + Sync + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, V>,
+        key: &str,
+    ) -> Result<(), VerificationError> {
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            tx.open_table(table)
+                .map_err(unavailable)?
+                .remove(key.as_str())
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -128,31 +165,11 @@ impl ChannelBackend for EmbeddedChannels {
     }
 
     async fn credit_done(&self, key: &str) -> Result<(), VerificationError> {
-        let key = key.to_owned();
-        self.blocking(move |db| {
-            let tx = db.begin_write().map_err(unavailable)?;
-            tx.open_table(PENDING)
-                .map_err(unavailable)?
-                .remove(key.as_str())
-                .map_err(unavailable)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(())
-        })
-        .await
+        self.remove_key(PENDING, key).await
     }
 
     async fn channel_ids(&self) -> Result<Vec<String>, VerificationError> {
-        self.blocking(|db| {
-            let tx = db.begin_read().map_err(unavailable)?;
-            let t = tx.open_table(CHANNELS).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (k, _) = row.map_err(unavailable)?;
-                out.push(k.value().to_owned());
-            }
-            Ok(out)
-        })
-        .await
+        self.keys(CHANNELS).await
     }
 
     async fn poison(&self, p: &PoisonedCredit) -> Result<(), VerificationError> {
@@ -258,30 +275,10 @@ impl ChannelBackend for EmbeddedChannels {
     }
 
     async fn forced_remove(&self, id: &str) -> Result<(), VerificationError> {
-        let id = id.to_owned();
-        self.blocking(move |db| {
-            let tx = db.begin_write().map_err(unavailable)?;
-            tx.open_table(FORCED)
-                .map_err(unavailable)?
-                .remove(id.as_str())
-                .map_err(unavailable)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(())
-        })
-        .await
+        self.remove_key(FORCED, id).await
     }
 
     async fn forced_ids(&self) -> Result<Vec<String>, VerificationError> {
-        self.blocking(|db| {
-            let tx = db.begin_read().map_err(unavailable)?;
-            let t = tx.open_table(FORCED).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (k, _) = row.map_err(unavailable)?;
-                out.push(k.value().to_owned());
-            }
-            Ok(out)
-        })
-        .await
+        self.keys(FORCED).await
     }
 }
