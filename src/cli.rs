@@ -43,6 +43,26 @@ pub enum Command {
     /// Read accounts and add credit by hand in Redis, for operators (refunds, goodwill, tests).
     #[command(subcommand)]
     Accounts(AccountsCommand),
+    /// Projects' SQL databases, for operators.
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Copy a project's database to FILE with SQLite's online backup (safe while it serves).
+    Backup {
+        /// The configuration file the control service runs with (database.dir, control.data_dir).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The databases' folder (default: database.dir, else <control.data_dir>/databases).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The project id (p_…).
+        project: String,
+        /// Where to write the copy (a SQLite file; an existing file is replaced).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -368,6 +388,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Accounts(cmd) => accounts(cmd),
+        Command::Db(DbCommand::Backup {
+            config,
+            dir,
+            project,
+            file,
+        }) => {
+            let cfg = Config::load(config.as_deref(), &env)?;
+            let dir = dir.unwrap_or_else(|| cfg.database.dir(&cfg.control.data_dir));
+            tollgate_app::ops::db_backup(&dir, &project, &file)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -2,136 +2,14 @@
 //! and exits 0; `tollgate dev --redis` follows routes written with `tollgate routes put`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tollgate_testkit::{RedisServer, Upstream, free_addr};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    c.stdout(Stdio::null()).stderr(Stdio::null());
-    // Journals and the embedded money store go to a fresh folder, not the checkout.
-    let data = tempfile::Builder::new()
-        .prefix("tollgate-cli-test-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    c.env("TOLLGATE_DATA_DIR", data);
-    c
-}
-
-/// Starts a server process whose addresses come from `make(listen)`, retrying with fresh ports
-/// when one was taken between picking and binding (the process then exits at once).
-fn start_listening(make: impl Fn(SocketAddr) -> Command) -> (Proc, SocketAddr) {
-    for _ in 0..5 {
-        let listen = free_addr();
-        let mut p = Proc(make(listen).spawn().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if TcpStream::connect(listen).is_ok() {
-                return (p, listen);
-            }
-            if p.0.try_wait().unwrap().is_some() || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("the server never listened");
-}
-
-/// Waits until the control service at `control` answers `/healthz`, failing if `p` exits first.
-fn wait_for_control(control: SocketAddr, p: &mut Proc) {
-    let c = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(c.get(format!("http://{control}/healthz")).send(), Ok(r) if r.status() == 200) {
-        assert!(
-            p.0.try_wait().unwrap().is_none(),
-            "the process exited early"
-        );
-        assert!(Instant::now() < deadline, "control never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn get(client: &reqwest::blocking::Client, url: &str) -> (u16, String) {
-    let r = client.get(url).send().unwrap();
-    (r.status().as_u16(), r.text().unwrap())
-}
-
-/// Test money from the test chain's faucet (`tempo_fundAddress`).
-fn fund(c: &reqwest::blocking::Client, rpc: &str, address: &str) {
-    let r: serde_json::Value = c
-        .post(rpc)
-        .json(&serde_json::json!({"jsonrpc":"2.0","id":1,"method":"tempo_fundAddress","params":[address]}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    assert!(r["result"].is_array(), "{r}");
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
-/// `tollgate routes put`: `slug` served from `upstream`, owned (and paid for) by `account`.
-fn put_metered_route(redis: &str, slug: &str, upstream: SocketAddr, account: &str) {
-    let out = bin()
-        .args(["routes", "put", "--redis", redis, "--slug", slug])
-        .args(["--upstream", &upstream.to_string(), "--account-id", account])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-}
-
-/// `tollgate accounts credit` (idempotent by `key`); its output, JSON on stdout.
-fn credit_account(redis: &str, account: &str, usd: &str, key: &str) -> std::process::Output {
-    bin()
-        .stdout(Stdio::piped())
-        .args(["accounts", "credit", "--redis", redis, "--account", account])
-        .args(["--usd", usd, "--key", key])
-        .output()
-        .unwrap()
-}
-
-/// `tollgate accounts show`, parsed.
-fn account_json(redis: &str, account: &str) -> serde_json::Value {
-    let shown = bin()
-        .stdout(Stdio::piped())
-        .args(["accounts", "show", "--redis", redis, account])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&shown.stdout).unwrap()
-}
-
-/// SIGTERM, then wait (bounded) for the exit.
-fn terminate(p: &mut Proc) -> std::process::ExitStatus {
-    signal(&p.0, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = p.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the process did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+mod common;
+use common::*;
 
 #[test]
 fn proxy_fronts_an_upstream_and_exits_0_on_sigterm() {

@@ -29,6 +29,58 @@ impl CpuSink for ChargeCpu {
     }
 }
 
+/// Database rows charged to the owning accounts through a balance cache: a query is admitted
+/// when the owner can pay (waiting up to `lease_wait` for this node's first lease, as the proxy
+/// does), and its exact rows are charged once it ran.
+pub struct ChargeRows {
+    pub cache: Arc<BalanceCache>,
+    pub lease_wait: std::time::Duration,
+}
+
+#[async_trait::async_trait]
+impl tollgate_database::Meter for ChargeRows {
+    async fn admit(&self, account: &str) -> Result<(), tollgate_database::MeterRefusal> {
+        use tollgate_balance_cache::Spend;
+        use tollgate_database::MeterRefusal;
+        // The cheapest query reads one row.
+        let least = self.cache.prices().per_row_read;
+        let end = tokio::time::Instant::now() + self.lease_wait;
+        loop {
+            let changed = self.cache.changed_notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.cache.admit(account, least) {
+                Spend::Ok => return Ok(()),
+                Spend::Suspended => return Err(MeterRefusal::Suspended),
+                Spend::Unavailable => return Err(MeterRefusal::Unavailable),
+                Spend::Pending => {
+                    let left = end.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(MeterRefusal::Unavailable);
+                    }
+                    let _ = tokio::time::timeout(left, changed).await;
+                }
+            }
+        }
+    }
+
+    fn charge(&self, account: &str, rows_read: u64, rows_written: u64) {
+        self.cache.charge_rows(account, rows_read, rows_written);
+    }
+}
+
+/// Metering off (`metering.enabled = false`): queries run and nobody is charged.
+pub struct FreeRows;
+
+#[async_trait::async_trait]
+impl tollgate_database::Meter for FreeRows {
+    async fn admit(&self, _: &str) -> Result<(), tollgate_database::MeterRefusal> {
+        Ok(())
+    }
+
+    fn charge(&self, _: &str, _: u64, _: u64) {}
+}
+
 /// The proxy holds the runtime's in-flight guard per request (the per-request CPU cap and the
 /// drain before a version stops need it).
 pub struct InflightHooks(pub Supervisor);

@@ -24,6 +24,7 @@ pub struct Config {
     pub prices: PriceConfig,
     pub payments: PaymentsConfig,
     pub public: PublicConfig,
+    pub database: DatabaseConfig,
     /// Static routes: `[[route]] host = "…" upstreams = ["127.0.0.1:3000"]`.
     #[serde(rename = "route")]
     pub routes: Vec<StaticRoute>,
@@ -46,6 +47,9 @@ pub struct ControlConfig {
     pub toolchain_dir: PathBuf,
     /// A project with no request and no deploy for this long expires and is collected.
     pub inactivity_ttl_seconds: u64,
+    /// A deployment with no request and no CPU use for this long has its process stopped (it
+    /// starts again on the next request); 0 keeps processes running.
+    pub idle_stop_seconds: u64,
 }
 
 impl Default for ControlConfig {
@@ -57,7 +61,77 @@ impl Default for ControlConfig {
             public_url: None,
             toolchain_dir: PathBuf::from("runtime/npm"),
             inactivity_ttl_seconds: 7 * 24 * 3600,
+            idle_stop_seconds: 600,
         }
+    }
+}
+
+/// Per-project SQL databases (D1 API), served to the control process's workerd deployments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Off: deploys asking for `databases` are refused.
+    pub enabled: bool,
+    /// Where the SQLite files live. Default: `<control.data_dir>/databases`.
+    pub dir: Option<PathBuf>,
+    /// Writes past this size fail (D1-style error); reads keep working.
+    pub max_size_mb: u64,
+    /// A query (or batch) running longer is interrupted.
+    pub query_timeout_ms: u64,
+    /// A result larger than this fails the query.
+    pub max_result_mb: u64,
+    /// `full` (every commit on disk before it is acknowledged) or `normal` (the last commits
+    /// may be lost on power loss, never on a crash of the process); docs/database.md.
+    pub synchronous: tollgate_database::Synchronous,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            enabled: true,
+            dir: None,
+            max_size_mb: 500,
+            query_timeout_ms: 5_000,
+            max_result_mb: 16,
+            synchronous: tollgate_database::Synchronous::Full,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The validated limits, or what is wrong (with the config key).
+    pub fn limits(&self) -> Result<tollgate_database::Limits, String> {
+        if !(1..=1_000_000).contains(&self.max_size_mb) {
+            return Err(format!(
+                "database.max_size_mb must be 1..=1000000, got {}",
+                self.max_size_mb
+            ));
+        }
+        if !(10..=300_000).contains(&self.query_timeout_ms) {
+            return Err(format!(
+                "database.query_timeout_ms must be 10..=300000, got {}",
+                self.query_timeout_ms
+            ));
+        }
+        if !(1..=1024).contains(&self.max_result_mb) {
+            return Err(format!(
+                "database.max_result_mb must be 1..=1024, got {}",
+                self.max_result_mb
+            ));
+        }
+        Ok(tollgate_database::Limits {
+            max_size_bytes: self.max_size_mb * 1_000_000,
+            query_timeout: std::time::Duration::from_millis(self.query_timeout_ms),
+            max_result_bytes: (self.max_result_mb as usize) << 20,
+            synchronous: self.synchronous,
+            ..tollgate_database::Limits::default()
+        })
+    }
+
+    pub fn dir(&self, control_data_dir: &Path) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| control_data_dir.join("databases"))
     }
 }
 
@@ -187,6 +261,9 @@ pub struct PriceConfig {
     pub deploy_usd: String,
     pub requests_per_million_usd: String,
     pub cpu_ms_per_million_usd: String,
+    /// Database rows read / written, dollars per million (D1's model).
+    pub rows_read_per_million_usd: String,
+    pub rows_written_per_million_usd: String,
 }
 
 impl Default for PriceConfig {
@@ -195,6 +272,8 @@ impl Default for PriceConfig {
             deploy_usd: "0.05".into(),
             requests_per_million_usd: "0.50".into(),
             cpu_ms_per_million_usd: "12.50".into(),
+            rows_read_per_million_usd: "0.25".into(),
+            rows_written_per_million_usd: "1.00".into(),
         }
     }
 }
@@ -206,6 +285,12 @@ impl PriceConfig {
             &self.requests_per_million_usd,
             &self.cpu_ms_per_million_usd,
         )
+        .and_then(|p| {
+            p.with_rows_usd(
+                &self.rows_read_per_million_usd,
+                &self.rows_written_per_million_usd,
+            )
+        })
         .map_err(|e| format!("[prices]: {e}"))
     }
 }

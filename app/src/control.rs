@@ -31,6 +31,8 @@ pub fn runtime(
     tracing::info!(workerd = %toolchain.workerd_version, esbuild = %toolchain.esbuild_version, "JS toolchain ready");
     let rt = RuntimeConfig {
         data_dir: cfg.control.data_dir.join("runtime"),
+        idle_timeout: (cfg.control.idle_stop_seconds > 0)
+            .then(|| std::time::Duration::from_secs(cfg.control.idle_stop_seconds)),
         ..RuntimeConfig::default()
     };
     let (sup, events) = Supervisor::new(rt, toolchain.clone(), cpu)?;
@@ -56,6 +58,7 @@ pub struct ControlService {
 /// Builds the control service: its stores (Redis when configured, shared by every node;
 /// otherwise the embedded store in the data dir and routes straight into `local_table`, this
 /// process's proxy), recovery of live deployments, the sweep, and the listener's routes.
+#[allow(clippy::too_many_arguments)]
 pub async fn control_service(
     settings: &Settings,
     sup: Supervisor,
@@ -63,6 +66,7 @@ pub async fn control_service(
     toolchain: Toolchain,
     agents: Agents,
     local_table: Option<Arc<tollgate_routes::RouteTable>>,
+    money: Option<Arc<tollgate_balance_cache::BalanceCache>>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<ControlService> {
     let cfg = &settings.config;
@@ -99,7 +103,7 @@ pub async fn control_service(
         )
     });
     let control = Control::new(
-        store,
+        store.clone(),
         bundler,
         sup,
         routes,
@@ -110,6 +114,12 @@ pub async fn control_service(
         },
     );
     let mut tasks = Vec::new();
+    // Databases before recovery: the deployments it restarts get their database tokens.
+    if cfg.database.enabled {
+        let (access, db_tasks) = databases(settings, store, money, stop.clone()).await?;
+        control.attach_databases(access);
+        tasks.extend(db_tasks);
+    }
     {
         let (control, mut stop) = (control.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
@@ -155,6 +165,8 @@ pub async fn control_service(
             deploy_picos: settings.prices.per_deploy,
             per_request_picos: settings.prices.per_request,
             per_cpu_us_picos: settings.prices.per_cpu_us,
+            per_row_read_picos: settings.prices.per_row_read,
+            per_row_written_picos: settings.prices.per_row_written,
             default_prepay: settings.payments.default_prepay,
         }),
         _ => None,
@@ -214,6 +226,62 @@ pub async fn control_service(
         );
     }
     Ok(ControlService { router: app, tasks })
+}
+
+/// The per-project databases and their D1 service on a loopback port (workerd reaches it through
+/// each deployment's binding; tenant `fetch()` cannot), rows charged through `money` (the
+/// balance cache that charges the runtime's CPU) and counted per project for agents' views.
+async fn databases(
+    settings: &Settings,
+    store: Arc<dyn ControlStore>,
+    money: Option<Arc<tollgate_balance_cache::BalanceCache>>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(tollgate_control::DatabaseAccess, Vec<JoinHandle<()>>)> {
+    let cfg = &settings.config;
+    let limits = cfg.database.limits().map_err(|e| anyhow::anyhow!(e))?;
+    let dir = cfg.database.dir(&cfg.control.data_dir);
+    let dbs = tollgate_database::Databases::open(&dir, limits)
+        .map_err(|e| anyhow::anyhow!("database.dir {}: {e}", dir.display()))?;
+    let meter: Arc<dyn tollgate_database::Meter> = match money {
+        Some(cache) => Arc::new(crate::adapters::ChargeRows {
+            cache,
+            lease_wait: settings.lease_wait,
+        }),
+        None => {
+            tracing::warn!("metering.enabled = false: database rows are charged to nobody");
+            Arc::new(crate::adapters::FreeRows)
+        }
+    };
+    let rows = tollgate_control::rows::RowsUsage::new(store);
+    let service = tollgate_database::Service::new(
+        dbs.clone(),
+        meter,
+        Some(rows.clone() as Arc<dyn tollgate_database::Usage>),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("the database service's loopback listener")?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, dir = %dir.display(), "databases served to deployments (D1)");
+    let app = service.router();
+    let mut server_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "database service failed");
+        }
+        // Checkpoint every WAL into its file before the process ends.
+        let _ = tokio::task::spawn_blocking(move || dbs.close_all()).await;
+    });
+    let flusher = tokio::spawn(rows.run(stop));
+    Ok((
+        tollgate_control::DatabaseAccess { service, address },
+        vec![server, flusher],
+    ))
 }
 
 /// Binds the control listener (first thing at start: a port in use stops the start before

@@ -223,6 +223,7 @@ async fn start_control(
     .await?;
     let registry = prometheus::Registry::new();
     tollgate_proxy::metrics::register_build_info(&registry)?;
+    let mut rows_cache = None;
     let cpu: Arc<dyn tollgate_runtime::CpuSink> = if settings.config.metering.enabled {
         let node_id = settings.control_node_id();
         let metering = MeteringNode::start(
@@ -235,6 +236,7 @@ async fn start_control(
             handle,
         )?;
         let cpu = Arc::new(ChargeCpu(metering.cache().clone()));
+        rows_cache = Some(metering.cache().clone());
         parts.metering = Some(metering);
         cpu
     } else {
@@ -260,6 +262,7 @@ async fn start_control(
             registry: Some(registry),
         },
         None,
+        rows_cache,
         bg_rx,
     )
     .await?;
@@ -341,6 +344,7 @@ async fn start_dev(
         }));
     }
     let mut started_runtime = None;
+    let mut rows_cache = None;
     let prepared = PreparedNode::prepare_with(
         proxy_options(&settings, false, false)?,
         gate,
@@ -349,6 +353,7 @@ async fn start_dev(
             let (sup, events, toolchain) = runtime(&settings, Arc::new(ChargeCpu(cache.clone())))?;
             let hooks = Arc::new(InflightHooks(sup.clone()));
             started_runtime = Some((sup, events, toolchain));
+            rows_cache = Some(cache.clone());
             Ok(Some(hooks as Arc<dyn tollgate_proxy::RequestHooks>))
         },
     )?;
@@ -387,6 +392,7 @@ async fn start_dev(
             registry: None,
         },
         local_table,
+        rows_cache,
         bg_rx,
     )
     .await?;

@@ -238,3 +238,24 @@ pub fn credits(books: Books<'_>, resolve: Option<(&str, bool)>) -> anyhow::Resul
         Ok(true)
     })
 }
+
+/// `tollgate db backup`: copies `project`'s database under `dir` to `file` (SQLite's online
+/// backup: a consistent copy while the service keeps writing).
+pub fn db_backup(dir: &Path, project: &str, file: &Path) -> anyhow::Result<()> {
+    let dbs = tollgate_database::Databases::open(dir, tollgate_database::Limits::default())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    if !dbs.exists(project) {
+        anyhow::bail!(
+            "project {project:?} has no database in {} (check the project id and database.dir)",
+            dir.display()
+        );
+    }
+    dbs.backup(project, file)
+        .map_err(|e| anyhow::anyhow!("backup of {project} to {}: {e}", file.display()))?;
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({"project": project, "file": file, "bytes": size})
+    );
+    Ok(())
+}

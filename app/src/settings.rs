@@ -122,6 +122,10 @@ impl Settings {
         if let Some(url) = &config.public.mcp_url {
             crate::config::parse_public_url(url).map_err(|e| bad("public.mcp_url", e))?;
         }
+        config.database.limits().map_err(|e| {
+            let key = e.split(' ').next().unwrap_or("database").to_owned();
+            bad(&key, e.trim_start_matches(&format!("{key} ")))
+        })?;
         // The realm as the services will use it, named or derived from the public MCP URL (an
         // IP address is refused either way: challenges must name the platform).
         if p.realm.is_some() || config.public.mcp_url.is_some() {

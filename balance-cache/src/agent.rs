@@ -318,10 +318,13 @@ impl Agent {
             let entry = (|| {
                 // Off the visit list first: a spend after this line puts it back on.
                 let state = slot.state.fetch_and(!(REFILL | DIRTY), Ordering::AcqRel);
+                let (rows_read, rows_written) = self.cache.take_rows(id);
                 let usage = Usage {
                     requests: u64::from(slot.requests.swap(0, Ordering::AcqRel)),
                     cpu_us: slot.cpu_us.swap(0, Ordering::AcqRel),
                     deploys: 0,
+                    rows_read,
+                    rows_written,
                 };
                 let k = self.known.get(account.as_str());
                 let lease = k.map_or(0, |k| k.lease);
@@ -490,6 +493,8 @@ impl Agent {
                 let requests = u32::try_from(e.usage.requests).unwrap_or(u32::MAX);
                 slot.requests.fetch_add(requests, Ordering::AcqRel);
                 slot.cpu_us.fetch_add(e.usage.cpu_us, Ordering::AcqRel);
+                self.cache
+                    .restore_rows(id, e.usage.rows_read, e.usage.rows_written);
                 slot.remaining.fetch_add(e.give_back, Ordering::AcqRel);
                 slot.state.fetch_or(DIRTY, Ordering::AcqRel);
                 id

@@ -93,6 +93,14 @@ pub struct BalanceCache {
     pub(crate) dirty: Mutex<Vec<SlotId>>,
     /// Accounts first seen on the request path, for the agent to add (cold path).
     pub(crate) pending: Mutex<HashMap<String, u64>>,
+    /// Database rows (read, written) charged and not yet cut into a batch, by slot. Few
+    /// accounts use a database and a slot stays one cache line, so they live here, behind a
+    /// lock (a query costs tens of µs; the lock, nanoseconds).
+    pub(crate) rows: Mutex<HashMap<SlotId, (u64, u64)>>,
+    /// Set once any rows were charged on this node: cuts skip the lock until then.
+    pub(crate) rows_used: AtomicBool,
+    /// Rows of accounts not cached yet, applied once their slot exists.
+    pending_rows: Mutex<HashMap<String, (u64, u64)>>,
     pub(crate) prices: Prices,
     /// The agent wakes on this when a slot wants a refill or a new account appears.
     pub(crate) wake: Notify,
@@ -116,6 +124,9 @@ impl BalanceCache {
             map: SlotMap::new(),
             dirty: Mutex::new(Vec::new()),
             pending: Mutex::new(HashMap::new()),
+            rows: Mutex::new(HashMap::new()),
+            rows_used: AtomicBool::new(false),
+            pending_rows: Mutex::new(HashMap::new()),
             prices,
             wake: Notify::new(),
             changed: Notify::new(),
@@ -266,6 +277,102 @@ impl BalanceCache {
         }
     }
 
+    /// May `account` start something that costs about `amount` p$ (a database query, whose
+    /// exact cost is known only after it ran)? Checks this node's lease without spending it;
+    /// `Pending` asks for a refill, as [`BalanceCache::try_spend_request`] does.
+    pub fn admit(&self, account: &str, amount: i64) -> Spend {
+        let r = self.map.with(account, |key, slot| {
+            if !self.leases_valid() {
+                return Spend::Unavailable;
+            }
+            if slot.remaining.load(Ordering::Acquire) >= amount.max(1) {
+                return Spend::Ok;
+            }
+            if slot.is_suspended() {
+                return Spend::Suspended;
+            }
+            if self.store_down.load(Ordering::Relaxed) {
+                return Spend::Unavailable;
+            }
+            self.mark(key, slot, REFILL);
+            Spend::Pending
+        });
+        r.unwrap_or_else(|| {
+            self.register(account, 0);
+            Spend::Pending
+        })
+    }
+
+    /// Charges database rows as they were used (like CPU: even past the lease, the excess
+    /// settled as debt); counted into the next settle batch's usage.
+    pub fn charge_rows(&self, account: &str, rows_read: u64, rows_written: u64) {
+        if rows_read == 0 && rows_written == 0 {
+            return;
+        }
+        let cost = i64::try_from(self.prices.cost(&tollgate_metering::Usage {
+            rows_read,
+            rows_written,
+            ..Default::default()
+        }))
+        .unwrap_or(i64::MAX / 4);
+        let charged = self.map.with(account, |id, slot| {
+            self.rows_used.store(true, Ordering::Relaxed);
+            {
+                let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+                let r = rows.entry(id).or_insert((0, 0));
+                r.0 = r.0.saturating_add(rows_read);
+                r.1 = r.1.saturating_add(rows_written);
+            }
+            let now = self.now_s();
+            if slot.last_used_s.load(Ordering::Relaxed) != now {
+                slot.last_used_s.store(now, Ordering::Relaxed);
+            }
+            let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
+            let bits = if left < slot.refill_below.load(Ordering::Relaxed) {
+                REFILL
+            } else {
+                0
+            };
+            self.mark(id, slot, bits);
+        });
+        if charged.is_none() {
+            if tollgate_metering::validate_account_id(account).is_err() {
+                return;
+            }
+            {
+                let mut p = self.pending_rows.lock().unwrap_or_else(|e| e.into_inner());
+                let r = p.entry(account.to_owned()).or_insert((0, 0));
+                r.0 = r.0.saturating_add(rows_read);
+                r.1 = r.1.saturating_add(rows_written);
+            }
+            self.register(account, 0);
+        }
+    }
+
+    /// The rows of slot `id` not cut yet, taken (the agent, while cutting).
+    pub(crate) fn take_rows(&self, id: SlotId) -> (u64, u64) {
+        if !self.rows_used.load(Ordering::Relaxed) {
+            return (0, 0);
+        }
+        self.rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+            .unwrap_or((0, 0))
+    }
+
+    /// Puts rows of a batch that was never applied back (the agent).
+    pub(crate) fn restore_rows(&self, id: SlotId, rows_read: u64, rows_written: u64) {
+        if rows_read == 0 && rows_written == 0 {
+            return;
+        }
+        self.rows_used.store(true, Ordering::Relaxed);
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        let r = rows.entry(id).or_insert((0, 0));
+        r.0 = r.0.saturating_add(rows_read);
+        r.1 = r.1.saturating_add(rows_written);
+    }
+
     fn register(&self, account: &str, cpu_us: u64) {
         if tollgate_metering::validate_account_id(account).is_err() {
             return;
@@ -292,6 +399,11 @@ impl BalanceCache {
             if cpu_us > 0 {
                 self.charge_cpu(&account, cpu_us);
             }
+        }
+        let rows =
+            std::mem::take(&mut *self.pending_rows.lock().unwrap_or_else(|e| e.into_inner()));
+        for (account, (r, w)) in rows {
+            self.charge_rows(&account, r, w);
         }
     }
 

@@ -109,14 +109,22 @@ async fn redis_killed_and_restarted_under_load_loses_and_duplicates_nothing() {
     let nodes = [node(&url, "a", &dir).await, node(&url, "b", &dir).await];
     let stop = Arc::new(AtomicBool::new(false));
     let paid = Arc::new(AtomicU64::new(0));
+    // Database queries ride the same batches: every 8th paid request also reads 3 rows and
+    // writes 1.
+    let queries = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
     for n in &nodes {
-        let (cache, stop, paid) = (n.cache.clone(), stop.clone(), paid.clone());
+        let (cache, stop, paid, queries) =
+            (n.cache.clone(), stop.clone(), paid.clone(), queries.clone());
         load.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 if cache.try_spend_request("busy") == Spend::Ok {
-                    paid.fetch_add(1, Ordering::Relaxed);
+                    let n = paid.fetch_add(1, Ordering::Relaxed);
+                    if n.is_multiple_of(8) {
+                        cache.charge_rows("busy", 3, 1);
+                        queries.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 i += 1;
                 if i.is_multiple_of(32) {
@@ -136,18 +144,23 @@ async fn redis_killed_and_restarted_under_load_loses_and_duplicates_nothing() {
         n.shutdown().await;
     }
     let paid = paid.load(Ordering::Relaxed) as i64;
+    let queries = queries.load(Ordering::Relaxed);
     let st = read(&admin, "busy").await;
     assert!(st.holds_invariant(), "{st:?}");
     assert!(paid > 1000, "too little load: {paid}");
+    let p = tollgate_metering::Prices::default();
+    let rows_cost = queries as i64 * (3 * p.per_row_read + p.per_row_written);
     assert_eq!(
         st.debited,
-        paid * PRICE,
-        "paid {paid}: debited {}",
+        paid * PRICE + rows_cost,
+        "paid {paid}, {queries} queries: debited {}",
         st.debited
     );
     assert_eq!(st.leased, 0);
     let ledger = read_ledger(&admin).await;
     assert_eq!(ledger.iter().map(|e| e.requests).sum::<u64>() as i64, paid);
+    assert_eq!(ledger.iter().map(|e| e.rows_read).sum::<u64>(), 3 * queries);
+    assert_eq!(ledger.iter().map(|e| e.rows_written).sum::<u64>(), queries);
     assert_eq!(common::audit(&url).await, vec![], "tollgate accounts audit");
 }
 

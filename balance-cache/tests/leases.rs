@@ -221,6 +221,8 @@ async fn after_a_refused_batch_the_node_stops_spending_before_it_returns_its_lea
     store.refuse_next.store(true, Ordering::Release);
     assert_eq!(spend_one(&cache, "back").await, Spend::Ok);
     paid += 1;
+    // Database rows in the refused batch go back to the slot with the requests.
+    cache.charge_rows("back", 7, 2);
     let t = Instant::now();
     while store.releases.load(Ordering::Acquire) == 0 {
         assert!(t.elapsed() < Duration::from_secs(5), "no new incarnation");
@@ -240,5 +242,10 @@ async fn after_a_refused_batch_the_node_stops_spending_before_it_returns_its_lea
     let st = fx.admin.account("back").await.unwrap().unwrap();
     assert!(st.holds_invariant(), "{st:?}");
     assert_eq!(st.leased, 0);
-    assert_eq!(st.debited, paid * PRICE, "{st:?}");
+    let p = tollgate_metering::Prices::default();
+    let rows = 7 * p.per_row_read + 2 * p.per_row_written;
+    assert_eq!(st.debited, paid * PRICE + rows, "{st:?}");
+    let ledger = fx.admin.ledger().await.unwrap();
+    assert_eq!(ledger.iter().map(|e| e.rows_read).sum::<u64>(), 7);
+    assert_eq!(ledger.iter().map(|e| e.rows_written).sum::<u64>(), 2);
 }

@@ -90,7 +90,11 @@ async fn three_nodes_never_spend_more_than_the_balance() {
     let ledger = admin.ledger().await.unwrap();
     let requests: u64 = ledger.iter().map(|e| e.requests).sum();
     assert_eq!(requests, paid, "the ledger counts each paid request once");
-    assert_eq!(common::audit(&redis.url()).await, vec![], "tollgate accounts audit");
+    assert_eq!(
+        common::audit(&redis.url()).await,
+        vec![],
+        "tollgate accounts audit"
+    );
 }
 
 /// A service on one node, as the runtime's sampler sees it: every `T_S` it has used `K` cores
@@ -180,7 +184,11 @@ async fn three_nodes_burning_cpu_overspend_no_more_than_the_bound() {
         "overspent {overspend} p$, bound {bound}"
     );
     assert_eq!(st.status, Status::Suspended);
-    assert_eq!(common::audit(&redis.url()).await, vec![], "tollgate accounts audit");
+    assert_eq!(
+        common::audit(&redis.url()).await,
+        vec![],
+        "tollgate accounts audit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,7 +250,11 @@ async fn suspension_reaches_other_nodes_and_a_credit_resumes_them() {
     assert!(st.holds_invariant());
     assert_eq!(st.leased, 0);
     assert!(st.debited <= st.credited);
-    assert_eq!(common::audit(&redis.url()).await, vec![], "tollgate accounts audit");
+    assert_eq!(
+        common::audit(&redis.url()).await,
+        vec![],
+        "tollgate accounts audit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,5 +290,9 @@ async fn kill_9_between_journal_and_send_loses_nothing_and_counts_nothing_twice(
     }
     let ledger = admin.ledger().await.unwrap();
     assert_eq!(ledger.iter().map(|e| e.requests).sum::<u64>(), 250);
-    assert_eq!(common::audit(&redis.url()).await, vec![], "tollgate accounts audit");
+    assert_eq!(
+        common::audit(&redis.url()).await,
+        vec![],
+        "tollgate accounts audit"
+    );
 }

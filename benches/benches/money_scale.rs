@@ -136,6 +136,7 @@ async fn run() -> Res<()> {
                         requests: 100,
                         cpu_us: 2_000,
                         deploys: 0,
+                        ..Default::default()
                     },
                     cost: 100 * 500_000 + 2_000 * 12_500,
                     give_back: 0,

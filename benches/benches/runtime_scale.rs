@@ -110,6 +110,8 @@ async fn run() -> Res<()> {
         code: code.clone(),
         compatibility_date: "2025-01-01".into(),
         env: BTreeMap::new(),
+        databases: Vec::new(),
+        d1: None,
     };
     let client = reqwest::Client::new();
 

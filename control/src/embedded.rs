@@ -239,11 +239,40 @@ impl ControlStore for EmbeddedControlStore {
             .unwrap_or_default())
     }
 
-    /// Proxies count usage into Redis; a single node without Redis has none to show.
-    async fn usage(&self, _project: &str, buckets: &[String]) -> Result<Usage, ControlError> {
+    /// Proxies count requests into Redis; a single node without Redis has none to show. Database
+    /// rows are counted here.
+    async fn usage(&self, project: &str, buckets: &[String]) -> Result<Usage, ControlError> {
+        let mut rows = Vec::with_capacity(buckets.len());
+        for b in buckets {
+            rows.push(
+                self.get_json::<(u64, u64)>(&format!("rows:{project}:{b}"))?
+                    .unwrap_or((0, 0)),
+            );
+        }
         Ok(Usage {
             buckets: vec![(0, 0); buckets.len()],
+            rows,
             last_request_ms: None,
+        })
+    }
+
+    async fn add_rows(
+        &self,
+        project: &str,
+        bucket: &str,
+        rows_read: u64,
+        rows_written: u64,
+    ) -> Result<(), ControlError> {
+        let key = format!("rows:{project}:{bucket}");
+        self.write(|t| {
+            let (r, w): (u64, u64) = match t.get(key.as_str()).map_err(err)? {
+                Some(v) => serde_json::from_slice(v.value())?,
+                None => (0, 0),
+            };
+            let v =
+                serde_json::to_vec(&(r.saturating_add(rows_read), w.saturating_add(rows_written)))?;
+            t.insert(key.as_str(), v.as_slice()).map_err(err)?;
+            Ok(())
         })
     }
 }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod http;
 pub mod model;
 pub mod routes;
+pub mod rows;
 mod service;
 pub mod store;
 
@@ -14,7 +15,7 @@ pub use error::ControlError;
 pub use model::{DeployStatus, Deployment, Project, ProjectStatus};
 pub use routes::{LocalRoutes, RoutePublisher};
 pub use service::{
-    Control, ControlConfig, DeployOutcome, DeployRequest, ProjectView, Traffic, UsageView,
-    bundler_for,
+    Control, ControlConfig, DatabaseAccess, DatabaseView, DeployOutcome, DeployRequest,
+    ProjectView, QueryOut, Traffic, UsageView, bundler_for,
 };
 pub use store::{ControlStore, RedisControlStore, Usage};

@@ -55,6 +55,9 @@ pub struct Deployment {
     /// For a rollback: the deployment whose code this one runs again.
     pub rollback_of: Option<String>,
     pub compatibility_date: String,
+    /// Names the project's database is bound under in this version's `env` (D1 bindings).
+    #[serde(default)]
+    pub databases: Vec<String>,
 }
 
 /// An env var of a project; secrets are never read back.

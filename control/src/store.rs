@@ -44,15 +44,28 @@ pub trait ControlStore: Send + Sync + 'static {
     /// Requests and response bytes the proxies counted, by UTC hour buckets (`YYYYMMDDHH`), and
     /// the time of the last request.
     async fn usage(&self, project: &str, buckets: &[String]) -> Result<Usage, ControlError>;
+    /// Adds database rows (read, written) to the project's hour bucket.
+    async fn add_rows(
+        &self,
+        project: &str,
+        bucket: &str,
+        rows_read: u64,
+        rows_written: u64,
+    ) -> Result<(), ControlError>;
 }
 
-/// What the proxies counted for a project (see `tollgate_proxy::usage`).
+/// What the proxies counted for a project (see `tollgate_proxy::usage`), and its database rows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Usage {
     /// Per bucket asked for, in order: (requests, response bytes).
     pub buckets: Vec<(u64, u64)>,
+    /// Per bucket asked for, in order: database (rows read, rows written).
+    pub rows: Vec<(u64, u64)>,
     pub last_request_ms: Option<u64>,
 }
+
+/// How long an hour bucket of usage is kept (the proxies use the same).
+pub(crate) const BUCKET_TTL_S: i64 = 8 * 24 * 3600;
 
 pub struct RedisControlStore {
     conn: ConnectionManager,
@@ -232,7 +245,9 @@ return 1"#;
             pipe.cmd("HMGET")
                 .arg(tollgate_routes::usage_key(base, project, Some(b)))
                 .arg("requests")
-                .arg("bytes_out");
+                .arg("bytes_out")
+                .arg("rows_read")
+                .arg("rows_written");
         }
         pipe.hget(
             tollgate_routes::usage_key(base, project, None),
@@ -245,14 +260,40 @@ return 1"#;
             None => None,
         };
         let mut out = Vec::new();
+        let mut rows = Vec::new();
         for v in replies {
-            let pair: (Option<u64>, Option<u64>) = redis::from_redis_value(v).map_err(parse_err)?;
-            out.push((pair.0.unwrap_or(0), pair.1.unwrap_or(0)));
+            let q: (Option<u64>, Option<u64>, Option<u64>, Option<u64>) =
+                redis::from_redis_value(v).map_err(parse_err)?;
+            out.push((q.0.unwrap_or(0), q.1.unwrap_or(0)));
+            rows.push((q.2.unwrap_or(0), q.3.unwrap_or(0)));
         }
         Ok(Usage {
             buckets: out,
+            rows,
             last_request_ms,
         })
+    }
+
+    async fn add_rows(
+        &self,
+        project: &str,
+        bucket: &str,
+        rows_read: u64,
+        rows_written: u64,
+    ) -> Result<(), ControlError> {
+        let base = self.prefix.trim_end_matches(":ctl");
+        let key = tollgate_routes::usage_key(base, project, Some(bucket));
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .hincr(&key, "rows_read", rows_read)
+            .ignore()
+            .hincr(&key, "rows_written", rows_written)
+            .ignore()
+            .expire(&key, BUCKET_TTL_S)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
     }
 }
 

@@ -950,6 +950,15 @@ impl ControlStore for FailingStore {
     ) -> Result<tollgate_control::store::Usage, tollgate_control::ControlError> {
         self.inner.usage(p, b).await
     }
+    async fn add_rows(
+        &self,
+        p: &str,
+        b: &str,
+        r: u64,
+        w: u64,
+    ) -> Result<(), tollgate_control::ControlError> {
+        self.inner.add_rows(p, b, r, w).await
+    }
 }
 
 /// The rule deploy money follows (the MCP tool refunds exactly the deploys that return an

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tollgate_app::adapters::ChargeCpu;
+use tollgate_app::adapters::{ChargeCpu, ChargeRows};
 use tollgate_app::metering::{MeteringNode, MeteringSpec, StoreSource};
 use tollgate_app::node::{GateSpec, PreparedNode, ProxyNode};
 use tollgate_balance_cache::AgentConfig;
 use tollgate_metering::{Prices, RedisStore, Store};
 use tollgate_proxy::{ProxyOptions, RedisConfig, Stop};
 use tollgate_routes::{Route, RouteKey, RouteStore};
-use tollgate_runtime::{DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
+use tollgate_runtime::{D1Access, DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
 use tollgate_testkit::{RedisServer, Upstream, free_addr};
 
 use crate::{HostSpec, Mode, Plan, Report};
@@ -30,6 +30,8 @@ pub struct Stack {
     pub store: Arc<dyn Store>,
     nodes: Vec<Node>,
     dir: tempfile::TempDir,
+    /// Nodes added from now on hand an unused lease back after this (default: the agent's).
+    pub idle_return: Option<Duration>,
 }
 
 struct Node {
@@ -51,6 +53,7 @@ impl Stack {
             store,
             nodes: Vec::new(),
             dir: tempfile::tempdir()?,
+            idle_return: None,
         })
     }
 
@@ -68,6 +71,9 @@ impl Stack {
         let mut agent = AgentConfig::new(name, self.dir.path().join(format!("{name}.journal")));
         agent.min_lease = PRICE.min(max_lease);
         agent.max_lease = max_lease;
+        if let Some(idle) = self.idle_return {
+            agent.idle_return = idle;
+        }
         let gate = GateSpec {
             metering: MeteringSpec {
                 store: StoreSource::Ready(self.store.clone()),
@@ -149,10 +155,15 @@ pub struct AccountCheck {
     pub ledger_cpu_us: u64,
     /// The runtime's own count of the CPU of this account's deployments (`--runtime` only).
     pub runtime_cpu_us: Option<u64>,
+    /// Database rows (read, written) the ledger charged, and the database service's own count
+    /// of the rows its queries read and wrote (`--runtime` only: each deployment keeps a table).
+    pub ledger_rows: (u64, u64),
+    pub database_rows: Option<(u64, u64)>,
     pub debited_picos: i64,
     pub leased_picos: i64,
-    /// Request debits equal the generator's record, CPU debits equal the runtime's count, and
-    /// the account's `debited` is exactly their sum at the prices.
+    /// Request debits equal the generator's record, CPU debits equal the runtime's count, row
+    /// debits equal the database's count, and the account's `debited` is exactly their sum at
+    /// the prices.
     pub exact: bool,
 }
 
@@ -230,9 +241,12 @@ pub async fn reconcile(
     let load = crate::run(&plan).await?;
     stack.stop_nodes().await;
     // The runtime's own count, after its last samples are charged and settled.
-    let runtime_cpu = match hosted {
-        Some(h) => Some(h.stop().await?),
-        None => None,
+    let (runtime_cpu, database_rows) = match hosted {
+        Some(h) => {
+            let (cpu, rows) = h.stop().await?;
+            (Some(cpu), Some(rows))
+        }
+        None => (None, None),
     };
     let ledger = stack.store.ledger().await?;
     let prices = Prices::default();
@@ -253,15 +267,25 @@ pub async fn reconcile(
             .iter()
             .filter(|e| e.kind == "settle" && e.account == account);
         let requests: u64 = mine.clone().map(|e| e.requests).sum();
-        let ledger_cpu_us: u64 = mine.map(|e| e.cpu_us).sum();
+        let ledger_cpu_us: u64 = mine.clone().map(|e| e.cpu_us).sum();
+        let ledger_rows = (
+            mine.clone().map(|e| e.rows_read).sum::<u64>(),
+            mine.map(|e| e.rows_written).sum::<u64>(),
+        );
         let ledger_request_picos = requests as i64 * prices.per_request;
         let runtime_cpu_us = runtime_cpu
             .as_ref()
             .map(|m| m.get(&account).copied().unwrap_or(0));
-        // Without the runtime nothing uses CPU: the ledger must hold none.
+        let database_rows = database_rows
+            .as_ref()
+            .map(|m| m.get(&account).copied().unwrap_or((0, 0)));
+        let rows_picos = ledger_rows.0 as i64 * prices.per_row_read
+            + ledger_rows.1 as i64 * prices.per_row_written;
+        // Without the runtime nothing uses CPU or a database: the ledger must hold none.
         let exact = ledger_request_picos == expected
             && runtime_cpu_us.unwrap_or(0) == ledger_cpu_us
-            && state.debited == expected + ledger_cpu_us as i64 * prices.per_cpu_us;
+            && database_rows.unwrap_or((0, 0)) == ledger_rows
+            && state.debited == expected + ledger_cpu_us as i64 * prices.per_cpu_us + rows_picos;
         checks.push(AccountCheck {
             exact,
             account,
@@ -269,6 +293,8 @@ pub async fn reconcile(
             ledger_request_picos,
             ledger_cpu_us,
             runtime_cpu_us,
+            ledger_rows,
+            database_rows,
             debited_picos: state.debited,
             leased_picos: state.leased,
         });
@@ -293,16 +319,35 @@ pub async fn reconcile(
     })
 }
 
-/// A Worker that does `work` iterations of arithmetic per request: real, variable CPU.
+/// A Worker that does `work` iterations of arithmetic per request (real, variable CPU) and
+/// keeps a count of its hits in its database (a write, and a read of the last ten).
 const WORKER: &str = r#"export default {
-  async fetch(request) {
+  async fetch(request, env) {
     const n = Number(new URL(request.url).searchParams.get('work') ?? '0');
     let x = 0;
     for (let i = 0; i < n; i++) { x += Math.sqrt(x + i); }
-    return new Response('ok ' + (x >= 0));
+    await env.DB.batch([
+      env.DB.prepare('CREATE TABLE IF NOT EXISTS hits (id INTEGER PRIMARY KEY, n INTEGER)'),
+      env.DB.prepare('INSERT INTO hits (n) VALUES (?1)').bind(n),
+    ]);
+    const last = await env.DB.prepare('SELECT n FROM hits ORDER BY id DESC LIMIT 10').all();
+    return new Response('ok ' + (x >= 0) + ' ' + last.results.length);
   },
 };
 "#;
+
+/// The database service's own count of rows per project (what its queries read and wrote).
+#[derive(Default)]
+struct RowCount(std::sync::Mutex<BTreeMap<String, (u64, u64)>>);
+
+impl tollgate_database::Usage for RowCount {
+    fn record(&self, project: &str, r: u64, w: u64) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(project.to_owned()).or_insert((0, 0));
+        e.0 += r;
+        e.1 += w;
+    }
+}
 
 /// workerd deployments and the metering node that charges their CPU (as the control service
 /// wires it, through the same adapter: interrupts of unpaid CPU included).
@@ -310,6 +355,11 @@ struct Hosted {
     sup: Supervisor,
     deployments: Vec<(String, String)>,
     metering: MeteringNode,
+    db: Arc<tollgate_database::Service>,
+    db_addr: SocketAddr,
+    rows: Arc<RowCount>,
+    /// Project → account.
+    owners: BTreeMap<String, String>,
 }
 
 impl Hosted {
@@ -330,10 +380,32 @@ impl Hosted {
         };
         let (sup, _events) =
             Supervisor::new(rt, toolchain, Arc::new(ChargeCpu(metering.cache().clone())))?;
+        // The databases, charged through the same metering node, as the control service does.
+        let dbs = tollgate_database::Databases::open(
+            stack.dir.path().join("databases"),
+            tollgate_database::Limits::default(),
+        )?;
+        let rows = Arc::new(RowCount::default());
+        let db = tollgate_database::Service::new(
+            dbs,
+            Arc::new(ChargeRows {
+                cache: metering.cache().clone(),
+                lease_wait: Duration::from_millis(500),
+            }),
+            Some(rows.clone() as Arc<dyn tollgate_database::Usage>),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let db_addr = listener.local_addr()?;
+        let app = db.router();
+        tokio::spawn(async move { axum::serve(listener, app).await });
         Ok(Hosted {
             sup,
             deployments: Vec::new(),
             metering,
+            db,
+            db_addr,
+            rows,
+            owners: BTreeMap::new(),
         })
     }
 
@@ -348,8 +420,15 @@ impl Hosted {
                 code: WORKER.to_owned(),
                 compatibility_date: "2025-01-01".into(),
                 env: BTreeMap::new(),
+                databases: vec!["DB".into()],
+                d1: Some(D1Access {
+                    address: self.db_addr,
+                    token: self.db.grant(&format!("proj-{slug}"), account),
+                }),
             })
             .await?;
+        self.owners
+            .insert(format!("proj-{slug}"), account.to_owned());
         let route = Route {
             upstreams: vec![started.addr],
             account_id: Some(account.to_owned()),
@@ -362,8 +441,10 @@ impl Hosted {
     }
 
     /// Stops every deployment (its last CPU charged), then the metering node (settled); returns
-    /// the runtime's count of CPU-µs per account.
-    async fn stop(self) -> anyhow::Result<BTreeMap<String, u64>> {
+    /// the runtime's count of CPU-µs per account, and the database's count of rows (read,
+    /// written) per account.
+    #[allow(clippy::type_complexity)]
+    async fn stop(self) -> anyhow::Result<(BTreeMap<String, u64>, BTreeMap<String, (u64, u64)>)> {
         let mut cpu = BTreeMap::new();
         for (id, account) in &self.deployments {
             self.sup.stop(id, false).await?;
@@ -372,7 +453,15 @@ impl Hosted {
         }
         self.sup.shutdown().await;
         self.metering.settle_and_stop().await;
-        Ok(cpu)
+        let mut rows: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (project, (r, w)) in self.rows.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Some(account) = self.owners.get(project) {
+                let e = rows.entry(account.clone()).or_insert((0, 0));
+                e.0 += r;
+                e.1 += w;
+            }
+        }
+        Ok((cpu, rows))
     }
 }
 
@@ -485,6 +574,10 @@ pub struct DrainTopUp {
 /// follows the store closely.
 pub async fn drain_top_up(rounds: usize) -> anyhow::Result<DrainTopUp> {
     let mut stack = Stack::start().await?;
+    // Either node may take the credit's lease (both asked for one while the account was empty);
+    // when A does, B resumes once A hands the unused lease back: 1 s here, so a round fits the
+    // 5 s deadline (the default, 5 s, made this scenario fail whenever A won).
+    stack.idle_return = Some(Duration::from_secs(1));
     let host = stack.publish("drain", Some("acct-d")).await?;
     let a = stack.add_node("node-a", PRICE).await?;
     let b = stack.add_node("node-b", PRICE).await?;

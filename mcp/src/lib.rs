@@ -135,9 +135,12 @@ pub struct DeployPricing {
     pub deploy_picos: i64,
     /// Credit a deploy buys for the service unless the agent sets `prepay_usd` (base units).
     pub default_prepay: u128,
-    /// Prices the tools quote usage with (p$ per request, per CPU-µs).
+    /// Prices the tools quote usage with (p$ per request, per CPU-µs, per database row read
+    /// and written).
     pub per_request_picos: i64,
     pub per_cpu_us_picos: i64,
+    pub per_row_read_picos: i64,
+    pub per_row_written_picos: i64,
 }
 
 impl Default for McpConfig {

@@ -160,6 +160,8 @@ impl Tx<'_> {
             requests: 0,
             cpu_us: 0,
             deploys: 0,
+            rows_read: 0,
+            rows_written: 0,
         })?;
         Ok(true)
     }
@@ -325,6 +327,8 @@ impl Store for EmbeddedStore {
                         requests: e.usage.requests,
                         cpu_us: e.usage.cpu_us,
                         deploys: e.usage.deploys,
+                        rows_read: e.usage.rows_read,
+                        rows_written: e.usage.rows_written,
                     })?;
                     grants.push(LeaseGrant {
                         account: e.account.clone(),
@@ -424,6 +428,8 @@ impl Store for EmbeddedStore {
                     requests: 0,
                     cpu_us: 0,
                     deploys: 0,
+                    rows_read: 0,
+                    rows_written: 0,
                 })?;
                 Ok(R::Done(CreditOutcome {
                     applied: true,
@@ -503,6 +509,8 @@ impl Store for EmbeddedStore {
                         requests: 0,
                         cpu_us: 0,
                         deploys: 0,
+                        rows_read: 0,
+                        rows_written: 0,
                     })?;
                 }
                 Ok(R::Done(ChargeOutcome {

@@ -102,6 +102,16 @@ pub struct Usage {
     pub requests: u64,
     pub cpu_us: u64,
     pub deploys: u64,
+    /// Database rows read and written (SQLite's counters, as D1 reports them). Absent in
+    /// records written before databases existed.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub rows_read: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub rows_written: u64,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Usage {
@@ -109,21 +119,29 @@ impl Usage {
         self.requests = self.requests.saturating_add(o.requests);
         self.cpu_us = self.cpu_us.saturating_add(o.cpu_us);
         self.deploys = self.deploys.saturating_add(o.deploys);
+        self.rows_read = self.rows_read.saturating_add(o.rows_read);
+        self.rows_written = self.rows_written.saturating_add(o.rows_written);
     }
 
     pub fn is_zero(&self) -> bool {
-        self.requests == 0 && self.cpu_us == 0 && self.deploys == 0
+        self.requests == 0
+            && self.cpu_us == 0
+            && self.deploys == 0
+            && self.rows_read == 0
+            && self.rows_written == 0
     }
 }
 
 /// Prices per unit, in pico-dollars. Defaults: $0.05 a deploy, $0.50 a million requests,
-/// $12.50 a million CPU-ms.
+/// $12.50 a million CPU-ms, $0.25 a million database rows read, $1.00 a million rows written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Prices {
     pub per_request: i64,
     pub per_cpu_us: i64,
     pub per_deploy: i64,
+    pub per_row_read: i64,
+    pub per_row_written: i64,
 }
 
 impl Default for Prices {
@@ -132,6 +150,8 @@ impl Default for Prices {
             per_request: 500_000,
             per_cpu_us: 12_500,
             per_deploy: 50_000_000_000,
+            per_row_read: 250_000,
+            per_row_written: 1_000_000,
         }
     }
 }
@@ -158,17 +178,47 @@ impl Prices {
             per_request: per_m_req / 1_000_000,
             per_cpu_us: per_m_cpu_ms / 1_000_000_000,
             per_deploy: deploy,
+            ..Prices::default()
         };
         p.validate()?;
         Ok(p)
     }
 
-    /// Largest price of one unit: $1,000,000. With it, the cost of any `Usage` (three `u64`
-    /// quantities) stays below 3 × 2⁶⁴ × 10¹⁸ < 2¹²⁷, so [`Prices::cost`] cannot overflow.
+    /// Sets the database prices from dollars per million rows read and written; each must come
+    /// out as a whole number of pico-dollars per row.
+    pub fn with_rows_usd(
+        self,
+        read_per_million_usd: &str,
+        written_per_million_usd: &str,
+    ) -> Result<Prices, MoneyError> {
+        let read = Picos::parse_usd(read_per_million_usd)?.0;
+        let written = Picos::parse_usd(written_per_million_usd)?.0;
+        if read % 1_000_000 != 0 || written % 1_000_000 != 0 {
+            return Err(MoneyError::TooPrecise(format!(
+                "{read_per_million_usd} / {written_per_million_usd}"
+            )));
+        }
+        let p = Prices {
+            per_row_read: read / 1_000_000,
+            per_row_written: written / 1_000_000,
+            ..self
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Largest price of one unit: $1,000,000. With it, the cost of any `Usage` (five `u64`
+    /// quantities) stays below 5 × 2⁶⁴ × 10¹⁸ < 2¹²⁷, so [`Prices::cost`] cannot overflow.
     pub const MAX_UNIT: i64 = 1_000_000 * PICOS_PER_USD;
 
     pub fn validate(&self) -> Result<(), MoneyError> {
-        for p in [self.per_request, self.per_cpu_us, self.per_deploy] {
+        for p in [
+            self.per_request,
+            self.per_cpu_us,
+            self.per_deploy,
+            self.per_row_read,
+            self.per_row_written,
+        ] {
             if !(0..=Self::MAX_UNIT).contains(&p) {
                 return Err(MoneyError::Invalid(format!(
                     "a unit price must be from 0 to $1,000,000, got {}",
@@ -186,6 +236,8 @@ impl Prices {
         part(u.requests, self.per_request)
             .saturating_add(part(u.cpu_us, self.per_cpu_us))
             .saturating_add(part(u.deploys, self.per_deploy))
+            .saturating_add(part(u.rows_read, self.per_row_read))
+            .saturating_add(part(u.rows_written, self.per_row_written))
     }
 }
 
@@ -235,10 +287,29 @@ mod tests {
         assert!(Prices::from_usd("0.05", "0.0000005", "12.5").is_err());
         assert!(Prices::from_usd("1000000.01", "0.5", "12.5").is_err());
         assert!(Prices::from_usd("-1", "0.5", "12.5").is_err());
+        let p = Prices::default();
+        assert!(p.with_rows_usd("0.0000001", "1").is_err());
+        assert!(p.with_rows_usd("-0.25", "1").is_err());
+        let rows = p.with_rows_usd("0.25", "1.00").unwrap();
+        assert_eq!(
+            (rows.per_row_read, rows.per_row_written),
+            (250_000, 1_000_000)
+        );
+        // A million rows read cost $0.25, a million written $1.
+        assert_eq!(
+            rows.cost(&Usage {
+                rows_read: 1_000_000,
+                rows_written: 1_000_000,
+                ..Default::default()
+            }),
+            1_250_000_000_000
+        );
         let huge = Prices {
             per_request: i64::MAX,
             per_cpu_us: i64::MAX,
             per_deploy: i64::MAX,
+            per_row_read: i64::MAX,
+            per_row_written: i64::MAX,
         };
         assert!(huge.validate().is_err());
         // Even unvalidated prices saturate instead of wrapping.
@@ -246,6 +317,8 @@ mod tests {
             requests: u64::MAX,
             cpu_us: u64::MAX,
             deploys: u64::MAX,
+            rows_read: u64::MAX,
+            rows_written: u64::MAX,
         };
         assert_eq!(huge.cost(&u), i128::MAX);
     }
@@ -255,13 +328,22 @@ mod tests {
         use proptest::prelude::*;
 
         fn usage() -> impl Strategy<Value = Usage> {
-            (0u64..1 << 40, 0u64..1 << 40, 0u64..1000).prop_map(|(requests, cpu_us, deploys)| {
-                Usage {
-                    requests,
-                    cpu_us,
-                    deploys,
-                }
-            })
+            (
+                0u64..1 << 40,
+                0u64..1 << 40,
+                0u64..1000,
+                0u64..1 << 40,
+                0u64..1 << 40,
+            )
+                .prop_map(|(requests, cpu_us, deploys, rows_read, rows_written)| {
+                    Usage {
+                        requests,
+                        cpu_us,
+                        deploys,
+                        rows_read,
+                        rows_written,
+                    }
+                })
         }
 
         proptest! {
@@ -281,12 +363,19 @@ mod tests {
 
             /// At the largest valid prices, no usage overflows: the cost is exact.
             #[test]
-            fn no_overflow_at_the_bounds(r in any::<u64>(), c in any::<u64>(), d in any::<u64>()) {
+            fn no_overflow_at_the_bounds(
+                r in any::<u64>(), c in any::<u64>(), d in any::<u64>(),
+                rr in any::<u64>(), rw in any::<u64>(),
+            ) {
                 let m = Prices::MAX_UNIT;
-                let p = Prices { per_request: m, per_cpu_us: m, per_deploy: m };
+                let p = Prices {
+                    per_request: m, per_cpu_us: m, per_deploy: m,
+                    per_row_read: m, per_row_written: m,
+                };
                 prop_assert!(p.validate().is_ok());
-                let u = Usage { requests: r, cpu_us: c, deploys: d };
-                let exact = (i128::from(r) + i128::from(c) + i128::from(d)) * i128::from(m);
+                let u = Usage { requests: r, cpu_us: c, deploys: d, rows_read: rr, rows_written: rw };
+                let exact = (i128::from(r) + i128::from(c) + i128::from(d) + i128::from(rr)
+                    + i128::from(rw)) * i128::from(m);
                 prop_assert_eq!(p.cost(&u), exact);
             }
 

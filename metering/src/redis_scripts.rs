@@ -94,7 +94,8 @@ for _, e in ipairs(entries) do
   changes[#changes + 1] = '{"account":' .. jid .. ',"version":' .. ver .. ',"available":' ..
     avail .. ',"status":"' .. status .. '","at_us":' .. at_us .. '}'
   lines[#lines + 1] = '{"account":' .. jid .. ',"amount":' .. e.cost .. ',"requests":' ..
-    e.requests .. ',"cpu_us":' .. e.cpu_us .. ',"deploys":' .. e.deploys .. '}'
+    e.requests .. ',"cpu_us":' .. e.cpu_us .. ',"deploys":' .. e.deploys .. ',"rows_read":' ..
+    e.rows_read .. ',"rows_written":' .. e.rows_written .. '}'
   out[#out + 1] = '{"account":' .. jid .. ',"lease":' .. fmt(new) .. ',"prev":' .. fmt(old) ..
     ',"available":' .. avail .. ',"status":"' .. status .. '","version":' .. ver .. '}'
 end

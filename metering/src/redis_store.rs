@@ -215,6 +215,8 @@ impl Store for RedisStore {
             requests: String,
             cpu_us: String,
             deploys: String,
+            rows_read: String,
+            rows_written: String,
         }
         let entries: Vec<E> = batch
             .entries
@@ -227,6 +229,8 @@ impl Store for RedisStore {
                 requests: e.usage.requests.to_string(),
                 cpu_us: e.usage.cpu_us.to_string(),
                 deploys: e.usage.deploys.to_string(),
+                rows_read: e.usage.rows_read.to_string(),
+                rows_written: e.usage.rows_written.to_string(),
             })
             .collect();
         let json =
@@ -463,6 +467,10 @@ impl Store for RedisStore {
             requests: u64,
             cpu_us: u64,
             deploys: u64,
+            #[serde(default)]
+            rows_read: u64,
+            #[serde(default)]
+            rows_written: u64,
         }
         for id in reply.ids {
             let s = |k: &str| -> String { id.get::<String>(k).unwrap_or_default() };
@@ -479,6 +487,8 @@ impl Store for RedisStore {
                         requests: l.requests,
                         cpu_us: l.cpu_us,
                         deploys: l.deploys,
+                        rows_read: l.rows_read,
+                        rows_written: l.rows_written,
                     });
                 }
                 continue;
@@ -491,6 +501,8 @@ impl Store for RedisStore {
                 requests: n("requests"),
                 cpu_us: n("cpu_us"),
                 deploys: n("deploys"),
+                rows_read: n("rows_read"),
+                rows_written: n("rows_written"),
             });
         }
         Ok(out)

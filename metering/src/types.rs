@@ -258,4 +258,9 @@ pub struct LedgerEntry {
     pub requests: u64,
     pub cpu_us: u64,
     pub deploys: u64,
+    /// Database rows (settle lines only).
+    #[serde(default)]
+    pub rows_read: u64,
+    #[serde(default)]
+    pub rows_written: u64,
 }

@@ -81,6 +81,7 @@ fn entry(account: &str, requests: u64, cost: i64, give_back: i64, ask: i64) -> S
             requests,
             cpu_us: 0,
             deploys: 0,
+            ..Default::default()
         },
         cost,
         give_back,

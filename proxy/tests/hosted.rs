@@ -79,6 +79,8 @@ fn spec(rig: &Rig, id: &str, version: &str) -> DeploymentSpec {
         code: rig.code.clone(),
         compatibility_date: "2025-01-01".into(),
         env: BTreeMap::from([("VERSION".to_owned(), version.to_owned())]),
+        databases: Vec::new(),
+        d1: None,
     }
 }
 
@@ -280,6 +282,8 @@ async fn burner(credit: i64, cpu_debt_limit_ms: u64) -> Burner {
             code: bundle.code,
             compatibility_date: "2025-01-01".into(),
             env: BTreeMap::from([("VERSION".to_owned(), "1".to_owned())]),
+            databases: Vec::new(),
+            d1: None,
         })
         .await
         .unwrap();

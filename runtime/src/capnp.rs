@@ -3,6 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+/// The header carrying a deployment's database token (the database service reads it).
+pub const TOKEN_HEADER: &str = "x-tollgate-d1-token";
+
 /// What goes into one workerd process.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig<'a> {
@@ -12,6 +15,9 @@ pub struct WorkerConfig<'a> {
     pub compatibility_flags: &'a [String],
     /// Env vars and secrets; become text bindings on `env`.
     pub bindings: &'a BTreeMap<String, String>,
+    /// D1 bindings (names) over the database service at `d1`.
+    pub databases: &'a [String],
+    pub d1: Option<(std::net::SocketAddr, &'a str)>,
 }
 
 /// A binding name workerd (and JavaScript) accepts: an identifier.
@@ -69,6 +75,26 @@ pub fn render(cfg: &WorkerConfig<'_>) -> String {
             quote(value)
         );
     }
+    // A D1 binding is workerd's own `d1-api` module wrapped around a service binding; the
+    // service is ours, on loopback, and the deployment's token rides on every request as an
+    // injected header. Tenant `fetch()` still cannot reach loopback: only the binding can.
+    let mut d1_service = String::new();
+    if let (false, Some((addr, token))) = (cfg.databases.is_empty(), cfg.d1) {
+        let _ = write!(
+            d1_service,
+            ",\n    (name = \"d1\", external = (address = {}, http = (injectRequestHeaders = [(name = {}, value = {})])))",
+            quote(&addr.to_string()),
+            quote(TOKEN_HEADER),
+            quote(token)
+        );
+        for name in cfg.databases {
+            let _ = write!(
+                bindings,
+                "(name = {}, wrapped = (moduleName = \"cloudflare-internal:d1-api\", innerBindings = [(name = \"fetcher\", service = \"d1\")])), ",
+                quote(name)
+            );
+        }
+    }
     let flags = cfg
         .compatibility_flags
         .iter()
@@ -80,7 +106,7 @@ pub fn render(cfg: &WorkerConfig<'_>) -> String {
 const config :Workerd.Config = (
   services = [
     (name = "main", worker = .tenant),
-    (name = "egress", network = (allow = ["public"], deny = ["private", "local"]))
+    (name = "egress", network = (allow = ["public"], deny = ["private", "local"])){d1_service}
   ],
   sockets = [ (name = "http", address = "127.0.0.1:0", http = (), service = "main") ],
   structuredLogging = true,

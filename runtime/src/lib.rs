@@ -11,7 +11,7 @@ pub mod toolchain;
 pub use cpu::{AppliedLimits, CgroupMode, CpuSourceKind};
 pub use logs::LogEntry;
 pub use supervisor::{
-    CpuDelta, CpuSink, DeploymentSpec, DeploymentStatus, Inflight, InflightGuard, NoCpuSink, Phase,
-    RuntimeConfig, RuntimeError, RuntimeEvent, Started, Supervisor,
+    CpuDelta, CpuSink, D1Access, DeploymentSpec, DeploymentStatus, Inflight, InflightGuard,
+    NoCpuSink, Phase, RuntimeConfig, RuntimeError, RuntimeEvent, Started, Supervisor,
 };
 pub use toolchain::{Toolchain, ToolchainError};

@@ -122,6 +122,8 @@ fn spec(id: &str, code: String, version: &str) -> DeploymentSpec {
             ("NAME".to_owned(), "tollgate \"quoted\"".to_owned()),
             ("VERSION".to_owned(), version.to_owned()),
         ]),
+        databases: Vec::new(),
+        d1: None,
     }
 }
 

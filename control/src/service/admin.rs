@@ -100,7 +100,7 @@ impl Control {
             )));
         };
         let env = self.store.env(&project.id).await?;
-        let spec = spec_for(project, &dep, code, &env);
+        let spec = self.spec(project, &dep, code, &env)?;
         let started = self.runtime.start(spec).await.map_err(|e| {
             ControlError::new("DEPLOY_FAILED", e.to_string(), "See the deployment's logs.")
         })?;

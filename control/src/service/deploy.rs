@@ -57,6 +57,9 @@ impl Control {
                 ));
             }
         }
+        if let Some(names) = &req.databases {
+            check_database_names(names, &req.env, &req.secrets, self.databases().is_some())?;
+        }
         // Check the files before creating anything.
         if let Some(files) = &req.files {
             tollgate_bundler::SourceFiles::new(
@@ -129,6 +132,25 @@ impl Control {
                 },
             );
         }
+        // Bindings: as asked, else those of the live version (a redeploy keeps its database).
+        let databases = match req.databases {
+            Some(names) => names,
+            None => match &project.live_deployment {
+                Some(live) => self
+                    .store
+                    .deployment(live)
+                    .await?
+                    .map(|d| d.databases)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            },
+        };
+        if let Some(clash) = databases.iter().find(|n| env.contains_key(*n)) {
+            return Err(ControlError::validation(
+                format!("{clash:?} is both an env var and a database binding"),
+                "Pick another name for the database binding (e.g. DB).",
+            ));
+        }
         // Saved once the new version is live: a failed deploy changes nothing (the running
         // version, its restarts and rollbacks keep the env they had).
         let mut dep = Deployment {
@@ -141,6 +163,7 @@ impl Control {
             manifest: None,
             rollback_of: None,
             compatibility_date: self.cfg.compatibility_date.clone(),
+            databases,
         };
         self.store.put_deployment(&dep).await?;
         project.deployments.push(dep.id.clone());
@@ -192,7 +215,7 @@ impl Control {
         code: String,
         env: &Env,
     ) -> Result<DeployOutcome, ControlError> {
-        let spec = spec_for(&project, &dep, code, env);
+        let spec = self.spec(&project, &dep, code, env)?;
         let route = route_for(&project, &dep.id);
         let key = RouteKey::slug(&project.slug)
             .map_err(|e| ControlError::internal(format!("stored slug is invalid: {e}")))?;
@@ -313,4 +336,40 @@ impl Control {
             tracing::error!(deployment = %dep.id, error = %err, "could not record a failed deployment");
         }
     }
+}
+
+/// Database binding names: identifiers, distinct, not env vars, at most 8.
+fn check_database_names(
+    names: &[String],
+    env: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, String>,
+    offered: bool,
+) -> Result<(), ControlError> {
+    if !names.is_empty() && !offered {
+        return Err(ControlError::validation(
+            "this host offers no databases",
+            "Deploy without `databases`, or ask the operator to enable them.",
+        ));
+    }
+    if names.len() > 8 {
+        return Err(ControlError::validation(
+            format!("{} database bindings; at most 8", names.len()),
+            "One project has one database; bind it under one name such as DB.",
+        ));
+    }
+    for (i, n) in names.iter().enumerate() {
+        if !tollgate_runtime::capnp::valid_binding_name(n) {
+            return Err(ControlError::validation(
+                format!("database binding {n:?} is not an identifier"),
+                "Use a name like DB: letters, digits and _, not starting with a digit.",
+            ));
+        }
+        if names[..i].contains(n) || env.contains_key(n) || secrets.contains_key(n) {
+            return Err(ControlError::validation(
+                format!("database binding {n:?} is given twice or is also an env var"),
+                "Bind the database under a name no env var uses, once.",
+            ));
+        }
+    }
+    Ok(())
 }

@@ -68,8 +68,12 @@ impl Control {
             manifest: source.as_ref().and_then(|s| s.manifest.clone()),
             rollback_of: Some(target.clone()),
             compatibility_date: source
-                .map(|s| s.compatibility_date)
+                .as_ref()
+                .map(|s| s.compatibility_date.clone())
                 .unwrap_or_else(|| self.cfg.compatibility_date.clone()),
+            // The bindings of the version rolled back to; the data itself is the project's and
+            // stays as it is now (schema changes are the agent's).
+            databases: source.map(|s| s.databases).unwrap_or_default(),
         };
         self.store.put_deployment(&dep).await?;
         self.store.put_artifacts(&dep.id, &files, &code).await?;
@@ -87,11 +91,14 @@ impl Control {
         let mut project = self.owned(owner, project_id).await?;
         if project.status == ProjectStatus::Expired {
             // Already torn down; its slug may belong to another project by now: touch nothing
-            // of it.
+            // of it but its own data.
             project.status = ProjectStatus::Deleted;
-            return self.store.put_project(&project).await;
+            self.store.put_project(&project).await?;
+            return self.drop_database(&project.id).await;
         }
-        self.teardown(&mut project, ProjectStatus::Deleted).await
+        self.teardown(&mut project, ProjectStatus::Deleted).await?;
+        // The agent deleted it: the data goes now (expiry keeps it for the grace period).
+        self.drop_database(&project.id).await
     }
 
     pub(crate) async fn teardown(
@@ -105,6 +112,10 @@ impl Control {
                 .await
                 .map_err(|e| ControlError::internal(format!("route delete: {e}")))?;
         }
+        // No deployment of this project reaches its database any more, even one still stopping.
+        if let Some(db) = self.databases() {
+            db.service.revoke_project(&project.id);
+        }
         for d in &project.deployments {
             let _ = self.runtime.remove(d, false).await;
             self.store.delete_artifacts(d).await?;
@@ -116,6 +127,26 @@ impl Control {
             .release_slug(&project.slug, &project.id, self.cfg.slug_grace)
             .await?;
         tracing::info!(project = %project.id, ?status, "torn down");
+        Ok(())
+    }
+}
+
+impl Control {
+    /// Deletes the project's database files. Idempotent.
+    pub(crate) async fn drop_database(&self, project_id: &str) -> Result<(), ControlError> {
+        let Some(db) = self.databases() else {
+            return Ok(());
+        };
+        db.service.revoke_project(project_id);
+        let dbs = db.service.databases().clone();
+        let id = project_id.to_owned();
+        let gone = tokio::task::spawn_blocking(move || dbs.delete(&id))
+            .await
+            .map_err(|e| ControlError::internal(format!("database delete: {e}")))?
+            .map_err(|e| ControlError::internal(format!("database delete: {e}")))?;
+        if gone {
+            tracing::info!(project = %project_id, "database deleted");
+        }
         Ok(())
     }
 }

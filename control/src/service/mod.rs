@@ -62,6 +62,9 @@ pub struct DeployRequest {
     pub env: BTreeMap<String, String>,
     /// Secrets to set (write-only).
     pub secrets: BTreeMap<String, String>,
+    /// Names to bind the project's SQL database under (D1 API); `None` keeps the live
+    /// deployment's bindings, `Some([])` removes them (the data stays).
+    pub databases: Option<Vec<String>>,
 }
 
 /// Names only: file contents are noise and secrets must never reach logs.
@@ -80,6 +83,7 @@ impl std::fmt::Debug for DeployRequest {
             .field("project_name", &self.project_name)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("databases", &self.databases)
             .finish()
     }
 }
@@ -104,6 +108,32 @@ pub struct ProjectView {
     /// Env var names; secret values are never shown.
     pub env: BTreeMap<String, Option<String>>,
     pub usage: UsageView,
+    /// The project's SQL database, once it has one.
+    pub database: Option<DatabaseView>,
+}
+
+/// What `query_database` answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct QueryOut {
+    pub columns: Vec<String>,
+    pub rows: Vec<serde_json::Value>,
+    /// More rows matched than were returned.
+    pub truncated: bool,
+    /// Rows the query read (billed like the service's own).
+    pub rows_read: u64,
+}
+
+/// A project's database as agents see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DatabaseView {
+    /// The names the live version binds it under.
+    pub bindings: Vec<String>,
+    pub size_bytes: u64,
+    pub max_size_bytes: u64,
+    pub tables: Vec<tollgate_database::TableInfo>,
+    /// Rows (read, written) in the current UTC hour and the last 24 hours.
+    pub rows_hour: (u64, u64),
+    pub rows_day: (u64, u64),
 }
 
 /// What the project's service did, from the proxies' counts and the runtime.
@@ -132,6 +162,16 @@ pub struct Control {
     pub(crate) cfg: ControlConfig,
     /// One pipeline at a time per project (one control instance; see docs/control.md).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The per-project SQL databases and where workerd reaches their service; unset when the
+    /// host offers none (deploys asking for a database are refused).
+    databases: std::sync::OnceLock<DatabaseAccess>,
+}
+
+/// The database service and its loopback address.
+#[derive(Clone)]
+pub struct DatabaseAccess {
+    pub service: Arc<tollgate_database::Service>,
+    pub address: std::net::SocketAddr,
 }
 
 /// The route of `project` to its deployment `deployment` (upstreams filled in by the caller).
@@ -144,12 +184,13 @@ pub(crate) fn route_for(project: &Project, deployment: &str) -> Route {
     }
 }
 
-/// What the runtime needs to run `dep` of `project`.
+/// What the runtime needs to run `dep` of `project`; `d1` is the database access for it.
 pub(crate) fn spec_for(
     project: &Project,
     dep: &Deployment,
     code: String,
     env: &Env,
+    d1: Option<tollgate_runtime::D1Access>,
 ) -> DeploymentSpec {
     DeploymentSpec {
         deployment_id: dep.id.clone(),
@@ -161,6 +202,8 @@ pub(crate) fn spec_for(
             .iter()
             .map(|(k, v)| (k.clone(), v.value.clone()))
             .collect(),
+        databases: dep.databases.clone(),
+        d1,
     }
 }
 
@@ -207,7 +250,42 @@ impl Control {
             routes,
             cfg,
             locks: Mutex::new(HashMap::new()),
+            databases: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Offers per-project SQL databases to deployments (once, before serving).
+    pub fn attach_databases(&self, access: DatabaseAccess) {
+        let _ = self.databases.set(access);
+    }
+
+    pub fn databases(&self) -> Option<&DatabaseAccess> {
+        self.databases.get()
+    }
+
+    /// The runtime spec of `dep`, with a fresh database token when it binds the database.
+    pub(crate) fn spec(
+        &self,
+        project: &Project,
+        dep: &Deployment,
+        code: String,
+        env: &Env,
+    ) -> Result<DeploymentSpec, ControlError> {
+        let d1 = if dep.databases.is_empty() {
+            None
+        } else {
+            let access = self.databases.get().ok_or_else(|| {
+                ControlError::validation(
+                    "this host offers no databases",
+                    "Deploy without `databases`, or ask the operator to enable them.",
+                )
+            })?;
+            Some(tollgate_runtime::D1Access {
+                address: access.address,
+                token: access.service.grant(&project.id, &project.owner),
+            })
+        };
+        Ok(spec_for(project, dep, code, env, d1))
     }
 
     /// How long a project may go without a request or a deploy before it expires.

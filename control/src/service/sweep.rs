@@ -35,7 +35,41 @@ impl Control {
             tracing::info!(project = %p.id, "expired after inactivity");
             expired.push(p.id);
         }
+        self.sweep_databases(now).await?;
         Ok(expired)
+    }
+
+    /// Deletes the databases of projects gone for longer than the slug grace: deleted ones
+    /// (normally already removed by `delete`) and expired ones, whose expiry came at least
+    /// `inactivity_ttl` after their last activity.
+    async fn sweep_databases(&self, now: u64) -> Result<(), ControlError> {
+        let Some(db) = self.databases() else {
+            return Ok(());
+        };
+        let dbs = db.service.databases().clone();
+        let on_disk = tokio::task::spawn_blocking(move || dbs.list())
+            .await
+            .map_err(|e| ControlError::internal(format!("database list: {e}")))?
+            .map_err(|e| ControlError::internal(format!("database list: {e}")))?;
+        let grace = self.cfg.slug_grace.as_millis() as u64;
+        let ttl = self.cfg.inactivity_ttl.as_millis() as u64;
+        for id in on_disk {
+            let due = match self.store.project(&id).await? {
+                Some(p) => match p.status {
+                    ProjectStatus::Deleted => true,
+                    ProjectStatus::Expired => {
+                        now.saturating_sub(p.last_activity_ms) > ttl.saturating_add(grace)
+                    }
+                    _ => false,
+                },
+                // A database whose project is unknown here belongs to no one we serve.
+                None => false,
+            };
+            if due {
+                self.drop_database(&id).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The latest of: the last deploy, the last request the runtime saw, the last request a

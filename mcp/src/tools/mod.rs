@@ -98,7 +98,12 @@ impl TollgateMcp {
 
     fn prices(&self) -> UsagePrices {
         self.pricing
-            .map_or((0, 0), |p| (p.per_request_picos, p.per_cpu_us_picos))
+            .map_or(UsagePrices::default(), |p| UsagePrices {
+                per_request: p.per_request_picos,
+                per_cpu_us: p.per_cpu_us_picos,
+                per_row_read: p.per_row_read_picos,
+                per_row_written: p.per_row_written_picos,
+            })
     }
 
     /// When a project just deployed (or otherwise used now) expires if unused.
@@ -164,7 +169,7 @@ impl TollgateMcp {
 #[tool_router]
 impl TollgateMcp {
     #[tool(
-        description = "Deploy a web service and get its live URL. Send `files` (path → text; Workers-style `export default { fetch(request, env) }` or a Hono app, TypeScript/TSX welcome; entry src/index.ts or package.json main; packages available: hono, zod, @hono/zod-validator, itty-router, nanoid, jose) for a new project, or `changes` with `project_id` to edit the live source. Waits until the new version is live or failed, sending progress. A failed deploy leaves the previous version serving and is not charged. Requests and CPU of the running service are paid from your balance; at zero the URL answers 402 until you top up.",
+        description = "Deploy a web service and get its live URL. Send `files` (path → text; Workers-style `export default { fetch(request, env) }` or a Hono app, TypeScript/TSX welcome; entry src/index.ts or package.json main; packages available: hono, zod, @hono/zod-validator, itty-router, nanoid, jose) for a new project, or `changes` with `project_id` to edit the live source. Need storage? Add `databases: [\"DB\"]` and use the D1 API on `env.DB` (a SQLite database per project that survives redeploys). Waits until the new version is live or failed, sending progress. A failed deploy leaves the previous version serving and is not charged. Requests and CPU of the running service are paid from your balance; at zero the URL answers 402 until you top up.",
         annotations(title = "Deploy project", read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = true),
         output_schema = schema_for_output::<DeployOut>()
     )]
@@ -194,6 +199,7 @@ impl TollgateMcp {
             project_name: a.project_name,
             env: a.env.unwrap_or_default(),
             secrets: a.secrets.unwrap_or_default(),
+            databases: a.databases,
         };
         // Payment first: the deploy's price plus the prepay, as one voucher (or, with no
         // prepay, an identity proof and the balance).
@@ -269,7 +275,7 @@ impl TollgateMcp {
     }
 
     #[tool(
-        description = "A project's status, URL, live deployment, recent deployments (with failure reasons), env var names, and usage: requests and bytes this hour and over the last day, last request time, CPU ms of the live version.",
+        description = "A project's status, URL, live deployment, recent deployments (with failure reasons), env var names, and usage: requests and bytes this hour and over the last day, last request time, CPU ms of the live version; and its database (size, tables with row counts, rows read and written this hour and day with their cost).",
         annotations(title = "Get project", read_only_hint = true),
         output_schema = schema_for_output::<ProjectOut>()
     )]
@@ -311,7 +317,7 @@ impl TollgateMcp {
     }
 
     #[tool(
-        description = "Delete a project: its URL stops answering (404), its processes stop, its code is deleted, and its name becomes free again after a day. Not reversible.",
+        description = "Delete a project: its URL stops answering (404), its processes stop, its code and its database (all rows) are deleted, and its name becomes free again after a day. Not reversible: back up data you need first (query_database).",
         annotations(title = "Delete project", read_only_hint = false, destructive_hint = true, idempotent_hint = true),
         output_schema = schema_for_output::<DeleteOut>()
     )]
@@ -325,6 +331,38 @@ impl TollgateMcp {
             Ok(DeleteOut {
                 project_id: a.project_id.clone(),
                 deleted: true,
+            })
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Run one read-only SQL statement on your project's database to inspect your data, e.g. `SELECT * FROM entries ORDER BY id DESC LIMIT 20`, `SELECT name FROM sqlite_schema WHERE type='table'` or `PRAGMA table_info(entries)`. Returns columns and up to `max_rows` rows (default 100, at most 1000). Rows read are billed like your service's queries. Change data from your service's code, not here.",
+        annotations(title = "Query database", read_only_hint = true),
+        output_schema = schema_for_output::<QueryOut>()
+    )]
+    async fn query_database(
+        &self,
+        Parameters(a): Parameters<QueryArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        self.act(&ctx, async |owner| {
+            let max = a.max_rows.unwrap_or(100).clamp(1, 1000) as usize;
+            let q = self
+                .control
+                .query_database(&owner, &a.project_id, &a.sql, max)
+                .await?;
+            let p = self.prices();
+            Ok(QueryOut {
+                cost_usd: format_usd6(
+                    i64::try_from(q.rows_read)
+                        .unwrap_or(i64::MAX)
+                        .saturating_mul(p.per_row_read),
+                ),
+                columns: q.columns,
+                rows: q.rows,
+                truncated: q.truncated,
+                rows_read: q.rows_read,
             })
         })
         .await

@@ -26,6 +26,13 @@ pub struct DeployArgs {
     pub env: Option<BTreeMap<String, String>>,
     /// Secrets, readable as `env.NAME`, never shown back.
     pub secrets: Option<BTreeMap<String, String>>,
+    /// Bind the project's SQL database (SQLite, Cloudflare D1's API) under these names, e.g.
+    /// ["DB"]: code uses `env.DB.prepare("SELECT …").bind(x).all()`, `.first()`, `.run()`,
+    /// `env.DB.batch([...])`, `env.DB.exec("CREATE TABLE …")`. Created on first use; the data
+    /// survives restarts, redeploys and rollbacks, and is deleted with the project. Omit to
+    /// keep the live version's bindings; [] removes them (the data stays). Rows read and
+    /// written are billed (see get_pricing).
+    pub databases: Option<Vec<String>>,
     /// Extra credit (dollars) this deploy buys for the service's requests and CPU, paid with
     /// the deploy: a string ("0.50") or a number (0.5). "0" deploys on existing balance alone.
     /// Default: the server's (usually "1").
@@ -64,6 +71,15 @@ pub struct FileArgs {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct NoArgs {}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct QueryArgs {
+    pub project_id: String,
+    /// One read-only statement (SELECT, or a PRAGMA that reads the schema).
+    pub sql: String,
+    /// At most this many rows (1–1000, default 100).
+    pub max_rows: Option<u32>,
+}
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct TopUpArgs {
@@ -187,6 +203,47 @@ pub struct ProjectOut {
     /// Env var names with values; secrets show as null.
     pub env: BTreeMap<String, Option<String>>,
     pub usage: UsageOut,
+    /// The project's SQL database; absent until it was first used.
+    pub database: Option<DatabaseOut>,
+}
+
+/// A project's SQL database.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DatabaseOut {
+    /// The names your code reaches it under (`env.DB`).
+    pub bindings: Vec<String>,
+    pub size_bytes: u64,
+    /// Writes fail past this size; reads keep working.
+    pub max_size_bytes: u64,
+    pub tables: Vec<TableOut>,
+    pub hour: RowsOut,
+    pub day: RowsOut,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TableOut {
+    pub name: String,
+    pub rows: u64,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RowsOut {
+    pub rows_read: u64,
+    pub rows_written: u64,
+    /// What those rows cost (dollars).
+    pub cost_usd: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct QueryOut {
+    pub columns: Vec<String>,
+    /// Each row: values in column order (blobs as arrays of bytes).
+    pub rows: Vec<serde_json::Value>,
+    /// More rows matched than `max_rows`.
+    pub truncated: bool,
+    pub rows_read: u64,
+    /// What this query cost (dollars).
+    pub cost_usd: String,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -253,16 +310,43 @@ pub(crate) fn deployment_out(d: &tollgate_control::Deployment) -> DeploymentOut 
 }
 
 /// p$ per request and per CPU-µs, (0, 0) where nothing is charged.
-pub(crate) type UsagePrices = (i64, i64);
+/// Prices the views quote costs with (p$ per unit).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct UsagePrices {
+    pub per_request: i64,
+    pub per_cpu_us: i64,
+    pub per_row_read: i64,
+    pub per_row_written: i64,
+}
+
+fn times(n: u64, price: i64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX).saturating_mul(price)
+}
 
 pub(crate) fn project_out(v: ProjectView, prices: UsagePrices) -> ProjectOut {
-    let req_cost = |n: u64| {
-        format_usd6(
-            i64::try_from(n)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(prices.0),
-        )
+    let req_cost = |n: u64| format_usd6(times(n, prices.per_request));
+    let rows = |(r, w): (u64, u64)| RowsOut {
+        rows_read: r,
+        rows_written: w,
+        cost_usd: format_usd6(
+            times(r, prices.per_row_read).saturating_add(times(w, prices.per_row_written)),
+        ),
     };
+    let database = v.database.map(|d| DatabaseOut {
+        bindings: d.bindings,
+        size_bytes: d.size_bytes,
+        max_size_bytes: d.max_size_bytes,
+        tables: d
+            .tables
+            .into_iter()
+            .map(|t| TableOut {
+                name: t.name,
+                rows: t.rows,
+            })
+            .collect(),
+        hour: rows(d.rows_hour),
+        day: rows(d.rows_day),
+    });
     ProjectOut {
         project_id: v.project.id.clone(),
         slug: v.project.slug.clone(),
@@ -289,8 +373,9 @@ pub(crate) fn project_out(v: ProjectView, prices: UsagePrices) -> ProjectOut {
                 i64::try_from(v.usage.cpu_ms_live)
                     .unwrap_or(i64::MAX)
                     .saturating_mul(1000)
-                    .saturating_mul(prices.1),
+                    .saturating_mul(prices.per_cpu_us),
             ),
         },
+        database,
     }
 }

@@ -148,6 +148,18 @@ impl Supervisor {
                 "env var name {bad:?} must be an identifier (letters, digits, _; not starting with a digit)"
             )));
         }
+        for name in &spec.databases {
+            if !capnp::valid_binding_name(name) || spec.env.contains_key(name) {
+                return Err(RuntimeError::Invalid(format!(
+                    "database binding {name:?} must be an identifier not used by an env var"
+                )));
+            }
+        }
+        if !spec.databases.is_empty() && spec.d1.is_none() {
+            return Err(RuntimeError::Invalid(
+                "database bindings need the database service (none is configured)".to_owned(),
+            ));
+        }
         let dir = cfg.data_dir.join("deployments").join(&spec.deployment_id);
         let (stop_tx, stop_rx) = watch::channel(false);
         let dep = Arc::new(Deployment {
@@ -343,6 +355,8 @@ pub(crate) fn write_files(
         compatibility_date: &spec.compatibility_date,
         compatibility_flags: &cfg.compatibility_flags,
         bindings: &spec.env,
+        databases: &spec.databases,
+        d1: spec.d1.as_ref().map(|a| (a.address, a.token.as_str())),
     });
     write("config.capnp", config.as_bytes()).map_err(io)
 }

@@ -81,6 +81,28 @@ pub struct DeploymentSpec {
     pub compatibility_date: String,
     /// Env vars and secrets, as text bindings on `env`.
     pub env: BTreeMap<String, String>,
+    /// The project's SQL database, bound as D1 under these names (none: no binding).
+    pub databases: Vec<String>,
+    /// Where the D1 service listens and this deployment's token for it; needed when
+    /// `databases` is not empty.
+    pub d1: Option<D1Access>,
+}
+
+/// The D1 service a deployment's database bindings call, and the secret token workerd adds to
+/// each of its requests (tenant code never sees it).
+#[derive(Clone)]
+pub struct D1Access {
+    pub address: SocketAddr,
+    pub token: String,
+}
+
+impl std::fmt::Debug for D1Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("D1Access")
+            .field("address", &self.address)
+            .field("token", &"<secret>")
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

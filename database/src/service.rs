@@ -1,0 +1,333 @@
+//! The D1 service workerd's binding calls: `POST /query` and `POST /execute` on a loopback
+//! listener, one for every deployment of the host. Which project a request reaches comes only
+//! from the token workerd injects for the deployment ([`crate::TOKEN_HEADER`]): tenant code
+//! cannot set it, and cannot reach the listener at all (its outbound network denies loopback).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Deserialize;
+
+use crate::d1::{self, ResultsFormat, Statement};
+use crate::{Databases, DbError, TOKEN_HEADER};
+
+/// The session header D1's `withSession()` sends and reads back (a commit "bookmark").
+const SESSION_HEADER: &str = "x-cf-d1-session-commit-token";
+
+/// Charges database use to the project's owner. `admit` runs before a query (the cost of a
+/// query is known only once it ran: it checks the owner can pay at all, waiting briefly for a
+/// lease like the proxy does); `charge` takes the exact rows after.
+#[async_trait::async_trait]
+pub trait Meter: Send + Sync {
+    async fn admit(&self, account: &str) -> Result<(), MeterRefusal>;
+    fn charge(&self, account: &str, rows_read: u64, rows_written: u64);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeterRefusal {
+    /// The owner's balance is spent.
+    Suspended,
+    /// The money store cannot be reached to tell.
+    Unavailable,
+}
+
+/// Per-project counts for agents' views (rows this hour/day). Called after every query; keep it
+/// cheap and non-blocking.
+pub trait Usage: Send + Sync {
+    fn record(&self, project: &str, rows_read: u64, rows_written: u64);
+}
+
+/// Who a deployment's token stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub project: String,
+    pub account: String,
+}
+
+pub struct Service {
+    dbs: Arc<Databases>,
+    meter: Arc<dyn Meter>,
+    usage: Option<Arc<dyn Usage>>,
+    grants: RwLock<HashMap<String, Grant>>,
+    commits: AtomicU64,
+}
+
+impl Service {
+    pub fn new(
+        dbs: Arc<Databases>,
+        meter: Arc<dyn Meter>,
+        usage: Option<Arc<dyn Usage>>,
+    ) -> Arc<Service> {
+        Arc::new(Service {
+            dbs,
+            meter,
+            usage,
+            grants: RwLock::new(HashMap::new()),
+            commits: AtomicU64::new(0),
+        })
+    }
+
+    pub fn databases(&self) -> &Arc<Databases> {
+        &self.dbs
+    }
+
+    /// A new token for a deployment of `project`, owned by `account`: 128 random bits.
+    pub fn grant(&self, project: &str, account: &str) -> String {
+        let token = format!("{:032x}", rand::random::<u128>());
+        self.grants
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                token.clone(),
+                Grant {
+                    project: project.to_owned(),
+                    account: account.to_owned(),
+                },
+            );
+        token
+    }
+
+    /// Withdraws every token of `project` (it is being deleted): a deployment still running
+    /// cannot recreate its database.
+    pub fn revoke_project(&self, project: &str) {
+        self.grants
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, g| g.project != project);
+    }
+
+    fn lookup(&self, headers: &HeaderMap) -> Option<Grant> {
+        let token = headers.get(TOKEN_HEADER)?.to_str().ok()?;
+        self.grants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned()
+    }
+
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route("/query", post(query))
+            .route("/execute", post(execute))
+            .layer(axum::extract::DefaultBodyLimit::max(
+                self.dbs.limits().max_request_bytes,
+            ))
+            .with_state(self.clone())
+    }
+
+    /// Runs a request for `grant`: admission, the statements, the charge. Shared by the HTTP
+    /// endpoints and operator tools.
+    pub async fn run(
+        self: &Arc<Self>,
+        grant: &Grant,
+        statements: Vec<Statement>,
+        format: ResultsFormat,
+        exec: bool,
+    ) -> Result<d1::Execution, Failure> {
+        match self.meter.admit(&grant.account).await {
+            Ok(()) => {}
+            Err(MeterRefusal::Suspended) => return Err(Failure::Suspended),
+            Err(MeterRefusal::Unavailable) => return Err(Failure::Unavailable),
+        }
+        let db = self.dbs.get(&grant.project).map_err(Failure::Db)?;
+        let ran = tokio::task::spawn_blocking(move || {
+            if exec {
+                d1::run_exec(&db, &statements)
+            } else {
+                d1::run_query(&db, &statements, format)
+            }
+        })
+        .await
+        .map_err(|_| Failure::Unavailable)?;
+        let done = match ran {
+            Ok(done) => done,
+            Err(failed) => {
+                // Reads before the failure were real work: charged; writes were rolled back.
+                if failed.rows_read > 0 {
+                    self.meter.charge(&grant.account, failed.rows_read, 0);
+                    if let Some(u) = &self.usage {
+                        u.record(&grant.project, failed.rows_read, 0);
+                    }
+                }
+                return Err(Failure::Db(failed.error));
+            }
+        };
+        if done.rows_read > 0 || done.rows_written > 0 {
+            self.meter
+                .charge(&grant.account, done.rows_read, done.rows_written);
+            if let Some(u) = &self.usage {
+                u.record(&grant.project, done.rows_read, done.rows_written);
+            }
+        }
+        Ok(done)
+    }
+
+    /// Read-only SQL for the agent's own inspection (`query_database`): one statement, at most
+    /// `max_rows` rows, metered like tenant queries.
+    pub async fn inspect(
+        self: &Arc<Self>,
+        grant: &Grant,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<d1::Execution, Failure> {
+        if !self.dbs.exists(&grant.project) {
+            return Err(Failure::Db(DbError::NoDatabase(grant.project.clone())));
+        }
+        match self.meter.admit(&grant.account).await {
+            Ok(()) => {}
+            Err(MeterRefusal::Suspended) => return Err(Failure::Suspended),
+            Err(MeterRefusal::Unavailable) => return Err(Failure::Unavailable),
+        }
+        let db = self.dbs.get(&grant.project).map_err(Failure::Db)?;
+        let sql = sql.to_owned();
+        let ran = tokio::task::spawn_blocking(move || d1::run_readonly(&db, &sql, max_rows))
+            .await
+            .map_err(|_| Failure::Unavailable)?;
+        let done = match ran {
+            Ok(done) => done,
+            Err(failed) => {
+                if failed.rows_read > 0 {
+                    self.meter.charge(&grant.account, failed.rows_read, 0);
+                    if let Some(u) = &self.usage {
+                        u.record(&grant.project, failed.rows_read, 0);
+                    }
+                }
+                return Err(Failure::Db(failed.error));
+            }
+        };
+        if done.rows_read > 0 {
+            self.meter.charge(&grant.account, done.rows_read, 0);
+            if let Some(u) = &self.usage {
+                u.record(&grant.project, done.rows_read, 0);
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Why a request got no result.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("the account that owns this project has no balance left: add funds to resume")]
+    Suspended,
+    #[error("the database is unavailable for a moment; retry")]
+    Unavailable,
+    #[error("{0}")]
+    Db(DbError),
+}
+
+#[derive(Deserialize)]
+struct Params {
+    #[serde(rename = "resultsFormat")]
+    results_format: Option<String>,
+}
+
+/// D1's body: one statement or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Body {
+    One(Statement),
+    Many(Vec<Statement>),
+}
+
+async fn query(
+    State(svc): State<Arc<Service>>,
+    Query(p): Query<Params>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    handle(svc, p, headers, body, false).await
+}
+
+async fn execute(
+    State(svc): State<Arc<Service>>,
+    Query(p): Query<Params>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    handle(svc, p, headers, body, true).await
+}
+
+async fn handle(
+    svc: Arc<Service>,
+    p: Params,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    exec: bool,
+) -> Response {
+    let Some(grant) = svc.lookup(&headers) else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "this deployment has no database binding",
+        );
+    };
+    let format = match ResultsFormat::parse(p.results_format.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    // `/execute` carries `run()` (one statement with params, rows not wanted) or `exec()` (a
+    // list of lines, each possibly several statements, no params).
+    let (statements, exec) = match (decode_body(&body), exec) {
+        (Ok(Body::One(s)), false) => (vec![s], false),
+        (Ok(Body::Many(v)), false) => (v, false),
+        (Ok(Body::One(s)), true) => (vec![s], false),
+        (Ok(Body::Many(v)), true) => (v, true),
+        (Err(e), _) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let format = if exec { ResultsFormat::None } else { format };
+    match svc.run(&grant, statements, format, exec).await {
+        Ok(done) => {
+            let mut resp = axum::Json(done.results).into_response();
+            if headers.contains_key(SESSION_HEADER) {
+                // One primary, read-your-writes always: any increasing bookmark will do. The
+                // binding keeps the larger of two bookmarks by string order, so they are
+                // fixed-width and taken from the clock (they keep rising across restarts).
+                let now_us = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64);
+                let n = svc.commits.fetch_max(now_us, Ordering::Relaxed).max(now_us);
+                if let Ok(v) = HeaderValue::from_str(&format!("{n:016x}")) {
+                    resp.headers_mut().insert(SESSION_HEADER, v);
+                }
+            }
+            resp
+        }
+        Err(f) => {
+            if let Failure::Db(DbError::Io { .. }) = &f {
+                tracing::warn!(project = %grant.project, error = %f, "database I/O failed");
+            }
+            // D1 answers SQL errors with 200 and `success: false`; the binding turns them into
+            // `D1_ERROR: <message>` in tenant code.
+            error(StatusCode::OK, &f.to_string())
+        }
+    }
+}
+
+/// Decodes a request body into its statements; never panics, whatever the bytes.
+pub fn decode(body: &[u8]) -> Result<Vec<Statement>, DbError> {
+    match decode_body(body)? {
+        Body::One(s) => Ok(vec![s]),
+        Body::Many(v) => Ok(v),
+    }
+}
+
+fn decode_body(body: &[u8]) -> Result<Body, DbError> {
+    serde_json::from_slice::<Body>(body).map_err(|e| {
+        DbError::BadRequest(format!(
+            "the body is not a D1 statement or list of statements: {e}"
+        ))
+    })
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "success": false, "error": message })),
+    )
+        .into_response()
+}
