@@ -45,7 +45,10 @@ pub fn runtime(
 pub struct Agents {
     pub dev_identity: Option<Arc<dyn tollgate_mcp::Identify>>,
     pub payments: Option<Arc<tollgate_payments::Payments>>,
+    /// Served at the control listener's `/metrics` (when no proxy admin listener carries them).
     pub registry: Option<prometheus::Registry>,
+    /// Where the control process's own components (the database service) register.
+    pub metrics: prometheus::Registry,
 }
 
 /// A control service ready to serve: its HTTP app, and its background tasks (runtime events,
@@ -116,7 +119,8 @@ pub async fn control_service(
     let mut tasks = Vec::new();
     // Databases before recovery: the deployments it restarts get their database tokens.
     if cfg.database.enabled {
-        let (access, db_tasks) = databases(settings, store, money, stop.clone()).await?;
+        let (access, db_tasks) =
+            databases(settings, store, money, &agents.metrics, stop.clone()).await?;
         control.attach_databases(access);
         tasks.extend(db_tasks);
     }
@@ -235,6 +239,7 @@ async fn databases(
     settings: &Settings,
     store: Arc<dyn ControlStore>,
     money: Option<Arc<tollgate_balance_cache::BalanceCache>>,
+    registry: &prometheus::Registry,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(tollgate_control::DatabaseAccess, Vec<JoinHandle<()>>)> {
     let cfg = &settings.config;
@@ -257,6 +262,7 @@ async fn databases(
         dbs.clone(),
         meter,
         Some(rows.clone() as Arc<dyn tollgate_database::Usage>),
+        tollgate_database::DbMetrics::new(registry)?,
     );
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await

@@ -259,7 +259,8 @@ async fn start_control(
         Agents {
             dev_identity: None,
             payments: Some(payments),
-            registry: Some(registry),
+            registry: Some(registry.clone()),
+            metrics: registry,
         },
         None,
         rows_cache,
@@ -390,6 +391,7 @@ async fn start_dev(
                 .map(|a| Arc::new(DevIdentity(a)) as Arc<dyn tollgate_mcp::Identify>),
             payments: Some(payments),
             registry: None,
+            metrics: registry,
         },
         local_table,
         rows_cache,

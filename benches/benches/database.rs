@@ -206,7 +206,12 @@ async fn run() -> Res<()> {
         tokio::spawn(async move { axum::serve(l, app).await });
         Ok(addr)
     };
-    let free = Service::new(dbs.clone(), Arc::new(Free), None);
+    let free = Service::new(
+        dbs.clone(),
+        Arc::new(Free),
+        None,
+        tollgate_database::DbMetrics::unregistered()?,
+    );
     let token = free.grant("bench", "acct-bench");
     let free_addr = serve(&free)?;
     let cache = tollgate_balance_cache::BalanceCache::new(tollgate_metering::Prices::default());
@@ -218,6 +223,7 @@ async fn run() -> Res<()> {
             lease_wait: Duration::from_millis(200),
         }),
         None,
+        tollgate_database::DbMetrics::unregistered()?,
     );
     let mtoken = metered.grant("bench", "acct-bench");
     let metered_addr = serve(&metered)?;

@@ -11,6 +11,7 @@
 //! and charged to the owner through [`Meter`]; the crate knows nothing of how.
 
 mod d1;
+pub mod metrics;
 pub mod service;
 mod store;
 
@@ -19,6 +20,7 @@ use std::time::Duration;
 pub use d1::{
     Execution, Failed, ResultsFormat, Statement, StatementResult, Value, run_exec, run_query,
 };
+pub use metrics::DbMetrics;
 pub use service::{Grant, Meter, MeterRefusal, Service, Usage};
 pub use store::{Database, Databases, DbInfo, TableInfo, valid_project_id};
 

@@ -51,6 +51,7 @@ pub struct Grant {
 
 pub struct Service {
     dbs: Arc<Databases>,
+    metrics: crate::DbMetrics,
     meter: Arc<dyn Meter>,
     usage: Option<Arc<dyn Usage>>,
     grants: RwLock<HashMap<String, Grant>>,
@@ -62,9 +63,11 @@ impl Service {
         dbs: Arc<Databases>,
         meter: Arc<dyn Meter>,
         usage: Option<Arc<dyn Usage>>,
+        metrics: crate::DbMetrics,
     ) -> Arc<Service> {
         Arc::new(Service {
             dbs,
+            metrics,
             meter,
             usage,
             grants: RwLock::new(HashMap::new()),
@@ -120,9 +123,35 @@ impl Service {
             .with_state(self.clone())
     }
 
-    /// Runs a request for `grant`: admission, the statements, the charge. Shared by the HTTP
-    /// endpoints and operator tools.
+    /// Runs a request for `grant`: admission, the statements, the charge.
     pub async fn run(
+        self: &Arc<Self>,
+        grant: &Grant,
+        statements: Vec<Statement>,
+        format: ResultsFormat,
+        exec: bool,
+    ) -> Result<d1::Execution, Failure> {
+        let t = std::time::Instant::now();
+        let r = self.run_inner(grant, statements, format, exec).await;
+        self.observe(t, &r);
+        r
+    }
+
+    fn observe(&self, t: std::time::Instant, r: &Result<d1::Execution, Failure>) {
+        self.metrics
+            .query_seconds
+            .observe(t.elapsed().as_secs_f64());
+        match r {
+            Ok(done) => {
+                self.metrics.result("ok");
+                self.metrics.rows_read_total.inc_by(done.rows_read);
+                self.metrics.rows_written_total.inc_by(done.rows_written);
+            }
+            Err(f) => self.metrics.result(f.label()),
+        }
+    }
+
+    async fn run_inner(
         self: &Arc<Self>,
         grant: &Grant,
         statements: Vec<Statement>,
@@ -148,6 +177,7 @@ impl Service {
             Ok(done) => done,
             Err(failed) => {
                 // Reads before the failure were real work: charged; writes were rolled back.
+                self.metrics.rows_read_total.inc_by(failed.rows_read);
                 if failed.rows_read > 0 {
                     self.meter.charge(&grant.account, failed.rows_read, 0);
                     if let Some(u) = &self.usage {
@@ -175,6 +205,18 @@ impl Service {
         sql: &str,
         max_rows: usize,
     ) -> Result<d1::Execution, Failure> {
+        let t = std::time::Instant::now();
+        let r = self.inspect_inner(grant, sql, max_rows).await;
+        self.observe(t, &r);
+        r
+    }
+
+    async fn inspect_inner(
+        self: &Arc<Self>,
+        grant: &Grant,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<d1::Execution, Failure> {
         if !self.dbs.exists(&grant.project) {
             return Err(Failure::Db(DbError::NoDatabase(grant.project.clone())));
         }
@@ -191,6 +233,7 @@ impl Service {
         let done = match ran {
             Ok(done) => done,
             Err(failed) => {
+                self.metrics.rows_read_total.inc_by(failed.rows_read);
                 if failed.rows_read > 0 {
                     self.meter.charge(&grant.account, failed.rows_read, 0);
                     if let Some(u) = &self.usage {
@@ -207,6 +250,27 @@ impl Service {
             }
         }
         Ok(done)
+    }
+}
+
+impl Failure {
+    /// The `result` label of `tollgate_database_queries_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Failure::Suspended => "suspended",
+            Failure::Unavailable => "unavailable",
+            Failure::Db(e) => match e {
+                DbError::Sqlite(_) => "sql_error",
+                DbError::Timeout(_) => "timeout",
+                DbError::ResultTooLarge(_) => "too_large",
+                DbError::Full(_) => "full",
+                DbError::NotAllowed(_) => "refused",
+                DbError::BadRequest(_) | DbError::BadProject(_) | DbError::NoDatabase(_) => {
+                    "bad_request"
+                }
+                DbError::Io { .. } => "unavailable",
+            },
+        }
     }
 }
 
@@ -261,6 +325,7 @@ async fn handle(
     exec: bool,
 ) -> Response {
     let Some(grant) = svc.lookup(&headers) else {
+        svc.metrics.result("refused");
         return error(
             StatusCode::FORBIDDEN,
             "this deployment has no database binding",
@@ -268,7 +333,10 @@ async fn handle(
     };
     let format = match ResultsFormat::parse(p.results_format.as_deref()) {
         Ok(f) => f,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => {
+            svc.metrics.result("bad_request");
+            return error(StatusCode::BAD_REQUEST, &e.to_string());
+        }
     };
     // `/execute` carries `run()` (one statement with params, rows not wanted) or `exec()` (a
     // list of lines, each possibly several statements, no params).
@@ -277,7 +345,10 @@ async fn handle(
         (Ok(Body::Many(v)), false) => (v, false),
         (Ok(Body::One(s)), true) => (vec![s], false),
         (Ok(Body::Many(v)), true) => (v, true),
-        (Err(e), _) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        (Err(e), _) => {
+            svc.metrics.result("bad_request");
+            return error(StatusCode::BAD_REQUEST, &e.to_string());
+        }
     };
     let format = if exec { ResultsFormat::None } else { format };
     match svc.run(&grant, statements, format, exec).await {

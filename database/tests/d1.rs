@@ -369,7 +369,9 @@ impl Meter for TestMeter {
 async fn the_http_service_runs_only_granted_projects_and_charges_what_it_reports() {
     let (_dir, d) = dbs(Limits::default());
     let meter = Arc::new(TestMeter::default());
-    let svc = Service::new(d.clone(), meter.clone(), None);
+    let registry = prometheus::Registry::new();
+    let metrics = tollgate_database::DbMetrics::new(&registry).unwrap();
+    let svc = Service::new(d.clone(), meter.clone(), None, metrics.clone());
     let token_a = svc.grant("pa", "acct-a");
     let token_b = svc.grant("pb", "acct-b");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -472,6 +474,32 @@ async fn the_http_service_runs_only_granted_projects_and_charges_what_it_reports
     .unwrap();
     assert_eq!(r[0]["results"]["rows"], json!([[2]]));
 
+    // The metrics count the same: results by label, rows as charged.
+    let by = |r: &str| metrics.queries_total.with_label_values(&[r]).get();
+    assert_eq!(by("suspended"), 1);
+    assert_eq!(by("sql_error"), 1, "project B's missing table");
+    assert_eq!(by("refused"), 2, "no token and a made-up one");
+    assert_eq!(by("bad_request"), 1);
+    assert_eq!(by("ok"), 3);
+    let charged = meter.charged.lock().unwrap().clone();
+    assert_eq!(
+        metrics.rows_read_total.get(),
+        charged.iter().map(|c| c.1).sum::<u64>()
+    );
+    assert_eq!(
+        metrics.rows_written_total.get(),
+        charged.iter().map(|c| c.2).sum::<u64>()
+    );
+    let names: Vec<String> = registry
+        .gather()
+        .iter()
+        .map(|f| f.name().to_owned())
+        .collect();
+    assert!(
+        names.contains(&"tollgate_database_queries_total".to_owned()),
+        "{names:?}"
+    );
+
     // Revoking a project's grants (it is being deleted) shuts its deployments out.
     svc.revoke_project("pa");
     let r = post("/query", Some(&token_a), json!({"sql": "SELECT 1"}))
@@ -488,7 +516,12 @@ async fn the_http_service_runs_only_granted_projects_and_charges_what_it_reports
 async fn inspection_is_read_only_and_row_limited() {
     let (_dir, d) = dbs(Limits::default());
     let meter = Arc::new(TestMeter::default());
-    let svc = Service::new(d.clone(), meter.clone(), None);
+    let svc = Service::new(
+        d.clone(),
+        meter.clone(),
+        None,
+        tollgate_database::DbMetrics::unregistered().unwrap(),
+    );
     let g = Grant {
         project: "p".into(),
         account: "acct".into(),

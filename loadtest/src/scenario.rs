@@ -393,6 +393,7 @@ impl Hosted {
                 lease_wait: Duration::from_millis(500),
             }),
             Some(rows.clone() as Arc<dyn tollgate_database::Usage>),
+            tollgate_database::DbMetrics::unregistered()?,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let db_addr = listener.local_addr()?;
