@@ -64,8 +64,11 @@ impl tollgate_database::Meter for ChargeRows {
         }
     }
 
-    fn charge(&self, account: &str, rows_read: u64, rows_written: u64) {
+    fn charge(&self, account: &str, rows_read: u64, rows_written: u64, cpu_us: u64) {
         self.cache.charge_rows(account, rows_read, rows_written);
+        if cpu_us > 0 {
+            self.cache.charge_cpu(account, cpu_us);
+        }
     }
 }
 
@@ -78,7 +81,7 @@ impl tollgate_database::Meter for FreeRows {
         Ok(())
     }
 
-    fn charge(&self, _: &str, _: u64, _: u64) {}
+    fn charge(&self, _: &str, _: u64, _: u64, _: u64) {}
 }
 
 /// The proxy holds the runtime's in-flight guard per request (the per-request CPU cap and the

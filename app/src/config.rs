@@ -83,6 +83,9 @@ pub struct DatabaseConfig {
     /// `full` (every commit on disk before it is acknowledged) or `normal` (the last commits
     /// may be lost on power loss, never on a crash of the process); docs/database.md.
     pub synchronous: tollgate_database::Synchronous,
+    /// Below this much free space on the databases' filesystem, every database's writes fail
+    /// (reads go on) until space is back.
+    pub min_free_disk_mb: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -94,6 +97,7 @@ impl Default for DatabaseConfig {
             query_timeout_ms: 5_000,
             max_result_mb: 16,
             synchronous: tollgate_database::Synchronous::Full,
+            min_free_disk_mb: 1024,
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct Agents {
 pub struct ControlService {
     pub router: axum::Router,
     pub tasks: Vec<JoinHandle<()>>,
+    /// The database service and its usage flusher, with their own stop: workerd processes
+    /// call it until the runtime has stopped them.
+    pub after_runtime: Option<(watch::Sender<bool>, Vec<JoinHandle<()>>)>,
 }
 
 /// Builds the control service: its stores (Redis when configured, shared by every node;
@@ -118,11 +121,13 @@ pub async fn control_service(
     );
     let mut tasks = Vec::new();
     // Databases before recovery: the deployments it restarts get their database tokens.
+    let mut after_runtime = None;
     if cfg.database.enabled {
+        let (db_stop_tx, db_stop) = watch::channel(false);
         let (access, db_tasks) =
-            databases(settings, store, money, &agents.metrics, stop.clone()).await?;
+            databases(settings, store, money, &agents.metrics, db_stop).await?;
         control.attach_databases(access);
-        tasks.extend(db_tasks);
+        after_runtime = Some((db_stop_tx, db_tasks));
     }
     {
         let (control, mut stop) = (control.clone(), stop.clone());
@@ -229,7 +234,11 @@ pub async fn control_service(
             }),
         );
     }
-    Ok(ControlService { router: app, tasks })
+    Ok(ControlService {
+        router: app,
+        tasks,
+        after_runtime,
+    })
 }
 
 /// The per-project databases and their D1 service on a loopback port (workerd reaches it through
@@ -258,6 +267,10 @@ async fn databases(
         }
     };
     let rows = tollgate_control::rows::RowsUsage::new(store);
+    let dbs_for_idle = dbs.clone();
+    if let Err(e) = dbs.check_disk(cfg.database.min_free_disk_mb.saturating_mul(1_000_000)) {
+        tracing::warn!(error = %e, "database disk check failed");
+    }
     let service = tollgate_database::Service::new(
         dbs.clone(),
         meter,
@@ -283,10 +296,39 @@ async fn databases(
         // Checkpoint every WAL into its file before the process ends.
         let _ = tokio::task::spawn_blocking(move || dbs.close_all()).await;
     });
-    let flusher = tokio::spawn(rows.run(stop));
+    let flusher = tokio::spawn(rows.run(stop.clone()));
+    // Every 5 s: writes pause while the disk is nearly full; every minute: connections idle
+    // for 5 minutes are closed (each holds three file descriptors).
+    let idle_dbs = dbs_for_idle;
+    let mut idle_stop = stop;
+    let min_free = cfg.database.min_free_disk_mb.saturating_mul(1_000_000);
+    let closer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        let mut n = 0u64;
+        loop {
+            let stopping = tokio::select! {
+                _ = tick.tick() => false,
+                _ = idle_stop.wait_for(|s| *s) => true,
+            };
+            if stopping {
+                return;
+            }
+            n += 1;
+            let dbs = idle_dbs.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = dbs.check_disk(min_free) {
+                    tracing::warn!(error = %e, "database disk check failed");
+                }
+                if n.is_multiple_of(12) {
+                    dbs.close_idle(std::time::Duration::from_secs(300));
+                }
+            })
+            .await;
+        }
+    });
     Ok((
         tollgate_control::DatabaseAccess { service, address },
-        vec![server, flusher],
+        vec![server, flusher, closer],
     ))
 }
 

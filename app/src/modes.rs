@@ -268,6 +268,7 @@ async fn start_control(
     )
     .await?;
     parts.tasks = svc.tasks;
+    parts.after_runtime = svc.after_runtime;
     parts.server = Some(serve_on(listener, svc.router, intake_rx));
     Ok(())
 }
@@ -399,6 +400,7 @@ async fn start_dev(
     )
     .await?;
     parts.tasks = svc.tasks;
+    parts.after_runtime = svc.after_runtime;
     parts.server = Some(serve_on(listener, svc.router, intake_rx));
     print_banner(
         &settings,

@@ -242,6 +242,12 @@ pub fn credits(books: Books<'_>, resolve: Option<(&str, bool)>) -> anyhow::Resul
 /// `tollgate db backup`: copies `project`'s database under `dir` to `file` (SQLite's online
 /// backup: a consistent copy while the service keeps writing).
 pub fn db_backup(dir: &Path, project: &str, file: &Path) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory (database.dir, or <control.data_dir>/databases)",
+            dir.display()
+        );
+    }
     let dbs = tollgate_database::Databases::open(dir, tollgate_database::Limits::default())
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     if !dbs.exists(project) {

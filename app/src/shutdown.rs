@@ -77,6 +77,9 @@ pub(crate) struct Parts {
     pub(crate) background: Option<watch::Sender<bool>>,
     pub(crate) server: Option<JoinHandle<()>>,
     pub(crate) tasks: Vec<JoinHandle<()>>,
+    /// What workerd processes call while they run (the database service): stopped once the
+    /// runtime has stopped them.
+    pub(crate) after_runtime: Option<(watch::Sender<bool>, Vec<JoinHandle<()>>)>,
     pub(crate) payments: Option<JoinHandle<()>>,
     pub(crate) node: Option<ProxyNode>,
     pub(crate) prepared: Option<PreparedNode>,
@@ -150,6 +153,20 @@ impl Parts {
             tracing::error!(
                 "the runtime did not stop in 30 s; its last CPU samples may be missing"
             );
+        }
+        // The database service: its last queries charged, every WAL checkpointed.
+        if let Some((tx, tasks)) = self.after_runtime.take() {
+            let _ = tx.send(true);
+            let mut waits = Vec::new();
+            for t in tasks {
+                waits.push(bounded(
+                    "database service",
+                    t,
+                    Duration::from_secs(10),
+                    &hurry,
+                ));
+            }
+            futures_util::future::join_all(waits).await;
         }
         // 4–5: final settle (leases returned), then usage flushed.
         if let Some(m) = self.metering.take() {

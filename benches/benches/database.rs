@@ -125,7 +125,7 @@ impl Meter for Free {
     async fn admit(&self, _: &str) -> Result<(), MeterRefusal> {
         Ok(())
     }
-    fn charge(&self, _: &str, _: u64, _: u64) {}
+    fn charge(&self, _: &str, _: u64, _: u64, _: u64) {}
 }
 
 fn main() {

@@ -29,6 +29,9 @@ pub struct Project {
     /// Deployment ids, oldest first.
     pub deployments: Vec<String>,
     pub last_activity_ms: u64,
+    /// When it was deleted or expired (its database goes a slug grace after an expiry).
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

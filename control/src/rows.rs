@@ -64,7 +64,10 @@ impl RowsUsage {
 }
 
 impl tollgate_database::Usage for RowsUsage {
-    fn record(&self, project: &str, rows_read: u64, rows_written: u64) {
+    fn record(&self, project: &str, rows_read: u64, rows_written: u64, _cpu_us: u64) {
+        if rows_read == 0 && rows_written == 0 {
+            return;
+        }
         self.add(project, rows_read, rows_written);
     }
 }

@@ -133,7 +133,7 @@ pub fn run_query(
     with_tenant(db, |conn, mode| {
         run_in_transaction(conn, mode, &limits, |conn, out| {
             for s in statements {
-                let r = run_one(conn, &limits, s, format, true, out.bytes)?;
+                let r = run_one(conn, &limits, s, format, out.bytes)?;
                 out.push(r);
             }
             Ok(())
@@ -144,6 +144,13 @@ pub fn run_query(
 /// Runs `exec()`'s statements (each string may hold several, separated by `;`; no params),
 /// as one transaction. Blocking.
 pub fn run_exec(db: &Database, statements: &[Statement]) -> Result<Execution, Failed> {
+    // exec() sends one entry per line of its text: blank lines are not statements.
+    let statements: Vec<Statement> = statements
+        .iter()
+        .filter(|s| !s.sql.trim().is_empty())
+        .cloned()
+        .collect();
+    let statements = statements.as_slice();
     check_request(statements, &db.limits)?;
     let limits = db.limits.clone();
     with_tenant(db, |conn, mode| {
@@ -160,7 +167,17 @@ pub fn run_exec(db: &Database, statements: &[Statement]) -> Result<Execution, Fa
                     .next()
                     .map_err(|e| Failed::from(classify(e, &limits)))?
                 {
-                    let sql = stmt.expanded_sql().unwrap_or_default();
+                    if out.results.len() >= limits.max_batch {
+                        return Err(DbError::BadRequest(format!(
+                            "more than {} statements in one exec(); split it",
+                            limits.max_batch
+                        ))
+                        .into());
+                    }
+                    // Fail closed: a statement whose text cannot be read is not run.
+                    let Some(sql) = stmt.expanded_sql() else {
+                        return Err(DbError::NotAllowed("unreadable statement".into()).into());
+                    };
                     refuse_escapes(&sql)?;
                     let r = step(conn, &limits, &mut stmt, ResultsFormat::None, out.bytes)?;
                     out.push(r);
@@ -181,6 +198,9 @@ pub fn run_readonly(db: &Database, sql: &str, max_rows: usize) -> Result<Executi
     check_request(&statements, &db.limits)?;
     refuse_escapes(sql)?;
     let limits = db.limits.clone();
+    if sql.trim_end().trim_end_matches(';').contains(';') {
+        return Err(DbError::BadRequest("one statement at a time".into()).into());
+    }
     with_tenant(db, |conn, mode| {
         mode.on();
         let mut stmt = match conn.prepare(sql) {
@@ -346,13 +366,33 @@ fn run_one(
     limits: &Limits,
     s: &Statement,
     format: ResultsFormat,
-    single: bool,
     bytes_so_far: usize,
 ) -> Result<(StatementResult, usize), Failed> {
     refuse_escapes(&s.sql)?;
+    // rusqlite's prepare checks for a second statement by preparing the rest, recursively: a
+    // text of thousands of `;`-separated statements would exhaust the stack. Only text with a
+    // `;` before its end goes through the (iterative) batch reader.
+    let several = s.sql.trim_end().trim_end_matches(';').contains(';');
+    if several {
+        let mut batch = rusqlite::Batch::new(conn, &s.sql);
+        let first = batch
+            .next()
+            .map_err(|e| Failed::from(classify(e, limits)))?;
+        let more = batch
+            .next()
+            .map_err(|e| Failed::from(classify(e, limits)))?
+            .is_some();
+        let (Some(mut stmt), false) = (first, more) else {
+            return Err(DbError::BadRequest(
+                "one statement per prepare(); run several with batch() or exec()".into(),
+            )
+            .into());
+        };
+        return bind_and_step(conn, limits, &mut stmt, s, format, bytes_so_far);
+    }
     let mut stmt = match conn.prepare_cached(&s.sql) {
         Ok(stmt) => stmt,
-        Err(rusqlite::Error::MultipleStatement) if single => {
+        Err(rusqlite::Error::MultipleStatement) => {
             return Err(DbError::BadRequest(
                 "one statement per prepare(); run several with batch() or exec()".into(),
             )
@@ -360,6 +400,17 @@ fn run_one(
         }
         Err(e) => return Err(classify(e, limits).into()),
     };
+    bind_and_step(conn, limits, &mut stmt, s, format, bytes_so_far)
+}
+
+fn bind_and_step(
+    conn: &Connection,
+    limits: &Limits,
+    stmt: &mut rusqlite::Statement<'_>,
+    s: &Statement,
+    format: ResultsFormat,
+    bytes_so_far: usize,
+) -> Result<(StatementResult, usize), Failed> {
     let wanted = stmt.parameter_count();
     if wanted != s.params.len() {
         return Err(DbError::Sqlite(format!(
@@ -373,7 +424,7 @@ fn run_one(
         stmt.raw_bind_parameter(i + 1, to_sql(p))
             .map_err(|e| Failed::from(classify(e, limits)))?;
     }
-    step(conn, limits, &mut stmt, format, bytes_so_far)
+    step(conn, limits, stmt, format, bytes_so_far)
 }
 
 fn to_sql(v: &Value) -> SqlValue {
@@ -407,13 +458,30 @@ fn step_limited(
     bytes_so_far: usize,
     max_rows: usize,
 ) -> Result<(StatementResult, usize), Failed> {
+    if !stmt.readonly()
+        && limits
+            .writes_paused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return Err(DbError::HostFull.into());
+    }
     let started = Instant::now();
     let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
     let changes_before = conn.total_changes();
     stmt.reset_status(StatementStatus::FullscanStep);
     let mut rows_out: Vec<Vec<serde_json::Value>> = Vec::new();
     let mut returned = 0u64;
-    let mut bytes = 0usize;
+    // Result bytes: each row's brackets and commas, and for objects every column name again.
+    let names: usize = columns.iter().map(|c| c.len() + 4).sum();
+    let row_overhead = 2
+        + columns.len()
+        + if format == ResultsFormat::ArrayOfObjects {
+            names
+        } else {
+            0
+        };
+    // Plus the statement's `meta` (~300 bytes): exec() of many empty statements adds up too.
+    let mut bytes = names + 300;
     let stepped: Result<(), DbError> = (|| {
         let mut rows = stmt.raw_query();
         while (returned as usize) < max_rows
@@ -423,14 +491,18 @@ fn step_limited(
             if format == ResultsFormat::None {
                 continue;
             }
-            let mut out = Vec::with_capacity(columns.len());
+            // Counted before anything is built: the JSON of a row is what its values, and for
+            // objects its column names, will take.
+            bytes += row_overhead;
             for i in 0..columns.len() {
-                let v = row.get_ref(i).map_err(DbError::sqlite)?;
-                bytes += value_bytes(&v);
-                out.push(to_json(v));
+                bytes += value_bytes(&row.get_ref(i).map_err(DbError::sqlite)?);
             }
             if bytes_so_far + bytes > limits.max_result_bytes {
                 return Err(DbError::ResultTooLarge(limits.max_result_bytes));
+            }
+            let mut out = Vec::with_capacity(columns.len());
+            for i in 0..columns.len() {
+                out.push(to_json(row.get_ref(i).map_err(DbError::sqlite)?));
             }
             rows_out.push(out);
         }
@@ -475,7 +547,11 @@ fn step_limited(
                     sql_duration_ms: elapsed,
                 },
                 duration: elapsed,
-                changes: if readonly { 0 } else { conn.changes() },
+                changes: if readonly || changes == 0 {
+                    0
+                } else {
+                    conn.changes()
+                },
                 last_row_id: conn.last_insert_rowid(),
                 changed_db: changes > 0,
                 size_after: 0,

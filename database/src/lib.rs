@@ -60,11 +60,16 @@ pub struct Limits {
     pub max_sql_bytes: usize,
     /// Most bound parameters per statement (D1: 100).
     pub max_params: usize,
-    /// Most statements per batch.
+    /// Most statements per request (a batch, or all of `exec()`'s).
     pub max_batch: usize,
+    /// Largest string or blob, so largest row value (D1: 2 MB).
+    pub max_value_bytes: usize,
     /// Largest request body.
     pub max_request_bytes: usize,
     pub synchronous: Synchronous,
+    /// Set while the databases' disk is nearly full ([`Databases::check_disk`]): writing
+    /// statements fail, reads go on. Shared by every database of a [`Databases`].
+    pub writes_paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Limits {
@@ -75,9 +80,11 @@ impl Default for Limits {
             max_result_bytes: 16 << 20,
             max_sql_bytes: 100_000,
             max_params: 100,
-            max_batch: 200,
+            max_batch: 1000,
+            max_value_bytes: 2_000_000,
             max_request_bytes: 8 << 20,
             synchronous: Synchronous::Full,
+            writes_paused: Default::default(),
         }
     }
 }
@@ -93,6 +100,10 @@ pub enum DbError {
     ResultTooLarge(usize),
     #[error("database is full: the {0}-byte limit is reached; delete rows to write again")]
     Full(u64),
+    #[error(
+        "the host is low on disk space: writes are paused for a moment (reads work); retry later"
+    )]
+    HostFull,
     #[error("statement not allowed: {0}")]
     NotAllowed(String),
     #[error("bad request: {0}")]

@@ -13,6 +13,7 @@ pub const RESULTS: &[&str] = &[
     "full",
     "suspended",
     "unavailable",
+    "busy",
     "bad_request",
 ];
 

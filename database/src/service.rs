@@ -25,7 +25,8 @@ const SESSION_HEADER: &str = "x-cf-d1-session-commit-token";
 #[async_trait::async_trait]
 pub trait Meter: Send + Sync {
     async fn admit(&self, account: &str) -> Result<(), MeterRefusal>;
-    fn charge(&self, account: &str, rows_read: u64, rows_written: u64);
+    /// Rows read and written, and CPU (µs) used past [`FREE_CPU_US`].
+    fn charge(&self, account: &str, rows_read: u64, rows_written: u64, cpu_us: u64);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +37,10 @@ pub enum MeterRefusal {
     Unavailable,
 }
 
-/// Per-project counts for agents' views (rows this hour/day). Called after every query; keep it
-/// cheap and non-blocking.
+/// Per-project counts for agents' views (rows this hour/day): what was charged, rows and CPU
+/// past the allowance. Called after every charged query; keep it cheap and non-blocking.
 pub trait Usage: Send + Sync {
-    fn record(&self, project: &str, rows_read: u64, rows_written: u64);
+    fn record(&self, project: &str, rows_read: u64, rows_written: u64, cpu_us: u64);
 }
 
 /// Who a deployment's token stands for.
@@ -56,6 +57,9 @@ pub struct Service {
     usage: Option<Arc<dyn Usage>>,
     grants: RwLock<HashMap<String, Grant>>,
     commits: AtomicU64,
+    gates: std::sync::Mutex<HashMap<String, Arc<Gate>>>,
+    /// Requests on blocking threads at once, over all projects.
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
@@ -72,6 +76,10 @@ impl Service {
             usage,
             grants: RwLock::new(HashMap::new()),
             commits: AtomicU64::new(0),
+            gates: std::sync::Mutex::new(HashMap::new()),
+            running: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()) * 4,
+            )),
         })
     }
 
@@ -102,6 +110,10 @@ impl Service {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, g| g.project != project);
+        self.gates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(project);
     }
 
     fn lookup(&self, headers: &HeaderMap) -> Option<Grant> {
@@ -158,43 +170,14 @@ impl Service {
         format: ResultsFormat,
         exec: bool,
     ) -> Result<d1::Execution, Failure> {
-        match self.meter.admit(&grant.account).await {
-            Ok(()) => {}
-            Err(MeterRefusal::Suspended) => return Err(Failure::Suspended),
-            Err(MeterRefusal::Unavailable) => return Err(Failure::Unavailable),
-        }
-        let db = self.dbs.get(&grant.project).map_err(Failure::Db)?;
-        let ran = tokio::task::spawn_blocking(move || {
+        self.execute(grant, move |db| {
             if exec {
-                d1::run_exec(&db, &statements)
+                d1::run_exec(db, &statements)
             } else {
-                d1::run_query(&db, &statements, format)
+                d1::run_query(db, &statements, format)
             }
         })
         .await
-        .map_err(|_| Failure::Unavailable)?;
-        let done = match ran {
-            Ok(done) => done,
-            Err(failed) => {
-                // Reads before the failure were real work: charged; writes were rolled back.
-                self.metrics.rows_read_total.inc_by(failed.rows_read);
-                if failed.rows_read > 0 {
-                    self.meter.charge(&grant.account, failed.rows_read, 0);
-                    if let Some(u) = &self.usage {
-                        u.record(&grant.project, failed.rows_read, 0);
-                    }
-                }
-                return Err(Failure::Db(failed.error));
-            }
-        };
-        if done.rows_read > 0 || done.rows_written > 0 {
-            self.meter
-                .charge(&grant.account, done.rows_read, done.rows_written);
-            if let Some(u) = &self.usage {
-                u.record(&grant.project, done.rows_read, done.rows_written);
-            }
-        }
-        Ok(done)
     }
 
     /// Read-only SQL for the agent's own inspection (`query_database`): one statement, at most
@@ -220,37 +203,112 @@ impl Service {
         if !self.dbs.exists(&grant.project) {
             return Err(Failure::Db(DbError::NoDatabase(grant.project.clone())));
         }
+        let sql = sql.to_owned();
+        self.execute(grant, move |db| d1::run_readonly(db, &sql, max_rows))
+            .await
+    }
+
+    /// The one way a request reaches a database: wait its turn (one request per project at a
+    /// time, a bounded queue, a bounded number of projects at once), admit the owner, run on a
+    /// blocking thread, charge. From admission on it runs in its own task: a caller that goes
+    /// away (a tenant aborting its subrequest) neither stops the query nor skips its charge.
+    async fn execute(
+        self: &Arc<Self>,
+        grant: &Grant,
+        run: impl FnOnce(&crate::Database) -> Result<d1::Execution, d1::Failed> + Send + 'static,
+    ) -> Result<d1::Execution, Failure> {
+        let gate = self.gate(&grant.project);
+        if gate.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+            gate.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(Failure::Busy);
+        }
+        let turn = gate.turn.clone().acquire_owned().await;
+        gate.waiting.fetch_sub(1, Ordering::AcqRel);
+        let turn = turn.map_err(|_| Failure::Unavailable)?;
+        let slot = self
+            .running
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Failure::Unavailable)?;
         match self.meter.admit(&grant.account).await {
             Ok(()) => {}
             Err(MeterRefusal::Suspended) => return Err(Failure::Suspended),
             Err(MeterRefusal::Unavailable) => return Err(Failure::Unavailable),
         }
-        let db = self.dbs.get(&grant.project).map_err(Failure::Db)?;
-        let sql = sql.to_owned();
-        let ran = tokio::task::spawn_blocking(move || d1::run_readonly(&db, &sql, max_rows))
-            .await
-            .map_err(|_| Failure::Unavailable)?;
-        let done = match ran {
-            Ok(done) => done,
-            Err(failed) => {
-                self.metrics.rows_read_total.inc_by(failed.rows_read);
-                if failed.rows_read > 0 {
-                    self.meter.charge(&grant.account, failed.rows_read, 0);
-                    if let Some(u) = &self.usage {
-                        u.record(&grant.project, failed.rows_read, 0);
-                    }
-                }
-                return Err(Failure::Db(failed.error));
+        let svc = self.clone();
+        let grant = grant.clone();
+        let task = tokio::spawn(async move {
+            let dbs = svc.dbs.clone();
+            let project = grant.project.clone();
+            let ran = tokio::task::spawn_blocking(move || {
+                let started = thread_cpu_us();
+                let r = dbs
+                    .get(&project)
+                    .map_err(d1::Failed::from)
+                    .and_then(|db| run(&db));
+                (r, thread_cpu_us().saturating_sub(started))
+            })
+            .await;
+            drop((turn, slot));
+            let Ok((ran, cpu_us)) = ran else {
+                return Err(Failure::Unavailable);
+            };
+            // CPU past the allowance every request includes is the service's CPU too.
+            let cpu_us = cpu_us.saturating_sub(FREE_CPU_US);
+            let (read, written, out) = match ran {
+                Ok(done) => (done.rows_read, done.rows_written, Ok(done)),
+                // Reads before a failure were real work; its writes were rolled back.
+                Err(failed) => (failed.rows_read, 0, Err(Failure::Db(failed.error))),
+            };
+            if out.is_err() {
+                svc.metrics.rows_read_total.inc_by(read);
             }
-        };
-        if done.rows_read > 0 {
-            self.meter.charge(&grant.account, done.rows_read, 0);
-            if let Some(u) = &self.usage {
-                u.record(&grant.project, done.rows_read, 0);
+            if read > 0 || written > 0 || cpu_us > 0 {
+                svc.meter.charge(&grant.account, read, written, cpu_us);
             }
-        }
-        Ok(done)
+            if (read > 0 || written > 0 || cpu_us > 0)
+                && let Some(u) = &svc.usage
+            {
+                u.record(&grant.project, read, written, cpu_us);
+            }
+            out
+        });
+        task.await.map_err(|_| Failure::Unavailable)?
     }
+
+    fn gate(&self, project: &str) -> Arc<Gate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        gates.entry(project.to_owned()).or_default().clone()
+    }
+}
+
+/// One request per project at a time; this many more may wait.
+const MAX_WAITING: usize = 64;
+
+/// CPU a request may use in the database without a charge beyond its rows (µs): a point read
+/// takes ~10 µs, so only heavy queries pay for their CPU.
+pub const FREE_CPU_US: u64 = 1_000;
+
+struct Gate {
+    turn: Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            turn: Arc::new(tokio::sync::Semaphore::new(1)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+/// This thread's CPU time (µs).
+fn thread_cpu_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
 }
 
 impl Failure {
@@ -259,11 +317,12 @@ impl Failure {
         match self {
             Failure::Suspended => "suspended",
             Failure::Unavailable => "unavailable",
+            Failure::Busy => "busy",
             Failure::Db(e) => match e {
                 DbError::Sqlite(_) => "sql_error",
                 DbError::Timeout(_) => "timeout",
                 DbError::ResultTooLarge(_) => "too_large",
-                DbError::Full(_) => "full",
+                DbError::Full(_) | DbError::HostFull => "full",
                 DbError::NotAllowed(_) => "refused",
                 DbError::BadRequest(_) | DbError::BadProject(_) | DbError::NoDatabase(_) => {
                     "bad_request"
@@ -281,6 +340,8 @@ pub enum Failure {
     Suspended,
     #[error("the database is unavailable for a moment; retry")]
     Unavailable,
+    #[error("too many queries are waiting for this database; retry with fewer at once")]
+    Busy,
     #[error("{0}")]
     Db(DbError),
 }

@@ -43,6 +43,9 @@ const TENANT_PRAGMAS: &[&str] = &[
 /// SQL functions tenant code may never call.
 const DENIED_FUNCTIONS: &[&str] = &["load_extension", "fts3_tokenizer", "readfile", "writefile"];
 
+/// Table rows are counted up to this many for views; `COUNT_CAP + 1` means "more".
+pub const COUNT_CAP: u64 = 1_000_000;
+
 /// Virtual-table modules tenant SQL may use.
 const VTABLE_MODULES: &[&str] = &["fts5", "fts4", "fts3", "rtree"];
 
@@ -51,6 +54,9 @@ pub struct Databases {
     root: PathBuf,
     limits: Limits,
     open: Mutex<HashMap<String, Arc<Database>>>,
+    /// Deleted in this process's life: never recreated by a request that was already on its
+    /// way (ids are never reused).
+    deleted: Mutex<std::collections::HashSet<String>>,
 }
 
 /// One project's database: its single connection and what guards it.
@@ -61,6 +67,8 @@ pub struct Database {
     /// Tenant SQL runs only while this is set: the authorizer restricts tenant statements and
     /// lets ours (transactions, pragmas) through.
     tenant: Arc<AtomicBool>,
+    /// Nanoseconds since `epoch` of the last request (idle connections are closed).
+    last_used: AtomicU64,
     /// Nanoseconds since `epoch` after which the running statement is interrupted; 0 = none.
     deadline: Arc<AtomicU64>,
     epoch: Instant,
@@ -99,6 +107,7 @@ impl Databases {
             root,
             limits,
             open: Mutex::new(HashMap::new()),
+            deleted: Mutex::new(std::collections::HashSet::new()),
         }))
     }
 
@@ -120,6 +129,14 @@ impl Databases {
         if !valid_project_id(project) {
             return Err(DbError::BadProject(project.to_owned()));
         }
+        if self
+            .deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(project)
+        {
+            return Err(DbError::NoDatabase(project.to_owned()));
+        }
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(db) = open.get(project) {
             return Ok(db.clone());
@@ -139,6 +156,10 @@ impl Databases {
         if !valid_project_id(project) {
             return Err(DbError::BadProject(project.to_owned()));
         }
+        self.deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(project.to_owned());
         let db = self
             .open
             .lock()
@@ -176,6 +197,57 @@ impl Databases {
             return Err(DbError::NoDatabase(project.to_owned()));
         }
         self.get(project)?.backup(dest)
+    }
+
+    /// Closes the connections unused for `idle` (each holds three file descriptors); the next
+    /// request opens its database again. Returns how many were closed.
+    pub fn close_idle(&self, idle: Duration) -> usize {
+        let idle_ns = idle.as_nanos() as u64;
+        let stale: Vec<Arc<Database>> = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<String> = open
+                .iter()
+                .filter(|(_, db)| {
+                    let now = db.epoch.elapsed().as_nanos() as u64;
+                    // Only the map holds it: no request is using it.
+                    Arc::strong_count(db) == 1
+                        && now.saturating_sub(db.last_used.load(Ordering::Relaxed)) > idle_ns
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| open.remove(id)).collect()
+        };
+        let n = stale.len();
+        for db in stale {
+            db.close();
+        }
+        n
+    }
+
+    /// Pauses writes of every database while the filesystem holding them has less than
+    /// `min_free` bytes available to us (and resumes them above it): a tenant filling its
+    /// database must not fill the host. Returns the bytes available.
+    pub fn check_disk(&self, min_free: u64) -> Result<u64, DbError> {
+        let st = nix::sys::statvfs::statvfs(&self.root)
+            .map_err(|e| DbError::io(&self.root, std::io::Error::from(e)))?;
+        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        let paused = free < min_free;
+        let was = self.limits.writes_paused.swap(paused, Ordering::Relaxed);
+        if paused != was {
+            if paused {
+                tracing::error!(
+                    free_bytes = free,
+                    min_free,
+                    "disk nearly full: database writes paused"
+                );
+            } else {
+                tracing::info!(
+                    free_bytes = free,
+                    "disk space back: database writes resumed"
+                );
+            }
+        }
+        Ok(free)
     }
 
     /// Closes every open connection (checkpointing the WAL into the file).
@@ -236,6 +308,21 @@ impl Database {
         // No second database may be attached, whatever the SQL says.
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)
             .map_err(DbError::sqlite)?;
+        // D1's limits, which also bound what one VM operation can do between two progress
+        // checks: strings and blobs (so rows) of at most 2 MB, LIKE/GLOB patterns of 50 bytes,
+        // 32 function arguments.
+        conn.set_limit(
+            Limit::SQLITE_LIMIT_LENGTH,
+            i32::try_from(limits.max_value_bytes).unwrap_or(i32::MAX),
+        )
+        .map_err(DbError::sqlite)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_LIKE_PATTERN_LENGTH, 50)
+            .map_err(DbError::sqlite)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_FUNCTION_ARG, 32)
+            .map_err(DbError::sqlite)?;
+        // A WAL grown by one large transaction shrinks back after the next checkpoint.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+            .map_err(DbError::sqlite)?;
         conn.set_limit(
             Limit::SQLITE_LIMIT_SQL_LENGTH,
             i32::try_from(limits.max_sql_bytes).unwrap_or(i32::MAX),
@@ -282,6 +369,7 @@ impl Database {
             path,
             conn: Mutex::new(Some(conn)),
             tenant,
+            last_used: AtomicU64::new(epoch.elapsed().as_nanos() as u64),
             deadline,
             epoch,
             limits,
@@ -303,12 +391,14 @@ impl Database {
         let conn = guard
             .as_mut()
             .ok_or_else(|| DbError::NoDatabase(self.project.clone()))?;
+        self.last_used
+            .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let limit = self.epoch.elapsed() + self.limits.query_timeout;
         self.deadline
             .store(limit.as_nanos() as u64, Ordering::Relaxed);
         let mode = TenantMode(&self.tenant);
         let out = f(conn, &mode);
-        mode.off();
+        drop(mode);
         self.deadline.store(0, Ordering::Relaxed);
         // A failed statement inside our transaction leaves it open only if `f` lost track of
         // it; never let a later request run inside a stranger's transaction.
@@ -355,8 +445,16 @@ impl Database {
             let mut tables = Vec::with_capacity(names.len());
             for name in names {
                 let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+                // Counted up to a bound: a view must stay cheap whatever the table holds.
                 let rows: i64 = c
-                    .query_row(&format!("SELECT count(*) FROM {quoted}"), [], |r| r.get(0))
+                    .query_row(
+                        &format!(
+                            "SELECT count(*) FROM (SELECT 1 FROM {quoted} LIMIT {})",
+                            COUNT_CAP + 1
+                        ),
+                        [],
+                        |r| r.get(0),
+                    )
                     .map_err(DbError::sqlite)?;
                 tables.push(TableInfo {
                     name,
@@ -374,9 +472,14 @@ impl Database {
         self.with_conn(|c| {
             let mut out = Connection::open(dest).map_err(DbError::sqlite)?;
             let backup = rusqlite::backup::Backup::new(c, &mut out).map_err(DbError::sqlite)?;
-            backup
-                .run_to_completion(256, Duration::from_millis(5), None)
-                .map_err(DbError::sqlite)
+            // All pages in one step, inside one read transaction: WAL lets the service keep
+            // writing, and no write can restart the copy.
+            match backup.step(-1).map_err(DbError::sqlite)? {
+                rusqlite::backup::StepResult::Done => Ok(()),
+                other => Err(DbError::Sqlite(format!(
+                    "backup did not finish ({other:?}); retry"
+                ))),
+            }
         })
     }
 
@@ -403,6 +506,13 @@ impl TenantMode<'_> {
 
     pub(crate) fn off(&self) {
         self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Off when dropped, even by a panic: our own BEGIN/COMMIT must never meet the tenant's rules.
+impl Drop for TenantMode<'_> {
+    fn drop(&mut self) {
+        self.off();
     }
 }
 
@@ -458,10 +568,13 @@ fn authorize_tenant(ctx: &AuthContext<'_>) -> Authorization {
                 Authorization::Deny
             }
         }
+        // Temporary tables live outside the size cap (and in unlinked files): not offered.
+        AuthAction::CreateTempTable { .. }
+        | AuthAction::CreateTempIndex { .. }
+        | AuthAction::CreateTempTrigger { .. }
+        | AuthAction::CreateTempView { .. } => Authorization::Deny,
         _ => match ctx.database_name {
-            // `temp` is per connection, and the connection is shared by every request of the
-            // project: allowed, it cannot reach another project.
-            Some("main") | Some("temp") | None => Authorization::Allow,
+            Some("main") | None => Authorization::Allow,
             Some(_) => Authorization::Deny,
         },
     }

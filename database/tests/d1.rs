@@ -170,6 +170,62 @@ fn statements_that_could_escape_the_database_are_refused() {
 }
 
 #[test]
+fn no_statement_can_exhaust_memory_disk_or_the_stack() {
+    let (_dir, d) = dbs(Limits::default());
+    let db = d.get("p1").unwrap();
+    // Values are capped at 2 MB (D1's limit): no 500 MB blob, in a result or a table.
+    for sql in [
+        "SELECT zeroblob(500000000)",
+        "SELECT randomblob(3000000)",
+        "SELECT printf('%.*c', 100000000, 'x')",
+    ] {
+        let err = run_query(&db, &[st(sql, json!([]))], ResultsFormat::RowsAndColumns).unwrap_err();
+        assert!(err.to_string().contains("too big"), "{sql}: {err}");
+    }
+    // Temporary tables sit outside the size cap: refused.
+    let err = run_query(
+        &db,
+        &[st(
+            "CREATE TEMP TABLE x AS SELECT zeroblob(1000) AS b",
+            json!([]),
+        )],
+        ResultsFormat::None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not allowed"), "{err}");
+    // Thousands of statements in one prepare() are refused without recursion.
+    let many = "SELECT 1;".repeat(11_000);
+    let err = run_query(&db, &[st(&many, json!([]))], ResultsFormat::None).unwrap_err();
+    assert!(
+        err.to_string().contains("one statement per prepare"),
+        "{err}"
+    );
+    // A trailing semicolon is still one statement; exec() skips blank lines.
+    run_query(&db, &[st("SELECT 1;", json!([]))], ResultsFormat::None).unwrap();
+    let lines: Vec<Statement> = ["CREATE TABLE t (a)", "", "INSERT INTO t VALUES (1);"]
+        .iter()
+        .map(|l| st(l, json!([])))
+        .collect();
+    assert_eq!(run_exec(&db, &lines).unwrap().results.len(), 2);
+    // Column names count toward the result size, once per row for objects.
+    let small = Databases::open(
+        _dir.path().join("small"),
+        Limits {
+            max_result_bytes: 200_000,
+            ..Limits::default()
+        },
+    )
+    .unwrap();
+    let sdb = small.get("p").unwrap();
+    let long = "n".repeat(1000);
+    let sql = format!(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000) SELECT NULL AS \"{long}\" FROM c"
+    );
+    let err = run_query(&sdb, &[st(&sql, json!([]))], ResultsFormat::ArrayOfObjects).unwrap_err();
+    assert!(err.to_string().contains("result too large"), "{err}");
+}
+
+#[test]
 fn writes_past_the_size_cap_fail_and_reads_keep_working() {
     let (_dir, d) = dbs(Limits {
         max_size_bytes: 256 * 1024,
@@ -204,6 +260,17 @@ fn writes_past_the_size_cap_fail_and_reads_keep_working() {
     )
     .unwrap();
     assert_eq!(n.results[0].results["rows"][0][0], json!(i));
+    // A host low on disk pauses every database's writes; reads go on.
+    d.check_disk(u64::MAX).unwrap();
+    let err = run_query(&db, &[st("DELETE FROM t", json!([]))], ResultsFormat::None).unwrap_err();
+    assert!(err.to_string().contains("low on disk"), "{err}");
+    run_query(
+        &db,
+        &[st("SELECT count(*) FROM t", json!([]))],
+        ResultsFormat::None,
+    )
+    .unwrap();
+    assert!(d.check_disk(0).unwrap() > 0);
     // Deleting rows makes room again.
     run_query(&db, &[st("DELETE FROM t", json!([]))], ResultsFormat::None).unwrap();
     run_query(
@@ -360,7 +427,7 @@ impl Meter for TestMeter {
             Ok(())
         }
     }
-    fn charge(&self, account: &str, r: u64, w: u64) {
+    fn charge(&self, account: &str, r: u64, w: u64, _cpu_us: u64) {
         self.charged.lock().unwrap().push((account.into(), r, w));
     }
 }
@@ -510,6 +577,82 @@ async fn the_http_service_runs_only_granted_projects_and_charges_what_it_reports
         project: String::new(),
         account: String::new(),
     };
+}
+
+/// Heavy queries pay for their CPU past the allowance; a caller that gives up does not stop
+/// the charge (the query ran).
+#[tokio::test]
+async fn heavy_queries_pay_their_cpu_and_abandoned_ones_are_still_charged() {
+    #[derive(Default)]
+    struct CpuMeter(Mutex<Vec<(u64, u64, u64)>>);
+    #[async_trait::async_trait]
+    impl Meter for CpuMeter {
+        async fn admit(&self, _: &str) -> Result<(), MeterRefusal> {
+            Ok(())
+        }
+        fn charge(&self, _: &str, r: u64, w: u64, cpu: u64) {
+            self.0.lock().unwrap().push((r, w, cpu));
+        }
+    }
+    let (_dir, d) = dbs(Limits::default());
+    let meter = Arc::new(CpuMeter::default());
+    let svc = Service::new(
+        d.clone(),
+        meter.clone(),
+        None,
+        tollgate_database::DbMetrics::unregistered().unwrap(),
+    );
+    let g = Grant {
+        project: "p".into(),
+        account: "acct".into(),
+    };
+    // count(*) over a recursive CTE: one row returned, millions of VM steps.
+    let heavy = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) SELECT count(*) FROM c";
+    svc.run(
+        &g,
+        vec![st(heavy, json!([])).clone()],
+        ResultsFormat::RowsAndColumns,
+        false,
+    )
+    .await
+    .unwrap();
+    let (_, _, cpu) = meter.0.lock().unwrap()[0];
+    assert!(
+        cpu > 10_000,
+        "a query of well over 10 ms of CPU charged {cpu} µs"
+    );
+    // A point-sized query pays rows only.
+    svc.run(
+        &g,
+        vec![st("SELECT 1", json!([]))],
+        ResultsFormat::RowsAndColumns,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(meter.0.lock().unwrap()[1].2, 0);
+    // The caller goes away mid-query: the query finishes and is charged anyway.
+    let svc2 = svc.clone();
+    let g2 = g.clone();
+    let call = tokio::spawn(async move {
+        svc2.run(
+            &g2,
+            vec![st(heavy, json!([]))],
+            ResultsFormat::RowsAndColumns,
+            false,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    call.abort();
+    let t = std::time::Instant::now();
+    while meter.0.lock().unwrap().len() < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the abandoned query was not charged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -336,16 +336,18 @@ const WORKER: &str = r#"export default {
 };
 "#;
 
-/// The database service's own count of rows per project (what its queries read and wrote).
+/// The database service's own count per project: rows its queries read and wrote, and the CPU
+/// (µs) it charged for heavy ones.
 #[derive(Default)]
-struct RowCount(std::sync::Mutex<BTreeMap<String, (u64, u64)>>);
+struct RowCount(std::sync::Mutex<BTreeMap<String, (u64, u64, u64)>>);
 
 impl tollgate_database::Usage for RowCount {
-    fn record(&self, project: &str, r: u64, w: u64) {
+    fn record(&self, project: &str, r: u64, w: u64, cpu_us: u64) {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let e = m.entry(project.to_owned()).or_insert((0, 0));
+        let e = m.entry(project.to_owned()).or_insert((0, 0, 0));
         e.0 += r;
         e.1 += w;
+        e.2 += cpu_us;
     }
 }
 
@@ -455,11 +457,15 @@ impl Hosted {
         self.sup.shutdown().await;
         self.metering.settle_and_stop().await;
         let mut rows: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for (project, (r, w)) in self.rows.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (project, (r, w, db_cpu)) in
+            self.rows.0.lock().unwrap_or_else(|e| e.into_inner()).iter()
+        {
             if let Some(account) = self.owners.get(project) {
                 let e = rows.entry(account.clone()).or_insert((0, 0));
                 e.0 += r;
                 e.1 += w;
+                // Heavy queries' CPU is the service's CPU too, counted by the database service.
+                *cpu.entry(account.clone()).or_insert(0) += db_cpu;
             }
         }
         Ok((cpu, rows))

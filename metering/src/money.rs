@@ -140,8 +140,19 @@ pub struct Prices {
     pub per_request: i64,
     pub per_cpu_us: i64,
     pub per_deploy: i64,
+    /// Absent in records written before databases existed: the default prices.
+    #[serde(default = "default_row_read")]
     pub per_row_read: i64,
+    #[serde(default = "default_row_written")]
     pub per_row_written: i64,
+}
+
+fn default_row_read() -> i64 {
+    Prices::default().per_row_read
+}
+
+fn default_row_written() -> i64 {
+    Prices::default().per_row_written
 }
 
 impl Default for Prices {

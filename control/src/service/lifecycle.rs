@@ -122,6 +122,7 @@ impl Control {
         }
         project.status = status;
         project.live_deployment = None;
+        project.ended_ms = Some(now_ms());
         self.store.put_project(project).await?;
         self.store
             .release_slug(&project.slug, &project.id, self.cfg.slug_grace)

@@ -385,6 +385,7 @@ impl Control {
                     live_deployment: None,
                     deployments: Vec::new(),
                     last_activity_ms: now,
+                    ended_ms: None,
                 };
                 self.store.put_project(&p).await?;
                 return Ok(p);

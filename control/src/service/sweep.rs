@@ -40,8 +40,7 @@ impl Control {
     }
 
     /// Deletes the databases of projects gone for longer than the slug grace: deleted ones
-    /// (normally already removed by `delete`) and expired ones, whose expiry came at least
-    /// `inactivity_ttl` after their last activity.
+    /// (normally already removed by `delete`) and expired ones, a slug grace after they expired.
     async fn sweep_databases(&self, now: u64) -> Result<(), ControlError> {
         let Some(db) = self.databases() else {
             return Ok(());
@@ -57,9 +56,11 @@ impl Control {
             let due = match self.store.project(&id).await? {
                 Some(p) => match p.status {
                     ProjectStatus::Deleted => true,
-                    ProjectStatus::Expired => {
-                        now.saturating_sub(p.last_activity_ms) > ttl.saturating_add(grace)
-                    }
+                    ProjectStatus::Expired => match p.ended_ms {
+                        Some(ended) => now.saturating_sub(ended) > grace,
+                        // Expired before the time was recorded: at least ttl + grace ago.
+                        None => now.saturating_sub(p.last_activity_ms) > ttl.saturating_add(grace),
+                    },
                     _ => false,
                 },
                 // A database whose project is unknown here belongs to no one we serve.

@@ -138,7 +138,7 @@ impl Control {
                     f.to_string(),
                     "Top up your balance (top_up), then query again.",
                 ),
-                Failure::Unavailable => ControlError::new(
+                Failure::Unavailable | Failure::Busy => ControlError::new(
                     "UNAVAILABLE",
                     f.to_string(),
                     "Retry in a few seconds.",
