@@ -259,22 +259,28 @@ impl BalanceCache {
             let cost = i64::try_from(i128::from(cpu_us) * i128::from(self.prices.per_cpu_us))
                 .unwrap_or(i64::MAX / 4);
             slot.cpu_us.fetch_add(cpu_us, Ordering::Relaxed);
-            // CPU is use: an account busy only with CPU must not look idle.
-            let now = self.now_s();
-            if slot.last_used_s.load(Ordering::Relaxed) != now {
-                slot.last_used_s.store(now, Ordering::Relaxed);
-            }
-            let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
-            let bits = if left < slot.refill_below.load(Ordering::Relaxed) {
-                REFILL
-            } else {
-                0
-            };
-            self.mark(id, slot, bits);
+            self.take_used(id, slot, cost);
         });
         if charged.is_none() {
             self.register(account, cpu_us);
         }
+    }
+
+    /// Takes `cost` of use that already happened (CPU, database rows) from the slot's lease,
+    /// even below zero; marks the slot used now (use is use: such an account must not look
+    /// idle) and asks for a refill when the lease runs low.
+    fn take_used(&self, id: SlotId, slot: &Slot, cost: i64) {
+        let now = self.now_s();
+        if slot.last_used_s.load(Ordering::Relaxed) != now {
+            slot.last_used_s.store(now, Ordering::Relaxed);
+        }
+        let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
+        let bits = if left < slot.refill_below.load(Ordering::Relaxed) {
+            REFILL
+        } else {
+            0
+        };
+        self.mark(id, slot, bits);
     }
 
     /// May `account` start something that costs about `amount` p$ (a database query, whose
@@ -323,17 +329,7 @@ impl BalanceCache {
                 r.0 = r.0.saturating_add(rows_read);
                 r.1 = r.1.saturating_add(rows_written);
             }
-            let now = self.now_s();
-            if slot.last_used_s.load(Ordering::Relaxed) != now {
-                slot.last_used_s.store(now, Ordering::Relaxed);
-            }
-            let left = slot.remaining.fetch_sub(cost, Ordering::AcqRel) - cost;
-            let bits = if left < slot.refill_below.load(Ordering::Relaxed) {
-                REFILL
-            } else {
-                0
-            };
-            self.mark(id, slot, bits);
+            self.take_used(id, slot, cost);
         });
         if charged.is_none() {
             if tollgate_metering::validate_account_id(account).is_err() {

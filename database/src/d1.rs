@@ -198,18 +198,9 @@ pub fn run_readonly(db: &Database, sql: &str, max_rows: usize) -> Result<Executi
     check_request(&statements, &db.limits)?;
     refuse_escapes(sql)?;
     let limits = db.limits.clone();
-    if sql.trim_end().trim_end_matches(';').contains(';') {
-        return Err(DbError::BadRequest("one statement at a time".into()).into());
-    }
     with_tenant(db, |conn, mode| {
         mode.on();
-        let mut stmt = match conn.prepare(sql) {
-            Ok(s) => s,
-            Err(rusqlite::Error::MultipleStatement) => {
-                return Err(DbError::BadRequest("one statement at a time".into()).into());
-            }
-            Err(e) => return Err(classify(e, &limits).into()),
-        };
+        let mut stmt = prepare_single(conn, sql, &limits)?;
         if !stmt.readonly() {
             return Err(DbError::NotAllowed(
                 "query_database runs read-only SQL (SELECT, read-only PRAGMAs); \
@@ -369,12 +360,27 @@ fn run_one(
     bytes_so_far: usize,
 ) -> Result<(StatementResult, usize), Failed> {
     refuse_escapes(&s.sql)?;
-    // rusqlite's prepare checks for a second statement by preparing the rest, recursively: a
-    // text of thousands of `;`-separated statements would exhaust the stack. Only text with a
-    // `;` before its end goes through the (iterative) batch reader.
-    let several = s.sql.trim_end().trim_end_matches(';').contains(';');
-    if several {
-        let mut batch = rusqlite::Batch::new(conn, &s.sql);
+    let mut stmt = prepare_single(conn, &s.sql, limits)?;
+    bind_and_step(conn, limits, &mut stmt, s, format, bytes_so_far)
+}
+
+/// Prepares exactly one statement (cached when it can be). rusqlite's `prepare` checks for a
+/// second statement by preparing the rest, recursively: a text of thousands of `;`-separated
+/// statements would exhaust the stack. Text with a `;` before its end (a second statement, or
+/// one inside a string literal) goes through the iterative batch reader instead.
+fn prepare_single<'c>(
+    conn: &'c Connection,
+    sql: &str,
+    limits: &Limits,
+) -> Result<CachedOrNot<'c>, Failed> {
+    let one = || -> Failed {
+        DbError::BadRequest(
+            "one statement per prepare(); run several with batch() or exec()".into(),
+        )
+        .into()
+    };
+    if sql.trim_end().trim_end_matches(';').contains(';') {
+        let mut batch = rusqlite::Batch::new(conn, sql);
         let first = batch
             .next()
             .map_err(|e| Failed::from(classify(e, limits)))?;
@@ -382,25 +388,41 @@ fn run_one(
             .next()
             .map_err(|e| Failed::from(classify(e, limits)))?
             .is_some();
-        let (Some(mut stmt), false) = (first, more) else {
-            return Err(DbError::BadRequest(
-                "one statement per prepare(); run several with batch() or exec()".into(),
-            )
-            .into());
+        return match (first, more) {
+            (Some(stmt), false) => Ok(CachedOrNot::Not(stmt)),
+            _ => Err(one()),
         };
-        return bind_and_step(conn, limits, &mut stmt, s, format, bytes_so_far);
     }
-    let mut stmt = match conn.prepare_cached(&s.sql) {
-        Ok(stmt) => stmt,
-        Err(rusqlite::Error::MultipleStatement) => {
-            return Err(DbError::BadRequest(
-                "one statement per prepare(); run several with batch() or exec()".into(),
-            )
-            .into());
+    match conn.prepare_cached(sql) {
+        Ok(stmt) => Ok(CachedOrNot::Cached(stmt)),
+        Err(rusqlite::Error::MultipleStatement) => Err(one()),
+        Err(e) => Err(classify(e, limits).into()),
+    }
+}
+
+/// A prepared statement from the connection's cache, or not.
+enum CachedOrNot<'c> {
+    Cached(rusqlite::CachedStatement<'c>),
+    Not(rusqlite::Statement<'c>),
+}
+
+impl<'c> std::ops::Deref for CachedOrNot<'c> {
+    type Target = rusqlite::Statement<'c>;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            CachedOrNot::Cached(s) => s,
+            CachedOrNot::Not(s) => s,
         }
-        Err(e) => return Err(classify(e, limits).into()),
-    };
-    bind_and_step(conn, limits, &mut stmt, s, format, bytes_so_far)
+    }
+}
+
+impl std::ops::DerefMut for CachedOrNot<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            CachedOrNot::Cached(s) => s,
+            CachedOrNot::Not(s) => s,
+        }
+    }
 }
 
 fn bind_and_step(

@@ -127,8 +127,14 @@ impl Service {
 
     pub fn router(self: &Arc<Self>) -> axum::Router {
         axum::Router::new()
-            .route("/query", post(query))
-            .route("/execute", post(execute))
+            .route(
+                "/query",
+                post(|State(svc), Query(p), headers, body| handle(svc, p, headers, body, false)),
+            )
+            .route(
+                "/execute",
+                post(|State(svc), Query(p), headers, body| handle(svc, p, headers, body, true)),
+            )
             .layer(axum::extract::DefaultBodyLimit::max(
                 self.dbs.limits().max_request_bytes,
             ))
@@ -217,13 +223,16 @@ impl Service {
         grant: &Grant,
         run: impl FnOnce(&crate::Database) -> Result<d1::Execution, d1::Failed> + Send + 'static,
     ) -> Result<d1::Execution, Failure> {
-        let gate = self.gate(&grant.project);
-        if gate.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
-            gate.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(Failure::Busy);
+        // Admission first: a slow meter must not hold a project's turn or a global slot.
+        match self.meter.admit(&grant.account).await {
+            Ok(()) => {}
+            Err(MeterRefusal::Suspended) => return Err(Failure::Suspended),
+            Err(MeterRefusal::Unavailable) => return Err(Failure::Unavailable),
         }
+        let gate = self.gate(&grant.project);
+        let waiting = Waiting::enter(&gate).ok_or(Failure::Busy)?;
         let turn = gate.turn.clone().acquire_owned().await;
-        gate.waiting.fetch_sub(1, Ordering::AcqRel);
+        drop(waiting);
         let turn = turn.map_err(|_| Failure::Unavailable)?;
         let slot = self
             .running
@@ -231,22 +240,19 @@ impl Service {
             .acquire_owned()
             .await
             .map_err(|_| Failure::Unavailable)?;
-        match self.meter.admit(&grant.account).await {
-            Ok(()) => {}
-            Err(MeterRefusal::Suspended) => return Err(Failure::Suspended),
-            Err(MeterRefusal::Unavailable) => return Err(Failure::Unavailable),
-        }
         let svc = self.clone();
         let grant = grant.clone();
         let task = tokio::spawn(async move {
             let dbs = svc.dbs.clone();
             let project = grant.project.clone();
             let ran = tokio::task::spawn_blocking(move || {
+                // Opening the database is ours: the clock starts after it.
+                let db = match dbs.get(&project) {
+                    Ok(db) => db,
+                    Err(e) => return (Err(d1::Failed::from(e)), 0),
+                };
                 let started = thread_cpu_us();
-                let r = dbs
-                    .get(&project)
-                    .map_err(d1::Failed::from)
-                    .and_then(|db| run(&db));
+                let r = run(&db);
                 (r, thread_cpu_us().saturating_sub(started))
             })
             .await;
@@ -304,6 +310,26 @@ impl Default for Gate {
     }
 }
 
+/// A place in a project's queue, given back however the waiting ends (a caller that goes
+/// away included).
+struct Waiting<'a>(&'a Gate);
+
+impl<'a> Waiting<'a> {
+    fn enter(gate: &'a Gate) -> Option<Waiting<'a>> {
+        if gate.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+            gate.waiting.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Waiting(gate))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// This thread's CPU time (µs).
 fn thread_cpu_us() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
@@ -358,24 +384,6 @@ struct Params {
 enum Body {
     One(Statement),
     Many(Vec<Statement>),
-}
-
-async fn query(
-    State(svc): State<Arc<Service>>,
-    Query(p): Query<Params>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    handle(svc, p, headers, body, false).await
-}
-
-async fn execute(
-    State(svc): State<Arc<Service>>,
-    Query(p): Query<Params>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    handle(svc, p, headers, body, true).await
 }
 
 async fn handle(

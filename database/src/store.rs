@@ -129,6 +129,9 @@ impl Databases {
         if !valid_project_id(project) {
             return Err(DbError::BadProject(project.to_owned()));
         }
+        // `open` first, then `deleted` (as `delete` does): a delete cannot slip in between the
+        // check and the creation.
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if self
             .deleted
             .lock()
@@ -137,7 +140,6 @@ impl Databases {
         {
             return Err(DbError::NoDatabase(project.to_owned()));
         }
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(db) = open.get(project) {
             return Ok(db.clone());
         }
@@ -156,15 +158,14 @@ impl Databases {
         if !valid_project_id(project) {
             return Err(DbError::BadProject(project.to_owned()));
         }
-        self.deleted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(project.to_owned());
-        let db = self
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(project);
+        let db = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            self.deleted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(project.to_owned());
+            open.remove(project)
+        };
         if let Some(db) = db {
             db.close();
         }
