@@ -192,6 +192,7 @@ pub struct CommonArgs {
 
 #[derive(Debug, Args)]
 pub struct ControlArgs {
+    /// The configuration file (needs [redis]; TOLLGATE_* variables override it).
     #[arg(long, short)]
     pub config: PathBuf,
 }
@@ -207,6 +208,7 @@ pub enum RoutesCommand {
         /// Upstream IP:PORT (repeatable).
         #[arg(long = "upstream", required = true, value_parser = parse_addr)]
         upstreams: Vec<SocketAddr>,
+        /// The owning account: requests are paid from its balance (omit for a free route).
         #[arg(long)]
         account_id: Option<String>,
     },

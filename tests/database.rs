@@ -383,6 +383,23 @@ fn an_agent_keeps_a_guestbook_in_its_database_and_pays_for_exactly_its_rows() {
     let deleted = call(&mcp, "delete_project", json!({"project_id": project}));
     assert_eq!(deleted["deleted"], true, "{deleted}");
     assert!(!file.exists(), "the database outlived its project");
+
+    // Readiness follows the control store: a stalled Redis makes /readyz 503, then 200 again.
+    let c = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let readyz = || {
+        let r = c.get(format!("http://{control}/readyz")).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    assert_eq!(readyz().0, 200);
+    redis.pause();
+    let (code, body) = readyz();
+    redis.resume();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not ready"), "{body}");
+    assert_eq!(readyz().0, 200);
     let status = terminate(&mut dev);
     assert!(status.success(), "{status}");
 }

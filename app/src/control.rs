@@ -108,6 +108,7 @@ pub async fn control_service(
             cfg.proxy.listen.port()
         )
     });
+    let ready_store = store.clone();
     let control = Control::new(
         store.clone(),
         bundler,
@@ -167,7 +168,12 @@ pub async fn control_service(
     }));
     let mut app =
         tollgate_control::http::admin_router(control.clone(), cfg.control.admin_token.clone())
-            .route("/healthz", axum::routing::get(|| async { "ok" }));
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route("/livez", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || ready(ready_store.clone())),
+            );
     // Deploys cost money where payments run (and never with a dev identity).
     let pricing = match (&agents.payments, &agents.dev_identity) {
         (Some(_), None) => Some(tollgate_mcp::DeployPricing {
@@ -330,6 +336,33 @@ async fn databases(
         tollgate_control::DatabaseAccess { service, address },
         vec![server, flusher, closer],
     ))
+}
+
+/// `/readyz`: 200 when the control store answers (a read of a key that does not exist), 503
+/// with the reason otherwise, so a load balancer stops sending deploys to a control instance
+/// that cannot keep them.
+async fn ready(store: Arc<dyn ControlStore>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        store.project("readyz-probe"),
+    )
+    .await;
+    match probe {
+        Ok(Ok(_)) => {
+            axum::Json(serde_json::json!({"status": "ready", "store": "ok"})).into_response()
+        }
+        Ok(Err(e)) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "not ready", "store": e.message})),
+        )
+            .into_response(),
+        Err(_) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "not ready", "store": "no answer in 2 s"})),
+        )
+            .into_response(),
+    }
 }
 
 /// Binds the control listener (first thing at start: a port in use stops the start before

@@ -99,13 +99,19 @@ impl ProxyMetrics {
     }
 }
 
-/// `tollgate_build_info{version}` = 1, the usual way to expose the running build.
+/// `tollgate_build_info{version,revision}` = 1 (the usual way to expose the running build) and
+/// the standard `process_*` metrics of this process.
 pub fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
     let info = IntGaugeVec::new(
         Opts::new("tollgate_build_info", "The running tollgate build."),
-        &["version"],
+        &["version", "revision"],
     )?;
     registry.register(Box::new(info.clone()))?;
-    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("TOLLGATE_REVISION")])
+        .set(1);
+    // The standard `process_*` series (CPU, memory, open fds, start time) of this process.
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
     Ok(())
 }

@@ -407,7 +407,23 @@ async fn admin_endpoints_and_metrics() {
     let m = node.metrics().await;
     assert!(m.contains("tollgate_http_request_duration_seconds_bucket"));
     assert_eq!(metric(&m, "tollgate_routes"), Some(1.0));
-    assert!(m.contains("tollgate_build_info{version="));
+    // Labels come sorted: revision (a commit id, or "unknown" outside a checkout), version.
+    let info = m
+        .lines()
+        .find(|l| l.starts_with("tollgate_build_info{revision=\""))
+        .unwrap_or_else(|| panic!("no build_info in {m}"));
+    assert!(
+        info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{info}"
+    );
+    let rev = info.split('"').nth(1).unwrap();
+    assert!(
+        rev == "unknown" || (rev.len() == 12 && rev.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{info}"
+    );
+    // Every process exports the standard process metrics.
+    assert!(m.contains("\nprocess_cpu_seconds_total "), "{m}");
+    assert!(m.contains("\nprocess_resident_memory_bytes "), "{m}");
     assert!(m.contains("tollgate_route_last_sync_timestamp_seconds"));
     assert!(m.contains("tollgate_route_sync_lag_seconds_bucket"));
 }
