@@ -283,20 +283,43 @@ async fn databases(
         Some(rows.clone() as Arc<dyn tollgate_database::Usage>),
         tollgate_database::DbMetrics::new(registry)?,
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .context("the database service's loopback listener")?;
-    let address = listener.local_addr()?;
-    tracing::info!(%address, dir = %dir.display(), "databases served to deployments (D1)");
+    // A Unix socket in the data dir (only this user can reach it; cheaper than TCP per query),
+    // or loopback TCP when the path is too long for a socket address.
     let app = service.router();
     let mut server_stop = stop.clone();
+    let shutdown = async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    };
+    let socket = dir.join(".d1.sock");
+    let (address, served) = if socket.as_os_str().len() < 100 {
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .with_context(|| format!("the database service's socket {}", socket.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        }
+        let served: futures_util::future::BoxFuture<'static, std::io::Result<()>> = Box::pin(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .into_future(),
+        );
+        (format!("unix:{}", socket.display()), served)
+    } else {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .context("the database service's loopback listener")?;
+        let addr = listener.local_addr()?;
+        let served: futures_util::future::BoxFuture<'static, std::io::Result<()>> = Box::pin(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .into_future(),
+        );
+        (addr.to_string(), served)
+    };
+    tracing::info!(%address, dir = %dir.display(), "databases served to deployments (D1)");
     let server = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = served {
+        if let Err(e) = served.await {
             tracing::error!(error = %e, "database service failed");
         }
         // Checkpoint every WAL into its file before the process ends.

@@ -57,7 +57,9 @@ async fn queries_are_admitted_only_when_the_owner_can_pay_and_their_rows_settle_
         1_005 * p.per_row_read + 11 * p.per_row_written + 2_000 * p.per_cpu_us
     );
     let ledger = store.ledger().await.unwrap();
-    let mine = ledger.iter().filter(|e| e.account == "paying" && e.kind == "settle");
+    let mine = ledger
+        .iter()
+        .filter(|e| e.account == "paying" && e.kind == "settle");
     assert_eq!(mine.clone().map(|e| e.rows_read).sum::<u64>(), 1_005);
     assert_eq!(mine.clone().map(|e| e.rows_written).sum::<u64>(), 11);
     assert_eq!(mine.map(|e| e.cpu_us).sum::<u64>(), 2_000);

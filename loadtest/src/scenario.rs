@@ -425,7 +425,7 @@ impl Hosted {
                 env: BTreeMap::new(),
                 databases: vec!["DB".into()],
                 d1: Some(D1Access {
-                    address: self.db_addr,
+                    address: self.db_addr.to_string(),
                     token: self.db.grant(&format!("proj-{slug}"), account),
                 }),
             })

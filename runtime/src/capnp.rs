@@ -17,7 +17,8 @@ pub struct WorkerConfig<'a> {
     pub bindings: &'a BTreeMap<String, String>,
     /// D1 bindings (names) over the database service at `d1`.
     pub databases: &'a [String],
-    pub d1: Option<(std::net::SocketAddr, &'a str)>,
+    /// The database service (`IP:PORT` or `unix:/path`) and this deployment's token.
+    pub d1: Option<(&'a str, &'a str)>,
 }
 
 /// A binding name workerd (and JavaScript) accepts: an identifier.
@@ -83,7 +84,7 @@ pub fn render(cfg: &WorkerConfig<'_>) -> String {
         let _ = write!(
             d1_service,
             ",\n    (name = \"d1\", external = (address = {}, http = (injectRequestHeaders = [(name = {}, value = {})])))",
-            quote(&addr.to_string()),
+            quote(addr),
             quote(TOKEN_HEADER),
             quote(token)
         );

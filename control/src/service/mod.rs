@@ -167,11 +167,11 @@ pub struct Control {
     databases: std::sync::OnceLock<DatabaseAccess>,
 }
 
-/// The database service and its loopback address.
+/// The database service and where workerd reaches it (`IP:PORT` or `unix:/path`).
 #[derive(Clone)]
 pub struct DatabaseAccess {
     pub service: Arc<tollgate_database::Service>,
-    pub address: std::net::SocketAddr,
+    pub address: String,
 }
 
 /// The route of `project` to its deployment `deployment` (upstreams filled in by the caller).
@@ -281,7 +281,7 @@ impl Control {
                 )
             })?;
             Some(tollgate_runtime::D1Access {
-                address: access.address,
+                address: access.address.clone(),
                 token: access.service.grant(&project.id, &project.owner),
             })
         };

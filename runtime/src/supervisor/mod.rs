@@ -356,7 +356,10 @@ pub(crate) fn write_files(
         compatibility_flags: &cfg.compatibility_flags,
         bindings: &spec.env,
         databases: &spec.databases,
-        d1: spec.d1.as_ref().map(|a| (a.address, a.token.as_str())),
+        d1: spec
+            .d1
+            .as_ref()
+            .map(|a| (a.address.as_str(), a.token.as_str())),
     });
     write("config.capnp", config.as_bytes()).map_err(io)
 }

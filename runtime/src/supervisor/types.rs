@@ -92,7 +92,8 @@ pub struct DeploymentSpec {
 /// each of its requests (tenant code never sees it).
 #[derive(Clone)]
 pub struct D1Access {
-    pub address: SocketAddr,
+    /// `IP:PORT`, or `unix:/path/to/socket`.
+    pub address: String,
     pub token: String,
 }
 
