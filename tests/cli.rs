@@ -412,10 +412,8 @@ fn dev_runs_the_control_service_with_its_operator_api() {
         let mut c = bin();
         c.env("TOLLGATE_ADMIN_TOKEN", "t0ken")
             .args(["dev", "--redis", &redis.url()])
-            .args(["--chain-listen", &free_addr().to_string()])
-            .args(["--proxy-listen", &proxy.to_string()])
-            .args(["--control-listen", &control.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()]);
+            .args(["--chain-listen", &free_addr().to_string()]);
+        listen_on(&mut c, proxy, control);
         c
     });
     wait_for_control(control, &mut dev);
@@ -534,10 +532,8 @@ fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
     let (mut dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.args(["dev", "--redis", &redis.url(), "--dev-account", "acct-dev"])
-            .args(["--chain-listen", &free_addr().to_string()])
-            .args(["--proxy-listen", &proxy.to_string()])
-            .args(["--control-listen", &control.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()]);
+            .args(["--chain-listen", &free_addr().to_string()]);
+        listen_on(&mut c, proxy, control);
         c
     });
     wait_for_control(control, &mut dev);
@@ -598,10 +594,8 @@ fn without_redis_dev_runs_the_whole_path_on_its_embedded_stores() {
             "--dev-credit-usd",
             "0.50",
         ])
-        .args(["--chain-listen", &free_addr().to_string()])
-        .args(["--proxy-listen", &proxy.to_string()])
-        .args(["--control-listen", &control.to_string()])
-        .args(["--admin-listen", &free_addr().to_string()]);
+        .args(["--chain-listen", &free_addr().to_string()]);
+        listen_on(&mut c, proxy, control);
         c
     });
     wait_for_control(control, &mut dev);
@@ -643,10 +637,8 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     let (mut dev, proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.env("TOLLGATE_DATA_DIR", data.path());
-        c.args(["dev", "--chain-listen", &chain.to_string()])
-            .args(["--proxy-listen", &proxy.to_string()])
-            .args(["--control-listen", &control.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()]);
+        c.args(["dev", "--chain-listen", &chain.to_string()]);
+        listen_on(&mut c, proxy, control);
         c
     });
     wait_for_control(control, &mut dev);

@@ -172,10 +172,8 @@ fn an_agent_keeps_a_guestbook_in_its_database_and_pays_for_exactly_its_rows() {
             .args(["dev", "--config"])
             .arg(&cfg)
             .args(["--redis", &redis.url(), "--dev-account", ACCOUNT])
-            .args(["--chain-listen", &free_addr().to_string()])
-            .args(["--proxy-listen", &proxy.to_string()])
-            .args(["--control-listen", &control.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()]);
+            .args(["--chain-listen", &free_addr().to_string()]);
+        listen_on(&mut c, proxy, control);
         c
     });
     wait_for_control(control, &mut dev);

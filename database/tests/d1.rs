@@ -415,6 +415,8 @@ fn request_decoding_never_panics() {
 #[derive(Default)]
 struct TestMeter {
     charged: Mutex<Vec<(String, u64, u64)>>,
+    /// CPU charged with each charge, in the same order.
+    cpu: Mutex<Vec<u64>>,
     suspended: Mutex<Vec<String>>,
 }
 
@@ -427,9 +429,19 @@ impl Meter for TestMeter {
             Ok(())
         }
     }
-    fn charge(&self, account: &str, r: u64, w: u64, _cpu_us: u64) {
+    fn charge(&self, account: &str, r: u64, w: u64, cpu_us: u64) {
         self.charged.lock().unwrap().push((account.into(), r, w));
+        self.cpu.lock().unwrap().push(cpu_us);
     }
+}
+
+fn service(d: &Arc<Databases>, meter: &Arc<TestMeter>) -> Arc<Service> {
+    Service::new(
+        d.clone(),
+        meter.clone(),
+        None,
+        tollgate_database::DbMetrics::unregistered().unwrap(),
+    )
 }
 
 #[tokio::test]
@@ -583,25 +595,9 @@ async fn the_http_service_runs_only_granted_projects_and_charges_what_it_reports
 /// the charge (the query ran).
 #[tokio::test]
 async fn heavy_queries_pay_their_cpu_and_abandoned_ones_are_still_charged() {
-    #[derive(Default)]
-    struct CpuMeter(Mutex<Vec<(u64, u64, u64)>>);
-    #[async_trait::async_trait]
-    impl Meter for CpuMeter {
-        async fn admit(&self, _: &str) -> Result<(), MeterRefusal> {
-            Ok(())
-        }
-        fn charge(&self, _: &str, r: u64, w: u64, cpu: u64) {
-            self.0.lock().unwrap().push((r, w, cpu));
-        }
-    }
     let (_dir, d) = dbs(Limits::default());
-    let meter = Arc::new(CpuMeter::default());
-    let svc = Service::new(
-        d.clone(),
-        meter.clone(),
-        None,
-        tollgate_database::DbMetrics::unregistered().unwrap(),
-    );
+    let meter = Arc::new(TestMeter::default());
+    let svc = service(&d, &meter);
     let g = Grant {
         project: "p".into(),
         account: "acct".into(),
@@ -616,7 +612,7 @@ async fn heavy_queries_pay_their_cpu_and_abandoned_ones_are_still_charged() {
     )
     .await
     .unwrap();
-    let (_, _, cpu) = meter.0.lock().unwrap()[0];
+    let cpu = meter.cpu.lock().unwrap()[0];
     assert!(
         cpu > 10_000,
         "a query of well over 10 ms of CPU charged {cpu} µs"
@@ -630,7 +626,7 @@ async fn heavy_queries_pay_their_cpu_and_abandoned_ones_are_still_charged() {
     )
     .await
     .unwrap();
-    assert_eq!(meter.0.lock().unwrap()[1].2, 0);
+    assert_eq!(meter.cpu.lock().unwrap()[1], 0);
     // The caller goes away mid-query: the query finishes and is charged anyway.
     let svc2 = svc.clone();
     let g2 = g.clone();
@@ -646,7 +642,7 @@ async fn heavy_queries_pay_their_cpu_and_abandoned_ones_are_still_charged() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     call.abort();
     let t = std::time::Instant::now();
-    while meter.0.lock().unwrap().len() < 3 {
+    while meter.cpu.lock().unwrap().len() < 3 {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "the abandoned query was not charged"
@@ -659,12 +655,7 @@ async fn heavy_queries_pay_their_cpu_and_abandoned_ones_are_still_charged() {
 async fn inspection_is_read_only_and_row_limited() {
     let (_dir, d) = dbs(Limits::default());
     let meter = Arc::new(TestMeter::default());
-    let svc = Service::new(
-        d.clone(),
-        meter.clone(),
-        None,
-        tollgate_database::DbMetrics::unregistered().unwrap(),
-    );
+    let svc = service(&d, &meter);
     let g = Grant {
         project: "p".into(),
         account: "acct".into(),

@@ -132,3 +132,11 @@ pub fn terminate(p: &mut Proc) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The proxy on `proxy`, the control service on `control`, the admin listener on a free port:
+/// what every `tollgate dev` of these suites needs.
+pub fn listen_on(c: &mut Command, proxy: SocketAddr, control: SocketAddr) {
+    c.args(["--proxy-listen", &proxy.to_string()])
+        .args(["--control-listen", &control.to_string()])
+        .args(["--admin-listen", &free_addr().to_string()]);
+}
