@@ -34,23 +34,10 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir -p "$W/up/tmp" "$W/rp/tmp"
-cat > "$W/up.conf" <<CONF
-worker_processes 1; pid up/nginx.pid; error_log up/error.log warn; daemon on;
-events { worker_connections 4096; multi_accept on; }
-http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000; client_body_temp_path up/tmp;
-  server { listen 127.0.0.1:$UP reuseport backlog=4096;
-    location / { default_type text/plain; return 200 "hello\n"; } } }
-CONF
-cat > "$W/rp.conf" <<CONF
-worker_processes 1; pid rp/nginx.pid; error_log rp/error.log warn; daemon on;
-events { worker_connections 4096; multi_accept on; }
-http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
-  client_body_temp_path rp/tmp; proxy_temp_path rp/tmp;
-  upstream hello_up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; keepalive_timeout 60s; }
-  server { listen 127.0.0.1:$NGX reuseport backlog=4096;
-    location / { proxy_pass http://hello_up; proxy_http_version 1.1;
-      proxy_set_header Connection ""; proxy_set_header Host \$host; proxy_buffering on; } } }
-CONF
+# The same nginx as proxy-vs-nginx.sh (it adds a request id, as tollgate does).
+# shellcheck source=nginx-confs.sh
+source "$ROOT/benches/scripts/nginx-confs.sh"
+write_nginx_confs "$W" "$UP" "$NGX"
 nginx -c "$W/up.conf" -p "$W/"
 nginx -c "$W/rp.conf" -p "$W/"
 redis-server --port $RDS --bind 127.0.0.1 --save '' --appendonly no >"$W/redis.log" 2>&1 &

@@ -1,0 +1,25 @@
+# shellcheck shell=bash
+# The nginx side of the proxy benchmarks, shared by proxy-vs-nginx.sh and proxy-ab.sh: the
+# upstream (one worker answering "hello") and nginx as a reverse proxy in front of it.
+#   write_nginx_confs DIR UPSTREAM_PORT PROXY_PORT   → DIR/up.conf, DIR/rp.conf
+write_nginx_confs() {
+local W=$1 UP=$2 NGX=$3
+cat > "$W/up.conf" <<CONF
+worker_processes 1; pid up/nginx.pid; error_log up/error.log warn; daemon on;
+events { worker_connections 4096; multi_accept on; }
+http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000; client_body_temp_path up/tmp;
+  server { listen 127.0.0.1:$UP reuseport backlog=4096;
+    location / { default_type text/plain; return 200 "hello\n"; } } }
+CONF
+cat > "$W/rp.conf" <<CONF
+worker_processes 1; pid rp/nginx.pid; error_log rp/error.log warn; daemon on;
+events { worker_connections 4096; multi_accept on; }
+http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
+  client_body_temp_path rp/tmp; proxy_temp_path rp/tmp;
+  upstream hello_up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; keepalive_timeout 60s; }
+  server { listen 127.0.0.1:$NGX reuseport backlog=4096;
+    location / { proxy_pass http://hello_up; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host \$host; proxy_buffering on;
+      add_header X-Request-Id \$request_id always; } } }
+CONF
+}
