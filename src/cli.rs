@@ -128,13 +128,13 @@ pub enum AccountsCommand {
 pub struct DevArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// The proxy's public listener (default 127.0.0.1:8080).
+    /// The proxy's public listener (default 127.0.0.1:8080; env TOLLGATE_PROXY_LISTEN).
     #[arg(long, value_parser = parse_addr)]
     pub proxy_listen: Option<SocketAddr>,
-    /// The control service and MCP (default 127.0.0.1:8790).
+    /// The control service and MCP (default 127.0.0.1:8790; env TOLLGATE_CONTROL_LISTEN).
     #[arg(long, value_parser = parse_addr)]
     pub control_listen: Option<SocketAddr>,
-    /// Where journals and the embedded stores live (default ./.tollgate).
+    /// Where journals and the embedded stores live (default ./.tollgate; env TOLLGATE_DATA_DIR).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Local development only: every MCP call acts as this account (no payment, no proof), so an
@@ -158,16 +158,19 @@ pub struct DevArgs {
 pub struct ProxyArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Public listener (default 127.0.0.1:8080).
+    /// Public plain-HTTP listener (default 127.0.0.1:8080; env TOLLGATE_PROXY_LISTEN). HTTPS:
+    /// [tls] in the config file, or TOLLGATE_TLS_LISTEN + TOLLGATE_TLS_CERT + TOLLGATE_TLS_KEY.
     #[arg(long, value_parser = parse_addr)]
     pub listen: Option<SocketAddr>,
-    /// Proxy worker threads.
+    /// Proxy worker threads (default 1; env TOLLGATE_PROXY_THREADS).
     #[arg(long, value_parser = parse_threads)]
     pub threads: Option<usize>,
-    /// Platform services answer at <slug>.<BASE_DOMAIN>.
+    /// Platform services answer at <slug>.<BASE_DOMAIN> (env TOLLGATE_BASE_DOMAIN).
     #[arg(long, value_parser = parse_host)]
     pub base_domain: Option<String>,
-    /// Take over the listeners of a running proxy that got SIGQUIT (zero-downtime upgrade).
+    /// Take over the listeners of a running proxy, which is then sent SIGQUIT (zero-downtime
+    /// upgrade; deploy/systemd/tollgate-upgrade does both). Both must use the same
+    /// proxy.upgrade_sock.
     #[arg(long, short)]
     pub upgrade: bool,
 }
@@ -175,16 +178,21 @@ pub struct ProxyArgs {
 /// Flags of both `dev` and `proxy`.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Config file (optional; flags and TOLLGATE_* variables override it).
+    /// Config file (optional; flags and TOLLGATE_* variables override it; every key and
+    /// variable: deploy/tollgate.example.toml, docs/operations.md).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// `/metrics`, `/livez`, `/readyz` (default 127.0.0.1:9090).
+    /// `/metrics`, `/livez`, `/readyz` (default 127.0.0.1:9090; env TOLLGATE_ADMIN_LISTEN).
     #[arg(long, value_parser = parse_addr)]
     pub admin_listen: Option<SocketAddr>,
     /// Load and follow routes (and, for `dev`, keep state) in this Redis, as every node of a
-    /// multi-node deployment does.
+    /// multi-node deployment does (env TOLLGATE_REDIS_URL).
     #[arg(long)]
     pub redis: Option<String>,
+    /// Write this process's id to FILE once it serves (removed at exit unless an upgraded
+    /// successor has written its own).
+    #[arg(long, value_name = "FILE", env = "TOLLGATE_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
     /// Serve HOST from ADDR[,ADDR...] (repeatable), e.g. --route hello.localhost=127.0.0.1:3000
     #[arg(long = "route", value_parser = StaticRoute::parse_flag)]
     pub routes: Vec<StaticRoute>,
@@ -192,9 +200,13 @@ pub struct CommonArgs {
 
 #[derive(Debug, Args)]
 pub struct ControlArgs {
-    /// The configuration file (needs [redis]; TOLLGATE_* variables override it).
+    /// The configuration file (needs [redis]; TOLLGATE_* variables override it; every key and
+    /// variable: deploy/tollgate.example.toml, docs/operations.md).
     #[arg(long, short)]
     pub config: PathBuf,
+    /// Write this process's id to FILE once it serves (removed at exit).
+    #[arg(long, value_name = "FILE", env = "TOLLGATE_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,12 +352,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { file } => Ok(check_config(&file)),
         Command::Proxy(args) => {
-            let s = settings(proxy_config(&args, &env)?)?;
+            let mut s = settings(proxy_config(&args, &env)?)?;
+            s.pid_file = args.common.pid_file.clone();
             tollgate_app::run_proxy(s, args.upgrade)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => {
-            let s = settings(dev_config(&args, &env)?)?;
+            let mut s = settings(dev_config(&args, &env)?)?;
+            s.pid_file = args.common.pid_file.clone();
             tollgate_app::run_dev(
                 s,
                 DevChoices {
@@ -358,7 +372,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Control(args) => {
-            let s = settings(Config::load(Some(&args.config), &env)?)?;
+            let mut s = settings(Config::load(Some(&args.config), &env)?)?;
+            s.pid_file = args.pid_file;
             tollgate_app::run_control(s)?;
             Ok(ExitCode::SUCCESS)
         }

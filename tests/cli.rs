@@ -438,11 +438,12 @@ fn control_command_serves_and_stops_on_sigterm() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let control = free_addr();
+    let admin = free_addr();
     let cfg = dir.path().join("control.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[control]\nlisten = \"{control}\"\ndata_dir = {:?}\n[redis]\nurl = \"{}\"\n",
+            "[control]\nlisten = \"{control}\"\nadmin_listen = \"{admin}\"\ndata_dir = {:?}\n[redis]\nurl = \"{}\"\n",
             dir.path().join("data").display().to_string(),
             redis.url()
         ),
@@ -512,12 +513,26 @@ fn control_command_serves_and_stops_on_sigterm() {
     );
     wait_for_control(control, &mut p);
     let c = reqwest::blocking::Client::new();
+    let get = |url: String| c.get(url).send().unwrap();
+    // The operator API and the metrics are on the private admin listener only.
+    for path in ["/v1/admin/projects", "/metrics"] {
+        assert_eq!(
+            get(format!("http://{control}{path}")).status(),
+            404,
+            "{path}"
+        );
+    }
     // No admin token configured: the operator API is off.
-    let r = c
-        .get(format!("http://{control}/v1/admin/projects"))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 503);
+    assert_eq!(
+        get(format!("http://{admin}/v1/admin/projects")).status(),
+        503
+    );
+    let metrics = get(format!("http://{admin}/metrics")).text().unwrap();
+    assert!(metrics.contains("tollgate_build_info{"), "{metrics}");
+    for addr in [control, admin] {
+        assert_eq!(get(format!("http://{addr}/livez")).status(), 200);
+        assert_eq!(get(format!("http://{addr}/readyz")).status(), 200);
+    }
     let status = terminate(&mut p);
     assert!(status.success(), "{status}");
 }

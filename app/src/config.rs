@@ -8,12 +8,16 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tollgate_proxy::config::check_redis_url;
-use tollgate_proxy::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
+use tollgate_proxy::{
+    AdminConfig, CertificateFiles, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute, TlsConfig,
+};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub proxy: ProxyConfig,
+    /// The proxy's HTTPS listener (docs/operations.md, "TLS certificates").
+    pub tls: TlsConfig,
     pub admin: AdminConfig,
     pub control: ControlConfig,
     /// Absent: routes come from `[[route]]` alone (single node).
@@ -33,8 +37,16 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
-    /// Control API and MCP endpoint (`/mcp`).
+    /// MCP (`/mcp`), top-up, `/livez`, `/readyz`: what agents reach.
     pub listen: SocketAddr,
+    /// `/metrics`, the operator API (`/v1/admin/…`), `/livez`, `/readyz` of `tollgate control`:
+    /// keep it private. (`tollgate dev` serves these on `listen` and the proxy's admin port.)
+    pub admin_listen: SocketAddr,
+    /// The address workerd processes listen on and routes point proxies at. Loopback (the
+    /// default) when the proxies run on this host; the host's private IP when they run
+    /// elsewhere, and then only they may reach it (tenant processes behind it are not metered):
+    /// docs/packaging.md.
+    pub runtime_ip: std::net::IpAddr,
     /// Journals, the embedded money store, deployment folders and build dirs.
     pub data_dir: PathBuf,
     /// Bearer token of the operator API (`/v1/admin/…`); unset: the API is off.
@@ -56,6 +68,8 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8790)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            runtime_ip: std::net::IpAddr::from([127, 0, 0, 1]),
             data_dir: PathBuf::from(".tollgate"),
             admin_token: None,
             public_url: None,
@@ -148,6 +162,20 @@ pub struct PublicConfig {
     /// Default: `http://localhost:<control port>/mcp` when the control service listens on
     /// loopback; required otherwise.
     pub mcp_url: Option<String>,
+    /// The domain services are published under: `https://{slug}.<base_domain>` (a wildcard DNS
+    /// name and certificate). Sets `proxy.base_domain`; URLs given to agents use HTTPS unless
+    /// `control.public_url` says otherwise. Unset: `proxy.base_domain` over plain HTTP (dev).
+    #[serde(deserialize_with = "de_opt_host")]
+    pub base_domain: Option<String>,
+    /// More `Host` names the MCP endpoint answers (beside loopback and the host of `mcp_url`),
+    /// e.g. a second name behind another load balancer.
+    pub allowed_hosts: Vec<String>,
+}
+
+fn de_opt_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error as _;
+    let s = String::deserialize(d)?;
+    parse_host(&s).map(Some).map_err(D::Error::custom)
 }
 
 /// Charging requests to the routes' owning accounts (docs/money.md).
@@ -374,18 +402,29 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_PUBLIC_MCP_URL",
     "TOLLGATE_LOG_LEVEL",
     "TOLLGATE_LOG_FORMAT",
+    "TOLLGATE_UPGRADE_SOCK",
+    "TOLLGATE_PUBLIC_BASE_DOMAIN",
+    "TOLLGATE_CONTROL_ADMIN_LISTEN",
+    "TOLLGATE_CONTROL_RUNTIME_IP",
+    "TOLLGATE_TLS_LISTEN",
+    "TOLLGATE_TLS_CERT",
+    "TOLLGATE_TLS_KEY",
+    "TOLLGATE_TLS_REDIRECT_HTTP",
 ];
 
 impl Config {
     /// Parses a config file's text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let cfg = Self::parse_toml(text, origin)?;
-        cfg.prices.prices().map_err(|message| ConfigError {
-            origin: origin.to_owned(),
-            line: None,
-            column: None,
-            message,
-        })?;
+        cfg.prices
+            .prices()
+            .and_then(|_| cfg.tls.check())
+            .map_err(|message| ConfigError {
+                origin: origin.to_owned(),
+                line: None,
+                column: None,
+                message,
+            })?;
         Ok(cfg)
     }
 
@@ -485,6 +524,42 @@ impl Config {
                 "TOLLGATE_PUBLIC_MCP_URL" => {
                     parse_public_url(&val).map_err(fail)?;
                     self.public.mcp_url = Some(val);
+                }
+                "TOLLGATE_CONTROL_ADMIN_LISTEN" => {
+                    self.control.admin_listen = parse_addr(&val).map_err(fail)?;
+                }
+                "TOLLGATE_CONTROL_RUNTIME_IP" => {
+                    self.control.runtime_ip = val
+                        .parse()
+                        .map_err(|_| fail(format!("'{val}': expected an IP address")))?;
+                }
+                "TOLLGATE_PUBLIC_BASE_DOMAIN" => {
+                    self.public.base_domain = Some(parse_host(&val).map_err(fail)?);
+                }
+                "TOLLGATE_UPGRADE_SOCK" => self.proxy.upgrade_sock = Some(PathBuf::from(val)),
+                "TOLLGATE_TLS_LISTEN" => self.tls.listen = Some(parse_addr(&val).map_err(fail)?),
+                // One chain and key (e.g. a wildcard for the base domain) in place of the
+                // file's list; both variables go together.
+                "TOLLGATE_TLS_CERT" => {
+                    let key = env("TOLLGATE_TLS_KEY").ok_or_else(|| {
+                        fail("set TOLLGATE_TLS_KEY too (the certificate's private key)".into())
+                    })?;
+                    self.tls.certificates = vec![CertificateFiles {
+                        cert: PathBuf::from(val),
+                        key: PathBuf::from(key),
+                    }];
+                }
+                "TOLLGATE_TLS_KEY" if env("TOLLGATE_TLS_CERT").is_none() => {
+                    return Err(fail(
+                        "set TOLLGATE_TLS_CERT too (the certificate chain)".into(),
+                    ));
+                }
+                "TOLLGATE_TLS_REDIRECT_HTTP" => {
+                    self.tls.redirect_http = match val.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(fail(format!("'{val}': expected true or false"))),
+                    }
                 }
                 "TOLLGATE_LOG_LEVEL" => self.log.level = val,
                 "TOLLGATE_LOG_FORMAT" => {

@@ -33,6 +33,7 @@ pub fn runtime(
         data_dir: cfg.control.data_dir.join("runtime"),
         idle_timeout: (cfg.control.idle_stop_seconds > 0)
             .then(|| std::time::Duration::from_secs(cfg.control.idle_stop_seconds)),
+        listen_ip: cfg.control.runtime_ip,
         ..RuntimeConfig::default()
     };
     let (sup, events) = Supervisor::new(rt, toolchain.clone(), cpu)?;
@@ -54,7 +55,11 @@ pub struct Agents {
 /// A control service ready to serve: its HTTP app, and its background tasks (runtime events,
 /// the cleanup sweep), which stop with `stop`.
 pub struct ControlService {
+    /// What agents reach (`control.listen`).
     pub router: axum::Router,
+    /// `tollgate control`'s private listener (`control.admin_listen`): operator API, metrics,
+    /// probes.
+    pub admin: Option<axum::Router>,
     pub tasks: Vec<JoinHandle<()>>,
     /// The database service and its usage flusher, with their own stop: workerd processes
     /// call it until the runtime has stopped them.
@@ -102,11 +107,15 @@ pub async fn control_service(
     let bundler = tollgate_control::bundler_for(&toolchain, cfg.control.data_dir.join("builds"))
         .map_err(|e| anyhow::anyhow!("bundler: {e}"))?;
     let public_url = cfg.control.public_url.clone().unwrap_or_else(|| {
-        format!(
-            "http://{{slug}}.{}:{}",
-            cfg.proxy.base_domain,
-            cfg.proxy.listen.port()
-        )
+        match &cfg.public.base_domain {
+            // A public name: served over HTTPS on the standard port (docs/operations.md).
+            Some(d) => format!("https://{{slug}}.{d}"),
+            None => format!(
+                "http://{{slug}}.{}:{}",
+                cfg.proxy.base_domain,
+                cfg.proxy.listen.port()
+            ),
+        }
     });
     let ready_store = store.clone();
     let control = Control::new(
@@ -166,14 +175,22 @@ pub async fn control_service(
             }
         }
     }));
-    let mut app =
-        tollgate_control::http::admin_router(control.clone(), cfg.control.admin_token.clone())
-            .route("/healthz", axum::routing::get(|| async { "ok" }))
-            .route("/livez", axum::routing::get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                axum::routing::get(move || ready(ready_store.clone())),
-            );
+    let health = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/livez", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || ready(ready_store.clone())),
+        );
+    let operator =
+        tollgate_control::http::admin_router(control.clone(), cfg.control.admin_token.clone());
+    // `tollgate control` (its own registry): the operator API and metrics go to the private
+    // admin listener. `tollgate dev` keeps them on its one control listener.
+    let (mut app, mut admin) = if agents.registry.is_some() {
+        (health.clone(), Some(operator.merge(health)))
+    } else {
+        (operator.merge(health), None)
+    };
     // Deploys cost money where payments run (and never with a dev identity).
     let pricing = match (&agents.payments, &agents.dev_identity) {
         (Some(_), None) => Some(tollgate_mcp::DeployPricing {
@@ -200,6 +217,7 @@ pub async fn control_service(
             .map_or(public.as_str(), |(h, _)| h);
         allowed_hosts.push(name.trim_matches(['[', ']']).to_owned());
     }
+    allowed_hosts.extend(cfg.public.allowed_hosts.iter().cloned());
     let mcp_cfg = tollgate_mcp::McpConfig {
         allowed_hosts,
         pricing,
@@ -227,21 +245,24 @@ pub async fn control_service(
         app = app.merge(tollgate_payments::http::router(p));
     }
     if let Some(registry) = agents.registry {
-        app = app.route(
-            "/metrics",
-            axum::routing::get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut out = String::new();
-                    let _ =
-                        prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out);
-                    out
-                }
-            }),
-        );
+        admin = admin.map(|a| {
+            a.route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let registry = registry.clone();
+                    async move {
+                        let mut out = String::new();
+                        let _ = prometheus::TextEncoder::new()
+                            .encode_utf8(&registry.gather(), &mut out);
+                        out
+                    }
+                }),
+            )
+        });
     }
     Ok(ControlService {
         router: app,
+        admin,
         tasks,
         after_runtime,
     })
@@ -404,7 +425,7 @@ pub fn serve_on(
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "control listening (/v1/admin, /healthz)");
+        tracing::info!(%addr, "listening");
     }
     tokio::spawn(async move {
         let served = axum::serve(listener, app)

@@ -20,6 +20,7 @@ pub mod modes;
 pub mod node;
 pub mod ops;
 pub mod paid;
+mod process;
 pub mod settings;
 mod shutdown;
 

@@ -77,6 +77,7 @@ pub fn proxy_options(
         routes: cfg.routes.clone(),
         upgrade,
         metering: None,
+        tls: cfg.tls.clone(),
     })
 }
 
@@ -129,11 +130,19 @@ pub fn run_proxy(settings: Settings, upgrade: bool) -> anyhow::Result<()> {
     let mut signals = rt.block_on(async { Signals::install() })?;
     let opts = proxy_options(&settings, upgrade, true)?;
     let gate = gate_spec(&settings, &settings.proxy_node_id(), None)?;
+    // With --upgrade, `start` returns once the old process has handed its listeners over.
     let node = PreparedNode::prepare(opts, gate, rt.handle())?.start(rt.handle())?;
+    let pid_file = match &settings.pid_file {
+        Some(p) => Some(crate::process::PidFile::write(p)?),
+        None => None,
+    };
     rt.block_on(async move {
+        signals.reload_on_hangup(node.proxy.certificates());
+        crate::process::ready(upgrade);
         let how = signals.next().await;
         node.shutdown(how).await;
     });
+    drop(pid_file);
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
@@ -187,14 +196,27 @@ pub fn run_control(settings: Settings) -> anyhow::Result<()> {
     let handle = rt.handle().clone();
     let result = rt.block_on(async move {
         let signals = Signals::install()?;
-        // The listener first: a port in use stops the start before anything runs.
+        // The listeners first: a port in use stops the start before anything runs.
         let listener = bind_control(&settings).await?;
+        let admin_addr = settings.config.control.admin_listen;
+        let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on {admin_addr} (control.admin_listen)"))?;
         let mut parts = Parts {
             drain: settings.drain_timeout,
             ..Parts::default()
         };
-        let started = start_control(&settings, redis, listener, &handle, &mut parts).await;
-        parts.run_until_signal(started, signals).await?;
+        let started = start_control(
+            &settings,
+            redis,
+            (listener, admin_listener),
+            &handle,
+            &mut parts,
+        )
+        .await;
+        parts
+            .run_until_signal(started, signals, settings.pid_file.clone())
+            .await?;
         tracing::info!("control service stopped");
         anyhow::Ok(())
     });
@@ -205,7 +227,7 @@ pub fn run_control(settings: Settings) -> anyhow::Result<()> {
 async fn start_control(
     settings: &Settings,
     redis: tollgate_proxy::RedisConfig,
-    listener: tokio::net::TcpListener,
+    (listener, admin_listener): (tokio::net::TcpListener, tokio::net::TcpListener),
     handle: &tokio::runtime::Handle,
     parts: &mut Parts,
 ) -> anyhow::Result<()> {
@@ -251,6 +273,7 @@ async fn start_control(
     parts.intake = Some(intake_tx);
     parts.background = Some(bg_tx);
     parts.payments = Some(tokio::spawn(payments.clone().run(bg_rx.clone())));
+    let bg_rx_admin = bg_rx.clone();
     let svc = control_service(
         settings,
         sup,
@@ -269,6 +292,13 @@ async fn start_control(
     .await?;
     parts.tasks = svc.tasks;
     parts.after_runtime = svc.after_runtime;
+    if let Some(admin) = svc.admin {
+        // Stops with the background work, after the drain: probes and scrapes keep answering
+        // while the public listener drains.
+        parts
+            .tasks
+            .push(serve_on(admin_listener, admin, bg_rx_admin));
+    }
     parts.server = Some(serve_on(listener, svc.router, intake_rx));
     Ok(())
 }
@@ -299,8 +329,9 @@ pub fn run_dev(settings: Settings, choices: DevChoices) -> anyhow::Result<()> {
             drain: settings.drain_timeout,
             ..Parts::default()
         };
+        let pid_file = settings.pid_file.clone();
         let started = start_dev(settings, &choices, listener, &handle, &mut parts).await;
-        parts.run_until_signal(started, signals).await?;
+        parts.run_until_signal(started, signals, pid_file).await?;
         tracing::info!("dev stopped");
         anyhow::Ok(())
     });

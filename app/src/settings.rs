@@ -55,10 +55,23 @@ pub struct Settings {
     pub payments: PaymentAmounts,
     /// The `tracing` filter (`TOLLGATE_LOG` wins over `log.level`).
     pub log_filter: String,
+    /// Written with this process's id once it serves (`--pid-file`).
+    pub pid_file: Option<std::path::PathBuf>,
 }
 
 impl Settings {
-    pub fn from_config(config: Config) -> Result<Settings, SettingsError> {
+    pub fn from_config(mut config: Config) -> Result<Settings, SettingsError> {
+        if let Some(d) = &config.public.base_domain {
+            // One name for the services' domain; `proxy.base_domain` is its older spelling.
+            let p = &config.proxy.base_domain;
+            if p != d && p != &tollgate_proxy::ProxyConfig::default().base_domain {
+                return Err(bad(
+                    "public.base_domain",
+                    format!("'{d}' differs from proxy.base_domain '{p}': set one of them"),
+                ));
+            }
+            config.proxy.base_domain = d.clone();
+        }
         let prices = config
             .prices
             .prices()
@@ -75,6 +88,12 @@ impl Settings {
             settle_min: usd("settle_min_usd", &p.settle_min_usd)?,
             default_prepay: usd("default_prepay_usd", &p.default_prepay_usd)?,
         };
+        if config.control.runtime_ip.is_unspecified() {
+            return Err(bad(
+                "control.runtime_ip",
+                "must be the one address proxies reach workerd on (routes point at it), not 0.0.0.0 or ::",
+            ));
+        }
         if payments.suggested_deposit == 0 {
             return Err(bad("payments.suggested_deposit_usd", "must be more than 0"));
         }
@@ -209,6 +228,7 @@ impl Settings {
             payments,
             log_filter,
             config,
+            pid_file: None,
         };
         // The agent's rules (settle interval against the lease margin, lease sizes).
         settings.agent("check")?;

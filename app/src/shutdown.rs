@@ -1,24 +1,27 @@
 //! The ordered stop of a process (docs/architecture.md, "Shutdown"): the signals, installed
 //! first; what a process has started ([`Parts`]); and the bounded waits between the steps.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tollgate_proxy::Stop;
+use tollgate_proxy::{Certificates, Stop};
 use tollgate_runtime::Supervisor;
 
 use crate::devchain::DevChain;
 use crate::metering::MeteringNode;
 use crate::node::{PreparedNode, ProxyNode};
 
-/// SIGTERM (graceful), SIGINT (fast), SIGQUIT (upgrade: hand the listeners over), installed
-/// once, first thing.
+/// SIGTERM (graceful), SIGINT (fast), SIGQUIT (upgrade: hand the listeners over), SIGHUP
+/// (reload certificates), installed once, first thing: a signal during start-up waits instead
+/// of killing the process half way (SIGHUP's default action is to exit).
 pub(crate) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     quit: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -28,15 +31,40 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
             quit: signal(SignalKind::quit()).context("SIGQUIT handler")?,
+            hup: Some(signal(SignalKind::hangup()).context("SIGHUP handler")?),
         })
     }
 
     pub(crate) async fn next(&mut self) -> Stop {
-        tokio::select! {
+        let how = tokio::select! {
             _ = self.term.recv() => Stop::Graceful,
             _ = self.int.recv() => Stop::Fast,
             _ = self.quit.recv() => Stop::Upgrade,
-        }
+        };
+        crate::process::stopping(how);
+        how
+    }
+
+    /// From now on SIGHUP reloads `certs` (the proxy's TLS certificates; a bad file keeps the
+    /// old ones and is logged). Without certificates it is logged and ignored.
+    pub(crate) fn reload_on_hangup(&mut self, certs: Option<Arc<Certificates>>) {
+        let Some(mut hup) = self.hup.take() else {
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let Some(certs) = certs.clone() else {
+                    tracing::info!("SIGHUP: nothing to reload in this process (no [tls] listener)");
+                    continue;
+                };
+                crate::process::reloading("reloading TLS certificates");
+                let done = tokio::task::spawn_blocking(move || certs.reload()).await;
+                if let Ok(Err(e)) = done {
+                    tracing::warn!(error = %e, "SIGHUP: certificates not reloaded");
+                }
+                crate::process::reloaded();
+            }
+        });
     }
 
     /// After the first signal: a second one hurries the shutdown (every wait left is cut
@@ -96,13 +124,25 @@ impl Parts {
         self,
         started: anyhow::Result<()>,
         mut signals: Signals,
+        pid_file: Option<std::path::PathBuf>,
     ) -> anyhow::Result<()> {
-        if let Err(e) = started {
-            self.stop(Stop::Fast, watch::channel(false).1).await;
-            return Err(e);
-        }
+        let pid_file = match (started, pid_file) {
+            (Err(e), _) => Err(e),
+            (Ok(()), None) => Ok(None),
+            (Ok(()), Some(p)) => crate::process::PidFile::write(&p).map(Some),
+        };
+        let pid_file = match pid_file {
+            Ok(p) => p,
+            Err(e) => {
+                self.stop(Stop::Fast, watch::channel(false).1).await;
+                return Err(e);
+            }
+        };
+        signals.reload_on_hangup(self.node.as_ref().and_then(|n| n.proxy.certificates()));
+        crate::process::ready(false);
         let how = signals.next().await;
         self.stop(how, signals.hurry_on_next()).await;
+        drop(pid_file);
         Ok(())
     }
 

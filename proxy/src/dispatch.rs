@@ -22,6 +22,7 @@ use crate::headers::{
 };
 use crate::metrics::ProxyMetrics;
 use crate::pages::{Problem, wants_html};
+use crate::tls::TlsConfig;
 
 pub use crate::headers::INTERNAL_HEADER_PREFIX;
 
@@ -54,11 +55,16 @@ pub struct Dispatch {
     pub(crate) read_timeout: Duration,
     pub(crate) write_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    /// Plain-HTTP requests get a 308 to HTTPS on this port (`tls.redirect_http`).
+    pub(crate) redirect_port: Option<u16>,
+    /// `Strict-Transport-Security` for HTTPS answers.
+    pub(crate) hsts: Option<http::HeaderValue>,
 }
 
 impl Dispatch {
     pub(crate) fn new(
         cfg: &ProxyConfig,
+        tls: &TlsConfig,
         table: Arc<RouteTable>,
         health: Arc<Health>,
         metrics: Arc<ProxyMetrics>,
@@ -77,6 +83,14 @@ impl Dispatch {
             read_timeout: Duration::from_secs_f64(cfg.upstream_read_timeout_seconds),
             write_timeout: Duration::from_secs_f64(cfg.upstream_write_timeout_seconds),
             idle_timeout: Duration::from_secs_f64(cfg.upstream_idle_timeout_seconds),
+            redirect_port: if tls.redirect_http {
+                tls.public_port()
+            } else {
+                None
+            },
+            hsts: tls
+                .hsts_value()
+                .and_then(|v| http::HeaderValue::from_str(&v).ok()),
         }
     }
 }
@@ -105,6 +119,10 @@ pub struct Ctx {
     /// The `Payment-Receipt` of a top-up paid with this request (a suspended service's owner
     /// answered its 402 challenge).
     receipt: Option<String>,
+    /// Came over TLS.
+    tls: bool,
+    /// The `Strict-Transport-Security` value every answer on this request carries.
+    hsts: Option<http::HeaderValue>,
     /// Held for the request's lifetime (the runtime's in-flight count).
     _request_guard: Option<Box<dyn Send + Sync>>,
     _in_flight: InFlight,
@@ -138,12 +156,18 @@ impl ProxyHttp for Dispatch {
             interrupted: false,
             refused: false,
             receipt: None,
+            tls: false,
+            hsts: None,
             _request_guard: None,
             _in_flight: InFlight(self.metrics.in_flight.clone()),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        if ctx.tls {
+            ctx.hsts = self.hsts.clone();
+        }
         let req = session.req_header();
         ctx.html = wants_html(req.headers.get(http::header::ACCEPT).map(|v| v.as_bytes()));
         ctx.request_id = request_id(req);
@@ -180,6 +204,13 @@ impl ProxyHttp for Dispatch {
                 return respond(session, ctx, &Problem::bad_host(e.to_string())).await;
             }
         };
+        if !ctx.tls
+            && let Some(port) = self.redirect_port
+        {
+            // Before the route and the money gate: a redirect is never charged.
+            let location = https_location(host, port, &session.req_header().uri);
+            return redirect(session, ctx, &location).await;
+        }
         match self.table.lookup(host) {
             Some(route) => {
                 if let Some(gate) = &self.gate
@@ -360,17 +391,23 @@ impl ProxyHttp for Dispatch {
             upstream.insert_header("x-forwarded-for", v)?;
         }
         if !self.trust_forwarded || upstream.headers.get("x-forwarded-proto").is_none() {
-            upstream.insert_header("x-forwarded-proto", "http")?;
+            upstream.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
         }
         if !self.trust_forwarded || upstream.headers.get("x-forwarded-host").is_none() {
-            let host = session
-                .req_header()
-                .headers
-                .get(http::header::HOST)
-                .cloned();
-            match host {
-                Some(h) => upstream.insert_header("x-forwarded-host", h)?,
-                None => upstream.insert_header("x-forwarded-host", ctx.host().to_owned())?,
+            let req = session.req_header();
+            // HTTP/2 carries the host in :authority, not in a Host field.
+            match (req.headers.get(http::header::HOST), req.uri.authority()) {
+                (Some(h), _) => {
+                    let h = h.clone();
+                    upstream.insert_header("x-forwarded-host", h)?
+                }
+                (None, Some(a)) => {
+                    let a = a.as_str().to_owned();
+                    upstream.insert_header("x-forwarded-host", a)?
+                }
+                (None, None) => {
+                    upstream.insert_header("x-forwarded-host", ctx.host().to_owned())?
+                }
             }
         }
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
@@ -395,6 +432,13 @@ impl ProxyHttp for Dispatch {
             resp.remove_header("proxy-connection");
         }
         resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(v) = &ctx.hsts
+            && !resp
+                .headers
+                .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
+        {
+            resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, v.clone())?;
+        }
         if let Some(receipt) = ctx.receipt.take() {
             resp.insert_header("payment-receipt", receipt)?;
             resp.insert_header("cache-control", "private")?;
@@ -444,8 +488,11 @@ impl ProxyHttp for Dispatch {
                 // A response may already be under way (upstream died mid-body): then the
                 // connection is just closed.
                 if session.response_written().is_none()
-                    && let Ok((h, body)) = p.render(&ctx.request_id, ctx.html)
+                    && let Ok((mut h, body)) = p.render(&ctx.request_id, ctx.html)
                 {
+                    if let Some(v) = &ctx.hsts {
+                        let _ = h.insert_header(http::header::STRICT_TRANSPORT_SECURITY, v.clone());
+                    }
                     // The connection is not reused after an error: say so, or a client may
                     // send its next request into a closing socket.
                     session.set_keepalive(None);
@@ -513,6 +560,9 @@ async fn respond_with(
     if let Some(c) = challenge {
         h.insert_header("www-authenticate", c)?;
     }
+    if let Some(v) = &ctx.hsts {
+        h.insert_header(http::header::STRICT_TRANSPORT_SECURITY, v.clone())?;
+    }
     session.set_keepalive(None);
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body), true).await?;
@@ -527,6 +577,36 @@ async fn respond_management(session: &mut Session, ctx: &Ctx, receipt: String) -
     if !ctx.request_id.is_empty() {
         h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
     }
+    if let Some(v) = &ctx.hsts {
+        h.insert_header(http::header::STRICT_TRANSPORT_SECURITY, v.clone())?;
+    }
     session.write_response_header(Box::new(h), true).await?;
+    Ok(true)
+}
+
+/// The same URL over HTTPS (`host` is already normalised: lower case, no port).
+fn https_location(host: &str, port: u16, uri: &http::Uri) -> String {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    // An absolute-form request line carries its own path; an empty one is "/".
+    let path = if path.starts_with('/') { path } else { "/" };
+    if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    }
+}
+
+/// 308 Permanent Redirect: keeps the method and body, unlike 301.
+async fn redirect(session: &mut Session, ctx: &Ctx, location: &str) -> Result<bool> {
+    let body = Bytes::from(format!("Moved to {location}\n"));
+    let mut h = ResponseHeader::build(308, Some(5))?;
+    h.insert_header(http::header::LOCATION, location)?;
+    h.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    if !ctx.request_id.is_empty() {
+        h.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    }
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body), true).await?;
     Ok(true)
 }

@@ -10,8 +10,10 @@ mod headers;
 pub mod metrics;
 pub mod pages;
 pub mod server;
+pub mod tls;
 pub mod usage;
 
 pub use config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
 pub use gate::{Metering, PaymentDesk, Redeemed, Refused, RequestHooks};
 pub use server::{Proxy, ProxyOptions, RunningProxy, Stop};
+pub use tls::{CertificateFiles, Certificates, TlsConfig, UnknownSni};

@@ -23,6 +23,7 @@ use crate::config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, Stati
 use crate::dispatch::{Dispatch, Health};
 use crate::gate::{Gate, Metering};
 use crate::metrics::{ProxyMetrics, register_build_info};
+use crate::tls::{Certificates, TlsConfig};
 
 /// Everything one proxy node needs.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +39,8 @@ pub struct ProxyOptions {
     /// Charge requests to the routes' owning accounts (see `docs/money.md`). Without it every
     /// route is free (static routes, the proxy-only benchmarks).
     pub metering: Option<Metering>,
+    /// The HTTPS listener (off unless `tls.listen` is set).
+    pub tls: TlsConfig,
 }
 
 /// How a node stops.
@@ -62,6 +65,7 @@ pub struct Proxy {
     sync_metrics: SyncMetrics,
     admin_listener: TcpListener,
     gate: Option<Gate>,
+    certs: Option<Arc<Certificates>>,
 }
 
 impl Proxy {
@@ -81,15 +85,29 @@ impl Proxy {
             table.mark_synced();
         }
         sync_metrics.routes.set(table.snapshot().len() as i64);
-        let admin_listener = TcpListener::bind(opts.admin.listen)
+        let certs = match opts.tls.listen {
+            Some(_) => Some(Certificates::load(&opts.tls, &registry)?),
+            None => {
+                opts.tls.check().map_err(anyhow::Error::msg)?;
+                None
+            }
+        };
+        // SO_REUSEPORT: during an upgrade the new process binds it while the old one still
+        // serves it (the old one closes its own as it hands over).
+        let admin_listener = bind_reuseport(opts.admin.listen)
             .with_context(|| format!("cannot listen on {} (admin.listen)", opts.admin.listen))?;
-        admin_listener.set_nonblocking(true)?;
         if !opts.upgrade {
             // Pingora binds later, on its own threads, where a failure cannot be reported well:
-            // check the address now.
+            // check the addresses now.
             drop(TcpListener::bind(opts.proxy.listen).with_context(|| {
                 format!("cannot listen on {} (proxy.listen)", opts.proxy.listen)
             })?);
+            if let Some(tls) = opts.tls.listen {
+                drop(
+                    TcpListener::bind(tls)
+                        .with_context(|| format!("cannot listen on {tls} (tls.listen)"))?,
+                );
+            }
         }
         let gate = match &opts.metering {
             Some(m) => Some(Gate::new(m, &registry)?),
@@ -97,6 +115,7 @@ impl Proxy {
         };
         Ok(Proxy {
             gate,
+            certs,
             opts,
             registry,
             table,
@@ -127,8 +146,10 @@ impl Proxy {
             sync_metrics,
             admin_listener,
             gate,
+            certs,
         } = self;
         let (bg_stop, bg_stop_rx) = watch::channel(false);
+        let (admin_stop_tx, mut admin_stop) = watch::channel(false);
         let mut background = Vec::new();
 
         let admin_state = AdminState {
@@ -136,7 +157,6 @@ impl Proxy {
             table: table.clone(),
             health: health.clone(),
         };
-        let mut admin_stop = bg_stop_rx.clone();
         let admin_addr = opts.admin.listen;
         let listener = {
             let _enter = rt.enter();
@@ -153,6 +173,15 @@ impl Proxy {
                 tracing::error!(error = %e, "admin server failed");
             }
         }));
+
+        if let Some(certs) = &certs
+            && opts.tls.reload_check_seconds > 0.0
+        {
+            background.push(rt.spawn(certs.clone().watch(
+                Duration::from_secs_f64(opts.tls.reload_check_seconds),
+                bg_stop_rx.clone(),
+            )));
+        }
 
         if let Some(redis) = &opts.redis {
             let sync_opts = SyncOptions {
@@ -207,13 +236,30 @@ impl Proxy {
         };
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
-        let dispatch = Dispatch::new(&opts.proxy, table, health.clone(), metrics.clone(), gate);
+        let dispatch = Dispatch::new(
+            &opts.proxy,
+            &opts.tls,
+            table,
+            health.clone(),
+            metrics.clone(),
+            gate,
+        );
         let mut service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             dispatch,
             "tollgate proxy",
         );
         service.add_tcp(&opts.proxy.listen.to_string());
+        if let (Some(addr), Some(certs)) = (opts.tls.listen, &certs) {
+            // The paths are unused: the resolver picks the certificate per handshake.
+            let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
+                .map_err(|e| anyhow::anyhow!("TLS listener: {e}"))?;
+            tls.set_cert_resolver(certs.resolver());
+            if opts.tls.http2 {
+                tls.enable_h2();
+            }
+            service.add_tls_with_settings(&addr.to_string(), None, tls);
+        }
         server.add_service(service);
         let (to_pingora, from_app) = mpsc::unbounded_channel();
         let pingora = std::thread::Builder::new()
@@ -226,13 +272,18 @@ impl Proxy {
             .context("starting the proxy thread")?;
         tracing::info!(
             addr = %opts.proxy.listen,
+            tls = ?opts.tls.listen,
+            http2 = opts.tls.listen.is_some() && opts.tls.http2,
             threads = opts.proxy.threads,
             base_domain = %opts.proxy.base_domain,
             "proxy listening"
         );
         Ok(RunningProxy {
             addr: opts.proxy.listen,
+            tls_addr: opts.tls.listen,
             admin: opts.admin.listen,
+            certs,
+            admin_stop: admin_stop_tx,
             health,
             in_flight: metrics.in_flight.clone(),
             drain_delay: Duration::from_secs_f64(opts.shutdown.drain_delay_seconds),
@@ -248,7 +299,11 @@ impl Proxy {
 /// A serving node.
 pub struct RunningProxy {
     pub addr: SocketAddr,
+    /// The HTTPS listener, when configured.
+    pub tls_addr: Option<SocketAddr>,
     pub admin: SocketAddr,
+    certs: Option<Arc<Certificates>>,
+    admin_stop: watch::Sender<bool>,
     health: Arc<Health>,
     in_flight: prometheus::IntGauge,
     drain_delay: Duration,
@@ -285,6 +340,9 @@ impl RunningProxy {
             }
             Stop::Upgrade => {
                 self.health.set_draining();
+                // The new process serves the admin port too (SO_REUSEPORT): probes and
+                // scrapes go to it from now on, not to this draining one.
+                let _ = self.admin_stop.send(true);
                 tracing::info!("upgrade: handing the listeners to the new process");
                 let _ = self.to_pingora.send(ShutdownSignal::GracefulUpgrade);
             }
@@ -326,6 +384,7 @@ impl RunningProxy {
     /// flushed to Redis.
     pub async fn stop_background(self) {
         let _ = self.bg_stop.send(true);
+        let _ = self.admin_stop.send(true);
         for t in self.background {
             if tokio::time::timeout(Duration::from_secs(10), t)
                 .await
@@ -341,6 +400,12 @@ impl RunningProxy {
     pub fn abort(&self) {
         let _ = self.to_pingora.send(ShutdownSignal::FastShutdown);
         let _ = self.bg_stop.send(true);
+        let _ = self.admin_stop.send(true);
+    }
+
+    /// The node's certificates (reload them on SIGHUP), when it serves HTTPS.
+    pub fn certificates(&self) -> Option<Arc<Certificates>> {
+        self.certs.clone()
     }
 
     /// The three steps, for a node with nothing else to stop in between.
@@ -350,6 +415,19 @@ impl RunningProxy {
         self.stop_background().await;
         tracing::info!("proxy stopped");
     }
+}
+
+/// A listening socket with SO_REUSEADDR and SO_REUSEPORT (an upgrading process binds it
+/// beside the running one; the kernel allows that only to the same user).
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Pingora's shutdown signal, as the application gives it.

@@ -19,6 +19,8 @@ pub struct WorkerConfig<'a> {
     pub databases: &'a [String],
     /// The database service (`IP:PORT` or `unix:/path`) and this deployment's token.
     pub d1: Option<(&'a str, &'a str)>,
+    /// The address the tenant's HTTP socket binds (port chosen by workerd).
+    pub listen_ip: std::net::IpAddr,
 }
 
 /// A binding name workerd (and JavaScript) accepts: an identifier.
@@ -109,7 +111,7 @@ const config :Workerd.Config = (
     (name = "main", worker = .tenant),
     (name = "egress", network = (allow = ["public"], deny = ["private", "local"])){d1_service}
   ],
-  sockets = [ (name = "http", address = "127.0.0.1:0", http = (), service = "main") ],
+  sockets = [ (name = "http", address = {listen}, http = (), service = "main") ],
   structuredLogging = true,
 );
 const tenant :Workerd.Worker = (
@@ -121,6 +123,7 @@ const tenant :Workerd.Worker = (
 );
 "#,
         module = quote(cfg.module_file),
+        listen = quote(&std::net::SocketAddr::from((cfg.listen_ip, 0)).to_string()),
         date = quote(cfg.compatibility_date),
     )
 }

@@ -42,6 +42,7 @@ pub(crate) async fn spawn(
     ready_timeout: Duration,
     max_line: usize,
     join: &[std::path::PathBuf],
+    ip: std::net::IpAddr,
 ) -> Result<Spawned, StartFailed> {
     let fail = |reason: String| StartFailed {
         reason,
@@ -148,7 +149,7 @@ pub(crate) async fn spawn(
         let port = port_rx
             .await
             .map_err(|_| "workerd exited before it listened".to_owned())?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr = SocketAddr::from((ip, port));
         // Ready = it answers HTTP (any status: the tenant's `/` may well be a 404).
         let mut delay = Duration::from_millis(2);
         loop {

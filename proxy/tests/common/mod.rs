@@ -105,6 +105,11 @@ impl Node {
         }
     }
 
+    /// The node's TLS certificates (to reload them as SIGHUP does).
+    pub fn certificates(&self) -> Option<std::sync::Arc<tollgate_proxy::Certificates>> {
+        self.node.as_ref().and_then(|n| n.proxy.certificates())
+    }
+
     pub fn url(&self, host: &str, path: &str) -> String {
         format!("http://{host}:{}{path}", self.addr.port())
     }

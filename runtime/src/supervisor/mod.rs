@@ -360,6 +360,7 @@ pub(crate) fn write_files(
             .d1
             .as_ref()
             .map(|a| (a.address.as_str(), a.token.as_str())),
+        listen_ip: cfg.listen_ip,
     });
     write("config.capnp", config.as_bytes()).map_err(io)
 }

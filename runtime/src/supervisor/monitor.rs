@@ -51,6 +51,7 @@ pub(crate) async fn monitor(
             // JSON framing around a message of up to `log_line_bytes`.
             cfg.log_line_bytes * 2 + 1024,
             &jail.procs(),
+            cfg.listen_ip,
         )
         .await;
         let mut sp = match spawned {
@@ -180,7 +181,7 @@ pub(crate) async fn monitor(
                 }
             };
             if idle {
-                match TcpListener::bind("127.0.0.1:0").await {
+                match TcpListener::bind((inner.cfg.listen_ip, 0)).await {
                     Ok(l) => break Exit::Idle(l),
                     Err(e) => {
                         tracing::warn!(deployment = %dep.id, "no activator socket ({e}); staying up");

@@ -42,6 +42,10 @@ pub struct RuntimeConfig {
     pub idle_timeout: Option<Duration>,
     pub log_entries: usize,
     pub log_line_bytes: usize,
+    /// The address workerd processes (and idle activators) listen on, and routes point
+    /// proxies at. Loopback unless proxies run on other hosts; then only they may reach it
+    /// (a firewall or NetworkPolicy: tenant processes behind it are not metered).
+    pub listen_ip: std::net::IpAddr,
 }
 
 impl Default for RuntimeConfig {
@@ -65,6 +69,7 @@ impl Default for RuntimeConfig {
             idle_timeout: Some(Duration::from_secs(600)),
             log_entries: 1000,
             log_line_bytes: 4096,
+            listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
         }
     }
 }

@@ -1,0 +1,504 @@
+//! The binary at the edge, as an operator runs it: HTTPS + HTTP/2 configured through the
+//! environment and checked with curl, certificates reloaded on SIGHUP, and the systemd unit's
+//! reload (deploy/systemd/tollgate-upgrade) run under load the way systemd runs it, with its
+//! sd_notify messages and PID file.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tollgate_testkit::{Upstream, free_addr};
+
+mod common;
+use common::*;
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    pem: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let pem = dir.join(format!("{name}.ca.pem"));
+        std::fs::write(&pem, issuer.pem()).unwrap();
+        Ca { issuer, pem }
+    }
+
+    /// Writes `<stem>.pem` and `<stem>.key` for `names`.
+    fn issue(&self, names: &[&str], dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// `curl --http2` over HTTPS to `host` at `tls`, trusting `ca`: (HTTP version, body) or the
+/// error curl printed.
+fn curl_h2(ca: &Path, tls: SocketAddr, host: &str) -> Result<(String, String), String> {
+    let out = Command::new("curl")
+        .args(["--http2", "-sS", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{host}:{}:127.0.0.1", tls.port())])
+        .args(["-w", "\n%{http_version}"])
+        .arg(format!("https://{host}:{}/", tls.port()))
+        .output()
+        .expect("curl");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, version) = text.rsplit_once('\n').unwrap();
+    Ok((version.to_owned(), body.to_owned()))
+}
+
+fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+#[test]
+fn https_and_http2_from_the_environment_and_certificates_reloaded_on_sighup() {
+    let up = Upstream::start("edge");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "first");
+    let (cert, key) = ca.issue(&["*.apps.test"], dir.path(), "wildcard");
+    let tls = free_addr();
+    let (mut p, _listen) = start_listening(|listen| {
+        let mut c = bin();
+        c.env("TOLLGATE_PUBLIC_MCP_URL", "https://mcp.apps.test/mcp")
+            .env("TOLLGATE_TLS_LISTEN", tls.to_string())
+            .env("TOLLGATE_TLS_CERT", &cert)
+            .env("TOLLGATE_TLS_KEY", &key)
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--base-domain", "apps.test"])
+            .args(["--route", &format!("svc.apps.test={}", up.addr)]);
+        c
+    });
+    assert!(until(Duration::from_secs(5), || curl_h2(
+        &ca.pem,
+        tls,
+        "svc.apps.test"
+    )
+    .is_ok()));
+    assert_eq!(
+        curl_h2(&ca.pem, tls, "svc.apps.test").unwrap(),
+        ("2".into(), "edge".into())
+    );
+
+    // Renewed from another CA, then SIGHUP: new handshakes get the new certificate.
+    let ca2 = Ca::new(dir.path(), "second");
+    let (c2, k2) = ca2.issue(&["*.apps.test"], dir.path(), "renewed");
+    std::fs::copy(&c2, &cert).unwrap();
+    std::fs::copy(&k2, &key).unwrap();
+    signal(&p.0, "-HUP");
+    assert!(
+        until(Duration::from_secs(5), || curl_h2(
+            &ca2.pem,
+            tls,
+            "svc.apps.test"
+        )
+        .is_ok()),
+        "the renewed certificate is served after SIGHUP"
+    );
+    let err = curl_h2(&ca.pem, tls, "svc.apps.test").unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+
+    // A broken key and SIGHUP: logged, the process goes on with the certificate it has.
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nbroken\n").unwrap();
+    signal(&p.0, "-HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(p.0.try_wait().unwrap().is_none(), "SIGHUP must not kill it");
+    assert_eq!(
+        curl_h2(&ca2.pem, tls, "svc.apps.test").unwrap(),
+        ("2".into(), "edge".into())
+    );
+    assert!(terminate(&mut p).success());
+}
+
+#[test]
+fn a_tls_listener_without_certificates_is_refused_at_start() {
+    let out = bin()
+        .env("TOLLGATE_PUBLIC_MCP_URL", "https://mcp.apps.test/mcp")
+        .env("TOLLGATE_TLS_LISTEN", free_addr().to_string())
+        .args(["proxy", "--listen", &free_addr().to_string()])
+        .args(["--admin-listen", &free_addr().to_string()])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.certificates"), "{err}");
+    // A certificate file that does not exist: named, and nothing starts.
+    let out = bin()
+        .env("TOLLGATE_PUBLIC_MCP_URL", "https://mcp.apps.test/mcp")
+        .env("TOLLGATE_TLS_LISTEN", free_addr().to_string())
+        .env("TOLLGATE_TLS_CERT", "/nonexistent/cert.pem")
+        .env("TOLLGATE_TLS_KEY", "/nonexistent/key.pem")
+        .args(["proxy", "--listen", &free_addr().to_string()])
+        .args(["--admin-listen", &free_addr().to_string()])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+}
+
+/// What systemd would receive on NOTIFY_SOCKET.
+struct Notifications {
+    path: PathBuf,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Notifications {
+    fn listen(dir: &Path) -> Notifications {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                s.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        Notifications { path, seen }
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, what: &str) -> bool {
+        until(Duration::from_secs(10), || {
+            self.all().iter().any(|m| m.contains(what))
+        })
+    }
+}
+
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn upgrade_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/tollgate-upgrade")
+}
+
+/// `systemctl reload tollgate-proxy`, as the unit does it: ExecReload runs tollgate-upgrade with
+/// $MAINPID and ExecStart's command line; load runs over plain HTTP and HTTPS/2 throughout.
+#[test]
+fn the_units_reload_upgrades_under_load_with_zero_failed_requests() {
+    let up = Upstream::start("svc");
+    let dir = tempfile::tempdir().unwrap();
+    let notify = Notifications::listen(dir.path());
+    let ca = Ca::new(dir.path(), "unit");
+    let (cert, key) = ca.issue(&["*.apps.test"], dir.path(), "wildcard");
+    let (listen, tls, admin) = (free_addr(), free_addr(), free_addr());
+    let pid_file = dir.path().join("proxy.pid");
+    // ExecStart's command line and the unit's environment.
+    let args: Vec<String> = vec![
+        "proxy".into(),
+        "--listen".into(),
+        listen.to_string(),
+        "--admin-listen".into(),
+        admin.to_string(),
+        "--base-domain".into(),
+        "apps.test".into(),
+        "--route".into(),
+        format!("svc.apps.test={}", up.addr),
+        "--pid-file".into(),
+        pid_file.display().to_string(),
+    ];
+    let data = dir.path().join("data");
+    let unit_env = |c: &mut Command| {
+        // A single node without Redis: nothing metered here (the embedded store is one
+        // process's at a time; fleets meter through Redis, tests/cli.rs upgrades one).
+        c.env("TOLLGATE_METERING_ENABLED", "false")
+            .env("TOLLGATE_DATA_DIR", &data)
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("TOLLGATE_UPGRADE_SOCK", dir.path().join("upgrade.sock"))
+            .env("TOLLGATE_PUBLIC_MCP_URL", "https://mcp.apps.test/mcp")
+            .env("TOLLGATE_TLS_LISTEN", tls.to_string())
+            .env("TOLLGATE_TLS_CERT", &cert)
+            .env("TOLLGATE_TLS_KEY", &key);
+    };
+    let mut start = bin();
+    unit_env(&mut start);
+    let mut old = Proc(start.args(&args).spawn().unwrap());
+    assert!(notify.wait_for("READY=1"), "{:?}", notify.all());
+    let old_pid = old.0.id();
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        old_pid.to_string()
+    );
+
+    // Load: plain HTTP/1.1 and HTTPS/2 (curl can't be a tight loop; reqwest on h1 is, plus a
+    // curl h2 loop).
+    let stop = Arc::new(AtomicBool::new(false));
+    let plain = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let c = reqwest::blocking::Client::builder()
+                .resolve("svc.apps.test", listen)
+                .build()
+                .unwrap();
+            let url = format!("http://svc.apps.test:{}/", listen.port());
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).send() {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let h2 = {
+        let (stop, ca) = (stop.clone(), ca.pem.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match curl_h2(&ca, tls, "svc.apps.test") {
+                    Ok((v, body)) if v == "2" && body == "svc" => ok += 1,
+                    Ok(other) => failed.push(format!("{other:?}")),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // ExecReload=/usr/lib/tollgate/tollgate-upgrade $MAINPID /usr/bin/tollgate proxy ...
+    // The new process inherits the script's output: files, not pipes (a pipe would stay open
+    // as long as the new process runs).
+    let log = dir.path().join("reload.log");
+    let mut reload = Command::new(upgrade_script());
+    unit_env(&mut reload);
+    reload
+        .arg(old_pid.to_string())
+        .arg(env!("CARGO_BIN_EXE_tollgate"))
+        .args(&args)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("reload.err")).unwrap());
+    let status = reload.status().unwrap();
+    assert!(
+        status.success(),
+        "reload failed: {}{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        std::fs::read_to_string(dir.path().join("reload.err")).unwrap_or_default()
+    );
+    let new_pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(new_pid, old_pid);
+    // Not our child: killed if the test fails before it stops it.
+    let _new = KillOnDrop(new_pid);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = old.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "old process did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (ok_plain, failed_plain) = plain.join().unwrap();
+    let (ok_h2, failed_h2) = h2.join().unwrap();
+
+    // What systemd was told: the old one reloading (never STOPPING), the new one taking over.
+    let msgs = notify.all();
+    assert!(
+        failed_plain.is_empty() && failed_h2.is_empty(),
+        "requests failed during the reload: plain {failed_plain:?}, h2 {failed_h2:?}"
+    );
+    assert!(
+        ok_plain > 100 && ok_h2 > 5,
+        "too little load: {ok_plain} / {ok_h2}"
+    );
+    assert!(msgs.iter().any(|m| m.contains("RELOADING=1")), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains(&format!("MAINPID={new_pid}")) && m.contains("READY=1")),
+        "{msgs:?}"
+    );
+    assert!(!msgs.iter().any(|m| m.contains("STOPPING=1")), "{msgs:?}");
+    // The admin port is the new process's now (SO_REUSEPORT during the overlap).
+    let c = reqwest::blocking::Client::new();
+    let r = c.get(format!("http://{admin}/readyz")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        curl_h2(&ca.pem, tls, "svc.apps.test").unwrap(),
+        ("2".into(), "svc".into())
+    );
+
+    // `systemctl stop`: SIGTERM, STOPPING=1, and the PID file goes.
+    let _ = Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status();
+    assert!(notify.wait_for("STOPPING=1"), "{:?}", notify.all());
+    assert!(
+        until(Duration::from_secs(15), || !pid_file.exists()),
+        "the PID file is removed at exit"
+    );
+}
+
+/// A new binary that cannot start (here: a bad flag) leaves the running one serving: the old
+/// process is sent nothing, and the reload reports the failure.
+#[test]
+fn a_reload_whose_new_process_fails_leaves_the_old_one_serving() {
+    let up = Upstream::start("keep");
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("proxy.pid");
+    let sock = dir.path().join("upgrade.sock");
+    let (mut old, listen) = start_listening(|listen| {
+        let mut c = bin();
+        c.env("TOLLGATE_PUBLIC_MCP_URL", "https://mcp.apps.test/mcp")
+            .env("TOLLGATE_UPGRADE_SOCK", &sock)
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--route", &format!("k.localhost={}", up.addr)])
+            .arg("--pid-file")
+            .arg(&pid_file);
+        c
+    });
+    let out = Command::new(upgrade_script())
+        .env("TOLLGATE_UPGRADE_SOCK", &sock)
+        .arg(old.0.id().to_string())
+        .arg(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["proxy", "--listen", &listen.to_string(), "--threads", "0"])
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("keeps serving"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        old.0.try_wait().unwrap().is_none(),
+        "the old process still runs"
+    );
+    let c = reqwest::blocking::Client::builder()
+        .resolve("k.localhost", listen)
+        .build()
+        .unwrap();
+    assert_eq!(
+        get(&c, &format!("http://k.localhost:{}/", listen.port())),
+        (200, "keep".into())
+    );
+    assert!(terminate(&mut old).success());
+}
+
+/// The operator's whole path at a public name: `[public] base_domain` and `[tls]`, an agent
+/// deploys with the official MCP SDK client, gets `https://{slug}.<domain>` back, and that URL
+/// answers over HTTP/2 (curl, trusting the operator's CA).
+#[test]
+fn an_agent_deploys_over_mcp_and_its_https_url_answers_over_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "operator");
+    let (cert, key) = ca.issue(&["*.apps.test"], dir.path(), "wildcard");
+    let tls = free_addr();
+    let cfg = dir.path().join("tollgate.toml");
+    std::fs::write(&cfg, "[public]\nbase_domain = \"apps.test\"\n").unwrap();
+    let control = free_addr();
+    let (mut dev, _proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.env("TOLLGATE_TLS_LISTEN", tls.to_string())
+            .env("TOLLGATE_TLS_CERT", &cert)
+            .env("TOLLGATE_TLS_KEY", &key)
+            .args(["dev", "--config"])
+            .arg(&cfg)
+            .args(["--dev-account", "acct-edge", "--dev-credit-usd", "0.50"])
+            .args(["--chain-listen", &free_addr().to_string()]);
+        listen_on(&mut c, proxy, control);
+        c
+    });
+    wait_for_control(control, &mut dev);
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
+    let out = Command::new("node")
+        .arg(js.join("deploy.mjs"))
+        .arg(format!("http://{control}/mcp"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deployed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deployed["status"], "live", "{deployed}");
+    assert_eq!(
+        deployed["url"], "https://hello-agent.apps.test",
+        "{deployed}"
+    );
+    // DNS would send hello-agent.apps.test:443 to the proxy; curl's --connect-to does here.
+    let fetch = || {
+        let out = Command::new("curl")
+            .args(["--http2", "-sS", "--max-time", "5", "--cacert"])
+            .arg(&ca.pem)
+            .args([
+                "--connect-to",
+                &format!("hello-agent.apps.test:443:127.0.0.1:{}", tls.port()),
+            ])
+            .args(["-w", "\n%{http_version}", "https://hello-agent.apps.test/"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        until(Duration::from_secs(5), || fetch()
+            == "hello from an agent\n2"),
+        "{}",
+        fetch()
+    );
+    assert!(terminate(&mut dev).success());
+}
