@@ -502,3 +502,132 @@ fn an_agent_deploys_over_mcp_and_its_https_url_answers_over_http2() {
     );
     assert!(terminate(&mut dev).success());
 }
+
+/// The access log and every other log of a proxy at `debug`: requests carrying credentials
+/// (Authorization, an MPP Payment credential, a cookie, a token in the query) are logged by
+/// what happened, and none of those values appears anywhere.
+#[test]
+fn access_log_lines_and_no_secret_in_any_log() {
+    let up = Upstream::start("logged");
+    let dir = tempfile::tempdir().unwrap();
+    let access = dir.path().join("access.log");
+    let stderr = dir.path().join("stderr.log");
+    let (mut p, listen) = start_listening(|listen| {
+        let mut c = bin();
+        c.env("TOLLGATE_PUBLIC_MCP_URL", "https://mcp.apps.test/mcp")
+            .env("TOLLGATE_ACCESS_LOG", "on")
+            .env("TOLLGATE_LOG", "debug")
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--route", &format!("svc.localhost={}", up.addr)])
+            .stdout(std::fs::File::create(&access).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        c
+    });
+    let c = reqwest::blocking::Client::builder()
+        .resolve("svc.localhost", listen)
+        .resolve("nope.localhost", listen)
+        .build()
+        .unwrap();
+    let secrets = [
+        "Bearer sekr1t-bearer-token",
+        "Payment eyJzZWtyMXQtcGF5bWVudCI6dHJ1ZX0",
+        "session=sekr1t-cookie",
+        "sekr1t-query-token",
+    ];
+    for host in ["svc.localhost", "nope.localhost"] {
+        let r = c
+            .post(format!(
+                "http://{host}:{}/path/x?token={}",
+                listen.port(),
+                secrets[3]
+            ))
+            .header("authorization", secrets[0])
+            .header("payment-authorization", secrets[1])
+            .header("cookie", secrets[2])
+            .body("body")
+            .send()
+            .unwrap();
+        assert!(r.status() == 200 || r.status() == 404);
+    }
+    assert!(terminate(&mut p).success());
+    let access_text = std::fs::read_to_string(&access).unwrap();
+    let lines: Vec<serde_json::Value> = access_text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{access_text}");
+    assert_eq!(lines[0]["host"], "svc.localhost");
+    assert_eq!(lines[0]["method"], "POST");
+    assert_eq!(lines[0]["path"], "/path/x");
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["decision"], "free");
+    assert!(lines[0]["upstream_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(lines[1]["status"], 404);
+    assert_eq!(lines[1]["decision"], "refused");
+    let all = format!("{access_text}{}", std::fs::read_to_string(&stderr).unwrap());
+    for s in secrets {
+        let needle = s.split_whitespace().last().unwrap();
+        assert!(!all.contains(needle), "{needle} reached a log:\n{all}");
+    }
+}
+
+/// A successor that takes the listeners and then dies: the old process, once drained, finds
+/// nobody serving its address and exits 1, so that systemd (Restart=on-failure) starts the node
+/// again instead of recording a clean stop.
+#[test]
+fn an_old_process_whose_successor_died_exits_1() {
+    let up = Upstream::start("gone");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("upgrade.sock");
+    let pid_file = dir.path().join("proxy.pid");
+    let admin = free_addr();
+    let env = |c: &mut Command| {
+        c.env("TOLLGATE_PUBLIC_MCP_URL", "https://mcp.apps.test/mcp")
+            .env("TOLLGATE_METERING_ENABLED", "false")
+            .env("TOLLGATE_UPGRADE_SOCK", &sock);
+    };
+    let (mut old, listen) = start_listening(|listen| {
+        let mut c = bin();
+        env(&mut c);
+        c.args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--route", &format!("g.localhost={}", up.addr)])
+            .arg("--pid-file")
+            .arg(&pid_file);
+        c
+    });
+    let mut reload = Command::new(upgrade_script());
+    env(&mut reload);
+    let status = reload
+        .arg(old.0.id().to_string())
+        .arg(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["proxy", "--listen", &listen.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--route", &format!("g.localhost={}", up.addr)])
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let new_pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    // The successor dies at once, holding the only listening socket.
+    let _ = Command::new("kill").args(["-KILL", &new_pid]).status();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = old.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "old process did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "nobody serves: not a clean stop");
+}

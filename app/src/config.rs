@@ -18,6 +18,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// The proxy's HTTPS listener (docs/operations.md, "TLS certificates").
     pub tls: TlsConfig,
+    /// One line per request (docs/operations.md, "Access log").
+    pub access_log: tollgate_proxy::AccessLogConfig,
     pub admin: AdminConfig,
     pub control: ControlConfig,
     /// Absent: routes come from `[[route]]` alone (single node).
@@ -403,6 +405,7 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_LOG_LEVEL",
     "TOLLGATE_LOG_FORMAT",
     "TOLLGATE_UPGRADE_SOCK",
+    "TOLLGATE_ACCESS_LOG",
     "TOLLGATE_PUBLIC_BASE_DOMAIN",
     "TOLLGATE_CONTROL_ADMIN_LISTEN",
     "TOLLGATE_CONTROL_RUNTIME_IP",
@@ -419,6 +422,7 @@ impl Config {
         cfg.prices
             .prices()
             .and_then(|_| cfg.tls.check())
+            .and_then(|_| cfg.access_log.check())
             .map_err(|message| ConfigError {
                 origin: origin.to_owned(),
                 line: None,
@@ -535,6 +539,14 @@ impl Config {
                 }
                 "TOLLGATE_PUBLIC_BASE_DOMAIN" => {
                     self.public.base_domain = Some(parse_host(&val).map_err(fail)?);
+                }
+                "TOLLGATE_ACCESS_LOG" => {
+                    self.access_log.mode = match val.as_str() {
+                        "off" => tollgate_proxy::AccessLogMode::Off,
+                        "on" => tollgate_proxy::AccessLogMode::On,
+                        "sampled" => tollgate_proxy::AccessLogMode::Sampled,
+                        _ => return Err(fail(format!("'{val}': expected off, on or sampled"))),
+                    }
                 }
                 "TOLLGATE_UPGRADE_SOCK" => self.proxy.upgrade_sock = Some(PathBuf::from(val)),
                 "TOLLGATE_TLS_LISTEN" => self.tls.listen = Some(parse_addr(&val).map_err(fail)?),

@@ -118,6 +118,8 @@ pub async fn control_service(
         }
     });
     let ready_store = store.clone();
+    sup.register_metrics(&agents.metrics)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let control = Control::new(
         store.clone(),
         bundler,
@@ -129,6 +131,7 @@ pub async fn control_service(
             ..ControlConfig::default()
         },
     );
+    control.register_metrics(&agents.metrics)?;
     let mut tasks = Vec::new();
     // Databases before recovery: the deployments it restarts get their database tokens.
     let mut after_runtime = None;
@@ -221,6 +224,7 @@ pub async fn control_service(
     let mcp_cfg = tollgate_mcp::McpConfig {
         allowed_hosts,
         pricing,
+        registry: Some(agents.metrics.clone()),
         ..tollgate_mcp::McpConfig::default()
     };
     let identity: Option<Arc<dyn tollgate_mcp::Identify>> = match agents.dev_identity {

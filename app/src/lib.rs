@@ -31,16 +31,24 @@ pub use settings::{Settings, SettingsError};
 /// `log.level`), text or JSON.
 pub fn init_logging(settings: &Settings) {
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, filter::filter_fn};
     let filter =
         EnvFilter::try_new(&settings.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Pingora's debug records print whole request headers (Authorization, MPP credentials,
+    // cookies) and rmcp's print whole MCP requests (deploy secrets): never below info, whatever
+    // the filter asks (tests/edge.rs::access_log_lines_and_no_secret_in_any_log).
+    let no_secrets = filter_fn(|m| {
+        *m.level() <= tracing::Level::INFO
+            || !(m.target().starts_with("pingora") || m.target().starts_with("rmcp"))
+    });
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match settings.config.log.format {
-        config::LogFormat::Json => builder.json().try_init(),
-        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Json => registry.with(fmt.json().with_filter(no_secrets)).try_init(),
+        config::LogFormat::Text => registry.with(fmt.with_filter(no_secrets)).try_init(),
     };
 }
 

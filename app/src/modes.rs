@@ -78,6 +78,7 @@ pub fn proxy_options(
         upgrade,
         metering: None,
         tls: cfg.tls.clone(),
+        access_log: cfg.access_log.clone(),
     })
 }
 
@@ -128,23 +129,45 @@ fn gate_spec(
 pub fn run_proxy(settings: Settings, upgrade: bool) -> anyhow::Result<()> {
     let rt = runtime_for("tollgate")?;
     let mut signals = rt.block_on(async { Signals::install() })?;
+    signals.upgradable = true;
     let opts = proxy_options(&settings, upgrade, true)?;
+    let mut listens = vec![opts.proxy.listen];
+    listens.extend(opts.tls.listen);
+    if let Some(p) = &settings.pid_file {
+        crate::process::PidFile::check(p)?;
+    }
     let gate = gate_spec(&settings, &settings.proxy_node_id(), None)?;
     // With --upgrade, `start` returns once the old process has handed its listeners over.
     let node = PreparedNode::prepare(opts, gate, rt.handle())?.start(rt.handle())?;
-    let pid_file = match &settings.pid_file {
-        Some(p) => Some(crate::process::PidFile::write(p)?),
-        None => None,
-    };
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
+        // READY (and the PID file the upgrade script waits for) only once every listener
+        // accepts: a listener Pingora could not open leaves the process unready, and it exits.
+        if let Err(e) = crate::process::wait_accepting(&listens).await {
+            node.shutdown(tollgate_proxy::Stop::Fast).await;
+            return Err(e);
+        }
+        let pid_file = settings.pid_file.as_deref().and_then(|p| {
+            crate::process::PidFile::write(p)
+                .map_err(|e| tracing::error!(error = %e, "serving without a PID file"))
+                .ok()
+        });
         signals.reload_on_hangup(node.proxy.certificates());
         crate::process::ready(upgrade);
         let how = signals.next().await;
         node.shutdown(how).await;
+        drop(pid_file);
+        if how == tollgate_proxy::Stop::Upgrade && !crate::process::accepting(listens[0]).await {
+            // The successor took the listeners and is gone (or never served): exit non-zero
+            // so a supervisor (Restart=on-failure) starts the node again.
+            anyhow::bail!(
+                "upgrade: no process serves {} after the hand-over; the new process failed",
+                listens[0]
+            );
+        }
+        Ok(())
     });
-    drop(pid_file);
     rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(())
+    result
 }
 
 /// The shared money store, opened once (payments and the metering node use the same).

@@ -23,14 +23,61 @@ pub(crate) fn ready(upgraded: bool) {
     send(&states);
 }
 
-/// A signal arrived: an upgrade hands over (RELOADING; the successor says READY), every other
-/// stop is the unit stopping.
-pub(crate) fn stopping(how: Stop) {
+/// A signal arrived. A proxy's upgrade hands over (RELOADING; the successor says READY);
+/// every other stop, and SIGQUIT to a process that cannot hand over (control, dev), is the unit
+/// stopping.
+pub(crate) fn stopping(how: Stop, upgradable: bool) {
     match how {
-        Stop::Upgrade => reloading("handing the listeners to the new process"),
-        Stop::Graceful | Stop::Fast => {
-            send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+        Stop::Upgrade if upgradable => reloading("handing the listeners to the new process"),
+        _ => send(&[NotifyState::Stopping, NotifyState::Status("stopping")]),
+    }
+}
+
+/// Waits (at most 10 s) until something accepts connections on each of `addrs` (the
+/// unspecified address is tried on loopback): READY must not come before the listeners.
+pub(crate) async fn wait_accepting(addrs: &[std::net::SocketAddr]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    for addr in addrs {
+        let target = reachable(*addr);
+        loop {
+            let attempt = tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                tokio::net::TcpStream::connect(target),
+            )
+            .await;
+            if matches!(attempt, Ok(Ok(_))) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("nothing accepts connections on {addr} after the start");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+    Ok(())
+}
+
+/// Whether anything accepts on `addr` now (one try, 1 s at most).
+pub(crate) async fn accepting(addr: std::net::SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            tokio::net::TcpStream::connect(reachable(addr)),
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
     }
 }
 
@@ -62,6 +109,20 @@ pub(crate) struct PidFile {
 }
 
 impl PidFile {
+    /// Checks, before anything starts, that the PID file can be written where asked (a process
+    /// that has taken an old one's listeners must not fail on it afterwards).
+    pub(crate) fn check(path: &Path) -> anyhow::Result<()> {
+        let probe = path.with_extension(format!("probe{}", std::process::id()));
+        std::fs::File::create(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot write the PID file {} (--pid-file): {e}",
+                    path.display()
+                )
+            })
+    }
+
     pub(crate) fn write(path: &Path) -> anyhow::Result<PidFile> {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let write = || -> std::io::Result<()> {

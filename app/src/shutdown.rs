@@ -22,6 +22,8 @@ pub(crate) struct Signals {
     int: tokio::signal::unix::Signal,
     quit: tokio::signal::unix::Signal,
     hup: Option<tokio::signal::unix::Signal>,
+    /// SIGQUIT hands the listeners to a successor (a proxy node); else it stops the process.
+    pub(crate) upgradable: bool,
 }
 
 impl Signals {
@@ -32,6 +34,7 @@ impl Signals {
             int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
             quit: signal(SignalKind::quit()).context("SIGQUIT handler")?,
             hup: Some(signal(SignalKind::hangup()).context("SIGHUP handler")?),
+            upgradable: false,
         })
     }
 
@@ -41,7 +44,7 @@ impl Signals {
             _ = self.int.recv() => Stop::Fast,
             _ = self.quit.recv() => Stop::Upgrade,
         };
-        crate::process::stopping(how);
+        crate::process::stopping(how, self.upgradable);
         how
     }
 

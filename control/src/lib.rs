@@ -4,6 +4,7 @@
 pub mod embedded;
 pub mod error;
 pub mod http;
+mod metrics;
 pub mod model;
 pub mod routes;
 pub mod rows;

@@ -7,6 +7,7 @@
 //! verifies MPP credentials (a zero-amount proof for free tools, a session voucher for paid
 //! ones) and answers with the MPP MCP binding (`-32042` and a challenge) when one is missing.
 
+mod metrics;
 mod tools;
 
 use std::sync::Arc;
@@ -126,6 +127,8 @@ pub struct McpConfig {
     pub max_body_bytes: usize,
     /// What a deploy costs; `None`: deploys are free (development without payments).
     pub pricing: Option<DeployPricing>,
+    /// Where tool-call metrics go (`tollgate_mcp_*`); `None`: not measured.
+    pub registry: Option<prometheus::Registry>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +153,7 @@ impl Default for McpConfig {
             allowed_origins: Vec::new(),
             max_body_bytes: 4 * 1024 * 1024,
             pricing: None,
+            registry: None,
         }
     }
 }
@@ -157,6 +161,17 @@ impl Default for McpConfig {
 /// `/mcp`, to merge into the control listener's router.
 pub fn router(control: Arc<Control>, identify: Arc<dyn Identify>, cfg: &McpConfig) -> axum::Router {
     let tools = Arc::new(TollgateMcp::tool_router_shared());
+    let metrics = cfg.registry.as_ref().and_then(|r| {
+        let names = tools
+            .list_all()
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        metrics::McpMetrics::register(r, names)
+            .map_err(|e| tracing::warn!(error = %e, "MCP metrics not registered"))
+            .ok()
+            .map(Arc::new)
+    });
     let pricing = cfg.pricing;
     let svc_cfg = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(false)
@@ -169,7 +184,8 @@ pub fn router(control: Arc<Control>, identify: Arc<dyn Identify>, cfg: &McpConfi
         move || {
             Ok(
                 TollgateMcp::new(control.clone(), identify.clone(), tools.clone())
-                    .with_pricing(pricing),
+                    .with_pricing(pricing)
+                    .with_metrics(metrics.clone()),
             )
         },
         Arc::new(NeverSessionManager::default()),

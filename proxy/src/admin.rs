@@ -18,6 +18,15 @@ pub struct AdminState {
     pub registry: Registry,
     pub table: Arc<RouteTable>,
     pub health: Arc<Health>,
+    pub ready: prometheus::IntGauge,
+}
+
+impl AdminState {
+    fn is_ready(&self) -> (bool, bool, bool) {
+        let synced = self.table.is_synced();
+        let draining = self.health.is_draining();
+        (synced && !draining, synced, draining)
+    }
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -29,6 +38,7 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    s.ready.set(i64::from(s.is_ready().0));
     let mut out = Vec::with_capacity(16 * 1024);
     match TextEncoder::new().encode(&s.registry.gather(), &mut out) {
         Ok(()) => (
@@ -49,9 +59,7 @@ async fn livez() -> &'static str {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let synced = s.table.is_synced();
-    let draining = s.health.is_draining();
-    let ready = synced && !draining;
+    let (ready, synced, draining) = s.is_ready();
     let body = serde_json::json!({
         "ready": ready,
         "routes_synced": synced,

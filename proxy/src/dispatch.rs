@@ -14,6 +14,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use tollgate_balance_cache::Spend;
 use tollgate_routes::{MAX_HOST_LEN, ResolvedRoute, RouteTable, normalize_host};
 
+use crate::access_log::{AccessLog, Decision, Record, loggable_path, now_unix_ms};
 use crate::config::ProxyConfig;
 use crate::gate::{Gate, Redeemed};
 use crate::headers::{
@@ -59,6 +60,7 @@ pub struct Dispatch {
     pub(crate) redirect_port: Option<u16>,
     /// `Strict-Transport-Security` for HTTPS answers.
     pub(crate) hsts: Option<http::HeaderValue>,
+    pub(crate) access_log: Option<Arc<AccessLog>>,
 }
 
 impl Dispatch {
@@ -91,6 +93,7 @@ impl Dispatch {
             hsts: tls
                 .hsts_value()
                 .and_then(|v| http::HeaderValue::from_str(&v).ok()),
+            access_log: None,
         }
     }
 }
@@ -123,6 +126,11 @@ pub struct Ctx {
     tls: bool,
     /// The `Strict-Transport-Security` value every answer on this request carries.
     hsts: Option<http::HeaderValue>,
+    /// What the money gate did (the access log's `decision`).
+    decision: Decision,
+    /// The current upstream attempt began / its response headers took this long.
+    upstream_start: Option<Instant>,
+    upstream_time: Option<Duration>,
     /// Held for the request's lifetime (the runtime's in-flight count).
     _request_guard: Option<Box<dyn Send + Sync>>,
     _in_flight: InFlight,
@@ -158,6 +166,9 @@ impl ProxyHttp for Dispatch {
             receipt: None,
             tls: false,
             hsts: None,
+            decision: Decision::Refused,
+            upstream_start: None,
+            upstream_time: None,
             _request_guard: None,
             _in_flight: InFlight(self.metrics.in_flight.clone()),
         }
@@ -209,10 +220,12 @@ impl ProxyHttp for Dispatch {
         {
             // Before the route and the money gate: a redirect is never charged.
             let location = https_location(host, port, &session.req_header().uri);
+            ctx.decision = Decision::Redirected;
             return redirect(session, ctx, &location).await;
         }
         match self.table.lookup(host) {
             Some(route) => {
+                ctx.decision = Decision::Free;
                 if let Some(gate) = &self.gate
                     && let Some(account) = route.account_id.as_deref()
                 {
@@ -226,6 +239,7 @@ impl ProxyHttp for Dispatch {
                         match desk.redeem(account, &session.req_header().headers).await {
                             Ok(Redeemed::Management(receipt)) => {
                                 ctx.refused = true;
+                                ctx.decision = Decision::Paid;
                                 ctx.route = Some(route);
                                 return respond_management(session, ctx, receipt).await;
                             }
@@ -242,6 +256,7 @@ impl ProxyHttp for Dispatch {
                     }
                     match spend {
                         Spend::Ok => {
+                            ctx.decision = Decision::Paid;
                             gate.metered.inc();
                             if let (Some(hooks), Some(dep)) =
                                 (&gate.hooks, route.deployment_id.as_deref())
@@ -250,6 +265,7 @@ impl ProxyHttp for Dispatch {
                             }
                         }
                         Spend::Suspended => {
+                            ctx.decision = Decision::Suspended;
                             gate.rejected_suspended.inc();
                             ctx.refused = true;
                             let mut p = Problem::suspended(&route.hostname, &gate.top_up);
@@ -264,6 +280,7 @@ impl ProxyHttp for Dispatch {
                             return respond_with(session, ctx, &p, challenge).await;
                         }
                         Spend::Pending | Spend::Unavailable => {
+                            ctx.decision = Decision::Unavailable;
                             gate.rejected_unavailable.inc();
                             ctx.refused = true;
                             ctx.route = Some(route);
@@ -292,6 +309,7 @@ impl ProxyHttp for Dispatch {
             .upstream(ctx.first_pick, ctx.attempts)
             .ok_or_else(|| Error::explain(InternalError, "route without upstreams"))?;
         ctx.attempts += 1;
+        ctx.upstream_start = Some(Instant::now());
         let mut peer = HttpPeer::new(addr, false, String::new());
         let o = &mut peer.options;
         o.connection_timeout = Some(self.connect_timeout);
@@ -420,6 +438,7 @@ impl ProxyHttp for Dispatch {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        ctx.upstream_time = ctx.upstream_start.map(|t| t.elapsed());
         if self.health.is_draining() {
             // Close each client connection after its current response, so that clients open
             // their next one to a node (or upgraded process) that is not going away, instead
@@ -524,6 +543,11 @@ impl ProxyHttp for Dispatch {
         self.metrics
             .duration_seconds
             .observe(ctx.start.elapsed().as_secs_f64());
+        if let Some(log) = &self.access_log
+            && log.wants(status)
+        {
+            log.log(access_record(session, ctx, status));
+        }
         if let Some(e) = e
             && status >= 500
         {
@@ -540,6 +564,54 @@ impl ProxyHttp for Dispatch {
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error) -> bool {
         // `logging` reports failures through tracing with the request id.
         true
+    }
+}
+
+/// The access log's line for this request: nothing from a header value or the query.
+fn access_record(session: &Session, ctx: &Ctx, status: u16) -> Record {
+    let req = session.req_header();
+    let host = match &ctx.route {
+        Some(r) => r.hostname.clone(),
+        // Not a route: the client's Host, only if it is plainly a host name (a log line is
+        // no place for whatever a client sends).
+        None => req
+            .headers
+            .get(http::header::HOST)
+            .map(|h| h.as_bytes())
+            .or(req.uri.host().map(str::as_bytes))
+            .filter(|h| {
+                h.len() <= MAX_HOST_LEN
+                    && h.iter()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(b))
+            })
+            .map_or_else(|| Arc::from("-"), |h| Arc::from(String::from_utf8_lossy(h))),
+    };
+    let metered = matches!(
+        ctx.decision,
+        Decision::Paid | Decision::Suspended | Decision::Unavailable
+    );
+    Record {
+        unix_ms: now_unix_ms(),
+        request_id: ctx.request_id.clone(),
+        host,
+        method: req.method.as_str().to_owned(),
+        path: loggable_path(&req.uri),
+        protocol: match req.version {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        tls: ctx.tls,
+        status,
+        bytes_sent: session.body_bytes_sent() as u64,
+        duration: ctx.start.elapsed(),
+        upstream: ctx.upstream_time,
+        account: if metered {
+            ctx.route.as_ref().and_then(|r| r.account_id.clone())
+        } else {
+            None
+        },
+        decision: ctx.decision,
     }
 }
 

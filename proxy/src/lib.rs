@@ -2,6 +2,7 @@
 //! route table kept in sync with Redis, answers clearly when it cannot, and exposes admin
 //! endpoints for SREs.
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod dispatch;
@@ -13,6 +14,7 @@ pub mod server;
 pub mod tls;
 pub mod usage;
 
+pub use access_log::{AccessLogConfig, AccessLogFormat, AccessLogMode};
 pub use config::{AdminConfig, ProxyConfig, RedisConfig, ShutdownConfig, StaticRoute};
 pub use gate::{Metering, PaymentDesk, Redeemed, Refused, RequestHooks};
 pub use server::{Proxy, ProxyOptions, RunningProxy, Stop};

@@ -10,6 +10,8 @@ pub struct ProxyMetrics {
     by_class: [IntCounter; 6],
     pub duration_seconds: Histogram,
     pub in_flight: IntGauge,
+    /// 1 when the node is ready (routes synced, not draining), as `/readyz` says; set at scrape.
+    pub ready: IntGauge,
     pub upstream_connect_errors: IntCounter,
     pub upstream_timeouts: IntCounter,
     pub upstream_other_errors: IntCounter,
@@ -53,6 +55,11 @@ impl ProxyMetrics {
             "Requests being handled right now.",
         )?;
         registry.register(Box::new(in_flight.clone()))?;
+        let ready = IntGauge::new(
+            "tollgate_ready",
+            "1 when this node is ready (routes loaded, not draining): what /readyz answers",
+        )?;
+        registry.register(Box::new(ready.clone()))?;
 
         let upstream_errors = IntCounterVec::new(
             Opts::new(
@@ -76,6 +83,7 @@ impl ProxyMetrics {
             by_class,
             duration_seconds,
             in_flight,
+            ready,
             upstream_connect_errors: upstream_errors.with_label_values(&["connect"]),
             upstream_timeouts: upstream_errors.with_label_values(&["timeout"]),
             upstream_other_errors: upstream_errors.with_label_values(&["other"]),

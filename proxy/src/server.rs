@@ -41,6 +41,7 @@ pub struct ProxyOptions {
     pub metering: Option<Metering>,
     /// The HTTPS listener (off unless `tls.listen` is set).
     pub tls: TlsConfig,
+    pub access_log: crate::access_log::AccessLogConfig,
 }
 
 /// How a node stops.
@@ -66,6 +67,7 @@ pub struct Proxy {
     admin_listener: TcpListener,
     gate: Option<Gate>,
     certs: Option<Arc<Certificates>>,
+    access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 impl Proxy {
@@ -94,6 +96,13 @@ impl Proxy {
         };
         // SO_REUSEPORT: during an upgrade the new process binds it while the old one still
         // serves it (the old one closes its own as it hands over).
+        if !opts.upgrade {
+            // Only an upgrade shares the port: two nodes configured with one admin address
+            // must not silently split its probes and scrapes.
+            drop(TcpListener::bind(opts.admin.listen).with_context(|| {
+                format!("cannot listen on {} (admin.listen)", opts.admin.listen)
+            })?);
+        }
         let admin_listener = bind_reuseport(opts.admin.listen)
             .with_context(|| format!("cannot listen on {} (admin.listen)", opts.admin.listen))?;
         if !opts.upgrade {
@@ -113,9 +122,11 @@ impl Proxy {
             Some(m) => Some(Gate::new(m, &registry)?),
             None => None,
         };
+        let access_log = crate::access_log::AccessLog::start(&opts.access_log, &registry)?;
         Ok(Proxy {
             gate,
             certs,
+            access_log,
             opts,
             registry,
             table,
@@ -147,6 +158,7 @@ impl Proxy {
             admin_listener,
             gate,
             certs,
+            access_log,
         } = self;
         let (bg_stop, bg_stop_rx) = watch::channel(false);
         let (admin_stop_tx, mut admin_stop) = watch::channel(false);
@@ -156,6 +168,7 @@ impl Proxy {
             registry,
             table: table.clone(),
             health: health.clone(),
+            ready: metrics.ready.clone(),
         };
         let admin_addr = opts.admin.listen;
         let listener = {
@@ -236,7 +249,7 @@ impl Proxy {
         };
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
-        let dispatch = Dispatch::new(
+        let mut dispatch = Dispatch::new(
             &opts.proxy,
             &opts.tls,
             table,
@@ -244,6 +257,7 @@ impl Proxy {
             metrics.clone(),
             gate,
         );
+        dispatch.access_log = access_log;
         let mut service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             dispatch,

@@ -166,7 +166,10 @@ impl Store {
         if let Some(c) = self.exact.get(name) {
             return Some(c);
         }
-        let (_, parent) = name.split_once('.')?;
+        let (label, parent) = name.split_once('.')?;
+        if label.is_empty() {
+            return None;
+        }
         self.wildcard.get(parent)
     }
 
@@ -175,28 +178,41 @@ impl Store {
         let provider = CryptoProvider::get_default()
             .context("no TLS crypto provider is installed")?
             .clone();
-        let mut exact = HashMap::new();
-        let mut wildcard = HashMap::new();
+        // name → (certificate, its end of validity)
+        let mut exact: HashMap<String, (Arc<CertifiedKey>, i64)> = HashMap::new();
+        let mut wildcard: HashMap<String, (Arc<CertifiedKey>, i64)> = HashMap::new();
         let mut default = None;
-        let mut earliest_expiry = i64::MAX;
         for f in files {
             let (key, names, not_after) = load_pair(f, &provider)?;
-            earliest_expiry = earliest_expiry.min(not_after);
             for n in names {
                 let (map, base) = match n.strip_prefix("*.") {
                     Some(base) => (&mut wildcard, base.to_owned()),
                     None => (&mut exact, n),
                 };
-                // The first certificate listed for a name serves it.
-                map.entry(base).or_insert_with(|| key.clone());
+                // Two certificates for one name (a renewal listed beside the old one): the one
+                // valid longer serves it.
+                let e = map.entry(base).or_insert_with(|| (key.clone(), not_after));
+                if not_after > e.1 {
+                    *e = (key.clone(), not_after);
+                }
             }
-            default.get_or_insert(key);
+            default.get_or_insert((key, not_after));
         }
-        let default = default.context("no certificate configured (tls.certificates)")?;
+        let (default, default_expiry) =
+            default.context("no certificate configured (tls.certificates)")?;
+        // The earliest expiry among the certificates that serve something.
+        let earliest_expiry = exact
+            .values()
+            .chain(wildcard.values())
+            .map(|(_, t)| *t)
+            .fold(default_expiry, i64::min);
+        let strip = |m: HashMap<String, (Arc<CertifiedKey>, i64)>| {
+            m.into_iter().map(|(k, (c, _))| (k, c)).collect()
+        };
         Ok(Store {
             count: files.len(),
-            exact,
-            wildcard,
+            exact: strip(exact),
+            wildcard: strip(wildcard),
             default,
             earliest_expiry,
         })
@@ -430,6 +446,49 @@ impl Certificates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key() -> Arc<CertifiedKey> {
+        // Only the choice is under test: any real certificate and key will do.
+        pingora::tls::install_default_crypto_provider();
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x.test".to_owned()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        let key = pingora::tls::PrivateKeyDer::try_from(kp.serialize_der()).unwrap();
+        let provider = CryptoProvider::get_default().unwrap();
+        Arc::new(CertifiedKey::from_der(vec![cert.der().clone()], key, provider).unwrap())
+    }
+
+    #[test]
+    fn names_match_exactly_or_one_label_under_a_wildcard() {
+        let (a, w) = (key(), key());
+        let store = Store {
+            exact: HashMap::from([("shop.example.com".to_owned(), a.clone())]),
+            wildcard: HashMap::from([("apps.test".to_owned(), w.clone())]),
+            default: a.clone(),
+            count: 2,
+            earliest_expiry: 0,
+        };
+        let is = |n: &str, k: &Arc<CertifiedKey>| store.find(n).is_some_and(|f| Arc::ptr_eq(f, k));
+        assert!(is("shop.example.com", &a));
+        assert!(
+            is("SHOP.Example.com.", &a),
+            "case and a trailing dot do not matter"
+        );
+        assert!(is("hello.apps.test", &w));
+        assert!(is("Hello.Apps.Test", &w));
+        for miss in [
+            "a.b.apps.test",
+            "apps.test",
+            ".apps.test",
+            "x.shop.example.com",
+            "other.org",
+            "",
+        ] {
+            assert!(store.find(miss).is_none(), "{miss}");
+        }
+    }
 
     #[test]
     fn settings_that_cannot_work_are_refused() {

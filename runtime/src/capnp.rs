@@ -109,7 +109,7 @@ pub fn render(cfg: &WorkerConfig<'_>) -> String {
 const config :Workerd.Config = (
   services = [
     (name = "main", worker = .tenant),
-    (name = "egress", network = (allow = ["public"], deny = ["private", "local"])){d1_service}
+    (name = "egress", network = (allow = ["public"], deny = ["private", "local"{deny_runtime}])){d1_service}
   ],
   sockets = [ (name = "http", address = {listen}, http = (), service = "main") ],
   structuredLogging = true,
@@ -124,6 +124,14 @@ const tenant :Workerd.Worker = (
 "#,
         module = quote(cfg.module_file),
         listen = quote(&std::net::SocketAddr::from((cfg.listen_ip, 0)).to_string()),
+        // Other tenants' processes listen on this address too: never reachable from tenant
+        // code, whatever class the address is in (a public or global IPv6 pod address).
+        deny_runtime = if cfg.listen_ip.is_loopback() {
+            String::new()
+        } else {
+            let bits = if cfg.listen_ip.is_ipv4() { 32 } else { 128 };
+            format!(", {}", quote(&format!("{}/{bits}", cfg.listen_ip)))
+        },
         date = quote(cfg.compatibility_date),
     )
 }
@@ -135,6 +143,33 @@ mod tests {
     #[test]
     fn quotes_hostile_values() {
         assert_eq!(quote("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\x01\"");
+    }
+
+    #[test]
+    fn tenant_code_cannot_reach_the_runtime_address_of_other_tenants() {
+        let render_on = |ip: std::net::IpAddr| {
+            render(&WorkerConfig {
+                module_file: "worker.js",
+                compatibility_date: "2025-01-01",
+                compatibility_flags: &[],
+                bindings: &BTreeMap::new(),
+                databases: &[],
+                d1: None,
+                listen_ip: ip,
+            })
+        };
+        let local = render_on([127, 0, 0, 1].into());
+        assert!(local.contains(r#"address = "127.0.0.1:0""#), "{local}");
+        assert!(local.contains(r#"deny = ["private", "local"]"#), "{local}");
+        let pod = render_on([203, 0, 113, 7].into());
+        assert!(pod.contains(r#"address = "203.0.113.7:0""#), "{pod}");
+        assert!(
+            pod.contains(r#"deny = ["private", "local", "203.0.113.7/32"]"#),
+            "{pod}"
+        );
+        let v6 = render_on("2001:db8::7".parse().unwrap());
+        assert!(v6.contains(r#"address = "[2001:db8::7]:0""#), "{v6}");
+        assert!(v6.contains(r#""2001:db8::7/128""#), "{v6}");
     }
 
     #[test]

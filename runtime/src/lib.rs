@@ -5,6 +5,7 @@ pub mod capnp;
 pub mod cpu;
 mod instance;
 pub mod logs;
+mod metrics;
 mod supervisor;
 pub mod toolchain;
 

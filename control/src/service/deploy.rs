@@ -23,6 +23,27 @@ impl Control {
         req: DeployRequest,
         steps: Option<&tokio::sync::mpsc::UnboundedSender<&'static str>>,
     ) -> Result<DeployOutcome, ControlError> {
+        let started = std::time::Instant::now();
+        let out = self.run_deploy(owner, req, steps).await;
+        if let Some(m) = self.metrics.get() {
+            let result = match &out {
+                Ok(o) if o.status == DeployStatus::Live => "live",
+                Ok(_) => "failed",
+                // Our fault: counted with the failures SREs act on.
+                Err(e) if e.code == "INTERNAL_ERROR" => "failed",
+                Err(_) => "refused",
+            };
+            m.observe(result, started.elapsed().as_secs_f64());
+        }
+        out
+    }
+
+    async fn run_deploy(
+        &self,
+        owner: &str,
+        req: DeployRequest,
+        steps: Option<&tokio::sync::mpsc::UnboundedSender<&'static str>>,
+    ) -> Result<DeployOutcome, ControlError> {
         let step = |s: &'static str| {
             if let Some(tx) = steps {
                 let _ = tx.send(s);

@@ -165,6 +165,7 @@ pub struct Control {
     /// The per-project SQL databases and where workerd reaches their service; unset when the
     /// host offers none (deploys asking for a database are refused).
     databases: std::sync::OnceLock<DatabaseAccess>,
+    metrics: std::sync::OnceLock<crate::metrics::ControlMetrics>,
 }
 
 /// The database service and where workerd reaches it (`IP:PORT` or `unix:/path`).
@@ -251,7 +252,15 @@ impl Control {
             cfg,
             locks: Mutex::new(HashMap::new()),
             databases: std::sync::OnceLock::new(),
+            metrics: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Exports deploy metrics on `registry` (once).
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let m = crate::metrics::ControlMetrics::register(registry)?;
+        let _ = self.metrics.set(m);
+        Ok(())
     }
 
     /// Offers per-project SQL databases to deployments (once, before serving).

@@ -35,6 +35,7 @@ pub struct TollgateMcp {
     identify: Arc<dyn Identify>,
     tool_router: Arc<ToolRouter<TollgateMcp>>,
     pricing: Option<crate::DeployPricing>,
+    metrics: Option<Arc<crate::metrics::McpMetrics>>,
 }
 
 /// A failed tool: `isError: true`, `{code, message, hint}` as text and in `_meta` (not as
@@ -93,7 +94,13 @@ impl TollgateMcp {
             identify,
             tool_router,
             pricing: None,
+            metrics: None,
         }
+    }
+
+    pub(crate) fn with_metrics(mut self, metrics: Option<Arc<crate::metrics::McpMetrics>>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn prices(&self) -> UsagePrices {
@@ -529,6 +536,25 @@ impl TollgateMcp {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for TollgateMcp {
+    /// The router's dispatch, measured (`tollgate_mcp_tool_calls_total`, `…_duration_seconds`).
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, ErrorData> {
+        let started = std::time::Instant::now();
+        let tool = self
+            .metrics
+            .as_ref()
+            .map(|m| m.tool(&request.name).to_owned());
+        let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        let out = self.tool_router.call(tcc).await;
+        if let (Some(m), Some(tool)) = (&self.metrics, tool) {
+            m.observe(&tool, &out, started.elapsed().as_secs_f64());
+        }
+        out
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("tollgate", env!("CARGO_PKG_VERSION")))

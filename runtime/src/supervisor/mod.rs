@@ -74,6 +74,7 @@ pub(crate) struct Inner {
     pub(crate) deployments: Mutex<HashMap<String, Arc<Deployment>>>,
     pub(crate) cpu_sink: Arc<dyn CpuSink>,
     pub(crate) events: mpsc::UnboundedSender<RuntimeEvent>,
+    pub(crate) metrics: crate::metrics::RuntimeMetrics,
 }
 
 #[derive(Clone)]
@@ -102,7 +103,10 @@ impl Supervisor {
         let cgroups = CgroupRoots::detect(cfg.cgroups, &group);
         tracing::info!(?cgroups, "runtime: cgroup support");
         let (events, rx) = mpsc::unbounded_channel();
+        let metrics = crate::metrics::RuntimeMetrics::new()
+            .map_err(|e| RuntimeError::Io(format!("runtime metrics: {e}")))?;
         let inner = Arc::new(Inner {
+            metrics,
             epoch: Instant::now(),
             cfg,
             toolchain,
@@ -123,6 +127,14 @@ impl Supervisor {
             }
         });
         Ok((Supervisor { inner }, rx))
+    }
+
+    /// Exports the runtime's metrics (processes, starts, exits, cold starts) on `registry`.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> Result<(), RuntimeError> {
+        self.inner
+            .metrics
+            .register(registry)
+            .map_err(|e| RuntimeError::Io(format!("runtime metrics: {e}")))
     }
 
     pub fn config(&self) -> &RuntimeConfig {

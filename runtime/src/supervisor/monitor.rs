@@ -67,6 +67,7 @@ pub(crate) async fn monitor(
                 sp
             }
             Err(failed) => {
+                inner.metrics.start_failed();
                 // A start that never served still ran the tenant's code: bill what it used.
                 let cpu_us = jail.cgroup_cpu_us().unwrap_or(failed.proc_cpu_us);
                 inner.charge(&dep, cpu_us);
@@ -97,6 +98,7 @@ pub(crate) async fn monitor(
         };
         if !jail.holds(sp.pid) {
             // Fail closed: never serve from a process its meter does not see.
+            inner.metrics.start_failed();
             let _ = sp.child.start_kill();
             let _ = sp.child.wait().await;
             let reason =
@@ -133,6 +135,7 @@ pub(crate) async fn monitor(
             });
         }
         let cold_ms = sp.started.elapsed().as_millis() as u64;
+        inner.metrics.started(sp.started.elapsed().as_secs_f64());
         dep.update(|s| {
             s.phase = Phase::Running;
             s.addr = Some(sp.addr);
@@ -211,6 +214,7 @@ pub(crate) async fn monitor(
                 instance::stop(&mut sp.child, cfg.stop_grace).await;
                 inner.take_and_charge(&dep);
                 end_proc(&dep, &meter);
+                inner.metrics.exited("idle");
                 // An interruption asked for meanwhile is moot: the process is gone.
                 dep.killed_unpaid.store(false, Ordering::Release);
                 dep.update(|s| {
@@ -243,6 +247,7 @@ pub(crate) async fn monitor(
                 instance::stop(&mut sp.child, cfg.stop_grace).await;
                 inner.take_and_charge(&dep); // cgroup meters still read after exit
                 end_proc(&dep, &meter);
+                inner.metrics.exited("stopped");
                 finish_stopped(&dep);
                 return;
             }
@@ -256,6 +261,11 @@ pub(crate) async fn monitor(
                 // Both flags are cleared here: one left set would block later kills.
                 let capped = dep.killed_for_cpu.swap(false, Ordering::AcqRel);
                 let unpaid = dep.killed_unpaid.swap(false, Ordering::AcqRel);
+                inner.metrics.exited(match (capped, unpaid) {
+                    (true, _) => "cpu_limit",
+                    (false, true) => "unpaid",
+                    (false, false) => "crashed",
+                });
                 if capped {
                     // Our own kill: restart at once, not counted as a crash.
                     dep.update(|s| {
@@ -346,6 +356,7 @@ pub(crate) async fn give_up(
         }
     });
     if failed {
+        inner.metrics.gave_up();
         tracing::warn!(deployment = %dep.id, %reason, "deployment failed: too many crashes");
         let _ = inner.events.send(RuntimeEvent::Failed {
             deployment_id: dep.id.to_string(),

@@ -1,0 +1,324 @@
+//! The access log: one line per request (or a sample of them), JSON or text, written by a
+//! thread of its own. The request path only fills a small record and hands it over with a
+//! non-blocking `try_send`; a full queue drops the line and counts it
+//! (`tollgate_access_log_dropped_total`), it never makes a request wait.
+//!
+//! What a line holds is chosen so that no secret can reach it: no query string (tokens ride
+//! there), no header value (credentials, cookies), only the path, the host, the method, what
+//! happened and how long it took.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{IntCounter, Registry};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogMode {
+    #[default]
+    Off,
+    On,
+    /// A random `sample_rate` share of requests; every 5xx is logged whatever the sample.
+    Sampled,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    pub mode: AccessLogMode,
+    /// With `mode = "sampled"`: the share of requests logged (0..=1).
+    pub sample_rate: f64,
+    pub format: AccessLogFormat,
+    /// `stdout`, `stderr`, or a file (appended; reopen it by restarting or upgrading the node).
+    pub path: String,
+    /// Lines waiting for the writer; past it lines are dropped and counted.
+    pub queue_lines: usize,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            mode: AccessLogMode::Off,
+            sample_rate: 0.01,
+            format: AccessLogFormat::Json,
+            path: "stdout".into(),
+            queue_lines: 65_536,
+        }
+    }
+}
+
+impl AccessLogConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sample_rate) || self.sample_rate.is_nan() {
+            return Err(format!(
+                "access_log.sample_rate {}: expected 0 to 1",
+                self.sample_rate
+            ));
+        }
+        if self.queue_lines == 0 {
+            return Err("access_log.queue_lines must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the money gate did with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// No owning account: not metered.
+    Free,
+    /// Paid from the owner's balance.
+    Paid,
+    /// 402: the owner's balance is gone.
+    Suspended,
+    /// 503: the money store could not be reached and the lease is spent.
+    Unavailable,
+    /// Answered by the proxy before any route (bad host, unknown host, limits, not ready).
+    Refused,
+    /// 308 to HTTPS.
+    Redirected,
+}
+
+impl Decision {
+    fn as_str(self) -> &'static str {
+        match self {
+            Decision::Free => "free",
+            Decision::Paid => "paid",
+            Decision::Suspended => "suspended",
+            Decision::Unavailable => "unavailable",
+            Decision::Refused => "refused",
+            Decision::Redirected => "redirected",
+        }
+    }
+}
+
+/// One request, as the request path hands it over (owned, no formatting done yet).
+#[derive(Debug)]
+pub struct Record {
+    pub unix_ms: u64,
+    pub request_id: String,
+    pub host: Arc<str>,
+    pub method: String,
+    pub path: String,
+    pub protocol: &'static str,
+    pub tls: bool,
+    pub status: u16,
+    pub bytes_sent: u64,
+    pub duration: Duration,
+    /// Request sent upstream → response headers back.
+    pub upstream: Option<Duration>,
+    pub account: Option<Arc<str>>,
+    pub decision: Decision,
+}
+
+impl Record {
+    fn json(&self) -> String {
+        let mut v = serde_json::json!({
+            "ts_ms": self.unix_ms,
+            "request_id": self.request_id,
+            "host": self.host,
+            "method": self.method,
+            "path": self.path,
+            "protocol": self.protocol,
+            "tls": self.tls,
+            "status": self.status,
+            "bytes": self.bytes_sent,
+            "duration_ms": ms(self.duration),
+            "decision": self.decision.as_str(),
+        });
+        if let Some(u) = self.upstream {
+            v["upstream_ms"] = serde_json::json!(ms(u));
+        }
+        if let Some(a) = &self.account {
+            v["account"] = serde_json::json!(a.as_ref());
+        }
+        v.to_string()
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "{ts} {id} {host} \"{method} {path} {proto}\" {status} {bytes} {dur:.3}ms upstream={up} {decision} account={acct}{tls}",
+            ts = self.unix_ms,
+            id = self.request_id,
+            host = self.host,
+            method = self.method,
+            path = self.path,
+            proto = self.protocol,
+            status = self.status,
+            bytes = self.bytes_sent,
+            dur = ms(self.duration),
+            up = self
+                .upstream
+                .map_or("-".to_owned(), |u| format!("{:.3}ms", ms(u))),
+            decision = self.decision.as_str(),
+            acct = self.account.as_deref().unwrap_or("-"),
+            tls = if self.tls { " tls" } else { "" },
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The path without its query, bounded (a query can carry tokens; a path is the service's).
+pub fn loggable_path(uri: &http::Uri) -> String {
+    let p = uri.path();
+    let mut end = p.len().min(512);
+    while !p.is_char_boundary(end) {
+        end -= 1;
+    }
+    p[..end].to_owned()
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The request path's handle.
+pub struct AccessLog {
+    tx: SyncSender<Record>,
+    mode: AccessLogMode,
+    /// `sample_rate` scaled to u32 (a request is logged when a random u32 is below it).
+    threshold: u32,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    /// Starts the writer thread; `None` when the log is off.
+    pub fn start(
+        cfg: &AccessLogConfig,
+        registry: &Registry,
+    ) -> anyhow::Result<Option<Arc<AccessLog>>> {
+        cfg.check().map_err(anyhow::Error::msg)?;
+        let dropped = IntCounter::new(
+            "tollgate_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind (the request was not slowed)",
+        )?;
+        registry.register(Box::new(dropped.clone()))?;
+        if cfg.mode == AccessLogMode::Off {
+            return Ok(None);
+        }
+        let out: Box<dyn Write + Send> = match cfg.path.as_str() {
+            "stdout" => Box::new(std::io::stdout()),
+            "stderr" => Box::new(std::io::stderr()),
+            p => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(PathBuf::from(p))
+                    .map_err(|e| anyhow::anyhow!("access_log.path {p}: {e}"))?,
+            ),
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_lines);
+        let format = cfg.format;
+        std::thread::Builder::new()
+            .name("tollgate-access-log".into())
+            .spawn(move || write_loop(rx, out, format))?;
+        Ok(Some(Arc::new(AccessLog {
+            tx,
+            mode: cfg.mode,
+            threshold: (cfg.sample_rate * f64::from(u32::MAX)) as u32,
+            dropped,
+        })))
+    }
+
+    /// Whether this request's line is wanted (decided before anything is copied).
+    pub fn wants(&self, status: u16) -> bool {
+        match self.mode {
+            AccessLogMode::Off => false,
+            AccessLogMode::On => true,
+            AccessLogMode::Sampled => status >= 500 || rand::random::<u32>() < self.threshold,
+        }
+    }
+
+    /// Hands the record to the writer, never waiting.
+    pub fn log(&self, r: Record) {
+        match self.tx.try_send(r) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+fn write_loop(rx: Receiver<Record>, out: Box<dyn Write + Send>, format: AccessLogFormat) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        // Drain what is queued, then flush once: one write per burst, not per line.
+        while let Some(r) = next {
+            let line = match format {
+                AccessLogFormat::Json => r.json(),
+                AccessLogFormat::Text => r.text(),
+            };
+            let _ = writeln!(out, "{line}");
+            next = rx.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            unix_ms: 1,
+            request_id: "rid".into(),
+            host: Arc::from("a.localhost"),
+            method: "GET".into(),
+            path: loggable_path(&"/x/y?token=s3cret".parse().unwrap()),
+            protocol: "HTTP/2",
+            tls: true,
+            status: 402,
+            bytes_sent: 10,
+            duration: Duration::from_micros(1500),
+            upstream: None,
+            account: Some(Arc::from("acct")),
+            decision: Decision::Suspended,
+        }
+    }
+
+    #[test]
+    fn a_line_names_what_happened_and_never_the_query() {
+        let j: serde_json::Value = serde_json::from_str(&record().json()).unwrap();
+        assert_eq!(j["path"], "/x/y");
+        assert_eq!(j["decision"], "suspended");
+        assert_eq!(j["account"], "acct");
+        assert_eq!(j["duration_ms"], 1.5);
+        assert!(j.get("upstream_ms").is_none());
+        let t = record().text();
+        assert!(
+            t.contains("\"GET /x/y HTTP/2\" 402 10 1.500ms upstream=- suspended account=acct tls"),
+            "{t}"
+        );
+        assert!(!t.contains("s3cret") && !record().json().contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let c = AccessLogConfig {
+            sample_rate: 1.5,
+            ..AccessLogConfig::default()
+        };
+        assert!(c.check().unwrap_err().contains("sample_rate"));
+    }
+}
