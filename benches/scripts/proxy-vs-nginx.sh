@@ -6,7 +6,8 @@
 # Cases: (1) wrk -> upstream directly, (2) wrk -> nginx reverse proxy -> upstream,
 # (3) wrk -> `tollgate proxy --threads 1` -> upstream, (4) the same with work stealing on,
 # (5) the same as (3) with metering on: the route has an owning account (routes and balances in a
-# redis-server this script starts), so every request goes through the money gate. The system under test is pinned to CPU1;
+# redis-server this script starts), so every request goes through the money gate, (6) the same
+# as (5) with the access log on (JSON lines to a file; its writer thread on the same core). The system under test is pinned to CPU1;
 # wrk (and the upstream, when a proxy is under test) to CPU0. Reps are interleaved (rep 1 of
 # every case, then rep 2, ...) so drift hits every case alike; medians are reported.
 # Needs: nginx (Debian nginx-light), wrk, taskset, a release build of tollgate.
@@ -23,12 +24,14 @@ W=$(mktemp -d)
 OUT=${OUT:-$ROOT/target/bench-proxy}   # raw wrk outputs are kept here
 rm -rf "$OUT"; mkdir -p "$OUT"
 UP=18081; NGX=18082; TG=18083; TGA=18093; TG2=18084; TGA2=18094; TGM=18085; TGMA=18095; RDS=18096
+TGL=18086; TGLA=18097
 cleanup() {
   [[ -f $W/up/nginx.pid ]] && kill "$(cat "$W/up/nginx.pid")" 2>/dev/null || true
   [[ -f $W/rp/nginx.pid ]] && kill "$(cat "$W/rp/nginx.pid")" 2>/dev/null || true
   [[ -n ${TGPID:-} ]] && kill -INT "$TGPID" 2>/dev/null || true
   [[ -n ${TG2PID:-} ]] && kill -INT "$TG2PID" 2>/dev/null || true
   [[ -n ${TGMPID:-} ]] && kill -INT "$TGMPID" 2>/dev/null || true
+  [[ -n ${TGLPID:-} ]] && kill -INT "$TGLPID" 2>/dev/null || true
   [[ -n ${RDSPID:-} ]] && kill "$RDSPID" 2>/dev/null || true
   sleep 0.3; rm -rf "$W"
 }
@@ -56,7 +59,12 @@ for _ in $(seq 100); do redis-cli -p $RDS ping >/dev/null 2>&1 && break; sleep 0
 TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false TOLLGATE_NODE_ID=bench-metered "$BIN" proxy --listen 127.0.0.1:$TGM \
   --admin-listen 127.0.0.1:$TGMA --threads 1 --base-domain localhost --redis redis://127.0.0.1:$RDS/ >"$W/tgm.log" 2>&1 &
 TGMPID=$!
-for p in $UP $NGX $TG $TG2 $TGM; do
+printf '[access_log]\nmode = "on"\nformat = "json"\npath = "%s"\n' "$W/access.log" > "$W/access.toml"
+TOLLGATE_LOG=warn TOLLGATE_PROXY_WORK_STEALING=false TOLLGATE_NODE_ID=bench-logged \
+  "$BIN" proxy --config "$W/access.toml" --listen 127.0.0.1:$TGL \
+  --admin-listen 127.0.0.1:$TGLA --threads 1 --base-domain localhost --redis redis://127.0.0.1:$RDS/ >"$W/tgl.log" 2>&1 &
+TGLPID=$!
+for p in $UP $NGX $TG $TG2 $TGM $TGL; do
   for _ in $(seq 100); do curl -sf -H 'Host: bench.localhost' "http://127.0.0.1:$p/" >/dev/null && break; sleep 0.05; done
 done
 UPPID=$(cat "$W/up/nginx.pid"); RPPID=$(cat "$W/rp/nginx.pid")
@@ -66,21 +74,23 @@ run_case() { # name port sut_pid_or_empty
   local name=$1 port=$2
   if [[ $name == direct ]]; then pin 1 "$UPPID"; else pin 0 "$UPPID"; fi
   # Only the system under test gets CPU1; every idle server waits on CPU0.
-  pin 0 "$RPPID"; pin 0 "$TGPID"; pin 0 "$TG2PID"; pin 0 "$TGMPID"; pin 0 "$RDSPID"
+  pin 0 "$RPPID"; pin 0 "$TGPID"; pin 0 "$TG2PID"; pin 0 "$TGMPID"; pin 0 "$TGLPID"; pin 0 "$RDSPID"
   case $name in
     nginx) pin 1 "$RPPID" ;;
     tollgate) pin 1 "$TGPID" ;;
     tollgate_steal) pin 1 "$TG2PID" ;;
     tollgate_metered) pin 1 "$TGMPID" ;;
+    tollgate_logged) pin 1 "$TGLPID" ;;
   esac
   taskset -c 0 wrk -t1 -c64 -d2s -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null
   taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench.localhost' "http://127.0.0.1:$port/" > "$OUT/$name.$rep.txt"
 }
 for rep in $(seq "$REPS"); do
-  for c in direct:$UP nginx:$NGX tollgate:$TG tollgate_steal:$TG2 tollgate_metered:$TGM; do run_case "${c%%:*}" "${c##*:}"; done
+  for c in direct:$UP nginx:$NGX tollgate:$TG tollgate_steal:$TG2 tollgate_metered:$TGM tollgate_logged:$TGL; do run_case "${c%%:*}" "${c##*:}"; done
 done
 
-python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_steal tollgate_metered
+python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_steal tollgate_metered tollgate_logged
+echo "access log lines written: $(wc -l < "$W/access.log")"
 # Every metered request was paid: the ledger shows it once the node has settled.
 sleep 0.5
 "$BIN" accounts show --redis redis://127.0.0.1:$RDS/ acct-bench

@@ -125,27 +125,43 @@ pub struct Record {
 }
 
 impl Record {
-    fn json(&self) -> String {
-        let mut v = serde_json::json!({
-            "ts_ms": self.unix_ms,
-            "request_id": self.request_id,
-            "host": self.host,
-            "method": self.method,
-            "path": self.path,
-            "protocol": self.protocol,
-            "tls": self.tls,
-            "status": self.status,
-            "bytes": self.bytes_sent,
-            "duration_ms": ms(self.duration),
-            "decision": self.decision.as_str(),
-        });
+    /// One JSON object, written into `out` by hand (no intermediate value: this runs for every
+    /// request on the writer thread).
+    fn json_into(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{{\"ts_ms\":{},\"request_id\":", self.unix_ms);
+        json_str(out, &self.request_id);
+        out.push_str(",\"host\":");
+        json_str(out, &self.host);
+        out.push_str(",\"method\":");
+        json_str(out, &self.method);
+        out.push_str(",\"path\":");
+        json_str(out, &self.path);
+        let _ = write!(
+            out,
+            ",\"protocol\":\"{}\",\"tls\":{},\"status\":{},\"bytes\":{},\"duration_ms\":{:.3},\"decision\":\"{}\"",
+            self.protocol,
+            self.tls,
+            self.status,
+            self.bytes_sent,
+            ms(self.duration),
+            self.decision.as_str()
+        );
         if let Some(u) = self.upstream {
-            v["upstream_ms"] = serde_json::json!(ms(u));
+            let _ = write!(out, ",\"upstream_ms\":{:.3}", ms(u));
         }
         if let Some(a) = &self.account {
-            v["account"] = serde_json::json!(a.as_ref());
+            out.push_str(",\"account\":");
+            json_str(out, a);
         }
-        v.to_string()
+        out.push('}');
+    }
+
+    #[cfg(test)]
+    fn json(&self) -> String {
+        let mut s = String::new();
+        self.json_into(&mut s);
+        s
     }
 
     fn text(&self) -> String {
@@ -168,6 +184,23 @@ impl Record {
             tls = if self.tls { " tls" } else { "" },
         )
     }
+}
+
+/// A JSON string: quotes, backslashes and control characters escaped.
+fn json_str(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 fn ms(d: Duration) -> f64 {
@@ -197,6 +230,9 @@ pub struct AccessLog {
     /// `sample_rate` scaled to u32 (a request is logged when a random u32 is below it).
     threshold: u32,
     dropped: IntCounter,
+    /// Tells the writer to write what is left and stop; its thread, joined by `finish`.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl AccessLog {
@@ -227,14 +263,18 @@ impl AccessLog {
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_lines);
         let format = cfg.format;
-        std::thread::Builder::new()
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_writer = stop.clone();
+        let writer = std::thread::Builder::new()
             .name("tollgate-access-log".into())
-            .spawn(move || write_loop(rx, out, format))?;
+            .spawn(move || write_loop(rx, out, format, &stop_writer))?;
         Ok(Some(Arc::new(AccessLog {
             tx,
             mode: cfg.mode,
             threshold: (cfg.sample_rate * f64::from(u32::MAX)) as u32,
             dropped,
+            stop,
+            writer: std::sync::Mutex::new(Some(writer)),
         })))
     }
 
@@ -247,6 +287,15 @@ impl AccessLog {
         }
     }
 
+    /// At shutdown, after the drain: the lines still queued are written and flushed.
+    pub fn finish(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+    }
+
     /// Hands the record to the writer, never waiting.
     pub fn log(&self, r: Record) {
         match self.tx.try_send(r) {
@@ -256,22 +305,50 @@ impl AccessLog {
     }
 }
 
-fn write_loop(rx: Receiver<Record>, out: Box<dyn Write + Send>, format: AccessLogFormat) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        // Drain what is queued, then flush once: one write per burst, not per line.
-        while let Some(r) = next {
-            let line = match format {
-                AccessLogFormat::Json => r.json(),
-                AccessLogFormat::Text => r.text(),
-            };
-            let _ = writeln!(out, "{line}");
-            next = rx.try_recv().ok();
+/// Wakes every `TICK`, writes what is queued and flushes once. It never blocks in `recv`, so a
+/// request's `try_send` never has a sleeping writer to wake (no context switch per request).
+const TICK: Duration = Duration::from_millis(25);
+
+fn write_loop(
+    rx: Receiver<Record>,
+    out: Box<dyn Write + Send>,
+    format: AccessLogFormat,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, out);
+    let mut line = String::with_capacity(512);
+    loop {
+        let last = stop.load(std::sync::atomic::Ordering::Acquire);
+        if !last {
+            std::thread::sleep(TICK);
         }
-        let _ = out.flush();
+        let mut wrote = false;
+        loop {
+            match rx.try_recv() {
+                Ok(r) => {
+                    line.clear();
+                    match format {
+                        AccessLogFormat::Json => r.json_into(&mut line),
+                        AccessLogFormat::Text => line.push_str(&r.text()),
+                    }
+                    line.push('\n');
+                    let _ = out.write_all(line.as_bytes());
+                    wrote = true;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
+            }
+        }
+        if wrote {
+            let _ = out.flush();
+        }
+        if last {
+            return;
+        }
     }
-    let _ = out.flush();
 }
 
 #[cfg(test)]
@@ -311,6 +388,14 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("s3cret") && !record().json().contains("s3cret"));
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut r = record();
+        r.request_id = "a\"b\\c\n".into();
+        let j: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
+        assert_eq!(j["request_id"], "a\"b\\c\n");
     }
 
     #[test]

@@ -543,11 +543,6 @@ impl ProxyHttp for Dispatch {
         self.metrics
             .duration_seconds
             .observe(ctx.start.elapsed().as_secs_f64());
-        if let Some(log) = &self.access_log
-            && log.wants(status)
-        {
-            log.log(access_record(session, ctx, status));
-        }
         if let Some(e) = e
             && status >= 500
         {
@@ -559,6 +554,12 @@ impl ProxyHttp for Dispatch {
                 "request failed"
             );
         }
+        // Last: the record takes the request id.
+        if let Some(log) = &self.access_log
+            && log.wants(status)
+        {
+            log.log(access_record(session, ctx, status));
+        }
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error) -> bool {
@@ -568,7 +569,7 @@ impl ProxyHttp for Dispatch {
 }
 
 /// The access log's line for this request: nothing from a header value or the query.
-fn access_record(session: &Session, ctx: &Ctx, status: u16) -> Record {
+fn access_record(session: &Session, ctx: &mut Ctx, status: u16) -> Record {
     let req = session.req_header();
     let host = match &ctx.route {
         Some(r) => r.hostname.clone(),
@@ -592,7 +593,8 @@ fn access_record(session: &Session, ctx: &Ctx, status: u16) -> Record {
     );
     Record {
         unix_ms: now_unix_ms(),
-        request_id: ctx.request_id.clone(),
+        // The request is over: its id moves into the record.
+        request_id: std::mem::take(&mut ctx.request_id),
         host,
         method: req.method.as_str().to_owned(),
         path: loggable_path(&req.uri),

@@ -257,7 +257,7 @@ impl Proxy {
             metrics.clone(),
             gate,
         );
-        dispatch.access_log = access_log;
+        dispatch.access_log = access_log.clone();
         let mut service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             dispatch,
@@ -297,6 +297,7 @@ impl Proxy {
             tls_addr: opts.tls.listen,
             admin: opts.admin.listen,
             certs,
+            access_log,
             admin_stop: admin_stop_tx,
             health,
             in_flight: metrics.in_flight.clone(),
@@ -317,6 +318,7 @@ pub struct RunningProxy {
     pub tls_addr: Option<SocketAddr>,
     pub admin: SocketAddr,
     certs: Option<Arc<Certificates>>,
+    access_log: Option<Arc<crate::access_log::AccessLog>>,
     admin_stop: watch::Sender<bool>,
     health: Arc<Health>,
     in_flight: prometheus::IntGauge,
@@ -399,6 +401,10 @@ impl RunningProxy {
     pub async fn stop_background(self) {
         let _ = self.bg_stop.send(true);
         let _ = self.admin_stop.send(true);
+        if let Some(log) = self.access_log.clone() {
+            // Requests are drained: what is queued is written before the process exits.
+            let _ = tokio::task::spawn_blocking(move || log.finish()).await;
+        }
         for t in self.background {
             if tokio::time::timeout(Duration::from_secs(10), t)
                 .await
