@@ -245,17 +245,7 @@ fn upgrade_under_traffic(
     let new = Proc(make(listen, true).spawn().unwrap());
     std::thread::sleep(Duration::from_millis(500));
     signal(&old.0, "-QUIT");
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = old.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "old process did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut old.0, Duration::from_secs(15), "the old process");
     assert_eq!(status.code(), Some(0));
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -475,15 +465,7 @@ fn control_command_serves_and_stops_on_sigterm() {
         ),
     )
     .unwrap();
-    let out = bin()
-        .env(
-            "TOLLGATE_PAYMENTS_SECRET",
-            "a-32-byte-or-longer-secret-for-hmac!",
-        )
-        .env(
-            "TOLLGATE_PAYEE_KEY",
-            "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
-        )
+    let out = with_payment_secrets(&mut bin())
         .args(["control", "--config"])
         .arg(&test_cfg)
         .stderr(Stdio::piped())
@@ -497,15 +479,7 @@ fn control_command_serves_and_stops_on_sigterm() {
     );
     drop(chain);
     let mut p = Proc(
-        bin()
-            .env(
-                "TOLLGATE_PAYMENTS_SECRET",
-                "a-32-byte-or-longer-secret-for-hmac!",
-            )
-            .env(
-                "TOLLGATE_PAYEE_KEY",
-                "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
-            )
+        with_payment_secrets(&mut bin())
             .args(["control", "--config"])
             .arg(&cfg)
             .spawn()

@@ -334,17 +334,7 @@ fn the_units_reload_upgrades_under_load_with_zero_failed_requests() {
     assert_ne!(new_pid, old_pid);
     // Not our child: killed if the test fails before it stops it.
     let _new = KillOnDrop(new_pid);
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = old.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "old process did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut old.0, Duration::from_secs(20), "the old process");
     assert_eq!(status.code(), Some(0));
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -618,16 +608,6 @@ fn an_old_process_whose_successor_died_exits_1() {
         .to_owned();
     // The successor dies at once, holding the only listening socket.
     let _ = Command::new("kill").args(["-KILL", &new_pid]).status();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = old.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "old process did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut old.0, Duration::from_secs(20), "the old process");
     assert_eq!(status.code(), Some(1), "nobody serves: not a clean stop");
 }

@@ -214,6 +214,19 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A deploy whose code throws at start: it goes through the pipeline and fails.
+    let out = Command::new("node")
+        .arg(js.join("call.mjs"))
+        .arg(format!("http://{control}/mcp"))
+        .arg("deploy_project")
+        .arg(r#"{"project_name":"boom","files":{"src/index.ts":"throw new Error('boom at start'); export default { fetch() { return new Response('no') } }"}}"#)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("error"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // `tollgate proxy` with TLS on the same Redis: it serves the same route.
     let (proxy_admin, proxy_tls) = (free_addr(), free_addr());
@@ -274,15 +287,7 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     )
     .unwrap();
     let mut ctl_proc = Proc(
-        bin()
-            .env(
-                "TOLLGATE_PAYMENTS_SECRET",
-                "a-32-byte-or-longer-secret-for-hmac!",
-            )
-            .env(
-                "TOLLGATE_PAYEE_KEY",
-                "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
-            )
+        with_payment_secrets(&mut bin())
             .args(["control", "--config"])
             .arg(&cfg)
             .spawn()
@@ -301,6 +306,25 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         ("proxy", scrape(proxy_admin)),
         ("control", scrape(ctl_admin)),
     ];
+    // The values behind the names: what happened above is what the dev process counted.
+    let dev_text = &scrapes[0].1;
+    let value = |series: &str| -> f64 {
+        dev_text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in the dev scrape"))
+    };
+    assert_eq!(value("tollgate_deploys_total{result=\"live\"}"), 1.0);
+    assert_eq!(value("tollgate_deploys_total{result=\"failed\"}"), 1.0);
+    assert_eq!(
+        value("tollgate_mcp_tool_calls_total{result=\"ok\",tool=\"deploy_project\"}"),
+        1.0
+    );
+    assert!(value("tollgate_runtime_starts_total{result=\"ok\"}") >= 1.0);
+    assert_eq!(value("tollgate_runtime_processes"), 1.0);
+    assert_eq!(value("tollgate_ready"), 1.0);
+    assert!(value("tollgate_metered_requests_total") >= 20.0);
+
     let mut problems = Vec::new();
     for (process, text) in &scrapes {
         let exported = parse(text);

@@ -131,8 +131,8 @@ pub fn run_proxy(settings: Settings, upgrade: bool) -> anyhow::Result<()> {
     let mut signals = rt.block_on(async { Signals::install() })?;
     signals.upgradable = true;
     let opts = proxy_options(&settings, upgrade, true)?;
-    let mut listens = vec![opts.proxy.listen];
-    listens.extend(opts.tls.listen);
+    // The plain listener only: a probe of the TLS one would log a failed handshake.
+    let listens = vec![opts.proxy.listen];
     if let Some(p) = &settings.pid_file {
         crate::process::PidFile::check(p)?;
     }
@@ -160,7 +160,7 @@ pub fn run_proxy(settings: Settings, upgrade: bool) -> anyhow::Result<()> {
             // The successor took the listeners and is gone (or never served): exit non-zero
             // so a supervisor (Restart=on-failure) starts the node again.
             anyhow::bail!(
-                "upgrade: no process serves {} after the hand-over; the new process failed",
+                "upgrade: no process holds {} after the hand-over (the new process is gone)",
                 listens[0]
             );
         }

@@ -34,6 +34,9 @@ impl ControlMetrics {
 
     pub(crate) fn observe(&self, result: &'static str, seconds: f64) {
         self.deploys.with_label_values(&[result]).inc();
-        self.duration.observe(seconds);
+        // Refusals take no time worth a histogram (and would drown the deploys that ran).
+        if result != "refused" {
+            self.duration.observe(seconds);
+        }
     }
 }

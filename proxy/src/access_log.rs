@@ -3,9 +3,9 @@
 //! non-blocking `try_send`; a full queue drops the line and counts it
 //! (`tollgate_access_log_dropped_total`), it never makes a request wait.
 //!
-//! What a line holds is chosen so that no secret can reach it: no query string (tokens ride
-//! there), no header value (credentials, cookies), only the path, the host, the method, what
-//! happened and how long it took.
+//! What a line holds keeps credentials out: no query string (tokens ride there), no header value
+//! (credentials, cookies); the path (up to 512 bytes, escaped), the host, the method, what
+//! happened and how long it took. A service that puts secrets in its paths gets them logged.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -68,8 +68,8 @@ impl AccessLogConfig {
                 self.sample_rate
             ));
         }
-        if self.queue_lines == 0 {
-            return Err("access_log.queue_lines must be at least 1".into());
+        if !(1..=1 << 20).contains(&self.queue_lines) {
+            return Err("access_log.queue_lines must be 1 to 1048576".into());
         }
         Ok(())
     }
@@ -165,13 +165,17 @@ impl Record {
     }
 
     fn text(&self) -> String {
+        // The path between quotes: escaped like a JSON string (HTTP/2 paths may hold `"`).
+        let mut path = String::with_capacity(self.path.len() + 2);
+        json_str(&mut path, &self.path);
+        let path = &path[1..path.len() - 1];
         format!(
             "{ts} {id} {host} \"{method} {path} {proto}\" {status} {bytes} {dur:.3}ms upstream={up} {decision} account={acct}{tls}",
             ts = self.unix_ms,
             id = self.request_id,
             host = self.host,
             method = self.method,
-            path = self.path,
+            path = path,
             proto = self.protocol,
             status = self.status,
             bytes = self.bytes_sent,
@@ -194,7 +198,10 @@ fn json_str(out: &mut String, s: &str) {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
+            // Control characters, and the ones some readers take for line breaks.
+            c if (c as u32) < 0x20
+                || matches!(c, '\u{7f}'..='\u{9f}' | '\u{2028}' | '\u{2029}') =>
+            {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),
@@ -283,7 +290,11 @@ impl AccessLog {
         match self.mode {
             AccessLogMode::Off => false,
             AccessLogMode::On => true,
-            AccessLogMode::Sampled => status >= 500 || rand::random::<u32>() < self.threshold,
+            AccessLogMode::Sampled => {
+                status >= 500
+                    || self.threshold == u32::MAX
+                    || rand::random::<u32>() < self.threshold
+            }
         }
     }
 

@@ -402,8 +402,15 @@ impl RunningProxy {
         let _ = self.bg_stop.send(true);
         let _ = self.admin_stop.send(true);
         if let Some(log) = self.access_log.clone() {
-            // Requests are drained: what is queued is written before the process exits.
-            let _ = tokio::task::spawn_blocking(move || log.finish()).await;
+            // Requests are drained: what is queued is written before the process exits (at
+            // most 2 s: a stalled log pipe must not hold the shutdown).
+            let done = tokio::task::spawn_blocking(move || log.finish());
+            if tokio::time::timeout(Duration::from_secs(2), done)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the access log writer did not finish in 2 s; lines may be lost");
+            }
         }
         for t in self.background {
             if tokio::time::timeout(Duration::from_secs(10), t)

@@ -140,3 +140,27 @@ pub fn listen_on(c: &mut Command, proxy: SocketAddr, control: SocketAddr) {
         .args(["--control-listen", &control.to_string()])
         .args(["--admin-listen", &free_addr().to_string()]);
 }
+
+/// Waits (at most `within`) for `child` to exit on its own; its status.
+pub fn wait_exit(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The payment secrets `tollgate control` takes from its environment (test values).
+pub fn with_payment_secrets(c: &mut Command) -> &mut Command {
+    c.env(
+        "TOLLGATE_PAYMENTS_SECRET",
+        "a-32-byte-or-longer-secret-for-hmac!",
+    )
+    .env(
+        "TOLLGATE_PAYEE_KEY",
+        "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+    )
+}

@@ -29,8 +29,9 @@ impl Control {
             let result = match &out {
                 Ok(o) if o.status == DeployStatus::Live => "live",
                 Ok(_) => "failed",
-                // Our fault: counted with the failures SREs act on.
-                Err(e) if e.code == "INTERNAL_ERROR" => "failed",
+                // Went through the pipeline and did not go live (the code crashed at start, the
+                // runtime or the route write failed), or a platform fault.
+                Err(e) if e.code == "DEPLOY_FAILED" || e.code == "INTERNAL_ERROR" => "failed",
                 Err(_) => "refused",
             };
             m.observe(result, started.elapsed().as_secs_f64());
