@@ -532,22 +532,7 @@ fn an_agent_deploys_over_mcp_in_dev_and_its_url_answers_through_the_proxy() {
             .success()
     );
 
-    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
-    assert!(
-        js.join("node_modules/@modelcontextprotocol/sdk").exists(),
-        "run scripts/deps.sh"
-    );
-    let out = Command::new("node")
-        .arg(js.join("deploy.mjs"))
-        .arg(format!("http://{control}/mcp"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deployed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let deployed = deploy_hello(control);
     assert_eq!(deployed["status"], "live", "{deployed}");
     let url = deployed["url"].as_str().unwrap().to_owned();
     assert_eq!(
@@ -588,18 +573,7 @@ fn without_redis_dev_runs_the_whole_path_on_its_embedded_stores() {
         c
     });
     wait_for_control(control, &mut dev);
-    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
-    let out = Command::new("node")
-        .arg(js.join("deploy.mjs"))
-        .arg(format!("http://{control}/mcp"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deployed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let deployed = deploy_hello(control);
     let url = deployed["url"].as_str().unwrap_or_default().to_owned();
     let c = reqwest::blocking::Client::builder()
         .resolve("hello-agent.localhost", proxy)
@@ -713,8 +687,8 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match c.get(&url).send() {
                     Ok(r) if r.status() == 200 => ok += 1,
-                    Ok(r) => bad.push(r.status().as_u16()),
-                    Err(e) => bad.push(if e.is_timeout() { 1 } else { 0 }),
+                    Ok(r) => bad.push(format!("{} {}", r.status(), r.text().unwrap_or_default())),
+                    Err(e) => bad.push(e.to_string()),
                 }
             }
             (ok, bad)
@@ -800,7 +774,14 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     .to_string();
     let d = mppx_as(OWNER2, &["mcp", &mcp, "deploy_project", &thin_args, "1"]);
     assert_eq!(d[0]["structured"]["status"], "live", "{d:?}");
-    assert_eq!(d[0]["structured"]["balance_usd"], "0.000002", "{d:?}");
+    // $0.000002 left, less the new process's start-up CPU if a sample settled before the
+    // answer (timing): at most a few ms of CPU.
+    let left: f64 = d[0]["structured"]["balance_usd"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((-0.001..=0.000002).contains(&left), "{d:?}");
     let thin = d[0]["structured"]["url"].as_str().unwrap().to_owned();
     let mut served = 0;
     let suspended = loop {

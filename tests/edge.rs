@@ -453,18 +453,7 @@ fn an_agent_deploys_over_mcp_and_its_https_url_answers_over_http2() {
         c
     });
     wait_for_control(control, &mut dev);
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
-    let out = Command::new("node")
-        .arg(js.join("deploy.mjs"))
-        .arg(format!("http://{control}/mcp"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deployed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let deployed = deploy_hello(control);
     assert_eq!(deployed["status"], "live", "{deployed}");
     assert_eq!(
         deployed["url"], "https://hello-agent.apps.test",

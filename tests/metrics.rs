@@ -203,17 +203,8 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
             .success()
     );
     // An MCP deploy (runtime, control, MCP), then requests to it (proxy, metering).
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
-    let out = Command::new("node")
-        .arg(js.join("deploy.mjs"))
-        .arg(format!("http://{control}/mcp"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let js = mcp_js();
+    assert_eq!(deploy_hello(control)["status"], "live");
     // A deploy whose code throws at start: it goes through the pipeline and fails.
     let out = Command::new("node")
         .arg(js.join("call.mjs"))

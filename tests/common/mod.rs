@@ -164,3 +164,28 @@ pub fn with_payment_secrets(c: &mut Command) -> &mut Command {
         "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
     )
 }
+
+/// The official MCP TypeScript SDK scripts of mcp/tests/js (installed by scripts/deps.sh).
+pub fn mcp_js() -> std::path::PathBuf {
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tests/js");
+    assert!(
+        js.join("node_modules/@modelcontextprotocol/sdk").exists(),
+        "run scripts/deps.sh"
+    );
+    js
+}
+
+/// An agent deploys `hello-agent` over MCP (mcp/tests/js/deploy.mjs): its structured result.
+pub fn deploy_hello(control: SocketAddr) -> serde_json::Value {
+    let out = Command::new("node")
+        .arg(mcp_js().join("deploy.mjs"))
+        .arg(format!("http://{control}/mcp"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
