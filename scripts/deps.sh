@@ -6,7 +6,7 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)               # pingora's zlib
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server) # tests start their own
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)                 # the edge tests' HTTP/2 client
-python3 -c 'import yaml' >/dev/null 2>&1 || need+=(python3-yaml) # scripts/check-observability
+/usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || need+=(python3-yaml) # scripts/check-observability
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)       # promtool for scripts/check-observability (the package also enables a Prometheus server on :9090)
 if ((${#need[@]})); then
   echo "tollgate: installing ${need[*]} (apt-get)" >&2
