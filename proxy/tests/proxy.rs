@@ -474,3 +474,23 @@ async fn graceful_stop_fails_readyz_and_finishes_in_flight() {
         .unwrap();
     assert!(took < Duration::from_secs(6), "stop took {took:?}");
 }
+
+/// W3C trace context: a client's `traceparent` and `tracestate` reach the upstream unchanged, so
+/// a hosted service joins the caller's trace (the proxy records no span of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_reaches_the_upstream_unchanged() {
+    let up = Upstream::start("trace");
+    let node = Node::start(options(None, &[("t.localhost", up.addr)]));
+    let c = node.client(&["t.localhost"]);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = c
+        .get(node.url("t.localhost", "/headers"))
+        .header("traceparent", parent)
+        .header("tracestate", "vendor=opaque")
+        .send()
+        .await
+        .unwrap();
+    let h: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(h["traceparent"][0], parent, "{h}");
+    assert_eq!(h["tracestate"][0], "vendor=opaque", "{h}");
+}
