@@ -11,13 +11,22 @@ http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000; client
   server { listen 127.0.0.1:$UP reuseport backlog=4096;
     location / { default_type text/plain; return 200 "hello\n"; } } }
 CONF
-cat > "$W/rp.conf" <<CONF
-worker_processes 1; pid rp/nginx.pid; error_log rp/error.log warn; daemon on;
-events { worker_connections 4096; multi_accept on; }
+write_nginx_proxy_conf "$W" rp "$UP" "listen 127.0.0.1:$NGX reuseport backlog=4096;"
+}
+
+# nginx as a reverse proxy to UPSTREAM_PORT, the same for every benchmark; LISTEN_LINE says how
+# it listens (plain, or TLS + HTTP/2 with its certificate lines).
+#   write_nginx_proxy_conf DIR NAME UPSTREAM_PORT LISTEN_LINE [WORKER_CONNECTIONS]
+#     → DIR/NAME.conf (pid in DIR/NAME/)
+write_nginx_proxy_conf() {
+local W=$1 NAME=$2 UP=$3 LISTEN=$4 CONNS=${5:-4096}
+cat > "$W/$NAME.conf" <<CONF
+worker_processes 1; pid $NAME/nginx.pid; error_log $NAME/error.log warn; daemon on;
+events { worker_connections $CONNS; multi_accept on; }
 http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
-  client_body_temp_path rp/tmp; proxy_temp_path rp/tmp;
+  client_body_temp_path $NAME/tmp; proxy_temp_path $NAME/tmp;
   upstream hello_up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; keepalive_timeout 60s; }
-  server { listen 127.0.0.1:$NGX reuseport backlog=4096;
+  server { $LISTEN
     location / { proxy_pass http://hello_up; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host \$host; proxy_buffering on;
       add_header X-Request-Id \$request_id always; } } }

@@ -48,20 +48,10 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -subj /CN=bench.test -addext "subjectAltName=DNS:*.bench.test" \
   -keyout "$W/key.pem" -out "$W/cert.pem" 2>/dev/null
 
-cat > "$W/tls.conf" <<CONF
-worker_processes 1; pid tls/nginx.pid; error_log tls/error.log warn; daemon on;
-events { worker_connections 8192; multi_accept on; }
-http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
-  client_body_temp_path tls/tmp; proxy_temp_path tls/tmp;
-  upstream hello_up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; keepalive_timeout 60s; }
-  server { listen 127.0.0.1:$NGXS ssl http2 reuseport backlog=8192;
+write_nginx_proxy_conf "$W" tls "$UP" "listen 127.0.0.1:$NGXS ssl http2 reuseport backlog=8192;
     ssl_certificate $W/cert.pem; ssl_certificate_key $W/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache off; ssl_session_tickets off;
-    http2_max_concurrent_streams 128;
-    location / { proxy_pass http://hello_up; proxy_http_version 1.1;
-      proxy_set_header Connection ""; proxy_set_header Host \$host; proxy_buffering on;
-      add_header X-Request-Id \$request_id always; } } }
-CONF
+    http2_max_concurrent_streams 128;" 8192
 taskset -c 0 nginx -c "$W/up.conf" -p "$W/"
 taskset -c 1 nginx -c "$W/tls.conf" -p "$W/"
 export TOLLGATE_DATA_DIR="$W/data" TOLLGATE_PUBLIC_MCP_URL=http://mcp.localhost
