@@ -234,7 +234,9 @@ fn upgrade_under_traffic(
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match c.get(&url).send() {
                     Ok(r) if r.status() == 200 => ok += 1,
-                    Ok(r) => failed.push(r.status().to_string()),
+                    Ok(r) => {
+                        failed.push(format!("{}: {}", r.status(), r.text().unwrap_or_default()))
+                    }
                     Err(e) => failed.push(e.to_string()),
                 }
             }
@@ -242,8 +244,23 @@ fn upgrade_under_traffic(
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let new = Proc(make(listen, true).spawn().unwrap());
-    std::thread::sleep(Duration::from_millis(500));
+    // As deploy/systemd/tollgate-upgrade does: SIGQUIT once the new process opens its upgrade
+    // socket, which it does only when it is ready to serve.
+    let sock = std::env::temp_dir().join(format!("tollgate-{}.upgrade.sock", listen.port()));
+    let _ = std::fs::remove_file(&sock);
+    let mut new = Proc(make(listen, true).spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process never opened {sock:?}"
+        );
+        assert!(
+            new.0.try_wait().unwrap().is_none(),
+            "the new process exited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     signal(&old.0, "-QUIT");
     let status = wait_exit(&mut old.0, Duration::from_secs(15), "the old process");
     assert_eq!(status.code(), Some(0));
@@ -328,6 +345,61 @@ fn a_metered_route_upgrades_without_a_503_and_every_request_is_paid_once() {
         acct["leased"], 0,
         "both processes returned their leases: {acct}"
     );
+}
+
+/// A new process that cannot load its routes or start metering (Redis away) does not take the
+/// listeners: it exits 1 saying why, and the old process keeps serving what it has.
+#[test]
+fn an_upgrade_that_cannot_reach_redis_leaves_the_old_process_serving() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start("kept");
+    let data = tempfile::tempdir().unwrap();
+    let redis_url = redis.url();
+    let out = bin()
+        .args(["routes", "put", "--redis", &redis_url, "--slug", "kept"])
+        .args(["--upstream", &up.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let make = |listen: SocketAddr| {
+        let mut c = bin();
+        c.env("TOLLGATE_DATA_DIR", data.path())
+            .env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--redis", &redis_url]);
+        c
+    };
+    let (mut old, listen) = start_listening(make);
+    let c = reqwest::blocking::Client::builder()
+        .resolve("kept.localhost", listen)
+        .build()
+        .unwrap();
+    let url = format!("http://kept.localhost:{}/", listen.port());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &url) != (200, "kept".into()) {
+        assert!(Instant::now() < deadline, "the old process never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    redis.kill();
+    let sock = std::env::temp_dir().join(format!("tollgate-{}.upgrade.sock", listen.port()));
+    let _ = std::fs::remove_file(&sock);
+    let mut new = make(listen);
+    let new = new.arg("--upgrade").stderr(Stdio::piped()).spawn().unwrap();
+    let out = new.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not ready to take over") && err.contains("routes"),
+        "{err}"
+    );
+    assert!(!sock.exists(), "the upgrade socket was never opened");
+    assert_eq!(
+        get(&c, &url),
+        (200, "kept".into()),
+        "the old process serves on"
+    );
+    assert!(terminate(&mut old).success());
 }
 
 /// An operator's path through metering: a route owned by an account with no credit answers 402;

@@ -200,6 +200,7 @@ impl Agent {
         let inc = store.begin(&cfg.node_id).await?;
         journal.set_incarnation(&inc)?;
         tracing::info!(node = %inc.node_id, epoch = inc.epoch, "metering agent started");
+        cache.agent_started.store(true, Ordering::Release);
         Ok(Agent {
             cache,
             store,

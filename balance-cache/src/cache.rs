@@ -113,6 +113,9 @@ pub struct BalanceCache {
     pub(crate) spend_deadline_ms: AtomicU64,
     /// True while the last settle attempt failed to reach the store.
     pub(crate) store_down: AtomicBool,
+    /// Set once an agent has begun an incarnation for this cache: refills are answered from
+    /// then on (a proxy taking over listeners in an upgrade waits for it).
+    pub(crate) agent_started: AtomicBool,
     /// CPU this node lets an account run past its lease once it cannot pay (p$); see
     /// [`BalanceCache::cpu_unpaid`].
     cpu_debt_limit: AtomicI64,
@@ -132,12 +135,19 @@ impl BalanceCache {
             changed: Notify::new(),
             spend_deadline_ms: AtomicU64::new(u64::MAX),
             store_down: AtomicBool::new(false),
+            agent_started: AtomicBool::new(false),
             cpu_debt_limit: AtomicI64::new(debt_limit(&prices, DEFAULT_CPU_DEBT_MS)),
         })
     }
 
     pub fn prices(&self) -> &Prices {
         &self.prices
+    }
+
+    /// Whether an agent has started for this cache (replayed its journal and begun an
+    /// incarnation with the store): before that, no request can get a lease.
+    pub fn agent_started(&self) -> bool {
+        self.agent_started.load(Ordering::Acquire)
     }
 
     /// How much CPU (ms, at the CPU price) an account may run past its lease on this node once

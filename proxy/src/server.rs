@@ -247,6 +247,11 @@ impl Proxy {
             upgrade: opts.upgrade,
             ..Opt::default()
         };
+        if opts.upgrade {
+            // The upgrade socket opens (and the old process hands over) only once this one can
+            // serve as the old one does: a request it took earlier would get 503.
+            wait_ready_to_take_over(&table, opts.redis.is_some(), gate.as_ref())?;
+        }
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
         let mut dispatch = Dispatch::new(
@@ -308,6 +313,46 @@ impl Proxy {
             background,
             _pingora: pingora,
         })
+    }
+}
+
+/// How long a new process of an upgrade waits to be ready before it gives up (exit 1, the old
+/// one keeps serving). Below the 20 s `deploy/systemd/tollgate-upgrade` allows.
+const UPGRADE_READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Blocks (the process's start, before any listener is taken) until the routes are loaded
+/// from Redis and the metering agent has begun its incarnation, at most
+/// [`UPGRADE_READY_TIMEOUT`].
+fn wait_ready_to_take_over(
+    table: &RouteTable,
+    synced_routes: bool,
+    gate: Option<&Gate>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let routes = !synced_routes || table.is_synced();
+        let metering = gate.is_none_or(|g| g.cache.agent_started());
+        if routes && metering {
+            tracing::info!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                "upgrade: ready to take the listeners over"
+            );
+            return Ok(());
+        }
+        if started.elapsed() >= UPGRADE_READY_TIMEOUT {
+            let missing = match (routes, metering) {
+                (false, false) => {
+                    "the routes are not loaded from Redis and the metering agent has not started"
+                }
+                (false, true) => "the routes are not loaded from Redis",
+                _ => "the metering agent has not started (the money store does not answer)",
+            };
+            anyhow::bail!(
+                "upgrade: not ready to take over after {} s: {missing}; the old process keeps serving (check redis.url)",
+                UPGRADE_READY_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
