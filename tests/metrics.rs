@@ -3,6 +3,8 @@
 //! deploy, metered requests over HTTP and HTTPS, a tool call), every `/metrics` is scraped, and
 //! the test fails on a metric exported but not catalogued, catalogued but not exported, a type,
 //! label set or exporting process that differs, or a name or label against the conventions.
+//! A real Prometheus server scrapes the three processes throughout, and every query of the
+//! Grafana dashboard must return data from it at the end (the dashboard is populated).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -156,6 +158,100 @@ fn check_conventions(name: &str, kind: &str, labels: &BTreeSet<String>) -> Vec<S
     bad
 }
 
+/// A Prometheus server (Debian's `prometheus`, as `scripts/deps.sh` installs it) scraping
+/// `targets` every second, on a free port with its own storage.
+struct Prometheus {
+    _proc: Proc,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[SocketAddr]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let list: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: tollgate\n    static_configs:\n      - targets: [{}]\n",
+                list.join(", ")
+            ),
+        )
+        .unwrap();
+        let addr = free_addr();
+        let _proc = Proc(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", cfg.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("prometheus (Debian package `prometheus`; scripts/deps.sh installs it)"),
+        );
+        Prometheus {
+            _proc,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until `target` has been scraped (so that what happens next shows in `rate()`).
+    fn wait_scraped(&self, target: SocketAddr) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self
+            .query(&format!("up{{instance=\"{target}\"}} == 1"))
+            .is_empty()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Prometheus never scraped {target}: {:?}",
+                self.query("up")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// An instant query's result vector (empty on an error).
+    fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let r: serde_json::Value = reqwest::blocking::Client::new()
+            .get(format!("http://{}/api/v1/query", self.addr))
+            .query(&[("query", expr)])
+            .send()
+            .and_then(|r| r.json())
+            .unwrap_or_default();
+        r["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Every query of deploy/grafana/tollgate.json, with the dashboard's variables filled in.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let d: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/tollgate.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$job", ".+")
+                .replace("$instance", ".+")
+                .replace("$__rate_interval", "2m");
+            out.push((p["title"].as_str().unwrap().to_owned(), expr));
+        }
+    }
+    out
+}
+
 fn scrape(addr: SocketAddr) -> String {
     reqwest::blocking::get(format!("http://{addr}/metrics"))
         .unwrap()
@@ -184,6 +280,9 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
 
     // `tollgate dev`: everything in one process, its metrics on the proxy's admin listener.
     let (control, dev_admin, dev_tls) = (free_addr(), free_addr(), free_addr());
+    let (proxy_admin, proxy_tls) = (free_addr(), free_addr());
+    let (ctl, ctl_admin) = (free_addr(), free_addr());
+    let prometheus = Prometheus::start(&[dev_admin, proxy_admin, ctl_admin]);
     let (mut dev, dev_proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.env("TOLLGATE_TLS_LISTEN", dev_tls.to_string())
@@ -197,6 +296,7 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         c
     });
     wait_for_control(control, &mut dev);
+    prometheus.wait_scraped(dev_admin);
     assert!(
         credit_account(&redis.url(), "acct-m", "1.00", "metrics-credit")
             .status
@@ -220,7 +320,6 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     );
 
     // `tollgate proxy` with TLS on the same Redis: it serves the same route.
-    let (proxy_admin, proxy_tls) = (free_addr(), free_addr());
     let (mut proxy, proxy_addr) = start_listening(|listen| {
         let mut c = bin();
         c.env(
@@ -235,6 +334,7 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         .args(["--redis", &redis.url()]);
         c
     });
+    prometheus.wait_scraped(proxy_admin);
     let http = reqwest::blocking::Client::builder()
         .resolve("hello-agent.localhost", dev_proxy)
         .build()
@@ -266,7 +366,6 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
 
     // `tollgate control` on its own keys (its chain RPC is not needed to start or to ask for a
     // payment).
-    let (ctl, ctl_admin) = (free_addr(), free_addr());
     let cfg = dir.path().join("control.toml");
     std::fs::write(
         &cfg,
@@ -292,6 +391,15 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         .arg("get_balance")
         .output();
 
+    // A credential that does not decode, on dev's top-up endpoint: refused, counted as
+    // `unknown`.
+    let garbage = reqwest::blocking::Client::new()
+        .post(format!("http://{control}/v1/top-up?amount_usd=1"))
+        .header("Authorization", "Payment not-base64-json!")
+        .send()
+        .unwrap();
+    assert_eq!(garbage.status(), 402);
+
     let scrapes = [
         ("dev", scrape(dev_admin)),
         ("proxy", scrape(proxy_admin)),
@@ -315,6 +423,12 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     assert_eq!(value("tollgate_runtime_processes"), 1.0);
     assert_eq!(value("tollgate_ready"), 1.0);
     assert!(value("tollgate_metered_requests_total") >= 20.0);
+    assert_eq!(
+        value("tollgate_payment_credentials_total{action=\"unknown\",result=\"rejected\"}"),
+        1.0
+    );
+    assert!(value("tollgate_cached_accounts") >= 1.0);
+    assert_eq!(value("tollgate_suspended_accounts"), 0.0);
 
     let mut problems = Vec::new();
     for (process, text) in &scrapes {
@@ -358,6 +472,24 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         problems.len(),
         problems.join("\n")
     );
+
+    // The dashboard, populated: Prometheus scraped all three processes through the traffic
+    // above, and every panel query returns data.
+    prometheus.wait_scraped(ctl_admin);
+    // One more scrape of each after the last traffic.
+    std::thread::sleep(Duration::from_secs(2));
+    let empty: Vec<String> = dashboard_queries()
+        .into_iter()
+        .filter(|(_, expr)| prometheus.query(expr).is_empty())
+        .map(|(title, expr)| format!("{title}: {expr}"))
+        .collect();
+    assert!(
+        empty.is_empty(),
+        "{} dashboard queries return nothing:\n{}",
+        empty.len(),
+        empty.join("\n")
+    );
+    drop(prometheus);
     assert!(terminate(&mut ctl_proc).success());
     assert!(terminate(&mut proxy).success());
     assert!(terminate(&mut dev).success());

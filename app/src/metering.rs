@@ -80,6 +80,7 @@ impl MeteringNode {
         spec.agent.validate()?;
         let cache = BalanceCache::new(spec.prices);
         let metrics = CacheMetrics::new(registry)?;
+        cache.register_account_metrics(registry)?;
         let (stop, stop_rx) = watch::channel(false);
         let task = rt.spawn(run_agent(
             cache.clone(),

@@ -304,7 +304,10 @@ impl Identify for PaidIdentity {
         let cred = match tollgate_payments::mcp::credential(meta) {
             Ok(Some(c)) => c,
             Ok(None) => return Err(self.rpc(challenge, None, &words)),
-            Err(r) => return Err(self.rpc(challenge, Some(&r), &words)),
+            Err(r) => {
+                self.0.refused_undecodable();
+                return Err(self.rpc(challenge, Some(&r), &words));
+            }
         };
         match self.0.accept(&cred).await {
             Ok(a) if !a.action.is_management() => Ok(Caller {
@@ -413,7 +416,10 @@ impl tollgate_proxy::PaymentDesk for ProxyDesk {
         let cred = match tollgate_payments::http::credential(headers) {
             Ok(Some(c)) => c,
             Ok(None) => return Err(refused("no Payment credential".into())),
-            Err(r) => return Err(refused(r.problem.detail.clone())),
+            Err(r) => {
+                self.payments.refused_undecodable();
+                return Err(refused(r.problem.detail.clone()));
+            }
         };
         // Money from another wallet would land on that wallet's account, not on this
         // service's: refuse it before anything moves.

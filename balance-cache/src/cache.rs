@@ -144,6 +144,31 @@ impl BalanceCache {
         &self.prices
     }
 
+    /// (accounts with a slot here, of which suspended): every account this node metered since
+    /// it started, and those it answers 402 for now.
+    pub fn count_accounts(&self) -> (usize, usize) {
+        let mut n = 0;
+        let mut suspended = 0;
+        for id in self.map.ids() {
+            if let Some(slot) = self.map.slot(id) {
+                n += 1;
+                if slot.is_suspended() {
+                    suspended += 1;
+                }
+            }
+        }
+        (n, suspended)
+    }
+
+    /// Exports `tollgate_cached_accounts` and `tollgate_suspended_accounts` of this cache on
+    /// `registry` (counted at scrape time).
+    pub fn register_account_metrics(
+        self: &Arc<Self>,
+        registry: &prometheus::Registry,
+    ) -> prometheus::Result<()> {
+        registry.register(Box::new(crate::metrics::AccountsCollector::new(self)?))
+    }
+
     /// Whether an agent has started for this cache (replayed its journal and begun an
     /// incarnation with the store): before that, no request can get a lease.
     pub fn agent_started(&self) -> bool {

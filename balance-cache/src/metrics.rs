@@ -70,3 +70,52 @@ impl CacheMetrics {
         Ok(m)
     }
 }
+
+/// `tollgate_cached_accounts` and `tollgate_suspended_accounts`, counted from the cache at
+/// scrape time (a walk of its slots: no cost on the request path). Holds the cache weakly, so
+/// a registry outliving its node exports nothing rather than keeping it alive.
+pub(crate) struct AccountsCollector {
+    cache: std::sync::Weak<crate::BalanceCache>,
+    cached: IntGauge,
+    suspended: IntGauge,
+    descs: Vec<prometheus::core::Desc>,
+}
+
+impl AccountsCollector {
+    pub(crate) fn new(cache: &std::sync::Arc<crate::BalanceCache>) -> prometheus::Result<Self> {
+        let cached = IntGauge::new(
+            "tollgate_cached_accounts",
+            "Accounts with a balance slot on this node: every account it metered since it started.",
+        )?;
+        let suspended = IntGauge::new(
+            "tollgate_suspended_accounts",
+            "Accounts this node answers 402 for: their balance is spent.",
+        )?;
+        let descs = [&cached, &suspended]
+            .iter()
+            .flat_map(|g| prometheus::core::Collector::desc(*g))
+            .cloned()
+            .collect();
+        Ok(AccountsCollector {
+            cache: std::sync::Arc::downgrade(cache),
+            cached,
+            suspended,
+            descs,
+        })
+    }
+}
+
+impl prometheus::core::Collector for AccountsCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let (cached, suspended) = self.cache.upgrade().map_or((0, 0), |c| c.count_accounts());
+        self.cached.set(cached as i64);
+        self.suspended.set(suspended as i64);
+        let mut out = self.cached.collect();
+        out.extend(self.suspended.collect());
+        out
+    }
+}

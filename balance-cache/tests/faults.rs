@@ -181,6 +181,7 @@ async fn a_credit_published_while_the_subscriber_is_down_still_resumes_the_node(
             other => panic!("{other:?}"),
         }
     }
+    assert_eq!(n.cache.count_accounts(), (1, 1), "(cached, suspended)");
     // Cut every subscriber and publish the credit before they can come back: the event is
     // lost, only the resync after resubscribing can deliver the resumption.
     assert!(redis.kill_pubsub_clients() >= 1);
@@ -195,6 +196,11 @@ async fn a_credit_published_while_the_subscriber_is_down_still_resumes_the_node(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    assert_eq!(
+        n.cache.count_accounts(),
+        (1, 0),
+        "resumed: no longer suspended"
+    );
     n.shutdown().await;
     let st = read(&admin, "s").await;
     assert!(st.holds_invariant());

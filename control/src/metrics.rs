@@ -1,11 +1,27 @@
-//! Deploys as SREs see them (docs/metrics.md): by result and duration, no project in any label.
+//! Deploys and projects as SREs see them (docs/metrics.md): deploys and rollbacks by result,
+//! deploy duration, projects ended by reason and projects by state; no project in any label.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use crate::model::ProjectStatus;
 
 #[derive(Clone)]
 pub(crate) struct ControlMetrics {
     deploys: IntCounterVec,
     duration: Histogram,
+    rollbacks: IntCounterVec,
+    ended: IntCounterVec,
+    projects: IntGaugeVec,
+}
+
+/// The label of a project state.
+fn state(s: ProjectStatus) -> &'static str {
+    match s {
+        ProjectStatus::Active => "active",
+        ProjectStatus::Suspended => "suspended",
+        ProjectStatus::Expired => "expired",
+        ProjectStatus::Deleted => "deleted",
+    }
 }
 
 impl ControlMetrics {
@@ -27,9 +43,76 @@ impl ControlMetrics {
             )
             .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0]),
         )?;
+        let rollbacks = IntCounterVec::new(
+            Opts::new(
+                "tollgate_rollbacks_total",
+                "Rollbacks (an earlier deployment's code run again as a new deployment) by result: live, failed, refused",
+            ),
+            &["result"],
+        )?;
+        let ended = IntCounterVec::new(
+            Opts::new(
+                "tollgate_projects_ended_total",
+                "Projects torn down, by reason: deleted (by their owner or an operator), expired (unused for the inactivity TTL)",
+            ),
+            &["reason"],
+        )?;
+        let projects = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_projects",
+                "Projects by state (active, suspended, expired, deleted), as of the last cleanup sweep",
+            ),
+            &["state"],
+        )?;
+        for r in ["live", "failed", "refused"] {
+            rollbacks.with_label_values(&[r]);
+        }
+        for r in ["deleted", "expired"] {
+            ended.with_label_values(&[r]);
+        }
+        for s in ["active", "suspended", "expired", "deleted"] {
+            projects.with_label_values(&[s]);
+        }
         registry.register(Box::new(deploys.clone()))?;
         registry.register(Box::new(duration.clone()))?;
-        Ok(ControlMetrics { deploys, duration })
+        registry.register(Box::new(rollbacks.clone()))?;
+        registry.register(Box::new(ended.clone()))?;
+        registry.register(Box::new(projects.clone()))?;
+        Ok(ControlMetrics {
+            deploys,
+            duration,
+            rollbacks,
+            ended,
+            projects,
+        })
+    }
+
+    pub(crate) fn rollback(&self, result: &'static str) {
+        self.rollbacks.with_label_values(&[result]).inc();
+    }
+
+    pub(crate) fn ended(&self, status: ProjectStatus) {
+        if matches!(status, ProjectStatus::Deleted | ProjectStatus::Expired) {
+            self.ended.with_label_values(&[state(status)]).inc();
+        }
+    }
+
+    /// Sets the gauge from a full count of the store's projects.
+    pub(crate) fn project_states(&self, all: impl IntoIterator<Item = ProjectStatus>) {
+        let mut n = [0i64; 4];
+        for s in all {
+            n[s as usize] += 1;
+        }
+        for s in [
+            ProjectStatus::Active,
+            ProjectStatus::Suspended,
+            ProjectStatus::Expired,
+            ProjectStatus::Deleted,
+        ] {
+            self.projects
+                .with_label_values(&[state(s)])
+                .set(n[s as usize]);
+        }
     }
 
     pub(crate) fn observe(&self, result: &'static str, seconds: f64) {

@@ -22,7 +22,24 @@ struct Rig {
     control: Arc<Control>,
     store: Arc<dyn ControlStore>,
     routes: RouteStore,
+    registry: prometheus::Registry,
     _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// The value of one exported series, e.g. `tollgate_rollbacks_total{result="live"}`.
+    fn metric(&self, series: &str) -> f64 {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .unwrap();
+        String::from_utf8(buf)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{series} is not exported"))
+    }
 }
 
 async fn rig(redis: &RedisServer) -> Rig {
@@ -62,10 +79,13 @@ async fn rig_with(redis_url: &str, tweak: impl FnOnce(&mut ControlConfig)) -> Ri
         cfg
     });
     tokio::spawn(control.clone().follow_runtime(events));
+    let registry = prometheus::Registry::new();
+    control.register_metrics(&registry).unwrap();
     Rig {
         control,
         store,
         routes,
+        registry,
         _dir: dir,
     }
 }
@@ -194,9 +214,34 @@ async fn deploy_iterate_rollback_delete() {
         d3.rollback_of.as_deref(),
         Some(first.deployment_id.as_str())
     );
+    assert_eq!(rig.metric("tollgate_rollbacks_total{result=\"live\"}"), 1.0);
+    let e = c
+        .rollback("acct-a", &first.project_id, Some("d_nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "NOT_FOUND");
+    assert_eq!(
+        rig.metric("tollgate_rollbacks_total{result=\"refused\"}"),
+        1.0
+    );
+    assert_eq!(
+        rig.metric("tollgate_deploys_total{result=\"live\"}"),
+        2.0,
+        "a rollback is not counted as a deploy"
+    );
 
     // Delete: the route goes, the process stops, the slug is free again (grace 0 here).
     c.delete("acct-a", &first.project_id).await.unwrap();
+    assert_eq!(
+        rig.metric("tollgate_projects_ended_total{reason=\"deleted\"}"),
+        1.0
+    );
+    let _ = c.delete("acct-a", &first.project_id).await;
+    assert_eq!(
+        rig.metric("tollgate_projects_ended_total{reason=\"deleted\"}"),
+        1.0,
+        "a repeated delete counts once"
+    );
     assert_eq!(upstream(&rig.routes, "my-todo-api").await, None);
     assert!(reqwest::get(format!("http://{addr3}/")).await.is_err());
     assert!(c.list_projects("acct-a").await.unwrap().is_empty());
@@ -634,6 +679,12 @@ async fn unused_projects_expire_and_are_collected_used_ones_stay() {
     }
     assert_eq!(c.sweep().await.unwrap(), vec![idle.project_id.clone()]);
     assert_eq!(
+        rig.metric("tollgate_projects_ended_total{reason=\"expired\"}"),
+        1.0
+    );
+    assert_eq!(rig.metric("tollgate_projects{state=\"active\"}"), 1.0);
+    assert_eq!(rig.metric("tollgate_projects{state=\"expired\"}"), 1.0);
+    assert_eq!(
         upstream(&rig.routes, &idle.slug).await,
         None,
         "route removed"
@@ -687,6 +738,14 @@ async fn unused_projects_expire_and_are_collected_used_ones_stay() {
         .unwrap();
     assert_eq!(taker.slug, idle.slug);
     c.delete("acct-a", &idle.project_id).await.unwrap();
+    c.sweep().await.unwrap();
+    assert_eq!(rig.metric("tollgate_projects{state=\"active\"}"), 2.0);
+    assert_eq!(rig.metric("tollgate_projects{state=\"expired\"}"), 0.0);
+    assert_eq!(rig.metric("tollgate_projects{state=\"deleted\"}"), 1.0);
+    assert_eq!(
+        rig.metric("tollgate_projects_ended_total{reason=\"deleted\"}"),
+        1.0
+    );
     let addr = upstream(&rig.routes, &idle.slug).await.unwrap();
     assert_eq!(
         body(addr).await,

@@ -144,7 +144,10 @@ pub async fn top_up(
     let cred = match credential(headers) {
         Ok(Some(c)) => c,
         Ok(None) => return payment_required(&challenge, None, &detail, hint),
-        Err(r) => return payment_required(&challenge, Some(&r), &detail, hint),
+        Err(r) => {
+            p.refused_undecodable();
+            return payment_required(&challenge, Some(&r), &detail, hint);
+        }
     };
     let accepted = match p.accept(&cred).await {
         Ok(a) => a,

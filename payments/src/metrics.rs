@@ -147,6 +147,12 @@ impl PaymentMetrics {
         self.credentials.with_label_values(&[action, result]).inc();
     }
 
+    pub(crate) fn undecodable(&self) {
+        self.credentials
+            .with_label_values(&["unknown", "rejected"])
+            .inc();
+    }
+
     // Metrics only: money itself stays integer pico-dollars everywhere else.
     pub(crate) fn credited(&self, picos: i64) {
         self.credited_dollars.inc_by(picos.max(0) as f64 / 1e12);

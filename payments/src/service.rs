@@ -255,6 +255,12 @@ impl Payments {
         self.accept_in(Realm::Platform, cred).await
     }
 
+    /// Counts a credential refused before it could be decoded (not base64url JSON, not a
+    /// `Payment` credential): `action="unknown", result="rejected"`.
+    pub fn refused_undecodable(&self) {
+        self.metrics.undecodable();
+    }
+
     /// [`Payments::accept`] in a realm: a credential for a challenge of another realm is
     /// refused (its HMAC binds the realm it was issued for).
     pub async fn accept_in(

@@ -6,6 +6,18 @@ use super::*;
 use crate::error::ControlError;
 use crate::model::{DeployStatus, Deployment, EnvVar, Files, Project, new_id, now_ms};
 
+/// A deploy's (or rollback's) result label: live, failed or refused.
+pub(crate) fn deploy_result(out: &Result<DeployOutcome, ControlError>) -> &'static str {
+    match out {
+        Ok(o) if o.status == DeployStatus::Live => "live",
+        Ok(_) => "failed",
+        // Went through the pipeline and did not go live (the code crashed at start, the
+        // runtime or the route write failed), or a platform fault.
+        Err(e) if e.code == "DEPLOY_FAILED" || e.code == "INTERNAL_ERROR" => "failed",
+        Err(_) => "refused",
+    }
+}
+
 impl Control {
     /// Validates, bundles, starts, publishes; returns once the deployment is live or failed.
     pub async fn deploy(
@@ -26,15 +38,7 @@ impl Control {
         let started = std::time::Instant::now();
         let out = self.run_deploy(owner, req, steps).await;
         if let Some(m) = self.metrics.get() {
-            let result = match &out {
-                Ok(o) if o.status == DeployStatus::Live => "live",
-                Ok(_) => "failed",
-                // Went through the pipeline and did not go live (the code crashed at start, the
-                // runtime or the route write failed), or a platform fault.
-                Err(e) if e.code == "DEPLOY_FAILED" || e.code == "INTERNAL_ERROR" => "failed",
-                Err(_) => "refused",
-            };
-            m.observe(result, started.elapsed().as_secs_f64());
+            m.observe(deploy_result(&out), started.elapsed().as_secs_f64());
         }
         out
     }

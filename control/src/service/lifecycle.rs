@@ -15,6 +15,19 @@ impl Control {
         project_id: &str,
         target: Option<&str>,
     ) -> Result<DeployOutcome, ControlError> {
+        let out = self.run_rollback(owner, project_id, target).await;
+        if let Some(m) = self.metrics.get() {
+            m.rollback(super::deploy::deploy_result(&out));
+        }
+        out
+    }
+
+    async fn run_rollback(
+        &self,
+        owner: &str,
+        project_id: &str,
+        target: Option<&str>,
+    ) -> Result<DeployOutcome, ControlError> {
         let lock = self.lock_for(project_id);
         let _guard = lock.lock().await;
         let mut project = self.owned_active(owner, project_id).await?;
@@ -94,6 +107,9 @@ impl Control {
             // of it but its own data.
             project.status = ProjectStatus::Deleted;
             self.store.put_project(&project).await?;
+            if let Some(m) = self.metrics.get() {
+                m.ended(ProjectStatus::Deleted);
+            }
             return self.drop_database(&project.id).await;
         }
         self.teardown(&mut project, ProjectStatus::Deleted).await?;
@@ -120,10 +136,16 @@ impl Control {
             let _ = self.runtime.remove(d, false).await;
             self.store.delete_artifacts(d).await?;
         }
+        let was = project.status;
         project.status = status;
         project.live_deployment = None;
         project.ended_ms = Some(now_ms());
         self.store.put_project(project).await?;
+        if was != status
+            && let Some(m) = self.metrics.get()
+        {
+            m.ended(status);
+        }
         self.store
             .release_slug(&project.slug, &project.id, self.cfg.slug_grace)
             .await?;

@@ -13,7 +13,9 @@ impl Control {
         let now = now_ms();
         let ttl = self.cfg.inactivity_ttl.as_millis() as u64;
         let mut expired = Vec::new();
-        for p in self.store.all_projects().await? {
+        let all = self.store.all_projects().await?;
+        let mut states: Vec<ProjectStatus> = all.iter().map(|p| p.status).collect();
+        for p in all {
             if !matches!(p.status, ProjectStatus::Active | ProjectStatus::Suspended) {
                 continue;
             }
@@ -31,9 +33,16 @@ impl Control {
             {
                 continue;
             }
+            let was = p.status;
             self.teardown(&mut p, ProjectStatus::Expired).await?;
             tracing::info!(project = %p.id, "expired after inactivity");
+            if let Some(s) = states.iter_mut().find(|s| **s == was) {
+                *s = ProjectStatus::Expired;
+            }
             expired.push(p.id);
+        }
+        if let Some(m) = self.metrics.get() {
+            m.project_states(states);
         }
         self.sweep_databases(now).await?;
         Ok(expired)
