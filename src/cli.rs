@@ -324,13 +324,15 @@ fn env(var: &str) -> Option<String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tollgate: {e:#}");
             ExitCode::from(1)
         }
-    }
+    };
+    tollgate_app::telemetry::shutdown();
+    code
 }
 
 fn exit(ok: bool) -> ExitCode {
@@ -342,9 +344,9 @@ fn exit(ok: bool) -> ExitCode {
 }
 
 /// The configuration checked once; logging started from it.
-fn settings(cfg: Config) -> anyhow::Result<Settings> {
+fn settings(cfg: Config, service: &str) -> anyhow::Result<Settings> {
     let s = Settings::from_config(cfg)?;
-    tollgate_app::init_logging(&s);
+    tollgate_app::init_logging(&s, service);
     Ok(s)
 }
 
@@ -352,13 +354,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { file } => Ok(check_config(&file)),
         Command::Proxy(args) => {
-            let mut s = settings(proxy_config(&args, &env)?)?;
+            let mut s = settings(proxy_config(&args, &env)?, "tollgate-proxy")?;
             s.pid_file = args.common.pid_file.clone();
             tollgate_app::run_proxy(s, args.upgrade)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => {
-            let mut s = settings(dev_config(&args, &env)?)?;
+            let mut s = settings(dev_config(&args, &env)?, "tollgate-dev")?;
             s.pid_file = args.common.pid_file.clone();
             tollgate_app::run_dev(
                 s,
@@ -372,7 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Control(args) => {
-            let mut s = settings(Config::load(Some(&args.config), &env)?)?;
+            let mut s = settings(Config::load(Some(&args.config), &env)?, "tollgate-control")?;
             s.pid_file = args.pid_file;
             tollgate_app::run_control(s)?;
             Ok(ExitCode::SUCCESS)

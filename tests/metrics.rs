@@ -494,3 +494,192 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     assert!(terminate(&mut proxy).success());
     assert!(terminate(&mut dev).success());
 }
+
+/// An OTLP/HTTP receiver: every request body sent to `/v1/traces`, as JSON.
+struct Collector {
+    addr: SocketAddr,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Collector {
+    fn start() -> Collector {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = bodies.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let mut w = conn.try_clone().unwrap();
+                    let mut r = BufReader::new(conn);
+                    // HTTP/1.1 requests, one after another on this connection.
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h.trim().is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':')
+                                && k.eq_ignore_ascii_case("content-length")
+                            {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body).unwrap();
+                        if path == "/v1/traces" {
+                            store
+                                .lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
+                        }
+                        let _ = w.write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+                        );
+                    }
+                });
+            }
+        });
+        Collector { addr, bodies }
+    }
+
+    /// Every span received: (service.name, span).
+    fn spans(&self) -> Vec<(String, serde_json::Value)> {
+        let mut out = Vec::new();
+        for b in self.bodies.lock().unwrap().iter() {
+            for rs in b["resourceSpans"].as_array().into_iter().flatten() {
+                let service = rs["resource"]["attributes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|a| a["key"] == "service.name")
+                    .and_then(|a| a["value"]["stringValue"].as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    for s in ss["spans"].as_array().into_iter().flatten() {
+                        out.push((service.clone(), s.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A span attribute's string value.
+fn attr<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)?["value"]["stringValue"]
+        .as_str()
+}
+
+/// With an OTLP endpoint configured, an agent's deploy is one trace: the caller's
+/// `traceparent` is the parent of the control service's HTTP span, under which the MCP tool
+/// call, the deploy and its steps are children; the proxy's requests make no spans at all; no
+/// secret of the deploy reaches the collector.
+#[test]
+fn an_agents_traceparent_reaches_the_exported_deploy_spans_and_the_proxy_exports_none() {
+    let collector = Collector::start();
+    let (control, admin) = (free_addr(), free_addr());
+    let (mut dev, proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{}", collector.addr),
+        )
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .args(["dev", "--dev-account", "acct-t"])
+        .args(["--chain-listen", &free_addr().to_string()])
+        .args(["--proxy-listen", &proxy.to_string()])
+        .args(["--control-listen", &control.to_string()])
+        .args(["--admin-listen", &admin.to_string()]);
+        c
+    });
+    wait_for_control(control, &mut dev);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let out = Command::new("node")
+        .arg(mcp_js().join("call.mjs"))
+        .arg(format!("http://{control}/mcp"))
+        .arg("deploy_project")
+        .arg(r#"{"project_name":"traced","files":{"src/index.ts":"export default { fetch() { return new Response('traced') } }"},"secrets":{"API_KEY":"sk-trace-secret-123"}}"#)
+        .env("TRACEPARENT", format!("00-{trace}-{caller}-01"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\"live\""), "{stdout}");
+    // A request through the proxy, with a trace context of its own: the money gate answers it
+    // (the account has no credit in this dev), on the request path that records no span.
+    let proxied_trace = "0af7651916cd43dd8448eb211c80319c";
+    let r = reqwest::blocking::Client::builder()
+        .resolve("traced.localhost", proxy)
+        .build()
+        .unwrap()
+        .get(format!("http://traced.localhost:{}/", proxy.port()))
+        .header(
+            "traceparent",
+            format!("00-{proxied_trace}-b7ad6b7169203331-01"),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 402);
+    // The exit flushes what the batch has not sent yet.
+    assert!(terminate(&mut dev).success());
+
+    let spans = collector.spans();
+    let names: Vec<String> = spans
+        .iter()
+        .map(|(_, s)| s["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let find = |name: &str| {
+        spans
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| s["name"] == name && s["traceId"] == trace)
+            .unwrap_or_else(|| panic!("no {name} span in trace {trace}; spans: {names:?}"))
+    };
+    assert!(spans.iter().all(|(svc, _)| svc == "tollgate-dev"));
+    let call = find("tools/call deploy_project");
+    assert_eq!(attr(call, "mcp.result"), Some("ok"));
+    let deploy = find("control.deploy");
+    assert_eq!(attr(deploy, "deploy.result"), Some("live"));
+    assert_eq!(
+        deploy["parentSpanId"], call["spanId"],
+        "the deploy runs in the call"
+    );
+    let bundle = find("control.bundle");
+    assert_eq!(bundle["parentSpanId"], deploy["spanId"]);
+    find("control.go_live");
+    // The HTTP span that carried the call is the child of the caller's span.
+    let http = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s["spanId"] == call["parentSpanId"])
+        .expect("the tool call's parent span was exported");
+    assert_eq!(http["name"], "http.request");
+    assert_eq!(http["parentSpanId"], caller);
+    assert!(
+        spans.iter().all(|(_, s)| s["traceId"] != proxied_trace),
+        "the proxy's request path exports no span"
+    );
+    let all = serde_json::to_string(&*collector.bodies.lock().unwrap()).unwrap();
+    assert!(
+        !all.contains("sk-trace-secret-123"),
+        "a secret was exported"
+    );
+}

@@ -335,6 +335,11 @@ pub struct LogConfig {
     /// A `tracing` filter, such as `info` or `info,tollgate_routes=debug`. `TOLLGATE_LOG` wins.
     pub level: String,
     pub format: LogFormat,
+    /// OpenTelemetry: spans of the control service, MCP and payments go by OTLP/HTTP (JSON) to
+    /// `<otlp_endpoint>/v1/traces`, e.g. `http://collector:4318`. Unset: the standard
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`, if set, turn it on;
+    /// else nothing is exported.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for LogConfig {
@@ -342,6 +347,7 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
+            otlp_endpoint: None,
         }
     }
 }
@@ -404,6 +410,7 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_PUBLIC_MCP_URL",
     "TOLLGATE_LOG_LEVEL",
     "TOLLGATE_LOG_FORMAT",
+    "TOLLGATE_LOG_OTLP_ENDPOINT",
     "TOLLGATE_UPGRADE_SOCK",
     "TOLLGATE_ACCESS_LOG",
     "TOLLGATE_PUBLIC_BASE_DOMAIN",
@@ -574,6 +581,13 @@ impl Config {
                     }
                 }
                 "TOLLGATE_LOG_LEVEL" => self.log.level = val,
+                "TOLLGATE_LOG_OTLP_ENDPOINT" => {
+                    let url = reqwest::Url::parse(&val).map_err(|e| fail(e.to_string()))?;
+                    if !matches!(url.scheme(), "http" | "https") {
+                        return Err(fail("must be an http:// or https:// URL".into()));
+                    }
+                    self.log.otlp_endpoint = Some(val);
+                }
                 "TOLLGATE_LOG_FORMAT" => {
                     self.log.format = match val.as_str() {
                         "text" => LogFormat::Text,

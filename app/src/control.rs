@@ -265,7 +265,9 @@ pub async fn control_service(
         });
     }
     Ok(ControlService {
-        router: app,
+        // Outermost: the span covers every route (MCP, top-ups, health), a caller's
+        // `traceparent` as its parent.
+        router: app.layer(axum::middleware::from_fn(crate::telemetry::trace_requests)),
         admin,
         tasks,
         after_runtime,

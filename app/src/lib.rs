@@ -23,13 +23,15 @@ pub mod paid;
 mod process;
 pub mod settings;
 mod shutdown;
+pub mod telemetry;
 
 pub use modes::{DevChoices, proxy_options, run_control, run_dev, run_proxy};
 pub use settings::{Settings, SettingsError};
 
 /// Logs to stderr through `tracing`: the settings' filter (`TOLLGATE_LOG` wins over
-/// `log.level`), text or JSON.
-pub fn init_logging(settings: &Settings) {
+/// `log.level`), text or JSON; and, when configured, spans to OpenTelemetry as `service`
+/// (`tollgate-proxy`, `tollgate-control`, `tollgate-dev`; [`telemetry`]).
+pub fn init_logging(settings: &Settings, service: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, filter::filter_fn};
@@ -45,10 +47,16 @@ pub fn init_logging(settings: &Settings) {
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
+    // The log filter is the log's own: exported spans have their own targets.
+    let otel = telemetry::layer(settings.config.log.otlp_endpoint.as_deref(), service);
+    let registry = tracing_subscriber::registry().with(otel);
     let _ = match settings.config.log.format {
-        config::LogFormat::Json => registry.with(fmt.json().with_filter(no_secrets)).try_init(),
-        config::LogFormat::Text => registry.with(fmt.with_filter(no_secrets)).try_init(),
+        config::LogFormat::Json => registry
+            .with(fmt.json().with_filter(no_secrets).with_filter(filter))
+            .try_init(),
+        config::LogFormat::Text => registry
+            .with(fmt.with_filter(no_secrets).with_filter(filter))
+            .try_init(),
     };
 }
 

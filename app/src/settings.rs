@@ -163,6 +163,16 @@ impl Settings {
             check.realm = realm;
             check.validate().map_err(|e| bad(key, e))?;
         }
+        if let Some(e) = &config.log.otlp_endpoint
+            && !reqwest::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            return Err(bad(
+                "log.otlp_endpoint",
+                format!(
+                    "'{e}' is not an http:// or https:// URL (an OTLP/HTTP collector, e.g. http://localhost:4318)"
+                ),
+            ));
+        }
         if m.lease_wait_ms > 60_000 {
             return Err(bad(
                 "metering.lease_wait_ms",
@@ -318,6 +328,9 @@ mod tests {
         assert_eq!(e.key, "proxy.payment_realms", "{e}");
         let e = check("[log]\nlevel = \"info,,==\"\n");
         assert_eq!(e.key, "log.level", "{e}");
+        let e = check("[log]\notlp_endpoint = \"collector:4318\"\n");
+        assert_eq!(e.key, "log.otlp_endpoint", "{e}");
+        assert!(e.message.contains("http://"), "{e}");
         assert!(Settings::from_config(Config::default()).is_ok());
     }
 }

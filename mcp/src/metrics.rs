@@ -55,19 +55,26 @@ impl McpMetrics {
             .find(|t| *t == name)
             .map_or("unknown", String::as_str)
     }
+}
 
+/// A tool call's result label: `ok`, `error` or `payment_required`.
+pub(crate) fn result_of(out: &Result<CallToolResponse, ErrorData>) -> &'static str {
+    match out {
+        Ok(CallToolResponse::Complete(r)) if r.is_error == Some(true) => "error",
+        Ok(_) => "ok",
+        Err(e) if e.code.0 == PAYMENT_REQUIRED => "payment_required",
+        Err(_) => "error",
+    }
+}
+
+impl McpMetrics {
     pub(crate) fn observe(
         &self,
         tool: &str,
         out: &Result<CallToolResponse, ErrorData>,
         seconds: f64,
     ) {
-        let result = match out {
-            Ok(CallToolResponse::Complete(r)) if r.is_error == Some(true) => "error",
-            Ok(_) => "ok",
-            Err(e) if e.code.0 == PAYMENT_REQUIRED => "payment_required",
-            Err(_) => "error",
-        };
+        let result = result_of(out);
         self.calls.with_label_values(&[tool, result]).inc();
         self.duration.with_label_values(&[tool]).observe(seconds);
     }

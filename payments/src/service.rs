@@ -268,8 +268,31 @@ impl Payments {
         realm: Realm,
         cred: &PaymentCredential,
     ) -> Result<Accepted, Rejection> {
+        use tracing::Instrument as _;
         let started = std::time::Instant::now();
-        let result = self.accept_inner(realm, cred).await;
+        let span = tracing::info_span!(
+            "payments.accept",
+            // Bounded: what the payer sent is not echoed into traces.
+            payment.action = cred
+                .payload
+                .get("action")
+                .and_then(|a| a.as_str())
+                .filter(|a| matches!(*a, "open" | "voucher" | "topUp" | "close"))
+                .unwrap_or("unknown"),
+            payment.result = tracing::field::Empty,
+        );
+        let result = self
+            .accept_inner(realm, cred)
+            .instrument(span.clone())
+            .await;
+        span.record(
+            "payment.result",
+            match &result {
+                Ok(_) => "accepted",
+                Err(r) if r.retryable => "unavailable",
+                Err(_) => "rejected",
+            },
+        );
         self.metrics.observe(cred, &result, started.elapsed());
         result
     }

@@ -1,6 +1,7 @@
 //! The deploy pipeline: validate → bundle → start → publish route → live.
 
 use tollgate_routes::RouteKey;
+use tracing::Instrument as _;
 
 use super::*;
 use crate::error::ControlError;
@@ -36,9 +37,24 @@ impl Control {
         steps: Option<&tokio::sync::mpsc::UnboundedSender<&'static str>>,
     ) -> Result<DeployOutcome, ControlError> {
         let started = std::time::Instant::now();
-        let out = self.run_deploy(owner, req, steps).await;
+        // For OpenTelemetry (docs/metrics.md, "Traces"): ids and the result, never the code.
+        let span = tracing::info_span!(
+            "control.deploy",
+            project.id = req.project_id.as_deref().unwrap_or(""),
+            deploy.result = tracing::field::Empty,
+            error.code = tracing::field::Empty,
+        );
+        let out = self
+            .run_deploy(owner, req, steps)
+            .instrument(span.clone())
+            .await;
+        let result = deploy_result(&out);
+        span.record("deploy.result", result);
+        if let Err(e) = &out {
+            span.record("error.code", e.code);
+        }
         if let Some(m) = self.metrics.get() {
-            m.observe(deploy_result(&out), started.elapsed().as_secs_f64());
+            m.observe(result, started.elapsed().as_secs_f64());
         }
         out
     }
@@ -203,6 +219,7 @@ impl Control {
                     .iter()
                     .map(|(p, t)| (p.as_str(), t.as_bytes().to_vec())),
             )
+            .instrument(tracing::info_span!("control.bundle", files = files.len()))
             .await
         {
             Ok(b) => b,
@@ -225,7 +242,10 @@ impl Control {
             .await?;
         step("starting");
         let project_id = project.id.clone();
-        let out = self.go_live(project, dep, bundle.code, &env).await?;
+        let out = self
+            .go_live(project, dep, bundle.code, &env)
+            .instrument(tracing::info_span!("control.go_live"))
+            .await?;
         if let Err(e) = self.store.put_env(&project_id, &env).await {
             // Live with the new env, but a restart would use the old one until the next deploy.
             tracing::error!(project = %project_id, error = %e, "env of a live deployment not saved");

@@ -15,9 +15,20 @@ impl Control {
         project_id: &str,
         target: Option<&str>,
     ) -> Result<DeployOutcome, ControlError> {
-        let out = self.run_rollback(owner, project_id, target).await;
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "control.rollback",
+            project.id = project_id,
+            deploy.result = tracing::field::Empty,
+        );
+        let out = self
+            .run_rollback(owner, project_id, target)
+            .instrument(span.clone())
+            .await;
+        let result = super::deploy::deploy_result(&out);
+        span.record("deploy.result", result);
         if let Some(m) = self.metrics.get() {
-            m.rollback(super::deploy::deploy_result(&out));
+            m.rollback(result);
         }
         out
     }

@@ -534,6 +534,25 @@ impl TollgateMcp {
     }
 }
 
+/// The span of one tool call. Its parent is the span the HTTP server put in the request's
+/// extensions (a `tracing::Span`; with OpenTelemetry on, that one carries the caller's
+/// `traceparent`): the MCP session runs on a task of its own, where the request's span is not
+/// the current one.
+fn tool_span(name: &str, context: &RequestContext<RoleServer>) -> tracing::Span {
+    let parent = context
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|p| p.extensions.get::<tracing::Span>())
+        .and_then(|s| s.id());
+    tracing::info_span!(
+        parent: parent,
+        "mcp.tool_call",
+        otel.name = %format!("tools/call {name}"),
+        gen_ai.tool.name = %name,
+        mcp.result = tracing::field::Empty,
+    )
+}
+
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for TollgateMcp {
     /// The router's dispatch, measured (`tollgate_mcp_tool_calls_total`, `…_duration_seconds`).
@@ -542,13 +561,16 @@ impl ServerHandler for TollgateMcp {
         request: rmcp::model::CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::CallToolResponse, ErrorData> {
+        use tracing::Instrument as _;
         let started = std::time::Instant::now();
         let tool = self
             .metrics
             .as_ref()
             .map(|m| m.tool(&request.name).to_owned());
+        let span = tool_span(&request.name, &context);
         let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
-        let out = self.tool_router.call(tcc).await;
+        let out = self.tool_router.call(tcc).instrument(span.clone()).await;
+        span.record("mcp.result", crate::metrics::result_of(&out));
         if let (Some(m), Some(tool)) = (&self.metrics, tool) {
             m.observe(&tool, &out, started.elapsed().as_secs_f64());
         }
