@@ -282,10 +282,14 @@ fn upgrade_under_traffic(
 fn sigquit_hands_the_listener_to_an_upgraded_process_without_dropping_requests() {
     let up = Upstream::start("up");
     let route = format!("u.localhost={}", up.addr);
+    // One data dir for both, as one node has: the old process holds its embedded money file
+    // until it exits, and the new one takes over without waiting for it.
+    let data = tempfile::tempdir().unwrap();
     let (mut new, _, served) = upgrade_under_traffic(
         |listen, upgrade| {
             let mut c = bin();
-            c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
+            c.env("TOLLGATE_DATA_DIR", data.path())
+                .env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
                 .args(["proxy", "--listen", &listen.to_string()])
                 .args(["--admin-listen", &free_addr().to_string()])
                 .args(["--route", &route]);

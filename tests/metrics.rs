@@ -421,6 +421,9 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     );
     assert!(value("tollgate_runtime_starts_total{result=\"ok\"}") >= 1.0);
     assert_eq!(value("tollgate_runtime_processes"), 1.0);
+    assert!(value("tollgate_runtime_cpu_seconds_total") > 0.0);
+    // One workerd process holds at least some megabytes resident.
+    assert!(value("tollgate_runtime_memory_bytes") > 1e6);
     assert_eq!(value("tollgate_ready"), 1.0);
     assert!(value("tollgate_metered_requests_total") >= 20.0);
     assert_eq!(
@@ -623,6 +626,16 @@ fn an_agents_traceparent_reaches_the_exported_deploy_spans_and_the_proxy_exports
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("\"live\""), "{stdout}");
+    // A tool the server does not have, with a name made to forge log lines: its span is named
+    // `unknown`, the name itself goes nowhere.
+    let evil = "no_such_tool\nlevel=ERROR forged";
+    let _ = Command::new("node")
+        .arg(mcp_js().join("call.mjs"))
+        .arg(format!("http://{control}/mcp"))
+        .arg(evil)
+        .arg("{}")
+        .output()
+        .unwrap();
     // A request through the proxy, with a trace context of its own: the money gate answers it
     // (the account has no credit in this dev), on the request path that records no span.
     let proxied_trace = "0af7651916cd43dd8448eb211c80319c";
@@ -677,9 +690,27 @@ fn an_agents_traceparent_reaches_the_exported_deploy_spans_and_the_proxy_exports
         spans.iter().all(|(_, s)| s["traceId"] != proxied_trace),
         "the proxy's request path exports no span"
     );
+    // Only the control side's spans, and HTTP spans only of the control listener's paths.
+    for n in &names {
+        assert!(
+            n == "http.request"
+                || n.starts_with("tools/call ")
+                || n.starts_with("control.")
+                || n.starts_with("payments."),
+            "unexpected span {n:?}"
+        );
+    }
+    for (_, s) in spans.iter().filter(|(_, s)| s["name"] == "http.request") {
+        assert!(
+            matches!(attr(s, "url.path"), Some("/mcp" | "/healthz")),
+            "{s}"
+        );
+    }
+    assert!(names.iter().any(|n| n == "tools/call unknown"), "{names:?}");
     let all = serde_json::to_string(&*collector.bodies.lock().unwrap()).unwrap();
     assert!(
         !all.contains("sk-trace-secret-123"),
         "a secret was exported"
     );
+    assert!(!all.contains("forged"), "a caller's tool name was exported");
 }

@@ -53,6 +53,10 @@ impl PreparedNode {
         let registry = prometheus::Registry::new();
         let metering = match gate {
             Some(g) => {
+                let shared_store = !matches!(
+                    g.metering.store,
+                    crate::metering::StoreSource::Embedded { .. }
+                );
                 // Dropped on an error below: its agent then settles and stops by itself.
                 let node = MeteringNode::start(g.metering, &registry, rt)?;
                 let made = hooks(node.cache())?;
@@ -62,6 +66,7 @@ impl PreparedNode {
                     top_up: g.top_up,
                     hooks: made.or(g.hooks),
                     payments: g.desk,
+                    shared_store,
                 });
                 Some(node)
             }

@@ -89,23 +89,37 @@ where
 
 /// Flushes the spans still buffered and stops the exporter (at the end of the process).
 pub fn shutdown() {
+    // Bounded: an unreachable collector does not hold the exit up.
     if let Some(p) = PROVIDER.get()
-        && let Err(e) = p.shutdown()
+        && let Err(e) = p.shutdown_with_timeout(std::time::Duration::from_secs(2))
     {
         tracing::warn!(error = %e, "OpenTelemetry: spans not flushed at exit");
     }
 }
 
+/// The paths of the control service's listener a span names; any other is `other` (a
+/// caller's path is not echoed into traces or logs).
+const PATHS: [&str; 5] = ["/mcp", "/v1/top-up", "/healthz", "/livez", "/readyz"];
+
 /// The span of one HTTP request to the control service, child of the caller's W3C trace
-/// context (`traceparent`, `tracestate`) when it sent one. Only the method and the route's
-/// path are recorded, never a query string or a header value.
+/// context (`traceparent`, `tracestate`) when it sent one. Only the method and a known path
+/// are recorded, never a query string or a header value.
 pub(crate) fn http_span(req: &http::Request<axum::body::Body>) -> tracing::Span {
+    let path = PATHS
+        .iter()
+        .find(|p| **p == req.uri().path())
+        .copied()
+        .unwrap_or("other");
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "DELETE" | "OPTIONS" | "HEAD" | "PUT") => m,
+        _ => "other",
+    };
     let span = tracing::info_span!(
         target: "tollgate_app",
         "http.request",
         otel.kind = "server",
-        http.request.method = %req.method(),
-        url.path = %req.uri().path(),
+        http.request.method = method,
+        url.path = path,
         http.response.status_code = tracing::field::Empty,
     );
     if PROVIDER.get().is_some() {

@@ -99,19 +99,22 @@ impl ControlMetrics {
 
     /// Sets the gauge from a full count of the store's projects.
     pub(crate) fn project_states(&self, all: impl IntoIterator<Item = ProjectStatus>) {
-        let mut n = [0i64; 4];
+        let (mut active, mut suspended, mut expired, mut deleted) = (0, 0, 0, 0);
         for s in all {
-            n[s as usize] += 1;
+            match s {
+                ProjectStatus::Active => active += 1,
+                ProjectStatus::Suspended => suspended += 1,
+                ProjectStatus::Expired => expired += 1,
+                ProjectStatus::Deleted => deleted += 1,
+            }
         }
-        for s in [
-            ProjectStatus::Active,
-            ProjectStatus::Suspended,
-            ProjectStatus::Expired,
-            ProjectStatus::Deleted,
+        for (s, n) in [
+            (ProjectStatus::Active, active),
+            (ProjectStatus::Suspended, suspended),
+            (ProjectStatus::Expired, expired),
+            (ProjectStatus::Deleted, deleted),
         ] {
-            self.projects
-                .with_label_values(&[state(s)])
-                .set(n[s as usize]);
+            self.projects.with_label_values(&[state(s)]).set(n);
         }
     }
 

@@ -744,7 +744,8 @@ async fn unused_projects_expire_and_are_collected_used_ones_stay() {
     assert_eq!(rig.metric("tollgate_projects{state=\"deleted\"}"), 1.0);
     assert_eq!(
         rig.metric("tollgate_projects_ended_total{reason=\"deleted\"}"),
-        1.0
+        0.0,
+        "it ended once, when it expired"
     );
     let addr = upstream(&rig.routes, &idle.slug).await.unwrap();
     assert_eq!(
@@ -1085,4 +1086,54 @@ async fn a_deploy_that_serves_succeeds_and_one_that_does_not_fails() {
     assert_eq!(body(addr).await, "two world");
     let view = c.get_project("acct-m", &v2.project_id).await.unwrap();
     assert_eq!(view.live.unwrap().id, v2.deployment_id);
+}
+
+/// An operator deleting a project that already expired, whose name another account has taken
+/// since: the new owner's route stays, the old project is marked deleted, and it is counted as
+/// ended once (when it expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_deleting_an_expired_project_leaves_the_new_owner_of_its_name_alone() {
+    let redis = RedisServer::start();
+    let rig = rig_with(&redis.url(), |c| {
+        c.inactivity_ttl = Duration::from_millis(300)
+    })
+    .await;
+    let c = &rig.control;
+    let old = c
+        .deploy(
+            "acct-a",
+            DeployRequest {
+                files: Some(files("old")),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(c.sweep().await.unwrap(), vec![old.project_id.clone()]);
+    let taker = c
+        .deploy(
+            "acct-b",
+            DeployRequest {
+                files: Some(files("new owner")),
+                project_name: Some(old.slug.clone()),
+                ..DeployRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(taker.slug, old.slug);
+    c.admin_delete(&old.project_id).await.unwrap();
+    let addr = upstream(&rig.routes, &old.slug).await.unwrap();
+    assert_eq!(body(addr).await, "new owner world", "the new owner's route");
+    let p = rig.store.project(&old.project_id).await.unwrap().unwrap();
+    assert_eq!(p.status, tollgate_control::ProjectStatus::Deleted);
+    assert_eq!(
+        rig.metric("tollgate_projects_ended_total{reason=\"expired\"}"),
+        1.0
+    );
+    assert_eq!(
+        rig.metric("tollgate_projects_ended_total{reason=\"deleted\"}"),
+        0.0
+    );
 }

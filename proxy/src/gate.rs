@@ -56,6 +56,11 @@ pub struct Metering {
     pub top_up: String,
     pub hooks: Option<Arc<dyn RequestHooks>>,
     pub payments: Option<Arc<dyn PaymentDesk>>,
+    /// The money store is shared between processes (Redis): the new process of an upgrade
+    /// meters as a stand-in at once, so it takes the listeners over only once its agent runs.
+    /// False for a node's embedded file, which the old process holds until it exits (metered
+    /// routes answer 503 in between).
+    pub shared_store: bool,
 }
 
 impl std::fmt::Debug for Metering {
@@ -69,6 +74,7 @@ impl std::fmt::Debug for Metering {
 
 pub(crate) struct Gate {
     pub cache: Arc<BalanceCache>,
+    pub shared_store: bool,
     pub lease_wait: Duration,
     pub top_up: String,
     pub hooks: Option<Arc<dyn RequestHooks>>,
@@ -95,6 +101,7 @@ impl Gate {
         registry.register(Box::new(rejected.clone()))?;
         Ok(Gate {
             cache: opts.cache.clone(),
+            shared_store: opts.shared_store,
             lease_wait: opts.lease_wait,
             top_up: opts.top_up.clone(),
             hooks: opts.hooks.clone(),

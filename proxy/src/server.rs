@@ -331,7 +331,8 @@ fn wait_ready_to_take_over(
     let started = Instant::now();
     loop {
         let routes = !synced_routes || table.is_synced();
-        let metering = gate.is_none_or(|g| g.cache.agent_started());
+        // An embedded store stays with the old process until it exits: nothing to wait for.
+        let metering = gate.is_none_or(|g| !g.shared_store || g.cache.agent_started());
         if routes && metering {
             tracing::info!(
                 waited_ms = started.elapsed().as_millis() as u64,

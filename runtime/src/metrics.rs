@@ -1,7 +1,9 @@
 //! What the runtime tells SREs (docs/metrics.md): processes running, starts, exits by reason,
 //! cold starts, deployments given up. No deployment id in any label (unbounded).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// Exit reasons, every series present from the start.
 pub(crate) const EXIT_REASONS: [&str; 5] = ["crashed", "cpu_limit", "unpaid", "idle", "stopped"];
@@ -13,6 +15,8 @@ pub(crate) struct RuntimeMetrics {
     start_duration: Histogram,
     exits: IntCounterVec,
     failed: IntCounter,
+    cpu_seconds: Counter,
+    memory_bytes: IntGauge,
 }
 
 impl RuntimeMetrics {
@@ -37,7 +41,17 @@ impl RuntimeMetrics {
         for r in EXIT_REASONS {
             exits.with_label_values(&[r]);
         }
+        let cpu_seconds = Counter::new(
+            "tollgate_runtime_cpu_seconds_total",
+            "CPU time used by workerd processes (user + system), whether or not an owner paid for it",
+        )?;
+        let memory_bytes = IntGauge::new(
+            "tollgate_runtime_memory_bytes",
+            "Resident memory of the running workerd processes, summed, read once a second",
+        )?;
         Ok(RuntimeMetrics {
+            cpu_seconds,
+            memory_bytes,
             processes: IntGauge::new(
                 "tollgate_runtime_processes",
                 "workerd processes running now",
@@ -66,6 +80,8 @@ impl RuntimeMetrics {
         registry.register(Box::new(self.start_duration.clone()))?;
         registry.register(Box::new(self.exits.clone()))?;
         registry.register(Box::new(self.failed.clone()))?;
+        registry.register(Box::new(self.cpu_seconds.clone()))?;
+        registry.register(Box::new(self.memory_bytes.clone()))?;
         Ok(())
     }
 
@@ -83,6 +99,15 @@ impl RuntimeMetrics {
     pub(crate) fn exited(&self, reason: &'static str) {
         self.processes.dec();
         self.exits.with_label_values(&[reason]).inc();
+    }
+
+    pub(crate) fn cpu_used(&self, cpu_us: u64) {
+        self.cpu_seconds.inc_by(cpu_us as f64 / 1e6);
+    }
+
+    pub(crate) fn memory(&self, bytes: u64) {
+        self.memory_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn gave_up(&self) {

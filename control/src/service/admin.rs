@@ -75,6 +75,13 @@ impl Control {
         let lock = self.lock_for(project_id);
         let _guard = lock.lock().await;
         let mut p = self.live_project(project_id).await?;
+        if p.status == ProjectStatus::Expired {
+            // Already torn down, and its slug may be another project's by now: its route is not
+            // this project's to delete. Only its data goes.
+            p.status = ProjectStatus::Deleted;
+            self.store.put_project(&p).await?;
+            return self.drop_database(&p.id).await;
+        }
         self.teardown(&mut p, ProjectStatus::Deleted).await
     }
 

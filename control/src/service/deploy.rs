@@ -38,9 +38,10 @@ impl Control {
     ) -> Result<DeployOutcome, ControlError> {
         let started = std::time::Instant::now();
         // For OpenTelemetry (docs/metrics.md, "Traces"): ids and the result, never the code.
+        // The project id is the one the deploy resolved, never the caller's input as sent.
         let span = tracing::info_span!(
             "control.deploy",
-            project.id = req.project_id.as_deref().unwrap_or(""),
+            project.id = tracing::field::Empty,
             deploy.result = tracing::field::Empty,
             error.code = tracing::field::Empty,
         );
@@ -50,8 +51,13 @@ impl Control {
             .await;
         let result = deploy_result(&out);
         span.record("deploy.result", result);
-        if let Err(e) = &out {
-            span.record("error.code", e.code);
+        match &out {
+            Ok(o) => {
+                span.record("project.id", o.project_id.as_str());
+            }
+            Err(e) => {
+                span.record("error.code", e.code);
+            }
         }
         if let Some(m) = self.metrics.get() {
             m.observe(result, started.elapsed().as_secs_f64());

@@ -18,7 +18,7 @@ impl Control {
         use tracing::Instrument as _;
         let span = tracing::info_span!(
             "control.rollback",
-            project.id = project_id,
+            project.id = tracing::field::Empty,
             deploy.result = tracing::field::Empty,
         );
         let out = self
@@ -27,6 +27,9 @@ impl Control {
             .await;
         let result = super::deploy::deploy_result(&out);
         span.record("deploy.result", result);
+        if let Ok(o) = &out {
+            span.record("project.id", o.project_id.as_str());
+        }
         if let Some(m) = self.metrics.get() {
             m.rollback(result);
         }
@@ -116,11 +119,9 @@ impl Control {
         if project.status == ProjectStatus::Expired {
             // Already torn down; its slug may belong to another project by now: touch nothing
             // of it but its own data.
+            // Counted once, when it expired.
             project.status = ProjectStatus::Deleted;
             self.store.put_project(&project).await?;
-            if let Some(m) = self.metrics.get() {
-                m.ended(ProjectStatus::Deleted);
-            }
             return self.drop_database(&project.id).await;
         }
         self.teardown(&mut project, ProjectStatus::Deleted).await?;
@@ -152,7 +153,8 @@ impl Control {
         project.live_deployment = None;
         project.ended_ms = Some(now_ms());
         self.store.put_project(project).await?;
-        if was != status
+        // A project ends once: an expired one deleted later is not counted again.
+        if matches!(was, ProjectStatus::Active | ProjectStatus::Suspended)
             && let Some(m) = self.metrics.get()
         {
             m.ended(status);

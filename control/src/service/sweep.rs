@@ -15,7 +15,7 @@ impl Control {
         let mut expired = Vec::new();
         let all = self.store.all_projects().await?;
         let mut states: Vec<ProjectStatus> = all.iter().map(|p| p.status).collect();
-        for p in all {
+        for (i, p) in all.into_iter().enumerate() {
             if !matches!(p.status, ProjectStatus::Active | ProjectStatus::Suspended) {
                 continue;
             }
@@ -33,12 +33,9 @@ impl Control {
             {
                 continue;
             }
-            let was = p.status;
             self.teardown(&mut p, ProjectStatus::Expired).await?;
             tracing::info!(project = %p.id, "expired after inactivity");
-            if let Some(s) = states.iter_mut().find(|s| **s == was) {
-                *s = ProjectStatus::Expired;
-            }
+            states[i] = ProjectStatus::Expired;
             expired.push(p.id);
         }
         if let Some(m) = self.metrics.get() {

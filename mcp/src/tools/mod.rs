@@ -567,7 +567,13 @@ impl ServerHandler for TollgateMcp {
             .metrics
             .as_ref()
             .map(|m| m.tool(&request.name).to_owned());
-        let span = tool_span(&request.name, &context);
+        // Bounded: a name the router does not know is not echoed into traces or logs.
+        let known = if self.tool_router.has_route(&request.name) {
+            request.name.to_string()
+        } else {
+            "unknown".to_owned()
+        };
+        let span = tool_span(&known, &context);
         let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
         let out = self.tool_router.call(tcc).instrument(span.clone()).await;
         span.record("mcp.result", crate::metrics::result_of(&out));

@@ -75,6 +75,9 @@ pub(crate) struct Inner {
     pub(crate) cpu_sink: Arc<dyn CpuSink>,
     pub(crate) events: mpsc::UnboundedSender<RuntimeEvent>,
     pub(crate) metrics: crate::metrics::RuntimeMetrics,
+    /// When the processes' memory was last read (ms since `epoch`): once a second, not at
+    /// every CPU sample.
+    pub(crate) memory_read_ms: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -114,6 +117,7 @@ impl Supervisor {
             deployments: Mutex::new(HashMap::new()),
             cpu_sink,
             events,
+            memory_read_ms: std::sync::atomic::AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&inner);
         let period = inner.cfg.sample_interval;

@@ -21,10 +21,18 @@ impl Inner {
             .unwrap_or_default();
         let cap_us = self.cfg.cpu_limit_per_request.as_micros() as u64;
         let mut deltas = Vec::new();
+        let now_ms = self.now_ms();
+        let read_memory =
+            now_ms.saturating_sub(self.memory_read_ms.load(Ordering::Relaxed)) >= 1000;
+        let mut rss = 0u64;
         for dep in &deps {
             let Some(delta) = take_delta(dep) else {
                 continue;
             };
+            self.metrics.cpu_used(delta);
+            if read_memory && let Some(pid) = dep.status.lock().ok().and_then(|s| s.pid) {
+                rss += resident_bytes(pid);
+            }
             let mut kill = None;
             if let Ok(mut guard) = dep.proc_.lock()
                 && let Some(p) = guard.as_mut()
@@ -79,6 +87,10 @@ impl Inner {
                 });
             }
         }
+        if read_memory {
+            self.memory_read_ms.store(now_ms, Ordering::Relaxed);
+            self.metrics.memory(rss);
+        }
         if !deltas.is_empty() {
             self.cpu_sink.record(&deltas);
             for id in self.cpu_sink.unpaid(&deltas) {
@@ -113,6 +125,7 @@ impl Inner {
         if cpu_us == 0 {
             return;
         }
+        self.metrics.cpu_used(cpu_us);
         if dep.proc_.lock().map(|p| p.is_none()).unwrap_or(true) {
             // Not counted by `take_delta` (a start that failed): count it here.
             dep.update(|s| s.cpu_us_total += cpu_us);
@@ -124,6 +137,18 @@ impl Inner {
             cpu_us,
         }]);
     }
+}
+
+/// Resident memory of process `pid` (`VmRSS` of `/proc/<pid>/status`, in kB whatever the page
+/// size), 0 when it is gone.
+fn resident_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// CPU since the last read of this deployment's current process.
