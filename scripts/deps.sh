@@ -7,6 +7,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server) # tests start th
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)                 # the edge tests' HTTP/2 client
 /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || need+=(python3-yaml) # scripts/check-observability
+# initdb and pg_ctl: the book-of-record tests start their own PostgreSQL cluster on a free port.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)       # promtool for scripts/check-observability (the package also enables a Prometheus server on :9090)
 if ((${#need[@]})); then
   echo "tollgate: installing ${need[*]} (apt-get)" >&2

@@ -46,6 +46,21 @@ pub enum Command {
     /// Projects' SQL databases, for operators.
     #[command(subcommand)]
     Db(DbCommand),
+    /// The book of record in PostgreSQL (docs/book.md), for operators.
+    #[command(subcommand)]
+    Book(BookCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BookCommand {
+    /// Copy the Redis ledger into the book until it is caught up (the control service does this
+    /// continuously when `[book]` is configured); idempotent. Prints what it copied as JSON.
+    Copy {
+        /// The configuration file with `[redis]` and `[book]` (or TOLLGATE_REDIS_URL and
+        /// TOLLGATE_BOOK_POSTGRES_URL).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -407,6 +422,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Accounts(cmd) => accounts(cmd),
+        Command::Book(BookCommand::Copy { config }) => {
+            let cfg = Config::load(config.as_deref(), &env)?;
+            let (Some(redis), Some(book)) = (&cfg.redis, &cfg.book) else {
+                anyhow::bail!(
+                    "book copy needs [redis] and [book] postgres_url (or TOLLGATE_REDIS_URL and TOLLGATE_BOOK_POSTGRES_URL)"
+                );
+            };
+            tollgate_app::ops::book_copy(&book.postgres_url, &redis.url, &redis.key_prefix)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Db(DbCommand::Backup {
             config,
             dir,

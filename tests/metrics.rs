@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rcgen::{CertificateParams, KeyPair};
-use tollgate_testkit::{RedisServer, free_addr};
+use tollgate_testkit::{PostgresServer, RedisServer, free_addr};
 
 mod common;
 use common::*;
@@ -275,6 +275,9 @@ fn wildcard_cert(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported() {
     let cat = catalogue();
     let redis = RedisServer::start();
+    // The book of record of both control sides (dev's ledger, prefix `tollgate`; control's,
+    // prefix `ctl`).
+    let pg = PostgresServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = wildcard_cert(dir.path());
 
@@ -288,6 +291,7 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         c.env("TOLLGATE_TLS_LISTEN", dev_tls.to_string())
             .env("TOLLGATE_TLS_CERT", &cert)
             .env("TOLLGATE_TLS_KEY", &key)
+            .env("TOLLGATE_BOOK_POSTGRES_URL", pg.url())
             .args(["dev", "--redis", &redis.url(), "--dev-account", "acct-m"])
             .args(["--chain-listen", &free_addr().to_string()])
             .args(["--proxy-listen", &proxy.to_string()])
@@ -370,9 +374,10 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     std::fs::write(
         &cfg,
         format!(
-            "[control]\nlisten = \"{ctl}\"\nadmin_listen = \"{ctl_admin}\"\ndata_dir = {:?}\n[redis]\nurl = \"{}\"\nkey_prefix = \"ctl\"\n",
+            "[control]\nlisten = \"{ctl}\"\nadmin_listen = \"{ctl_admin}\"\ndata_dir = {:?}\n[redis]\nurl = \"{}\"\nkey_prefix = \"ctl\"\n[book]\npostgres_url = \"{}\"\n",
             dir.path().join("ctl").display().to_string(),
             redis.url(),
+            pg.url(),
         ),
     )
     .unwrap();
@@ -431,6 +436,7 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         1.0
     );
     assert!(value("tollgate_cached_accounts") >= 1.0);
+    assert!(value("tollgate_book_lines_total{result=\"inserted\"}") > 0.0);
     assert_eq!(value("tollgate_suspended_accounts"), 0.0);
 
     let mut problems = Vec::new();
@@ -493,6 +499,45 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         empty.join("\n")
     );
     drop(prometheus);
+
+    // The book of record holds dev's ledger, line for line (it copies within a second; the
+    // ledger keeps growing while settles and lease returns go on, so compare until they meet).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = tollgate_metering::RedisStore::connect(
+            &redis.url(),
+            "tollgate",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let book = tollgate_book::Book::connect(&pg.url(), "tollgate")
+            .await
+            .unwrap();
+        let key = |e: &tollgate_metering::LedgerEntry| {
+            (e.key.clone(), e.account.clone(), e.kind.clone(), e.amount)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            use tollgate_metering::Store;
+            let mut ledger: Vec<_> = store.ledger().await.unwrap().iter().map(key).collect();
+            let mut booked: Vec<_> = book.lines().await.unwrap().iter().map(key).collect();
+            ledger.sort();
+            booked.sort();
+            if !ledger.is_empty() && ledger == booked {
+                assert!(ledger.iter().any(|l| l.2 == "credit"), "{ledger:?}");
+                assert!(ledger.iter().any(|l| l.2 == "settle"), "{ledger:?}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the book never matched the ledger: {} lines vs {}",
+                booked.len(),
+                ledger.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     assert!(terminate(&mut ctl_proc).success());
     assert!(terminate(&mut proxy).success());
     assert!(terminate(&mut dev).success());

@@ -31,9 +31,27 @@ pub struct Config {
     pub payments: PaymentsConfig,
     pub public: PublicConfig,
     pub database: DatabaseConfig,
+    /// The book of record in PostgreSQL (docs/book.md); absent: none.
+    pub book: Option<BookConfig>,
     /// Static routes: `[[route]] host = "…" upstreams = ["127.0.0.1:3000"]`.
     #[serde(rename = "route")]
     pub routes: Vec<StaticRoute>,
+}
+
+/// `[book]`: the control service copies the Redis ledger into PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BookConfig {
+    /// `postgres://user:password@host:port/database` (no TLS: a private network or a local
+    /// socket proxy).
+    pub postgres_url: String,
+    /// How long the writer waits, once caught up, before it looks for new entries.
+    #[serde(default = "default_book_interval_ms")]
+    pub copy_interval_ms: u64,
+}
+
+fn default_book_interval_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -411,6 +429,7 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_LOG_LEVEL",
     "TOLLGATE_LOG_FORMAT",
     "TOLLGATE_LOG_OTLP_ENDPOINT",
+    "TOLLGATE_BOOK_POSTGRES_URL",
     "TOLLGATE_UPGRADE_SOCK",
     "TOLLGATE_ACCESS_LOG",
     "TOLLGATE_PUBLIC_BASE_DOMAIN",
@@ -581,6 +600,15 @@ impl Config {
                     }
                 }
                 "TOLLGATE_LOG_LEVEL" => self.log.level = val,
+                "TOLLGATE_BOOK_POSTGRES_URL" => match &mut self.book {
+                    Some(b) => b.postgres_url = val,
+                    None => {
+                        self.book = Some(BookConfig {
+                            postgres_url: val,
+                            copy_interval_ms: default_book_interval_ms(),
+                        })
+                    }
+                },
                 "TOLLGATE_LOG_OTLP_ENDPOINT" => {
                     let url = reqwest::Url::parse(&val).map_err(|e| fail(e.to_string()))?;
                     if !matches!(url.scheme(), "http" | "https") {

@@ -156,6 +156,26 @@ pub async fn control_service(
         .await
         .map_err(|e| anyhow::anyhow!("recovery: {e}"))?;
     tracing::info!(deployments = n, "live deployments restarted");
+    // The book of record: the Redis ledger copied into PostgreSQL (docs/book.md).
+    if let (Some(book), Some(redis)) = (&cfg.book, &cfg.redis) {
+        let ledger = tollgate_metering::RedisStore::connect(
+            &redis.url,
+            &redis.key_prefix,
+            std::time::Duration::from_secs(cfg.metering.lease_ttl_seconds),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("book of record: the ledger's Redis: {e}"))?;
+        let metrics = tollgate_book::BookMetrics::new(&agents.metrics)?;
+        tasks.push(tokio::spawn(tollgate_book::run(
+            book.postgres_url.clone(),
+            ledger,
+            redis.key_prefix.clone(),
+            std::time::Duration::from_millis(book.copy_interval_ms),
+            metrics,
+            stop.clone(),
+        )));
+        tracing::info!("book of record: copying the ledger into PostgreSQL");
+    }
     // The cleanup job (after recovery, so it never sees a project mid-restart): expire and
     // collect unused projects (idempotent, so a missed or repeated run is harmless).
     let sweeper = control.clone();

@@ -265,3 +265,28 @@ pub fn db_backup(dir: &Path, project: &str, file: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `tollgate book copy`: copies the ledger into the book of record until it is caught up (the
+/// control service does this continuously; this is for a backfill, or a host without one).
+/// Prints `{"inserted":…,"duplicates":…,"cursor":"…"}`.
+pub fn book_copy(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Result<()> {
+    one_shot()?.block_on(async move {
+        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
+        store.enable_book().await?;
+        let mut book = tollgate_book::Book::connect(postgres_url, prefix).await?;
+        let (mut inserted, mut duplicates) = (0u64, 0u64);
+        let cursor = loop {
+            let c = book.copy_round(&store, 500).await?;
+            inserted += c.inserted;
+            duplicates += c.duplicates;
+            if c.entries == 0 {
+                break c.cursor;
+            }
+        };
+        println!(
+            "{}",
+            serde_json::json!({"inserted": inserted, "duplicates": duplicates, "cursor": cursor})
+        );
+        Ok(())
+    })
+}

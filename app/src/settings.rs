@@ -163,6 +163,23 @@ impl Settings {
             check.realm = realm;
             check.validate().map_err(|e| bad(key, e))?;
         }
+        if let Some(b) = &config.book {
+            if config.redis.is_none() {
+                return Err(bad(
+                    "book.postgres_url",
+                    "the book of record copies the Redis ledger: it needs [redis] (a node on the embedded store keeps its ledger in its own file)",
+                ));
+            }
+            if b.postgres_url.parse::<tokio_postgres::Config>().is_err() {
+                return Err(bad(
+                    "book.postgres_url",
+                    "is not a PostgreSQL URL (postgres://user@host:port/database)",
+                ));
+            }
+            if !(10..=60_000).contains(&b.copy_interval_ms) {
+                return Err(bad("book.copy_interval_ms", "must be 10..=60000"));
+            }
+        }
         if let Some(e) = &config.log.otlp_endpoint
             && !reqwest::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
         {
@@ -328,6 +345,13 @@ mod tests {
         assert_eq!(e.key, "proxy.payment_realms", "{e}");
         let e = check("[log]\nlevel = \"info,,==\"\n");
         assert_eq!(e.key, "log.level", "{e}");
+        let e = check("[book]\npostgres_url = \"postgres://u@db/x\"\n");
+        assert_eq!(e.key, "book.postgres_url", "{e}");
+        assert!(e.message.contains("[redis]"), "{e}");
+        let e = check(
+            "[redis]\nurl = \"redis://127.0.0.1:1\"\n[book]\npostgres_url = \"postgres://u@db/x?sslmode=nonsense\"\n",
+        );
+        assert_eq!(e.key, "book.postgres_url", "{e}");
         let e = check("[log]\notlp_endpoint = \"collector:4318\"\n");
         assert_eq!(e.key, "log.otlp_endpoint", "{e}");
         assert!(e.message.contains("http://"), "{e}");

@@ -215,10 +215,22 @@ end
 -- entries older than the retention go, exactly, so Redis does not grow forever.
 -- At most 1,000 entries per round, so a long backlog (retention just lowered, or a first run
 -- after an upgrade) cannot block Redis: the rounds catch up.
+-- With a book of record (`ledger:book` set), never past what the book holds (`ledger:booked`,
+-- a stream id): an entry is trimmed only once it is both old and copied.
 local keep = tonumber(ARGV[2] or '0') or 0
-if keep > 0 and now > keep then
-  local old = redis.call('XRANGE', p .. ':ledger', '-', string.format('%d', now - keep),
-    'COUNT', 1000)
+local upto = nil
+if keep > 0 and now > keep then upto = string.format('%d', now - keep) end
+if upto and redis.call('EXISTS', p .. ':ledger:book') == 1 then
+  local booked = redis.call('GET', p .. ':ledger:booked')
+  if not booked then
+    upto = nil
+  else
+    local ms = tonumber(string.match(booked, '^(%d+)-')) or 0
+    if ms <= tonumber(upto) then upto = booked end
+  end
+end
+if upto then
+  local old = redis.call('XRANGE', p .. ':ledger', '-', upto, 'COUNT', 1000)
   if #old > 0 then
     local ids = {}
     for i, e in ipairs(old) do ids[i] = e[1] end

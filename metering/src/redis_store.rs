@@ -36,6 +36,109 @@ impl RedisStore {
         self.ledger_retention = keep;
         self
     }
+
+    /// Up to `count` ledger stream entries after stream id `after` (`0-0`: from the start),
+    /// oldest first: (stream id, its lines: one per account).
+    pub async fn ledger_page(
+        &self,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Vec<LedgerEntry>)>, StoreError> {
+        let mut c = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{}:ledger", self.prefix))
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        reply
+            .ids
+            .iter()
+            .map(|id| Ok((id.id.clone(), ledger_lines(id)?)))
+            .collect()
+    }
+
+    /// Records that the book of record holds every ledger entry up to stream id `id`. From the
+    /// first call on, the reaper trims no entry after the last id recorded, whatever its age.
+    pub async fn mark_booked(&self, id: &str) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(format!("{}:ledger:book", self.prefix))
+            .arg("1")
+            .ignore()
+            .cmd("SET")
+            .arg(format!("{}:ledger:booked", self.prefix))
+            .arg(id)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Declares that a book of record copies this ledger (before its first copy): entries are
+    /// no longer trimmed by age alone.
+    pub async fn enable_book(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}:ledger:book", self.prefix))
+            .arg("1")
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+/// The ledger lines of one stream entry: a settle batch has one line per account (`lines`),
+/// the other kinds one.
+fn ledger_lines(id: &redis::streams::StreamId) -> Result<Vec<LedgerEntry>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        account: String,
+        amount: i64,
+        requests: u64,
+        cpu_us: u64,
+        deploys: u64,
+        #[serde(default)]
+        rows_read: u64,
+        #[serde(default)]
+        rows_written: u64,
+    }
+    let s = |k: &str| -> String { id.get::<String>(k).unwrap_or_default() };
+    let n = |k: &str| -> u64 { s(k).parse().unwrap_or(0) };
+    if let Some(lines) = id.get::<String>("lines") {
+        let lines: Vec<Line> = serde_json::from_str(&lines)
+            .map_err(|e| StoreError::Corrupt(format!("ledger {}: {e}", id.id)))?;
+        return Ok(lines
+            .into_iter()
+            .map(|l| LedgerEntry {
+                kind: s("kind"),
+                key: s("key"),
+                account: l.account,
+                amount: l.amount,
+                requests: l.requests,
+                cpu_us: l.cpu_us,
+                deploys: l.deploys,
+                rows_read: l.rows_read,
+                rows_written: l.rows_written,
+            })
+            .collect());
+    }
+    Ok(vec![LedgerEntry {
+        kind: s("kind"),
+        key: s("key"),
+        account: s("account"),
+        amount: s("amount").parse().unwrap_or(0),
+        requests: n("requests"),
+        cpu_us: n("cpu_us"),
+        deploys: n("deploys"),
+        rows_read: n("rows_read"),
+        rows_written: n("rows_written"),
+    }])
 }
 
 /// Redis-backed store. Cheap to clone.
@@ -460,50 +563,8 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         let mut out = Vec::with_capacity(reply.ids.len());
-        #[derive(serde::Deserialize)]
-        struct Line {
-            account: String,
-            amount: i64,
-            requests: u64,
-            cpu_us: u64,
-            deploys: u64,
-            #[serde(default)]
-            rows_read: u64,
-            #[serde(default)]
-            rows_written: u64,
-        }
         for id in reply.ids {
-            let s = |k: &str| -> String { id.get::<String>(k).unwrap_or_default() };
-            let n = |k: &str| -> u64 { s(k).parse().unwrap_or(0) };
-            if let Some(lines) = id.get::<String>("lines") {
-                let lines: Vec<Line> = serde_json::from_str(&lines)
-                    .map_err(|e| StoreError::Corrupt(format!("ledger {}: {e}", id.id)))?;
-                for l in lines {
-                    out.push(LedgerEntry {
-                        kind: s("kind"),
-                        key: s("key"),
-                        account: l.account,
-                        amount: l.amount,
-                        requests: l.requests,
-                        cpu_us: l.cpu_us,
-                        deploys: l.deploys,
-                        rows_read: l.rows_read,
-                        rows_written: l.rows_written,
-                    });
-                }
-                continue;
-            }
-            out.push(LedgerEntry {
-                kind: s("kind"),
-                key: s("key"),
-                account: s("account"),
-                amount: s("amount").parse().unwrap_or(0),
-                requests: n("requests"),
-                cpu_us: n("cpu_us"),
-                deploys: n("deploys"),
-                rows_read: n("rows_read"),
-                rows_written: n("rows_written"),
-            });
+            out.extend(ledger_lines(&id)?);
         }
         Ok(out)
     }

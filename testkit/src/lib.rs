@@ -1,5 +1,6 @@
-//! Real parts for tests: a `redis-server` on a free loopback port (stopped on drop) and upstream
-//! HTTP servers. Nothing here is mocked; everything speaks the real protocol over loopback.
+//! Real parts for tests: a `redis-server` and a PostgreSQL cluster on free loopback ports (stopped
+//! on drop) and upstream HTTP servers. Nothing here is mocked; everything speaks the real
+//! protocol over loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
@@ -14,6 +15,9 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
+
+mod postgres;
+pub use postgres::{PostgresServer, pg_bin_dir};
 
 /// A port that was free a moment ago (bind to :0, read, release), and never handed out before
 /// in this process, so that two free ports asked for in a row cannot collide.
