@@ -61,6 +61,20 @@ pub enum BookCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Copy what is new, then compare the book with the Redis ledger (every line still there)
+    /// and every account's credited/debited totals; prints each difference and exits 1 on any.
+    Reconcile {
+        /// As for `copy`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// After removing `[book]`: let the ledger be trimmed by age alone again (while a book is
+    /// declared, nothing it has not copied is trimmed).
+    Disable {
+        /// The configuration file with `[redis]` (or TOLLGATE_REDIS_URL).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +347,23 @@ impl KeyArgs {
     }
 }
 
+/// `tollgate book copy` / `reconcile`.
+fn book(config: Option<&std::path::Path>, reconcile: bool) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(config, &env)?;
+    let (Some(redis), Some(book)) = (&cfg.redis, &cfg.book) else {
+        anyhow::bail!(
+            "the book needs [redis] and [book] postgres_url (or TOLLGATE_REDIS_URL and TOLLGATE_BOOK_POSTGRES_URL)"
+        );
+    };
+    let (pg, url, prefix) = (&book.postgres_url, &redis.url, &redis.key_prefix);
+    if reconcile {
+        Ok(exit(tollgate_app::ops::book_reconcile(pg, url, prefix)?))
+    } else {
+        tollgate_app::ops::book_copy(pg, url, prefix)?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
 fn env(var: &str) -> Option<String> {
     std::env::var(var).ok()
 }
@@ -422,16 +453,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Accounts(cmd) => accounts(cmd),
-        Command::Book(BookCommand::Copy { config }) => {
+        Command::Book(BookCommand::Disable { config }) => {
             let cfg = Config::load(config.as_deref(), &env)?;
-            let (Some(redis), Some(book)) = (&cfg.redis, &cfg.book) else {
-                anyhow::bail!(
-                    "book copy needs [redis] and [book] postgres_url (or TOLLGATE_REDIS_URL and TOLLGATE_BOOK_POSTGRES_URL)"
-                );
+            let Some(redis) = &cfg.redis else {
+                anyhow::bail!("book disable needs [redis] (or TOLLGATE_REDIS_URL)");
             };
-            tollgate_app::ops::book_copy(&book.postgres_url, &redis.url, &redis.key_prefix)?;
+            tollgate_app::ops::book_disable(&redis.url, &redis.key_prefix)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Book(BookCommand::Copy { config }) => book(config.as_deref(), false),
+        Command::Book(BookCommand::Reconcile { config }) => book(config.as_deref(), true),
+
         Command::Db(DbCommand::Backup {
             config,
             dir,

@@ -232,7 +232,7 @@ impl Default for MeteringConfig {
         MeteringConfig {
             enabled: true,
             node_id: None,
-            lease_wait_ms: 200,
+            lease_wait_ms: 1000,
             settle_interval_ms: 50,
             lease_ttl_seconds: 10,
             cpu_debt_limit_ms: tollgate_balance_cache::DEFAULT_CPU_DEBT_MS,

@@ -158,17 +158,12 @@ pub async fn control_service(
     tracing::info!(deployments = n, "live deployments restarted");
     // The book of record: the Redis ledger copied into PostgreSQL (docs/book.md).
     if let (Some(book), Some(redis)) = (&cfg.book, &cfg.redis) {
-        let ledger = tollgate_metering::RedisStore::connect(
-            &redis.url,
-            &redis.key_prefix,
-            std::time::Duration::from_secs(cfg.metering.lease_ttl_seconds),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("book of record: the ledger's Redis: {e}"))?;
         let metrics = tollgate_book::BookMetrics::new(&agents.metrics)?;
+        // It connects (and reconnects) by itself: a Redis or PostgreSQL away does not stop the
+        // control service from starting.
         tasks.push(tokio::spawn(tollgate_book::run(
             book.postgres_url.clone(),
-            ledger,
+            redis.url.clone(),
             redis.key_prefix.clone(),
             std::time::Duration::from_millis(book.copy_interval_ms),
             metrics,

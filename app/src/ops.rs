@@ -290,3 +290,36 @@ pub fn book_copy(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Resul
         Ok(())
     })
 }
+
+/// `tollgate book reconcile`: copies what is new, then compares the book with the Redis ledger
+/// and the accounts' totals; prints every difference, one per line. True when there is none.
+pub fn book_reconcile(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Result<bool> {
+    one_shot()?.block_on(async move {
+        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
+        store.enable_book().await?;
+        let mut book = tollgate_book::Book::connect(postgres_url, prefix).await?;
+        let diffs = book.reconcile(&store).await?;
+        for d in &diffs {
+            println!("{d}");
+        }
+        eprintln!(
+            "book reconcile: {} difference(s) (ledger prefix {prefix:?})",
+            diffs.len()
+        );
+        Ok(diffs.is_empty())
+    })
+}
+
+/// `tollgate book disable`: the ledger is trimmed by age alone again (after `[book]` is
+/// removed: otherwise nothing past the last booked entry would ever be trimmed).
+pub fn book_disable(redis: &str, prefix: &str) -> anyhow::Result<()> {
+    one_shot()?.block_on(async move {
+        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
+        store.disable_book().await?;
+        println!(
+            "{}",
+            serde_json::json!({"book": "disabled", "prefix": prefix})
+        );
+        Ok(())
+    })
+}

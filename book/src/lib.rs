@@ -25,9 +25,11 @@ pub enum BookError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("ledger: {0}")]
     Store(#[from] StoreError),
-    /// A value the book cannot hold as it is (never seen: the ledger's values are i64).
+    /// A stream id that is not `<ms>-<seq>` (never seen).
     #[error("ledger entry {id}: {what} out of range")]
     Range { id: String, what: &'static str },
+    #[error("a round took over 30 s (PostgreSQL or Redis not answering)")]
+    Timeout,
 }
 
 /// What one round copied.
@@ -37,6 +39,8 @@ pub struct Copied {
     pub inserted: u64,
     /// Lines the book already held (a round repeated after a crash, or a replayed stream).
     pub duplicates: u64,
+    /// Lines whose key the book holds with other content (`book_conflicts`).
+    pub conflicts: u64,
     /// Stream entries read.
     pub entries: usize,
     /// The cursor after the round (`0-0` before the first entry).
@@ -56,11 +60,11 @@ impl BookMetrics {
         let lines = IntCounterVec::new(
             Opts::new(
                 "tollgate_book_lines_total",
-                "Ledger lines the book of record took, by result: inserted, duplicate (already held)",
+                "Ledger lines the book of record took, by result: inserted, duplicate (already held), conflict (its key held with other content)",
             ),
             &["result"],
         )?;
-        for r in ["inserted", "duplicate"] {
+        for r in ["inserted", "duplicate", "conflict"] {
             lines.with_label_values(&[r]);
         }
         let errors = IntCounter::new(
@@ -95,6 +99,78 @@ impl Drop for Book {
     }
 }
 
+/// A stream id `<ms>-<seq>` as numbers.
+fn stream_id(id: &str) -> Result<(i64, i64), BookError> {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .ok_or_else(|| BookError::Range {
+            id: id.to_owned(),
+            what: "stream id",
+        })
+}
+
+/// One difference between Redis and the book.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    /// A ledger line (at or before the book's cursor) the book does not hold.
+    MissingInBook {
+        stream_id: String,
+        key: String,
+        account: String,
+    },
+    /// A book line in the span Redis still holds that Redis does not (Redis lost it).
+    MissingInLedger { key: String, account: String },
+    /// One line, two contents.
+    Differs {
+        key: String,
+        account: String,
+        ledger: Box<LedgerEntry>,
+        book: Box<LedgerEntry>,
+    },
+    /// An account's lifetime (credited, debited) in Redis and as its book lines add up.
+    Totals {
+        account: String,
+        redis: (i64, i64),
+        book: (i64, i64),
+    },
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Difference::MissingInBook {
+                stream_id,
+                key,
+                account,
+            } => write!(
+                f,
+                "missing in the book: {key} on {account} (ledger entry {stream_id})"
+            ),
+            Difference::MissingInLedger { key, account } => {
+                write!(f, "missing in the Redis ledger: {key} on {account}")
+            }
+            Difference::Differs {
+                key,
+                account,
+                ledger,
+                book,
+            } => write!(
+                f,
+                "differs: {key} on {account}: ledger {ledger:?}, book {book:?}"
+            ),
+            Difference::Totals {
+                account,
+                redis,
+                book,
+            } => write!(
+                f,
+                "totals differ on {account}: Redis credited {} debited {} p$, book credited {} debited {} p$",
+                redis.0, redis.1, book.0, book.1
+            ),
+        }
+    }
+}
+
 /// The book's key of a line. A lease returned (`release`, `expire`) moves no credited or debited
 /// money and its ledger key names the incarnation, which may return a lease on one account
 /// more than once: its stream id makes it unique. Every other kind's key is its idempotency key.
@@ -105,32 +181,35 @@ fn book_key(id: &str, l: &LedgerEntry) -> String {
     }
 }
 
-/// A u64 counter of the ledger as BIGINT.
-fn big(id: &str, what: &'static str, v: u64) -> Result<i64, BookError> {
-    i64::try_from(v).map_err(|_| BookError::Range {
-        id: id.to_owned(),
-        what,
-    })
+/// A usage counter of the ledger (never money: amounts are i64 already) as BIGINT, saturated:
+/// a counter past 9.2e18 cannot happen, and must not stall the book if it did.
+fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl Book {
     /// Connects and brings the schema up to date (idempotent; concurrent starters wait).
     pub async fn connect(url: &str, prefix: &str) -> Result<Book, BookError> {
-        let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let mut cfg: tokio_postgres::Config = url.parse()?;
+        // A half-open connection must not hang the writer for the OS's hours.
+        cfg.connect_timeout(Duration::from_secs(10))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30));
+        let (mut client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
         let connection = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::warn!(error = %e, "book of record: PostgreSQL connection ended");
             }
         });
-        client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS book_migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-            )
-            .await?;
         for (version, sql) in MIGRATIONS {
+            // The lock first: two starters at once must not race even on the bookkeeping table.
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS book_migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            )
+            .await?;
             let done = tx
                 .query_opt(
                     "SELECT 1 FROM book_migrations WHERE version = $1",
@@ -173,13 +252,22 @@ impl Book {
         store: &RedisStore,
         count: usize,
     ) -> Result<Copied, BookError> {
-        let after = self.cursor().await?;
+        // From the lower of the book's cursor and the ledger's own mark: a Redis that lost
+        // its data (or a replica that lags) restarts its stream ids, maybe below the cursor;
+        // re-reading what the book holds only yields duplicates, skipping would lose lines.
+        let pg = self.cursor().await?;
+        let after = match store.booked().await? {
+            Some(mark) if stream_id(&mark)? < stream_id(&pg)? => mark,
+            Some(_) => pg,
+            None => {
+                // No mark: a Redis that lost its keys. Declare the book again before anything
+                // can be trimmed by age, and read what this stream holds from its start.
+                store.enable_book().await?;
+                "0-0".to_owned()
+            }
+        };
         let page = store.ledger_page(&after, count).await?;
         let Some((last, _)) = page.last() else {
-            // Nothing new; the mark is refreshed (it may have been lost with a Redis restart).
-            if after != "0-0" {
-                store.mark_booked(&after).await?;
-            }
             return Ok(Copied {
                 cursor: after,
                 ..Copied::default()
@@ -189,9 +277,15 @@ impl Book {
         let tx = self.client.transaction().await?;
         let insert = tx
             .prepare(
-                "INSERT INTO book_entries (prefix, key, account, kind, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                "INSERT INTO book_entries (prefix, key, account, kind, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_ms, stream_seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                  ON CONFLICT (prefix, key, account) DO NOTHING",
+            )
+            .await?;
+        let same = tx
+            .prepare(
+                "SELECT kind, amount, requests, cpu_us, deploys, rows_read, rows_written
+                 FROM book_entries WHERE prefix = $1 AND key = $2 AND account = $3",
             )
             .await?;
         let mut copied = Copied {
@@ -200,6 +294,7 @@ impl Book {
             ..Copied::default()
         };
         for (id, lines) in &page {
+            let (ms, seq) = stream_id(id)?;
             for l in lines {
                 let key = book_key(id, l);
                 let n = tx
@@ -211,19 +306,41 @@ impl Book {
                             &l.account,
                             &l.kind,
                             &l.amount,
-                            &big(id, "requests", l.requests)?,
-                            &big(id, "cpu_us", l.cpu_us)?,
-                            &big(id, "deploys", l.deploys)?,
-                            &big(id, "rows_read", l.rows_read)?,
-                            &big(id, "rows_written", l.rows_written)?,
-                            id,
+                            &big(l.requests),
+                            &big(l.cpu_us),
+                            &big(l.deploys),
+                            &big(l.rows_read),
+                            &big(l.rows_written),
+                            &ms,
+                            &seq,
                         ],
                     )
                     .await?;
                 if n == 1 {
                     copied.inserted += 1;
-                } else {
+                    continue;
+                }
+                let held = tx
+                    .query_one(&same, &[&self.prefix, &key, &l.account])
+                    .await?;
+                let same_content = held.get::<_, String>(0) == l.kind
+                    && held.get::<_, i64>(1) == l.amount
+                    && held.get::<_, i64>(2) == big(l.requests)
+                    && held.get::<_, i64>(3) == big(l.cpu_us)
+                    && held.get::<_, i64>(4) == big(l.deploys)
+                    && held.get::<_, i64>(5) == big(l.rows_read)
+                    && held.get::<_, i64>(6) == big(l.rows_written);
+                if same_content {
                     copied.duplicates += 1;
+                } else {
+                    copied.conflicts += 1;
+                    tracing::error!(key = %key, account = %l.account, stream_id = %id, "book of record: a ledger line reuses a key the book holds with other content (was the Redis ledger reset?); kept in book_conflicts");
+                    tx.execute(
+                        "INSERT INTO book_conflicts (prefix, stream_ms, stream_seq, key, account, kind, amount)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                        &[&self.prefix, &ms, &seq, &key, &l.account, &l.kind, &l.amount],
+                    )
+                    .await?;
                 }
             }
         }
@@ -239,46 +356,168 @@ impl Book {
         Ok(copied)
     }
 
-    /// Every line the book holds, in the order it was copied (for reconciliation and tests).
+    /// Every line the book holds, in stream order (for reconciliation and tests).
     pub async fn lines(&self) -> Result<Vec<LedgerEntry>, BookError> {
+        Ok(self
+            .lines_between((0, 0), (i64::MAX, i64::MAX))
+            .await?
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect())
+    }
+
+    /// The lines whose stream id is in `(after, upto]`, with their stream ids, in stream order.
+    async fn lines_between(
+        &self,
+        after: (i64, i64),
+        upto: (i64, i64),
+    ) -> Result<Vec<(String, LedgerEntry)>, BookError> {
         let rows = self
             .client
             .query(
-                "SELECT kind, key, account, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_id
-                 FROM book_entries WHERE prefix = $1
-                 ORDER BY split_part(stream_id, '-', 1)::bigint, split_part(stream_id, '-', 2)::bigint, key, account",
+                "SELECT kind, key, account, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_ms, stream_seq
+                 FROM book_entries
+                 WHERE prefix = $1 AND (stream_ms, stream_seq) > ($2, $3) AND (stream_ms, stream_seq) <= ($4, $5)
+                 ORDER BY stream_ms, stream_seq, key, account",
+                &[&self.prefix, &after.0, &after.1, &upto.0, &upto.1],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let id = format!("{}-{}", r.get::<_, i64>(9), r.get::<_, i64>(10));
+                // The ledger's own key (see `book_key`).
+                let key: String = r.get(1);
+                let key = key
+                    .strip_suffix(&format!("@{id}"))
+                    .map_or_else(|| key.clone(), str::to_owned);
+                let line = LedgerEntry {
+                    kind: r.get(0),
+                    key,
+                    account: r.get(2),
+                    amount: r.get(3),
+                    requests: r.get::<_, i64>(4).max(0) as u64,
+                    cpu_us: r.get::<_, i64>(5).max(0) as u64,
+                    deploys: r.get::<_, i64>(6).max(0) as u64,
+                    rows_read: r.get::<_, i64>(7).max(0) as u64,
+                    rows_written: r.get::<_, i64>(8).max(0) as u64,
+                };
+                (id, line)
+            })
+            .collect())
+    }
+
+    /// Per account: (credited, debited) as the book's lines add up (p$).
+    async fn totals(&self) -> Result<Vec<(String, i64, i64)>, BookError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT account,
+                        COALESCE(SUM(amount) FILTER (WHERE kind = 'credit'), 0)::bigint,
+                        COALESCE(SUM(amount) FILTER (WHERE kind NOT IN ('credit', 'release', 'expire')), 0)::bigint
+                 FROM book_entries WHERE prefix = $1 GROUP BY account ORDER BY account",
                 &[&self.prefix],
             )
             .await?;
         Ok(rows
             .iter()
-            .map(|r| LedgerEntry {
-                kind: r.get(0),
-                key: {
-                    // The ledger's own key (see `book_key`).
-                    let key: String = r.get(1);
-                    let id: String = r.get(9);
-                    key.strip_suffix(&format!("@{id}"))
-                        .map_or_else(|| key.clone(), str::to_owned)
-                },
-                account: r.get(2),
-                amount: r.get(3),
-                requests: r.get::<_, i64>(4).max(0) as u64,
-                cpu_us: r.get::<_, i64>(5).max(0) as u64,
-                deploys: r.get::<_, i64>(6).max(0) as u64,
-                rows_read: r.get::<_, i64>(7).max(0) as u64,
-                rows_written: r.get::<_, i64>(8).max(0) as u64,
-            })
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+
+    /// Compares the book with the Redis ledger and the accounts' lifetime totals, after
+    /// copying what is new (idempotent). Every difference is returned; none means: every line
+    /// Redis still holds up to the book's cursor is in the book with the same content, every
+    /// book line in that span is still in Redis, and each account's `credited` and `debited`
+    /// in Redis equal its book lines' sums (which needs a book kept since the ledger began).
+    pub async fn reconcile(&mut self, store: &RedisStore) -> Result<Vec<Difference>, BookError> {
+        use tollgate_metering::Store as _;
+        while self.copy_round(store, 500).await?.entries > 0 {}
+        let cursor = stream_id(&self.cursor().await?)?;
+        let mut out = Vec::new();
+        let mut after = "0-0".to_owned();
+        let mut book_after = (0i64, 0i64);
+        let mut first = true;
+        loop {
+            let page = store.ledger_page(&after, 500).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = last.clone();
+            // Only up to the cursor: what lies beyond is not the book's yet.
+            let page: Vec<_> = page
+                .into_iter()
+                .filter(|(id, _)| stream_id(id).is_ok_and(|i| i <= cursor))
+                .collect();
+            let Some((page_last, _)) = page.last() else {
+                break;
+            };
+            let upto = stream_id(page_last)?;
+            if first {
+                // Book lines older than what Redis still holds were trimmed there: not compared.
+                let (ms, seq) = stream_id(&page[0].0)?;
+                book_after = if seq > 0 {
+                    (ms, seq - 1)
+                } else {
+                    (ms - 1, i64::MAX)
+                };
+                first = false;
+            }
+            let booked = self.lines_between(book_after, upto).await?;
+            book_after = upto;
+            type Line = (String, String, String);
+            let mut in_book: std::collections::BTreeMap<Line, LedgerEntry> = booked
+                .into_iter()
+                .map(|(id, l)| ((id, l.key.clone(), l.account.clone()), l))
+                .collect();
+            for (id, lines) in page {
+                for l in lines {
+                    match in_book.remove(&(id.clone(), l.key.clone(), l.account.clone())) {
+                        None => out.push(Difference::MissingInBook {
+                            stream_id: id.clone(),
+                            key: l.key,
+                            account: l.account,
+                        }),
+                        Some(b) if b != l => out.push(Difference::Differs {
+                            key: l.key.clone(),
+                            account: l.account.clone(),
+                            ledger: Box::new(l),
+                            book: Box::new(b),
+                        }),
+                        Some(_) => {}
+                    }
+                }
+            }
+            out.extend(in_book.into_values().map(|b| Difference::MissingInLedger {
+                key: b.key,
+                account: b.account,
+            }));
+        }
+        let totals = self.totals().await?;
+        for chunk in totals.chunks(500) {
+            let ids: Vec<String> = chunk.iter().map(|(a, _, _)| a.clone()).collect();
+            for ((account, credited, debited), state) in
+                chunk.iter().zip(store.accounts(&ids).await?)
+            {
+                let (rc, rd) = state.map_or((0, 0), |s| (s.credited, s.debited));
+                if (rc, rd) != (*credited, *debited) {
+                    out.push(Difference::Totals {
+                        account: account.clone(),
+                        redis: (rc, rd),
+                        book: (*credited, *debited),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
-/// The writer: copies rounds of `batch` entries until caught up, then waits `interval`;
-/// reconnects (backing off up to 5 s) when PostgreSQL or Redis fails. Declares the book to the
-/// ledger first, so that nothing is trimmed before it is copied. Runs until `stop`.
+/// The writer: copies rounds of 500 entries until caught up, then waits `interval`; reconnects
+/// to Redis and PostgreSQL (backing off up to 5 s) when either fails, and gives a round at most
+/// 30 s. Declares the book to the ledger first, so that nothing is trimmed before it is copied.
+/// Runs until `stop`.
 pub async fn run(
-    url: String,
-    store: RedisStore,
+    postgres_url: String,
+    redis_url: String,
     prefix: String,
     interval: Duration,
     metrics: BookMetrics,
@@ -286,26 +525,30 @@ pub async fn run(
 ) {
     const BATCH: usize = 500;
     let mut wait = Duration::from_millis(100);
+    let mut store: Option<RedisStore> = None;
     let mut book: Option<Book> = None;
-    let mut declared = false;
     loop {
         if *stop.borrow() {
             return;
         }
         let round = async {
-            if !declared {
-                store.enable_book().await?;
-                declared = true;
+            if store.is_none() {
+                let s = RedisStore::connect(&redis_url, &prefix, Duration::from_secs(10)).await?;
+                s.enable_book().await?;
+                store = Some(s);
             }
             if book.is_none() {
-                book = Some(Book::connect(&url, &prefix).await?);
+                book = Some(Book::connect(&postgres_url, &prefix).await?);
             }
-            match book.as_mut() {
-                Some(b) => b.copy_round(&store, BATCH).await,
-                None => Ok(Copied::default()),
+            match (book.as_mut(), store.as_ref()) {
+                (Some(b), Some(s)) => b.copy_round(s, BATCH).await,
+                _ => Ok(Copied::default()),
             }
-        }
-        .await;
+        };
+        let round = match tokio::time::timeout(Duration::from_secs(30), round).await {
+            Ok(r) => r,
+            Err(_) => Err(BookError::Timeout),
+        };
         let pause = match round {
             Ok(c) => {
                 wait = Duration::from_millis(100);
@@ -317,6 +560,10 @@ pub async fn run(
                     .lines
                     .with_label_values(&["duplicate"])
                     .inc_by(c.duplicates);
+                metrics
+                    .lines
+                    .with_label_values(&["conflict"])
+                    .inc_by(c.conflicts);
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
@@ -331,6 +578,9 @@ pub async fn run(
                 metrics.errors.inc();
                 tracing::warn!(error = %e, "book of record: round failed; retrying (the ledger keeps what is not copied)");
                 book = None;
+                if matches!(e, BookError::Store(_)) {
+                    store = None;
+                }
                 let w = wait;
                 wait = (wait * 2).min(Duration::from_secs(5));
                 w

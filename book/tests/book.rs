@@ -50,6 +50,11 @@ async fn money_moves(store: &RedisStore, tag: &str) {
         .await
         .unwrap();
     store.release(&inc).await.unwrap();
+    // Credit that no money backs any more is written off.
+    store
+        .write_off("acct-b", &format!("writeoff-{tag}"), CENT / 100)
+        .await
+        .unwrap();
 }
 
 fn sorted(mut v: Vec<LedgerEntry>) -> Vec<LedgerEntry> {
@@ -173,7 +178,7 @@ async fn the_writer_catches_up_after_postgresql_was_down_and_killed() {
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn(tollgate_book::run(
         pg.url(),
-        store.clone(),
+        redis.url(),
         "tollgate".into(),
         Duration::from_millis(50),
         metrics,
@@ -214,4 +219,175 @@ async fn the_writer_catches_up_after_postgresql_was_down_and_killed() {
             .any(|l| l.starts_with("tollgate_book_errors_total ") && !l.ends_with(" 0")),
         "the outage was counted: {text}"
     );
+}
+
+/// A lease that expires, is granted again and expires again on one incarnation and account:
+/// two lines under one ledger key, both booked. Then reconcile: clean, and each kind of
+/// tampering found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_lease_returns_are_each_booked_and_reconcile_finds_every_difference() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_millis(300))
+        .await
+        .unwrap();
+    store.enable_book().await.unwrap();
+    store.credit("acct-l", "credit-l", 5 * CENT).await.unwrap();
+    let inc = store.begin("lease-node").await.unwrap();
+    for seq in 1..=2 {
+        store
+            .settle(&SettleBatch {
+                node_id: inc.node_id.clone(),
+                epoch: inc.epoch,
+                seq,
+                entries: vec![SettleEntry {
+                    account: "acct-l".into(),
+                    usage: Usage {
+                        requests: 1,
+                        ..Default::default()
+                    },
+                    cost: 500_000,
+                    give_back: 0,
+                    ask: CENT / 10,
+                }],
+            })
+            .await
+            .unwrap();
+        // Past the lease's expiry: the reaper returns it.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(store.reap_expired().await.unwrap(), 1);
+    }
+    let ledger = store.ledger().await.unwrap();
+    let expires: Vec<_> = ledger.iter().filter(|l| l.kind == "expire").collect();
+    assert_eq!(expires.len(), 2, "{ledger:?}");
+    assert_eq!(expires[0].key, expires[1].key, "one key, two returns");
+
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    let (inserted, _) = copy_all(&mut book, &store).await;
+    assert_eq!(inserted, ledger.len() as u64);
+    assert_eq!(sorted(book.lines().await.unwrap()), sorted(ledger.clone()));
+    assert_eq!(book.reconcile(&store).await.unwrap(), vec![]);
+
+    // Tampering, one of each kind, then reconcile names each.
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE book_entries SET amount = amount + 1 WHERE key = 'credit:credit-l'",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "DELETE FROM book_entries WHERE kind = 'settle' AND key LIKE '%:1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let diffs = book.reconcile(&store).await.unwrap();
+    let text: Vec<String> = diffs.iter().map(ToString::to_string).collect();
+    assert!(
+        diffs.iter().any(|d| matches!(d, tollgate_book::Difference::Differs { key, .. } if key == "credit:credit-l")),
+        "{text:?}"
+    );
+    assert!(
+        diffs.iter().any(|d| matches!(d, tollgate_book::Difference::MissingInBook { key, .. } if key.starts_with("settle:") && key.ends_with(":1"))),
+        "{text:?}"
+    );
+    assert!(
+        diffs.iter().any(|d| matches!(d, tollgate_book::Difference::Totals { account, .. } if account == "acct-l")),
+        "{text:?}"
+    );
+    // A line Redis lost (a data loss) while the book holds it.
+    let mut c = redis.conn();
+    let ids: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("tollgate:ledger")
+        .arg("-")
+        .arg("+")
+        .query(&mut c)
+        .unwrap();
+    let expire_id = ids
+        .iter()
+        .find(|(_, f)| f.iter().any(|(k, v)| k == "kind" && v == "expire"))
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    let _: i64 = redis::cmd("XDEL")
+        .arg("tollgate:ledger")
+        .arg(&expire_id)
+        .query(&mut c)
+        .unwrap();
+    let diffs = book.reconcile(&store).await.unwrap();
+    assert!(
+        diffs.iter().any(|d| matches!(d, tollgate_book::Difference::MissingInLedger { key, .. } if key.starts_with("expire:"))),
+        "{diffs:?}"
+    );
+}
+
+/// Redis loses its data under the book: its new stream may start below the book's cursor (a
+/// replica with a clock behind), and its keys repeat with other amounts. Nothing new is
+/// skipped, and a reused key with other content is kept aside as a conflict, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_data_loss_no_line_is_skipped_and_reused_keys_are_conflicts() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    store.enable_book().await.unwrap();
+    store.credit("acct-d", "topup-1", 2 * CENT).await.unwrap();
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    copy_all(&mut book, &store).await;
+    assert_eq!(book.lines().await.unwrap().len(), 1);
+
+    let mut c = redis.conn();
+    let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+    // An entry whose stream id is below the book's cursor.
+    let _: String = redis::cmd("XADD")
+        .arg("tollgate:ledger")
+        .arg("1-1")
+        .arg(&[
+            ("kind", "credit"),
+            ("key", "credit:low-clock"),
+            ("account", "acct-d"),
+            ("amount", "7"),
+            ("requests", "0"),
+            ("cpu_us", "0"),
+            ("deploys", "0"),
+        ])
+        .query(&mut c)
+        .unwrap();
+    // The same idempotency key as before the loss, another amount.
+    store.credit("acct-d", "topup-1", 3 * CENT).await.unwrap();
+    let mut conflicts = 0;
+    loop {
+        let r = book.copy_round(&store, 10).await.unwrap();
+        conflicts += r.conflicts;
+        if r.entries == 0 {
+            break;
+        }
+    }
+    assert_eq!(conflicts, 1);
+    let lines = book.lines().await.unwrap();
+    assert!(
+        lines.iter().any(|l| l.key == "credit:low-clock"),
+        "{lines:?}"
+    );
+    let held: Vec<_> = lines.iter().filter(|l| l.key == "credit:topup-1").collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].amount, 2 * CENT, "the book's first row stays");
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT amount FROM book_conflicts WHERE key = 'credit:topup-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 3 * CENT);
 }

@@ -80,6 +80,28 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
+    /// How far the book of record holds this ledger, as recorded here (`None`: no mark, e.g.
+    /// a Redis that lost its data).
+    pub async fn booked(&self) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("GET")
+            .arg(format!("{}:ledger:booked", self.prefix))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Undeclares the book (`tollgate book disable`): the ledger is trimmed by age alone again.
+    pub async fn disable_book(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(format!("{}:ledger:book", self.prefix))
+            .arg(format!("{}:ledger:booked", self.prefix))
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
     /// Declares that a book of record copies this ledger (before its first copy): entries are
     /// no longer trimmed by age alone.
     pub async fn enable_book(&self) -> Result<(), StoreError> {
