@@ -279,7 +279,7 @@ pub fn book_copy(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Resul
             let c = book.copy_round(&store, 500).await?;
             inserted += c.inserted;
             duplicates += c.duplicates;
-            if c.entries == 0 {
+            if c.caught_up {
                 break c.cursor;
             }
         };

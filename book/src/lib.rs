@@ -16,6 +16,9 @@ use tollgate_metering::{LedgerEntry, RedisStore, StoreError};
 /// The schema, applied in order, each once (`book_migrations`).
 const MIGRATIONS: [(i32, &str); 1] = [(1, include_str!("../migrations/0001_book.sql"))];
 
+/// Lines one round takes at most (plus the rest of the entry that reaches it).
+const MAX_ROUND_LINES: usize = 2000;
+
 /// Serialises concurrent starters' migrations (any constant unique to this schema).
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_626f_6f6b;
 
@@ -41,8 +44,10 @@ pub struct Copied {
     pub duplicates: u64,
     /// Lines whose key the book holds with other content (`book_conflicts`).
     pub conflicts: u64,
-    /// Stream entries read.
+    /// Stream entries taken (fewer than asked: caught up, or the round's line limit).
     pub entries: usize,
+    /// Whether the ledger had nothing more after this round when it was read.
+    pub caught_up: bool,
     /// The cursor after the round (`0-0` before the first entry).
     pub cursor: String,
 }
@@ -201,6 +206,12 @@ impl Book {
                 tracing::warn!(error = %e, "book of record: PostgreSQL connection ended");
             }
         });
+        // A round abandoned at its timeout must not leave a backend holding its locks.
+        client
+            .batch_execute(
+                "SET statement_timeout = '25s'; SET idle_in_transaction_session_timeout = '60s'",
+            )
+            .await?;
         for (version, sql) in MIGRATIONS {
             // The lock first: two starters at once must not race even on the bookkeeping table.
             let tx = client.transaction().await?;
@@ -266,10 +277,23 @@ impl Book {
                 "0-0".to_owned()
             }
         };
-        let page = store.ledger_page(&after, count).await?;
+        let mut page = store.ledger_page(&after, count).await?;
+        let count_read = page.len();
+        // A settle entry holds a line per account (up to 1000): a round takes whole entries
+        // until it has ~2000 lines, so that it stays well inside its time limit.
+        let mut lines = 0;
+        let keep = page
+            .iter()
+            .position(|(_, l)| {
+                lines += l.len();
+                lines >= MAX_ROUND_LINES
+            })
+            .map_or(page.len(), |i| i + 1);
+        page.truncate(keep);
         let Some((last, _)) = page.last() else {
             return Ok(Copied {
                 cursor: after,
+                caught_up: true,
                 ..Copied::default()
             });
         };
@@ -289,6 +313,7 @@ impl Book {
             )
             .await?;
         let mut copied = Copied {
+            caught_up: page.len() == count_read && count_read < count,
             entries: page.len(),
             cursor: last.clone(),
             ..Copied::default()
@@ -432,7 +457,7 @@ impl Book {
     /// in Redis equal its book lines' sums (which needs a book kept since the ledger began).
     pub async fn reconcile(&mut self, store: &RedisStore) -> Result<Vec<Difference>, BookError> {
         use tollgate_metering::Store as _;
-        while self.copy_round(store, 500).await?.entries > 0 {}
+        while !self.copy_round(store, 500).await?.caught_up {}
         let cursor = stream_id(&self.cursor().await?)?;
         let mut out = Vec::new();
         let mut after = "0-0".to_owned();
@@ -568,10 +593,10 @@ pub async fn run(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
                 metrics.last_success.set(now);
-                if c.entries == BATCH {
-                    Duration::ZERO
-                } else {
+                if c.caught_up {
                     interval
+                } else {
+                    Duration::ZERO
                 }
             }
             Err(e) => {

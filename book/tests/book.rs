@@ -391,3 +391,46 @@ async fn after_a_redis_data_loss_no_line_is_skipped_and_reused_keys_are_conflict
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), 3 * CENT);
 }
+
+/// Settle batches of many accounts: a round takes whole entries up to ~2000 lines (so a round
+/// after an outage stays inside its time limit) and says when it has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_takes_whole_entries_up_to_its_line_limit() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let inc = store.begin("wide-node").await.unwrap();
+    for seq in 1..=4 {
+        let entries = (0..900)
+            .map(|i| SettleEntry {
+                account: format!("acct-{i}"),
+                usage: Usage {
+                    requests: 1,
+                    ..Default::default()
+                },
+                cost: 500_000,
+                give_back: 0,
+                ask: 0,
+            })
+            .collect();
+        store
+            .settle(&SettleBatch {
+                node_id: inc.node_id.clone(),
+                epoch: inc.epoch,
+                seq,
+                entries,
+            })
+            .await
+            .unwrap();
+    }
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    let first = book.copy_round(&store, 500).await.unwrap();
+    assert_eq!((first.entries, first.inserted), (3, 2700));
+    assert!(!first.caught_up);
+    let second = book.copy_round(&store, 500).await.unwrap();
+    assert_eq!((second.entries, second.inserted), (1, 900));
+    assert!(second.caught_up);
+    assert_eq!(book.lines().await.unwrap().len(), 3600);
+}

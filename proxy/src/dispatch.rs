@@ -14,7 +14,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use tollgate_balance_cache::Spend;
 use tollgate_routes::{MAX_HOST_LEN, ResolvedRoute, RouteTable, normalize_host};
 
-use crate::access_log::{AccessLog, Decision, Record, loggable_path, now_unix_ms};
+use crate::access_log::{AccessLog, Decision, Record, now_unix_ms};
 use crate::config::ProxyConfig;
 use crate::gate::{Gate, Redeemed};
 use crate::headers::{
@@ -596,8 +596,8 @@ fn access_record(session: &Session, ctx: &mut Ctx, status: u16) -> Record {
         // The request is over: its id moves into the record.
         request_id: std::mem::take(&mut ctx.request_id),
         host,
-        method: req.method.as_str().to_owned(),
-        path: loggable_path(&req.uri),
+        method: req.method.clone(),
+        uri: req.uri.clone(),
         protocol: match req.version {
             http::Version::HTTP_2 => "HTTP/2",
             http::Version::HTTP_10 => "HTTP/1.0",
