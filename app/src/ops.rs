@@ -268,24 +268,25 @@ pub fn db_backup(dir: &Path, project: &str, file: &Path) -> anyhow::Result<()> {
 
 /// `tollgate book copy`: copies the ledger into the book of record until it is caught up (the
 /// control service does this continuously; this is for a backfill, or a host without one).
-/// Prints `{"inserted":…,"duplicates":…,"cursor":"…"}`.
+/// Prints `{"inserted":…,"duplicates":…,"conflicts":…,"cursor":"…"}`.
 pub fn book_copy(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Result<()> {
     one_shot()?.block_on(async move {
         let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
         store.enable_book().await?;
         let mut book = tollgate_book::Book::connect(postgres_url, prefix).await?;
-        let (mut inserted, mut duplicates) = (0u64, 0u64);
+        let (mut inserted, mut duplicates, mut conflicts) = (0u64, 0u64, 0u64);
         let cursor = loop {
             let c = book.copy_round(&store, 500).await?;
             inserted += c.inserted;
             duplicates += c.duplicates;
+            conflicts += c.conflicts;
             if c.caught_up {
                 break c.cursor;
             }
         };
         println!(
             "{}",
-            serde_json::json!({"inserted": inserted, "duplicates": duplicates, "cursor": cursor})
+            serde_json::json!({"inserted": inserted, "duplicates": duplicates, "conflicts": conflicts, "cursor": cursor})
         );
         Ok(())
     })

@@ -267,7 +267,9 @@ impl Book {
         // its data (or a replica that lags) restarts its stream ids, maybe below the cursor;
         // re-reading what the book holds only yields duplicates, skipping would lose lines.
         let pg = self.cursor().await?;
-        let after = match store.booked().await? {
+        // An unreadable mark counts as none: re-reading from the start only yields duplicates.
+        let mark = store.booked().await?.filter(|m| stream_id(m).is_ok());
+        let after = match mark {
             Some(mark) if stream_id(&mark)? < stream_id(&pg)? => mark,
             Some(_) => pg,
             None => {

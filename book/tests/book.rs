@@ -126,6 +126,14 @@ async fn every_ledger_line_is_booked_exactly_once_and_the_stream_is_trimmed_only
     let (inserted, dups) = copy_all(&mut book, &store).await;
     assert_eq!((inserted, dups), (0, ledger.len() as u64));
     assert_eq!(book.lines().await.unwrap().len(), ledger.len());
+    // A mark Redis holds that is not a stream id counts as none: read again, nothing stalls.
+    let _: () = redis::cmd("SET")
+        .arg("tollgate:ledger:booked")
+        .arg("garbage")
+        .query(&mut redis.conn())
+        .unwrap();
+    let (inserted, dups) = copy_all(&mut book, &store).await;
+    assert_eq!((inserted, dups), (0, ledger.len() as u64));
 
     // Booked entries go once old; one written after the last round stays until it is booked.
     store.credit("acct-c", "credit-c", CENT).await.unwrap();
