@@ -68,6 +68,18 @@ pub enum BookCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// After a Redis data loss: fill the empty Redis with every account's balance, credit and
+    /// charge key, and node incarnation from the book, plus the batches the (stopped) nodes'
+    /// journals never had acknowledged (docs/book.md). Refuses a Redis that holds money keys.
+    Rebuild {
+        /// As for `copy`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A stopped node's settle journal (`<node>.journal`), or a folder of them; repeat for
+        /// every node.
+        #[arg(long = "journal")]
+        journals: Vec<PathBuf>,
+    },
     /// After removing `[book]`: let the ledger be trimmed by age alone again (while a book is
     /// declared, nothing it has not copied is trimmed).
     Disable {
@@ -459,6 +471,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("book disable needs [redis] (or TOLLGATE_REDIS_URL)");
             };
             tollgate_app::ops::book_disable(&redis.url, &redis.key_prefix)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Book(BookCommand::Rebuild { config, journals }) => {
+            let cfg = Config::load(config.as_deref(), &env)?;
+            let (Some(redis), Some(book)) = (&cfg.redis, &cfg.book) else {
+                anyhow::bail!(
+                    "book rebuild needs [redis] and [book] postgres_url (or TOLLGATE_REDIS_URL and TOLLGATE_BOOK_POSTGRES_URL)"
+                );
+            };
+            tollgate_app::ops::book_rebuild(
+                &book.postgres_url,
+                &redis.url,
+                &redis.key_prefix,
+                &journals,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Book(BookCommand::Copy { config }) => book(config.as_deref(), false),

@@ -280,6 +280,7 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     let pg = PostgresServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = wildcard_cert(dir.path());
+    let dev_data = dir.path().join("dev-data");
 
     // `tollgate dev`: everything in one process, its metrics on the proxy's admin listener.
     let (control, dev_admin, dev_tls) = (free_addr(), free_addr(), free_addr());
@@ -289,6 +290,7 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     let (mut dev, dev_proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.env("TOLLGATE_TLS_LISTEN", dev_tls.to_string())
+            .env("TOLLGATE_DATA_DIR", &dev_data)
             .env("TOLLGATE_TLS_CERT", &cert)
             .env("TOLLGATE_TLS_KEY", &key)
             .env("TOLLGATE_BOOK_POSTGRES_URL", pg.url())
@@ -541,6 +543,71 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     assert!(terminate(&mut ctl_proc).success());
     assert!(terminate(&mut proxy).success());
     assert!(terminate(&mut dev).success());
+
+    // A Redis data loss after everything stopped, and `book rebuild` from the book and dev's
+    // journals: every account comes back as it was.
+    let cli = |args: &[&str]| {
+        let o = bin()
+            .env("TOLLGATE_REDIS_URL", redis.url())
+            .env("TOLLGATE_BOOK_POSTGRES_URL", pg.url())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "tollgate {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    cli(&["book", "copy"]);
+    let (store, ids) = rt.block_on(async {
+        let store = tollgate_metering::RedisStore::connect(
+            &redis.url(),
+            "tollgate",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let book = tollgate_book::Book::connect(&pg.url(), "tollgate")
+            .await
+            .unwrap();
+        let ids: Vec<String> = book
+            .restore_set()
+            .await
+            .unwrap()
+            .accounts
+            .into_keys()
+            .collect();
+        (store, ids)
+    });
+    let money = |store: &tollgate_metering::RedisStore| {
+        use tollgate_metering::Store;
+        rt.block_on(store.accounts(&ids))
+            .unwrap()
+            .into_iter()
+            .map(|a| {
+                let a = a.unwrap();
+                (a.account, a.credited, a.debited, a.available, a.leased)
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = money(&store);
+    assert!(
+        before.iter().any(|a| a.0 == "acct-m" && a.1 > 0),
+        "{before:?}"
+    );
+    let mut c = redis.conn();
+    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+    let out = cli(&["book", "rebuild", "--journal", dev_data.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["accounts"], ids.len(), "{report}");
+    assert_eq!(report["warnings"], serde_json::json!([]), "{report}");
+    assert_eq!(money(&store), before, "rebuilt balances differ");
+    cli(&["book", "reconcile"]);
 }
 
 /// An OTLP/HTTP receiver: every request body sent to `/v1/traces`, as JSON.

@@ -311,6 +311,68 @@ pub fn book_reconcile(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::
     })
 }
 
+/// `tollgate book rebuild`: fills an empty Redis with the money state the book of record adds
+/// up to, plus the batches the stopped nodes' journals never had acknowledged (docs/book.md,
+/// "Rebuild after a Redis data loss"). Refuses a Redis that holds money keys, and a journal
+/// whose node still runs. Prints what it restored as JSON; warnings (usage that neither the
+/// book nor a journal holds) go with it and to the log.
+pub fn book_rebuild(
+    postgres_url: &str,
+    redis: &str,
+    prefix: &str,
+    journals: &[std::path::PathBuf],
+) -> anyhow::Result<()> {
+    // A folder stands for every `*.journal` in it (a node's own and its stand-ins').
+    let mut files = Vec::new();
+    for j in journals {
+        if j.is_dir() {
+            let mut found: Vec<_> = std::fs::read_dir(j)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", j.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "journal"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(j.clone());
+        }
+    }
+    let mut pending = Vec::new();
+    let mut incarnations = Vec::new();
+    for j in &files {
+        let (inc, batches) = tollgate_metering::Journal::read_stopped(j)
+            .map_err(|e| anyhow::anyhow!("{e} (stop its node before a rebuild)"))?;
+        incarnations.extend(inc);
+        pending.push(batches);
+    }
+    one_shot()?.block_on(async move {
+        let book = tollgate_book::Book::connect(postgres_url, prefix).await?;
+        let conflicts = book.conflict_count().await?;
+        let mut set = book.restore_set().await?;
+        for inc in &incarnations {
+            set.see_epoch(&inc.node_id, inc.epoch);
+        }
+        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
+        let report = store.restore(&set, &pending).await?;
+        // Declared at once: the reaper must not trim what the writer has not copied yet.
+        store.enable_book().await?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "accounts": report.accounts,
+                "credits": report.credits,
+                "charges": report.charges,
+                "incarnations": report.incarnations,
+                "journal_batches_applied": report.journal_batches_applied,
+                "journal_batches_booked": report.journal_batches_booked,
+                "book_conflicts_ignored": conflicts,
+                "warnings": report.warnings,
+            })
+        );
+        Ok(())
+    })
+}
+
 /// `tollgate book disable`: the ledger is trimmed by age alone again (after `[book]` is
 /// removed: otherwise nothing past the last booked entry would ever be trimmed).
 pub fn book_disable(redis: &str, prefix: &str) -> anyhow::Result<()> {

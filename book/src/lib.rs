@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::watch;
-use tollgate_metering::{LedgerEntry, RedisStore, StoreError};
+use tollgate_metering::{LedgerEntry, RedisStore, RestoreSet, StoreError};
 
 /// The schema, applied in order, each once (`book_migrations`).
 const MIGRATIONS: [(i32, &str); 1] = [(1, include_str!("../migrations/0001_book.sql"))];
@@ -33,6 +33,9 @@ pub enum BookError {
     Range { id: String, what: &'static str },
     #[error("a round took over 30 s (PostgreSQL or Redis not answering)")]
     Timeout,
+    /// A book row a rebuild cannot use (never written by the writer).
+    #[error("{0}")]
+    Unusable(String),
 }
 
 /// What one round copied.
@@ -432,6 +435,55 @@ impl Book {
                 (id, line)
             })
             .collect())
+    }
+
+    /// Everything the book's lines add up to, for `tollgate book rebuild`: every account's
+    /// lifetime totals, every credit and charge key, every incarnation's high-water mark and
+    /// every node's highest epoch. Read page by page (keyset on the primary key).
+    pub async fn restore_set(&self) -> Result<RestoreSet, BookError> {
+        let mut set = RestoreSet::default();
+        let (mut key, mut account) = (String::new(), String::new());
+        loop {
+            let rows = self
+                .client
+                .query(
+                    "SELECT kind, key, account, amount FROM book_entries
+                     WHERE prefix = $1 AND (key, account) > ($2, $3)
+                     ORDER BY key, account LIMIT 10000",
+                    &[&self.prefix, &key, &account],
+                )
+                .await?;
+            let Some(last) = rows.last() else { break };
+            key = last.get(1);
+            account = last.get(2);
+            for r in &rows {
+                let line = LedgerEntry {
+                    kind: r.get(0),
+                    key: r.get(1),
+                    account: r.get(2),
+                    amount: r.get(3),
+                    requests: 0,
+                    cpu_us: 0,
+                    deploys: 0,
+                    rows_read: 0,
+                    rows_written: 0,
+                };
+                set.add(&line).map_err(BookError::Unusable)?;
+            }
+        }
+        Ok(set)
+    }
+
+    /// Lines set aside as conflicts (`book_conflicts`): a rebuild uses the book's first rows.
+    pub async fn conflict_count(&self) -> Result<i64, BookError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM book_conflicts WHERE prefix = $1",
+                &[&self.prefix],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Per account: (credited, debited) as the book's lines add up (p$).

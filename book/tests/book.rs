@@ -442,3 +442,142 @@ async fn a_round_takes_whole_entries_up_to_its_line_limit() {
     assert!(second.caught_up);
     assert_eq!(book.lines().await.unwrap().len(), 3600);
 }
+
+/// A Redis data loss, then `book rebuild` (the part under the CLI): every balance comes back
+/// from the book, every credit, charge and settle key stays spent, a stopped node's
+/// unacknowledged batches are applied once (the booked one as a duplicate, the unbooked one
+/// now), and its next incarnation gets a fresh epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_book_and_journals() {
+    use tollgate_metering::{Journal, SettleOutcome};
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    store.enable_book().await.unwrap();
+    money_moves(&store, "1").await;
+
+    // A node that stops with two batches its journal never saw acknowledged: seq 1 reached
+    // Redis (and the book) before the loss, seq 2 never did.
+    let journal_path = dir.path().join("node-j.journal");
+    let inc = store.begin("node-j").await.unwrap();
+    let batch = |seq: u64, cost: i64| SettleBatch {
+        node_id: "node-j".into(),
+        epoch: inc.epoch,
+        seq,
+        entries: vec![SettleEntry {
+            account: "acct-a".into(),
+            usage: Usage {
+                requests: seq * 10,
+                ..Default::default()
+            },
+            cost,
+            give_back: 0,
+            ask: CENT / 10,
+        }],
+    };
+    let (b1, b2) = (batch(1, 7_000_000), batch(2, 11_000_000));
+    {
+        let mut j = Journal::open(&journal_path).unwrap();
+        j.set_incarnation(&inc).unwrap();
+        j.append(&b1).unwrap();
+        store.settle(&b1).await.unwrap();
+        j.append(&b2).unwrap();
+    }
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    copy_all(&mut book, &store).await;
+    let ids = ["acct-a".to_owned(), "acct-b".to_owned()];
+    let before = store.accounts(&ids).await.unwrap();
+    let a = before[0].clone().unwrap();
+    let b = before[1].clone().unwrap();
+    assert!(a.leased > 0, "node-j holds a lease on acct-a: {a:?}");
+
+    // The loss. Nodes stopped (their leases die with Redis).
+    let mut c = redis.conn();
+    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+
+    // A journal whose node still runs is refused before anything is written.
+    let running = dir.path().join("running.journal");
+    let held = Journal::open(&running).unwrap();
+    assert!(matches!(
+        Journal::read_stopped(&running),
+        Err(tollgate_metering::JournalError::Locked { .. })
+    ));
+    drop(held);
+
+    let set = book.restore_set().await.unwrap();
+    assert_eq!(set.accounts["acct-a"], (a.credited, a.debited));
+    let (jinc, pending) = Journal::read_stopped(&journal_path).unwrap();
+    assert_eq!(jinc.as_ref(), Some(&inc));
+    assert_eq!(pending, vec![b1.clone(), b2.clone()]);
+    let report = store.restore(&set, &[pending]).await.unwrap();
+    assert_eq!(
+        (
+            report.journal_batches_booked,
+            report.journal_batches_applied
+        ),
+        (1, 1),
+        "{report:?}"
+    );
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+
+    // Balances: the book's totals, plus the one batch only the journal held; no lease.
+    let after = store.accounts(&ids).await.unwrap();
+    let a2 = after[0].clone().unwrap();
+    let b2s = after[1].clone().unwrap();
+    assert_eq!(
+        (a2.credited, a2.debited, a2.leased),
+        (a.credited, a.debited + 11_000_000, 0)
+    );
+    assert_eq!(a2.available, a2.credited - a2.debited);
+    assert_eq!((b2s.credited, b2s.debited), (b.credited, b.debited));
+    assert_eq!(b2s.available, b.available + b.leased);
+
+    // Every key stays spent: a replayed credit, charge, write-off and settle move nothing.
+    let credit = store
+        .credit("acct-a", "credit-a-1", 5 * CENT)
+        .await
+        .unwrap();
+    assert!(!credit.applied);
+    assert!(
+        store
+            .credit("acct-a", "credit-a-1", 6 * CENT)
+            .await
+            .is_err()
+    );
+    let charge = store
+        .charge("acct-a", "deploy-1", CENT, false)
+        .await
+        .unwrap();
+    assert!(!charge.applied && charge.taken == CENT);
+    assert!(
+        !store
+            .write_off("acct-b", "writeoff-1", CENT / 100)
+            .await
+            .unwrap()
+            .applied
+    );
+    // The node's own replay at its next start: both batches are duplicates now.
+    assert!(matches!(
+        store.settle(&b2).await.unwrap(),
+        SettleOutcome::Duplicate(_)
+    ));
+    match store.settle(&b1).await {
+        Err(tollgate_metering::SettleError::Stale { .. }) => {}
+        other => panic!("seq 1 replayed: {other:?}"),
+    }
+    let unchanged = store.accounts(&ids).await.unwrap();
+    assert_eq!(unchanged, after, "a replay moved money");
+    // The next incarnation is fresh, and nothing is granted to the dead one.
+    let next = store.begin("node-j").await.unwrap();
+    assert!(next.epoch > inc.epoch, "{next:?} reuses {inc:?}");
+
+    // A second rebuild is refused: Redis holds money now.
+    let err = store.restore(&set, &[]).await.unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    // And the book goes on: what the rebuild applied is copied, the two agree.
+    let diffs = book.reconcile(&store).await.unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+}

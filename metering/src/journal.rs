@@ -6,7 +6,7 @@
 //! line (crash mid-write) is ignored: its batch was never sent.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,27 @@ enum Line {
     Ack(Ack),
     /// The incarnation that writes this journal (so the next one can release its leases).
     Incarnation(Incarnation),
+}
+
+/// A journal's content: the incarnation that wrote it (its last such line) and the batches
+/// never acknowledged, oldest first. A line that does not parse is skipped: only a torn final
+/// line can (a crash mid-write; its batch was never sent), and `Journal::open` cuts it.
+pub fn parse_journal(bytes: &[u8]) -> (Option<Incarnation>, Vec<SettleBatch>) {
+    let mut pending: Vec<SettleBatch> = Vec::new();
+    let mut incarnation = None;
+    for line in bytes.split(|&b| b == b'\n') {
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Line>(line) {
+            Ok(Line::Batch(b)) => pending.push(b),
+            Ok(Line::Ack(a)) => pending
+                .retain(|b| !(b.node_id == a.node_id && b.epoch == a.epoch && b.seq == a.seq)),
+            Ok(Line::Incarnation(i)) => incarnation = Some(i),
+            Err(e) => tracing::warn!(error = %e, "ignoring a journal line that does not parse"),
+        }
+    }
+    (incarnation, pending)
 }
 
 pub struct Journal {
@@ -99,19 +120,8 @@ impl Journal {
                 f.set_len(keep as u64).map_err(io)?;
                 f.sync_all().map_err(io)?;
             }
-            let f = File::open(path).map_err(io)?;
-            for line in BufReader::new(f).lines() {
-                let line = line.map_err(io)?;
-                match serde_json::from_str::<Line>(&line) {
-                    Ok(Line::Batch(b)) => pending.push(b),
-                    Ok(Line::Ack(a)) => pending.retain(|b| {
-                        !(b.node_id == a.node_id && b.epoch == a.epoch && b.seq == a.seq)
-                    }),
-                    Ok(Line::Incarnation(i)) => incarnation = Some(i),
-                    // Only a torn final line can fail to parse.
-                    Err(e) => tracing::warn!(error = %e, "ignoring a torn journal line"),
-                }
-            }
+            let bytes = std::fs::read(path).map_err(io)?;
+            (incarnation, pending) = parse_journal(&bytes);
         }
         let file = OpenOptions::new()
             .create(true)
@@ -131,6 +141,32 @@ impl Journal {
             j.compact()?;
         }
         Ok(j)
+    }
+
+    /// Reads a stopped node's journal without changing it (`tollgate book rebuild`): its
+    /// incarnation and the batches it never had acknowledged. `Locked` while its node runs.
+    pub fn read_stopped(
+        path: &Path,
+    ) -> Result<(Option<Incarnation>, Vec<SettleBatch>), JournalError> {
+        let io = |source| JournalError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        if let Ok(lock) = File::open(&lock_path) {
+            match lock.try_lock_shared() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(JournalError::Locked {
+                        path: path.display().to_string(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
+        }
+        let bytes = std::fs::read(path).map_err(io)?;
+        Ok(parse_journal(&bytes))
     }
 
     /// Batches that were journaled but never acknowledged (oldest first).

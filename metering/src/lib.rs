@@ -13,9 +13,11 @@ pub mod types;
 pub mod units;
 
 pub use embedded::EmbeddedStore;
-pub use journal::{Journal, JournalError};
+pub use journal::{Journal, JournalError, parse_journal};
 pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};
-pub use redis_store::{DEFAULT_LEDGER_RETENTION, RedisStore};
+pub use redis_store::{
+    DEFAULT_LEDGER_RETENTION, RedisStore, RestoreReport, RestoreSet, decode_feed,
+};
 pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
 pub use types::{
     AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,

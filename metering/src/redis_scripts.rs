@@ -20,6 +20,13 @@ end
 local function fmt(n) return string.format('%d', n) end
 "#;
 
+/// A new epoch for a node: the next number whose incarnation hash does not exist.
+pub(crate) const BEGIN: &str = r#"
+local e = redis.call('INCR', KEYS[1])
+while redis.call('EXISTS', ARGV[1] .. e) == 1 do e = redis.call('INCR', KEYS[1]) end
+return e
+"#;
+
 pub(crate) const SETTLE: &str = r#"
 local p, node, epoch = ARGV[1], ARGV[2], ARGV[3]
 local seq = tonumber(ARGV[4])

@@ -10,6 +10,8 @@
 //! (hwm, digest, reply, released) · `incacct:{node}:{epoch}` set · `epoch:{node}` counter ·
 //! `credits` hash (key → `id|amount`) · `ledger` stream · `accounts:events` channel.
 
+mod restore;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,7 +19,9 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use tokio::sync::broadcast;
 
-use crate::redis_scripts::{CHARGE, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE};
+use crate::redis_scripts::{
+    BEGIN, CHARGE, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE,
+};
 use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
 };
@@ -25,6 +29,8 @@ use crate::types::{
     AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
     Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status,
 };
+
+pub use restore::{RestoreReport, RestoreSet};
 
 /// How long the ledger stream keeps entries by default (a billing dispute window); export it
 /// (`XRANGE`) to keep more.
@@ -230,6 +236,13 @@ impl RedisStore {
     }
 }
 
+/// One change-feed message: a settle publishes one array per batch, other operations one
+/// object. Anything else is an error (logged by the subscriber, never applied).
+pub fn decode_feed(payload: &[u8]) -> Result<Vec<AccountChange>, serde_json::Error> {
+    serde_json::from_slice::<Vec<AccountChange>>(payload)
+        .or_else(|_| serde_json::from_slice::<AccountChange>(payload).map(|c| vec![c]))
+}
+
 /// Subscriber loop: pushes changes into the broadcast channel; pings the connection and
 /// resubscribes on loss. Every time the subscription becomes live (the first time included) it
 /// announces `Resync`, so caches re-read what they may have missed. Ends with the store.
@@ -257,10 +270,7 @@ async fn feed_loop(
                     m = stream.next() => {
                         let Some(m) = m else { return Err::<(), String>("stream ended".into()) };
                         let payload: Vec<u8> = m.get_payload().unwrap_or_default();
-                        // A settle publishes one array per batch; other operations one object.
-                        let parsed = serde_json::from_slice::<Vec<AccountChange>>(&payload)
-                            .or_else(|_| serde_json::from_slice::<AccountChange>(&payload).map(|c| vec![c]));
-                        match parsed {
+                        match decode_feed(&payload) {
                             Ok(cs) => for c in cs { let _ = tx.send(FeedEvent::Change(c)); },
                             Err(e) => tracing::warn!(error = %e, "account change that does not parse"),
                         }
@@ -318,9 +328,12 @@ const FIELDS: [&str; 6] = ["credited", "debited", "avail", "leased", "status", "
 impl Store for RedisStore {
     async fn begin(&self, node_id: &str) -> Result<Incarnation, StoreError> {
         let mut c = self.conn.clone();
-        let epoch: u64 = redis::cmd("INCR")
-            .arg(format!("{}:epoch:{node_id}", self.prefix))
-            .query_async(&mut c)
+        // Never an epoch whose incarnation the store already knows (a counter restored by
+        // `book rebuild` may lag a journal it was not given; the next number is fresh).
+        let epoch: u64 = redis::Script::new(BEGIN)
+            .key(format!("{}:epoch:{node_id}", self.prefix))
+            .arg(format!("{}:inc:{node_id}:", self.prefix))
+            .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(Incarnation {

@@ -1,0 +1,375 @@
+//! Restoring the money state into an empty Redis: from the book of record's lines (every
+//! account's lifetime totals, every credit and charge key, every incarnation's high-water mark)
+//! and the stopped nodes' journals (the batches they never had acknowledged). Used by
+//! `tollgate book rebuild` (docs/book.md); nothing here runs on a live store.
+//!
+//! What it restores, and why each part: the totals (so `available = credited − debited`, with
+//! no lease: every node is stopped, its leases are back in `available`); the credit keys (a
+//! voucher replayed after the loss must stay a duplicate, never a second credit); the charge
+//! keys (a deploy charge retried must not be taken twice); each incarnation's high-water mark,
+//! marked released (a batch replayed from a journal is applied at most once and no lease is
+//! granted to a dead incarnation); each node's epoch counter (a node's next start must not
+//! reuse an epoch the book or a journal knows).
+
+use std::collections::BTreeMap;
+
+use super::{RedisStore, unavailable};
+use crate::store::{Store, StoreError};
+use crate::types::{LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status};
+
+/// The state the book's lines add up to.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RestoreSet {
+    /// account → (credited, debited), p$.
+    pub accounts: BTreeMap<String, (i64, i64)>,
+    /// Credit key (the caller's, without `credit:`) → (account, amount).
+    pub credits: BTreeMap<String, (String, i64)>,
+    /// Charge key (without its kind) → (account, amount taken).
+    pub charges: BTreeMap<String, (String, i64)>,
+    /// (node, epoch) → the highest settle seq the book holds for it.
+    pub incarnations: BTreeMap<(String, u64), u64>,
+    /// node → the highest epoch seen.
+    pub epochs: BTreeMap<String, u64>,
+}
+
+/// `<node>:<epoch>` (node ids never hold `:`).
+fn node_epoch(s: &str) -> Option<(String, u64)> {
+    let (node, epoch) = s.rsplit_once(':')?;
+    (!node.is_empty() && !node.contains(':')).then_some(())?;
+    Some((node.to_owned(), epoch.parse().ok()?))
+}
+
+impl RestoreSet {
+    /// Takes one book line. A line whose key does not have its kind's shape is refused (the
+    /// restore would be wrong without it).
+    pub fn add(&mut self, l: &LedgerEntry) -> Result<(), String> {
+        let bad = || format!("book line {:?} ({}): key not understood", l.key, l.kind);
+        let totals = self.accounts.entry(l.account.clone()).or_default();
+        match l.kind.as_str() {
+            "credit" => {
+                let key = l.key.strip_prefix("credit:").ok_or_else(bad)?;
+                totals.0 = totals.0.checked_add(l.amount).ok_or_else(bad)?;
+                self.credits
+                    .insert(key.to_owned(), (l.account.clone(), l.amount));
+            }
+            "settle" => {
+                let rest = l.key.strip_prefix("settle:").ok_or_else(bad)?;
+                let (inc, seq) = rest.rsplit_once(':').ok_or_else(bad)?;
+                let (node, epoch) = node_epoch(inc).ok_or_else(bad)?;
+                let seq: u64 = seq.parse().map_err(|_| bad())?;
+                totals.1 = totals.1.checked_add(l.amount).ok_or_else(bad)?;
+                self.see_epoch(&node, epoch);
+                let hwm = self.incarnations.entry((node, epoch)).or_default();
+                *hwm = (*hwm).max(seq);
+            }
+            "release" | "expire" => {
+                let rest = l
+                    .key
+                    .strip_prefix(l.kind.as_str())
+                    .and_then(|r| r.strip_prefix(':'))
+                    .ok_or_else(bad)?;
+                // The book keys a lease return with `@<stream id>`; the ledger without.
+                let inc = rest.split_once('@').map_or(rest, |(i, _)| i);
+                let (node, epoch) = node_epoch(inc).ok_or_else(bad)?;
+                self.see_epoch(&node, epoch);
+                self.incarnations.entry((node, epoch)).or_default();
+            }
+            // Every other kind is a charge (`charge`, `write_off`, …): `<kind>:<key>`.
+            kind => {
+                let key = l
+                    .key
+                    .strip_prefix(kind)
+                    .and_then(|r| r.strip_prefix(':'))
+                    .ok_or_else(bad)?;
+                totals.1 = totals.1.checked_add(l.amount).ok_or_else(bad)?;
+                self.charges
+                    .insert(key.to_owned(), (l.account.clone(), l.amount));
+            }
+        }
+        Ok(())
+    }
+
+    /// A node's epoch seen in a journal (its incarnation line) or the book.
+    pub fn see_epoch(&mut self, node: &str, epoch: u64) {
+        let e = self.epochs.entry(node.to_owned()).or_default();
+        *e = (*e).max(epoch);
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RestoreReport {
+    pub accounts: usize,
+    pub credits: usize,
+    pub charges: usize,
+    pub incarnations: usize,
+    /// Journal batches the book did not hold, applied now (their usage debited).
+    pub journal_batches_applied: usize,
+    /// Journal batches the book already held (recorded so the node's replay is a duplicate).
+    pub journal_batches_booked: usize,
+    /// What could not be restored exactly, one sentence each (also logged).
+    pub warnings: Vec<String>,
+}
+
+/// Money key families that must be absent before a restore (other families under the same
+/// prefix, such as routes, may exist).
+const MONEY_PATTERNS: [&str; 6] = [
+    "acct:*", "lease:*", "inc:*", "epoch:*", "credits", "charges",
+];
+
+impl RedisStore {
+    /// Writes `set` into this Redis, then applies the journals' unacknowledged batches.
+    /// Refused (nothing written) when any money key exists already under the prefix.
+    /// `journals`: every stopped node's pending batches, oldest first, per journal.
+    pub async fn restore(
+        &self,
+        set: &RestoreSet,
+        journals: &[Vec<SettleBatch>],
+    ) -> Result<RestoreReport, StoreError> {
+        let mut c = self.conn.clone();
+        let p = &self.prefix;
+        for pat in MONEY_PATTERNS {
+            let exists = if pat.contains('*') {
+                self.any_key(pat).await?
+            } else {
+                redis::cmd("EXISTS")
+                    .arg(format!("{p}:{pat}"))
+                    .query_async::<i64>(&mut c)
+                    .await
+                    .map_err(unavailable)?
+                    > 0
+            };
+            if exists {
+                return Err(StoreError::Invalid(format!(
+                    "Redis already holds money keys ({p}:{pat}): a rebuild only fills an empty store"
+                )));
+            }
+        }
+        let mut report = RestoreReport {
+            accounts: set.accounts.len(),
+            credits: set.credits.len(),
+            charges: set.charges.len(),
+            incarnations: set.incarnations.len(),
+            ..RestoreReport::default()
+        };
+
+        // Journal batches: which the book holds (a replay must get the duplicate answer, so
+        // their digest and reply are recorded with the high-water mark) and which it does not
+        // (applied below, after a high-water mark that lets the first of them in).
+        let mut hwms = set.incarnations.clone();
+        let mut epochs = set.epochs.clone();
+        let mut booked_top: BTreeMap<(String, u64), &SettleBatch> = BTreeMap::new();
+        let mut unbooked: Vec<&SettleBatch> = Vec::new();
+        for journal in journals {
+            for b in journal {
+                let inc = (b.node_id.clone(), b.epoch);
+                let e = epochs.entry(b.node_id.clone()).or_default();
+                *e = (*e).max(b.epoch);
+                match set.incarnations.get(&inc) {
+                    Some(&top) if b.seq <= top => {
+                        report.journal_batches_booked += 1;
+                        if b.seq == top {
+                            booked_top.insert(inc, b);
+                        }
+                    }
+                    _ => unbooked.push(b),
+                }
+            }
+        }
+        unbooked.sort_by(|a, b| (&a.node_id, a.epoch, a.seq).cmp(&(&b.node_id, b.epoch, b.seq)));
+        let mut firsts: BTreeMap<(String, u64), u64> = BTreeMap::new();
+        for b in &unbooked {
+            firsts.entry((b.node_id.clone(), b.epoch)).or_insert(b.seq);
+        }
+        for ((node, epoch), first) in &firsts {
+            let held = hwms.entry((node.clone(), *epoch)).or_default();
+            if *held + 1 < *first {
+                let w = format!(
+                    "node {node} epoch {epoch}: batches {} to {} were neither in the book nor in a journal (applied and acknowledged before the loss, not yet copied): their usage is not restored",
+                    *held + 1,
+                    first - 1
+                );
+                tracing::warn!("{w}");
+                report.warnings.push(w);
+            }
+            *held = (*held).max(first.saturating_sub(1));
+        }
+
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (id, (credited, debited)) in &set.accounts {
+            let avail = credited
+                .checked_sub(*debited)
+                .ok_or_else(|| StoreError::Corrupt(format!("account {id}: totals out of range")))?;
+            let status = if avail > 0 { "active" } else { "suspended" };
+            pipe.cmd("HSET")
+                .arg(format!("{p}:acct:{id}"))
+                .arg("credited")
+                .arg(credited)
+                .arg("debited")
+                .arg(debited)
+                .arg("avail")
+                .arg(avail)
+                .arg("leased")
+                .arg(0)
+                .arg("status")
+                .arg(status)
+                .arg("ver")
+                .arg(1)
+                .ignore();
+        }
+        for (key, (id, amount)) in &set.credits {
+            pipe.cmd("HSET")
+                .arg(format!("{p}:credits"))
+                .arg(key)
+                .arg(format!("{id}|{amount}"))
+                .ignore();
+        }
+        for (key, (id, taken)) in &set.charges {
+            // The amount asked is not in the ledger: restored as what was taken, so a retry
+            // with the first amount is a duplicate for an all-or-nothing charge and a refused
+            // mismatch (nothing moves) for a partial one.
+            pipe.cmd("HSET")
+                .arg(format!("{p}:charges"))
+                .arg(key)
+                .arg(format!("{id}|{taken}|{taken}"))
+                .ignore();
+        }
+        for ((node, epoch), hwm) in &hwms {
+            let inc = format!("{p}:inc:{node}:{epoch}");
+            pipe.cmd("HSET")
+                .arg(&inc)
+                .arg("hwm")
+                .arg(hwm)
+                .arg("released")
+                .arg(1)
+                .ignore();
+            if let Some(b) = booked_top.get(&(node.clone(), *epoch)) {
+                // The reply a duplicate gets: no lease (the incarnation is released).
+                let reply: Vec<LeaseGrant> = b
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        let avail = set
+                            .accounts
+                            .get(&e.account)
+                            .map_or(0, |(c, d)| c.saturating_sub(*d));
+                        LeaseGrant {
+                            account: e.account.clone(),
+                            lease: 0,
+                            prev: 0,
+                            available: avail,
+                            status: if avail > 0 {
+                                Status::Active
+                            } else {
+                                Status::Suspended
+                            },
+                            version: 1,
+                        }
+                    })
+                    .collect();
+                let reply = serde_json::to_string(&reply)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                pipe.cmd("HSET")
+                    .arg(&inc)
+                    .arg("digest")
+                    .arg(b.digest())
+                    .arg("reply")
+                    .arg(reply)
+                    .ignore();
+            }
+        }
+        for (node, epoch) in &epochs {
+            pipe.cmd("SET")
+                .arg(format!("{p}:epoch:{node}"))
+                .arg(epoch)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.map_err(unavailable)?;
+
+        for b in unbooked {
+            match self.settle(b).await {
+                Ok(SettleOutcome::Applied(_)) => report.journal_batches_applied += 1,
+                Ok(SettleOutcome::Duplicate(_)) => report.journal_batches_booked += 1,
+                Err(SettleError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
+                Err(e) => {
+                    let w = format!(
+                        "journal batch {}:{}:{} refused: {e}",
+                        b.node_id, b.epoch, b.seq
+                    );
+                    tracing::warn!("{w}");
+                    report.warnings.push(w);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Whether any key matches `<prefix>:<pat>` (a full SCAN).
+    async fn any_key(&self, pat: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn.clone();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:{pat}", self.prefix))
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            if !keys.is_empty() {
+                return Ok(true);
+            }
+            if next == 0 {
+                return Ok(false);
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn line(kind: &str, key: &str, account: &str, amount: i64) -> LedgerEntry {
+        LedgerEntry {
+            kind: kind.into(),
+            key: key.into(),
+            account: account.into(),
+            amount,
+            requests: 0,
+            cpu_us: 0,
+            deploys: 0,
+            rows_read: 0,
+            rows_written: 0,
+        }
+    }
+
+    #[test]
+    fn book_lines_add_up_to_totals_keys_and_marks() {
+        let mut s = RestoreSet::default();
+        s.add(&line("credit", "credit:ch1:100", "a", 100)).unwrap();
+        s.add(&line("settle", "settle:n-1:3:7", "a", 10)).unwrap();
+        s.add(&line("settle", "settle:n-1:3:5", "a", 5)).unwrap();
+        s.add(&line("charge", "charge:deploy:k", "a", 20)).unwrap();
+        s.add(&line("write_off", "write_off:w", "a", 1)).unwrap();
+        s.add(&line("release", "release:n-1:4@17-0", "a", 0))
+            .unwrap();
+        s.add(&line("expire", "expire:n-2:9", "b", 0)).unwrap();
+        assert_eq!(s.accounts["a"], (100, 36));
+        assert_eq!(s.accounts["b"], (0, 0));
+        assert_eq!(s.credits["ch1:100"], ("a".into(), 100));
+        assert_eq!(s.charges["deploy:k"], ("a".into(), 20));
+        assert_eq!(s.charges["w"], ("a".into(), 1));
+        assert_eq!(s.incarnations[&("n-1".into(), 3)], 7);
+        assert_eq!(s.incarnations[&("n-1".into(), 4)], 0);
+        assert_eq!(s.epochs["n-1"], 4);
+        assert_eq!(s.epochs["n-2"], 9);
+        assert!(s.add(&line("settle", "settle:bad", "a", 1)).is_err());
+        assert!(s.add(&line("credit", "nope", "a", 1)).is_err());
+    }
+}
