@@ -26,6 +26,10 @@ pub struct ProxyConfig {
     /// Request line plus headers, in bytes; larger requests get 431.
     #[serde(deserialize_with = "de_nonzero_usize")]
     pub max_request_header_bytes: usize,
+    /// A request header (HTTP/1) must arrive whole within this from the connection's opening or
+    /// the request's first byte; else the connection is closed (slowloris, idle connections).
+    #[serde(deserialize_with = "de_seconds")]
+    pub header_timeout_seconds: f64,
     /// Request body, in bytes; larger bodies get 413.
     pub max_body_bytes: u64,
     #[serde(deserialize_with = "de_seconds")]
@@ -59,6 +63,7 @@ impl Default for ProxyConfig {
             work_stealing: false,
             base_domain: "localhost".into(),
             max_request_header_bytes: 32 * 1024,
+            header_timeout_seconds: 10.0,
             max_body_bytes: 10 * 1024 * 1024,
             upstream_connect_timeout_seconds: 5.0,
             upstream_read_timeout_seconds: 60.0,

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod dispatch;
 pub mod gate;
+mod header_guard;
 mod headers;
 pub mod metrics;
 pub mod pages;

@@ -20,6 +20,8 @@ pub struct ProxyMetrics {
     pub rejected_header_too_large: IntCounter,
     pub rejected_body_too_large: IntCounter,
     pub rejected_not_ready: IntCounter,
+    /// A connection closed because its request header was not complete in time (slowloris).
+    pub rejected_header_timeout: IntCounter,
 }
 
 /// Classes: index 0 is "no response written" (client went away), then 1xx … 5xx.
@@ -92,6 +94,7 @@ impl ProxyMetrics {
             rejected_header_too_large: rejected.with_label_values(&["header_too_large"]),
             rejected_body_too_large: rejected.with_label_values(&["body_too_large"]),
             rejected_not_ready: rejected.with_label_values(&["not_ready"]),
+            rejected_header_timeout: rejected.with_label_values(&["header_timeout"]),
         })
     }
 

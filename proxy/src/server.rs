@@ -263,11 +263,16 @@ impl Proxy {
             gate,
         );
         dispatch.access_log = access_log.clone();
-        let mut service = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            dispatch,
-            "tollgate proxy",
+        let mut proxy = pingora::proxy::HttpProxy::new(dispatch, server.configuration.clone());
+        proxy.handle_init_modules();
+        // Every HTTP/1 request header under one deadline (Pingora limits each read only).
+        let app = crate::header_guard::HeaderGuard::new(
+            proxy,
+            Duration::from_secs_f64(opts.proxy.header_timeout_seconds),
+            metrics.rejected_header_timeout.clone(),
         );
+        let mut service =
+            pingora::services::listening::Service::new("tollgate proxy".to_owned(), app);
         service.add_tcp(&opts.proxy.listen.to_string());
         if let (Some(addr), Some(certs)) = (opts.tls.listen, &certs) {
             // The paths are unused: the resolver picks the certificate per handshake.
