@@ -337,25 +337,31 @@ pub fn book_rebuild(
             files.push(j.clone());
         }
     }
-    let mut pending = Vec::new();
-    let mut incarnations = Vec::new();
+    let mut journals = Vec::new();
     for j in &files {
-        let (inc, batches) = tollgate_metering::Journal::read_stopped(j)
+        let content = tollgate_metering::Journal::read_stopped(j)
             .map_err(|e| anyhow::anyhow!("{e} (stop its node before a rebuild)"))?;
-        incarnations.extend(inc);
-        pending.push(batches);
+        journals.push(content);
     }
     one_shot()?.block_on(async move {
         let book = tollgate_book::Book::connect(postgres_url, prefix).await?;
         let conflicts = book.conflict_count().await?;
         let mut set = book.restore_set().await?;
-        for inc in &incarnations {
+        for inc in journals.iter().filter_map(|j| j.incarnation.as_ref()) {
             set.see_epoch(&inc.node_id, inc.epoch);
         }
+        let keys: Vec<String> = journals
+            .iter()
+            .flat_map(|j| &j.pending)
+            .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
+            .collect();
+        set.settle_lines = book.lines_of(&keys).await?;
         let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
-        let report = store.restore(&set, &pending).await?;
-        // Declared at once: the reaper must not trim what the writer has not copied yet.
+        let report = store.restore(&set, &journals).await?;
+        // Declared before the store is called whole: the reaper must not trim what the writer
+        // has not copied yet.
         store.enable_book().await?;
+        store.finish_restore().await?;
         println!(
             "{}",
             serde_json::json!({
@@ -365,6 +371,7 @@ pub fn book_rebuild(
                 "incarnations": report.incarnations,
                 "journal_batches_applied": report.journal_batches_applied,
                 "journal_batches_booked": report.journal_batches_booked,
+                "journals": files.len(),
                 "book_conflicts_ignored": conflicts,
                 "warnings": report.warnings,
             })

@@ -474,6 +474,33 @@ impl Book {
         Ok(set)
     }
 
+    /// The (account, amount) lines the book holds under each of `keys`, sorted (for
+    /// `rebuild` to check a journal's batch against what was booked under its key).
+    pub async fn lines_of(
+        &self,
+        keys: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Vec<(String, i64)>>, BookError> {
+        let mut out: std::collections::BTreeMap<String, Vec<(String, i64)>> =
+            std::collections::BTreeMap::new();
+        for chunk in keys.chunks(1000) {
+            let rows = self
+                .client
+                .query(
+                    "SELECT key, account, amount FROM book_entries
+                     WHERE prefix = $1 AND key = ANY($2) ORDER BY key, account",
+                    &[&self.prefix, &chunk],
+                )
+                .await?;
+            for r in &rows {
+                out.entry(r.get(0)).or_default().push((r.get(1), r.get(2)));
+            }
+        }
+        for v in out.values_mut() {
+            v.sort();
+        }
+        Ok(out)
+    }
+
     /// Lines set aside as conflicts (`book_conflicts`): a rebuild uses the book's first rows.
     pub async fn conflict_count(&self) -> Result<i64, BookError> {
         let row = self

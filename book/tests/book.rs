@@ -486,8 +486,47 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
         store.settle(&b1).await.unwrap();
         j.append(&b2).unwrap();
     }
+    let one = |node: &str, epoch: u64, seq: u64, cost: i64| SettleBatch {
+        node_id: node.into(),
+        epoch,
+        seq,
+        entries: vec![SettleEntry {
+            account: "acct-b".into(),
+            usage: Usage {
+                requests: 4,
+                ..Default::default()
+            },
+            cost,
+            give_back: 0,
+            ask: 0,
+        }],
+    };
+    // Node k: its only pending batch reached Redis and the book (its answer was lost).
+    let inc_k = store.begin("node-k").await.unwrap();
+    let k1 = one("node-k", inc_k.epoch, 1, 2_000_000);
+    let path_k = dir.path().join("node-k.journal");
+    {
+        let mut j = Journal::open(&path_k).unwrap();
+        j.set_incarnation(&inc_k).unwrap();
+        j.append(&k1).unwrap();
+        store.settle(&k1).await.unwrap();
+    }
+    // Node m: batch 1 booked, batch 2 applied and acknowledged after the book's last round.
+    let inc_m = store.begin("node-m").await.unwrap();
+    let path_m = dir.path().join("node-m.journal");
+    let mut jm = Journal::open(&path_m).unwrap();
+    jm.set_incarnation(&inc_m).unwrap();
+    let m1 = one("node-m", inc_m.epoch, 1, 0);
+    jm.append(&m1).unwrap();
+    store.settle(&m1).await.unwrap();
+    jm.ack(&m1).unwrap();
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
     copy_all(&mut book, &store).await;
+    let m2 = one("node-m", inc_m.epoch, 2, 0);
+    jm.append(&m2).unwrap();
+    store.settle(&m2).await.unwrap();
+    jm.ack(&m2).unwrap();
+    drop(jm);
     let ids = ["acct-a".to_owned(), "acct-b".to_owned()];
     let before = store.accounts(&ids).await.unwrap();
     let a = before[0].clone().unwrap();
@@ -509,19 +548,38 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
 
     let set = book.restore_set().await.unwrap();
     assert_eq!(set.accounts["acct-a"], (a.credited, a.debited));
-    let (jinc, pending) = Journal::read_stopped(&journal_path).unwrap();
-    assert_eq!(jinc.as_ref(), Some(&inc));
-    assert_eq!(pending, vec![b1.clone(), b2.clone()]);
-    let report = store.restore(&set, &[pending]).await.unwrap();
+    let j = Journal::read_stopped(&journal_path).unwrap();
+    assert_eq!(j.incarnation.as_ref(), Some(&inc));
+    assert_eq!(j.pending, vec![b1.clone(), b2.clone()]);
+    let (jk, jm) = (
+        Journal::read_stopped(&path_k).unwrap(),
+        Journal::read_stopped(&path_m).unwrap(),
+    );
+    assert!(jm.pending.is_empty() && jm.acked[&("node-m".to_owned(), inc_m.epoch)] == 2);
+    let mut set = set;
+    let keys: Vec<String> = [&j, &jk]
+        .iter()
+        .flat_map(|j| &j.pending)
+        .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
+        .collect();
+    set.settle_lines = book.lines_of(&keys).await.unwrap();
+    let report = store.restore(&set, &[j, jk, jm]).await.unwrap();
+    store.finish_restore().await.unwrap();
     assert_eq!(
         (
             report.journal_batches_booked,
             report.journal_batches_applied
         ),
-        (1, 1),
+        (2, 1),
         "{report:?}"
     );
-    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    // What no store holds any more is named: node m's batch 2.
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(
+        report.warnings[0].contains("node-m") && report.warnings[0].contains("batches 2 to 2"),
+        "{:?}",
+        report.warnings
+    );
 
     // Balances: the book's totals, plus the one batch only the journal held; no lease.
     let after = store.accounts(&ids).await.unwrap();
@@ -564,6 +622,11 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
         store.settle(&b2).await.unwrap(),
         SettleOutcome::Duplicate(_)
     ));
+    // Node k's replay: a duplicate whose answer grants no lease (the incarnation is gone).
+    match store.settle(&k1).await.unwrap() {
+        SettleOutcome::Duplicate(g) => assert!(g.iter().all(|g| g.lease == 0), "{g:?}"),
+        other => panic!("k1 replayed: {other:?}"),
+    }
     match store.settle(&b1).await {
         Err(tollgate_metering::SettleError::Stale { .. }) => {}
         other => panic!("seq 1 replayed: {other:?}"),

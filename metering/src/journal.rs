@@ -5,6 +5,7 @@
 //! Format: JSON lines, `{"batch":{…}}` or `{"ack":{"node_id":…,"epoch":…,"seq":…}}`. A torn last
 //! line (crash mid-write) is ignored: its batch was never sent.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,25 +30,40 @@ enum Line {
     Incarnation(Incarnation),
 }
 
-/// A journal's content: the incarnation that wrote it (its last such line) and the batches
-/// never acknowledged, oldest first. A line that does not parse is skipped: only a torn final
+/// A journal's content.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalContent {
+    /// The incarnation that wrote it last (its leases are to be released).
+    pub incarnation: Option<Incarnation>,
+    /// Batches never acknowledged, oldest first.
+    pub pending: Vec<SettleBatch>,
+    /// The highest acknowledged seq per incarnation `(node, epoch)` (kept across compaction
+    /// for the current and the previous incarnation): what the store had applied, so that
+    /// `book rebuild` can say what a book that lagged is missing.
+    pub acked: BTreeMap<(String, u64), u64>,
+}
+
+/// Reads a journal's whole lines. A line that does not parse is skipped: only a torn final
 /// line can (a crash mid-write; its batch was never sent), and `Journal::open` cuts it.
-pub fn parse_journal(bytes: &[u8]) -> (Option<Incarnation>, Vec<SettleBatch>) {
-    let mut pending: Vec<SettleBatch> = Vec::new();
-    let mut incarnation = None;
+pub fn parse_journal(bytes: &[u8]) -> JournalContent {
+    let mut c = JournalContent::default();
     for line in bytes.split(|&b| b == b'\n') {
         if line.is_empty() {
             continue;
         }
         match serde_json::from_slice::<Line>(line) {
-            Ok(Line::Batch(b)) => pending.push(b),
-            Ok(Line::Ack(a)) => pending
-                .retain(|b| !(b.node_id == a.node_id && b.epoch == a.epoch && b.seq == a.seq)),
-            Ok(Line::Incarnation(i)) => incarnation = Some(i),
+            Ok(Line::Batch(b)) => c.pending.push(b),
+            Ok(Line::Ack(a)) => {
+                c.pending
+                    .retain(|b| !(b.node_id == a.node_id && b.epoch == a.epoch && b.seq == a.seq));
+                let top = c.acked.entry((a.node_id, a.epoch)).or_default();
+                *top = (*top).max(a.seq);
+            }
+            Ok(Line::Incarnation(i)) => c.incarnation = Some(i),
             Err(e) => tracing::warn!(error = %e, "ignoring a journal line that does not parse"),
         }
     }
-    (incarnation, pending)
+    c
 }
 
 pub struct Journal {
@@ -58,6 +74,8 @@ pub struct Journal {
     /// Appended but not yet acknowledged, in order.
     pending: Vec<SettleBatch>,
     incarnation: Option<Incarnation>,
+    /// The highest acknowledged seq per incarnation (see [`JournalContent::acked`]).
+    acked: BTreeMap<(String, u64), u64>,
     /// Tests: stop a compaction after its n-th durable step (1: the side file written, 2: the
     /// rename), as a crash there would.
     #[cfg(test)]
@@ -108,8 +126,7 @@ impl Journal {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
-        let mut pending: Vec<SettleBatch> = Vec::new();
-        let mut incarnation = None;
+        let mut content = JournalContent::default();
         if path.exists() {
             // Cut a torn last line (crash mid-write) so the next append starts on a fresh line.
             let bytes = std::fs::read(path).map_err(io)?;
@@ -121,7 +138,7 @@ impl Journal {
                 f.sync_all().map_err(io)?;
             }
             let bytes = std::fs::read(path).map_err(io)?;
-            (incarnation, pending) = parse_journal(&bytes);
+            content = parse_journal(&bytes);
         }
         let file = OpenOptions::new()
             .create(true)
@@ -132,8 +149,9 @@ impl Journal {
             _lock: lock,
             path: path.to_owned(),
             file,
-            pending,
-            incarnation,
+            pending: content.pending,
+            incarnation: content.incarnation,
+            acked: content.acked,
             #[cfg(test)]
             crash_after_step: None,
         };
@@ -145,9 +163,7 @@ impl Journal {
 
     /// Reads a stopped node's journal without changing it (`tollgate book rebuild`): its
     /// incarnation and the batches it never had acknowledged. `Locked` while its node runs.
-    pub fn read_stopped(
-        path: &Path,
-    ) -> Result<(Option<Incarnation>, Vec<SettleBatch>), JournalError> {
+    pub fn read_stopped(path: &Path) -> Result<JournalContent, JournalError> {
         let io = |source| JournalError::Io {
             path: path.display().to_string(),
             source,
@@ -166,7 +182,9 @@ impl Journal {
             }
         }
         let bytes = std::fs::read(path).map_err(io)?;
-        Ok(parse_journal(&bytes))
+        // Whole lines only, as `open` (which cuts a torn last line) would read it.
+        let whole = bytes.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+        Ok(parse_journal(&bytes[..whole]))
     }
 
     /// Batches that were journaled but never acknowledged (oldest first).
@@ -202,6 +220,8 @@ impl Journal {
         }))?;
         self.pending
             .retain(|p| !(p.node_id == b.node_id && p.epoch == b.epoch && p.seq == b.seq));
+        let top = self.acked.entry((b.node_id.clone(), b.epoch)).or_default();
+        *top = (*top).max(b.seq);
         if self.pending.is_empty() {
             self.compact()?;
         }
@@ -232,10 +252,22 @@ impl Journal {
         let mut tmp_path = self.path.as_os_str().to_owned();
         tmp_path.push(".compact");
         let tmp_path = PathBuf::from(tmp_path);
+        let enc = |e| JournalError::Encode(e, self.path.display().to_string());
         let mut bytes = Vec::new();
         if let Some(inc) = &self.incarnation {
-            bytes = serde_json::to_vec(&Line::Incarnation(inc.clone()))
-                .map_err(|e| JournalError::Encode(e, self.path.display().to_string()))?;
+            bytes = serde_json::to_vec(&Line::Incarnation(inc.clone())).map_err(enc)?;
+            bytes.push(b'\n');
+        }
+        // The highest acknowledged batch of the last two incarnations stays on record.
+        let newest = self.acked.keys().map(|(_, e)| *e).max().unwrap_or(0);
+        self.acked.retain(|(_, e), _| *e + 1 >= newest);
+        for ((node_id, epoch), seq) in &self.acked {
+            let line = Line::Ack(Ack {
+                node_id: node_id.clone(),
+                epoch: *epoch,
+                seq: *seq,
+            });
+            bytes.extend(serde_json::to_vec(&line).map_err(enc)?);
             bytes.push(b'\n');
         }
         let mut tmp = OpenOptions::new()
@@ -312,7 +344,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_last_line_is_ignored_and_compaction_empties_the_file() {
+    fn a_torn_last_line_is_ignored_and_compaction_keeps_only_the_last_ack() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
         {
@@ -334,7 +366,15 @@ mod tests {
         );
         j.ack(&b(1)).unwrap();
         j.ack(&b(2)).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+        // No incarnation here: one line, the highest acknowledged batch.
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let c = parse_journal(text.as_bytes());
+        assert!(c.pending.is_empty());
+        assert_eq!(
+            c.acked.values().copied().collect::<Vec<_>>(),
+            vec![b(2).seq]
+        );
     }
 }
 
@@ -386,13 +426,22 @@ mod compaction_tests {
             if step == 2 {
                 j.ack(&batch(2)).unwrap();
             }
-            // A finished compaction leaves exactly the incarnation line.
+            // A finished compaction leaves the incarnation line and the highest acknowledged
+            // batch per incarnation, no batch.
             j.set_incarnation(&inc(8)).unwrap();
             j.append(&batch(1)).unwrap();
             j.ack(&batch(1)).unwrap();
             drop(j);
             let text = std::fs::read_to_string(&p).unwrap();
-            assert_eq!(text.lines().count(), 1, "{text}");
+            let mut lines = text.lines();
+            assert!(
+                lines.next().unwrap().starts_with("{\"incarnation\""),
+                "{text}"
+            );
+            assert!(lines.all(|l| l.starts_with("{\"ack\"")), "{text}");
+            let c = parse_journal(text.as_bytes());
+            assert!(c.pending.is_empty());
+            assert!(c.acked[&("n".to_owned(), 7)] >= 1, "{text}");
             let j = Journal::open(&p).unwrap();
             assert_eq!(j.incarnation(), Some(&inc(8)));
             drop(j);

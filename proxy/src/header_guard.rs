@@ -4,11 +4,16 @@
 //! begins (the connection opens, or the first byte after a response) its header must be
 //! complete within `header_timeout`, or the read fails and Pingora closes the connection.
 //! HTTP/2 connections (ALPN `h2`) pass through: their framing is not a text header.
+//!
+//! A request ends when the proxy says so ([`request_done`], from its `logging` phase), never
+//! on the first response byte: an upstream may answer while the client is still uploading, and
+//! that upload is body, not the next header.
 
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -67,23 +72,26 @@ enum Phase {
     Header,
     /// The header is complete: the body and the response are not limited here.
     Body,
-    /// The response began; the next byte read starts the next request's header.
+    /// The request is over; the next byte read starts the next request's header.
     Between,
     /// `101 Switching Protocols` was sent: the connection is a tunnel (WebSocket) from now on.
     Tunnel,
 }
 
-/// The phase after the proxy writes `bytes` (the start of a write) in phase `p`: a final
-/// response ends the request, a 101 makes a tunnel, an interim 1xx (`100 Continue`) changes
-/// nothing (the body follows).
+/// The phase after the proxy writes `bytes` (the start of a write) in phase `p`: a
+/// `101 Switching Protocols` makes a tunnel; anything else changes nothing.
 fn after_write(p: Phase, bytes: &[u8]) -> Phase {
-    if p != Phase::Body && p != Phase::Header {
-        return p;
+    match (p, bytes.get(..12)) {
+        (Phase::Header | Phase::Body, Some(b"HTTP/1.1 101" | b"HTTP/1.0 101")) => Phase::Tunnel,
+        _ => p,
     }
-    match bytes.get(..12) {
-        Some(b"HTTP/1.1 101" | b"HTTP/1.0 101") => Phase::Tunnel,
-        Some(line) if line.starts_with(b"HTTP/1.") && line.get(9) == Some(&b'1') => p,
-        _ => Phase::Between,
+}
+
+/// Tells the connection's guard that its request is over (the proxy's `logging` phase): the
+/// next byte starts a new header. No-op on a stream without a guard (HTTP/2).
+pub fn request_done(stream: Option<&Stream>) {
+    if let Some(g) = stream.and_then(|s| s.as_any().downcast_ref::<Guarded>()) {
+        g.done.store(true, Ordering::Release);
     }
 }
 
@@ -97,6 +105,10 @@ struct Guarded {
     /// [`NO_TEXT`] before its first other byte.
     feeds: u8,
     cut: IntCounter,
+    /// Set by [`request_done`]; taken by the next read.
+    done: AtomicBool,
+    /// Some byte of the current header has arrived.
+    started: bool,
 }
 
 impl Guarded {
@@ -109,6 +121,8 @@ impl Guarded {
             deadline: Box::pin(tokio::time::sleep(timeout)),
             feeds: NO_TEXT,
             cut,
+            done: AtomicBool::new(false),
+            started: false,
         }
     }
 }
@@ -144,8 +158,15 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.done.swap(false, Ordering::AcqRel) && this.phase != Phase::Tunnel {
+            this.phase = Phase::Between;
+        }
         if this.phase == Phase::Header && this.deadline.as_mut().poll(cx).is_ready() {
             this.cut.inc();
+            if this.feeds == NO_TEXT && !this.started {
+                // Nothing sent at all: a plain close (end of stream), which Pingora does not log.
+                return Poll::Ready(Ok(()));
+            }
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "request header not complete within proxy.header_timeout_seconds",
@@ -159,10 +180,12 @@ impl AsyncRead for Guarded {
             if !new.is_empty() {
                 if this.phase == Phase::Between {
                     this.phase = Phase::Header;
+                    this.started = false;
                     this.feeds = NO_TEXT;
                     let at = tokio::time::Instant::now() + this.timeout;
                     this.deadline.as_mut().reset(at);
                 }
+                this.started = true;
                 if this.phase == Phase::Header && header_end(&mut this.feeds, new) {
                     this.phase = Phase::Body;
                 }
@@ -308,14 +331,10 @@ mod tests {
     }
 
     #[test]
-    fn a_response_ends_the_request_an_upgrade_makes_a_tunnel_and_100_continue_changes_nothing() {
+    fn only_an_upgrade_changes_the_phase_on_a_write() {
         assert_eq!(
             after_write(Phase::Body, b"HTTP/1.1 200 OK\r\n"),
-            Phase::Between
-        );
-        assert_eq!(
-            after_write(Phase::Header, b"HTTP/1.1 400 Bad"),
-            Phase::Between
+            Phase::Body
         );
         assert_eq!(
             after_write(Phase::Body, b"HTTP/1.1 101 Switching Protocols\r\n"),
@@ -325,9 +344,8 @@ mod tests {
             after_write(Phase::Body, b"HTTP/1.1 100 Continue\r\n"),
             Phase::Body
         );
-        // Body bytes written after the head change nothing more.
         assert_eq!(
-            after_write(Phase::Between, b"HTTP/1.1 200 OK\r\n"),
+            after_write(Phase::Between, b"HTTP/1.1 101 x"),
             Phase::Between
         );
         assert_eq!(after_write(Phase::Tunnel, b"anything"), Phase::Tunnel);

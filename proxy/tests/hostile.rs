@@ -18,6 +18,21 @@ fn seen(up: &Upstream) -> u64 {
     *up.seen.requests.lock().unwrap()
 }
 
+/// Upstream requests seen once the count has stopped moving (an exchange the proxy cut off may
+/// reach the service a little after the client's answer).
+async fn settled(up: &Upstream) -> u64 {
+    let mut last = seen(up);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let now = seen(up);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// The status line's code of each response in `r` (pipelined answers on one connection).
 fn statuses(r: &str) -> Vec<u16> {
     r.match_indices("HTTP/1.1 ")
@@ -91,12 +106,11 @@ async fn smuggling_attempts_are_refused_before_the_service() {
         ),
     ];
     for (what, req) in cases {
-        let before = seen(&up);
+        let before = settled(&up).await;
         let r = raw(node.addr, req.as_bytes());
-        // Whatever reached the service is counted by now.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = settled(&up).await;
         let codes = statuses(&r);
-        eprintln!("{what}: {codes:?}, the service saw {}", seen(&up) - before);
+        eprintln!("{what}: {codes:?}, the service saw {}", after - before);
         // The proxy either refuses (4xx, then closes) or answers exactly one request it parsed
         // as the service will; the smuggled request never becomes a request of its own.
         assert!(
@@ -110,13 +124,13 @@ async fn smuggling_attempts_are_refused_before_the_service() {
             );
             let in_body = what.starts_with("a chunk size");
             if c != 200 && !in_body {
-                assert_eq!(seen(&up), before, "{what}: refused, but the service saw it");
+                assert_eq!(after, before, "{what}: refused, but the service saw it");
             }
         }
         assert!(
-            seen(&up) <= before + 1,
+            after <= before + 1,
             "{what}: the service saw {} requests",
-            seen(&up) - before
+            after - before
         );
     }
     // Where both framings come and the request is taken, the service gets one: chunked
@@ -205,16 +219,17 @@ async fn malformed_and_oversized_headers_and_hosts_get_a_clean_4xx() {
         ),
     ];
     for (what, req) in cases {
-        let before = seen(&up);
+        let before = settled(&up).await;
         let r = raw(node.addr, req.as_bytes());
         let codes = statuses(&r);
-        // A clean answer: a 4xx, or (for bytes that are not HTTP) the connection closed.
-        assert!(
-            codes.iter().all(|c| (400..500).contains(c)),
-            "{what}: {codes:?}: {}",
-            &r[..r.len().min(300)]
-        );
-        assert_eq!(seen(&up), before, "{what}: reached the service");
+        // A clean answer: one 4xx; bytes that are not HTTP may get the connection closed.
+        let ok = match codes.as_slice() {
+            [c] => (400..500).contains(c),
+            [] => what == "not HTTP at all",
+            _ => false,
+        };
+        assert!(ok, "{what}: {codes:?}: {}", &r[..r.len().min(300)]);
+        assert_eq!(settled(&up).await, before, "{what}: reached the service");
     }
     let ok = raw(
         node.addr,
@@ -247,8 +262,18 @@ async fn a_slow_header_client_is_cut_off_and_idle_connections_do_not_starve_othe
         start.elapsed()
     });
 
-    // A thousand connections that never send a byte.
-    let idle: Vec<TcpStream> = (0..1000)
+    // A thousand connections that never send a byte (fewer where the process may not hold
+    // two thousand descriptors: each costs one here and one in the in-process proxy).
+    let limit: usize = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(1024);
+    let n_idle = 1000.min(limit.saturating_sub(300) / 2);
+    let idle: Vec<TcpStream> = (0..n_idle)
         .map(|_| TcpStream::connect(node.addr).unwrap())
         .collect();
     // Everyone else is served meanwhile, promptly.
@@ -258,7 +283,7 @@ async fn a_slow_header_client_is_cut_off_and_idle_connections_do_not_starve_othe
         b"GET / HTTP/1.1\r\nHost: slow.localhost\r\nConnection: close\r\n\r\n",
     );
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
     let cut = slow.join().unwrap();
     assert!(
@@ -283,7 +308,10 @@ async fn a_slow_header_client_is_cut_off_and_idle_connections_do_not_starve_othe
             _ => closed += 1,
         }
     }
-    assert!(closed >= 990, "{closed} of 1000 idle connections closed");
+    assert!(
+        closed * 100 >= n_idle * 99,
+        "{closed} of {n_idle} idle connections closed"
+    );
 
     // The deadline is for headers only: a WebSocket (after its 101), a keep-alive connection
     // between requests and an upload that continues after `100 Continue` outlive it.
@@ -319,11 +347,26 @@ async fn a_slow_header_client_is_cut_off_and_idle_connections_do_not_starve_othe
         s.read_exact(&mut echo).unwrap();
         assert_eq!(&echo[2..], b"echo:hello");
     }
-    let c = node.client(&["slow.localhost"]);
-    for _ in 0..2 {
-        let r = c.get(node.url("slow.localhost", "/")).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Keep-alive: the second request on one connection, 2.5 s after the first.
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for last in [false, true] {
+        let close = if last { "Connection: close\r\n" } else { "" };
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: slow.localhost\r\n{close}\r\n").as_bytes())
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"slow") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        if !last {
+            std::thread::sleep(Duration::from_millis(2500));
+        }
     }
     let mut s = TcpStream::connect(node.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 
 use super::{RedisStore, unavailable};
+use crate::journal::JournalContent;
 use crate::store::{Store, StoreError};
 use crate::types::{LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status};
 
@@ -30,6 +31,9 @@ pub struct RestoreSet {
     pub incarnations: BTreeMap<(String, u64), u64>,
     /// node → the highest epoch seen.
     pub epochs: BTreeMap<String, u64>,
+    /// For the settle keys of journal batches only (filled by the caller from the book): each
+    /// key's (account, amount) lines, sorted, to check a journal batch against what was booked.
+    pub settle_lines: BTreeMap<String, Vec<(String, i64)>>,
 }
 
 /// `<node>:<epoch>` (node ids never hold `:`).
@@ -111,6 +115,18 @@ pub struct RestoreReport {
     pub warnings: Vec<String>,
 }
 
+/// `s` as a literal inside a SCAN pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Money key families that must be absent before a restore (other families under the same
 /// prefix, such as routes, may exist).
 const MONEY_PATTERNS: [&str; 6] = [
@@ -119,15 +135,28 @@ const MONEY_PATTERNS: [&str; 6] = [
 
 impl RedisStore {
     /// Writes `set` into this Redis, then applies the journals' unacknowledged batches.
-    /// Refused (nothing written) when any money key exists already under the prefix.
-    /// `journals`: every stopped node's pending batches, oldest first, per journal.
+    /// Refused (nothing written) when any money key exists already under the prefix, or a
+    /// rebuild was left unfinished (its marker key is still there: then give it an empty store
+    /// again and rerun; the book and the journals are never changed by a rebuild).
     pub async fn restore(
         &self,
         set: &RestoreSet,
-        journals: &[Vec<SettleBatch>],
+        journals: &[JournalContent],
     ) -> Result<RestoreReport, StoreError> {
         let mut c = self.conn.clone();
         let p = &self.prefix;
+        let marker = format!("{p}:restore:unfinished");
+        if redis::cmd("EXISTS")
+            .arg(&marker)
+            .query_async::<i64>(&mut c)
+            .await
+            .map_err(unavailable)?
+            > 0
+        {
+            return Err(StoreError::Invalid(format!(
+                "a rebuild into this Redis did not finish ({marker} is set): delete the money keys under {p}: (or start an empty Redis) and run it again"
+            )));
+        }
         for pat in MONEY_PATTERNS {
             let exists = if pat.contains('*') {
                 self.any_key(pat).await?
@@ -145,6 +174,12 @@ impl RedisStore {
                 )));
             }
         }
+        let _: () = redis::cmd("SET")
+            .arg(&marker)
+            .arg(1)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
         let mut report = RestoreReport {
             accounts: set.accounts.len(),
             credits: set.credits.len(),
@@ -152,24 +187,57 @@ impl RedisStore {
             incarnations: set.incarnations.len(),
             ..RestoreReport::default()
         };
+        let warn = |report: &mut RestoreReport, w: String| {
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+        };
 
-        // Journal batches: which the book holds (a replay must get the duplicate answer, so
-        // their digest and reply are recorded with the high-water mark) and which it does not
-        // (applied below, after a high-water mark that lets the first of them in).
+        // Journal batches: which the book holds (a replay must get the duplicate answer, so the
+        // top one's digest and a no-lease reply are recorded with the high-water mark) and
+        // which it does not (applied below, in order).
         let mut hwms = set.incarnations.clone();
         let mut epochs = set.epochs.clone();
         let mut booked_top: BTreeMap<(String, u64), &SettleBatch> = BTreeMap::new();
         let mut unbooked: Vec<&SettleBatch> = Vec::new();
         for journal in journals {
-            for b in journal {
+            for ((node, epoch), acked) in &journal.acked {
+                let top = set.incarnations.get(&(node.clone(), *epoch)).copied();
+                if top.is_none_or(|t| t < *acked) {
+                    warn(
+                        &mut report,
+                        format!(
+                            "node {node} epoch {epoch}: batches {} to {acked} were applied and acknowledged but not yet in the book: their usage is not restored",
+                            top.unwrap_or(0) + 1
+                        ),
+                    );
+                }
+            }
+            for b in &journal.pending {
                 let inc = (b.node_id.clone(), b.epoch);
                 let e = epochs.entry(b.node_id.clone()).or_default();
                 *e = (*e).max(b.epoch);
                 match set.incarnations.get(&inc) {
                     Some(&top) if b.seq <= top => {
-                        report.journal_batches_booked += 1;
-                        if b.seq == top {
-                            booked_top.insert(inc, b);
+                        let key = format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq);
+                        let mut mine: Vec<(String, i64)> = b
+                            .entries
+                            .iter()
+                            .map(|e| (e.account.clone(), e.cost))
+                            .collect();
+                        mine.sort();
+                        match set.settle_lines.get(&key) {
+                            Some(booked) if *booked != mine => warn(
+                                &mut report,
+                                format!(
+                                    "journal batch {key} differs from the book's lines (the store held other content): not applied; the book's lines stand"
+                                ),
+                            ),
+                            _ => {
+                                report.journal_batches_booked += 1;
+                                if b.seq == top {
+                                    booked_top.insert(inc, b);
+                                }
+                            }
                         }
                     }
                     _ => unbooked.push(b),
@@ -177,33 +245,16 @@ impl RedisStore {
             }
         }
         unbooked.sort_by(|a, b| (&a.node_id, a.epoch, a.seq).cmp(&(&b.node_id, b.epoch, b.seq)));
-        let mut firsts: BTreeMap<(String, u64), u64> = BTreeMap::new();
-        for b in &unbooked {
-            firsts.entry((b.node_id.clone(), b.epoch)).or_insert(b.seq);
-        }
-        for ((node, epoch), first) in &firsts {
-            let held = hwms.entry((node.clone(), *epoch)).or_default();
-            if *held + 1 < *first {
-                let w = format!(
-                    "node {node} epoch {epoch}: batches {} to {} were neither in the book nor in a journal (applied and acknowledged before the loss, not yet copied): their usage is not restored",
-                    *held + 1,
-                    first - 1
-                );
-                tracing::warn!("{w}");
-                report.warnings.push(w);
-            }
-            *held = (*held).max(first.saturating_sub(1));
-        }
 
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        // Written in chunks (a Redis with millions of keys must not meet one reply timeout).
+        let mut cmds: Vec<redis::Cmd> = Vec::new();
         for (id, (credited, debited)) in &set.accounts {
             let avail = credited
                 .checked_sub(*debited)
                 .ok_or_else(|| StoreError::Corrupt(format!("account {id}: totals out of range")))?;
             let status = if avail > 0 { "active" } else { "suspended" };
-            pipe.cmd("HSET")
-                .arg(format!("{p}:acct:{id}"))
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(format!("{p}:acct:{id}"))
                 .arg("credited")
                 .arg(credited)
                 .arg("debited")
@@ -215,35 +266,30 @@ impl RedisStore {
                 .arg("status")
                 .arg(status)
                 .arg("ver")
-                .arg(1)
-                .ignore();
+                .arg(1);
+            cmds.push(cmd);
         }
         for (key, (id, amount)) in &set.credits {
-            pipe.cmd("HSET")
-                .arg(format!("{p}:credits"))
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(format!("{p}:credits"))
                 .arg(key)
-                .arg(format!("{id}|{amount}"))
-                .ignore();
+                .arg(format!("{id}|{amount}"));
+            cmds.push(cmd);
         }
         for (key, (id, taken)) in &set.charges {
             // The amount asked is not in the ledger: restored as what was taken, so a retry
             // with the first amount is a duplicate for an all-or-nothing charge and a refused
             // mismatch (nothing moves) for a partial one.
-            pipe.cmd("HSET")
-                .arg(format!("{p}:charges"))
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(format!("{p}:charges"))
                 .arg(key)
-                .arg(format!("{id}|{taken}|{taken}"))
-                .ignore();
+                .arg(format!("{id}|{taken}|{taken}"));
+            cmds.push(cmd);
         }
         for ((node, epoch), hwm) in &hwms {
             let inc = format!("{p}:inc:{node}:{epoch}");
-            pipe.cmd("HSET")
-                .arg(&inc)
-                .arg("hwm")
-                .arg(hwm)
-                .arg("released")
-                .arg(1)
-                .ignore();
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(&inc).arg("hwm").arg(hwm).arg("released").arg(1);
             if let Some(b) = booked_top.get(&(node.clone(), *epoch)) {
                 // The reply a duplicate gets: no lease (the incarnation is released).
                 let reply: Vec<LeaseGrant> = b
@@ -270,39 +316,75 @@ impl RedisStore {
                     .collect();
                 let reply = serde_json::to_string(&reply)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                pipe.cmd("HSET")
-                    .arg(&inc)
-                    .arg("digest")
-                    .arg(b.digest())
-                    .arg("reply")
-                    .arg(reply)
-                    .ignore();
+                cmd.arg("digest").arg(b.digest()).arg("reply").arg(reply);
             }
+            cmds.push(cmd);
         }
         for (node, epoch) in &epochs {
-            pipe.cmd("SET")
-                .arg(format!("{p}:epoch:{node}"))
-                .arg(epoch)
-                .ignore();
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(format!("{p}:epoch:{node}")).arg(epoch);
+            cmds.push(cmd);
         }
-        pipe.query_async::<()>(&mut c).await.map_err(unavailable)?;
+        for chunk in cmds.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for cmd in chunk {
+                pipe.add_command(cmd.clone()).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await.map_err(unavailable)?;
+        }
 
+        // The journals' batches the book lacks, in order per incarnation. A seq past the next
+        // one means batches between were applied and acknowledged but not yet booked: named,
+        // and the mark moved so this one applies.
         for b in unbooked {
+            let held = hwms.entry((b.node_id.clone(), b.epoch)).or_default();
+            if b.seq > *held + 1 {
+                warn(
+                    &mut report,
+                    format!(
+                        "node {} epoch {}: batches {} to {} were neither in the book nor in a journal: their usage is not restored",
+                        b.node_id,
+                        b.epoch,
+                        *held + 1,
+                        b.seq - 1
+                    ),
+                );
+                let _: () = redis::cmd("HSET")
+                    .arg(format!("{p}:inc:{}:{}", b.node_id, b.epoch))
+                    .arg("hwm")
+                    .arg(b.seq - 1)
+                    .arg("released")
+                    .arg(1)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(unavailable)?;
+            }
             match self.settle(b).await {
                 Ok(SettleOutcome::Applied(_)) => report.journal_batches_applied += 1,
                 Ok(SettleOutcome::Duplicate(_)) => report.journal_batches_booked += 1,
                 Err(SettleError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
-                Err(e) => {
-                    let w = format!(
+                Err(e) => warn(
+                    &mut report,
+                    format!(
                         "journal batch {}:{}:{} refused: {e}",
                         b.node_id, b.epoch, b.seq
-                    );
-                    tracing::warn!("{w}");
-                    report.warnings.push(w);
-                }
+                    ),
+                ),
             }
+            *held = (*held).max(b.seq);
         }
         Ok(report)
+    }
+
+    /// After a rebuild's last write (the caller declares the book first): the store is whole.
+    pub async fn finish_restore(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(format!("{}:restore:unfinished", self.prefix))
+            .query_async::<i64>(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     /// Whether any key matches `<prefix>:<pat>` (a full SCAN).
@@ -313,7 +395,7 @@ impl RedisStore {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(format!("{}:{pat}", self.prefix))
+                .arg(format!("{}:{pat}", glob_escape(&self.prefix)))
                 .arg("COUNT")
                 .arg(10_000)
                 .query_async(&mut c)
