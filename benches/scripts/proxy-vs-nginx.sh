@@ -9,7 +9,8 @@
 # redis-server this script starts), so every request goes through the money gate, (6) the same
 # as (5) with the access log on (JSON lines to a file; its writer thread on the same core). The system under test is pinned to CPU1;
 # wrk (and the upstream, when a proxy is under test) to CPU0. Reps are interleaved (rep 1 of
-# every case, then rep 2, ...) so drift hits every case alike; medians are reported.
+# every case, then rep 2, ...) so drift hits every case alike; medians are reported, and each
+# proxy's own CPU per request (utime + stime of all its threads, from /proc, over the run).
 # Needs: nginx (Debian nginx-light), wrk, taskset, a release build of tollgate.
 set -euo pipefail
 REPS=${1:-5}
@@ -70,7 +71,10 @@ done
 UPPID=$(cat "$W/up/nginx.pid"); RPPID=$(cat "$W/rp/nginx.pid")
 pin() { taskset -a -pc "$1" "$2" >/dev/null; for c in $(pgrep -P "$2" || true); do taskset -a -pc "$1" "$c" >/dev/null; done; }
 
-run_case() { # name port sut_pid_or_empty
+# utime + stime of every thread of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run_case() { # name port
   local name=$1 port=$2
   if [[ $name == direct ]]; then pin 1 "$UPPID"; else pin 0 "$UPPID"; fi
   # Only the system under test gets CPU1; every idle server waits on CPU0.
@@ -83,13 +87,23 @@ run_case() { # name port sut_pid_or_empty
     tollgate_logged) pin 1 "$TGLPID" ;;
   esac
   taskset -c 0 wrk -t1 -c64 -d2s -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null
+  local sut=""
+  case $name in
+    nginx) sut=$(pgrep -P "$RPPID" | head -1) ;;  # the one worker
+    tollgate) sut=$TGPID ;; tollgate_steal) sut=$TG2PID ;;
+    tollgate_metered) sut=$TGMPID ;; tollgate_logged) sut=$TGLPID ;;
+  esac
+  local t0=0; [[ -n $sut ]] && t0=$(cpu_ticks "$sut")
   taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench.localhost' "http://127.0.0.1:$port/" > "$OUT/$name.$rep.txt"
+  # The process's own CPU (every thread, user + system) over the measured run.
+  [[ -n $sut ]] && echo $(( $(cpu_ticks "$sut") - t0 )) > "$OUT/$name.$rep.cpu"
+  true
 }
 for rep in $(seq "$REPS"); do
   for c in direct:$UP nginx:$NGX tollgate:$TG tollgate_steal:$TG2 tollgate_metered:$TGM tollgate_logged:$TGL; do run_case "${c%%:*}" "${c##*:}"; done
 done
 
-python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_steal tollgate_metered tollgate_logged
+CLK_TCK=$(getconf CLK_TCK) python3 "$ROOT/benches/scripts/wrk-summary.py" "$OUT" direct nginx tollgate tollgate_steal tollgate_metered tollgate_logged
 echo "access log lines written: $(wc -l < "$W/access.log")"
 # Every metered request was paid: the ledger shows it once the node has settled.
 sleep 0.5

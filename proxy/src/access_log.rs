@@ -1,7 +1,9 @@
-//! The access log: one line per request (or a sample of them), JSON or text, written by a
-//! thread of its own. The request path only fills a small record and hands it over with a
-//! non-blocking `try_send`; a full queue drops the line and counts it
-//! (`tollgate_access_log_dropped_total`), it never makes a request wait.
+//! The access log: one line per request (or a sample of them), JSON or text, written to its
+//! destination by a thread of its own. The request path formats its line straight from the
+//! request (borrowed, no copy, no allocation) into its worker's buffer, under a lock only the
+//! writer ever contends for (every 25 ms, to swap the buffer out); it never does I/O. A buffer
+//! the writer has not emptied past 4 MiB drops lines and counts them
+//! (`tollgate_access_log_dropped_total`): a request never waits for the log.
 //!
 //! What a line holds keeps credentials out: no query string (tokens ride there), no header value
 //! (credentials, cookies); the path (up to 512 bytes, escaped), the host, the method, what
@@ -9,8 +11,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{IntCounter, Registry};
@@ -44,7 +46,8 @@ pub struct AccessLogConfig {
     pub format: AccessLogFormat,
     /// `stdout`, `stderr`, or a file (appended; reopen it by restarting or upgrading the node).
     pub path: String,
-    /// Lines waiting for the writer; past it lines are dropped and counted.
+    /// Lines (about 256 bytes each) a worker's buffer holds for the writer; past it lines are
+    /// dropped and counted.
     pub queue_lines: usize,
 }
 
@@ -55,7 +58,7 @@ impl Default for AccessLogConfig {
             sample_rate: 0.01,
             format: AccessLogFormat::Json,
             path: "stdout".into(),
-            queue_lines: 65_536,
+            queue_lines: 16_384,
         }
     }
 }
@@ -105,16 +108,15 @@ impl Decision {
     }
 }
 
-/// One request, as the request path hands it over (owned, no formatting and no allocation:
-/// the method and the URI are reference-counted clones; the writer thread reads the path).
+/// One request's line, borrowed from the request (nothing copied: it is formatted at once).
 #[derive(Debug)]
-pub struct Record {
+pub struct Record<'a> {
     pub unix_ms: u64,
-    pub request_id: String,
-    pub host: Arc<str>,
-    pub method: http::Method,
-    /// Only its path is ever written (see [`loggable_path`]), never the query.
-    pub uri: http::Uri,
+    pub request_id: &'a str,
+    pub host: &'a str,
+    pub method: &'a str,
+    /// The path only, never the query (see [`loggable_path`]).
+    pub path: &'a str,
     pub protocol: &'static str,
     pub tls: bool,
     pub status: u16,
@@ -122,23 +124,22 @@ pub struct Record {
     pub duration: Duration,
     /// Request sent upstream → response headers back.
     pub upstream: Option<Duration>,
-    pub account: Option<Arc<str>>,
+    pub account: Option<&'a str>,
     pub decision: Decision,
 }
 
-impl Record {
-    /// One JSON object, written into `out` by hand (no intermediate value: this runs for every
-    /// request on the writer thread).
+impl Record<'_> {
+    /// One JSON object, written into `out` by hand (no intermediate value).
     fn json_into(&self, out: &mut String) {
         use std::fmt::Write as _;
         let _ = write!(out, "{{\"ts_ms\":{},\"request_id\":", self.unix_ms);
-        json_str(out, &self.request_id);
+        json_str(out, self.request_id);
         out.push_str(",\"host\":");
-        json_str(out, &self.host);
+        json_str(out, self.host);
         out.push_str(",\"method\":");
-        json_str(out, self.method.as_str());
+        json_str(out, self.method);
         out.push_str(",\"path\":");
-        json_str(out, loggable_path(&self.uri));
+        json_str(out, self.path);
         let _ = write!(
             out,
             ",\"protocol\":\"{}\",\"tls\":{},\"status\":{},\"bytes\":{},\"duration_ms\":",
@@ -150,11 +151,47 @@ impl Record {
             out.push_str(",\"upstream_ms\":");
             write_ms(out, u);
         }
-        if let Some(a) = &self.account {
+        if let Some(a) = self.account {
             out.push_str(",\"account\":");
             json_str(out, a);
         }
         out.push('}');
+    }
+
+    /// `ts id host "METHOD path PROTO" status bytes 1.234ms upstream=… decision account=…[ tls]`.
+    fn text_into(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = write!(
+            out,
+            "{} {} {} \"{} ",
+            self.unix_ms, self.request_id, self.host, self.method
+        );
+        // The path between quotes: escaped like a JSON string (HTTP/2 paths may hold `"`).
+        let start = out.len();
+        json_str(out, self.path);
+        out.remove(start);
+        out.pop();
+        let _ = write!(
+            out,
+            " {}\" {} {} ",
+            self.protocol, self.status, self.bytes_sent
+        );
+        write_ms(out, self.duration);
+        out.push_str("ms upstream=");
+        match self.upstream {
+            Some(u) => {
+                write_ms(out, u);
+                out.push_str("ms");
+            }
+            None => out.push('-'),
+        }
+        let _ = write!(
+            out,
+            " {} account={}{}",
+            self.decision.as_str(),
+            self.account.unwrap_or("-"),
+            if self.tls { " tls" } else { "" }
+        );
     }
 
     #[cfg(test)]
@@ -162,32 +199,6 @@ impl Record {
         let mut s = String::new();
         self.json_into(&mut s);
         s
-    }
-
-    fn text(&self) -> String {
-        // The path between quotes: escaped like a JSON string (HTTP/2 paths may hold `"`).
-        let p = loggable_path(&self.uri);
-        let mut path = String::with_capacity(p.len() + 2);
-        json_str(&mut path, p);
-        let path = &path[1..path.len() - 1];
-        format!(
-            "{ts} {id} {host} \"{method} {path} {proto}\" {status} {bytes} {dur:.3}ms upstream={up} {decision} account={acct}{tls}",
-            ts = self.unix_ms,
-            id = self.request_id,
-            host = self.host,
-            method = self.method,
-            path = path,
-            proto = self.protocol,
-            status = self.status,
-            bytes = self.bytes_sent,
-            dur = ms(self.duration),
-            up = self
-                .upstream
-                .map_or("-".to_owned(), |u| format!("{:.3}ms", ms(u))),
-            decision = self.decision.as_str(),
-            acct = self.account.as_deref().unwrap_or("-"),
-            tls = if self.tls { " tls" } else { "" },
-        )
     }
 }
 
@@ -209,10 +220,6 @@ fn json_str(out: &mut String, s: &str) {
         }
     }
     out.push('"');
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// The path without its query, bounded (a query can carry tokens; a path is the service's).
@@ -239,16 +246,32 @@ pub fn now_unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Worker buffers: a request thread takes one for life (Pingora's workers are long-lived).
+const SHARDS: usize = 16;
+/// Bytes per line, for `queue_lines`.
+const LINE_BYTES: usize = 256;
+
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
 /// The request path's handle.
 pub struct AccessLog {
-    tx: SyncSender<Record>,
+    shards: Arc<[Mutex<String>]>,
+    /// Bytes a buffer may hold before lines are dropped.
+    cap: usize,
+    format: AccessLogFormat,
     mode: AccessLogMode,
     /// `sample_rate` scaled to u32 (a request is logged when a random u32 is below it).
     threshold: u32,
     dropped: IntCounter,
     /// Tells the writer to write what is left and stop; its thread, joined by `finish`.
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl AccessLog {
@@ -277,24 +300,25 @@ impl AccessLog {
                     .map_err(|e| anyhow::anyhow!("access_log.path {p}: {e}"))?,
             ),
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_lines);
-        let format = cfg.format;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop_writer = stop.clone();
+        let shards: Arc<[Mutex<String>]> = (0..SHARDS).map(|_| Mutex::new(String::new())).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (shards_w, stop_w) = (shards.clone(), stop.clone());
         let writer = std::thread::Builder::new()
             .name("tollgate-access-log".into())
-            .spawn(move || write_loop(rx, out, format, &stop_writer))?;
+            .spawn(move || write_loop(&shards_w, out, &stop_w))?;
         Ok(Some(Arc::new(AccessLog {
-            tx,
+            shards,
+            cap: cfg.queue_lines.saturating_mul(LINE_BYTES),
+            format: cfg.format,
             mode: cfg.mode,
             threshold: (cfg.sample_rate * f64::from(u32::MAX)) as u32,
             dropped,
             stop,
-            writer: std::sync::Mutex::new(Some(writer)),
+            writer: Mutex::new(Some(writer)),
         })))
     }
 
-    /// Whether this request's line is wanted (decided before anything is copied).
+    /// Whether this request's line is wanted (decided before anything is read).
     pub fn wants(&self, status: u16) -> bool {
         match self.mode {
             AccessLogMode::Off => false,
@@ -307,60 +331,64 @@ impl AccessLog {
         }
     }
 
-    /// At shutdown, after the drain: the lines still queued are written and flushed.
+    /// At shutdown, after the drain: the lines still buffered are written and flushed.
     pub fn finish(&self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.stop.store(true, Ordering::Release);
         let writer = self.writer.lock().ok().and_then(|mut w| w.take());
         if let Some(w) = writer {
             let _ = w.join();
         }
     }
 
-    /// Hands the record to the writer, never waiting.
-    pub fn log(&self, r: Record) {
-        match self.tx.try_send(r) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+    /// Formats the line into this worker's buffer; never waits on I/O.
+    pub fn log(&self, r: &Record<'_>) {
+        let Some(shard) = self.shards.get(shard_index()) else {
+            return;
+        };
+        let mut buf = shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buf.len() >= self.cap {
+            drop(buf);
+            self.dropped.inc();
+            return;
         }
+        match self.format {
+            AccessLogFormat::Json => r.json_into(&mut buf),
+            AccessLogFormat::Text => r.text_into(&mut buf),
+        }
+        buf.push('\n');
     }
 }
 
-/// Wakes every `TICK`, writes what is queued and flushes once. It never blocks in `recv`, so a
-/// request's `try_send` never has a sleeping writer to wake (no context switch per request).
+/// Wakes every `TICK`, swaps each worker's buffer out and writes it, flushing once. The
+/// request threads never wake it (no context switch per request).
 const TICK: Duration = Duration::from_millis(25);
 
-fn write_loop(
-    rx: Receiver<Record>,
-    out: Box<dyn Write + Send>,
-    format: AccessLogFormat,
-    stop: &std::sync::atomic::AtomicBool,
-) {
+fn write_loop(shards: &Arc<[Mutex<String>]>, out: Box<dyn Write + Send>, stop: &AtomicBool) {
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, out);
-    let mut line = String::with_capacity(512);
+    let mut spare = String::new();
     loop {
-        let last = stop.load(std::sync::atomic::Ordering::Acquire);
+        // Last round when told to stop, or when the log itself is gone.
+        let last = stop.load(Ordering::Acquire) || Arc::strong_count(shards) == 1;
         if !last {
             std::thread::sleep(TICK);
         }
         let mut wrote = false;
-        loop {
-            match rx.try_recv() {
-                Ok(r) => {
-                    line.clear();
-                    match format {
-                        AccessLogFormat::Json => r.json_into(&mut line),
-                        AccessLogFormat::Text => line.push_str(&r.text()),
-                    }
-                    line.push('\n');
-                    let _ = out.write_all(line.as_bytes());
-                    wrote = true;
+        for shard in shards.iter() {
+            {
+                let mut buf = shard
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if buf.is_empty() {
+                    continue;
                 }
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    let _ = out.flush();
-                    return;
-                }
+                // The worker keeps the spare's capacity: no allocation in the steady state.
+                std::mem::swap(&mut *buf, &mut spare);
             }
+            let _ = out.write_all(spare.as_bytes());
+            spare.clear();
+            wrote = true;
         }
         if wrote {
             let _ = out.flush();
@@ -376,22 +404,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn record() -> Record {
+    fn record() -> Record<'static> {
         Record {
             unix_ms: 1,
-            request_id: "rid".into(),
-            host: Arc::from("a.localhost"),
-            method: http::Method::GET,
-            uri: "/x/y?token=s3cret".parse().unwrap(),
+            request_id: "rid",
+            host: "a.localhost",
+            method: "GET",
+            path: "/x/y",
             protocol: "HTTP/2",
             tls: true,
             status: 402,
             bytes_sent: 10,
             duration: Duration::from_micros(1500),
             upstream: None,
-            account: Some(Arc::from("acct")),
+            account: Some("acct"),
             decision: Decision::Suspended,
         }
+    }
+
+    fn text(r: &Record<'_>) -> String {
+        let mut s = String::new();
+        r.text_into(&mut s);
+        s
     }
 
     #[test]
@@ -402,18 +436,22 @@ mod tests {
         assert_eq!(j["account"], "acct");
         assert_eq!(j["duration_ms"], 1.5);
         assert!(j.get("upstream_ms").is_none());
-        let t = record().text();
+        let t = text(&record());
         assert!(
             t.contains("\"GET /x/y HTTP/2\" 402 10 1.500ms upstream=- suspended account=acct tls"),
             "{t}"
         );
-        assert!(!t.contains("s3cret") && !record().json().contains("s3cret"));
+        let uri: http::Uri = "/x/y?token=s3cret".parse().unwrap();
+        assert_eq!(loggable_path(&uri), "/x/y");
+        let mut r = record();
+        r.upstream = Some(Duration::from_micros(2));
+        assert!(text(&r).contains(" upstream=0.002ms "), "{}", text(&r));
     }
 
     #[test]
     fn json_strings_are_escaped() {
         let mut r = record();
-        r.request_id = "a\"b\\c\n".into();
+        r.request_id = "a\"b\\c\n";
         let j: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
         assert_eq!(j["request_id"], "a\"b\\c\n");
     }

@@ -14,7 +14,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use tollgate_balance_cache::Spend;
 use tollgate_routes::{MAX_HOST_LEN, ResolvedRoute, RouteTable, normalize_host};
 
-use crate::access_log::{AccessLog, Decision, Record, now_unix_ms};
+use crate::access_log::{AccessLog, Decision, Record, loggable_path, now_unix_ms};
 use crate::config::ProxyConfig;
 use crate::gate::{Gate, Redeemed};
 use crate::headers::{
@@ -529,6 +529,8 @@ impl ProxyHttp for Dispatch {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        // The request is over: the connection's next byte starts a header (under its deadline).
+        crate::header_guard::request_done(session.stream());
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.metrics.count_status(status);
         if let Some(route) = &ctx.route
@@ -554,11 +556,10 @@ impl ProxyHttp for Dispatch {
                 "request failed"
             );
         }
-        // Last: the record takes the request id.
         if let Some(log) = &self.access_log
             && log.wants(status)
         {
-            log.log(access_record(session, ctx, status));
+            log.log(&access_record(session, ctx, status));
         }
     }
 
@@ -568,11 +569,12 @@ impl ProxyHttp for Dispatch {
     }
 }
 
-/// The access log's line for this request: nothing from a header value or the query.
-fn access_record(session: &Session, ctx: &mut Ctx, status: u16) -> Record {
+/// The access log's line for this request, borrowed from it: nothing from a header value
+/// (but a plain host name) or the query.
+fn access_record<'a>(session: &'a Session, ctx: &'a Ctx, status: u16) -> Record<'a> {
     let req = session.req_header();
-    let host = match &ctx.route {
-        Some(r) => r.hostname.clone(),
+    let host: &str = match &ctx.route {
+        Some(r) => &r.hostname,
         // Not a route: the client's Host, only if it is plainly a host name (a log line is
         // no place for whatever a client sends).
         None => req
@@ -585,7 +587,8 @@ fn access_record(session: &Session, ctx: &mut Ctx, status: u16) -> Record {
                     && h.iter()
                         .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(b))
             })
-            .map_or_else(|| Arc::from("-"), |h| Arc::from(String::from_utf8_lossy(h))),
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .unwrap_or("-"),
     };
     let metered = matches!(
         ctx.decision,
@@ -593,11 +596,10 @@ fn access_record(session: &Session, ctx: &mut Ctx, status: u16) -> Record {
     );
     Record {
         unix_ms: now_unix_ms(),
-        // The request is over: its id moves into the record.
-        request_id: std::mem::take(&mut ctx.request_id),
+        request_id: &ctx.request_id,
         host,
-        method: req.method.clone(),
-        uri: req.uri.clone(),
+        method: req.method.as_str(),
+        path: loggable_path(&req.uri),
         protocol: match req.version {
             http::Version::HTTP_2 => "HTTP/2",
             http::Version::HTTP_10 => "HTTP/1.0",
@@ -609,7 +611,7 @@ fn access_record(session: &Session, ctx: &mut Ctx, status: u16) -> Record {
         duration: ctx.start.elapsed(),
         upstream: ctx.upstream_time,
         account: if metered {
-            ctx.route.as_ref().and_then(|r| r.account_id.clone())
+            ctx.route.as_ref().and_then(|r| r.account_id.as_deref())
         } else {
             None
         },
