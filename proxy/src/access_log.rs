@@ -129,10 +129,12 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
-    /// One JSON object, written into `out` by hand (no intermediate value).
+    /// One JSON object, written into `out` by hand (no intermediate value, no `fmt`
+    /// machinery: this runs on the request path).
     fn json_into(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = write!(out, "{{\"ts_ms\":{},\"request_id\":", self.unix_ms);
+        out.push_str("{\"ts_ms\":");
+        push_int(out, self.unix_ms);
+        out.push_str(",\"request_id\":");
         json_str(out, self.request_id);
         out.push_str(",\"host\":");
         json_str(out, self.host);
@@ -140,13 +142,21 @@ impl Record<'_> {
         json_str(out, self.method);
         out.push_str(",\"path\":");
         json_str(out, self.path);
-        let _ = write!(
-            out,
-            ",\"protocol\":\"{}\",\"tls\":{},\"status\":{},\"bytes\":{},\"duration_ms\":",
-            self.protocol, self.tls, self.status, self.bytes_sent,
-        );
+        out.push_str(",\"protocol\":\"");
+        out.push_str(self.protocol);
+        out.push_str(if self.tls {
+            "\",\"tls\":true,\"status\":"
+        } else {
+            "\",\"tls\":false,\"status\":"
+        });
+        push_int(out, u64::from(self.status));
+        out.push_str(",\"bytes\":");
+        push_int(out, self.bytes_sent);
+        out.push_str(",\"duration_ms\":");
         write_ms(out, self.duration);
-        let _ = write!(out, ",\"decision\":\"{}\"", self.decision.as_str());
+        out.push_str(",\"decision\":\"");
+        out.push_str(self.decision.as_str());
+        out.push('"');
         if let Some(u) = self.upstream {
             out.push_str(",\"upstream_ms\":");
             write_ms(out, u);
@@ -202,24 +212,41 @@ impl Record<'_> {
     }
 }
 
-/// A JSON string: quotes, backslashes and control characters escaped.
+/// A JSON string: quotes, backslashes and control characters escaped. Plain printable ASCII
+/// (nearly every id, host and path) is copied whole.
 fn json_str(out: &mut String, s: &str) {
-    use std::fmt::Write as _;
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            // Control characters, and the ones some readers take for line breaks.
-            c if (c as u32) < 0x20
-                || matches!(c, '\u{7f}'..='\u{9f}' | '\u{2028}' | '\u{2029}') =>
-            {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(s);
+    } else {
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                // Control characters, and the ones some readers take for line breaks.
+                c if (c as u32) < 0x20
+                    || matches!(c, '\u{7f}'..='\u{9f}' | '\u{2028}' | '\u{2029}') =>
+                {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    let v = c as u32;
+                    out.push_str("\\u");
+                    for shift in [12, 8, 4, 0] {
+                        out.push(char::from(HEX[((v >> shift) & 0xf) as usize]));
+                    }
+                }
+                c => out.push(c),
             }
-            c => out.push(c),
         }
     }
     out.push('"');
+}
+
+/// An integer in decimal, without `fmt`.
+fn push_int(out: &mut String, v: u64) {
+    let mut buf = itoa::Buffer::new();
+    out.push_str(buf.format(v));
 }
 
 /// The path without its query, bounded (a query can carry tokens; a path is the service's).
@@ -232,12 +259,20 @@ pub fn loggable_path(uri: &http::Uri) -> &str {
     &p[..end]
 }
 
-/// Milliseconds with three decimals, from whole microseconds (integer formatting: a float's
-/// costs several times more, once per request on the writer thread).
+/// Milliseconds with three decimals, from whole microseconds (integers only: this runs once
+/// or twice per request).
 fn write_ms(out: &mut String, d: Duration) {
-    use std::fmt::Write as _;
-    let us = d.as_micros();
-    let _ = write!(out, "{}.{:03}", us / 1000, us % 1000);
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    push_int(out, us / 1000);
+    out.push('.');
+    let frac = us % 1000;
+    if frac < 100 {
+        out.push('0');
+    }
+    if frac < 10 {
+        out.push('0');
+    }
+    push_int(out, frac);
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -454,6 +489,25 @@ mod tests {
         r.request_id = "a\"b\\c\n";
         let j: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
         assert_eq!(j["request_id"], "a\"b\\c\n");
+    }
+
+    #[test]
+    fn durations_and_unusual_strings_format_exactly() {
+        for (us, want) in [
+            (0, "0.000"),
+            (2, "0.002"),
+            (1500, "1.500"),
+            (1_234_567, "1234.567"),
+        ] {
+            let mut s = String::new();
+            write_ms(&mut s, Duration::from_micros(us));
+            assert_eq!(s, want);
+        }
+        let mut s = String::new();
+        json_str(&mut s, "é\u{2028}\u{1}x");
+        assert_eq!(s, "\"é\\u2028\\u0001x\"");
+        let v: String = serde_json::from_str(&s).unwrap();
+        assert_eq!(v, "é\u{2028}\u{1}x");
     }
 
     #[test]
