@@ -128,6 +128,23 @@ impl RedisServer {
         );
     }
 
+    /// A data loss: kill -9, delete everything it had written (AOF, snapshots), start an
+    /// empty server on the same port.
+    pub fn lose_data_and_start_again(&mut self) {
+        self.kill();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+        self.start_again();
+    }
+
     /// Freezes the server (SIGSTOP): connections stay open and every call hangs, as behind a
     /// network partition that drops packets, until [`RedisServer::resume`].
     pub fn pause(&self) {
