@@ -1,9 +1,10 @@
 //! The access log: one line per request (or a sample of them), JSON or text, written to its
 //! destination by a thread of its own. The request path formats its line straight from the
-//! request (borrowed, no copy, no allocation) into its worker's buffer, under a lock only the
-//! writer ever contends for (every 25 ms, to swap the buffer out); it never does I/O. A buffer
-//! the writer has not emptied past 4 MiB drops lines and counts them
-//! (`tollgate_access_log_dropped_total`): a request never waits for the log.
+//! request (borrowed, no copy, no allocation) into its worker's buffer (one of 16; a worker has
+//! one to itself up to 16 worker threads), under a lock held only to append a line or, by the
+//! writer every 25 ms, to swap the buffer out; it never does I/O. A worker's buffer the writer
+//! has not emptied past `queue_lines` lines (~256 bytes each) drops lines and counts them
+//! (`tollgate_access_log_dropped_total`): a request never waits for the log's I/O.
 //!
 //! What a line holds keeps credentials out: no query string (tokens ride there), no header value
 //! (credentials, cookies); the path (up to 512 bytes, escaped), the host, the method, what
@@ -46,8 +47,8 @@ pub struct AccessLogConfig {
     pub format: AccessLogFormat,
     /// `stdout`, `stderr`, or a file (appended; reopen it by restarting or upgrading the node).
     pub path: String,
-    /// Lines (about 256 bytes each) a worker's buffer holds for the writer; past it lines are
-    /// dropped and counted.
+    /// Lines (about 256 bytes each) each worker thread's buffer holds for the writer; past it
+    /// lines are dropped and counted.
     pub queue_lines: usize,
 }
 
@@ -195,13 +196,23 @@ impl Record<'_> {
             }
             None => out.push('-'),
         }
-        let _ = write!(
-            out,
-            " {} account={}{}",
-            self.decision.as_str(),
-            self.account.unwrap_or("-"),
-            if self.tls { " tls" } else { "" }
-        );
+        out.push(' ');
+        out.push_str(self.decision.as_str());
+        out.push_str(" account=");
+        match self.account {
+            // Escaped as the path is (an id never holds a space or a line break, but a route
+            // written by hand might).
+            Some(a) => {
+                let start = out.len();
+                json_str(out, a);
+                out.remove(start);
+                out.pop();
+            }
+            None => out.push('-'),
+        }
+        if self.tls {
+            out.push_str(" tls");
+        }
     }
 
     #[cfg(test)]
@@ -377,6 +388,11 @@ impl AccessLog {
 
     /// Formats the line into this worker's buffer; never waits on I/O.
     pub fn log(&self, r: &Record<'_>) {
+        // After `finish` the writer is gone: a late line (a drain that timed out) is counted.
+        if self.stop.load(Ordering::Acquire) {
+            self.dropped.inc();
+            return;
+        }
         let Some(shard) = self.shards.get(shard_index()) else {
             return;
         };
@@ -423,6 +439,10 @@ fn write_loop(shards: &Arc<[Mutex<String>]>, out: Box<dyn Write + Send>, stop: &
             }
             let _ = out.write_all(spare.as_bytes());
             spare.clear();
+            // A burst's buffer is not kept for ever (it would pass from worker to worker).
+            if spare.capacity() > 1 << 20 {
+                spare.shrink_to(64 * 1024);
+            }
             wrote = true;
         }
         if wrote {

@@ -347,6 +347,38 @@ async fn a_slow_header_client_is_cut_off_and_idle_connections_do_not_starve_othe
         s.read_exact(&mut echo).unwrap();
         assert_eq!(&echo[2..], b"echo:hello");
     }
+    // A slow header on a kept-alive connection's second request is cut off too.
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: slow.localhost\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"slow") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let start = Instant::now();
+    for b in b"GET / HTTP/1.1\r\nHost: slow.localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        // Closed by the proxy: a read sees the end (or a reset) at once.
+        s.set_nonblocking(true).unwrap();
+        let mut probe = [0u8; 1];
+        let closed = matches!(s.read(&mut probe), Ok(0))
+            || matches!(s.read(&mut probe), Err(ref e) if e.kind() != std::io::ErrorKind::WouldBlock);
+        s.set_nonblocking(false).unwrap();
+        if closed {
+            break;
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "a slow second header was held open for {:?}",
+        start.elapsed()
+    );
     // Keep-alive: the second request on one connection, 2.5 s after the first.
     let mut s = TcpStream::connect(node.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -199,10 +199,13 @@ impl RedisStore {
         let mut epochs = set.epochs.clone();
         let mut booked_top: BTreeMap<(String, u64), &SettleBatch> = BTreeMap::new();
         let mut unbooked: Vec<&SettleBatch> = Vec::new();
+        // Incarnations whose unbooked acknowledged batches were named already (up to which seq).
+        let mut named: BTreeMap<(String, u64), u64> = BTreeMap::new();
         for journal in journals {
             for ((node, epoch), acked) in &journal.acked {
                 let top = set.incarnations.get(&(node.clone(), *epoch)).copied();
                 if top.is_none_or(|t| t < *acked) {
+                    named.insert((node.clone(), *epoch), *acked);
                     warn(
                         &mut report,
                         format!(
@@ -338,7 +341,11 @@ impl RedisStore {
         // and the mark moved so this one applies.
         for b in unbooked {
             let held = hwms.entry((b.node_id.clone(), b.epoch)).or_default();
-            if b.seq > *held + 1 {
+            // Already named as acknowledged but not booked: not twice.
+            let already = named
+                .get(&(b.node_id.clone(), b.epoch))
+                .is_some_and(|acked| b.seq - 1 <= *acked);
+            if b.seq > *held + 1 && !already {
                 warn(
                     &mut report,
                     format!(
@@ -349,6 +356,8 @@ impl RedisStore {
                         b.seq - 1
                     ),
                 );
+            }
+            if b.seq > *held + 1 {
                 let _: () = redis::cmd("HSET")
                     .arg(format!("{p}:inc:{}:{}", b.node_id, b.epoch))
                     .arg("hwm")
