@@ -505,7 +505,7 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     // The book of record holds dev's ledger, line for line (it copies within a second; the
     // ledger keeps growing while settles and lease returns go on, so compare until they meet).
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let (store, book) = rt.block_on(async {
         let store = tollgate_metering::RedisStore::connect(
             &redis.url(),
             "tollgate",
@@ -516,6 +516,9 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         let book = tollgate_book::Book::connect(&pg.url(), "tollgate")
             .await
             .unwrap();
+        (store, book)
+    });
+    rt.block_on(async {
         let key = |e: &tollgate_metering::LedgerEntry| {
             (e.key.clone(), e.account.clone(), e.kind.clone(), e.amount)
         };
@@ -564,26 +567,12 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     cli(&["book", "copy"]);
-    let (store, ids) = rt.block_on(async {
-        let store = tollgate_metering::RedisStore::connect(
-            &redis.url(),
-            "tollgate",
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-        let book = tollgate_book::Book::connect(&pg.url(), "tollgate")
-            .await
-            .unwrap();
-        let ids: Vec<String> = book
-            .restore_set()
-            .await
-            .unwrap()
-            .accounts
-            .into_keys()
-            .collect();
-        (store, ids)
-    });
+    let ids: Vec<String> = rt
+        .block_on(book.restore_set())
+        .unwrap()
+        .accounts
+        .into_keys()
+        .collect();
     let money = |store: &tollgate_metering::RedisStore| {
         use tollgate_metering::Store;
         rt.block_on(store.accounts(&ids))
