@@ -315,7 +315,7 @@ fn expected_of(reports: &[Report], account: &str) -> i64 {
         .sum()
 }
 
-/// Every answer in `r` is one of `allowed`; `errors`: whether transport errors may happen.
+/// Every answer in `r` is one of `allowed`; `errors`: whether any transport error may happen.
 fn only(r: &Report, allowed: &[u16], errors: bool, what: &str) {
     for status in r.by_status.keys() {
         assert!(
@@ -324,10 +324,13 @@ fn only(r: &Report, allowed: &[u16], errors: bool, what: &str) {
             r.by_status
         );
     }
+    // A refused connect sends no request, so it cannot be charged: the proxy closes the
+    // connection after each of its own 503s, the generator reconnects thousands of times a
+    // second, and scenarios running side by side can use up the loopback ports for a moment
+    // (TIME_WAIT). Any other transport error is allowed only where `errors` says so.
     if !errors {
-        assert_eq!(
-            r.errors_total(),
-            0,
+        assert!(
+            r.errors.keys().all(|k| k == "connect"),
             "{what}: transport errors {:?}",
             r.errors
         );
@@ -456,7 +459,7 @@ fn redis_data_lost_is_rebuilt_from_the_book_and_the_journals() {
     // The loss, under load.
     w.redis.kill();
     let first = first.join().unwrap();
-    only(&first, &[200, 503], true, "before and during the loss");
+    only(&first, &[200, 503], false, "before and during the loss");
     w.stop_nodes_without_redis();
     w.redis.lose_data_and_start_again();
     let journals: Vec<String> = w
@@ -513,5 +516,33 @@ fn redis_data_lost_is_rebuilt_from_the_book_and_the_journals() {
                 expected - book
             );
         }
+    }
+}
+
+/// Redis frozen (`SIGSTOP`: every connection stays open and every call hangs, as behind a
+/// partition that drops packets without a FIN, the change feed's connection included) for 5 s
+/// under load (60 s in the long run), then thawed. The nodes serve from their leases until
+/// the lease deadline, then answer 503 (never 402); once Redis answers, everything settles.
+/// Exact.
+#[test]
+fn redis_frozen_under_load_loses_and_doubles_nothing() {
+    let mut w = World::start();
+    let secs = load_seconds();
+    let freeze = if secs >= 30.0 { 60.0 } else { 5.0 };
+    let load = w.load(secs + freeze);
+    std::thread::sleep(Duration::from_secs_f64(secs / 3.0));
+    w.redis.pause();
+    std::thread::sleep(Duration::from_secs_f64(freeze));
+    w.redis.resume();
+    let during = load.join().unwrap();
+    only(&during, &[200, 503], false, "around the freeze");
+    let after = w.load(1.0).join().unwrap();
+    only(&after, &[200], false, "after the freeze");
+    let reports = vec![during, after];
+    let per = w.check(&reports);
+    figures("redis-frozen", &reports, &per, 0);
+    assert!(served(&reports) > 100, "too little load");
+    for (id, debited, expected) in &per {
+        assert_eq!(debited, expected, "{id}: ledger vs the generator's record");
     }
 }
