@@ -369,22 +369,30 @@ fn figures(name: &str, reports: &[Report], per_account: &[(String, i64, i64)], b
 /// Exact: nothing lost, nothing applied twice.
 #[test]
 fn redis_killed_under_load_loses_and_doubles_nothing() {
+    redis_outage("redis-kill", 1.0, |redis| {
+        redis.kill();
+        std::thread::sleep(Duration::from_secs(1));
+        redis.start_again();
+    });
+}
+
+/// A Redis outage of about `outage` seconds, made by `fault`, a third into the load: the
+/// nodes serve from their leases, then answer 503 (never 402: every account has $1,000); once
+/// Redis answers again every request is served, and the ledger equals the generator's record
+/// per account (nothing lost, nothing applied twice).
+fn redis_outage(name: &str, outage: f64, fault: impl FnOnce(&mut RedisServer)) {
     let mut w = World::start();
     let secs = load_seconds();
-    let load = w.load(secs);
+    let load = w.load(secs + outage);
     std::thread::sleep(Duration::from_secs_f64(secs / 3.0));
-    w.redis.kill();
-    std::thread::sleep(Duration::from_secs(1));
-    w.redis.start_again();
+    fault(&mut w.redis);
     let during = load.join().unwrap();
-    // Leases, then 503 while Redis is away: never a 402 (every account has $1,000).
-    only(&during, &[200, 503], false, "during the outage");
-    // And once it is back, every request is served again.
+    only(&during, &[200, 503], false, "around the outage");
     let after = w.load(1.0).join().unwrap();
     only(&after, &[200], false, "after the outage");
     let reports = vec![during, after];
     let per = w.check(&reports);
-    figures("redis-kill", &reports, &per, 0);
+    figures(name, &reports, &per, 0);
     assert!(served(&reports) > 100, "too little load");
     for (id, debited, expected) in &per {
         assert_eq!(debited, expected, "{id}: ledger vs the generator's record");
@@ -526,23 +534,10 @@ fn redis_data_lost_is_rebuilt_from_the_book_and_the_journals() {
 /// Exact.
 #[test]
 fn redis_frozen_under_load_loses_and_doubles_nothing() {
-    let mut w = World::start();
-    let secs = load_seconds();
-    let freeze = if secs >= 30.0 { 60.0 } else { 5.0 };
-    let load = w.load(secs + freeze);
-    std::thread::sleep(Duration::from_secs_f64(secs / 3.0));
-    w.redis.pause();
-    std::thread::sleep(Duration::from_secs_f64(freeze));
-    w.redis.resume();
-    let during = load.join().unwrap();
-    only(&during, &[200, 503], false, "around the freeze");
-    let after = w.load(1.0).join().unwrap();
-    only(&after, &[200], false, "after the freeze");
-    let reports = vec![during, after];
-    let per = w.check(&reports);
-    figures("redis-frozen", &reports, &per, 0);
-    assert!(served(&reports) > 100, "too little load");
-    for (id, debited, expected) in &per {
-        assert_eq!(debited, expected, "{id}: ledger vs the generator's record");
-    }
+    let freeze = if load_seconds() >= 30.0 { 60.0 } else { 5.0 };
+    redis_outage("redis-frozen", freeze, |redis| {
+        redis.pause();
+        std::thread::sleep(Duration::from_secs_f64(freeze));
+        redis.resume();
+    });
 }
