@@ -143,6 +143,8 @@ pub struct Agent {
     shutdown: Option<watch::Receiver<bool>>,
     /// For logging the moment spending stops (and starts again).
     leases_were_valid: bool,
+    /// When the book's marks were last read (see `release_booked`).
+    marks_read: Option<Instant>,
 }
 
 impl Agent {
@@ -212,6 +214,7 @@ impl Agent {
             metrics,
             shutdown: None,
             leases_were_valid: true,
+            marks_read: None,
         })
     }
 
@@ -252,6 +255,7 @@ impl Agent {
             if let Err(e) = self.tick(false).await {
                 tracing::error!(error = %e, "settle failed");
             }
+            self.release_booked().await;
         }
         // A refused batch starts a new incarnation with the cut's usage back in the slots: the
         // closing round runs again to carry it (bounded: a store that keeps refusing needs an
@@ -279,7 +283,32 @@ impl Agent {
                 }
             }
         }
+        // The journal left behind keeps only what the book may still lack.
+        self.marks_read = None;
+        self.release_booked().await;
         feed.abort();
+    }
+
+    /// Drops from the journal the acknowledged batches the book of record holds (at most every
+    /// 250 ms: one small Redis call). Until then they stay, so that a rebuild after a Redis
+    /// data loss finds each batch in the book or in a journal. Errors wait for the next try.
+    async fn release_booked(&mut self) {
+        if self.journal.kept().next().is_none()
+            || self
+                .marks_read
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(250))
+        {
+            return;
+        }
+        self.marks_read = Some(Instant::now());
+        match self.store.book_marks().await {
+            Ok(marks) => {
+                if let Err(e) = self.journal.release_booked(marks) {
+                    tracing::warn!(error = %e, "journal: dropping booked batches failed");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "book marks unavailable"),
+        }
     }
 
     /// One settle round. `closing`: return every lease.
@@ -519,7 +548,7 @@ impl Agent {
         for b in &unsent {
             self.restore(&b.entries);
             if b.seq != 0 {
-                self.journal.ack(b)?;
+                self.journal.abandon(b)?;
             }
         }
         for (account, k) in self.known.drain() {

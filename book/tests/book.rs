@@ -522,11 +522,24 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
     jm.ack(&m1).unwrap();
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
     copy_all(&mut book, &store).await;
-    let m2 = one("node-m", inc_m.epoch, 2, 0);
+    let m2 = one("node-m", inc_m.epoch, 2, 3_000_000);
     jm.append(&m2).unwrap();
     store.settle(&m2).await.unwrap();
     jm.ack(&m2).unwrap();
     drop(jm);
+    // Node q: its batch 1 applied and acknowledged after the book's last round, and its
+    // journal kept nothing (it ran without a book): that usage is lost, and named.
+    let inc_q = store.begin("node-q").await.unwrap();
+    let path_q = dir.path().join("node-q.journal");
+    {
+        let mut jq = Journal::open(&path_q).unwrap();
+        jq.set_incarnation(&inc_q).unwrap();
+        let q1 = one("node-q", inc_q.epoch, 1, 5_000_000);
+        jq.append(&q1).unwrap();
+        store.settle(&q1).await.unwrap();
+        jq.ack(&q1).unwrap();
+        assert_eq!(jq.release_booked(None).unwrap(), 1);
+    }
     let ids = ["acct-a".to_owned(), "acct-b".to_owned()];
     let before = store.accounts(&ids).await.unwrap();
     let a = before[0].clone().unwrap();
@@ -556,6 +569,10 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
         Journal::read_stopped(&path_m).unwrap(),
     );
     assert!(jm.pending.is_empty() && jm.acked[&("node-m".to_owned(), inc_m.epoch)] == 2);
+    // Acknowledged, and kept until the book holds them.
+    assert_eq!(jm.kept, vec![m1.clone(), m2.clone()]);
+    let jq = Journal::read_stopped(&path_q).unwrap();
+    assert!(jq.kept.is_empty() && jq.pending.is_empty());
     let mut set = set;
     let keys: Vec<String> = [&j, &jk]
         .iter()
@@ -563,20 +580,22 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
         .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
         .collect();
     set.settle_lines = book.lines_of(&keys).await.unwrap();
-    let report = store.restore(&set, &[j, jk, jm]).await.unwrap();
+    let report = store.restore(&set, &[j, jk, jm, jq]).await.unwrap();
     store.finish_restore().await.unwrap();
+    // Booked: b1, k1, m1. Applied now: b2 (never acknowledged), m2 (acknowledged after the
+    // book's last round, kept by its journal).
     assert_eq!(
         (
             report.journal_batches_booked,
             report.journal_batches_applied
         ),
-        (2, 1),
+        (3, 2),
         "{report:?}"
     );
-    // What no store holds any more is named: node m's batch 2.
+    // What no store holds any more is named: node q's batch 1.
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     assert!(
-        report.warnings[0].contains("node-m") && report.warnings[0].contains("batches 2 to 2"),
+        report.warnings[0].contains("node-q") && report.warnings[0].contains("batches 1 to 1"),
         "{:?}",
         report.warnings
     );
@@ -590,8 +609,12 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
         (a.credited, a.debited + 11_000_000, 0)
     );
     assert_eq!(a2.available, a2.credited - a2.debited);
-    assert_eq!((b2s.credited, b2s.debited), (b.credited, b.debited));
-    assert_eq!(b2s.available, b.available + b.leased);
+    // acct-b: the book's totals and node m's kept batch 2; node q's batch 1 is lost.
+    assert_eq!(
+        (b2s.credited, b2s.debited),
+        (b.credited, b.debited - 5_000_000)
+    );
+    assert_eq!(b2s.available, b2s.credited - b2s.debited);
 
     // Every key stays spent: a replayed credit, charge, write-off and settle move nothing.
     let credit = store

@@ -20,7 +20,7 @@ pub use redis_store::{
 };
 pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
 pub use types::{
-    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
-    Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleEntry, SettleError, SettleOutcome,
-    Status, validate_account_id,
+    AccountChange, AccountState, BookMarks, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerPos, SettleBatch, SettleEntry,
+    SettleError, SettleOutcome, Status, validate_account_id,
 };

@@ -246,3 +246,15 @@ if upto then
 end
 return n
 "#;
+
+/// Where the book of record stands: `false` when no book is declared (`ledger:book` absent),
+/// else `{booked mark or '', id of the ledger's last entry or ''}`. Only the id leaves Redis
+/// (a settle entry has a field pair per account).
+pub(crate) const BOOK_MARKS: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local booked = redis.call('GET', KEYS[2]) or ''
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local id = ''
+if last[1] then id = last[1][1] end
+return {booked, id}
+"#;

@@ -20,14 +20,15 @@ use redis::aio::ConnectionManager;
 use tokio::sync::broadcast;
 
 use crate::redis_scripts::{
-    BEGIN, CHARGE, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE,
+    BEGIN, BOOK_MARKS, CHARGE, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE,
 };
 use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
 };
 use crate::types::{
-    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
-    Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status,
+    AccountChange, AccountState, BookMarks, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerPos, SettleBatch, SettleError,
+    SettleOutcome, Status,
 };
 
 pub use restore::{RestoreReport, RestoreSet};
@@ -65,6 +66,17 @@ impl RedisStore {
             .iter()
             .map(|id| Ok((id.id.clone(), ledger_lines(id)?)))
             .collect()
+    }
+
+    /// A connection to this store's Redis (the book of record copies the payment channel
+    /// records kept beside the ledger through it).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The key prefix of this store.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Records that the book of record holds every ledger entry up to stream id `id`. From the
@@ -182,6 +194,7 @@ pub struct RedisStore {
     charge: redis::Script,
     release: redis::Script,
     reap: redis::Script,
+    book_marks: redis::Script,
     feed: broadcast::Sender<FeedEvent>,
     /// The feed task ends once every clone of the store is gone.
     _alive: std::sync::Arc<()>,
@@ -219,6 +232,7 @@ impl RedisStore {
             charge: redis::Script::new(&format!("{LUA_COMMON}{CHARGE}")),
             release: redis::Script::new(&format!("{LUA_COMMON}{LUA_RETURN_LEASE}{RELEASE}")),
             reap: redis::Script::new(&format!("{LUA_COMMON}{LUA_RETURN_LEASE}{REAP}")),
+            book_marks: redis::Script::new(BOOK_MARKS),
             feed,
             _alive: alive.clone(),
         };
@@ -586,6 +600,24 @@ impl Store for RedisStore {
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)
+    }
+
+    async fn book_marks(&self) -> Result<Option<BookMarks>, StoreError> {
+        let mut c = self.conn.clone();
+        let p = &self.prefix;
+        let reply: Option<(String, String)> = self
+            .book_marks
+            .key(format!("{p}:ledger:book"))
+            .key(format!("{p}:ledger:booked"))
+            .key(format!("{p}:ledger"))
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(reply.map(|(booked, last)| BookMarks {
+            // An unreadable mark counts as none: the batches are kept longer, never dropped early.
+            booked: LedgerPos::parse(&booked),
+            last: LedgerPos::parse(&last),
+        }))
     }
 
     async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {

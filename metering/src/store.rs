@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::types::{
-    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
-    Incarnation, LedgerEntry, SettleBatch, SettleError, SettleOutcome,
+    AccountChange, AccountState, BookMarks, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
+    DebitMode, Incarnation, LedgerEntry, SettleBatch, SettleError, SettleOutcome,
 };
 
 /// Largest single amount a store operation accepts (2⁵³ − 1 p$ ≈ $9,007): Redis scripts compare
@@ -143,6 +143,14 @@ pub trait Store: Send + Sync + 'static {
     /// Voids leases whose expiry (the store's clock) has passed and returns them to their
     /// accounts. Returns how many were voided.
     async fn reap_expired(&self) -> Result<u64, StoreError>;
+
+    /// Where the book of record stands: `None` when no book is declared for this ledger (or
+    /// the store keeps no separate one: the embedded store's ledger is durable by itself).
+    /// Nodes keep acknowledged batches in their journals until the book holds them, so that a
+    /// rebuild after a data loss finds every batch in one or the other.
+    async fn book_marks(&self) -> Result<Option<BookMarks>, StoreError> {
+        Ok(None)
+    }
 
     /// Every ledger entry, oldest first (tests, reconciliation, audits).
     async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError>;

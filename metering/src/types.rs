@@ -245,6 +245,33 @@ pub struct AccountChange {
     pub at_us: Option<u64>,
 }
 
+/// A position in the Redis ledger stream (an entry id `<ms>-<seq>`), ordered as the stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LedgerPos {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl LedgerPos {
+    /// `<ms>-<seq>`; `None` for anything else.
+    pub fn parse(id: &str) -> Option<LedgerPos> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(LedgerPos {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// Where the book of record stands against the ledger (see [`crate::Store::book_marks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BookMarks {
+    /// The book holds every entry up to here (`None`: nothing yet).
+    pub booked: Option<LedgerPos>,
+    /// The ledger's last entry when read (`None`: the stream is empty).
+    pub last: Option<LedgerPos>,
+}
+
 /// One ledger line: every money movement, with the idempotency key that made it happen once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {

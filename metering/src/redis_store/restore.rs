@@ -199,23 +199,13 @@ impl RedisStore {
         let mut epochs = set.epochs.clone();
         let mut booked_top: BTreeMap<(String, u64), &SettleBatch> = BTreeMap::new();
         let mut unbooked: Vec<&SettleBatch> = Vec::new();
-        // Incarnations whose unbooked acknowledged batches were named already (up to which seq).
-        let mut named: BTreeMap<(String, u64), u64> = BTreeMap::new();
+        // Each batch once: unacknowledged (pending) and acknowledged but kept for the book.
+        let mut seen = std::collections::BTreeSet::new();
         for journal in journals {
-            for ((node, epoch), acked) in &journal.acked {
-                let top = set.incarnations.get(&(node.clone(), *epoch)).copied();
-                if top.is_none_or(|t| t < *acked) {
-                    named.insert((node.clone(), *epoch), *acked);
-                    warn(
-                        &mut report,
-                        format!(
-                            "node {node} epoch {epoch}: batches {} to {acked} were applied and acknowledged but not yet in the book: their usage is not restored",
-                            top.unwrap_or(0) + 1
-                        ),
-                    );
+            for b in journal.pending.iter().chain(&journal.kept) {
+                if !seen.insert((b.node_id.as_str(), b.epoch, b.seq)) {
+                    continue;
                 }
-            }
-            for b in &journal.pending {
                 let inc = (b.node_id.clone(), b.epoch);
                 let e = epochs.entry(b.node_id.clone()).or_default();
                 *e = (*e).max(b.epoch);
@@ -341,11 +331,7 @@ impl RedisStore {
         // and the mark moved so this one applies.
         for b in unbooked {
             let held = hwms.entry((b.node_id.clone(), b.epoch)).or_default();
-            // Already named as acknowledged but not booked: not twice.
-            let already = named
-                .get(&(b.node_id.clone(), b.epoch))
-                .is_some_and(|acked| b.seq - 1 <= *acked);
-            if b.seq > *held + 1 && !already {
+            if b.seq > *held + 1 {
                 warn(
                     &mut report,
                     format!(
@@ -381,6 +367,28 @@ impl RedisStore {
                 ),
             }
             *held = (*held).max(b.seq);
+        }
+        // Acknowledged past everything restored: applied by the lost store, then neither
+        // copied by the book nor kept by a journal (a journal that dropped its oldest kept
+        // batches, or a node whose journal is missing here).
+        let mut acked: BTreeMap<(String, u64), u64> = BTreeMap::new();
+        for journal in journals {
+            for (inc, top) in &journal.acked {
+                let a = acked.entry(inc.clone()).or_default();
+                *a = (*a).max(*top);
+            }
+        }
+        for ((node, epoch), top) in acked {
+            let held = hwms.get(&(node.clone(), epoch)).copied().unwrap_or(0);
+            if top > held {
+                warn(
+                    &mut report,
+                    format!(
+                        "node {node} epoch {epoch}: batches {} to {top} were applied and acknowledged but neither in the book nor in a journal: their usage is not restored",
+                        held + 1
+                    ),
+                );
+            }
         }
         Ok(report)
     }
