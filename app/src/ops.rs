@@ -357,7 +357,9 @@ pub fn book_rebuild(
             .collect();
         set.settle_lines = book.lines_of(&keys).await?;
         let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
-        let report = store.restore(&set, &journals).await?;
+        let mut report = store.restore(&set, &journals).await?;
+        let channels = book.restore_channels(&store, &set).await?;
+        report.warnings.extend(channels.warnings.iter().cloned());
         // Declared before the store is called whole: the reaper must not trim what the writer
         // has not copied yet.
         store.enable_book().await?;
@@ -372,6 +374,10 @@ pub fn book_rebuild(
                 "journal_batches_applied": report.journal_batches_applied,
                 "journal_batches_booked": report.journal_batches_booked,
                 "journals": files.len(),
+                "channels": channels.channels,
+                "pending_credits": channels.pending_credits,
+                "poisoned_credits": channels.poisoned_credits,
+                "gap_credits": channels.gap_credits,
                 "book_conflicts_ignored": conflicts,
                 "warnings": report.warnings,
             })

@@ -9,12 +9,19 @@
 
 use std::time::Duration;
 
+mod channels;
+
+pub use channels::{ChannelRow, ChannelsRestored, SideState};
+
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::watch;
 use tollgate_metering::{LedgerEntry, RedisStore, RestoreSet, StoreError};
 
 /// The schema, applied in order, each once (`book_migrations`).
-const MIGRATIONS: [(i32, &str); 1] = [(1, include_str!("../migrations/0001_book.sql"))];
+const MIGRATIONS: [(i32, &str); 2] = [
+    (1, include_str!("../migrations/0001_book.sql")),
+    (2, include_str!("../migrations/0002_channels.sql")),
+];
 
 /// Lines one round takes at most (plus the rest of the entry that reaches it).
 const MAX_ROUND_LINES: usize = 2000;
@@ -28,6 +35,8 @@ pub enum BookError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("ledger: {0}")]
     Store(#[from] StoreError),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
     /// A stream id that is not `<ms>-<seq>` (never seen).
     #[error("ledger entry {id}: {what} out of range")]
     Range { id: String, what: &'static str },
@@ -51,6 +60,8 @@ pub struct Copied {
     pub entries: usize,
     /// Whether the ledger had nothing more after this round when it was read.
     pub caught_up: bool,
+    /// Payment channel record versions stored now.
+    pub channels: u64,
     /// The cursor after the round (`0-0` before the first entry).
     pub cursor: String,
 }
@@ -99,6 +110,10 @@ pub struct Book {
     client: tokio_postgres::Client,
     connection: tokio::task::JoinHandle<()>,
     prefix: String,
+    /// The side state last written (it rarely changes: not stored again when equal).
+    side_stored: Option<SideState>,
+    /// Channels without a version were adopted (once per connection).
+    adopted: bool,
 }
 
 impl Drop for Book {
@@ -135,6 +150,9 @@ pub enum Difference {
         ledger: Box<LedgerEntry>,
         book: Box<LedgerEntry>,
     },
+    /// A payment channel record: Redis and the book disagree, or its credits exceed its
+    /// accepted vouchers.
+    Channel { id: String, what: String },
     /// An account's lifetime (credited, debited) in Redis and as its book lines add up.
     Totals {
         account: String,
@@ -166,6 +184,7 @@ impl std::fmt::Display for Difference {
                 f,
                 "differs: {key} on {account}: ledger {ledger:?}, book {book:?}"
             ),
+            Difference::Channel { id, what } => write!(f, "channel {id}: {what}"),
             Difference::Totals {
                 account,
                 redis,
@@ -245,6 +264,8 @@ impl Book {
             client,
             connection,
             prefix: prefix.to_owned(),
+            side_stored: None,
+            adopted: false,
         })
     }
 
@@ -282,8 +303,40 @@ impl Book {
                 "0-0".to_owned()
             }
         };
+        // The cut (channels::snapshot): the ledger is copied up to its last entry then, and no
+        // further, in the transaction that stores the channel records read after it.
+        let mut conn = store.connection();
+        if !self.adopted {
+            let n = channels::adopt(&mut conn, store.prefix()).await?;
+            if n > 0 {
+                tracing::info!(
+                    channels = n,
+                    "book of record: copying channel records written before it copied channels"
+                );
+            }
+            self.adopted = true;
+        }
+        let snap = channels::snapshot(&mut conn, store.prefix()).await?;
+        let bound = match &snap.last {
+            Some(l) => Some(stream_id(l)?),
+            None => None,
+        };
         let mut page = store.ledger_page(&after, count).await?;
         let count_read = page.len();
+        // Entries written after the snapshot wait for the next round; so do all when changed
+        // records were left for the next round.
+        let beyond = match bound {
+            Some(bound) if snap.complete => {
+                let before = page.len();
+                page.retain(|(id, _)| stream_id(id).is_ok_and(|i| i <= bound));
+                page.len() < before
+            }
+            _ => {
+                let any = !page.is_empty() || !snap.complete;
+                page.clear();
+                any
+            }
+        };
         // A settle entry holds a line per account (up to 1000): a round takes whole entries
         // until it has ~2000 lines, so that it stays well inside its time limit.
         let mut lines = 0;
@@ -295,15 +348,19 @@ impl Book {
             })
             .map_or(page.len(), |i| i + 1);
         page.truncate(keep);
+        let tx = self.client.transaction().await?;
+        let stored = store_channels(&tx, &self.prefix, &mut self.side_stored, &snap).await?;
         let Some((last, _)) = page.last() else {
+            tx.commit().await?;
+            channels::clean(&mut conn, store.prefix(), &stored).await?;
             return Ok(Copied {
                 cursor: after,
-                caught_up: true,
+                caught_up: !beyond,
+                channels: stored.len() as u64,
                 ..Copied::default()
             });
         };
         let last = last.clone();
-        let tx = self.client.transaction().await?;
         let insert = tx
             .prepare(
                 "INSERT INTO book_entries (prefix, key, account, kind, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_ms, stream_seq)
@@ -318,9 +375,10 @@ impl Book {
             )
             .await?;
         let mut copied = Copied {
-            caught_up: page.len() == count_read && count_read < count,
+            caught_up: !beyond && page.len() == count_read && count_read < count,
             entries: page.len(),
             cursor: last.clone(),
+            channels: stored.len() as u64,
             ..Copied::default()
         };
         for (id, lines) in &page {
@@ -381,9 +439,57 @@ impl Book {
         )
         .await?;
         tx.commit().await?;
-        // After the commit: a crash before this line only delays trimming.
+        // After the commit: a crash before these lines only delays trimming (and stores the
+        // same records again).
         store.mark_booked(&last).await?;
+        channels::clean(&mut conn, store.prefix(), &stored).await?;
         Ok(copied)
+    }
+
+    /// Every channel record the book holds, and the last side state stored.
+    pub async fn channels(&self) -> Result<(Vec<ChannelRow>, SideState), BookError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, version, record FROM book_channels WHERE prefix = $1 ORDER BY id",
+                &[&self.prefix],
+            )
+            .await?;
+        let rows = rows
+            .iter()
+            .map(|r| ChannelRow {
+                id: r.get(0),
+                version: r.get(1),
+                record: r.get(2),
+            })
+            .collect();
+        let side = match self
+            .client
+            .query_opt(
+                "SELECT state FROM book_channel_state WHERE prefix = $1",
+                &[&self.prefix],
+            )
+            .await?
+        {
+            Some(r) => serde_json::from_str(&r.get::<_, String>(0))
+                .map_err(|e| BookError::Unusable(format!("book_channel_state: {e}")))?,
+            None => SideState::default(),
+        };
+        Ok((rows, side))
+    }
+
+    /// `book rebuild`: writes the book's channel records and side state into the empty Redis
+    /// behind `store` (after the money state, whose credit keys `set` holds).
+    pub async fn restore_channels(
+        &self,
+        store: &RedisStore,
+        set: &RestoreSet,
+    ) -> Result<ChannelsRestored, BookError> {
+        let (rows, side) = self.channels().await?;
+        let mut conn = store.connection();
+        channels::restore(&mut conn, store.prefix(), &rows, &side, &set.credits)
+            .await
+            .map_err(BookError::Unusable)
     }
 
     /// Every line the book holds, in stream order (for reconciliation and tests).
@@ -597,6 +703,7 @@ impl Book {
                 account: b.account,
             }));
         }
+        out.extend(self.reconcile_channels(store).await?);
         let totals = self.totals().await?;
         for chunk in totals.chunks(500) {
             let ids: Vec<String> = chunk.iter().map(|(a, _, _)| a.clone()).collect();
@@ -615,6 +722,149 @@ impl Book {
         }
         Ok(out)
     }
+}
+
+impl Book {
+    /// The channel part of `reconcile`: every record in Redis is in the book at its version
+    /// (or newer in Redis and marked changed), none is older in Redis than in the book, and
+    /// no channel's voucher credits in the book exceed its accepted cumulative.
+    async fn reconcile_channels(&self, store: &RedisStore) -> Result<Vec<Difference>, BookError> {
+        let mut out = Vec::new();
+        let (rows, _) = self.channels().await?;
+        let mut conn = store.connection();
+        let p = store.prefix();
+        let ver: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(channels::key(p, "ver"))
+            .query_async(&mut conn)
+            .await?;
+        let dirty: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(channels::key(p, "dirty"))
+            .query_async(&mut conn)
+            .await?;
+        let mut in_book = std::collections::HashSet::new();
+        for r in &rows {
+            in_book.insert(r.id.as_str());
+            let diff = |what: String| Difference::Channel {
+                id: r.id.clone(),
+                what,
+            };
+            match ver.get(&r.id) {
+                None => out.push(diff(format!(
+                    "in the book (version {}) but not in Redis (Redis lost it)",
+                    r.version
+                ))),
+                Some(v) if *v < r.version => out.push(diff(format!(
+                    "Redis holds version {v}, older than the book's {} (Redis lost writes)",
+                    r.version
+                ))),
+                Some(v) if *v == r.version => {
+                    let held: Option<String> = redis::cmd("GET")
+                        .arg(channels::key(p, &format!("ch:{}", r.id)))
+                        .query_async(&mut conn)
+                        .await?;
+                    if held.as_deref() != Some(r.record.as_str()) {
+                        out.push(diff(format!(
+                            "version {v} differs between Redis and the book"
+                        )));
+                    }
+                }
+                Some(v) if !dirty.contains_key(&r.id) => out.push(diff(format!(
+                    "Redis holds version {v}, the book {}, and it is not marked changed",
+                    r.version
+                ))),
+                Some(_) => {}
+            }
+        }
+        for (id, v) in &ver {
+            if !in_book.contains(id.as_str()) && !dirty.contains_key(id) {
+                out.push(Difference::Channel {
+                    id: id.clone(),
+                    what: format!("version {v} in Redis is missing in the book"),
+                });
+            }
+        }
+        // The book's voucher credits per channel against the record's accepted cumulative.
+        let credits = self
+            .client
+            .query(
+                "SELECT key, amount FROM book_entries
+                 WHERE prefix = $1 AND kind = 'credit' AND key LIKE 'credit:mpp:%'",
+                &[&self.prefix],
+            )
+            .await?;
+        let mut credited: std::collections::BTreeMap<String, i128> =
+            std::collections::BTreeMap::new();
+        for c in &credits {
+            let key: String = c.get(0);
+            if let Some((id, _)) = key
+                .strip_prefix("credit:")
+                .and_then(channels::voucher_credit)
+            {
+                *credited.entry(id.to_owned()).or_default() += i128::from(c.get::<_, i64>(1));
+            }
+        }
+        for r in &rows {
+            let total = credited.get(&r.id).copied().unwrap_or(0);
+            let owed = channels::highest(&r.record)
+                .and_then(|h| i128::try_from(h).ok())
+                .and_then(|h| {
+                    h.checked_mul(i128::from(tollgate_metering::units::PICOS_PER_BASE_UNIT))
+                });
+            match owed {
+                Some(owed) if total > owed => out.push(Difference::Channel {
+                    id: r.id.clone(),
+                    what: format!(
+                        "credited {total} p$ in the book, more than its accepted vouchers ({owed} p$)"
+                    ),
+                }),
+                Some(_) => {}
+                None => out.push(Difference::Channel {
+                    id: r.id.clone(),
+                    what: "the book's record does not read".to_owned(),
+                }),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Stores the snapshot's channel records (each only over a lower version) and its side
+/// state (only over an older snapshot), in the round's transaction. Returns the records.
+async fn store_channels(
+    tx: &tokio_postgres::Transaction<'_>,
+    prefix: &str,
+    side_stored: &mut Option<SideState>,
+    snap: &channels::Snapshot,
+) -> Result<Vec<ChannelRow>, BookError> {
+    if !snap.records.is_empty() {
+        let upsert = tx
+            .prepare(
+                "INSERT INTO book_channels (prefix, id, version, record) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (prefix, id) DO UPDATE
+                 SET version = EXCLUDED.version, record = EXCLUDED.record, booked_at = now()
+                 WHERE book_channels.version < EXCLUDED.version",
+            )
+            .await?;
+        for r in &snap.records {
+            tx.execute(&upsert, &[&prefix, &r.id, &r.version, &r.record])
+                .await?;
+        }
+    }
+    if side_stored.as_ref() != Some(&snap.side) {
+        let state =
+            serde_json::to_string(&snap.side).map_err(|e| BookError::Unusable(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO book_channel_state (prefix, taken_us, state) VALUES ($1, $2, $3)
+             ON CONFLICT (prefix) DO UPDATE
+             SET taken_us = EXCLUDED.taken_us, state = EXCLUDED.state, booked_at = now()
+             WHERE book_channel_state.taken_us <= EXCLUDED.taken_us",
+            &[&prefix, &snap.taken_us, &state],
+        )
+        .await?;
+        // Remembered only once committed would be exact; a failed round drops this Book.
+        *side_stored = Some(snap.side.clone());
+    }
+    Ok(snap.records.clone())
 }
 
 /// The writer: copies rounds of 500 entries until caught up, then waits `interval`; reconnects
@@ -684,7 +934,7 @@ pub async fn run(
                 metrics.errors.inc();
                 tracing::warn!(error = %e, "book of record: round failed; retrying (the ledger keeps what is not copied)");
                 book = None;
-                if matches!(e, BookError::Store(_)) {
+                if matches!(e, BookError::Store(_) | BookError::Redis(_)) {
                     store = None;
                 }
                 let w = wait;

@@ -11,11 +11,15 @@ use super::{
     ChannelBackend, ChannelRecord, PendingCredit, PoisonedCredit, Updater, corrupt, unavailable,
 };
 
-/// Writes the record and the pending credits only while this node still holds the lock.
+/// Writes the record and the pending credits only while this node still holds the lock. Each
+/// commit raises the record's version and marks it changed for the book of record
+/// (book/src/channels.rs copies it, with the ledger lines up to the same point).
 const COMMIT: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'LOST' end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[3])
+local v = redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
+redis.call('HSET', KEYS[6], ARGV[3], v)
 for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('DEL', KEYS[1])
 return 'OK'
@@ -30,7 +34,9 @@ return 1
 /// `{p}:mpp:lock:{id}` lock token, `{p}:mpp:channels` set of ids, `{p}:mpp:credits:pending`
 /// hash key → JSON credit, `{p}:mpp:credits:poisoned` hash key → JSON [`PoisonedCredit`],
 /// `{p}:mpp:forced` set of ids with an unresolved forced close, `{p}:mpp:meta` hash (the close
-/// watcher's block cursor).
+/// watcher's block cursor), `{p}:mpp:ver` hash id → version (raised by every commit) and
+/// `{p}:mpp:dirty` hash id → version (changed since the book of record stored it). The book
+/// (book/src/channels.rs) reads and restores these keys by name.
 #[derive(Clone)]
 pub struct RedisChannels {
     conn: ConnectionManager,
@@ -116,6 +122,8 @@ impl ChannelBackend for RedisChannels {
                 .key(self.key(&format!("ch:{id}")))
                 .key(self.key("credits:pending"))
                 .key(self.key("channels"))
+                .key(self.key("ver"))
+                .key(self.key("dirty"))
                 .arg(&token)
                 .arg(json)
                 .arg(id);

@@ -1,0 +1,204 @@
+//! Payment channel records in the book of record: copied with the ledger as one cut, and
+//! rebuilt after a Redis data loss so that no voucher is credited twice and none goes
+//! uncredited. Real PostgreSQL and redis-server, started by the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mpp::protocol::methods::tempo::session_method::{ChannelState, ChannelStore};
+use tollgate_book::Book;
+use tollgate_metering::{RedisStore, Store};
+use tollgate_payments::{ChannelBackend, RedisChannels, SharedChannels};
+use tollgate_testkit::{PostgresServer, RedisServer};
+
+/// $1 in the token's base units (6 decimals) and in p$.
+const DOLLAR_BASE: u128 = 1_000_000;
+const DOLLAR: i64 = 1_000_000_000_000;
+const CHAIN: u64 = 42431;
+
+fn state(id: &str, highest: u128) -> ChannelState {
+    serde_json::from_value(serde_json::json!({
+        "channel_id": id,
+        "chain_id": CHAIN,
+        "escrow_contract": "0x00000000000000000000000000000000000000e5",
+        "payer": "0x00000000000000000000000000000000000000a1",
+        "payee": "0x00000000000000000000000000000000000000b2",
+        "token": "0x00000000000000000000000000000000000000c3",
+        "authorized_signer": "0x00000000000000000000000000000000000000a1",
+        "deposit": 100 * DOLLAR_BASE,
+        "settled_on_chain": 0,
+        "highest_voucher_amount": highest,
+        "highest_voucher_signature": [1, 2, highest as u8],
+        "spent": 0,
+        "units": 0,
+        "finalized": false,
+        "created_at": "2026-12-07T00:00:00Z"
+    }))
+    .unwrap()
+}
+
+/// A voucher for `highest` accepted on channel `id` (what the session method does after
+/// verifying its signature): the record rises, a pending credit is queued with it.
+async fn voucher(shared: &SharedChannels, id: &str, highest: u128) {
+    let next = state(id, highest);
+    shared
+        .update_channel(id, Box::new(move |_| Ok(Some(next))))
+        .await
+        .unwrap();
+}
+
+/// The payments drain: every pending credit into the money core, then forgotten.
+async fn drain(backend: &RedisChannels, store: &RedisStore) -> usize {
+    let pending = backend.pending_credits().await.unwrap();
+    for c in &pending {
+        store.credit(&c.account, &c.key, c.picos).await.unwrap();
+        backend.credit_done(&c.key).await.unwrap();
+    }
+    pending.len()
+}
+
+async fn copy_all(book: &mut Book, store: &RedisStore) {
+    while !book.copy_round(store, 500).await.unwrap().caught_up {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_or_never() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    store.enable_book().await.unwrap();
+    let backend = Arc::new(
+        RedisChannels::connect(&redis.url(), "tollgate")
+            .await
+            .unwrap(),
+    );
+    let shared = SharedChannels::new(backend.clone(), CHAIN);
+    let account = tollgate_payments::account_of(
+        CHAIN,
+        &"0x00000000000000000000000000000000000000a1"
+            .parse()
+            .unwrap(),
+    );
+    let (c1, c2) = ("0xc1", "0xc2");
+
+    // Channel 1: $1 then $3 accepted and credited; channel 2: $2 accepted and credited.
+    voucher(&shared, c1, DOLLAR_BASE).await;
+    assert_eq!(drain(&backend, &store).await, 1);
+    voucher(&shared, c1, 3 * DOLLAR_BASE).await;
+    voucher(&shared, c2, 2 * DOLLAR_BASE).await;
+    assert_eq!(drain(&backend, &store).await, 2);
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    copy_all(&mut book, &store).await;
+    let (rows, _) = book.channels().await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.id.as_str(), r.version))
+            .collect::<Vec<_>>(),
+        [(c1, 2), (c2, 1)]
+    );
+    // Channel 1: $4 accepted, its credit still pending when the book copies.
+    voucher(&shared, c1, 4 * DOLLAR_BASE).await;
+    copy_all(&mut book, &store).await;
+    let (_, side) = book.channels().await.unwrap();
+    assert_eq!(side.pending.len(), 1, "{side:?}");
+    assert!(
+        side.pending
+            .contains_key(&format!("mpp:{c1}:{}", 4 * DOLLAR_BASE))
+    );
+    // Copying again stores nothing new (the records are clean).
+    assert_eq!(book.copy_round(&store, 500).await.unwrap().channels, 0);
+    assert!(book.reconcile(&store).await.unwrap().is_empty());
+
+    // The writer lagged on channel 2's credit line: drop it from the book (what a loss right
+    // after the voucher, before the copy, would leave).
+    let (pg_client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let n = pg_client
+        .execute(
+            "DELETE FROM book_entries WHERE key = $1",
+            &[&format!("credit:mpp:{c2}:{}", 2 * DOLLAR_BASE)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+
+    // After the book's last copy: channel 1 takes $6 (credited in Redis only). Then Redis
+    // loses everything.
+    voucher(&shared, c1, 6 * DOLLAR_BASE).await;
+    drain(&backend, &store).await;
+    let mut c = redis.conn();
+    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+
+    let set = book.restore_set().await.unwrap();
+    store.restore(&set, &[]).await.unwrap();
+    let restored = book.restore_channels(&store, &set).await.unwrap();
+    store.enable_book().await.unwrap();
+    store.finish_restore().await.unwrap();
+    assert_eq!(
+        (
+            restored.channels,
+            restored.pending_credits,
+            restored.gap_credits
+        ),
+        (2, 1, 1),
+        "{restored:?}"
+    );
+    assert!(
+        restored.warnings.len() == 1 && restored.warnings[0].contains(c2),
+        "{:?}",
+        restored.warnings
+    );
+    // The records are back at what the book held: channel 1 at $4, not $0.
+    let r1 = backend.get(c1).await.unwrap().unwrap();
+    assert_eq!(r1.state.highest_voucher_amount, 4 * DOLLAR_BASE);
+    assert_eq!(
+        r1.vouchers.last().unwrap().cumulative,
+        4 * DOLLAR_BASE,
+        "the signed voucher a settlement needs"
+    );
+    // The pending $1 of channel 1 and channel 2's missing $2 are credited by the drain.
+    assert_eq!(drain(&backend, &store).await, 2);
+    let acct = store.account(&account).await.unwrap().unwrap();
+    assert_eq!(
+        acct.credited,
+        6 * DOLLAR,
+        "$4 on channel 1, $2 on channel 2"
+    );
+
+    // The payer's next voucher on channel 1 ($6 again: the one Redis lost) is credited from
+    // $4, once; replayed, it credits nothing.
+    voucher(&shared, c1, 6 * DOLLAR_BASE).await;
+    voucher(&shared, c1, 6 * DOLLAR_BASE).await;
+    assert_eq!(drain(&backend, &store).await, 1);
+    let acct = store.account(&account).await.unwrap().unwrap();
+    assert_eq!(
+        acct.credited,
+        8 * DOLLAR,
+        "every channel's credits add up to its vouchers"
+    );
+
+    // The book goes on, and agrees with Redis; a forged credit line is named.
+    assert!(book.reconcile(&store).await.unwrap().is_empty());
+    pg_client
+        .execute(
+            "INSERT INTO book_entries (prefix, key, account, kind, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_ms, stream_seq)
+             VALUES ('tollgate', $1, $2, 'credit', $3, 0, 0, 0, 0, 0, 1, 0)",
+            &[&format!("credit:mpp:{c2}:{}", 9 * DOLLAR_BASE), &account, &(7 * DOLLAR)],
+        )
+        .await
+        .unwrap();
+    let diffs = book.reconcile(&store).await.unwrap();
+    assert!(
+        diffs
+            .iter()
+            .any(|d| d.to_string().contains(&format!("channel {c2}: credited"))),
+        "{diffs:?}"
+    );
+    // A second rebuild is refused: Redis holds channels now.
+    assert!(book.restore_channels(&store, &set).await.is_err());
+}
