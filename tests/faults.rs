@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{Proc, bin, put_metered_route, terminate};
 use tollgate_loadtest::{HostSpec, Mode, Plan, Report};
 use tollgate_metering::{RedisStore, Store};
-use tollgate_testkit::{PostgresServer, RedisServer, Upstream, free_addr};
+use tollgate_testkit::{PostgresServer, RedisServer, TcpCut, Upstream, free_addr};
 
 /// The default request price (p$), as the nodes charge it.
 const PRICE: i64 = 500_000;
@@ -40,6 +40,8 @@ struct Node {
     admin: SocketAddr,
     data: PathBuf,
     proc: Option<Proc>,
+    /// Reaches Redis through the world's `cut` (a relay the test can freeze).
+    via_cut: bool,
 }
 
 struct World {
@@ -50,10 +52,17 @@ struct World {
     dir: tempfile::TempDir,
     hosts: Vec<HostSpec>,
     rt: tokio::runtime::Runtime,
+    /// Node A's path to Redis, when the scenario cuts it alone.
+    cut: Option<TcpCut>,
 }
 
 impl World {
     fn start() -> World {
+        World::start_with(false)
+    }
+
+    /// `cut_a`: node A reaches Redis through a relay the test can freeze (node B directly).
+    fn start_with(cut_a: bool) -> World {
         let redis = RedisServer::start_durable();
         let pg = PostgresServer::start();
         let up = Upstream::start("ok");
@@ -80,6 +89,7 @@ impl World {
             ))
             .unwrap();
         }
+        let cut = cut_a.then(|| TcpCut::start(SocketAddr::from(([127, 0, 0, 1], redis.port))));
         let mut w = World {
             redis,
             pg,
@@ -88,8 +98,9 @@ impl World {
             dir,
             hosts,
             rt,
+            cut,
         };
-        for name in ["node-a", "node-b"] {
+        for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
             let data = w.dir.path().join(name);
             w.nodes.push(Node {
                 name: name.into(),
@@ -97,6 +108,7 @@ impl World {
                 admin: free_addr(),
                 data,
                 proc: None,
+                via_cut: cut_a && i == 0,
             });
         }
         w.publish_routes();
@@ -131,7 +143,10 @@ impl World {
     /// Starts node `i` (its own data dir and journal, kept across restarts) and waits until it
     /// is ready.
     fn start_node(&mut self, i: usize) {
-        let redis = self.redis.url();
+        let redis = match &self.cut {
+            Some(cut) if self.nodes[i].via_cut => format!("redis://{}/", cut.addr()),
+            _ => self.redis.url(),
+        };
         let n = &mut self.nodes[i];
         let child = bin()
             .env("TOLLGATE_DATA_DIR", &n.data)
@@ -194,8 +209,14 @@ impl World {
 
     /// Load on every node for `secs`, in the background; `join` for the generator's record.
     fn load(&self, secs: f64) -> std::thread::JoinHandle<Report> {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.load_on(&all, secs)
+    }
+
+    /// Load on the nodes `which` only.
+    fn load_on(&self, which: &[usize], secs: f64) -> std::thread::JoinHandle<Report> {
         let plan = Plan {
-            targets: self.nodes.iter().map(|n| n.listen).collect(),
+            targets: which.iter().map(|&i| self.nodes[i].listen).collect(),
             hosts: self.hosts.clone(),
             path: "/".into(),
             mode: Mode::Closed { concurrency: 8 },
@@ -533,4 +554,112 @@ fn redis_frozen_under_load_loses_and_doubles_nothing() {
         std::thread::sleep(Duration::from_secs_f64(freeze));
         redis.resume();
     });
+}
+
+/// Node A alone cut off from Redis: its path to Redis (a relay the suite controls) stops
+/// passing bytes both ways with every connection left open (no FIN: every call hangs, its
+/// change feed and route sync too) for 5 s under load (60 s in the long run), then flows
+/// again. Node B keeps its own path. A serves from its leases until their deadline, then
+/// answers 503 (never 402); B serves every request meanwhile (a second load on B alone during
+/// the cut shows it); once the path flows again A settles everything. Exact.
+#[test]
+fn a_node_cut_off_from_redis_alone_loses_and_doubles_nothing() {
+    let cut_for = if load_seconds() >= 30.0 { 60.0 } else { 5.0 };
+    let mut w = World::start_with(true);
+    let secs = load_seconds();
+    let load = w.load(secs + cut_for);
+    std::thread::sleep(Duration::from_secs_f64(secs / 3.0));
+    let cut = w.cut.as_ref().unwrap();
+    cut.freeze();
+    let on_b = w.load_on(&[1], cut_for - 0.5);
+    std::thread::sleep(Duration::from_secs_f64(cut_for));
+    cut.thaw();
+    let on_b = on_b.join().unwrap();
+    let during = load.join().unwrap();
+    only(&during, &[200, 503], false, "around the cut");
+    only(&on_b, &[200], false, "node B while node A was cut off");
+    assert!(
+        served(std::slice::from_ref(&on_b)) > 0,
+        "node B served nothing"
+    );
+    let after = w.load(1.0).join().unwrap();
+    only(&after, &[200], false, "after the cut");
+    let reports = vec![during, on_b, after];
+    let per = w.check(&reports);
+    figures("node-cut-off", &reports, &per, 0);
+    assert!(served(&reports) > 100, "too little load");
+    for (id, debited, expected) in &per {
+        assert_eq!(debited, expected, "{id}: ledger vs the generator's record");
+    }
+}
+
+/// Node A's change feed (and route sync) connections silently dropped (frozen for good, no
+/// FIN) while its other Redis connections work: the feed's ping notices within a second, it
+/// subscribes again on a new connection and resyncs, so a credit made meanwhile resumes a
+/// suspended account on node A. Then the usual load and checks (exact).
+#[test]
+fn a_change_feed_dropped_without_a_fin_is_noticed_and_a_credit_still_resumes_the_node() {
+    let mut w = World::start_with(true);
+    let (host, account) = ("svc-x.localhost", "acct-x");
+    put_metered_route(&w.redis.url(), "svc-x", w.up.addr, account);
+    let a = w.nodes[0].listen;
+    let c = reqwest::blocking::Client::new();
+    let get = || {
+        c.get(format!("http://{a}/"))
+            .header("host", host)
+            .header("accept", "application/json")
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    // The route reaches node A; the account has nothing: 402.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get() != 402 {
+        assert!(
+            Instant::now() < deadline,
+            "svc-x never answered 402 on node A"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cut = w.cut.as_ref().unwrap();
+    let before = cut.connections();
+    let dropped = cut.freeze_matching(b"SUBSCRIBE");
+    assert!(dropped >= 1, "node A has no subscriber connection");
+    let store = w.store();
+    w.rt.block_on(store.credit(account, "deposit-x", 1_000_000_000_000))
+        .unwrap();
+    let t = Instant::now();
+    while get() != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the credit never reached node A"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let resumed = t.elapsed();
+    // Every subscriber (the balance feed and the route sync) came back on a new connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cut.live_matching(b"SUBSCRIBE") < dropped {
+        assert!(
+            Instant::now() < deadline,
+            "node A's subscribers never came back ({} of {dropped})",
+            cut.live_matching(b"SUBSCRIBE")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let back = t.elapsed();
+    eprintln!(
+        "FAULTS feed-dropped: {dropped} subscriber connection(s) frozen; the credit resumed node A after {} ms; every subscriber back after {} ms ({} new connection(s) to Redis)",
+        resumed.as_millis(),
+        back.as_millis(),
+        cut.connections() - before
+    );
+    let load = w.load(load_seconds()).join().unwrap();
+    only(&load, &[200], false, "after the feed was dropped");
+    let reports = vec![load];
+    let per = w.check(&reports);
+    figures("feed-dropped", &reports, &per, 0);
+    for (id, debited, expected) in &per {
+        assert_eq!(debited, expected, "{id}: ledger vs the generator's record");
+    }
 }

@@ -16,7 +16,9 @@ use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
 
+mod cut;
 mod postgres;
+pub use cut::TcpCut;
 pub use postgres::{PostgresServer, pg_bin_dir};
 
 /// A port that was free a moment ago (bind to :0, read, release), and never handed out before
