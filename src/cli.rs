@@ -61,6 +61,18 @@ pub enum BookCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run the book writer on its own (what the control service runs when `[book]` is
+    /// configured): copies the Redis ledger and the payment channel records into PostgreSQL
+    /// every `copy_interval_ms`, reconnecting to either by itself, until SIGTERM or SIGINT.
+    Run {
+        /// As for `copy`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Serve the writer's Prometheus metrics at http://ADDR/metrics (env
+        /// TOLLGATE_BOOK_METRICS_LISTEN).
+        #[arg(long, env = "TOLLGATE_BOOK_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
     /// Copy what is new, then compare the book with the Redis ledger (every line still there)
     /// and every account's credited/debited totals; prints each difference and exits 1 on any.
     Reconcile {
@@ -490,6 +502,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Book(BookCommand::Copy { config }) => book(config.as_deref(), false),
         Command::Book(BookCommand::Reconcile { config }) => book(config.as_deref(), true),
+        Command::Book(BookCommand::Run {
+            config,
+            metrics_listen,
+        }) => {
+            let cfg = Config::load(config.as_deref(), &env)?;
+            let (Some(redis), Some(book)) = (cfg.redis.clone(), cfg.book.clone()) else {
+                anyhow::bail!(
+                    "book run needs [redis] and [book] postgres_url (or TOLLGATE_REDIS_URL and TOLLGATE_BOOK_POSTGRES_URL)"
+                );
+            };
+            let _s = settings(cfg, "tollgate-book")?;
+            tollgate_app::ops::book_run(
+                &book.postgres_url,
+                &redis.url,
+                &redis.key_prefix,
+                std::time::Duration::from_millis(book.copy_interval_ms),
+                metrics_listen,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
 
         Command::Db(DbCommand::Backup {
             config,

@@ -663,3 +663,93 @@ fn a_change_feed_dropped_without_a_fin_is_noticed_and_a_credit_still_resumes_the
         assert_eq!(debited, expected, "{id}: ledger vs the generator's record");
     }
 }
+
+/// PostgreSQL stopped for 5 s (30 s in the long run), started again, then killed (`kill -9`)
+/// and started again, all under load, while the book writer runs on its own (`tollgate book
+/// run`, copying every 200 ms). Money keeps moving meanwhile (the ledger keeps whatever the
+/// book has not copied); the writer counts its failed rounds, reconnects by itself and catches
+/// up with the ledger's last entry once the nodes stop; the book then equals the ledger
+/// (`reconcile` clean) and the money is exact.
+#[test]
+fn postgresql_down_and_killed_under_load_the_writer_catches_up() {
+    let down = if load_seconds() >= 30.0 { 30.0 } else { 5.0 };
+    let mut w = World::start();
+    let config = w.dir.path().join("book.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"{}\"\n[book]\npostgres_url = \"{}\"\ncopy_interval_ms = 200\n",
+            w.redis.url(),
+            w.pg.url()
+        ),
+    )
+    .unwrap();
+    let metrics = free_addr();
+    let mut writer = Proc(
+        bin()
+            .args(["book", "run", "--config"])
+            .arg(&config)
+            .args(["--metrics-listen", &metrics.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let secs = load_seconds();
+    let load = w.load(secs + down + 1.0);
+    std::thread::sleep(Duration::from_secs_f64(secs / 4.0));
+    w.pg.stop();
+    std::thread::sleep(Duration::from_secs_f64(down));
+    w.pg.start_again();
+    std::thread::sleep(Duration::from_secs_f64(secs / 4.0));
+    w.pg.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    w.pg.start_again();
+    let during = load.join().unwrap();
+    // PostgreSQL is not on the request path: every request is served.
+    only(&during, &[200], false, "while PostgreSQL was away");
+    w.stop_nodes();
+    // The writer alone catches up with the ledger's last entry.
+    let store = w.store();
+    let t = Instant::now();
+    loop {
+        let m = w.rt.block_on(store.book_marks(&[])).unwrap().unwrap();
+        if m.booked.is_some() && m.booked >= m.last {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the writer never caught up: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let caught_up = t.elapsed();
+    let scrape = reqwest::blocking::get(format!("http://{metrics}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        scrape
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let failed = value("tollgate_book_errors_total");
+    let inserted = value("tollgate_book_lines_total{result=\"inserted\"}");
+    assert!(failed >= 1.0, "the outage was not counted:\n{scrape}");
+    assert!(inserted > 0.0, "{scrape}");
+    terminate(&mut writer);
+    eprintln!(
+        "FAULTS postgresql-down: {down} s down then kill -9; the writer failed {failed} rounds, inserted {inserted} lines, caught up {} ms after the nodes stopped",
+        caught_up.as_millis()
+    );
+    let reports = vec![during];
+    let per = w.check(&reports);
+    figures("postgresql-down", &reports, &per, 0);
+    assert!(served(&reports) > 100, "too little load");
+    for (id, debited, expected) in &per {
+        assert_eq!(debited, expected, "{id}: ledger vs the generator's record");
+    }
+}

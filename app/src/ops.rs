@@ -292,6 +292,65 @@ pub fn book_copy(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Resul
     })
 }
 
+/// `tollgate book run`: the book writer on its own, until SIGTERM or SIGINT (a round in flight
+/// is abandoned: its transaction rolls back and the next run repeats it, as duplicates).
+pub fn book_run(
+    postgres_url: &str,
+    redis: &str,
+    prefix: &str,
+    interval: Duration,
+    metrics_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    one_shot()?.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let metrics = tollgate_book::BookMetrics::new(&registry)?;
+        if let Some(addr) = metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics listener {addr}: {e}"))?;
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let registry = registry.clone();
+                    async move {
+                        let mut out = String::new();
+                        let _ = prometheus::TextEncoder::new()
+                            .encode_utf8(&registry.gather(), &mut out);
+                        out
+                    }
+                }),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "book metrics listener ended");
+                }
+            });
+        }
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let writer = tokio::spawn(tollgate_book::run(
+            postgres_url.to_owned(),
+            redis.to_owned(),
+            prefix.to_owned(),
+            interval,
+            metrics,
+            stop,
+        ));
+        tracing::info!(prefix, "book of record: copying the ledger into PostgreSQL");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+        // The writer stops between rounds; a round stuck on a dead peer ends at its 30 s limit.
+        let _ = tokio::time::timeout(Duration::from_secs(35), writer).await;
+        tracing::info!("book of record: stopped");
+        Ok(())
+    })
+}
+
 /// `tollgate book reconcile`: copies what is new, then compares the book with the Redis ledger
 /// and the accounts' totals; prints every difference, one per line. True when there is none.
 pub fn book_reconcile(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Result<bool> {
@@ -352,11 +411,13 @@ pub fn book_rebuild(
         }
         let keys: Vec<String> = journals
             .iter()
-            .flat_map(|j| &j.pending)
+            .flat_map(|j| j.pending.iter().chain(j.kept.iter().map(|k| &k.batch)))
             .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
             .collect();
         set.settle_lines = book.lines_of(&keys).await?;
         let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
+        // Both refusals before anything is written.
+        book.check_channels_empty(&store).await?;
         let mut report = store.restore(&set, &journals).await?;
         let channels = book.restore_channels(&store, &set).await?;
         report.warnings.extend(channels.warnings.iter().cloned());

@@ -201,6 +201,7 @@ impl Agent {
         }
         let inc = store.begin(&cfg.node_id).await?;
         journal.set_incarnation(&inc)?;
+        record_generation(&*store, &mut journal, &inc).await;
         tracing::info!(node = %inc.node_id, epoch = inc.epoch, "metering agent started");
         cache.agent_started.store(true, Ordering::Release);
         Ok(Agent {
@@ -283,9 +284,12 @@ impl Agent {
                 }
             }
         }
-        // The journal left behind keeps only what the book may still lack.
-        self.marks_read = None;
-        self.release_booked().await;
+        // The journal left behind keeps only what the book may still lack (one short try:
+        // a store that is away must not hold up the stop).
+        if !self.cache.store_down.load(Ordering::Acquire) {
+            self.marks_read = None;
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.release_booked()).await;
+        }
         feed.abort();
     }
 
@@ -301,12 +305,14 @@ impl Agent {
             return;
         }
         self.marks_read = Some(Instant::now());
-        match self.store.book_marks().await {
-            Ok(marks) => {
-                if let Err(e) = self.journal.release_booked(marks) {
+        let incs = self.journal.kept_incarnations();
+        match self.store.book_marks(&incs).await {
+            Ok(Some(marks)) => {
+                if let Err(e) = self.journal.release_booked(&marks, &incs) {
                     tracing::warn!(error = %e, "journal: dropping booked batches failed");
                 }
             }
+            Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "book marks unavailable"),
         }
     }
@@ -560,6 +566,7 @@ impl Agent {
         self.store.release(&self.inc).await?;
         self.inc = self.store.begin(&self.cfg.node_id).await?;
         self.journal.set_incarnation(&self.inc)?;
+        record_generation(&*self.store, &mut self.journal, &self.inc).await;
         self.next_seq = 1;
         tracing::warn!(epoch = self.inc.epoch, "new incarnation");
         Ok(())
@@ -640,6 +647,23 @@ impl Agent {
             });
         }
         self.known.retain(|_, k| k.lease > 0 || k.rate > 0);
+    }
+}
+
+/// Records in the journal the ledger generation an incarnation settles into, so that its
+/// acknowledged batches are kept until the book holds them. A store without one (embedded),
+/// or an error (the batches are then not kept; logged), changes nothing else.
+async fn record_generation(store: &dyn Store, journal: &mut Journal, inc: &Incarnation) {
+    match store.ledger_generation().await {
+        Ok(Some(g)) => {
+            if let Err(e) = journal.set_generation(inc, &g) {
+                tracing::warn!(error = %e, "journal: recording the ledger generation failed; this incarnation's batches are not kept for the book");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the ledger generation failed; this incarnation's batches are not kept for the book")
+        }
     }
 }
 

@@ -332,8 +332,8 @@ async fn acknowledged_batches_stay_in_the_journal_until_the_book_holds_them() {
     let requests: u64 = c
         .kept
         .iter()
-        .filter(|b| b.epoch == first.epoch)
-        .flat_map(|b| &b.entries)
+        .filter(|k| k.batch.epoch == first.epoch)
+        .flat_map(|k| &k.batch.entries)
         .map(|e| e.usage.requests)
         .sum();
     assert_eq!(requests, 50, "{c:?}");
@@ -350,7 +350,7 @@ async fn acknowledged_batches_stay_in_the_journal_until_the_book_holds_them() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Read the file (the running node holds the lock, so parse it directly).
         let c = tollgate_metering::parse_journal(&std::fs::read(&journal).unwrap());
-        if !c.kept.iter().any(|b| b.epoch == first.epoch) {
+        if !c.kept.iter().any(|k| k.batch.epoch == first.epoch) {
             break true;
         }
         if Instant::now() > deadline {
@@ -359,4 +359,52 @@ async fn acknowledged_batches_stay_in_the_journal_until_the_book_holds_them() {
     };
     n.shutdown().await;
     assert!(dropped, "the booked batches were still kept");
+}
+
+/// Redis loses its data while a node runs (a restart without its AOF, emulated by FLUSHALL):
+/// the node's kept batches were applied by the lost Redis and the book never copied them, so
+/// they must stay in its journal for `book rebuild`, whatever the new Redis says (no book
+/// declared yet, a new generation, marks of a new stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_batches_survive_a_redis_data_loss_under_a_running_node() {
+    use tollgate_metering::Journal;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    admin.credit("lossy", "voucher:l", CENT).await.unwrap();
+    admin.enable_book().await.unwrap();
+    let journal = dir.path().join("l1.journal");
+    let n = node(&redis.url(), "l1", &dir).await;
+    for _ in 0..40 {
+        assert_eq!(n.spend("lossy").await, Spend::Ok);
+    }
+    // Settled (applied and acknowledged) before the loss.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = redis.conn();
+    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+    // The node goes on in the empty Redis: a new incarnation, a new generation; the book
+    // declared again and its mark moved past everything the new stream holds.
+    admin.credit("lossy", "voucher:l2", CENT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    admin.enable_book().await.unwrap();
+    for _ in 0..10 {
+        let _ = n.spend("lossy").await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Some(last) = admin.ledger_page("0-0", 10_000).await.unwrap().last() {
+        admin.mark_booked(&last.0).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    n.shutdown().await;
+    let c = Journal::read_stopped(&journal).unwrap();
+    let before_loss: u64 = c
+        .kept
+        .iter()
+        .filter(|k| k.batch.epoch == 1)
+        .flat_map(|k| &k.batch.entries)
+        .map(|e| e.usage.requests)
+        .sum();
+    assert_eq!(before_loss, 40, "{c:?}");
 }

@@ -14,7 +14,7 @@ CREATE TABLE IF NOT EXISTS book_channels (
 
 -- The small side state, stored whole each round: credits decided with a channel update and not
 -- yet in the ledger (pending, poisoned), channels with a forced close to watch, the close
--- watcher's cursor. `taken_us` is the Redis clock of the snapshot: a later one replaces it.
+-- watcher's cursor. Replaced by every round; `taken_us` is the Redis clock of the snapshot.
 CREATE TABLE IF NOT EXISTS book_channel_state (
     prefix    TEXT        PRIMARY KEY,
     taken_us  BIGINT      NOT NULL,

@@ -110,10 +110,6 @@ pub struct Book {
     client: tokio_postgres::Client,
     connection: tokio::task::JoinHandle<()>,
     prefix: String,
-    /// The side state last written (it rarely changes: not stored again when equal).
-    side_stored: Option<SideState>,
-    /// Channels without a version were adopted (once per connection).
-    adopted: bool,
 }
 
 impl Drop for Book {
@@ -264,8 +260,6 @@ impl Book {
             client,
             connection,
             prefix: prefix.to_owned(),
-            side_stored: None,
-            adopted: false,
         })
     }
 
@@ -303,36 +297,44 @@ impl Book {
                 "0-0".to_owned()
             }
         };
-        // The cut (channels::snapshot): the ledger is copied up to its last entry then, and no
-        // further, in the transaction that stores the channel records read after it.
+        // The cut (channels::snapshot): the changed channel records are stored first (each
+        // chunk in its own transaction: a record ahead of the lines is always safe), then the
+        // ledger is copied up to its last entry at the snapshot, and no further, with the side
+        // state: every credit line in the book then has its voucher in a stored record.
         let mut conn = store.connection();
-        if !self.adopted {
-            let n = channels::adopt(&mut conn, store.prefix()).await?;
-            if n > 0 {
-                tracing::info!(
-                    channels = n,
-                    "book of record: copying channel records written before it copied channels"
-                );
-            }
-            self.adopted = true;
+        let adopted = channels::adopt_if_needed(&mut conn, store.prefix()).await?;
+        if adopted > 0 {
+            tracing::info!(
+                channels = adopted,
+                "book of record: copying channel records that had no version (written by an older node)"
+            );
         }
         let snap = channels::snapshot(&mut conn, store.prefix()).await?;
+        let (mut stored, mut channel_conflicts) = (0u64, 0u64);
+        for ids in snap.changed.chunks(500) {
+            let rows = channels::records(&mut conn, store.prefix(), ids).await?;
+            let tx = self.client.transaction().await?;
+            let (n, c) = store_records(&tx, &self.prefix, &rows).await?;
+            tx.commit().await?;
+            channels::clean(&mut conn, store.prefix(), &rows).await?;
+            stored += n;
+            channel_conflicts += c;
+        }
         let bound = match &snap.last {
             Some(l) => Some(stream_id(l)?),
             None => None,
         };
         let mut page = store.ledger_page(&after, count).await?;
         let count_read = page.len();
-        // Entries written after the snapshot wait for the next round; so do all when changed
-        // records were left for the next round.
+        // Entries written after the snapshot wait for the next round.
         let beyond = match bound {
-            Some(bound) if snap.complete => {
+            Some(bound) => {
                 let before = page.len();
                 page.retain(|(id, _)| stream_id(id).is_ok_and(|i| i <= bound));
                 page.len() < before
             }
-            _ => {
-                let any = !page.is_empty() || !snap.complete;
+            None => {
+                let any = !page.is_empty();
                 page.clear();
                 any
             }
@@ -349,14 +351,14 @@ impl Book {
             .map_or(page.len(), |i| i + 1);
         page.truncate(keep);
         let tx = self.client.transaction().await?;
-        let stored = store_channels(&tx, &self.prefix, &mut self.side_stored, &snap).await?;
+        store_side(&tx, &self.prefix, &snap).await?;
         let Some((last, _)) = page.last() else {
             tx.commit().await?;
-            channels::clean(&mut conn, store.prefix(), &stored).await?;
             return Ok(Copied {
                 cursor: after,
                 caught_up: !beyond,
-                channels: stored.len() as u64,
+                channels: stored,
+                conflicts: channel_conflicts,
                 ..Copied::default()
             });
         };
@@ -378,7 +380,8 @@ impl Book {
             caught_up: !beyond && page.len() == count_read && count_read < count,
             entries: page.len(),
             cursor: last.clone(),
-            channels: stored.len() as u64,
+            channels: stored,
+            conflicts: channel_conflicts,
             ..Copied::default()
         };
         for (id, lines) in &page {
@@ -442,7 +445,6 @@ impl Book {
         // After the commit: a crash before these lines only delays trimming (and stores the
         // same records again).
         store.mark_booked(&last).await?;
-        channels::clean(&mut conn, store.prefix(), &stored).await?;
         Ok(copied)
     }
 
@@ -476,6 +478,15 @@ impl Book {
             None => SideState::default(),
         };
         Ok((rows, side))
+    }
+
+    /// `book rebuild`: refuses (before anything is written) a Redis that holds payment channel
+    /// state already.
+    pub async fn check_channels_empty(&self, store: &RedisStore) -> Result<(), BookError> {
+        let mut conn = store.connection();
+        channels::check_empty(&mut conn, store.prefix())
+            .await
+            .map_err(BookError::Unusable)
     }
 
     /// `book rebuild`: writes the book's channel records and side state into the empty Redis
@@ -730,17 +741,31 @@ impl Book {
     /// no channel's voucher credits in the book exceed its accepted cumulative.
     async fn reconcile_channels(&self, store: &RedisStore) -> Result<Vec<Difference>, BookError> {
         let mut out = Vec::new();
-        let (rows, _) = self.channels().await?;
         let mut conn = store.connection();
         let p = store.prefix();
-        let ver: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        // Redis first, then the book: a commit in between shows as a newer version in the
+        // book, never as a Redis record the book lacks.
+        let (ver, dirty, ids): (
+            std::collections::HashMap<String, i64>,
+            std::collections::HashMap<String, i64>,
+            Vec<String>,
+        ) = redis::pipe()
+            .atomic()
+            .cmd("HGETALL")
             .arg(channels::key(p, "ver"))
-            .query_async(&mut conn)
-            .await?;
-        let dirty: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .cmd("HGETALL")
             .arg(channels::key(p, "dirty"))
+            .cmd("SMEMBERS")
+            .arg(channels::key(p, "channels"))
             .query_async(&mut conn)
             .await?;
+        let (rows, _) = self.channels().await?;
+        for id in ids.iter().filter(|id| !ver.contains_key(*id)) {
+            out.push(Difference::Channel {
+                id: id.clone(),
+                what: "has no version in Redis (written by a node older than the book's copy of channels): the book may not hold it".to_owned(),
+            });
+        }
         let mut in_book = std::collections::HashSet::new();
         for r in &rows {
             in_book.insert(r.id.as_str());
@@ -753,10 +778,11 @@ impl Book {
                     "in the book (version {}) but not in Redis (Redis lost it)",
                     r.version
                 ))),
-                Some(v) if *v < r.version => out.push(diff(format!(
+                Some(v) if *v < r.version && !dirty.contains_key(&r.id) => out.push(diff(format!(
                     "Redis holds version {v}, older than the book's {} (Redis lost writes)",
                     r.version
                 ))),
+                Some(v) if *v < r.version => {}
                 Some(v) if *v == r.version => {
                     let held: Option<String> = redis::cmd("GET")
                         .arg(channels::key(p, &format!("ch:{}", r.id)))
@@ -828,43 +854,67 @@ impl Book {
     }
 }
 
-/// Stores the snapshot's channel records (each only over a lower version) and its side
-/// state (only over an older snapshot), in the round's transaction. Returns the records.
-async fn store_channels(
+/// Stores channel records, each only over a lower version. Returns (stored, conflicts): a
+/// record the book holds at the same version with other content, or at a higher version (a
+/// Redis that lost writes), is a conflict (logged; `reconcile` names it); one held the same is
+/// a duplicate.
+async fn store_records(
     tx: &tokio_postgres::Transaction<'_>,
     prefix: &str,
-    side_stored: &mut Option<SideState>,
-    snap: &channels::Snapshot,
-) -> Result<Vec<ChannelRow>, BookError> {
-    if !snap.records.is_empty() {
-        let upsert = tx
-            .prepare(
-                "INSERT INTO book_channels (prefix, id, version, record) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (prefix, id) DO UPDATE
-                 SET version = EXCLUDED.version, record = EXCLUDED.record, booked_at = now()
-                 WHERE book_channels.version < EXCLUDED.version",
-            )
-            .await?;
-        for r in &snap.records {
-            tx.execute(&upsert, &[&prefix, &r.id, &r.version, &r.record])
-                .await?;
-        }
+    rows: &[ChannelRow],
+) -> Result<(u64, u64), BookError> {
+    if rows.is_empty() {
+        return Ok((0, 0));
     }
-    if side_stored.as_ref() != Some(&snap.side) {
-        let state =
-            serde_json::to_string(&snap.side).map_err(|e| BookError::Unusable(e.to_string()))?;
-        tx.execute(
-            "INSERT INTO book_channel_state (prefix, taken_us, state) VALUES ($1, $2, $3)
-             ON CONFLICT (prefix) DO UPDATE
-             SET taken_us = EXCLUDED.taken_us, state = EXCLUDED.state, booked_at = now()
-             WHERE book_channel_state.taken_us <= EXCLUDED.taken_us",
-            &[&prefix, &snap.taken_us, &state],
+    let upsert = tx
+        .prepare(
+            "INSERT INTO book_channels (prefix, id, version, record) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (prefix, id) DO UPDATE
+             SET version = EXCLUDED.version, record = EXCLUDED.record, booked_at = now()
+             WHERE book_channels.version < EXCLUDED.version",
         )
         .await?;
-        // Remembered only once committed would be exact; a failed round drops this Book.
-        *side_stored = Some(snap.side.clone());
+    let held = tx
+        .prepare("SELECT version, record FROM book_channels WHERE prefix = $1 AND id = $2")
+        .await?;
+    let (mut stored, mut conflicts) = (0, 0);
+    for r in rows {
+        if tx
+            .execute(&upsert, &[&prefix, &r.id, &r.version, &r.record])
+            .await?
+            == 1
+        {
+            stored += 1;
+            continue;
+        }
+        let row = tx.query_one(&held, &[&prefix, &r.id]).await?;
+        let (version, record): (i64, String) = (row.get(0), row.get(1));
+        if version == r.version && record == r.record {
+            continue;
+        }
+        conflicts += 1;
+        tracing::error!(channel = %r.id, redis_version = r.version, book_version = version, "book of record: a channel record in Redis is older than, or differs from, the book's at its version (did Redis lose writes?); the book's stays");
     }
-    Ok(snap.records.clone())
+    Ok((stored, conflicts))
+}
+
+/// Stores the snapshot's side state (pending, poisoned, dropped credits, forced set, cursor),
+/// replacing the last one, in the round's transaction.
+async fn store_side(
+    tx: &tokio_postgres::Transaction<'_>,
+    prefix: &str,
+    snap: &channels::Snapshot,
+) -> Result<(), BookError> {
+    let state =
+        serde_json::to_string(&snap.side).map_err(|e| BookError::Unusable(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO book_channel_state (prefix, taken_us, state) VALUES ($1, $2, $3)
+         ON CONFLICT (prefix) DO UPDATE
+         SET taken_us = EXCLUDED.taken_us, state = EXCLUDED.state, booked_at = now()",
+        &[&prefix, &snap.taken_us, &state],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The writer: copies rounds of 500 entries until caught up, then waits `interval`; reconnects

@@ -82,7 +82,7 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
             .parse()
             .unwrap(),
     );
-    let (c1, c2) = ("0xc1", "0xc2");
+    let (c1, c2, c3) = ("0xc1", "0xc2", "0xc3");
 
     // Channel 1: $1 then $3 accepted and credited; channel 2: $2 accepted and credited.
     voucher(&shared, c1, DOLLAR_BASE).await;
@@ -90,15 +90,40 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     voucher(&shared, c1, 3 * DOLLAR_BASE).await;
     voucher(&shared, c2, 2 * DOLLAR_BASE).await;
     assert_eq!(drain(&backend, &store).await, 2);
+    // Channel 3: $5 accepted, its credit refused and set aside, then dropped by an operator
+    // (settled by other means): never to be credited again, not even by a rebuild.
+    voucher(&shared, c3, 5 * DOLLAR_BASE).await;
+    let pending = backend.pending_credits().await.unwrap();
+    let c3_credit = pending
+        .iter()
+        .find(|c| c.key.starts_with("mpp:0xc3:"))
+        .unwrap()
+        .clone();
+    backend
+        .poison(&tollgate_payments::PoisonedCredit {
+            credit: c3_credit.clone(),
+            reason: "test".into(),
+            at_ms: 0,
+        })
+        .await
+        .unwrap();
+    assert!(
+        backend
+            .unpoison(&c3_credit.key, false)
+            .await
+            .unwrap()
+            .is_some()
+    );
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
     copy_all(&mut book, &store).await;
-    let (rows, _) = book.channels().await.unwrap();
+    let (rows, side) = book.channels().await.unwrap();
     assert_eq!(
         rows.iter()
             .map(|r| (r.id.as_str(), r.version))
             .collect::<Vec<_>>(),
-        [(c1, 2), (c2, 1)]
+        [(c1, 2), (c2, 1), (c3, 1)]
     );
+    assert!(side.dropped.contains_key(&c3_credit.key), "{side:?}");
     // Channel 1: $4 accepted, its credit still pending when the book copies.
     voucher(&shared, c1, 4 * DOLLAR_BASE).await;
     copy_all(&mut book, &store).await;
@@ -145,7 +170,7 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
             restored.pending_credits,
             restored.gap_credits
         ),
-        (2, 1, 1),
+        (3, 1, 1),
         "{restored:?}"
     );
     assert!(
@@ -201,4 +226,29 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     );
     // A second rebuild is refused: Redis holds channels now.
     assert!(book.restore_channels(&store, &set).await.is_err());
+
+    // A second loss, after the book copied everything (the forged line removed): the gap
+    // credit of the first rebuild counts as channel 2's credit, so nothing is put back twice.
+    pg_client
+        .execute(
+            "DELETE FROM book_entries WHERE key = $1",
+            &[&format!("credit:mpp:{c2}:{}", 9 * DOLLAR_BASE)],
+        )
+        .await
+        .unwrap();
+    assert!(book.reconcile(&store).await.unwrap().is_empty());
+    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+    let set = book.restore_set().await.unwrap();
+    store.restore(&set, &[]).await.unwrap();
+    let again = book.restore_channels(&store, &set).await.unwrap();
+    store.finish_restore().await.unwrap();
+    assert_eq!(
+        (again.pending_credits, again.gap_credits),
+        (0, 0),
+        "{again:?}"
+    );
+    assert!(again.warnings.is_empty(), "{:?}", again.warnings);
+    assert_eq!(drain(&backend, &store).await, 0);
+    let acct = store.account(&account).await.unwrap().unwrap();
+    assert_eq!(acct.credited, 8 * DOLLAR, "nothing credited twice");
 }

@@ -3,12 +3,17 @@
 //! again with the same bytes (same `(node, epoch, seq)`), which the store applies at most once.
 //!
 //! An acknowledged batch stays in the journal (*kept*) until the book of record holds it
-//! (docs/book.md): should the store lose its data before the book copied the batch, `book
-//! rebuild` applies it from here. Without a book, kept batches are dropped at the next round.
+//! (docs/book.md): should Redis lose its data before the book copied the batch, `book
+//! rebuild` applies it from here. A batch is kept only under an incarnation whose ledger
+//! generation is known (a `generation` line, written after the incarnation began): the token
+//! of the Redis lifetime that applied it, so that marks of another lifetime (a Redis that lost
+//! its data) never release it. Without a book, kept batches go once Redis shows it still
+//! holds them (their incarnation's high-water mark, same generation).
 //!
 //! Format: JSON lines, `{"batch":{…}}`, `{"ack":{"node_id":…,"epoch":…,"seq":…}}`,
-//! `{"kept":{…}}` (a kept batch, written by compaction), `{"abandon":{…}}` (a batch given up
-//! unapplied: its usage went back to be cut again). A torn last line (crash mid-write) is
+//! `{"incarnation":{…}}`, `{"generation":{"node_id":…,"epoch":…,"generation":…}}`,
+//! `{"kept":{"batch":{…},"generation":…}}` (written by compaction), `{"abandon":{…}}` (a batch given
+//! up unapplied: its usage went back to be cut again). A torn last line (crash mid-write) is
 //! ignored: its batch was never sent.
 
 use std::collections::BTreeMap;
@@ -18,11 +23,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Incarnation, LedgerPos, SettleBatch};
+use crate::types::{BookMarks, Incarnation, LedgerPos, SettleBatch};
 
-/// Kept batches a journal holds at most (the oldest go first, and a rebuild names them if the
-/// book never got them): about 200 s of a busy node's rounds while the book cannot copy.
+/// Kept batches a journal holds at most (the oldest go first, logged; a rebuild names what the
+/// book never got): at one batch per 50 ms round, about 200 s of a node's rounds while the
+/// book cannot copy (fewer with batches split at `max_batch`).
 pub const MAX_KEPT: usize = 4096;
+
+/// Incarnations a release asks Redis about at most (the others' batches wait).
+pub const MAX_RELEASE_INCARNATIONS: usize = 16;
 
 #[derive(Serialize, Deserialize)]
 struct Ack {
@@ -32,14 +41,30 @@ struct Ack {
 }
 
 #[derive(Serialize, Deserialize)]
+struct Generation {
+    node_id: String,
+    epoch: u64,
+    generation: String,
+}
+
+/// A kept batch and the ledger generation that applied it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptBatch {
+    pub batch: SettleBatch,
+    pub generation: String,
+}
+
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Line {
     Batch(SettleBatch),
     Ack(Ack),
     /// The incarnation that writes this journal (so the next one can release its leases).
     Incarnation(Incarnation),
+    /// The ledger generation an incarnation settles into.
+    Generation(Generation),
     /// An acknowledged batch the book of record may not hold yet.
-    Kept(SettleBatch),
+    Kept(KeptBatch),
     /// A batch that was never applied and is given up.
     Abandon(Ack),
 }
@@ -53,30 +78,34 @@ pub struct JournalContent {
     pub pending: Vec<SettleBatch>,
     /// Acknowledged batches kept until the book of record holds them, oldest first (at most
     /// [`MAX_KEPT`]).
-    pub kept: Vec<SettleBatch>,
+    pub kept: Vec<KeptBatch>,
     /// The highest acknowledged seq per incarnation `(node, epoch)` (kept across compaction
     /// for the current and the previous incarnation): what the store had applied, so that
     /// `book rebuild` can say what a book that lagged is missing.
     pub acked: BTreeMap<(String, u64), u64>,
+    /// The ledger generation each incarnation settled into (where known).
+    pub generations: BTreeMap<(String, u64), String>,
 }
 
 fn same(b: &SettleBatch, a: &Ack) -> bool {
     b.node_id == a.node_id && b.epoch == a.epoch && b.seq == a.seq
 }
 
-/// Appends `b` to `kept`, dropping the oldest past [`MAX_KEPT`].
-fn keep<T>(kept: &mut Vec<T>, b: T) {
+/// Appends `b` to `kept`, dropping the oldest past `max`; returns how many it dropped.
+fn keep<T>(kept: &mut Vec<T>, b: T, max: usize) -> usize {
     kept.push(b);
-    let extra = kept.len().saturating_sub(MAX_KEPT);
+    let extra = kept.len().saturating_sub(max);
     if extra > 0 {
         kept.drain(..extra);
     }
+    extra
 }
 
 /// Reads a journal's whole lines. A line that does not parse is skipped: only a torn final
 /// line can (a crash mid-write; its batch was never sent), and `Journal::open` cuts it.
 pub fn parse_journal(bytes: &[u8]) -> JournalContent {
     let mut c = JournalContent::default();
+    let mut gens: BTreeMap<(String, u64), String> = BTreeMap::new();
     for line in bytes.split(|&b| b == b'\n') {
         if line.is_empty() {
             continue;
@@ -85,19 +114,45 @@ pub fn parse_journal(bytes: &[u8]) -> JournalContent {
             Ok(Line::Batch(b)) => c.pending.push(b),
             Ok(Line::Ack(a)) => {
                 if let Some(i) = c.pending.iter().position(|b| same(b, &a)) {
-                    keep(&mut c.kept, c.pending.remove(i));
+                    let b = c.pending.remove(i);
+                    // Kept only where the generation is known (never for a journal written
+                    // before generations, whose acks also stood for batches given up).
+                    if let Some(generation) = gens.get(&(a.node_id.clone(), a.epoch)) {
+                        let generation = generation.clone();
+                        keep(
+                            &mut c.kept,
+                            KeptBatch {
+                                batch: b,
+                                generation,
+                            },
+                            MAX_KEPT,
+                        );
+                    }
                 }
                 c.pending.retain(|b| !same(b, &a));
                 let top = c.acked.entry((a.node_id, a.epoch)).or_default();
                 *top = (*top).max(a.seq);
             }
-            Ok(Line::Kept(b)) => keep(&mut c.kept, b),
+            Ok(Line::Kept(k)) => {
+                keep(&mut c.kept, k, MAX_KEPT);
+            }
+            Ok(Line::Generation(g)) => {
+                gens.insert((g.node_id, g.epoch), g.generation);
+            }
             Ok(Line::Abandon(a)) => c.pending.retain(|b| !same(b, &a)),
             Ok(Line::Incarnation(i)) => c.incarnation = Some(i),
             Err(e) => tracing::warn!(error = %e, "ignoring a journal line that does not parse"),
         }
     }
+    c.generations = gens;
     c
+}
+
+/// One kept batch in memory: the ledger position read after it was acknowledged (once read,
+/// in its own generation).
+struct Kept {
+    k: KeptBatch,
+    tag: Option<LedgerPos>,
 }
 
 pub struct Journal {
@@ -108,14 +163,16 @@ pub struct Journal {
     /// Appended but not yet acknowledged, in order.
     pending: Vec<SettleBatch>,
     incarnation: Option<Incarnation>,
-    /// Acknowledged batches the book of record may not hold yet, oldest first, each with the
-    /// ledger's last entry read after its acknowledgement (once read): the batch's own entry
-    /// is at or before it, so a book mark at or past it means the book holds the batch.
-    kept: Vec<(SettleBatch, Option<LedgerPos>)>,
+    /// Acknowledged batches the book of record may not hold yet, oldest first.
+    kept: Vec<Kept>,
+    /// About how many bytes the kept batches take on disk.
+    kept_bytes: u64,
+    /// The ledger generation of each incarnation (its batches are kept only when known).
+    generations: BTreeMap<(String, u64), String>,
     /// The highest acknowledged seq per incarnation (see [`JournalContent::acked`]).
     acked: BTreeMap<(String, u64), u64>,
-    /// Bytes appended since the last compaction (rewriting the kept batches at every ack
-    /// would cost O(kept) each time: compaction waits for a drop, or for this to grow).
+    /// Bytes appended since the last compaction: a rewrite carries the kept batches, so it
+    /// waits until the appends outweigh them (its cost stays proportional to what was written).
     appended: u64,
     max_kept: usize,
     /// Tests: stop a compaction after its n-th durable step (1: the side file written, 2: the
@@ -193,7 +250,13 @@ impl Journal {
             file,
             pending: content.pending,
             incarnation: content.incarnation,
-            kept: content.kept.into_iter().map(|b| (b, None)).collect(),
+            kept_bytes: content.kept.iter().map(|k| approx_bytes(&k.batch)).sum(),
+            kept: content
+                .kept
+                .into_iter()
+                .map(|k| Kept { k, tag: None })
+                .collect(),
+            generations: content.generations,
             acked: content.acked,
             appended: 0,
             max_kept: MAX_KEPT,
@@ -257,8 +320,25 @@ impl Journal {
         Ok(())
     }
 
-    /// Records that the store applied this batch (now or before). It is kept until the book
-    /// of record holds it ([`Journal::release_booked`]); compacts when nothing is left.
+    /// Records the ledger generation this incarnation settles into: from now on its
+    /// acknowledged batches are kept until the book holds them.
+    pub fn set_generation(
+        &mut self,
+        inc: &Incarnation,
+        generation: &str,
+    ) -> Result<(), JournalError> {
+        self.write_line(&Line::Generation(Generation {
+            node_id: inc.node_id.clone(),
+            epoch: inc.epoch,
+            generation: generation.to_owned(),
+        }))?;
+        self.generations
+            .insert((inc.node_id.clone(), inc.epoch), generation.to_owned());
+        Ok(())
+    }
+
+    /// Records that the store applied this batch (now or before). Under a known generation
+    /// it is kept until the book of record holds it ([`Journal::release_booked`]).
     pub fn ack(&mut self, b: &SettleBatch) -> Result<(), JournalError> {
         let a = Ack {
             node_id: b.node_id.clone(),
@@ -271,11 +351,24 @@ impl Journal {
             .iter()
             .position(|p| p.node_id == b.node_id && p.epoch == b.epoch && p.seq == b.seq)
         {
-            let b = self.pending.remove(i);
-            self.kept.push((b, None));
-            let extra = self.kept.len().saturating_sub(self.max_kept);
-            if extra > 0 {
-                self.kept.drain(..extra);
+            let batch = self.pending.remove(i);
+            if let Some(generation) = self.generations.get(&(b.node_id.clone(), b.epoch)) {
+                self.kept_bytes += approx_bytes(&batch);
+                let k = Kept {
+                    k: KeptBatch {
+                        batch,
+                        generation: generation.clone(),
+                    },
+                    tag: None,
+                };
+                let evicted = keep(&mut self.kept, k, self.max_kept);
+                if evicted > 0 {
+                    tracing::warn!(
+                        max = self.max_kept,
+                        "journal: the oldest kept batch goes before the book holds it (the book has not copied for long); a rebuild would name its usage"
+                    );
+                    self.kept_bytes = self.kept.iter().map(|k| approx_bytes(&k.k.batch)).sum();
+                }
             }
         }
         let top = self.acked.entry((b.node_id.clone(), b.epoch)).or_default();
@@ -298,44 +391,83 @@ impl Journal {
 
     /// Acknowledged batches kept for the book of record.
     pub fn kept(&self) -> impl Iterator<Item = &SettleBatch> {
-        self.kept.iter().map(|(b, _)| b)
+        self.kept.iter().map(|k| &k.k.batch)
     }
 
-    /// Drops the kept batches the book of record holds: those whose ledger position (the
-    /// ledger's `last` entry, recorded for batches seen here for the first time) is at or
-    /// before `booked`. `None` marks: no book, every kept batch goes. Compacts when it dropped
-    /// any and nothing is pending. Returns how many it dropped.
-    pub fn release_booked(
-        &mut self,
-        marks: Option<crate::types::BookMarks>,
-    ) -> Result<usize, JournalError> {
-        let before = self.kept.len();
-        match marks {
-            None => self.kept.clear(),
-            Some(m) => {
-                for (_, pos) in self.kept.iter_mut().filter(|(_, p)| p.is_none()) {
-                    // An empty ledger: the batch's entry was trimmed or lost; any later entry
-                    // is past it, so wait for one.
-                    *pos = m.last;
+    /// The incarnations of the kept batches (at most [`MAX_RELEASE_INCARNATIONS`]): what
+    /// [`Journal::release_booked`] needs the store's high-water marks of.
+    pub fn kept_incarnations(&self) -> Vec<Incarnation> {
+        let mut out: Vec<Incarnation> = Vec::new();
+        for k in &self.kept {
+            let b = &k.k.batch;
+            if !out
+                .iter()
+                .any(|i| i.node_id == b.node_id && i.epoch == b.epoch)
+            {
+                if out.len() == MAX_RELEASE_INCARNATIONS {
+                    break;
                 }
-                self.kept.retain(|(_, pos)| match (pos, m.booked) {
-                    (Some(pos), Some(booked)) => *pos > booked,
-                    _ => true,
+                out.push(Incarnation {
+                    node_id: b.node_id.clone(),
+                    epoch: b.epoch,
                 });
             }
         }
+        out
+    }
+
+    /// Drops the kept batches the store shows are safe to forget. `marks` was read for
+    /// `incs` (their high-water marks, in order). A batch goes only when the store still holds
+    /// it: same generation, and its incarnation's mark at or past its seq (a Redis that lost
+    /// its data, or a replica that lost the write, keeps it here). Then, without a book, it
+    /// goes; with one, it is tagged with the ledger's last entry on first sight and goes once
+    /// the book's mark reaches that tag. Returns how many went.
+    pub fn release_booked(
+        &mut self,
+        marks: &BookMarks,
+        incs: &[Incarnation],
+    ) -> Result<usize, JournalError> {
+        let before = self.kept.len();
+        let hwm = |b: &SettleBatch| {
+            incs.iter()
+                .position(|i| i.node_id == b.node_id && i.epoch == b.epoch)
+                .and_then(|i| marks.hwms.get(i).copied())
+        };
+        self.kept.retain_mut(|k| {
+            let held = marks.generation.as_deref() == Some(k.k.generation.as_str())
+                && hwm(&k.k.batch).is_some_and(|h| h >= k.k.batch.seq);
+            if !held {
+                k.tag = None;
+                return true;
+            }
+            if !marks.declared {
+                return false;
+            }
+            if k.tag.is_none() {
+                // The batch's own entry is at or before the ledger's last one (it was
+                // applied before this read); an empty ledger: wait for an entry.
+                k.tag = marks.last;
+            }
+            match (k.tag, marks.booked) {
+                (Some(tag), Some(booked)) => tag > booked,
+                _ => true,
+            }
+        });
         let dropped = before - self.kept.len();
-        if dropped > 0 && self.pending.is_empty() {
-            self.compact()?;
+        if dropped > 0 {
+            self.kept_bytes = self.kept.iter().map(|k| approx_bytes(&k.k.batch)).sum();
+            self.compact_if_idle()?;
         }
         Ok(dropped)
     }
 
     /// Rewrites the file when no batch is pending (only then is the live part small: the
-    /// incarnation, the last acks, the kept batches) and it is worth it: nothing kept, or
-    /// 4 MiB appended since the last rewrite.
+    /// incarnation, the last acks and generations, the kept batches) and it pays: nothing is
+    /// kept, or the appends since the last rewrite outweigh the kept batches (and 4 MiB).
     fn compact_if_idle(&mut self) -> Result<(), JournalError> {
-        if self.pending.is_empty() && (self.kept.is_empty() || self.appended >= 4 << 20) {
+        if self.pending.is_empty()
+            && (self.kept.is_empty() || self.appended >= self.kept_bytes.max(4 << 20))
+        {
             self.compact()?;
         }
         Ok(())
@@ -385,8 +517,24 @@ impl Journal {
             bytes.extend(serde_json::to_vec(&line).map_err(enc)?);
             bytes.push(b'\n');
         }
-        for (b, _) in &self.kept {
-            bytes.extend(serde_json::to_vec(&Line::Kept(b.clone())).map_err(enc)?);
+        // The generations still needed: the current incarnation's (its batches to come).
+        if let Some(inc) = &self.incarnation {
+            let key = (inc.node_id.clone(), inc.epoch);
+            self.generations.retain(|k, _| *k == key);
+        } else {
+            self.generations.clear();
+        }
+        for ((node_id, epoch), generation) in &self.generations {
+            let line = Line::Generation(Generation {
+                node_id: node_id.clone(),
+                epoch: *epoch,
+                generation: generation.clone(),
+            });
+            bytes.extend(serde_json::to_vec(&line).map_err(enc)?);
+            bytes.push(b'\n');
+        }
+        for k in &self.kept {
+            bytes.extend(serde_json::to_vec(&Line::Kept(k.k.clone())).map_err(enc)?);
             bytes.push(b'\n');
         }
         let mut tmp = OpenOptions::new()
@@ -425,6 +573,11 @@ impl Journal {
         }
         Ok(())
     }
+}
+
+/// About the bytes a batch takes in the journal (for the compaction rule; no serialization).
+fn approx_bytes(b: &SettleBatch) -> u64 {
+    96 + 160 * b.entries.len() as u64
 }
 
 #[cfg(test)]
@@ -486,8 +639,6 @@ mod tests {
         );
         j.ack(&b(1)).unwrap();
         j.ack(&b(2)).unwrap();
-        // No book: the kept batches go.
-        assert_eq!(j.release_booked(None).unwrap(), 2);
         // No incarnation here: one line, the highest acknowledged batch.
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
@@ -532,10 +683,9 @@ mod compaction_tests {
                 let mut j = Journal::open(&p).unwrap();
                 j.set_incarnation(&inc(7)).unwrap();
                 j.append(&batch(1)).unwrap();
-                j.ack(&batch(1)).unwrap();
                 j.crash_after_step = Some(step);
-                // Nothing pending or kept any more: this compacts, and "crashes" after `step`.
-                j.release_booked(None).unwrap();
+                // Nothing pending any more: this compacts, and "crashes" after `step`.
+                j.ack(&batch(1)).unwrap();
                 // A process that goes on (the rename done, the directory not yet synced)
                 // appends to the new file.
                 if step == 2 {
@@ -554,7 +704,6 @@ mod compaction_tests {
             j.set_incarnation(&inc(8)).unwrap();
             j.append(&batch(1)).unwrap();
             j.ack(&batch(1)).unwrap();
-            j.release_booked(None).unwrap();
             drop(j);
             let text = std::fs::read_to_string(&p).unwrap();
             let mut lines = text.lines();
@@ -580,7 +729,14 @@ mod compaction_tests {
 #[cfg(test)]
 mod kept_tests {
     use super::*;
-    use crate::types::{BookMarks, SettleEntry};
+    use crate::types::SettleEntry;
+
+    fn inc() -> Incarnation {
+        Incarnation {
+            node_id: "n".into(),
+            epoch: 3,
+        }
+    }
 
     fn b(seq: u64) -> SettleBatch {
         SettleBatch {
@@ -605,14 +761,28 @@ mod kept_tests {
         j.kept().map(|b| b.seq).collect()
     }
 
+    /// Marks as Redis would answer for `[inc()]`: the book declared up to `booked`, the
+    /// ledger's last entry at `last`, generation `generation`, the incarnation's mark `hwm`.
+    fn marks(booked: Option<LedgerPos>, last: u64, generation: &str, hwm: u64) -> BookMarks {
+        BookMarks {
+            declared: true,
+            booked,
+            last: pos(last),
+            generation: Some(generation.into()),
+            hwms: vec![hwm],
+        }
+    }
+
     /// An acknowledged batch stays (across reopening and compaction) until the book's mark
-    /// passes the ledger position read after its acknowledgement; an abandoned one is neither
-    /// replayed nor kept; without a book every kept batch goes.
+    /// passes the ledger position read after its acknowledgement, in its own generation; an
+    /// abandoned one is neither replayed nor kept.
     #[test]
     fn acknowledged_batches_are_kept_until_the_book_holds_them() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("n.journal");
         let mut j = Journal::open(&p).unwrap();
+        j.set_incarnation(&inc()).unwrap();
+        j.set_generation(&inc(), "g1").unwrap();
         for s in 1..=3 {
             j.append(&b(s)).unwrap();
         }
@@ -621,44 +791,95 @@ mod kept_tests {
         j.abandon(&b(3)).unwrap();
         assert!(j.pending().is_empty());
         assert_eq!(kept(&j), [1, 2]);
-        // The ledger's last entry is at 100 now: both batches are at or before it; the book
-        // holds up to 50, so neither is known to be booked.
-        let at = |booked, last| {
-            Some(BookMarks {
-                booked,
-                last: pos(last),
-            })
-        };
-        assert_eq!(j.release_booked(at(pos(50), 100)).unwrap(), 0);
+        let incs = j.kept_incarnations();
+        assert_eq!(incs, [inc()]);
+        // The ledger's last entry is at 100: both batches are at or before it; the book holds
+        // up to 50 only.
+        assert_eq!(
+            j.release_booked(&marks(pos(50), 100, "g1", 2), &incs)
+                .unwrap(),
+            0
+        );
         j.append(&b(4)).unwrap();
         j.ack(&b(4)).unwrap();
         drop(j);
         // Reopened: the positions are forgotten (read again, later: never earlier).
         let c = Journal::read_stopped(&p).unwrap();
-        assert_eq!(c.kept.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2, 4]);
-        assert_eq!(c.kept[0], b(1), "kept with its whole content");
+        assert_eq!(
+            c.kept.iter().map(|k| k.batch.seq).collect::<Vec<_>>(),
+            [1, 2, 4]
+        );
+        assert_eq!(
+            c.kept[0],
+            KeptBatch {
+                batch: b(1),
+                generation: "g1".into()
+            }
+        );
         assert!(c.pending.is_empty());
         let mut j = Journal::open(&p).unwrap();
         assert!(j.pending().is_empty(), "kept batches are not replayed");
         assert_eq!(kept(&j), [1, 2, 4]);
-        // First sight after the reopen: position 200 for all three; the book at 199 is short.
-        assert_eq!(j.release_booked(at(pos(100), 200)).unwrap(), 0);
-        assert_eq!(j.release_booked(at(pos(199), 300)).unwrap(), 0);
-        assert_eq!(j.release_booked(at(pos(200), 300)).unwrap(), 3);
-        assert_eq!(kept(&j), Vec::<u64>::new());
-        j.append(&b(5)).unwrap();
-        j.ack(&b(5)).unwrap();
-        // An empty ledger (trimmed, or a store that lost it): kept until an entry shows.
+        let incs = j.kept_incarnations();
+        // Another generation (Redis lost its data): never released, whatever its marks say.
         assert_eq!(
-            j.release_booked(at(None, 0).map(|m| BookMarks { last: None, ..m }))
+            j.release_booked(&marks(pos(9_999), 9_999, "g2", 9), &incs)
                 .unwrap(),
             0
         );
-        assert_eq!(j.release_booked(None).unwrap(), 1, "no book: dropped");
+        // Same generation, but Redis lost batch 4 (a replica that missed it): 4 stays.
+        assert_eq!(
+            j.release_booked(&marks(pos(100), 200, "g1", 2), &incs)
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            j.release_booked(&marks(pos(199), 300, "g1", 4), &incs)
+                .unwrap(),
+            0
+        );
+        // Batches 1 and 2 were first seen held at 200, batch 4 at 300.
+        assert_eq!(
+            j.release_booked(&marks(pos(200), 300, "g1", 4), &incs)
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            j.release_booked(&marks(pos(300), 300, "g1", 4), &incs)
+                .unwrap(),
+            1
+        );
+        assert_eq!(kept(&j), Vec::<u64>::new());
+        // No book declared: a batch Redis holds goes at once.
+        j.append(&b(5)).unwrap();
+        j.ack(&b(5)).unwrap();
+        let no_book = BookMarks {
+            declared: false,
+            ..marks(None, 0, "g1", 5)
+        };
+        assert_eq!(
+            j.release_booked(&no_book, &j.kept_incarnations()).unwrap(),
+            1
+        );
         drop(j);
         let c = Journal::read_stopped(&p).unwrap();
         assert!(c.kept.is_empty() && c.pending.is_empty(), "{c:?}");
         assert_eq!(c.acked[&("n".to_owned(), 3)], 5);
+    }
+
+    /// Without a generation (an embedded store, or a journal written before generations,
+    /// whose acks also stood for batches given up) nothing is kept.
+    #[test]
+    fn without_a_generation_nothing_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.journal");
+        let mut j = Journal::open(&p).unwrap();
+        j.set_incarnation(&inc()).unwrap();
+        j.append(&b(1)).unwrap();
+        j.ack(&b(1)).unwrap();
+        assert_eq!(kept(&j), Vec::<u64>::new());
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 2, "compacted at once: {text}");
     }
 
     #[test]
@@ -666,6 +887,8 @@ mod kept_tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("n.journal");
         let mut j = Journal::open(&p).unwrap();
+        j.set_incarnation(&inc()).unwrap();
+        j.set_generation(&inc(), "g").unwrap();
         j.max_kept = 4;
         for s in 1..=9 {
             j.append(&b(s)).unwrap();
@@ -674,7 +897,7 @@ mod kept_tests {
         assert_eq!(kept(&j), [6, 7, 8, 9]);
         let mut v: Vec<u32> = Vec::new();
         for s in 0..(MAX_KEPT as u32 + 3) {
-            keep(&mut v, s);
+            keep(&mut v, s, MAX_KEPT);
         }
         assert_eq!(v.len(), MAX_KEPT);
         assert_eq!(v[0], 3);

@@ -13,7 +13,7 @@ pub mod types;
 pub mod units;
 
 pub use embedded::EmbeddedStore;
-pub use journal::{Journal, JournalContent, JournalError, parse_journal};
+pub use journal::{Journal, JournalContent, JournalError, KeptBatch, parse_journal};
 pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};
 pub use redis_store::{
     DEFAULT_LEDGER_RETENTION, RedisStore, RestoreReport, RestoreSet, decode_feed,

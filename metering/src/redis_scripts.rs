@@ -247,14 +247,28 @@ end
 return n
 "#;
 
-/// Where the book of record stands: `false` when no book is declared (`ledger:book` absent),
-/// else `{booked mark or '', id of the ledger's last entry or ''}`. Only the id leaves Redis
-/// (a settle entry has a field pair per account).
+/// The ledger's generation: made once per Redis lifetime from its clock (a Redis that lost its
+/// data makes a new one), so that positions and marks of two lifetimes are never compared.
+pub(crate) const GENERATION: &str = r#"
+local g = redis.call('GET', KEYS[1])
+if not g then
+  local t = redis.call('TIME')
+  g = t[1] .. '.' .. t[2]
+  redis.call('SET', KEYS[1], g)
+end
+return g
+"#;
+
+/// At one instant: whether a book is declared, its mark, the id of the ledger's last entry
+/// (only the id leaves Redis: a settle entry has a field pair per account), the generation
+/// (never made here), and the high-water mark of each incarnation in KEYS[5..].
 pub(crate) const BOOK_MARKS: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local declared = redis.call('EXISTS', KEYS[1])
 local booked = redis.call('GET', KEYS[2]) or ''
 local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 local id = ''
 if last[1] then id = last[1][1] end
-return {booked, id}
+local out = {tostring(declared), booked, id, redis.call('GET', KEYS[4]) or ''}
+for i = 5, #KEYS do out[#out + 1] = redis.call('HGET', KEYS[i], 'hwm') or '0' end
+return out
 "#;

@@ -20,7 +20,8 @@ use redis::aio::ConnectionManager;
 use tokio::sync::broadcast;
 
 use crate::redis_scripts::{
-    BEGIN, BOOK_MARKS, CHARGE, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE,
+    BEGIN, BOOK_MARKS, CHARGE, CREDIT, GENERATION, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE,
+    SETTLE,
 };
 use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
@@ -602,21 +603,38 @@ impl Store for RedisStore {
             .map_err(unavailable)
     }
 
-    async fn book_marks(&self) -> Result<Option<BookMarks>, StoreError> {
+    async fn ledger_generation(&self) -> Result<Option<String>, StoreError> {
         let mut c = self.conn.clone();
-        let p = &self.prefix;
-        let reply: Option<(String, String)> = self
-            .book_marks
-            .key(format!("{p}:ledger:book"))
-            .key(format!("{p}:ledger:booked"))
-            .key(format!("{p}:ledger"))
+        let g: String = redis::Script::new(GENERATION)
+            .key(format!("{}:ledger:gen", self.prefix))
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
-        Ok(reply.map(|(booked, last)| BookMarks {
-            // An unreadable mark counts as none: the batches are kept longer, never dropped early.
-            booked: LedgerPos::parse(&booked),
-            last: LedgerPos::parse(&last),
+        Ok(Some(g))
+    }
+
+    async fn book_marks(&self, incs: &[Incarnation]) -> Result<Option<BookMarks>, StoreError> {
+        let mut c = self.conn.clone();
+        let p = &self.prefix;
+        let mut inv = self.book_marks.prepare_invoke();
+        inv.key(format!("{p}:ledger:book"))
+            .key(format!("{p}:ledger:booked"))
+            .key(format!("{p}:ledger"))
+            .key(format!("{p}:ledger:gen"));
+        for i in incs {
+            inv.key(format!("{p}:inc:{}:{}", i.node_id, i.epoch));
+        }
+        let reply: Vec<String> = inv.invoke_async(&mut c).await.map_err(unavailable)?;
+        let [declared, booked, last, generation, hwms @ ..] = reply.as_slice() else {
+            return Err(StoreError::Corrupt("book marks: short reply".into()));
+        };
+        Ok(Some(BookMarks {
+            declared: declared == "1",
+            // An unreadable mark counts as none: batches are kept longer, never dropped early.
+            booked: LedgerPos::parse(booked),
+            last: LedgerPos::parse(last),
+            generation: (!generation.is_empty()).then(|| generation.clone()),
+            hwms: hwms.iter().map(|h| h.parse().unwrap_or(0)).collect(),
         }))
     }
 

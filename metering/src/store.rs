@@ -144,11 +144,19 @@ pub trait Store: Send + Sync + 'static {
     /// accounts. Returns how many were voided.
     async fn reap_expired(&self) -> Result<u64, StoreError>;
 
-    /// Where the book of record stands: `None` when no book is declared for this ledger (or
-    /// the store keeps no separate one: the embedded store's ledger is durable by itself).
-    /// Nodes keep acknowledged batches in their journals until the book holds them, so that a
-    /// rebuild after a data loss finds every batch in one or the other.
-    async fn book_marks(&self) -> Result<Option<BookMarks>, StoreError> {
+    /// This ledger's generation: a token Redis keeps (`ledger:gen`, made on first use from its
+    /// clock), so that a Redis that lost its data, and so its ledger, is told apart from the
+    /// one a node settled into. `None` for a store whose ledger is durable by itself (the
+    /// embedded store: nothing to keep for a book).
+    async fn ledger_generation(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
+    /// Where the book of record stands, this ledger's generation, and the high-water mark
+    /// held for each of `incs`, read at one instant. `None` for a store without a separate
+    /// book. Nodes keep acknowledged batches in their journals until the book holds them, so
+    /// that a rebuild after a data loss finds each batch in one or the other.
+    async fn book_marks(&self, _incs: &[Incarnation]) -> Result<Option<BookMarks>, StoreError> {
         Ok(None)
     }
 

@@ -263,13 +263,20 @@ impl LedgerPos {
     }
 }
 
-/// Where the book of record stands against the ledger (see [`crate::Store::book_marks`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the book of record stands against the ledger, and what Redis still holds of some
+/// incarnations (see [`crate::Store::book_marks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BookMarks {
+    /// A book of record is declared for this ledger (`ledger:book`).
+    pub declared: bool,
     /// The book holds every entry up to here (`None`: nothing yet).
     pub booked: Option<LedgerPos>,
     /// The ledger's last entry when read (`None`: the stream is empty).
     pub last: Option<LedgerPos>,
+    /// This Redis's ledger generation (`None`: none yet, e.g. a Redis that just lost its data).
+    pub generation: Option<String>,
+    /// The high-water mark Redis holds for each incarnation asked about, in order (0: none).
+    pub hwms: Vec<u64>,
 }
 
 /// One ledger line: every money movement, with the idempotency key that made it happen once.

@@ -128,7 +128,8 @@ impl AuditReport {
 
 fn credit_class(key: &str) -> Option<&'static str> {
     let key = key.strip_prefix("credit:").unwrap_or(key);
-    if key.starts_with(VOUCHER_PREFIX) {
+    // A rebuild's gap credit (`rebuild:mpp:…`, docs/book.md) is the credit of accepted vouchers.
+    if key.starts_with(VOUCHER_PREFIX) || key.starts_with("rebuild:mpp:") {
         Some("voucher")
     } else if REVERSAL_PREFIXES.iter().any(|p| key.starts_with(p)) {
         None
@@ -332,4 +333,16 @@ pub async fn audit(
     }
     report.accounts = by_account.into_values().collect();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::credit_class;
+
+    #[test]
+    fn voucher_credits_and_rebuild_gap_credits_are_voucher_credits() {
+        assert_eq!(credit_class("credit:mpp:0xab:100"), Some("voucher"));
+        assert_eq!(credit_class("credit:rebuild:mpp:0xab:100"), Some("voucher"));
+        assert_eq!(credit_class("credit:topup-1"), Some("direct"));
+    }
 }

@@ -202,7 +202,11 @@ impl RedisStore {
         // Each batch once: unacknowledged (pending) and acknowledged but kept for the book.
         let mut seen = std::collections::BTreeSet::new();
         for journal in journals {
-            for b in journal.pending.iter().chain(&journal.kept) {
+            for b in journal
+                .pending
+                .iter()
+                .chain(journal.kept.iter().map(|k| &k.batch))
+            {
                 if !seen.insert((b.node_id.as_str(), b.epoch, b.seq)) {
                     continue;
                 }

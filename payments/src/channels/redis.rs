@@ -33,7 +33,8 @@ return 1
 /// Channel records in Redis. Keys (prefix configurable): `{p}:mpp:ch:{id}` JSON record,
 /// `{p}:mpp:lock:{id}` lock token, `{p}:mpp:channels` set of ids, `{p}:mpp:credits:pending`
 /// hash key → JSON credit, `{p}:mpp:credits:poisoned` hash key → JSON [`PoisonedCredit`],
-/// `{p}:mpp:forced` set of ids with an unresolved forced close, `{p}:mpp:meta` hash (the close
+/// `{p}:mpp:credits:dropped` hash key → JSON [`PoisonedCredit`] (set aside, then dropped by an
+/// operator), `{p}:mpp:forced` set of ids with an unresolved forced close, `{p}:mpp:meta` hash (the close
 /// watcher's block cursor), `{p}:mpp:ver` hash id → version (raised by every commit) and
 /// `{p}:mpp:dirty` hash id → version (changed since the book of record stored it). The book
 /// (book/src/channels.rs) reads and restores these keys by name.
@@ -254,6 +255,14 @@ impl ChannelBackend for RedisChannels {
                 .arg(self.key("credits:pending"))
                 .arg(key)
                 .arg(serde_json::to_string(&p.credit).map_err(corrupt)?)
+                .ignore();
+        } else {
+            // Remembered: the book of record copies it, so that a rebuild counts this voucher
+            // credit as settled by the operator rather than missing (never credited again).
+            pipe.cmd("HSET")
+                .arg(self.key("credits:dropped"))
+                .arg(key)
+                .arg(&raw)
                 .ignore();
         }
         let _: () = pipe.query_async(&mut c).await.map_err(unavailable)?;
