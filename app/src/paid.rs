@@ -264,6 +264,10 @@ impl PaidIdentity {
     }
 }
 
+/// How long a start's charge may stand without its outcome before it gives itself back: longer
+/// than any deploy (bundling, the runtime's start and health check take seconds to a minute).
+pub const START_REVERSAL_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
+
 #[async_trait::async_trait]
 impl Identify for PaidIdentity {
     async fn account(
@@ -325,9 +329,29 @@ impl Identify for PaidIdentity {
     }
 
     async fn charge(&self, account: &str, key: &str, picos: i64) -> Result<bool, ToolFailure> {
+        // The reversal first, held until the start's outcome (see `Payments::hold_reversal`):
+        // a crash or a dropped call after the charge gives it back by itself.
+        if let Err(e) = self
+            .0
+            .hold_reversal(account, key, picos, START_REVERSAL_HOLD)
+            .await
+        {
+            return Err(ToolFailure {
+                code: "PAYMENT_UNAVAILABLE",
+                message: format!("could not record the deploy's charge: {}", e.message),
+                hint: "nothing was charged; repeat the call in a few seconds".into(),
+            });
+        }
         match self.0.money().charge(account, key, picos, false).await {
             Ok(_) => Ok(true),
-            Err(tollgate_metering::ChargeError::Insufficient { .. }) => Ok(false),
+            Err(tollgate_metering::ChargeError::Insufficient { .. }) => {
+                // Nothing was taken. Should the release fail, the reversal still nets to
+                // zero when it falls due (it takes what the key took, then gives it back).
+                if let Err(e) = self.0.release_reversal(key).await {
+                    tracing::warn!(account, key, error = %e.message, "held reversal of a refused charge not released");
+                }
+                Ok(false)
+            }
             Err(e) => {
                 // The answer may have been lost after the charge landed: reverse it durably
                 // (a no-op if it never landed), so "nothing was charged" holds.
@@ -341,6 +365,13 @@ impl Identify for PaidIdentity {
                     hint: "nothing was charged (or it is given back); repeat the call in a few seconds".into(),
                 })
             }
+        }
+    }
+
+    async fn keep(&self, account: &str, key: &str) {
+        if let Err(e) = self.0.release_reversal(key).await {
+            // Then it falls due at its deadline: this start is given for free.
+            tracing::error!(account, key, error = %e.message, "a live start's held reversal could not be released; its charge will be given back at the deadline");
         }
     }
 

@@ -108,6 +108,11 @@ pub trait Identify: Send + Sync + 'static {
     /// Gives a charge back (a deploy that failed), once per key.
     async fn refund(&self, account: &str, key: &str, picos: i64) -> Result<(), ToolFailure>;
 
+    /// The start charged under `key` went live: the charge stands. A server whose charges
+    /// give themselves back unless kept (see `PaidIdentity`) is told here; called once, after
+    /// the start is live and before the answer.
+    async fn keep(&self, _account: &str, _key: &str) {}
+
     async fn balance(&self, _account: &str) -> Result<Balance, ToolFailure> {
         Err(ToolFailure {
             code: "PAYMENT_UNAVAILABLE",

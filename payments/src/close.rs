@@ -154,6 +154,7 @@ pub(crate) async fn close(
                             VerificationError::invalid_amount("close adds too much at once")
                         })?,
                         reverses: None,
+                        not_before_ms: None,
                     });
                     r.state.highest_voucher_amount = cumulative;
                     r.state.highest_voucher_signature = Some(sig2.clone());
@@ -302,6 +303,7 @@ pub(crate) async fn finish_close(
                             account,
                             picos: back,
                             reverses: None,
+                            not_before_ms: None,
                         }],
                     })
                 }),

@@ -18,7 +18,12 @@ impl Payments {
         let mut applied = 0;
         let mut left = pending.len();
         let mut unavailable = None;
+        let now = close::now_ms();
         for c in pending {
+            // A held reversal waits for its start's outcome (or its deadline).
+            if c.not_before_ms.is_some_and(|t| t > now) {
+                continue;
+            }
             match self.apply_credit(&c).await {
                 Ok(now) => {
                     left -= 1;
@@ -126,6 +131,41 @@ impl Payments {
         Ok(p)
     }
 
+    /// Before a start's charge is taken (a deploy, a rollback): records its reversal durably,
+    /// held until `hold` from now. The start going live releases it
+    /// ([`Payments::release_reversal`]); a start that fails makes it due now
+    /// ([`Payments::reverse_charge`]); if nobody says (the process died mid-deploy, the
+    /// client went away and the call was dropped), it falls due at the deadline and the drain
+    /// gives the charge back. So a charge never stands for a start that did not go live.
+    pub async fn hold_reversal(
+        &self,
+        account: &str,
+        charge_key: &str,
+        picos: i64,
+        hold: std::time::Duration,
+    ) -> Result<(), VerificationError> {
+        let due =
+            close::now_ms().saturating_add(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
+        self.backend
+            .set_pending(&channels::PendingCredit {
+                key: format!("refund:{charge_key}"),
+                account: account.to_owned(),
+                picos,
+                reverses: Some(charge_key.to_owned()),
+                not_before_ms: Some(due),
+            })
+            .await
+    }
+
+    /// The start went live: its held reversal goes, the charge stands. Should this fail, the
+    /// reversal falls due at its deadline (a start given for free: never a customer charged
+    /// for nothing).
+    pub async fn release_reversal(&self, charge_key: &str) -> Result<(), VerificationError> {
+        self.backend
+            .credit_done(&format!("refund:{charge_key}"))
+            .await
+    }
+
     /// Gives back a charge (`charge_key`, `picos`) exactly once, whether or not the charge had
     /// landed: recorded durably first, applied now if the money store answers, else by the
     /// background drain. For a deploy that failed after it was charged, or a charge whose answer
@@ -136,12 +176,14 @@ impl Payments {
         charge_key: &str,
         picos: i64,
     ) -> Result<(), VerificationError> {
+        // Replaces a held reversal of the same charge: due now.
         self.backend
-            .add_pending(&channels::PendingCredit {
+            .set_pending(&channels::PendingCredit {
                 key: format!("refund:{charge_key}"),
                 account: account.to_owned(),
                 picos,
                 reverses: Some(charge_key.to_owned()),
+                not_before_ms: None,
             })
             .await?;
         self.drain_credits().await.map(|_| ())

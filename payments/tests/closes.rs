@@ -666,6 +666,9 @@ impl ChannelBackend for Interleaved {
     async fn add_pending(&self, c: &PendingCredit) -> Result<(), mpp::VerificationError> {
         self.inner.add_pending(c).await
     }
+    async fn set_pending(&self, c: &PendingCredit) -> Result<(), mpp::VerificationError> {
+        self.inner.set_pending(c).await
+    }
     async fn credit_done(&self, key: &str) -> Result<(), mpp::VerificationError> {
         self.inner.credit_done(key).await
     }
@@ -780,6 +783,7 @@ async fn a_credit_that_can_never_apply_is_set_aside_and_the_others_go_on() {
         account: "did:pkh:eip155:42431:0x00000000000000000000000000000000000000aa".into(),
         picos: tollgate_metering::MAX_OP_AMOUNT + 1,
         reverses: Some("deploy:huge".into()),
+        not_before_ms: None,
     };
     backend.add_pending(&poison).await.unwrap();
     let payers: Vec<String> = (0..20)
@@ -792,6 +796,7 @@ async fn a_credit_that_can_never_apply_is_set_aside_and_the_others_go_on() {
                 account: a.clone(),
                 picos: USD,
                 reverses: None,
+                not_before_ms: None,
             })
             .await
             .unwrap();
@@ -904,5 +909,68 @@ async fn a_credential_for_one_realm_is_useless_at_the_other() {
     .unwrap();
     assert!(expires - time::OffsetDateTime::now_utc() <= time::Duration::seconds(61));
     assert_eq!(idc.realm, "tollgate");
+    assert_eq!(rig.audit().await, vec![]);
+}
+
+/// A start's charge (a deploy) gives itself back unless the start goes live: its reversal is
+/// held before the charge, released when the start goes live, made due at once when it fails,
+/// and due at its deadline when nobody says (the process died mid-deploy, the call was dropped).
+/// Every path retried changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_charge_stands_only_if_the_start_went_live() {
+    let rig = Rig::start(1).await;
+    let p = &rig.nodes[0].payments;
+    let acct = "did:pkh:eip155:42431:0x00000000000000000000000000000000000000cc";
+    rig.money.credit(acct, "direct:s", 10 * USD).await.unwrap();
+    let hold = std::time::Duration::from_secs(600);
+    // Live: held, charged, released. The charge stands, even after the drain runs.
+    p.hold_reversal(acct, "deploy:live", USD, hold)
+        .await
+        .unwrap();
+    rig.money
+        .charge(acct, "deploy:live", USD, false)
+        .await
+        .unwrap();
+    p.drain_credits().await.unwrap();
+    assert_eq!(rig.available(acct).await, 9 * USD, "held, not applied");
+    p.release_reversal("deploy:live").await.unwrap();
+    p.release_reversal("deploy:live").await.unwrap();
+    p.drain_credits().await.unwrap();
+    assert_eq!(rig.available(acct).await, 9 * USD);
+    // Failed: the held reversal is made due now.
+    p.hold_reversal(acct, "deploy:failed", USD, hold)
+        .await
+        .unwrap();
+    rig.money
+        .charge(acct, "deploy:failed", USD, false)
+        .await
+        .unwrap();
+    p.reverse_charge(acct, "deploy:failed", USD).await.unwrap();
+    p.reverse_charge(acct, "deploy:failed", USD).await.unwrap();
+    assert_eq!(rig.available(acct).await, 9 * USD, "given back once");
+    // Nobody says (the process died after the charge): due at the deadline, not before.
+    p.hold_reversal(
+        acct,
+        "deploy:orphan",
+        USD,
+        std::time::Duration::from_millis(300),
+    )
+    .await
+    .unwrap();
+    rig.money
+        .charge(acct, "deploy:orphan", USD, false)
+        .await
+        .unwrap();
+    p.drain_credits().await.unwrap();
+    assert_eq!(rig.available(acct).await, 8 * USD);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    p.drain_credits().await.unwrap();
+    p.drain_credits().await.unwrap();
+    assert_eq!(
+        rig.available(acct).await,
+        9 * USD,
+        "given back at the deadline, once"
+    );
+    assert!(p.backend().pending_credits().await.unwrap().is_empty());
     assert_eq!(rig.audit().await, vec![]);
 }

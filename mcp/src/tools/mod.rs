@@ -260,6 +260,9 @@ impl TollgateMcp {
         let (result, ()) = tokio::join!(deploy, progress);
         match result {
             Ok(out) => {
+                if let Some((key, _)) = &charge {
+                    self.identify.keep(&owner, key).await;
+                }
                 let mut o = deploy_out(out);
                 o.expires_at_ms = self.expires_ms();
                 o.charged_usd = format_usd6(charge.as_ref().map_or(0, |c| c.1));
@@ -402,6 +405,9 @@ impl TollgateMcp {
             .await
         {
             Ok(o) => {
+                if let Some((key, _)) = &charge {
+                    self.identify.keep(&owner, key).await;
+                }
                 let mut d = deploy_out(o);
                 d.expires_at_ms = self.expires_ms();
                 d.charged_usd = format_usd6(charge.as_ref().map_or(0, |c| c.1));

@@ -146,6 +146,22 @@ impl ChannelBackend for EmbeddedChannels {
         .await
     }
 
+    async fn set_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
+        let credit = credit.clone();
+        let bytes = serde_json::to_vec(&credit).map_err(corrupt)?;
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = tx.open_table(PENDING).map_err(unavailable)?;
+                t.insert(credit.key.as_str(), bytes.as_slice())
+                    .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn add_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
         let credit = credit.clone();
         let bytes = serde_json::to_vec(&credit).map_err(corrupt)?;

@@ -253,6 +253,11 @@ pub struct PendingCredit {
     /// the net is zero whether or not the charge had landed.
     #[serde(default)]
     pub reverses: Option<String>,
+    /// Not applied before this time (Unix ms): the reversal of a start's charge, held while the
+    /// start is under way; released when it goes live, due at this deadline if nobody says
+    /// (the process died, the client went away).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
 }
 
 /// The next record and the credits it implies, committed together.
@@ -287,6 +292,8 @@ pub trait ChannelBackend: Send + Sync + 'static {
     async fn pending_credits(&self) -> Result<Vec<PendingCredit>, VerificationError>;
     /// Records a credit to apply outside any channel update (a reversal); idempotent by key.
     async fn add_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError>;
+    /// Records a credit, replacing one pending under its key (a held reversal made due now).
+    async fn set_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError>;
     /// Forgets a pending credit once the money core has it (idempotent).
     async fn credit_done(&self, key: &str) -> Result<(), VerificationError>;
     /// Every channel id ever stored.
@@ -356,6 +363,7 @@ fn wrap(id: String, chain_id: u64, updater: StateUpdater) -> Updater {
                 account: record.account.clone(),
                 picos,
                 reverses: None,
+                not_before_ms: None,
             });
             if let Some(sig) = &next.highest_voucher_signature {
                 record.vouchers.push(SignedVoucher {

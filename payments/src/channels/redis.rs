@@ -178,6 +178,18 @@ impl ChannelBackend for RedisChannels {
         Ok(())
     }
 
+    async fn set_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.key("credits:pending"))
+            .arg(&credit.key)
+            .arg(serde_json::to_string(credit).map_err(corrupt)?)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn credit_done(&self, key: &str) -> Result<(), VerificationError> {
         let mut c = self.conn.clone();
         let _: i64 = redis::cmd("HDEL")

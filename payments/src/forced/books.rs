@@ -167,6 +167,7 @@ pub(super) async fn close_books(
                             account,
                             picos: back,
                             reverses: None,
+                            not_before_ms: None,
                         });
                     }
                     credits

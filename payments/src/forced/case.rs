@@ -56,6 +56,7 @@ fn restore(r: &mut ChannelRecord) -> Option<PendingCredit> {
         account,
         picos: ask,
         reverses: Some(write_off_key(&id, f.cycle)),
+        not_before_ms: None,
     })
 }
 
