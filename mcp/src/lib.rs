@@ -196,9 +196,103 @@ pub fn router(control: Arc<Control>, identify: Arc<dyn Identify>, cfg: &McpConfi
         Arc::new(NeverSessionManager::default()),
         svc_cfg,
     );
+    let limit = cfg.max_body_bytes;
     axum::Router::new()
         .nest_service("/mcp", svc)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            check_message(req, next, limit)
+        }))
         .layer(axum::middleware::from_fn(normalize_accept))
+}
+
+/// A JSON-RPC error answer for a request that never reached the MCP server: `status`, the
+/// JSON-RPC `code`, what was wrong and what to do.
+fn rpc_refusal(
+    status: http::StatusCode,
+    code: i64,
+    message: &str,
+    hint: &str,
+) -> axum::response::Response {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": {"code": code, "message": message, "data": {"hint": hint}},
+    });
+    let mut r = axum::response::Response::new(axum::body::Body::from(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A POST to `/mcp` must be one JSON-RPC message as JSON: anything else gets a JSON-RPC error
+/// with the right status (415 wrong media type, 413 over the limit, 400 not JSON / not a
+/// JSON-RPC message) before the server sees it, so a client learns what it did wrong.
+async fn check_message(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    limit: usize,
+) -> axum::response::Response {
+    use http::StatusCode;
+    if req.method() != http::Method::POST {
+        return next.run(req).await;
+    }
+    // One Content-Type, and JSON (two are ambiguous: refused, not guessed).
+    let mut types = req.headers().get_all(http::header::CONTENT_TYPE).iter();
+    let json = match (types.next(), types.next()) {
+        (Some(v), None) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json")),
+        _ => false,
+    };
+    if !json {
+        return rpc_refusal(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            -32600,
+            "an MCP request is JSON: Content-Type must be application/json",
+            "send the JSON-RPC message with Content-Type: application/json",
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return rpc_refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                -32600,
+                &format!("the request body is over {limit} bytes"),
+                "send fewer or smaller files per deploy (use `changes` for edits)",
+            );
+        }
+    };
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Err(e) => {
+            return rpc_refusal(
+                StatusCode::BAD_REQUEST,
+                -32700,
+                &format!("parse error: the body is not JSON ({e})"),
+                "send one JSON-RPC 2.0 message as JSON",
+            );
+        }
+        Ok(v) if v.get("jsonrpc").and_then(|j| j.as_str()) != Some("2.0") => {
+            return rpc_refusal(
+                StatusCode::BAD_REQUEST,
+                -32600,
+                "invalid request: not a JSON-RPC 2.0 message (an object with \"jsonrpc\": \"2.0\"; batches are not accepted)",
+                "send one JSON-RPC 2.0 message per request",
+            );
+        }
+        Ok(_) => {}
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// Some MCP clients send no `Accept`, or `*/*`; the transport wants both media types listed.

@@ -354,3 +354,101 @@ async fn a_2026_07_28_client_calls_tools_without_initialize() {
     .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// Hostile requests to `/mcp` get a clean 4xx (or a JSON-RPC error), change nothing, and the
+/// server answers the next good request: a body over the limit, bytes that are not JSON, JSON
+/// that is not a JSON-RPC message, an unknown protocol version, a wrong content type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_a_clean_error_and_change_nothing() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, control) = server(&redis, &dir).await;
+    let c = reqwest::Client::new();
+    let post = |body: Vec<u8>| {
+        c.post(&url)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("x-tollgate-test-account", "hostile")
+            .body(body)
+    };
+    let mut seen = Vec::new();
+    // 5 MiB of a deploy's files: over the 4 MiB limit.
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"deploy_project","arguments":{{"files":{{"index.js":"{}"}}}}}}}}"#,
+        "x".repeat(5 << 20)
+    );
+    let r = post(big.into_bytes()).send().await.unwrap();
+    seen.push((
+        "over the body limit",
+        r.status().as_u16(),
+        r.text().await.unwrap(),
+    ));
+    let r = post(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":".to_vec())
+        .send()
+        .await
+        .unwrap();
+    seen.push(("not JSON", r.status().as_u16(), r.text().await.unwrap()));
+    let r = post(b"[1,2,3]".to_vec()).send().await.unwrap();
+    seen.push(("not JSON-RPC", r.status().as_u16(), r.text().await.unwrap()));
+    let r = post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}"#.to_vec())
+        .header("mcp-protocol-version", "1999-01-01")
+        .send()
+        .await
+        .unwrap();
+    seen.push((
+        "unknown protocol version",
+        r.status().as_u16(),
+        r.text().await.unwrap(),
+    ));
+    let r = c
+        .post(&url)
+        .header("accept", "application/json, text/event-stream")
+        .header("content-type", "text/plain")
+        .header("x-tollgate-test-account", "hostile")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}"#)
+        .send()
+        .await
+        .unwrap();
+    seen.push((
+        "wrong content type",
+        r.status().as_u16(),
+        r.text().await.unwrap(),
+    ));
+    // Two Content-Types (JSON and another): ambiguous, refused.
+    let r = post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}"#.to_vec())
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    seen.push((
+        "two content types",
+        r.status().as_u16(),
+        r.text().await.unwrap(),
+    ));
+    let want = [413, 400, 400, 400, 415, 415];
+    for ((what, status, body), want) in seen.iter().zip(want) {
+        assert_eq!(*status, want, "{what}: {body}");
+        // A JSON-RPC error with a hint, or (the protocol version, refused by the transport)
+        // a message that names the problem.
+        if *what != "unknown protocol version" {
+            let v: Value =
+                serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
+            assert!(v["error"]["code"].as_i64().is_some(), "{what}: {body}");
+            assert!(
+                v["error"]["data"]["hint"].as_str().is_some(),
+                "{what}: {body}"
+            );
+        } else {
+            assert!(body.contains("1999-01-01"), "{body}");
+        }
+    }
+    // Nothing was created, and the server still serves.
+    assert!(control.list_projects("hostile").await.unwrap().is_empty());
+    let init = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "raw", "version": "1"}}
+    });
+    let r = post(init.to_string().into_bytes()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
