@@ -66,6 +66,20 @@ return {t[1], t[2], id, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KE
         redis.call('HGETALL', KEYS[7])}
 "#;
 
+/// The ledger's last entry id and, for each account key in KEYS[2..], its lifetime credited
+/// and debited, at one instant (for `reconcile`).
+const END_AND_TOTALS: &str = r#"
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local out = {''}
+if last[1] then out[1] = last[1][1] end
+for i = 2, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'credited', 'debited')
+  out[#out + 1] = v[1] or '0'
+  out[#out + 1] = v[2] or '0'
+end
+return out
+"#;
+
 /// Clears a channel's dirty mark only when the version stored covers it (a commit after the
 /// read marked it again).
 const CLEAN: &str = r#"
@@ -211,6 +225,33 @@ pub(crate) async fn adopt_if_needed(
         return Ok(0);
     }
     adopt(conn, prefix).await
+}
+
+/// The ledger's last entry id (`None`: empty) and each account's (credited, debited), read at
+/// one instant.
+pub(crate) async fn ledger_end_and_totals(
+    conn: &mut ConnectionManager,
+    prefix: &str,
+    accounts: &[String],
+) -> Result<(Option<String>, Vec<(i64, i64)>), redis::RedisError> {
+    let script = redis::Script::new(END_AND_TOTALS);
+    let mut inv = script.prepare_invoke();
+    inv.key(format!("{prefix}:ledger"));
+    for a in accounts {
+        inv.key(format!("{prefix}:acct:{a}"));
+    }
+    let reply: Vec<String> = inv.invoke_async(conn).await?;
+    let mut it = reply.into_iter();
+    let last = it.next().filter(|l| !l.is_empty());
+    let rest: Vec<String> = it.collect();
+    let totals = rest
+        .chunks(2)
+        .map(|p| {
+            let n = |i: usize| p.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+            (n(0), n(1))
+        })
+        .collect();
+    Ok((last, totals))
 }
 
 /// After the book's commit: the stored channels are clean unless changed again since.

@@ -648,19 +648,46 @@ impl Book {
             .collect())
     }
 
+    /// Per account of `accounts`: (credited, debited) as the book's lines up to stream id
+    /// `upto` add up (p$).
+    async fn totals_upto(
+        &self,
+        accounts: &[String],
+        upto: (i64, i64),
+    ) -> Result<std::collections::HashMap<String, (i64, i64)>, BookError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT account,
+                        COALESCE(SUM(amount) FILTER (WHERE kind = 'credit'), 0)::bigint,
+                        COALESCE(SUM(amount) FILTER (WHERE kind NOT IN ('credit', 'release', 'expire')), 0)::bigint
+                 FROM book_entries
+                 WHERE prefix = $1 AND account = ANY($2) AND (stream_ms, stream_seq) <= ($3, $4)
+                 GROUP BY account",
+                &[&self.prefix, &accounts, &upto.0, &upto.1],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect())
+    }
+
     /// Compares the book with the Redis ledger and the accounts' lifetime totals, after
     /// copying what is new (idempotent). Every difference is returned; none means: every line
     /// Redis still holds up to the book's cursor is in the book with the same content, every
     /// book line in that span is still in Redis, and each account's `credited` and `debited`
     /// in Redis equal its book lines' sums (which needs a book kept since the ledger began).
     pub async fn reconcile(&mut self, store: &RedisStore) -> Result<Vec<Difference>, BookError> {
-        use tollgate_metering::Store as _;
         while !self.copy_round(store, 500).await?.caught_up {}
         let cursor = stream_id(&self.cursor().await?)?;
         let mut out = Vec::new();
         let mut after = "0-0".to_owned();
         let mut book_after = (0i64, 0i64);
         let mut first = true;
+        // (stream id, key, account) → amount of the ledger lines missing in the book.
+        let mut ledger_amounts: std::collections::HashMap<(String, String, String), i64> =
+            std::collections::HashMap::new();
         loop {
             let page = store.ledger_page(&after, 500).await?;
             let Some((last, _)) = page.last() else { break };
@@ -694,11 +721,15 @@ impl Book {
             for (id, lines) in page {
                 for l in lines {
                     match in_book.remove(&(id.clone(), l.key.clone(), l.account.clone())) {
-                        None => out.push(Difference::MissingInBook {
-                            stream_id: id.clone(),
-                            key: l.key,
-                            account: l.account,
-                        }),
+                        None => {
+                            ledger_amounts
+                                .insert((id.clone(), l.key.clone(), l.account.clone()), l.amount);
+                            out.push(Difference::MissingInBook {
+                                stream_id: id.clone(),
+                                key: l.key,
+                                account: l.account,
+                            })
+                        }
                         Some(b) if b != l => out.push(Difference::Differs {
                             key: l.key.clone(),
                             account: l.account.clone(),
@@ -714,19 +745,90 @@ impl Book {
                 account: b.account,
             }));
         }
+        // A ledger line the book holds under its key at another position (a batch replayed
+        // into a new Redis by `rebuild`, booked at its first position) is not missing.
+        let missing: Vec<String> = out
+            .iter()
+            .filter_map(|d| match d {
+                Difference::MissingInBook { key, .. } => Some(key.clone()),
+                _ => None,
+            })
+            .collect();
+        if !missing.is_empty() {
+            let held = self.lines_of(&missing).await?;
+            let mut amounts: std::collections::HashMap<(String, String), i64> =
+                std::collections::HashMap::new();
+            for (k, lines) in &held {
+                for (account, amount) in lines {
+                    amounts.insert((k.clone(), account.clone()), *amount);
+                }
+            }
+            let ledger_amounts = &ledger_amounts;
+            out.retain(|d| match d {
+                Difference::MissingInBook {
+                    stream_id,
+                    key,
+                    account,
+                } => {
+                    let here =
+                        ledger_amounts.get(&(stream_id.clone(), key.clone(), account.clone()));
+                    let there = amounts.get(&(key.clone(), account.clone()));
+                    !(here.is_some() && here == there)
+                }
+                _ => true,
+            });
+        }
+        // Book lines after Redis's last entry: Redis lost its tail (a failover to a replica
+        // that had not received it).
+        let last = channels::ledger_end_and_totals(&mut store.connection(), store.prefix(), &[])
+            .await?
+            .0;
+        if let Some(last) = last {
+            let last = stream_id(&last)?;
+            out.extend(
+                self.lines_between(last, (i64::MAX, i64::MAX))
+                    .await?
+                    .into_iter()
+                    .map(|(_, b)| Difference::MissingInLedger {
+                        key: b.key,
+                        account: b.account,
+                    }),
+            );
+        }
         out.extend(self.reconcile_channels(store).await?);
-        let totals = self.totals().await?;
-        for chunk in totals.chunks(500) {
-            let ids: Vec<String> = chunk.iter().map(|(a, _, _)| a.clone()).collect();
-            for ((account, credited, debited), state) in
-                chunk.iter().zip(store.accounts(&ids).await?)
-            {
-                let (rc, rd) = state.map_or((0, 0), |s| (s.credited, s.debited));
-                if (rc, rd) != (*credited, *debited) {
+        // Totals, consistently: per chunk of accounts, Redis's totals and its ledger's last id
+        // read at one instant, the book brought up to that id, and its sums up to that id.
+        let accounts: Vec<String> = self
+            .totals()
+            .await?
+            .into_iter()
+            .map(|(a, _, _)| a)
+            .collect();
+        for chunk in accounts.chunks(500) {
+            let (end, redis_totals) =
+                channels::ledger_end_and_totals(&mut store.connection(), store.prefix(), chunk)
+                    .await?;
+            let upto = match &end {
+                Some(e) => stream_id(e)?,
+                None => (i64::MAX, i64::MAX),
+            };
+            // The book up to that id (each round copies up to a later snapshot).
+            for _ in 0..100 {
+                if stream_id(&self.cursor().await?)? >= upto || end.is_none() {
+                    break;
+                }
+                if self.copy_round(store, 500).await?.entries == 0 {
+                    break;
+                }
+            }
+            let book = self.totals_upto(chunk, upto).await?;
+            for (account, redis) in chunk.iter().zip(redis_totals) {
+                let book = book.get(account).copied().unwrap_or((0, 0));
+                if redis != book {
                     out.push(Difference::Totals {
                         account: account.clone(),
-                        redis: (rc, rd),
-                        book: (*credited, *debited),
+                        redis,
+                        book,
                     });
                 }
             }

@@ -678,3 +678,70 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
     let diffs = book.reconcile(&store).await.unwrap();
     assert!(diffs.is_empty(), "{diffs:?}");
 }
+
+/// `reconcile` on a busy ledger names nothing that is not wrong (each chunk of accounts' totals
+/// is read with the ledger's last id at one instant and compared with the book's sums up to
+/// it), and names the lines of a tail Redis lost (book lines after its last entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_is_clean_under_traffic_and_names_a_lost_tail() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    store.enable_book().await.unwrap();
+    money_moves(&store, "busy").await;
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    copy_all(&mut book, &store).await;
+    // Money keeps moving on the same accounts while reconcile runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mover = {
+        let (stop, url) = (stop.clone(), redis.url());
+        tokio::spawn(async move {
+            let s = RedisStore::connect(&url, "tollgate", Duration::from_secs(10))
+                .await
+                .unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                s.credit("acct-a", &format!("busy-{n}"), 1_000)
+                    .await
+                    .unwrap();
+                s.charge("acct-b", &format!("busy-charge-{n}"), 1_000, false)
+                    .await
+                    .unwrap();
+            }
+            n
+        })
+    };
+    for _ in 0..5 {
+        let diffs = book.reconcile(&store).await.unwrap();
+        assert!(diffs.is_empty(), "under traffic: {diffs:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(mover.await.unwrap() > 10, "too little traffic");
+    copy_all(&mut book, &store).await;
+    assert!(book.reconcile(&store).await.unwrap().is_empty());
+    // Redis loses its last entry (a failover to a replica that never got it).
+    let mut c = redis.conn();
+    let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg("tollgate:ledger")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut c)
+        .unwrap();
+    let _: i64 = redis::cmd("XDEL")
+        .arg("tollgate:ledger")
+        .arg(&last[0].0)
+        .query(&mut c)
+        .unwrap();
+    let diffs = book.reconcile(&store).await.unwrap();
+    assert!(
+        diffs
+            .iter()
+            .any(|d| matches!(d, tollgate_book::Difference::MissingInLedger { .. })),
+        "{diffs:?}"
+    );
+}
