@@ -145,6 +145,8 @@ pub struct Agent {
     leases_were_valid: bool,
     /// When the book's marks were last read (see `release_booked`).
     marks_read: Option<Instant>,
+    /// The store keeps no ledger generation (embedded): nothing to record or keep.
+    generation_absent: bool,
 }
 
 impl Agent {
@@ -199,9 +201,11 @@ impl Agent {
                 "released the previous incarnation"
             );
         }
-        let inc = store.begin(&cfg.node_id).await?;
+        let inc = store
+            .begin_after(&cfg.node_id, journal.max_epoch(&cfg.node_id))
+            .await?;
         journal.set_incarnation(&inc)?;
-        record_generation(&*store, &mut journal, &inc).await;
+        let generation_absent = !record_generation(&*store, &mut journal, &inc).await;
         tracing::info!(node = %inc.node_id, epoch = inc.epoch, "metering agent started");
         cache.agent_started.store(true, Ordering::Release);
         Ok(Agent {
@@ -216,6 +220,7 @@ impl Agent {
             shutdown: None,
             leases_were_valid: true,
             marks_read: None,
+            generation_absent,
         })
     }
 
@@ -320,6 +325,12 @@ impl Agent {
     /// One settle round. `closing`: return every lease.
     pub async fn tick(&mut self, closing: bool) -> Result<(), AgentError> {
         crate::clock::advance();
+        // The generation could not be read when the incarnation began: again, before any
+        // batch of it is acknowledged unkept.
+        if !self.journal.has_generation(&self.inc) && !self.generation_absent {
+            self.generation_absent =
+                !record_generation(&*self.store, &mut self.journal, &self.inc).await;
+        }
         self.refresh_deadline();
         let now_s = self.cache.now_s();
         self.cache.adopt_pending();
@@ -564,9 +575,13 @@ impl Agent {
         }
         self.refresh_deadline();
         self.store.release(&self.inc).await?;
-        self.inc = self.store.begin(&self.cfg.node_id).await?;
+        self.inc = self
+            .store
+            .begin_after(&self.cfg.node_id, self.journal.max_epoch(&self.cfg.node_id))
+            .await?;
         self.journal.set_incarnation(&self.inc)?;
-        record_generation(&*self.store, &mut self.journal, &self.inc).await;
+        self.generation_absent =
+            !record_generation(&*self.store, &mut self.journal, &self.inc).await;
         self.next_seq = 1;
         tracing::warn!(epoch = self.inc.epoch, "new incarnation");
         Ok(())
@@ -651,18 +666,21 @@ impl Agent {
 }
 
 /// Records in the journal the ledger generation an incarnation settles into, so that its
-/// acknowledged batches are kept until the book holds them. A store without one (embedded),
-/// or an error (the batches are then not kept; logged), changes nothing else.
-async fn record_generation(store: &dyn Store, journal: &mut Journal, inc: &Incarnation) {
+/// acknowledged batches are kept until the book holds them. False when the store has none
+/// (embedded: nothing to keep); an error is logged and the next round tries again.
+async fn record_generation(store: &dyn Store, journal: &mut Journal, inc: &Incarnation) -> bool {
     match store.ledger_generation().await {
         Ok(Some(g)) => {
             if let Err(e) = journal.set_generation(inc, &g) {
-                tracing::warn!(error = %e, "journal: recording the ledger generation failed; this incarnation's batches are not kept for the book");
+                tracing::warn!(error = %e, "journal: recording the ledger generation failed; tried again next round");
             }
+            true
         }
-        Ok(None) => {}
+        // No generation in this store (embedded): nothing to keep.
+        Ok(None) => false,
         Err(e) => {
-            tracing::warn!(error = %e, "reading the ledger generation failed; this incarnation's batches are not kept for the book")
+            tracing::warn!(error = %e, "reading the ledger generation failed; tried again next round");
+            true
         }
     }
 }

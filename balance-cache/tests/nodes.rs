@@ -375,6 +375,9 @@ async fn kept_batches_survive_a_redis_data_loss_under_a_running_node() {
         .unwrap();
     admin.credit("lossy", "voucher:l", CENT).await.unwrap();
     admin.enable_book().await.unwrap();
+    // Earlier incarnations: the node runs at epoch 3 (an empty Redis would count from 1).
+    admin.begin("l1").await.unwrap();
+    admin.begin("l1").await.unwrap();
     let journal = dir.path().join("l1.journal");
     let n = node(&redis.url(), "l1", &dir).await;
     for _ in 0..40 {
@@ -402,9 +405,12 @@ async fn kept_batches_survive_a_redis_data_loss_under_a_running_node() {
     let before_loss: u64 = c
         .kept
         .iter()
-        .filter(|k| k.batch.epoch == 1)
+        .filter(|k| k.batch.epoch == 3)
         .flat_map(|k| &k.batch.entries)
         .map(|e| e.usage.requests)
         .sum();
     assert_eq!(before_loss, 40, "{c:?}");
+    // The incarnation begun in the empty Redis did not reuse an epoch (its settle keys would
+    // be the lost ones'), although the empty Redis counted from 1 again.
+    assert!(c.incarnation.as_ref().unwrap().epoch > 3, "{c:?}");
 }

@@ -63,7 +63,7 @@ local id = ''
 if last[1] then id = last[1][1] end
 return {t[1], t[2], id, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
         redis.call('HGETALL', KEYS[3]), redis.call('SMEMBERS', KEYS[4]), redis.call('HGETALL', KEYS[5]),
-        redis.call('HGETALL', KEYS[7])}
+        redis.call('HGETALL', KEYS[7]), redis.call('HGETALL', KEYS[8])}
 "#;
 
 /// The ledger's last entry id and, for each account key in KEYS[2..], its lifetime credited
@@ -99,6 +99,9 @@ pub struct SideState {
     /// Set-aside credits an operator dropped (settled by other means): counted as credited.
     #[serde(default)]
     pub dropped: BTreeMap<String, String>,
+    /// Held reversals of starts' charges (due at their deadline unless the start went live).
+    #[serde(default)]
+    pub held: BTreeMap<String, String>,
     pub forced: BTreeSet<String>,
     pub meta: BTreeMap<String, String>,
 }
@@ -112,8 +115,7 @@ pub struct ChannelRow {
 }
 
 pub(crate) struct Snapshot {
-    /// The Redis clock when read (µs): a later snapshot replaces an earlier one, never the
-    /// reverse (two writers may race).
+    /// The Redis clock when read (µs), for the record.
     pub taken_us: i64,
     /// The ledger's last entry id then (`None`: empty).
     pub last: Option<String>,
@@ -145,6 +147,7 @@ type Raw = (
     Vec<String>,
     Vec<String>,
     Vec<String>,
+    Vec<String>,
 );
 
 /// Reads the cut (see the module's doc): everything but the records themselves.
@@ -152,7 +155,7 @@ pub(crate) async fn snapshot(
     conn: &mut ConnectionManager,
     prefix: &str,
 ) -> Result<Snapshot, redis::RedisError> {
-    let (sec, usec, last, dirty, pending, poisoned, forced, meta, dropped): Raw =
+    let (sec, usec, last, dirty, pending, poisoned, forced, meta, dropped, held): Raw =
         redis::Script::new(SNAPSHOT)
             .key(key(prefix, "dirty"))
             .key(key(prefix, "credits:pending"))
@@ -161,6 +164,7 @@ pub(crate) async fn snapshot(
             .key(key(prefix, "meta"))
             .key(format!("{prefix}:ledger"))
             .key(key(prefix, "credits:dropped"))
+            .key(key(prefix, "credits:held"))
             .invoke_async(conn)
             .await?;
     let taken_us = sec.parse::<i64>().unwrap_or(0) * 1_000_000 + usec.parse::<i64>().unwrap_or(0);
@@ -172,6 +176,7 @@ pub(crate) async fn snapshot(
             pending: pairs(pending),
             poisoned: pairs(poisoned),
             dropped: pairs(dropped),
+            held: pairs(held),
             forced: forced.into_iter().collect(),
             meta: pairs(meta),
         },
@@ -334,6 +339,7 @@ pub(crate) async fn check_empty(conn: &mut ConnectionManager, prefix: &str) -> R
         .arg(key(prefix, "credits:pending"))
         .arg(key(prefix, "credits:poisoned"))
         .arg(key(prefix, "credits:dropped"))
+        .arg(key(prefix, "credits:held"))
         .query_async(conn)
         .await
         .map_err(|e| e.to_string())?;
@@ -502,6 +508,16 @@ pub(crate) async fn restore(
     for (k, v) in &side.dropped {
         let mut c = redis::cmd("HSET");
         c.arg(key(prefix, "credits:dropped")).arg(k).arg(v);
+        cmds.push(c);
+    }
+    // Held reversals come back held: a start that went live is still told by nobody after a
+    // loss, so each falls due at its deadline (the customer never pays for nothing).
+    for (k, v) in &side.held {
+        if credits.contains_key(k) {
+            continue;
+        }
+        let mut c = redis::cmd("HSET");
+        c.arg(key(prefix, "credits:held")).arg(k).arg(v);
         cmds.push(c);
     }
     for (k, v) in &side.poisoned {

@@ -349,9 +349,15 @@ impl Book {
                 lines >= MAX_ROUND_LINES
             })
             .map_or(page.len(), |i| i + 1);
+        // The side state is a cut with the lines only when this round copies every line up to
+        // the snapshot's last entry (a credit pending at the snapshot and applied just after it
+        // is then in one or the other); a round cut short stores none.
+        let reached = keep == page.len() && (beyond || count_read < count || bound.is_none());
         page.truncate(keep);
         let tx = self.client.transaction().await?;
-        store_side(&tx, &self.prefix, &snap).await?;
+        if reached {
+            store_side(&tx, &self.prefix, &snap, bound.unwrap_or((0, 0))).await?;
+        }
         let Some((last, _)) = page.last() else {
             tx.commit().await?;
             return Ok(Copied {
@@ -1000,20 +1006,27 @@ async fn store_records(
     Ok((stored, conflicts))
 }
 
-/// Stores the snapshot's side state (pending, poisoned, dropped credits, forced set, cursor),
-/// replacing the last one, in the round's transaction.
+/// Stores the snapshot's side state (pending, poisoned, dropped, held credits, forced set,
+/// cursor), replacing one cut at an earlier (or the same) ledger entry, in the round's
+/// transaction.
 async fn store_side(
     tx: &tokio_postgres::Transaction<'_>,
     prefix: &str,
     snap: &channels::Snapshot,
+    bound: (i64, i64),
 ) -> Result<(), BookError> {
     let state =
         serde_json::to_string(&snap.side).map_err(|e| BookError::Unusable(e.to_string()))?;
+    // Never over a snapshot cut at a later ledger entry (two writers racing).
     tx.execute(
-        "INSERT INTO book_channel_state (prefix, taken_us, state) VALUES ($1, $2, $3)
+        "INSERT INTO book_channel_state (prefix, taken_us, bound_ms, bound_seq, state)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (prefix) DO UPDATE
-         SET taken_us = EXCLUDED.taken_us, state = EXCLUDED.state, booked_at = now()",
-        &[&prefix, &snap.taken_us, &state],
+         SET taken_us = EXCLUDED.taken_us, bound_ms = EXCLUDED.bound_ms,
+             bound_seq = EXCLUDED.bound_seq, state = EXCLUDED.state, booked_at = now()
+         WHERE (book_channel_state.bound_ms, book_channel_state.bound_seq)
+               <= (EXCLUDED.bound_ms, EXCLUDED.bound_seq)",
+        &[&prefix, &snap.taken_us, &bound.0, &bound.1, &state],
     )
     .await?;
     Ok(())

@@ -54,6 +54,27 @@ pub struct KeptBatch {
     pub generation: String,
 }
 
+/// A kept batch as written: with its generation, or (journals of the first build that kept
+/// batches) the bare batch, kept under a generation no Redis has, so never released early.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum KeptLine {
+    Tagged(KeptBatch),
+    Bare(SettleBatch),
+}
+
+impl KeptLine {
+    fn into_kept(self) -> KeptBatch {
+        match self {
+            KeptLine::Tagged(k) => k,
+            KeptLine::Bare(batch) => KeptBatch {
+                batch,
+                generation: "unknown".to_owned(),
+            },
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Line {
@@ -64,7 +85,7 @@ enum Line {
     /// The ledger generation an incarnation settles into.
     Generation(Generation),
     /// An acknowledged batch the book of record may not hold yet.
-    Kept(KeptBatch),
+    Kept(KeptLine),
     /// A batch that was never applied and is given up.
     Abandon(Ack),
 }
@@ -134,7 +155,7 @@ pub fn parse_journal(bytes: &[u8]) -> JournalContent {
                 *top = (*top).max(a.seq);
             }
             Ok(Line::Kept(k)) => {
-                keep(&mut c.kept, k, MAX_KEPT);
+                keep(&mut c.kept, k.into_kept(), MAX_KEPT);
             }
             Ok(Line::Generation(g)) => {
                 gens.insert((g.node_id, g.epoch), g.generation);
@@ -299,6 +320,35 @@ impl Journal {
     /// Batches that were journaled but never acknowledged (oldest first).
     pub fn pending(&self) -> &[SettleBatch] {
         &self.pending
+    }
+
+    /// The highest epoch of `node` this journal knows (its incarnation, acks, generations,
+    /// pending and kept batches): the next incarnation begins above it.
+    pub fn max_epoch(&self, node: &str) -> u64 {
+        let incarnation = self
+            .incarnation
+            .iter()
+            .filter(|i| i.node_id == node)
+            .map(|i| i.epoch);
+        let acked = self
+            .acked
+            .keys()
+            .chain(self.generations.keys())
+            .filter(|(n, _)| n == node)
+            .map(|(_, e)| *e);
+        let batches = self
+            .pending
+            .iter()
+            .chain(self.kept.iter().map(|k| &k.k.batch))
+            .filter(|b| b.node_id == node)
+            .map(|b| b.epoch);
+        incarnation.chain(acked).chain(batches).max().unwrap_or(0)
+    }
+
+    /// Whether the ledger generation of `inc` is recorded (its batches are kept).
+    pub fn has_generation(&self, inc: &Incarnation) -> bool {
+        self.generations
+            .contains_key(&(inc.node_id.clone(), inc.epoch))
     }
 
     /// The incarnation that last wrote this journal (its leases are to be released).
@@ -534,7 +584,9 @@ impl Journal {
             bytes.push(b'\n');
         }
         for k in &self.kept {
-            bytes.extend(serde_json::to_vec(&Line::Kept(k.k.clone())).map_err(enc)?);
+            bytes.extend(
+                serde_json::to_vec(&Line::Kept(KeptLine::Tagged(k.k.clone()))).map_err(enc)?,
+            );
             bytes.push(b'\n');
         }
         let mut tmp = OpenOptions::new()
@@ -880,6 +932,15 @@ mod kept_tests {
         assert_eq!(kept(&j), Vec::<u64>::new());
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 2, "compacted at once: {text}");
+    }
+
+    #[test]
+    fn a_bare_kept_line_is_kept_and_never_released() {
+        let bare = format!("{{\"kept\":{}}}\n", serde_json::to_string(&b(7)).unwrap());
+        let c = parse_journal(bare.as_bytes());
+        assert_eq!(c.kept.len(), 1);
+        assert_eq!(c.kept[0].batch, b(7));
+        assert_eq!(c.kept[0].generation, "unknown");
     }
 
     #[test]

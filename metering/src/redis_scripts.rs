@@ -22,6 +22,10 @@ local function fmt(n) return string.format('%d', n) end
 
 /// A new epoch for a node: the next number whose incarnation hash does not exist.
 pub(crate) const BEGIN: &str = r#"
+-- Never at or below the floor (the last epoch the node's journal knows: a Redis that lost its
+-- data restarts its counters, and a reused epoch would reuse settle keys the book holds).
+local floor = tonumber(ARGV[2] or '0')
+if tonumber(redis.call('GET', KEYS[1]) or '0') < floor then redis.call('SET', KEYS[1], floor) end
 local e = redis.call('INCR', KEYS[1])
 while redis.call('EXISTS', ARGV[1] .. e) == 1 do e = redis.call('INCR', KEYS[1]) end
 return e

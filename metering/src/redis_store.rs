@@ -342,12 +342,18 @@ const FIELDS: [&str; 6] = ["credited", "debited", "avail", "leased", "status", "
 #[async_trait]
 impl Store for RedisStore {
     async fn begin(&self, node_id: &str) -> Result<Incarnation, StoreError> {
+        self.begin_after(node_id, 0).await
+    }
+
+    async fn begin_after(&self, node_id: &str, floor: u64) -> Result<Incarnation, StoreError> {
         let mut c = self.conn.clone();
         // Never an epoch whose incarnation the store already knows (a counter restored by
-        // `book rebuild` may lag a journal it was not given; the next number is fresh).
+        // `book rebuild` may lag a journal it was not given; the next number is fresh), nor
+        // one at or below `floor`.
         let epoch: u64 = redis::Script::new(BEGIN)
             .key(format!("{}:epoch:{node_id}", self.prefix))
             .arg(format!("{}:inc:{node_id}:", self.prefix))
+            .arg(floor)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;

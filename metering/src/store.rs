@@ -44,6 +44,13 @@ pub trait Store: Send + Sync + 'static {
     /// Starts a new incarnation of `node_id` (a fresh, never reused epoch).
     async fn begin(&self, node_id: &str) -> Result<Incarnation, StoreError>;
 
+    /// `begin`, with an epoch above `floor` (the last one the node's own journal knows): a
+    /// store that lost its data restarts its counters, and a reused epoch would reuse settle
+    /// keys. A store that never loses its counter (embedded) may ignore it.
+    async fn begin_after(&self, node_id: &str, _floor: u64) -> Result<Incarnation, StoreError> {
+        self.begin(node_id).await
+    }
+
     /// Applies a batch once: debits each entry's cost from this incarnation's lease, takes the
     /// handed-back part of the lease back into `available` (any shortfall becomes debt), then
     /// grants up to `ask` more. See [`SettleBatch`] and [`grant`].

@@ -14,16 +14,24 @@ impl Payments {
     /// over the per-operation cap, a key reused with another amount) is set aside, counted and
     /// logged, and the drain goes on: one bad entry never holds up other payers' credit.
     pub async fn drain_credits(&self) -> Result<usize, VerificationError> {
+        // Held reversals whose deadline passed become pending (their start never said).
+        let now = close::now_ms();
+        for h in self.backend.held_credits().await? {
+            if h.not_before_ms.is_none_or(|t| t <= now) {
+                let due = channels::PendingCredit {
+                    not_before_ms: None,
+                    ..h.clone()
+                };
+                if self.backend.unhold(&h.key, Some(&due)).await? {
+                    tracing::warn!(key = %h.key, account = %h.account, amount = h.picos, "a start's charge is given back: its outcome was never recorded before the deadline (the process died, or the start never finished)");
+                }
+            }
+        }
         let pending = self.backend.pending_credits().await?;
         let mut applied = 0;
         let mut left = pending.len();
         let mut unavailable = None;
-        let now = close::now_ms();
         for c in pending {
-            // A held reversal waits for its start's outcome (or its deadline).
-            if c.not_before_ms.is_some_and(|t| t > now) {
-                continue;
-            }
             match self.apply_credit(&c).await {
                 Ok(now) => {
                     left -= 1;
@@ -147,7 +155,7 @@ impl Payments {
         let due =
             close::now_ms().saturating_add(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
         self.backend
-            .set_pending(&channels::PendingCredit {
+            .hold(&channels::PendingCredit {
                 key: format!("refund:{charge_key}"),
                 account: account.to_owned(),
                 picos,
@@ -157,13 +165,20 @@ impl Payments {
             .await
     }
 
-    /// The start went live: its held reversal goes, the charge stands. Should this fail, the
-    /// reversal falls due at its deadline (a start given for free: never a customer charged
-    /// for nothing).
-    pub async fn release_reversal(&self, charge_key: &str) -> Result<(), VerificationError> {
-        self.backend
-            .credit_done(&format!("refund:{charge_key}"))
-            .await
+    /// The start went live: its held reversal goes, the charge stands. False when it was no
+    /// longer held (its deadline passed first: the start is given for free; logged).
+    pub async fn release_reversal(&self, charge_key: &str) -> Result<bool, VerificationError> {
+        let released = self
+            .backend
+            .unhold(&format!("refund:{charge_key}"), None)
+            .await?;
+        if !released {
+            tracing::error!(
+                charge_key,
+                "a live start's reversal was already due (its deadline passed before it went live): the start is given for free"
+            );
+        }
+        Ok(released)
     }
 
     /// Gives back a charge (`charge_key`, `picos`) exactly once, whether or not the charge had
@@ -176,15 +191,18 @@ impl Payments {
         charge_key: &str,
         picos: i64,
     ) -> Result<(), VerificationError> {
-        // Replaces a held reversal of the same charge: due now.
+        // Due now (taking it out of the held ones, if it was held).
         self.backend
-            .set_pending(&channels::PendingCredit {
-                key: format!("refund:{charge_key}"),
-                account: account.to_owned(),
-                picos,
-                reverses: Some(charge_key.to_owned()),
-                not_before_ms: None,
-            })
+            .unhold(
+                &format!("refund:{charge_key}"),
+                Some(&channels::PendingCredit {
+                    key: format!("refund:{charge_key}"),
+                    account: account.to_owned(),
+                    picos,
+                    reverses: Some(charge_key.to_owned()),
+                    not_before_ms: None,
+                }),
+            )
             .await?;
         self.drain_credits().await.map(|_| ())
     }

@@ -666,8 +666,18 @@ impl ChannelBackend for Interleaved {
     async fn add_pending(&self, c: &PendingCredit) -> Result<(), mpp::VerificationError> {
         self.inner.add_pending(c).await
     }
-    async fn set_pending(&self, c: &PendingCredit) -> Result<(), mpp::VerificationError> {
-        self.inner.set_pending(c).await
+    async fn hold(&self, c: &PendingCredit) -> Result<(), mpp::VerificationError> {
+        self.inner.hold(c).await
+    }
+    async fn held_credits(&self) -> Result<Vec<PendingCredit>, mpp::VerificationError> {
+        self.inner.held_credits().await
+    }
+    async fn unhold(
+        &self,
+        key: &str,
+        due: Option<&PendingCredit>,
+    ) -> Result<bool, mpp::VerificationError> {
+        self.inner.unhold(key, due).await
     }
     async fn credit_done(&self, key: &str) -> Result<(), mpp::VerificationError> {
         self.inner.credit_done(key).await
@@ -933,8 +943,11 @@ async fn a_start_charge_stands_only_if_the_start_went_live() {
         .unwrap();
     p.drain_credits().await.unwrap();
     assert_eq!(rig.available(acct).await, 9 * USD, "held, not applied");
-    p.release_reversal("deploy:live").await.unwrap();
-    p.release_reversal("deploy:live").await.unwrap();
+    assert!(p.release_reversal("deploy:live").await.unwrap());
+    assert!(
+        !p.release_reversal("deploy:live").await.unwrap(),
+        "released once"
+    );
     p.drain_credits().await.unwrap();
     assert_eq!(rig.available(acct).await, 9 * USD);
     // Failed: the held reversal is made due now.
@@ -972,5 +985,17 @@ async fn a_start_charge_stands_only_if_the_start_went_live() {
         "given back at the deadline, once"
     );
     assert!(p.backend().pending_credits().await.unwrap().is_empty());
+    assert!(p.backend().held_credits().await.unwrap().is_empty());
+    // A live start whose deadline passed first: given for free, and said so.
+    p.hold_reversal(acct, "deploy:slow", USD, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    rig.money
+        .charge(acct, "deploy:slow", USD, false)
+        .await
+        .unwrap();
+    p.drain_credits().await.unwrap();
+    assert!(!p.release_reversal("deploy:slow").await.unwrap());
+    assert_eq!(rig.available(acct).await, 9 * USD);
     assert_eq!(rig.audit().await, vec![]);
 }

@@ -121,8 +121,7 @@ impl Control {
             Some(id) => self.owned_active(owner, id).await?,
             None => self.new_project(owner, req.project_name.as_deref()).await?,
         };
-        let lock = self.lock_for(&project.id);
-        let _guard = lock.lock().await;
+        let _guard = self.lock_start(&project.id).await?;
         // Re-read under the lock: another deploy may have finished meanwhile.
         let mut project = self.owned_active(owner, &project.id).await?;
 

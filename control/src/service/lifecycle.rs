@@ -42,8 +42,7 @@ impl Control {
         project_id: &str,
         target: Option<&str>,
     ) -> Result<DeployOutcome, ControlError> {
-        let lock = self.lock_for(project_id);
-        let _guard = lock.lock().await;
+        let _guard = self.lock_start(project_id).await?;
         let mut project = self.owned_active(owner, project_id).await?;
         let target = match target {
             Some(t) => {

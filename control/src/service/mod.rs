@@ -48,6 +48,9 @@ impl Default for ControlConfig {
     }
 }
 
+/// How long a deploy or rollback waits for another one of the same project.
+pub const START_LOCK_WAIT: Duration = Duration::from_secs(120);
+
 /// What `deploy_project` takes (after the MCP layer parsed it).
 #[derive(Clone, Default)]
 pub struct DeployRequest {
@@ -304,6 +307,24 @@ impl Control {
 
     pub fn url(&self, slug: &str) -> String {
         self.cfg.url_template.replace("{slug}", slug)
+    }
+
+    /// The project's lock for a start (a deploy or a rollback), waited for at most
+    /// `START_LOCK_WAIT`: a start's charge gives itself back unless the start goes live
+    /// within a deadline (docs/payments.md), so starts never queue up past it.
+    pub(crate) async fn lock_start(
+        &self,
+        project: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ControlError> {
+        tokio::time::timeout(START_LOCK_WAIT, self.lock_for(project).lock_owned())
+            .await
+            .map_err(|_| {
+                ControlError::new(
+                    "PROJECT_BUSY",
+                    "another deploy or rollback of this project is still under way",
+                    "wait for it to finish (get_project shows it), then repeat the call",
+                )
+            })
     }
 
     pub(crate) fn lock_for(&self, project: &str) -> Arc<tokio::sync::Mutex<()>> {

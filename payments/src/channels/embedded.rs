@@ -17,6 +17,7 @@ const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("mpp_pending_
 const POISONED: TableDefinition<&str, &[u8]> = TableDefinition::new("mpp_poisoned_credits");
 const META: TableDefinition<&str, &str> = TableDefinition::new("mpp_meta");
 const FORCED: TableDefinition<&str, ()> = TableDefinition::new("mpp_forced_closes");
+const HELD: TableDefinition<&str, &[u8]> = TableDefinition::new("mpp_held_credits");
 
 /// Channel records in a redb file; every update is one durable write transaction.
 #[derive(Clone)]
@@ -33,6 +34,7 @@ impl EmbeddedChannels {
         tx.open_table(POISONED).map_err(unavailable)?;
         tx.open_table(META).map_err(unavailable)?;
         tx.open_table(FORCED).map_err(unavailable)?;
+        tx.open_table(HELD).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
         Ok(EmbeddedChannels { db: Arc::new(db) })
     }
@@ -146,18 +148,60 @@ impl ChannelBackend for EmbeddedChannels {
         .await
     }
 
-    async fn set_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
+    async fn hold(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
         let credit = credit.clone();
         let bytes = serde_json::to_vec(&credit).map_err(corrupt)?;
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(unavailable)?;
             {
-                let mut t = tx.open_table(PENDING).map_err(unavailable)?;
+                let mut t = tx.open_table(HELD).map_err(unavailable)?;
                 t.insert(credit.key.as_str(), bytes.as_slice())
                     .map_err(unavailable)?;
             }
             tx.commit().map_err(unavailable)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn held_credits(&self) -> Result<Vec<PendingCredit>, VerificationError> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let t = tx.open_table(HELD).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (_, v) = row.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn unhold(
+        &self,
+        key: &str,
+        due: Option<&PendingCredit>,
+    ) -> Result<bool, VerificationError> {
+        let key = key.to_owned();
+        let due = due.map(serde_json::to_vec).transpose().map_err(corrupt)?;
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            let had;
+            {
+                let mut held = tx.open_table(HELD).map_err(unavailable)?;
+                had = held.remove(key.as_str()).map_err(unavailable)?.is_some();
+                if let Some(bytes) = &due {
+                    let mut pending = tx.open_table(PENDING).map_err(unavailable)?;
+                    if pending.get(key.as_str()).map_err(unavailable)?.is_none() {
+                        pending
+                            .insert(key.as_str(), bytes.as_slice())
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(had)
         })
         .await
     }

@@ -292,8 +292,19 @@ pub trait ChannelBackend: Send + Sync + 'static {
     async fn pending_credits(&self) -> Result<Vec<PendingCredit>, VerificationError>;
     /// Records a credit to apply outside any channel update (a reversal); idempotent by key.
     async fn add_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError>;
-    /// Records a credit, replacing one pending under its key (a held reversal made due now).
-    async fn set_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError>;
+    /// Records a held credit (a start's reversal, due at its `not_before_ms`) apart from the
+    /// pending ones (a build that does not know holds never applies it early), replacing one
+    /// held under its key.
+    async fn hold(&self, credit: &PendingCredit) -> Result<(), VerificationError>;
+    /// Every held credit.
+    async fn held_credits(&self) -> Result<Vec<PendingCredit>, VerificationError>;
+    /// Atomically takes `key` out of the held credits and, with `due`, records `due` as pending
+    /// (unless one is pending under its key). Returns whether `key` was held.
+    async fn unhold(
+        &self,
+        key: &str,
+        due: Option<&PendingCredit>,
+    ) -> Result<bool, VerificationError>;
     /// Forgets a pending credit once the money core has it (idempotent).
     async fn credit_done(&self, key: &str) -> Result<(), VerificationError>;
     /// Every channel id ever stored.

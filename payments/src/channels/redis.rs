@@ -25,6 +25,13 @@ redis.call('DEL', KEYS[1])
 return 'OK'
 "#;
 
+/// Takes a credit out of the held ones and, when ARGV[2] is given, makes it pending.
+const UNHOLD: &str = r#"
+local had = redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) end
+return had
+"#;
+
 const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
@@ -34,7 +41,8 @@ return 1
 /// `{p}:mpp:lock:{id}` lock token, `{p}:mpp:channels` set of ids, `{p}:mpp:credits:pending`
 /// hash key → JSON credit, `{p}:mpp:credits:poisoned` hash key → JSON [`PoisonedCredit`],
 /// `{p}:mpp:credits:dropped` hash key → JSON [`PoisonedCredit`] (set aside, then dropped by an
-/// operator), `{p}:mpp:forced` set of ids with an unresolved forced close, `{p}:mpp:meta` hash (the close
+/// operator), `{p}:mpp:credits:held` hash key → JSON credit (a start's reversal, held until its
+/// outcome or deadline), `{p}:mpp:forced` set of ids with an unresolved forced close, `{p}:mpp:meta` hash (the close
 /// watcher's block cursor), `{p}:mpp:ver` hash id → version (raised by every commit) and
 /// `{p}:mpp:dirty` hash id → version (changed since the book of record stored it). The book
 /// (book/src/channels.rs) reads and restores these keys by name.
@@ -178,16 +186,50 @@ impl ChannelBackend for RedisChannels {
         Ok(())
     }
 
-    async fn set_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
+    async fn hold(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
         let mut c = self.conn.clone();
         let _: i64 = redis::cmd("HSET")
-            .arg(self.key("credits:pending"))
+            .arg(self.key("credits:held"))
             .arg(&credit.key)
             .arg(serde_json::to_string(credit).map_err(corrupt)?)
             .query_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn held_credits(&self) -> Result<Vec<PendingCredit>, VerificationError> {
+        let mut c = self.conn.clone();
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.key("credits:held"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        all.into_iter()
+            .map(|(_, v)| serde_json::from_str(&v).map_err(corrupt))
+            .collect()
+    }
+
+    async fn unhold(
+        &self,
+        key: &str,
+        due: Option<&PendingCredit>,
+    ) -> Result<bool, VerificationError> {
+        let mut c = self.conn.clone();
+        let due = due
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(corrupt)?
+            .unwrap_or_default();
+        let had: i64 = redis::Script::new(UNHOLD)
+            .key(self.key("credits:held"))
+            .key(self.key("credits:pending"))
+            .arg(key)
+            .arg(due)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(had == 1)
     }
 
     async fn credit_done(&self, key: &str) -> Result<(), VerificationError> {
