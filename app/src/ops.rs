@@ -419,7 +419,9 @@ pub fn book_rebuild(
         // Both refusals before anything is written.
         book.check_channels_empty(&store).await?;
         let mut report = store.restore(&set, &journals).await?;
-        let channels = book.restore_channels(&store, &set).await?;
+        let channels = book
+            .restore_channels(&store, &set, crate::paid::START_REVERSAL_HOLD)
+            .await?;
         report.warnings.extend(channels.warnings.iter().cloned());
         // Declared before the store is called whole: the reaper must not trim what the writer
         // has not copied yet.

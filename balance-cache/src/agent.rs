@@ -484,6 +484,12 @@ impl Agent {
             };
             match outcome {
                 Ok(grants) => {
+                    // Redis just answered: the generation, if still unknown, so this batch is
+                    // kept for the book.
+                    if !self.generation_absent && !self.journal.has_generation(&self.inc) {
+                        self.generation_absent =
+                            !record_generation(&*self.store, &mut self.journal, &self.inc).await;
+                    }
                     self.apply(&batch, &grants, sent_at);
                     self.cache.store_down.store(false, Ordering::Release);
                     self.refresh_deadline();

@@ -152,6 +152,18 @@ impl Store for Refusing {
     async fn begin(&self, node_id: &str) -> Result<Incarnation, StoreError> {
         self.inner.begin(node_id).await
     }
+    async fn begin_after(&self, node_id: &str, floor: u64) -> Result<Incarnation, StoreError> {
+        self.inner.begin_after(node_id, floor).await
+    }
+    async fn ledger_generation(&self) -> Result<Option<String>, StoreError> {
+        self.inner.ledger_generation().await
+    }
+    async fn book_marks(
+        &self,
+        incs: &[Incarnation],
+    ) -> Result<Option<tollgate_metering::BookMarks>, StoreError> {
+        self.inner.book_marks(incs).await
+    }
     async fn settle(&self, batch: &SettleBatch) -> Result<SettleOutcome, SettleError> {
         if self.refuse_next.swap(false, Ordering::AcqRel) {
             return Err(SettleError::Gap {

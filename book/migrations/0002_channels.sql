@@ -14,13 +14,10 @@ CREATE TABLE IF NOT EXISTS book_channels (
 
 -- The small side state, stored whole each round: credits decided with a channel update and not
 -- yet in the ledger (pending, poisoned), channels with a forced close to watch, the close
--- watcher's cursor. Stored by a round that copied every ledger line up to its snapshot's last
--- entry (`bound`), replacing a state cut at an earlier entry; `taken_us`: the Redis clock then.
+-- watcher's cursor. `taken_us` is the Redis clock of the snapshot: a later one replaces it.
 CREATE TABLE IF NOT EXISTS book_channel_state (
     prefix    TEXT        PRIMARY KEY,
     taken_us  BIGINT      NOT NULL,
-    bound_ms  BIGINT      NOT NULL,
-    bound_seq BIGINT      NOT NULL,
     state     TEXT        NOT NULL,
     booked_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );

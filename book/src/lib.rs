@@ -18,9 +18,13 @@ use tokio::sync::watch;
 use tollgate_metering::{LedgerEntry, RedisStore, RestoreSet, StoreError};
 
 /// The schema, applied in order, each once (`book_migrations`).
-const MIGRATIONS: [(i32, &str); 2] = [
+const MIGRATIONS: [(i32, &str); 3] = [
     (1, include_str!("../migrations/0001_book.sql")),
     (2, include_str!("../migrations/0002_channels.sql")),
+    (
+        3,
+        include_str!("../migrations/0003_channel_state_bound.sql"),
+    ),
 ];
 
 /// Lines one round takes at most (plus the rest of the entry that reaches it).
@@ -356,7 +360,12 @@ impl Book {
         page.truncate(keep);
         let tx = self.client.transaction().await?;
         if reached {
-            store_side(&tx, &self.prefix, &snap, bound.unwrap_or((0, 0))).await?;
+            // An empty ledger (trimmed, or a Redis that lost it): the cut is where the book is.
+            let at = match bound {
+                Some(b) => b,
+                None => stream_id(&after)?,
+            };
+            store_side(&tx, &self.prefix, &snap, at).await?;
         }
         let Some((last, _)) = page.last() else {
             tx.commit().await?;
@@ -454,6 +463,50 @@ impl Book {
         Ok(copied)
     }
 
+    /// The ledger position the stored side state was cut at (`(0, 0)`: none stored).
+    pub async fn side_state_bound(&self) -> Result<(i64, i64), BookError> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT bound_ms, bound_seq FROM book_channel_state WHERE prefix = $1",
+                &[&self.prefix],
+            )
+            .await?
+            .map_or((0, 0), |r| (r.get(0), r.get(1))))
+    }
+
+    /// Deploy and rollback charges (`deploy:<ref>`, with account and amount) booked after
+    /// `after` whose refund the book does not hold: their held reversals, if any, were made
+    /// after the stored side state.
+    pub async fn start_charges_after(
+        &self,
+        after: (i64, i64),
+    ) -> Result<Vec<(String, String, i64)>, BookError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.key, c.account, c.amount FROM book_entries c
+                 WHERE c.prefix = $1 AND c.kind = 'charge' AND c.key LIKE 'charge:deploy:%'
+                   AND (c.stream_ms, c.stream_seq) > ($2, $3)
+                   AND NOT EXISTS (SELECT 1 FROM book_entries r
+                                   WHERE r.prefix = c.prefix AND r.kind = 'credit'
+                                     AND r.key = 'credit:refund:' || substr(c.key, 8))",
+                &[&self.prefix, &after.0, &after.1],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let key: String = r.get(0);
+                (
+                    key.strip_prefix("charge:").unwrap_or(&key).to_owned(),
+                    r.get(1),
+                    r.get(2),
+                )
+            })
+            .collect())
+    }
+
     /// Every channel record the book holds, and the last side state stored.
     pub async fn channels(&self) -> Result<(Vec<ChannelRow>, SideState), BookError> {
         let rows = self
@@ -501,12 +554,42 @@ impl Book {
         &self,
         store: &RedisStore,
         set: &RestoreSet,
+        start_hold: Duration,
     ) -> Result<ChannelsRestored, BookError> {
-        let (rows, side) = self.channels().await?;
+        let (rows, mut side) = self.channels().await?;
+        // A start charged after the side state's cut has its reversal held again (unless the
+        // book holds its refund): whether it went live is not known, and a customer must not
+        // pay for a start that did not. One that did is then given for free (named).
+        let due = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .saturating_add(start_hold.as_millis() as u64);
+        let mut rehold = Vec::new();
+        for (charge, account, amount) in self
+            .start_charges_after(self.side_state_bound().await?)
+            .await?
+        {
+            let key = format!("refund:{charge}");
+            if side.held.contains_key(&key) || side.pending.contains_key(&key) {
+                continue;
+            }
+            let credit = serde_json::json!({
+                "key": key, "account": account, "picos": amount,
+                "reverses": charge, "not_before_ms": due,
+            });
+            side.held.insert(key, credit.to_string());
+            rehold.push(charge);
+        }
         let mut conn = store.connection();
-        channels::restore(&mut conn, store.prefix(), &rows, &side, &set.credits)
+        let mut out = channels::restore(&mut conn, store.prefix(), &rows, &side, &set.credits)
             .await
-            .map_err(BookError::Unusable)
+            .map_err(BookError::Unusable)?;
+        for charge in rehold {
+            out.warnings.push(format!(
+                "start charge {charge} was booked after the last channel state: its reversal is held again and gives it back at the deadline unless the start is kept (a start that went live is then free)"
+            ));
+        }
+        Ok(out)
     }
 
     /// Every line the book holds, in stream order (for reconciliation and tests).
@@ -1024,8 +1107,8 @@ async fn store_side(
          ON CONFLICT (prefix) DO UPDATE
          SET taken_us = EXCLUDED.taken_us, bound_ms = EXCLUDED.bound_ms,
              bound_seq = EXCLUDED.bound_seq, state = EXCLUDED.state, booked_at = now()
-         WHERE (book_channel_state.bound_ms, book_channel_state.bound_seq)
-               <= (EXCLUDED.bound_ms, EXCLUDED.bound_seq)",
+         WHERE (book_channel_state.bound_ms, book_channel_state.bound_seq, book_channel_state.taken_us)
+               <= (EXCLUDED.bound_ms, EXCLUDED.bound_seq, EXCLUDED.taken_us)",
         &[&prefix, &snap.taken_us, &bound.0, &bound.1, &state],
     )
     .await?;

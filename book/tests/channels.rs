@@ -161,7 +161,10 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
 
     let set = book.restore_set().await.unwrap();
     store.restore(&set, &[]).await.unwrap();
-    let restored = book.restore_channels(&store, &set).await.unwrap();
+    let restored = book
+        .restore_channels(&store, &set, Duration::from_secs(600))
+        .await
+        .unwrap();
     store.enable_book().await.unwrap();
     store.finish_restore().await.unwrap();
     assert_eq!(
@@ -225,7 +228,11 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
         "{diffs:?}"
     );
     // A second rebuild is refused: Redis holds channels now.
-    assert!(book.restore_channels(&store, &set).await.is_err());
+    assert!(
+        book.restore_channels(&store, &set, Duration::from_secs(600))
+            .await
+            .is_err()
+    );
 
     // A second loss, after the book copied everything (the forged line removed): the gap
     // credit of the first rebuild counts as channel 2's credit, so nothing is put back twice.
@@ -240,7 +247,10 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
     let set = book.restore_set().await.unwrap();
     store.restore(&set, &[]).await.unwrap();
-    let again = book.restore_channels(&store, &set).await.unwrap();
+    let again = book
+        .restore_channels(&store, &set, Duration::from_secs(600))
+        .await
+        .unwrap();
     store.finish_restore().await.unwrap();
     assert_eq!(
         (again.pending_credits, again.gap_credits),
@@ -251,4 +261,93 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     assert_eq!(drain(&backend, &store).await, 0);
     let acct = store.account(&account).await.unwrap().unwrap();
     assert_eq!(acct.credited, 8 * DOLLAR, "nothing credited twice");
+}
+
+/// A deploy charged after the book's last stored channel state (the book lagging): its held
+/// reversal may be lost with Redis, so the rebuild holds it again, and the customer gets the
+/// charge back at the deadline unless the start is kept; a deploy whose refund the book holds
+/// is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_charged_after_the_last_channel_state_is_held_again_by_the_rebuild() {
+    let pg = PostgresServer::start();
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
+        .await
+        .unwrap();
+    store.enable_book().await.unwrap();
+    let backend = Arc::new(
+        RedisChannels::connect(&redis.url(), "tollgate")
+            .await
+            .unwrap(),
+    );
+    let acct = "acct-deploy";
+    store.credit(acct, "topup-d", DOLLAR).await.unwrap();
+    let price = DOLLAR / 20;
+    // Two deploys charged; the first failed and was refunded.
+    store
+        .charge(acct, "deploy:failed", price, false)
+        .await
+        .unwrap();
+    store
+        .credit(acct, "refund:deploy:failed", price)
+        .await
+        .unwrap();
+    store
+        .charge(acct, "deploy:late", price, false)
+        .await
+        .unwrap();
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    copy_all(&mut book, &store).await;
+    // The stored channel state is older than both charges (a book that lagged).
+    let (pg_client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    pg_client
+        .execute(
+            "UPDATE book_channel_state SET bound_ms = 0, bound_seq = 0",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut c = redis.conn();
+    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+    let set = book.restore_set().await.unwrap();
+    store.restore(&set, &[]).await.unwrap();
+    let restored = book
+        .restore_channels(&store, &set, Duration::ZERO)
+        .await
+        .unwrap();
+    store.finish_restore().await.unwrap();
+    assert!(
+        restored.warnings.len() == 1 && restored.warnings[0].contains("deploy:late"),
+        "{:?}",
+        restored.warnings
+    );
+    let held = backend.held_credits().await.unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].reverses.as_deref(), Some("deploy:late"));
+    assert_eq!(
+        store.account(acct).await.unwrap().unwrap().available,
+        DOLLAR - price
+    );
+    // Nobody keeps it: at its deadline the drain gives the charge back, once.
+    let due = tollgate_payments::PendingCredit {
+        not_before_ms: None,
+        ..held[0].clone()
+    };
+    assert!(backend.unhold(&held[0].key, Some(&due)).await.unwrap());
+    let pending = backend.pending_credits().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    // The reversal as the payments drain applies it: take hold of the charge key, credit back.
+    let taken = store
+        .charge(acct, "deploy:late", price, true)
+        .await
+        .unwrap()
+        .taken;
+    store.credit(acct, &pending[0].key, taken).await.unwrap();
+    assert_eq!(
+        store.account(acct).await.unwrap().unwrap().available,
+        DOLLAR
+    );
 }

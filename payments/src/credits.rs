@@ -32,6 +32,10 @@ impl Payments {
         let mut left = pending.len();
         let mut unavailable = None;
         for c in pending {
+            // A hold written as pending by an earlier build waits for its deadline too.
+            if c.not_before_ms.is_some_and(|t| t > now) {
+                continue;
+            }
             match self.apply_credit(&c).await {
                 Ok(now) => {
                     left -= 1;
@@ -191,19 +195,16 @@ impl Payments {
         charge_key: &str,
         picos: i64,
     ) -> Result<(), VerificationError> {
-        // Due now (taking it out of the held ones, if it was held).
-        self.backend
-            .unhold(
-                &format!("refund:{charge_key}"),
-                Some(&channels::PendingCredit {
-                    key: format!("refund:{charge_key}"),
-                    account: account.to_owned(),
-                    picos,
-                    reverses: Some(charge_key.to_owned()),
-                    not_before_ms: None,
-                }),
-            )
-            .await?;
+        // Due now: pending (and out of the held ones, if it was held).
+        let due = channels::PendingCredit {
+            key: format!("refund:{charge_key}"),
+            account: account.to_owned(),
+            picos,
+            reverses: Some(charge_key.to_owned()),
+            not_before_ms: None,
+        };
+        self.backend.unhold(&due.key, Some(&due)).await?;
+        self.backend.add_pending(&due).await?;
         self.drain_credits().await.map(|_| ())
     }
 }

@@ -997,5 +997,17 @@ async fn a_start_charge_stands_only_if_the_start_went_live() {
     p.drain_credits().await.unwrap();
     assert!(!p.release_reversal("deploy:slow").await.unwrap());
     assert_eq!(rig.available(acct).await, 9 * USD);
+    // Past its deadline but released before the drain looked: the release wins, the charge
+    // stands (the drain makes pending only what it takes out of the held ones).
+    p.hold_reversal(acct, "deploy:just", USD, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    rig.money
+        .charge(acct, "deploy:just", USD, false)
+        .await
+        .unwrap();
+    assert!(p.release_reversal("deploy:just").await.unwrap());
+    p.drain_credits().await.unwrap();
+    assert_eq!(rig.available(acct).await, 8 * USD);
     assert_eq!(rig.audit().await, vec![]);
 }

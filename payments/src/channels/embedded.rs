@@ -191,7 +191,7 @@ impl ChannelBackend for EmbeddedChannels {
             {
                 let mut held = tx.open_table(HELD).map_err(unavailable)?;
                 had = held.remove(key.as_str()).map_err(unavailable)?.is_some();
-                if let Some(bytes) = &due {
+                if let Some(bytes) = due.as_ref().filter(|_| had) {
                     let mut pending = tx.open_table(PENDING).map_err(unavailable)?;
                     if pending.get(key.as_str()).map_err(unavailable)?.is_none() {
                         pending

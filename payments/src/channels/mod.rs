@@ -298,8 +298,9 @@ pub trait ChannelBackend: Send + Sync + 'static {
     async fn hold(&self, credit: &PendingCredit) -> Result<(), VerificationError>;
     /// Every held credit.
     async fn held_credits(&self) -> Result<Vec<PendingCredit>, VerificationError>;
-    /// Atomically takes `key` out of the held credits and, with `due`, records `due` as pending
-    /// (unless one is pending under its key). Returns whether `key` was held.
+    /// Atomically takes `key` out of the held credits and, when it was held and `due` is
+    /// given, records `due` as pending (unless one is pending under its key). Returns whether
+    /// `key` was held.
     async fn unhold(
         &self,
         key: &str,

@@ -25,10 +25,11 @@ redis.call('DEL', KEYS[1])
 return 'OK'
 "#;
 
-/// Takes a credit out of the held ones and, when ARGV[2] is given, makes it pending.
+/// Takes a credit out of the held ones and, when it was held and ARGV[2] is given, makes it
+/// pending (a release that came first wins: nothing is made pending then).
 const UNHOLD: &str = r#"
 local had = redis.call('HDEL', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) end
+if had == 1 and ARGV[2] ~= '' then redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) end
 return had
 "#;
 
