@@ -264,20 +264,7 @@ pub async fn control_service(
         app = app.merge(tollgate_payments::http::router(p));
     }
     if let Some(registry) = agents.registry {
-        admin = admin.map(|a| {
-            a.route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let registry = registry.clone();
-                    async move {
-                        let mut out = String::new();
-                        let _ = prometheus::TextEncoder::new()
-                            .encode_utf8(&registry.gather(), &mut out);
-                        out
-                    }
-                }),
-            )
-        });
+        admin = admin.map(|a| a.route("/metrics", crate::telemetry::metrics_route(registry)));
     }
     Ok(ControlService {
         // Outermost: the span covers every route (MCP, top-ups, health), a caller's

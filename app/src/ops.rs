@@ -311,15 +311,7 @@ pub fn book_run(
                 .map_err(|e| anyhow::anyhow!("metrics listener {addr}: {e}"))?;
             let app = axum::Router::new().route(
                 "/metrics",
-                axum::routing::get(move || {
-                    let registry = registry.clone();
-                    async move {
-                        let mut out = String::new();
-                        let _ = prometheus::TextEncoder::new()
-                            .encode_utf8(&registry.gather(), &mut out);
-                        out
-                    }
-                }),
+                crate::telemetry::metrics_route(registry.clone()),
             );
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {

@@ -158,3 +158,15 @@ pub(crate) async fn trace_requests(
     span.record("http.response.status_code", resp.status().as_u16());
     resp
 }
+
+/// `GET /metrics`: `registry` in the Prometheus text format.
+pub fn metrics_route(registry: prometheus::Registry) -> axum::routing::MethodRouter {
+    axum::routing::get(move || {
+        let registry = registry.clone();
+        async move {
+            let mut out = String::new();
+            let _ = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out);
+            out
+        }
+    })
+}

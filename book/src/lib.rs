@@ -719,22 +719,16 @@ impl Book {
         Ok(row.get(0))
     }
 
-    /// Per account: (credited, debited) as the book's lines add up (p$).
-    async fn totals(&self) -> Result<Vec<(String, i64, i64)>, BookError> {
+    /// Every account the book has lines of.
+    async fn accounts(&self) -> Result<Vec<String>, BookError> {
         let rows = self
             .client
             .query(
-                "SELECT account,
-                        COALESCE(SUM(amount) FILTER (WHERE kind = 'credit'), 0)::bigint,
-                        COALESCE(SUM(amount) FILTER (WHERE kind NOT IN ('credit', 'release', 'expire')), 0)::bigint
-                 FROM book_entries WHERE prefix = $1 GROUP BY account ORDER BY account",
+                "SELECT DISTINCT account FROM book_entries WHERE prefix = $1 ORDER BY account",
                 &[&self.prefix],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Per account of `accounts`: (credited, debited) as the book's lines up to stream id
@@ -887,12 +881,7 @@ impl Book {
         out.extend(self.reconcile_channels(store).await?);
         // Totals, consistently: per chunk of accounts, Redis's totals and its ledger's last id
         // read at one instant, the book brought up to that id, and its sums up to that id.
-        let accounts: Vec<String> = self
-            .totals()
-            .await?
-            .into_iter()
-            .map(|(a, _, _)| a)
-            .collect();
+        let accounts = self.accounts().await?;
         for chunk in accounts.chunks(500) {
             let (end, redis_totals) =
                 channels::ledger_end_and_totals(&mut store.connection(), store.prefix(), chunk)

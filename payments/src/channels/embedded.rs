@@ -67,6 +67,24 @@ impl EmbeddedChannels {
         .await
     }
 
+    /// Every value of `table`, as JSON.
+    async fn json_rows<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+    ) -> Result<Vec<T>, VerificationError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let t = tx.open_table(table).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (_, v) = row.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Removes `key` from `table` (a no-op when absent).
     async fn remove_key<V: redb::Value + Send + Sync + 'static>(
         &self,
@@ -135,17 +153,7 @@ impl ChannelBackend for EmbeddedChannels {
     }
 
     async fn pending_credits(&self) -> Result<Vec<PendingCredit>, VerificationError> {
-        self.blocking(|db| {
-            let tx = db.begin_read().map_err(unavailable)?;
-            let t = tx.open_table(PENDING).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (_, v) = row.map_err(unavailable)?;
-                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
-            }
-            Ok(out)
-        })
-        .await
+        self.json_rows(PENDING).await
     }
 
     async fn hold(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
@@ -165,17 +173,7 @@ impl ChannelBackend for EmbeddedChannels {
     }
 
     async fn held_credits(&self) -> Result<Vec<PendingCredit>, VerificationError> {
-        self.blocking(|db| {
-            let tx = db.begin_read().map_err(unavailable)?;
-            let t = tx.open_table(HELD).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (_, v) = row.map_err(unavailable)?;
-                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
-            }
-            Ok(out)
-        })
-        .await
+        self.json_rows(HELD).await
     }
 
     async fn unhold(
@@ -251,17 +249,7 @@ impl ChannelBackend for EmbeddedChannels {
     }
 
     async fn poisoned(&self) -> Result<Vec<PoisonedCredit>, VerificationError> {
-        self.blocking(|db| {
-            let tx = db.begin_read().map_err(unavailable)?;
-            let t = tx.open_table(POISONED).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (_, v) = row.map_err(unavailable)?;
-                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
-            }
-            Ok(out)
-        })
-        .await
+        self.json_rows(POISONED).await
     }
 
     async fn unpoison(

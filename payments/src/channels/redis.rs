@@ -164,15 +164,7 @@ impl ChannelBackend for RedisChannels {
     }
 
     async fn pending_credits(&self) -> Result<Vec<PendingCredit>, VerificationError> {
-        let mut c = self.conn.clone();
-        let all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.key("credits:pending"))
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        all.into_iter()
-            .map(|(_, v)| serde_json::from_str(&v).map_err(corrupt))
-            .collect()
+        self.json_values("credits:pending").await
     }
 
     async fn add_pending(&self, credit: &PendingCredit) -> Result<(), VerificationError> {
@@ -200,15 +192,7 @@ impl ChannelBackend for RedisChannels {
     }
 
     async fn held_credits(&self) -> Result<Vec<PendingCredit>, VerificationError> {
-        let mut c = self.conn.clone();
-        let all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.key("credits:held"))
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        all.into_iter()
-            .map(|(_, v)| serde_json::from_str(&v).map_err(corrupt))
-            .collect()
+        self.json_values("credits:held").await
     }
 
     async fn unhold(
@@ -274,15 +258,7 @@ impl ChannelBackend for RedisChannels {
     }
 
     async fn poisoned(&self) -> Result<Vec<PoisonedCredit>, VerificationError> {
-        let mut c = self.conn.clone();
-        let all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.key("credits:poisoned"))
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        all.into_iter()
-            .map(|(_, v)| serde_json::from_str(&v).map_err(corrupt))
-            .collect()
+        self.json_values("credits:poisoned").await
     }
 
     async fn unpoison(
@@ -365,6 +341,22 @@ impl ChannelBackend for RedisChannels {
 }
 
 impl RedisChannels {
+    /// Every value of the hash `what` (under the prefix), as JSON.
+    async fn json_values<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+    ) -> Result<Vec<T>, VerificationError> {
+        let mut c = self.conn.clone();
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.key(what))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        all.into_iter()
+            .map(|(_, v)| serde_json::from_str(&v).map_err(corrupt))
+            .collect()
+    }
+
     async fn set_op(&self, op: &str, id: &str) -> Result<(), VerificationError> {
         let mut c = self.conn.clone();
         let _: i64 = redis::cmd(op)
