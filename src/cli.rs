@@ -497,6 +497,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &redis.url,
                 &redis.key_prefix,
                 &journals,
+                std::time::Duration::from_secs(cfg.payments.start_refund_hold_seconds),
             )?;
             Ok(ExitCode::SUCCESS)
         }

@@ -993,3 +993,135 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
     assert!(report.contains("no differences"), "{report}");
     assert!(report.contains(&account), "{report}");
 }
+
+/// The control process killed (`kill -9`) in the middle of a paid deploy: the deploy was
+/// charged and never went live. After the restart, the charge gives itself back at its
+/// deadline (`payments.start_refund_hold_seconds`, 3 s here): the customer never pays for a
+/// start that did not happen. Real parts: `tollgate dev` on a real Redis, the local test chain
+/// (no real money), the real mppx client over MCP, workerd.
+#[test]
+fn a_deploy_charged_when_the_control_process_dies_is_given_back() {
+    const PAYER: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+    let redis = RedisServer::start();
+    let control = free_addr();
+    let chain = free_addr();
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("tollgate.toml");
+    std::fs::write(&config, "[payments]\nstart_refund_hold_seconds = 3\n").unwrap();
+    let start = |data: &std::path::Path| {
+        let (mut dev, _proxy) = start_listening(|proxy| {
+            let mut c = bin();
+            c.env("TOLLGATE_DATA_DIR", data);
+            c.args(["dev", "--config"]).arg(&config);
+            c.args([
+                "--redis",
+                &redis.url(),
+                "--chain-listen",
+                &chain.to_string(),
+            ]);
+            listen_on(&mut c, proxy, control);
+            c
+        });
+        wait_for_control(control, &mut dev);
+        dev
+    };
+    let mut dev = start(data.path());
+    let rpc = format!("http://{chain}");
+    let c = reqwest::blocking::Client::new();
+    let payer = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
+    fund(&c, &rpc, payer);
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
+    let mppx = |args: &[&str]| {
+        let mut cmd = Command::new("node");
+        cmd.arg(js.join("client.mjs"))
+            .args(args)
+            .env("RPC", &rpc)
+            .env("KEY", PAYER)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let mcp = format!("http://{control}/mcp");
+    let account = format!("did:pkh:eip155:42431:{}", payer.to_lowercase());
+    let top = mppx(&["mcp", &mcp, "top_up", r#"{"amount_usd":"1"}"#, "1"])
+        .output()
+        .unwrap();
+    assert!(
+        top.status.success(),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt
+        .block_on(tollgate_metering::RedisStore::connect(
+            &redis.url(),
+            "tollgate",
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    let dollar = 1_000_000_000_000i64;
+    let state = || {
+        rt.block_on(tollgate_metering::Store::account(&store, &account))
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(state().credited, dollar);
+    // A deploy whose code never gets ready (a loop at start-up): the control service charges
+    // it, then waits for the runtime; it is killed in that wait.
+    let never_ready = serde_json::json!({
+        "project_name": "dies-mid-deploy",
+        "prepay_usd": "0",
+        "files": {"src/index.js": "while (true) {}\nexport default { fetch() { return new Response('never') } }\n"}
+    })
+    .to_string();
+    let mut deploy = mppx(&["mcp", &mcp, "deploy_project", &never_ready, "1"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state().debited == 0 {
+        assert!(Instant::now() < deadline, "the deploy was never charged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = dev.0.kill();
+    let _ = dev.0.wait();
+    let _ = deploy.kill();
+    let _ = deploy.wait();
+    let charged = state();
+    assert_eq!(
+        charged.debited,
+        dollar / 20,
+        "the deploy's price: {charged:?}"
+    );
+    // The outcome was never recorded: its reversal is held.
+    let held = rt
+        .block_on(async {
+            let b = tollgate_payments::RedisChannels::connect(&redis.url(), "tollgate")
+                .await
+                .unwrap();
+            tollgate_payments::ChannelBackend::held_credits(&b).await
+        })
+        .unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    // Restarted: the drain gives the charge back at the deadline, once.
+    let mut dev = start(data.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = state();
+        if s.available == dollar {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the charge was never given back: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let s = state();
+    assert_eq!(
+        (s.credited, s.available),
+        (dollar + dollar / 20, dollar),
+        "{s:?}"
+    );
+    assert!(terminate(&mut dev).success());
+}

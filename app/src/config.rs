@@ -281,6 +281,9 @@ pub struct PaymentsConfig {
     pub write_off_margin_seconds: u64,
     /// How long a payment challenge may be answered.
     pub challenge_ttl_seconds: u64,
+    /// A deploy's (or rollback's) charge gives itself back after this long unless the start is
+    /// recorded live (the control process died mid-deploy): longer than any deploy.
+    pub start_refund_hold_seconds: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -302,6 +305,7 @@ impl Default for PaymentsConfig {
             close_watch_seconds: 10,
             write_off_margin_seconds: 60,
             challenge_ttl_seconds: 60,
+            start_refund_hold_seconds: 600,
         }
     }
 }

@@ -251,10 +251,12 @@ pub async fn control_service(
             );
             Some(identity)
         }
-        None => agents
-            .payments
-            .clone()
-            .map(|p| Arc::new(crate::paid::PaidIdentity(p)) as Arc<dyn tollgate_mcp::Identify>),
+        None => agents.payments.clone().map(|p| {
+            Arc::new(crate::paid::PaidIdentity {
+                payments: p,
+                start_hold: settings.payments.start_refund_hold,
+            }) as Arc<dyn tollgate_mcp::Identify>
+        }),
     };
     if let Some(identity) = identity {
         app = app.merge(tollgate_mcp::router(control, identity, &mcp_cfg));

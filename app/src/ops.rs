@@ -372,6 +372,7 @@ pub fn book_rebuild(
     redis: &str,
     prefix: &str,
     journals: &[std::path::PathBuf],
+    start_hold: Duration,
 ) -> anyhow::Result<()> {
     // A folder stands for every `*.journal` in it (a node's own and its stand-ins').
     let mut files = Vec::new();
@@ -411,9 +412,7 @@ pub fn book_rebuild(
         // Both refusals before anything is written.
         book.check_channels_empty(&store).await?;
         let mut report = store.restore(&set, &journals).await?;
-        let channels = book
-            .restore_channels(&store, &set, crate::paid::START_REVERSAL_HOLD)
-            .await?;
+        let channels = book.restore_channels(&store, &set, start_hold).await?;
         report.warnings.extend(channels.warnings.iter().cloned());
         // Declared before the store is called whole: the reaper must not trim what the writer
         // has not copied yet.

@@ -225,7 +225,11 @@ async fn refuse_test_chain(rpc_url: &str, allowed: bool) -> anyhow::Result<()> {
 
 /// MCP identity and payment over MPP: free tools ask for a zero-amount proof, paid tools for a
 /// session voucher (JSON-RPC -32042 with the challenge; the message says it in words too).
-pub struct PaidIdentity(pub Arc<Payments>);
+pub struct PaidIdentity {
+    pub payments: Arc<Payments>,
+    /// How long a start's charge waits for its outcome (`payments.start_refund_hold_seconds`).
+    pub start_hold: std::time::Duration,
+}
 
 impl PaidIdentity {
     fn rpc(
@@ -264,8 +268,10 @@ impl PaidIdentity {
     }
 }
 
-/// How long a start's charge may stand without its outcome before it gives itself back: longer
-/// than any deploy (bundling, the runtime's start and health check take seconds to a minute).
+/// How long a start's charge may stand without its outcome before it gives itself back, by
+/// default (`payments.start_refund_hold_seconds`): longer than any deploy (bundling, the
+/// runtime's start and health check take seconds to a minute, a queue on the project's lock
+/// two minutes at most).
 pub const START_REVERSAL_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[async_trait::async_trait]
@@ -278,13 +284,13 @@ impl Identify for PaidIdentity {
         let words = "This tool is free, but it needs to know who you are: answer the MPP challenge (method tempo, intent charge, amount 0) with a zero-amount proof signed by your wallet (an MPP client such as mppx does this and repeats the call). Your account is your wallet address.";
         let cred = match tollgate_payments::mcp::credential(meta) {
             Ok(Some(c)) => c,
-            Ok(None) => return Err(self.rpc(self.0.identity_challenge(), None, words)),
-            Err(r) => return Err(self.rpc(self.0.identity_challenge(), Some(&r), words)),
+            Ok(None) => return Err(self.rpc(self.payments.identity_challenge(), None, words)),
+            Err(r) => return Err(self.rpc(self.payments.identity_challenge(), Some(&r), words)),
         };
-        match self.0.identify(&cred).await {
+        match self.payments.identify(&cred).await {
             Ok((account, _)) => Ok(Caller::unpaid(account)),
             Err(r) if r.retryable => Err(Self::retry_later(&r)),
-            Err(r) => Err(self.rpc(self.0.identity_challenge(), Some(&r), words)),
+            Err(r) => Err(self.rpc(self.payments.identity_challenge(), Some(&r), words)),
         }
     }
 
@@ -295,25 +301,25 @@ impl Identify for PaidIdentity {
         amount: u128,
         what: &str,
     ) -> Result<Caller, Refusal> {
-        let cfg = self.0.config();
+        let cfg = self.payments.config();
         let words = format!(
             "Payment required: ${} for {what}, in pathUSD on Tempo (chain {}) through an MPP payment-channel session (method tempo, intent session, payee {:#x}). An MPP client such as mppx opens a channel (suggested deposit ${}) or reuses yours, signs a voucher for +${}, and repeats this call with the credential in _meta[\"org.paymentauth/credential\"]. The money becomes your tollgate balance.",
             format_base_usd(amount),
             cfg.chain_id,
-            self.0.payee(),
+            self.payments.payee(),
             format_base_usd(cfg.suggested_deposit.max(amount)),
             format_base_usd(amount),
         );
-        let challenge = self.0.session_challenge(amount, Some(what));
+        let challenge = self.payments.session_challenge(amount, Some(what));
         let cred = match tollgate_payments::mcp::credential(meta) {
             Ok(Some(c)) => c,
             Ok(None) => return Err(self.rpc(challenge, None, &words)),
             Err(r) => {
-                self.0.refused_undecodable();
+                self.payments.refused_undecodable();
                 return Err(self.rpc(challenge, Some(&r), &words));
             }
         };
-        match self.0.accept(&cred).await {
+        match self.payments.accept(&cred).await {
             Ok(a) if !a.action.is_management() => Ok(Caller {
                 account: a.account,
                 receipt: Some((
@@ -332,8 +338,8 @@ impl Identify for PaidIdentity {
         // The reversal first, held until the start's outcome (see `Payments::hold_reversal`):
         // a crash or a dropped call after the charge gives it back by itself.
         if let Err(e) = self
-            .0
-            .hold_reversal(account, key, picos, START_REVERSAL_HOLD)
+            .payments
+            .hold_reversal(account, key, picos, self.start_hold)
             .await
         {
             return Err(ToolFailure {
@@ -342,12 +348,17 @@ impl Identify for PaidIdentity {
                 hint: "nothing was charged; repeat the call in a few seconds".into(),
             });
         }
-        match self.0.money().charge(account, key, picos, false).await {
+        match self
+            .payments
+            .money()
+            .charge(account, key, picos, false)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(tollgate_metering::ChargeError::Insufficient { .. }) => {
                 // Nothing was taken. Should the release fail, the reversal still nets to
                 // zero when it falls due (it takes what the key took, then gives it back).
-                if let Err(e) = self.0.release_reversal(key).await {
+                if let Err(e) = self.payments.release_reversal(key).await {
                     tracing::warn!(account, key, error = %e.message, "held reversal of a refused charge not released");
                 }
                 Ok(false)
@@ -355,7 +366,7 @@ impl Identify for PaidIdentity {
             Err(e) => {
                 // The answer may have been lost after the charge landed: reverse it durably
                 // (a no-op if it never landed), so "nothing was charged" holds.
-                let reversed = self.0.reverse_charge(account, key, picos).await;
+                let reversed = self.payments.reverse_charge(account, key, picos).await;
                 if let Err(r) = reversed {
                     tracing::warn!(account, key, error = %r.message, "charge reversal pending; the background drain applies it");
                 }
@@ -369,7 +380,7 @@ impl Identify for PaidIdentity {
     }
 
     async fn keep(&self, account: &str, key: &str) {
-        if let Err(e) = self.0.release_reversal(key).await {
+        if let Err(e) = self.payments.release_reversal(key).await {
             // Then it falls due at its deadline: this start is given for free.
             tracing::error!(account, key, error = %e.message, "a live start's held reversal could not be released; its charge will be given back at the deadline");
         }
@@ -378,7 +389,7 @@ impl Identify for PaidIdentity {
     async fn refund(&self, account: &str, key: &str, picos: i64) -> Result<(), ToolFailure> {
         // `key` is `refund:<charge key>`: reversed durably, applied now or by the drain.
         let charge_key = key.strip_prefix("refund:").unwrap_or(key);
-        self.0
+        self.payments
             .reverse_charge(account, charge_key, picos)
             .await
             .map_err(|e| ToolFailure {
@@ -393,7 +404,7 @@ impl Identify for PaidIdentity {
 
     async fn balance(&self, account: &str) -> Result<Balance, ToolFailure> {
         let s = self
-            .0
+            .payments
             .money()
             .account(account)
             .await

@@ -41,6 +41,8 @@ pub struct PaymentAmounts {
     /// Credit a deploy buys unless the agent says otherwise; also what a hosted service's 402
     /// asks its owner for.
     pub default_prepay: u128,
+    /// How long a start's charge waits for its outcome before it gives itself back.
+    pub start_refund_hold: std::time::Duration,
 }
 
 /// The validated configuration.
@@ -87,6 +89,7 @@ impl Settings {
             min_voucher_delta: usd("min_voucher_delta_usd", &p.min_voucher_delta_usd)?,
             settle_min: usd("settle_min_usd", &p.settle_min_usd)?,
             default_prepay: usd("default_prepay_usd", &p.default_prepay_usd)?,
+            start_refund_hold: std::time::Duration::from_secs(p.start_refund_hold_seconds),
         };
         if config.control.runtime_ip.is_unspecified() {
             return Err(bad(
@@ -125,6 +128,12 @@ impl Settings {
                     "must be at most half of payments.write_off_margin_seconds ({}), so two watcher rounds fit before the payer can withdraw",
                     p.write_off_margin_seconds
                 ),
+            ));
+        }
+        if p.start_refund_hold_seconds == 0 {
+            return Err(bad(
+                "payments.start_refund_hold_seconds",
+                "must be above 0 (a deploy's charge would give itself back before it could go live)",
             ));
         }
         if p.challenge_ttl_seconds < 10 {

@@ -216,7 +216,10 @@ async fn run() -> Res<()> {
         + "/mcp";
     let paid = mount(tollgate_mcp::router(
         control,
-        Arc::new(tollgate_app::paid::PaidIdentity(payments.clone())),
+        Arc::new(tollgate_app::paid::PaidIdentity {
+            payments: payments.clone(),
+            start_hold: tollgate_app::paid::START_REVERSAL_HOLD,
+        }),
         &cfg,
     ))
     .await?
