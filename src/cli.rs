@@ -497,7 +497,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &redis.url,
                 &redis.key_prefix,
                 &journals,
-                std::time::Duration::from_secs(cfg.payments.start_refund_hold_seconds),
+                tollgate_app::settings::start_refund_hold(&cfg.payments)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
             )?;
             Ok(ExitCode::SUCCESS)
         }

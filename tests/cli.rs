@@ -996,7 +996,7 @@ fn an_agent_pays_over_mcp_with_mppx_deploys_and_its_url_answers() {
 
 /// The control process killed (`kill -9`) in the middle of a paid deploy: the deploy was
 /// charged and never went live. After the restart, the charge gives itself back at its
-/// deadline (`payments.start_refund_hold_seconds`, 3 s here): the customer never pays for a
+/// deadline (`payments.start_refund_hold_seconds`, 5 s here): the customer never pays for a
 /// start that did not happen. Real parts: `tollgate dev` on a real Redis, the local test chain
 /// (no real money), the real mppx client over MCP, workerd.
 #[test]
@@ -1007,7 +1007,12 @@ fn a_deploy_charged_when_the_control_process_dies_is_given_back() {
     let chain = free_addr();
     let data = tempfile::tempdir().unwrap();
     let config = data.path().join("tollgate.toml");
-    std::fs::write(&config, "[payments]\nstart_refund_hold_seconds = 3\n").unwrap();
+    // A 5 s hold (allowed only against a test chain; 240 s at least otherwise).
+    std::fs::write(
+        &config,
+        "[payments]\nallow_test_chain = true\nstart_refund_hold_seconds = 5\n",
+    )
+    .unwrap();
     let start = |data: &std::path::Path| {
         let (mut dev, _proxy) = start_listening(|proxy| {
             let mut c = bin();
@@ -1074,6 +1079,13 @@ fn a_deploy_charged_when_the_control_process_dies_is_given_back() {
         "files": {"src/index.js": "while (true) {}\nexport default { fetch() { return new Response('never') } }\n"}
     })
     .to_string();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let asked = now_ms();
     let mut deploy = mppx(&["mcp", &mcp, "deploy_project", &never_ready, "1"])
         .spawn()
         .unwrap();
@@ -1082,6 +1094,7 @@ fn a_deploy_charged_when_the_control_process_dies_is_given_back() {
         assert!(Instant::now() < deadline, "the deploy was never charged");
         std::thread::sleep(Duration::from_millis(10));
     }
+    let seen = now_ms();
     let _ = dev.0.kill();
     let _ = dev.0.wait();
     let _ = deploy.kill();
@@ -1102,6 +1115,12 @@ fn a_deploy_charged_when_the_control_process_dies_is_given_back() {
         })
         .unwrap();
     assert_eq!(held.len(), 1, "{held:?}");
+    // Held for the configured 5 s from the charge.
+    let due = held[0].not_before_ms.unwrap();
+    assert!(
+        (asked + 5_000..=seen + 5_000).contains(&due),
+        "due at {due}, charged between {asked} and {seen}"
+    );
     // Restarted: the drain gives the charge back at the deadline, once.
     let mut dev = start(data.path());
     let deadline = Instant::now() + Duration::from_secs(30);

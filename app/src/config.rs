@@ -282,7 +282,8 @@ pub struct PaymentsConfig {
     /// How long a payment challenge may be answered.
     pub challenge_ttl_seconds: u64,
     /// A deploy's (or rollback's) charge gives itself back after this long unless the start is
-    /// recorded live (the control process died mid-deploy): longer than any deploy.
+    /// recorded live (the control process died mid-deploy): longer than any deploy (at least
+    /// 240 s, at most a day; shorter only with `allow_test_chain`).
     pub start_refund_hold_seconds: u64,
 }
 
@@ -305,7 +306,7 @@ impl Default for PaymentsConfig {
             close_watch_seconds: 10,
             write_off_margin_seconds: 60,
             challenge_ttl_seconds: 60,
-            start_refund_hold_seconds: 600,
+            start_refund_hold_seconds: crate::paid::START_REVERSAL_HOLD.as_secs(),
         }
     }
 }

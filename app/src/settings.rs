@@ -25,6 +25,35 @@ impl std::fmt::Display for SettingsError {
 
 impl std::error::Error for SettingsError {}
 
+/// The shortest `payments.start_refund_hold_seconds` outside development: a start may wait
+/// `START_LOCK_WAIT` for the project's lock, then bundle and start (well under a minute).
+pub const MIN_START_REFUND_HOLD_SECONDS: u64 = 240;
+
+/// `payments.start_refund_hold_seconds`, checked (also by `tollgate book rebuild`, which holds
+/// reversals again with it): longer than any start can take, so a start that goes live is not
+/// given for free (shorter only with `allow_test_chain`, for tests), at most a day, so a
+/// charge for a start that died is given back the same day.
+pub fn start_refund_hold(
+    p: &crate::config::PaymentsConfig,
+) -> Result<std::time::Duration, SettingsError> {
+    let s = p.start_refund_hold_seconds;
+    let min = if p.allow_test_chain {
+        1
+    } else {
+        MIN_START_REFUND_HOLD_SECONDS
+    };
+    if s < min || s > 86_400 {
+        return Err(bad(
+            "payments.start_refund_hold_seconds",
+            format!(
+                "must be from {min} to 86400: longer than a deploy can take (a start may wait {} s for another start of its project, then bundle and start), and short enough that a dead start's charge comes back the same day",
+                tollgate_control::START_LOCK_WAIT.as_secs()
+            ),
+        ));
+    }
+    Ok(std::time::Duration::from_secs(s))
+}
+
 fn bad(key: &str, message: impl Into<String>) -> SettingsError {
     SettingsError {
         key: key.to_owned(),
@@ -89,7 +118,7 @@ impl Settings {
             min_voucher_delta: usd("min_voucher_delta_usd", &p.min_voucher_delta_usd)?,
             settle_min: usd("settle_min_usd", &p.settle_min_usd)?,
             default_prepay: usd("default_prepay_usd", &p.default_prepay_usd)?,
-            start_refund_hold: std::time::Duration::from_secs(p.start_refund_hold_seconds),
+            start_refund_hold: start_refund_hold(p)?,
         };
         if config.control.runtime_ip.is_unspecified() {
             return Err(bad(
@@ -130,12 +159,7 @@ impl Settings {
                 ),
             ));
         }
-        if p.start_refund_hold_seconds == 0 {
-            return Err(bad(
-                "payments.start_refund_hold_seconds",
-                "must be above 0 (a deploy's charge would give itself back before it could go live)",
-            ));
-        }
+        start_refund_hold(p)?;
         if p.challenge_ttl_seconds < 10 {
             return Err(bad("payments.challenge_ttl_seconds", "must be at least 10"));
         }
@@ -333,6 +357,10 @@ mod tests {
         assert_eq!(e.key, "payments.suggested_deposit_usd", "{e}");
         let e = check("[payments]\nrealm = \"10.0.0.1\"\n");
         assert_eq!(e.key, "payments.realm", "{e}");
+        for hold in ["0", "60", "86401"] {
+            let e = check(&format!("[payments]\nstart_refund_hold_seconds = {hold}\n"));
+            assert_eq!(e.key, "payments.start_refund_hold_seconds", "{e}");
+        }
         let e = check("[payments]\nclose_watch_seconds = 0\n");
         assert_eq!(e.key, "payments.close_watch_seconds", "{e}");
         let e = check("[payments]\nwrite_off_margin_seconds = 5\n");

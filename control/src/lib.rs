@@ -17,6 +17,6 @@ pub use model::{DeployStatus, Deployment, Project, ProjectStatus};
 pub use routes::{LocalRoutes, RoutePublisher};
 pub use service::{
     Control, ControlConfig, DatabaseAccess, DatabaseView, DeployOutcome, DeployRequest,
-    ProjectView, QueryOut, Traffic, UsageView, bundler_for,
+    ProjectView, QueryOut, START_LOCK_WAIT, Traffic, UsageView, bundler_for,
 };
 pub use store::{ControlStore, RedisControlStore, Usage};

@@ -363,7 +363,11 @@ async fn hostile_requests_get_a_clean_error_and_change_nothing() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (url, control) = server(&redis, &dir).await;
-    let c = reqwest::Client::new();
+    // A fresh connection per request: the server closes one whose body it refused unread.
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let post = |body: Vec<u8>| {
         c.post(&url)
             .header("accept", "application/json, text/event-stream")
