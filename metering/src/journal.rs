@@ -190,6 +190,8 @@ pub struct Journal {
     kept_bytes: u64,
     /// The ledger generation of each incarnation (its batches are kept only when known).
     generations: BTreeMap<(String, u64), String>,
+    /// The ledger generation in which a book of record was last seen declared (this process).
+    book_seen_in: Option<String>,
     /// The highest acknowledged seq per incarnation (see [`JournalContent::acked`]).
     acked: BTreeMap<(String, u64), u64>,
     /// Bytes appended since the last compaction: a rewrite carries the kept batches, so it
@@ -278,6 +280,7 @@ impl Journal {
                 .map(|k| Kept { k, tag: None })
                 .collect(),
             generations: content.generations,
+            book_seen_in: None,
             acked: content.acked,
             appended: 0,
             max_kept: MAX_KEPT,
@@ -477,6 +480,14 @@ impl Journal {
         marks: &BookMarks,
         incs: &[Incarnation],
     ) -> Result<usize, JournalError> {
+        if marks.declared {
+            self.book_seen_in = marks.generation.clone();
+        } else if self.book_seen_in.is_some() && self.book_seen_in != marks.generation {
+            // A book was declared in an earlier Redis lifetime and is not (yet) in this one:
+            // Redis lost its data and the writer has not declared the book again there. Not
+            // "no book": everything stays until it does.
+            return Ok(0);
+        }
         let before = self.kept.len();
         let hwm = |b: &SettleBatch| {
             incs.iter()
@@ -917,6 +928,69 @@ mod kept_tests {
         let c = Journal::read_stopped(&p).unwrap();
         assert!(c.kept.is_empty() && c.pending.is_empty(), "{c:?}");
         assert_eq!(c.acked[&("n".to_owned(), 3)], 5);
+    }
+
+    /// A book seen declared, then a Redis of another generation where none is declared yet
+    /// (it lost its data; the writer has not run there): nothing goes, not even batches of
+    /// the new generation; once the book is declared there again, they go by its mark. A book
+    /// undeclared in the same generation (`book disable`) lets them go.
+    #[test]
+    fn a_book_missing_after_a_data_loss_is_not_taken_for_no_book() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.journal");
+        let mut j = Journal::open(&p).unwrap();
+        j.set_incarnation(&inc()).unwrap();
+        j.set_generation(&inc(), "g1").unwrap();
+        j.append(&b(1)).unwrap();
+        j.ack(&b(1)).unwrap();
+        let incs = j.kept_incarnations();
+        assert_eq!(
+            j.release_booked(&marks(None, 10, "g1", 1), &incs).unwrap(),
+            0
+        );
+        // Redis lost its data: the node's next incarnation settles into generation g2.
+        let next = Incarnation {
+            node_id: "n".into(),
+            epoch: 4,
+        };
+        j.set_incarnation(&next).unwrap();
+        j.set_generation(&next, "g2").unwrap();
+        let mut b2 = b(1);
+        b2.epoch = 4;
+        j.append(&b2).unwrap();
+        j.ack(&b2).unwrap();
+        let incs = j.kept_incarnations();
+        let lost = BookMarks {
+            declared: false,
+            booked: None,
+            last: pos(5),
+            generation: Some("g2".into()),
+            hwms: vec![0, 1],
+        };
+        assert_eq!(j.release_booked(&lost, &incs).unwrap(), 0);
+        assert_eq!(j.kept().count(), 2);
+        // Declared again in g2, its mark past the new batch: that one goes.
+        let back = BookMarks {
+            declared: true,
+            booked: pos(5),
+            ..lost.clone()
+        };
+        assert_eq!(j.release_booked(&back, &incs).unwrap(), 1);
+        assert_eq!(j.kept().count(), 1, "the lost generation's batch stays");
+        // `book disable` in the same generation: no book, a batch Redis holds goes.
+        let mut b3 = b(2);
+        b3.epoch = 4;
+        j.append(&b3).unwrap();
+        j.ack(&b3).unwrap();
+        let disabled = BookMarks {
+            declared: false,
+            hwms: vec![0, 2],
+            ..lost.clone()
+        };
+        assert_eq!(
+            j.release_booked(&disabled, &j.kept_incarnations()).unwrap(),
+            1
+        );
     }
 
     /// Without a generation (an embedded store, or a journal written before generations,
