@@ -2,6 +2,8 @@
 //! by the test on free loopback ports.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::time::Duration;
 
 use tollgate_book::Book;
@@ -114,10 +116,7 @@ async fn every_ledger_line_is_booked_exactly_once_and_the_stream_is_trimmed_only
     let again = Book::connect(&pg.url(), "tollgate").await.unwrap();
     drop(again);
     {
-        let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = common::sql(&pg).await;
         client
             .execute("UPDATE book_cursor SET last_id = '0-0'", &[])
             .await
@@ -234,12 +233,7 @@ async fn the_writer_catches_up_after_postgresql_was_down_and_killed() {
 /// tampering found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_lease_returns_are_each_booked_and_reconcile_finds_every_difference() {
-    let pg = PostgresServer::start();
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_millis(300))
-        .await
-        .unwrap();
-    store.enable_book().await.unwrap();
+    let (pg, redis, store) = common::booked_store(Duration::from_millis(300)).await;
     store.credit("acct-l", "credit-l", 5 * CENT).await.unwrap();
     let inc = store.begin("lease-node").await.unwrap();
     for seq in 1..=2 {
@@ -277,10 +271,7 @@ async fn repeated_lease_returns_are_each_booked_and_reconcile_finds_every_differ
     assert_eq!(book.reconcile(&store).await.unwrap(), vec![]);
 
     // Tampering, one of each kind, then reconcile names each.
-    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = common::sql(&pg).await;
     client
         .execute(
             "UPDATE book_entries SET amount = amount + 1 WHERE key = 'credit:credit-l'",
@@ -339,12 +330,7 @@ async fn repeated_lease_returns_are_each_booked_and_reconcile_finds_every_differ
 /// skipped, and a reused key with other content is kept aside as a conflict, not dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_redis_data_loss_no_line_is_skipped_and_reused_keys_are_conflicts() {
-    let pg = PostgresServer::start();
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    store.enable_book().await.unwrap();
+    let (pg, redis, store) = common::booked_store(Duration::from_secs(10)).await;
     store.credit("acct-d", "topup-1", 2 * CENT).await.unwrap();
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
     copy_all(&mut book, &store).await;
@@ -386,10 +372,7 @@ async fn after_a_redis_data_loss_no_line_is_skipped_and_reused_keys_are_conflict
     let held: Vec<_> = lines.iter().filter(|l| l.key == "credit:topup-1").collect();
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].amount, 2 * CENT, "the book's first row stays");
-    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = common::sql(&pg).await;
     let row = client
         .query_one(
             "SELECT amount FROM book_conflicts WHERE key = 'credit:topup-1'",
@@ -684,12 +667,7 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
 /// it), and names the lines of a tail Redis lost (book lines after its last entry).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_is_clean_under_traffic_and_names_a_lost_tail() {
-    let pg = PostgresServer::start();
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    store.enable_book().await.unwrap();
+    let (pg, redis, store) = common::booked_store(Duration::from_secs(10)).await;
     money_moves(&store, "busy").await;
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
     copy_all(&mut book, &store).await;

@@ -3,6 +3,8 @@
 //! uncredited. Real PostgreSQL and redis-server, started by the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +12,6 @@ use mpp::protocol::methods::tempo::session_method::{ChannelState, ChannelStore};
 use tollgate_book::Book;
 use tollgate_metering::{RedisStore, Store};
 use tollgate_payments::{ChannelBackend, RedisChannels, SharedChannels};
-use tollgate_testkit::{PostgresServer, RedisServer};
 
 /// $1 in the token's base units (6 decimals) and in p$.
 const DOLLAR_BASE: u128 = 1_000_000;
@@ -64,12 +65,7 @@ async fn copy_all(book: &mut Book, store: &RedisStore) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_or_never() {
-    let pg = PostgresServer::start();
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    store.enable_book().await.unwrap();
+    let (pg, redis, store) = common::booked_store(Duration::from_secs(10)).await;
     let backend = Arc::new(
         RedisChannels::connect(&redis.url(), "tollgate")
             .await
@@ -139,10 +135,7 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
 
     // The writer lagged on channel 2's credit line: drop it from the book (what a loss right
     // after the voucher, before the copy, would leave).
-    let (pg_client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let pg_client = common::sql(&pg).await;
     let n = pg_client
         .execute(
             "DELETE FROM book_entries WHERE key = $1",
@@ -269,12 +262,7 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
 /// is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_charged_after_the_last_channel_state_is_held_again_by_the_rebuild() {
-    let pg = PostgresServer::start();
-    let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    store.enable_book().await.unwrap();
+    let (pg, redis, store) = common::booked_store(Duration::from_secs(10)).await;
     let backend = Arc::new(
         RedisChannels::connect(&redis.url(), "tollgate")
             .await
@@ -299,10 +287,7 @@ async fn a_start_charged_after_the_last_channel_state_is_held_again_by_the_rebui
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
     copy_all(&mut book, &store).await;
     // The stored channel state is older than both charges (a book that lagged).
-    let (pg_client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let pg_client = common::sql(&pg).await;
     pg_client
         .execute(
             "UPDATE book_channel_state SET bound_ms = 0, bound_seq = 0",
