@@ -304,6 +304,7 @@ pub fn book_run(
     use tokio::signal::unix::{SignalKind, signal};
     one_shot()?.block_on(async move {
         let registry = prometheus::Registry::new();
+        tollgate_proxy::metrics::register_build_info(&registry)?;
         let metrics = tollgate_book::BookMetrics::new(&registry)?;
         if let Some(addr) = metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr)

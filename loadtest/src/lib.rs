@@ -52,18 +52,45 @@ pub struct HostRecord {
     pub account: Option<String>,
     pub sent: u64,
     pub by_status: BTreeMap<u16, u64>,
+    /// Answers the proxy gave before or at the money gate (see [`NOT_CHARGED`]): not charged.
+    pub refused: u64,
     pub transport_errors: u64,
 }
 
+/// The proxy's problem types (`urn:tollgate:problem:<kind>`, docs/proxy.md) answered before a
+/// request is admitted, hence never charged: the money gate's refusals (402 suspended, 503
+/// metering unavailable) and what is refused before the gate. Every other answer — the
+/// upstream's, and the proxy's own 502/503/504 for an upstream that failed — is charged: a
+/// request is paid once, when it is admitted.
+pub const NOT_CHARGED: [&str; 6] = [
+    "service-suspended",
+    "metering-unavailable",
+    "not-ready",
+    "unknown-host",
+    "bad-host",
+    "header-too-large",
+];
+
+/// Whether `body` is one of the proxy's uncharged refusals.
+pub fn refused_by_proxy(status: u16, body: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"urn:tollgate:problem:";
+    if status < 400 {
+        return false;
+    }
+    let Some(at) = body.windows(PREFIX.len()).position(|w| w == PREFIX) else {
+        return false;
+    };
+    let rest = &body[at + PREFIX.len()..];
+    NOT_CHARGED
+        .iter()
+        .any(|k| rest.starts_with(k.as_bytes()) && rest.get(k.len()).is_some_and(|&c| c == b'"'))
+}
+
 impl HostRecord {
-    /// Requests the proxy admitted, hence charged: every answer except the gate's own refusals
-    /// (402 suspended, 503 metering unavailable) and transport errors.
+    /// Requests the proxy admitted, hence charged: every answer except the proxy's refusals
+    /// before or at the money gate ([`NOT_CHARGED`]), and transport errors.
     pub fn admitted(&self) -> u64 {
-        self.by_status
-            .iter()
-            .filter(|(s, _)| **s != 402 && **s != 503)
-            .map(|(_, n)| n)
-            .sum()
+        self.by_status.values().sum::<u64>() - self.refused
     }
 }
 
@@ -176,8 +203,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
                 match res {
                     Ok(r) => {
                         let status = r.status().as_u16();
-                        let _ = r.bytes().await;
+                        let body = r.bytes().await.unwrap_or_default();
                         *rec.by_status.entry(status).or_default() += 1;
+                        if refused_by_proxy(status, &body) {
+                            rec.refused += 1;
+                        }
                         if scheduled >= record_from {
                             let us = scheduled.elapsed().as_micros() as u64;
                             let _ = me.hist.record(us.clamp(1, 60_000_000));
@@ -218,6 +248,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
             e.account = r.account;
             e.sent += r.sent;
             e.transport_errors += r.transport_errors;
+            e.refused += r.refused;
             for (s, n) in r.by_status {
                 *e.by_status.entry(s).or_default() += n;
             }
@@ -253,4 +284,40 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
         hosts,
         expected_request_cost_picos: expected,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_by_proxy;
+
+    #[test]
+    fn only_the_proxys_refusals_before_admission_are_uncharged() {
+        let problem = |kind: &str| {
+            format!(r#"{{"type":"urn:tollgate:problem:{kind}","title":"t","status":503}}"#)
+        };
+        for kind in [
+            "metering-unavailable",
+            "service-suspended",
+            "not-ready",
+            "unknown-host",
+        ] {
+            assert!(refused_by_proxy(503, problem(kind).as_bytes()), "{kind}");
+        }
+        // The upstream's failures, seen by the proxy after admission: charged.
+        for kind in [
+            "service-interrupted",
+            "upstream-unavailable",
+            "upstream-timeout",
+        ] {
+            assert!(!refused_by_proxy(503, problem(kind).as_bytes()), "{kind}");
+        }
+        // A longer kind that starts like a refusal is not one; neither is a success.
+        assert!(!refused_by_proxy(503, problem("not-ready-yet").as_bytes()));
+        assert!(!refused_by_proxy(
+            200,
+            problem("service-suspended").as_bytes()
+        ));
+        // A tenant's own 402 without our problem type is its answer: charged.
+        assert!(!refused_by_proxy(402, b"payment required"));
+    }
 }

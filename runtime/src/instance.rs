@@ -64,19 +64,24 @@ pub(crate) async fn spawn(
     };
     // Through `setpriv --pdeathsig KILL` (util-linux) where available: if the supervisor dies,
     // the kernel kills its workerd children instead of leaving them running unsupervised and
-    // unbilled. (Setting it ourselves would take `unsafe` code between fork and exec.)
+    // unbilled. (Setting it ourselves would take `unsafe` code between fork and exec.) The
+    // signal only comes for a parent that dies *after* it was asked for, so a supervisor that
+    // died while this process was starting would leave it behind: a last `sh` step, run once
+    // the signal is set, checks that its parent is still the supervisor and exits otherwise
+    // (seen in the fault suite: a control process killed mid-deploy left a tenant's workerd
+    // spinning under PID 1).
+    let supervisor = std::process::id().to_string();
     match (&mut cmd, setpriv()) {
         (Some(c), Some(setpriv)) => {
-            c.arg(setpriv)
-                .args(["--pdeathsig", "KILL", "--"])
-                .arg(workerd);
+            c.arg(setpriv);
+            guard(c, &supervisor, workerd);
         }
         (Some(c), None) => {
             c.arg(workerd);
         }
         (None, Some(setpriv)) => {
             let mut c = Command::new(setpriv);
-            c.args(["--pdeathsig", "KILL", "--"]).arg(workerd);
+            guard(&mut c, &supervisor, workerd);
             cmd = Some(c);
         }
         (None, None) => cmd = Some(Command::new(workerd)),
@@ -193,6 +198,15 @@ pub(crate) async fn spawn(
     })
 }
 
+/// `setpriv`'s arguments: the parent-death signal, then a `sh` step that runs `workerd` only if
+/// the parent is still `supervisor` (exit 125 otherwise, as a failed cgroup join).
+fn guard(c: &mut Command, supervisor: &str, workerd: &Path) {
+    c.args(["--pdeathsig", "KILL", "--", "/bin/sh", "-c"])
+        .arg(r#"[ "$PPID" = "$0" ] || exit 125; exec "$@""#)
+        .arg(supervisor)
+        .arg(workerd);
+}
+
 fn setpriv() -> Option<&'static Path> {
     static FOUND: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     FOUND
@@ -279,5 +293,24 @@ mod tests {
         assert_eq!(got[0], "short");
         assert_eq!(got[1].len(), 100);
         assert_eq!(got[2], "last");
+    }
+
+    /// The parent-death guard runs the program only while its parent is the supervisor that
+    /// asked for it; a process whose supervisor is already gone exits before running it.
+    #[tokio::test]
+    async fn the_guard_runs_the_program_only_under_its_supervisor() {
+        let setpriv = super::setpriv().expect("setpriv (util-linux) is installed");
+        let run = |supervisor: String| async move {
+            let mut c = Command::new(setpriv);
+            super::guard(&mut c, &supervisor, Path::new("/bin/echo"));
+            c.arg("ran").output().await.unwrap()
+        };
+        let ours = run(std::process::id().to_string()).await;
+        assert!(ours.status.success(), "{ours:?}");
+        assert_eq!(String::from_utf8_lossy(&ours.stdout), "ran\n");
+        // As seen by a process whose supervisor died before the signal was set: another parent.
+        let orphan = run("1".into()).await;
+        assert_eq!(orphan.status.code(), Some(125), "{orphan:?}");
+        assert!(orphan.stdout.is_empty(), "{orphan:?}");
     }
 }
