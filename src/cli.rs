@@ -57,16 +57,16 @@ pub enum BookCommand {
     /// continuously when `[book]` is configured); idempotent. Prints what it copied as JSON.
     Copy {
         /// The configuration file with `[redis]` and `[book]` (or TOLLGATE_REDIS_URL and
-        /// TOLLGATE_BOOK_POSTGRES_URL).
-        #[arg(long)]
+        /// TOLLGATE_BOOK_POSTGRES_URL) (env TOLLGATE_CONFIG).
+        #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
     },
     /// Run the book writer on its own (what the control service runs when `[book]` is
     /// configured): copies the Redis ledger and the payment channel records into PostgreSQL
     /// every `copy_interval_ms`, reconnecting to either by itself, until SIGTERM or SIGINT.
     Run {
-        /// As for `copy`.
-        #[arg(long)]
+        /// As for `copy` (env TOLLGATE_CONFIG).
+        #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
         /// Serve the writer's Prometheus metrics at http://ADDR/metrics (env
         /// TOLLGATE_BOOK_METRICS_LISTEN).
@@ -76,27 +76,27 @@ pub enum BookCommand {
     /// Copy what is new, then compare the book with the Redis ledger (every line still there)
     /// and every account's credited/debited totals; prints each difference and exits 1 on any.
     Reconcile {
-        /// As for `copy`.
-        #[arg(long)]
+        /// As for `copy` (env TOLLGATE_CONFIG).
+        #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
     },
     /// After a Redis data loss: fill the empty Redis with every account's balance, credit and
     /// charge key, and node incarnation from the book, plus the batches the (stopped) nodes'
     /// journals never had acknowledged (docs/book.md). Refuses a Redis that holds money keys.
     Rebuild {
-        /// As for `copy`.
-        #[arg(long)]
+        /// As for `copy` (env TOLLGATE_CONFIG).
+        #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
         /// A stopped node's settle journal (`<node>.journal`), or a folder of them; repeat for
-        /// every node.
+        /// every node (no env: the journals of this one rebuild).
         #[arg(long = "journal")]
         journals: Vec<PathBuf>,
     },
     /// After removing `[book]`: let the ledger be trimmed by age alone again (while a book is
     /// declared, nothing it has not copied is trimmed).
     Disable {
-        /// The configuration file with `[redis]` (or TOLLGATE_REDIS_URL).
-        #[arg(long)]
+        /// The configuration file with `[redis]` (or TOLLGATE_REDIS_URL) (env TOLLGATE_CONFIG).
+        #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
     },
 }
@@ -105,11 +105,13 @@ pub enum BookCommand {
 pub enum DbCommand {
     /// Copy a project's database to FILE with SQLite's online backup (safe while it serves).
     Backup {
-        /// The configuration file the control service runs with (database.dir, control.data_dir).
-        #[arg(long)]
+        /// The configuration file the control service runs with (database.dir, control.data_dir)
+        /// (env TOLLGATE_CONFIG).
+        #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
-        /// The databases' folder (default: database.dir, else <control.data_dir>/databases).
-        #[arg(long)]
+        /// The databases' folder (default: database.dir, else <control.data_dir>/databases; env
+        /// TOLLGATE_DATABASE_DIR).
+        #[arg(long, env = "TOLLGATE_DATABASE_DIR")]
         dir: Option<PathBuf>,
         /// The project id (p_…).
         project: String,
@@ -149,17 +151,18 @@ pub enum AccountsCommand {
         #[command(flatten)]
         books: BooksArgs,
         /// The chain's JSON-RPC endpoint, to compare channels with what the escrow holds
-        /// (read only). Required: a close request or a withdrawal on chain that our books
-        /// missed is the difference that matters most.
-        #[arg(long, required_unless_present = "offline")]
+        /// (read only; env TOLLGATE_AUDIT_RPC). Required: a close request or a withdrawal on
+        /// chain that our books missed is the difference that matters most.
+        #[arg(long, env = "TOLLGATE_AUDIT_RPC", required_unless_present = "offline")]
         rpc: Option<String>,
-        /// Compare the stores only, without the chain (says so in the report).
+        /// Compare the stores only, without the chain (says so in the report; no env: a choice
+        /// made per run).
         #[arg(long, conflicts_with = "rpc")]
         offline: bool,
-        /// The chain id (default: `payments.chain_id` of the config).
-        #[arg(long)]
+        /// The chain id (default: `payments.chain_id` of the config; env TOLLGATE_CHAIN_ID).
+        #[arg(long, env = "TOLLGATE_CHAIN_ID")]
         chain_id: Option<u64>,
-        /// One JSON document instead of lines.
+        /// One JSON document instead of lines (no env: a choice made per run).
         #[arg(long)]
         json: bool,
     },
@@ -190,21 +193,53 @@ pub struct DevArgs {
     /// Where journals and the embedded stores live (default ./.tollgate; env TOLLGATE_DATA_DIR).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub public: PublicArgs,
     /// Local development only: every MCP call acts as this account (no payment, no proof), so an
     /// agent on this machine can deploy before payments are wired. Credit it with
-    /// `tollgate accounts credit`. Not available in `tollgate control`.
-    #[arg(long)]
+    /// `tollgate accounts credit`. Not available in `tollgate control` (env
+    /// TOLLGATE_DEV_ACCOUNT).
+    #[arg(long, env = "TOLLGATE_DEV_ACCOUNT")]
     pub dev_account: Option<String>,
     /// With --dev-account: credit it this many dollars at start (once per amount; repeated starts
-    /// add nothing), e.g. --dev-credit-usd 1.00.
-    #[arg(long, requires = "dev_account")]
+    /// add nothing), e.g. --dev-credit-usd 1.00 (env TOLLGATE_DEV_CREDIT_USD).
+    #[arg(long, env = "TOLLGATE_DEV_CREDIT_USD", requires = "dev_account")]
     pub dev_credit_usd: Option<String>,
-    /// Where the local test chain (no real money) listens for the payment clients' RPC.
-    #[arg(long, value_parser = parse_addr, default_value = "127.0.0.1:8545")]
+    /// Where the local test chain (no real money) listens for the payment clients' RPC (env
+    /// TOLLGATE_CHAIN_LISTEN).
+    #[arg(long, env = "TOLLGATE_CHAIN_LISTEN", value_parser = parse_addr, default_value = "127.0.0.1:8545")]
     pub chain_listen: SocketAddr,
-    /// Use this chain JSON-RPC endpoint instead of starting the local test chain.
-    #[arg(long)]
+    /// Use this chain JSON-RPC endpoint instead of starting the local test chain (env
+    /// TOLLGATE_CHAIN_RPC).
+    #[arg(long, env = "TOLLGATE_CHAIN_RPC")]
     pub chain_rpc: Option<String>,
+}
+
+/// How agents reach the platform (`[public]`), for `dev` and `control`.
+#[derive(Debug, Args)]
+pub struct PublicArgs {
+    /// The MCP URL agents use, e.g. https://mcp.example.com/mcp: its host is the payment realm
+    /// and a Host the MCP endpoint answers (`public.mcp_url`; env TOLLGATE_PUBLIC_MCP_URL).
+    #[arg(long)]
+    pub public_mcp_url: Option<String>,
+    /// Services are published at https://<slug>.<DOMAIN> (`public.base_domain`; env
+    /// TOLLGATE_PUBLIC_BASE_DOMAIN).
+    #[arg(long, value_parser = parse_host)]
+    pub public_base_domain: Option<String>,
+}
+
+impl PublicArgs {
+    fn apply(&self, cfg: &mut Config) -> anyhow::Result<()> {
+        if let Some(u) = &self.public_mcp_url {
+            tollgate_app::config::parse_public_url(u)
+                .map_err(|e| anyhow::anyhow!("--public-mcp-url: {e}"))?;
+            cfg.public.mcp_url = Some(u.clone());
+        }
+        if let Some(d) = &self.public_base_domain {
+            cfg.public.base_domain = Some(d.clone());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -221,9 +256,13 @@ pub struct ProxyArgs {
     /// Platform services answer at <slug>.<BASE_DOMAIN> (env TOLLGATE_BASE_DOMAIN).
     #[arg(long, value_parser = parse_host)]
     pub base_domain: Option<String>,
+    /// The platform's payment realm comes from the MCP URL agents use (`public.mcp_url`; env
+    /// TOLLGATE_PUBLIC_MCP_URL): the proxy strips those credentials before forwarding.
+    #[arg(long)]
+    pub public_mcp_url: Option<String>,
     /// Take over the listeners of a running proxy, which is then sent SIGQUIT (zero-downtime
     /// upgrade; deploy/systemd/tollgate-upgrade does both). Both must use the same
-    /// proxy.upgrade_sock.
+    /// proxy.upgrade_sock. No env variable: a one-time action, never a standing setting.
     #[arg(long, short)]
     pub upgrade: bool,
 }
@@ -232,8 +271,8 @@ pub struct ProxyArgs {
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// Config file (optional; flags and TOLLGATE_* variables override it; every key and
-    /// variable: deploy/tollgate.example.toml, docs/operations.md).
-    #[arg(long, short)]
+    /// variable: deploy/tollgate.example.toml, docs/operations.md) (env TOLLGATE_CONFIG).
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// `/metrics`, `/livez`, `/readyz` (default 127.0.0.1:9090; env TOLLGATE_ADMIN_LISTEN).
     #[arg(long, value_parser = parse_addr)]
@@ -247,19 +286,22 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE", env = "TOLLGATE_PID_FILE")]
     pub pid_file: Option<PathBuf>,
     /// Serve HOST from ADDR[,ADDR...] (repeatable), e.g. --route hello.localhost=127.0.0.1:3000
-    #[arg(long = "route", value_parser = StaticRoute::parse_flag)]
+    /// (env TOLLGATE_ROUTES: routes separated by spaces).
+    #[arg(long = "route", env = "TOLLGATE_ROUTES", value_delimiter = ' ', value_parser = StaticRoute::parse_flag)]
     pub routes: Vec<StaticRoute>,
 }
 
 #[derive(Debug, Args)]
 pub struct ControlArgs {
     /// The configuration file (needs [redis]; TOLLGATE_* variables override it; every key and
-    /// variable: deploy/tollgate.example.toml, docs/operations.md).
-    #[arg(long, short)]
+    /// variable: deploy/tollgate.example.toml, docs/operations.md) (env TOLLGATE_CONFIG).
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
     pub config: PathBuf,
     /// Write this process's id to FILE once it serves (removed at exit).
     #[arg(long, value_name = "FILE", env = "TOLLGATE_PID_FILE")]
     pub pid_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub public: PublicArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -296,16 +338,20 @@ pub enum RoutesCommand {
 /// same keys as the nodes; flags win.
 #[derive(Debug, Args)]
 pub struct BooksArgs {
-    /// The configuration file the nodes run with ([redis], control.data_dir).
-    #[arg(long)]
+    /// The configuration file the nodes run with ([redis], control.data_dir) (env
+    /// TOLLGATE_CONFIG).
+    #[arg(long, env = "TOLLGATE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The shared Redis (money, channels); without it, the embedded stores in the data dir.
+    /// The shared Redis (money, channels); without it, the embedded stores in the data dir
+    /// (env TOLLGATE_REDIS_URL).
     #[arg(long)]
     pub redis: Option<String>,
-    /// The prefix of every key (`redis.key_prefix`, default `tollgate`).
+    /// The prefix of every key (`redis.key_prefix`, default `tollgate`; env
+    /// TOLLGATE_REDIS_KEY_PREFIX).
     #[arg(long)]
     pub key_prefix: Option<String>,
-    /// The data dir of a stopped `tollgate dev` (`control.data_dir`, default `.tollgate`).
+    /// The data dir of a stopped `tollgate dev` (`control.data_dir`, default `.tollgate`; env
+    /// TOLLGATE_DATA_DIR).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }
@@ -325,13 +371,14 @@ impl BooksArgs {
 /// Which Redis, and its key prefix: flags, else the config file and `TOLLGATE_*`.
 #[derive(Debug, Args)]
 pub struct RedisArgs {
-    /// The configuration file the nodes run with ([redis]).
-    #[arg(long)]
+    /// The configuration file the nodes run with ([redis]) (env TOLLGATE_CONFIG).
+    #[arg(long, env = "TOLLGATE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The shared Redis, e.g. redis://127.0.0.1:6379/.
+    /// The shared Redis, e.g. redis://127.0.0.1:6379/ (env TOLLGATE_REDIS_URL).
     #[arg(long = "redis")]
     pub url: Option<String>,
-    /// The prefix of every key (`redis.key_prefix`, default `tollgate`).
+    /// The prefix of every key (`redis.key_prefix`, default `tollgate`; env
+    /// TOLLGATE_REDIS_KEY_PREFIX).
     #[arg(long)]
     pub key_prefix: Option<String>,
 }
@@ -444,7 +491,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Control(args) => {
-            let mut s = settings(Config::load(Some(&args.config), &env)?, "tollgate-control")?;
+            let mut cfg = Config::load(Some(&args.config), &env)?;
+            args.public.apply(&mut cfg)?;
+            let mut s = settings(cfg, "tollgate-control")?;
             s.pid_file = args.pid_file;
             tollgate_app::run_control(s)?;
             Ok(ExitCode::SUCCESS)
@@ -605,6 +654,14 @@ pub fn proxy_config(a: &ProxyArgs, env: &dyn Fn(&str) -> Option<String>) -> anyh
             cfg.proxy.base_domain = d.clone();
         }
     })
+    .and_then(|mut cfg| {
+        if let Some(u) = &a.public_mcp_url {
+            tollgate_app::config::parse_public_url(u)
+                .map_err(|e| anyhow::anyhow!("--public-mcp-url: {e}"))?;
+            cfg.public.mcp_url = Some(u.clone());
+        }
+        Ok(cfg)
+    })
 }
 
 /// Config for `tollgate dev`.
@@ -615,6 +672,10 @@ pub fn dev_config(a: &DevArgs, env: &dyn Fn(&str) -> Option<String>) -> anyhow::
         if let Some(d) = &a.data_dir {
             cfg.control.data_dir = d.clone();
         }
+    })
+    .and_then(|mut cfg| {
+        a.public.apply(&mut cfg)?;
+        Ok(cfg)
     })
 }
 
@@ -628,6 +689,69 @@ fn check_config(file: &Path) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The long-running commands (what a unit file, a container or a chart starts) take every
+    /// setting from a flag or a `TOLLGATE_*` variable, and `--help` says which variable.
+    const SERVERS: [&str; 3] = ["dev", "proxy", "control"];
+    /// Flags that are a one-time choice of a single run, never a standing setting.
+    const NO_ENV: [&str; 1] = ["upgrade"];
+
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            if help.trim().is_empty() {
+                out.push(format!("{path} --{id}: no help text"));
+                continue;
+            }
+            let server = SERVERS.iter().any(|s| path == format!("tollgate {s}"));
+            let names_env = arg.get_env().is_some() || help.contains("TOLLGATE_");
+            if server && !arg.is_positional() && !NO_ENV.contains(&id) && !names_env {
+                out.push(format!(
+                    "{path} --{id}: no environment variable in its help"
+                ));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_help_and_every_server_flag_names_its_variable() {
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "tollgate", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    #[test]
+    fn help_shows_the_variables() {
+        let mut cmd = super::Cli::command();
+        let dev = cmd.find_subcommand_mut("dev").unwrap();
+        let help = dev.render_long_help().to_string();
+        for var in [
+            "TOLLGATE_CONFIG",
+            "TOLLGATE_PUBLIC_MCP_URL",
+            "TOLLGATE_PUBLIC_BASE_DOMAIN",
+            "TOLLGATE_DEV_ACCOUNT",
+            "TOLLGATE_CHAIN_RPC",
+            "TOLLGATE_REDIS_URL",
+        ] {
+            assert!(help.contains(var), "{var} not in:\n{help}");
         }
     }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tollgate_testkit::{RedisServer, Upstream, free_addr};
+use tollgate_testkit::{RedisServer, TcpCut, Upstream, free_addr};
 
 mod common;
 use common::*;
@@ -92,6 +92,86 @@ fn operator_commands_read_the_key_prefix_of_the_fleet_config() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(v["available"], 2_000_000_000_000i64, "{v}");
+    // Routes too: written and listed under the fleet's prefix.
+    let put = bin()
+        .args(["routes", "put", "--config"])
+        .arg(&file)
+        .args(["--slug", "fleet-svc", "--upstream", "127.0.0.1:3000"])
+        .status()
+        .unwrap();
+    assert!(put.success());
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("fleet:") && k.contains("route")),
+        "{keys:?}"
+    );
+    assert!(!keys.iter().any(|k| k.starts_with("tollgate:")), "{keys:?}");
+    let listed = bin()
+        .stdout(Stdio::piped())
+        .args(["routes", "list", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains("fleet-svc"), "{text}");
+    // The default prefix holds no route.
+    let other = bin()
+        .stdout(Stdio::piped())
+        .args(["routes", "list", "--redis", &redis.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&other.stdout);
+    assert!(!text.contains("fleet-svc"), "{text}");
+}
+
+/// `tollgate control` started before its Redis: it waits (backing off), says which URL and
+/// which config key it waits for, and serves once Redis is up.
+#[test]
+fn control_waits_for_redis_at_start_and_names_the_url_and_its_key() {
+    let port = tollgate_testkit::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let control = free_addr();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let cfg = dir.path().join("control.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[control]\nlisten = \"{control}\"\nadmin_listen = \"{}\"\ndata_dir = {:?}\n[redis]\nurl = \"{url}\"\n",
+            free_addr(),
+            dir.path().join("data").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut p = Proc(
+        with_payment_secrets(&mut bin())
+            .args(["control", "--config"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&url) && text.contains("redis.url") {
+            break;
+        }
+        assert!(p.0.try_wait().unwrap().is_none(), "control exited: {text}");
+        assert!(Instant::now() < deadline, "no word of the URL: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(p.0.try_wait().unwrap().is_none(), "control gave up at once");
+    let _redis = RedisServer::start_on(port);
+    wait_for_control(control, &mut p);
+    let r = reqwest::blocking::get(format!("http://{control}/readyz")).unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["store"], "ok", "{v}");
+    assert_eq!(v["metering"], "ok", "{v}");
+    assert!(terminate(&mut p).success());
 }
 
 #[test]
@@ -1143,4 +1223,570 @@ fn a_deploy_charged_when_the_control_process_dies_is_given_back() {
         "{s:?}"
     );
     assert!(terminate(&mut dev).success());
+}
+
+/// The local test chain (no real money) reachable by `tollgate dev` only through a TcpCut; the
+/// real mppx client pays two $1 vouchers on the HTTP top-up endpoint. (1) The chain is cut (no
+/// FIN) while $1.50 of the $2 is spent: settlement rounds fail and are counted, nothing moves;
+/// restored, the spent part settles (the largest signed voucher not above what was spent, $1).
+/// (2) The chain is cut again and the payer closes: the close is recorded (no more vouchers) and
+/// the client is told to retry (503), nothing moves on chain; restored, the server finishes the
+/// close by itself: $1.50 captured in all, the rest of the $5 deposit back to the payer, the
+/// unused $0.50 withdrawn from the account. Credit was added once per voucher, the balance
+/// invariant holds, and `tollgate accounts audit` against the chain finds no difference.
+#[test]
+fn the_chain_unreachable_during_settlement_and_close_loses_nothing_and_both_finish_after() {
+    const PAYER: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+    let payer = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
+    let account = format!("did:pkh:eip155:42431:{}", payer.to_lowercase());
+    let usd = tollgate_metering::PICOS_PER_USD;
+
+    // The chain, in this process; tollgate reaches it only through the cut.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let chain = rt
+        .block_on(tollgate_testchain::TestChain::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            tollgate_testchain::ChainConfig::default(),
+        ))
+        .unwrap();
+    let tc = chain.chain();
+    let cut = TcpCut::start(chain.addr());
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    // Settlement every second, the close watcher every second, challenges good for 5 minutes
+    // (the close answers the last payment's challenge, minutes later), a chain call that
+    // takes over 2 s failed.
+    std::fs::write(
+        &config,
+        "[payments]\nallow_test_chain = true\nsettle_interval_seconds = 1\nclose_watch_seconds = 1\nchallenge_ttl_seconds = 300\nchain_timeout_seconds = 2\n",
+    )
+    .unwrap();
+    let control = free_addr();
+    let admin = free_addr();
+    let (mut dev, _proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.args(["dev", "--config"]).arg(&config);
+        c.args(["--redis", &redis.url()])
+            .args(["--chain-rpc", &format!("http://{}", cut.addr())])
+            .args(["--proxy-listen", &proxy.to_string()])
+            .args(["--control-listen", &control.to_string()])
+            .args(["--admin-listen", &admin.to_string()]);
+        c
+    });
+    wait_for_control(control, &mut dev);
+    let metric = |name: &str, labels: &[(&str, &str)]| scrape(admin, name, labels);
+    let settle_failed = || {
+        metric(
+            "tollgate_payment_chain_transactions_total",
+            &[("kind", "settle"), ("result", "failed")],
+        )
+    };
+    let settle_ok = || {
+        metric(
+            "tollgate_payment_chain_transactions_total",
+            &[("kind", "settle"), ("result", "ok")],
+        )
+    };
+    let close_ok = || {
+        metric(
+            "tollgate_payment_chain_transactions_total",
+            &[("kind", "close"), ("result", "ok")],
+        )
+    };
+    let close_unavailable = || {
+        metric(
+            "tollgate_payment_credentials_total",
+            &[("action", "close"), ("result", "unavailable")],
+        )
+    };
+
+    // Stores, read from the test.
+    let store = rt
+        .block_on(tollgate_metering::RedisStore::connect(
+            &redis.url(),
+            "tollgate",
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    let state = || {
+        rt.block_on(tollgate_metering::Store::account(&store, &account))
+            .unwrap()
+            .unwrap()
+    };
+    let channels = rt
+        .block_on(tollgate_payments::RedisChannels::connect(
+            &redis.url(),
+            "tollgate",
+        ))
+        .unwrap();
+    let balanced = |s: &tollgate_metering::AccountState| {
+        assert_eq!(s.credited - s.debited, s.available + s.leased, "{s:?}");
+    };
+
+    // 1. The payer's wallet, funded by the faucet (directly: only tollgate is cut off).
+    let c = reqwest::blocking::Client::new();
+    fund(&c, &chain.url(), payer);
+    let funded = tc.balance(tollgate_testchain::PATH_USD, payer.parse().unwrap());
+    assert!(funded >= 5_000_000, "{funded}");
+
+    // 2. Two $1 payments with the real mppx session manager (open with a $5 deposit, then a
+    //    voucher); it then waits for us before closing.
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
+    let url = format!("http://{control}/v1/top-up?amount_usd=1");
+    let mut payer_run = Mppx::start(
+        &js,
+        &chain.url(),
+        PAYER,
+        &["manager", &url, "2", "wait-close"],
+    );
+    let paid = payer_run.lines_until(|l| l["waiting"] == true, Duration::from_secs(60));
+    assert_eq!(paid.len(), 3, "{paid:?}");
+    assert_eq!(paid[0]["status"], 200, "{paid:?}");
+    assert_eq!(paid[1]["status"], 200, "{paid:?}");
+    assert_eq!(
+        paid[1]["receipt"]["acceptedCumulative"], "2000000",
+        "{paid:?}"
+    );
+    let ch = paid[0]["channelId"].as_str().unwrap().to_ascii_lowercase();
+    assert_eq!(
+        paid[1]["channelId"].as_str().unwrap().to_ascii_lowercase(),
+        ch
+    );
+    let on_chain = || tc.channel(ch.parse().unwrap());
+    let record = || {
+        rt.block_on(tollgate_payments::ChannelBackend::get(&channels, &ch))
+            .unwrap()
+            .expect("channel record")
+    };
+    let opened = on_chain().expect("channel open on chain");
+    assert_eq!((opened.deposit, opened.settled), (5_000_000, 0));
+    let payee = opened.descriptor.payee;
+    let payee_before = tc.balance(tollgate_testchain::PATH_USD, payee);
+    let payer_after_open = tc.balance(tollgate_testchain::PATH_USD, payer.parse().unwrap());
+    assert_eq!(payer_after_open, funded - 5_000_000);
+    // Credited once per voucher; the close has not started.
+    let s = eventually(Duration::from_secs(10), "the vouchers' credit", || {
+        let s = state();
+        if s.credited == 2 * usd {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    assert_eq!(s.available, 2 * usd, "{s:?}");
+    balanced(&s);
+
+    // 3. Settlement while the chain is cut. Cut first, then spend $1.50: no settlement can have
+    //    landed before the cut (nothing was spent), and every later one needs the chain.
+    let failed_before = settle_failed();
+    cut.freeze();
+    let spent = rt
+        .block_on(tollgate_metering::Store::charge(
+            &store,
+            &account,
+            "test-spend",
+            3 * usd / 2,
+            false,
+        ))
+        .unwrap();
+    assert_eq!(spent.taken, 3 * usd / 2);
+    // A round fails, and is counted, in a bounded time (each chain call is bounded: 2 s here).
+    eventually(
+        Duration::from_secs(20),
+        "a settlement round failing while the chain is cut",
+        || {
+            let f = settle_failed();
+            if f > failed_before {
+                Ok(())
+            } else {
+                Err(format!("settle failed {f} (was {failed_before})"))
+            }
+        },
+    );
+    // Nothing moved: not on chain, not in the books, not in the account.
+    let v = on_chain().unwrap();
+    assert_eq!((v.deposit, v.settled), (5_000_000, 0));
+    assert_eq!(
+        tc.balance(tollgate_testchain::PATH_USD, payee),
+        payee_before
+    );
+    assert_eq!(record().state.settled_on_chain, 0);
+    let s = state();
+    assert_eq!((s.credited, s.available), (2 * usd, usd / 2), "{s:?}");
+    balanced(&s);
+
+    // 4. The chain is back: the spent part settles, by itself, within a few rounds: the
+    //    largest signed voucher not above what was spent ($1 of the $1.50), never the $2 one.
+    let ok_before = settle_ok();
+    cut.thaw();
+    eventually(
+        Duration::from_secs(30),
+        "the settlement after the chain came back",
+        || {
+            let v = on_chain().unwrap();
+            if v.settled == 1_000_000 {
+                Ok(())
+            } else {
+                Err(format!("{v:?}"))
+            }
+        },
+    );
+    assert!(settle_ok() > ok_before);
+    eventually(Duration::from_secs(10), "the settlement recorded", || {
+        let r = record();
+        if r.state.settled_on_chain == 1_000_000 {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.state))
+        }
+    });
+    // A few more rounds change nothing: the unspent $0.50 is never taken.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(on_chain().unwrap().settled, 1_000_000);
+    assert_eq!(
+        tc.balance(tollgate_testchain::PATH_USD, payee),
+        payee_before + 1_000_000
+    );
+    assert_eq!(
+        tc.balance(tollgate_testchain::PATH_USD, payer.parse().unwrap()),
+        payer_after_open
+    );
+    let s = state();
+    assert_eq!((s.credited, s.available), (2 * usd, usd / 2), "{s:?}");
+
+    // 5. The chain is cut again and the payer closes (its final voucher: $2).
+    let unavailable_before = close_unavailable();
+    let close_ok_before = close_ok();
+    cut.freeze();
+    payer_run.proceed();
+    // The close is recorded at once (Redis only): closing, at the amount the payer signed, no
+    // transaction yet.
+    eventually(
+        Duration::from_secs(10),
+        "the close recorded while the chain is cut",
+        || {
+            let r = record();
+            match &r.close {
+                Some(cl) if r.state.closing && !r.state.finalized => {
+                    assert_eq!(cl.cumulative, 2_000_000, "{r:?}");
+                    assert!(cl.tx_hash.is_none(), "{r:?}");
+                    Ok(())
+                }
+                _ => Err(format!("{:?} {:?}", r.state, r.close)),
+            }
+        },
+    );
+
+    // 6. The client is answered "unavailable, retry" (503) in a bounded time, not a refusal
+    //    (402) and not a receipt.
+    let answer = payer_run.finish_within(Duration::from_secs(20));
+    let Some((status, lines)) = answer else {
+        panic!(
+            "the close request got no answer in 20 s while the chain was unreachable (it hangs)"
+        );
+    };
+    assert_eq!(status.code(), Some(1), "{lines:?} {}", payer_run.stderr());
+    let fatal = lines
+        .iter()
+        .find_map(|l| l["fatal"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(fatal.contains("status 503"), "{lines:?}");
+    assert!(lines.iter().all(|l| l["close"] != true), "{lines:?}");
+    assert!(close_unavailable() > unavailable_before);
+    // While the chain stays away, the server's retries (every round) move nothing.
+    std::thread::sleep(Duration::from_secs(3));
+    let v = on_chain().expect("still open on chain");
+    assert_eq!((v.deposit, v.settled), (5_000_000, 1_000_000));
+    assert_eq!(
+        tc.balance(tollgate_testchain::PATH_USD, payee),
+        payee_before + 1_000_000
+    );
+    assert_eq!(
+        tc.balance(tollgate_testchain::PATH_USD, payer.parse().unwrap()),
+        payer_after_open
+    );
+    let r = record();
+    assert!(r.state.closing && !r.state.finalized, "{:?}", r.state);
+    let s = state();
+    assert_eq!(s.credited, 2 * usd, "{s:?}");
+    balanced(&s);
+
+    // 7. The chain is back: the server finishes the close by itself. Capture = $2 signed − the
+    //    $0.50 unused credit it withdrew = $1.50 ($1 settled before, $0.50 now); the payer gets
+    //    $3.50 of the $5 deposit back.
+    cut.thaw();
+    eventually(
+        Duration::from_secs(30),
+        "the close on chain after the chain came back",
+        || match on_chain() {
+            None => Ok(()),
+            Some(v) if v.deposit == 0 => Ok(()),
+            Some(v) => Err(format!("{v:?}")),
+        },
+    );
+    assert_eq!(
+        tc.balance(tollgate_testchain::PATH_USD, payee),
+        payee_before + 1_500_000
+    );
+    assert_eq!(
+        tc.balance(tollgate_testchain::PATH_USD, payer.parse().unwrap()),
+        funded - 1_500_000,
+        "the unspent deposit went back"
+    );
+    let r = eventually(
+        Duration::from_secs(10),
+        "the close recorded as finished",
+        || {
+            let r = record();
+            if r.state.finalized {
+                Ok(r)
+            } else {
+                Err(format!("{:?} {:?}", r.state, r.close))
+            }
+        },
+    );
+    let cl = r.close.as_ref().unwrap();
+    assert_eq!(
+        (cl.cumulative, cl.capture),
+        (2_000_000, 1_500_000),
+        "{cl:?}"
+    );
+    assert_eq!(cl.refund_picos, usd / 2, "{cl:?}");
+    assert!(
+        cl.tx_hash.as_deref().is_some_and(|h| h.len() == 66),
+        "{cl:?}"
+    );
+    assert!(close_ok() > close_ok_before);
+
+    // The account: $2 credited once per voucher, $1.50 spent, the unused $0.50 withdrawn once.
+    let s = state();
+    assert_eq!(
+        (s.credited, s.debited, s.available, s.leased),
+        (2 * usd, 2 * usd, 0, 0),
+        "{s:?}"
+    );
+    balanced(&s);
+    let ledger: Vec<_> = rt
+        .block_on(tollgate_metering::Store::ledger(&store))
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.account == account)
+        .collect();
+    let mut credits: Vec<(String, i64)> = ledger
+        .iter()
+        .filter(|e| e.kind == "credit")
+        .map(|e| (e.key.clone(), e.amount))
+        .collect();
+    credits.sort();
+    assert_eq!(
+        credits,
+        vec![
+            (format!("credit:mpp:{ch}:1000000"), usd),
+            (format!("credit:mpp:{ch}:2000000"), usd),
+        ],
+        "{ledger:?}"
+    );
+    let mut charges: Vec<(String, i64)> = ledger
+        .iter()
+        .filter(|e| e.kind == "charge")
+        .map(|e| (e.key.clone(), e.amount))
+        .collect();
+    charges.sort();
+    assert_eq!(
+        charges,
+        vec![
+            (format!("charge:mpp-close:{ch}"), usd / 2),
+            ("charge:test-spend".to_owned(), 3 * usd / 2),
+        ],
+        "{ledger:?}"
+    );
+    assert!(ledger.iter().all(|e| e.kind != "write_off"), "{ledger:?}");
+
+    // 8. The books against the chain, read directly (not through the cut).
+    assert!(terminate(&mut dev).success());
+    let audit = bin()
+        .stdout(Stdio::piped())
+        .args([
+            "accounts",
+            "audit",
+            "--redis",
+            &redis.url(),
+            "--rpc",
+            &chain.url(),
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success(), "{report}");
+    assert!(report.contains("no differences"), "{report}");
+    assert!(report.contains(&format!("account {account}:")), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with(&format!("channel {ch} ")) && l.contains("Closed")),
+        "{report}"
+    );
+    drop(cut);
+}
+
+/// A value of `name` with these labels on `/metrics` of the admin listener.
+fn scrape(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = reqwest::blocking::get(format!("http://{admin}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (set, value) = if let Some(r) = rest.strip_prefix('{') {
+            let Some((set, value)) = r.split_once('}') else {
+                continue;
+            };
+            (set, value)
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
+            continue; // another metric whose name starts with `name`
+        };
+        let pairs: Vec<&str> = set.split(',').collect();
+        if labels
+            .iter()
+            .all(|(k, v)| pairs.contains(&format!("{k}=\"{v}\"").as_str()))
+        {
+            return value.trim().parse().unwrap();
+        }
+    }
+    panic!("{name} {labels:?} not on /metrics:\n{text}");
+}
+
+/// Polls `probe` every 100 ms until it answers `Ok`, failing after `within` with its last `Err`.
+fn eventually<T>(within: Duration, what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) => assert!(Instant::now() < deadline, "{what}: still {last}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// payments/tests/js/client.mjs running in the background (blocking twin of the crate suite's
+/// `MppxRun`, payments/tests/common/mod.rs:340-401): its JSON lines as they come, stdin to let a
+/// `wait-close` run go on, killed on drop.
+struct Mppx {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Mppx {
+    fn start(js: &std::path::Path, rpc: &str, key: &str, args: &[&str]) -> Mppx {
+        use std::io::BufRead;
+        let mut child = Command::new("node")
+            .arg(js.join("client.mjs"))
+            .args(args)
+            .env("RPC", rpc)
+            .env("KEY", key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (err, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Mppx {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Lines up to and including the first that satisfies `stop`; fails on a `fatal` line, an
+    /// early end, or after `within`.
+    fn lines_until(
+        &mut self,
+        stop: impl Fn(&serde_json::Value) -> bool,
+        within: Duration,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("mppx: {e:?} after {out:?}: {}", self.stderr()));
+            assert!(v.get("fatal").is_none(), "mppx failed: {v}");
+            let done = stop(&v);
+            out.push(v);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Lets a `wait-close` run go on to its close.
+    fn proceed(&mut self) {
+        use std::io::Write;
+        let mut stdin = self.child.stdin.take().expect("stdin");
+        stdin.write_all(b"go\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Its remaining lines and exit status, if it ends within `within`; `None` if it is still
+    /// running then.
+    fn finish_within(
+        &mut self,
+        within: Duration,
+    ) -> Option<(std::process::ExitStatus, Vec<serde_json::Value>)> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => out.push(v),
+                // Stdout closed: the process is ending.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = wait_exit(&mut self.child, Duration::from_secs(5), "mppx");
+                    return Some((status, out));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Mppx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

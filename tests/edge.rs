@@ -90,6 +90,7 @@ fn https_and_http2_from_the_environment_and_certificates_reloaded_on_sighup() {
     let ca = Ca::new(dir.path(), "first");
     let (cert, key) = ca.issue(&["*.apps.test"], dir.path(), "wildcard");
     let tls = free_addr();
+    let log = dir.path().join("stderr.log");
     let (mut p, _listen) = start_listening(|listen| {
         let mut c = bin();
         c.env("TOLLGATE_PUBLIC_MCP_URL", "https://mcp.apps.test/mcp")
@@ -99,7 +100,8 @@ fn https_and_http2_from_the_environment_and_certificates_reloaded_on_sighup() {
             .args(["proxy", "--listen", &listen.to_string()])
             .args(["--admin-listen", &free_addr().to_string()])
             .args(["--base-domain", "apps.test"])
-            .args(["--route", &format!("svc.apps.test={}", up.addr)]);
+            .args(["--route", &format!("svc.apps.test={}", up.addr)])
+            .stderr(std::fs::File::create(&log).unwrap());
         c
     });
     assert!(until(Duration::from_secs(5), || curl_h2(
@@ -113,8 +115,35 @@ fn https_and_http2_from_the_environment_and_certificates_reloaded_on_sighup() {
         ("2".into(), "edge".into())
     );
 
-    // Renewed from another CA, then SIGHUP: new handshakes get the new certificate.
+    // Clients that trust both CAs keep loading it, each request a new TLS connection, through
+    // both reloads below: not one may fail.
     let ca2 = Ca::new(dir.path(), "second");
+    let both = dir.path().join("both.pem");
+    std::fs::write(
+        &both,
+        [
+            std::fs::read(&ca.pem).unwrap(),
+            std::fs::read(&ca2.pem).unwrap(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let (stop, both) = (stop.clone(), both.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match curl_h2(&both, tls, "svc.apps.test") {
+                    Ok(r) if r == ("2".to_owned(), "edge".to_owned()) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // Renewed from another CA, then SIGHUP: new handshakes get the new certificate.
     let (c2, k2) = ca2.issue(&["*.apps.test"], dir.path(), "renewed");
     std::fs::copy(&c2, &cert).unwrap();
     std::fs::copy(&k2, &key).unwrap();
@@ -140,6 +169,20 @@ fn https_and_http2_from_the_environment_and_certificates_reloaded_on_sighup() {
         curl_h2(&ca2.pem, tls, "svc.apps.test").unwrap(),
         ("2".into(), "edge".into())
     );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = loader.join().unwrap();
+    assert!(
+        ok >= 10 && failed.is_empty(),
+        "{ok} served, failed: {failed:?}"
+    );
+    // The reason is in the log, naming the file.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("TLS certificate reload failed"))
+        .unwrap_or_else(|| panic!("not logged:\n{text}"));
+    assert!(line.contains(&key.display().to_string()), "{line}");
     assert!(terminate(&mut p).success());
 }
 
@@ -599,4 +642,166 @@ fn an_old_process_whose_successor_died_exits_1() {
     let _ = Command::new("kill").args(["-KILL", &new_pid]).status();
     let status = wait_exit(&mut old.0, Duration::from_secs(20), "the old process");
     assert_eq!(status.code(), Some(1), "nobody serves: not a clean stop");
+}
+
+/// One `curl --http2` exchange: status, HTTP version, the response header block, the body.
+struct Curled {
+    status: u16,
+    version: String,
+    headers: String,
+    body: String,
+}
+
+fn curl_h2_get(ca: &Path, tls: SocketAddr, host: &str, accept: &str) -> Curled {
+    let out = Command::new("curl")
+        .args(["--http2", "-sS", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{host}:{}:127.0.0.1", tls.port())])
+        .args(["-H", &format!("accept: {accept}"), "-D", "-"])
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .arg(format!("https://{host}:{}/", tls.port()))
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (rest, tail) = text.rsplit_once('\n').unwrap();
+    let (status, version) = tail.split_once(' ').unwrap();
+    let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    Curled {
+        status: status.parse().unwrap(),
+        version: version.to_owned(),
+        headers: headers.to_ascii_lowercase(),
+        body: body.to_owned(),
+    }
+}
+
+/// The platform at its public names, as `curl --http2` and an MCP client see it: a metered
+/// service whose owner has no credit answers 402 over HTTP/2 with the MPP `Payment` challenge
+/// of the platform's realm (the public MCP host, not a listen address), browsers get the
+/// suspension page, a credit resumes it on the next request; MCP answers its public host and
+/// the configured browser origin, and refuses any other host or origin.
+#[test]
+fn the_money_gate_over_http2_and_mcp_at_its_public_names() {
+    let redis = tollgate_testkit::RedisServer::start();
+    let up = Upstream::start("paid over h2");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "operator");
+    let (cert, key) = ca.issue(&["*.apps.test"], dir.path(), "wildcard");
+    let tls = free_addr();
+    let control = free_addr();
+    let (mut dev, _proxy) = start_listening(|proxy| {
+        let mut c = bin();
+        c.env("TOLLGATE_TLS_LISTEN", tls.to_string())
+            .env("TOLLGATE_TLS_CERT", &cert)
+            .env("TOLLGATE_TLS_KEY", &key)
+            .env(
+                "TOLLGATE_PUBLIC_ALLOWED_ORIGINS",
+                "https://console.apps.test:443",
+            )
+            .args(["dev", "--redis", &redis.url()])
+            .args(["--public-mcp-url", "https://mcp.apps.test/mcp"])
+            .args(["--public-base-domain", "apps.test"])
+            .args(["--chain-listen", &free_addr().to_string()]);
+        listen_on(&mut c, proxy, control);
+        c
+    });
+    wait_for_control(control, &mut dev);
+    put_metered_route(&redis.url(), "paid", up.addr, "acct-h2");
+    let host = "paid.apps.test";
+    assert!(
+        until(Duration::from_secs(5), || curl_h2_get(
+            &ca.pem,
+            tls,
+            host,
+            "application/json"
+        )
+        .status
+            == 402),
+        "the route never reached the proxy"
+    );
+    let api = curl_h2_get(&ca.pem, tls, host, "application/json");
+    assert_eq!((api.status, api.version.as_str()), (402, "2"));
+    let challenge = api
+        .headers
+        .lines()
+        .find(|l| l.starts_with("www-authenticate:"))
+        .unwrap_or_else(|| panic!("no challenge: {}", api.headers));
+    assert!(challenge.contains("payment "), "{challenge}");
+    // The services' realm under the platform's public host (a credential for a service's
+    // top-up is not one for MCP).
+    assert!(
+        challenge.contains(r#"realm="mcp.apps.test/services""#),
+        "{challenge}"
+    );
+    assert!(
+        api.body.contains("urn:tollgate:problem:service-suspended"),
+        "{}",
+        api.body
+    );
+    let page = curl_h2_get(&ca.pem, tls, host, "text/html");
+    assert_eq!((page.status, page.version.as_str()), (402, "2"));
+    assert!(
+        page.body.contains("This service is paused"),
+        "{}",
+        page.body
+    );
+    assert!(
+        credit_account(&redis.url(), "acct-h2", "1", "h2-deposit")
+            .status
+            .success()
+    );
+    assert!(until(Duration::from_secs(5), || curl_h2_get(
+        &ca.pem,
+        tls,
+        host,
+        "application/json"
+    )
+    .status
+        == 200));
+    let ok = curl_h2_get(&ca.pem, tls, host, "text/html");
+    assert_eq!(
+        (ok.status, ok.version.as_str(), ok.body.as_str()),
+        (200, "2", "paid over h2")
+    );
+
+    // MCP at its public name (a load balancer in front forwards it to control.listen).
+    let c = reqwest::blocking::Client::new();
+    let init = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "edge-test", "version": "1"}}
+    });
+    let mcp = |host: &str, origin: Option<&str>| -> u16 {
+        let mut r = c
+            .post(format!("http://{control}/mcp"))
+            .header("host", host)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .json(&init);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send().unwrap().status().as_u16()
+    };
+    assert_eq!(mcp("mcp.apps.test", None), 200);
+    assert_eq!(mcp("mcp.apps.test", Some("https://console.apps.test")), 200);
+    assert_eq!(mcp("mcp.apps.test", Some("https://evil.example")), 403);
+    assert_eq!(mcp("evil.example", None), 403);
+    // A top-up's challenge names the public realm too.
+    let r = c
+        .post(format!("http://{control}/v1/top-up?amount_usd=1"))
+        .header("host", "mcp.apps.test")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 402);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(
+        challenge.contains(r#"realm="mcp.apps.test""#),
+        "{challenge}"
+    );
+    assert!(terminate(&mut dev).success());
 }

@@ -190,6 +190,38 @@ pub struct PublicConfig {
     /// More `Host` names the MCP endpoint answers (beside loopback and the host of `mcp_url`),
     /// e.g. a second name behind another load balancer.
     pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call MCP (`scheme://host:port`, `:*` for any port), e.g. a
+    /// web console. A request with any other `Origin` is refused (403); agents send none.
+    pub allowed_origins: Vec<String>,
+}
+
+impl PublicConfig {
+    /// Every listed origin names a scheme and a host: `https://console.example.com:443`.
+    pub fn check(&self) -> Result<(), String> {
+        for o in &self.allowed_origins {
+            let rest = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"))
+                .ok_or_else(|| {
+                    format!(
+                        "public.allowed_origins: '{o}' must start with https:// or http:// (e.g. https://console.example.com:443)"
+                    )
+                })?;
+            if rest.is_empty() || rest.contains('/') {
+                return Err(format!(
+                    "public.allowed_origins: '{o}' must be scheme://host[:port], with no path"
+                ));
+            }
+        }
+        for h in &self.allowed_hosts {
+            if h.is_empty() || h.contains(['/', ' ']) {
+                return Err(format!(
+                    "public.allowed_hosts: '{h}' must be a host name (no scheme, no path)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn de_opt_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -285,6 +317,9 @@ pub struct PaymentsConfig {
     /// recorded live (the control process died mid-deploy): longer than any deploy (at least
     /// 240 s, at most a day; shorter only with `allow_test_chain`).
     pub start_refund_hold_seconds: u64,
+    /// One chain JSON-RPC call (a voucher check, a settlement, a close) that takes longer has
+    /// failed and is retried later: 1 to 120 s.
+    pub chain_timeout_seconds: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -307,6 +342,7 @@ impl Default for PaymentsConfig {
             write_off_margin_seconds: 60,
             challenge_ttl_seconds: 60,
             start_refund_hold_seconds: crate::paid::START_REVERSAL_HOLD.as_secs(),
+            chain_timeout_seconds: tollgate_payments::chain::CALL_TIMEOUT.as_secs(),
         }
     }
 }
@@ -438,6 +474,8 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_UPGRADE_SOCK",
     "TOLLGATE_ACCESS_LOG",
     "TOLLGATE_PUBLIC_BASE_DOMAIN",
+    "TOLLGATE_PUBLIC_ALLOWED_HOSTS",
+    "TOLLGATE_PUBLIC_ALLOWED_ORIGINS",
     "TOLLGATE_CONTROL_ADMIN_LISTEN",
     "TOLLGATE_CONTROL_RUNTIME_IP",
     "TOLLGATE_TLS_LISTEN",
@@ -454,6 +492,7 @@ impl Config {
             .prices()
             .and_then(|_| cfg.tls.check())
             .and_then(|_| cfg.access_log.check())
+            .and_then(|_| cfg.public.check())
             .map_err(|message| ConfigError {
                 origin: origin.to_owned(),
                 line: None,
@@ -570,6 +609,21 @@ impl Config {
                 }
                 "TOLLGATE_PUBLIC_BASE_DOMAIN" => {
                     self.public.base_domain = Some(parse_host(&val).map_err(fail)?);
+                }
+                // Comma-separated lists.
+                "TOLLGATE_PUBLIC_ALLOWED_HOSTS" | "TOLLGATE_PUBLIC_ALLOWED_ORIGINS" => {
+                    let list: Vec<String> = val
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|v| !v.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                    if var == "TOLLGATE_PUBLIC_ALLOWED_HOSTS" {
+                        self.public.allowed_hosts = list;
+                    } else {
+                        self.public.allowed_origins = list;
+                    }
+                    self.public.check().map_err(fail)?;
                 }
                 "TOLLGATE_ACCESS_LOG" => {
                     self.access_log.mode = match val.as_str() {

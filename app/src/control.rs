@@ -118,6 +118,7 @@ pub async fn control_service(
         }
     });
     let ready_store = store.clone();
+    let ready_money = money.clone();
     sup.register_metrics(&agents.metrics)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let control = Control::new(
@@ -198,7 +199,7 @@ pub async fn control_service(
         .route("/livez", axum::routing::get(|| async { "ok" }))
         .route(
             "/readyz",
-            axum::routing::get(move || ready(ready_store.clone())),
+            axum::routing::get(move || ready(ready_store.clone(), ready_money.clone())),
         );
     let operator =
         tollgate_control::http::admin_router(control.clone(), cfg.control.admin_token.clone());
@@ -238,6 +239,7 @@ pub async fn control_service(
     allowed_hosts.extend(cfg.public.allowed_hosts.iter().cloned());
     let mcp_cfg = tollgate_mcp::McpConfig {
         allowed_hosts,
+        allowed_origins: cfg.public.allowed_origins.clone(),
         pricing,
         registry: Some(agents.metrics.clone()),
         ..tollgate_mcp::McpConfig::default()
@@ -392,30 +394,44 @@ async fn databases(
     ))
 }
 
-/// `/readyz`: 200 when the control store answers (a read of a key that does not exist), 503
-/// with the reason otherwise, so a load balancer stops sending deploys to a control instance
-/// that cannot keep them.
-async fn ready(store: Arc<dyn ControlStore>) -> axum::response::Response {
+/// `/readyz`: 200 when the control store answers (a read of a key that does not exist) and
+/// the CPU metering node's agent runs (its lease and settle loop against the money store: a
+/// runtime whose CPU cannot be charged must not take deploys); 503 with the reason otherwise,
+/// so a load balancer stops sending deploys to a control instance that cannot keep them.
+async fn ready(
+    store: Arc<dyn ControlStore>,
+    money: Option<Arc<tollgate_balance_cache::BalanceCache>>,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     let probe = tokio::time::timeout(
         std::time::Duration::from_secs(2),
         store.project("readyz-probe"),
     )
     .await;
-    match probe {
-        Ok(Ok(_)) => {
-            axum::Json(serde_json::json!({"status": "ready", "store": "ok"})).into_response()
-        }
-        Ok(Err(e)) => (
+    let store = match probe {
+        Ok(Ok(_)) => Ok("ok".to_owned()),
+        Ok(Err(e)) => Err(e.message),
+        Err(_) => Err("no answer in 2 s".to_owned()),
+    };
+    let metering = match &money {
+        None => Ok("off".to_owned()),
+        Some(m) if m.agent_started() => Ok("ok".to_owned()),
+        Some(_) => Err("the CPU metering agent has not started".to_owned()),
+    };
+    let ready = store.is_ok() && metering.is_ok();
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not ready" },
+        "store": store.unwrap_or_else(|e| e),
+        "metering": metering.unwrap_or_else(|e| e),
+    });
+    if ready {
+        axum::Json(body).into_response()
+    } else {
+        (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "not ready", "store": e.message})),
+            axum::Json(body),
         )
-            .into_response(),
-        Err(_) => (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "not ready", "store": "no answer in 2 s"})),
-        )
-            .into_response(),
+            .into_response()
     }
 }
 

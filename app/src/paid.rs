@@ -68,6 +68,7 @@ pub async fn payments(
     pc.close_watch_interval = Duration::from_secs(p.close_watch_seconds);
     pc.write_off_margin = Duration::from_secs(p.write_off_margin_seconds);
     pc.challenge_ttl = Duration::from_secs(p.challenge_ttl_seconds);
+    pc.chain_call_timeout = Duration::from_secs(p.chain_timeout_seconds);
     pc.validate().map_err(anyhow::Error::msg)?;
     refuse_test_chain(&p.rpc_url, p.allow_test_chain).await?;
 
@@ -78,8 +79,14 @@ pub async fn payments(
         .parse()
         .map_err(|_| anyhow::anyhow!("the payee key is not a secp256k1 private key"))?;
     let chain = Arc::new(
-        tollgate_payments::RpcChain::new(&p.rpc_url, signer, pc.chain_id, pc.escrow)
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        tollgate_payments::RpcChain::with_timeout(
+            &p.rpc_url,
+            signer,
+            pc.chain_id,
+            pc.escrow,
+            pc.chain_call_timeout,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     let (backend, kv): (
         Arc<dyn tollgate_payments::ChannelBackend>,

@@ -132,6 +132,9 @@ impl Settings {
         if p.max_top_up_usd == 0 || p.max_top_up_usd > 9_000 {
             return Err(bad("payments.max_top_up_usd", "must be 1..=9000"));
         }
+        if !(1..=120).contains(&p.chain_timeout_seconds) {
+            return Err(bad("payments.chain_timeout_seconds", "must be 1..=120"));
+        }
         if p.settle_interval_seconds == 0 {
             return Err(bad(
                 "payments.settle_interval_seconds",

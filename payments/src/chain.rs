@@ -137,6 +137,33 @@ pub struct RpcChain {
     read_only: bool,
 }
 
+/// How long one JSON-RPC call may take before it counts as failed (a chain that accepts the
+/// connection and never answers — a stalled load balancer, a partition without a reset —
+/// must fail a settlement or a close, not hang it).
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A Tempo provider (the `mpp` crate's network and fillers) whose every HTTP call is bounded:
+/// `mpp::server::tempo_provider` builds one on a client with no timeout at all.
+pub fn tempo_provider(
+    rpc_url: &str,
+    call_timeout: std::time::Duration,
+) -> Result<mpp::server::TempoProvider, String> {
+    use alloy::providers::ProviderBuilder;
+    use alloy::transports::http::reqwest;
+    let url: reqwest::Url = rpc_url
+        .parse()
+        .map_err(|e| format!("rpc url {rpc_url}: {e}"))?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(call_timeout.min(std::time::Duration::from_secs(5)))
+        .timeout(call_timeout)
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))?;
+    Ok(
+        ProviderBuilder::new_with_network::<tempo_alloy::TempoNetwork>()
+            .connect_reqwest(client, url),
+    )
+}
+
 impl RpcChain {
     pub fn new(
         rpc_url: &str,
@@ -144,8 +171,18 @@ impl RpcChain {
         chain_id: u64,
         escrow: Address,
     ) -> Result<Self, ChainError> {
-        let provider = mpp::server::tempo_provider(rpc_url)
-            .map_err(|e| ChainError::Invalid(format!("rpc url {rpc_url}: {e}")))?;
+        RpcChain::with_timeout(rpc_url, signer, chain_id, escrow, CALL_TIMEOUT)
+    }
+
+    /// As [`RpcChain::new`], each JSON-RPC call bounded by `call_timeout`.
+    pub fn with_timeout(
+        rpc_url: &str,
+        signer: PrivateKeySigner,
+        chain_id: u64,
+        escrow: Address,
+        call_timeout: std::time::Duration,
+    ) -> Result<Self, ChainError> {
+        let provider = tempo_provider(rpc_url, call_timeout).map_err(ChainError::Invalid)?;
         Ok(RpcChain {
             provider,
             signer,

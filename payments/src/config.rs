@@ -72,6 +72,9 @@ pub struct PaymentsConfig {
     /// withdraw (the capture is retried until the channel is gone, and a late one gives the
     /// write-off back).
     pub write_off_margin: Duration,
+    /// One chain JSON-RPC call that takes longer has failed (settlements, closes, voucher
+    /// checks): a chain that stops answering fails a round, it does not hang it.
+    pub chain_call_timeout: Duration,
 }
 
 impl PaymentsConfig {
@@ -95,6 +98,7 @@ impl PaymentsConfig {
             close_grace: Duration::from_secs(900),
             close_watch_lookback_blocks: 5_000,
             write_off_margin: Duration::from_secs(60),
+            chain_call_timeout: crate::chain::CALL_TIMEOUT,
         }
     }
 
@@ -106,6 +110,9 @@ impl PaymentsConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if !(Duration::from_secs(1)..=Duration::from_secs(120)).contains(&self.chain_call_timeout) {
+            return Err("payments.chain_timeout_seconds must be 1..=120".into());
+        }
         if self.secret.expose().len() < 32 {
             return Err("payments.secret must be at least 32 bytes".into());
         }

@@ -54,7 +54,7 @@ impl Payments {
         let payee = signer.address();
         let backend_for = |realm: &str| -> Result<MppServer, String> {
             let session = TempoSessionMethod::new(
-                mpp::server::tempo_provider(&cfg.rpc_url).map_err(|e| e.to_string())?,
+                crate::chain::tempo_provider(&cfg.rpc_url, cfg.chain_call_timeout)?,
                 Arc::new(SharedChannels::new(backend.clone(), cfg.chain_id)),
                 SessionMethodConfig {
                     escrow_contract: cfg.escrow,
@@ -484,8 +484,9 @@ impl Payments {
     }
 
     /// Runs the background work until `stop` resolves: pending credits (every second), the
-    /// settlement schedule, and the close watcher in a task of its own (a long settlement
-    /// round must not delay a capture that has a deadline).
+    /// settlement schedule and the close watcher, each in a task of its own (a settlement
+    /// round waiting on a slow or unreachable chain must neither delay a capture that has a
+    /// deadline nor the credits of vouchers already accepted).
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let watcher = {
             let p = self.clone();
@@ -502,10 +503,26 @@ impl Payments {
                 }
             })
         };
+        let settler = {
+            let p = self.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(p.cfg.settle_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tick.tick() => {
+                            if let Err(e) = settle::settle_due(&p).await {
+                                tracing::warn!(error = %e, "settlement round failed");
+                            }
+                        }
+                    }
+                }
+            })
+        };
         let mut credit_tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        let mut settle_tick = tokio::time::interval(self.cfg.settle_interval);
         credit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -514,15 +531,12 @@ impl Payments {
                         tracing::warn!(error = %e.message, "pending credits not applied yet");
                     }
                 }
-                _ = settle_tick.tick() => {
-                    if let Err(e) = settle::settle_due(&self).await {
-                        tracing::warn!(error = %e, "settlement round failed");
-                    }
-                }
             }
         }
-        if let Err(e) = watcher.await {
-            tracing::warn!(error = %e, "close watcher task ended abnormally");
+        for (name, task) in [("close watcher", watcher), ("settlement", settler)] {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, task = name, "payments task ended abnormally");
+            }
         }
     }
 
