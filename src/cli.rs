@@ -105,13 +105,11 @@ pub enum BookCommand {
 pub enum DbCommand {
     /// Copy a project's database to FILE with SQLite's online backup (safe while it serves).
     Backup {
-        /// The configuration file the control service runs with (database.dir, control.data_dir)
-        /// (env TOLLGATE_CONFIG).
-        #[arg(long, env = "TOLLGATE_CONFIG")]
+        /// The configuration file the control service runs with (database.dir, control.data_dir).
+        #[arg(long)]
         config: Option<PathBuf>,
-        /// The databases' folder (default: database.dir, else <control.data_dir>/databases; env
-        /// TOLLGATE_DATABASE_DIR).
-        #[arg(long, env = "TOLLGATE_DATABASE_DIR")]
+        /// The databases' folder (default: database.dir, else <control.data_dir>/databases).
+        #[arg(long)]
         dir: Option<PathBuf>,
         /// The project id (p_…).
         project: String,
@@ -151,18 +149,17 @@ pub enum AccountsCommand {
         #[command(flatten)]
         books: BooksArgs,
         /// The chain's JSON-RPC endpoint, to compare channels with what the escrow holds
-        /// (read only; env TOLLGATE_AUDIT_RPC). Required: a close request or a withdrawal on
-        /// chain that our books missed is the difference that matters most.
-        #[arg(long, env = "TOLLGATE_AUDIT_RPC", required_unless_present = "offline")]
+        /// (read only). Required: a close request or a withdrawal on chain that our books
+        /// missed is the difference that matters most.
+        #[arg(long, required_unless_present = "offline")]
         rpc: Option<String>,
-        /// Compare the stores only, without the chain (says so in the report; no env: a choice
-        /// made per run).
+        /// Compare the stores only, without the chain (says so in the report).
         #[arg(long, conflicts_with = "rpc")]
         offline: bool,
-        /// The chain id (default: `payments.chain_id` of the config; env TOLLGATE_CHAIN_ID).
-        #[arg(long, env = "TOLLGATE_CHAIN_ID")]
+        /// The chain id (default: `payments.chain_id` of the config).
+        #[arg(long)]
         chain_id: Option<u64>,
-        /// One JSON document instead of lines (no env: a choice made per run).
+        /// One JSON document instead of lines.
         #[arg(long)]
         json: bool,
     },
@@ -197,13 +194,14 @@ pub struct DevArgs {
     pub public: PublicArgs,
     /// Local development only: every MCP call acts as this account (no payment, no proof), so an
     /// agent on this machine can deploy before payments are wired. Credit it with
-    /// `tollgate accounts credit`. Not available in `tollgate control` (env
-    /// TOLLGATE_DEV_ACCOUNT).
-    #[arg(long, env = "TOLLGATE_DEV_ACCOUNT")]
+    /// `tollgate accounts credit`. Not available in `tollgate control`. No environment
+    /// variable: serving MCP without payment is asked for on the command line each time.
+    #[arg(long)]
     pub dev_account: Option<String>,
     /// With --dev-account: credit it this many dollars at start (once per amount; repeated starts
-    /// add nothing), e.g. --dev-credit-usd 1.00 (env TOLLGATE_DEV_CREDIT_USD).
-    #[arg(long, env = "TOLLGATE_DEV_CREDIT_USD", requires = "dev_account")]
+    /// add nothing), e.g. --dev-credit-usd 1.00. No environment variable: money is never
+    /// created by a setting left in an environment.
+    #[arg(long, requires = "dev_account")]
     pub dev_credit_usd: Option<String>,
     /// Where the local test chain (no real money) listens for the payment clients' RPC (env
     /// TOLLGATE_CHAIN_LISTEN).
@@ -285,9 +283,9 @@ pub struct CommonArgs {
     /// successor has written its own).
     #[arg(long, value_name = "FILE", env = "TOLLGATE_PID_FILE")]
     pub pid_file: Option<PathBuf>,
-    /// Serve HOST from ADDR[,ADDR...] (repeatable), e.g. --route hello.localhost=127.0.0.1:3000
-    /// (env TOLLGATE_ROUTES: routes separated by spaces).
-    #[arg(long = "route", env = "TOLLGATE_ROUTES", value_delimiter = ' ', value_parser = StaticRoute::parse_flag)]
+    /// Serve HOST from ADDR[,ADDR...] (repeatable), e.g. --route hello.localhost=127.0.0.1:3000.
+    /// As a standing setting: `[[route]]` in the config file (TOLLGATE_CONFIG).
+    #[arg(long = "route", value_parser = StaticRoute::parse_flag)]
     pub routes: Vec<StaticRoute>,
 }
 
@@ -338,9 +336,8 @@ pub enum RoutesCommand {
 /// same keys as the nodes; flags win.
 #[derive(Debug, Args)]
 pub struct BooksArgs {
-    /// The configuration file the nodes run with ([redis], control.data_dir) (env
-    /// TOLLGATE_CONFIG).
-    #[arg(long, env = "TOLLGATE_CONFIG")]
+    /// The configuration file the nodes run with ([redis], control.data_dir).
+    #[arg(long)]
     pub config: Option<PathBuf>,
     /// The shared Redis (money, channels); without it, the embedded stores in the data dir
     /// (env TOLLGATE_REDIS_URL).
@@ -371,8 +368,8 @@ impl BooksArgs {
 /// Which Redis, and its key prefix: flags, else the config file and `TOLLGATE_*`.
 #[derive(Debug, Args)]
 pub struct RedisArgs {
-    /// The configuration file the nodes run with ([redis]) (env TOLLGATE_CONFIG).
-    #[arg(long, env = "TOLLGATE_CONFIG")]
+    /// The configuration file the nodes run with ([redis]).
+    #[arg(long)]
     pub config: Option<PathBuf>,
     /// The shared Redis, e.g. redis://127.0.0.1:6379/ (env TOLLGATE_REDIS_URL).
     #[arg(long = "redis")]
@@ -701,7 +698,9 @@ mod tests {
     /// setting from a flag or a `TOLLGATE_*` variable, and `--help` says which variable.
     const SERVERS: [&str; 3] = ["dev", "proxy", "control"];
     /// Flags that are a one-time choice of a single run, never a standing setting.
-    const NO_ENV: [&str; 1] = ["upgrade"];
+    /// `routes`: a standing route list belongs in the config file (`[[route]]`); the dev
+    /// account and its credit are never taken from an environment (no payment, created money).
+    const NO_ENV: [&str; 4] = ["upgrade", "routes", "dev_account", "dev_credit_usd"];
 
     fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
         for arg in cmd.get_arguments() {
@@ -747,7 +746,6 @@ mod tests {
             "TOLLGATE_CONFIG",
             "TOLLGATE_PUBLIC_MCP_URL",
             "TOLLGATE_PUBLIC_BASE_DOMAIN",
-            "TOLLGATE_DEV_ACCOUNT",
             "TOLLGATE_CHAIN_RPC",
             "TOLLGATE_REDIS_URL",
         ] {

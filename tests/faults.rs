@@ -796,10 +796,14 @@ fn probe(
                 Ok(r) => {
                     let status = r.status().as_u16();
                     let body = r.bytes().unwrap_or_default();
-                    if !tollgate_loadtest::refused_by_proxy(status, &body) {
+                    if tollgate_loadtest::refused_by_proxy(status, &body) {
+                        // The proxy's own refusal (no lease, no credit): told apart from the
+                        // upstream's 502/503.
+                        status + 1000
+                    } else {
                         charged += 1;
+                        status
                     }
-                    status
                 }
                 Err(_) => 0,
             };
@@ -1026,6 +1030,13 @@ fn tenant_processes_and_the_control_process_killed_under_load() {
     for r in &reports {
         only(r, &[200, 502, 503], true, "tenant processes killed");
     }
+    // Every 502/503 was the upstream's (a dead process, charged), never the money gate's.
+    let refused: u64 = reports
+        .iter()
+        .flat_map(|r| r.hosts.values())
+        .map(|h| h.refused)
+        .sum();
+    assert_eq!(refused, 0, "the gate refused requests: {reports:?}");
     let (after_workerd, during_workerd) = gap(&seen, killed_at);
     let (after_control, during_control) = gap(&seen, control_killed_at);
     let after_workerd = after_workerd.expect("never 200 after the workerd kill");

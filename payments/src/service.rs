@@ -491,7 +491,7 @@ impl Payments {
         let watcher = {
             let p = self.clone();
             let mut stop = stop.clone();
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(p.cfg.close_watch_interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -501,12 +501,12 @@ impl Payments {
                         _ = p.close_watch_wake.notified() => p.watch_closes_logged().await,
                     }
                 }
-            })
+            }))
         };
         let settler = {
             let p = self.clone();
             let mut stop = stop.clone();
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(p.cfg.settle_interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -519,7 +519,7 @@ impl Payments {
                         }
                     }
                 }
-            })
+            }))
         };
         let mut credit_tick = tokio::time::interval(std::time::Duration::from_secs(1));
         credit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -533,8 +533,8 @@ impl Payments {
                 }
             }
         }
-        for (name, task) in [("close watcher", watcher), ("settlement", settler)] {
-            if let Err(e) = task.await {
+        for (name, mut task) in [("close watcher", watcher), ("settlement", settler)] {
+            if let Err(e) = (&mut task.0).await {
                 tracing::warn!(error = %e, task = name, "payments task ended abnormally");
             }
         }
@@ -573,4 +573,14 @@ fn expires_in(ttl: std::time::Duration) -> Result<String, String> {
     let t = time::OffsetDateTime::now_utc() + ttl;
     t.format(&time::format_description::well_known::Rfc3339)
         .map_err(|e| e.to_string())
+}
+
+/// A task aborted when its handle is dropped: `Payments::run` cut short (a bounded shutdown
+/// aborts it) must not leave a settlement round sending transactions behind it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

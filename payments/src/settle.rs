@@ -83,11 +83,37 @@ async fn settle_one(p: &Payments, id: &str) -> Result<bool, String> {
         return Ok(false);
     }
     let settled = on_chain.settled.max(st.settled_on_chain);
+    // Credit the account is owed but does not hold yet (pending credits, held reversals) is
+    // unspent too. Read before the account: a credit applied between the two reads is then
+    // counted twice (we settle less), never missed; and a reversal under way, which takes its
+    // charge again for a moment before crediting it back, is still counted.
+    let mut owed: i64 = 0;
+    for c in p
+        .backend
+        .pending_credits()
+        .await
+        .map_err(|e| e.message)?
+        .into_iter()
+        .chain(p.backend.held_credits().await.map_err(|e| e.message)?)
+    {
+        if c.account == record.account {
+            owed = owed.saturating_add(c.picos.max(0));
+        }
+    }
     let unspent = match p.money.account(&record.account).await {
-        Ok(Some(a)) => picos_to_base(a.available.saturating_add(a.leased)),
-        Ok(None) => 0,
+        Ok(Some(a)) => picos_to_base(a.available.saturating_add(a.leased).saturating_add(owed)),
+        Ok(None) => picos_to_base(owed),
         Err(e) => return Err(format!("money store: {e}")),
     };
+    // A close that began meanwhile withdrew the unused credit (the account now reads as all
+    // spent): the close captures what is due, a settlement here would take the payer's refund.
+    match p.backend.get(id).await.map_err(|e| e.message)? {
+        Some(now)
+            if !now.state.closing
+                && !now.state.finalized
+                && now.forced_close.as_ref().is_none_or(|f| f.cancelled) => {}
+        _ => return Ok(false),
+    }
     let target = st.highest_voucher_amount.saturating_sub(unspent);
     let Some(voucher) = record
         .vouchers

@@ -149,15 +149,34 @@ async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
         1
     );
     assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 0);
-    // The next round, with the chain reachable, settles.
+    // A deploy charged $1 whose reversal is held (the start is under way): that dollar may
+    // come back to the payer, so it still counts as unspent.
+    p.hold_reversal(
+        &account(PAYER_KEY),
+        "deploy:under-way",
+        USD,
+        std::time::Duration::from_secs(600),
+    )
+    .await
+    .unwrap();
+    rig.money
+        .charge(&account(PAYER_KEY), "deploy:under-way", USD, false)
+        .await
+        .unwrap();
+    // The next round, with the chain reachable, settles what is surely spent: $1.50, so the
+    // $1 voucher (not the $2 one the balance alone would allow).
     assert_eq!(p.settle_now().await.unwrap(), 1);
     assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 1_000_000);
     assert_eq!(rig.token_balance(payee), payee_before + 1_000_000);
     // Again: nothing new to settle.
     assert_eq!(p.settle_now().await.unwrap(), 0);
+    // The start went live: the deploy's charge stands, $2.50 is spent, the $2 voucher settles.
+    assert!(p.release_reversal("deploy:under-way").await.unwrap());
+    assert_eq!(p.settle_now().await.unwrap(), 1);
+    assert_eq!(rig.chain.chain().channel(ch).unwrap().settled, 2_000_000);
     // All $3 spent: settles the rest.
     rig.money
-        .charge(&account(PAYER_KEY), "spend-2", 15 * USD / 10, false)
+        .charge(&account(PAYER_KEY), "spend-2", USD / 2, false)
         .await
         .unwrap();
     assert_eq!(p.settle_now().await.unwrap(), 1);
@@ -165,7 +184,7 @@ async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
     assert_eq!(rig.token_balance(payee), payee_before + 3_000_000);
     let rec = p.backend().get(&format!("{ch:#x}")).await.unwrap().unwrap();
     assert_eq!(rec.state.settled_on_chain, 3_000_000);
-    assert_eq!(rec.chain_ops.len(), 2);
+    assert_eq!(rec.chain_ops.len(), 3);
     assert!(
         rec.chain_ops
             .iter()

@@ -62,8 +62,9 @@ const GONE_LOOKUP: u32 = 3;
 /// anything more the payee got is given back by no one, so an operator hears of it).
 const GONE_GIVE_UP: (u32, Duration) = (10, Duration::from_secs(600));
 
-/// A chain read that takes longer than this is a failed read (the HTTP client has no timeout
-/// of its own, and a write-off must not wait behind a stalled load balancer).
+/// A chain read that takes longer than this is a failed read (each JSON-RPC call is bounded by
+/// `payments.chain_timeout_seconds` too; this bounds a whole read of several calls, so a
+/// write-off never waits behind a stalled load balancer).
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A settlement: gas price, clock, send, and up to 30 s for the receipt.
