@@ -634,12 +634,38 @@ fn control_command_serves_and_stops_on_sigterm() {
         "{err}"
     );
     drop(chain);
+    // Under a supervisor: what systemd would receive on NOTIFY_SOCKET, and the PID file.
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let pid_file = dir.path().join("control.pid");
     let mut p = Proc(
         with_payment_secrets(&mut bin())
+            .env("NOTIFY_SOCKET", &notify)
             .args(["control", "--config"])
             .arg(&cfg)
+            .arg("--pid-file")
+            .arg(&pid_file)
             .spawn()
             .unwrap(),
+    );
+    let told = |sock: &std::os::unix::net::UnixDatagram, what: &str| -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = sock.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).contains(what)
+            {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(told(&sock, "READY=1"), "no READY=1");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        p.0.id().to_string()
     );
     wait_for_control(control, &mut p);
     let c = reqwest::blocking::Client::new();
@@ -663,8 +689,11 @@ fn control_command_serves_and_stops_on_sigterm() {
         assert_eq!(get(format!("http://{addr}/livez")).status(), 200);
         assert_eq!(get(format!("http://{addr}/readyz")).status(), 200);
     }
-    let status = terminate(&mut p);
+    signal(&p.0, "-TERM");
+    assert!(told(&sock, "STOPPING=1"), "no STOPPING=1");
+    let status = wait_exit(&mut p.0, Duration::from_secs(30), "control");
     assert!(status.success(), "{status}");
+    assert!(!pid_file.exists(), "the PID file outlived the process");
 }
 
 /// The path an agent takes on a developer's machine, with the real binary and the official MCP
