@@ -115,6 +115,85 @@ async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credit
     assert_eq!(rig.audit().await, vec![], "every credit backed");
 }
 
+/// Hostile input under load across nodes: every voucher of a payer's stream is replayed eight
+/// times at once, half at each node, among forged and malformed credentials sent to both, all
+/// as parallel tasks. Each voucher credits once, every replay and forgery is refused, and the
+/// books stay backed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_malformed_credentials_under_load_across_nodes_credit_each_voucher_once() {
+    let rig = Rig::start(2).await;
+    rig.fund(PAYER_KEY);
+    let (ch_str, ch) = open_channel(&rig).await;
+    let escrow = rig.config().escrow;
+    let acct = account(PAYER_KEY);
+    let nodes = [rig.nodes[0].payments.clone(), rig.nodes[1].payments.clone()];
+    let record = nodes[0].backend().get(&ch_str).await.unwrap().unwrap();
+    remember(&ch_str, record.descriptor);
+    const STEPS: u128 = 20;
+    for step in 1..=STEPS {
+        let cumulative = 1_000_000 + step * 100_000;
+        let good = voucher(
+            &nodes[0],
+            &ch_str,
+            cumulative,
+            sign(PAYER_KEY, ch, cumulative, escrow),
+        );
+        let forged = voucher(
+            &nodes[1],
+            &ch_str,
+            cumulative + 50_000,
+            sign(PAYER2_KEY, ch, cumulative + 50_000, escrow),
+        );
+        let mut malformed = voucher(&nodes[1], &ch_str, cumulative, String::new());
+        malformed.payload = json!({"action": "voucher", "channelId": ch_str,
+            "cumulativeAmount": "1e9", "signature": "0xzz"});
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let (p, c) = (nodes[i % 2].clone(), good.clone());
+            tasks.push((
+                true,
+                tokio::spawn(async move { p.accept(&c).await.is_ok() }),
+            ));
+            let (p, c) = (
+                nodes[(i + 1) % 2].clone(),
+                if i % 2 == 0 {
+                    forged.clone()
+                } else {
+                    malformed.clone()
+                },
+            );
+            tasks.push((
+                false,
+                tokio::spawn(async move { p.accept(&c).await.is_ok() }),
+            ));
+        }
+        let (mut good_ok, mut bad_ok) = (0, 0);
+        for (is_good, t) in tasks {
+            let ok = t.await.unwrap();
+            if is_good {
+                good_ok += ok as u32;
+            } else {
+                bad_ok += ok as u32;
+            }
+        }
+        assert_eq!(
+            good_ok, 1,
+            "step {step}: the voucher was accepted {good_ok} times"
+        );
+        assert_eq!(
+            bad_ok, 0,
+            "step {step}: a forged or malformed credential was accepted"
+        );
+    }
+    // The opening dollar and one credit per voucher: $1 + 20 × $0.10.
+    assert_eq!(credits(&rig).await, 1 + STEPS as usize);
+    for p in &nodes {
+        p.drain_credits().await.unwrap();
+    }
+    assert_eq!(rig.available(&acct).await, 3 * USD);
+    assert_eq!(rig.audit().await, vec![], "every credit backed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_moves_only_spent_money_on_chain_and_is_idempotent() {
     let rig = Rig::start_with(1, |c| c.settle_min = 1).await;
