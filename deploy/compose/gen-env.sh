@@ -1,45 +1,61 @@
 #!/usr/bin/env bash
-# Writes deploy/compose/.env with fresh secrets for the compose stack (test chain only: the payee
-# key receives TEST money). Refuses to overwrite an existing .env (the payee key and the payment
-# secret must stay the same across restarts). Other variables compose reads from .env:
-# TOLLGATE_IMAGE, REDIS_IMAGE, PROMETHEUS_IMAGE, TOLLGATE_BIND, TOLLGATE_HTTPS_PORT; TOLLGATE_DOMAIN
-# (written here: the domain services answer under).
+# Prepares deploy/compose for `docker-compose up`:
+# - .env with fresh secrets for the compose stack (test chain only: the payee key receives TEST
+#   money), unless it exists: the payee key and the payment secret must stay the same across
+#   restarts, so an existing .env is kept as it is;
+# - tls/wildcard.pem and tls/wildcard.key for *.$TOLLGATE_DOMAIN (default apps.test), unless
+#   tls/wildcard.pem exists, signed by a local CA kept in ca/ (outside what the proxies mount):
+#   clients trust ca/ca.pem (curl --cacert, NODE_EXTRA_CA_CERTS). For a public domain, put a
+#   real certificate and key in tls/ instead (copies, not symlinks: the directory is mounted
+#   alone), readable by the proxies' uid; they reload them when the files change.
+# Other variables compose reads from .env: TOLLGATE_IMAGE, REDIS_IMAGE, PROMETHEUS_IMAGE,
+# TOLLGATE_BIND, TOLLGATE_HTTPS_PORT.
 set -euo pipefail
-out="$(cd "$(dirname "$0")" && pwd)/.env"
-if [[ -e $out ]]; then
-  echo "gen-env.sh: $out exists; remove it first to make new secrets" >&2
-  exit 1
-fi
+here="$(cd "$(dirname "$0")" && pwd)"
+out="$here/.env"
 hex() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
-umask 077
-cat > "$out" <<ENV
+if [[ -e $out ]]; then
+  echo "gen-env.sh: keeping $out (its secrets must not change)" >&2
+  domain="$(sed -n 's/^TOLLGATE_DOMAIN=//p' "$out" | tail -n 1)"
+  domain="${domain:-${TOLLGATE_DOMAIN:-apps.test}}"
+else
+  domain="${TOLLGATE_DOMAIN:-apps.test}"
+  (
+    umask 077
+    cat > "$out" <<ENV
 # Made by gen-env.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ). Secrets for the compose stack (test chain).
 TOLLGATE_PAYMENTS_SECRET=$(hex 32)
 TOLLGATE_PAYEE_KEY=0x$(hex 32)
 TOLLGATE_ADMIN_TOKEN=$(hex 24)
+# Services answer at https://<slug>.$domain
+TOLLGATE_DOMAIN=$domain
 ENV
-echo "gen-env.sh: wrote $out" >&2
-
-# A local CA and a wildcard certificate for *.$TOLLGATE_DOMAIN (default apps.test), unless
-# deploy/compose/tls/ already holds certificates: clients trust tls/ca.pem (curl --cacert,
-# NODE_EXTRA_CA_CERTS). Replace tls/wildcard.pem and tls/wildcard.key with a real certificate
-# (e.g. from an ACME client) for a public domain; the proxies reload them when they change.
-domain="${TOLLGATE_DOMAIN:-apps.test}"
-echo "TOLLGATE_DOMAIN=$domain" >> "$out"
-tls="$(dirname "$out")/tls"
-if [[ ! -e $tls/wildcard.pem ]]; then
-  mkdir -p "$tls"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
-    -subj "/CN=tollgate compose local CA" -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-    -subj "/CN=*.$domain" -keyout "$tls/wildcard.key" -out "$tls/wildcard.csr" 2>/dev/null
-  openssl x509 -req -in "$tls/wildcard.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
-    -CAcreateserial -days 397 -out "$tls/wildcard.pem" \
-    -extfile <(printf 'subjectAltName=DNS:*.%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' "$domain") 2>/dev/null
-  rm -f "$tls/wildcard.csr" "$tls/ca.srl"
-  # The proxies run as uid 10001: the key must be readable by them. A test key from a local CA;
-  # give a real key to that uid alone (chown 10001, chmod 0400).
-  chmod 0755 "$tls"
-  chmod 0644 "$tls/wildcard.key" "$tls/wildcard.pem" "$tls/ca.pem"
-  echo "gen-env.sh: wrote $tls/wildcard.pem for *.$domain (trust $tls/ca.pem)" >&2
+  )
+  echo "gen-env.sh: wrote $out" >&2
 fi
+
+tls="$here/tls"
+ca="$here/ca"
+if [[ -e $tls/wildcard.pem ]]; then
+  echo "gen-env.sh: keeping $tls/wildcard.pem ($(openssl x509 -in "$tls/wildcard.pem" -noout -ext subjectAltName 2>/dev/null | tail -n 1 | tr -d ' '); services at *.$domain)" >&2
+  exit 0
+fi
+mkdir -p "$tls" "$ca"
+chmod 0700 "$ca"
+chmod 0755 "$tls"
+if [[ ! -e $ca/ca.pem ]]; then
+  (umask 077; openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+    -subj "/CN=tollgate compose local CA" -keyout "$ca/ca.key" -out "$ca/ca.pem")
+  chmod 0644 "$ca/ca.pem"
+fi
+csr="$(mktemp)"
+trap 'rm -f "$csr"' EXIT
+(umask 022; openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+  -subj "/CN=*.$domain" -keyout "$tls/wildcard.key" -out "$csr")
+openssl x509 -req -in "$csr" -CA "$ca/ca.pem" -CAkey "$ca/ca.key" -CAcreateserial \
+  -CAserial "$ca/ca.srl" -days 397 -out "$tls/wildcard.pem" \
+  -extfile <(printf 'subjectAltName=DNS:*.%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' "$domain")
+# The proxies run as uid 10001 and must read the key. A test key from a local CA; give a real
+# key to that uid alone (chown 10001, chmod 0400; under rootless podman, the uid it maps to).
+chmod 0644 "$tls/wildcard.key" "$tls/wildcard.pem"
+echo "gen-env.sh: wrote $tls/wildcard.pem for *.$domain (clients trust $ca/ca.pem)" >&2

@@ -54,6 +54,8 @@ pub struct HostRecord {
     pub by_status: BTreeMap<u16, u64>,
     /// Answers the proxy gave before or at the money gate (see [`NOT_CHARGED`]): not charged.
     pub refused: u64,
+    /// The same, by problem kind (`metering-unavailable`, `not-ready`, …).
+    pub refusals: BTreeMap<String, u64>,
     pub transport_errors: u64,
 }
 
@@ -73,17 +75,20 @@ pub const NOT_CHARGED: [&str; 6] = [
 
 /// Whether `body` is one of the proxy's uncharged refusals.
 pub fn refused_by_proxy(status: u16, body: &[u8]) -> bool {
+    refusal(status, body).is_some()
+}
+
+/// The kind of the proxy's uncharged refusal `body` is, if it is one.
+pub fn refusal(status: u16, body: &[u8]) -> Option<&'static str> {
     const PREFIX: &[u8] = b"urn:tollgate:problem:";
     if status < 400 {
-        return false;
+        return None;
     }
-    let Some(at) = body.windows(PREFIX.len()).position(|w| w == PREFIX) else {
-        return false;
-    };
+    let at = body.windows(PREFIX.len()).position(|w| w == PREFIX)?;
     let rest = &body[at + PREFIX.len()..];
     NOT_CHARGED
-        .iter()
-        .any(|k| rest.starts_with(k.as_bytes()) && rest.get(k.len()).is_some_and(|&c| c == b'"'))
+        .into_iter()
+        .find(|k| rest.starts_with(k.as_bytes()) && rest.get(k.len()).is_some_and(|&c| c == b'"'))
 }
 
 impl HostRecord {
@@ -123,6 +128,17 @@ pub struct Report {
 impl Report {
     pub fn errors_total(&self) -> u64 {
         self.errors.values().sum()
+    }
+
+    /// The proxy's uncharged refusals over every host, by kind.
+    pub fn refusals(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for h in self.hosts.values() {
+            for (k, n) in &h.refusals {
+                *out.entry(k.clone()).or_default() += n;
+            }
+        }
+        out
     }
 }
 
@@ -205,8 +221,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
                         let status = r.status().as_u16();
                         let body = r.bytes().await.unwrap_or_default();
                         *rec.by_status.entry(status).or_default() += 1;
-                        if refused_by_proxy(status, &body) {
+                        if let Some(kind) = refusal(status, &body) {
                             rec.refused += 1;
+                            *rec.refusals.entry(kind.to_owned()).or_default() += 1;
                         }
                         if scheduled >= record_from {
                             let us = scheduled.elapsed().as_micros() as u64;
@@ -249,6 +266,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Report> {
             e.sent += r.sent;
             e.transport_errors += r.transport_errors;
             e.refused += r.refused;
+            for (k, n) in r.refusals {
+                *e.refusals.entry(k).or_default() += n;
+            }
             for (s, n) in r.by_status {
                 *e.by_status.entry(s).or_default() += n;
             }

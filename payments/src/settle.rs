@@ -83,23 +83,29 @@ async fn settle_one(p: &Payments, id: &str) -> Result<bool, String> {
         return Ok(false);
     }
     let settled = on_chain.settled.max(st.settled_on_chain);
-    // Credit the account is owed but does not hold yet (pending credits, held reversals) is
-    // unspent too. Read before the account: a credit applied between the two reads is then
-    // counted twice (we settle less), never missed; and a reversal under way, which takes its
-    // charge again for a moment before crediting it back, is still counted.
+    // Credit the account is owed but does not hold yet is unspent too: set aside (poisoned,
+    // until an operator retries or drops it), held (a start's reversal), pending. Credits move
+    // held → pending, poisoned ⇄ pending and pending → the account: the lists are read so
+    // that each move lands in a list read after the one it left (set-aside ones before and
+    // after the pending ones), each key counted once, and the account last. A credit is thus
+    // never missed; one applied between the last read and the account is counted twice (we
+    // settle less). A reversal under way, which takes its charge again for a moment before
+    // crediting it back, is still counted.
+    let mut seen = std::collections::HashSet::new();
     let mut owed: i64 = 0;
-    for c in p
-        .backend
-        .pending_credits()
-        .await
-        .map_err(|e| e.message)?
-        .into_iter()
-        .chain(p.backend.held_credits().await.map_err(|e| e.message)?)
-    {
-        if c.account == record.account {
+    let mut count = |c: crate::channels::PendingCredit| {
+        if c.account == record.account && seen.insert(c.key) {
             owed = owed.saturating_add(c.picos.max(0));
         }
-    }
+    };
+    let poisoned = p.backend.poisoned().await.map_err(|e| e.message)?;
+    poisoned.into_iter().for_each(|c| count(c.credit));
+    let held = p.backend.held_credits().await.map_err(|e| e.message)?;
+    held.into_iter().for_each(&mut count);
+    let pending = p.backend.pending_credits().await.map_err(|e| e.message)?;
+    pending.into_iter().for_each(&mut count);
+    let poisoned = p.backend.poisoned().await.map_err(|e| e.message)?;
+    poisoned.into_iter().for_each(|c| count(c.credit));
     let unspent = match p.money.account(&record.account).await {
         Ok(Some(a)) => picos_to_base(a.available.saturating_add(a.leased).saturating_add(owed)),
         Ok(None) => picos_to_base(owed),

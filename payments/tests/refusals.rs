@@ -130,6 +130,8 @@ async fn replayed_and_malformed_credentials_under_load_across_nodes_credit_each_
     let record = nodes[0].backend().get(&ch_str).await.unwrap().unwrap();
     remember(&ch_str, record.descriptor);
     const STEPS: u128 = 20;
+    // Which node won each race: both must, sometimes, or "across nodes" tested nothing.
+    let mut accepted_by = [0u32; 2];
     for step in 1..=STEPS {
         let cumulative = 1_000_000 + step * 100_000;
         let good = voucher(
@@ -151,7 +153,7 @@ async fn replayed_and_malformed_credentials_under_load_across_nodes_credit_each_
         for i in 0..8 {
             let (p, c) = (nodes[i % 2].clone(), good.clone());
             tasks.push((
-                true,
+                Some(i % 2),
                 tokio::spawn(async move { p.accept(&c).await.is_ok() }),
             ));
             let (p, c) = (
@@ -163,17 +165,19 @@ async fn replayed_and_malformed_credentials_under_load_across_nodes_credit_each_
                 },
             );
             tasks.push((
-                false,
+                None,
                 tokio::spawn(async move { p.accept(&c).await.is_ok() }),
             ));
         }
         let (mut good_ok, mut bad_ok) = (0, 0);
-        for (is_good, t) in tasks {
+        for (good_at, t) in tasks {
             let ok = t.await.unwrap();
-            if is_good {
-                good_ok += ok as u32;
-            } else {
-                bad_ok += ok as u32;
+            match good_at {
+                Some(node) => {
+                    good_ok += ok as u32;
+                    accepted_by[node] += ok as u32;
+                }
+                None => bad_ok += ok as u32,
             }
         }
         assert_eq!(
@@ -185,6 +189,10 @@ async fn replayed_and_malformed_credentials_under_load_across_nodes_credit_each_
             "step {step}: a forged or malformed credential was accepted"
         );
     }
+    assert!(
+        accepted_by.iter().all(|&n| n > 0),
+        "one node won every race: {accepted_by:?}"
+    );
     // The opening dollar and one credit per voucher: $1 + 20 × $0.10.
     assert_eq!(credits(&rig).await, 1 + STEPS as usize);
     for p in &nodes {
