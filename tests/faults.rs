@@ -410,6 +410,17 @@ fn redis_killed_under_load_loses_and_doubles_nothing() {
     });
 }
 
+/// Redis stopped with SIGTERM under load (as a supervisor or an operator stops it), down for a
+/// second, started again on its AOF. Exact.
+#[test]
+fn redis_stopped_with_sigterm_under_load_loses_and_doubles_nothing() {
+    redis_outage("redis-sigterm", 1.0, |redis| {
+        redis.terminate();
+        std::thread::sleep(Duration::from_secs(1));
+        redis.start_again();
+    });
+}
+
 /// A Redis outage of about `outage` seconds, made by `fault`, a third into the load: the
 /// nodes serve from their leases, then answer 503 (never 402: every account has $1,000); once
 /// Redis answers again every request is served, and the ledger equals the generator's record

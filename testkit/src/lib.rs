@@ -119,6 +119,13 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// Stops the server the way an operator or a supervisor does (SIGTERM: it finishes its
+    /// AOF and exits) and leaves it down until [`RedisServer::start_again`].
+    pub fn terminate(&mut self) {
+        signal(self.child.id(), "TERM");
+        let _ = self.child.wait();
+    }
+
     /// Starts it again on the same port and data directory.
     pub fn start_again(&mut self) {
         self.child = RedisServer::command(self.port, self.dir.path(), self.aof)
