@@ -87,10 +87,13 @@ async fn settle_one(p: &Payments, id: &str) -> Result<bool, String> {
     // until an operator retries or drops it), held (a start's reversal), pending. Credits move
     // held → pending, poisoned ⇄ pending and pending → the account: the lists are read so
     // that each move lands in a list read after the one it left (set-aside ones before and
-    // after the pending ones), each key counted once, and the account last. A credit is thus
-    // never missed; one applied between the last read and the account is counted twice (we
-    // settle less). A reversal under way, which takes its charge again for a moment before
-    // crediting it back, is still counted.
+    // after the pending ones), each key counted once, and the account last. A single move is
+    // thus never missed; one applied between the last read and the account is counted twice
+    // (we settle less). A reversal under way, which takes its charge again for a moment
+    // before crediting it back, is still counted. Not covered: a credit set aside and put back
+    // by an operator's retry between two of these reads (two moves inside one round), and a
+    // dropped one (the operator credits it by other means): rare, operator-made, and bounded
+    // by that one credit for one round.
     let mut seen = std::collections::HashSet::new();
     let mut owed: i64 = 0;
     let mut count = |c: crate::channels::PendingCredit| {
