@@ -86,6 +86,50 @@ async fn run() -> Res<()> {
         1e6 / pct(&mut rates, 0.5),
         sigs.len()
     );
+    // The recovery alone, both backends on the same vouchers in one run, interleaved: the
+    // pure-Rust k256 and libsecp256k1 (what `verify_precompile_voucher_signature` uses with
+    // alloy's `secp256k1` feature, as this workspace builds it).
+    let parsed: Vec<(alloy::primitives::Signature, B256)> = sigs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let sig = alloy::primitives::Signature::from_raw(s)?;
+            let h = precompile_voucher_signing_hash_with_escrow(
+                ch,
+                i as u128 + 1,
+                escrow,
+                chain_id,
+            )?;
+            Ok((sig, h))
+        })
+        .collect::<Res<_>>()?;
+    let (mut k256_rates, mut secp_rates) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (sig, h) in &parsed {
+            let vk = sig.recover_from_prehash(h)?;
+            if Address::from_public_key(&vk) != payer.address() {
+                return Err("k256 recovered another signer".into());
+            }
+        }
+        k256_rates.push(parsed.len() as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for (sig, h) in &parsed {
+            let pk = sig.recover_from_prehash_secp256k1(h)?;
+            if Address::from_raw_public_key(&pk.serialize_uncompressed()[1..]) != payer.address()
+            {
+                return Err("libsecp256k1 recovered another signer".into());
+            }
+        }
+        secp_rates.push(parsed.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    let (k, s) = (pct(&mut k256_rates, 0.5), pct(&mut secp_rates, 0.5));
+    println!(
+        "secp256k1 recovery alone, one core: k256 median {k:.0}/s ({:.1} µs), libsecp256k1 median {s:.0}/s ({:.1} µs): {:.2}x",
+        1e6 / k,
+        1e6 / s,
+        s / k
+    );
 
     // (2) End to end through one node.
     let redis = RedisServer::start();
