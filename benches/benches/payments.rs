@@ -94,12 +94,8 @@ async fn run() -> Res<()> {
         .enumerate()
         .map(|(i, s)| {
             let sig = alloy::primitives::Signature::from_raw(s)?;
-            let h = precompile_voucher_signing_hash_with_escrow(
-                ch,
-                i as u128 + 1,
-                escrow,
-                chain_id,
-            )?;
+            let h =
+                precompile_voucher_signing_hash_with_escrow(ch, i as u128 + 1, escrow, chain_id)?;
             Ok((sig, h))
         })
         .collect::<Res<_>>()?;
@@ -116,8 +112,7 @@ async fn run() -> Res<()> {
         let t = Instant::now();
         for (sig, h) in &parsed {
             let pk = sig.recover_from_prehash_secp256k1(h)?;
-            if Address::from_raw_public_key(&pk.serialize_uncompressed()[1..]) != payer.address()
-            {
+            if Address::from_raw_public_key(&pk.serialize_uncompressed()[1..]) != payer.address() {
                 return Err("libsecp256k1 recovered another signer".into());
             }
         }

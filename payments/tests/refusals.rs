@@ -60,6 +60,43 @@ async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credit
     sig.replace_range(10..12, "00");
     let bad = voucher(a, &ch_str, 2_000_000, sig);
     refused(a.accept(&bad).await, "invalid-signature");
+    // The same signature malleated to its high-S twin (s → n − s, v flipped): it recovers the
+    // payer too, but the escrow would refuse it at settlement, so it must never be credited
+    // (whichever secp256k1 backend recovers it).
+    let good = alloy::hex::decode(sign(PAYER_KEY, ch, 2_000_000, escrow)).unwrap();
+    let n = alloy::primitives::U256::from_str_radix(
+        "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141",
+        16,
+    )
+    .unwrap();
+    let s_low = alloy::primitives::U256::from_be_slice(&good[32..64]);
+    let mut high = good.clone();
+    high[32..64].copy_from_slice(&(n - s_low).to_be_bytes::<32>());
+    high[64] = match high[64] {
+        27 => 28,
+        28 => 27,
+        v => v ^ 1,
+    };
+    // It is a valid signature of the payer (so the refusal below is the low-S rule at work).
+    let hash = mpp::protocol::methods::tempo::precompile_voucher::precompile_voucher_signing_hash_with_escrow(
+        ch,
+        2_000_000,
+        escrow,
+        tollgate_testchain::DEFAULT_CHAIN_ID,
+    )
+    .unwrap();
+    assert_eq!(
+        alloy::primitives::Signature::from_raw(&high)
+            .unwrap()
+            .recover_address_from_prehash(&hash)
+            .unwrap(),
+        address(PAYER_KEY)
+    );
+    let malleated = voucher(a, &ch_str, 2_000_000, alloy::hex::encode_prefixed(&high));
+    assert!(
+        a.accept(&malleated).await.is_err(),
+        "a high-S signature was accepted"
+    );
     // An unknown channel.
     let other = format!("0x{}", "ab".repeat(32));
     let unknown = voucher(
