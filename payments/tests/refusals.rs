@@ -93,10 +93,7 @@ async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credit
         address(PAYER_KEY)
     );
     let malleated = voucher(a, &ch_str, 2_000_000, alloy::hex::encode_prefixed(&high));
-    assert!(
-        a.accept(&malleated).await.is_err(),
-        "a high-S signature was accepted"
-    );
+    refused(a.accept(&malleated).await, "invalid-signature");
     // An unknown channel.
     let other = format!("0x{}", "ab".repeat(32));
     let unknown = voucher(
