@@ -1,14 +1,22 @@
 # shellcheck shell=bash
 # The nginx side of the proxy benchmarks, shared by proxy-vs-nginx.sh and proxy-ab.sh: the
-# upstream (one worker answering "hello") and nginx as a reverse proxy in front of it.
+# upstream (one worker answering "hello" at /, and 10 KiB and 1 MiB bodies at /10k and /1m, for
+# the copy costs) and nginx as a reverse proxy in front of it.
 #   write_nginx_confs DIR UPSTREAM_PORT PROXY_PORT   → DIR/up.conf, DIR/rp.conf
 write_nginx_confs() {
 local W=$1 UP=$2 NGX=$3
+mkdir -p "$W/up"
+head -c 10240 /dev/zero | tr '\0' 'a' > "$W/up/body-10k"
+head -c 1048576 /dev/zero | tr '\0' 'a' > "$W/up/body-1m"
+# nginx's workers run as an unprivileged user: they must reach the bodies (mktemp makes 0700).
+chmod 0755 "$W" "$W/up"; chmod 0644 "$W/up/body-10k" "$W/up/body-1m"
 cat > "$W/up.conf" <<CONF
 worker_processes 1; pid up/nginx.pid; error_log up/error.log warn; daemon on;
 events { worker_connections 4096; multi_accept on; }
 http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000; client_body_temp_path up/tmp;
   server { listen 127.0.0.1:$UP reuseport backlog=4096;
+    location = /10k { default_type text/plain; alias $W/up/body-10k; }
+    location = /1m { default_type text/plain; alias $W/up/body-1m; }
     location / { default_type text/plain; return 200 "hello\n"; } } }
 CONF
 write_nginx_proxy_conf "$W" rp "$UP" "listen 127.0.0.1:$NGX reuseport backlog=4096;"

@@ -2,6 +2,8 @@
 # Throughput of tollgate's proxy against nginx as a reverse proxy, in the same run, on loopback.
 #
 #   benches/scripts/proxy-vs-nginx.sh [REPS] [SECONDS]      (defaults: 5 reps x 10 s)
+#   BODY=10k|1m benches/scripts/proxy-vs-nginx.sh …          (a 10 KiB or 1 MiB response instead
+#                                                            of "hello": the copy costs)
 #
 # Cases: (1) wrk -> upstream directly, (2) wrk -> nginx reverse proxy -> upstream,
 # (3) wrk -> `tollgate proxy --threads 1` -> upstream, (4) the same with work stealing on,
@@ -15,6 +17,10 @@
 set -euo pipefail
 REPS=${1:-5}
 SECS=${2:-10}
+case ${BODY:-} in
+  "") URLPATH=/ ;; 10k) URLPATH=/10k ;; 1m) URLPATH=/1m ;;
+  *) echo "BODY is 10k or 1m" >&2; exit 2 ;;
+esac
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${TOLLGATE_BIN:-$ROOT/target/release/tollgate}
 [[ -x $BIN ]] || { echo "build first: cargo build --release --bin tollgate" >&2; exit 1; }
@@ -86,7 +92,7 @@ run_case() { # name port
     tollgate_metered) pin 1 "$TGMPID" ;;
     tollgate_logged) pin 1 "$TGLPID" ;;
   esac
-  taskset -c 0 wrk -t1 -c64 -d2s -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null
+  taskset -c 0 wrk -t1 -c64 -d2s -H 'Host: bench.localhost' "http://127.0.0.1:$port$URLPATH" >/dev/null
   local sut=""
   case $name in
     nginx) sut=$(pgrep -P "$RPPID" | head -1) ;;  # the one worker
@@ -94,7 +100,7 @@ run_case() { # name port
     tollgate_metered) sut=$TGMPID ;; tollgate_logged) sut=$TGLPID ;;
   esac
   local t0=0; [[ -n $sut ]] && t0=$(cpu_ticks "$sut")
-  taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench.localhost' "http://127.0.0.1:$port/" > "$OUT/$name.$rep.txt"
+  taskset -c 0 wrk -t1 -c64 -d"${SECS}s" --latency -H 'Host: bench.localhost' "http://127.0.0.1:$port$URLPATH" > "$OUT/$name.$rep.txt"
   # The process's own CPU (every thread, user + system) over the measured run.
   [[ -n $sut ]] && echo $(( $(cpu_ticks "$sut") - t0 )) > "$OUT/$name.$rep.cpu"
   true
