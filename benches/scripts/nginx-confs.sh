@@ -23,7 +23,8 @@ write_nginx_proxy_conf "$W" rp "$UP" "listen 127.0.0.1:$NGX reuseport backlog=40
 }
 
 # nginx as a reverse proxy to UPSTREAM_PORT, the same for every benchmark; LISTEN_LINE says how
-# it listens (plain, or TLS + HTTP/2 with its certificate lines).
+# it listens (plain, or TLS + HTTP/2 with its certificate lines). NGINX_PROXY_BUFFERING=off
+# streams answers instead of buffering them (large bodies otherwise spill to temporary files).
 #   write_nginx_proxy_conf DIR NAME UPSTREAM_PORT LISTEN_LINE [WORKER_CONNECTIONS]
 #     → DIR/NAME.conf (pid in DIR/NAME/)
 write_nginx_proxy_conf() {
@@ -36,7 +37,7 @@ http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
   upstream hello_up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; keepalive_timeout 60s; }
   server { $LISTEN
     location / { proxy_pass http://hello_up; proxy_http_version 1.1;
-      proxy_set_header Connection ""; proxy_set_header Host \$host; proxy_buffering on;
+      proxy_set_header Connection ""; proxy_set_header Host \$host; proxy_buffering ${NGINX_PROXY_BUFFERING:-on};
       add_header X-Request-Id \$request_id always; } } }
 CONF
 }
