@@ -1304,27 +1304,21 @@ fn the_chain_unreachable_during_settlement_and_close_loses_nothing_and_both_fini
         c
     });
     wait_for_control(control, &mut dev);
-    let metric = |name: &str, labels: &[(&str, &str)]| scrape(admin, name, labels);
-    let settle_failed = || {
-        metric(
+    // tollgate_payment_chain_transactions_total{kind, result}, and the close credentials the
+    // node answered "unavailable".
+    let chain_tx = |kind: &str, result: &str| {
+        scrape(
+            admin,
             "tollgate_payment_chain_transactions_total",
-            &[("kind", "settle"), ("result", "failed")],
+            &[("kind", kind), ("result", result)],
         )
     };
-    let settle_ok = || {
-        metric(
-            "tollgate_payment_chain_transactions_total",
-            &[("kind", "settle"), ("result", "ok")],
-        )
-    };
-    let close_ok = || {
-        metric(
-            "tollgate_payment_chain_transactions_total",
-            &[("kind", "close"), ("result", "ok")],
-        )
-    };
+    let settle_failed = || chain_tx("settle", "failed");
+    let settle_ok = || chain_tx("settle", "ok");
+    let close_ok = || chain_tx("close", "ok");
     let close_unavailable = || {
-        metric(
+        scrape(
+            admin,
             "tollgate_payment_credentials_total",
             &[("action", "close"), ("result", "unavailable")],
         )
