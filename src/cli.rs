@@ -32,6 +32,9 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Run the control service (deploys, MCP).
     Control(ControlArgs),
+    /// Run a runtime host: the deployments control places on it (`control.runtime = "hosts"`),
+    /// their CPU charged here (docs/scale-out.md).
+    Runtime(RuntimeArgs),
     /// Validate a config file; prints FILE:LINE:COLUMN and the reason of the first error.
     CheckConfig {
         /// The TOML file to check.
@@ -290,6 +293,17 @@ pub struct CommonArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// The configuration file (needs [redis]; `[host]` names and sizes this host; TOLLGATE_*
+    /// variables override it: docs/scale-out.md) (env TOLLGATE_CONFIG).
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    pub config: PathBuf,
+    /// Write this process's id to FILE once it serves (removed at exit).
+    #[arg(long, value_name = "FILE", env = "TOLLGATE_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct ControlArgs {
     /// The configuration file (needs [redis]; TOLLGATE_* variables override it; every key and
     /// variable: deploy/tollgate.example.toml, docs/operations.md) (env TOLLGATE_CONFIG).
@@ -493,6 +507,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut s = settings(cfg, "tollgate-control")?;
             s.pid_file = args.pid_file;
             tollgate_app::run_control(s)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runtime(args) => {
+            let cfg = Config::load(Some(&args.config), &env)?;
+            let mut s = settings(cfg, "tollgate-runtime")?;
+            s.pid_file = args.pid_file;
+            tollgate_app::run_runtime(s)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Routes(cmd) => {

@@ -22,6 +22,8 @@ pub struct Config {
     pub access_log: tollgate_proxy::AccessLogConfig,
     pub admin: AdminConfig,
     pub control: ControlConfig,
+    /// `tollgate runtime`: a runtime host.
+    pub host: HostConfig,
     /// Absent: routes come from `[[route]]` alone (single node).
     pub redis: Option<RedisConfig>,
     pub shutdown: ShutdownConfig,
@@ -82,6 +84,80 @@ pub struct ControlConfig {
     /// A deployment with no request and no CPU use for this long has its process stopped (it
     /// starts again on the next request); 0 keeps processes running.
     pub idle_stop_seconds: u64,
+    /// Where tenant processes run: `local` (in this process) or `hosts` (on `tollgate runtime`
+    /// hosts registered in Redis; docs/scale-out.md).
+    pub runtime: RuntimePlacement,
+}
+
+/// Where the control service runs deployments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimePlacement {
+    #[default]
+    Local,
+    Hosts,
+}
+
+/// A runtime host (`tollgate runtime`): what it offers and how it keeps its lease.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// Its name in Redis; unique per host and kept across restarts (a restarted host takes its
+    /// deployments back at once). Default `runtime-<admin port>`.
+    pub id: Option<String>,
+    /// `/metrics`, `/livez`, `/readyz`.
+    pub admin_listen: SocketAddr,
+    /// Most deployments it runs at once.
+    pub processes: u32,
+    /// Memory given to deployments; 0: 80 % of the machine's.
+    pub memory_mib: u64,
+    /// Memory reserved per deployment when placing (an idle-stopped one uses none; a busy one
+    /// up to the runtime's limit, 512 MiB).
+    pub per_deployment_mib: u64,
+    /// Lost after this long without a heartbeat: its deployments move to other hosts.
+    pub lease_ms: u64,
+    /// At a graceful stop, how long to wait for its deployments to run elsewhere first.
+    pub handover_seconds: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            id: None,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9093)),
+            processes: 1000,
+            memory_mib: 0,
+            per_deployment_mib: 64,
+            lease_ms: 3000,
+            handover_seconds: 20,
+        }
+    }
+}
+
+impl HostConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if !(500..=60_000).contains(&self.lease_ms) {
+            return Err(format!(
+                "host.lease_ms = {}: expected 500 to 60000",
+                self.lease_ms
+            ));
+        }
+        if self.processes == 0 {
+            return Err("host.processes = 0: a host must run at least one deployment".into());
+        }
+        if let Some(id) = &self.id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Err(format!(
+                "host.id {id:?}: 1-64 characters of A-Z a-z 0-9 - _"
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ControlConfig {
@@ -96,6 +172,7 @@ impl Default for ControlConfig {
             toolchain_dir: PathBuf::from("runtime/npm"),
             inactivity_ttl_seconds: 7 * 24 * 3600,
             idle_stop_seconds: 600,
+            runtime: RuntimePlacement::Local,
         }
     }
 }
@@ -482,6 +559,9 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_TLS_CERT",
     "TOLLGATE_TLS_KEY",
     "TOLLGATE_TLS_REDIRECT_HTTP",
+    "TOLLGATE_CONTROL_RUNTIME",
+    "TOLLGATE_HOST_ID",
+    "TOLLGATE_HOST_ADMIN_LISTEN",
 ];
 
 impl Config {
@@ -493,6 +573,7 @@ impl Config {
             .and_then(|_| cfg.tls.check())
             .and_then(|_| cfg.access_log.check())
             .and_then(|_| cfg.public.check())
+            .and_then(|_| cfg.host.check())
             .map_err(|message| ConfigError {
                 origin: origin.to_owned(),
                 line: None,
@@ -606,6 +687,20 @@ impl Config {
                     self.control.runtime_ip = val
                         .parse()
                         .map_err(|_| fail(format!("'{val}': expected an IP address")))?;
+                }
+                "TOLLGATE_CONTROL_RUNTIME" => {
+                    self.control.runtime = match val.as_str() {
+                        "local" => RuntimePlacement::Local,
+                        "hosts" => RuntimePlacement::Hosts,
+                        _ => return Err(fail(format!("'{val}': expected local or hosts"))),
+                    }
+                }
+                "TOLLGATE_HOST_ID" => {
+                    self.host.id = Some(val);
+                    self.host.check().map_err(fail)?;
+                }
+                "TOLLGATE_HOST_ADMIN_LISTEN" => {
+                    self.host.admin_listen = parse_addr(&val).map_err(fail)?;
                 }
                 "TOLLGATE_PUBLIC_BASE_DOMAIN" => {
                     self.public.base_domain = Some(parse_host(&val).map_err(fail)?);

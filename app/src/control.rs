@@ -6,9 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tollgate_control::hosts::HostsRuntime;
 use tollgate_control::{
     Control, ControlConfig, ControlStore, EmbeddedControlStore, LocalRoutes, RedisControlStore,
-    RoutePublisher,
+    RoutePublisher, Runtime,
 };
 use tollgate_routes::RouteStore;
 use tollgate_runtime::{CpuSink, RuntimeConfig, RuntimeEvent, Supervisor, Toolchain};
@@ -38,6 +39,14 @@ pub fn runtime(
     };
     let (sup, events) = Supervisor::new(rt, toolchain.clone(), cpu)?;
     Ok((sup, events, toolchain))
+}
+
+/// Where the control service runs deployments.
+pub enum Placement {
+    /// In this process.
+    Local(Supervisor),
+    /// On runtime hosts (`tollgate runtime`), through Redis.
+    Hosts(Arc<HostsRuntime>),
 }
 
 /// What the control listener offers agents: MCP with a dev identity (no payment; `dev
@@ -72,7 +81,7 @@ pub struct ControlService {
 #[allow(clippy::too_many_arguments)]
 pub async fn control_service(
     settings: &Settings,
-    sup: Supervisor,
+    placement: Placement,
     events: tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
     toolchain: Toolchain,
     agents: Agents,
@@ -119,12 +128,22 @@ pub async fn control_service(
     });
     let ready_store = store.clone();
     let ready_money = money.clone();
-    sup.register_metrics(&agents.metrics)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tasks = Vec::new();
+    let runtime: Arc<dyn Runtime> = match &placement {
+        Placement::Local(sup) => {
+            sup.register_metrics(&agents.metrics)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Arc::new(sup.clone())
+        }
+        Placement::Hosts(hosts) => {
+            tasks.push(tokio::spawn(hosts.clone().run(stop.clone())));
+            hosts.clone()
+        }
+    };
     let control = Control::new(
         store.clone(),
         bundler,
-        sup,
+        runtime,
         routes,
         ControlConfig {
             url_template: public_url,
@@ -133,10 +152,15 @@ pub async fn control_service(
         },
     );
     control.register_metrics(&agents.metrics)?;
-    let mut tasks = Vec::new();
     // Databases before recovery: the deployments it restarts get their database tokens.
     let mut after_runtime = None;
-    if cfg.database.enabled {
+    let on_hosts = matches!(placement, Placement::Hosts(_));
+    if cfg.database.enabled && on_hosts {
+        // Their tokens live in this process and their socket on this machine: not yet offered
+        // to deployments on runtime hosts (docs/scale-out.md).
+        tracing::warn!("control.runtime = hosts: projects' SQL databases are not offered");
+    }
+    if cfg.database.enabled && !on_hosts {
         let (db_stop_tx, db_stop) = watch::channel(false);
         let (access, db_tasks) =
             databases(settings, store, money, &agents.metrics, db_stop).await?;

@@ -6,7 +6,7 @@
 //!   orphan journals);
 //! - [`adapters`]: the glue between crates that must not know each other;
 //! - [`node`]: a proxy node (metering node, then the proxy over its cache);
-//! - [`modes`]: `run_proxy`, `run_control`, `run_dev`, each with one ordered shutdown;
+//! - [`modes`]: `run_proxy`, `run_control`, `run_runtime`, `run_dev`, each with one ordered shutdown;
 //! - [`ops`]: operator commands.
 //!
 //! The binary parses its flags and calls one of these. docs/architecture.md draws the map.
@@ -25,7 +25,7 @@ pub mod settings;
 mod shutdown;
 pub mod telemetry;
 
-pub use modes::{DevChoices, proxy_options, run_control, run_dev, run_proxy};
+pub use modes::{DevChoices, proxy_options, run_control, run_dev, run_proxy, run_runtime};
 pub use settings::{Settings, SettingsError};
 
 /// Logs to stderr through `tracing`: the settings' filter (`TOLLGATE_LOG` wins over

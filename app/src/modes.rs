@@ -23,7 +23,7 @@ use tollgate_metering::Store;
 use tollgate_proxy::ProxyOptions;
 
 use crate::adapters::{ChargeCpu, DevIdentity, InflightHooks};
-use crate::control::{Agents, bind_control, control_service, runtime, serve_on};
+use crate::control::{Agents, Placement, bind_control, control_service, runtime, serve_on};
 use crate::metering::{MeteringNode, MeteringSpec, StoreSource};
 use crate::node::{GateSpec, PreparedNode};
 use crate::paid::{PaymentStores, ProxyDesk, payments};
@@ -269,7 +269,11 @@ async fn start_control(
     let registry = prometheus::Registry::new();
     tollgate_proxy::metrics::register_build_info(&registry)?;
     let mut rows_cache = None;
-    let cpu: Arc<dyn tollgate_runtime::CpuSink> = if settings.config.metering.enabled {
+    let on_hosts = settings.config.control.runtime == crate::config::RuntimePlacement::Hosts;
+    let cpu: Arc<dyn tollgate_runtime::CpuSink> = if on_hosts {
+        // Each runtime host charges its own processes' CPU.
+        Arc::new(tollgate_runtime::NoCpuSink)
+    } else if settings.config.metering.enabled {
         let node_id = settings.control_node_id();
         let metering = MeteringNode::start(
             MeteringSpec {
@@ -288,8 +292,23 @@ async fn start_control(
         tracing::warn!("metering.enabled = false: the runtime's CPU is charged to nobody");
         Arc::new(tollgate_runtime::NoCpuSink)
     };
-    let (sup, events, toolchain) = runtime(settings, cpu)?;
-    parts.sup = Some(sup.clone());
+    let (placement, events, toolchain) = if on_hosts {
+        let toolchain = tollgate_runtime::Toolchain::ensure(&settings.config.control.toolchain_dir)
+            .context("the JS toolchain (control.toolchain_dir)")?;
+        let (hosts, events) = tollgate_control::hosts::HostsRuntime::connect(
+            &redis.url,
+            &redis.key_prefix,
+            tollgate_control::hosts::HostsRuntimeConfig::default(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("runtime hosts (redis.url {}): {e}", redis.url))?;
+        tracing::info!("control.runtime = hosts: deployments run on `tollgate runtime` hosts");
+        (Placement::Hosts(hosts), events, toolchain)
+    } else {
+        let (sup, events, toolchain) = runtime(settings, cpu)?;
+        parts.sup = Some(sup.clone());
+        (Placement::Local(sup), events, toolchain)
+    };
     payments.metrics.register(&registry)?;
     let (intake_tx, intake_rx) = watch::channel(false);
     let (bg_tx, bg_rx) = watch::channel(false);
@@ -299,7 +318,7 @@ async fn start_control(
     let bg_rx_admin = bg_rx.clone();
     let svc = control_service(
         settings,
-        sup,
+        placement,
         events,
         toolchain,
         Agents {
@@ -323,6 +342,155 @@ async fn start_control(
             .push(serve_on(admin_listener, admin, bg_rx_admin));
     }
     parts.server = Some(serve_on(listener, svc.router, intake_rx));
+    Ok(())
+}
+
+/// `tollgate runtime`: a runtime host. It runs the deployments control places on it, charges
+/// their CPU through its own metering node, and hands them over before it stops
+/// (docs/scale-out.md).
+pub fn run_runtime(settings: Settings) -> anyhow::Result<()> {
+    let cfg = &settings.config;
+    std::fs::create_dir_all(&cfg.control.data_dir).with_context(|| {
+        format!(
+            "cannot create the data dir {} (control.data_dir)",
+            cfg.control.data_dir.display()
+        )
+    })?;
+    let redis = cfg
+        .redis
+        .clone()
+        .context("a runtime host takes its deployments from Redis: configure [redis] url (or TOLLGATE_REDIS_URL)")?;
+    let rt = runtime_for("tollgate")?;
+    let handle = rt.handle().clone();
+    let result = rt.block_on(async move {
+        let signals = Signals::install()?;
+        let admin_addr = settings.config.host.admin_listen;
+        let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on {admin_addr} (host.admin_listen)"))?;
+        let mut parts = Parts {
+            drain: settings.drain_timeout,
+            // The hand-over, then each deployment's drain.
+            host_wait: Duration::from_secs(settings.config.host.handover_seconds)
+                + settings.drain_timeout
+                + Duration::from_secs(5),
+            ..Parts::default()
+        };
+        let started =
+            start_runtime_host(&settings, redis, admin_listener, &handle, &mut parts).await;
+        parts
+            .run_until_signal(started, signals, settings.pid_file.clone())
+            .await?;
+        tracing::info!("runtime host stopped");
+        anyhow::Ok(())
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// 80 % of the machine's memory (`/proc/meminfo`), or 4 GiB when unreadable.
+fn default_host_memory() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    total_kib.map_or(4 << 30, |k| k * 1024 / 10 * 8)
+}
+
+async fn start_runtime_host(
+    settings: &Settings,
+    redis: tollgate_proxy::RedisConfig,
+    admin_listener: tokio::net::TcpListener,
+    handle: &tokio::runtime::Handle,
+    parts: &mut Parts,
+) -> anyhow::Result<()> {
+    let cfg = &settings.config;
+    let host_id = settings.host_id();
+    let registry = prometheus::Registry::new();
+    tollgate_proxy::metrics::register_build_info(&registry)?;
+    let mut money = None;
+    let cpu: Arc<dyn tollgate_runtime::CpuSink> = if cfg.metering.enabled {
+        let store = open_money(settings, Duration::from_secs(60)).await?;
+        let metering = MeteringNode::start(
+            MeteringSpec {
+                store: StoreSource::Ready(store),
+                prices: settings.prices,
+                agent: settings.agent(&host_id)?,
+            },
+            &registry,
+            handle,
+        )?;
+        let cpu = Arc::new(ChargeCpu(metering.cache().clone()));
+        money = Some(metering.cache().clone());
+        parts.metering = Some(metering);
+        cpu
+    } else {
+        tracing::warn!("metering.enabled = false: this host's CPU is charged to nobody");
+        Arc::new(tollgate_runtime::NoCpuSink)
+    };
+    let (sup, events, _toolchain) = runtime(settings, cpu)?;
+    sup.register_metrics(&registry)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    parts.sup = Some(sup.clone());
+    let memory_bytes = match cfg.host.memory_mib {
+        0 => default_host_memory(),
+        m => m.saturating_mul(1 << 20),
+    };
+    let info = tollgate_control::hosts::HostInfo {
+        id: host_id.clone(),
+        ip: cfg.control.runtime_ip,
+        processes: cfg.host.processes,
+        memory_bytes,
+        per_deployment_bytes: cfg.host.per_deployment_mib.saturating_mul(1 << 20),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        started_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let agent = tollgate_control::hosts::HostAgent::connect(
+        &redis.url,
+        &redis.key_prefix,
+        tollgate_control::hosts::HostAgentConfig {
+            info,
+            lease: Duration::from_millis(cfg.host.lease_ms),
+            handover: Duration::from_secs(cfg.host.handover_seconds),
+            log_entries: 1000,
+        },
+        sup,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e} (redis.url {})", redis.url))?;
+    let registered = agent.ready_flag();
+    let (bg_tx, bg_rx) = watch::channel(false);
+    parts.background = Some(bg_tx);
+    parts.host = Some(tokio::spawn(agent.run(events, bg_rx.clone())));
+    let admin = axum::Router::new()
+        .route("/livez", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let registered = registered.load(std::sync::atomic::Ordering::Acquire);
+                let metering = money.as_ref().is_none_or(|m| m.agent_started());
+                async move {
+                    let body = serde_json::json!({
+                        "status": if registered && metering { "ready" } else { "not ready" },
+                        "lease": if registered { "held" } else { "not held" },
+                        "metering": if metering { "ok" } else { "the CPU metering agent has not started" },
+                    });
+                    let code = if registered && metering {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (code, axum::Json(body))
+                }
+            }),
+        )
+        .route("/metrics", crate::telemetry::metrics_route(registry));
+    parts.tasks.push(serve_on(admin_listener, admin, bg_rx));
+    tracing::info!(host = %host_id, ip = %cfg.control.runtime_ip, "runtime host started");
     Ok(())
 }
 
@@ -436,7 +604,7 @@ async fn start_dev(
     let payee = payments.payee();
     let svc = control_service(
         &settings,
-        sup,
+        Placement::Local(sup),
         events,
         toolchain,
         Agents {

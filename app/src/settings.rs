@@ -333,6 +333,16 @@ impl Settings {
         }
     }
 
+    /// A runtime host's name (`host.id`, else `runtime-<admin port>`); its CPU metering node has
+    /// the same name.
+    pub fn host_id(&self) -> String {
+        self.config
+            .host
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("runtime-{}", self.config.host.admin_listen.port()))
+    }
+
     /// This proxy node's name (its journal and leases are keyed by it).
     pub fn proxy_node_id(&self) -> String {
         self.config

@@ -118,6 +118,10 @@ pub(crate) struct Parts {
     pub(crate) metering: Option<MeteringNode>,
     pub(crate) chain: Option<DevChain>,
     pub(crate) drain: Duration,
+    /// A runtime host's agent: it hands its deployments over (waiting up to `host_wait`) before
+    /// the runtime stops them.
+    pub(crate) host: Option<JoinHandle<()>>,
+    pub(crate) host_wait: Duration,
 }
 
 impl Parts {
@@ -185,6 +189,9 @@ impl Parts {
         }
         if let Some(p) = self.payments.take() {
             waits.push(bounded("payments", p, Duration::from_secs(10), &hurry));
+        }
+        if let Some(h) = self.host.take() {
+            waits.push(bounded("runtime host hand-over", h, self.host_wait, &hurry));
         }
         futures_util::future::join_all(waits).await;
         // 3: the runtime (each workerd's last CPU sample is charged).

@@ -3,11 +3,13 @@
 
 pub mod embedded;
 pub mod error;
+pub mod hosts;
 pub mod http;
 mod metrics;
 pub mod model;
 pub mod routes;
 pub mod rows;
+pub mod runtime;
 mod service;
 pub mod store;
 
@@ -15,6 +17,7 @@ pub use embedded::EmbeddedControlStore;
 pub use error::ControlError;
 pub use model::{DeployStatus, Deployment, Project, ProjectStatus};
 pub use routes::{LocalRoutes, RoutePublisher};
+pub use runtime::Runtime;
 pub use service::{
     Control, ControlConfig, DatabaseAccess, DatabaseView, DeployOutcome, DeployRequest,
     ProjectView, QueryOut, START_LOCK_WAIT, Traffic, UsageView, bundler_for,

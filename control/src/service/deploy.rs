@@ -320,12 +320,16 @@ impl Control {
         if let Err(e) = recorded {
             // Point the route back at what the store says is live (the old version, still
             // running), or take it down for a first deploy.
-            let reverted = match old.as_deref().and_then(|o| {
-                self.runtime
+            let old_addr = match old.as_deref() {
+                Some(o) => self
+                    .runtime
                     .status(o)
+                    .await
                     .and_then(|s| s.addr)
-                    .map(|addr| (o, addr))
-            }) {
+                    .map(|addr| (o, addr)),
+                None => None,
+            };
+            let reverted = match old_addr {
                 Some((old_id, old_addr)) => {
                     let mut back = route_for(&project, old_id);
                     back.upstreams = vec![old_addr];

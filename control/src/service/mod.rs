@@ -20,7 +20,9 @@ use tollgate_bundler::Bundler;
 use tollgate_routes::{Route, validate_slug};
 
 use crate::routes::RoutePublisher;
-use tollgate_runtime::{DeploymentSpec, LogEntry, RuntimeEvent, Supervisor};
+use tollgate_runtime::{DeploymentSpec, LogEntry, RuntimeEvent};
+
+use crate::runtime::Runtime;
 
 use crate::error::ControlError;
 use crate::model::{DeployStatus, Deployment, Env, Files, Project, ProjectStatus, new_id, now_ms};
@@ -160,7 +162,7 @@ pub struct Traffic {
 pub struct Control {
     pub(crate) store: Arc<dyn ControlStore>,
     pub(crate) bundler: Bundler,
-    pub(crate) runtime: Supervisor,
+    pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) routes: Arc<dyn RoutePublisher>,
     pub(crate) cfg: ControlConfig,
     /// One pipeline at a time per project (one control instance; see docs/control.md).
@@ -243,14 +245,14 @@ impl Control {
     pub fn new(
         store: Arc<dyn ControlStore>,
         bundler: Bundler,
-        runtime: Supervisor,
+        runtime: impl Runtime,
         routes: Arc<dyn RoutePublisher>,
         cfg: ControlConfig,
     ) -> Arc<Control> {
         Arc::new(Control {
             store,
             bundler,
-            runtime,
+            runtime: Arc::new(runtime),
             routes,
             cfg,
             locks: Mutex::new(HashMap::new()),

@@ -82,12 +82,12 @@ impl Control {
     /// The latest of: the last deploy, the last request the runtime saw, the last request a
     /// proxy counted.
     pub(crate) async fn last_activity(&self, p: &Project, now: u64) -> Result<u64, ControlError> {
-        let seen = p
-            .live_deployment
-            .as_deref()
-            .and_then(|d| self.runtime.idle_for(d))
-            .map(|idle| now.saturating_sub(idle.as_millis() as u64))
-            .unwrap_or(0);
+        let seen = match p.live_deployment.as_deref() {
+            Some(d) => self.runtime.idle_for(d).await,
+            None => None,
+        }
+        .map(|idle| now.saturating_sub(idle.as_millis() as u64))
+        .unwrap_or(0);
         let counted = self
             .store
             .usage(&p.id, &[])

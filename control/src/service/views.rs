@@ -91,11 +91,11 @@ impl Control {
             }
             None => None,
         };
-        usage.cpu_ms_live = project
-            .live_deployment
-            .as_deref()
-            .and_then(|d| self.runtime.status(d))
-            .map_or(0, |s| s.cpu_us_total / 1000);
+        usage.cpu_ms_live = match project.live_deployment.as_deref() {
+            Some(d) => self.runtime.status(d).await,
+            None => None,
+        }
+        .map_or(0, |s| s.cpu_us_total / 1000);
         Ok(ProjectView {
             url: self.url(&project.slug),
             project,
@@ -211,7 +211,7 @@ impl Control {
         Ok(self
             .runtime
             .logs(&live, since, limit.clamp(1, 1000))
-            .map(|(l, _)| l)
+            .await
             .unwrap_or_default())
     }
 }

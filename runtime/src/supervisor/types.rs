@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cpu::{AppliedLimits, CgroupMode};
 
@@ -74,8 +74,8 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run (also what a runtime host is sent: docs/scale-out.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeploymentSpec {
     pub deployment_id: String,
     pub project_id: String,
@@ -95,7 +95,7 @@ pub struct DeploymentSpec {
 
 /// The D1 service a deployment's database bindings call, and the secret token workerd adds to
 /// each of its requests (tenant code never sees it).
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct D1Access {
     /// `IP:PORT`, or `unix:/path/to/socket`.
     pub address: String,
@@ -203,7 +203,7 @@ impl Drop for InflightGuard {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Starting,

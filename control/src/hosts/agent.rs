@@ -1,0 +1,545 @@
+//! A runtime host's side (`tollgate runtime`): register with a lease, run what is assigned,
+//! report how it runs, publish its logs, and hand everything over before stopping.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tollgate_runtime::{Phase, RuntimeError, RuntimeEvent, Started, Supervisor};
+
+use super::{Assignment, HostEvent, HostInfo, HostKeys, HostedState};
+use crate::model::{new_id, now_ms};
+
+#[derive(Debug, Clone)]
+pub struct HostAgentConfig {
+    pub info: HostInfo,
+    /// A host whose lease is not renewed for this long is taken for lost; its deployments move.
+    pub lease: Duration,
+    /// At a graceful stop: how long to wait for control to move the deployments away before
+    /// stopping them anyway.
+    pub handover: Duration,
+    /// Log entries kept per deployment in Redis.
+    pub log_entries: usize,
+}
+
+/// A deployment's log stream lives this long after its last line.
+const LOG_TTL_SECONDS: i64 = 7 * 24 * 3600;
+
+/// Renews `KEYS[1]` for `ARGV[2]` ms if it still holds this host's token `ARGV[1]`.
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Deletes `KEYS[1]` if it holds token `ARGV[1]`.
+const RESIGN: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"#;
+
+/// One deployment this host runs (or is starting, or stopping).
+struct Local {
+    /// Empty once the lease was lost: whatever it is doing, it is stopped when done.
+    gen_id: String,
+    /// A start or a stop is under way: the next one waits for it.
+    busy: bool,
+    /// Its start finished (well or not).
+    started: Option<Result<Started, RuntimeError>>,
+    /// The next log entry to publish.
+    next_log: u64,
+}
+
+enum Done {
+    Started(String, String, Result<Started, RuntimeError>),
+    Removed(String, String),
+}
+
+pub struct HostAgent {
+    conn: ConnectionManager,
+    client: redis::Client,
+    keys: HostKeys,
+    cfg: HostAgentConfig,
+    sup: Supervisor,
+    local: HashMap<String, Local>,
+    work: JoinSet<Done>,
+    token: String,
+    /// Deployments whose state record changed since the last write.
+    dirty: HashSet<String>,
+    /// Holds its lease (its `/readyz`).
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn io(e: impl std::fmt::Display) -> String {
+    format!("runtime host (redis): {e}")
+}
+
+impl HostAgent {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        cfg: HostAgentConfig,
+        sup: Supervisor,
+    ) -> Result<HostAgent, String> {
+        let client = redis::Client::open(url).map_err(io)?;
+        let conn = ConnectionManager::new(client.clone()).await.map_err(io)?;
+        Ok(HostAgent {
+            conn,
+            client,
+            keys: HostKeys::new(prefix),
+            cfg,
+            sup,
+            local: HashMap::new(),
+            work: JoinSet::new(),
+            token: String::new(),
+            dirty: HashSet::new(),
+            ready: Default::default(),
+        })
+    }
+
+    /// True while the host holds its lease: placed deployments can run here.
+    pub fn ready_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.ready.clone()
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Release);
+    }
+
+    fn id(&self) -> &str {
+        &self.cfg.info.id
+    }
+
+    /// Takes the lease (a restarted host takes its own over: its processes died with it) and
+    /// registers the host's capacity.
+    async fn register(&mut self) -> Result<(), String> {
+        self.token = new_id("h");
+        let mut c = self.conn.clone();
+        let info = serde_json::to_string(&self.cfg.info).map_err(io)?;
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.keys.alive(self.id()))
+            .arg(&self.token)
+            .arg("PX")
+            .arg(self.cfg.lease.as_millis() as u64)
+            .ignore()
+            .hset(self.keys.hosts(), self.id(), info)
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(io)?;
+        tracing::info!(host = %self.id(), slots = self.cfg.info.slots(), "runtime host registered");
+        self.set_ready(true);
+        Ok(())
+    }
+
+    /// Whether the lease is still this host's (renewed).
+    async fn renew(&self) -> Result<bool, String> {
+        let mut c = self.conn.clone();
+        let n: i64 = redis::Script::new(RENEW)
+            .key(self.keys.alive(self.id()))
+            .arg(&self.token)
+            .arg(self.cfg.lease.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await
+            .map_err(io)?;
+        Ok(n == 1)
+    }
+
+    /// Runs until `stop`; then hands the deployments over (see [`HostAgent::handover`]).
+    pub async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<RuntimeEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        // Until Redis answers (or the process stops).
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.register().await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!(error = %e, "runtime host: cannot register yet"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = super::stopped(&mut stop) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        let nudged = std::sync::Arc::new(tokio::sync::Notify::new());
+        let listener = tokio::spawn(listen(
+            self.client.clone(),
+            self.keys.nudge(self.id()),
+            nudged.clone(),
+        ));
+        let mut beat = tokio::time::interval(self.cfg.lease / 3);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(Duration::from_millis(500));
+        let mut logs = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = super::stopped(&mut stop) => break,
+                _ = beat.tick() => self.heartbeat().await,
+                _ = sweep.tick() => self.reconcile().await,
+                _ = nudged.notified() => self.reconcile().await,
+                _ = logs.tick() => self.publish_logs().await,
+                Some(ev) = events.recv() => self.runtime_event(ev).await,
+                Some(done) = self.work.join_next() => {
+                    if let Ok(done) = done {
+                        self.finished(done).await;
+                    }
+                    self.reconcile().await;
+                }
+            }
+        }
+        listener.abort();
+        self.handover().await;
+    }
+
+    async fn heartbeat(&mut self) {
+        match self.renew().await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Taken for lost (a pause or a partition longer than the lease): control has
+                // moved, or is moving, everything. Stop it all and start again as a new host.
+                tracing::error!(host = %self.id(), "runtime host lease lost; stopping its deployments and registering again");
+                self.set_ready(false);
+                // One still starting or stopping is stopped when that is done.
+                let idle: Vec<String> = self
+                    .local
+                    .iter_mut()
+                    .filter_map(|(id, l)| {
+                        l.gen_id.clear();
+                        (!l.busy).then(|| id.clone())
+                    })
+                    .collect();
+                for id in idle {
+                    let _ = self.sup.remove(&id, false).await;
+                    self.local.remove(&id);
+                }
+                self.dirty.clear();
+                let _ = self
+                    .conn
+                    .clone()
+                    .del::<_, ()>(self.keys.state(self.id()))
+                    .await;
+                if let Err(e) = self.register().await {
+                    tracing::warn!(error = %e, "runtime host: cannot register again yet");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "runtime host: lease not renewed");
+                return;
+            }
+        }
+        // Every state now and then (idle times, CPU), not only the ones that changed.
+        let ids: Vec<String> = self.local.keys().cloned().collect();
+        self.dirty.extend(ids);
+        self.write_states().await;
+    }
+
+    /// Brings what runs here in line with the assignments.
+    async fn reconcile(&mut self) {
+        let mut c = self.conn.clone();
+        let want: HashMap<String, String> = match c.hgetall(self.keys.assign(self.id())).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "runtime host: assignments not read");
+                return;
+            }
+        };
+        let want: HashMap<String, Assignment> = want
+            .into_iter()
+            .filter_map(|(d, j)| Some((d, serde_json::from_str::<Assignment>(&j).ok()?)))
+            .collect();
+        // Gone, or placed again (a new generation): stop it, drained.
+        for (id, l) in self.local.iter_mut() {
+            if l.busy || want.get(id).is_some_and(|a| a.gen_id == l.gen_id) {
+                continue;
+            }
+            l.busy = true;
+            let sup = self.sup.clone();
+            let (id, gen_id) = (id.clone(), l.gen_id.clone());
+            self.work.spawn(async move {
+                let _ = sup.remove(&id, true).await;
+                Done::Removed(id, gen_id)
+            });
+        }
+        for (id, a) in want {
+            if self.local.contains_key(&id) {
+                continue;
+            }
+            // A fresh process has fresh logs.
+            let _ = c.del::<_, ()>(self.keys.logs(&id)).await;
+            self.local.insert(
+                id.clone(),
+                Local {
+                    gen_id: a.gen_id.clone(),
+                    busy: true,
+                    started: None,
+                    next_log: 0,
+                },
+            );
+            self.dirty.insert(id.clone());
+            let sup = self.sup.clone();
+            self.work.spawn(async move {
+                let r = sup.start(a.spec).await;
+                Done::Started(id, a.gen_id, r)
+            });
+        }
+        self.write_states().await;
+    }
+
+    async fn finished(&mut self, done: Done) {
+        match done {
+            Done::Started(id, gen_id, r) => {
+                if let Err(e) = &r {
+                    tracing::warn!(deployment = %id, error = %e, "assigned deployment did not start");
+                }
+                match self.local.get_mut(&id) {
+                    Some(l) if l.gen_id == gen_id => {
+                        l.busy = false;
+                        l.started = Some(r);
+                        self.dirty.insert(id);
+                    }
+                    // The lease was lost meanwhile: not ours to run any more.
+                    _ => {
+                        let sup = self.sup.clone();
+                        let gen_id = self
+                            .local
+                            .get(&id)
+                            .map(|l| l.gen_id.clone())
+                            .unwrap_or_default();
+                        self.work.spawn(async move {
+                            let _ = sup.remove(&id, false).await;
+                            Done::Removed(id, gen_id)
+                        });
+                    }
+                }
+                self.write_states().await;
+            }
+            Done::Removed(id, gen_id) => {
+                if self
+                    .local
+                    .get(&id)
+                    .is_some_and(|l| l.gen_id == gen_id || l.gen_id.is_empty())
+                {
+                    self.local.remove(&id);
+                    let mut c = self.conn.clone();
+                    let _ = c.hdel::<_, _, ()>(self.keys.state(self.id()), &id).await;
+                }
+            }
+        }
+    }
+
+    fn state_of(&self, id: &str, l: &Local) -> HostedState {
+        let status = self.sup.status(id);
+        let last_active_ms = self.sup.idle_for(id).map_or(now_ms(), |idle| {
+            now_ms().saturating_sub(idle.as_millis() as u64)
+        });
+        let (phase, failure) = match &l.started {
+            None => (Phase::Starting, None),
+            Some(Err(e)) => (Phase::Failed, Some(e.to_string())),
+            Some(Ok(_)) => match &status {
+                Some(s) => (s.phase, s.failure.clone()),
+                None => (Phase::Stopped, None),
+            },
+        };
+        HostedState {
+            gen_id: l.gen_id.clone(),
+            phase,
+            addr: status.as_ref().and_then(|s| s.addr),
+            pid: status.as_ref().and_then(|s| s.pid),
+            restarts: status.as_ref().map_or(0, |s| s.restarts),
+            cpu_limit_kills: status.as_ref().map_or(0, |s| s.cpu_limit_kills),
+            failure,
+            cold_start_ms: status.as_ref().and_then(|s| s.cold_start_ms),
+            cpu_us_total: status.as_ref().map_or(0, |s| s.cpu_us_total),
+            last_active_ms,
+        }
+    }
+
+    async fn write_states(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = self.dirty.drain().collect();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            let Some(l) = self.local.get(&id).filter(|l| !l.gen_id.is_empty()) else {
+                continue;
+            };
+            let Ok(json) = serde_json::to_string(&self.state_of(&id, l)) else {
+                continue;
+            };
+            pipe.hset(self.keys.state(&self.cfg.info.id), &id, json)
+                .ignore();
+        }
+        let mut c = self.conn.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut c).await {
+            tracing::warn!(error = %e, "runtime host: states not written");
+        }
+    }
+
+    /// The supervisor's news (a restart, an idle stop, a wake-up, a give-up), for control.
+    async fn runtime_event(&mut self, ev: RuntimeEvent) {
+        let (id, addr, failed) = match ev {
+            RuntimeEvent::Upstream {
+                deployment_id,
+                addr,
+            } => (deployment_id, Some(addr), None),
+            RuntimeEvent::Failed {
+                deployment_id,
+                reason,
+            } => (deployment_id, None, Some(reason)),
+        };
+        let Some(l) = self.local.get(&id).filter(|l| !l.gen_id.is_empty()) else {
+            return;
+        };
+        let ev = HostEvent {
+            host: self.id().to_owned(),
+            deployment: id.clone(),
+            gen_id: l.gen_id.clone(),
+            addr,
+            failed,
+        };
+        self.dirty.insert(id);
+        // The state first: control reads it when the event arrives.
+        self.write_states().await;
+        let Ok(json) = serde_json::to_string(&ev) else {
+            return;
+        };
+        let mut c = self.conn.clone();
+        if let Err(e) = c.publish::<_, _, ()>(self.keys.events(), json).await {
+            tracing::warn!(error = %e, "runtime host: event not published");
+        }
+    }
+
+    async fn publish_logs(&mut self) {
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (id, l) in self.local.iter_mut() {
+            let Some((entries, _)) = self.sup.logs(id, l.next_log, 200) else {
+                continue;
+            };
+            let wrote = !entries.is_empty();
+            for e in entries {
+                l.next_log = e.seq + 1;
+                let Ok(json) = serde_json::to_string(&e) else {
+                    continue;
+                };
+                pipe.cmd("XADD")
+                    .arg(self.keys.logs(id))
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(self.cfg.log_entries)
+                    .arg("*")
+                    .arg("e")
+                    .arg(json)
+                    .ignore();
+                any = true;
+            }
+            if wrote {
+                // A removed deployment's stream does not stay forever.
+                pipe.expire(self.keys.logs(id), LOG_TTL_SECONDS).ignore();
+            }
+        }
+        if any {
+            let mut c = self.conn.clone();
+            if let Err(e) = pipe.query_async::<()>(&mut c).await {
+                tracing::warn!(error = %e, "runtime host: logs not published");
+            }
+        }
+    }
+
+    /// A graceful stop: give up the lease so control moves every deployment now, keep serving
+    /// until each runs elsewhere (or `handover` passes), then stop them, drained.
+    async fn handover(mut self) {
+        self.set_ready(false);
+        let mut c = self.conn.clone();
+        let resigned = redis::Script::new(RESIGN)
+            .key(self.keys.alive(self.id()))
+            .arg(&self.token)
+            .invoke_async::<i64>(&mut c)
+            .await;
+        if let Err(e) = resigned {
+            tracing::warn!(error = %e, "runtime host: lease not given up; its deployments move when it expires");
+        }
+        let until = Instant::now() + self.cfg.handover;
+        let ids: Vec<String> = self.local.keys().cloned().collect();
+        tracing::info!(host = %self.id(), deployments = ids.len(), "runtime host stopping: handing its deployments over");
+        while Instant::now() < until {
+            match self.moved_and_running(&ids).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "runtime host: hand-over not observed");
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.publish_logs().await;
+        // Drained: the routes have moved, requests in flight finish.
+        let stops = ids.iter().map(|id| self.sup.remove(id, true));
+        futures_util::future::join_all(stops).await;
+        let _ = c.del::<_, ()>(self.keys.state(self.id())).await;
+        tracing::info!(host = %self.id(), "runtime host stopped");
+    }
+
+    /// Whether each of `ids` is placed on another host that runs it (or was removed).
+    async fn moved_and_running(&self, ids: &[String]) -> Result<bool, String> {
+        let mut c = self.conn.clone();
+        for id in ids {
+            let Some(host): Option<String> = c.hget(self.keys.placed(), id).await.map_err(io)?
+            else {
+                continue;
+            };
+            if host == self.id() {
+                return Ok(false);
+            }
+            let a: Option<String> = c.hget(self.keys.assign(&host), id).await.map_err(io)?;
+            let s: Option<String> = c.hget(self.keys.state(&host), id).await.map_err(io)?;
+            let (Some(a), Some(s)) = (
+                a.and_then(|a| serde_json::from_str::<Assignment>(&a).ok()),
+                s.and_then(|s| serde_json::from_str::<HostedState>(&s).ok()),
+            ) else {
+                return Ok(false);
+            };
+            if a.gen_id != s.gen_id || !matches!(s.phase, Phase::Running | Phase::Idle) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Wakes the agent on each nudge; resubscribes on loss (the agent also looks every 500 ms).
+async fn listen(
+    client: redis::Client,
+    channel: String,
+    nudged: std::sync::Arc<tokio::sync::Notify>,
+) {
+    loop {
+        let session = async {
+            let mut pubsub = client.get_async_pubsub().await.map_err(io)?;
+            pubsub.subscribe(&channel).await.map_err(io)?;
+            nudged.notify_one();
+            let mut stream = pubsub.on_message();
+            while stream.next().await.is_some() {
+                nudged.notify_one();
+            }
+            Err::<(), String>(io("nudge subscription ended"))
+        };
+        if let Err(e) = session.await {
+            tracing::warn!(error = %e, "runtime host: nudges lost; resubscribing");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,550 @@
+//! Control's side of the runtime hosts: placing deployments, reading how they do, and moving the
+//! deployments of a host whose lease expired.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, watch};
+use tollgate_runtime::{
+    AppliedLimits, DeploymentSpec, DeploymentStatus, LogEntry, Phase, RuntimeError, RuntimeEvent,
+    Started,
+};
+
+use super::{Assignment, HostEvent, HostInfo, HostKeys, HostLoad, HostedState, place};
+use crate::model::{new_id, now_ms};
+use crate::runtime::Runtime;
+
+#[derive(Debug, Clone)]
+pub struct HostsRuntimeConfig {
+    /// How long a start may take on its host (workerd's own readiness wait included).
+    pub start_timeout: Duration,
+    /// How often lost hosts are looked for.
+    pub round: Duration,
+}
+
+impl Default for HostsRuntimeConfig {
+    fn default() -> Self {
+        HostsRuntimeConfig {
+            start_timeout: Duration::from_secs(30),
+            round: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Places `ARGV[1]` (deployment) on `KEYS[1]`'s host `ARGV[2]` with assignment `ARGV[3]`,
+/// recording it in `placed` (KEYS[2]) and `project-host` (KEYS[3], field ARGV[4]); takes it off
+/// the host it was on before, if another.
+const PLACE: &str = r#"
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if prev and prev ~= ARGV[2] then
+  redis.call('HDEL', ARGV[5] .. 'assign:' .. prev, ARGV[1])
+  redis.call('PUBLISH', ARGV[5] .. 'nudge:' .. prev, '1')
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
+redis.call('PUBLISH', ARGV[5] .. 'nudge:' .. ARGV[2], '1')
+return 1
+"#;
+
+/// Takes deployment `ARGV[1]` off wherever it is placed (`placed`: KEYS[1]).
+const UNPLACE: &str = r#"
+local h = redis.call('HGET', KEYS[1], ARGV[1])
+if not h then return 0 end
+redis.call('HDEL', ARGV[2] .. 'assign:' .. h, ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2] .. 'nudge:' .. h, '1')
+return 1
+"#;
+
+/// Moves deployment `ARGV[1]` from lost host `ARGV[2]` to `ARGV[3]` (new assignment `ARGV[4]`),
+/// only if it is still placed there with the assignment read (`ARGV[5]`): a deploy or a delete
+/// that changed it meanwhile wins.
+const MOVE: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+local from = ARGV[6] .. 'assign:' .. ARGV[2]
+if redis.call('HGET', from, ARGV[1]) ~= ARGV[5] then return 0 end
+redis.call('HDEL', from, ARGV[1])
+redis.call('HSET', ARGV[6] .. 'assign:' .. ARGV[3], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('PUBLISH', ARGV[6] .. 'nudge:' .. ARGV[3], '1')
+return 1
+"#;
+
+/// Takes (or keeps) the rescheduler's lease `KEYS[1]` for token `ARGV[1]`, `ARGV[2]` ms.
+const LEAD: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
+/// Deployments on runtime hosts, as one [`Runtime`].
+pub struct HostsRuntime {
+    conn: ConnectionManager,
+    client: redis::Client,
+    keys: HostKeys,
+    /// `{prefix:rt}:`: what the scripts prefix host ids with.
+    base: String,
+    cfg: HostsRuntimeConfig,
+    /// This control instance, in the rescheduler's lease.
+    instance: String,
+    events: mpsc::UnboundedSender<RuntimeEvent>,
+}
+
+fn io(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Io(format!("runtime hosts (redis): {e}"))
+}
+
+impl HostsRuntime {
+    /// Connects; the runtime's events (a deployment's new address after a restart on its host
+    /// or a move to another host, or its failure) arrive on the returned receiver once
+    /// [`HostsRuntime::run`] runs.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        cfg: HostsRuntimeConfig,
+    ) -> Result<(Arc<HostsRuntime>, mpsc::UnboundedReceiver<RuntimeEvent>), RuntimeError> {
+        let client = redis::Client::open(url).map_err(io)?;
+        let conn = ConnectionManager::new(client.clone()).await.map_err(io)?;
+        let (events, rx) = mpsc::unbounded_channel();
+        let keys = HostKeys::new(prefix);
+        Ok((
+            Arc::new(HostsRuntime {
+                conn,
+                client,
+                base: keys.base(),
+                keys,
+                cfg,
+                instance: new_id("c"),
+                events,
+            }),
+            rx,
+        ))
+    }
+
+    /// Until `stop`: forwards the hosts' events and runs the rescheduling rounds (one control
+    /// instance at a time, by lease).
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let follow = self.clone().follow_events();
+        let rounds = async {
+            let mut tick = tokio::time::interval(self.cfg.round);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = self.round().await {
+                    tracing::warn!(error = %e, "runtime hosts: rescheduling round failed");
+                }
+            }
+        };
+        tokio::select! {
+            _ = follow => {}
+            _ = rounds => {}
+            _ = super::stopped(&mut stop) => {}
+        }
+    }
+
+    /// Live hosts with their load.
+    pub async fn live_hosts(&self) -> Result<Vec<HostLoad>, RuntimeError> {
+        let mut c = self.conn.clone();
+        let all: std::collections::HashMap<String, String> =
+            c.hgetall(self.keys.hosts()).await.map_err(io)?;
+        let mut out = Vec::new();
+        for (id, json) in all {
+            let Ok(info) = serde_json::from_str::<HostInfo>(&json) else {
+                tracing::warn!(host = %id, "runtime host record that does not parse; skipped");
+                continue;
+            };
+            let (alive, assigned): (bool, u32) = redis::pipe()
+                .exists(self.keys.alive(&id))
+                .hlen(self.keys.assign(&id))
+                .query_async(&mut c)
+                .await
+                .map_err(io)?;
+            if alive {
+                out.push(HostLoad { info, assigned });
+            }
+        }
+        out.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        Ok(out)
+    }
+
+    /// Where `deployment` is placed now, with its assignment.
+    async fn placement(
+        &self,
+        deployment: &str,
+    ) -> Result<Option<(String, Assignment)>, RuntimeError> {
+        let mut c = self.conn.clone();
+        let Some(host): Option<String> =
+            c.hget(self.keys.placed(), deployment).await.map_err(io)?
+        else {
+            return Ok(None);
+        };
+        let json: Option<String> = c
+            .hget(self.keys.assign(&host), deployment)
+            .await
+            .map_err(io)?;
+        Ok(json
+            .and_then(|j| serde_json::from_str::<Assignment>(&j).ok())
+            .map(|a| (host, a)))
+    }
+
+    async fn hosted(
+        &self,
+        host: &str,
+        deployment: &str,
+    ) -> Result<Option<HostedState>, RuntimeError> {
+        let mut c = self.conn.clone();
+        let json: Option<String> = c
+            .hget(self.keys.state(host), deployment)
+            .await
+            .map_err(io)?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    async fn alive(&self, host: &str) -> Result<bool, RuntimeError> {
+        let mut c = self.conn.clone();
+        c.exists(self.keys.alive(host)).await.map_err(io)
+    }
+
+    /// The current placement's state, if its host reported on this generation.
+    async fn current(
+        &self,
+        deployment: &str,
+    ) -> Result<Option<(String, HostedState)>, RuntimeError> {
+        let Some((host, a)) = self.placement(deployment).await? else {
+            return Ok(None);
+        };
+        Ok(self
+            .hosted(&host, deployment)
+            .await?
+            .filter(|s| s.gen_id == a.gen_id)
+            .map(|s| (host, s)))
+    }
+
+    /// Waits until `host` runs `deployment` under `gen_id`.
+    async fn wait_running(
+        &self,
+        host: &str,
+        deployment: &str,
+        gen_id: &str,
+        deadline: Instant,
+    ) -> Result<HostedState, RuntimeError> {
+        let mut checked_alive = Instant::now();
+        loop {
+            if let Some(s) = self.hosted(host, deployment).await?
+                && s.gen_id == gen_id
+            {
+                match (s.phase, s.addr) {
+                    (Phase::Running | Phase::Idle, Some(_)) => return Ok(s),
+                    (Phase::Failed, _) => {
+                        return Err(RuntimeError::StartFailed(
+                            s.failure
+                                .unwrap_or_else(|| "failed on its runtime host".into()),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::StartFailed(format!(
+                    "runtime host {host} did not start it within {} s",
+                    self.cfg.start_timeout.as_secs()
+                )));
+            }
+            if checked_alive.elapsed() >= Duration::from_millis(500) {
+                checked_alive = Instant::now();
+                if !self.alive(host).await? {
+                    return Err(RuntimeError::StartFailed(format!(
+                        "runtime host {host} was lost while starting it"
+                    )));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Places `spec` on a host with room (the project's last host first) under a new generation.
+    async fn place_new(&self, spec: DeploymentSpec) -> Result<(String, String), RuntimeError> {
+        let mut c = self.conn.clone();
+        let prefer: Option<String> = c
+            .hget(self.keys.project_host(), &spec.project_id)
+            .await
+            .map_err(io)?;
+        let hosts = self.live_hosts().await?;
+        let Some(host) = place(&hosts, prefer.as_deref(), &[]).map(str::to_owned) else {
+            return Err(RuntimeError::StartFailed(if hosts.is_empty() {
+                "no runtime host is up (start `tollgate runtime` on a host)".into()
+            } else {
+                format!("all {} runtime hosts are full", hosts.len())
+            }));
+        };
+        let gen_id = new_id("g");
+        let json = serde_json::to_string(&Assignment {
+            gen_id: gen_id.clone(),
+            spec: spec.clone(),
+        })
+        .map_err(io)?;
+        let _: i64 = redis::Script::new(PLACE)
+            .key(self.keys.assign(&host))
+            .key(self.keys.placed())
+            .key(self.keys.project_host())
+            .arg(&spec.deployment_id)
+            .arg(&host)
+            .arg(json)
+            .arg(&spec.project_id)
+            .arg(&self.base)
+            .invoke_async(&mut c)
+            .await
+            .map_err(io)?;
+        tracing::info!(deployment = %spec.deployment_id, host = %host, "placed on a runtime host");
+        Ok((host, gen_id))
+    }
+
+    async fn unplace(&self, deployment: &str) -> Result<(), RuntimeError> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::Script::new(UNPLACE)
+            .key(self.keys.placed())
+            .arg(deployment)
+            .arg(&self.base)
+            .invoke_async(&mut c)
+            .await
+            .map_err(io)?;
+        // Its logs go with it (a host still draining it may add a few lines; they expire).
+        let _: () = c.del(self.keys.logs(deployment)).await.map_err(io)?;
+        Ok(())
+    }
+
+    /// The hosts' events about current placements, as runtime events. Resubscribes on loss.
+    async fn follow_events(self: Arc<Self>) {
+        loop {
+            let session = async {
+                let mut pubsub = self.client.get_async_pubsub().await.map_err(io)?;
+                pubsub.subscribe(self.keys.events()).await.map_err(io)?;
+                let mut stream = pubsub.on_message();
+                while let Some(m) = stream.next().await {
+                    let payload: Vec<u8> = m.get_payload().unwrap_or_default();
+                    let Ok(ev) = serde_json::from_slice::<HostEvent>(&payload) else {
+                        tracing::warn!("runtime host event that does not parse");
+                        continue;
+                    };
+                    // Only about the current placement: a host that lost its lease may still
+                    // report on what it ran.
+                    match self.placement(&ev.deployment).await {
+                        Ok(Some((host, a))) if host == ev.host && a.gen_id == ev.gen_id => {}
+                        _ => continue,
+                    }
+                    let ev = match (ev.addr, ev.failed) {
+                        (_, Some(reason)) => RuntimeEvent::Failed {
+                            deployment_id: ev.deployment,
+                            reason,
+                        },
+                        (Some(addr), None) => RuntimeEvent::Upstream {
+                            deployment_id: ev.deployment,
+                            addr,
+                        },
+                        (None, None) => continue,
+                    };
+                    if self.events.send(ev).is_err() {
+                        return Ok(());
+                    }
+                }
+                Err::<(), RuntimeError>(io("event subscription ended"))
+            };
+            if let Err(e) = session.await {
+                tracing::warn!(error = %e, "runtime host events lost; resubscribing");
+            } else {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// One rescheduling round, if this instance holds the lease: every deployment of a host
+    /// whose lease expired goes to a live host; once a lost host has none left, its records go.
+    pub async fn round(&self) -> Result<(), RuntimeError> {
+        let mut c = self.conn.clone();
+        let lead: i64 = redis::Script::new(LEAD)
+            .key(self.keys.rescheduler())
+            .arg(&self.instance)
+            .arg(self.cfg.round.as_millis().max(1) as u64 * 4)
+            .invoke_async(&mut c)
+            .await
+            .map_err(io)?;
+        if lead != 1 {
+            return Ok(());
+        }
+        let all: Vec<String> = c.hkeys(self.keys.hosts()).await.map_err(io)?;
+        for host in all {
+            if self.alive(&host).await? {
+                continue;
+            }
+            let assigned: std::collections::HashMap<String, String> =
+                c.hgetall(self.keys.assign(&host)).await.map_err(io)?;
+            if assigned.is_empty() {
+                let _: () = redis::pipe()
+                    .del(self.keys.state(&host))
+                    .hdel(self.keys.hosts(), &host)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(io)?;
+                tracing::info!(host = %host, "runtime host gone; deregistered");
+                continue;
+            }
+            tracing::warn!(host = %host, deployments = assigned.len(), "runtime host lost: moving its deployments");
+            let mut loads = self.live_hosts().await?;
+            let mut moved_to = Vec::new();
+            for (deployment, json) in assigned {
+                let Ok(a) = serde_json::from_str::<Assignment>(&json) else {
+                    continue;
+                };
+                let Some(to) = place(&loads, None, &[host.as_str()]).map(str::to_owned) else {
+                    tracing::error!(host = %host, deployment = %deployment, "no runtime host has room for a lost host's deployment; retrying next round");
+                    break;
+                };
+                let gen_id = new_id("g");
+                let moved = serde_json::to_string(&Assignment {
+                    gen_id: gen_id.clone(),
+                    spec: a.spec,
+                })
+                .map_err(io)?;
+                let done: i64 = redis::Script::new(MOVE)
+                    .key(self.keys.placed())
+                    .arg(&deployment)
+                    .arg(&host)
+                    .arg(&to)
+                    .arg(moved)
+                    .arg(&json)
+                    .arg(&self.base)
+                    .invoke_async(&mut c)
+                    .await
+                    .map_err(io)?;
+                if done != 1 {
+                    continue;
+                }
+                if let Some(l) = loads.iter_mut().find(|l| l.info.id == to) {
+                    l.assigned += 1;
+                }
+                tracing::info!(deployment = %deployment, from = %host, to = %to, "deployment moved off a lost runtime host");
+                moved_to.push((deployment, to, gen_id));
+            }
+            // Each route follows once its deployment runs on its new host.
+            let deadline = Instant::now() + self.cfg.start_timeout;
+            let waits = moved_to.into_iter().map(|(deployment, to, gen_id)| async move {
+                match self.wait_running(&to, &deployment, &gen_id, deadline).await {
+                    Ok(HostedState { addr: Some(addr), .. }) => {
+                        let _ = self.events.send(RuntimeEvent::Upstream {
+                            deployment_id: deployment,
+                            addr,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(deployment = %deployment, host = %to, error = %e, "moved deployment did not start");
+                    }
+                }
+            });
+            futures_util::future::join_all(waits).await;
+        }
+        Ok(())
+    }
+}
+
+fn status_of(deployment: &str, project: &str, s: HostedState) -> DeploymentStatus {
+    DeploymentStatus {
+        deployment_id: deployment.to_owned(),
+        project_id: project.to_owned(),
+        phase: s.phase,
+        addr: s.addr,
+        pid: s.pid,
+        restarts: s.restarts,
+        cpu_limit_kills: s.cpu_limit_kills,
+        last_exit: None,
+        failure: s.failure,
+        cold_start_ms: s.cold_start_ms,
+        cpu_us_total: s.cpu_us_total,
+        limits: AppliedLimits::default(),
+    }
+}
+
+#[async_trait]
+impl Runtime for HostsRuntime {
+    async fn start(&self, spec: DeploymentSpec) -> Result<Started, RuntimeError> {
+        let deployment = spec.deployment_id.clone();
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        // Placed already on a live host and not failed there: where it runs (recovery after a
+        // control restart finds its deployments still serving).
+        let (host, gen_id) = match self.placement(&deployment).await? {
+            Some((host, a))
+                if self.alive(&host).await?
+                    && self
+                        .hosted(&host, &deployment)
+                        .await?
+                        .is_none_or(|s| s.gen_id != a.gen_id || s.phase != Phase::Failed) =>
+            {
+                (host, a.gen_id)
+            }
+            _ => self.place_new(spec).await?,
+        };
+        match self
+            .wait_running(&host, &deployment, &gen_id, deadline)
+            .await
+        {
+            Ok(s) => Ok(Started {
+                addr: s.addr.ok_or_else(|| io("running without an address"))?,
+                pid: s.pid.unwrap_or(0),
+                cold_start_ms: s.cold_start_ms.unwrap_or(0),
+                limits: AppliedLimits::default(),
+            }),
+            Err(e) => {
+                // Nothing keeps a start that failed (as the in-process runtime).
+                if let Err(u) = self.unplace(&deployment).await {
+                    tracing::error!(deployment = %deployment, error = %u, "failed start not taken off its host");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn stop(&self, deployment_id: &str, _drain: bool) -> Result<(), RuntimeError> {
+        // A host always drains what it stops (routes have moved by then, or are gone).
+        self.unplace(deployment_id).await
+    }
+
+    async fn remove(&self, deployment_id: &str, _drain: bool) -> Result<(), RuntimeError> {
+        self.unplace(deployment_id).await
+    }
+
+    async fn status(&self, deployment_id: &str) -> Option<DeploymentStatus> {
+        let (host, a) = self.placement(deployment_id).await.ok()??;
+        let s = self.hosted(&host, deployment_id).await.ok()??;
+        (s.gen_id == a.gen_id).then(|| status_of(deployment_id, &a.spec.project_id, s))
+    }
+
+    async fn idle_for(&self, deployment_id: &str) -> Option<Duration> {
+        let (_, s) = self.current(deployment_id).await.ok()??;
+        Some(Duration::from_millis(
+            now_ms().saturating_sub(s.last_active_ms),
+        ))
+    }
+
+    async fn logs(&self, deployment_id: &str, since: u64, limit: usize) -> Option<Vec<LogEntry>> {
+        let mut c = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply =
+            c.xrange_all(self.keys.logs(deployment_id)).await.ok()?;
+        Some(
+            reply
+                .ids
+                .iter()
+                .filter_map(|id| id.get::<String>("e"))
+                .filter_map(|e| serde_json::from_str::<LogEntry>(&e).ok())
+                .filter(|e| e.seq >= since)
+                .take(limit)
+                .collect(),
+        )
+    }
+}
