@@ -395,3 +395,232 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     assert_eq!(answers("svc-new"), (200, "hello from svc-new".into()));
     drop(proxy_proc);
 }
+
+/// A deploy through the real mppx client (payments/tests/js/client.mjs) as the test payer.
+fn mppx_deploy(rpc: &str, mcp: &str, args: &serde_json::Value) -> serde_json::Value {
+    const PAYER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
+    let out = std::process::Command::new("node")
+        .arg(js.join("client.mjs"))
+        .args(["mcp", mcp, "deploy_project", &args.to_string(), "1"])
+        .env("RPC", rpc)
+        .env("KEY", PAYER_KEY)
+        .output()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        out.status.success(),
+        "{lines:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines
+        .into_iter()
+        .next()
+        .map(|l| l["structured"].clone())
+        .unwrap()
+}
+
+fn mppx_top_up(rpc: &str, mcp: &str, usd: &str) {
+    const PAYER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
+    let out = std::process::Command::new("node")
+        .arg(js.join("client.mjs"))
+        .args([
+            "mcp",
+            mcp,
+            "top_up",
+            &format!(r#"{{"amount_usd":"{usd}"}}"#),
+            "1",
+        ])
+        .env("RPC", rpc)
+        .env("KEY", PAYER_KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn version_files(v: u32) -> serde_json::Value {
+    serde_json::json!({
+        "src/index.js": format!("export default {{ async fetch() {{ return new Response('twin v{v}') }} }}\n")
+    })
+}
+
+/// `tollgate control` twice on one Redis, deployments on runtime hosts: deploys of one project
+/// through both at once are taken one after the other (the project lease), one instance stopped
+/// with SIGTERM in the middle of a deploy finishes it and exits 0, the other goes on deploying,
+/// and the service never fails a request.
+#[test]
+fn two_control_instances_share_the_fleet_and_one_stops_mid_deploy_without_a_failure() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let dir = tempfile::Builder::new()
+        .prefix("tollgate-controls-test-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let chain = rt
+        .block_on(tollgate_testchain::TestChain::spawn(
+            free_addr(),
+            tollgate_testchain::ChainConfig::default(),
+        ))
+        .unwrap();
+    let rpc = chain.url();
+    let _hosts: Vec<Host> = ["rt-x", "rt-y"]
+        .iter()
+        .map(|id| start_host(&dir, &url, id))
+        .collect();
+    let (_proxy_proc, proxy) = start_listening(|listen| {
+        let mut c = bin();
+        c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--redis", &url]);
+        c
+    });
+    let start_control = |name: &str| -> (Proc, SocketAddr, PathBuf) {
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[control]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\nruntime = \"hosts\"\npublic_url = \"http://{{slug}}.localhost:{}\"\n[redis]\nurl = \"{url}\"\n[payments]\nrpc_url = \"{rpc}\"\nallow_test_chain = true\n",
+                proxy.port()
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let mut c = bin();
+        with_payment_secrets(&mut c)
+            .env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
+            .env("TOLLGATE_LOG_LEVEL", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .args(["control", "--config"])
+            .arg(&cfg);
+        let mut p = Proc(c.spawn().unwrap());
+        wait_for_control(listen, &mut p);
+        (p, listen, log)
+    };
+    let (mut a, a_listen, a_log) = start_control("control-a");
+    let (_b, b_listen, _) = start_control("control-b");
+    let (mcp_a, mcp_b) = (
+        format!("http://{a_listen}/mcp"),
+        format!("http://{b_listen}/mcp"),
+    );
+    let http = reqwest::blocking::Client::new();
+    fund(&http, &rpc, "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+    mppx_top_up(&rpc, &mcp_a, "3");
+
+    let first = mppx_deploy(
+        &rpc,
+        &mcp_a,
+        &serde_json::json!({"project_name": "twin", "prepay_usd": "0", "files": version_files(1)}),
+    );
+    assert_eq!(first["status"], "live", "{first}");
+    let project_id = first["project_id"].as_str().unwrap().to_owned();
+    let c = reqwest::blocking::Client::builder()
+        .resolve("twin.localhost", proxy)
+        .build()
+        .unwrap();
+    let service = format!("http://twin.localhost:{}/", proxy.port());
+    assert_eq!(get(&c, &service), (200, "twin v1".into()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = probe(proxy, "twin.localhost", service.clone(), stop.clone());
+
+    // Two deploys of the project at once, one through each instance: both go live, one after
+    // the other (distinct versions), and the route serves the later one.
+    let redeploy = |mcp: String, v: u32| {
+        let (rpc, project_id) = (rpc.clone(), project_id.clone());
+        std::thread::spawn(move || {
+            mppx_deploy(
+                &rpc,
+                &mcp,
+                &serde_json::json!({"project_id": project_id, "prepay_usd": "0", "files": version_files(v)}),
+            )
+        })
+    };
+    let (via_a, via_b) = (redeploy(mcp_a.clone(), 2), redeploy(mcp_b.clone(), 3));
+    let (via_a, via_b) = (via_a.join().unwrap(), via_b.join().unwrap());
+    assert_eq!(via_a["status"], "live", "{via_a}");
+    assert_eq!(via_b["status"], "live", "{via_b}");
+    let mut versions = [via_a["version"].as_u64(), via_b["version"].as_u64()];
+    versions.sort();
+    assert_eq!(versions, [Some(2), Some(3)]);
+    let last = if via_a["version"] == 3 { 2 } else { 3 };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &service) != (200, format!("twin v{last}")) {
+        assert!(
+            Instant::now() < deadline,
+            "the later deploy is not what serves"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Instance A stopped with SIGTERM while a deploy through it is under way: it finishes it.
+    let in_flight = redeploy(mcp_a.clone(), 4);
+    let record = format!("tollgate:ctl:project:{project_id}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        use redis::Commands;
+        let json: String = redis.conn().get(&record).unwrap();
+        let p: serde_json::Value = serde_json::from_str(&json).unwrap();
+        if p["deployments"].as_array().unwrap().len() == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fourth deploy never began");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&a.0, "-TERM");
+    let v4 = in_flight.join().unwrap();
+    assert_eq!(v4["status"], "live", "{v4}");
+    let status = wait_exit(&mut a.0, Duration::from_secs(60), "control A");
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&a_log).unwrap_or_default()
+    );
+    assert_eq!(get(&c, &service), (200, "twin v4".into()));
+
+    // B goes on: a deploy through it, and the background rounds are its now.
+    let v5 = mppx_deploy(
+        &rpc,
+        &mcp_b,
+        &serde_json::json!({"project_id": project_id, "prepay_usd": "0", "files": version_files(5)}),
+    );
+    assert_eq!(v5["status"], "live", "{v5}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&c, &service) != (200, "twin v5".into()) {
+        assert!(Instant::now() < deadline, "v5 is not what serves");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        use redis::Commands;
+        let holder: Option<String> = redis.conn().get("tollgate:ctl:rounds").unwrap();
+        if holder.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no instance took the background rounds over"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Release);
+    let seen = load.join().unwrap();
+    let failed: Vec<_> = seen.iter().filter(|(_, s)| *s != 200).collect();
+    eprintln!(
+        "two control instances, one stopped: {} requests, {} failed",
+        seen.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{} requests failed", failed.len());
+    drop(chain);
+}

@@ -59,6 +59,9 @@ pub struct Agents {
     pub registry: Option<prometheus::Registry>,
     /// Where the control process's own components (the database service) register.
     pub metrics: prometheus::Registry,
+    /// Whether this instance runs the background rounds now (the cleanup sweep here; payments
+    /// are gated by the caller).
+    pub leader: Arc<tollgate_control::locks::Leadership>,
 }
 
 /// A control service ready to serve: its HTTP app, and its background tasks (runtime events,
@@ -199,6 +202,7 @@ pub async fn control_service(
     // The cleanup job (after recovery, so it never sees a project mid-restart): expire and
     // collect unused projects (idempotent, so a missed or repeated run is harmless).
     let sweeper = control.clone();
+    let leader = agents.leader.clone();
     let every =
         std::time::Duration::from_secs((cfg.control.inactivity_ttl_seconds / 10).clamp(1, 60));
     let mut sweep_stop = stop;
@@ -208,6 +212,9 @@ pub async fn control_service(
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = sweep_stop.wait_for(|s| *s) => return,
+            }
+            if !leader.is_held() {
+                continue;
             }
             match sweeper.sweep().await {
                 Ok(expired) if !expired.is_empty() => {

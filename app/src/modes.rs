@@ -314,6 +314,19 @@ async fn start_control(
     let (bg_tx, bg_rx) = watch::channel(false);
     parts.intake = Some(intake_tx);
     parts.background = Some(bg_tx);
+    // Several control instances may share this Redis: one at a time runs the background
+    // rounds (docs/scale-out.md).
+    let leader = tollgate_control::locks::Leadership::shared();
+    parts.tasks.push(tokio::spawn(leader.clone().run(
+        redis.url.clone(),
+        format!("{}:ctl:rounds", redis.key_prefix),
+        tollgate_control::locks::LEASE_TTL,
+        bg_rx.clone(),
+    )));
+    payments.gate_rounds({
+        let leader = leader.clone();
+        Arc::new(move || leader.is_held())
+    });
     parts.payments = Some(tokio::spawn(payments.clone().run(bg_rx.clone())));
     let bg_rx_admin = bg_rx.clone();
     let svc = control_service(
@@ -326,6 +339,7 @@ async fn start_control(
             payments: Some(payments),
             registry: Some(registry.clone()),
             metrics: registry,
+            leader,
         },
         None,
         rows_cache,
@@ -615,6 +629,7 @@ async fn start_dev(
             payments: Some(payments),
             registry: None,
             metrics: registry,
+            leader: tollgate_control::locks::Leadership::always(),
         },
         local_table,
         rows_cache,

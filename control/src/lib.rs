@@ -5,6 +5,7 @@ pub mod embedded;
 pub mod error;
 pub mod hosts;
 pub mod http;
+pub mod locks;
 mod metrics;
 pub mod model;
 pub mod routes;

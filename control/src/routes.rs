@@ -5,25 +5,62 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use tollgate_routes::{Change, Route, RouteKey, RouteStore, RouteTable};
+use tollgate_routes::{Change, HeldLock, Route, RouteKey, RouteStore, RouteTable};
+
+use crate::locks::Fence;
 
 #[async_trait]
 pub trait RoutePublisher: Send + Sync + 'static {
     async fn put(&self, key: &RouteKey, route: &Route) -> Result<(), String>;
     async fn delete(&self, key: &RouteKey) -> Result<(), String>;
+
+    /// [`RoutePublisher::put`], made only while `fence` holds (where the store can check it).
+    async fn put_fenced(
+        &self,
+        key: &RouteKey,
+        route: &Route,
+        _fence: Option<&Fence>,
+    ) -> Result<(), String> {
+        self.put(key, route).await
+    }
+
+    /// [`RoutePublisher::delete`], made only while `fence` holds.
+    async fn delete_fenced(&self, key: &RouteKey, _fence: Option<&Fence>) -> Result<(), String> {
+        self.delete(key).await
+    }
+}
+
+fn held(fence: Option<&Fence>) -> Option<HeldLock<'_>> {
+    fence.map(|f| HeldLock {
+        key: &f.key,
+        token: &f.token,
+    })
 }
 
 #[async_trait]
 impl RoutePublisher for RouteStore {
     async fn put(&self, key: &RouteKey, route: &Route) -> Result<(), String> {
-        RouteStore::put(self, key, route)
+        self.put_fenced(key, route, None).await
+    }
+
+    async fn delete(&self, key: &RouteKey) -> Result<(), String> {
+        self.delete_fenced(key, None).await
+    }
+
+    async fn put_fenced(
+        &self,
+        key: &RouteKey,
+        route: &Route,
+        fence: Option<&Fence>,
+    ) -> Result<(), String> {
+        RouteStore::put_held(self, key, route, held(fence))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
-    async fn delete(&self, key: &RouteKey) -> Result<(), String> {
-        RouteStore::delete(self, key)
+    async fn delete_fenced(&self, key: &RouteKey, fence: Option<&Fence>) -> Result<(), String> {
+        RouteStore::delete_held(self, key, held(fence))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())

@@ -9,7 +9,17 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 
 use crate::error::ControlError;
+use crate::locks::{Fence, ProjectLease};
 use crate::model::{Deployment, Env, Files, Project};
+
+/// A write made under a project lease that another control instance has taken since.
+pub fn fenced_out() -> ControlError {
+    ControlError::new(
+        "PROJECT_BUSY",
+        "another control instance took this project over while this change was under way",
+        "Repeat the call; get_project shows what is live now.",
+    )
+}
 
 #[async_trait]
 pub trait ControlStore: Send + Sync + 'static {
@@ -25,6 +35,20 @@ pub trait ControlStore: Send + Sync + 'static {
         grace: Duration,
     ) -> Result<(), ControlError>;
     async fn put_project(&self, p: &Project) -> Result<(), ControlError>;
+    /// Tries once to take `project`'s lease, shared by every control instance on this store;
+    /// `None` while another one holds it. A store only one process uses answers a local lease.
+    async fn try_lock_project(&self, _project: &str) -> Result<Option<ProjectLease>, ControlError> {
+        Ok(Some(ProjectLease::local()))
+    }
+    /// [`ControlStore::put_project`], refused (`PROJECT_BUSY`, nothing written) unless `fence`
+    /// still holds.
+    async fn put_project_fenced(
+        &self,
+        p: &Project,
+        _fence: Option<&Fence>,
+    ) -> Result<(), ControlError> {
+        self.put_project(p).await
+    }
     async fn project(&self, id: &str) -> Result<Option<Project>, ControlError>;
     async fn projects_of(&self, owner: &str) -> Result<Vec<Project>, ControlError>;
     async fn all_projects(&self) -> Result<Vec<Project>, ControlError>;
@@ -70,6 +94,7 @@ pub(crate) const BUCKET_TTL_S: i64 = 8 * 24 * 3600;
 pub struct RedisControlStore {
     conn: ConnectionManager,
     prefix: String,
+    lease_ttl: Duration,
 }
 
 impl RedisControlStore {
@@ -79,7 +104,19 @@ impl RedisControlStore {
         Ok(RedisControlStore {
             conn,
             prefix: format!("{prefix}:ctl"),
+            lease_ttl: crate::locks::LEASE_TTL,
         })
+    }
+
+    /// How long a project lease lives without renewal (tests shorten it).
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// The key of `project`'s lease.
+    pub fn lock_key(&self, project: &str) -> String {
+        self.key("lock", project)
     }
 
     fn key(&self, kind: &str, id: &str) -> String {
@@ -141,14 +178,39 @@ return 1"#;
     }
 
     async fn put_project(&self, p: &Project) -> Result<(), ControlError> {
+        self.put_project_fenced(p, None).await
+    }
+
+    async fn try_lock_project(&self, project: &str) -> Result<Option<ProjectLease>, ControlError> {
+        ProjectLease::try_take(&self.conn, self.key("lock", project), self.lease_ttl).await
+    }
+
+    async fn put_project_fenced(
+        &self,
+        p: &Project,
+        fence: Option<&Fence>,
+    ) -> Result<(), ControlError> {
+        // The record and its indexes in one step, and only while the lease (if any) holds.
+        const SCRIPT: &str = r#"
+if ARGV[3] and redis.call('GET', ARGV[3]) ~= ARGV[4] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1"#;
         let mut c = self.conn.clone();
-        let _: () = redis::pipe()
-            .atomic()
-            .set(self.key("project", &p.id), serde_json::to_string(p)?)
-            .sadd(self.key("owner", &p.owner), &p.id)
-            .sadd(format!("{}:projects", self.prefix), &p.id)
-            .query_async(&mut c)
-            .await?;
+        let script = redis::Script::new(SCRIPT);
+        let mut inv = script.key(self.key("project", &p.id));
+        inv.key(self.key("owner", &p.owner))
+            .key(format!("{}:projects", self.prefix))
+            .arg(serde_json::to_string(p)?)
+            .arg(&p.id);
+        if let Some(f) = fence {
+            inv.arg(&f.key).arg(&f.token);
+        }
+        let written: i64 = inv.invoke_async(&mut c).await?;
+        if written != 1 {
+            return Err(fenced_out());
+        }
         Ok(())
     }
 

@@ -40,7 +40,7 @@ pub use channels::{
 };
 pub use config::PaymentsConfig;
 pub use metrics::PaymentMetrics;
-pub use service::Payments;
+pub use service::{Payments, RoundsGate};
 
 /// The protection space a credential was issued for. Credentials of one are refused at the
 /// other: a voucher paid on a hosted service's 402 cannot identify its payer over MCP.

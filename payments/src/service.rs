@@ -34,7 +34,13 @@ pub struct Payments {
     /// Wakes the close watcher (a voucher found a close request).
     pub(crate) close_watch_wake: tokio::sync::Notify,
     pub(crate) watch: forced::WatchState,
+    /// Whether this process runs the background rounds now (several control instances: the
+    /// one holding the rounds' lease). Unset: always.
+    rounds_gate: std::sync::OnceLock<RoundsGate>,
 }
+
+/// Answers whether this process may run a background round now.
+pub type RoundsGate = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl Payments {
     /// `kv` backs the crate's replay protection for identity proofs (Redis in production,
@@ -89,7 +95,18 @@ impl Payments {
             metrics: PaymentMetrics::new().map_err(|e| e.to_string())?,
             close_watch_wake: tokio::sync::Notify::new(),
             watch: forced::WatchState::default(),
+            rounds_gate: std::sync::OnceLock::new(),
         })
+    }
+
+    /// From now on the settlement, close-watch and credit rounds of [`Payments::run`] run only
+    /// while `gate` answers true (once; later calls are ignored).
+    pub fn gate_rounds(&self, gate: RoundsGate) {
+        let _ = self.rounds_gate.set(gate);
+    }
+
+    fn may_run(&self) -> bool {
+        self.rounds_gate.get().is_none_or(|g| g())
     }
 
     pub fn config(&self) -> &PaymentsConfig {
@@ -497,8 +514,10 @@ impl Payments {
                 loop {
                     tokio::select! {
                         _ = stop.changed() => break,
-                        _ = tick.tick() => p.watch_closes_logged().await,
-                        _ = p.close_watch_wake.notified() => p.watch_closes_logged().await,
+                        _ = tick.tick() => if p.may_run() { p.watch_closes_logged().await },
+                        // Another instance's watcher, if it holds the rounds, sees it on its
+                        // next tick (close_watch_seconds, well inside the grace period).
+                        _ = p.close_watch_wake.notified() => if p.may_run() { p.watch_closes_logged().await },
                     }
                 }
             }))
@@ -513,6 +532,9 @@ impl Payments {
                     tokio::select! {
                         _ = stop.changed() => break,
                         _ = tick.tick() => {
+                            if !p.may_run() {
+                                continue;
+                            }
                             if let Err(e) = settle::settle_due(&p).await {
                                 tracing::warn!(error = %e, "settlement round failed");
                             }
@@ -527,6 +549,9 @@ impl Payments {
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = credit_tick.tick() => {
+                    if !self.may_run() {
+                        continue;
+                    }
                     if let Err(e) = self.drain_credits().await {
                         tracing::warn!(error = %e.message, "pending credits not applied yet");
                     }

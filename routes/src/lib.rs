@@ -15,7 +15,7 @@ pub mod usage;
 pub use host::{HostError, MAX_HOST_LEN, normalize_host, normalize_host_owned, validate_slug};
 pub use metrics::SyncMetrics;
 pub use schema::{Route, RouteError, RouteEvent, RouteKey, RouteRecord};
-pub use store::{Keys, RouteStore, StoreError};
+pub use store::{HeldLock, Keys, RouteStore, StoreError};
 pub use sync::{RouteSync, SyncOptions};
 pub use table::{Change, ResolvedRoute, RouteTable, Snapshot};
 pub use usage::{hour_bucket, usage_key};

@@ -38,12 +38,24 @@ pub enum StoreError {
     Invalid(#[from] RouteError),
     #[error("route could not be encoded: {0}")]
     Encode(#[from] serde_json::Error),
+    /// A fenced write whose lock is no longer the writer's: nothing was written.
+    #[error("route not written: the lock {0} is no longer held by this writer")]
+    Fenced(String),
+}
+
+/// A lock that a route write is made under: written only while `key` holds `token` (checked
+/// inside Redis, in the same step as the write).
+#[derive(Debug, Clone, Copy)]
+pub struct HeldLock<'a> {
+    pub key: &'a str,
+    pub token: &'a str,
 }
 
 // The record and event JSON are assembled in Lua so that the version and the server time are
 // the ones of this very write. TIME is built as a string: Lua numbers are doubles and would
 // print microsecond timestamps in exponent form.
 const PUT_SCRIPT: &str = r#"
+if ARGV[4] and redis.call('GET', ARGV[4]) ~= ARGV[5] then return -1 end
 local v = redis.call('INCR', KEYS[2])
 local t = redis.call('TIME')
 local ts = t[1] .. string.format('%06d', tonumber(t[2]))
@@ -76,28 +88,52 @@ impl RouteStore {
 
     /// Writes a route; returns its version.
     pub async fn put(&self, key: &RouteKey, route: &Route) -> Result<u64, StoreError> {
-        route.validate()?;
-        let json = serde_json::to_string(route)?;
-        self.write(key, &json).await
+        self.put_held(key, route, None).await
     }
 
     /// Deletes a route (writes a tombstone); returns its version.
     pub async fn delete(&self, key: &RouteKey) -> Result<u64, StoreError> {
-        self.write(key, "").await
+        self.delete_held(key, None).await
     }
 
-    async fn write(&self, key: &RouteKey, route_json: &str) -> Result<u64, StoreError> {
+    /// [`RouteStore::put`], only while `lock` is held (else [`StoreError::Fenced`]).
+    pub async fn put_held(
+        &self,
+        key: &RouteKey,
+        route: &Route,
+        lock: Option<HeldLock<'_>>,
+    ) -> Result<u64, StoreError> {
+        route.validate()?;
+        let json = serde_json::to_string(route)?;
+        self.write(key, &json, lock).await
+    }
+
+    /// [`RouteStore::delete`], only while `lock` is held (else [`StoreError::Fenced`]).
+    pub async fn delete_held(
+        &self,
+        key: &RouteKey,
+        lock: Option<HeldLock<'_>>,
+    ) -> Result<u64, StoreError> {
+        self.write(key, "", lock).await
+    }
+
+    async fn write(
+        &self,
+        key: &RouteKey,
+        route_json: &str,
+        lock: Option<HeldLock<'_>>,
+    ) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
-        let v: u64 = self
-            .script
-            .key(&self.keys.hash)
-            .key(&self.keys.counter)
+        let mut inv = self.script.key(&self.keys.hash);
+        inv.key(&self.keys.counter)
             .arg(key.field())
             .arg(route_json)
-            .arg(&self.keys.channel)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(v)
+            .arg(&self.keys.channel);
+        if let Some(l) = lock {
+            inv.arg(l.key).arg(l.token);
+        }
+        let v: i64 = inv.invoke_async(&mut conn).await?;
+        u64::try_from(v).map_err(|_| StoreError::Fenced(lock.map_or("?", |l| l.key).to_owned()))
     }
 
     /// Every stored record (tombstones included).

@@ -30,13 +30,11 @@ impl Control {
     /// Stops the service and takes its route down (its URL answers 404) until resumed; keeps
     /// everything else. Idempotent.
     pub async fn admin_suspend(&self, project_id: &str) -> Result<ProjectView, ControlError> {
-        let lock = self.lock_for(project_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock_project(project_id, START_LOCK_WAIT).await?;
         let mut p = self.live_project(project_id).await?;
         if p.status == ProjectStatus::Active {
             if let Ok(key) = RouteKey::slug(&p.slug) {
-                self.routes
-                    .delete(&key)
+                self.delete_route(&guard, &key)
                     .await
                     .map_err(|e| ControlError::internal(format!("route delete: {e}")))?;
             }
@@ -44,7 +42,7 @@ impl Control {
                 let _ = self.runtime.stop(live, false).await;
             }
             p.status = ProjectStatus::Suspended;
-            self.store.put_project(&p).await?;
+            self.save_project(&guard, &p).await?;
             tracing::info!(project = %p.id, "suspended by an operator");
         }
         self.view(p).await
@@ -52,18 +50,17 @@ impl Control {
 
     /// Starts the live deployment again and republishes its route. Idempotent.
     pub async fn admin_resume(&self, project_id: &str) -> Result<ProjectView, ControlError> {
-        let lock = self.lock_for(project_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock_project(project_id, START_LOCK_WAIT).await?;
         let mut p = self.live_project(project_id).await?;
         if p.status == ProjectStatus::Suspended {
             p.status = ProjectStatus::Active;
-            self.store.put_project(&p).await?;
+            self.save_project(&guard, &p).await?;
             if let Some(live) = p.live_deployment.clone()
-                && let Err(e) = self.restart_live(&p, &live).await
+                && let Err(e) = self.restart_live(&guard, &p, &live).await
             {
                 // Back to suspended, so the resume can be retried.
                 p.status = ProjectStatus::Suspended;
-                self.store.put_project(&p).await?;
+                self.save_project(&guard, &p).await?;
                 return Err(e);
             }
             tracing::info!(project = %p.id, "resumed by an operator");
@@ -72,17 +69,16 @@ impl Control {
     }
 
     pub async fn admin_delete(&self, project_id: &str) -> Result<(), ControlError> {
-        let lock = self.lock_for(project_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock_project(project_id, START_LOCK_WAIT).await?;
         let mut p = self.live_project(project_id).await?;
         if p.status == ProjectStatus::Expired {
             // Already torn down, and its slug may be another project's by now: its route is not
             // this project's to delete. Only its data goes.
             p.status = ProjectStatus::Deleted;
-            self.store.put_project(&p).await?;
+            self.save_project(&guard, &p).await?;
             return self.drop_database(&p.id).await;
         }
-        self.teardown(&mut p, ProjectStatus::Deleted).await
+        self.teardown(&guard, &mut p, ProjectStatus::Deleted).await
     }
 
     pub(crate) async fn live_project(&self, project_id: &str) -> Result<Project, ControlError> {
@@ -95,6 +91,7 @@ impl Control {
     /// Starts `live` from its stored bundle (its process is gone) and republishes the route.
     pub(crate) async fn restart_live(
         &self,
+        guard: &ProjectGuard,
         project: &Project,
         live: &str,
     ) -> Result<(), ControlError> {
@@ -111,6 +108,6 @@ impl Control {
         let started = self.runtime.start(spec).await.map_err(|e| {
             ControlError::new("DEPLOY_FAILED", e.to_string(), "See the deployment's logs.")
         })?;
-        self.republish(&dep.id, started.addr).await
+        self.republish(guard, &dep.id, started.addr).await
     }
 }

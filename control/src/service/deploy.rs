@@ -121,7 +121,7 @@ impl Control {
             Some(id) => self.owned_active(owner, id).await?,
             None => self.new_project(owner, req.project_name.as_deref()).await?,
         };
-        let _guard = self.lock_start(&project.id).await?;
+        let guard = self.lock_start(&project.id).await?;
         // Re-read under the lock: another deploy may have finished meanwhile.
         let mut project = self.owned_active(owner, &project.id).await?;
 
@@ -214,7 +214,7 @@ impl Control {
         };
         self.store.put_deployment(&dep).await?;
         project.deployments.push(dep.id.clone());
-        self.store.put_project(&project).await?;
+        self.save_project(&guard, &project).await?;
 
         step("bundling");
         let bundle = match self
@@ -248,7 +248,7 @@ impl Control {
         step("starting");
         let project_id = project.id.clone();
         let out = self
-            .go_live(project, dep, bundle.code, &env)
+            .go_live(&guard, project, dep, bundle.code, &env)
             .instrument(tracing::info_span!("control.go_live"))
             .await?;
         if let Err(e) = self.store.put_env(&project_id, &env).await {
@@ -261,6 +261,7 @@ impl Control {
     /// Starts `dep`'s code, switches the route to it, drains and stops the previous live one.
     pub(crate) async fn go_live(
         &self,
+        guard: &ProjectGuard,
         mut project: Project,
         mut dep: Deployment,
         code: String,
@@ -277,7 +278,7 @@ impl Control {
             Ok(started) => {
                 let mut route = route;
                 route.upstreams = vec![started.addr];
-                match self.routes.put(&key, &route).await {
+                match self.put_route(guard, &key, &route).await {
                     Ok(_) => Ok(started),
                     Err(e) => {
                         let _ = self.runtime.remove(&dep.id, false).await;
@@ -314,7 +315,7 @@ impl Control {
         project.last_activity_ms = now_ms();
         let recorded = async {
             self.store.put_deployment(&dep).await?;
-            self.store.put_project(&project).await
+            self.save_project(guard, &project).await
         }
         .await;
         if let Err(e) = recorded {
@@ -333,9 +334,9 @@ impl Control {
                 Some((old_id, old_addr)) => {
                     let mut back = route_for(&project, old_id);
                     back.upstreams = vec![old_addr];
-                    self.routes.put(&key, &back).await
+                    self.put_route(guard, &key, &back).await
                 }
-                None => self.routes.delete(&key).await,
+                None => self.delete_route(guard, &key).await,
             };
             match reverted {
                 Ok(()) => {

@@ -41,13 +41,13 @@ impl Control {
         let Some(dep) = self.store.deployment(deployment_id).await? else {
             return Ok(());
         };
-        let lock = self.lock_for(&dep.project_id);
-        let _guard = lock.lock().await;
-        self.republish(deployment_id, addr).await
+        let guard = self.lock_project(&dep.project_id, START_LOCK_WAIT).await?;
+        self.republish(&guard, deployment_id, addr).await
     }
 
     pub(crate) async fn republish(
         &self,
+        guard: &ProjectGuard,
         deployment_id: &str,
         addr: std::net::SocketAddr,
     ) -> Result<(), ControlError> {
@@ -64,16 +64,16 @@ impl Control {
         }
         let key = RouteKey::slug(&project.slug)
             .map_err(|e| ControlError::internal(format!("stored slug is invalid: {e}")))?;
-        self.routes
-            .put(
-                &key,
-                &Route {
-                    upstreams: vec![addr],
-                    ..route_for(&project, &dep.id)
-                },
-            )
-            .await
-            .map_err(|e| ControlError::internal(format!("route put: {e}")))?;
+        self.put_route(
+            guard,
+            &key,
+            &Route {
+                upstreams: vec![addr],
+                ..route_for(&project, &dep.id)
+            },
+        )
+        .await
+        .map_err(|e| ControlError::internal(format!("route put: {e}")))?;
         Ok(())
     }
 
@@ -102,7 +102,11 @@ impl Control {
             let Some(live) = project.live_deployment.clone() else {
                 continue;
             };
-            match self.restart_live(&project, &live).await {
+            let restarted = match self.lock_project(&project.id, START_LOCK_WAIT).await {
+                Ok(guard) => self.restart_live(&guard, &project, &live).await,
+                Err(e) => Err(e),
+            };
+            match restarted {
                 Ok(()) => n += 1,
                 Err(e) => {
                     tracing::error!(project = %project.id, error = %e, "could not restart a live deployment");

@@ -42,7 +42,7 @@ impl Control {
         project_id: &str,
         target: Option<&str>,
     ) -> Result<DeployOutcome, ControlError> {
-        let _guard = self.lock_start(project_id).await?;
+        let guard = self.lock_start(project_id).await?;
         let mut project = self.owned_active(owner, project_id).await?;
         let target = match target {
             Some(t) => {
@@ -104,38 +104,38 @@ impl Control {
         self.store.put_deployment(&dep).await?;
         self.store.put_artifacts(&dep.id, &files, &code).await?;
         project.deployments.push(dep.id.clone());
-        self.store.put_project(&project).await?;
+        self.save_project(&guard, &project).await?;
         let env = self.store.env(&project.id).await?;
-        self.go_live(project, dep, code, &env).await
+        self.go_live(&guard, project, dep, code, &env).await
     }
 
     /// Stops the service, removes its route (the URL answers 404), deletes its artifacts and
     /// frees its slug after the grace period. Idempotent.
     pub async fn delete(&self, owner: &str, project_id: &str) -> Result<(), ControlError> {
-        let lock = self.lock_for(project_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock_project(project_id, START_LOCK_WAIT).await?;
         let mut project = self.owned(owner, project_id).await?;
         if project.status == ProjectStatus::Expired {
             // Already torn down; its slug may belong to another project by now: touch nothing
             // of it but its own data.
             // Counted once, when it expired.
             project.status = ProjectStatus::Deleted;
-            self.store.put_project(&project).await?;
+            self.save_project(&guard, &project).await?;
             return self.drop_database(&project.id).await;
         }
-        self.teardown(&mut project, ProjectStatus::Deleted).await?;
+        self.teardown(&guard, &mut project, ProjectStatus::Deleted)
+            .await?;
         // The agent deleted it: the data goes now (expiry keeps it for the grace period).
         self.drop_database(&project.id).await
     }
 
     pub(crate) async fn teardown(
         &self,
+        guard: &ProjectGuard,
         project: &mut Project,
         status: ProjectStatus,
     ) -> Result<(), ControlError> {
         if let Ok(key) = RouteKey::slug(&project.slug) {
-            self.routes
-                .delete(&key)
+            self.delete_route(guard, &key)
                 .await
                 .map_err(|e| ControlError::internal(format!("route delete: {e}")))?;
         }
@@ -151,7 +151,7 @@ impl Control {
         project.status = status;
         project.live_deployment = None;
         project.ended_ms = Some(now_ms());
-        self.store.put_project(project).await?;
+        self.save_project(guard, project).await?;
         // A project ends once: an expired one deleted later is not counted again.
         if matches!(was, ProjectStatus::Active | ProjectStatus::Suspended)
             && let Some(m) = self.metrics.get()

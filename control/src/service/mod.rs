@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tollgate_bundler::Bundler;
-use tollgate_routes::{Route, validate_slug};
+use tollgate_routes::{Route, RouteKey, validate_slug};
 
 use crate::routes::RoutePublisher;
 use tollgate_runtime::{DeploymentSpec, LogEntry, RuntimeEvent};
@@ -25,6 +25,7 @@ use tollgate_runtime::{DeploymentSpec, LogEntry, RuntimeEvent};
 use crate::runtime::Runtime;
 
 use crate::error::ControlError;
+use crate::locks::{Fence, ProjectLease};
 use crate::model::{DeployStatus, Deployment, Env, Files, Project, ProjectStatus, new_id, now_ms};
 use crate::store::ControlStore;
 
@@ -165,12 +166,25 @@ pub struct Control {
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) routes: Arc<dyn RoutePublisher>,
     pub(crate) cfg: ControlConfig,
-    /// One pipeline at a time per project (one control instance; see docs/control.md).
+    /// One pipeline at a time per project in this instance; the store's project lease covers
+    /// other instances (docs/scale-out.md).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The per-project SQL databases and where workerd reaches their service; unset when the
     /// host offers none (deploys asking for a database are refused).
     databases: std::sync::OnceLock<DatabaseAccess>,
     metrics: std::sync::OnceLock<crate::metrics::ControlMetrics>,
+}
+
+/// A project held by this control instance; dropped, it is free again.
+pub(crate) struct ProjectGuard {
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    lease: ProjectLease,
+}
+
+impl ProjectGuard {
+    pub(crate) fn fence(&self) -> Option<&Fence> {
+        self.lease.fence()
+    }
 }
 
 /// The database service and where workerd reaches it (`IP:PORT` or `unix:/path`).
@@ -314,22 +328,45 @@ impl Control {
     /// The project's lock for a start (a deploy or a rollback), waited for at most
     /// `START_LOCK_WAIT`: a start's charge gives itself back unless the start goes live
     /// within a deadline (docs/payments.md), so starts never queue up past it.
-    pub(crate) async fn lock_start(
-        &self,
-        project: &str,
-    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ControlError> {
-        tokio::time::timeout(START_LOCK_WAIT, self.lock_for(project).lock_owned())
-            .await
-            .map_err(|_| {
-                ControlError::new(
-                    "PROJECT_BUSY",
-                    "another deploy or rollback of this project is still under way",
-                    "wait for it to finish (get_project shows it), then repeat the call",
-                )
-            })
+    pub(crate) async fn lock_start(&self, project: &str) -> Result<ProjectGuard, ControlError> {
+        self.lock_project(project, START_LOCK_WAIT).await
     }
 
-    pub(crate) fn lock_for(&self, project: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// The project, held by this instance: its in-process lock (this instance's tasks), then
+    /// its lease in the store (other control instances), waited for at most `wait`.
+    pub(crate) async fn lock_project(
+        &self,
+        project: &str,
+        wait: Duration,
+    ) -> Result<ProjectGuard, ControlError> {
+        let busy = || {
+            ControlError::new(
+                "PROJECT_BUSY",
+                "another deploy or rollback of this project is still under way",
+                "wait for it to finish (get_project shows it), then repeat the call",
+            )
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let local = tokio::time::timeout_at(deadline, self.lock_for(project).lock_owned())
+            .await
+            .map_err(|_| busy())?;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            if let Some(lease) = self.store.try_lock_project(project).await? {
+                return Ok(ProjectGuard {
+                    _local: local,
+                    lease,
+                });
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(busy());
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    fn lock_for(&self, project: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         // One entry per project ever touched would grow forever: drop the ones nobody holds
         // (only the map has them) once the map is large.
@@ -337,6 +374,34 @@ impl Control {
             locks.retain(|_, l| Arc::strong_count(l) > 1);
         }
         locks.entry(project.to_owned()).or_default().clone()
+    }
+
+    /// Writes `p` under `guard`: refused (`PROJECT_BUSY`) if another instance took the project.
+    pub(crate) async fn save_project(
+        &self,
+        guard: &ProjectGuard,
+        p: &Project,
+    ) -> Result<(), ControlError> {
+        self.store.put_project_fenced(p, guard.fence()).await
+    }
+
+    /// Publishes `route` under `guard` (not written if another instance took the project).
+    pub(crate) async fn put_route(
+        &self,
+        guard: &ProjectGuard,
+        key: &RouteKey,
+        route: &Route,
+    ) -> Result<(), String> {
+        self.routes.put_fenced(key, route, guard.fence()).await
+    }
+
+    /// Takes the route down under `guard`.
+    pub(crate) async fn delete_route(
+        &self,
+        guard: &ProjectGuard,
+        key: &RouteKey,
+    ) -> Result<(), String> {
+        self.routes.delete_fenced(key, guard.fence()).await
     }
 
     /// A project of `owner`; another owner's project is "not found" (no existence leak).

@@ -22,8 +22,12 @@ impl Control {
             if now.saturating_sub(self.last_activity(&p, now).await?) <= ttl {
                 continue;
             }
-            let lock = self.lock_for(&p.id);
-            let _guard = lock.lock().await;
+            let guard = match self.lock_project(&p.id, START_LOCK_WAIT).await {
+                Ok(g) => g,
+                // Busy (a deploy, or another instance's sweep): the next sweep looks again.
+                Err(e) if e.code == "PROJECT_BUSY" => continue,
+                Err(e) => return Err(e),
+            };
             // Re-check under the lock: a deploy may have just happened.
             let Some(mut p) = self.store.project(&p.id).await? else {
                 continue;
@@ -33,7 +37,8 @@ impl Control {
             {
                 continue;
             }
-            self.teardown(&mut p, ProjectStatus::Expired).await?;
+            self.teardown(&guard, &mut p, ProjectStatus::Expired)
+                .await?;
             tracing::info!(project = %p.id, "expired after inactivity");
             states[i] = ProjectStatus::Expired;
             expired.push(p.id);
