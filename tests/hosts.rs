@@ -83,6 +83,7 @@ async fn control(
     Arc<Control>,
     Arc<HostsRuntime>,
     tokio::sync::watch::Sender<bool>,
+    prometheus::Registry,
 ) {
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
     let bundler = tollgate_control::bundler_for(&t, dir.join("builds")).unwrap();
@@ -99,6 +100,8 @@ async fn control(
     )
     .await
     .unwrap();
+    let registry = prometheus::Registry::new();
+    hosts.register_metrics(&registry).unwrap();
     let control = Control::new(
         store,
         bundler,
@@ -112,7 +115,17 @@ async fn control(
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(control.clone().follow_runtime(events));
     tokio::spawn(hosts.clone().run(stop));
-    (control, hosts, stop_tx)
+    (control, hosts, stop_tx, registry)
+}
+
+/// One sample of `registry`'s text exposition.
+fn sample(registry: &prometheus::Registry, series: &str) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
 }
 
 /// Where each deployment is placed (deployment → host).
@@ -174,7 +187,7 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
             .success()
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (control, runtime1, stop_control) = rt.block_on(control(&url, proxy, &dir));
+    let (control, runtime1, stop_control, registry) = rt.block_on(control(&url, proxy, &dir));
 
     // Six projects over three hosts: two each.
     let mut projects = Vec::new();
@@ -305,6 +318,26 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
         .skip_while(|(t, _)| Some(*t) <= last_fail)
         .count();
     assert!(after > 10, "too few answers after the gap: {after}");
+    // What SREs see: one host lost, its two deployments running elsewhere, two hosts live.
+    assert_eq!(
+        sample(&registry, "tollgate_runtime_host_losses_total "),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &registry,
+            "tollgate_runtime_moves_total{result=\"running\"} "
+        ),
+        2.0
+    );
+    assert_eq!(sample(&registry, "tollgate_runtime_hosts "), 2.0);
+    assert_eq!(
+        sample(
+            &registry,
+            "tollgate_runtime_placements_total{result=\"placed\"} "
+        ),
+        6.0
+    );
     // Everything the lost host ran now runs elsewhere and answers.
     let where_ = placed(&redis);
     for (name, out) in &projects {
@@ -332,7 +365,7 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     );
     stop_control.send_replace(true);
     drop(control);
-    let (control, runtime2, _stop2) = rt.block_on(self::control(&url, proxy, &dir));
+    let (control, runtime2, _stop2, _) = rt.block_on(self::control(&url, proxy, &dir));
     let recovered = rt.block_on(control.recover()).unwrap();
     assert_eq!(recovered, 6);
     let after: Vec<_> = rt.block_on(async {

@@ -1,5 +1,5 @@
 //! The metric catalogue (docs/metrics.md) kept true: every process kind runs (`tollgate proxy`
-//! with TLS, `tollgate control`, `tollgate dev`), traffic goes through every component (an MCP
+//! with TLS, `tollgate control` in both runtime modes, `tollgate runtime`, `tollgate dev`), traffic goes through every component (an MCP
 //! deploy, metered requests over HTTP and HTTPS, a tool call), every `/metrics` is scraped, and
 //! the test fails on a metric exported but not catalogued, catalogued but not exported, a type,
 //! label set or exporting process that differs, or a name or label against the conventions.
@@ -286,7 +286,11 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     let (control, dev_admin, dev_tls) = (free_addr(), free_addr(), free_addr());
     let (proxy_admin, proxy_tls) = (free_addr(), free_addr());
     let (ctl, ctl_admin) = (free_addr(), free_addr());
-    let prometheus = Prometheus::start(&[dev_admin, proxy_admin, ctl_admin]);
+    // A second fleet: `tollgate control` with its deployments on runtime hosts, and one
+    // `tollgate runtime` host.
+    let (fleet_ctl, fleet_admin, host_admin) = (free_addr(), free_addr(), free_addr());
+    let prometheus =
+        Prometheus::start(&[dev_admin, proxy_admin, ctl_admin, fleet_admin, host_admin]);
     let (mut dev, dev_proxy) = start_listening(|proxy| {
         let mut c = bin();
         c.env("TOLLGATE_TLS_LISTEN", dev_tls.to_string())
@@ -391,6 +395,53 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
             .unwrap(),
     );
     wait_for_control(ctl, &mut ctl_proc);
+    let fleet_cfg = dir.path().join("fleet.toml");
+    std::fs::write(
+        &fleet_cfg,
+        format!(
+            "[control]\nlisten = \"{fleet_ctl}\"\nadmin_listen = \"{fleet_admin}\"\nruntime = \"hosts\"\n[redis]\nurl = \"{}\"\nkey_prefix = \"fleet\"\n[host]\nid = \"rt-metrics\"\nadmin_listen = \"{host_admin}\"\n",
+            redis.url(),
+        ),
+    )
+    .unwrap();
+    let mut fleet_proc = Proc(
+        with_payment_secrets(&mut bin())
+            .args(["control", "--config"])
+            .arg(&fleet_cfg)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_control(fleet_ctl, &mut fleet_proc);
+    let mut host_proc = Proc(
+        bin()
+            .args(["runtime", "--config"])
+            .arg(&fleet_cfg)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !reqwest::blocking::get(format!("http://{host_admin}/readyz"))
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            host_proc.0.try_wait().unwrap().is_none(),
+            "the runtime host exited"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runtime host never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The fleet's control sees it (its rescheduling rounds count live hosts).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !scrape(fleet_admin).contains("tollgate_runtime_hosts 1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "control never counted the host"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A tool call without payment: the 402 of MCP (payment_required).
     let _ = Command::new("node")
         .arg(js.join("call.mjs"))
@@ -407,10 +458,25 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
         .unwrap();
     assert_eq!(garbage.status(), 402);
 
+    // The runtime reads its processes' memory once a second: wait for a reading.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !scrape(dev_admin).lines().any(|l| {
+        l.strip_prefix("tollgate_runtime_memory_bytes ")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|v| v > 1e6)
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no memory reading of the workerd process"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let scrapes = [
         ("dev", scrape(dev_admin)),
         ("proxy", scrape(proxy_admin)),
         ("control", scrape(ctl_admin)),
+        ("control", scrape(fleet_admin)),
+        ("runtime", scrape(host_admin)),
     ];
     // The values behind the names: what happened above is what the dev process counted.
     let dev_text = &scrapes[0].1;
@@ -442,8 +508,15 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
     assert_eq!(value("tollgate_suspended_accounts"), 0.0);
 
     let mut problems = Vec::new();
+    // A process kind exports a metric when one of its configurations does (`control` runs its
+    // deployments itself or on runtime hosts).
+    let mut by_kind: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     for (process, text) in &scrapes {
         let exported = parse(text);
+        by_kind
+            .entry(process)
+            .or_default()
+            .extend(exported.keys().cloned());
         for (name, (kind, labels)) in &exported {
             problems.extend(check_conventions(name, kind, labels));
             match cat.get(name) {
@@ -469,8 +542,10 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
                 }
             }
         }
+    }
+    for (process, exported) in &by_kind {
         for (name, e) in &cat {
-            if e.exported_by.contains(*process) && !exported.contains_key(name) {
+            if e.exported_by.contains(*process) && !exported.contains(name) {
                 problems.push(format!(
                     "{name}: catalogued for {process}, not exported there"
                 ));
@@ -543,6 +618,8 @@ fn every_exported_metric_is_catalogued_and_every_catalogued_metric_is_exported()
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
+    assert!(terminate(&mut host_proc).success());
+    assert!(terminate(&mut fleet_proc).success());
     assert!(terminate(&mut ctl_proc).success());
     assert!(terminate(&mut proxy).success());
     assert!(terminate(&mut dev).success());

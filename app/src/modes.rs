@@ -302,6 +302,7 @@ async fn start_control(
         )
         .await
         .map_err(|e| anyhow::anyhow!("runtime hosts (redis.url {}): {e}", redis.url))?;
+        hosts.register_metrics(&registry)?;
         tracing::info!("control.runtime = hosts: deployments run on `tollgate runtime` hosts");
         (Placement::Hosts(hosts), events, toolchain)
     } else {
@@ -463,7 +464,7 @@ async fn start_runtime_host(
             .map_or(0, |d| d.as_millis() as u64),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    let agent = tollgate_control::hosts::HostAgent::connect(
+    let mut agent = tollgate_control::hosts::HostAgent::connect(
         &redis.url,
         &redis.key_prefix,
         tollgate_control::hosts::HostAgentConfig {
@@ -476,6 +477,7 @@ async fn start_runtime_host(
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e} (redis.url {})", redis.url))?;
+    agent.register_metrics(&registry)?;
     let registered = agent.ready_flag();
     let (bg_tx, bg_rx) = watch::channel(false);
     parts.background = Some(bg_tx);

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tollgate_runtime::{Phase, RuntimeError, RuntimeEvent, Started, Supervisor};
 
+use super::metrics::HostMetrics;
 use super::{Assignment, HostEvent, HostInfo, HostKeys, HostedState};
 use crate::model::{new_id, now_ms};
 
@@ -72,6 +73,7 @@ pub struct HostAgent {
     dirty: HashSet<String>,
     /// Holds its lease (its `/readyz`).
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: Option<HostMetrics>,
 }
 
 fn io(e: impl std::fmt::Display) -> String {
@@ -98,7 +100,14 @@ impl HostAgent {
             token: String::new(),
             dirty: HashSet::new(),
             ready: Default::default(),
+            metrics: None,
         })
+    }
+
+    /// Exports the host's lease and assignment metrics on `registry`.
+    pub fn register_metrics(&mut self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        self.metrics = Some(HostMetrics::register(registry)?);
+        Ok(())
     }
 
     /// True while the host holds its lease: placed deployments can run here.
@@ -109,6 +118,9 @@ impl HostAgent {
     fn set_ready(&self, ready: bool) {
         self.ready
             .store(ready, std::sync::atomic::Ordering::Release);
+        if let Some(m) = &self.metrics {
+            m.lease.set(i64::from(ready));
+        }
     }
 
     fn id(&self) -> &str {
@@ -209,6 +221,9 @@ impl HostAgent {
                 // moved, or is moving, everything. Stop it all and start again as a new host.
                 tracing::error!(host = %self.id(), "runtime host lease lost; stopping its deployments and registering again");
                 self.set_ready(false);
+                if let Some(m) = &self.metrics {
+                    m.lease_losses.inc();
+                }
                 // One still starting or stopping is stopped when that is done.
                 let idle: Vec<String> = self
                     .local
@@ -292,6 +307,9 @@ impl HostAgent {
                 let r = sup.start(a.spec).await;
                 Done::Started(id, a.gen_id, r)
             });
+        }
+        if let Some(m) = &self.metrics {
+            m.assigned.set(self.local.len() as i64);
         }
         self.write_states().await;
     }

@@ -13,6 +13,7 @@
 //!   same deployment, is never taken for the current one.
 
 mod agent;
+mod metrics;
 mod placer;
 
 use std::net::{IpAddr, SocketAddr};

@@ -14,6 +14,7 @@ use tollgate_runtime::{
     Started,
 };
 
+use super::metrics::PlacerMetrics;
 use super::{Assignment, HostEvent, HostInfo, HostKeys, HostLoad, HostedState, place};
 use crate::model::{new_id, now_ms};
 use crate::runtime::Runtime;
@@ -94,6 +95,9 @@ pub struct HostsRuntime {
     /// This control instance, in the rescheduler's lease.
     instance: String,
     events: mpsc::UnboundedSender<RuntimeEvent>,
+    metrics: std::sync::OnceLock<PlacerMetrics>,
+    /// Lost hosts already counted in `tollgate_runtime_host_losses_total`.
+    counted_lost: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn io(e: impl std::fmt::Display) -> RuntimeError {
@@ -122,9 +126,18 @@ impl HostsRuntime {
                 cfg,
                 instance: new_id("c"),
                 events,
+                metrics: std::sync::OnceLock::new(),
+                counted_lost: Default::default(),
             }),
             rx,
         ))
+    }
+
+    /// Exports the placement metrics on `registry` (once).
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let m = PlacerMetrics::register(registry)?;
+        let _ = self.metrics.set(m);
+        Ok(())
     }
 
     /// Until `stop`: forwards the hosts' events and runs the rescheduling rounds (one control
@@ -276,7 +289,16 @@ impl HostsRuntime {
             .await
             .map_err(io)?;
         let hosts = self.live_hosts().await?;
-        let Some(host) = place(&hosts, prefer.as_deref(), &[]).map(str::to_owned) else {
+        let placed = place(&hosts, prefer.as_deref(), &[]).map(str::to_owned);
+        if let Some(m) = self.metrics.get() {
+            let result = if placed.is_some() {
+                "placed"
+            } else {
+                "no_room"
+            };
+            m.placements.with_label_values(&[result]).inc();
+        }
+        let Some(host) = placed else {
             return Err(RuntimeError::StartFailed(if hosts.is_empty() {
                 "no runtime host is up (start `tollgate runtime` on a host)".into()
             } else {
@@ -376,11 +398,20 @@ impl HostsRuntime {
             .await
             .map_err(io)?;
         if lead != 1 {
+            if let Some(m) = self.metrics.get() {
+                m.hosts.set(0);
+            }
             return Ok(());
         }
         let all: Vec<String> = c.hkeys(self.keys.hosts()).await.map_err(io)?;
+        let mut live = 0;
         for host in all {
             if self.alive(&host).await? {
+                live += 1;
+                self.counted_lost
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&host);
                 continue;
             }
             let assigned: std::collections::HashMap<String, String> =
@@ -393,7 +424,19 @@ impl HostsRuntime {
                     .await
                     .map_err(io)?;
                 tracing::info!(host = %host, "runtime host gone; deregistered");
+                self.counted_lost
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&host);
                 continue;
+            }
+            let first_seen = self
+                .counted_lost
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(host.clone());
+            if first_seen && let Some(m) = self.metrics.get() {
+                m.lost.inc();
             }
             tracing::warn!(host = %host, deployments = assigned.len(), "runtime host lost: moving its deployments");
             let mut loads = self.live_hosts().await?;
@@ -403,6 +446,9 @@ impl HostsRuntime {
                     continue;
                 };
                 let Some(to) = place(&loads, None, &[host.as_str()]).map(str::to_owned) else {
+                    if let Some(m) = self.metrics.get() {
+                        m.moves.with_label_values(&["no_room"]).inc();
+                    }
                     tracing::error!(host = %host, deployment = %deployment, "no runtime host has room for a lost host's deployment; retrying next round");
                     break;
                 };
@@ -437,6 +483,9 @@ impl HostsRuntime {
             let waits = moved_to.into_iter().map(|(deployment, to, gen_id)| async move {
                 match self.wait_running(&to, &deployment, &gen_id, deadline).await {
                     Ok(HostedState { addr: Some(addr), .. }) => {
+                        if let Some(m) = self.metrics.get() {
+                            m.moves.with_label_values(&["running"]).inc();
+                        }
                         let _ = self.events.send(RuntimeEvent::Upstream {
                             deployment_id: deployment,
                             addr,
@@ -444,11 +493,17 @@ impl HostsRuntime {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        if let Some(m) = self.metrics.get() {
+                            m.moves.with_label_values(&["failed"]).inc();
+                        }
                         tracing::error!(deployment = %deployment, host = %to, error = %e, "moved deployment did not start");
                     }
                 }
             });
             futures_util::future::join_all(waits).await;
+        }
+        if let Some(m) = self.metrics.get() {
+            m.hosts.set(live);
         }
         Ok(())
     }
