@@ -5,6 +5,7 @@
 //! (a fixed rate, latency measured from each request's *scheduled* time so a stalled server is not
 //! hidden: no coordinated omission). Latencies go into HDR histograms (1 µs to 60 s, 3 digits).
 
+pub mod hosts;
 pub mod scenario;
 
 use std::collections::BTreeMap;

@@ -83,6 +83,21 @@ enum ScenarioCmd {
         #[arg(long, default_value_t = 200)]
         rounds: usize,
     },
+    /// Deployments on `tollgate runtime` host processes behind a metered proxy node: deploy
+    /// latency, spread and memory per host, the busiest host SIGKILLed (time until each of its
+    /// deployments answers again), another host SIGTERMed (failed requests during its hand-over).
+    Hosts {
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        #[arg(long, default_value_t = 30)]
+        deployments: usize,
+        /// The hosts' `host.lease_ms`.
+        #[arg(long, default_value_t = 3000)]
+        lease_ms: u64,
+        /// The tollgate binary (default: target/release/tollgate, else target/debug/tollgate).
+        #[arg(long)]
+        tollgate: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -181,6 +196,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     scenario::overhead(concurrency, Duration::from_secs_f64(seconds), reps).await?;
                 println!("{}", scenario::to_json(&r));
                 Ok(ExitCode::SUCCESS)
+            }
+            ScenarioCmd::Hosts {
+                hosts,
+                deployments,
+                lease_ms,
+                tollgate,
+            } => {
+                let bin = tollgate_loadtest::hosts::find_tollgate(tollgate)?;
+                let r = tollgate_loadtest::hosts::hosts(bin, hosts, deployments, lease_ms).await?;
+                println!("{}", scenario::to_json(&r));
+                Ok(if r.killed.others_failed == 0 && r.stopped.failed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
             }
             ScenarioCmd::DrainTopUp { rounds } => {
                 let r = scenario::drain_top_up(rounds).await?;

@@ -556,7 +556,7 @@ pub struct Timing {
     pub max_us: u64,
 }
 
-fn timing(mut v: Vec<u64>) -> Timing {
+pub(crate) fn timing(mut v: Vec<u64>) -> Timing {
     v.sort_unstable();
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     Timing {
