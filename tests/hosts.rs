@@ -16,7 +16,7 @@ use tollgate_control::hosts::{HostKeys, HostsRuntime, HostsRuntimeConfig};
 use tollgate_control::{Control, ControlConfig, ControlStore, DeployRequest, RedisControlStore};
 use tollgate_routes::RouteStore;
 use tollgate_runtime::Toolchain;
-use tollgate_testkit::{RedisServer, free_addr};
+use tollgate_testkit::{RedisServer, TcpCut, free_addr};
 
 mod common;
 use common::*;
@@ -411,6 +411,34 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
         assert_eq!(answers(name), (200, format!("hello from {name}")));
     }
 
+    // An orphan (a control process that died mid-deploy left it placed; nothing serves it) is
+    // collected; the live deployments are not.
+    let orphan = rt
+        .block_on(tollgate_control::Runtime::start(
+            &runtime2,
+            tollgate_runtime::DeploymentSpec {
+                deployment_id: "d_orphan".into(),
+                project_id: projects[0].1.project_id.clone(),
+                account_id: "acct-h".into(),
+                code: "export default { async fetch() { return new Response('orphan') } }\n".into(),
+                compatibility_date: "2025-09-01".into(),
+                env: BTreeMap::new(),
+                databases: Vec::new(),
+                d1: None,
+            },
+        ))
+        .unwrap();
+    assert!(orphan.addr.port() > 0);
+    assert!(placed(&redis).contains_key("d_orphan"));
+    assert_eq!(rt.block_on(control.collect_orphans()).unwrap(), 1);
+    assert!(!placed(&redis).contains_key("d_orphan"));
+    assert_eq!(placed(&redis).len(), 6);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(orphan.addr).is_ok() {
+        assert!(Instant::now() < deadline, "the orphan's process still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // 4. The killed host comes back (same id): it runs nothing it lost, and takes new work.
     let back = start_host(&dir, &url, &killed.id);
     hosts.push(back);
@@ -656,4 +684,125 @@ fn two_control_instances_share_the_fleet_and_one_stops_mid_deploy_without_a_fail
     );
     assert!(failed.is_empty(), "{} requests failed", failed.len());
     drop(chain);
+}
+
+/// A host cut off from Redis (no FIN: its calls just hang) stops its processes within about a
+/// lease, before or as its deployments start on another host, so no deployment runs, and is
+/// charged, twice for longer than that; the URL answers from the other host. Back in touch, the
+/// host registers again and runs nothing it lost.
+#[test]
+fn a_host_cut_off_from_redis_stops_its_processes_and_its_deployments_move() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let cut = TcpCut::start(
+        redis
+            .url()
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap(),
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("tollgate-partition-test-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    // rt-a reaches Redis through the cut; rt-b directly.
+    let mut a = start_host(&dir, &format!("redis://{}", cut.addr()), "rt-a");
+    let _b = start_host(&dir, &url, "rt-b");
+    let (_proxy_proc, proxy) = start_listening(|listen| {
+        let mut c = bin();
+        c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--redis", &url]);
+        c
+    });
+    assert!(
+        credit_account(&url, "acct-h", "5.00", "partition-test")
+            .status
+            .success()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (control, runtime, _stop, registry) = rt.block_on(control(&url, proxy, &dir));
+    let out = rt
+        .block_on(control.deploy(
+            "acct-h",
+            DeployRequest {
+                files: Some(files("cut")),
+                project_name: Some("cut".into()),
+                ..DeployRequest::default()
+            },
+        ))
+        .unwrap();
+    // The first placement goes to rt-a (equal room: the first id).
+    assert_eq!(placed(&redis)[&out.deployment_id], "rt-a");
+    let old_addr = rt
+        .block_on(tollgate_control::Runtime::status(
+            &runtime,
+            &out.deployment_id,
+        ))
+        .unwrap()
+        .addr
+        .unwrap();
+    let c = reqwest::blocking::Client::builder()
+        .resolve("cut.localhost", proxy)
+        .build()
+        .unwrap();
+    let service = format!("http://cut.localhost:{}/", proxy.port());
+    assert_eq!(get(&c, &service), (200, "hello from cut".into()));
+
+    let cut_at = Instant::now();
+    cut.freeze();
+    // Its process stops (nothing listens on its port any more)...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(old_addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off host still runs its process: {}",
+            std::fs::read_to_string(a.log.clone()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped_after = cut_at.elapsed();
+    // ...and the service answers from rt-b.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(&c, &service) != (200, "hello from cut".into()) {
+        assert!(
+            Instant::now() < deadline,
+            "the service never came back on rt-b"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let back_after = cut_at.elapsed();
+    eprintln!(
+        "host cut off: its process stopped after {stopped_after:?}, the service answered again after {back_after:?}"
+    );
+    assert_eq!(placed(&redis)[&out.deployment_id], "rt-b");
+    // Lease 1 s: it stops within about a lease, not after Redis's client gives up for good.
+    assert!(stopped_after < Duration::from_secs(5), "{stopped_after:?}");
+    assert_eq!(
+        sample(&registry, "tollgate_runtime_host_losses_total "),
+        1.0
+    );
+
+    // Back in touch: rt-a holds a lease again and runs nothing.
+    cut.thaw();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        use redis::Commands;
+        let alive: bool = redis
+            .conn()
+            .exists(HostKeys::new("tollgate").alive("rt-a"))
+            .unwrap();
+        if alive {
+            break;
+        }
+        assert!(a.proc.0.try_wait().unwrap().is_none(), "rt-a exited");
+        assert!(Instant::now() < deadline, "rt-a never registered again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(placed(&redis).values().all(|h| h == "rt-b"));
+    signal(&a.proc.0, "-TERM");
+    assert!(wait_exit(&mut a.proc.0, Duration::from_secs(30), "rt-a").success());
 }

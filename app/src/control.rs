@@ -199,6 +199,27 @@ pub async fn control_service(
         )));
         tracing::info!("book of record: copying the ledger into PostgreSQL");
     }
+    // Runtime hosts: every live route checked against where its deployment runs now (events
+    // can be lost; a move's start can outlive its wait), by the instance holding the rounds.
+    if on_hosts {
+        let (repairer, leader, mut stop) = (control.clone(), agents.leader.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                if !leader.is_held() {
+                    continue;
+                }
+                if let Err(e) = repairer.repair_routes().await {
+                    tracing::warn!(error = %e, "route repair round failed");
+                }
+            }
+        }));
+    }
     // The cleanup job (after recovery, so it never sees a project mid-restart): expire and
     // collect unused projects (idempotent, so a missed or repeated run is harmless).
     let sweeper = control.clone();
@@ -222,6 +243,9 @@ pub async fn control_service(
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cleanup sweep failed"),
+            }
+            if let Err(e) = sweeper.collect_orphans().await {
+                tracing::warn!(error = %e, "orphaned deployments not collected");
             }
         }
     }));

@@ -375,6 +375,16 @@ pub fn run_runtime(settings: Settings) -> anyhow::Result<()> {
         .redis
         .clone()
         .context("a runtime host takes its deployments from Redis: configure [redis] url (or TOLLGATE_REDIS_URL)")?;
+    // Routes point proxies at this address: a loopback one would send every proxy to its own
+    // machine (to whatever listens there) as soon as they run elsewhere.
+    let redis_local = redis.url.contains("127.0.0.1")
+        || redis.url.contains("localhost")
+        || redis.url.contains("[::1]");
+    anyhow::ensure!(
+        !cfg.control.runtime_ip.is_loopback() || redis_local,
+        "control.runtime_ip is {} (loopback) but Redis is elsewhere: set control.runtime_ip (or TOLLGATE_CONTROL_RUNTIME_IP) to this host's private address, which the proxies reach (docs/scale-out.md)",
+        cfg.control.runtime_ip
+    );
     let rt = runtime_for("tollgate")?;
     let handle = rt.handle().clone();
     let result = rt.block_on(async move {

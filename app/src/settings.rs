@@ -333,14 +333,30 @@ impl Settings {
         }
     }
 
-    /// A runtime host's name (`host.id`, else `runtime-<admin port>`); its CPU metering node has
-    /// the same name.
+    /// A runtime host's name (`host.id`, else `<machine's host name>-<admin port>`: unique per
+    /// machine and kept across restarts); its CPU metering node has the same name.
     pub fn host_id(&self) -> String {
-        self.config
-            .host
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("runtime-{}", self.config.host.admin_listen.port()))
+        self.config.host.id.clone().unwrap_or_else(|| {
+            let name: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(48)
+                .collect();
+            let name = if name.is_empty() {
+                "runtime".to_owned()
+            } else {
+                name
+            };
+            format!("{name}-{}", self.config.host.admin_listen.port())
+        })
     }
 
     /// This proxy node's name (its journal and leases are keyed by it).

@@ -14,6 +14,11 @@ pub trait RoutePublisher: Send + Sync + 'static {
     async fn put(&self, key: &RouteKey, route: &Route) -> Result<(), String>;
     async fn delete(&self, key: &RouteKey) -> Result<(), String>;
 
+    /// What is published for `key` now; `Err` where this publisher cannot tell.
+    async fn get(&self, _key: &RouteKey) -> Result<Option<Route>, String> {
+        Err("this route publisher cannot be read".into())
+    }
+
     /// [`RoutePublisher::put`], made only while `fence` holds (where the store can check it).
     async fn put_fenced(
         &self,
@@ -45,6 +50,10 @@ impl RoutePublisher for RouteStore {
 
     async fn delete(&self, key: &RouteKey) -> Result<(), String> {
         self.delete_fenced(key, None).await
+    }
+
+    async fn get(&self, key: &RouteKey) -> Result<Option<Route>, String> {
+        RouteStore::get(self, key).await.map_err(|e| e.to_string())
     }
 
     async fn put_fenced(

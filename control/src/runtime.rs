@@ -22,6 +22,11 @@ pub trait Runtime: Send + Sync + 'static {
     async fn idle_for(&self, deployment_id: &str) -> Option<Duration>;
     /// Log entries with `seq >= since`, oldest first, at most `limit`.
     async fn logs(&self, deployment_id: &str, since: u64, limit: usize) -> Option<Vec<LogEntry>>;
+    /// Every deployment placed on a runtime host, for the orphan collection. The in-process
+    /// supervisor answers none: what it runs dies with the process.
+    async fn placed(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The supervisor in this process.
@@ -77,5 +82,9 @@ impl<T: Runtime + ?Sized> Runtime for std::sync::Arc<T> {
 
     async fn logs(&self, deployment_id: &str, since: u64, limit: usize) -> Option<Vec<LogEntry>> {
         (**self).logs(deployment_id, since, limit).await
+    }
+
+    async fn placed(&self) -> Vec<String> {
+        (**self).placed().await
     }
 }

@@ -64,6 +64,16 @@ pub trait ControlStore: Send + Sync + 'static {
     async fn bundle(&self, deployment: &str) -> Result<Option<String>, ControlError>;
     async fn delete_artifacts(&self, deployment: &str) -> Result<(), ControlError>;
     async fn put_env(&self, project: &str, env: &Env) -> Result<(), ControlError>;
+    /// [`ControlStore::put_env`], refused (`PROJECT_BUSY`, nothing written) unless `fence`
+    /// still holds.
+    async fn put_env_fenced(
+        &self,
+        project: &str,
+        env: &Env,
+        _fence: Option<&Fence>,
+    ) -> Result<(), ControlError> {
+        self.put_env(project, env).await
+    }
     async fn env(&self, project: &str) -> Result<Env, ControlError>;
     /// Requests and response bytes the proxies counted, by UTC hour buckets (`YYYYMMDDHH`), and
     /// the time of the last request.
@@ -288,7 +298,31 @@ return 1"#;
     }
 
     async fn put_env(&self, project: &str, env: &Env) -> Result<(), ControlError> {
-        self.set_json(self.key("env", project), env).await
+        self.put_env_fenced(project, env, None).await
+    }
+
+    async fn put_env_fenced(
+        &self,
+        project: &str,
+        env: &Env,
+        fence: Option<&Fence>,
+    ) -> Result<(), ControlError> {
+        const SCRIPT: &str = r#"
+if ARGV[2] and redis.call('GET', ARGV[2]) ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1"#;
+        let mut c = self.conn.clone();
+        let script = redis::Script::new(SCRIPT);
+        let mut inv = script.key(self.key("env", project));
+        inv.arg(serde_json::to_string(env)?);
+        if let Some(f) = fence {
+            inv.arg(&f.key).arg(&f.token);
+        }
+        let written: i64 = inv.invoke_async(&mut c).await?;
+        if written != 1 {
+            return Err(fenced_out());
+        }
+        Ok(())
     }
 
     async fn env(&self, project: &str) -> Result<Env, ControlError> {

@@ -136,6 +136,20 @@ impl RouteStore {
         u64::try_from(v).map_err(|_| StoreError::Fenced(lock.map_or("?", |l| l.key).to_owned()))
     }
 
+    /// The route stored for `key` (`None`: none, or a tombstone).
+    pub async fn get(&self, key: &RouteKey) -> Result<Option<Route>, StoreError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(&self.keys.hash)
+            .arg(key.field())
+            .query_async(&mut conn)
+            .await?;
+        Ok(match raw {
+            Some(v) => serde_json::from_str::<RouteRecord>(&v)?.route,
+            None => None,
+        })
+    }
+
     /// Every stored record (tombstones included).
     pub async fn load_all(&self) -> Result<Vec<(RouteKey, RouteRecord)>, StoreError> {
         let mut conn = self.conn.clone();

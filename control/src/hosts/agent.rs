@@ -37,10 +37,21 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// Deletes `KEYS[1]` if it holds token `ARGV[1]`.
+/// Gives the lease `KEYS[1]` up if it holds token `ARGV[1]`, and marks the host as leaving
+/// (`KEYS[2]`, so control counts a hand-over, not a loss).
 const RESIGN: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], '1', 'PX', 120000)
 return redis.call('DEL', KEYS[1])
+"#;
+
+/// Takes the lease `KEYS[1]` for token `ARGV[1]` (`ARGV[2]` ms) only if nobody holds it, and
+/// then registers the host (`KEYS[2]`, field `ARGV[3]`: `ARGV[4]`) and clears its leaving mark.
+const TAKE: &str = r#"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('DEL', KEYS[3])
+return 1
 "#;
 
 /// One deployment this host runs (or is starting, or stopping).
@@ -62,6 +73,14 @@ enum Done {
 
 pub struct HostAgent {
     conn: ConnectionManager,
+    /// The lease's own connection: a heartbeat never queues behind a large reply.
+    beat: ConnectionManager,
+    /// Where control publishes routes: a hand-over waits until none points here any more.
+    routes: tollgate_routes::RouteStore,
+    /// Holds its lease now.
+    registered: bool,
+    /// When the last renewal that succeeded was asked for.
+    last_renewed: Option<Instant>,
     client: redis::Client,
     keys: HostKeys,
     cfg: HostAgentConfig,
@@ -88,9 +107,30 @@ impl HostAgent {
         sup: Supervisor,
     ) -> Result<HostAgent, String> {
         let client = redis::Client::open(url).map_err(io)?;
-        let conn = ConnectionManager::new(client.clone()).await.map_err(io)?;
+        // Every call bounded well inside the lease: a Redis that stops answering must not hold
+        // up the loop past the moment this host has to stop (see `heartbeat`).
+        let bounded = |t: Duration| {
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(t))
+                .set_response_timeout(Some(t))
+                .set_number_of_retries(1)
+                .set_max_delay(t)
+        };
+        let conn = ConnectionManager::new_with_config(client.clone(), bounded(cfg.lease / 2))
+            .await
+            .map_err(io)?;
+        let beat = ConnectionManager::new_with_config(client.clone(), bounded(cfg.lease / 6))
+            .await
+            .map_err(io)?;
+        let routes = tollgate_routes::RouteStore::connect(url, prefix)
+            .await
+            .map_err(io)?;
         Ok(HostAgent {
             conn,
+            beat,
+            routes,
+            registered: false,
+            last_renewed: None,
             client,
             keys: HostKeys::new(prefix),
             cfg,
@@ -127,33 +167,40 @@ impl HostAgent {
         &self.cfg.info.id
     }
 
-    /// Takes the lease (a restarted host takes its own over: its processes died with it) and
-    /// registers the host's capacity.
-    async fn register(&mut self) -> Result<(), String> {
-        self.token = new_id("h");
-        let mut c = self.conn.clone();
+    /// Takes the lease if nobody holds it, and registers the host's capacity. `Ok(false)`:
+    /// held, by a predecessor whose lease has not run out yet or by another process configured
+    /// with the same `host.id`; waited out (the deployments of a host that was lost move to
+    /// others meanwhile).
+    async fn register(&mut self) -> Result<bool, String> {
+        let token = new_id("h");
         let info = serde_json::to_string(&self.cfg.info).map_err(io)?;
-        let _: () = redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(self.keys.alive(self.id()))
-            .arg(&self.token)
-            .arg("PX")
+        let asked = Instant::now();
+        let mut c = self.beat.clone();
+        let took: i64 = redis::Script::new(TAKE)
+            .key(self.keys.alive(self.id()))
+            .key(self.keys.hosts())
+            .key(self.keys.leaving(self.id()))
+            .arg(&token)
             .arg(self.cfg.lease.as_millis() as u64)
-            .ignore()
-            .hset(self.keys.hosts(), self.id(), info)
-            .ignore()
-            .query_async(&mut c)
+            .arg(self.id())
+            .arg(info)
+            .invoke_async(&mut c)
             .await
             .map_err(io)?;
+        if took != 1 {
+            return Ok(false);
+        }
+        self.token = token;
+        self.registered = true;
+        self.last_renewed = Some(asked);
         tracing::info!(host = %self.id(), slots = self.cfg.info.slots(), "runtime host registered");
         self.set_ready(true);
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the lease is still this host's (renewed).
     async fn renew(&self) -> Result<bool, String> {
-        let mut c = self.conn.clone();
+        let mut c = self.beat.clone();
         let n: i64 = redis::Script::new(RENEW)
             .key(self.keys.alive(self.id()))
             .arg(&self.token)
@@ -170,18 +217,22 @@ impl HostAgent {
         mut events: mpsc::UnboundedReceiver<RuntimeEvent>,
         mut stop: watch::Receiver<bool>,
     ) {
-        // Until Redis answers (or the process stops).
-        let mut backoff = Duration::from_millis(100);
+        // Until the lease is ours (or the process stops).
+        let mut waited = false;
         loop {
             match self.register().await {
-                Ok(()) => break,
+                Ok(true) => break,
+                Ok(false) if !waited => {
+                    waited = true;
+                    tracing::warn!(host = %self.id(), "the lease of this host id is held (a predecessor, or another process with the same host.id); waiting for it to run out");
+                }
+                Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "runtime host: cannot register yet"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(self.cfg.lease / 4) => {}
                 _ = super::stopped(&mut stop) => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         let nudged = std::sync::Arc::new(tokio::sync::Notify::new());
         let listener = tokio::spawn(listen(
@@ -189,7 +240,7 @@ impl HostAgent {
             self.keys.nudge(self.id()),
             nudged.clone(),
         ));
-        let mut beat = tokio::time::interval(self.cfg.lease / 3);
+        let mut beat = tokio::time::interval(self.cfg.lease / 4);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(Duration::from_millis(500));
         let mut logs = tokio::time::interval(Duration::from_millis(250));
@@ -214,42 +265,34 @@ impl HostAgent {
     }
 
     async fn heartbeat(&mut self) {
+        if !self.registered {
+            match self.register().await {
+                Ok(true) => self.reconcile().await,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "runtime host: cannot register again yet"),
+            }
+            return;
+        }
+        let asked = Instant::now();
         match self.renew().await {
-            Ok(true) => {}
+            Ok(true) => self.last_renewed = Some(asked),
             Ok(false) => {
                 // Taken for lost (a pause or a partition longer than the lease): control has
-                // moved, or is moving, everything. Stop it all and start again as a new host.
-                tracing::error!(host = %self.id(), "runtime host lease lost; stopping its deployments and registering again");
-                self.set_ready(false);
-                if let Some(m) = &self.metrics {
-                    m.lease_losses.inc();
-                }
-                // One still starting or stopping is stopped when that is done.
-                let idle: Vec<String> = self
-                    .local
-                    .iter_mut()
-                    .filter_map(|(id, l)| {
-                        l.gen_id.clear();
-                        (!l.busy).then(|| id.clone())
-                    })
-                    .collect();
-                for id in idle {
-                    let _ = self.sup.remove(&id, false).await;
-                    self.local.remove(&id);
-                }
-                self.dirty.clear();
-                let _ = self
-                    .conn
-                    .clone()
-                    .del::<_, ()>(self.keys.state(self.id()))
-                    .await;
-                if let Err(e) = self.register().await {
-                    tracing::warn!(error = %e, "runtime host: cannot register again yet");
-                }
+                // moved, or is moving, everything.
+                self.evict("its lease was taken").await;
                 return;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "runtime host: lease not renewed");
+                // Cut off from Redis: by the time the lease runs out there, control moves
+                // everything; stop first, so no deployment runs (and is charged) twice.
+                let margin = self.cfg.lease / 3;
+                if self
+                    .last_renewed
+                    .is_none_or(|t| t.elapsed() + margin >= self.cfg.lease)
+                {
+                    self.evict("it could not renew its lease in time").await;
+                }
                 return;
             }
         }
@@ -259,23 +302,54 @@ impl HostAgent {
         self.write_states().await;
     }
 
-    /// Brings what runs here in line with the assignments.
+    /// Stops everything this host runs (a lost lease: what it ran belongs to other hosts now)
+    /// and registers again once the lease is free.
+    async fn evict(&mut self, why: &str) {
+        tracing::error!(host = %self.id(), why, "runtime host lease lost; stopping its deployments and registering again");
+        self.set_ready(false);
+        self.registered = false;
+        if let Some(m) = &self.metrics {
+            m.lease_losses.inc();
+        }
+        // One still starting or stopping is stopped when that is done.
+        let idle: Vec<String> = self
+            .local
+            .iter_mut()
+            .filter_map(|(id, l)| {
+                l.gen_id.clear();
+                (!l.busy).then(|| id.clone())
+            })
+            .collect();
+        let stops = idle.iter().map(|id| self.sup.remove(id, false));
+        futures_util::future::join_all(stops).await;
+        for id in idle {
+            self.local.remove(&id);
+        }
+        self.dirty.clear();
+        let _ = self
+            .conn
+            .clone()
+            .del::<_, ()>(self.keys.state(self.id()))
+            .await;
+    }
+
+    /// Brings what runs here in line with the assignments: the generations are read every
+    /// time (small), a spec only when its deployment is new here.
     async fn reconcile(&mut self) {
+        if !self.registered {
+            return;
+        }
         let mut c = self.conn.clone();
-        let want: HashMap<String, String> = match c.hgetall(self.keys.assign(self.id())).await {
+        let want: HashMap<String, String> = match c.hgetall(self.keys.gens(self.id())).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "runtime host: assignments not read");
                 return;
             }
         };
-        let want: HashMap<String, Assignment> = want
-            .into_iter()
-            .filter_map(|(d, j)| Some((d, serde_json::from_str::<Assignment>(&j).ok()?)))
-            .collect();
         // Gone, or placed again (a new generation): stop it, drained.
         for (id, l) in self.local.iter_mut() {
-            if l.busy || want.get(id).is_some_and(|a| a.gen_id == l.gen_id) {
+            if l.busy || want.get(id) == Some(&l.gen_id) {
                 continue;
             }
             l.busy = true;
@@ -286,10 +360,27 @@ impl HostAgent {
                 Done::Removed(id, gen_id)
             });
         }
-        for (id, a) in want {
+        for (id, gen_id) in want {
             if self.local.contains_key(&id) {
                 continue;
             }
+            let json: Option<String> = match c.hget(self.keys.assign(self.id()), &id).await {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::warn!(error = %e, "runtime host: an assignment not read");
+                    continue;
+                }
+            };
+            let a = match json.map(|j| serde_json::from_str::<Assignment>(&j)) {
+                Some(Ok(a)) if a.gen_id == gen_id => a,
+                // Changing under us: the next look sees it whole.
+                Some(Ok(_)) | None => continue,
+                Some(Err(e)) => {
+                    // Written by a newer control service? Left alone, said loudly.
+                    tracing::error!(deployment = %id, error = %e, "runtime host: an assignment that does not parse; not started");
+                    continue;
+                }
+            };
             // A fresh process has fresh logs.
             let _ = c.del::<_, ()>(self.keys.logs(&id)).await;
             self.local.insert(
@@ -322,9 +413,19 @@ impl HostAgent {
                 }
                 match self.local.get_mut(&id) {
                     Some(l) if l.gen_id == gen_id => {
+                        // Control learns of every start here, the first one included: a host
+                        // that started its deployments again (a restart, a lost lease) has
+                        // them on new ports, and their routes must follow.
+                        let news = match &r {
+                            Ok(started) => (Some(started.addr), None),
+                            Err(e) => (None, Some(e.to_string())),
+                        };
                         l.busy = false;
                         l.started = Some(r);
-                        self.dirty.insert(id);
+                        self.dirty.insert(id.clone());
+                        self.write_states().await;
+                        self.publish(&id, &gen_id, news.0, news.1).await;
+                        return;
                     }
                     // The lease was lost meanwhile: not ours to run any more.
                     _ => {
@@ -420,16 +521,28 @@ impl HostAgent {
         let Some(l) = self.local.get(&id).filter(|l| !l.gen_id.is_empty()) else {
             return;
         };
+        let gen_id = l.gen_id.clone();
+        self.dirty.insert(id.clone());
+        // The state first: control reads it when the event arrives.
+        self.write_states().await;
+        self.publish(&id, &gen_id, addr, failed).await;
+    }
+
+    /// Tells control (the instance applying host events) about `id`'s placement `gen_id`.
+    async fn publish(
+        &self,
+        id: &str,
+        gen_id: &str,
+        addr: Option<std::net::SocketAddr>,
+        failed: Option<String>,
+    ) {
         let ev = HostEvent {
             host: self.id().to_owned(),
-            deployment: id.clone(),
-            gen_id: l.gen_id.clone(),
+            deployment: id.to_owned(),
+            gen_id: gen_id.to_owned(),
             addr,
             failed,
         };
-        self.dirty.insert(id);
-        // The state first: control reads it when the event arrives.
-        self.write_states().await;
         let Ok(json) = serde_json::to_string(&ev) else {
             return;
         };
@@ -477,23 +590,31 @@ impl HostAgent {
     }
 
     /// A graceful stop: give up the lease so control moves every deployment now, keep serving
-    /// until each runs elsewhere (or `handover` passes), then stop them, drained.
+    /// until each runs elsewhere and no route points here (or `handover` passes), then stop
+    /// them, drained.
     async fn handover(mut self) {
         self.set_ready(false);
-        let mut c = self.conn.clone();
-        let resigned = redis::Script::new(RESIGN)
-            .key(self.keys.alive(self.id()))
-            .arg(&self.token)
-            .invoke_async::<i64>(&mut c)
-            .await;
-        if let Err(e) = resigned {
-            tracing::warn!(error = %e, "runtime host: lease not given up; its deployments move when it expires");
+        let mut c = self.beat.clone();
+        if self.registered {
+            let resigned = redis::Script::new(RESIGN)
+                .key(self.keys.alive(self.id()))
+                .key(self.keys.leaving(self.id()))
+                .arg(&self.token)
+                .invoke_async::<i64>(&mut c)
+                .await;
+            if let Err(e) = resigned {
+                tracing::warn!(error = %e, "runtime host: lease not given up; its deployments move when it expires");
+            }
         }
         let until = Instant::now() + self.cfg.handover;
         let ids: Vec<String> = self.local.keys().cloned().collect();
+        let mine: HashSet<std::net::SocketAddr> = ids
+            .iter()
+            .filter_map(|id| self.sup.status(id).and_then(|s| s.addr))
+            .collect();
         tracing::info!(host = %self.id(), deployments = ids.len(), "runtime host stopping: handing its deployments over");
-        while Instant::now() < until {
-            match self.moved_and_running(&ids).await {
+        while !ids.is_empty() && Instant::now() < until {
+            match self.handed_over(&ids, &mine).await {
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => {
@@ -507,12 +628,21 @@ impl HostAgent {
         // Drained: the routes have moved, requests in flight finish.
         let stops = ids.iter().map(|id| self.sup.remove(id, true));
         futures_util::future::join_all(stops).await;
-        let _ = c.del::<_, ()>(self.keys.state(self.id())).await;
+        let _ = self
+            .conn
+            .clone()
+            .del::<_, ()>(self.keys.state(self.id()))
+            .await;
         tracing::info!(host = %self.id(), "runtime host stopped");
     }
 
-    /// Whether each of `ids` is placed on another host that runs it (or was removed).
-    async fn moved_and_running(&self, ids: &[String]) -> Result<bool, String> {
+    /// Whether each of `ids` runs on another host (or was removed) and no route points at one
+    /// of this host's addresses (`mine`) any more.
+    async fn handed_over(
+        &self,
+        ids: &[String],
+        mine: &HashSet<std::net::SocketAddr>,
+    ) -> Result<bool, String> {
         let mut c = self.conn.clone();
         for id in ids {
             let Some(host): Option<String> = c.hget(self.keys.placed(), id).await.map_err(io)?
@@ -522,19 +652,24 @@ impl HostAgent {
             if host == self.id() {
                 return Ok(false);
             }
-            let a: Option<String> = c.hget(self.keys.assign(&host), id).await.map_err(io)?;
+            let g: Option<String> = c.hget(self.keys.gens(&host), id).await.map_err(io)?;
             let s: Option<String> = c.hget(self.keys.state(&host), id).await.map_err(io)?;
-            let (Some(a), Some(s)) = (
-                a.and_then(|a| serde_json::from_str::<Assignment>(&a).ok()),
+            let (Some(g), Some(s)) = (
+                g,
                 s.and_then(|s| serde_json::from_str::<HostedState>(&s).ok()),
             ) else {
                 return Ok(false);
             };
-            if a.gen_id != s.gen_id || !matches!(s.phase, Phase::Running | Phase::Idle) {
+            if g != s.gen_id || !matches!(s.phase, Phase::Running | Phase::Idle) {
                 return Ok(false);
             }
         }
-        Ok(true)
+        let routes = self.routes.load_all().await.map_err(io)?;
+        Ok(!routes.iter().any(|(_, r)| {
+            r.route
+                .as_ref()
+                .is_some_and(|r| r.upstreams.iter().any(|a| mine.contains(a)))
+        }))
     }
 }
 

@@ -60,6 +60,15 @@ impl HostKeys {
     pub fn assign(&self, host: &str) -> String {
         format!("{}:assign:{host}", self.p)
     }
+    /// Hash: deployment id → the generation of its placement on the host (what a host's
+    /// reconcile and control's checks read; the spec stays in `assign`).
+    pub fn gens(&self, host: &str) -> String {
+        format!("{}:gens:{host}", self.p)
+    }
+    /// String with a TTL: the host gave its lease up to hand over (a SIGTERM), not lost.
+    pub fn leaving(&self, host: &str) -> String {
+        format!("{}:leaving:{host}", self.p)
+    }
     /// Hash: deployment id → [`HostedState`] (what the host runs).
     pub fn state(&self, host: &str) -> String {
         format!("{}:state:{host}", self.p)

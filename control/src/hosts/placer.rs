@@ -36,43 +36,62 @@ impl Default for HostsRuntimeConfig {
     }
 }
 
-/// Places `ARGV[1]` (deployment) on `KEYS[1]`'s host `ARGV[2]` with assignment `ARGV[3]`,
-/// recording it in `placed` (KEYS[2]) and `project-host` (KEYS[3], field ARGV[4]); takes it off
-/// the host it was on before, if another.
+/// Places deployment `ARGV[1]` on host `ARGV[2]` (assignment `ARGV[3]`, generation `ARGV[6]`),
+/// recording it in `placed` (KEYS[1]) and `project-host` (KEYS[2], field ARGV[4]); takes it off
+/// the host it was on before, if another. `ARGV[5]`: the key base.
 const PLACE: &str = r#"
-local prev = redis.call('HGET', KEYS[2], ARGV[1])
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
 if prev and prev ~= ARGV[2] then
   redis.call('HDEL', ARGV[5] .. 'assign:' .. prev, ARGV[1])
+  redis.call('HDEL', ARGV[5] .. 'gens:' .. prev, ARGV[1])
   redis.call('PUBLISH', ARGV[5] .. 'nudge:' .. prev, '1')
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
+redis.call('HSET', ARGV[5] .. 'assign:' .. ARGV[2], ARGV[1], ARGV[3])
+redis.call('HSET', ARGV[5] .. 'gens:' .. ARGV[2], ARGV[1], ARGV[6])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[2])
 redis.call('PUBLISH', ARGV[5] .. 'nudge:' .. ARGV[2], '1')
 return 1
 "#;
 
-/// Takes deployment `ARGV[1]` off wherever it is placed (`placed`: KEYS[1]).
+/// Takes deployment `ARGV[1]` off wherever it is placed (`placed`: KEYS[1]); with `ARGV[3]`,
+/// only if its generation there is still that one.
 const UNPLACE: &str = r#"
 local h = redis.call('HGET', KEYS[1], ARGV[1])
 if not h then return 0 end
+if ARGV[3] and redis.call('HGET', ARGV[2] .. 'gens:' .. h, ARGV[1]) ~= ARGV[3] then return 0 end
 redis.call('HDEL', ARGV[2] .. 'assign:' .. h, ARGV[1])
+redis.call('HDEL', ARGV[2] .. 'gens:' .. h, ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('PUBLISH', ARGV[2] .. 'nudge:' .. h, '1')
 return 1
 "#;
 
-/// Moves deployment `ARGV[1]` from lost host `ARGV[2]` to `ARGV[3]` (new assignment `ARGV[4]`),
-/// only if it is still placed there with the assignment read (`ARGV[5]`): a deploy or a delete
-/// that changed it meanwhile wins.
+/// Moves deployment `ARGV[1]` from lost host `ARGV[2]` to `ARGV[3]` (new assignment `ARGV[4]`,
+/// generation `ARGV[7]`), only if it is still placed there under generation `ARGV[5]`: a
+/// deploy or a delete that changed it meanwhile wins.
 const MOVE: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-local from = ARGV[6] .. 'assign:' .. ARGV[2]
-if redis.call('HGET', from, ARGV[1]) ~= ARGV[5] then return 0 end
-redis.call('HDEL', from, ARGV[1])
+if redis.call('HGET', ARGV[6] .. 'gens:' .. ARGV[2], ARGV[1]) ~= ARGV[5] then return 0 end
+local spec = redis.call('HGET', ARGV[6] .. 'assign:' .. ARGV[2], ARGV[1])
+if not spec then return 0 end
+redis.call('HDEL', ARGV[6] .. 'assign:' .. ARGV[2], ARGV[1])
+redis.call('HDEL', ARGV[6] .. 'gens:' .. ARGV[2], ARGV[1])
 redis.call('HSET', ARGV[6] .. 'assign:' .. ARGV[3], ARGV[1], ARGV[4])
+redis.call('HSET', ARGV[6] .. 'gens:' .. ARGV[3], ARGV[1], ARGV[7])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PUBLISH', ARGV[6] .. 'nudge:' .. ARGV[3], '1')
+return 1
+"#;
+
+/// Forgets host `ARGV[1]` if its lease is gone and nothing is assigned to it (one step: a host
+/// that registers again meanwhile stays).
+const FORGET: &str = r#"
+if redis.call('EXISTS', ARGV[2] .. 'alive:' .. ARGV[1]) == 1 then return 0 end
+if redis.call('HLEN', ARGV[2] .. 'gens:' .. ARGV[1]) > 0 then return 0 end
+if redis.call('HLEN', ARGV[2] .. 'assign:' .. ARGV[1]) > 0 then return 0 end
+redis.call('DEL', ARGV[2] .. 'state:' .. ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#;
 
@@ -98,6 +117,9 @@ pub struct HostsRuntime {
     metrics: std::sync::OnceLock<PlacerMetrics>,
     /// Lost hosts already counted in `tollgate_runtime_host_losses_total`.
     counted_lost: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// This instance holds the rescheduling lease: it alone applies the hosts' events, so
+    /// instances never republish one deployment's route in turn.
+    leading: std::sync::atomic::AtomicBool,
 }
 
 fn io(e: impl std::fmt::Display) -> RuntimeError {
@@ -128,6 +150,7 @@ impl HostsRuntime {
                 events,
                 metrics: std::sync::OnceLock::new(),
                 counted_lost: Default::default(),
+                leading: Default::default(),
             }),
             rx,
         ))
@@ -186,24 +209,33 @@ impl HostsRuntime {
         Ok(out)
     }
 
-    /// Where `deployment` is placed now, with its assignment.
-    async fn placement(
-        &self,
-        deployment: &str,
-    ) -> Result<Option<(String, Assignment)>, RuntimeError> {
+    /// Where `deployment` is placed now, and the generation of that placement.
+    async fn placement(&self, deployment: &str) -> Result<Option<(String, String)>, RuntimeError> {
         let mut c = self.conn.clone();
         let Some(host): Option<String> =
             c.hget(self.keys.placed(), deployment).await.map_err(io)?
         else {
             return Ok(None);
         };
-        let json: Option<String> = c
-            .hget(self.keys.assign(&host), deployment)
+        let gen_id: Option<String> = c
+            .hget(self.keys.gens(&host), deployment)
             .await
             .map_err(io)?;
-        Ok(json
-            .and_then(|j| serde_json::from_str::<Assignment>(&j).ok())
-            .map(|a| (host, a)))
+        Ok(gen_id.map(|g| (host, g)))
+    }
+
+    /// The assignment itself (the spec: large).
+    async fn assignment(
+        &self,
+        host: &str,
+        deployment: &str,
+    ) -> Result<Option<Assignment>, RuntimeError> {
+        let mut c = self.conn.clone();
+        let json: Option<String> = c
+            .hget(self.keys.assign(host), deployment)
+            .await
+            .map_err(io)?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
     async fn hosted(
@@ -229,13 +261,13 @@ impl HostsRuntime {
         &self,
         deployment: &str,
     ) -> Result<Option<(String, HostedState)>, RuntimeError> {
-        let Some((host, a)) = self.placement(deployment).await? else {
+        let Some((host, gen_id)) = self.placement(deployment).await? else {
             return Ok(None);
         };
         Ok(self
             .hosted(&host, deployment)
             .await?
-            .filter(|s| s.gen_id == a.gen_id)
+            .filter(|s| s.gen_id == gen_id)
             .map(|s| (host, s)))
     }
 
@@ -312,7 +344,6 @@ impl HostsRuntime {
         })
         .map_err(io)?;
         let _: i64 = redis::Script::new(PLACE)
-            .key(self.keys.assign(&host))
             .key(self.keys.placed())
             .key(self.keys.project_host())
             .arg(&spec.deployment_id)
@@ -320,6 +351,7 @@ impl HostsRuntime {
             .arg(json)
             .arg(&spec.project_id)
             .arg(&self.base)
+            .arg(&gen_id)
             .invoke_async(&mut c)
             .await
             .map_err(io)?;
@@ -327,15 +359,16 @@ impl HostsRuntime {
         Ok((host, gen_id))
     }
 
-    async fn unplace(&self, deployment: &str) -> Result<(), RuntimeError> {
+    /// Takes `deployment` off its host; with `only_gen`, only that placement of it.
+    async fn unplace(&self, deployment: &str, only_gen: Option<&str>) -> Result<(), RuntimeError> {
         let mut c = self.conn.clone();
-        let _: i64 = redis::Script::new(UNPLACE)
-            .key(self.keys.placed())
-            .arg(deployment)
-            .arg(&self.base)
-            .invoke_async(&mut c)
-            .await
-            .map_err(io)?;
+        let script = redis::Script::new(UNPLACE);
+        let mut inv = script.key(self.keys.placed());
+        inv.arg(deployment).arg(&self.base);
+        if let Some(g) = only_gen {
+            inv.arg(g);
+        }
+        let _: i64 = inv.invoke_async(&mut c).await.map_err(io)?;
         // Its logs go with it (a host still draining it may add a few lines; they expire).
         let _: () = c.del(self.keys.logs(deployment)).await.map_err(io)?;
         Ok(())
@@ -354,22 +387,29 @@ impl HostsRuntime {
                         tracing::warn!("runtime host event that does not parse");
                         continue;
                     };
-                    // Only about the current placement: a host that lost its lease may still
-                    // report on what it ran.
-                    match self.placement(&ev.deployment).await {
-                        Ok(Some((host, a))) if host == ev.host && a.gen_id == ev.gen_id => {}
-                        _ => continue,
+                    // One instance applies them (the others would republish in turn).
+                    if !self.leading.load(std::sync::atomic::Ordering::Acquire) {
+                        continue;
                     }
-                    let ev = match (ev.addr, ev.failed) {
-                        (_, Some(reason)) => RuntimeEvent::Failed {
+                    // Only about the current placement (a host that lost its lease may still
+                    // report on what it ran), and with the address it has now, not the one in
+                    // the message (a later change may have overtaken it).
+                    let now = match self.current(&ev.deployment).await {
+                        Ok(Some((host, s))) if host == ev.host && s.gen_id == ev.gen_id => s,
+                        _ => continue,
+                    };
+                    let ev = match (now.phase, now.addr, ev.failed) {
+                        (Phase::Failed, _, reason) => RuntimeEvent::Failed {
                             deployment_id: ev.deployment,
-                            reason,
+                            reason: reason
+                                .or(now.failure)
+                                .unwrap_or_else(|| "failed on its runtime host".into()),
                         },
-                        (Some(addr), None) => RuntimeEvent::Upstream {
+                        (Phase::Running | Phase::Idle, Some(addr), _) => RuntimeEvent::Upstream {
                             deployment_id: ev.deployment,
                             addr,
                         },
-                        (None, None) => continue,
+                        _ => continue,
                     };
                     if self.events.send(ev).is_err() {
                         return Ok(());
@@ -387,8 +427,9 @@ impl HostsRuntime {
     }
 
     /// One rescheduling round, if this instance holds the lease: every deployment of a host
-    /// whose lease expired goes to a live host; once a lost host has none left, its records go.
-    pub async fn round(&self) -> Result<(), RuntimeError> {
+    /// whose lease expired goes to a live host (its route follows once it runs there, watched
+    /// outside the round); once a lost host has none left, its records go.
+    pub async fn round(self: &Arc<Self>) -> Result<(), RuntimeError> {
         let mut c = self.conn.clone();
         let lead: i64 = redis::Script::new(LEAD)
             .key(self.keys.rescheduler())
@@ -397,6 +438,8 @@ impl HostsRuntime {
             .invoke_async(&mut c)
             .await
             .map_err(io)?;
+        self.leading
+            .store(lead == 1, std::sync::atomic::Ordering::Release);
         if lead != 1 {
             if let Some(m) = self.metrics.get() {
                 m.hosts.set(0);
@@ -414,35 +457,44 @@ impl HostsRuntime {
                     .remove(&host);
                 continue;
             }
-            let assigned: std::collections::HashMap<String, String> =
-                c.hgetall(self.keys.assign(&host)).await.map_err(io)?;
-            if assigned.is_empty() {
-                let _: () = redis::pipe()
-                    .del(self.keys.state(&host))
-                    .hdel(self.keys.hosts(), &host)
-                    .query_async(&mut c)
+            let gens: std::collections::HashMap<String, String> =
+                c.hgetall(self.keys.gens(&host)).await.map_err(io)?;
+            if gens.is_empty() {
+                let forgot: i64 = redis::Script::new(FORGET)
+                    .key(self.keys.hosts())
+                    .arg(&host)
+                    .arg(&self.base)
+                    .invoke_async(&mut c)
                     .await
                     .map_err(io)?;
-                tracing::info!(host = %host, "runtime host gone; deregistered");
-                self.counted_lost
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&host);
+                if forgot == 1 {
+                    tracing::info!(host = %host, "runtime host gone; deregistered");
+                    self.counted_lost
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&host);
+                }
                 continue;
             }
+            let handing_over: bool = c.exists(self.keys.leaving(&host)).await.map_err(io)?;
             let first_seen = self
                 .counted_lost
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(host.clone());
-            if first_seen && let Some(m) = self.metrics.get() {
-                m.lost.inc();
+            if first_seen {
+                if handing_over {
+                    tracing::info!(host = %host, deployments = gens.len(), "runtime host stopping: moving its deployments");
+                } else {
+                    tracing::warn!(host = %host, deployments = gens.len(), "runtime host lost: moving its deployments");
+                    if let Some(m) = self.metrics.get() {
+                        m.lost.inc();
+                    }
+                }
             }
-            tracing::warn!(host = %host, deployments = assigned.len(), "runtime host lost: moving its deployments");
             let mut loads = self.live_hosts().await?;
-            let mut moved_to = Vec::new();
-            for (deployment, json) in assigned {
-                let Ok(a) = serde_json::from_str::<Assignment>(&json) else {
+            for (deployment, old_gen) in gens {
+                let Some(a) = self.assignment(&host, &deployment).await? else {
                     continue;
                 };
                 let Some(to) = place(&loads, None, &[host.as_str()]).map(str::to_owned) else {
@@ -464,8 +516,9 @@ impl HostsRuntime {
                     .arg(&host)
                     .arg(&to)
                     .arg(moved)
-                    .arg(&json)
+                    .arg(&old_gen)
                     .arg(&self.base)
+                    .arg(&gen_id)
                     .invoke_async(&mut c)
                     .await
                     .map_err(io)?;
@@ -476,31 +529,33 @@ impl HostsRuntime {
                     l.assigned += 1;
                 }
                 tracing::info!(deployment = %deployment, from = %host, to = %to, "deployment moved off a lost runtime host");
-                moved_to.push((deployment, to, gen_id));
+                // Its route follows once it runs there; watched apart, so a slow start never
+                // holds up the rounds (nor outlives the lease inside one).
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + this.cfg.start_timeout;
+                    match this.wait_running(&to, &deployment, &gen_id, deadline).await {
+                        Ok(HostedState {
+                            addr: Some(addr), ..
+                        }) => {
+                            if let Some(m) = this.metrics.get() {
+                                m.moves.with_label_values(&["running"]).inc();
+                            }
+                            let _ = this.events.send(RuntimeEvent::Upstream {
+                                deployment_id: deployment,
+                                addr,
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if let Some(m) = this.metrics.get() {
+                                m.moves.with_label_values(&["failed"]).inc();
+                            }
+                            tracing::error!(deployment = %deployment, host = %to, error = %e, "moved deployment did not start; the route repair retries it");
+                        }
+                    }
+                });
             }
-            // Each route follows once its deployment runs on its new host.
-            let deadline = Instant::now() + self.cfg.start_timeout;
-            let waits = moved_to.into_iter().map(|(deployment, to, gen_id)| async move {
-                match self.wait_running(&to, &deployment, &gen_id, deadline).await {
-                    Ok(HostedState { addr: Some(addr), .. }) => {
-                        if let Some(m) = self.metrics.get() {
-                            m.moves.with_label_values(&["running"]).inc();
-                        }
-                        let _ = self.events.send(RuntimeEvent::Upstream {
-                            deployment_id: deployment,
-                            addr,
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if let Some(m) = self.metrics.get() {
-                            m.moves.with_label_values(&["failed"]).inc();
-                        }
-                        tracing::error!(deployment = %deployment, host = %to, error = %e, "moved deployment did not start");
-                    }
-                }
-            });
-            futures_util::future::join_all(waits).await;
         }
         if let Some(m) = self.metrics.get() {
             m.hosts.set(live);
@@ -533,17 +588,20 @@ impl Runtime for HostsRuntime {
         let deadline = Instant::now() + self.cfg.start_timeout;
         // Placed already on a live host and not failed there: where it runs (recovery after a
         // control restart finds its deployments still serving).
-        let (host, gen_id) = match self.placement(&deployment).await? {
-            Some((host, a))
-                if self.alive(&host).await?
-                    && self
-                        .hosted(&host, &deployment)
-                        .await?
-                        .is_none_or(|s| s.gen_id != a.gen_id || s.phase != Phase::Failed) =>
-            {
-                (host, a.gen_id)
+        let existing = match self.placement(&deployment).await? {
+            Some((host, gen_id)) if self.alive(&host).await? => {
+                let failed = self
+                    .hosted(&host, &deployment)
+                    .await?
+                    .is_some_and(|s| s.gen_id == gen_id && s.phase == Phase::Failed);
+                (!failed).then_some((host, gen_id))
             }
-            _ => self.place_new(spec).await?,
+            _ => None,
+        };
+        let placed_now = existing.is_none();
+        let (host, gen_id) = match existing {
+            Some(p) => p,
+            None => self.place_new(spec).await?,
         };
         match self
             .wait_running(&host, &deployment, &gen_id, deadline)
@@ -556,8 +614,9 @@ impl Runtime for HostsRuntime {
                 limits: AppliedLimits::default(),
             }),
             Err(e) => {
-                // Nothing keeps a start that failed (as the in-process runtime).
-                if let Err(u) = self.unplace(&deployment).await {
+                // A start that failed keeps nothing (as the in-process runtime), but only the
+                // placement made here: one found running is left to its host.
+                if placed_now && let Err(u) = self.unplace(&deployment, Some(&gen_id)).await {
                     tracing::error!(deployment = %deployment, error = %u, "failed start not taken off its host");
                 }
                 Err(e)
@@ -567,17 +626,23 @@ impl Runtime for HostsRuntime {
 
     async fn stop(&self, deployment_id: &str, _drain: bool) -> Result<(), RuntimeError> {
         // A host always drains what it stops (routes have moved by then, or are gone).
-        self.unplace(deployment_id).await
+        self.unplace(deployment_id, None).await
     }
 
     async fn remove(&self, deployment_id: &str, _drain: bool) -> Result<(), RuntimeError> {
-        self.unplace(deployment_id).await
+        self.unplace(deployment_id, None).await
     }
 
     async fn status(&self, deployment_id: &str) -> Option<DeploymentStatus> {
-        let (host, a) = self.placement(deployment_id).await.ok()??;
-        let s = self.hosted(&host, deployment_id).await.ok()??;
-        (s.gen_id == a.gen_id).then(|| status_of(deployment_id, &a.spec.project_id, s))
+        let (host, s) = self.current(deployment_id).await.ok()??;
+        let project = self
+            .assignment(&host, deployment_id)
+            .await
+            .ok()
+            .flatten()
+            .map(|a| a.spec.project_id)
+            .unwrap_or_default();
+        Some(status_of(deployment_id, &project, s))
     }
 
     async fn idle_for(&self, deployment_id: &str) -> Option<Duration> {
@@ -585,6 +650,17 @@ impl Runtime for HostsRuntime {
         Some(Duration::from_millis(
             now_ms().saturating_sub(s.last_active_ms),
         ))
+    }
+
+    async fn placed(&self) -> Vec<String> {
+        let mut c = self.conn.clone();
+        match c.hkeys(self.keys.placed()).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "runtime hosts: placements not read");
+                Vec::new()
+            }
+        }
     }
 
     async fn logs(&self, deployment_id: &str, since: u64, limit: usize) -> Option<Vec<LogEntry>> {

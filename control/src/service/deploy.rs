@@ -251,7 +251,11 @@ impl Control {
             .go_live(&guard, project, dep, bundle.code, &env)
             .instrument(tracing::info_span!("control.go_live"))
             .await?;
-        if let Err(e) = self.store.put_env(&project_id, &env).await {
+        if let Err(e) = self
+            .store
+            .put_env_fenced(&project_id, &env, guard.fence())
+            .await
+        {
             // Live with the new env, but a restart would use the old one until the next deploy.
             tracing::error!(project = %project_id, error = %e, "env of a live deployment not saved");
         }
@@ -318,6 +322,17 @@ impl Control {
             self.save_project(guard, &project).await
         }
         .await;
+        let recorded = match recorded {
+            Err(e) if e.code == "PROJECT_BUSY" => {
+                // Another control instance took the project while this one stalled: the route
+                // and the record are its to write now (it republishes what the store says is
+                // live). This version is not live: stop it; the deploy fails (its charge comes
+                // back).
+                let _ = self.runtime.remove(&dep.id, false).await;
+                return Err(e);
+            }
+            other => other,
+        };
         if let Err(e) = recorded {
             // Point the route back at what the store says is live (the old version, still
             // running), or take it down for a first deploy.

@@ -90,6 +90,52 @@ impl Control {
         Ok(())
     }
 
+    /// Points every live deployment's route where it runs now, where it does not already:
+    /// repairs what a lost event or a move whose start outlived its wait left behind (runtime
+    /// hosts; run by one instance at a time). Returns how many routes it republished.
+    pub async fn repair_routes(&self) -> Result<usize, ControlError> {
+        let mut n = 0;
+        for project in self.store.all_projects().await? {
+            if project.status != ProjectStatus::Active {
+                continue;
+            }
+            let Some(live) = project.live_deployment.clone() else {
+                continue;
+            };
+            let Some(addr) = self
+                .runtime
+                .status(&live)
+                .await
+                .filter(|s| {
+                    matches!(
+                        s.phase,
+                        tollgate_runtime::Phase::Running | tollgate_runtime::Phase::Idle
+                    )
+                })
+                .and_then(|s| s.addr)
+            else {
+                continue;
+            };
+            let Ok(key) = RouteKey::slug(&project.slug) else {
+                continue;
+            };
+            let published = match self.routes.get(&key).await {
+                Ok(r) => r,
+                Err(_) => return Ok(n),
+            };
+            let right = published.as_ref().is_some_and(|r| {
+                r.upstreams == [addr] && r.deployment_id.as_deref() == Some(live.as_str())
+            });
+            if right {
+                continue;
+            }
+            tracing::warn!(project = %project.id, deployment = %live, %addr, "route did not point where the live deployment runs; republished");
+            self.republish_locked(&live, addr).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// After a restart of the control service (its workerd processes died with it): starts every
     /// active project's live deployment again from its stored bundle and republishes its route.
     /// Returns how many came back.

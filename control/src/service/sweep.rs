@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::error::ControlError;
-use crate::model::{Project, ProjectStatus, now_ms};
+use crate::model::{DeployStatus, Project, ProjectStatus, now_ms};
 
 /// The cleanup job.
 impl Control {
@@ -48,6 +48,61 @@ impl Control {
         }
         self.sweep_databases(now).await?;
         Ok(expired)
+    }
+
+    /// Takes off their hosts the deployments placed on runtime hosts that nothing serves and no
+    /// change of their project is bringing live: a control process that died in the middle of a
+    /// deploy, or a superseded version whose removal never ran. Their processes would run, and
+    /// be charged, with no route to them. Each is checked under its project's lease, so a
+    /// deploy under way is never touched. Returns how many went.
+    pub async fn collect_orphans(&self) -> Result<usize, ControlError> {
+        let mut n = 0;
+        for id in self.runtime.placed().await {
+            let dep = self.store.deployment(&id).await?;
+            let project_id = match &dep {
+                Some(d) => d.project_id.clone(),
+                None => {
+                    // No record at all: nothing can ever serve it.
+                    let _ = self.runtime.remove(&id, true).await;
+                    n += 1;
+                    continue;
+                }
+            };
+            let serves = |p: Option<Project>| {
+                p.is_some_and(|p| {
+                    p.status == ProjectStatus::Active
+                        && p.live_deployment.as_deref() == Some(id.as_str())
+                })
+            };
+            // The common case, without the lease: it serves.
+            if serves(self.store.project(&project_id).await?) {
+                continue;
+            }
+            let guard = match self.lock_project(&project_id, Duration::from_secs(1)).await {
+                Ok(g) => g,
+                // A change of the project is under way: look again next time.
+                Err(_) => continue,
+            };
+            // Again under the lease: a deploy may have made it live meanwhile.
+            if serves(self.store.project(&project_id).await?) {
+                continue;
+            }
+            if let Err(e) = self.runtime.remove(&id, true).await {
+                tracing::warn!(deployment = %id, error = %e, "orphaned deployment not removed");
+                continue;
+            }
+            if let Some(mut d) = dep
+                && d.status == DeployStatus::Building
+            {
+                d.status = DeployStatus::Failed;
+                d.reason = Some("the control service stopped in the middle of this deploy".into());
+                self.store.put_deployment(&d).await?;
+            }
+            drop(guard);
+            tracing::warn!(deployment = %id, project = %project_id, "orphaned deployment taken off its runtime host");
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Deletes the databases of projects gone for longer than the slug grace: deleted ones
