@@ -380,6 +380,19 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     });
     assert_eq!(before, after, "a deployment was restarted by recovery");
 
+    // A route that lost track of its deployment (a lost event): the repair puts it back.
+    rt.block_on(async {
+        let routes = RouteStore::connect(&url, "tollgate").await.unwrap();
+        let key = tollgate_routes::RouteKey::slug("svc-2").unwrap();
+        let mut wrong = routes.get(&key).await.unwrap().unwrap();
+        wrong.upstreams = vec![free_addr()];
+        routes.put(&key, &wrong).await.unwrap();
+    });
+    assert_eq!(answers("svc-2").0, 502);
+    assert_eq!(rt.block_on(control.repair_routes()).unwrap(), 1);
+    assert_eq!(answers("svc-2"), (200, "hello from svc-2".into()));
+    assert_eq!(rt.block_on(control.repair_routes()).unwrap(), 0);
+
     // 3. A host stopped with SIGTERM under load: it hands over, no request fails.
     let svc1 = &projects[1].1;
     let svc1_host = placed(&redis)[&svc1.deployment_id].clone();

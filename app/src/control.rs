@@ -204,7 +204,9 @@ pub async fn control_service(
     if on_hosts {
         let (repairer, leader, mut stop) = (control.clone(), agents.leader.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            // Every live project costs a few Redis reads per round (docs/scale-out.md, "How
+            // far it scales").
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

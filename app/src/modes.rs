@@ -377,9 +377,15 @@ pub fn run_runtime(settings: Settings) -> anyhow::Result<()> {
         .context("a runtime host takes its deployments from Redis: configure [redis] url (or TOLLGATE_REDIS_URL)")?;
     // Routes point proxies at this address: a loopback one would send every proxy to its own
     // machine (to whatever listens there) as soon as they run elsewhere.
-    let redis_local = redis.url.contains("127.0.0.1")
-        || redis.url.contains("localhost")
-        || redis.url.contains("[::1]");
+    let redis_local = match redis_host(&redis.url) {
+        Some(h) => {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        // A Unix socket: this machine.
+        None => redis.url.starts_with("unix:") || redis.url.starts_with("redis+unix:"),
+    };
     anyhow::ensure!(
         !cfg.control.runtime_ip.is_loopback() || redis_local,
         "control.runtime_ip is {} (loopback) but Redis is elsewhere: set control.runtime_ip (or TOLLGATE_CONTROL_RUNTIME_IP) to this host's private address, which the proxies reach (docs/scale-out.md)",
@@ -411,6 +417,19 @@ pub fn run_runtime(settings: Settings) -> anyhow::Result<()> {
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// The host part of a `redis://` or `rediss://` URL (no user, port, path or brackets).
+fn redis_host(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))?;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next();
+    }
+    authority.split(':').next().filter(|h| !h.is_empty())
 }
 
 /// 80 % of the machine's memory (`/proc/meminfo`), or 4 GiB when unreadable.
@@ -724,5 +743,21 @@ fn print_banner(
     );
     for r in &cfg.routes {
         println!("  route     http://{}:{port}/ -> {:?}", r.host, r.upstreams);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_redis_host_is_read_whole() {
+        use super::redis_host;
+        assert_eq!(redis_host("redis://127.0.0.1:6379/0"), Some("127.0.0.1"));
+        assert_eq!(
+            redis_host("redis://:pw@localhost-cache.internal:6379"),
+            Some("localhost-cache.internal")
+        );
+        assert_eq!(redis_host("rediss://user:p@ss@[::1]:6380/"), Some("::1"));
+        assert_eq!(redis_host("redis://10.0.0.5"), Some("10.0.0.5"));
+        assert_eq!(redis_host("unix:///tmp/redis.sock"), None);
     }
 }

@@ -45,19 +45,173 @@ redis.call('SET', KEYS[2], '1', 'PX', 120000)
 return redis.call('DEL', KEYS[1])
 "#;
 
-/// Takes the lease `KEYS[1]` for token `ARGV[1]` (`ARGV[2]` ms) only if nobody holds it, and
-/// then registers the host (`KEYS[2]`, field `ARGV[3]`: `ARGV[4]`) and clears its leaving mark.
+/// Takes the lease `KEYS[1]` for token `ARGV[1]` (`ARGV[2]` ms) only if nobody holds it (or
+/// only this host's previous token `ARGV[5]`, after a short loss of Redis), then registers the
+/// host (`KEYS[2]`, field `ARGV[3]`: `ARGV[4]`), clears its leaving mark (`KEYS[3]`) and the
+/// states a predecessor left (`KEYS[4]`: their addresses are dead).
 const TAKE: &str = r#"
+if ARGV[5] and redis.call('GET', KEYS[1]) == ARGV[5] then redis.call('DEL', KEYS[1]) end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[4])
 return 1
 "#;
+
+/// The lease as the agent loop sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Lease {
+    /// Not taken yet (held by a predecessor, or Redis away).
+    Waiting,
+    Held(String),
+    /// Lost: every process was stopped; taken again when free.
+    Lost,
+}
+
+/// Keeps the lease, on a task and a connection of its own: nothing the agent loop waits for can
+/// delay a renewal, nor the stop of every process once the lease can no longer be vouched for.
+struct Keeper {
+    beat: ConnectionManager,
+    keys: HostKeys,
+    cfg: HostAgentConfig,
+    sup: Supervisor,
+    tx: watch::Sender<Lease>,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: Option<HostMetrics>,
+}
+
+impl Keeper {
+    fn id(&self) -> &str {
+        &self.cfg.info.id
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Release);
+        if let Some(m) = &self.metrics {
+            m.lease.set(i64::from(ready));
+        }
+    }
+
+    async fn take(&self, token: &str, old: Option<&str>) -> Result<bool, String> {
+        let info = serde_json::to_string(&self.cfg.info).map_err(io)?;
+        let mut c = self.beat.clone();
+        let script = redis::Script::new(TAKE);
+        let mut inv = script.key(self.keys.alive(self.id()));
+        inv.key(self.keys.hosts())
+            .key(self.keys.leaving(self.id()))
+            .key(self.keys.state(self.id()))
+            .arg(token)
+            .arg(self.cfg.lease.as_millis() as u64)
+            .arg(self.id())
+            .arg(info);
+        if let Some(o) = old {
+            inv.arg(o);
+        }
+        let took: i64 = inv.invoke_async(&mut c).await.map_err(io)?;
+        Ok(took == 1)
+    }
+
+    async fn renew(&self, token: &str) -> Result<bool, String> {
+        let mut c = self.beat.clone();
+        let n: i64 = redis::Script::new(RENEW)
+            .key(self.keys.alive(self.id()))
+            .arg(token)
+            .arg(self.cfg.lease.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await
+            .map_err(io)?;
+        Ok(n == 1)
+    }
+
+    /// Stops every process of this host, at once.
+    async fn lost(&self, why: &str) {
+        tracing::error!(host = %self.id(), why, "runtime host lease lost; stopping its deployments and registering again");
+        self.set_ready(false);
+        if let Some(m) = &self.metrics {
+            m.lease_losses.inc();
+        }
+        self.tx.send_replace(Lease::Lost);
+        let ids: Vec<String> = self
+            .sup
+            .list()
+            .into_iter()
+            .map(|d| d.deployment_id)
+            .collect();
+        let stops = ids.iter().map(|id| self.sup.remove(id, false));
+        futures_util::future::join_all(stops).await;
+    }
+
+    /// Until `stop` (then the agent hands over with the token it holds).
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut old: Option<String> = None;
+        let mut waited = false;
+        loop {
+            // Take it (when free).
+            let token = new_id("h");
+            let mut last;
+            loop {
+                let asked = Instant::now();
+                match self.take(&token, old.as_deref()).await {
+                    Ok(true) => {
+                        last = asked;
+                        break;
+                    }
+                    Ok(false) if !waited => {
+                        waited = true;
+                        tracing::warn!(host = %self.id(), "the lease of this host id is held (a predecessor, or another process with the same host.id); waiting for it to run out");
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "runtime host: cannot register yet"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(self.cfg.lease / 4) => {}
+                    _ = super::stopped(&mut stop) => return,
+                }
+            }
+            waited = false;
+            tracing::info!(host = %self.id(), slots = self.cfg.info.slots(), "runtime host registered");
+            self.set_ready(true);
+            self.tx.send_replace(Lease::Held(token.clone()));
+            // Keep it.
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.cfg.lease / 4) => {}
+                    _ = super::stopped(&mut stop) => return,
+                }
+                let asked = Instant::now();
+                match self.renew(&token).await {
+                    Ok(true) => last = asked,
+                    Ok(false) => {
+                        // Taken for lost (a pause or a partition longer than the lease):
+                        // control has moved, or is moving, everything.
+                        self.lost("its lease was taken").await;
+                        old = None;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "runtime host: lease not renewed");
+                        // Cut off from Redis: by the time the lease runs out there, control
+                        // moves everything; stop first, so no deployment runs (and is charged)
+                        // twice.
+                        if last.elapsed() + self.cfg.lease / 3 >= self.cfg.lease {
+                            self.lost("it could not renew its lease in time").await;
+                            // Back in touch before it ran out there: take it again at once.
+                            old = Some(token.clone());
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// One deployment this host runs (or is starting, or stopping).
 struct Local {
     /// Empty once the lease was lost: whatever it is doing, it is stopped when done.
     gen_id: String,
+    project: String,
     /// A start or a stop is under way: the next one waits for it.
     busy: bool,
     /// Its start finished (well or not).
@@ -73,21 +227,17 @@ enum Done {
 
 pub struct HostAgent {
     conn: ConnectionManager,
-    /// The lease's own connection: a heartbeat never queues behind a large reply.
-    beat: ConnectionManager,
+    /// The lease's keeper, until `run` starts it.
+    keeper: Option<Keeper>,
+    lease: watch::Receiver<Lease>,
     /// Where control publishes routes: a hand-over waits until none points here any more.
     routes: tollgate_routes::RouteStore,
-    /// Holds its lease now.
-    registered: bool,
-    /// When the last renewal that succeeded was asked for.
-    last_renewed: Option<Instant>,
     client: redis::Client,
     keys: HostKeys,
     cfg: HostAgentConfig,
     sup: Supervisor,
     local: HashMap<String, Local>,
     work: JoinSet<Done>,
-    token: String,
     /// Deployments whose state record changed since the last write.
     dirty: HashSet<String>,
     /// Holds its lease (its `/readyz`).
@@ -125,90 +275,55 @@ impl HostAgent {
         let routes = tollgate_routes::RouteStore::connect(url, prefix)
             .await
             .map_err(io)?;
+        let (tx, lease) = watch::channel(Lease::Waiting);
+        let ready: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let keeper = Keeper {
+            beat,
+            keys: HostKeys::new(prefix),
+            cfg: cfg.clone(),
+            sup: sup.clone(),
+            tx,
+            ready: ready.clone(),
+            metrics: None,
+        };
         Ok(HostAgent {
             conn,
-            beat,
+            keeper: Some(keeper),
+            lease,
             routes,
-            registered: false,
-            last_renewed: None,
             client,
             keys: HostKeys::new(prefix),
             cfg,
             sup,
             local: HashMap::new(),
             work: JoinSet::new(),
-            token: String::new(),
             dirty: HashSet::new(),
-            ready: Default::default(),
+            ready,
             metrics: None,
         })
     }
 
     /// Exports the host's lease and assignment metrics on `registry`.
     pub fn register_metrics(&mut self, registry: &prometheus::Registry) -> prometheus::Result<()> {
-        self.metrics = Some(HostMetrics::register(registry)?);
+        let m = HostMetrics::register(registry)?;
+        if let Some(k) = &mut self.keeper {
+            k.metrics = Some(m.clone());
+        }
+        self.metrics = Some(m);
         Ok(())
     }
 
-    /// True while the host holds its lease: placed deployments can run here.
-    pub fn ready_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-        self.ready.clone()
-    }
-
-    fn set_ready(&self, ready: bool) {
-        self.ready
-            .store(ready, std::sync::atomic::Ordering::Release);
-        if let Some(m) = &self.metrics {
-            m.lease.set(i64::from(ready));
-        }
+    fn held(&self) -> bool {
+        matches!(*self.lease.borrow(), Lease::Held(_))
     }
 
     fn id(&self) -> &str {
         &self.cfg.info.id
     }
 
-    /// Takes the lease if nobody holds it, and registers the host's capacity. `Ok(false)`:
-    /// held, by a predecessor whose lease has not run out yet or by another process configured
-    /// with the same `host.id`; waited out (the deployments of a host that was lost move to
-    /// others meanwhile).
-    async fn register(&mut self) -> Result<bool, String> {
-        let token = new_id("h");
-        let info = serde_json::to_string(&self.cfg.info).map_err(io)?;
-        let asked = Instant::now();
-        let mut c = self.beat.clone();
-        let took: i64 = redis::Script::new(TAKE)
-            .key(self.keys.alive(self.id()))
-            .key(self.keys.hosts())
-            .key(self.keys.leaving(self.id()))
-            .arg(&token)
-            .arg(self.cfg.lease.as_millis() as u64)
-            .arg(self.id())
-            .arg(info)
-            .invoke_async(&mut c)
-            .await
-            .map_err(io)?;
-        if took != 1 {
-            return Ok(false);
-        }
-        self.token = token;
-        self.registered = true;
-        self.last_renewed = Some(asked);
-        tracing::info!(host = %self.id(), slots = self.cfg.info.slots(), "runtime host registered");
-        self.set_ready(true);
-        Ok(true)
-    }
-
-    /// Whether the lease is still this host's (renewed).
-    async fn renew(&self) -> Result<bool, String> {
-        let mut c = self.beat.clone();
-        let n: i64 = redis::Script::new(RENEW)
-            .key(self.keys.alive(self.id()))
-            .arg(&self.token)
-            .arg(self.cfg.lease.as_millis() as u64)
-            .invoke_async(&mut c)
-            .await
-            .map_err(io)?;
-        Ok(n == 1)
+    /// True while the host holds its lease: placed deployments can run here.
+    pub fn ready_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.ready.clone()
     }
 
     /// Runs until `stop`; then hands the deployments over (see [`HostAgent::handover`]).
@@ -217,23 +332,11 @@ impl HostAgent {
         mut events: mpsc::UnboundedReceiver<RuntimeEvent>,
         mut stop: watch::Receiver<bool>,
     ) {
-        // Until the lease is ours (or the process stops).
-        let mut waited = false;
-        loop {
-            match self.register().await {
-                Ok(true) => break,
-                Ok(false) if !waited => {
-                    waited = true;
-                    tracing::warn!(host = %self.id(), "the lease of this host id is held (a predecessor, or another process with the same host.id); waiting for it to run out");
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "runtime host: cannot register yet"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(self.cfg.lease / 4) => {}
-                _ = super::stopped(&mut stop) => return,
-            }
-        }
+        let Some(keeper) = self.keeper.take() else {
+            return;
+        };
+        let (keeper_stop_tx, keeper_stop) = watch::channel(false);
+        let keeper = tokio::spawn(keeper.run(keeper_stop));
         let nudged = std::sync::Arc::new(tokio::sync::Notify::new());
         let listener = tokio::spawn(listen(
             self.client.clone(),
@@ -247,6 +350,17 @@ impl HostAgent {
         loop {
             tokio::select! {
                 _ = super::stopped(&mut stop) => break,
+                changed = self.lease.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = self.lease.borrow_and_update().clone();
+                    match now {
+                        Lease::Held(_) => self.reconcile().await,
+                        Lease::Lost => self.forget_all().await,
+                        Lease::Waiting => {}
+                    }
+                }
                 _ = beat.tick() => self.heartbeat().await,
                 _ = sweep.tick() => self.reconcile().await,
                 _ = nudged.notified() => self.reconcile().await,
@@ -261,57 +375,25 @@ impl HostAgent {
             }
         }
         listener.abort();
+        // The keeper stops renewing first: the hand-over gives the lease up itself.
+        keeper_stop_tx.send_replace(true);
+        let _ = keeper.await;
         self.handover().await;
     }
 
+    /// Every state now and then (idle times, CPU), not only the ones that changed.
     async fn heartbeat(&mut self) {
-        if !self.registered {
-            match self.register().await {
-                Ok(true) => self.reconcile().await,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "runtime host: cannot register again yet"),
-            }
+        if !self.held() {
             return;
         }
-        let asked = Instant::now();
-        match self.renew().await {
-            Ok(true) => self.last_renewed = Some(asked),
-            Ok(false) => {
-                // Taken for lost (a pause or a partition longer than the lease): control has
-                // moved, or is moving, everything.
-                self.evict("its lease was taken").await;
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "runtime host: lease not renewed");
-                // Cut off from Redis: by the time the lease runs out there, control moves
-                // everything; stop first, so no deployment runs (and is charged) twice.
-                let margin = self.cfg.lease / 3;
-                if self
-                    .last_renewed
-                    .is_none_or(|t| t.elapsed() + margin >= self.cfg.lease)
-                {
-                    self.evict("it could not renew its lease in time").await;
-                }
-                return;
-            }
-        }
-        // Every state now and then (idle times, CPU), not only the ones that changed.
         let ids: Vec<String> = self.local.keys().cloned().collect();
         self.dirty.extend(ids);
         self.write_states().await;
     }
 
-    /// Stops everything this host runs (a lost lease: what it ran belongs to other hosts now)
-    /// and registers again once the lease is free.
-    async fn evict(&mut self, why: &str) {
-        tracing::error!(host = %self.id(), why, "runtime host lease lost; stopping its deployments and registering again");
-        self.set_ready(false);
-        self.registered = false;
-        if let Some(m) = &self.metrics {
-            m.lease_losses.inc();
-        }
-        // One still starting or stopping is stopped when that is done.
+    /// The lease was lost and the keeper stopped every process: what ran here belongs to
+    /// other hosts now. One still starting or stopping is stopped when that is done.
+    async fn forget_all(&mut self) {
         let idle: Vec<String> = self
             .local
             .iter_mut()
@@ -320,23 +402,19 @@ impl HostAgent {
                 (!l.busy).then(|| id.clone())
             })
             .collect();
+        // Started after the keeper looked: stopped here.
         let stops = idle.iter().map(|id| self.sup.remove(id, false));
         futures_util::future::join_all(stops).await;
         for id in idle {
             self.local.remove(&id);
         }
         self.dirty.clear();
-        let _ = self
-            .conn
-            .clone()
-            .del::<_, ()>(self.keys.state(self.id()))
-            .await;
     }
 
     /// Brings what runs here in line with the assignments: the generations are read every
     /// time (small), a spec only when its deployment is new here.
     async fn reconcile(&mut self) {
-        if !self.registered {
+        if !self.held() {
             return;
         }
         let mut c = self.conn.clone();
@@ -387,6 +465,7 @@ impl HostAgent {
                 id.clone(),
                 Local {
                     gen_id: a.gen_id.clone(),
+                    project: a.spec.project_id.clone(),
                     busy: true,
                     started: None,
                     next_log: 0,
@@ -416,15 +495,17 @@ impl HostAgent {
                         // Control learns of every start here, the first one included: a host
                         // that started its deployments again (a restart, a lost lease) has
                         // them on new ports, and their routes must follow.
-                        let news = match &r {
-                            Ok(started) => (Some(started.addr), None),
-                            Err(e) => (None, Some(e.to_string())),
-                        };
+                        // A start that failed is only recorded (the deploy waiting for it reads
+                        // the state; a move's watcher and the route repair too): a failure event
+                        // means "gave up after crashes".
+                        let addr = r.as_ref().ok().map(|started| started.addr);
                         l.busy = false;
                         l.started = Some(r);
                         self.dirty.insert(id.clone());
                         self.write_states().await;
-                        self.publish(&id, &gen_id, news.0, news.1).await;
+                        if addr.is_some() {
+                            self.publish(&id, &gen_id, addr, None).await;
+                        }
                         return;
                     }
                     // The lease was lost meanwhile: not ours to run any more.
@@ -472,6 +553,7 @@ impl HostAgent {
         };
         HostedState {
             gen_id: l.gen_id.clone(),
+            project_id: l.project.clone(),
             phase,
             addr: status.as_ref().and_then(|s| s.addr),
             pid: status.as_ref().and_then(|s| s.pid),
@@ -593,13 +675,18 @@ impl HostAgent {
     /// until each runs elsewhere and no route points here (or `handover` passes), then stop
     /// them, drained.
     async fn handover(mut self) {
-        self.set_ready(false);
-        let mut c = self.beat.clone();
-        if self.registered {
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Release);
+        if let Some(m) = &self.metrics {
+            m.lease.set(0);
+        }
+        let mut c = self.conn.clone();
+        let held = self.lease.borrow().clone();
+        if let Lease::Held(token) = held {
             let resigned = redis::Script::new(RESIGN)
                 .key(self.keys.alive(self.id()))
                 .key(self.keys.leaving(self.id()))
-                .arg(&self.token)
+                .arg(&token)
                 .invoke_async::<i64>(&mut c)
                 .await;
             if let Err(e) = resigned {
@@ -617,12 +704,10 @@ impl HostAgent {
             match self.handed_over(&ids, &mine).await {
                 Ok(true) => break,
                 Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "runtime host: hand-over not observed");
-                    break;
-                }
+                // Asked again until the deadline: stopping early would drop requests.
+                Err(e) => tracing::warn!(error = %e, "runtime host: hand-over not observed yet"),
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.publish_logs().await;
         // Drained: the routes have moved, requests in flight finish.

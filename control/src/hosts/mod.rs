@@ -140,6 +140,9 @@ pub struct Assignment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostedState {
     pub gen_id: String,
+    /// The deployment's project (so a status needs no spec read).
+    #[serde(default)]
+    pub project_id: String,
     pub phase: Phase,
     pub addr: Option<SocketAddr>,
     pub pid: Option<u32>,

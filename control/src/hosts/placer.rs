@@ -271,17 +271,20 @@ impl HostsRuntime {
             .map(|s| (host, s)))
     }
 
-    /// Waits until `host` runs `deployment` under `gen_id`.
+    /// Waits until `deployment` runs under `gen_id` on `host`, polling every `poll`. When that
+    /// host goes (lost, or handing over), it follows the placement to where it was moved.
     async fn wait_running(
         &self,
         host: &str,
         deployment: &str,
         gen_id: &str,
         deadline: Instant,
+        poll: Duration,
     ) -> Result<HostedState, RuntimeError> {
+        let (mut host, mut gen_id) = (host.to_owned(), gen_id.to_owned());
         let mut checked_alive = Instant::now();
         loop {
-            if let Some(s) = self.hosted(host, deployment).await?
+            if let Some(s) = self.hosted(&host, deployment).await?
                 && s.gen_id == gen_id
             {
                 match (s.phase, s.addr) {
@@ -303,13 +306,21 @@ impl HostsRuntime {
             }
             if checked_alive.elapsed() >= Duration::from_millis(500) {
                 checked_alive = Instant::now();
-                if !self.alive(host).await? {
-                    return Err(RuntimeError::StartFailed(format!(
-                        "runtime host {host} was lost while starting it"
-                    )));
+                if !self.alive(&host).await? {
+                    match self.placement(deployment).await? {
+                        Some((h, g)) if h != host => (host, gen_id) = (h, g),
+                        _ => {
+                            // Not moved yet: the rescheduler moves it within a round.
+                        }
+                    }
+                    if self.placement(deployment).await?.is_none() {
+                        return Err(RuntimeError::StartFailed(format!(
+                            "runtime host {host} was lost while starting it"
+                        )));
+                    }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(poll).await;
         }
     }
 
@@ -368,9 +379,13 @@ impl HostsRuntime {
         if let Some(g) = only_gen {
             inv.arg(g);
         }
-        let _: i64 = inv.invoke_async(&mut c).await.map_err(io)?;
-        // Its logs go with it (a host still draining it may add a few lines; they expire).
-        let _: () = c.del(self.keys.logs(deployment)).await.map_err(io)?;
+        let removed: i64 = inv.invoke_async(&mut c).await.map_err(io)?;
+        if removed == 1 {
+            // Its logs go with it (a host still draining it may add a few lines; they expire).
+            if let Err(e) = c.del::<_, ()>(self.keys.logs(deployment)).await {
+                tracing::warn!(deployment, error = %e, "logs of a removed deployment not deleted; they expire");
+            }
+        }
         Ok(())
     }
 
@@ -494,15 +509,17 @@ impl HostsRuntime {
             }
             let mut loads = self.live_hosts().await?;
             for (deployment, old_gen) in gens {
-                let Some(a) = self.assignment(&host, &deployment).await? else {
-                    continue;
-                };
                 let Some(to) = place(&loads, None, &[host.as_str()]).map(str::to_owned) else {
                     if let Some(m) = self.metrics.get() {
                         m.moves.with_label_values(&["no_room"]).inc();
                     }
-                    tracing::error!(host = %host, deployment = %deployment, "no runtime host has room for a lost host's deployment; retrying next round");
+                    if first_seen {
+                        tracing::error!(host = %host, deployment = %deployment, "no runtime host has room for a lost host's deployments; retrying every round");
+                    }
                     break;
+                };
+                let Some(a) = self.assignment(&host, &deployment).await? else {
+                    continue;
                 };
                 let gen_id = new_id("g");
                 let moved = serde_json::to_string(&Assignment {
@@ -534,7 +551,17 @@ impl HostsRuntime {
                 let this = self.clone();
                 tokio::spawn(async move {
                     let deadline = Instant::now() + this.cfg.start_timeout;
-                    match this.wait_running(&to, &deployment, &gen_id, deadline).await {
+                    // One watcher per moved deployment: a slow poll, hundreds may run at once.
+                    match this
+                        .wait_running(
+                            &to,
+                            &deployment,
+                            &gen_id,
+                            deadline,
+                            Duration::from_millis(250),
+                        )
+                        .await
+                    {
                         Ok(HostedState {
                             addr: Some(addr), ..
                         }) => {
@@ -604,7 +631,13 @@ impl Runtime for HostsRuntime {
             None => self.place_new(spec).await?,
         };
         match self
-            .wait_running(&host, &deployment, &gen_id, deadline)
+            .wait_running(
+                &host,
+                &deployment,
+                &gen_id,
+                deadline,
+                Duration::from_millis(10),
+            )
             .await
         {
             Ok(s) => Ok(Started {
@@ -634,14 +667,8 @@ impl Runtime for HostsRuntime {
     }
 
     async fn status(&self, deployment_id: &str) -> Option<DeploymentStatus> {
-        let (host, s) = self.current(deployment_id).await.ok()??;
-        let project = self
-            .assignment(&host, deployment_id)
-            .await
-            .ok()
-            .flatten()
-            .map(|a| a.spec.project_id)
-            .unwrap_or_default();
+        let (_, s) = self.current(deployment_id).await.ok()??;
+        let project = s.project_id.clone();
         Some(status_of(deployment_id, &project, s))
     }
 

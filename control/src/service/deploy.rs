@@ -329,6 +329,7 @@ impl Control {
                 // live). This version is not live: stop it; the deploy fails (its charge comes
                 // back).
                 let _ = self.runtime.remove(&dep.id, false).await;
+                self.fail(&mut dep, &e).await;
                 return Err(e);
             }
             other => other,

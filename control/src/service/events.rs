@@ -33,6 +33,8 @@ impl Control {
     }
 
     /// [`Control::republish`] under the project's lock, so it cannot interleave with a deploy.
+    /// Waited for briefly: events are applied one after the other, and one project's long deploy
+    /// must not hold up every other route (runtime hosts: the route repair comes back to it).
     pub(crate) async fn republish_locked(
         &self,
         deployment_id: &str,
@@ -41,7 +43,16 @@ impl Control {
         let Some(dep) = self.store.deployment(deployment_id).await? else {
             return Ok(());
         };
-        let guard = self.lock_project(&dep.project_id, START_LOCK_WAIT).await?;
+        let guard = match self.lock_project(&dep.project_id, EVENT_LOCK_WAIT).await {
+            Ok(g) => g,
+            Err(e) if e.code == "PROJECT_BUSY" => {
+                // The change under way publishes its own route; a restart of the live version
+                // meanwhile is applied by it or by the next route repair.
+                tracing::info!(deployment = %deployment_id, "route not republished now: its project is busy");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         self.republish(&guard, deployment_id, addr).await
     }
 
@@ -62,6 +73,20 @@ impl Control {
         {
             return Ok(()); // an old version being drained, or a project not serving
         }
+        // Where it runs now, read under the lease: `addr` may have been overtaken by a later
+        // restart while this waited.
+        let addr = self
+            .runtime
+            .status(deployment_id)
+            .await
+            .filter(|s| {
+                matches!(
+                    s.phase,
+                    tollgate_runtime::Phase::Running | tollgate_runtime::Phase::Idle
+                )
+            })
+            .and_then(|s| s.addr)
+            .unwrap_or(addr);
         let key = RouteKey::slug(&project.slug)
             .map_err(|e| ControlError::internal(format!("stored slug is invalid: {e}")))?;
         self.put_route(
@@ -90,50 +115,90 @@ impl Control {
         Ok(())
     }
 
-    /// Points every live deployment's route where it runs now, where it does not already:
-    /// repairs what a lost event or a move whose start outlived its wait left behind (runtime
-    /// hosts; run by one instance at a time). Returns how many routes it republished.
+    /// Points every live deployment's route where it runs now, where it does not already
+    /// (runtime hosts; run by one instance at a time). It repairs what a lost event, a move
+    /// whose start outlived its wait, or a busy project left behind. It also starts elsewhere a
+    /// live deployment whose start failed on its host (a move), and takes down a route that
+    /// names a deployment when its project serves none (a deploy fenced out after it
+    /// published). Returns how many it changed.
     pub async fn repair_routes(&self) -> Result<usize, ControlError> {
         let mut n = 0;
         for project in self.store.all_projects().await? {
             if project.status != ProjectStatus::Active {
                 continue;
             }
-            let Some(live) = project.live_deployment.clone() else {
-                continue;
-            };
-            let Some(addr) = self
-                .runtime
-                .status(&live)
-                .await
-                .filter(|s| {
-                    matches!(
-                        s.phase,
-                        tollgate_runtime::Phase::Running | tollgate_runtime::Phase::Idle
-                    )
-                })
-                .and_then(|s| s.addr)
-            else {
-                continue;
-            };
-            let Ok(key) = RouteKey::slug(&project.slug) else {
-                continue;
-            };
-            let published = match self.routes.get(&key).await {
-                Ok(r) => r,
-                Err(_) => return Ok(n),
-            };
-            let right = published.as_ref().is_some_and(|r| {
-                r.upstreams == [addr] && r.deployment_id.as_deref() == Some(live.as_str())
-            });
-            if right {
-                continue;
+            match self.repair_route(&project).await {
+                Ok(true) => n += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(project = %project.id, error = %e, "route not repaired; next round");
+                }
             }
-            tracing::warn!(project = %project.id, deployment = %live, %addr, "route did not point where the live deployment runs; republished");
-            self.republish_locked(&live, addr).await?;
-            n += 1;
         }
         Ok(n)
+    }
+
+    async fn repair_route(&self, project: &crate::model::Project) -> Result<bool, ControlError> {
+        let Ok(key) = RouteKey::slug(&project.slug) else {
+            return Ok(false);
+        };
+        let published = match self.routes.get(&key).await {
+            Ok(r) => r,
+            // This publisher cannot be read: nothing to compare.
+            Err(_) => return Ok(false),
+        };
+        let Some(live) = project.live_deployment.clone() else {
+            if published
+                .as_ref()
+                .is_some_and(|r| r.deployment_id.is_some())
+            {
+                let guard = self.lock_project(&project.id, EVENT_LOCK_WAIT).await?;
+                let now = self.store.project(&project.id).await?;
+                if now.is_some_and(|p| p.live_deployment.is_none()) {
+                    tracing::warn!(project = %project.id, "route of a project that serves no deployment; taken down");
+                    self.delete_route(&guard, &key)
+                        .await
+                        .map_err(|e| ControlError::internal(format!("route delete: {e}")))?;
+                    return Ok(true);
+                }
+            }
+            return Ok(false);
+        };
+        let status = self.runtime.status(&live).await;
+        if let Some(s) = &status
+            && s.phase == tollgate_runtime::Phase::Failed
+            && self
+                .store
+                .deployment(&live)
+                .await?
+                .is_some_and(|d| d.status == DeployStatus::Live)
+        {
+            // Its start failed on its host (after a move): somewhere else, under the lease.
+            tracing::warn!(project = %project.id, deployment = %live, "live deployment failed to start on its host; starting it elsewhere");
+            let guard = self.lock_project(&project.id, EVENT_LOCK_WAIT).await?;
+            self.restart_live(&guard, project, &live).await?;
+            return Ok(true);
+        }
+        let Some(addr) = status
+            .filter(|s| {
+                matches!(
+                    s.phase,
+                    tollgate_runtime::Phase::Running | tollgate_runtime::Phase::Idle
+                )
+            })
+            .and_then(|s| s.addr)
+        else {
+            return Ok(false);
+        };
+        let right = published.as_ref().is_some_and(|r| {
+            r.upstreams == [addr] && r.deployment_id.as_deref() == Some(live.as_str())
+        });
+        if right {
+            return Ok(false);
+        }
+        tracing::warn!(project = %project.id, deployment = %live, %addr, "route did not point where the live deployment runs; republished");
+        self.republish_locked(&live, addr).await?;
+        Ok(true)
     }
 
     /// After a restart of the control service (its workerd processes died with it): starts every

@@ -54,6 +54,10 @@ impl Default for ControlConfig {
 /// How long a deploy or rollback waits for another one of the same project.
 pub const START_LOCK_WAIT: Duration = Duration::from_secs(120);
 
+/// How long a route update from the runtime waits for its project (the route repair comes
+/// back to a busy one).
+pub(crate) const EVENT_LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// What `deploy_project` takes (after the MCP layer parsed it).
 #[derive(Clone, Default)]
 pub struct DeployRequest {

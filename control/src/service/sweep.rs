@@ -81,7 +81,11 @@ impl Control {
             let guard = match self.lock_project(&project_id, Duration::from_secs(1)).await {
                 Ok(g) => g,
                 // A change of the project is under way: look again next time.
-                Err(_) => continue,
+                Err(e) if e.code == "PROJECT_BUSY" => continue,
+                Err(e) => {
+                    tracing::warn!(project = %project_id, error = %e, "orphan check skipped");
+                    continue;
+                }
             };
             // Again under the lease: a deploy may have made it live meanwhile.
             if serves(self.store.project(&project_id).await?) {
@@ -91,7 +95,8 @@ impl Control {
                 tracing::warn!(deployment = %id, error = %e, "orphaned deployment not removed");
                 continue;
             }
-            if let Some(mut d) = dep
+            // Read again under the lease: its status may have moved on since.
+            if let Some(mut d) = self.store.deployment(&id).await?
                 && d.status == DeployStatus::Building
             {
                 d.status = DeployStatus::Failed;
