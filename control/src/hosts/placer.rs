@@ -406,25 +406,23 @@ impl HostsRuntime {
                     if !self.leading.load(std::sync::atomic::Ordering::Acquire) {
                         continue;
                     }
-                    // Only about the current placement (a host that lost its lease may still
-                    // report on what it ran), and with the address it has now, not the one in
-                    // the message (a later change may have overtaken it).
-                    let now = match self.current(&ev.deployment).await {
-                        Ok(Some((host, s))) if host == ev.host && s.gen_id == ev.gen_id => s,
+                    // Only about the current placement: a host that lost its lease may still
+                    // report on what it ran. The address is the event's: it leads the state
+                    // (an idle stop publishes its activator before the process stops).
+                    match self.placement(&ev.deployment).await {
+                        Ok(Some((host, g))) if host == ev.host && g == ev.gen_id => {}
                         _ => continue,
-                    };
-                    let ev = match (now.phase, now.addr, ev.failed) {
-                        (Phase::Failed, _, reason) => RuntimeEvent::Failed {
+                    }
+                    let ev = match (ev.addr, ev.failed) {
+                        (_, Some(reason)) => RuntimeEvent::Failed {
                             deployment_id: ev.deployment,
-                            reason: reason
-                                .or(now.failure)
-                                .unwrap_or_else(|| "failed on its runtime host".into()),
+                            reason,
                         },
-                        (Phase::Running | Phase::Idle, Some(addr), _) => RuntimeEvent::Upstream {
+                        (Some(addr), None) => RuntimeEvent::Upstream {
                             deployment_id: ev.deployment,
                             addr,
                         },
-                        _ => continue,
+                        (None, None) => continue,
                     };
                     if self.events.send(ev).is_err() {
                         return Ok(());

@@ -33,26 +33,26 @@ impl Control {
     }
 
     /// [`Control::republish`] under the project's lock, so it cannot interleave with a deploy.
-    /// Waited for briefly: events are applied one after the other, and one project's long deploy
-    /// must not hold up every other route (runtime hosts: the route repair comes back to it).
     pub(crate) async fn republish_locked(
         &self,
         deployment_id: &str,
         addr: std::net::SocketAddr,
     ) -> Result<(), ControlError> {
+        self.republish_within(deployment_id, addr, START_LOCK_WAIT)
+            .await
+    }
+
+    /// [`Control::republish_locked`], waiting at most `wait` for the project.
+    async fn republish_within(
+        &self,
+        deployment_id: &str,
+        addr: std::net::SocketAddr,
+        wait: Duration,
+    ) -> Result<(), ControlError> {
         let Some(dep) = self.store.deployment(deployment_id).await? else {
             return Ok(());
         };
-        let guard = match self.lock_project(&dep.project_id, EVENT_LOCK_WAIT).await {
-            Ok(g) => g,
-            Err(e) if e.code == "PROJECT_BUSY" => {
-                // The change under way publishes its own route; a restart of the live version
-                // meanwhile is applied by it or by the next route repair.
-                tracing::info!(deployment = %deployment_id, "route not republished now: its project is busy");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
+        let guard = self.lock_project(&dep.project_id, wait).await?;
         self.republish(&guard, deployment_id, addr).await
     }
 
@@ -73,20 +73,7 @@ impl Control {
         {
             return Ok(()); // an old version being drained, or a project not serving
         }
-        // Where it runs now, read under the lease: `addr` may have been overtaken by a later
-        // restart while this waited.
-        let addr = self
-            .runtime
-            .status(deployment_id)
-            .await
-            .filter(|s| {
-                matches!(
-                    s.phase,
-                    tollgate_runtime::Phase::Running | tollgate_runtime::Phase::Idle
-                )
-            })
-            .and_then(|s| s.addr)
-            .unwrap_or(addr);
+
         let key = RouteKey::slug(&project.slug)
             .map_err(|e| ControlError::internal(format!("stored slug is invalid: {e}")))?;
         self.put_route(
@@ -193,11 +180,26 @@ impl Control {
         let right = published.as_ref().is_some_and(|r| {
             r.upstreams == [addr] && r.deployment_id.as_deref() == Some(live.as_str())
         });
-        if right {
+        // Only a difference seen twice in a row: a route that leads the state for a moment (an
+        // idle stop publishes its activator before the process stops) is not one.
+        let act = {
+            let mut seen = self.mismatches.lock().unwrap_or_else(|e| e.into_inner());
+            if right {
+                seen.remove(&live);
+                false
+            } else if seen.insert(live.clone(), addr) == Some(addr) {
+                seen.remove(&live);
+                true
+            } else {
+                false
+            }
+        };
+        if !act {
             return Ok(false);
         }
         tracing::warn!(project = %project.id, deployment = %live, %addr, "route did not point where the live deployment runs; republished");
-        self.republish_locked(&live, addr).await?;
+        // A busy project is left to the change under way, and to the next rounds.
+        self.republish_within(&live, addr, EVENT_LOCK_WAIT).await?;
         Ok(true)
     }
 

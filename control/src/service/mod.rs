@@ -177,6 +177,8 @@ pub struct Control {
     /// host offers none (deploys asking for a database are refused).
     databases: std::sync::OnceLock<DatabaseAccess>,
     metrics: std::sync::OnceLock<crate::metrics::ControlMetrics>,
+    /// The route repair's differences of its last round (deployment → where it runs).
+    mismatches: Mutex<HashMap<String, std::net::SocketAddr>>,
 }
 
 /// A project held by this control instance; dropped, it is free again.
@@ -276,6 +278,7 @@ impl Control {
             locks: Mutex::new(HashMap::new()),
             databases: std::sync::OnceLock::new(),
             metrics: std::sync::OnceLock::new(),
+            mismatches: Mutex::new(HashMap::new()),
         })
     }
 
