@@ -1093,3 +1093,170 @@ fn tenant_processes_and_the_control_process_killed_under_load() {
     );
     assert!(cpu_us > 0, "the runtime charged no CPU");
 }
+
+/// Runtime hosts killed and stopped under load (docs/scale-out.md): two `tollgate runtime`
+/// hosts (lease 1 s, each with its own CPU metering node and journal) on the suite's Redis, a
+/// control service placing the deployment, the two proxy nodes, the generator and a probe.
+/// 1. The host running the deployment `kill -9`: the proxies answer 502 until it runs on the
+///    other host (about the lease), then 200.
+/// 2. The killed host is started again under its id (its journal replays), and the other host,
+///    now running the deployment, gets SIGTERM: it hands over to the restarted host, and no
+///    probe fails.
+///
+/// Money, exact: the ledger's requests equal every answer the generator and the probe got but
+/// the gate's refusals; CPU is charged by the hosts' nodes; every lease is returned; the book
+/// equals the ledger.
+#[test]
+fn runtime_hosts_killed_and_stopped_under_load_lose_and_double_nothing() {
+    use common::hosts::{control, files, placed, start_host};
+    const OWNER: &str = "acct-hosts";
+    const HOST: &str = "on-hosts.localhost";
+    let mut w = World::start();
+    let store = w.store();
+    w.rt.block_on(store.credit(OWNER, "deposit-hosts", 1_000 * 1_000_000_000_000))
+        .unwrap();
+    let redis = w.redis.url();
+    let dir = w.dir.path().join("hosts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut a = start_host(&dir, &redis, "rt-fa");
+    let mut b = start_host(&dir, &redis, "rt-fb");
+    let (ctl, _runtime, stop_control, _registry) =
+        w.rt.block_on(control(&redis, w.nodes[0].listen, &dir));
+    let out =
+        w.rt.block_on(ctl.deploy(
+            OWNER,
+            tollgate_control::DeployRequest {
+                files: Some(files("on-hosts")),
+                project_name: Some("on-hosts".into()),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let first = placed(&w.redis)[&out.deployment_id].clone();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe_node = w.nodes[1].listen;
+    let watch = probe(probe_node, HOST, stop.clone());
+    let c = reqwest::blocking::Client::new();
+    let mut own = 0i64;
+    let mut fetch = |node: SocketAddr| -> bool {
+        match c.get(format!("http://{node}/")).header("host", HOST).send() {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body = r.bytes().unwrap_or_default();
+                if !tollgate_loadtest::refused_by_proxy(status, &body) {
+                    own += 1;
+                }
+                status == 200
+            }
+            Err(_) => false,
+        }
+    };
+    for n in &w.nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fetch(n.listen) {
+            assert!(Instant::now() < deadline, "{} never served {HOST}", n.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let targets: Vec<SocketAddr> = w.nodes.iter().map(|n| n.listen).collect();
+    let load = load_until(
+        targets,
+        vec![HostSpec {
+            host: HOST.into(),
+            account: Some(OWNER.into()),
+        }],
+        stop.clone(),
+    );
+    let secs = load_seconds();
+    std::thread::sleep(Duration::from_secs_f64(secs / 3.0));
+
+    // 1. The host running it, kill -9.
+    let (victim, survivor) = if first == a.id {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let killed_at = Instant::now();
+    let _ = victim.proc.0.kill();
+    let _ = victim.proc.0.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while placed(&w.redis)[&out.deployment_id] != survivor.id || !fetch(probe_node) {
+        assert!(
+            Instant::now() < deadline,
+            "never served from the other host"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs_f64(secs / 3.0));
+
+    // 2. The killed host back under its id; the survivor SIGTERMed: it hands over.
+    let victim_id = victim.id.clone();
+    let back = start_host(&dir, &redis, &victim_id);
+    let term_at = Instant::now();
+    common::signal(&survivor.proc.0, "-TERM");
+    let status = common::wait_exit(&mut survivor.proc.0, Duration::from_secs(60), "host");
+    assert!(status.success(), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while placed(&w.redis)[&out.deployment_id] != victim_id {
+        assert!(Instant::now() < deadline, "never handed over");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs_f64(secs / 3.0));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reports = load.join().unwrap();
+    let (seen, probed) = watch.join().unwrap();
+    // The last host stops in order: its node settles its CPU and returns its leases.
+    let mut back = back;
+    common::signal(&back.proc.0, "-TERM");
+    assert!(common::wait_exit(&mut back.proc.0, Duration::from_secs(60), "host").success());
+    stop_control.send_replace(true);
+
+    for r in &reports {
+        only(
+            r,
+            &[200, 502, 503],
+            true,
+            "runtime hosts killed and stopped",
+        );
+    }
+    let refused: u64 = reports
+        .iter()
+        .flat_map(|r| r.hosts.values())
+        .map(|h| h.refused)
+        .sum();
+    assert_eq!(refused, 0, "the gate refused requests: {reports:?}");
+    let (after_kill, during_kill) = gap(&seen, killed_at);
+    let after_kill = after_kill.expect("never 200 after the host kill");
+    assert!(
+        during_kill.keys().all(|s| [0, 502, 503].contains(s)),
+        "{during_kill:?}"
+    );
+    // The hand-over: not one probe failed from the SIGTERM on.
+    let handover_failed = seen
+        .iter()
+        .filter(|s| s.at >= term_at && s.status != 200)
+        .count();
+    assert_eq!(handover_failed, 0, "probes failed during the hand-over");
+    let per = w.check_accounts(&[OWNER.to_owned()], &reports);
+    let (_, debited, generator) = &per[0];
+    let expected = generator + (probed as i64 + own) * PRICE;
+    let ledger = w.rt.block_on(store.ledger()).unwrap();
+    let cpu_by_hosts: u64 = ledger
+        .iter()
+        .filter(|e| e.kind == "settle" && e.account == OWNER && e.key.starts_with("settle:rt-f"))
+        .map(|e| e.cpu_us)
+        .sum();
+    eprintln!(
+        "FAULTS runtime-hosts: host kill -9 → 200 again after {} ms (meanwhile {during_kill:?}); SIGTERM hand-over: 0 failed probes; {} requests, {} admitted by the generator, {probed} by the probe; ledger {debited} p$ of requests vs {expected} p$ expected; CPU {cpu_by_hosts} µs charged by the hosts",
+        after_kill.as_millis(),
+        reports.iter().map(|r| r.requests).sum::<u64>(),
+        served(&reports),
+    );
+    assert!(served(&reports) > 50, "too little load");
+    assert_eq!(
+        *debited, expected,
+        "ledger requests vs the generator's and the probe's record"
+    );
+    assert!(cpu_by_hosts > 0, "the hosts charged no CPU");
+}

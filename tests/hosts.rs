@@ -12,130 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tollgate_control::hosts::{HostKeys, HostsRuntime, HostsRuntimeConfig};
-use tollgate_control::{Control, ControlConfig, ControlStore, DeployRequest, RedisControlStore};
+use tollgate_control::DeployRequest;
+use tollgate_control::hosts::HostKeys;
 use tollgate_routes::RouteStore;
-use tollgate_runtime::Toolchain;
 use tollgate_testkit::{RedisServer, TcpCut, free_addr};
 
 mod common;
+use common::hosts::*;
 use common::*;
-
-struct Host {
-    proc: Proc,
-    id: String,
-    log: PathBuf,
-}
-
-fn start_host(dir: &Path, redis: &str, id: &str) -> Host {
-    let admin = free_addr();
-    let cfg = dir.join(format!("{id}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "[redis]\nurl = \"{redis}\"\n[host]\nid = \"{id}\"\nadmin_listen = \"{admin}\"\nlease_ms = 1000\nhandover_seconds = 15\n"
-        ),
-    )
-    .unwrap();
-    let log = dir.join(format!("{id}.log"));
-    let mut c = bin();
-    c.env("TOLLGATE_LOG_LEVEL", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .args(["runtime", "--config"])
-        .arg(&cfg);
-    let mut proc = Proc(c.spawn().unwrap());
-    let http = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if matches!(http.get(format!("http://{admin}/readyz")).send(), Ok(r) if r.status() == 200) {
-            break;
-        }
-        assert!(
-            proc.0.try_wait().unwrap().is_none(),
-            "host {id} exited: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        assert!(Instant::now() < deadline, "host {id} never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Host {
-        proc,
-        id: id.to_owned(),
-        log,
-    }
-}
-
-fn files(name: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "src/index.js".to_owned(),
-        format!(
-            "export default {{ async fetch() {{ console.log('served by {name}'); return new Response('hello from {name}') }} }}\n"
-        ),
-    )])
-}
-
-/// A control service over the suite's Redis, its deployments on runtime hosts.
-async fn control(
-    redis: &str,
-    proxy: SocketAddr,
-    dir: &Path,
-) -> (
-    Arc<Control>,
-    Arc<HostsRuntime>,
-    tokio::sync::watch::Sender<bool>,
-    prometheus::Registry,
-) {
-    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
-    let bundler = tollgate_control::bundler_for(&t, dir.join("builds")).unwrap();
-    let store: Arc<dyn ControlStore> =
-        Arc::new(RedisControlStore::connect(redis, "tollgate").await.unwrap());
-    let routes = RouteStore::connect(redis, "tollgate").await.unwrap();
-    let (hosts, events) = HostsRuntime::connect(
-        redis,
-        "tollgate",
-        HostsRuntimeConfig {
-            round: Duration::from_millis(100),
-            ..HostsRuntimeConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let registry = prometheus::Registry::new();
-    hosts.register_metrics(&registry).unwrap();
-    let control = Control::new(
-        store,
-        bundler,
-        hosts.clone(),
-        Arc::new(routes),
-        ControlConfig {
-            url_template: format!("http://{{slug}}.localhost:{}", proxy.port()),
-            ..ControlConfig::default()
-        },
-    );
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(control.clone().follow_runtime(events));
-    tokio::spawn(hosts.clone().run(stop));
-    (control, hosts, stop_tx, registry)
-}
-
-/// One sample of `registry`'s text exposition.
-fn sample(registry: &prometheus::Registry, series: &str) -> f64 {
-    let text = prometheus::TextEncoder::new()
-        .encode_to_string(&registry.gather())
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {series} in {text}"))
-}
-
-/// Where each deployment is placed (deployment → host).
-fn placed(redis: &RedisServer) -> HashMap<String, String> {
-    use redis::Commands;
-    redis
-        .conn()
-        .hgetall(HostKeys::new("tollgate").placed())
-        .unwrap()
-}
 
 /// GETs `url` every 5 ms until told to stop: (when, status) of each answer (0: no answer).
 fn probe(

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use tollgate_testkit::free_addr;
 
+pub mod hosts;
+
 pub struct Proc(pub Child);
 
 impl Drop for Proc {

@@ -1,0 +1,141 @@
+//! Runtime hosts for the suites (tests/hosts.rs, tests/faults.rs): `tollgate runtime`
+//! processes and a control service (as a library) placing deployments on them.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate_control::hosts::{HostKeys, HostsRuntime, HostsRuntimeConfig};
+use tollgate_control::{Control, ControlConfig, ControlStore, RedisControlStore};
+use tollgate_routes::RouteStore;
+use tollgate_runtime::Toolchain;
+use tollgate_testkit::{RedisServer, free_addr};
+
+use super::{Proc, bin};
+
+pub struct Host {
+    pub proc: Proc,
+    pub id: String,
+    pub log: PathBuf,
+}
+
+pub fn start_host(dir: &Path, redis: &str, id: &str) -> Host {
+    let admin = free_addr();
+    let cfg = dir.join(format!("{id}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[redis]\nurl = \"{redis}\"\n[host]\nid = \"{id}\"\nadmin_listen = \"{admin}\"\nlease_ms = 1000\nhandover_seconds = 15\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.join(format!("{id}.log"));
+    // Appended to: a host started again under the same id keeps its earlier log.
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let mut c = bin();
+    // Its own data dir, kept across restarts of the same id (its CPU journal replays).
+    c.env("TOLLGATE_DATA_DIR", dir.join(format!("{id}-data")))
+        .env("TOLLGATE_LOG_LEVEL", "info")
+        .stderr(log_file)
+        .args(["runtime", "--config"])
+        .arg(&cfg);
+    let mut proc = Proc(c.spawn().unwrap());
+    let http = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if matches!(http.get(format!("http://{admin}/readyz")).send(), Ok(r) if r.status() == 200) {
+            break;
+        }
+        assert!(
+            proc.0.try_wait().unwrap().is_none(),
+            "host {id} exited: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(Instant::now() < deadline, "host {id} never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Host {
+        proc,
+        id: id.to_owned(),
+        log,
+    }
+}
+
+pub fn files(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "src/index.js".to_owned(),
+        format!(
+            "export default {{ async fetch() {{ console.log('served by {name}'); return new Response('hello from {name}') }} }}\n"
+        ),
+    )])
+}
+
+/// A control service over the suite's Redis, its deployments on runtime hosts.
+pub async fn control(
+    redis: &str,
+    proxy: SocketAddr,
+    dir: &Path,
+) -> (
+    Arc<Control>,
+    Arc<HostsRuntime>,
+    tokio::sync::watch::Sender<bool>,
+    prometheus::Registry,
+) {
+    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
+    let bundler = tollgate_control::bundler_for(&t, dir.join("builds")).unwrap();
+    let store: Arc<dyn ControlStore> =
+        Arc::new(RedisControlStore::connect(redis, "tollgate").await.unwrap());
+    let routes = RouteStore::connect(redis, "tollgate").await.unwrap();
+    let (hosts, events) = HostsRuntime::connect(
+        redis,
+        "tollgate",
+        HostsRuntimeConfig {
+            round: Duration::from_millis(100),
+            ..HostsRuntimeConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let registry = prometheus::Registry::new();
+    hosts.register_metrics(&registry).unwrap();
+    let control = Control::new(
+        store,
+        bundler,
+        hosts.clone(),
+        Arc::new(routes),
+        ControlConfig {
+            url_template: format!("http://{{slug}}.localhost:{}", proxy.port()),
+            ..ControlConfig::default()
+        },
+    );
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(control.clone().follow_runtime(events));
+    tokio::spawn(hosts.clone().run(stop));
+    (control, hosts, stop_tx, registry)
+}
+
+/// One sample of `registry`'s text exposition.
+pub fn sample(registry: &prometheus::Registry, series: &str) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+}
+
+/// Where each deployment is placed (deployment → host).
+pub fn placed(redis: &RedisServer) -> HashMap<String, String> {
+    use redis::Commands;
+    redis
+        .conn()
+        .hgetall(HostKeys::new("tollgate").placed())
+        .unwrap()
+}
