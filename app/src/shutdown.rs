@@ -191,7 +191,14 @@ impl Parts {
             waits.push(bounded("payments", p, Duration::from_secs(10), &hurry));
         }
         if let Some(h) = self.host.take() {
-            waits.push(bounded("runtime host hand-over", h, self.host_wait, &hurry));
+            // A fast stop (SIGINT) does not wait for the hand-over: the runtime's stop below
+            // ends the processes, and control moves them when the lease runs out.
+            let wait = if how == Stop::Fast {
+                Duration::from_secs(2)
+            } else {
+                self.host_wait
+            };
+            waits.push(bounded("runtime host hand-over", h, wait, &hurry));
         }
         futures_util::future::join_all(waits).await;
         // 3: the runtime (each workerd's last CPU sample is charged).

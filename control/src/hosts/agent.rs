@@ -145,7 +145,7 @@ impl Keeper {
     /// Until `stop` (then the agent hands over with the token it holds).
     async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut old: Option<String> = None;
-        let mut waited = false;
+        let mut waited: Option<Instant> = None;
         loop {
             // Take it (when free).
             let token = new_id("h");
@@ -157,11 +157,14 @@ impl Keeper {
                         last = asked;
                         break;
                     }
-                    Ok(false) if !waited => {
-                        waited = true;
-                        tracing::warn!(host = %self.id(), "the lease of this host id is held (a predecessor, or another process with the same host.id); waiting for it to run out");
+                    Ok(false) => {
+                        // Said again every minute: two machines given the same id (cloned
+                        // images share a host name) wait here for good.
+                        if waited.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(60)) {
+                            waited = Some(Instant::now());
+                            tracing::warn!(host = %self.id(), "the lease of this host id is held (a predecessor, or another process with the same host.id); waiting for it to run out");
+                        }
                     }
-                    Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "runtime host: cannot register yet"),
                 }
                 tokio::select! {
@@ -169,7 +172,7 @@ impl Keeper {
                     _ = super::stopped(&mut stop) => return,
                 }
             }
-            waited = false;
+            waited = None;
             tracing::info!(host = %self.id(), slots = self.cfg.info.slots(), "runtime host registered");
             self.set_ready(true);
             self.tx.send_replace(Lease::Held(token.clone()));
