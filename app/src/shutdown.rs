@@ -191,8 +191,9 @@ impl Parts {
             waits.push(bounded("payments", p, Duration::from_secs(10), &hurry));
         }
         if let Some(h) = self.host.take() {
-            // A fast stop (SIGINT) does not wait for the hand-over: the runtime's stop below
-            // ends the processes, and control moves them when the lease runs out.
+            // A fast stop (SIGINT) does not wait for the hand-over: the host gives its lease up
+            // (control moves the deployments at once) and the runtime's stop below ends the
+            // processes about 2 s later, undrained.
             let wait = if how == Stop::Fast {
                 Duration::from_secs(2)
             } else {

@@ -28,7 +28,7 @@ pub fn start_host(dir: &Path, redis: &str, id: &str) -> Host {
     std::fs::write(
         &cfg,
         format!(
-            "[redis]\nurl = \"{redis}\"\n[host]\nid = \"{id}\"\nadmin_listen = \"{admin}\"\nlease_ms = 1000\nhandover_seconds = 15\n"
+            "[redis]\nurl = \"{redis}\"\n[host]\nid = \"{id}\"\nadmin_listen = \"{admin}\"\nlease_ms = 2000\nhandover_seconds = 15\n"
         ),
     )
     .unwrap();
@@ -117,7 +117,20 @@ pub async fn control(
     );
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(control.clone().follow_runtime(events));
-    tokio::spawn(hosts.clone().run(stop));
+    tokio::spawn(hosts.clone().run(stop.clone()));
+    // The route repair, as `tollgate control` runs it (faster here), under the suites' load.
+    tokio::spawn({
+        let (control, mut stop) = (control.clone(), stop);
+        async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let _ = control.repair_routes().await;
+            }
+        }
+    });
     (control, hosts, stop_tx, registry)
 }
 

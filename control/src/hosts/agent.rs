@@ -183,7 +183,14 @@ impl Keeper {
                     _ = super::stopped(&mut stop) => return,
                 }
                 let asked = Instant::now();
-                match self.renew(&token).await {
+                // Bounded by the moment this host must have stopped (two thirds of the lease
+                // after the last renewal), however the call fails.
+                let must_stop = tokio::time::Instant::from_std(last + self.cfg.lease * 2 / 3);
+                let renewed = match tokio::time::timeout_at(must_stop, self.renew(&token)).await {
+                    Ok(r) => r,
+                    Err(_) => Err("no answer before the lease ran short".to_owned()),
+                };
+                match renewed {
                     Ok(true) => last = asked,
                     Ok(false) => {
                         // Taken for lost (a pause or a partition longer than the lease):
@@ -197,7 +204,7 @@ impl Keeper {
                         // Cut off from Redis: by the time the lease runs out there, control
                         // moves everything; stop first, so no deployment runs (and is charged)
                         // twice.
-                        if last.elapsed() + self.cfg.lease / 3 >= self.cfg.lease {
+                        if last.elapsed() >= self.cfg.lease * 2 / 3 {
                             self.lost("it could not renew its lease in time").await;
                             // Back in touch before it ran out there: take it again at once.
                             old = Some(token.clone());
@@ -340,6 +347,7 @@ impl HostAgent {
         };
         let (keeper_stop_tx, keeper_stop) = watch::channel(false);
         let keeper = tokio::spawn(keeper.run(keeper_stop));
+        let mut held_token: Option<String> = None;
         let nudged = std::sync::Arc::new(tokio::sync::Notify::new());
         let listener = tokio::spawn(listen(
             self.client.clone(),
@@ -359,8 +367,19 @@ impl HostAgent {
                     }
                     let now = self.lease.borrow_and_update().clone();
                     match now {
-                        Lease::Held(_) => self.reconcile().await,
-                        Lease::Lost => self.forget_all().await,
+                        Lease::Held(token) => {
+                            // A lease taken again while this loop was busy (the `Lost` in
+                            // between was overwritten): the keeper stopped every process then.
+                            if held_token.as_ref().is_some_and(|t| *t != token) {
+                                self.forget_all().await;
+                            }
+                            held_token = Some(token);
+                            self.reconcile().await;
+                        }
+                        Lease::Lost => {
+                            held_token = None;
+                            self.forget_all().await;
+                        }
                         Lease::Waiting => {}
                     }
                 }
@@ -428,6 +447,19 @@ impl HostAgent {
                 return;
             }
         };
+        // Started here, and no longer in the runtime (stopped when the lease was lost, say):
+        // forgotten, so it is started again below.
+        let vanished: Vec<String> = self
+            .local
+            .iter()
+            .filter(|(id, l)| {
+                !l.busy && matches!(l.started, Some(Ok(_))) && self.sup.status(id).is_none()
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in vanished {
+            self.local.remove(&id);
+        }
         // Gone, or placed again (a new generation): stop it, drained.
         for (id, l) in self.local.iter_mut() {
             if l.busy || want.get(id) == Some(&l.gen_id) {

@@ -15,7 +15,61 @@ impl Control {
         self: Arc<Self>,
         mut events: tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
     ) {
-        while let Some(ev) = events.recv().await {
+        // One queue per deployment: its events in the order they came (an idle stop's
+        // activator, then the wake-up's process), while one project waiting for its lease (a
+        // long deploy) holds up no other project's route.
+        type Queue = tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>;
+        let mut queues: HashMap<String, tokio::sync::mpsc::UnboundedSender<RuntimeEvent>> =
+            HashMap::new();
+        let mut workers: tokio::task::JoinSet<(String, Queue)> = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    let Some(ev) = ev else { break };
+                    let id = match &ev {
+                        RuntimeEvent::Upstream { deployment_id, .. }
+                        | RuntimeEvent::Failed { deployment_id, .. } => deployment_id.clone(),
+                    };
+                    let tx = queues.entry(id.clone()).or_insert_with(|| {
+                        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                        workers.spawn(self.clone().apply_events(id.clone(), rx));
+                        tx
+                    });
+                    let _ = tx.send(ev);
+                }
+                Some(done) = workers.join_next() => {
+                    let Ok((id, mut rx)) = done else { continue };
+                    // Idle: gone, unless something came in meanwhile.
+                    match rx.try_recv() {
+                        Ok(ev) => {
+                            let (tx, fresh) = tokio::sync::mpsc::unbounded_channel();
+                            let _ = tx.send(ev);
+                            while let Ok(more) = rx.try_recv() {
+                                let _ = tx.send(more);
+                            }
+                            queues.insert(id.clone(), tx);
+                            workers.spawn(self.clone().apply_events(id, fresh));
+                        }
+                        Err(_) => {
+                            queues.remove(&id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one deployment's events in order; returns its queue after a second without any.
+    async fn apply_events(
+        self: Arc<Self>,
+        id: String,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>) {
+        loop {
+            let ev = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) | Err(_) => return (id, rx),
+            };
             let res = match ev {
                 RuntimeEvent::Upstream {
                     deployment_id,
@@ -110,11 +164,17 @@ impl Control {
     /// published). Returns how many it changed.
     pub async fn repair_routes(&self) -> Result<usize, ControlError> {
         let mut n = 0;
-        for project in self.store.all_projects().await? {
+        let projects = self.store.all_projects().await?;
+        // The differences of the previous round; this round's replace them (so only a
+        // difference seen in two rounds in a row counts).
+        let previous =
+            std::mem::take(&mut *self.mismatches.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut seen = HashMap::new();
+        for project in &projects {
             if project.status != ProjectStatus::Active {
                 continue;
             }
-            match self.repair_route(&project).await {
+            match self.repair_route(project, &previous, &mut seen).await {
                 Ok(true) => n += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -122,10 +182,16 @@ impl Control {
                 }
             }
         }
+        *self.mismatches.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         Ok(n)
     }
 
-    async fn repair_route(&self, project: &crate::model::Project) -> Result<bool, ControlError> {
+    async fn repair_route(
+        &self,
+        project: &crate::model::Project,
+        previous: &HashMap<String, std::net::SocketAddr>,
+        seen: &mut HashMap<String, std::net::SocketAddr>,
+    ) -> Result<bool, ControlError> {
         let Ok(key) = RouteKey::slug(&project.slug) else {
             return Ok(false);
         };
@@ -153,14 +219,18 @@ impl Control {
         };
         let status = self.runtime.status(&live).await;
         if let Some(s) = &status
-            && s.phase == tollgate_runtime::Phase::Failed
+            && matches!(
+                s.phase,
+                tollgate_runtime::Phase::Failed | tollgate_runtime::Phase::Stopped
+            )
             && self
                 .store
                 .deployment(&live)
                 .await?
                 .is_some_and(|d| d.status == DeployStatus::Live)
         {
-            // Its start failed on its host (after a move): somewhere else, under the lease.
+            // Its start failed on its host (after a move), or its process is gone: started
+            // again (somewhere else if it failed), under the lease.
             tracing::warn!(project = %project.id, deployment = %live, "live deployment failed to start on its host; starting it elsewhere");
             let guard = self.lock_project(&project.id, EVENT_LOCK_WAIT).await?;
             self.restart_live(&guard, project, &live).await?;
@@ -180,26 +250,31 @@ impl Control {
         let right = published.as_ref().is_some_and(|r| {
             r.upstreams == [addr] && r.deployment_id.as_deref() == Some(live.as_str())
         });
-        // Only a difference seen twice in a row: a route that leads the state for a moment (an
-        // idle stop publishes its activator before the process stops) is not one.
-        let act = {
-            let mut seen = self.mismatches.lock().unwrap_or_else(|e| e.into_inner());
-            if right {
-                seen.remove(&live);
-                false
-            } else if seen.insert(live.clone(), addr) == Some(addr) {
-                seen.remove(&live);
-                true
-            } else {
-                false
-            }
-        };
-        if !act {
+        if right {
             return Ok(false);
         }
+        // Only a difference seen in two rounds in a row: a route that leads the state for a
+        // moment is not one.
+        if previous.get(&live) != Some(&addr) {
+            seen.insert(live.clone(), addr);
+            return Ok(false);
+        }
+        // Kept until republished: a busy project is looked at again next round.
+        seen.insert(live.clone(), addr);
         tracing::warn!(project = %project.id, deployment = %live, %addr, "route did not point where the live deployment runs; republished");
-        // A busy project is left to the change under way, and to the next rounds.
-        self.republish_within(&live, addr, EVENT_LOCK_WAIT).await?;
+        // A busy project is left to the change under way, and to the next rounds. Under the
+        // lease, only if it still runs at that address (an event may have moved it meanwhile).
+        let guard = self.lock_project(&project.id, EVENT_LOCK_WAIT).await?;
+        let still = self
+            .runtime
+            .status(&live)
+            .await
+            .is_some_and(|s| s.addr == Some(addr));
+        if !still {
+            return Ok(false);
+        }
+        self.republish(&guard, &live, addr).await?;
+        seen.remove(&live);
         Ok(true)
     }
 

@@ -200,6 +200,10 @@ pub(crate) async fn monitor(
                 // reach the activator meanwhile wait in its backlog for the next start.
                 let activator = listener.local_addr().ok();
                 if let Some(addr) = activator {
+                    // The status says where the route goes from now on, as the event does:
+                    // whoever compares the two (the route repair of runtime hosts) must not
+                    // take the draining process for the deployment's address.
+                    dep.update(|s| s.addr = Some(addr));
                     let _ = inner.events.send(RuntimeEvent::Upstream {
                         deployment_id: dep.id.to_string(),
                         addr,
