@@ -846,6 +846,36 @@ fn gap(seen: &[Seen], since: Instant) -> (Option<Duration>, std::collections::BT
     (None, other)
 }
 
+/// The requests a test sends through a node itself, counted when the proxy admitted (charged)
+/// them.
+#[derive(Default)]
+struct Own {
+    client: reqwest::blocking::Client,
+    charged: i64,
+}
+
+impl Own {
+    /// One GET of `host` through `node`: whether it was served (200).
+    fn fetch(&mut self, node: SocketAddr, host: &str) -> bool {
+        match self
+            .client
+            .get(format!("http://{node}/"))
+            .header("host", host)
+            .send()
+        {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body = r.bytes().unwrap_or_default();
+                if !tollgate_loadtest::refused_by_proxy(status, &body) {
+                    self.charged += 1;
+                }
+                status == 200
+            }
+            Err(_) => false,
+        }
+    }
+}
+
 /// Loads `hosts` on `targets` in one-second rounds until `stop` (so a phase can last as long
 /// as the fault takes); every round's report.
 fn load_until(
@@ -936,21 +966,8 @@ fn tenant_processes_and_the_control_process_killed_under_load() {
     let watch = probe(b, HOST, stop.clone());
     // Every request the test itself sends through a node, counted when the proxy admitted
     // (charged) it; `true` when it was served.
-    let c = reqwest::blocking::Client::new();
-    let mut own = 0i64;
-    let mut fetch = |node: SocketAddr, host: &str| -> bool {
-        match c.get(format!("http://{node}/")).header("host", host).send() {
-            Ok(r) => {
-                let status = r.status().as_u16();
-                let body = r.bytes().unwrap_or_default();
-                if !tollgate_loadtest::refused_by_proxy(status, &body) {
-                    own += 1;
-                }
-                status == 200
-            }
-            Err(_) => false,
-        }
-    };
+    let mut own = Own::default();
+    let mut fetch = |node: SocketAddr, host: &str| own.fetch(node, host);
     // Wait until both nodes serve the route.
     for n in &w.nodes {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1070,7 +1087,7 @@ fn tenant_processes_and_the_control_process_killed_under_load() {
     }
     let per = w.check_accounts(&[OWNER.to_owned()], &reports);
     let (_, debited, generator) = &per[0];
-    let expected = generator + (probed as i64 + own) * PRICE;
+    let expected = generator + (probed as i64 + own.charged) * PRICE;
     let state = w.rt.block_on(store.account(OWNER)).unwrap().unwrap();
     let ledger = w.rt.block_on(store.ledger()).unwrap();
     let cpu_us: u64 = ledger
@@ -1137,21 +1154,8 @@ fn runtime_hosts_killed_and_stopped_under_load_lose_and_double_nothing() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let probe_node = w.nodes[1].listen;
     let watch = probe(probe_node, HOST, stop.clone());
-    let c = reqwest::blocking::Client::new();
-    let mut own = 0i64;
-    let mut fetch = |node: SocketAddr| -> bool {
-        match c.get(format!("http://{node}/")).header("host", HOST).send() {
-            Ok(r) => {
-                let status = r.status().as_u16();
-                let body = r.bytes().unwrap_or_default();
-                if !tollgate_loadtest::refused_by_proxy(status, &body) {
-                    own += 1;
-                }
-                status == 200
-            }
-            Err(_) => false,
-        }
-    };
+    let mut own = Own::default();
+    let mut fetch = |node: SocketAddr| own.fetch(node, HOST);
     for n in &w.nodes {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !fetch(n.listen) {
@@ -1243,7 +1247,7 @@ fn runtime_hosts_killed_and_stopped_under_load_lose_and_double_nothing() {
     assert_eq!(handover_failed, 0, "probes failed during the hand-over");
     let per = w.check_accounts(&[OWNER.to_owned()], &reports);
     let (_, debited, generator) = &per[0];
-    let expected = generator + (probed as i64 + own) * PRICE;
+    let expected = generator + (probed as i64 + own.charged) * PRICE;
     let ledger = w.rt.block_on(store.ledger()).unwrap();
     let cpu_by_hosts: u64 = ledger
         .iter()

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -57,14 +57,7 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
         .iter()
         .map(|id| start_host(&dir, &url, id))
         .collect();
-    let (proxy_proc, proxy) = start_listening(|listen| {
-        let mut c = bin();
-        c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
-            .args(["proxy", "--listen", &listen.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()])
-            .args(["--redis", &url]);
-        c
-    });
+    let (proxy_proc, proxy) = start_proxy(&url);
     assert!(
         credit_account(&url, "acct-h", "5.00", "hosts-test")
             .status
@@ -357,27 +350,12 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     drop(proxy_proc);
 }
 
-/// A deploy through the real mppx client (payments/tests/js/client.mjs) as the test payer.
+/// The test payer of the local test chain (no real money).
+const PAYER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+
+/// A deploy through the real mppx client, as the test payer: its structured result.
 fn mppx_deploy(rpc: &str, mcp: &str, args: &serde_json::Value) -> serde_json::Value {
-    const PAYER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
-    let out = std::process::Command::new("node")
-        .arg(js.join("client.mjs"))
-        .args(["mcp", mcp, "deploy_project", &args.to_string(), "1"])
-        .env("RPC", rpc)
-        .env("KEY", PAYER_KEY)
-        .output()
-        .unwrap();
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    assert!(
-        out.status.success(),
-        "{lines:?} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    lines
+    mppx_mcp(rpc, PAYER_KEY, mcp, "deploy_project", &args.to_string())
         .into_iter()
         .next()
         .map(|l| l["structured"].clone())
@@ -385,25 +363,12 @@ fn mppx_deploy(rpc: &str, mcp: &str, args: &serde_json::Value) -> serde_json::Va
 }
 
 fn mppx_top_up(rpc: &str, mcp: &str, usd: &str) {
-    const PAYER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
-    let out = std::process::Command::new("node")
-        .arg(js.join("client.mjs"))
-        .args([
-            "mcp",
-            mcp,
-            "top_up",
-            &format!(r#"{{"amount_usd":"{usd}"}}"#),
-            "1",
-        ])
-        .env("RPC", rpc)
-        .env("KEY", PAYER_KEY)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    mppx_mcp(
+        rpc,
+        PAYER_KEY,
+        mcp,
+        "top_up",
+        &format!(r#"{{"amount_usd":"{usd}"}}"#),
     );
 }
 
@@ -438,14 +403,7 @@ fn two_control_instances_share_the_fleet_and_one_stops_mid_deploy_without_a_fail
         .iter()
         .map(|id| start_host(&dir, &url, id))
         .collect();
-    let (_proxy_proc, proxy) = start_listening(|listen| {
-        let mut c = bin();
-        c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
-            .args(["proxy", "--listen", &listen.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()])
-            .args(["--redis", &url]);
-        c
-    });
+    let (_proxy_proc, proxy) = start_proxy(&url);
     let start_control = |name: &str| -> (Proc, SocketAddr, PathBuf) {
         let (listen, admin) = (free_addr(), free_addr());
         let cfg = dir.join(format!("{name}.toml"));
@@ -610,14 +568,7 @@ fn a_host_cut_off_from_redis_stops_its_processes_and_its_deployments_move() {
     // rt-a reaches Redis through the cut; rt-b directly.
     let mut a = start_host(&dir, &format!("redis://{}", cut.addr()), "rt-a");
     let _b = start_host(&dir, &url, "rt-b");
-    let (_proxy_proc, proxy) = start_listening(|listen| {
-        let mut c = bin();
-        c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
-            .args(["proxy", "--listen", &listen.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()])
-            .args(["--redis", &url]);
-        c
-    });
+    let (_proxy_proc, proxy) = start_proxy(&url);
     assert!(
         credit_account(&url, "acct-h", "5.00", "partition-test")
             .status

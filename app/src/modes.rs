@@ -274,19 +274,15 @@ async fn start_control(
         // Each runtime host charges its own processes' CPU.
         Arc::new(tollgate_runtime::NoCpuSink)
     } else if settings.config.metering.enabled {
-        let node_id = settings.control_node_id();
-        let metering = MeteringNode::start(
-            MeteringSpec {
-                store: StoreSource::Ready(money),
-                prices: settings.prices,
-                agent: settings.agent(&node_id)?,
-            },
+        let (cpu, cache) = cpu_node(
+            settings,
+            money,
+            &settings.control_node_id(),
             &registry,
             handle,
+            parts,
         )?;
-        let cpu = Arc::new(ChargeCpu(metering.cache().clone()));
-        rows_cache = Some(metering.cache().clone());
-        parts.metering = Some(metering);
+        rows_cache = Some(cache);
         cpu
     } else {
         tracing::warn!("metering.enabled = false: the runtime's CPU is charged to nobody");
@@ -358,6 +354,33 @@ async fn start_control(
     }
     parts.server = Some(serve_on(listener, svc.router, intake_rx));
     Ok(())
+}
+
+/// A metering node `node_id` that charges the runtime's CPU (the control process's, or a
+/// runtime host's), kept in `parts` for the ordered stop; its sink and its balance cache.
+fn cpu_node(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    node_id: &str,
+    registry: &prometheus::Registry,
+    handle: &tokio::runtime::Handle,
+    parts: &mut Parts,
+) -> anyhow::Result<(
+    Arc<dyn tollgate_runtime::CpuSink>,
+    Arc<tollgate_balance_cache::BalanceCache>,
+)> {
+    let metering = MeteringNode::start(
+        MeteringSpec {
+            store: StoreSource::Ready(store),
+            prices: settings.prices,
+            agent: settings.agent(node_id)?,
+        },
+        registry,
+        handle,
+    )?;
+    let cache = metering.cache().clone();
+    parts.metering = Some(metering);
+    Ok((Arc::new(ChargeCpu(cache.clone())), cache))
 }
 
 /// `tollgate runtime`: a runtime host. It runs the deployments control places on it, charges
@@ -456,18 +479,8 @@ async fn start_runtime_host(
     let mut money = None;
     let cpu: Arc<dyn tollgate_runtime::CpuSink> = if cfg.metering.enabled {
         let store = open_money(settings, Duration::from_secs(60)).await?;
-        let metering = MeteringNode::start(
-            MeteringSpec {
-                store: StoreSource::Ready(store),
-                prices: settings.prices,
-                agent: settings.agent(&host_id)?,
-            },
-            &registry,
-            handle,
-        )?;
-        let cpu = Arc::new(ChargeCpu(metering.cache().clone()));
-        money = Some(metering.cache().clone());
-        parts.metering = Some(metering);
+        let (cpu, cache) = cpu_node(settings, store, &host_id, &registry, handle, parts)?;
+        money = Some(cache);
         cpu
     } else {
         tracing::warn!("metering.enabled = false: this host's CPU is charged to nobody");

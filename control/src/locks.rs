@@ -22,7 +22,7 @@ return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 "#;
 
 /// Renews `KEYS[1]` if it holds `ARGV[1]`.
-const RENEW: &str = r#"
+pub(crate) const RENEW: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1

@@ -14,7 +14,7 @@ use tollgate_routes::RouteStore;
 use tollgate_runtime::Toolchain;
 use tollgate_testkit::{RedisServer, free_addr};
 
-use super::{Proc, bin};
+use super::{Proc, bin, start_listening};
 
 pub struct Host {
     pub proc: Proc,
@@ -151,4 +151,16 @@ pub fn placed(redis: &RedisServer) -> HashMap<String, String> {
         .conn()
         .hgetall(HostKeys::new("tollgate").placed())
         .unwrap()
+}
+
+/// A `tollgate proxy` following the routes in `redis`.
+pub fn start_proxy(redis: &str) -> (Proc, SocketAddr) {
+    start_listening(|listen| {
+        let mut c = bin();
+        c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
+            .args(["proxy", "--listen", &listen.to_string()])
+            .args(["--admin-listen", &free_addr().to_string()])
+            .args(["--redis", redis]);
+        c
+    })
 }

@@ -191,3 +191,26 @@ pub fn deploy_hello(control: SocketAddr) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// One MCP tool call through the real mppx client (payments/tests/js/client.mjs), paying as
+/// `key` on the test chain at `rpc`: its output lines. Fails the test when the call fails.
+pub fn mppx_mcp(rpc: &str, key: &str, mcp: &str, tool: &str, args: &str) -> Vec<serde_json::Value> {
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payments/tests/js");
+    let out = Command::new("node")
+        .arg(js.join("client.mjs"))
+        .args(["mcp", mcp, tool, args, "1"])
+        .env("RPC", rpc)
+        .env("KEY", key)
+        .output()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        out.status.success(),
+        "{lines:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines
+}

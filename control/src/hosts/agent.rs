@@ -13,6 +13,7 @@ use tollgate_runtime::{Phase, RuntimeError, RuntimeEvent, Started, Supervisor};
 
 use super::metrics::HostMetrics;
 use super::{Assignment, HostEvent, HostInfo, HostKeys, HostedState};
+use crate::locks::RENEW;
 use crate::model::{new_id, now_ms};
 
 #[derive(Debug, Clone)]
@@ -29,13 +30,6 @@ pub struct HostAgentConfig {
 
 /// A deployment's log stream lives this long after its last line.
 const LOG_TTL_SECONDS: i64 = 7 * 24 * 3600;
-
-/// Renews `KEYS[1]` for `ARGV[2]` ms if it still holds this host's token `ARGV[1]`.
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"#;
 
 /// Gives the lease `KEYS[1]` up if it holds token `ARGV[1]`, and marks the host as leaving
 /// (`KEYS[2]`, so control counts a hand-over, not a loss).
