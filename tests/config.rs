@@ -118,6 +118,20 @@ fn bad_environment_values_name_the_variable() {
         e.contains("TOLLGATE_REDIS_URL") && e.contains("redis://"),
         "{e}"
     );
+    for (var, value, words) in [
+        ("TOLLGATE_CONTROL_RUNTIME", "cloud", "local or hosts"),
+        ("TOLLGATE_HOST_ID", "has space", "host.id"),
+        (
+            "TOLLGATE_HOST_ADMIN_LISTEN",
+            "nope",
+            "TOLLGATE_HOST_ADMIN_LISTEN",
+        ),
+    ] {
+        let e = proxy_config(&proxy_args(&[]), &env_of(&[(var, value)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(var) && e.contains(words), "{var}: {e}");
+    }
 }
 
 #[test]
@@ -192,6 +206,8 @@ fn check_config_points_at_the_first_error() {
         ),
         ("[redis]\nurl = \"http://nope\"\n", 2, "redis://"),
         ("[log]\nformat = \"xml\"\n", 2, "unknown variant"),
+        ("[control]\nruntime = \"cloud\"\n", 2, "unknown variant"),
+        ("[host]\nprocesses = -1\n", 2, "expected u32"),
         ("[proxy\n", 1, ""),
     ];
     for (text, line, words) in cases {
@@ -298,5 +314,25 @@ fn the_payment_realm_is_the_public_mcp_host_never_an_ip() {
         pc.realm = ip.into();
         let e = pc.validate().unwrap_err();
         assert!(e.contains("IP address"), "{ip}: {e}");
+    }
+}
+
+#[test]
+fn a_runtime_host_config_out_of_range_is_refused_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, words) in [
+        ("[host]\nlease_ms = 10\n", "host.lease_ms = 10"),
+        ("[host]\nprocesses = 0\n", "host.processes = 0"),
+        ("[host]\nid = \"a b\"\n", "host.id"),
+    ] {
+        let f = write(&dir, "host.toml", text);
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("check-config")
+            .arg(&f)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "accepted: {text}");
+        assert!(err.contains(words), "for {text:?}: {err}");
     }
 }
