@@ -280,12 +280,29 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     let mut leaving = hosts.remove(h);
     std::thread::sleep(Duration::from_millis(300));
     signal(&leaving.proc.0, "-TERM");
+    // A successor started with the same id at once (a rolling restart that overlaps) runs
+    // nothing until the leaving one is done: it holds no lease before that.
+    let successor = std::thread::spawn({
+        let (dir, url, id) = (dir.clone(), url.clone(), leaving.id.clone());
+        move || {
+            let host = start_host(&dir, &url, &id);
+            (host, Instant::now())
+        }
+    });
     let status = wait_exit(&mut leaving.proc.0, Duration::from_secs(60), "host");
+    let exited_at = Instant::now();
     assert!(
         status.success(),
         "{status}: {}",
         std::fs::read_to_string(&leaving.log).unwrap_or_default()
     );
+    let (mut successor, ready_at) = successor.join().unwrap();
+    assert!(
+        ready_at >= exited_at,
+        "the successor took the lease while its predecessor was still handing over"
+    );
+    signal(&successor.proc.0, "-TERM");
+    assert!(wait_exit(&mut successor.proc.0, Duration::from_secs(60), "successor").success());
     std::thread::sleep(Duration::from_millis(300));
     stop_probe.store(true, Ordering::Release);
     let seen = load.join().unwrap();

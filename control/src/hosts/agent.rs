@@ -31,11 +31,20 @@ pub struct HostAgentConfig {
 /// A deployment's log stream lives this long after its last line.
 const LOG_TTL_SECONDS: i64 = 7 * 24 * 3600;
 
-/// Gives the lease `KEYS[1]` up if it holds token `ARGV[1]`, and marks the host as leaving
-/// (`KEYS[2]`, so control counts a hand-over, not a loss).
+/// Gives the lease `KEYS[1]` up if it holds token `ARGV[1]`: it becomes `leaving:<token>` for
+/// `ARGV[2]` ms (control moves the deployments at once, and a successor with the same id waits
+/// until the hand-over is over), and the host is marked leaving (`KEYS[2]`, so control counts a
+/// hand-over, not a loss).
 const RESIGN: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], '1', 'PX', 120000)
+redis.call('SET', KEYS[1], 'leaving:' .. ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
+/// Frees `KEYS[1]` if it still holds `ARGV[1]` (a host's hand-over mark, at its end).
+const UNMARK: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
 "#;
 
@@ -711,13 +720,19 @@ impl HostAgent {
         }
         let mut c = self.conn.clone();
         let held = self.lease.borrow().clone();
+        let mut leaving = None;
         if let Lease::Held(token) = held {
+            // Kept (as `leaving:`) for the whole hand-over and then some: a successor started
+            // with the same id meanwhile runs nothing until this one is done.
+            let hold = self.cfg.handover + Duration::from_secs(60);
             let resigned = redis::Script::new(RESIGN)
                 .key(self.keys.alive(self.id()))
                 .key(self.keys.leaving(self.id()))
                 .arg(&token)
+                .arg(hold.as_millis() as u64)
                 .invoke_async::<i64>(&mut c)
                 .await;
+            leaving = Some(format!("leaving:{token}"));
             if let Err(e) = resigned {
                 tracing::warn!(error = %e, "runtime host: lease not given up; its deployments move when it expires");
             }
@@ -747,6 +762,13 @@ impl HostAgent {
             .clone()
             .del::<_, ()>(self.keys.state(self.id()))
             .await;
+        if let Some(mark) = leaving {
+            let _ = redis::Script::new(UNMARK)
+                .key(self.keys.alive(self.id()))
+                .arg(mark)
+                .invoke_async::<i64>(&mut self.conn.clone())
+                .await;
+        }
         tracing::info!(host = %self.id(), "runtime host stopped");
     }
 

@@ -87,7 +87,8 @@ return 1
 /// Forgets host `ARGV[1]` if its lease is gone and nothing is assigned to it (one step: a host
 /// that registers again meanwhile stays).
 const FORGET: &str = r#"
-if redis.call('EXISTS', ARGV[2] .. 'alive:' .. ARGV[1]) == 1 then return 0 end
+local lease = redis.call('GET', ARGV[2] .. 'alive:' .. ARGV[1])
+if lease and string.sub(lease, 1, 8) ~= 'leaving:' then return 0 end
 if redis.call('HLEN', ARGV[2] .. 'gens:' .. ARGV[1]) > 0 then return 0 end
 if redis.call('HLEN', ARGV[2] .. 'assign:' .. ARGV[1]) > 0 then return 0 end
 redis.call('DEL', ARGV[2] .. 'state:' .. ARGV[1])
@@ -120,6 +121,11 @@ pub struct HostsRuntime {
     /// This instance holds the rescheduling lease: it alone applies the hosts' events, so
     /// instances never republish one deployment's route in turn.
     leading: std::sync::atomic::AtomicBool,
+}
+
+/// A lease value of a host at work (not one marked `leaving:` by a host handing over).
+fn holds(lease: &str) -> bool {
+    !lease.starts_with("leaving:")
 }
 
 fn io(e: impl std::fmt::Display) -> RuntimeError {
@@ -195,13 +201,13 @@ impl HostsRuntime {
                 tracing::warn!(host = %id, "runtime host record that does not parse; skipped");
                 continue;
             };
-            let (alive, assigned): (bool, u32) = redis::pipe()
-                .exists(self.keys.alive(&id))
+            let (lease, assigned): (Option<String>, u32) = redis::pipe()
+                .get(self.keys.alive(&id))
                 .hlen(self.keys.assign(&id))
                 .query_async(&mut c)
                 .await
                 .map_err(io)?;
-            if alive {
+            if lease.as_deref().is_some_and(holds) {
                 out.push(HostLoad { info, assigned });
             }
         }
@@ -251,9 +257,12 @@ impl HostsRuntime {
         Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
+    /// Whether `host` holds its lease (one handing over does not: it takes no work and its
+    /// deployments move).
     async fn alive(&self, host: &str) -> Result<bool, RuntimeError> {
         let mut c = self.conn.clone();
-        c.exists(self.keys.alive(host)).await.map_err(io)
+        let lease: Option<String> = c.get(self.keys.alive(host)).await.map_err(io)?;
+        Ok(lease.as_deref().is_some_and(holds))
     }
 
     /// The current placement's state, if its host reported on this generation.
