@@ -21,6 +21,15 @@ mod common;
 use common::hosts::*;
 use common::*;
 
+/// The workerd processes whose parent is `pid` (a runtime host's), as `pgrep` lists them.
+fn workerd_of(pid: &str) -> String {
+    let out = std::process::Command::new("pgrep")
+        .args(["-P", pid, "workerd"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// GETs `url` every 5 ms until told to stop: (when, status) of each answer (0: no answer).
 fn probe(
     proxy: SocketAddr,
@@ -265,7 +274,15 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
         wrong.upstreams = vec![free_addr()];
         routes.put(&key, &wrong).await.unwrap();
     });
-    assert_eq!(answers("svc-2").0, 502);
+    // The proxy follows the broken route within milliseconds (the repair needs two rounds).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while answers("svc-2").0 != 502 {
+        assert!(
+            Instant::now() < deadline,
+            "the broken route never reached the proxy"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // The repair (every 500 ms here) puts it back after seeing it in two rounds.
     let deadline = Instant::now() + Duration::from_secs(10);
     while answers("svc-2") != (200, "hello from svc-2".into()) {
@@ -279,27 +296,34 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     let h = hosts.iter().position(|h| h.id == svc1_host).unwrap();
     let mut leaving = hosts.remove(h);
     std::thread::sleep(Duration::from_millis(300));
+    // (What the check below looks for is there now: the leaving host's workerd processes.)
+    assert!(
+        !workerd_of(&leaving.proc.0.id().to_string())
+            .trim()
+            .is_empty()
+    );
     signal(&leaving.proc.0, "-TERM");
-    // A successor started with the same id at once (a rolling restart that overlaps) runs
-    // nothing until the leaving one is done: it holds no lease before that.
+    // A successor started with the same id at once (a rolling restart that overlaps) holds no
+    // lease, so runs nothing, until the leaving one is done: by the time it is ready, its
+    // predecessor runs no workerd process any more.
+    let predecessor = leaving.proc.0.id().to_string();
     let successor = std::thread::spawn({
         let (dir, url, id) = (dir.clone(), url.clone(), leaving.id.clone());
         move || {
             let host = start_host(&dir, &url, &id);
-            (host, Instant::now())
+            (host, workerd_of(&predecessor))
         }
     });
     let status = wait_exit(&mut leaving.proc.0, Duration::from_secs(60), "host");
-    let exited_at = Instant::now();
     assert!(
         status.success(),
         "{status}: {}",
         std::fs::read_to_string(&leaving.log).unwrap_or_default()
     );
-    let (mut successor, ready_at) = successor.join().unwrap();
+    let (mut successor, still_running) = successor.join().unwrap();
     assert!(
-        ready_at >= exited_at,
-        "the successor took the lease while its predecessor was still handing over"
+        still_running.trim().is_empty(),
+        "the successor took the lease while its predecessor still ran workerd: {still_running}"
     );
     signal(&successor.proc.0, "-TERM");
     assert!(wait_exit(&mut successor.proc.0, Duration::from_secs(60), "successor").success());
