@@ -860,23 +860,3 @@ fn workerd_processes_die_with_their_supervisor() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
-
-/// A process killed without a stop leaves its deployment folders (their configs hold secrets):
-/// the next supervisor on that data dir removes them before it runs anything.
-#[test]
-fn a_new_supervisor_removes_the_folders_a_killed_one_left() {
-    let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let stale = dir.path().join("runtime/deployments/d_left");
-    std::fs::create_dir_all(&stale).unwrap();
-    std::fs::write(stale.join("config.capnp"), "SECRET = \"hunter2\"").unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let _guard = rt.enter();
-    let cfg = RuntimeConfig {
-        data_dir: dir.path().join("runtime"),
-        ..RuntimeConfig::default()
-    };
-    let (_sup, _events) = Supervisor::new(cfg, t, Arc::new(Meter::default())).unwrap();
-    assert!(!stale.exists(), "the stale folder is still there");
-    assert!(dir.path().join("runtime/deployments").is_dir());
-}

@@ -100,26 +100,8 @@ impl Supervisor {
         toolchain: Toolchain,
         cpu_sink: Arc<dyn CpuSink>,
     ) -> Result<(Supervisor, mpsc::UnboundedReceiver<RuntimeEvent>), RuntimeError> {
-        let deployments = cfg.data_dir.join("deployments");
-        std::fs::create_dir_all(&deployments)
+        std::fs::create_dir_all(cfg.data_dir.join("deployments"))
             .map_err(|e| RuntimeError::Io(format!("{}: {e}", cfg.data_dir.display())))?;
-        // What a predecessor killed without a stop left behind (its configs hold secrets): a
-        // new supervisor runs nothing yet, and writes a fresh folder for each start.
-        let mut stale = 0;
-        for entry in std::fs::read_dir(&deployments)
-            .map_err(|e| RuntimeError::Io(format!("{}: {e}", deployments.display())))?
-            .flatten()
-        {
-            if std::fs::remove_dir_all(entry.path()).is_ok() {
-                stale += 1;
-            }
-        }
-        if stale > 0 {
-            tracing::info!(
-                folders = stale,
-                "runtime: removed the deployment folders a previous process left"
-            );
-        }
         let group = format!("tollgate-{}", std::process::id());
         let cgroups = CgroupRoots::detect(cfg.cgroups, &group);
         tracing::info!(?cgroups, "runtime: cgroup support");
