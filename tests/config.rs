@@ -323,6 +323,10 @@ fn a_runtime_host_config_out_of_range_is_refused_with_its_key() {
     for (text, words) in [
         ("[host]\nlease_ms = 10\n", "host.lease_ms = 10"),
         ("[host]\nprocesses = 0\n", "host.processes = 0"),
+        (
+            "[host]\nhandover_seconds = 7200\n",
+            "host.handover_seconds = 7200",
+        ),
         ("[host]\nid = \"a b\"\n", "host.id"),
     ] {
         let f = write(&dir, "host.toml", text);

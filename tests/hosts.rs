@@ -688,11 +688,12 @@ fn a_host_cut_off_from_redis_stops_its_processes_and_its_deployments_move() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         use redis::Commands;
-        let alive: bool = redis
+        let lease: Option<String> = redis
             .conn()
-            .exists(HostKeys::new("tollgate").alive("rt-a"))
+            .get(HostKeys::new("tollgate").alive("rt-a"))
             .unwrap();
-        if alive {
+        // A token, not a hand-over's `leaving:` mark.
+        if lease.is_some_and(|l| !l.starts_with("leaving:")) {
             break;
         }
         assert!(a.proc.0.try_wait().unwrap().is_none(), "rt-a exited");

@@ -142,6 +142,12 @@ impl HostConfig {
                 self.lease_ms
             ));
         }
+        if self.handover_seconds > 3600 {
+            return Err(format!(
+                "host.handover_seconds = {}: expected at most 3600",
+                self.handover_seconds
+            ));
+        }
         if self.processes == 0 {
             return Err("host.processes = 0: a host must run at least one deployment".into());
         }

@@ -37,7 +37,7 @@ const LOG_TTL_SECONDS: i64 = 7 * 24 * 3600;
 /// hand-over, not a loss).
 const RESIGN: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], '1', 'PX', 120000)
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 redis.call('SET', KEYS[1], 'leaving:' .. ARGV[1], 'PX', ARGV[2])
 return 1
 "#;
@@ -722,14 +722,16 @@ impl HostAgent {
         let held = self.lease.borrow().clone();
         let mut leaving = None;
         if let Lease::Held(token) = held {
-            // Kept (as `leaving:`) for the whole hand-over and then some: a successor started
-            // with the same id meanwhile runs nothing until this one is done.
-            let hold = self.cfg.handover + Duration::from_secs(60);
+            // Kept (as `leaving:`, renewed below for a lease at a time) while this process
+            // hands over and stops: a successor started with the same id meanwhile runs nothing
+            // until this one is done, or gone (the mark then runs out within a lease).
+            let counted = self.cfg.handover + Duration::from_secs(60);
             let resigned = redis::Script::new(RESIGN)
                 .key(self.keys.alive(self.id()))
                 .key(self.keys.leaving(self.id()))
                 .arg(&token)
-                .arg(hold.as_millis() as u64)
+                .arg(self.cfg.lease.as_millis() as u64)
+                .arg(counted.as_millis() as u64)
                 .invoke_async::<i64>(&mut c)
                 .await;
             leaving = Some(format!("leaving:{token}"));
@@ -744,19 +746,25 @@ impl HostAgent {
             .filter_map(|id| self.sup.status(id).and_then(|s| s.addr))
             .collect();
         tracing::info!(host = %self.id(), deployments = ids.len(), "runtime host stopping: handing its deployments over");
-        while !ids.is_empty() && Instant::now() < until {
-            match self.handed_over(&ids, &mine).await {
-                Ok(true) => break,
-                Ok(false) => {}
-                // Asked again until the deadline: stopping early would drop requests.
-                Err(e) => tracing::warn!(error = %e, "runtime host: hand-over not observed yet"),
+        let wait = async {
+            while !ids.is_empty() && Instant::now() < until {
+                let deadline = tokio::time::Instant::from_std(until);
+                match tokio::time::timeout_at(deadline, self.handed_over(&ids, &mine)).await {
+                    Ok(Ok(true)) => break,
+                    Ok(Ok(false)) | Err(_) => {}
+                    // Asked again until the deadline: stopping early would drop requests.
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "runtime host: hand-over not observed yet");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
+        self.while_marked(&leaving, wait).await;
         self.publish_logs().await;
         // Drained: the routes have moved, requests in flight finish.
-        let stops = ids.iter().map(|id| self.sup.remove(id, true));
-        futures_util::future::join_all(stops).await;
+        let stops = futures_util::future::join_all(ids.iter().map(|id| self.sup.remove(id, true)));
+        self.while_marked(&leaving, stops).await;
         let _ = self
             .conn
             .clone()
@@ -770,6 +778,45 @@ impl HostAgent {
                 .await;
         }
         tracing::info!(host = %self.id(), "runtime host stopped");
+    }
+
+    /// Runs `work` with this host's `leaving:` mark (if any) renewed meanwhile.
+    async fn while_marked<T>(
+        &self,
+        mark: &Option<String>,
+        work: impl std::future::Future<Output = T>,
+    ) {
+        match mark {
+            Some(mark) => {
+                tokio::select! {
+                    _ = work => {}
+                    _ = self.keep_mark(mark) => {}
+                }
+            }
+            None => {
+                work.await;
+            }
+        }
+    }
+
+    /// Renews this host's `leaving:` mark (`mark`) every quarter lease while it is still ours;
+    /// never returns while it is.
+    async fn keep_mark(&self, mark: &str) {
+        let mut c = self.conn.clone();
+        loop {
+            tokio::time::sleep(self.cfg.lease / 4).await;
+            let renewed = redis::Script::new(RENEW)
+                .key(self.keys.alive(self.id()))
+                .arg(mark)
+                .arg(self.cfg.lease.as_millis() as u64)
+                .invoke_async::<i64>(&mut c)
+                .await;
+            if let Ok(0) = renewed {
+                // Gone (expired while Redis was away): a successor may hold the id now.
+                tracing::warn!(host = %self.id(), "runtime host: its hand-over mark ran out");
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Whether each of `ids` runs on another host (or was removed) and no route points at one
