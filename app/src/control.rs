@@ -26,12 +26,30 @@ pub fn runtime(
     tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
     Toolchain,
 )> {
+    runtime_in(
+        settings,
+        cpu,
+        settings.config.control.data_dir.join("runtime"),
+    )
+}
+
+/// [`runtime`], its deployment folders under `data_dir` (a runtime host: one of its own, so
+/// hosts sharing a machine and a `control.data_dir` never share a deployment's folder).
+pub fn runtime_in(
+    settings: &Settings,
+    cpu: Arc<dyn CpuSink>,
+    data_dir: std::path::PathBuf,
+) -> anyhow::Result<(
+    Supervisor,
+    tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    Toolchain,
+)> {
     let cfg = &settings.config;
     let toolchain = Toolchain::ensure(&cfg.control.toolchain_dir)
         .with_context(|| "the JS toolchain (control.toolchain_dir)".to_string())?;
     tracing::info!(workerd = %toolchain.workerd_version, esbuild = %toolchain.esbuild_version, "JS toolchain ready");
     let rt = RuntimeConfig {
-        data_dir: cfg.control.data_dir.join("runtime"),
+        data_dir,
         idle_timeout: (cfg.control.idle_stop_seconds > 0)
             .then(|| std::time::Duration::from_secs(cfg.control.idle_stop_seconds)),
         listen_ip: cfg.control.runtime_ip,

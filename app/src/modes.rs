@@ -486,7 +486,11 @@ async fn start_runtime_host(
         tracing::warn!("metering.enabled = false: this host's CPU is charged to nobody");
         Arc::new(tollgate_runtime::NoCpuSink)
     };
-    let (sup, events, _toolchain) = runtime(settings, cpu)?;
+    let (sup, events, _toolchain) = crate::control::runtime_in(
+        settings,
+        cpu,
+        cfg.control.data_dir.join("runtime").join(&host_id),
+    )?;
     sup.register_metrics(&registry)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     parts.sup = Some(sup.clone());
