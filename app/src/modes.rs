@@ -201,9 +201,12 @@ async fn open_money(settings: &Settings, retry_for: Duration) -> anyhow::Result<
     }
 }
 
-/// `tollgate control`: the control service, its runtime and a metering node for CPU, until a
-/// signal.
-pub fn run_control(settings: Settings) -> anyhow::Result<()> {
+/// What `control` and `runtime` need before anything starts: the data dir (created) and a
+/// Redis (`why` says what for).
+fn data_dir_and_redis(
+    settings: &Settings,
+    why: &str,
+) -> anyhow::Result<tollgate_proxy::RedisConfig> {
     let cfg = &settings.config;
     std::fs::create_dir_all(&cfg.control.data_dir).with_context(|| {
         format!(
@@ -211,10 +214,15 @@ pub fn run_control(settings: Settings) -> anyhow::Result<()> {
             cfg.control.data_dir.display()
         )
     })?;
-    let redis = cfg
-        .redis
+    cfg.redis
         .clone()
-        .context("the control service keeps its state in Redis: configure [redis] url (or TOLLGATE_REDIS_URL)")?;
+        .with_context(|| format!("{why}: configure [redis] url (or TOLLGATE_REDIS_URL)"))
+}
+
+/// `tollgate control`: the control service, its runtime and a metering node for CPU, until a
+/// signal.
+pub fn run_control(settings: Settings) -> anyhow::Result<()> {
+    let redis = data_dir_and_redis(&settings, "the control service keeps its state in Redis")?;
     let rt = runtime_for("tollgate")?;
     let handle = rt.handle().clone();
     let result = rt.block_on(async move {
@@ -388,16 +396,7 @@ fn cpu_node(
 /// (docs/scale-out.md).
 pub fn run_runtime(settings: Settings) -> anyhow::Result<()> {
     let cfg = &settings.config;
-    std::fs::create_dir_all(&cfg.control.data_dir).with_context(|| {
-        format!(
-            "cannot create the data dir {} (control.data_dir)",
-            cfg.control.data_dir.display()
-        )
-    })?;
-    let redis = cfg
-        .redis
-        .clone()
-        .context("a runtime host takes its deployments from Redis: configure [redis] url (or TOLLGATE_REDIS_URL)")?;
+    let redis = data_dir_and_redis(&settings, "a runtime host takes its deployments from Redis")?;
     // Routes point proxies at this address: a loopback one would send every proxy to its own
     // machine (to whatever listens there) as soon as they run elsewhere.
     let redis_local = match redis_host(&redis.url) {
