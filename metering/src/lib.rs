@@ -3,6 +3,7 @@
 //! settlement/credits that are idempotent by keys the caller persists first. No Pingora here.
 //! Operators: docs/money.md.
 
+pub mod cluster_store;
 pub mod embedded;
 pub mod journal;
 pub mod money;
@@ -12,6 +13,7 @@ pub mod store;
 pub mod types;
 pub mod units;
 
+pub use cluster_store::{ClusterStore, DEFAULT_SHARDS, shard_of};
 pub use embedded::EmbeddedStore;
 pub use journal::{Journal, JournalContent, JournalError, KeptBatch, parse_journal};
 pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};

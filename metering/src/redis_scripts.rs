@@ -1,10 +1,23 @@
 //! The Redis backend's Lua scripts: each money operation is one script, so it is atomic and
 //! either fully applied or not at all (see `redis_store` for what calls them, and docs/money.md
-//! for the keys).
+//! for the keys). Each script is compiled behind a header that sets `SHARDED` (see
+//! [`header`]): false on one Redis, true for the shards of a Redis Cluster.
+
+/// The first line of every script: whether it runs in a shard of a cluster.
+pub(crate) fn header(sharded: bool) -> String {
+    format!("local SHARDED = {sharded}\n")
+}
 
 /// Shared Lua: recompute status, bump the version, publish the change. `acct` is the hash key,
 /// `id` the account id. Returns the new version.
 pub(crate) const LUA_COMMON: &str = r#"
+-- `p` is the key prefix: the whole store's on one Redis, one shard's (`{prefix:m<n>}`, a hash
+-- tag, so every key a script touches is in one slot) on a cluster, whose feed is the shard's
+-- sharded channel.
+local function feed(p, msg)
+  if SHARDED then redis.call('SPUBLISH', p .. ':events', msg)
+  else redis.call('PUBLISH', p .. ':accounts:events', msg) end
+end
 local function touch(p, id, acct)
   local avail = redis.call('HGET', acct, 'avail') or '0'
   local status = 'active'
@@ -12,7 +25,7 @@ local function touch(p, id, acct)
   redis.call('HSET', acct, 'status', status)
   local ver = redis.call('HINCRBY', acct, 'ver', 1)
   local t = redis.call('TIME')
-  redis.call('PUBLISH', p .. ':accounts:events',
+  feed(p,
     '{"account":' .. cjson.encode(id) .. ',"version":' .. ver .. ',"available":' .. avail ..
     ',"status":"' .. status .. '","at_us":' .. t[1] .. string.format('%06d', tonumber(t[2])) .. '}')
   return {avail, status, ver}
@@ -28,6 +41,9 @@ local floor = tonumber(ARGV[2] or '0')
 if tonumber(redis.call('GET', KEYS[1]) or '0') < floor then redis.call('SET', KEYS[1], floor) end
 local e = redis.call('INCR', KEYS[1])
 while redis.call('EXISTS', ARGV[1] .. e) == 1 do e = redis.call('INCR', KEYS[1]) end
+-- On a cluster the incarnation's marks live in the shards: a key beside the counter says the
+-- epoch was handed out.
+if SHARDED then redis.call('SET', ARGV[1] .. e, '1') end
 return e
 "#;
 
@@ -45,7 +61,10 @@ if seq <= hwm then
   end
   return {'STALE', tostring(hwm)}
 end
-if seq ~= hwm + 1 then return {'GAP', tostring(hwm + 1)} end
+-- One Redis sees every batch of an incarnation, in order. A shard sees only the batches with
+-- lines for it: later ones skip seqs, and `seq > hwm` (the agent sends one batch at a time) is
+-- what makes it applied at most once.
+if not SHARDED and seq ~= hwm + 1 then return {'GAP', tostring(hwm + 1)} end
 local released = redis.call('HGET', inc, 'released')
 local t = redis.call('TIME')
 -- When the change happened, on the store's clock: receivers measure the feed's lag with it.
@@ -114,7 +133,7 @@ end
 if #lines > 0 then
   redis.call('XADD', p .. ':ledger', '*', 'kind', 'settle', 'key', key,
     'lines', '[' .. table.concat(lines, ',') .. ']')
-  redis.call('PUBLISH', p .. ':accounts:events', '[' .. table.concat(changes, ',') .. ']')
+  feed(p, '[' .. table.concat(changes, ',') .. ']')
 end
 local reply = '[' .. table.concat(out, ',') .. ']'
 redis.call('HSET', inc, 'hwm', ARGV[4], 'digest', digest, 'reply', reply)
@@ -275,4 +294,24 @@ if last[1] then id = last[1][1] end
 local out = {tostring(declared), booked, id, redis.call('GET', KEYS[4]) or ''}
 for i = 5, #KEYS do out[#out + 1] = redis.call('HGET', KEYS[i], 'hwm') or '0' end
 return out
+"#;
+
+/// Cluster only: pins an idempotency key (credit or charge) to one account and amount, in the
+/// key's own shard, before the account's shard applies it. KEYS[1] is the shard's `claims`
+/// hash; ARGV: field (`credit:<key>` or `charge:<key>`), `id|amount`.
+pub(crate) const CLAIM: &str = r#"
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
+if prev then
+  if prev ~= ARGV[2] then return {'MISMATCH', prev} end
+  return {'OK'}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return {'OK'}
+"#;
+
+/// Cluster only: takes back a claim an all-or-nothing charge made and did not use (too
+/// little money), so that the key may later be charged for another amount, as on one Redis.
+pub(crate) const UNCLAIM: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
 "#;

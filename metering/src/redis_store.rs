@@ -21,15 +21,15 @@ use tokio::sync::broadcast;
 
 use crate::redis_scripts::{
     BEGIN, BOOK_MARKS, CHARGE, CREDIT, GENERATION, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE,
-    SETTLE,
+    SETTLE, header,
 };
 use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
 };
 use crate::types::{
     AccountChange, AccountState, BookMarks, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
-    DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerPos, SettleBatch, SettleError,
-    SettleOutcome, Status,
+    DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerPos, SettleBatch, SettleEntry,
+    SettleError, SettleOutcome, Status,
 };
 
 pub use restore::{RestoreReport, RestoreSet};
@@ -136,7 +136,7 @@ impl RedisStore {
 
 /// The ledger lines of one stream entry: a settle batch has one line per account (`lines`),
 /// the other kinds one.
-fn ledger_lines(id: &redis::streams::StreamId) -> Result<Vec<LedgerEntry>, StoreError> {
+pub(crate) fn ledger_lines(id: &redis::streams::StreamId) -> Result<Vec<LedgerEntry>, StoreError> {
     #[derive(serde::Deserialize)]
     struct Line {
         account: String,
@@ -201,7 +201,12 @@ pub struct RedisStore {
     _alive: std::sync::Arc<()>,
 }
 
-fn unavailable(e: redis::RedisError) -> StoreError {
+/// A money script: the `SHARDED` header, then its parts.
+pub(crate) fn script(sharded: bool, parts: &[&str]) -> redis::Script {
+    redis::Script::new(&format!("{}{}", header(sharded), parts.concat()))
+}
+
+pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
@@ -228,11 +233,11 @@ impl RedisStore {
             prefix: prefix.to_owned(),
             lease_ttl,
             ledger_retention: DEFAULT_LEDGER_RETENTION,
-            settle: redis::Script::new(&format!("{LUA_COMMON}{SETTLE}")),
-            credit: redis::Script::new(&format!("{LUA_COMMON}{CREDIT}")),
-            charge: redis::Script::new(&format!("{LUA_COMMON}{CHARGE}")),
-            release: redis::Script::new(&format!("{LUA_COMMON}{LUA_RETURN_LEASE}{RELEASE}")),
-            reap: redis::Script::new(&format!("{LUA_COMMON}{LUA_RETURN_LEASE}{REAP}")),
+            settle: script(false, &[LUA_COMMON, SETTLE]),
+            credit: script(false, &[LUA_COMMON, CREDIT]),
+            charge: script(false, &[LUA_COMMON, CHARGE]),
+            release: script(false, &[LUA_COMMON, LUA_RETURN_LEASE, RELEASE]),
+            reap: script(false, &[LUA_COMMON, LUA_RETURN_LEASE, REAP]),
             book_marks: redis::Script::new(BOOK_MARKS),
             feed,
             _alive: alive.clone(),
@@ -249,6 +254,122 @@ impl RedisStore {
     fn acct_key(&self, id: &str) -> String {
         format!("{}:acct:{id}", self.prefix)
     }
+}
+
+/// A batch's entries as the settle script reads them: amounts as strings (exact in JSON).
+pub(crate) fn entries_json(entries: &[SettleEntry]) -> Result<String, SettleError> {
+    #[derive(serde::Serialize)]
+    struct E<'a> {
+        account: &'a str,
+        cost: String,
+        give_back: String,
+        ask: String,
+        requests: String,
+        cpu_us: String,
+        deploys: String,
+        rows_read: String,
+        rows_written: String,
+    }
+    let entries: Vec<E> = entries
+        .iter()
+        .map(|e| E {
+            account: &e.account,
+            cost: e.cost.to_string(),
+            give_back: e.give_back.to_string(),
+            ask: e.ask.to_string(),
+            requests: e.usage.requests.to_string(),
+            cpu_us: e.usage.cpu_us.to_string(),
+            deploys: e.usage.deploys.to_string(),
+            rows_read: e.usage.rows_read.to_string(),
+            rows_written: e.usage.rows_written.to_string(),
+        })
+        .collect();
+    serde_json::to_string(&entries).map_err(|e| SettleError::Invalid(e.to_string()))
+}
+
+/// What the settle script answered, for batch `seq`.
+pub(crate) fn settle_reply(seq: u64, reply: &[String]) -> Result<SettleOutcome, SettleError> {
+    let tag = reply.first().map(String::as_str).unwrap_or("");
+    let body = reply.get(1).map(String::as_str).unwrap_or("");
+    let grants = || -> Result<Vec<LeaseGrant>, SettleError> {
+        serde_json::from_str(body).map_err(|e| SettleError::Unavailable(format!("bad reply: {e}")))
+    };
+    match tag {
+        "OK" => Ok(SettleOutcome::Applied(grants()?)),
+        "DUP" => Ok(SettleOutcome::Duplicate(grants()?)),
+        "MISMATCH" => Err(SettleError::Mismatch { seq }),
+        "STALE" => Err(SettleError::Stale {
+            seq,
+            hwm: body.parse().unwrap_or(0),
+        }),
+        "OVERFLOW" => Err(SettleError::Invalid(format!(
+            "account {body}: lifetime debits would pass the 64-bit limit"
+        ))),
+        "GAP" => Err(SettleError::Gap {
+            expected: body.parse().unwrap_or(0),
+            got: seq,
+        }),
+        other => Err(SettleError::Unavailable(format!(
+            "unexpected reply {other}"
+        ))),
+    }
+}
+
+/// What the credit script answered: applied (`false`: the key was credited before).
+pub(crate) fn credit_reply(key: &str, reply: &[String]) -> Result<bool, CreditError> {
+    let applied = match reply.first().map(String::as_str) {
+        Some("OK") => true,
+        Some("DUP") => false,
+        Some("OVERFLOW") => {
+            return Err(CreditError::Invalid(
+                "lifetime credits of this account would pass the 64-bit limit".into(),
+            ));
+        }
+        Some("MISMATCH") => {
+            let stored = reply
+                .get(1)
+                .and_then(|s| s.rsplit('|').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            return Err(CreditError::Mismatch {
+                key: key.to_owned(),
+                stored,
+            });
+        }
+        _ => return Err(CreditError::Unavailable("unexpected reply".into())),
+    };
+    Ok(applied)
+}
+
+/// What the charge script answered: (applied, taken).
+pub(crate) fn charge_reply(key: &str, reply: &[String]) -> Result<(bool, i64), ChargeError> {
+    let number = |i: usize| -> Result<i64, ChargeError> {
+        reply
+            .get(i)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ChargeError::Unavailable("unexpected reply".into()))
+    };
+    let (applied, taken) = match reply.first().map(String::as_str) {
+        Some("OK") => (true, number(1)?),
+        Some("DUP") => (false, number(1)?),
+        Some("INSUFFICIENT") => {
+            return Err(ChargeError::Insufficient {
+                available: number(1)?,
+            });
+        }
+        Some("MISMATCH") => {
+            return Err(ChargeError::Mismatch {
+                key: key.to_owned(),
+            });
+        }
+        Some("OVERFLOW") => {
+            return Err(ChargeError::Invalid(
+                "lifetime debits of this account would pass the 64-bit limit".into(),
+            ));
+        }
+        _ => return Err(ChargeError::Unavailable("unexpected reply".into())),
+    };
+    Ok((applied, taken))
 }
 
 /// One change-feed message: a settle publishes one array per batch, other operations one
@@ -310,7 +431,10 @@ async fn feed_loop(
     }
 }
 
-fn parse_state(id: &str, v: Vec<Option<String>>) -> Result<Option<AccountState>, StoreError> {
+pub(crate) fn parse_state(
+    id: &str,
+    v: Vec<Option<String>>,
+) -> Result<Option<AccountState>, StoreError> {
     if v.iter().all(Option::is_none) {
         return Ok(None);
     }
@@ -337,7 +461,7 @@ fn parse_state(id: &str, v: Vec<Option<String>>) -> Result<Option<AccountState>,
     }))
 }
 
-const FIELDS: [&str; 6] = ["credited", "debited", "avail", "leased", "status", "ver"];
+pub(crate) const FIELDS: [&str; 6] = ["credited", "debited", "avail", "leased", "status", "ver"];
 
 #[async_trait]
 impl Store for RedisStore {
@@ -350,7 +474,7 @@ impl Store for RedisStore {
         // Never an epoch whose incarnation the store already knows (a counter restored by
         // `book rebuild` may lag a journal it was not given; the next number is fresh), nor
         // one at or below `floor`.
-        let epoch: u64 = redis::Script::new(BEGIN)
+        let epoch: u64 = script(false, &[BEGIN])
             .key(format!("{}:epoch:{node_id}", self.prefix))
             .arg(format!("{}:inc:{node_id}:", self.prefix))
             .arg(floor)
@@ -365,35 +489,7 @@ impl Store for RedisStore {
 
     async fn settle(&self, batch: &SettleBatch) -> Result<SettleOutcome, SettleError> {
         validate_batch(batch)?;
-        #[derive(serde::Serialize)]
-        struct E<'a> {
-            account: &'a str,
-            cost: String,
-            give_back: String,
-            ask: String,
-            requests: String,
-            cpu_us: String,
-            deploys: String,
-            rows_read: String,
-            rows_written: String,
-        }
-        let entries: Vec<E> = batch
-            .entries
-            .iter()
-            .map(|e| E {
-                account: &e.account,
-                cost: e.cost.to_string(),
-                give_back: e.give_back.to_string(),
-                ask: e.ask.to_string(),
-                requests: e.usage.requests.to_string(),
-                cpu_us: e.usage.cpu_us.to_string(),
-                deploys: e.usage.deploys.to_string(),
-                rows_read: e.usage.rows_read.to_string(),
-                rows_written: e.usage.rows_written.to_string(),
-            })
-            .collect();
-        let json =
-            serde_json::to_string(&entries).map_err(|e| SettleError::Invalid(e.to_string()))?;
+        let json = entries_json(&batch.entries)?;
         let mut c = self.conn.clone();
         let reply: Vec<String> = self
             .settle
@@ -407,31 +503,7 @@ impl Store for RedisStore {
             .invoke_async(&mut c)
             .await
             .map_err(|e| SettleError::Unavailable(e.to_string()))?;
-        let tag = reply.first().map(String::as_str).unwrap_or("");
-        let body = reply.get(1).map(String::as_str).unwrap_or("");
-        let grants = || -> Result<Vec<LeaseGrant>, SettleError> {
-            serde_json::from_str(body)
-                .map_err(|e| SettleError::Unavailable(format!("bad reply: {e}")))
-        };
-        match tag {
-            "OK" => Ok(SettleOutcome::Applied(grants()?)),
-            "DUP" => Ok(SettleOutcome::Duplicate(grants()?)),
-            "MISMATCH" => Err(SettleError::Mismatch { seq: batch.seq }),
-            "STALE" => Err(SettleError::Stale {
-                seq: batch.seq,
-                hwm: body.parse().unwrap_or(0),
-            }),
-            "OVERFLOW" => Err(SettleError::Invalid(format!(
-                "account {body}: lifetime debits would pass the 64-bit limit"
-            ))),
-            "GAP" => Err(SettleError::Gap {
-                expected: body.parse().unwrap_or(0),
-                got: batch.seq,
-            }),
-            other => Err(SettleError::Unavailable(format!(
-                "unexpected reply {other}"
-            ))),
-        }
+        settle_reply(batch.seq, &reply)
     }
 
     async fn release(&self, inc: &Incarnation) -> Result<u64, StoreError> {
@@ -462,27 +534,7 @@ impl Store for RedisStore {
             .invoke_async(&mut c)
             .await
             .map_err(|e| CreditError::Unavailable(e.to_string()))?;
-        let applied = match reply.first().map(String::as_str) {
-            Some("OK") => true,
-            Some("DUP") => false,
-            Some("OVERFLOW") => {
-                return Err(CreditError::Invalid(
-                    "lifetime credits of this account would pass the 64-bit limit".into(),
-                ));
-            }
-            Some("MISMATCH") => {
-                let stored = reply
-                    .get(1)
-                    .and_then(|s| s.rsplit('|').next())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                return Err(CreditError::Mismatch {
-                    key: key.to_owned(),
-                    stored,
-                });
-            }
-            _ => return Err(CreditError::Unavailable("unexpected reply".into())),
-        };
+        let applied = credit_reply(key, &reply)?;
         let state = self
             .account(account)
             .await
@@ -515,32 +567,7 @@ impl Store for RedisStore {
             .invoke_async(&mut c)
             .await
             .map_err(|e| ChargeError::Unavailable(e.to_string()))?;
-        let number = |i: usize| -> Result<i64, ChargeError> {
-            reply
-                .get(i)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| ChargeError::Unavailable("unexpected reply".into()))
-        };
-        let (applied, taken) = match reply.first().map(String::as_str) {
-            Some("OK") => (true, number(1)?),
-            Some("DUP") => (false, number(1)?),
-            Some("INSUFFICIENT") => {
-                return Err(ChargeError::Insufficient {
-                    available: number(1)?,
-                });
-            }
-            Some("MISMATCH") => {
-                return Err(ChargeError::Mismatch {
-                    key: key.to_owned(),
-                });
-            }
-            Some("OVERFLOW") => {
-                return Err(ChargeError::Invalid(
-                    "lifetime debits of this account would pass the 64-bit limit".into(),
-                ));
-            }
-            _ => return Err(ChargeError::Unavailable("unexpected reply".into())),
-        };
+        let (applied, taken) = charge_reply(key, &reply)?;
         let state = self
             .account(account)
             .await

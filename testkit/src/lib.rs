@@ -16,8 +16,10 @@ use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
 
+mod cluster;
 mod cut;
 mod postgres;
+pub use cluster::RedisCluster;
 pub use cut::TcpCut;
 pub use postgres::{PostgresServer, pg_bin_dir};
 

@@ -24,6 +24,11 @@ pub async fn node(url: &str, name: &str, dir: &tempfile::TempDir) -> Node {
             .await
             .unwrap(),
     );
+    node_on(store, name, dir).await
+}
+
+/// A node named `name` on a given store (a Redis Cluster's, say).
+pub async fn node_on(store: Arc<dyn Store>, name: &str, dir: &tempfile::TempDir) -> Node {
     let cache = BalanceCache::new(Prices::default());
     let cfg = AgentConfig::new(name, dir.path().join(format!("{name}.journal")));
     let metrics = CacheMetrics::new(&prometheus::Registry::new()).unwrap();

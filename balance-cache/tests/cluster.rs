@@ -1,0 +1,233 @@
+//! Metering nodes on a real Redis Cluster (3 masters, 3 replicas): money split over shards,
+//! the sharded change feed, and a master failed over and killed under load.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{PRICE, node_on};
+use tollgate_balance_cache::Spend;
+use tollgate_metering::{ClusterStore, Status, Store, shard_of};
+use tollgate_testkit::RedisCluster;
+
+const USD: i64 = 1_000_000_000_000;
+const SHARDS: u32 = 16;
+
+async fn store(cluster: &RedisCluster) -> Arc<dyn Store> {
+    Arc::new(
+        ClusterStore::connect(&cluster.urls(), "tollgate", Duration::from_secs(10), SHARDS)
+            .await
+            .unwrap(),
+    )
+}
+
+/// A credit as payments make it: retried while the store answers `Unavailable` (a write
+/// no replica acknowledged yet is not acknowledged).
+async fn credit(store: &Arc<dyn Store>, account: &str, key: &str, amount: i64) {
+    let t = Instant::now();
+    loop {
+        match store.credit(account, key, amount).await {
+            Ok(_) => return,
+            Err(tollgate_metering::CreditError::Unavailable(e))
+                if t.elapsed() < Duration::from_secs(20) =>
+            {
+                println!("credit {key}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("credit {key}: {e}"),
+        }
+    }
+}
+
+/// Spends on every account, from every node, until `stop`; counts each paid request per
+/// account.
+fn load(
+    nodes: &[common::Node],
+    accounts: &[String],
+    stop: &Arc<AtomicBool>,
+) -> (
+    Vec<tokio::task::JoinHandle<()>>,
+    Arc<HashMap<String, AtomicU64>>,
+) {
+    let paid: Arc<HashMap<String, AtomicU64>> = Arc::new(
+        accounts
+            .iter()
+            .map(|a| (a.clone(), AtomicU64::new(0)))
+            .collect(),
+    );
+    let mut tasks = Vec::new();
+    for n in nodes {
+        let (cache, stop, paid, accounts) = (
+            n.cache.clone(),
+            stop.clone(),
+            paid.clone(),
+            accounts.to_vec(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let a = &accounts[i % accounts.len()];
+                if cache.try_spend_request(a) == Spend::Ok {
+                    paid[a].fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+                if i.is_multiple_of(32) {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+        }));
+    }
+    (tasks, paid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_failed_over_and_another_killed_under_load_lose_and_double_nothing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let mut cluster = RedisCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = store(&cluster).await;
+    // Twelve accounts over several shards, so every master holds some.
+    let accounts: Vec<String> = (0..12).map(|i| format!("acct{i}")).collect();
+    let shards: std::collections::HashSet<u32> =
+        accounts.iter().map(|a| shard_of(a, SHARDS)).collect();
+    assert!(
+        shards.len() >= 6,
+        "accounts in {} shards only",
+        shards.len()
+    );
+    for a in &accounts {
+        credit(&admin, a, &format!("v1:{a}"), USD).await;
+    }
+    let nodes = vec![
+        node_on(store(&cluster).await, "a", &dir).await,
+        node_on(store(&cluster).await, "b", &dir).await,
+        node_on(store(&cluster).await, "c", &dir).await,
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, paid) = load(&nodes, &accounts, &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // An operator's failover (maintenance): the replica takes over, nothing is lost.
+    let masters = cluster.masters();
+    let promoted = cluster.failover(masters[0]);
+    println!("failed over {} to {promoted}", masters[0]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A master killed: its replica takes over after the node timeout (2 s).
+    let victim = masters[1];
+    let t = Instant::now();
+    let promoted = cluster.kill(victim);
+    println!("killed {victim}; {promoted} master after {:?}", t.elapsed());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    cluster.start_again(victim);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+    let mut total = 0;
+    let ledger = admin.ledger().await.unwrap();
+    for a in &accounts {
+        let paid = paid[a].load(Ordering::Relaxed) as i64;
+        total += paid;
+        let st = admin.account(a).await.unwrap().unwrap();
+        assert!(st.holds_invariant(), "{st:?}");
+        assert_eq!(st.credited, USD);
+        assert_eq!(st.leased, 0, "{a}: every lease returned");
+        assert_eq!(
+            st.debited,
+            paid * PRICE,
+            "{a}: paid {paid} requests, debited {} p$",
+            st.debited
+        );
+        let requests: u64 = ledger
+            .iter()
+            .filter(|e| &e.account == a)
+            .map(|e| e.requests)
+            .sum();
+        assert_eq!(
+            requests as i64, paid,
+            "{a}: the ledger counts each request once"
+        );
+    }
+    println!("{total} paid requests over {} accounts", accounts.len());
+    assert!(total > 2_000, "too little load: {total}");
+}
+
+/// Spends until the account stays suspended for 300 ms; returns how many requests were paid.
+async fn hammer(cache: Arc<tollgate_balance_cache::BalanceCache>, account: &'static str) -> u64 {
+    let mut paid = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut suspended_since: Option<Instant> = None;
+    loop {
+        assert!(Instant::now() < deadline, "never suspended");
+        match cache.try_spend_request(account) {
+            Spend::Ok => {
+                paid += 1;
+                suspended_since = None;
+            }
+            Spend::Suspended => {
+                let since = *suspended_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    return paid;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(20), cache.changed()).await;
+            }
+            Spend::Pending => {
+                let _ = tokio::time::timeout(Duration::from_millis(20), cache.changed()).await;
+            }
+            Spend::Unavailable => panic!("store is up"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspension_and_resumption_reach_every_node_through_the_sharded_feed() {
+    let cluster = RedisCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = store(&cluster).await;
+    credit(&admin, "acct", "v1", 1_000 * PRICE).await;
+    let a = node_on(store(&cluster).await, "a", &dir).await;
+    let b = node_on(store(&cluster).await, "b", &dir).await;
+    assert!(matches!(b.cache.try_spend_request("acct"), Spend::Pending));
+    // A spends all it can get, then B what it holds; each hears of the other's changes.
+    let paid =
+        (hammer(a.cache.clone(), "acct").await + hammer(b.cache.clone(), "acct").await) as i64;
+    let t = Instant::now();
+    while b.cache.try_spend_request("acct") != Spend::Suspended
+        || a.cache.try_spend_request("acct") != Spend::Suspended
+    {
+        assert!(t.elapsed() < Duration::from_secs(2), "suspension not seen");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(paid > 0);
+    let st = admin.account("acct").await.unwrap().unwrap();
+    assert_eq!(st.status, Status::Suspended);
+    credit(&admin, "acct", "v2", 10_000 * PRICE).await;
+    let t = Instant::now();
+    while a.cache.is_suspended("acct") != Some(false) || b.cache.is_suspended("acct") != Some(false)
+    {
+        assert!(t.elapsed() < Duration::from_secs(2), "resumption not seen");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for n in [&a, &b] {
+        let lag = &n.metrics.feed_lag_seconds;
+        assert!(lag.get_sample_count() >= 1, "{}", lag.get_sample_count());
+        let mean = lag.get_sample_sum() / lag.get_sample_count() as f64;
+        assert!((0.0..0.1).contains(&mean), "mean feed lag {mean} s");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    let st = admin.account("acct").await.unwrap().unwrap();
+    assert!(st.holds_invariant());
+    assert_eq!(st.leased, 0);
+    assert_eq!(st.debited, paid * PRICE);
+}

@@ -1,0 +1,169 @@
+//! One Redis against a Redis Cluster of 6 processes (3 masters, 3 replicas), same machine, same
+//! run: settle account lines per second with 1, 4 and 16 nodes settling at once; the change
+//! feed's propagation (write through node A, seen by node B); and a cold resync of `ACCOUNTS`
+//! (default 100,000) accounts.
+//! Run: `cargo bench -p tollgate-benches --bench cluster_scale`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tollgate_metering::{
+    ClusterStore, FeedEvent, RedisStore, SettleBatch, SettleEntry, Store, Usage,
+};
+use tollgate_testkit::{RedisCluster, RedisServer};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() {
+    tollgate_benches::run_probe("cluster_scale", run());
+}
+
+const LINES: usize = 500;
+
+async fn run() -> Res<()> {
+    let n: usize = std::env::var("ACCOUNTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let ids: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("acct-{i:07}")).collect());
+    let redis = RedisServer::start();
+    let cluster = RedisCluster::start();
+    let one = || async {
+        Ok::<Arc<dyn Store>, Box<dyn std::error::Error>>(Arc::new(
+            RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10)).await?,
+        ))
+    };
+    let many = || async {
+        Ok::<Arc<dyn Store>, Box<dyn std::error::Error>>(Arc::new(
+            ClusterStore::connect(
+                &cluster.urls(),
+                "tollgate",
+                Duration::from_secs(10),
+                tollgate_metering::DEFAULT_SHARDS,
+            )
+            .await?,
+        ))
+    };
+    for (name, store) in [("one Redis", one().await?), ("cluster", many().await?)] {
+        // Accounts made through the store (a credit each), as payments make them.
+        let t = Instant::now();
+        for chunk in ids.chunks(2_000) {
+            let calls = chunk
+                .iter()
+                .map(|id| store.credit(id, "seed", 5_000_000_000_000));
+            for r in futures_util::future::join_all(calls).await {
+                r?;
+            }
+        }
+        println!(
+            "{name}: {n} accounts credited in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        let mut found = 0;
+        for chunk in ids.chunks(1000) {
+            found += store.account_changes(chunk).await?.iter().flatten().count();
+        }
+        println!(
+            "{name}: cold resync of {found} accounts (node view, chunks of 1,000) in {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        for nodes in [1usize, 4, 16] {
+            let batches = 240 / nodes as u64;
+            let t = Instant::now();
+            let mut tasks = Vec::new();
+            for k in 0..nodes {
+                let (store, ids) = (store.clone(), ids.clone());
+                let node = format!("bench-{name}-{nodes}-{k}").replace(' ', "-");
+                tasks.push(tokio::spawn(async move {
+                    let inc = store.begin(&node).await?;
+                    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                    for seq in 1..=batches {
+                        let entries = (0..LINES)
+                            .map(|j| SettleEntry {
+                                account: ids
+                                    [((k * 7_777 + seq as usize * LINES + j) * 7919) % ids.len()]
+                                .clone(),
+                                usage: Usage {
+                                    requests: 100,
+                                    cpu_us: 2_000,
+                                    ..Default::default()
+                                },
+                                cost: 100 * 500_000 + 2_000 * 12_500,
+                                give_back: 0,
+                                ask: 50_000_000,
+                            })
+                            .collect::<Vec<_>>();
+                        let mut seen = std::collections::HashSet::new();
+                        let entries = entries
+                            .into_iter()
+                            .filter(|e| seen.insert(e.account.clone()))
+                            .collect();
+                        let b = SettleBatch {
+                            node_id: node.clone(),
+                            epoch: inc.epoch,
+                            seq,
+                            entries,
+                        };
+                        let t0 = Instant::now();
+                        store.settle(&b).await?;
+                        hist.record(t0.elapsed().as_micros().max(1) as u64)?;
+                    }
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hist)
+                }));
+            }
+            let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            for t in tasks {
+                all.add(t.await?.map_err(|e| e.to_string())?)?;
+            }
+            let took = t.elapsed();
+            println!(
+                "{name}: {nodes} nodes settling at once, 500-line batches: p50 {:.2} ms, p99 {:.2} ms; {:.0} account lines/s",
+                all.value_at_quantile(0.5) as f64 / 1000.0,
+                all.value_at_quantile(0.99) as f64 / 1000.0,
+                (batches as usize * nodes * LINES) as f64 / took.as_secs_f64()
+            );
+        }
+        // The change feed: a credit through one handle, seen by another's subscriber.
+        let b_store = if name == "cluster" {
+            many().await?
+        } else {
+            one().await?
+        };
+        let mut feed = b_store.subscribe();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), feed.recv()).await {
+                Ok(Ok(FeedEvent::Resync)) => break,
+                Ok(Ok(_)) => continue,
+                _ => return Err("feed never went live".into()),
+            }
+        }
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let changes = 5_000;
+        for i in 0..changes {
+            let account = &ids[(i * 31) % ids.len()];
+            let t0 = Instant::now();
+            let out = store.credit(account, &format!("feed{i}"), 1_000).await?;
+            let want = out.state.version;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), feed.recv()).await {
+                    Ok(Ok(FeedEvent::Change(c))) if &c.account == account && c.version >= want => {
+                        break;
+                    }
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return Err(format!("feed: {e}").into()),
+                    Err(_) => return Err("change never arrived".into()),
+                }
+            }
+            hist.record(t0.elapsed().as_micros().max(1) as u64)?;
+        }
+        println!(
+            "{name}: feed, {changes} credits through A -> seen by B: p50 {} µs, p99 {} µs, max {} µs",
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.99),
+            hist.max()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,734 @@
+//! The money store on a Redis Cluster. The same Lua scripts as [`crate::RedisStore`], compiled
+//! `SHARDED`, each run inside one shard, so every key a script touches is in one slot.
+//!
+//! - **Shards.** An account lives in shard `fnv1a(id) % shards`; shard `n`'s keys share the
+//!   hash tag `{prefix:m<n>}`: accounts, leases, the lease expiry index, the incarnation marks,
+//!   the credit and charge records, the ledger stream and the change feed's sharded channel
+//!   (`SPUBLISH {prefix:m<n>}:events`). The number of shards is fixed when the cluster is first
+//!   used (`{prefix}:shards`) and checked on every connect: a different number would move
+//!   accounts.
+//! - **Settle.** A batch is split by shard; each part is applied by the settle script in its
+//!   shard, at most once by `(node, epoch, seq)` (each shard keeps its own mark). The parts are
+//!   independent, so a part applied before a failure answers as a duplicate when the agent
+//!   retries the batch.
+//! - **Credits and charges** are idempotent per key across shards: the key is first claimed for
+//!   its account and amount in the key's own shard (`claims`), then applied in the account's.
+//! - **Replication.** Each write (and each duplicate answer) is followed by `WAIT 1` on its
+//!   shard's master, and acknowledged only once a replica has it, so a failover keeps every
+//!   acknowledged write. Without a replica answer the caller gets `Unavailable` and retries;
+//!   the retry is applied once by whichever master holds the slot by then.
+//! - Not here yet: the book of record's marks (`ledger_generation` is `None`: nodes keep no
+//!   batches for a book) and `ledger_page`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
+use tokio::sync::broadcast;
+
+use crate::redis_scripts::{
+    BEGIN, CHARGE, CLAIM, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE, UNCLAIM,
+};
+use crate::redis_store::{
+    DEFAULT_LEDGER_RETENTION, FIELDS, charge_reply, credit_reply, decode_feed, entries_json,
+    ledger_lines, parse_state, script, settle_reply, unavailable,
+};
+use crate::store::{
+    FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
+};
+use crate::types::{
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
+    Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status,
+};
+
+/// Shards a new cluster is laid out in by default: enough to spread over tens of masters, few
+/// enough that a release or a reap round (one call per shard) stays cheap.
+pub const DEFAULT_SHARDS: u32 = 32;
+
+/// How long a write waits for its replicas; past it the write is not acknowledged (the
+/// caller retries, and the retry is applied once).
+const REPLICA_WAIT: Duration = Duration::from_millis(1000);
+
+/// The shard an account (or an idempotency key) lives in. FNV-1a 64: stable across versions
+/// and platforms, which the layout depends on.
+pub fn shard_of(id: &str, shards: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(shards.max(1))) as u32
+}
+
+struct Scripts {
+    settle: redis::Script,
+    credit: redis::Script,
+    charge: redis::Script,
+    release: redis::Script,
+    reap: redis::Script,
+    begin: redis::Script,
+    claim: redis::Script,
+    unclaim: redis::Script,
+}
+
+/// Redis Cluster–backed store. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterStore {
+    conn: ClusterConnection,
+    prefix: String,
+    shards: u32,
+    /// Replicas each write must reach before it is acknowledged.
+    replica_acks: u32,
+    lease_ttl: Duration,
+    ledger_retention: Duration,
+    scripts: Arc<Scripts>,
+    feed: broadcast::Sender<FeedEvent>,
+    /// The feed task ends once every clone of the store is gone.
+    _alive: Arc<()>,
+}
+
+fn client(
+    urls: &[String],
+    push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+) -> Result<redis::cluster::ClusterClient, StoreError> {
+    let mut b = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+        .connection_timeout(Duration::from_secs(1))
+        .response_timeout(Duration::from_secs(5))
+        .retries(3)
+        .min_retry_wait(50)
+        .max_retry_wait(1000);
+    if let Some(tx) = push {
+        b = b
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx);
+    }
+    b.build().map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+impl ClusterStore {
+    /// Connects to the cluster that `urls` (any of its members) belong to. `shards` is the
+    /// layout to use (or check, once the cluster holds money): see [`DEFAULT_SHARDS`].
+    pub async fn connect(
+        urls: &[String],
+        prefix: &str,
+        lease_ttl: Duration,
+        shards: u32,
+    ) -> Result<Self, StoreError> {
+        if urls.is_empty() {
+            return Err(StoreError::Invalid("redis.cluster lists no member".into()));
+        }
+        if !(1..=1024).contains(&shards) {
+            return Err(StoreError::Invalid(format!(
+                "money shards must be 1..=1024, got {shards}"
+            )));
+        }
+        let mut conn = client(urls, None)?
+            .get_async_connection()
+            .await
+            .map_err(unavailable)?;
+        // The layout is fixed by the first user: another count would look for accounts in the
+        // wrong shards.
+        let key = format!("{{{prefix}}}:shards");
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(shards)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let held: u32 = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if held != shards {
+            return Err(StoreError::Invalid(format!(
+                "this cluster's money is laid out in {held} shards ({key}); this process was \
+                 configured with {shards}: set the same number everywhere"
+            )));
+        }
+        let (feed, _) = broadcast::channel(65_536);
+        let alive = Arc::new(());
+        let store = ClusterStore {
+            conn,
+            prefix: prefix.to_owned(),
+            shards,
+            replica_acks: 1,
+            lease_ttl,
+            ledger_retention: DEFAULT_LEDGER_RETENTION,
+            scripts: Arc::new(Scripts {
+                settle: script(true, &[LUA_COMMON, SETTLE]),
+                credit: script(true, &[LUA_COMMON, CREDIT]),
+                charge: script(true, &[LUA_COMMON, CHARGE]),
+                release: script(true, &[LUA_COMMON, LUA_RETURN_LEASE, RELEASE]),
+                reap: script(true, &[LUA_COMMON, LUA_RETURN_LEASE, REAP]),
+                begin: script(true, &[BEGIN]),
+                claim: script(true, &[CLAIM]),
+                unclaim: script(true, &[UNCLAIM]),
+            }),
+            feed,
+            _alive: alive.clone(),
+        };
+        let channels = (0..shards)
+            .map(|s| format!("{}:events", store.tag(s)))
+            .collect();
+        tokio::spawn(feed_loop(
+            urls.to_vec(),
+            channels,
+            store.feed.clone(),
+            Arc::downgrade(&alive),
+        ));
+        Ok(store)
+    }
+
+    /// Ledger entries older than this are trimmed by the periodic reaper (zero: keep all).
+    pub fn with_ledger_retention(mut self, keep: Duration) -> Self {
+        self.ledger_retention = keep;
+        self
+    }
+
+    /// How many replicas must hold a write before it is acknowledged (default 1; 0 for a
+    /// cluster without replicas, whose failovers then lose what the master had not passed on).
+    pub fn with_replica_acks(mut self, n: u32) -> Self {
+        self.replica_acks = n;
+        self
+    }
+
+    /// The number of shards money is laid out in.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// Shard `s`'s key prefix: a hash tag, so all its keys share a slot.
+    fn tag(&self, s: u32) -> String {
+        format!("{{{}:m{s}}}", self.prefix)
+    }
+
+    fn shard(&self, id: &str) -> u32 {
+        shard_of(id, self.shards)
+    }
+
+    /// Waits until shard `s`'s master has passed its writes so far to `replica_acks` replicas
+    /// (bounded). Only then is a write acknowledged: a master that answers alone may be about to
+    /// lose it (its replica takes over after it died, or it is an emptied master that came back
+    /// and will be demoted). The caller retries, and the retry is answered from whichever
+    /// master holds the slot by then: applied once there.
+    async fn replicated(&self, s: u32) -> Result<(), String> {
+        self.replicated_tag(&self.tag(s)).await
+    }
+
+    /// [`ClusterStore::replicated`] for the slot of any hash tag.
+    async fn replicated_tag(&self, tag: &str) -> Result<(), String> {
+        if self.replica_acks == 0 {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+            tag,
+            SlotAddr::Master,
+        )));
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(self.replica_acks)
+            .arg(REPLICA_WAIT.as_millis() as u64);
+        match c.route_command(cmd, route).await {
+            Ok(redis::Value::Int(n)) if n >= i64::from(self.replica_acks) => Ok(()),
+            Ok(v) => Err(format!(
+                "{tag}: the write reached {v:?} replicas in {REPLICA_WAIT:?}, {} needed; not acknowledged",
+                self.replica_acks
+            )),
+            Err(e) => Err(format!("{tag}: WAIT for a replica failed: {e}")),
+        }
+    }
+
+    async fn settle_part(
+        &self,
+        s: u32,
+        part: SettleBatch,
+    ) -> Result<Result<SettleOutcome, SettleError>, SettleError> {
+        let tag = self.tag(s);
+        let json = entries_json(&part.entries)?;
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self
+            .scripts
+            .settle
+            .key(format!("{tag}:inc:{}:{}", part.node_id, part.epoch))
+            .arg(&tag)
+            .arg(&part.node_id)
+            .arg(part.epoch)
+            .arg(part.seq)
+            .arg(part.digest())
+            .arg(self.lease_ttl.as_millis() as u64)
+            .arg(json)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| SettleError::Unavailable(e.to_string()))?;
+        let out = settle_reply(part.seq, &reply);
+        // A duplicate too: the first answer may have come from a master that lost it since.
+        if out.is_ok() {
+            self.replicated(s).await.map_err(SettleError::Unavailable)?;
+        }
+        Ok(out)
+    }
+
+    /// Pins `key` to `id|amount` in the key's shard (`kind`: `credit` or `charge`).
+    async fn claim(&self, kind: &str, key: &str, value: &str) -> Result<Option<String>, String> {
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self
+            .scripts
+            .claim
+            .key(format!("{}:claims", self.tag(self.shard(key))))
+            .arg(format!("{kind}:{key}"))
+            .arg(value)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.replicated(self.shard(key)).await?;
+        match reply.first().map(String::as_str) {
+            Some("OK") => Ok(None),
+            Some("MISMATCH") => Ok(Some(reply.get(1).cloned().unwrap_or_default())),
+            _ => Err("unexpected reply".into()),
+        }
+    }
+}
+
+/// Subscribes to every shard's channel through the cluster client (sharded pub/sub: each
+/// message goes to the subscribers of its shard's master only, not over the whole cluster's
+/// bus). A session ends at the first sign of a lost connection (a disconnection, a failed
+/// ping of the masters); the next one subscribes again and announces `Resync`.
+async fn feed_loop(
+    urls: Vec<String>,
+    channels: Vec<String>,
+    tx: broadcast::Sender<FeedEvent>,
+    alive: std::sync::Weak<()>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    while alive.strong_count() > 0 {
+        let session = async {
+            let (push_tx, mut push) = tokio::sync::mpsc::unbounded_channel();
+            let client = client(&urls, Some(push_tx)).map_err(|e| e.to_string())?;
+            let mut conn =
+                tokio::time::timeout(Duration::from_secs(2), client.get_async_connection())
+                    .await
+                    .map_err(|_| "connect timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+            for ch in &channels {
+                tokio::time::timeout(Duration::from_secs(2), conn.ssubscribe(ch))
+                    .await
+                    .map_err(|_| "subscribe timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+            }
+            let _ = tx.send(FeedEvent::Resync);
+            backoff = Duration::from_millis(50);
+            let mut ping = tokio::time::interval(Duration::from_millis(250));
+            ping.tick().await;
+            loop {
+                tokio::select! {
+                    m = push.recv() => {
+                        let Some(m) = m else { return Err::<(), String>("push channel ended".into()) };
+                        match m.kind {
+                            redis::PushKind::SMessage | redis::PushKind::Message => {
+                                let payload = match m.data.get(1) {
+                                    Some(redis::Value::BulkString(b)) => b.as_slice(),
+                                    _ => &[],
+                                };
+                                match decode_feed(payload) {
+                                    Ok(cs) => for c in cs { let _ = tx.send(FeedEvent::Change(c)); },
+                                    Err(e) => tracing::warn!(error = %e, "account change that does not parse"),
+                                }
+                            }
+                            redis::PushKind::Disconnection => {
+                                return Err("a member's connection closed".into());
+                            }
+                            // A channel moved (a failover): resubscribed by the client, but
+                            // changes may have been missed meanwhile.
+                            redis::PushKind::SUnsubscribe => {
+                                return Err("a shard's channel was unsubscribed".into());
+                            }
+                            _ => {}
+                        }
+                    }
+                    _ = ping.tick() => {
+                        if alive.strong_count() == 0 {
+                            return Ok(());
+                        }
+                        let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                        tokio::time::timeout(Duration::from_millis(500), conn.route_command(redis::cmd("PING"), all))
+                            .await
+                            .map_err(|_| "ping timed out".to_owned())?
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+        };
+        if let Err(e) = session.await {
+            tracing::warn!(error = %e, "account change feed (cluster) lost; resubscribing");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[async_trait]
+impl Store for ClusterStore {
+    async fn begin(&self, node_id: &str) -> Result<Incarnation, StoreError> {
+        self.begin_after(node_id, 0).await
+    }
+
+    async fn begin_after(&self, node_id: &str, floor: u64) -> Result<Incarnation, StoreError> {
+        let tag = format!("{{{}:n:{node_id}}}", self.prefix);
+        let mut c = self.conn.clone();
+        let epoch: u64 = self
+            .scripts
+            .begin
+            .key(format!("{tag}:epoch"))
+            .arg(format!("{tag}:inc:"))
+            .arg(floor)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        // An epoch handed out twice would reuse settle keys: the counter must survive a
+        // failover before the node uses it.
+        self.replicated_tag(&tag)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        Ok(Incarnation {
+            node_id: node_id.to_owned(),
+            epoch,
+        })
+    }
+
+    async fn settle(&self, batch: &SettleBatch) -> Result<SettleOutcome, SettleError> {
+        validate_batch(batch)?;
+        let mut parts: BTreeMap<u32, SettleBatch> = BTreeMap::new();
+        for e in &batch.entries {
+            parts
+                .entry(self.shard(&e.account))
+                .or_insert_with(|| SettleBatch {
+                    node_id: batch.node_id.clone(),
+                    epoch: batch.epoch,
+                    seq: batch.seq,
+                    entries: Vec::new(),
+                })
+                .entries
+                .push(e.clone());
+        }
+        let outcomes = join_all(parts.into_iter().map(|(s, p)| self.settle_part(s, p))).await;
+        let mut grants: Vec<LeaseGrant> = Vec::with_capacity(batch.entries.len());
+        let (mut applied, mut refused) = (batch.entries.is_empty(), None);
+        let mut unavailable = None;
+        for o in outcomes {
+            match o {
+                Ok(Ok(SettleOutcome::Applied(g))) => {
+                    applied = true;
+                    grants.extend(g);
+                }
+                Ok(Ok(SettleOutcome::Duplicate(g))) => grants.extend(g),
+                Ok(Err(e)) => refused = Some(e),
+                Err(e) => unavailable = Some(e),
+            }
+        }
+        // A part that could not be sent: the agent retries the whole batch, and the parts
+        // applied now answer as duplicates then.
+        if let Some(e) = unavailable {
+            return Err(e);
+        }
+        if let Some(e) = refused {
+            // A refusal (a bug: content changed under the same seq, or a lifetime total at
+            // its limit) beside parts that did apply: the agent would cut those again under a
+            // new incarnation. Keep it retrying this batch instead, loudly.
+            if !grants.is_empty() {
+                tracing::error!(error = %e, seq = batch.seq, node = %batch.node_id, "settle: one shard refused its part while others applied theirs; retrying, not re-cutting");
+                return Err(SettleError::Unavailable(format!(
+                    "a shard refused its part of batch {}: {e}",
+                    batch.seq
+                )));
+            }
+            return Err(e);
+        }
+        let order: std::collections::HashMap<&str, usize> = batch
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.account.as_str(), i))
+            .collect();
+        grants.sort_by_key(|g| order.get(g.account.as_str()).copied().unwrap_or(usize::MAX));
+        Ok(if applied {
+            SettleOutcome::Applied(grants)
+        } else {
+            SettleOutcome::Duplicate(grants)
+        })
+    }
+
+    async fn release(&self, inc: &Incarnation) -> Result<u64, StoreError> {
+        let calls = (0..self.shards).map(|s| async move {
+            let tag = self.tag(s);
+            let mut c = self.conn.clone();
+            let n: u64 = self
+                .scripts
+                .release
+                .key(format!("{tag}:inc:{}:{}", inc.node_id, inc.epoch))
+                .arg(&tag)
+                .arg(&inc.node_id)
+                .arg(inc.epoch)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            self.replicated(s).await.map_err(StoreError::Unavailable)?;
+            Ok::<u64, StoreError>(n)
+        });
+        let mut total = 0;
+        for r in join_all(calls).await {
+            total += r?;
+        }
+        Ok(total)
+    }
+
+    async fn credit(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+    ) -> Result<CreditOutcome, CreditError> {
+        validate_credit(account, key, amount)?;
+        if let Some(prev) = self
+            .claim("credit", key, &format!("{account}|{amount}"))
+            .await
+            .map_err(CreditError::Unavailable)?
+        {
+            return Err(CreditError::Mismatch {
+                key: key.to_owned(),
+                stored: prev
+                    .rsplit('|')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+            });
+        }
+        let s = self.shard(account);
+        let tag = self.tag(s);
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self
+            .scripts
+            .credit
+            .key(format!("{tag}:acct:{account}"))
+            .arg(&tag)
+            .arg(account)
+            .arg(key)
+            .arg(amount)
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| CreditError::Unavailable(e.to_string()))?;
+        let applied = credit_reply(key, &reply)?;
+        self.replicated(s).await.map_err(CreditError::Unavailable)?;
+        let state = self
+            .account(account)
+            .await
+            .map_err(|e| CreditError::Unavailable(e.to_string()))?
+            .ok_or_else(|| CreditError::Unavailable("account vanished".into()))?;
+        Ok(CreditOutcome { applied, state })
+    }
+
+    async fn debit(
+        &self,
+        account: &str,
+        key: &str,
+        amount: i64,
+        mode: DebitMode,
+    ) -> Result<ChargeOutcome, ChargeError> {
+        validate_charge(account, key, amount)?;
+        let claim = format!("{account}|{amount}");
+        if self
+            .claim("charge", key, &claim)
+            .await
+            .map_err(ChargeError::Unavailable)?
+            .is_some()
+        {
+            return Err(ChargeError::Mismatch {
+                key: key.to_owned(),
+            });
+        }
+        let s = self.shard(account);
+        let tag = self.tag(s);
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self
+            .scripts
+            .charge
+            .key(format!("{tag}:acct:{account}"))
+            .arg(&tag)
+            .arg(account)
+            .arg(key)
+            .arg(amount)
+            .arg(match mode {
+                DebitMode::All => "all",
+                DebitMode::UpToAvailable => "avail",
+                DebitMode::UpToBalance => "balance",
+            })
+            .arg(mode.ledger_kind())
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| ChargeError::Unavailable(e.to_string()))?;
+        let (applied, taken) = match charge_reply(key, &reply) {
+            Err(ChargeError::Insufficient { available }) => {
+                // Nothing was recorded for the key: free it, as one Redis would have it.
+                let mut c = self.conn.clone();
+                let _: redis::RedisResult<i64> = self
+                    .scripts
+                    .unclaim
+                    .key(format!("{}:claims", self.tag(self.shard(key))))
+                    .arg(format!("charge:{key}"))
+                    .arg(&claim)
+                    .invoke_async(&mut c)
+                    .await;
+                return Err(ChargeError::Insufficient { available });
+            }
+            other => other?,
+        };
+        self.replicated(s).await.map_err(ChargeError::Unavailable)?;
+        let state = self
+            .account(account)
+            .await
+            .map_err(|e| ChargeError::Unavailable(e.to_string()))?
+            .unwrap_or_else(|| AccountState::empty(account));
+        Ok(ChargeOutcome {
+            applied,
+            taken,
+            state,
+        })
+    }
+
+    async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<AccountState>>, StoreError> {
+        let rows = self.read_rows(ids, &FIELDS[..]).await?;
+        ids.iter()
+            .zip(rows)
+            .map(|(id, row)| parse_state(id, row))
+            .collect()
+    }
+
+    async fn account_changes(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<AccountChange>>, StoreError> {
+        let rows = self.read_rows(ids, &["ver", "avail", "status"]).await?;
+        Ok(ids
+            .iter()
+            .zip(rows)
+            .map(|(id, row)| {
+                let ver = row.first().cloned().flatten()?.parse().ok()?;
+                let avail = row
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(0);
+                Some(AccountChange {
+                    account: id.clone(),
+                    version: ver,
+                    available: avail,
+                    status: if row.get(2).cloned().flatten().as_deref() == Some("active") {
+                        Status::Active
+                    } else {
+                        Status::Suspended
+                    },
+                    at_us: None,
+                })
+            })
+            .collect())
+    }
+
+    async fn reap_expired(&self) -> Result<u64, StoreError> {
+        let calls = (0..self.shards).map(|s| async move {
+            let tag = self.tag(s);
+            let mut c = self.conn.clone();
+            let n: u64 = self
+                .scripts
+                .reap
+                .key(format!("{tag}:leases"))
+                .arg(&tag)
+                .arg(self.ledger_retention.as_millis() as u64)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            Ok::<u64, StoreError>(n)
+        });
+        let mut total = 0;
+        for r in join_all(calls).await {
+            total += r?;
+        }
+        Ok(total)
+    }
+
+    async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
+        let calls = (0..self.shards).map(|s| async move {
+            let mut c = self.conn.clone();
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(format!("{}:ledger", self.tag(s)))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            Ok::<_, StoreError>(reply.ids)
+        });
+        let mut ids = Vec::new();
+        for r in join_all(calls).await {
+            ids.extend(r?);
+        }
+        // Oldest first across shards (stream ids are `<ms>-<n>` of each master's clock).
+        ids.sort_by_key(|i| {
+            let (ms, n) = i.id.split_once('-').unwrap_or((&i.id, "0"));
+            (
+                ms.parse::<u64>().unwrap_or(0),
+                n.parse::<u64>().unwrap_or(0),
+            )
+        });
+        let mut out = Vec::with_capacity(ids.len());
+        for id in &ids {
+            out.extend(ledger_lines(id)?);
+        }
+        Ok(out)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
+        self.feed.subscribe()
+    }
+}
+
+impl ClusterStore {
+    /// `HMGET fields` of each account, one pipeline per shard (a pipeline stays in one slot).
+    async fn read_rows(
+        &self,
+        ids: &[String],
+        fields: &[&str],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            by_shard.entry(self.shard(id)).or_default().push(i);
+        }
+        let calls = by_shard.into_iter().map(|(s, idx)| async move {
+            let tag = self.tag(s);
+            let mut pipe = redis::pipe();
+            for &i in &idx {
+                pipe.cmd("HMGET")
+                    .arg(format!("{tag}:acct:{}", ids[i]))
+                    .arg(fields);
+            }
+            let mut c = self.conn.clone();
+            let rows: Vec<Vec<Option<String>>> =
+                pipe.query_async(&mut c).await.map_err(unavailable)?;
+            Ok::<_, StoreError>(idx.into_iter().zip(rows).collect::<Vec<_>>())
+        });
+        let mut out = vec![Vec::new(); ids.len()];
+        for r in join_all(calls).await {
+            for (i, row) in r? {
+                out[i] = row;
+            }
+        }
+        Ok(out)
+    }
+}
