@@ -4,6 +4,7 @@
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)               # pingora's zlib-ng build
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server) # tests start their own
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)   # `redis-cli --cluster create` for the Redis Cluster tests
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)                 # the edge tests' HTTP/2 client
 /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || need+=(python3-yaml) # scripts/check-observability

@@ -105,11 +105,17 @@ async fn a_master_failed_over_and_another_killed_under_load_lose_and_double_noth
     for a in &accounts {
         credit(&admin, a, &format!("v1:{a}"), USD).await;
     }
-    let nodes = vec![
-        node_on(store(&cluster).await, "a", &dir).await,
-        node_on(store(&cluster).await, "b", &dir).await,
-        node_on(store(&cluster).await, "c", &dir).await,
-    ];
+    let mut stores = Vec::new();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let s = Arc::new(
+            ClusterStore::connect(&cluster.urls(), "tollgate", Duration::from_secs(10), SHARDS)
+                .await
+                .unwrap(),
+        );
+        stores.push(s.clone());
+        nodes.push(node_on(s, name, &dir).await);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let (tasks, paid) = load(&nodes, &accounts, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -159,6 +165,9 @@ async fn a_master_failed_over_and_another_killed_under_load_lose_and_double_noth
         );
     }
     println!("{total} paid requests over {} accounts", accounts.len());
+    for s in &stores {
+        assert_eq!(s.lost_parts(), 0, "no shard lost an acknowledged part");
+    }
     assert!(total > 2_000, "too little load: {total}");
 }
 

@@ -20,8 +20,9 @@
 //! - Not here yet: the book of record's marks (`ledger_generation` is `None`: nodes keep no
 //!   batches for a book) and `ledger_page`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,7 +34,7 @@ use redis::cluster_routing::{
 use tokio::sync::broadcast;
 
 use crate::redis_scripts::{
-    BEGIN, CHARGE, CLAIM, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE, UNCLAIM,
+    BEGIN, CHARGE, CLAIM, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE,
 };
 use crate::redis_store::{
     DEFAULT_LEDGER_RETENTION, FIELDS, charge_reply, credit_reply, decode_feed, entries_json,
@@ -66,6 +67,9 @@ pub fn shard_of(id: &str, shards: u32) -> u32 {
     (h % u64::from(shards.max(1))) as u32
 }
 
+/// (node, epoch, shard): whose settle parts a shard's mark counts.
+type PartMark = (String, u64, u32);
+
 struct Scripts {
     settle: redis::Script,
     credit: redis::Script,
@@ -74,13 +78,20 @@ struct Scripts {
     reap: redis::Script,
     begin: redis::Script,
     claim: redis::Script,
-    unclaim: redis::Script,
 }
 
 /// Redis Cluster–backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterStore {
+    /// Money writes and the `WAIT`s after them (a `WAIT` holds its connection until a replica
+    /// answers, so reads have their own).
     conn: ClusterConnection,
+    /// Reads (accounts, the ledger).
+    rconn: ClusterConnection,
+    /// The last seq each (node, epoch, shard) acknowledged through this handle: a shard whose
+    /// mark is found below it lost acknowledged writes (reported, see [`ClusterStore::lost_parts`]).
+    acked: Arc<std::sync::Mutex<HashMap<PartMark, u64>>>,
+    lost: Arc<AtomicU64>,
     prefix: String,
     shards: u32,
     /// Replicas each write must reach before it is acknowledged.
@@ -128,10 +139,9 @@ impl ClusterStore {
                 "money shards must be 1..=1024, got {shards}"
             )));
         }
-        let mut conn = client(urls, None)?
-            .get_async_connection()
-            .await
-            .map_err(unavailable)?;
+        let cluster = client(urls, None)?;
+        let mut conn = cluster.get_async_connection().await.map_err(unavailable)?;
+        let rconn = cluster.get_async_connection().await.map_err(unavailable)?;
         // The layout is fixed by the first user: another count would look for accounts in the
         // wrong shards.
         let key = format!("{{{prefix}}}:shards");
@@ -142,6 +152,17 @@ impl ClusterStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
+        let _ = conn
+            .route_command(
+                wait,
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+                    &key,
+                    SlotAddr::Master,
+                ))),
+            )
+            .await;
         let held: u32 = redis::cmd("GET")
             .arg(&key)
             .query_async(&mut conn)
@@ -157,6 +178,9 @@ impl ClusterStore {
         let alive = Arc::new(());
         let store = ClusterStore {
             conn,
+            rconn,
+            acked: Arc::default(),
+            lost: Arc::default(),
             prefix: prefix.to_owned(),
             shards,
             replica_acks: 1,
@@ -170,7 +194,6 @@ impl ClusterStore {
                 reap: script(true, &[LUA_COMMON, LUA_RETURN_LEASE, REAP]),
                 begin: script(true, &[BEGIN]),
                 claim: script(true, &[CLAIM]),
-                unclaim: script(true, &[UNCLAIM]),
             }),
             feed,
             _alive: alive.clone(),
@@ -250,9 +273,15 @@ impl ClusterStore {
         &self,
         s: u32,
         part: SettleBatch,
+        json: String,
     ) -> Result<Result<SettleOutcome, SettleError>, SettleError> {
         let tag = self.tag(s);
-        let json = entries_json(&part.entries)?;
+        let mark = (part.node_id.clone(), part.epoch, s);
+        let prev = self
+            .acked
+            .lock()
+            .map(|a| a.get(&mark).copied().unwrap_or(0))
+            .unwrap_or(0);
         let mut c = self.conn.clone();
         let reply: Vec<String> = self
             .scripts
@@ -265,15 +294,38 @@ impl ClusterStore {
             .arg(part.digest())
             .arg(self.lease_ttl.as_millis() as u64)
             .arg(json)
+            .arg(prev)
             .invoke_async(&mut c)
             .await
             .map_err(|e| SettleError::Unavailable(e.to_string()))?;
         let out = settle_reply(part.seq, &reply);
-        // A duplicate too: the first answer may have come from a master that lost it since.
         if out.is_ok() {
+            // A duplicate too: the first answer may have come from a master that lost it since.
             self.replicated(s).await.map_err(SettleError::Unavailable)?;
+            if reply.get(2).map(String::as_str) == Some("LOST") {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    shard = s,
+                    node = %part.node_id,
+                    epoch = part.epoch,
+                    acknowledged = prev,
+                    found = reply.get(3).map(String::as_str).unwrap_or(""),
+                    "a shard lost acknowledged settle parts (both copies failed, or a forced takeover): their usage is not charged"
+                );
+            }
+            if let Ok(mut a) = self.acked.lock() {
+                // One incarnation per node at a time: earlier epochs' marks go.
+                a.retain(|(n, e, _), _| n != &part.node_id || *e >= part.epoch);
+                a.insert(mark, part.seq);
+            }
         }
         Ok(out)
+    }
+
+    /// Settle parts found applied on top of a shard that had lost acknowledged parts of the
+    /// same incarnation, since this handle was made (the loss is logged at error level).
+    pub fn lost_parts(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 
     /// Pins `key` to `id|amount` in the key's shard (`kind`: `credit` or `charge`).
@@ -418,7 +470,13 @@ impl Store for ClusterStore {
                 .entries
                 .push(e.clone());
         }
-        let outcomes = join_all(parts.into_iter().map(|(s, p)| self.settle_part(s, p))).await;
+        // Every part's arguments first: nothing is sent unless all of them can be.
+        let mut sends = Vec::with_capacity(parts.len());
+        for (s, p) in parts {
+            let json = entries_json(&p.entries)?;
+            sends.push(self.settle_part(s, p, json));
+        }
+        let outcomes = join_all(sends).await;
         let mut grants: Vec<LeaseGrant> = Vec::with_capacity(batch.entries.len());
         let (mut applied, mut refused) = (batch.entries.is_empty(), None);
         let mut unavailable = None;
@@ -542,9 +600,8 @@ impl Store for ClusterStore {
         mode: DebitMode,
     ) -> Result<ChargeOutcome, ChargeError> {
         validate_charge(account, key, amount)?;
-        let claim = format!("{account}|{amount}");
         if self
-            .claim("charge", key, &claim)
+            .claim("charge", key, &format!("{account}|{amount}"))
             .await
             .map_err(ChargeError::Unavailable)?
             .is_some()
@@ -573,22 +630,7 @@ impl Store for ClusterStore {
             .invoke_async(&mut c)
             .await
             .map_err(|e| ChargeError::Unavailable(e.to_string()))?;
-        let (applied, taken) = match charge_reply(key, &reply) {
-            Err(ChargeError::Insufficient { available }) => {
-                // Nothing was recorded for the key: free it, as one Redis would have it.
-                let mut c = self.conn.clone();
-                let _: redis::RedisResult<i64> = self
-                    .scripts
-                    .unclaim
-                    .key(format!("{}:claims", self.tag(self.shard(key))))
-                    .arg(format!("charge:{key}"))
-                    .arg(&claim)
-                    .invoke_async(&mut c)
-                    .await;
-                return Err(ChargeError::Insufficient { available });
-            }
-            other => other?,
-        };
+        let (applied, taken) = charge_reply(key, &reply)?;
         self.replicated(s).await.map_err(ChargeError::Unavailable)?;
         let state = self
             .account(account)
@@ -665,7 +707,7 @@ impl Store for ClusterStore {
 
     async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
         let calls = (0..self.shards).map(|s| async move {
-            let mut c = self.conn.clone();
+            let mut c = self.rconn.clone();
             let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
                 .arg(format!("{}:ledger", self.tag(s)))
                 .arg("-")
@@ -718,7 +760,7 @@ impl ClusterStore {
                     .arg(format!("{tag}:acct:{}", ids[i]))
                     .arg(fields);
             }
-            let mut c = self.conn.clone();
+            let mut c = self.rconn.clone();
             let rows: Vec<Vec<Option<String>>> =
                 pipe.query_async(&mut c).await.map_err(unavailable)?;
             Ok::<_, StoreError>(idx.into_iter().zip(rows).collect::<Vec<_>>())

@@ -31,6 +31,12 @@ local function touch(p, id, acct)
   return {avail, status, ver}
 end
 local function fmt(n) return string.format('%d', n) end
+-- A duplicate answer on a cluster writes a counter: the client's `WAIT` that follows then
+-- covers the master's replication stream up to here, so up to the original write too, even on
+-- a connection that never made it.
+local function mark(p)
+  if SHARDED then redis.call('INCR', p .. ':w') end
+end
 "#;
 
 /// A new epoch for a node: the next number whose incarnation hash does not exist.
@@ -57,10 +63,17 @@ local hwm = tonumber(redis.call('HGET', inc, 'hwm') or '0')
 if seq <= hwm then
   if seq == hwm then
     if redis.call('HGET', inc, 'digest') ~= digest then return {'MISMATCH', ''} end
+    mark(p)
     return {'DUP', redis.call('HGET', inc, 'reply')}
   end
   return {'STALE', tostring(hwm)}
 end
+-- On a cluster, ARGV[8] is the last seq of this incarnation this shard acknowledged to the
+-- caller: a mark below it means the shard lost acknowledged writes (both copies failed, a
+-- forced takeover). They cannot be re-applied from here; the part is applied and the loss
+-- reported, as on one Redis the gap starts a new incarnation.
+local lost = nil
+if SHARDED and hwm < tonumber(ARGV[8] or '0') then lost = tostring(hwm) end
 -- One Redis sees every batch of an incarnation, in order. A shard sees only the batches with
 -- lines for it: later ones skip seqs, and `seq > hwm` (the agent sends one batch at a time) is
 -- what makes it applied at most once.
@@ -137,6 +150,7 @@ if #lines > 0 then
 end
 local reply = '[' .. table.concat(out, ',') .. ']'
 redis.call('HSET', inc, 'hwm', ARGV[4], 'digest', digest, 'reply', reply)
+if lost then return {'OK', reply, 'LOST', lost} end
 return {'OK', reply}
 "#;
 
@@ -146,6 +160,7 @@ local acct = p .. ':acct:' .. id
 local prev = redis.call('HGET', p .. ':credits', ckey)
 if prev then
   if prev ~= id .. '|' .. amount then return {'MISMATCH', prev} end
+  mark(p)
   return {'DUP'}
 end
 -- Lifetime totals are i64: refuse before writing anything (a script is not rolled back).
@@ -171,6 +186,7 @@ local prev = redis.call('HGET', p .. ':charges', ckey)
 if prev then
   local head = id .. '|' .. amount .. '|'
   if string.sub(prev, 1, #head) ~= head then return {'MISMATCH'} end
+  mark(p)
   return {'DUP', string.sub(prev, #head + 1)}
 end
 local avail = redis.call('HGET', acct, 'avail') or '0'
@@ -298,20 +314,16 @@ return out
 
 /// Cluster only: pins an idempotency key (credit or charge) to one account and amount, in the
 /// key's own shard, before the account's shard applies it. KEYS[1] is the shard's `claims`
-/// hash; ARGV: field (`credit:<key>` or `charge:<key>`), `id|amount`.
+/// hash; ARGV: field (`credit:<key>` or `charge:<key>`), `id|amount`. A claim is never taken
+/// back (not even after a charge refused for too little money): freeing it could race a
+/// retry that applied, and let the key be used for another account.
 pub(crate) const CLAIM: &str = r#"
 local prev = redis.call('HGET', KEYS[1], ARGV[1])
 if prev then
   if prev ~= ARGV[2] then return {'MISMATCH', prev} end
+  redis.call('INCR', KEYS[1] .. ':w')
   return {'OK'}
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {'OK'}
-"#;
-
-/// Cluster only: takes back a claim an all-or-nothing charge made and did not use (too
-/// little money), so that the key may later be charged for another amount, as on one Redis.
-pub(crate) const UNCLAIM: &str = r#"
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 1
 "#;

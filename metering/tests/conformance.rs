@@ -142,10 +142,26 @@ conformance!(charges_apply_once_per_key, TTL, |b: Backend| async move {
     s.credit("carol", "c1", 3 * USD).await.unwrap();
     // All or nothing: more than available is refused and records nothing.
     let e = s
-        .charge("carol", "deploy:d1", 4 * USD, false)
+        .charge("carol", "deploy:d0", 4 * USD, false)
         .await
         .unwrap_err();
     assert_eq!(e, ChargeError::Insufficient { available: 3 * USD });
+    if b.sharded {
+        // On a cluster the key stays claimed for its account and amount (freeing it could
+        // race a retry that applied): the same key for less is refused.
+        assert!(matches!(
+            s.charge("carol", "deploy:d0", USD, false).await,
+            Err(ChargeError::Mismatch { .. })
+        ));
+        assert_eq!(state(&*s, "carol").await.available, 3 * USD);
+    } else {
+        // One Redis records nothing: the key is free for another amount.
+        let e = s
+            .charge("carol", "deploy:d1", 4 * USD, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e, ChargeError::Insufficient { available: 3 * USD });
+    }
     let r = s.charge("carol", "deploy:d1", USD, false).await.unwrap();
     assert!(r.applied);
     assert_eq!(r.taken, USD);
@@ -722,4 +738,50 @@ fn the_grant_rule() {
     assert_eq!(grant(10, 0), 0);
     assert_eq!(grant(10, -5), 0, "debt: nothing");
     assert_eq!(grant(0, 100), 0);
+}
+
+/// A shard that lost acknowledged settle parts (both copies failed, a forced takeover) cannot
+/// get them back; the next part is applied, and the loss is reported instead of passing
+/// silently. Simulated by deleting the shard's mark of the incarnation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_shard_that_lost_acknowledged_parts_reports_it_and_applies_the_next() {
+    let cluster = RedisCluster::start();
+    let s = ClusterStore::connect(&cluster.urls(), "tollgate", TTL, 8)
+        .await
+        .unwrap();
+    s.credit("ivy", "k", USD).await.unwrap();
+    let inc = s.begin("node-l").await.unwrap();
+    s.settle(&batch(
+        "node-l",
+        inc.epoch,
+        1,
+        vec![entry("ivy", 2, CENT, 0, 10 * CENT)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(s.lost_parts(), 0);
+    let mark = format!(
+        "{{tollgate:m{}}}:inc:node-l:{}",
+        tollgate_metering::shard_of("ivy", 8),
+        inc.epoch
+    );
+    let mut c = redis::cluster::ClusterClient::new(cluster.urls())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let n: i64 = redis::cmd("DEL").arg(&mark).query(&mut c).unwrap();
+    assert_eq!(n, 1, "{mark}");
+    let out = s
+        .settle(&batch(
+            "node-l",
+            inc.epoch,
+            2,
+            vec![entry("ivy", 1, CENT, 0, 0)],
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(out, SettleOutcome::Applied(_)));
+    assert_eq!(s.lost_parts(), 1, "the loss is reported");
+    let st = state(&s, "ivy").await;
+    assert_eq!(st.debited, 2 * CENT);
 }
