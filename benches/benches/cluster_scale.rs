@@ -19,6 +19,16 @@ fn main() {
     tollgate_benches::run_probe("cluster_scale", run());
 }
 
+/// CPU time (user + system) a process has used, in µs (/proc/<pid>/stat, 100 ticks/s).
+fn cpu_us(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
+    (t(11) + t(12)) * 10_000
+}
+
 const LINES: usize = 500;
 
 async fn run() -> Res<()> {
@@ -45,13 +55,21 @@ async fn run() -> Res<()> {
             .await?,
         ))
     };
+    // (pid, is a master) of the Redis processes serving each store.
+    let procs = |cluster_side: bool| -> Vec<(u32, bool)> {
+        if cluster_side {
+            cluster.pids()
+        } else {
+            vec![(redis.pid(), true)]
+        }
+    };
     for (name, store) in [("one Redis", one().await?), ("cluster", many().await?)] {
         // Accounts made through the store (a credit each), as payments make them.
         let t = Instant::now();
         for chunk in ids.chunks(2_000) {
             let calls = chunk
                 .iter()
-                .map(|id| store.credit(id, "seed", 5_000_000_000_000));
+                .map(|id| store.credit(id, id, 5_000_000_000_000));
             for r in futures_util::future::join_all(calls).await {
                 r?;
             }
@@ -71,6 +89,8 @@ async fn run() -> Res<()> {
         );
         for nodes in [1usize, 4, 16] {
             let batches = 240 / nodes as u64;
+            let pids = procs(name == "cluster");
+            let cpu0: Vec<u64> = pids.iter().map(|(p, _)| cpu_us(*p)).collect();
             let t = Instant::now();
             let mut tasks = Vec::new();
             for k in 0..nodes {
@@ -118,11 +138,25 @@ async fn run() -> Res<()> {
                 all.add(t.await?.map_err(|e| e.to_string())?)?;
             }
             let took = t.elapsed();
+            let lines = (batches as usize * nodes * LINES) as f64;
+            let (mut masters, mut replicas, mut busiest) = (0u64, 0u64, 0u64);
+            for ((p, master), before) in pids.iter().zip(&cpu0) {
+                let used = cpu_us(*p).saturating_sub(*before);
+                if *master {
+                    masters += used;
+                    busiest = busiest.max(used);
+                } else {
+                    replicas += used;
+                }
+            }
             println!(
-                "{name}: {nodes} nodes settling at once, 500-line batches: p50 {:.2} ms, p99 {:.2} ms; {:.0} account lines/s",
+                "{name}: {nodes} nodes settling at once, 500-line batches: p50 {:.2} ms, p99 {:.2} ms; {:.0} account lines/s; Redis CPU per line: masters {:.1} µs (busiest master {:.1} µs), replicas {:.1} µs",
                 all.value_at_quantile(0.5) as f64 / 1000.0,
                 all.value_at_quantile(0.99) as f64 / 1000.0,
-                (batches as usize * nodes * LINES) as f64 / took.as_secs_f64()
+                lines / took.as_secs_f64(),
+                masters as f64 / lines,
+                busiest as f64 / lines,
+                replicas as f64 / lines,
             );
         }
         // The change feed: a credit through one handle, seen by another's subscriber.

@@ -140,6 +140,18 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Process ids of the live members, each with whether it is a master now (CPU accounting
+    /// in benchmarks).
+    pub fn pids(&self) -> Vec<(u32, bool)> {
+        self.members
+            .iter()
+            .filter_map(|m| {
+                let c = m.child.as_ref()?;
+                Some((c.id(), role(m.port).as_deref() == Some("master")))
+            })
+            .collect()
+    }
+
     /// Ports of the members that are masters now (live ones only).
     pub fn masters(&self) -> Vec<u16> {
         self.members

@@ -201,6 +201,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// The server's process id (CPU accounting in benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A blocking connection for test set-up and fault injection.
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())
