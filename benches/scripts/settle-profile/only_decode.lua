@@ -1,0 +1,7 @@
+local entries = cjson.decode(ARGV[7])
+local out = {}
+for i, e in ipairs(entries) do
+  out[#out + 1] = '{"account":' .. cjson.encode(e.account) .. ',"lease":' .. e.cost .. '}'
+end
+redis.call('HSET', KEYS[1], 'hwm', ARGV[4])
+return {'OK', '[' .. table.concat(out, ',') .. ']'}
