@@ -166,7 +166,15 @@ fn control_waits_for_redis_at_start_and_names_the_url_and_its_key() {
     assert!(p.0.try_wait().unwrap().is_none(), "control gave up at once");
     let _redis = RedisServer::start_on(port);
     wait_for_control(control, &mut p);
-    let r = reqwest::blocking::get(format!("http://{control}/readyz")).unwrap();
+    // Ready once its stores answer: the metering agent reconnects on its own schedule.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = reqwest::blocking::get(format!("http://{control}/readyz")).unwrap();
+        if r.status() == 200 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().unwrap();
     assert_eq!(v["store"], "ok", "{v}");

@@ -116,6 +116,13 @@ async fn a_master_failed_over_and_another_killed_under_load_lose_and_double_noth
         stores.push(s.clone());
         nodes.push(node_on(s, name, &dir).await);
     }
+    // One more account, spent to suspension on every node before the faults: its top-up after
+    // them must reach every node through the feed (or the resync of a new subscription).
+    credit(&admin, "feedcheck", "f1", 300 * PRICE).await;
+    let mut feed_paid = 0;
+    for n in &nodes {
+        feed_paid += hammer(n.cache.clone(), "feedcheck").await as i64;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let (tasks, paid) = load(&nodes, &accounts, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -131,6 +138,19 @@ async fn a_master_failed_over_and_another_killed_under_load_lose_and_double_noth
     println!("killed {victim}; {promoted} master after {:?}", t.elapsed());
     tokio::time::sleep(Duration::from_millis(800)).await;
     cluster.start_again(victim);
+    credit(&admin, "feedcheck", "f2", 10_000 * PRICE).await;
+    let t = Instant::now();
+    while nodes
+        .iter()
+        .any(|n| n.cache.is_suspended("feedcheck") != Some(false))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a top-up after the failovers did not reach every node"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("top-up seen by every node after {:?}", t.elapsed());
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -164,6 +184,10 @@ async fn a_master_failed_over_and_another_killed_under_load_lose_and_double_noth
             "{a}: the ledger counts each request once"
         );
     }
+    let st = admin.account("feedcheck").await.unwrap().unwrap();
+    assert!(st.holds_invariant(), "{st:?}");
+    assert_eq!(st.debited, feed_paid * PRICE);
+    assert_eq!(st.leased, 0);
     println!("{total} paid requests over {} accounts", accounts.len());
     for s in &stores {
         assert_eq!(s.lost_parts(), 0, "no shard lost an acknowledged part");

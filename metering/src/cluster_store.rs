@@ -13,10 +13,11 @@
 //!   retries the batch.
 //! - **Credits and charges** are idempotent per key across shards: the key is first claimed for
 //!   its account and amount in the key's own shard (`claims`), then applied in the account's.
-//! - **Replication.** Each write (and each duplicate answer) is followed by `WAIT 1` on its
-//!   shard's master, and acknowledged only once a replica has it, so a failover keeps every
-//!   acknowledged write. Without a replica answer the caller gets `Unavailable` and retries;
-//!   the retry is applied once by whichever master holds the slot by then.
+//! - **Replication.** Each write script goes in one pipeline with `WAIT 1` (every script writes,
+//!   a duplicate answer a counter), and is acknowledged only once a replica has it, so a
+//!   failover keeps every acknowledged write. Without a replica answer the caller gets
+//!   `Unavailable` and retries; the retry is applied once by whichever master holds the slot by
+//!   then.
 //! - Not here yet: the book of record's marks (`ledger_generation` is `None`: nodes keep no
 //!   batches for a book) and `ledger_page`.
 
@@ -28,17 +29,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{
-    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
-};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use tokio::sync::broadcast;
 
 use crate::redis_scripts::{
-    BEGIN, CHARGE, CLAIM, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE,
+    BEGIN, CHARGE, CLAIM, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE, header,
 };
 use crate::redis_store::{
     DEFAULT_LEDGER_RETENTION, FIELDS, charge_reply, credit_reply, decode_feed, entries_json,
-    ledger_lines, parse_state, script, settle_reply, unavailable,
+    ledger_lines, parse_state, settle_reply, unavailable,
 };
 use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
@@ -70,14 +69,40 @@ pub fn shard_of(id: &str, shards: u32) -> u32 {
 /// (node, epoch, shard): whose settle parts a shard's mark counts.
 type PartMark = (String, u64, u32);
 
+/// The last two seqs a shard acknowledged for a (node, epoch): a retry of the last one is
+/// checked against the one before.
+#[derive(Clone, Copy, Default)]
+struct Acked {
+    last: u64,
+    before: u64,
+}
+
+/// The scripts' source: each write is sent as `EVAL` in one pipeline with its `WAIT` (see
+/// [`ClusterStore::write`]).
 struct Scripts {
-    settle: redis::Script,
-    credit: redis::Script,
-    charge: redis::Script,
-    release: redis::Script,
-    reap: redis::Script,
-    begin: redis::Script,
-    claim: redis::Script,
+    settle: String,
+    credit: String,
+    charge: String,
+    release: String,
+    reap: String,
+    begin: String,
+    claim: String,
+    shards: String,
+}
+
+/// The layout key: set once; its write counter moves, so the `WAIT` after it covers the value
+/// whoever set it.
+const SHARDS: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+redis.call('INCR', KEYS[1] .. ':w')
+return redis.call('GET', KEYS[1])
+"#;
+
+/// `EVAL code numkeys keys…`; the caller adds the arguments.
+fn eval(code: &str, keys: &[String]) -> redis::Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(code).arg(keys.len()).arg(keys);
+    c
 }
 
 /// Redis Cluster–backed store. Cheap to clone.
@@ -90,7 +115,7 @@ pub struct ClusterStore {
     rconn: ClusterConnection,
     /// The last seq each (node, epoch, shard) acknowledged through this handle: a shard whose
     /// mark is found below it lost acknowledged writes (reported, see [`ClusterStore::lost_parts`]).
-    acked: Arc<std::sync::Mutex<HashMap<PartMark, u64>>>,
+    acked: Arc<std::sync::Mutex<HashMap<PartMark, Acked>>>,
     lost: Arc<AtomicU64>,
     prefix: String,
     shards: u32,
@@ -131,6 +156,19 @@ impl ClusterStore {
         lease_ttl: Duration,
         shards: u32,
     ) -> Result<Self, StoreError> {
+        Self::connect_with(urls, prefix, lease_ttl, shards, 1).await
+    }
+
+    /// [`ClusterStore::connect`], with the number of replicas each write must reach before it
+    /// is acknowledged (1 by default; 0 for a cluster without replicas, whose failovers then
+    /// lose what a master had not passed on).
+    pub async fn connect_with(
+        urls: &[String],
+        prefix: &str,
+        lease_ttl: Duration,
+        shards: u32,
+        replica_acks: u32,
+    ) -> Result<Self, StoreError> {
         if urls.is_empty() {
             return Err(StoreError::Invalid("redis.cluster lists no member".into()));
         }
@@ -140,40 +178,9 @@ impl ClusterStore {
             )));
         }
         let cluster = client(urls, None)?;
-        let mut conn = cluster.get_async_connection().await.map_err(unavailable)?;
+        let conn = cluster.get_async_connection().await.map_err(unavailable)?;
         let rconn = cluster.get_async_connection().await.map_err(unavailable)?;
-        // The layout is fixed by the first user: another count would look for accounts in the
-        // wrong shards.
-        let key = format!("{{{prefix}}}:shards");
-        let _: () = redis::cmd("SET")
-            .arg(&key)
-            .arg(shards)
-            .arg("NX")
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
-        let _ = conn
-            .route_command(
-                wait,
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-                    &key,
-                    SlotAddr::Master,
-                ))),
-            )
-            .await;
-        let held: u32 = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if held != shards {
-            return Err(StoreError::Invalid(format!(
-                "this cluster's money is laid out in {held} shards ({key}); this process was \
-                 configured with {shards}: set the same number everywhere"
-            )));
-        }
+        let code = |parts: &[&str]| format!("{}{}", header(true), parts.concat());
         let (feed, _) = broadcast::channel(65_536);
         let alive = Arc::new(());
         let store = ClusterStore {
@@ -183,21 +190,34 @@ impl ClusterStore {
             lost: Arc::default(),
             prefix: prefix.to_owned(),
             shards,
-            replica_acks: 1,
+            replica_acks,
             lease_ttl,
             ledger_retention: DEFAULT_LEDGER_RETENTION,
             scripts: Arc::new(Scripts {
-                settle: script(true, &[LUA_COMMON, SETTLE]),
-                credit: script(true, &[LUA_COMMON, CREDIT]),
-                charge: script(true, &[LUA_COMMON, CHARGE]),
-                release: script(true, &[LUA_COMMON, LUA_RETURN_LEASE, RELEASE]),
-                reap: script(true, &[LUA_COMMON, LUA_RETURN_LEASE, REAP]),
-                begin: script(true, &[BEGIN]),
-                claim: script(true, &[CLAIM]),
+                settle: code(&[LUA_COMMON, SETTLE]),
+                credit: code(&[LUA_COMMON, CREDIT]),
+                charge: code(&[LUA_COMMON, CHARGE]),
+                release: code(&[LUA_COMMON, LUA_RETURN_LEASE, RELEASE]),
+                reap: code(&[LUA_COMMON, LUA_RETURN_LEASE, REAP]),
+                begin: code(&[BEGIN]),
+                claim: code(&[CLAIM]),
+                shards: SHARDS.to_owned(),
             }),
             feed,
             _alive: alive.clone(),
         };
+        // The layout is fixed by the first user: another count would look for accounts in the
+        // wrong shards.
+        let key = format!("{{{prefix}}}:shards");
+        let mut cmd = eval(&store.scripts.shards, std::slice::from_ref(&key));
+        cmd.arg(shards);
+        let held: String = store.write(cmd).await.map_err(StoreError::Unavailable)?;
+        if held != shards.to_string() {
+            return Err(StoreError::Invalid(format!(
+                "this cluster's money is laid out in {held} shards ({key}); this process was \
+                 configured with {shards}: set the same number everywhere"
+            )));
+        }
         let channels = (0..shards)
             .map(|s| format!("{}:events", store.tag(s)))
             .collect();
@@ -216,13 +236,6 @@ impl ClusterStore {
         self
     }
 
-    /// How many replicas must hold a write before it is acknowledged (default 1; 0 for a
-    /// cluster without replicas, whose failovers then lose what the master had not passed on).
-    pub fn with_replica_acks(mut self, n: u32) -> Self {
-        self.replica_acks = n;
-        self
-    }
-
     /// The number of shards money is laid out in.
     pub fn shards(&self) -> u32 {
         self.shards
@@ -237,36 +250,38 @@ impl ClusterStore {
         shard_of(id, self.shards)
     }
 
-    /// Waits until shard `s`'s master has passed its writes so far to `replica_acks` replicas
-    /// (bounded). Only then is a write acknowledged: a master that answers alone may be about to
-    /// lose it (its replica takes over after it died, or it is an emptied master that came back
-    /// and will be demoted). The caller retries, and the retry is answered from whichever
-    /// master holds the slot by then: applied once there.
-    async fn replicated(&self, s: u32) -> Result<(), String> {
-        self.replicated_tag(&self.tag(s)).await
-    }
-
-    /// [`ClusterStore::replicated`] for the slot of any hash tag.
-    async fn replicated_tag(&self, tag: &str) -> Result<(), String> {
-        if self.replica_acks == 0 {
-            return Ok(());
+    /// Sends a write script and, in the same pipeline, `WAIT replica_acks`: the pipeline goes
+    /// to the script's slot's master on one connection (and is sent again whole if the client
+    /// retries), so the wait counts that connection's writes, the script's included. Every
+    /// script writes even when it answers a duplicate (a counter), so the wait also covers the
+    /// original write, whoever made it. Only a write a replica holds is acknowledged: a master
+    /// that answers alone may be about to lose it (it dies and its replica takes over, or it
+    /// came back empty and will be demoted). Otherwise `Err`, and the caller retries; the retry
+    /// is applied once by whichever master holds the slot by then.
+    async fn write<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, String> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        if self.replica_acks > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.replica_acks)
+                .arg(REPLICA_WAIT.as_millis() as u64);
         }
         let mut c = self.conn.clone();
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-            tag,
-            SlotAddr::Master,
-        )));
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(self.replica_acks)
-            .arg(REPLICA_WAIT.as_millis() as u64);
-        match c.route_command(cmd, route).await {
-            Ok(redis::Value::Int(n)) if n >= i64::from(self.replica_acks) => Ok(()),
-            Ok(v) => Err(format!(
-                "{tag}: the write reached {v:?} replicas in {REPLICA_WAIT:?}, {} needed; not acknowledged",
-                self.replica_acks
-            )),
-            Err(e) => Err(format!("{tag}: WAIT for a replica failed: {e}")),
+        let mut replies: Vec<redis::Value> =
+            pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
+        if self.replica_acks > 0 {
+            match replies.pop() {
+                Some(redis::Value::Int(n)) if n >= i64::from(self.replica_acks) => {}
+                other => {
+                    return Err(format!(
+                        "the write reached {other:?} replicas in {REPLICA_WAIT:?}, {} needed; not acknowledged",
+                        self.replica_acks
+                    ));
+                }
+            }
         }
+        let first = replies.pop().ok_or_else(|| "empty reply".to_owned())?;
+        redis::from_redis_value(first).map_err(|e| e.to_string())
     }
 
     async fn settle_part(
@@ -277,31 +292,33 @@ impl ClusterStore {
     ) -> Result<Result<SettleOutcome, SettleError>, SettleError> {
         let tag = self.tag(s);
         let mark = (part.node_id.clone(), part.epoch, s);
-        let prev = self
+        let acked = self
             .acked
             .lock()
-            .map(|a| a.get(&mark).copied().unwrap_or(0))
-            .unwrap_or(0);
-        let mut c = self.conn.clone();
-        let reply: Vec<String> = self
-            .scripts
-            .settle
-            .key(format!("{tag}:inc:{}:{}", part.node_id, part.epoch))
-            .arg(&tag)
+            .map(|a| a.get(&mark).copied().unwrap_or_default())
+            .unwrap_or_default();
+        // A retry of the part last acknowledged (a batch some of whose parts failed) may find
+        // that very part lost: it is applied again, and only earlier ones count as lost.
+        let prev = if acked.last == part.seq {
+            acked.before
+        } else {
+            acked.last
+        };
+        let mut cmd = eval(
+            &self.scripts.settle,
+            &[format!("{tag}:inc:{}:{}", part.node_id, part.epoch)],
+        );
+        cmd.arg(&tag)
             .arg(&part.node_id)
             .arg(part.epoch)
             .arg(part.seq)
             .arg(part.digest())
             .arg(self.lease_ttl.as_millis() as u64)
             .arg(json)
-            .arg(prev)
-            .invoke_async(&mut c)
-            .await
-            .map_err(|e| SettleError::Unavailable(e.to_string()))?;
+            .arg(prev);
+        let reply: Vec<String> = self.write(cmd).await.map_err(SettleError::Unavailable)?;
         let out = settle_reply(part.seq, &reply);
         if out.is_ok() {
-            // A duplicate too: the first answer may have come from a master that lost it since.
-            self.replicated(s).await.map_err(SettleError::Unavailable)?;
             if reply.get(2).map(String::as_str) == Some("LOST") {
                 self.lost.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
@@ -316,7 +333,11 @@ impl ClusterStore {
             if let Ok(mut a) = self.acked.lock() {
                 // One incarnation per node at a time: earlier epochs' marks go.
                 a.retain(|(n, e, _), _| n != &part.node_id || *e >= part.epoch);
-                a.insert(mark, part.seq);
+                let m = a.entry(mark).or_default();
+                if m.last != part.seq {
+                    m.before = m.last;
+                    m.last = part.seq;
+                }
             }
         }
         Ok(out)
@@ -330,17 +351,12 @@ impl ClusterStore {
 
     /// Pins `key` to `id|amount` in the key's shard (`kind`: `credit` or `charge`).
     async fn claim(&self, kind: &str, key: &str, value: &str) -> Result<Option<String>, String> {
-        let mut c = self.conn.clone();
-        let reply: Vec<String> = self
-            .scripts
-            .claim
-            .key(format!("{}:claims", self.tag(self.shard(key))))
-            .arg(format!("{kind}:{key}"))
-            .arg(value)
-            .invoke_async(&mut c)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.replicated(self.shard(key)).await?;
+        let mut cmd = eval(
+            &self.scripts.claim,
+            &[format!("{}:claims", self.tag(self.shard(key)))],
+        );
+        cmd.arg(format!("{kind}:{key}")).arg(value);
+        let reply: Vec<String> = self.write(cmd).await?;
         match reply.first().map(String::as_str) {
             Some("OK") => Ok(None),
             Some("MISMATCH") => Ok(Some(reply.get(1).cloned().unwrap_or_default())),
@@ -434,21 +450,11 @@ impl Store for ClusterStore {
 
     async fn begin_after(&self, node_id: &str, floor: u64) -> Result<Incarnation, StoreError> {
         let tag = format!("{{{}:n:{node_id}}}", self.prefix);
-        let mut c = self.conn.clone();
-        let epoch: u64 = self
-            .scripts
-            .begin
-            .key(format!("{tag}:epoch"))
-            .arg(format!("{tag}:inc:"))
-            .arg(floor)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        // An epoch handed out twice would reuse settle keys: the counter must survive a
-        // failover before the node uses it.
-        self.replicated_tag(&tag)
-            .await
-            .map_err(StoreError::Unavailable)?;
+        // Acknowledged once a replica has the counter: an epoch handed out twice would reuse
+        // settle keys.
+        let mut cmd = eval(&self.scripts.begin, &[format!("{tag}:epoch")]);
+        cmd.arg(format!("{tag}:inc:")).arg(floor);
+        let epoch: u64 = self.write(cmd).await.map_err(StoreError::Unavailable)?;
         Ok(Incarnation {
             node_id: node_id.to_owned(),
             epoch,
@@ -526,18 +532,12 @@ impl Store for ClusterStore {
     async fn release(&self, inc: &Incarnation) -> Result<u64, StoreError> {
         let calls = (0..self.shards).map(|s| async move {
             let tag = self.tag(s);
-            let mut c = self.conn.clone();
-            let n: u64 = self
-                .scripts
-                .release
-                .key(format!("{tag}:inc:{}:{}", inc.node_id, inc.epoch))
-                .arg(&tag)
-                .arg(&inc.node_id)
-                .arg(inc.epoch)
-                .invoke_async(&mut c)
-                .await
-                .map_err(unavailable)?;
-            self.replicated(s).await.map_err(StoreError::Unavailable)?;
+            let mut cmd = eval(
+                &self.scripts.release,
+                &[format!("{tag}:inc:{}:{}", inc.node_id, inc.epoch)],
+            );
+            cmd.arg(&tag).arg(&inc.node_id).arg(inc.epoch);
+            let n: u64 = self.write(cmd).await.map_err(StoreError::Unavailable)?;
             Ok::<u64, StoreError>(n)
         });
         let mut total = 0;
@@ -568,24 +568,13 @@ impl Store for ClusterStore {
                     .unwrap_or(0),
             });
         }
-        let s = self.shard(account);
-        let tag = self.tag(s);
-        let mut c = self.conn.clone();
-        let reply: Vec<String> = self
-            .scripts
-            .credit
-            .key(format!("{tag}:acct:{account}"))
-            .arg(&tag)
-            .arg(account)
-            .arg(key)
-            .arg(amount)
-            .invoke_async(&mut c)
-            .await
-            .map_err(|e| CreditError::Unavailable(e.to_string()))?;
+        let tag = self.tag(self.shard(account));
+        let mut cmd = eval(&self.scripts.credit, &[format!("{tag}:acct:{account}")]);
+        cmd.arg(&tag).arg(account).arg(key).arg(amount);
+        let reply: Vec<String> = self.write(cmd).await.map_err(CreditError::Unavailable)?;
         let applied = credit_reply(key, &reply)?;
-        self.replicated(s).await.map_err(CreditError::Unavailable)?;
         let state = self
-            .account(account)
+            .own_state(account)
             .await
             .map_err(|e| CreditError::Unavailable(e.to_string()))?
             .ok_or_else(|| CreditError::Unavailable("account vanished".into()))?;
@@ -610,14 +599,9 @@ impl Store for ClusterStore {
                 key: key.to_owned(),
             });
         }
-        let s = self.shard(account);
-        let tag = self.tag(s);
-        let mut c = self.conn.clone();
-        let reply: Vec<String> = self
-            .scripts
-            .charge
-            .key(format!("{tag}:acct:{account}"))
-            .arg(&tag)
+        let tag = self.tag(self.shard(account));
+        let mut cmd = eval(&self.scripts.charge, &[format!("{tag}:acct:{account}")]);
+        cmd.arg(&tag)
             .arg(account)
             .arg(key)
             .arg(amount)
@@ -626,14 +610,11 @@ impl Store for ClusterStore {
                 DebitMode::UpToAvailable => "avail",
                 DebitMode::UpToBalance => "balance",
             })
-            .arg(mode.ledger_kind())
-            .invoke_async(&mut c)
-            .await
-            .map_err(|e| ChargeError::Unavailable(e.to_string()))?;
+            .arg(mode.ledger_kind());
+        let reply: Vec<String> = self.write(cmd).await.map_err(ChargeError::Unavailable)?;
         let (applied, taken) = charge_reply(key, &reply)?;
-        self.replicated(s).await.map_err(ChargeError::Unavailable)?;
         let state = self
-            .account(account)
+            .own_state(account)
             .await
             .map_err(|e| ChargeError::Unavailable(e.to_string()))?
             .unwrap_or_else(|| AccountState::empty(account));
@@ -686,16 +667,11 @@ impl Store for ClusterStore {
     async fn reap_expired(&self) -> Result<u64, StoreError> {
         let calls = (0..self.shards).map(|s| async move {
             let tag = self.tag(s);
+            let mut cmd = eval(&self.scripts.reap, &[format!("{tag}:leases")]);
+            cmd.arg(&tag).arg(self.ledger_retention.as_millis() as u64);
+            // Nothing waits on a reap's answer: a reap a failover loses is done again.
             let mut c = self.conn.clone();
-            let n: u64 = self
-                .scripts
-                .reap
-                .key(format!("{tag}:leases"))
-                .arg(&tag)
-                .arg(self.ledger_retention.as_millis() as u64)
-                .invoke_async(&mut c)
-                .await
-                .map_err(unavailable)?;
+            let n: u64 = cmd.query_async(&mut c).await.map_err(unavailable)?;
             Ok::<u64, StoreError>(n)
         });
         let mut total = 0;
@@ -748,6 +724,28 @@ impl ClusterStore {
         ids: &[String],
         fields: &[&str],
     ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        self.read_rows_on(&self.rconn, ids, fields).await
+    }
+
+    /// An account as its writer sees it right after a write: read on the write connection,
+    /// which follows the slot to the master that just took the write.
+    async fn own_state(&self, id: &str) -> Result<Option<AccountState>, StoreError> {
+        let ids = [id.to_owned()];
+        let row = self
+            .read_rows_on(&self.conn, &ids, &FIELDS[..])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        parse_state(id, row)
+    }
+
+    async fn read_rows_on(
+        &self,
+        conn: &ClusterConnection,
+        ids: &[String],
+        fields: &[&str],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
         let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, id) in ids.iter().enumerate() {
             by_shard.entry(self.shard(id)).or_default().push(i);
@@ -760,7 +758,7 @@ impl ClusterStore {
                     .arg(format!("{tag}:acct:{}", ids[i]))
                     .arg(fields);
             }
-            let mut c = self.rconn.clone();
+            let mut c = conn.clone();
             let rows: Vec<Vec<Option<String>>> =
                 pipe.query_async(&mut c).await.map_err(unavailable)?;
             Ok::<_, StoreError>(idx.into_iter().zip(rows).collect::<Vec<_>>())

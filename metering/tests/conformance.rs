@@ -785,3 +785,60 @@ async fn cluster_a_shard_that_lost_acknowledged_parts_reports_it_and_applies_the
     let st = state(&s, "ivy").await;
     assert_eq!(st.debited, 2 * CENT);
 }
+
+/// On a cluster nothing is acknowledged that no replica holds: with every replica frozen, a
+/// new credit, a repeated one (a duplicate answer, asked on a connection that never wrote) and a
+/// settle all answer `Unavailable`; once the replicas are back, the retries are applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_acknowledges_nothing_no_replica_holds_and_the_retries_apply_once() {
+    let cluster = RedisCluster::start();
+    let s = ClusterStore::connect(&cluster.urls(), "tollgate", TTL, 8)
+        .await
+        .unwrap();
+    s.credit("jay", "v1", USD).await.unwrap();
+    let inc = s.begin("node-r").await.unwrap();
+    let other = ClusterStore::connect(&cluster.urls()[3..], "tollgate", TTL, 8)
+        .await
+        .unwrap();
+    cluster.pause_replicas();
+    assert!(matches!(
+        other.credit("jay", "v1", USD).await,
+        Err(CreditError::Unavailable(_))
+    ));
+    assert!(matches!(
+        s.credit("jay", "v2", USD).await,
+        Err(CreditError::Unavailable(_))
+    ));
+    let b1 = batch(
+        "node-r",
+        inc.epoch,
+        1,
+        vec![entry("jay", 3, 3 * CENT, 0, 10 * CENT)],
+    );
+    assert!(matches!(
+        s.settle(&b1).await,
+        Err(SettleError::Unavailable(_))
+    ));
+    cluster.resume_replicas();
+    let t = std::time::Instant::now();
+    let again = loop {
+        match other.credit("jay", "v2", USD).await {
+            Ok(r) => break r,
+            Err(CreditError::Unavailable(_)) if t.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // The frozen attempt stopped at the key's claim (not acknowledged), before any money
+    // moved: the retry applies it, and a third try is a duplicate.
+    assert!(again.applied);
+    assert!(!other.credit("jay", "v2", USD).await.unwrap().applied);
+    assert!(matches!(
+        s.settle(&b1).await.unwrap(),
+        SettleOutcome::Duplicate(_)
+    ));
+    let st = state(&s, "jay").await;
+    assert_eq!((st.credited, st.debited), (2 * USD, 3 * CENT));
+    assert_eq!(s.lost_parts(), 0);
+}

@@ -238,6 +238,30 @@ impl RedisCluster {
         self.wait_replicas(Duration::from_secs(30));
     }
 
+    /// Freezes every replica (SIGSTOP): masters keep answering, but no write reaches a
+    /// replica until [`RedisCluster::resume_replicas`].
+    pub fn pause_replicas(&self) {
+        self.signal_replicas("STOP");
+    }
+
+    /// Thaws the replicas [`RedisCluster::pause_replicas`] froze.
+    pub fn resume_replicas(&self) {
+        self.signal_replicas("CONT");
+    }
+
+    fn signal_replicas(&self, sig: &str) {
+        for m in &self.members {
+            if let Some(c) = &m.child
+                && (sig == "CONT" || role(m.port).as_deref() == Some("slave"))
+            {
+                let _ = Command::new("kill")
+                    .arg(format!("-{sig}"))
+                    .arg(c.id().to_string())
+                    .status();
+            }
+        }
+    }
+
     /// A blocking connection to one member (fault injection, `INFO`).
     pub fn conn(&self, port: u16) -> redis::Connection {
         conn(port).expect("cluster member")
@@ -286,6 +310,10 @@ impl Drop for RedisCluster {
     fn drop(&mut self) {
         for m in &mut self.members {
             if let Some(mut c) = m.child.take() {
+                let _ = Command::new("kill")
+                    .arg("-CONT")
+                    .arg(c.id().to_string())
+                    .status();
                 let _ = c.kill();
                 let _ = c.wait();
             }
