@@ -8,41 +8,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{PRICE, crash_after_journal, node};
+use common::{PRICE, crash_after_journal, hammer, node};
 use tollgate_balance_cache::{BalanceCache, Spend};
 use tollgate_metering::{RedisStore, Status, Store};
 use tollgate_testkit::RedisServer;
 
 const CENT: i64 = 10_000_000_000;
-
-/// Spends until the account stays suspended; returns how many requests were paid. Like a
-/// client that retries a 402 once a little later: near the end of a balance, a node can be out
-/// while another still hands money back.
-async fn hammer(cache: Arc<BalanceCache>, account: &'static str) -> u64 {
-    let mut paid = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut suspended_since: Option<Instant> = None;
-    loop {
-        assert!(Instant::now() < deadline, "never suspended");
-        match cache.try_spend_request(account) {
-            Spend::Ok => {
-                paid += 1;
-                suspended_since = None;
-            }
-            Spend::Suspended => {
-                let since = *suspended_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_millis(300) {
-                    return paid;
-                }
-                let _ = tokio::time::timeout(Duration::from_millis(20), cache.changed()).await;
-            }
-            Spend::Pending => {
-                let _ = tokio::time::timeout(Duration::from_millis(20), cache.changed()).await;
-            }
-            Spend::Unavailable => panic!("store is up"),
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_never_spend_more_than_the_balance() {

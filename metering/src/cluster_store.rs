@@ -37,7 +37,7 @@ use crate::redis_scripts::{
 };
 use crate::redis_store::{
     DEFAULT_LEDGER_RETENTION, FIELDS, charge_reply, credit_reply, decode_feed, entries_json,
-    ledger_lines, parse_state, settle_reply, unavailable,
+    ledger_lines, mode_arg, parse_state, settle_reply, unavailable,
 };
 use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
@@ -108,10 +108,11 @@ fn eval(code: &str, keys: &[String]) -> redis::Cmd {
 /// Redis Cluster–backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterStore {
-    /// Money writes and the `WAIT`s after them (a `WAIT` holds its connection until a replica
-    /// answers, so reads have their own).
+    /// Money writes and the `WAIT`s after them, and the state a credit or charge answers with
+    /// (read where the write went).
     conn: ClusterConnection,
-    /// Reads (accounts, the ledger).
+    /// Other reads (accounts, the ledger): a `WAIT` holds its connection until a replica
+    /// answers, so they do not queue behind one.
     rconn: ClusterConnection,
     /// The last seq each (node, epoch, shard) acknowledged through this handle: a shard whose
     /// mark is found below it lost acknowledged writes (reported, see [`ClusterStore::lost_parts`]).
@@ -605,11 +606,7 @@ impl Store for ClusterStore {
             .arg(account)
             .arg(key)
             .arg(amount)
-            .arg(match mode {
-                DebitMode::All => "all",
-                DebitMode::UpToAvailable => "avail",
-                DebitMode::UpToBalance => "balance",
-            })
+            .arg(mode_arg(mode))
             .arg(mode.ledger_kind());
         let reply: Vec<String> = self.write(cmd).await.map_err(ChargeError::Unavailable)?;
         let (applied, taken) = charge_reply(key, &reply)?;

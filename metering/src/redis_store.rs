@@ -315,6 +315,15 @@ pub(crate) fn settle_reply(seq: u64, reply: &[String]) -> Result<SettleOutcome, 
     }
 }
 
+/// The charge script's name for a debit mode.
+pub(crate) fn mode_arg(mode: DebitMode) -> &'static str {
+    match mode {
+        DebitMode::All => "all",
+        DebitMode::UpToAvailable => "avail",
+        DebitMode::UpToBalance => "balance",
+    }
+}
+
 /// What the credit script answered: applied (`false`: the key was credited before).
 pub(crate) fn credit_reply(key: &str, reply: &[String]) -> Result<bool, CreditError> {
     let applied = match reply.first().map(String::as_str) {
@@ -558,11 +567,7 @@ impl Store for RedisStore {
             .arg(account)
             .arg(key)
             .arg(amount)
-            .arg(match mode {
-                DebitMode::All => "all",
-                DebitMode::UpToAvailable => "avail",
-                DebitMode::UpToBalance => "balance",
-            })
+            .arg(mode_arg(mode))
             .arg(mode.ledger_kind())
             .invoke_async(&mut c)
             .await

@@ -787,8 +787,9 @@ async fn cluster_a_shard_that_lost_acknowledged_parts_reports_it_and_applies_the
 }
 
 /// On a cluster nothing is acknowledged that no replica holds: with every replica frozen, a
-/// new credit, a repeated one (a duplicate answer, asked on a connection that never wrote) and a
-/// settle all answer `Unavailable`; once the replicas are back, the retries are applied once.
+/// new credit (stopped at its key's claim), a batch applied before and sent again through a
+/// handle whose connection never wrote (a duplicate answer), and a new batch all answer
+/// `Unavailable`; once the replicas are back, the retries are applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_acknowledges_nothing_no_replica_holds_and_the_retries_apply_once() {
     let cluster = RedisCluster::start();
@@ -797,26 +798,37 @@ async fn cluster_acknowledges_nothing_no_replica_holds_and_the_retries_apply_onc
         .unwrap();
     s.credit("jay", "v1", USD).await.unwrap();
     let inc = s.begin("node-r").await.unwrap();
+    let b1 = batch(
+        "node-r",
+        inc.epoch,
+        1,
+        vec![entry("jay", 1, CENT, 0, 10 * CENT)],
+    );
+    assert!(matches!(
+        s.settle(&b1).await.unwrap(),
+        SettleOutcome::Applied(_)
+    ));
     let other = ClusterStore::connect(&cluster.urls()[3..], "tollgate", TTL, 8)
         .await
         .unwrap();
     cluster.pause_replicas();
     assert!(matches!(
-        other.credit("jay", "v1", USD).await,
-        Err(CreditError::Unavailable(_))
-    ));
-    assert!(matches!(
         s.credit("jay", "v2", USD).await,
         Err(CreditError::Unavailable(_))
     ));
-    let b1 = batch(
+    // The settle script's duplicate branch, on a connection that never wrote.
+    assert!(matches!(
+        other.settle(&b1).await,
+        Err(SettleError::Unavailable(_))
+    ));
+    let b2 = batch(
         "node-r",
         inc.epoch,
-        1,
-        vec![entry("jay", 3, 3 * CENT, 0, 10 * CENT)],
+        2,
+        vec![entry("jay", 3, 3 * CENT, 0, 0)],
     );
     assert!(matches!(
-        s.settle(&b1).await,
+        s.settle(&b2).await,
         Err(SettleError::Unavailable(_))
     ));
     cluster.resume_replicas();
@@ -830,15 +842,21 @@ async fn cluster_acknowledges_nothing_no_replica_holds_and_the_retries_apply_onc
             Err(e) => panic!("{e}"),
         }
     };
-    // The frozen attempt stopped at the key's claim (not acknowledged), before any money
-    // moved: the retry applies it, and a third try is a duplicate.
+    // The frozen attempt stopped at the key's claim, before any money moved: the retry
+    // applies it, and a third try is a duplicate.
     assert!(again.applied);
     assert!(!other.credit("jay", "v2", USD).await.unwrap().applied);
+    // The batch applied while the replicas were frozen stood on the master: a duplicate now.
     assert!(matches!(
-        s.settle(&b1).await.unwrap(),
+        s.settle(&b2).await.unwrap(),
         SettleOutcome::Duplicate(_)
     ));
+    // Batch 1, sent again now that 2 is applied, is older than the shard's mark.
+    assert_eq!(
+        other.settle(&b1).await.unwrap_err(),
+        SettleError::Stale { seq: 1, hwm: 2 }
+    );
     let st = state(&s, "jay").await;
-    assert_eq!((st.credited, st.debited), (2 * USD, 3 * CENT));
+    assert_eq!((st.credited, st.debited), (2 * USD, 4 * CENT));
     assert_eq!(s.lost_parts(), 0);
 }

@@ -142,3 +142,32 @@ pub async fn audit(url: &str) -> Vec<tollgate_payments::audit::Difference> {
     }
     panic!("the audit could not read the books");
 }
+
+/// Spends until the account stays suspended; returns how many requests were paid. Like a
+/// client that retries a 402 once a little later: near the end of a balance, a node can be out
+/// while another still hands money back.
+pub async fn hammer(cache: Arc<BalanceCache>, account: &'static str) -> u64 {
+    let mut paid = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut suspended_since: Option<Instant> = None;
+    loop {
+        assert!(Instant::now() < deadline, "never suspended");
+        match cache.try_spend_request(account) {
+            Spend::Ok => {
+                paid += 1;
+                suspended_since = None;
+            }
+            Spend::Suspended => {
+                let since = *suspended_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    return paid;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(20), cache.changed()).await;
+            }
+            Spend::Pending => {
+                let _ = tokio::time::timeout(Duration::from_millis(20), cache.changed()).await;
+            }
+            Spend::Unavailable => panic!("store is up"),
+        }
+    }
+}
