@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{PRICE, hammer, node_on};
+use common::{PRICE, hammer, node_on, resumed_everywhere};
 use tollgate_balance_cache::Spend;
 use tollgate_metering::{ClusterStore, Status, Store, shard_of};
 use tollgate_testkit::RedisCluster;
@@ -150,7 +150,10 @@ async fn a_master_failed_over_and_another_killed_under_load_lose_and_double_noth
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    println!("top-up seen by every node after {:?}", t.elapsed());
+    println!(
+        "top-up seen by every node {:?} after its credit was acknowledged",
+        t.elapsed()
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -218,18 +221,7 @@ async fn suspension_and_resumption_reach_every_node_through_the_sharded_feed() {
     let st = admin.account("acct").await.unwrap().unwrap();
     assert_eq!(st.status, Status::Suspended);
     credit(&admin, "acct", "v2", 10_000 * PRICE).await;
-    let t = Instant::now();
-    while a.cache.is_suspended("acct") != Some(false) || b.cache.is_suspended("acct") != Some(false)
-    {
-        assert!(t.elapsed() < Duration::from_secs(2), "resumption not seen");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    for n in [&a, &b] {
-        let lag = &n.metrics.feed_lag_seconds;
-        assert!(lag.get_sample_count() >= 1, "{}", lag.get_sample_count());
-        let mean = lag.get_sample_sum() / lag.get_sample_count() as f64;
-        assert!((0.0..0.1).contains(&mean), "mean feed lag {mean} s");
-    }
+    resumed_everywhere(&[&a, &b], "acct", 1).await;
     a.shutdown().await;
     b.shutdown().await;
     let st = admin.account("acct").await.unwrap().unwrap();
