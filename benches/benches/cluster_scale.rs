@@ -1,7 +1,8 @@
 //! One Redis against a Redis Cluster of 6 processes (3 masters, 3 replicas), same machine, same
 //! run: settle account lines per second with 1, 4 and 16 nodes settling at once; the change
-//! feed's propagation (write through node A, seen by node B); and a cold resync of `ACCOUNTS`
-//! (default 100,000) accounts.
+//! feed's propagation (write through node A, seen by node B); a cold resync of `ACCOUNTS`
+//! (default 100,000) accounts; and a proxy node's start with `PROJECTS` (default 10,000)
+//! projects' routes in Redis (routes are on one Redis only).
 //! Run: `cargo bench -p tollgate-benches --bench cluster_scale`
 
 use std::sync::Arc;
@@ -199,5 +200,75 @@ async fn run() -> Res<()> {
             hist.max()
         );
     }
+    routes_at_start(&redis).await
+}
+
+/// A node's start with `PROJECTS` routes in Redis: the time until its route table is synced and
+/// serves them all, and the process's RSS growth for the table.
+async fn routes_at_start(redis: &RedisServer) -> Res<()> {
+    use tollgate_routes::{
+        Route, RouteKey, RouteStore, RouteSync, RouteTable, SyncMetrics, SyncOptions,
+    };
+    let n: usize = std::env::var("PROJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let store = RouteStore::connect(&redis.url(), "tollgate").await?;
+    for i in 0..n {
+        let route = Route {
+            upstreams: vec![std::net::SocketAddr::from((
+                [10, 0, (i / 250) as u8, (i % 250) as u8],
+                8_000 + (i % 1_000) as u16,
+            ))],
+            account_id: Some(format!("did:pkh:eip155:42431:0x{:040x}", i)),
+            project_id: Some(format!("prj_{i:08}")),
+            deployment_id: Some(format!("dep_{i:08}")),
+        };
+        store
+            .put(&RouteKey::slug(&format!("project-{i}"))?, &route)
+            .await?;
+    }
+    let before = rss_bytes();
+    let t = Instant::now();
+    let table = Arc::new(RouteTable::new("localhost", vec![]));
+    let metrics = SyncMetrics::new(&prometheus::Registry::new())?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(
+        RouteSync::new(SyncOptions::new(&redis.url()), table.clone(), metrics).run(stop_rx),
+    );
+    let last = format!("project-{}.localhost", n - 1);
+    while !(table.is_synced()
+        && table.lookup(&last).is_some()
+        && table.lookup("project-0.localhost").is_some())
+    {
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err("the route table never synced".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = t.elapsed();
+    let grown = rss_bytes().saturating_sub(before);
+    if table
+        .lookup(&format!("project-{}.localhost", n - 1))
+        .is_none()
+    {
+        return Err("the last project's route is not served".into());
+    }
+    let _ = stop.send(true);
+    println!(
+        "node start with {n} projects' routes: table synced in {:.0} ms; RSS +{:.1} MiB ({:.0} bytes per route)",
+        took.as_secs_f64() * 1000.0,
+        grown as f64 / 1_048_576.0,
+        grown as f64 / n as f64
+    );
     Ok(())
+}
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    s.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
 }

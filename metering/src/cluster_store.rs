@@ -77,17 +77,30 @@ struct Acked {
     before: u64,
 }
 
-/// The scripts' source: each write is sent as `EVAL` in one pipeline with its `WAIT` (see
-/// [`ClusterStore::write`]).
+/// A script's source and its SHA1: sent as `EVALSHA`, and as `EVAL` when a master does not
+/// know it yet (a new master after a failover, a restart).
+struct Lua {
+    code: String,
+    sha: String,
+}
+
+impl Lua {
+    fn new(code: String) -> Lua {
+        let sha = redis::Script::new(&code).get_hash().to_owned();
+        Lua { code, sha }
+    }
+}
+
+/// The scripts; each write goes in one pipeline with its `WAIT` (see [`ClusterStore::write`]).
 struct Scripts {
-    settle: String,
-    credit: String,
-    charge: String,
-    release: String,
-    reap: String,
-    begin: String,
-    claim: String,
-    shards: String,
+    settle: Lua,
+    credit: Lua,
+    charge: Lua,
+    release: Lua,
+    reap: Lua,
+    begin: Lua,
+    claim: Lua,
+    shards: Lua,
 }
 
 /// The layout key: set once; its write counter moves, so the `WAIT` after it covers the value
@@ -98,10 +111,22 @@ redis.call('INCR', KEYS[1] .. ':w')
 return redis.call('GET', KEYS[1])
 "#;
 
-/// `EVAL code numkeys keys…`; the caller adds the arguments.
-fn eval(code: &str, keys: &[String]) -> redis::Cmd {
+/// `EVALSHA sha numkeys keys…`; the caller adds the arguments.
+fn eval(lua: &Lua, keys: &[String]) -> redis::Cmd {
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(&lua.sha).arg(keys.len()).arg(keys);
+    c
+}
+
+/// The same call as `EVAL` with the script's source (the master did not know the SHA).
+fn with_source(lua: &Lua, evalsha: &redis::Cmd) -> redis::Cmd {
     let mut c = redis::cmd("EVAL");
-    c.arg(code).arg(keys.len()).arg(keys);
+    c.arg(&lua.code);
+    for a in evalsha.args_iter().skip(2) {
+        if let redis::Arg::Simple(b) = a {
+            c.arg(b);
+        }
+    }
     c
 }
 
@@ -181,7 +206,7 @@ impl ClusterStore {
         let cluster = client(urls, None)?;
         let conn = cluster.get_async_connection().await.map_err(unavailable)?;
         let rconn = cluster.get_async_connection().await.map_err(unavailable)?;
-        let code = |parts: &[&str]| format!("{}{}", header(true), parts.concat());
+        let code = |parts: &[&str]| Lua::new(format!("{}{}", header(true), parts.concat()));
         let (feed, _) = broadcast::channel(65_536);
         let alive = Arc::new(());
         let store = ClusterStore {
@@ -202,7 +227,7 @@ impl ClusterStore {
                 reap: code(&[LUA_COMMON, LUA_RETURN_LEASE, REAP]),
                 begin: code(&[BEGIN]),
                 claim: code(&[CLAIM]),
-                shards: SHARDS.to_owned(),
+                shards: Lua::new(SHARDS.to_owned()),
             }),
             feed,
             _alive: alive.clone(),
@@ -212,7 +237,10 @@ impl ClusterStore {
         let key = format!("{{{prefix}}}:shards");
         let mut cmd = eval(&store.scripts.shards, std::slice::from_ref(&key));
         cmd.arg(shards);
-        let held: String = store.write(cmd).await.map_err(StoreError::Unavailable)?;
+        let held: String = store
+            .write(&store.scripts.shards, cmd)
+            .await
+            .map_err(StoreError::Unavailable)?;
         if held != shards.to_string() {
             return Err(StoreError::Invalid(format!(
                 "this cluster's money is laid out in {held} shards ({key}); this process was \
@@ -259,17 +287,29 @@ impl ClusterStore {
     /// that answers alone may be about to lose it (it dies and its replica takes over, or it
     /// came back empty and will be demoted). Otherwise `Err`, and the caller retries; the retry
     /// is applied once by whichever master holds the slot by then.
-    async fn write<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, String> {
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        if self.replica_acks > 0 {
-            pipe.cmd("WAIT")
-                .arg(self.replica_acks)
-                .arg(REPLICA_WAIT.as_millis() as u64);
-        }
+    async fn write<T: redis::FromRedisValue>(
+        &self,
+        lua: &Lua,
+        cmd: redis::Cmd,
+    ) -> Result<T, String> {
+        let pipe = |cmd: redis::Cmd| {
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd);
+            if self.replica_acks > 0 {
+                pipe.cmd("WAIT")
+                    .arg(self.replica_acks)
+                    .arg(REPLICA_WAIT.as_millis() as u64);
+            }
+            pipe
+        };
         let mut c = self.conn.clone();
-        let mut replies: Vec<redis::Value> =
-            pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
+        let mut replies: Vec<redis::Value> = match pipe(cmd.clone()).query_async(&mut c).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                pipe(with_source(lua, &cmd)).query_async(&mut c).await
+            }
+            other => other,
+        }
+        .map_err(|e| e.to_string())?;
         if self.replica_acks > 0 {
             match replies.pop() {
                 Some(redis::Value::Int(n)) if n >= i64::from(self.replica_acks) => {}
@@ -317,7 +357,10 @@ impl ClusterStore {
             .arg(self.lease_ttl.as_millis() as u64)
             .arg(json)
             .arg(prev);
-        let reply: Vec<String> = self.write(cmd).await.map_err(SettleError::Unavailable)?;
+        let reply: Vec<String> = self
+            .write(&self.scripts.settle, cmd)
+            .await
+            .map_err(SettleError::Unavailable)?;
         let out = settle_reply(part.seq, &reply);
         if out.is_ok() {
             if reply.get(2).map(String::as_str) == Some("LOST") {
@@ -357,7 +400,7 @@ impl ClusterStore {
             &[format!("{}:claims", self.tag(self.shard(key)))],
         );
         cmd.arg(format!("{kind}:{key}")).arg(value);
-        let reply: Vec<String> = self.write(cmd).await?;
+        let reply: Vec<String> = self.write(&self.scripts.claim, cmd).await?;
         match reply.first().map(String::as_str) {
             Some("OK") => Ok(None),
             Some("MISMATCH") => Ok(Some(reply.get(1).cloned().unwrap_or_default())),
@@ -455,7 +498,10 @@ impl Store for ClusterStore {
         // settle keys.
         let mut cmd = eval(&self.scripts.begin, &[format!("{tag}:epoch")]);
         cmd.arg(format!("{tag}:inc:")).arg(floor);
-        let epoch: u64 = self.write(cmd).await.map_err(StoreError::Unavailable)?;
+        let epoch: u64 = self
+            .write(&self.scripts.begin, cmd)
+            .await
+            .map_err(StoreError::Unavailable)?;
         Ok(Incarnation {
             node_id: node_id.to_owned(),
             epoch,
@@ -538,7 +584,10 @@ impl Store for ClusterStore {
                 &[format!("{tag}:inc:{}:{}", inc.node_id, inc.epoch)],
             );
             cmd.arg(&tag).arg(&inc.node_id).arg(inc.epoch);
-            let n: u64 = self.write(cmd).await.map_err(StoreError::Unavailable)?;
+            let n: u64 = self
+                .write(&self.scripts.release, cmd)
+                .await
+                .map_err(StoreError::Unavailable)?;
             Ok::<u64, StoreError>(n)
         });
         let mut total = 0;
@@ -572,7 +621,10 @@ impl Store for ClusterStore {
         let tag = self.tag(self.shard(account));
         let mut cmd = eval(&self.scripts.credit, &[format!("{tag}:acct:{account}")]);
         cmd.arg(&tag).arg(account).arg(key).arg(amount);
-        let reply: Vec<String> = self.write(cmd).await.map_err(CreditError::Unavailable)?;
+        let reply: Vec<String> = self
+            .write(&self.scripts.credit, cmd)
+            .await
+            .map_err(CreditError::Unavailable)?;
         let applied = credit_reply(key, &reply)?;
         let state = self
             .own_state(account)
@@ -608,7 +660,10 @@ impl Store for ClusterStore {
             .arg(amount)
             .arg(mode_arg(mode))
             .arg(mode.ledger_kind());
-        let reply: Vec<String> = self.write(cmd).await.map_err(ChargeError::Unavailable)?;
+        let reply: Vec<String> = self
+            .write(&self.scripts.charge, cmd)
+            .await
+            .map_err(ChargeError::Unavailable)?;
         let (applied, taken) = charge_reply(key, &reply)?;
         let state = self
             .own_state(account)
@@ -668,7 +723,17 @@ impl Store for ClusterStore {
             cmd.arg(&tag).arg(self.ledger_retention.as_millis() as u64);
             // Nothing waits on a reap's answer: a reap a failover loses is done again.
             let mut c = self.conn.clone();
-            let n: u64 = cmd.query_async(&mut c).await.map_err(unavailable)?;
+            let n: u64 = match cmd.query_async(&mut c).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    with_source(&self.scripts.reap, &cmd)
+                        .query_async(&mut c)
+                        .await
+                }
+                other => other,
+            }
+            .map_err(unavailable)?;
             Ok::<u64, StoreError>(n)
         });
         let mut total = 0;
