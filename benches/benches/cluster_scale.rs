@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tollgate_metering::{
-    ClusterStore, FeedEvent, RedisStore, SettleBatch, SettleEntry, Store, Usage,
-};
+use tollgate_metering::{ClusterStore, RedisStore, SettleBatch, SettleEntry, Store, Usage};
 use tollgate_testkit::{RedisCluster, RedisServer};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -167,13 +165,7 @@ async fn run() -> Res<()> {
             one().await?
         };
         let mut feed = b_store.subscribe();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), feed.recv()).await {
-                Ok(Ok(FeedEvent::Resync)) => break,
-                Ok(Ok(_)) => continue,
-                _ => return Err("feed never went live".into()),
-            }
-        }
+        tollgate_benches::feed_live(&mut feed).await?;
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let changes = 5_000;
         for i in 0..changes {
@@ -181,16 +173,7 @@ async fn run() -> Res<()> {
             let t0 = Instant::now();
             let out = store.credit(account, &format!("feed{i}"), 1_000).await?;
             let want = out.state.version;
-            loop {
-                match tokio::time::timeout(Duration::from_secs(2), feed.recv()).await {
-                    Ok(Ok(FeedEvent::Change(c))) if &c.account == account && c.version >= want => {
-                        break;
-                    }
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(e)) => return Err(format!("feed: {e}").into()),
-                    Err(_) => return Err("change never arrived".into()),
-                }
-            }
+            tollgate_benches::feed_reaches(&mut feed, account, want).await?;
             hist.record(t0.elapsed().as_micros().max(1) as u64)?;
         }
         println!(

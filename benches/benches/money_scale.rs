@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tollgate_balance_cache::BalanceCache;
-use tollgate_metering::{FeedEvent, Prices, RedisStore, SettleBatch, SettleEntry, Store, Usage};
+use tollgate_metering::{Prices, RedisStore, SettleBatch, SettleEntry, Store, Usage};
 use tollgate_testkit::RedisServer;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -176,14 +176,7 @@ async fn run() -> Res<()> {
     // 4. Change feed: a change made through node A's handle, seen by node B's subscriber.
     let b_store = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10)).await?;
     let mut feed = b_store.subscribe();
-    // Wait until B's subscription is live.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), feed.recv()).await {
-            Ok(Ok(FeedEvent::Resync)) => break,
-            Ok(Ok(_)) => continue,
-            _ => return Err("feed never went live".into()),
-        }
-    }
+    tollgate_benches::feed_live(&mut feed).await?;
     let a: Arc<dyn Store> = Arc::new(store);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let changes = 10_000;
@@ -191,16 +184,7 @@ async fn run() -> Res<()> {
         let t0 = Instant::now();
         let out = a.credit("feed-acct", &format!("k{i}"), 1_000).await?;
         let want = out.state.version;
-        loop {
-            match tokio::time::timeout(Duration::from_secs(2), feed.recv()).await {
-                Ok(Ok(FeedEvent::Change(c))) if c.account == "feed-acct" && c.version >= want => {
-                    break;
-                }
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => return Err(format!("feed: {e}").into()),
-                Err(_) => return Err("change never arrived".into()),
-            }
-        }
+        tollgate_benches::feed_reaches(&mut feed, "feed-acct", want).await?;
         hist.record(t0.elapsed().as_micros().max(1) as u64)?;
     }
     println!(
