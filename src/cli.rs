@@ -395,8 +395,8 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
-    /// (url, prefix).
-    fn resolve(&self) -> anyhow::Result<(String, String)> {
+    /// (where, prefix).
+    fn resolve(&self) -> anyhow::Result<(tollgate_proxy::RedisConfig, String)> {
         BooksAt::resolve(
             self.config.as_deref(),
             self.url.as_deref(),
@@ -539,8 +539,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
                 RoutesCommand::List { redis } => (redis, RouteOp::List),
             };
-            let (url, prefix) = redis.resolve()?;
-            tollgate_app::ops::routes(&url, &prefix, op)?;
+            let (redis, prefix) = redis.resolve()?;
+            tollgate_app::ops::routes(redis.target(), &prefix, op)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Accounts(cmd) => accounts(cmd),
@@ -549,6 +549,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(redis) = &cfg.redis else {
                 anyhow::bail!("book disable needs [redis] (or TOLLGATE_REDIS_URL)");
             };
+            anyhow::ensure!(
+                redis.cluster.is_empty(),
+                "the book of record does not run on a Redis Cluster: there is nothing to disable"
+            );
             tollgate_app::ops::book_disable(&redis.url, &redis.key_prefix)?;
             Ok(ExitCode::SUCCESS)
         }

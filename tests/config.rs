@@ -205,6 +205,22 @@ fn check_config_points_at_the_first_error() {
             "at least one",
         ),
         ("[redis]\nurl = \"http://nope\"\n", 2, "redis://"),
+        (
+            "[redis]\ncluster = [\"redis://10.0.0.1:7000/\", \"unix:///tmp/r.sock\"]\n",
+            2,
+            "over TCP",
+        ),
+        (
+            "[redis]\ncluster = [\"redis://a:1/\"]\nmoney_shards = 0\n",
+            3,
+            "1..=1024",
+        ),
+        (
+            "[redis]\nurl = \"redis://a:1/\"\ncluster = [\"redis://b:1/\"]\n",
+            1,
+            "not both",
+        ),
+        ("[redis]\nkey_prefix = \"t\"\n", 1, "`cluster`"),
         ("[log]\nformat = \"xml\"\n", 2, "unknown variant"),
         ("[control]\nruntime = \"cloud\"\n", 2, "unknown variant"),
         ("[host]\nprocesses = -1\n", 2, "expected u32"),
@@ -339,4 +355,67 @@ fn a_runtime_host_config_out_of_range_is_refused_with_its_key() {
         assert_eq!(out.status.code(), Some(1), "accepted: {text}");
         assert!(err.contains(words), "for {text:?}: {err}");
     }
+}
+
+#[test]
+fn a_redis_cluster_is_configured_by_file_or_environment_and_refused_with_the_book() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "c.toml",
+        "[redis]\ncluster = [\"redis://10.0.0.1:7000/\", \"redis://10.0.0.2:7000/\"]\nreplica_acks = 2\nmoney_shards = 64\n",
+    );
+    let cfg = proxy_config(
+        &proxy_args(&["--config", f.to_str().unwrap()]),
+        &env_of(&[]),
+    )
+    .unwrap();
+    let r = cfg.redis.as_ref().unwrap();
+    assert_eq!(r.cluster.len(), 2);
+    assert!(r.url.is_empty());
+    assert_eq!((r.replica_acks, r.money_shards), (2, 64));
+    assert!(r.target().is_cluster());
+
+    // The environment: members comma-separated; a URL there replaces a file's cluster.
+    let cfg = proxy_config(
+        &proxy_args(&[]),
+        &env_of(&[(
+            "TOLLGATE_REDIS_CLUSTER",
+            "redis://10.0.0.1:7000/, redis://10.0.0.2:7000/",
+        )]),
+    )
+    .unwrap();
+    let r = cfg.redis.as_ref().unwrap();
+    assert_eq!(
+        r.cluster,
+        ["redis://10.0.0.1:7000/", "redis://10.0.0.2:7000/"]
+    );
+    assert_eq!((r.replica_acks, r.money_shards), (1, 32));
+    let cfg = proxy_config(
+        &proxy_args(&["--config", f.to_str().unwrap()]),
+        &env_of(&[("TOLLGATE_REDIS_URL", "redis://127.0.0.1:9/")]),
+    )
+    .unwrap();
+    let r = cfg.redis.as_ref().unwrap();
+    assert!(r.cluster.is_empty() && r.url == "redis://127.0.0.1:9/");
+    let e = proxy_config(
+        &proxy_args(&[]),
+        &env_of(&[
+            ("TOLLGATE_REDIS_URL", "redis://127.0.0.1:9/"),
+            ("TOLLGATE_REDIS_CLUSTER", "redis://10.0.0.1:7000/"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not both"), "{e}");
+
+    // The book of record reads one Redis's ledger: refused on a cluster, saying why.
+    let (code, _, err) = check_config(
+        "[redis]\ncluster = [\"redis://10.0.0.1:7000/\"]\n[book]\npostgres_url = \"postgres://x@127.0.0.1/db\"\n",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("book of record") && err.contains("Redis Cluster"),
+        "{err}"
+    );
 }

@@ -3,6 +3,7 @@
 //! hosts; a host killed with SIGKILL has its deployments moved and their URLs answer again
 //! after a short gap (measured); a host stopped with SIGTERM hands its deployments over with no
 //! failed request; a control service started again finds every deployment still running.
+//! The first two run on one Redis, or a Redis Cluster with `TOLLGATE_TEST_REDIS=cluster`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use tollgate_control::DeployRequest;
 use tollgate_control::hosts::HostKeys;
 use tollgate_routes::RouteStore;
-use tollgate_testkit::{RedisServer, TcpCut, free_addr};
+use tollgate_testkit::{RedisServer, TcpCut, TestRedis, free_addr};
 
 mod common;
 use common::hosts::*;
@@ -55,8 +56,8 @@ fn probe(
 
 #[test]
 fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
-    let redis = RedisServer::start();
-    let url = redis.url();
+    let redis = TestRedis::start();
+    let url = &redis;
     let dir = tempfile::Builder::new()
         .prefix("tollgate-hosts-test-")
         .tempdir()
@@ -64,16 +65,14 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
         .keep();
     let mut hosts: Vec<Host> = ["rt-a", "rt-b", "rt-c"]
         .iter()
-        .map(|id| start_host(&dir, &url, id))
+        .map(|id| start_host(&dir, url, id))
         .collect();
-    let (proxy_proc, proxy) = start_proxy(&url);
-    assert!(
-        credit_account(&url, "acct-h", "5.00", "hosts-test")
-            .status
-            .success()
-    );
+    let (proxy_proc, proxy) = start_proxy(url);
+    let credited = credit_account(url, "acct-h", "5.00", "hosts-test");
+    assert!(credited.status.success(), "{credited:?}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (control, runtime1, stop_control, registry) = rt.block_on(control(&url, proxy, &dir));
+    let (control, runtime1, stop_control, registry) =
+        rt.block_on(control(redis.target(), proxy, &dir));
 
     // Six projects over three hosts: two each.
     let mut projects = Vec::new();
@@ -116,19 +115,10 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     // batches in the ledger with CPU time on them), and the logs reach the agent's view.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        use redis::Commands;
-        let entries: redis::streams::StreamRangeReply =
-            redis.conn().xrange_all("tollgate:ledger").unwrap();
-        let cpu_by_host = entries.ids.iter().any(|e| {
-            e.get::<String>("key")
-                .is_some_and(|k| k.starts_with("settle:rt-"))
-                && e.get::<String>("lines").is_some_and(|l| {
-                    serde_json::from_str::<Vec<serde_json::Value>>(&l)
-                        .unwrap()
-                        .iter()
-                        .any(|l| l["account"] == "acct-h" && l["cpu_us"].as_u64() > Some(0))
-                })
-        });
+        let cpu_by_host = rt
+            .block_on(ledger(&redis))
+            .iter()
+            .any(|e| e.key.starts_with("settle:rt-") && e.account == "acct-h" && e.cpu_us > 0);
         if cpu_by_host {
             break;
         }
@@ -251,7 +241,7 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     );
     stop_control.send_replace(true);
     drop(control);
-    let (control, runtime2, _stop2, _) = rt.block_on(self::control(&url, proxy, &dir));
+    let (control, runtime2, _stop2, _) = rt.block_on(self::control(redis.target(), proxy, &dir));
     let recovered = rt.block_on(control.recover()).unwrap();
     assert_eq!(recovered, 6);
     let after: Vec<_> = rt.block_on(async {
@@ -268,7 +258,9 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
 
     // A route that lost track of its deployment (a lost event): the repair puts it back.
     rt.block_on(async {
-        let routes = RouteStore::connect(&url, "tollgate").await.unwrap();
+        let routes = RouteStore::connect(redis.target(), "tollgate")
+            .await
+            .unwrap();
         let key = tollgate_routes::RouteKey::slug("svc-2").unwrap();
         let mut wrong = routes.get(&key).await.unwrap().unwrap();
         wrong.upstreams = vec![free_addr()];
@@ -308,7 +300,7 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     // predecessor runs no workerd process any more.
     let predecessor = leaving.proc.0.id().to_string();
     let successor = std::thread::spawn({
-        let (dir, url, id) = (dir.clone(), url.clone(), leaving.id.clone());
+        let (dir, url, id) = (dir.clone(), RedisName::from(&redis), leaving.id.clone());
         move || {
             let host = start_host(&dir, &url, &id);
             (host, workerd_of(&predecessor))
@@ -374,7 +366,7 @@ fn deployments_spread_over_hosts_and_survive_a_host_killed_or_stopped() {
     }
 
     // 4. The killed host comes back (same id): it runs nothing it lost, and takes new work.
-    let back = start_host(&dir, &url, &killed.id);
+    let back = start_host(&dir, url, &killed.id);
     hosts.push(back);
     let out = rt
         .block_on(control.deploy(
@@ -425,8 +417,9 @@ fn version_files(v: u32) -> serde_json::Value {
 /// and the service never fails a request.
 #[test]
 fn two_control_instances_share_the_fleet_and_one_stops_mid_deploy_without_a_failure() {
-    let redis = RedisServer::start();
-    let url = redis.url();
+    let redis = TestRedis::start();
+    let url = &redis;
+    let redis_line = url.toml();
     let dir = tempfile::Builder::new()
         .prefix("tollgate-controls-test-")
         .tempdir()
@@ -442,16 +435,16 @@ fn two_control_instances_share_the_fleet_and_one_stops_mid_deploy_without_a_fail
     let rpc = chain.url();
     let _hosts: Vec<Host> = ["rt-x", "rt-y"]
         .iter()
-        .map(|id| start_host(&dir, &url, id))
+        .map(|id| start_host(&dir, url, id))
         .collect();
-    let (_proxy_proc, proxy) = start_proxy(&url);
+    let (_proxy_proc, proxy) = start_proxy(url);
     let start_control = |name: &str| -> (Proc, SocketAddr, PathBuf) {
         let (listen, admin) = (free_addr(), free_addr());
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
             format!(
-                "[control]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\nruntime = \"hosts\"\npublic_url = \"http://{{slug}}.localhost:{}\"\n[redis]\nurl = \"{url}\"\n[payments]\nrpc_url = \"{rpc}\"\nallow_test_chain = true\n",
+                "[control]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\nruntime = \"hosts\"\npublic_url = \"http://{{slug}}.localhost:{}\"\n[redis]\n{redis_line}\n[payments]\nrpc_url = \"{rpc}\"\nallow_test_chain = true\n",
                 proxy.port()
             ),
         )
@@ -525,11 +518,10 @@ fn two_control_instances_share_the_fleet_and_one_stops_mid_deploy_without_a_fail
 
     // Instance A stopped with SIGTERM while a deploy through it is under way: it finishes it.
     let in_flight = redeploy(mcp_a.clone(), 4);
-    let record = format!("tollgate:ctl:project:{project_id}");
+    let record = format!("{}:ctl:project:{project_id}", redis.prefix("tollgate"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        use redis::Commands;
-        let json: String = redis.conn().get(&record).unwrap();
+        let json = redis.get(&record).unwrap();
         let p: serde_json::Value = serde_json::from_str(&json).unwrap();
         if p["deployments"].as_array().unwrap().len() == 4 {
             break;
@@ -562,8 +554,7 @@ fn two_control_instances_share_the_fleet_and_one_stops_mid_deploy_without_a_fail
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        use redis::Commands;
-        let holder: Option<String> = redis.conn().get("tollgate:ctl:rounds").unwrap();
+        let holder = redis.get(&format!("{}:ctl:rounds", redis.prefix("tollgate")));
         if holder.is_some() {
             break;
         }
@@ -591,7 +582,7 @@ fn two_control_instances_share_the_fleet_and_one_stops_mid_deploy_without_a_fail
 /// host registers again and runs nothing it lost.
 #[test]
 fn a_host_cut_off_from_redis_stops_its_processes_and_its_deployments_move() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::One(RedisServer::start());
     let url = redis.url();
     let cut = TcpCut::start(
         redis
@@ -687,11 +678,7 @@ fn a_host_cut_off_from_redis_stops_its_processes_and_its_deployments_move() {
     cut.thaw();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        use redis::Commands;
-        let lease: Option<String> = redis
-            .conn()
-            .get(HostKeys::new("tollgate").alive("rt-a"))
-            .unwrap();
+        let lease = redis.get(&HostKeys::new("tollgate").alive("rt-a"));
         // A token, not a hand-over's `leaving:` mark.
         if lease.is_some_and(|l| !l.starts_with("leaving:")) {
             break;

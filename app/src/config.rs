@@ -545,6 +545,7 @@ pub const ENV_VARS: &[&str] = &[
     "TOLLGATE_DATA_DIR",
     "TOLLGATE_ADMIN_TOKEN",
     "TOLLGATE_REDIS_URL",
+    "TOLLGATE_REDIS_CLUSTER",
     "TOLLGATE_REDIS_KEY_PREFIX",
     "TOLLGATE_DRAIN_TIMEOUT_SECONDS",
     "TOLLGATE_METERING_ENABLED",
@@ -580,6 +581,7 @@ impl Config {
             .and_then(|_| cfg.access_log.check())
             .and_then(|_| cfg.public.check())
             .and_then(|_| cfg.host.check())
+            .and_then(|_| cfg.store_combination())
             .map_err(|message| ConfigError {
                 origin: origin.to_owned(),
                 line: None,
@@ -629,7 +631,24 @@ impl Config {
             None => Config::default(),
         };
         cfg.apply_env(env)?;
+        cfg.store_combination().map_err(|message| ConfigError {
+            origin: "the configuration with the environment".into(),
+            line: None,
+            column: None,
+            message,
+        })?;
         Ok(cfg)
+    }
+
+    /// What the parts support together: the book of record reads one Redis's ledger stream;
+    /// on a cluster the ledger is sharded (docs/scale-out.md says what is missing).
+    fn store_combination(&self) -> Result<(), String> {
+        if let (Some(r), Some(_)) = (&self.redis, &self.book)
+            && !r.cluster.is_empty()
+        {
+            return Err("the book of record does not run on a Redis Cluster yet: remove [book] (or TOLLGATE_BOOK_POSTGRES_URL), or use one Redis (redis.url); see docs/scale-out.md".into());
+        }
+        Ok(())
     }
 
     /// Applies `TOLLGATE_*` variables over the current values.
@@ -665,6 +684,26 @@ impl Config {
                 "TOLLGATE_DATA_DIR" => self.control.data_dir = PathBuf::from(val),
                 "TOLLGATE_ADMIN_TOKEN" => self.control.admin_token = Some(val),
                 "TOLLGATE_REDIS_URL" => self.set_redis_url(&val).map_err(fail)?,
+                "TOLLGATE_REDIS_CLUSTER" => {
+                    if env("TOLLGATE_REDIS_URL").is_some() {
+                        return Err(fail(
+                            "set TOLLGATE_REDIS_URL (one Redis) or TOLLGATE_REDIS_CLUSTER (a Redis Cluster), not both".into(),
+                        ));
+                    }
+                    let members = val
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>();
+                    if members.is_empty() {
+                        return Err(fail(
+                            "expected the members' URLs, comma-separated: redis://10.0.0.1:7000,redis://10.0.0.2:7000".into(),
+                        ));
+                    }
+                    let r = self.redis.get_or_insert_with(|| RedisConfig::new(""));
+                    r.set_cluster(members).map_err(fail)?;
+                }
                 // Only with a Redis to prefix (the URL comes first).
                 "TOLLGATE_REDIS_KEY_PREFIX" => {
                     if let Some(r) = &mut self.redis {
@@ -823,11 +862,15 @@ impl Config {
         }
     }
 
-    /// Sets the Redis URL, keeping the other `[redis]` settings.
+    /// Sets the Redis URL (one Redis: a cluster configured is dropped), keeping the other
+    /// `[redis]` settings.
     pub fn set_redis_url(&mut self, url: &str) -> Result<(), String> {
         check_redis_url(url)?;
         match &mut self.redis {
-            Some(r) => r.url = url.to_owned(),
+            Some(r) => {
+                r.url = url.to_owned();
+                r.cluster.clear();
+            }
             None => self.redis = Some(RedisConfig::new(url)),
         }
         Ok(())

@@ -117,11 +117,11 @@ pub async fn control_service(
     ) {
         (Some(redis), _) => (
             Arc::new(
-                RedisControlStore::connect(&redis.url, &redis.key_prefix)
+                RedisControlStore::connect(redis.target(), &redis.key_prefix)
                     .await
-                    .map_err(|e| anyhow::anyhow!("control store (redis.url {}): {e}", redis.url))?,
+                    .map_err(|e| anyhow::anyhow!("control store ({}): {e}", redis.describe()))?,
             ),
-            Arc::new(RouteStore::connect(&redis.url, &redis.key_prefix).await?),
+            Arc::new(RouteStore::connect(redis.target(), &redis.key_prefix).await?),
         ),
         (None, Some(table)) => (
             Arc::new(

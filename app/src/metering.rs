@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tollgate_balance_cache::{Agent, AgentConfig, AgentError, BalanceCache, CacheMetrics};
-use tollgate_metering::{EmbeddedStore, JournalError, Prices, RedisStore, Store};
+use tollgate_metering::{ClusterStore, EmbeddedStore, JournalError, Prices, RedisStore, Store};
 
 /// Where balances, leases and the ledger live.
 #[derive(Clone)]
@@ -29,11 +29,45 @@ pub enum StoreSource {
         /// Ledger entries older than this are trimmed (zero: keep all).
         ledger_retention: Duration,
     },
+    /// A Redis Cluster shared by every node: money sharded over its masters.
+    Cluster {
+        seeds: Vec<String>,
+        prefix: String,
+        lease_ttl: Duration,
+        ledger_retention: Duration,
+        shards: u32,
+        replica_acks: u32,
+    },
     /// One node alone (a single-node install): a durable file.
     Embedded { path: PathBuf, lease_ttl: Duration },
 }
 
 impl StoreSource {
+    /// The money store `config` names: its `[redis]` (one Redis or a cluster), else the
+    /// embedded file in the data dir.
+    pub fn configured(config: &crate::config::Config, lease_ttl: Duration) -> StoreSource {
+        match &config.redis {
+            Some(r) if !r.cluster.is_empty() => StoreSource::Cluster {
+                seeds: r.cluster.clone(),
+                prefix: r.key_prefix.clone(),
+                lease_ttl,
+                ledger_retention: config.metering.ledger_retention(),
+                shards: r.money_shards,
+                replica_acks: r.replica_acks,
+            },
+            Some(r) => StoreSource::Redis {
+                url: r.url.clone(),
+                prefix: r.key_prefix.clone(),
+                lease_ttl,
+                ledger_retention: config.metering.ledger_retention(),
+            },
+            None => StoreSource::Embedded {
+                path: config.control.data_dir.join("money.redb"),
+                lease_ttl,
+            },
+        }
+    }
+
     pub async fn open(&self) -> Result<Arc<dyn Store>, String> {
         match self {
             StoreSource::Ready(s) => Ok(s.clone()),
@@ -46,6 +80,17 @@ impl StoreSource {
                 .await
                 .map(|s| Arc::new(s.with_ledger_retention(*ledger_retention)) as Arc<dyn Store>)
                 .map_err(|e| format!("{e} (redis.url {url})")),
+            StoreSource::Cluster {
+                seeds,
+                prefix,
+                lease_ttl,
+                ledger_retention,
+                shards,
+                replica_acks,
+            } => ClusterStore::connect_with(seeds, prefix, *lease_ttl, *shards, *replica_acks)
+                .await
+                .map(|s| Arc::new(s.with_ledger_retention(*ledger_retention)) as Arc<dyn Store>)
+                .map_err(|e| format!("{e} (redis.cluster [{}])", seeds.join(", "))),
             StoreSource::Embedded { path, lease_ttl } => EmbeddedStore::open(path, *lease_ttl)
                 .map(|s| Arc::new(s) as Arc<dyn Store>)
                 .map_err(|e| format!("{}: {e}", path.display())),

@@ -99,18 +99,9 @@ fn gate_spec(
             cfg.control.data_dir.display()
         )
     })?;
-    let store = match (store, &cfg.redis) {
-        (Some(s), _) => StoreSource::Ready(s),
-        (None, Some(r)) => StoreSource::Redis {
-            url: r.url.clone(),
-            prefix: r.key_prefix.clone(),
-            lease_ttl: settings.lease_ttl,
-            ledger_retention: cfg.metering.ledger_retention(),
-        },
-        (None, None) => StoreSource::Embedded {
-            path: cfg.control.data_dir.join("money.redb"),
-            lease_ttl: settings.lease_ttl,
-        },
+    let store = match store {
+        Some(s) => StoreSource::Ready(s),
+        None => StoreSource::configured(cfg, settings.lease_ttl),
     };
     Ok(Some(GateSpec {
         metering: MeteringSpec {
@@ -173,26 +164,14 @@ pub fn run_proxy(settings: Settings, upgrade: bool) -> anyhow::Result<()> {
 /// The shared money store, opened once (payments and the metering node use the same).
 /// `tollgate control` retries while Redis is not up yet, saying where it looks.
 async fn open_money(settings: &Settings, retry_for: Duration) -> anyhow::Result<Arc<dyn Store>> {
-    let cfg = &settings.config;
-    let source = match &cfg.redis {
-        Some(r) => StoreSource::Redis {
-            url: r.url.clone(),
-            prefix: r.key_prefix.clone(),
-            lease_ttl: settings.lease_ttl,
-            ledger_retention: cfg.metering.ledger_retention(),
-        },
-        None => StoreSource::Embedded {
-            path: cfg.control.data_dir.join("money.redb"),
-            lease_ttl: settings.lease_ttl,
-        },
-    };
+    let source = StoreSource::configured(&settings.config, settings.lease_ttl);
     let deadline = tokio::time::Instant::now() + retry_for;
     let mut wait = Duration::from_millis(200);
     loop {
         match source.open().await {
             Ok(s) => return Ok(s),
             Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, "money store not reachable yet (redis.url); retrying");
+                tracing::warn!(error = %e, "money store not reachable yet ([redis]); retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
@@ -268,7 +247,7 @@ async fn start_control(
         settings,
         money.clone(),
         PaymentStores::Redis {
-            url: redis.url.clone(),
+            target: redis.target(),
             prefix: redis.key_prefix.clone(),
         },
         false,
@@ -300,12 +279,12 @@ async fn start_control(
         let toolchain = tollgate_runtime::Toolchain::ensure(&settings.config.control.toolchain_dir)
             .context("the JS toolchain (control.toolchain_dir)")?;
         let (hosts, events) = tollgate_control::hosts::HostsRuntime::connect(
-            &redis.url,
+            redis.target(),
             &redis.key_prefix,
             tollgate_control::hosts::HostsRuntimeConfig::default(),
         )
         .await
-        .map_err(|e| anyhow::anyhow!("runtime hosts (redis.url {}): {e}", redis.url))?;
+        .map_err(|e| anyhow::anyhow!("runtime hosts ({}): {e}", redis.describe()))?;
         hosts.register_metrics(&registry)?;
         tracing::info!("control.runtime = hosts: deployments run on `tollgate runtime` hosts");
         (Placement::Hosts(hosts), events, toolchain)
@@ -323,8 +302,11 @@ async fn start_control(
     // rounds (docs/scale-out.md).
     let leader = tollgate_control::locks::Leadership::shared();
     parts.tasks.push(tokio::spawn(leader.clone().run(
-        redis.url.clone(),
-        format!("{}:ctl:rounds", redis.key_prefix),
+        redis.target(),
+        format!(
+            "{}:ctl:rounds",
+            redis.target().family_prefix(&redis.key_prefix)
+        ),
         tollgate_control::locks::LEASE_TTL,
         bg_rx.clone(),
     )));
@@ -399,14 +381,19 @@ pub fn run_runtime(settings: Settings) -> anyhow::Result<()> {
     let redis = data_dir_and_redis(&settings, "a runtime host takes its deployments from Redis")?;
     // Routes point proxies at this address: a loopback one would send every proxy to its own
     // machine (to whatever listens there) as soon as they run elsewhere.
-    let redis_local = match redis_host(&redis.url) {
+    let local = |url: &str| match redis_host(url) {
         Some(h) => {
             h == "localhost"
                 || h.parse::<std::net::IpAddr>()
                     .is_ok_and(|ip| ip.is_loopback())
         }
         // A Unix socket: this machine.
-        None => redis.url.starts_with("unix:") || redis.url.starts_with("redis+unix:"),
+        None => url.starts_with("unix:") || url.starts_with("redis+unix:"),
+    };
+    let redis_local = if redis.cluster.is_empty() {
+        local(&redis.url)
+    } else {
+        redis.cluster.iter().all(|u| local(u))
     };
     anyhow::ensure!(
         !cfg.control.runtime_ip.is_loopback() || redis_local,
@@ -510,7 +497,7 @@ async fn start_runtime_host(
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let mut agent = tollgate_control::hosts::HostAgent::connect(
-        &redis.url,
+        redis.target(),
         &redis.key_prefix,
         tollgate_control::hosts::HostAgentConfig {
             info,
@@ -521,7 +508,7 @@ async fn start_runtime_host(
         sup,
     )
     .await
-    .map_err(|e| anyhow::anyhow!("{e} (redis.url {})", redis.url))?;
+    .map_err(|e| anyhow::anyhow!("{e} ({})", redis.describe()))?;
     agent.register_metrics(&registry)?;
     let registered = agent.ready_flag();
     let (bg_tx, bg_rx) = watch::channel(false);
@@ -609,7 +596,7 @@ async fn start_dev(
         money.clone(),
         match &cfg.redis {
             Some(r) => PaymentStores::Redis {
-                url: r.url.clone(),
+                target: r.target(),
                 prefix: r.key_prefix.clone(),
             },
             None => PaymentStores::Embedded {
@@ -717,7 +704,8 @@ fn print_banner(
     let cfg = &settings.config;
     let port = cfg.proxy.listen.port();
     let routes_from = match &cfg.redis {
-        Some(r) => format!("Redis at {}", r.url),
+        Some(r) if r.cluster.is_empty() => format!("Redis at {}", r.url),
+        Some(r) => format!("the Redis Cluster of {}", r.cluster.join(", ")),
         None => "the config file and --route (in process)".to_owned(),
     };
     let mcp = match &choices.dev_account {

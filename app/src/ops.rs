@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tollgate_metering::{RedisStore, Store};
+use tollgate_metering::RedisStore;
 use tollgate_routes::{Route, RouteKey, RouteStore};
 
 fn one_shot() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -28,7 +28,7 @@ pub enum RouteOp {
 }
 
 /// Reads or writes routes in Redis, as the control service does.
-pub fn routes(redis: &str, prefix: &str, op: RouteOp) -> anyhow::Result<()> {
+pub fn routes(redis: tollgate_kv::Target, prefix: &str, op: RouteOp) -> anyhow::Result<()> {
     one_shot()?.block_on(async move {
         let store = RouteStore::connect(redis, prefix).await?;
         match op {
@@ -76,9 +76,14 @@ pub enum AccountOp {
 }
 
 /// Shows (after crediting, for `Credit`) an account as JSON; false when it does not exist.
-pub fn account(redis: &str, prefix: &str, account: &str, op: AccountOp) -> anyhow::Result<bool> {
+pub fn account(
+    redis: &tollgate_proxy::RedisConfig,
+    prefix: &str,
+    account: &str,
+    op: AccountOp,
+) -> anyhow::Result<bool> {
     one_shot()?.block_on(async move {
-        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
+        let store = crate::paid::open_shared_money(redis, prefix, Duration::from_secs(10)).await?;
         if let AccountOp::Credit { usd, key } = &op {
             let amount = tollgate_metering::units::parse_usd(usd)
                 .map_err(|e| anyhow::anyhow!("--usd {usd}: {e}"))?;
@@ -103,7 +108,7 @@ pub fn account(redis: &str, prefix: &str, account: &str, op: AccountOp) -> anyho
 
 /// Where the books are: the shared Redis, or the embedded stores of a stopped `dev`.
 pub struct Books<'a> {
-    pub redis: Option<&'a str>,
+    pub redis: Option<&'a tollgate_proxy::RedisConfig>,
     pub prefix: &'a str,
     pub data_dir: &'a Path,
 }
@@ -111,7 +116,7 @@ pub struct Books<'a> {
 /// The books an operator command opens: from the fleet's config file (and `TOLLGATE_*`),
 /// then the flags given, so the command reads the same keys as the nodes.
 pub struct BooksAt {
-    pub redis: Option<String>,
+    pub redis: Option<tollgate_proxy::RedisConfig>,
     pub prefix: String,
     pub data_dir: PathBuf,
     pub chain_id: u64,
@@ -134,7 +139,7 @@ impl BooksAt {
                 .map(str::to_owned)
                 .or_else(|| cfg.redis.as_ref().map(|r| r.key_prefix.clone()))
                 .unwrap_or_else(|| "tollgate".into()),
-            redis: cfg.redis.map(|r| r.url),
+            redis: cfg.redis,
             data_dir: data_dir.map_or(cfg.control.data_dir, Path::to_path_buf),
             chain_id: cfg.payments.chain_id,
         })
@@ -142,20 +147,20 @@ impl BooksAt {
 
     pub fn books(&self) -> Books<'_> {
         Books {
-            redis: self.redis.as_deref(),
+            redis: self.redis.as_ref(),
             prefix: &self.prefix,
             data_dir: &self.data_dir,
         }
     }
 
-    /// (url, prefix), for commands that need the shared Redis.
-    pub fn redis_only(self) -> anyhow::Result<(String, String)> {
-        let url = self.redis.ok_or_else(|| {
+    /// (where, prefix), for commands that need the shared Redis (one or a cluster).
+    pub fn redis_only(self) -> anyhow::Result<(tollgate_proxy::RedisConfig, String)> {
+        let redis = self.redis.ok_or_else(|| {
             anyhow::anyhow!(
                 "no Redis: give --redis URL, a --config with [redis], or TOLLGATE_REDIS_URL"
             )
         })?;
-        Ok((url, self.prefix))
+        Ok((redis, self.prefix))
     }
 }
 
@@ -193,7 +198,9 @@ pub fn audit(
         if report.accounts.is_empty() && report.channels.is_empty() {
             eprintln!(
                 "note: no accounts and no channels in {} (key prefix {:?}): is this the fleet's --config / --key-prefix?",
-                books.redis.unwrap_or("the embedded stores"),
+                books
+                    .redis
+                    .map_or("the embedded stores".to_owned(), |r| r.describe()),
                 books.prefix
             );
         }

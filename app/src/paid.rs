@@ -18,7 +18,10 @@ use crate::settings::Settings;
 /// Where the payments service keeps its state.
 pub enum PaymentStores {
     /// Shared by every node.
-    Redis { url: String, prefix: String },
+    Redis {
+        target: tollgate_kv::Target,
+        prefix: String,
+    },
     /// One node (`tollgate dev`): files in the data dir.
     Embedded { dir: std::path::PathBuf },
 }
@@ -92,16 +95,20 @@ pub async fn payments(
         Arc<dyn tollgate_payments::ChannelBackend>,
         Arc<dyn mpp::Store>,
     ) = match stores {
-        PaymentStores::Redis { url, prefix } => (
+        PaymentStores::Redis { target, prefix } => (
             Arc::new(
-                tollgate_payments::RedisChannels::connect(&url, &prefix)
+                tollgate_payments::RedisChannels::connect(&target, &prefix)
                     .await
                     .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?,
             ),
             Arc::new(
-                tollgate_payments::kv::RedisKv::connect(&url, &prefix, Duration::from_secs(3600))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("payments kv: {e}"))?,
+                tollgate_payments::kv::RedisKv::connect(
+                    &target,
+                    &prefix,
+                    Duration::from_secs(3600),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("payments kv: {e}"))?,
             ),
         ),
         PaymentStores::Embedded { dir } => {
@@ -123,19 +130,19 @@ pub async fn payments(
     Ok(Arc::new(payments))
 }
 
-/// The money store and the channel store, for operator commands: the shared Redis, or the
-/// embedded files of `dev` in `data_dir` (which a running `dev` holds).
+/// The money store and the channel store, for operator commands: the shared Redis (one or a
+/// cluster), or the embedded files of `dev` in `data_dir` (which a running `dev` holds).
 pub async fn open_money_and_channels(
-    redis: Option<&str>,
+    redis: Option<&tollgate_proxy::RedisConfig>,
     prefix: &str,
     data_dir: &Path,
 ) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn tollgate_payments::ChannelBackend>)> {
     let ttl = Duration::from_secs(10);
     Ok(match redis {
-        Some(url) => (
-            Arc::new(tollgate_metering::RedisStore::connect(url, prefix, ttl).await?),
+        Some(r) => (
+            open_shared_money(r, prefix, ttl).await?,
             Arc::new(
-                tollgate_payments::RedisChannels::connect(url, prefix)
+                tollgate_payments::RedisChannels::connect(r.target(), prefix)
                     .await
                     .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?,
             ),
@@ -157,6 +164,28 @@ pub async fn open_money_and_channels(
                 .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?,
             ),
         ),
+    })
+}
+
+/// The shared money store for an operator command (`prefix` as given on its command line).
+pub async fn open_shared_money(
+    r: &tollgate_proxy::RedisConfig,
+    prefix: &str,
+    ttl: Duration,
+) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(if r.cluster.is_empty() {
+        Arc::new(tollgate_metering::RedisStore::connect(&r.url, prefix, ttl).await?)
+    } else {
+        Arc::new(
+            tollgate_metering::ClusterStore::connect_with(
+                &r.cluster,
+                prefix,
+                ttl,
+                r.money_shards,
+                r.replica_acks,
+            )
+            .await?,
+        )
     })
 }
 

@@ -217,7 +217,7 @@ async fn routes_at_start(redis: &RedisServer) -> Res<()> {
     let metrics = SyncMetrics::new(&prometheus::Registry::new())?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(
-        RouteSync::new(SyncOptions::new(&redis.url()), table.clone(), metrics).run(stop_rx),
+        RouteSync::new(SyncOptions::new(redis.url()), table.clone(), metrics).run(stop_rx),
     );
     let last = format!("project-{}.localhost", n - 1);
     while !(table.is_synced()

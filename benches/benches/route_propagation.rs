@@ -31,7 +31,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..2 {
         let table = Arc::new(RouteTable::new("localhost", vec![]));
         let metrics = SyncMetrics::new(&prometheus::Registry::new())?;
-        let sync = RouteSync::new(SyncOptions::new(&redis.url()), table.clone(), metrics);
+        let sync = RouteSync::new(SyncOptions::new(redis.url()), table.clone(), metrics);
         tokio::spawn(sync.run(stop_rx.clone()));
         nodes.push(table);
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use tollgate_kv::Conn;
 
 use crate::error::ControlError;
 use crate::model::new_id;
@@ -46,7 +46,7 @@ pub struct ProjectLease {
     fence: Option<Fence>,
     lost: Arc<AtomicBool>,
     renew: Option<tokio::task::JoinHandle<()>>,
-    conn: Option<ConnectionManager>,
+    conn: Option<Conn>,
 }
 
 impl ProjectLease {
@@ -72,7 +72,7 @@ impl ProjectLease {
 
     /// Tries once to take `key`; `None` when another holder has it.
     pub async fn try_take(
-        conn: &ConnectionManager,
+        conn: &Conn,
         key: String,
         ttl: Duration,
     ) -> Result<Option<ProjectLease>, ControlError> {
@@ -188,13 +188,13 @@ impl Leadership {
     /// so another instance takes over at once.
     pub async fn run(
         self: Arc<Self>,
-        url: String,
+        redis: tollgate_kv::Target,
         key: String,
         ttl: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let token = new_id("r");
-        let mut conn: Option<ConnectionManager> = None;
+        let mut conn: Option<Conn> = None;
         let mut tick = tokio::time::interval(ttl / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -203,10 +203,7 @@ impl Leadership {
                 _ = crate::hosts::stopped(&mut stop) => break,
             }
             if conn.is_none() {
-                conn = match redis::Client::open(url.as_str()) {
-                    Ok(client) => ConnectionManager::new(client).await.ok(),
-                    Err(_) => None,
-                };
+                conn = redis.connect().await.ok();
             }
             let Some(c) = conn.as_mut() else {
                 continue;

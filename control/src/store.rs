@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use tollgate_kv::{Conn, Target};
 
 use crate::error::ControlError;
 use crate::locks::{Fence, ProjectLease};
@@ -102,18 +102,20 @@ pub struct Usage {
 pub(crate) const BUCKET_TTL_S: i64 = 8 * 24 * 3600;
 
 pub struct RedisControlStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     lease_ttl: Duration,
 }
 
 impl RedisControlStore {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, ControlError> {
-        let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+    /// `prefix` is the deployment's (on a cluster, the keys carry it as a hash tag, shared
+    /// with the routes a project's lease fences).
+    pub async fn connect(target: impl Into<Target>, prefix: &str) -> Result<Self, ControlError> {
+        let target = target.into();
+        let conn = target.connect().await?;
         Ok(RedisControlStore {
             conn,
-            prefix: format!("{prefix}:ctl"),
+            prefix: format!("{}:ctl", target.family_prefix(prefix)),
             lease_ttl: crate::locks::LEASE_TTL,
         })
     }

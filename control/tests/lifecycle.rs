@@ -1,4 +1,5 @@
-//! The deploy pipeline with real parts: Redis for state and routes, esbuild, workerd.
+//! The deploy pipeline with real parts: Redis for state and routes (one, or a Redis Cluster with
+//! `TOLLGATE_TEST_REDIS=cluster`), esbuild, workerd.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -11,7 +12,7 @@ use tollgate_control::{
 };
 use tollgate_routes::{RouteKey, RouteStore};
 use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::TestRedis;
 
 struct NoMeter;
 impl CpuSink for NoMeter {
@@ -42,15 +43,15 @@ impl Rig {
     }
 }
 
-async fn rig(redis: &RedisServer) -> Rig {
-    rig_at(&redis.url()).await
+async fn rig(redis: &TestRedis) -> Rig {
+    rig_at(&redis.target()).await
 }
 
-async fn rig_at(redis_url: &str) -> Rig {
+async fn rig_at(redis_url: &tollgate_kv::Target) -> Rig {
     rig_with(redis_url, |_| {}).await
 }
 
-async fn rig_with(redis_url: &str, tweak: impl FnOnce(&mut ControlConfig)) -> Rig {
+async fn rig_with(redis_url: &tollgate_kv::Target, tweak: impl FnOnce(&mut ControlConfig)) -> Rig {
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bundler = tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap();
@@ -129,7 +130,7 @@ async fn body(addr: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_iterate_rollback_delete() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let rig = rig(&redis).await;
     let c = &rig.control;
 
@@ -271,7 +272,7 @@ async fn deploy_iterate_rollback_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_deploys_leave_the_previous_version_serving() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let rig = rig(&redis).await;
     let c = &rig.control;
     let ok = c
@@ -343,7 +344,7 @@ async fn failed_deploys_leave_the_previous_version_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_never_sees_or_touches_another_accounts_projects() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let rig = rig(&redis).await;
     let c = &rig.control;
     let mine = c
@@ -410,7 +411,7 @@ async fn an_account_never_sees_or_touches_another_accounts_projects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_creates_nothing() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let rig = rig(&redis).await;
     let c = &rig.control;
     let cases = [
@@ -480,10 +481,10 @@ async fn bad_input_is_refused_and_creates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_control_service_brings_live_deployments_back() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     // The first control service runs on its own runtime; dropping that runtime is its process
     // ending (its workerd children die with it).
-    let url = redis.url();
+    let url = redis.target();
     let slug = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
@@ -505,7 +506,9 @@ async fn a_restarted_control_service_brings_live_deployments_back() {
     .join()
     .unwrap();
     let old = upstream(
-        &RouteStore::connect(&redis.url(), "tollgate").await.unwrap(),
+        &RouteStore::connect(redis.target(), "tollgate")
+            .await
+            .unwrap(),
         &slug,
     )
     .await
@@ -523,7 +526,7 @@ async fn a_restarted_control_service_brings_live_deployments_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_list_inspect_suspend_resume_and_delete_with_the_admin_token() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let rig = rig(&redis).await;
     let d = rig
         .control
@@ -626,7 +629,7 @@ async fn operators_list_inspect_suspend_resume_and_delete_with_the_admin_token()
 
 #[tokio::test]
 async fn without_a_token_the_operator_api_is_off() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let rig = rig(&redis).await;
     let app = tollgate_control::http::admin_router(rig.control.clone(), None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -643,8 +646,8 @@ async fn without_a_token_the_operator_api_is_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unused_projects_expire_and_are_collected_used_ones_stay() {
-    let redis = RedisServer::start();
-    let rig = rig_with(&redis.url(), |c| {
+    let redis = TestRedis::start();
+    let rig = rig_with(&redis.target(), |c| {
         c.inactivity_ttl = Duration::from_millis(800)
     })
     .await;
@@ -859,7 +862,7 @@ async fn the_embedded_store_and_local_routes_survive_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_first_deploy_tells_how_to_keep_its_name() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let rig = rig(&redis).await;
     let c = &rig.control;
     let e = c
@@ -1025,7 +1028,7 @@ impl ControlStore for FailingStore {
 /// error): an error means the new version does not serve, `Ok` means it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_that_serves_succeeds_and_one_that_does_not_fails() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let base = rig(&redis).await;
     let failing = Arc::new(FailingStore {
         inner: base.store.clone(),
@@ -1093,8 +1096,8 @@ async fn a_deploy_that_serves_succeeds_and_one_that_does_not_fails() {
 /// ended once (when it expired).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_deleting_an_expired_project_leaves_the_new_owner_of_its_name_alone() {
-    let redis = RedisServer::start();
-    let rig = rig_with(&redis.url(), |c| {
+    let redis = TestRedis::start();
+    let rig = rig_with(&redis.target(), |c| {
         c.inactivity_ttl = Duration::from_millis(300)
     })
     .await;

@@ -1,7 +1,7 @@
 //! Project leases shared by control instances (docs/scale-out.md): one holder at a time, kept
 //! while held, freed when dropped, and writes made under a lease that another instance has
 //! taken since are refused inside Redis (the project record and its route stay as the new
-//! holder wrote them).
+//! holder wrote them). On one Redis, or a Redis Cluster with `TOLLGATE_TEST_REDIS=cluster`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use tollgate_control::locks::ProjectLease;
 use tollgate_control::{ControlStore, Project, ProjectStatus, RedisControlStore};
 use tollgate_routes::{HeldLock, Route, RouteKey, RouteStore, StoreError};
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::TestRedis;
 
 fn project(live: &str) -> Project {
     Project {
@@ -43,17 +43,19 @@ fn held(lease: &ProjectLease) -> Option<HeldLock<'_>> {
 
 #[tokio::test]
 async fn a_lease_has_one_holder_is_kept_while_held_and_fences_out_a_late_writer() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let ttl = Duration::from_millis(400);
-    let a = RedisControlStore::connect(&redis.url(), "tollgate")
+    let a = RedisControlStore::connect(redis.target(), "tollgate")
         .await
         .unwrap()
         .with_lease_ttl(ttl);
-    let b = RedisControlStore::connect(&redis.url(), "tollgate")
+    let b = RedisControlStore::connect(redis.target(), "tollgate")
         .await
         .unwrap()
         .with_lease_ttl(ttl);
-    let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let routes = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     let key = RouteKey::slug("locks").unwrap();
 
     let first = a.try_lock_project("p_locks").await.unwrap().unwrap();
@@ -72,10 +74,11 @@ async fn a_lease_has_one_holder_is_kept_while_held_and_fences_out_a_late_writer(
 
     // The first holder stalls past its lease (simulated: the key expires) and another instance
     // takes the project and writes.
-    let mut conn = redis.conn();
+    let mut conn = redis.conn().await;
     let _: () = redis::cmd("DEL")
         .arg(a.lock_key("p_locks"))
-        .query(&mut conn)
+        .query_async(&mut conn)
+        .await
         .unwrap();
     let second = b.try_lock_project("p_locks").await.unwrap().unwrap();
     b.put_project_fenced(&project("d_2"), second.fence())

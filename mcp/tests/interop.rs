@@ -16,7 +16,7 @@ use tollgate_control::{Control, ControlConfig, ControlStore, RedisControlStore};
 use tollgate_mcp::{Caller, Identify, McpConfig, Refusal, ToolFailure};
 use tollgate_routes::RouteStore;
 use tollgate_runtime::{CpuDelta, CpuSink, RuntimeConfig, Supervisor, Toolchain};
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::TestRedis;
 
 struct NoMeter;
 impl CpuSink for NoMeter {
@@ -83,7 +83,7 @@ fn ensure_client() {
 }
 
 /// The MCP server over a real control service; returns its `/mcp` URL.
-async fn server(redis: &RedisServer, dir: &tempfile::TempDir) -> (String, Arc<Control>) {
+async fn server(redis: &TestRedis, dir: &tempfile::TempDir) -> (String, Arc<Control>) {
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
     let (sup, events) = Supervisor::new(
         RuntimeConfig {
@@ -96,7 +96,7 @@ async fn server(redis: &RedisServer, dir: &tempfile::TempDir) -> (String, Arc<Co
     )
     .unwrap();
     let store: Arc<dyn ControlStore> = Arc::new(
-        RedisControlStore::connect(&redis.url(), "tollgate")
+        RedisControlStore::connect(redis.target(), "tollgate")
             .await
             .unwrap(),
     );
@@ -104,7 +104,11 @@ async fn server(redis: &RedisServer, dir: &tempfile::TempDir) -> (String, Arc<Co
         store,
         tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap(),
         sup,
-        Arc::new(RouteStore::connect(&redis.url(), "tollgate").await.unwrap()),
+        Arc::new(
+            RouteStore::connect(redis.target(), "tollgate")
+                .await
+                .unwrap(),
+        ),
         ControlConfig::default(),
     );
     tokio::spawn(control.clone().follow_runtime(events));
@@ -122,7 +126,7 @@ async fn server(redis: &RedisServer, dir: &tempfile::TempDir) -> (String, Arc<Co
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_session_with_the_typescript_sdk_client() {
     ensure_client();
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
     let (url, control) = server(&redis, &dir).await;
 
@@ -259,7 +263,7 @@ async fn an_agent_session_with_the_typescript_sdk_client() {
 /// sends no `Accept` (some agents) is still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_hosts_and_origins_are_refused() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
     let (url, _control) = server(&redis, &dir).await;
     let init = serde_json::json!({
@@ -292,7 +296,7 @@ async fn unknown_hosts_and_origins_are_refused() {
 /// request's `_meta`, the `Mcp-Method`/`Mcp-Name` headers. The same server answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_2026_07_28_client_calls_tools_without_initialize() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
     let (url, _control) = server(&redis, &dir).await;
     let http = reqwest::Client::new();
@@ -360,7 +364,7 @@ async fn a_2026_07_28_client_calls_tools_without_initialize() {
 /// that is not a JSON-RPC message, an unknown protocol version, a wrong content type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_a_clean_error_and_change_nothing() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
     let (url, control) = server(&redis, &dir).await;
     // A fresh connection per request: the server closes one whose body it refused unread.

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use mpp::StoreError;
-use redis::aio::ConnectionManager;
+use tollgate_kv::{Conn, Target};
 
 type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
@@ -14,24 +14,28 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a
 /// lives, so a proof cannot be replayed while its challenge is valid).
 #[derive(Clone)]
 pub struct RedisKv {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     ttl: Duration,
 }
 
 impl RedisKv {
-    pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, config)
+    pub async fn connect(
+        target: impl Into<Target>,
+        prefix: &str,
+        ttl: Duration,
+    ) -> Result<Self, String> {
+        let target = target.into();
+        let conn = target
+            .connect_with(tollgate_kv::Timeouts {
+                connect: Some(Duration::from_secs(1)),
+                response: Some(Duration::from_secs(5)),
+            })
             .await
             .map_err(|e| e.to_string())?;
         Ok(RedisKv {
             conn,
-            prefix: prefix.to_owned(),
+            prefix: target.family_prefix(prefix),
             ttl,
         })
     }

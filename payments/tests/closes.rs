@@ -218,7 +218,7 @@ impl tollgate_payments::Chain for Faulty {
 /// A payments node over the rig's stores whose settlements fail until `broken` is cleared.
 async fn flaky_node(rig: &Rig) -> (Payments, Arc<Faulty>) {
     let backend = Arc::new(
-        RedisChannels::connect(&rig.redis.url(), "tollgate")
+        RedisChannels::connect(rig.redis.target(), "tollgate")
             .await
             .unwrap(),
     );
@@ -376,7 +376,7 @@ async fn a_write_off_racing_a_capture_on_another_node_never_sticks() {
     let (id, ch) = channel_at(&rig, 3_000_000).await;
     assert!(rig.request_close(PAYER_KEY, &id).await);
     let backend = Arc::new(Interleaved {
-        inner: RedisChannels::connect(&rig.redis.url(), "tollgate")
+        inner: RedisChannels::connect(rig.redis.target(), "tollgate")
             .await
             .unwrap(),
         hook: tokio::sync::Mutex::new(None),
@@ -723,7 +723,7 @@ async fn a_close_below_a_voucher_accepted_meanwhile_on_another_node_is_refused()
     let (id, ch) = channel_at(&rig, 2_000_000).await;
     let escrow = rig.config().escrow;
     let backend = Arc::new(Interleaved {
-        inner: RedisChannels::connect(&rig.redis.url(), "tollgate")
+        inner: RedisChannels::connect(rig.redis.target(), "tollgate")
             .await
             .unwrap(),
         hook: tokio::sync::Mutex::new(None),

@@ -91,31 +91,164 @@ impl Default for AdminConfig {
     }
 }
 
+/// Where the shared state lives: one Redis (`url`) or a Redis Cluster (`cluster`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawRedisConfig")]
 pub struct RedisConfig {
-    /// `redis://host:port/db`, `rediss://…` or `unix://…`.
-    #[serde(deserialize_with = "de_redis_url")]
+    /// `redis://host:port/db`, `rediss://…` or `unix://…`; empty with `cluster`.
     pub url: String,
-    #[serde(default = "default_prefix")]
+    /// A Redis Cluster: URLs of some of its members (any one that answers finds the rest).
+    pub cluster: Vec<String>,
+    /// Cluster only: how many replicas must hold a write before it is acknowledged (1: a
+    /// master's failover loses nothing acknowledged; 0: it may lose its last writes).
+    pub replica_acks: u32,
+    /// Cluster only: how many shards money is laid out in. Fixed by the first process that
+    /// stores money in the cluster; every process must name the same.
+    pub money_shards: u32,
     pub key_prefix: String,
-    #[serde(default = "default_ping_interval_ms")]
     pub ping_interval_ms: u64,
-    #[serde(default = "default_ping_timeout_ms")]
     pub ping_timeout_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedisConfig {
+    #[serde(default, deserialize_with = "de_redis_url")]
+    url: Option<String>,
+    #[serde(default, deserialize_with = "de_cluster_members")]
+    cluster: Vec<String>,
+    #[serde(default = "default_replica_acks")]
+    replica_acks: u32,
+    #[serde(default = "default_money_shards", deserialize_with = "de_money_shards")]
+    money_shards: u32,
+    #[serde(default = "default_prefix")]
+    key_prefix: String,
+    #[serde(default = "default_ping_interval_ms")]
+    ping_interval_ms: u64,
+    #[serde(default = "default_ping_timeout_ms")]
+    ping_timeout_ms: u64,
+}
+
+impl TryFrom<RawRedisConfig> for RedisConfig {
+    type Error = String;
+    fn try_from(r: RawRedisConfig) -> Result<Self, String> {
+        let url = match (r.url, r.cluster.is_empty()) {
+            (Some(_), false) => {
+                return Err(
+                    "set either url (one Redis) or cluster (a Redis Cluster), not both".into(),
+                );
+            }
+            (None, true) => {
+                return Err(
+                    "missing field `url` (one Redis) or `cluster` (a Redis Cluster's members)"
+                        .into(),
+                );
+            }
+            (Some(u), true) => u,
+            (None, false) => String::new(),
+        };
+        let mut cfg = RedisConfig::new(&url);
+        cfg.set_cluster(r.cluster)?;
+        cfg.replica_acks = r.replica_acks;
+        cfg.money_shards = r.money_shards;
+        cfg.key_prefix = r.key_prefix;
+        cfg.ping_interval_ms = r.ping_interval_ms;
+        cfg.ping_timeout_ms = r.ping_timeout_ms;
+        Ok(cfg)
+    }
+}
+
+fn de_redis_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    check_redis_url(&s).map_err(D::Error::custom)?;
+    Ok(Some(s))
+}
+
+fn de_cluster_members<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let members = Vec::<String>::deserialize(d)?;
+    RedisConfig::new("")
+        .set_cluster(members.clone())
+        .map_err(D::Error::custom)?;
+    Ok(members)
+}
+
+fn de_money_shards<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    check_cluster_layout(n).map_err(D::Error::custom)?;
+    Ok(n)
+}
+
+/// Money is laid out in 1..=1024 shards.
+pub fn check_cluster_layout(money_shards: u32) -> Result<(), String> {
+    if (1..=1024).contains(&money_shards) {
+        Ok(())
+    } else {
+        Err(format!(
+            "money_shards must be 1..=1024, got {money_shards} (the default, 32, suits up to about 32 masters)"
+        ))
+    }
 }
 
 impl RedisConfig {
     pub fn new(url: &str) -> Self {
         RedisConfig {
             url: url.to_owned(),
+            cluster: Vec::new(),
+            replica_acks: default_replica_acks(),
+            money_shards: default_money_shards(),
             key_prefix: default_prefix(),
             ping_interval_ms: default_ping_interval_ms(),
             ping_timeout_ms: default_ping_timeout_ms(),
         }
     }
+
+    /// A Redis Cluster instead of one Redis (`url` is cleared); members are checked like
+    /// `url`.
+    pub fn set_cluster(&mut self, members: Vec<String>) -> Result<(), String> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        for m in &members {
+            check_redis_url(m).map_err(|e| format!("cluster: {e}"))?;
+            if m.starts_with("unix:") || m.starts_with("redis+unix:") {
+                return Err(format!(
+                    "cluster: '{m}': a cluster's members are reached over TCP (redis:// or rediss://)"
+                ));
+            }
+        }
+        self.url.clear();
+        self.cluster = members;
+        Ok(())
+    }
+
+    /// Where every key family but money connects.
+    pub fn target(&self) -> tollgate_kv::Target {
+        if self.cluster.is_empty() {
+            tollgate_kv::Target::One(self.url.clone())
+        } else {
+            tollgate_kv::Target::Cluster {
+                seeds: self.cluster.clone(),
+                replica_acks: self.replica_acks,
+            }
+        }
+    }
+
+    /// For messages: `redis.url …` or `redis.cluster […]`.
+    pub fn describe(&self) -> String {
+        if self.cluster.is_empty() {
+            format!("redis.url {}", self.url)
+        } else {
+            format!("redis.cluster [{}]", self.cluster.join(", "))
+        }
+    }
 }
 
+fn default_replica_acks() -> u32 {
+    1
+}
+fn default_money_shards() -> u32 {
+    32
+}
 fn default_prefix() -> String {
     "tollgate".into()
 }
@@ -253,10 +386,4 @@ pub fn check_redis_url(s: &str) -> Result<(), String> {
             "invalid Redis URL '{s}': expected redis://HOST:PORT/ (or rediss://, unix://)"
         ))
     }
-}
-
-fn de_redis_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let s = String::deserialize(d)?;
-    check_redis_url(&s).map_err(D::Error::custom)?;
-    Ok(s)
 }

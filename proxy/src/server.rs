@@ -198,7 +198,7 @@ impl Proxy {
 
         if let Some(redis) = &opts.redis {
             let sync_opts = SyncOptions {
-                redis_url: redis.url.clone(),
+                redis: redis.target(),
                 key_prefix: redis.key_prefix.clone(),
                 ping_interval: Duration::from_millis(redis.ping_interval_ms.max(10)),
                 ping_timeout: Duration::from_millis(redis.ping_timeout_ms.max(10)),
@@ -208,7 +208,7 @@ impl Proxy {
             background.push(rt.spawn(sync.run(bg_stop_rx.clone())));
             background.push(rt.spawn(crate::usage::flush_loop(
                 table.clone(),
-                redis.url.clone(),
+                redis.target(),
                 redis.key_prefix.clone(),
                 Duration::from_secs(1),
                 bg_stop_rx.clone(),

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use tollgate_routes::{ResolvedRoute, RouteTable, hour_bucket, usage_key};
 
@@ -27,12 +26,13 @@ fn now() -> (u64, u64) {
 /// Runs until `stop`; flushes once more at the end.
 pub async fn flush_loop(
     table: Arc<RouteTable>,
-    redis_url: String,
+    redis: tollgate_kv::Target,
     prefix: String,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut conn: Option<ConnectionManager> = None;
+    let mut conn: Option<tollgate_kv::Conn> = None;
+    let prefix = redis.family_prefix(&prefix);
     // Routes replaced since the last flush still receive counts from requests in flight: keep
     // them one more round.
     let mut previous: Vec<Arc<ResolvedRoute>> = Vec::new();
@@ -58,10 +58,7 @@ pub async fn flush_loop(
         previous = current;
         if !pending.is_empty() {
             if conn.is_none() {
-                conn = match redis::Client::open(redis_url.as_str()) {
-                    Ok(c) => ConnectionManager::new(c).await.ok(),
-                    Err(_) => None,
-                };
+                conn = redis.connect().await.ok();
             }
             if let Some(c) = conn.as_mut() {
                 let (unix_s, unix_ms) = now();

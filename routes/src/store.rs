@@ -8,7 +8,7 @@
 //! One Lua script does version, write and publish atomically, so a reader that subscribes first
 //! and then reads the hash can never miss a change.
 
-use redis::aio::ConnectionManager;
+use tollgate_kv::{Conn, Target};
 
 use crate::schema::{Route, RouteError, RouteKey, RouteRecord};
 
@@ -70,19 +70,20 @@ return v
 /// Writes routes (the control service, `tollgate routes`, tests).
 #[derive(Clone)]
 pub struct RouteStore {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     script: redis::Script,
 }
 
 impl RouteStore {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+    /// `prefix` is the deployment's (on a cluster, the keys carry it as a hash tag).
+    pub async fn connect(target: impl Into<Target>, prefix: &str) -> Result<Self, StoreError> {
+        let target = target.into();
+        let conn = target.connect().await?;
         Ok(RouteStore {
+            script: conn.script(PUT_SCRIPT),
             conn,
-            keys: Keys::new(prefix),
-            script: redis::Script::new(PUT_SCRIPT),
+            keys: Keys::new(&target.family_prefix(prefix)),
         })
     }
 

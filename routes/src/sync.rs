@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use crate::metrics::SyncMetrics;
@@ -19,7 +18,7 @@ use crate::table::{Change, RouteTable};
 
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
-    pub redis_url: String,
+    pub redis: tollgate_kv::Target,
     pub key_prefix: String,
     /// How often the subscriber connection is pinged.
     pub ping_interval: Duration,
@@ -30,9 +29,9 @@ pub struct SyncOptions {
 }
 
 impl SyncOptions {
-    pub fn new(redis_url: &str) -> Self {
+    pub fn new(redis: impl Into<tollgate_kv::Target>) -> Self {
         SyncOptions {
-            redis_url: redis_url.to_owned(),
+            redis: redis.into(),
             key_prefix: "tollgate".to_owned(),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(1),
@@ -56,13 +55,13 @@ enum SyncError {
     Store(#[from] crate::store::StoreError),
     #[error("timed out: {0}")]
     Timeout(&'static str),
-    #[error("subscription stream ended")]
-    StreamEnded,
+    #[error("{0}")]
+    Lost(#[from] tollgate_kv::Lost),
 }
 
 impl RouteSync {
     pub fn new(opts: SyncOptions, table: Arc<RouteTable>, metrics: SyncMetrics) -> Self {
-        let keys = Keys::new(&opts.key_prefix);
+        let keys = Keys::new(&opts.redis.family_prefix(&opts.key_prefix));
         RouteSync {
             opts,
             keys,
@@ -104,11 +103,11 @@ impl RouteSync {
     /// fails.
     async fn session(&self, backoff: &mut Duration) -> Result<(), SyncError> {
         let t = self.opts.ping_timeout;
-        let client = redis::Client::open(self.opts.redis_url.as_str())?;
-        let pubsub = timeout(t, "connect", client.get_async_pubsub()).await??;
-        let (mut sink, mut stream) = pubsub.split();
-        timeout(t, "subscribe", sink.subscribe(&self.keys.channel)).await??;
-        let mut conn = timeout(t, "connect", client.get_multiplexed_async_connection()).await??;
+        let bounded = tollgate_kv::Timeouts::both(t);
+        let channels = std::slice::from_ref(&self.keys.channel);
+        let mut sub =
+            timeout(t, "subscribe", self.opts.redis.subscribe(channels, bounded)).await??;
+        let mut conn = timeout(t, "connect", self.opts.redis.connect_with(bounded)).await??;
         let records = load_all(&mut conn, &self.keys).await?;
         drop(conn);
         let n = records.len();
@@ -126,37 +125,27 @@ impl RouteSync {
         let mut batch = Vec::new();
         loop {
             tokio::select! {
-                msg = stream.next() => {
-                    let Some(msg) = msg else { return Err(SyncError::StreamEnded) };
+                msg = sub.next() => {
                     batch.clear();
-                    self.decode(msg, &mut batch);
+                    self.decode(&msg?, &mut batch);
                     // Drain what is already buffered so a burst becomes one swap.
                     while batch.len() < 1024 {
-                        match stream.next().now_or_never() {
-                            Some(Some(m)) => self.decode(m, &mut batch),
-                            Some(None) => break,
+                        match sub.try_next() {
+                            Some(m) => self.decode(&m?, &mut batch),
                             None => break,
                         }
                     }
                     self.apply(&mut batch);
                 }
                 _ = ping.tick() => {
-                    // In subscribed mode PING answers ["pong", ""], not +PONG: accept any reply.
-                    timeout(t, "ping", sink.ping::<redis::Value>()).await??;
+                    timeout(t, "ping", sub.ping()).await??;
                 }
             }
         }
     }
 
-    fn decode(&self, msg: redis::Msg, out: &mut Vec<(RouteEvent, RouteKey)>) {
-        let payload: Vec<u8> = match msg.get_payload() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "route event without a payload");
-                return;
-            }
-        };
-        match serde_json::from_slice::<RouteEvent>(&payload) {
+    fn decode(&self, payload: &[u8], out: &mut Vec<(RouteEvent, RouteKey)>) {
+        match serde_json::from_slice::<RouteEvent>(payload) {
             Ok(ev) => match RouteKey::from_field(&ev.key) {
                 Some(key) => out.push((ev, key)),
                 None => tracing::warn!(key = ev.key, "route event with an invalid key"),

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tollgate_routes::{
     Route, RouteKey, RouteStore, RouteSync, RouteTable, SyncMetrics, SyncOptions,
 };
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::{RedisCluster, RedisServer, TestRedis};
 
 fn route(port: u16) -> Route {
     Route {
@@ -32,10 +32,10 @@ struct Synced {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn start_sync(redis: &RedisServer) -> Synced {
+fn start_sync(redis: impl Into<tollgate_kv::Target>) -> Synced {
     let table = Arc::new(RouteTable::new("localhost", vec![]));
     let metrics = SyncMetrics::new(&Registry::new()).unwrap();
-    let mut opts = SyncOptions::new(&redis.url());
+    let mut opts = SyncOptions::new(redis);
     opts.ping_interval = Duration::from_millis(100);
     opts.ping_timeout = Duration::from_millis(200);
     let (stop, rx) = watch::channel(false);
@@ -61,8 +61,10 @@ async fn wait_for(within: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 #[tokio::test]
 async fn loads_existing_routes_then_follows_changes() {
-    let redis = RedisServer::start();
-    let store = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let redis = TestRedis::start();
+    let store = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     let v1 = store
         .put(&RouteKey::slug("one").unwrap(), &route(1001))
         .await
@@ -71,7 +73,7 @@ async fn loads_existing_routes_then_follows_changes() {
         .put(&RouteKey::host("Shop.Example.com").unwrap(), &route(1002))
         .await
         .unwrap();
-    let s = start_sync(&redis);
+    let s = start_sync(redis.target());
     assert!(wait_for(Duration::from_secs(5), || s.table.is_synced()).await);
     assert_eq!(port_of(&s.table, "one.localhost"), Some(1001));
     assert_eq!(port_of(&s.table, "shop.example.com"), Some(1002));
@@ -117,7 +119,7 @@ async fn loads_existing_routes_then_follows_changes() {
 async fn resubscribes_and_rereads_after_the_subscriber_is_killed() {
     let redis = RedisServer::start();
     let store = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
-    let s = start_sync(&redis);
+    let s = start_sync(redis.url());
     assert!(wait_for(Duration::from_secs(5), || s.table.is_synced()).await);
     let full_before = s.metrics.full_syncs_total.get();
 
@@ -154,8 +156,10 @@ async fn resubscribes_and_rereads_after_the_subscriber_is_killed() {
 
 #[tokio::test]
 async fn invalid_writes_are_refused_and_bad_records_skipped() {
-    let redis = RedisServer::start();
-    let store = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let redis = TestRedis::start();
+    let store = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     let empty = Route {
         upstreams: vec![],
         account_id: None,
@@ -169,24 +173,27 @@ async fn invalid_writes_are_refused_and_bad_records_skipped() {
             .is_err()
     );
     // A foreign writer put junk in the hash: the good routes still load.
-    let mut c = redis.conn();
+    let mut c = redis.conn().await;
+    let hash = format!("{}:routes", redis.prefix("tollgate"));
     let _: () = redis::cmd("HSET")
-        .arg("tollgate:routes")
+        .arg(&hash)
         .arg("slug:junk")
         .arg("{not json")
-        .query(&mut c)
+        .query_async(&mut c)
+        .await
         .unwrap();
     let _: () = redis::cmd("HSET")
-        .arg("tollgate:routes")
+        .arg(&hash)
         .arg("nonsense")
         .arg("{}")
-        .query(&mut c)
+        .query_async(&mut c)
+        .await
         .unwrap();
     store
         .put(&RouteKey::slug("good").unwrap(), &route(4001))
         .await
         .unwrap();
-    let s = start_sync(&redis);
+    let s = start_sync(redis.target());
     assert!(wait_for(Duration::from_secs(5), || s.table.is_synced()).await);
     assert_eq!(port_of(&s.table, "good.localhost"), Some(4001));
     assert_eq!(s.table.snapshot().len(), 1);
@@ -197,6 +204,66 @@ async fn invalid_writes_are_refused_and_bad_records_skipped() {
             .unwrap()
             .iter()
             .all(|(k, _)| k.field() == "slug:good")
+    );
+    s.stop.send(true).unwrap();
+}
+
+/// On a Redis Cluster the route channel is sharded: a failover moves it, the syncer notices
+/// (its subscription is told the slot moved, or its ping fails), subscribes again and rereads,
+/// so a route written while it was away is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_routes_through_a_cluster_failover() {
+    let cluster = RedisCluster::start();
+    let target = tollgate_kv::Target::Cluster {
+        seeds: cluster.urls(),
+        replica_acks: 1,
+    };
+    let store = RouteStore::connect(&target, "tollgate").await.unwrap();
+    store
+        .put(&RouteKey::slug("before").unwrap(), &route(5001))
+        .await
+        .unwrap();
+    let s = start_sync(&target);
+    assert!(
+        wait_for(Duration::from_secs(5), || port_of(
+            &s.table,
+            "before.localhost"
+        ) == Some(5001))
+        .await
+    );
+    let full_before = s.metrics.full_syncs_total.get();
+    // Every master hands over: the routes' slot moves wherever it is.
+    for m in cluster.masters() {
+        cluster.failover(m);
+    }
+    store
+        .put(&RouteKey::slug("during").unwrap(), &route(5002))
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || port_of(
+            &s.table,
+            "during.localhost"
+        ) == Some(5002))
+        .await,
+        "a route written across the failover was never served"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || s.metrics.full_syncs_total.get()
+            > full_before)
+        .await,
+        "the syncer reread after the slot moved"
+    );
+    store
+        .put(&RouteKey::slug("after").unwrap(), &route(5003))
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || port_of(
+            &s.table,
+            "after.localhost"
+        ) == Some(5003))
+        .await
     );
     s.stop.send(true).unwrap();
 }

@@ -101,7 +101,31 @@ impl RedisCluster {
         );
         cluster.wait_ok(Duration::from_secs(30));
         cluster.wait_replicas(Duration::from_secs(30));
+        cluster.wait_acks(Duration::from_secs(30));
         cluster
+    }
+
+    /// Every master's replica acknowledges a write at once. A replica whose link just came up
+    /// may answer `WAIT` only with its periodic (once a second) acknowledgement for a while;
+    /// tests that time leases shorter than that would otherwise see a write acknowledged late.
+    fn wait_acks(&self, within: Duration) {
+        for m in self.masters() {
+            let mut c = conn(m).expect("cluster master");
+            // A key this master serves (any other answers MOVED).
+            let key = (0..10_000)
+                .map(|n| format!("warm:{n}"))
+                .find(|k| redis::cmd("SET").arg(k).arg(1).query::<()>(&mut c).is_ok())
+                .expect("a key of this master's slots");
+            wait(within, || {
+                let started = Instant::now();
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET").arg(&key).arg(1).ignore();
+                pipe.cmd("WAIT").arg(1).arg(100);
+                pipe.query::<(i64,)>(&mut c).is_ok_and(|(acked,)| {
+                    acked >= 1 && started.elapsed() < Duration::from_millis(50)
+                })
+            });
+        }
     }
 
     /// Every live replica has its replication link up (money writes wait for one).

@@ -19,9 +19,11 @@ use axum::routing::{any, get};
 mod cluster;
 mod cut;
 mod postgres;
+mod shared;
 pub use cluster::RedisCluster;
 pub use cut::TcpCut;
 pub use postgres::{PostgresServer, pg_bin_dir};
+pub use shared::TestRedis;
 
 /// A port that was free a moment ago (bind to :0, read, release), and never handed out before
 /// in this process, so that two free ports asked for in a row cannot collide.

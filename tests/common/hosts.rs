@@ -12,9 +12,9 @@ use tollgate_control::hosts::{HostKeys, HostsRuntime, HostsRuntimeConfig};
 use tollgate_control::{Control, ControlConfig, ControlStore, RedisControlStore};
 use tollgate_routes::RouteStore;
 use tollgate_runtime::Toolchain;
-use tollgate_testkit::{RedisServer, free_addr};
+use tollgate_testkit::{TestRedis, free_addr};
 
-use super::{Proc, bin, start_listening};
+use super::{Proc, RedisAt, bin, start_listening};
 
 pub struct Host {
     pub proc: Proc,
@@ -22,13 +22,14 @@ pub struct Host {
     pub log: PathBuf,
 }
 
-pub fn start_host(dir: &Path, redis: &str, id: &str) -> Host {
+pub fn start_host(dir: &Path, redis: &(impl RedisAt + ?Sized), id: &str) -> Host {
     let admin = free_addr();
     let cfg = dir.join(format!("{id}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "[redis]\nurl = \"{redis}\"\n[host]\nid = \"{id}\"\nadmin_listen = \"{admin}\"\nlease_ms = 2000\nhandover_seconds = 15\n"
+            "[redis]\n{}\n[host]\nid = \"{id}\"\nadmin_listen = \"{admin}\"\nlease_ms = 2000\nhandover_seconds = 15\n",
+            redis.toml()
         ),
     )
     .unwrap();
@@ -79,7 +80,7 @@ pub fn files(name: &str) -> BTreeMap<String, String> {
 
 /// A control service over the suite's Redis, its deployments on runtime hosts.
 pub async fn control(
-    redis: &str,
+    redis: impl Into<tollgate_kv::Target>,
     proxy: SocketAddr,
     dir: &Path,
 ) -> (
@@ -88,6 +89,7 @@ pub async fn control(
     tokio::sync::watch::Sender<bool>,
     prometheus::Registry,
 ) {
+    let redis = &redis.into();
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
     let bundler = tollgate_control::bundler_for(&t, dir.join("builds")).unwrap();
     let store: Arc<dyn ControlStore> =
@@ -145,22 +147,66 @@ pub fn sample(registry: &prometheus::Registry, series: &str) -> f64 {
 }
 
 /// Where each deployment is placed (deployment → host).
-pub fn placed(redis: &RedisServer) -> HashMap<String, String> {
-    use redis::Commands;
-    redis
-        .conn()
-        .hgetall(HostKeys::new("tollgate").placed())
+pub fn placed(redis: &impl Hashes) -> HashMap<String, String> {
+    redis.hash(&HostKeys::new(&redis.tagged("tollgate")).placed())
+}
+
+/// Reads a hash of the suite's Redis (one, or a cluster).
+pub trait Hashes {
+    fn hash(&self, key: &str) -> HashMap<String, String>;
+    /// The key prefix the stores use there.
+    fn tagged(&self, prefix: &str) -> String;
+}
+impl Hashes for TestRedis {
+    fn hash(&self, key: &str) -> HashMap<String, String> {
+        self.hgetall(key)
+    }
+    fn tagged(&self, prefix: &str) -> String {
+        self.prefix(prefix)
+    }
+}
+impl Hashes for tollgate_testkit::RedisServer {
+    fn hash(&self, key: &str) -> HashMap<String, String> {
+        redis::Commands::hgetall(&mut self.conn(), key).unwrap()
+    }
+    fn tagged(&self, prefix: &str) -> String {
+        prefix.to_owned()
+    }
+}
+
+/// The ledger of the money store on `redis` (one Redis's stream, or a cluster's shards').
+pub async fn ledger(redis: &TestRedis) -> Vec<tollgate_metering::LedgerEntry> {
+    use tollgate_metering::Store as _;
+    let ttl = Duration::from_secs(30);
+    match redis {
+        TestRedis::One(r) => tollgate_metering::RedisStore::connect(&r.url(), "tollgate", ttl)
+            .await
+            .unwrap()
+            .ledger()
+            .await
+            .unwrap(),
+        TestRedis::Cluster(c) => tollgate_metering::ClusterStore::connect(
+            &c.urls(),
+            "tollgate",
+            ttl,
+            tollgate_metering::DEFAULT_SHARDS,
+        )
+        .await
         .unwrap()
+        .ledger()
+        .await
+        .unwrap(),
+    }
 }
 
 /// A `tollgate proxy` following the routes in `redis`.
-pub fn start_proxy(redis: &str) -> (Proc, SocketAddr) {
+pub fn start_proxy(redis: &(impl RedisAt + ?Sized)) -> (Proc, SocketAddr) {
     start_listening(|listen| {
         let mut c = bin();
         c.env("TOLLGATE_PUBLIC_MCP_URL", "http://mcp.localhost")
             .args(["proxy", "--listen", &listen.to_string()])
-            .args(["--admin-listen", &free_addr().to_string()])
-            .args(["--redis", redis]);
+            .args(["--admin-listen", &free_addr().to_string()]);
+        redis.name(&mut c);
         c
     })
 }

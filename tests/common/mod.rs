@@ -103,13 +103,73 @@ pub fn put_metered_route(redis: &str, slug: &str, upstream: SocketAddr, account:
 }
 
 /// `tollgate accounts credit` (idempotent by `key`); its output, JSON on stdout.
-pub fn credit_account(redis: &str, account: &str, usd: &str, key: &str) -> std::process::Output {
-    bin()
-        .stdout(Stdio::piped())
-        .args(["accounts", "credit", "--redis", redis, "--account", account])
-        .args(["--usd", usd, "--key", key])
+pub fn credit_account(
+    redis: &(impl RedisAt + ?Sized),
+    account: &str,
+    usd: &str,
+    key: &str,
+) -> std::process::Output {
+    let mut c = bin();
+    c.stdout(Stdio::piped()).args(["accounts", "credit"]);
+    redis.name(&mut c);
+    c.args(["--account", account, "--usd", usd, "--key", key])
         .output()
         .unwrap()
+}
+
+/// How a command is told which Redis: `--redis URL`, or the environment of a [`TestRedis`]
+/// (`TOLLGATE_REDIS_CLUSTER` for a cluster).
+pub trait RedisAt {
+    fn name(&self, c: &mut Command);
+    /// The `[redis]` line of a config file.
+    fn toml(&self) -> String;
+}
+impl RedisAt for str {
+    fn name(&self, c: &mut Command) {
+        c.args(["--redis", self]);
+    }
+    fn toml(&self) -> String {
+        format!("url = {self:?}")
+    }
+}
+impl RedisAt for String {
+    fn name(&self, c: &mut Command) {
+        self.as_str().name(c)
+    }
+    fn toml(&self) -> String {
+        self.as_str().toml()
+    }
+}
+/// A [`TestRedis`]'s name, owned (for threads).
+#[derive(Clone)]
+pub struct RedisName {
+    env: (&'static str, String),
+    toml: String,
+}
+impl From<&tollgate_testkit::TestRedis> for RedisName {
+    fn from(r: &tollgate_testkit::TestRedis) -> Self {
+        RedisName {
+            env: r.env(),
+            toml: r.toml(),
+        }
+    }
+}
+impl RedisAt for RedisName {
+    fn name(&self, c: &mut Command) {
+        c.env(self.env.0, &self.env.1);
+    }
+    fn toml(&self) -> String {
+        self.toml.clone()
+    }
+}
+impl RedisAt for tollgate_testkit::TestRedis {
+    fn name(&self, c: &mut Command) {
+        let (k, v) = self.env();
+        c.env(k, v);
+    }
+    fn toml(&self) -> String {
+        tollgate_testkit::TestRedis::toml(self)
+    }
 }
 
 /// `tollgate accounts show`, parsed.

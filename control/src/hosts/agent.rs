@@ -4,11 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tollgate_kv::{Conn, Target, Timeouts};
 use tollgate_runtime::{Phase, RuntimeError, RuntimeEvent, Started, Supervisor};
 
 use super::metrics::HostMetrics;
@@ -74,7 +73,7 @@ enum Lease {
 /// Keeps the lease, on a task and a connection of its own: nothing the agent loop waits for can
 /// delay a renewal, nor the stop of every process once the lease can no longer be vouched for.
 struct Keeper {
-    beat: ConnectionManager,
+    beat: Conn,
     keys: HostKeys,
     cfg: HostAgentConfig,
     sup: Supervisor,
@@ -239,13 +238,13 @@ enum Done {
 }
 
 pub struct HostAgent {
-    conn: ConnectionManager,
+    conn: Conn,
     /// The lease's keeper, until `run` starts it.
     keeper: Option<Keeper>,
     lease: watch::Receiver<Lease>,
     /// Where control publishes routes: a hand-over waits until none points here any more.
     routes: tollgate_routes::RouteStore,
-    client: redis::Client,
+    target: Target,
     keys: HostKeys,
     cfg: HostAgentConfig,
     sup: Supervisor,
@@ -264,30 +263,26 @@ fn io(e: impl std::fmt::Display) -> String {
 
 impl HostAgent {
     pub async fn connect(
-        url: &str,
+        target: impl Into<Target>,
         prefix: &str,
         cfg: HostAgentConfig,
         sup: Supervisor,
     ) -> Result<HostAgent, String> {
-        let client = redis::Client::open(url).map_err(io)?;
+        let target = target.into();
         // Every call bounded well inside the lease: a Redis that stops answering must not hold
         // up the loop past the moment this host has to stop (see `heartbeat`).
-        let bounded = |t: Duration| {
-            redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(t))
-                .set_response_timeout(Some(t))
-                .set_number_of_retries(1)
-                .set_max_delay(t)
-        };
-        let conn = ConnectionManager::new_with_config(client.clone(), bounded(cfg.lease / 2))
+        let conn = target
+            .connect_with(Timeouts::both(cfg.lease / 2))
             .await
             .map_err(io)?;
-        let beat = ConnectionManager::new_with_config(client.clone(), bounded(cfg.lease / 6))
+        let beat = target
+            .connect_with(Timeouts::both(cfg.lease / 6))
             .await
             .map_err(io)?;
-        let routes = tollgate_routes::RouteStore::connect(url, prefix)
+        let routes = tollgate_routes::RouteStore::connect(&target, prefix)
             .await
             .map_err(io)?;
+        let prefix = &target.family_prefix(prefix);
         let (tx, lease) = watch::channel(Lease::Waiting);
         let ready: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
         let keeper = Keeper {
@@ -304,7 +299,7 @@ impl HostAgent {
             keeper: Some(keeper),
             lease,
             routes,
-            client,
+            target,
             keys: HostKeys::new(prefix),
             cfg,
             sup,
@@ -353,7 +348,7 @@ impl HostAgent {
         let mut held_token: Option<String> = None;
         let nudged = std::sync::Arc::new(tokio::sync::Notify::new());
         let listener = tokio::spawn(listen(
-            self.client.clone(),
+            self.target.clone(),
             self.keys.nudge(self.id()),
             nudged.clone(),
         ));
@@ -667,7 +662,7 @@ impl HostAgent {
             return;
         };
         let mut c = self.conn.clone();
-        if let Err(e) = c.publish::<_, _, ()>(self.keys.events(), json).await {
+        if let Err(e) = tollgate_kv::publish(&mut c, &self.keys.events(), &json).await {
             tracing::warn!(error = %e, "runtime host: event not published");
         }
     }
@@ -857,21 +852,20 @@ impl HostAgent {
 }
 
 /// Wakes the agent on each nudge; resubscribes on loss (the agent also looks every 500 ms).
-async fn listen(
-    client: redis::Client,
-    channel: String,
-    nudged: std::sync::Arc<tokio::sync::Notify>,
-) {
+async fn listen(target: Target, channel: String, nudged: std::sync::Arc<tokio::sync::Notify>) {
     loop {
         let session = async {
-            let mut pubsub = client.get_async_pubsub().await.map_err(io)?;
-            pubsub.subscribe(&channel).await.map_err(io)?;
+            let mut sub = target
+                .subscribe(std::slice::from_ref(&channel), Timeouts::default())
+                .await
+                .map_err(io)?;
             nudged.notify_one();
-            let mut stream = pubsub.on_message();
-            while stream.next().await.is_some() {
+            loop {
+                if let Err(e) = sub.next().await {
+                    return Err::<(), String>(io(e));
+                }
                 nudged.notify_one();
             }
-            Err::<(), String>(io("nudge subscription ended"))
         };
         if let Err(e) = session.await {
             tracing::warn!(error = %e, "runtime host: nudges lost; resubscribing");

@@ -38,9 +38,16 @@ pub struct HostKeys {
 }
 
 impl HostKeys {
+    /// `prefix`: the deployment's, or on a cluster its hash tag (`{tollgate}`), which the keys
+    /// then share with every other control key.
     pub fn new(prefix: &str) -> Self {
+        let tagged = prefix.starts_with('{') && prefix.ends_with('}');
         HostKeys {
-            p: format!("{{{prefix}:rt}}"),
+            p: if tagged {
+                format!("{prefix}:rt")
+            } else {
+                format!("{{{prefix}:rt}}")
+            },
             prefix: prefix.to_owned(),
         }
     }

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, watch};
+use tollgate_kv::{Conn, Target, Timeouts};
 use tollgate_runtime::{
     AppliedLimits, DeploymentSpec, DeploymentStatus, LogEntry, Phase, RuntimeError, RuntimeEvent,
     Started,
@@ -106,8 +105,8 @@ return 1
 
 /// Deployments on runtime hosts, as one [`Runtime`].
 pub struct HostsRuntime {
-    conn: ConnectionManager,
-    client: redis::Client,
+    conn: Conn,
+    target: Target,
     keys: HostKeys,
     /// `{prefix:rt}:`: what the scripts prefix host ids with.
     base: String,
@@ -137,18 +136,18 @@ impl HostsRuntime {
     /// or a move to another host, or its failure) arrive on the returned receiver once
     /// [`HostsRuntime::run`] runs.
     pub async fn connect(
-        url: &str,
+        target: impl Into<Target>,
         prefix: &str,
         cfg: HostsRuntimeConfig,
     ) -> Result<(Arc<HostsRuntime>, mpsc::UnboundedReceiver<RuntimeEvent>), RuntimeError> {
-        let client = redis::Client::open(url).map_err(io)?;
-        let conn = ConnectionManager::new(client.clone()).await.map_err(io)?;
+        let target = target.into();
+        let conn = target.connect().await.map_err(io)?;
         let (events, rx) = mpsc::unbounded_channel();
-        let keys = HostKeys::new(prefix);
+        let keys = HostKeys::new(&target.family_prefix(prefix));
         Ok((
             Arc::new(HostsRuntime {
                 conn,
-                client,
+                target,
                 base: keys.base(),
                 keys,
                 cfg,
@@ -363,7 +362,9 @@ impl HostsRuntime {
             spec: spec.clone(),
         })
         .map_err(io)?;
-        let _: i64 = redis::Script::new(PLACE)
+        let _: i64 = self
+            .conn
+            .script(PLACE)
             .key(self.keys.placed())
             .key(self.keys.project_host())
             .arg(&spec.deployment_id)
@@ -382,7 +383,7 @@ impl HostsRuntime {
     /// Takes `deployment` off its host; with `only_gen`, only that placement of it.
     async fn unplace(&self, deployment: &str, only_gen: Option<&str>) -> Result<(), RuntimeError> {
         let mut c = self.conn.clone();
-        let script = redis::Script::new(UNPLACE);
+        let script = self.conn.script(UNPLACE);
         let mut inv = script.key(self.keys.placed());
         inv.arg(deployment).arg(&self.base);
         if let Some(g) = only_gen {
@@ -402,11 +403,13 @@ impl HostsRuntime {
     async fn follow_events(self: Arc<Self>) {
         loop {
             let session = async {
-                let mut pubsub = self.client.get_async_pubsub().await.map_err(io)?;
-                pubsub.subscribe(self.keys.events()).await.map_err(io)?;
-                let mut stream = pubsub.on_message();
-                while let Some(m) = stream.next().await {
-                    let payload: Vec<u8> = m.get_payload().unwrap_or_default();
+                let mut sub = self
+                    .target
+                    .subscribe(&[self.keys.events()], Timeouts::default())
+                    .await
+                    .map_err(io)?;
+                loop {
+                    let payload = sub.next().await.map_err(io)?;
                     let Ok(ev) = serde_json::from_slice::<HostEvent>(&payload) else {
                         tracing::warn!("runtime host event that does not parse");
                         continue;
@@ -434,10 +437,9 @@ impl HostsRuntime {
                         (None, None) => continue,
                     };
                     if self.events.send(ev).is_err() {
-                        return Ok(());
+                        return Ok::<(), RuntimeError>(());
                     }
                 }
-                Err::<(), RuntimeError>(io("event subscription ended"))
             };
             if let Err(e) = session.await {
                 tracing::warn!(error = %e, "runtime host events lost; resubscribing");
@@ -453,7 +455,9 @@ impl HostsRuntime {
     /// outside the round); once a lost host has none left, its records go.
     pub async fn round(self: &Arc<Self>) -> Result<(), RuntimeError> {
         let mut c = self.conn.clone();
-        let lead: i64 = redis::Script::new(LEAD)
+        let lead: i64 = self
+            .conn
+            .script(LEAD)
             .key(self.keys.rescheduler())
             .arg(&self.instance)
             .arg(self.cfg.round.as_millis().max(1) as u64 * 4)
@@ -482,7 +486,9 @@ impl HostsRuntime {
             let gens: std::collections::HashMap<String, String> =
                 c.hgetall(self.keys.gens(&host)).await.map_err(io)?;
             if gens.is_empty() {
-                let forgot: i64 = redis::Script::new(FORGET)
+                let forgot: i64 = self
+                    .conn
+                    .script(FORGET)
                     .key(self.keys.hosts())
                     .arg(&host)
                     .arg(&self.base)
@@ -534,7 +540,9 @@ impl HostsRuntime {
                     spec: a.spec,
                 })
                 .map_err(io)?;
-                let done: i64 = redis::Script::new(MOVE)
+                let done: i64 = self
+                    .conn
+                    .script(MOVE)
                     .key(self.keys.placed())
                     .arg(&deployment)
                     .arg(&host)

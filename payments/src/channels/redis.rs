@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mpp::VerificationError;
-use redis::aio::ConnectionManager;
+use tollgate_kv::{Conn, Target};
 
 use super::{
     ChannelBackend, ChannelRecord, PendingCredit, PoisonedCredit, Updater, corrupt, unavailable,
@@ -49,7 +49,7 @@ return 1
 /// (book/src/channels.rs) reads and restores these keys by name.
 #[derive(Clone)]
 pub struct RedisChannels {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     commit: redis::Script,
     unlock: redis::Script,
@@ -58,18 +58,22 @@ pub struct RedisChannels {
 }
 
 impl RedisChannels {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, VerificationError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, config)
+    /// `prefix` is the deployment's (on a cluster, the keys carry it as a hash tag).
+    pub async fn connect(
+        target: impl Into<Target>,
+        prefix: &str,
+    ) -> Result<Self, VerificationError> {
+        let target = target.into();
+        let conn = target
+            .connect_with(tollgate_kv::Timeouts {
+                connect: Some(Duration::from_secs(1)),
+                response: Some(Duration::from_secs(5)),
+            })
             .await
             .map_err(unavailable)?;
         Ok(RedisChannels {
             conn,
-            prefix: prefix.to_owned(),
+            prefix: target.family_prefix(prefix),
             commit: redis::Script::new(COMMIT),
             unlock: redis::Script::new(UNLOCK),
             lock_ttl: Duration::from_secs(5),

@@ -12,12 +12,12 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use serde_json::Value;
-use tollgate_metering::{RedisStore, Store};
+use tollgate_metering::{ClusterStore, DEFAULT_SHARDS, RedisStore, Store};
 use tollgate_payments::config::{PATH_USD, Secret};
 use tollgate_payments::kv::RedisKv;
 use tollgate_payments::{Payments, PaymentsConfig, RedisChannels, RpcChain};
 use tollgate_testchain::{ChainConfig, RunningChain, TestChain};
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::TestRedis;
 
 /// Well-known development keys (anvil's first accounts): test money only.
 pub const PAYER_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
@@ -41,7 +41,7 @@ pub struct Node {
 }
 
 pub struct Rig {
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     pub chain: RunningChain,
     pub money: Arc<dyn Store>,
     pub nodes: Vec<Node>,
@@ -53,15 +53,23 @@ impl Rig {
     }
 
     pub async fn start_with(nodes: usize, tune: impl Fn(&mut PaymentsConfig)) -> Rig {
-        let redis = RedisServer::start();
+        let redis = TestRedis::start();
         let chain = TestChain::spawn("127.0.0.1:0".parse().unwrap(), ChainConfig::default())
             .await
             .unwrap();
-        let money: Arc<dyn Store> = Arc::new(
-            RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(30))
-                .await
-                .unwrap(),
-        );
+        let ttl = Duration::from_secs(30);
+        let money: Arc<dyn Store> = match &redis {
+            TestRedis::One(r) => Arc::new(
+                RedisStore::connect(&r.url(), "tollgate", ttl)
+                    .await
+                    .unwrap(),
+            ),
+            TestRedis::Cluster(c) => Arc::new(
+                ClusterStore::connect(&c.urls(), "tollgate", ttl, DEFAULT_SHARDS)
+                    .await
+                    .unwrap(),
+            ),
+        };
         let mut rig = Rig {
             redis,
             chain,
@@ -87,7 +95,7 @@ impl Rig {
     async fn node(&self, tune: &impl Fn(&mut PaymentsConfig)) -> Node {
         let mut cfg = self.config();
         tune(&mut cfg);
-        let url = self.redis.url();
+        let url = self.redis.target();
         let backend = Arc::new(RedisChannels::connect(&url, "tollgate").await.unwrap());
         let kv = Arc::new(
             RedisKv::connect(&url, "tollgate", Duration::from_secs(3600))
@@ -120,7 +128,7 @@ impl Rig {
         Payments::new(
             cfg.clone(),
             Arc::new(
-                RedisChannels::connect(&self.redis.url(), "tollgate")
+                RedisChannels::connect(self.redis.target(), "tollgate")
                     .await
                     .unwrap(),
             ),
