@@ -221,6 +221,11 @@ fn check_config_points_at_the_first_error() {
             "not both",
         ),
         ("[redis]\nkey_prefix = \"t\"\n", 1, "`cluster`"),
+        (
+            "[redis]\nurl = \"redis://a:1/\"\nkey_prefix = \"{t}\"\n",
+            1,
+            "braces",
+        ),
         ("[log]\nformat = \"xml\"\n", 2, "unknown variant"),
         ("[control]\nruntime = \"cloud\"\n", 2, "unknown variant"),
         ("[host]\nprocesses = -1\n", 2, "expected u32"),

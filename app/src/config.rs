@@ -706,6 +706,7 @@ impl Config {
                 }
                 // Only with a Redis to prefix (the URL comes first).
                 "TOLLGATE_REDIS_KEY_PREFIX" => {
+                    tollgate_proxy::config::check_key_prefix(&val).map_err(fail)?;
                     if let Some(r) = &mut self.redis {
                         r.key_prefix = val;
                     }

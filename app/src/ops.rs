@@ -134,6 +134,10 @@ impl BooksAt {
         if let Some(url) = redis {
             cfg.set_redis_url(url).map_err(anyhow::Error::msg)?;
         }
+        if let Some(p) = key_prefix {
+            tollgate_proxy::config::check_key_prefix(p)
+                .map_err(|e| anyhow::anyhow!("--key-prefix: {e}"))?;
+        }
         Ok(BooksAt {
             prefix: key_prefix
                 .map(str::to_owned)

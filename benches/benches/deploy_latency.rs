@@ -1,7 +1,8 @@
 //! Deploy latency, the control service's path from a tool call to a live URL: validate, bundle
 //! (esbuild), start a workerd process, publish the route in Redis (the previous version drains in
 //! the background). Redeploys of a small Hono app with `changes`, one after another; and read-only control
-//! operations per second (`get_project`, which also reads usage).
+//! operations per second (`get_project`, which also reads usage). On one Redis, then on a 3 + 3
+//! Redis Cluster (every control write waits for a replica) in the same run.
 //! Run: `cargo bench -p tollgate-benches --bench deploy_latency`
 
 use std::collections::BTreeMap;
@@ -9,9 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate_control::{Control, ControlConfig, ControlStore, DeployRequest, RedisControlStore};
+use tollgate_kv::Target;
 use tollgate_routes::RouteStore;
 use tollgate_runtime::{RuntimeConfig, Supervisor, Toolchain};
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::{RedisCluster, RedisServer};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -26,6 +28,17 @@ fn main() {
 
 async fn run() -> Res<()> {
     let redis = RedisServer::start();
+    measure(Target::One(redis.url()), "one Redis").await?;
+    drop(redis);
+    let cluster = RedisCluster::start();
+    let target = Target::Cluster {
+        seeds: cluster.urls(),
+        replica_acks: 1,
+    };
+    measure(target, "Redis Cluster 3+3").await
+}
+
+async fn measure(redis: Target, what: &str) -> Res<()> {
     let dir = tempfile::tempdir()?;
     let t = Toolchain::ensure(&Toolchain::source_tree_dir())?;
     let (sup, events) = Supervisor::new(
@@ -37,12 +50,12 @@ async fn run() -> Res<()> {
         Arc::new(tollgate_runtime::NoCpuSink),
     )?;
     let store: Arc<dyn ControlStore> =
-        Arc::new(RedisControlStore::connect(&redis.url(), "tollgate").await?);
+        Arc::new(RedisControlStore::connect(&redis, "tollgate").await?);
     let control = Control::new(
         store,
         tollgate_control::bundler_for(&t, dir.path().join("builds"))?,
         sup.clone(),
-        Arc::new(RouteStore::connect(&redis.url(), "tollgate").await?),
+        Arc::new(RouteStore::connect(&redis, "tollgate").await?),
         ControlConfig::default(),
     );
     tokio::spawn(control.clone().follow_runtime(events));
@@ -78,7 +91,7 @@ async fn run() -> Res<()> {
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     println!(
-        "deploy (new project, Hono app) → live: {first_ms:.0} ms; redeploy with changes → live (the old version drains in the background): p50 {:.0} ms, max {:.0} ms (20 runs)",
+        "{what}: deploy (new project, Hono app) → live: {first_ms:.0} ms; redeploy with changes → live (the old version drains in the background): p50 {:.0} ms, max {:.0} ms (20 runs)",
         pct(&mut times, 0.5),
         pct(&mut times, 1.0)
     );
@@ -89,7 +102,7 @@ async fn run() -> Res<()> {
         n += 1;
     }
     println!(
-        "get_project (project, deployments, env, 24 usage buckets from Redis): {:.0} per second, one caller",
+        "{what}: get_project (project, deployments, env, 24 usage buckets from Redis): {:.0} per second, one caller",
         f64::from(n) / t0.elapsed().as_secs_f64()
     );
     sup.shutdown().await;

@@ -3,7 +3,9 @@
 //! Starts a private redis-server and two independent sync loops ("nodes", each with its own
 //! connections and table), then writes 10,000 route changes one after another and measures, for
 //! each, the time from just before the write call until *both* tables serve it. Prints
-//! p50/p99/p99.9/max. Run: `cargo bench -p tollgate-benches --bench route_propagation`.
+//! p50/p99/p99.9/max. Then the same on a 3 + 3 Redis Cluster (the write waits for a replica,
+//! the channel is sharded), in the same run. Run:
+//! `cargo bench -p tollgate-benches --bench route_propagation`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
+use tollgate_kv::Target;
 use tollgate_routes::{
     Route, RouteKey, RouteStore, RouteSync, RouteTable, SyncMetrics, SyncOptions,
 };
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::{RedisCluster, RedisServer};
 
 const CHANGES: u64 = 10_000;
 const KEYS: u64 = 1_000;
@@ -25,13 +28,24 @@ fn main() {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let redis = RedisServer::start();
-    let store = RouteStore::connect(&redis.url(), "tollgate").await?;
+    measure(Target::One(redis.url()), "loopback redis-server").await?;
+    drop(redis);
+    let cluster = RedisCluster::start();
+    let target = Target::Cluster {
+        seeds: cluster.urls(),
+        replica_acks: 1,
+    };
+    measure(target, "loopback Redis Cluster, 3 masters + 3 replicas").await
+}
+
+async fn measure(target: Target, what: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let store = RouteStore::connect(&target, "tollgate").await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut nodes = Vec::new();
     for _ in 0..2 {
         let table = Arc::new(RouteTable::new("localhost", vec![]));
         let metrics = SyncMetrics::new(&prometheus::Registry::new())?;
-        let sync = RouteSync::new(SyncOptions::new(redis.url()), table.clone(), metrics);
+        let sync = RouteSync::new(SyncOptions::new(&target), table.clone(), metrics);
         tokio::spawn(sync.run(stop_rx.clone()));
         nodes.push(table);
     }
@@ -74,9 +88,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let total = started.elapsed();
     let _ = stop_tx.send(true);
-    println!(
-        "route_propagation: {CHANGES} changes over {KEYS} keys, 2 nodes, loopback redis-server"
-    );
+    println!("route_propagation: {CHANGES} changes over {KEYS} keys, 2 nodes, {what}");
     println!(
         "  write -> served by both nodes (µs): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
         hist.value_at_quantile(0.5),

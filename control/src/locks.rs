@@ -203,7 +203,8 @@ impl Leadership {
                 _ = crate::hosts::stopped(&mut stop) => break,
             }
             if conn.is_none() {
-                conn = redis.connect().await.ok();
+                // A liveness lease: the master's word is enough (see `Conn::without_acks`).
+                conn = redis.connect().await.ok().map(|c| c.without_acks());
             }
             let Some(c) = conn.as_mut() else {
                 continue;

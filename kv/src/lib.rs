@@ -17,6 +17,8 @@
 //!   [`Subscription`] subscribes on the channel's master (`SSUBSCRIBE`), so a message does not
 //!   cross the whole cluster's bus. A failover ends the subscription: the subscriber reloads.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -141,6 +143,7 @@ impl Target {
                 Ok(Conn(Inner::Cluster {
                     conn: client.get_async_connection().await?,
                     acks: *replica_acks,
+                    scripts: Arc::default(),
                 }))
             }
         }
@@ -181,10 +184,12 @@ fn cluster_client(
     t: Timeouts,
     push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
 ) -> RedisResult<redis::cluster::ClusterClient> {
-    let mut b = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
-        .retries(3)
-        .min_retry_wait(50)
-        .max_retry_wait(1000);
+    // No retries inside the client: it resends a whole request after a connection drops, when
+    // the server may already have run it (a counter added twice, a lock found held by its own
+    // token). `Conn` resends only what was refused unrun (a redirect after a failover: the
+    // client rebuilds its slot map meanwhile); a lost connection reaches the caller, who
+    // retries as with one Redis.
+    let mut b = redis::cluster::ClusterClientBuilder::new(seeds.to_vec()).retries(0);
     if let Some(c) = t.connect {
         b = b.connection_timeout(c);
     }
@@ -202,24 +207,47 @@ fn cluster_client(
 /// A connection to a [`Target`]; clones share it.
 ///
 /// On a cluster with `replica_acks > 0`, every command that may write (anything but the reads
-/// and keyless commands listed in [`is_read`]) goes in one pipeline with `WAIT replica_acks`:
-/// the pipeline reaches the slot's master on one connection (and is resent whole if the client
-/// retries), so the wait covers this very write. Fewer replicas than asked within
-/// [`REPLICA_WAIT`] is an error (`Io`, retryable): the write may or may not stay, so callers
-/// retry what they would retry after a lost connection. A transaction becomes `MULTI … EXEC`
-/// then `WAIT` (`WAIT` inside a transaction does not block).
+/// and keyless commands listed in [`is_read`]) goes in one pipeline with a marker write in the
+/// same slot (`INCR {tag}:kv:acked`) and `WAIT replica_acks`. The pipeline reaches the slot's
+/// master on one connection, so the wait covers this command and, through the marker, every
+/// write the master had applied when the command ran: a command that changed nothing (a
+/// `SET NX` that found the key, an `HSETNX` that found the field) answers from state a replica
+/// holds too. Fewer replicas than asked within [`REPLICA_WAIT`] is an error (`Io`): the write
+/// may or may not stay, and callers retry what they would retry after a lost connection. A
+/// transaction becomes `MULTI … EXEC`, the marker, then `WAIT` (a `WAIT` inside a transaction
+/// does not block). [`Conn::query_confirmed`] does the same for a read whose answer is acted
+/// on elsewhere (money credited from what it lists).
 #[derive(Clone)]
 pub struct Conn(Inner);
 
 #[derive(Clone)]
 enum Inner {
     One(ConnectionManager),
-    Cluster { conn: ClusterConnection, acks: u32 },
+    Cluster {
+        conn: ClusterConnection,
+        acks: u32,
+        /// Script sources by SHA1, from the `SCRIPT LOAD`s this connection answered itself.
+        scripts: Scripts,
+    },
 }
 
 impl Conn {
     pub fn is_cluster(&self) -> bool {
         matches!(self.0, Inner::Cluster { .. })
+    }
+
+    /// The same connection, its writes acknowledged by the master alone: for liveness leases
+    /// and heartbeats, whose loss in a failover costs a lease's lifetime, while waiting for a
+    /// replica would stop them whenever a master has none (after its replica was promoted).
+    pub fn without_acks(&self) -> Conn {
+        match &self.0 {
+            Inner::One(c) => Conn(Inner::One(c.clone())),
+            Inner::Cluster { conn, scripts, .. } => Conn(Inner::Cluster {
+                conn: conn.clone(),
+                acks: 0,
+                scripts: scripts.clone(),
+            }),
+        }
     }
 
     /// `code` for this connection: on a cluster its `PUBLISH`es become `SPUBLISH` (the channel
@@ -234,6 +262,18 @@ impl Conn {
             code.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
         } else {
             code.to_owned()
+        }
+    }
+
+    /// Runs a read whose answer is acted on elsewhere, and (on a cluster) answers only once a
+    /// replica holds everything the read saw: what a failover could take back is not acted on.
+    pub async fn query_confirmed<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+        match &mut self.0 {
+            Inner::Cluster { conn, acks, .. } if *acks > 0 => {
+                let v = acknowledged(conn, *acks, cmd).await?;
+                Ok(redis::from_redis_value(v.extract_error()?)?)
+            }
+            _ => cmd.query_async(self).await,
         }
     }
 }
@@ -254,7 +294,8 @@ pub async fn publish(conn: &mut Conn, channel: &str, payload: &str) -> RedisResu
 }
 
 /// Commands that never write (or carry no key: the cluster client sends those to every
-/// master or to any node, where a `WAIT` would not follow them): no `WAIT` after them.
+/// master or to any node, where a `WAIT` would not follow them; or whose effect is not data a
+/// replica keeps, such as a message): no `WAIT` after them.
 pub fn is_read(cmd: &Cmd) -> bool {
     let Some(redis::Arg::Simple(name)) = cmd.args_iter().next() else {
         return true;
@@ -298,8 +339,47 @@ pub fn is_read(cmd: &Cmd) -> bool {
         b"MULTI",
         b"EXEC",
         b"DBSIZE",
+        b"PUBLISH",
+        b"SPUBLISH",
     ];
     READS.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
+/// The hash tag of the command's (first) key: `{tollgate}` of `{tollgate}:ctl:…`. The marker
+/// goes there, so it shares the command's slot. A script's first key follows its key count;
+/// other commands name their key first.
+fn tag_of(cmd: &Cmd) -> Option<String> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    let name = args.first()?;
+    let scripted = [
+        &b"EVAL"[..],
+        b"EVALSHA",
+        b"EVAL_RO",
+        b"EVALSHA_RO",
+        b"FCALL",
+        b"FCALL_RO",
+    ]
+    .iter()
+    .any(|n| n.eq_ignore_ascii_case(name));
+    let key = if scripted {
+        let keys: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
+        if keys == 0 {
+            return None;
+        }
+        args.get(3)?
+    } else {
+        args.get(1)?
+    };
+    // Redis's rule: the first `{`, the first `}` after it, something in between.
+    let open = key.iter().position(|&c| c == b'{')?;
+    let close = open + 1 + key[open + 1..].iter().position(|&c| c == b'}')?;
+    (close > open + 1).then(|| String::from_utf8_lossy(&key[open..=close]).into_owned())
 }
 
 fn not_acknowledged(got: &Value, acks: u32) -> RedisError {
@@ -310,42 +390,211 @@ fn not_acknowledged(got: &Value, acks: u32) -> RedisError {
     ))
 }
 
-/// Checks the trailing `WAIT` reply and drops it.
-fn take_wait(mut replies: Vec<Value>, acks: u32) -> RedisResult<Vec<Value>> {
-    match replies.pop() {
-        Some(Value::Int(n)) if n >= i64::from(acks) => Ok(replies),
-        Some(other) => Err(not_acknowledged(&other, acks)),
+/// Checks a `WAIT` reply.
+fn check_wait(reply: Option<&Value>, acks: u32) -> RedisResult<()> {
+    match reply {
+        Some(Value::Int(n)) if *n >= i64::from(acks) => Ok(()),
+        Some(other) => Err(not_acknowledged(other, acks)),
         None => Err(not_acknowledged(&Value::Nil, acks)),
     }
 }
 
-fn wait_cmd(acks: u32) -> Cmd {
-    let mut c = redis::cmd("WAIT");
-    c.arg(acks).arg(REPLICA_WAIT.as_millis() as u64);
-    c
+/// Appends the marker (in the slot of `tag`, when known) and the `WAIT`.
+fn add_wait(pipe: &mut Pipeline, tag: Option<&str>, acks: u32) -> usize {
+    let mut added = 1;
+    if let Some(t) = tag {
+        pipe.cmd("INCR").arg(format!("{t}:kv:acked"));
+        added += 1;
+    }
+    pipe.cmd("WAIT")
+        .arg(acks)
+        .arg(REPLICA_WAIT.as_millis() as u64);
+    added
+}
+
+/// `cmd`, the marker and the `WAIT` in one pipeline; `cmd`'s reply once a replica has it. A
+/// failed command's error is its answer (nothing to wait for).
+async fn acknowledged(conn: &mut ClusterConnection, acks: u32, cmd: &Cmd) -> RedisResult<Value> {
+    let mut pipe = redis::pipe();
+    pipe.add_command(cmd.clone());
+    let n = 1 + add_wait(&mut pipe, tag_of(cmd).as_deref(), acks);
+    let mut replies = conn.req_packed_commands(&pipe, 0, n).await?;
+    if matches!(replies.first(), Some(Value::ServerError(_))) {
+        return Ok(replies.swap_remove(0));
+    }
+    check_wait(replies.last(), acks)?;
+    replies
+        .into_iter()
+        .next()
+        .ok_or_else(|| not_acknowledged(&Value::Nil, acks))
+}
+
+/// A pipeline's commands, the marker and the `WAIT`, every reply read (so an error anywhere,
+/// a redirect inside a transaction included, reaches the cluster client and the caller), then
+/// the replies the caller asked for: `offset`/`count` of the original pipeline.
+async fn acknowledged_pipeline(
+    conn: &mut ClusterConnection,
+    acks: u32,
+    pipeline: &Pipeline,
+    offset: usize,
+    count: usize,
+) -> RedisResult<Vec<Value>> {
+    let tx = pipeline.is_transaction();
+    let mut pipe = redis::pipe();
+    if tx {
+        pipe.cmd("MULTI");
+    }
+    let mut tag = None;
+    for c in pipeline.cmd_iter() {
+        tag = tag.or_else(|| tag_of(c));
+        pipe.add_command(c.clone());
+    }
+    if tx {
+        pipe.cmd("EXEC");
+    }
+    // The original's replies are the first `offset + count` of these.
+    let sent = offset + count;
+    let total = sent + add_wait(&mut pipe, tag.as_deref(), acks);
+    let replies = conn.req_packed_commands(&pipe, 0, total).await?;
+    if tx {
+        // A command refused while queued (a redirect, a wrong type) aborts the transaction:
+        // its error is the answer.
+        if let Some(e) = replies[..sent]
+            .iter()
+            .find(|v| matches!(v, Value::ServerError(_)))
+        {
+            return Err(e
+                .clone()
+                .extract_error()
+                .err()
+                .unwrap_or_else(|| not_acknowledged(&Value::Nil, acks)));
+        }
+    }
+    check_wait(replies.last(), acks)?;
+    Ok(replies.into_iter().skip(offset).take(count).collect())
+}
+
+type Scripts = Arc<Mutex<HashMap<String, String>>>;
+
+/// One command: acknowledged by `acks` replicas when it may write; sent again after a refusal
+/// that ran nothing (see [`ran_nothing`]).
+async fn send(conn: &mut ClusterConnection, acks: u32, cmd: &Cmd) -> RedisResult<Value> {
+    let mut tries = 0;
+    loop {
+        let reply = if acks == 0 || is_read(cmd) {
+            conn.req_packed_command(cmd).await
+        } else {
+            acknowledged(conn, acks, cmd).await
+        };
+        match reply {
+            Err(e) if ran_nothing(&e) && tries < UNRUN_RETRIES => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100) * tries).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How often a request refused without being run is sent again (over about 1.5 s).
+const UNRUN_RETRIES: u32 = 5;
+
+/// Refusals that ran nothing, so sending the request again cannot apply it twice: the slot
+/// moved (`MOVED`: the client has rebuilt its slot map meanwhile), the cluster or the master is
+/// down for the moment, the node is loading, or it was demoted to replica. The cluster client
+/// itself does not resend (see `cluster_client`), because it would resend after a lost
+/// connection too, when the server may already have run the request.
+fn ran_nothing(e: &RedisError) -> bool {
+    use redis::ServerErrorKind as K;
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            K::Moved | K::TryAgain | K::ClusterDown | K::MasterDown | K::BusyLoading | K::ReadOnly
+        )
+    )
+}
+
+/// `SCRIPT LOAD <source>` is answered here, not sent: the cluster client sends it to every
+/// node, replicas included, so one member down or frozen would stop every script's first
+/// run. The source is kept, and an `EVALSHA` a master does not know is sent again as `EVAL`
+/// (which loads it there) by [`as_eval`].
+fn remember_script(scripts: &Scripts, cmd: &Cmd) -> Option<String> {
+    let mut args = cmd.args_iter();
+    let (
+        Some(redis::Arg::Simple(name)),
+        Some(redis::Arg::Simple(sub)),
+        Some(redis::Arg::Simple(src)),
+    ) = (args.next(), args.next(), args.next())
+    else {
+        return None;
+    };
+    if !name.eq_ignore_ascii_case(b"SCRIPT") || !sub.eq_ignore_ascii_case(b"LOAD") {
+        return None;
+    }
+    let src = String::from_utf8_lossy(src).into_owned();
+    let sha = redis::Script::new(&src).get_hash().to_owned();
+    scripts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(sha.clone(), src);
+    Some(sha)
+}
+
+/// `EVAL <source> …` for an `EVALSHA <sha> …` answered `NOSCRIPT` whose source is known (a
+/// refused `EVALSHA` ran nothing, so sending it again as `EVAL` runs it once).
+fn as_eval(scripts: &Scripts, cmd: &Cmd, reply: &RedisResult<Value>) -> Option<Cmd> {
+    let noscript = match reply {
+        Ok(Value::ServerError(e)) => e.kind() == Some(redis::ServerErrorKind::NoScript),
+        Err(e) => e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript),
+        Ok(_) => false,
+    };
+    if !noscript {
+        return None;
+    }
+    let mut args = cmd.args_iter();
+    let (Some(redis::Arg::Simple(name)), Some(redis::Arg::Simple(sha))) =
+        (args.next(), args.next())
+    else {
+        return None;
+    };
+    if !name.eq_ignore_ascii_case(b"EVALSHA") {
+        return None;
+    }
+    let src = scripts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(std::str::from_utf8(sha).ok()?)?
+        .clone();
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(src);
+    for a in args {
+        if let redis::Arg::Simple(b) = a {
+            eval.arg(b);
+        }
+    }
+    Some(eval)
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.0 {
             Inner::One(c) => c.req_packed_command(cmd),
-            Inner::Cluster { conn, acks } => {
+            Inner::Cluster {
+                conn,
+                acks,
+                scripts,
+            } => {
                 let acks = *acks;
-                if acks == 0 || is_read(cmd) {
-                    return conn.req_packed_command(cmd);
+                if let Some(sha) = remember_script(scripts, cmd) {
+                    return Box::pin(async move { Ok(Value::BulkString(sha.into_bytes())) });
                 }
+                let scripts = scripts.clone();
                 Box::pin(async move {
-                    let mut pipe = redis::pipe();
-                    pipe.add_command(cmd.clone()).add_command(wait_cmd(acks));
-                    let mut replies = conn.req_packed_commands(&pipe, 0, 2).await?;
-                    // A failed command is the answer (its error is what the caller sees).
-                    if matches!(replies.first(), Some(Value::ServerError(_))) {
-                        return Ok(replies.swap_remove(0));
+                    let reply = send(conn, acks, cmd).await;
+                    match as_eval(&scripts, cmd, &reply) {
+                        Some(eval) => send(conn, acks, &eval).await,
+                        None => reply,
                     }
-                    let mut replies = take_wait(replies, acks)?;
-                    replies
-                        .pop()
-                        .ok_or_else(|| not_acknowledged(&Value::Nil, acks))
                 })
             }
         }
@@ -359,31 +608,22 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match &mut self.0 {
             Inner::One(c) => c.req_packed_commands(pipeline, offset, count),
-            Inner::Cluster { conn, acks } => {
+            Inner::Cluster { conn, acks, .. } => {
                 let acks = *acks;
                 if acks == 0 || pipeline.cmd_iter().all(is_read) {
                     return conn.req_packed_commands(pipeline, offset, count);
                 }
                 Box::pin(async move {
-                    // The same commands as sent (a transaction spelled out), then the WAIT.
-                    let mut pipe = redis::pipe();
-                    if pipeline.is_transaction() {
-                        pipe.cmd("MULTI");
+                    let mut tries = 0;
+                    loop {
+                        match acknowledged_pipeline(conn, acks, pipeline, offset, count).await {
+                            Err(e) if ran_nothing(&e) && tries < UNRUN_RETRIES => {
+                                tries += 1;
+                                tokio::time::sleep(Duration::from_millis(100) * tries).await;
+                            }
+                            other => return other,
+                        }
                     }
-                    for c in pipeline.cmd_iter() {
-                        pipe.add_command(c.clone());
-                    }
-                    if pipeline.is_transaction() {
-                        pipe.cmd("EXEC");
-                    }
-                    pipe.add_command(wait_cmd(acks));
-                    let replies = conn.req_packed_commands(&pipe, offset, count + 1).await?;
-                    if replies.iter().any(|v| matches!(v, Value::ServerError(_))) {
-                        let mut replies = replies;
-                        replies.truncate(count);
-                        return Ok(replies);
-                    }
-                    take_wait(replies, acks)
                 })
             }
         }
@@ -494,5 +734,38 @@ fn cluster_delivery(m: redis::PushInfo) -> Option<Delivery> {
         // The client subscribes again where the slot went, but messages may have been missed.
         redis::PushKind::SUnsubscribe => Some(Err(Lost("a channel's slot moved".into()))),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_marker_follows_the_commands_key_not_a_brace_elsewhere() {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg("return '{' .. ARGV[1] .. '}'")
+            .arg(2)
+            .arg("{tollgate}:routes")
+            .arg("x");
+        assert_eq!(tag_of(&eval).as_deref(), Some("{tollgate}"));
+        let mut sha = redis::cmd("EVALSHA");
+        sha.arg("abc")
+            .arg(1)
+            .arg("{tollgate:m3}:acct:a")
+            .arg("{other}");
+        assert_eq!(tag_of(&sha).as_deref(), Some("{tollgate:m3}"));
+        let mut none = redis::cmd("EVALSHA");
+        none.arg("abc").arg(0).arg("{x}");
+        assert_eq!(tag_of(&none), None);
+        let mut hset = redis::cmd("HSET");
+        hset.arg("{tollgate}:ctl:project:p").arg("f").arg("{v}");
+        assert_eq!(tag_of(&hset).as_deref(), Some("{tollgate}"));
+        let mut plain = redis::cmd("SET");
+        plain.arg("untagged").arg("{v}");
+        assert_eq!(tag_of(&plain), None);
+        let mut empty = redis::cmd("SET");
+        empty.arg("{}x").arg(1);
+        assert_eq!(tag_of(&empty), None, "an empty tag hashes the whole key");
     }
 }

@@ -57,7 +57,9 @@ async fn refused_vouchers_credit_nothing_and_a_voucher_raced_to_two_nodes_credit
     refused(a.accept(&tampered).await, "invalid-challenge");
     // A signature with its bytes changed (non-canonical / garbage).
     let mut sig = sign(PAYER_KEY, ch, 2_000_000, escrow);
-    sig.replace_range(10..12, "00");
+    // Changed for sure (a byte already `00` stayed valid: a 1-in-256 flake).
+    let changed = if &sig[10..12] == "00" { "ff" } else { "00" };
+    sig.replace_range(10..12, changed);
     let bad = voucher(a, &ch_str, 2_000_000, sig);
     refused(a.accept(&bad).await, "invalid-signature");
     // The same signature malleated to its high-S twin (s → n − s, v flipped): it recovers the

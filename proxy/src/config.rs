@@ -151,6 +151,7 @@ impl TryFrom<RawRedisConfig> for RedisConfig {
         cfg.set_cluster(r.cluster)?;
         cfg.replica_acks = r.replica_acks;
         cfg.money_shards = r.money_shards;
+        check_key_prefix(&r.key_prefix)?;
         cfg.key_prefix = r.key_prefix;
         cfg.ping_interval_ms = r.ping_interval_ms;
         cfg.ping_timeout_ms = r.ping_timeout_ms;
@@ -176,6 +177,18 @@ fn de_money_shards<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let n = u32::deserialize(d)?;
     check_cluster_layout(n).map_err(D::Error::custom)?;
     Ok(n)
+}
+
+/// A key prefix: on a cluster it becomes hash tags (`{prefix}`, `{prefix:m3}`), so braces
+/// would move keys into other slots.
+pub fn check_key_prefix(p: &str) -> Result<(), String> {
+    if p.is_empty() || p.len() > 64 || p.chars().any(|c| c.is_whitespace() || c == '{' || c == '}')
+    {
+        return Err(format!(
+            "key_prefix {p:?}: expected 1 to 64 characters without spaces or braces, such as \"tollgate\""
+        ));
+    }
+    Ok(())
 }
 
 /// Money is laid out in 1..=1024 shards.

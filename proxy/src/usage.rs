@@ -58,7 +58,9 @@ pub async fn flush_loop(
         previous = current;
         if !pending.is_empty() {
             if conn.is_none() {
-                conn = redis.connect().await.ok();
+                // Counts, not money: never waited for a replica (a retry after a write that
+                // was not acknowledged would count twice).
+                conn = redis.connect().await.ok().map(|c| c.without_acks());
             }
             if let Some(c) = conn.as_mut() {
                 let (unix_s, unix_ms) = now();

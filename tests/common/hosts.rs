@@ -148,29 +148,29 @@ pub fn sample(registry: &prometheus::Registry, series: &str) -> f64 {
 
 /// Where each deployment is placed (deployment → host).
 pub fn placed(redis: &impl Hashes) -> HashMap<String, String> {
-    redis.hash(&HostKeys::new(&redis.tagged("tollgate")).placed())
+    redis.hash(&redis.host_keys("tollgate").placed())
 }
 
 /// Reads a hash of the suite's Redis (one, or a cluster).
 pub trait Hashes {
     fn hash(&self, key: &str) -> HashMap<String, String>;
-    /// The key prefix the stores use there.
-    fn tagged(&self, prefix: &str) -> String;
+    /// The runtime hosts' keys there.
+    fn host_keys(&self, prefix: &str) -> HostKeys;
 }
 impl Hashes for TestRedis {
     fn hash(&self, key: &str) -> HashMap<String, String> {
         self.hgetall(key)
     }
-    fn tagged(&self, prefix: &str) -> String {
-        self.prefix(prefix)
+    fn host_keys(&self, prefix: &str) -> HostKeys {
+        HostKeys::for_target(&self.target(), prefix)
     }
 }
 impl Hashes for tollgate_testkit::RedisServer {
     fn hash(&self, key: &str) -> HashMap<String, String> {
         redis::Commands::hgetall(&mut self.conn(), key).unwrap()
     }
-    fn tagged(&self, prefix: &str) -> String {
-        prefix.to_owned()
+    fn host_keys(&self, prefix: &str) -> HostKeys {
+        HostKeys::new(prefix)
     }
 }
 

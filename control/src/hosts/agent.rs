@@ -275,19 +275,23 @@ impl HostAgent {
             .connect_with(Timeouts::both(cfg.lease / 2))
             .await
             .map_err(io)?;
+        // The lease itself: the master's word is enough (see `Conn::without_acks`): waiting for
+        // a replica would stop every host whenever the master has none, and a renewal lost in
+        // a failover costs at most this lease, which the host then finds gone and stops.
         let beat = target
             .connect_with(Timeouts::both(cfg.lease / 6))
             .await
-            .map_err(io)?;
+            .map_err(io)?
+            .without_acks();
         let routes = tollgate_routes::RouteStore::connect(&target, prefix)
             .await
             .map_err(io)?;
-        let prefix = &target.family_prefix(prefix);
+        let keys = HostKeys::for_target(&target, prefix);
         let (tx, lease) = watch::channel(Lease::Waiting);
         let ready: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
         let keeper = Keeper {
             beat,
-            keys: HostKeys::new(prefix),
+            keys: keys.clone(),
             cfg: cfg.clone(),
             sup: sup.clone(),
             tx,
@@ -300,7 +304,7 @@ impl HostAgent {
             lease,
             routes,
             target,
-            keys: HostKeys::new(prefix),
+            keys: keys.clone(),
             cfg,
             sup,
             local: HashMap::new(),

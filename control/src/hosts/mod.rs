@@ -38,17 +38,26 @@ pub struct HostKeys {
 }
 
 impl HostKeys {
-    /// `prefix`: the deployment's, or on a cluster its hash tag (`{tollgate}`), which the keys
-    /// then share with every other control key.
+    /// On one Redis, under the deployment's `prefix`.
     pub fn new(prefix: &str) -> Self {
-        let tagged = prefix.starts_with('{') && prefix.ends_with('}');
         HostKeys {
-            p: if tagged {
-                format!("{prefix}:rt")
-            } else {
-                format!("{{{prefix}:rt}}")
-            },
+            p: format!("{{{prefix}:rt}}"),
             prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Where `target` keeps them: on a cluster under the hash tag every other control key
+    /// shares (`{tollgate}:rt:…`).
+    pub fn for_target(target: &tollgate_kv::Target, prefix: &str) -> Self {
+        match target {
+            tollgate_kv::Target::One(_) => HostKeys::new(prefix),
+            tollgate_kv::Target::Cluster { .. } => {
+                let tagged = target.family_prefix(prefix);
+                HostKeys {
+                    p: format!("{tagged}:rt"),
+                    prefix: tagged,
+                }
+            }
         }
     }
     /// What the scripts put before `assign:<host>` and `nudge:<host>`.

@@ -143,7 +143,7 @@ impl HostsRuntime {
         let target = target.into();
         let conn = target.connect().await.map_err(io)?;
         let (events, rx) = mpsc::unbounded_channel();
-        let keys = HostKeys::new(&target.family_prefix(prefix));
+        let keys = HostKeys::for_target(&target, prefix);
         Ok((
             Arc::new(HostsRuntime {
                 conn,
@@ -455,13 +455,14 @@ impl HostsRuntime {
     /// outside the round); once a lost host has none left, its records go.
     pub async fn round(self: &Arc<Self>) -> Result<(), RuntimeError> {
         let mut c = self.conn.clone();
+        // A liveness lease: the master's word is enough (see `Conn::without_acks`).
         let lead: i64 = self
             .conn
             .script(LEAD)
             .key(self.keys.rescheduler())
             .arg(&self.instance)
             .arg(self.cfg.round.as_millis().max(1) as u64 * 4)
-            .invoke_async(&mut c)
+            .invoke_async(&mut self.conn.without_acks())
             .await
             .map_err(io)?;
         self.leading

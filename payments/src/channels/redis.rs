@@ -351,9 +351,10 @@ impl RedisChannels {
         what: &str,
     ) -> Result<Vec<T>, VerificationError> {
         let mut c = self.conn.clone();
-        let all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.key(what))
-            .query_async(&mut c)
+        // Credits are applied from these lists: on a cluster, only what a replica holds too
+        // (a commit whose acknowledgement failed may still be lost in a failover).
+        let all: Vec<(String, String)> = c
+            .query_confirmed(redis::cmd("HGETALL").arg(self.key(what)))
             .await
             .map_err(unavailable)?;
         all.into_iter()
