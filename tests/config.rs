@@ -222,7 +222,7 @@ fn check_config_points_at_the_first_error() {
         ),
         ("[redis]\nkey_prefix = \"t\"\n", 1, "`cluster`"),
         (
-            "[redis]\nurl = \"redis://a:1/\"\nkey_prefix = \"{t}\"\n",
+            "[redis]\ncluster = [\"redis://a:1/\"]\nkey_prefix = \"{t}\"\n",
             1,
             "braces",
         ),

@@ -643,6 +643,12 @@ impl Config {
     /// What the parts support together: the book of record reads one Redis's ledger stream;
     /// on a cluster the ledger is sharded (docs/scale-out.md says what is missing).
     fn store_combination(&self) -> Result<(), String> {
+        if let Some(r) = &self.redis
+            && !r.cluster.is_empty()
+        {
+            tollgate_proxy::config::check_key_prefix(&r.key_prefix)
+                .map_err(|e| format!("redis.{e}"))?;
+        }
         if let (Some(r), Some(_)) = (&self.redis, &self.book)
             && !r.cluster.is_empty()
         {
@@ -706,7 +712,6 @@ impl Config {
                 }
                 // Only with a Redis to prefix (the URL comes first).
                 "TOLLGATE_REDIS_KEY_PREFIX" => {
-                    tollgate_proxy::config::check_key_prefix(&val).map_err(fail)?;
                     if let Some(r) = &mut self.redis {
                         r.key_prefix = val;
                     }

@@ -134,7 +134,9 @@ impl BooksAt {
         if let Some(url) = redis {
             cfg.set_redis_url(url).map_err(anyhow::Error::msg)?;
         }
-        if let Some(p) = key_prefix {
+        if let Some(p) = key_prefix
+            && cfg.redis.as_ref().is_some_and(|r| !r.cluster.is_empty())
+        {
             tollgate_proxy::config::check_key_prefix(p)
                 .map_err(|e| anyhow::anyhow!("--key-prefix: {e}"))?;
         }

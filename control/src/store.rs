@@ -381,7 +381,9 @@ return 1"#;
     ) -> Result<(), ControlError> {
         let base = self.prefix.trim_end_matches(":ctl");
         let key = tollgate_routes::usage_key(base, project, Some(bucket));
-        let mut c = self.conn.clone();
+        // Counts for agents' views, not money: never waited for a replica (a retry after an
+        // unacknowledged write would count twice).
+        let mut c = self.conn.without_acks();
         let _: () = redis::pipe()
             .hincr(&key, "rows_read", rows_read)
             .ignore()

@@ -10,9 +10,10 @@
 //!   unchanged. One master serves them; they are control-plane writes, a few per deploy. Money,
 //!   the volume that scales, is sharded over many slots by the metering crate's `ClusterStore`.
 //! - **Writes.** On a cluster, a write is acknowledged only once a replica holds it: it goes in
-//!   one pipeline with `WAIT` (see [`Conn`]). Asynchronous replication otherwise loses the last
-//!   writes of a master that dies, and a payment channel's accepted amount going back would let
-//!   a voucher be credited twice.
+//!   one transaction with a marker and then `WAIT` (see [`Conn`]). Asynchronous replication
+//!   otherwise loses the last writes of a master that dies, and a payment channel's accepted
+//!   amount going back would let a voucher be credited twice. Liveness leases and counts take
+//!   the master's word ([`Conn::without_acks`]).
 //! - **Pub/sub.** On a cluster, sharded: scripts and [`publish`] use `SPUBLISH`, and a
 //!   [`Subscription`] subscribes on the channel's master (`SSUBSCRIBE`), so a message does not
 //!   cross the whole cluster's bus. A failover ends the subscription: the subscriber reloads.
@@ -207,16 +208,16 @@ fn cluster_client(
 /// A connection to a [`Target`]; clones share it.
 ///
 /// On a cluster with `replica_acks > 0`, every command that may write (anything but the reads
-/// and keyless commands listed in [`is_read`]) goes in one pipeline with a marker write in the
-/// same slot (`INCR {tag}:kv:acked`) and `WAIT replica_acks`. The pipeline reaches the slot's
-/// master on one connection, so the wait covers this command and, through the marker, every
+/// and keyless commands listed in [`is_read`]) goes in one transaction with a marker write in
+/// its slot (`INCR {tag}:kv:acked`), then `WAIT replica_acks`, in one pipeline to the slot's
+/// master (see `acknowledged`). The wait covers this command and, through the marker, every
 /// write the master had applied when the command ran: a command that changed nothing (a
 /// `SET NX` that found the key, an `HSETNX` that found the field) answers from state a replica
 /// holds too. Fewer replicas than asked within [`REPLICA_WAIT`] is an error (`Io`): the write
 /// may or may not stay, and callers retry what they would retry after a lost connection. A
-/// transaction becomes `MULTI … EXEC`, the marker, then `WAIT` (a `WAIT` inside a transaction
-/// does not block). [`Conn::query_confirmed`] does the same for a read whose answer is acted
-/// on elsewhere (money credited from what it lists).
+/// caller's pipeline goes in the same transaction (a non-atomic one becomes atomic).
+/// [`Conn::query_confirmed`] does the same for a read whose answer is acted on elsewhere (money
+/// credited from what it lists).
 #[derive(Clone)]
 pub struct Conn(Inner);
 
@@ -270,7 +271,17 @@ impl Conn {
     pub async fn query_confirmed<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
         match &mut self.0 {
             Inner::Cluster { conn, acks, .. } if *acks > 0 => {
-                let v = acknowledged(conn, *acks, cmd).await?;
+                let acks = *acks;
+                let mut tries = 0;
+                let v = loop {
+                    match acknowledged(conn, acks, &[cmd]).await.and_then(first) {
+                        Err(e) if ran_nothing(&e) && tries < UNRUN_RETRIES => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(100) * tries).await;
+                        }
+                        other => break other?,
+                    }
+                };
                 Ok(redis::from_redis_value(v.extract_error()?)?)
             }
             _ => cmd.query_async(self).await,
@@ -390,6 +401,14 @@ fn not_acknowledged(got: &Value, acks: u32) -> RedisError {
     ))
 }
 
+/// The one reply of a one-command request.
+fn first(replies: Vec<Value>) -> RedisResult<Value> {
+    replies
+        .into_iter()
+        .next()
+        .ok_or_else(|| RedisError::from((ErrorKind::Client, "no reply")))
+}
+
 /// Checks a `WAIT` reply.
 fn check_wait(reply: Option<&Value>, acks: u32) -> RedisResult<()> {
     match reply {
@@ -399,79 +418,65 @@ fn check_wait(reply: Option<&Value>, acks: u32) -> RedisResult<()> {
     }
 }
 
-/// Appends the marker (in the slot of `tag`, when known) and the `WAIT`.
-fn add_wait(pipe: &mut Pipeline, tag: Option<&str>, acks: u32) -> usize {
-    let mut added = 1;
-    if let Some(t) = tag {
-        pipe.cmd("INCR").arg(format!("{t}:kv:acked"));
-        added += 1;
+/// `cmds` in one transaction with the marker (`INCR {tag}:kv:acked`, in their slot), then
+/// `WAIT acks`, in one pipeline; the commands' replies once a replica holds them.
+///
+/// The transaction makes the request all or nothing: a refusal the cluster client reports
+/// (a redirect, `TRYAGAIN`, `READONLY`…) can only come while queuing or at `EXEC`, when nothing
+/// ran, so sending the request again ([`ran_nothing`]) cannot apply it twice; and the marker
+/// runs right after the commands, so the `WAIT` covers everything they saw. Every reply is read,
+/// so an error while queuing is the answer. A command that fails inside the transaction (a
+/// wrong type, `NOSCRIPT`) answers its error as its reply, as outside one.
+async fn acknowledged(
+    conn: &mut ClusterConnection,
+    acks: u32,
+    cmds: &[&Cmd],
+) -> RedisResult<Vec<Value>> {
+    let tag = cmds.iter().find_map(|c| tag_of(c)).ok_or_else(|| {
+        RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "a write on a cluster names no hash-tagged key",
+            "every key of a Redis Cluster deployment carries its family's tag ({prefix})"
+                .to_owned(),
+        ))
+    })?;
+    let n = cmds.len();
+    let mut pipe = redis::pipe();
+    pipe.cmd("MULTI");
+    for c in cmds {
+        pipe.add_command((*c).clone());
     }
+    pipe.cmd("INCR").arg(format!("{tag}:kv:acked"));
+    pipe.cmd("EXEC");
     pipe.cmd("WAIT")
         .arg(acks)
         .arg(REPLICA_WAIT.as_millis() as u64);
-    added
-}
-
-/// `cmd`, the marker and the `WAIT` in one pipeline; `cmd`'s reply once a replica has it. A
-/// failed command's error is its answer (nothing to wait for).
-async fn acknowledged(conn: &mut ClusterConnection, acks: u32, cmd: &Cmd) -> RedisResult<Value> {
-    let mut pipe = redis::pipe();
-    pipe.add_command(cmd.clone());
-    let n = 1 + add_wait(&mut pipe, tag_of(cmd).as_deref(), acks);
-    let mut replies = conn.req_packed_commands(&pipe, 0, n).await?;
-    if matches!(replies.first(), Some(Value::ServerError(_))) {
-        return Ok(replies.swap_remove(0));
+    // MULTI, n + 1 queued, EXEC, WAIT.
+    let replies = conn.req_packed_commands(&pipe, 0, n + 4).await?;
+    if let Some(e) = replies
+        .iter()
+        .take(n + 3)
+        .find(|v| matches!(v, Value::ServerError(_)))
+    {
+        return Err(e
+            .clone()
+            .extract_error()
+            .err()
+            .unwrap_or_else(|| not_acknowledged(&Value::Nil, acks)));
     }
-    check_wait(replies.last(), acks)?;
-    replies
-        .into_iter()
-        .next()
-        .ok_or_else(|| not_acknowledged(&Value::Nil, acks))
-}
-
-/// A pipeline's commands, the marker and the `WAIT`, every reply read (so an error anywhere,
-/// a redirect inside a transaction included, reaches the cluster client and the caller), then
-/// the replies the caller asked for: `offset`/`count` of the original pipeline.
-async fn acknowledged_pipeline(
-    conn: &mut ClusterConnection,
-    acks: u32,
-    pipeline: &Pipeline,
-    offset: usize,
-    count: usize,
-) -> RedisResult<Vec<Value>> {
-    let tx = pipeline.is_transaction();
-    let mut pipe = redis::pipe();
-    if tx {
-        pipe.cmd("MULTI");
-    }
-    let mut tag = None;
-    for c in pipeline.cmd_iter() {
-        tag = tag.or_else(|| tag_of(c));
-        pipe.add_command(c.clone());
-    }
-    if tx {
-        pipe.cmd("EXEC");
-    }
-    // The original's replies are the first `offset + count` of these.
-    let sent = offset + count;
-    let total = sent + add_wait(&mut pipe, tag.as_deref(), acks);
-    let replies = conn.req_packed_commands(&pipe, 0, total).await?;
-    if tx {
-        // A command refused while queued (a redirect, a wrong type) aborts the transaction:
-        // its error is the answer.
-        if let Some(e) = replies[..sent]
-            .iter()
-            .find(|v| matches!(v, Value::ServerError(_)))
-        {
-            return Err(e
-                .clone()
-                .extract_error()
-                .err()
-                .unwrap_or_else(|| not_acknowledged(&Value::Nil, acks)));
+    let mut results = match replies.get(n + 2) {
+        Some(Value::Array(items)) if items.len() == n + 1 => items.clone(),
+        other => {
+            return Err(RedisError::from((
+                ErrorKind::Client,
+                "unexpected reply to EXEC",
+                format!("{other:?}"),
+            )));
         }
-    }
-    check_wait(replies.last(), acks)?;
-    Ok(replies.into_iter().skip(offset).take(count).collect())
+    };
+    check_wait(replies.get(n + 3), acks)?;
+    results.truncate(n);
+    Ok(results)
 }
 
 type Scripts = Arc<Mutex<HashMap<String, String>>>;
@@ -484,7 +489,7 @@ async fn send(conn: &mut ClusterConnection, acks: u32, cmd: &Cmd) -> RedisResult
         let reply = if acks == 0 || is_read(cmd) {
             conn.req_packed_command(cmd).await
         } else {
-            acknowledged(conn, acks, cmd).await
+            acknowledged(conn, acks, &[cmd]).await.and_then(first)
         };
         match reply {
             Err(e) if ran_nothing(&e) && tries < UNRUN_RETRIES => {
@@ -614,9 +619,18 @@ impl ConnectionLike for Conn {
                     return conn.req_packed_commands(pipeline, offset, count);
                 }
                 Box::pin(async move {
+                    let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
                     let mut tries = 0;
                     loop {
-                        match acknowledged_pipeline(conn, acks, pipeline, offset, count).await {
+                        let replies = acknowledged(conn, acks, &cmds).await.map(|r| {
+                            if pipeline.is_transaction() {
+                                // What EXEC answers: one array.
+                                vec![Value::Array(r)]
+                            } else {
+                                r.into_iter().skip(offset).take(count).collect()
+                            }
+                        });
+                        match replies {
                             Err(e) if ran_nothing(&e) && tries < UNRUN_RETRIES => {
                                 tries += 1;
                                 tokio::time::sleep(Duration::from_millis(100) * tries).await;

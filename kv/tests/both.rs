@@ -161,10 +161,26 @@ async fn a_failover_ends_a_cluster_subscription() {
         .subscribe(std::slice::from_ref(&channel), Timeouts::default())
         .await
         .unwrap();
+    let counter = format!("{}:n", target.family_prefix("t"));
+    let mut conn = target.connect().await.unwrap();
+    let one: i64 = redis::cmd("INCR")
+        .arg(&counter)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
     // Every master hands over to its replica: the channel's slot moves, wherever it is.
     for m in cluster.masters() {
         cluster.failover(m);
     }
+    // The old connection's next write is redirected (it ran nothing), sent again to the new
+    // master, and applied once.
+    let two: i64 = redis::cmd("INCR")
+        .arg(&counter)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(two, 2);
     let lost = tokio::time::timeout(Duration::from_secs(15), sub.next())
         .await
         .expect("the subscriber learns that it may have missed messages")
@@ -175,7 +191,6 @@ async fn a_failover_ends_a_cluster_subscription() {
         .subscribe(std::slice::from_ref(&channel), Timeouts::default())
         .await
         .unwrap();
-    let mut conn = target.connect().await.unwrap();
     tollgate_kv::publish(&mut conn, &channel, "after")
         .await
         .unwrap();

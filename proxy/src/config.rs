@@ -151,7 +151,9 @@ impl TryFrom<RawRedisConfig> for RedisConfig {
         cfg.set_cluster(r.cluster)?;
         cfg.replica_acks = r.replica_acks;
         cfg.money_shards = r.money_shards;
-        check_key_prefix(&r.key_prefix)?;
+        if !cfg.cluster.is_empty() {
+            check_key_prefix(&r.key_prefix)?;
+        }
         cfg.key_prefix = r.key_prefix;
         cfg.ping_interval_ms = r.ping_interval_ms;
         cfg.ping_timeout_ms = r.ping_timeout_ms;
@@ -179,8 +181,8 @@ fn de_money_shards<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     Ok(n)
 }
 
-/// A key prefix: on a cluster it becomes hash tags (`{prefix}`, `{prefix:m3}`), so braces
-/// would move keys into other slots.
+/// A key prefix on a Redis Cluster: it becomes hash tags (`{prefix}`, `{prefix:m3}`), so
+/// braces would move keys into other slots. (One Redis takes any prefix, as it always did.)
 pub fn check_key_prefix(p: &str) -> Result<(), String> {
     if p.is_empty() || p.len() > 64 || p.chars().any(|c| c.is_whitespace() || c == '{' || c == '}')
     {

@@ -106,6 +106,9 @@ return 1
 /// Deployments on runtime hosts, as one [`Runtime`].
 pub struct HostsRuntime {
     conn: Conn,
+    /// The rescheduler's lease: its own connection, on the master's word (see
+    /// `Conn::without_acks`), so it never queues behind a write waiting for a replica.
+    lead: Conn,
     target: Target,
     keys: HostKeys,
     /// `{prefix:rt}:`: what the scripts prefix host ids with.
@@ -142,11 +145,13 @@ impl HostsRuntime {
     ) -> Result<(Arc<HostsRuntime>, mpsc::UnboundedReceiver<RuntimeEvent>), RuntimeError> {
         let target = target.into();
         let conn = target.connect().await.map_err(io)?;
+        let lead = target.connect().await.map_err(io)?.without_acks();
         let (events, rx) = mpsc::unbounded_channel();
         let keys = HostKeys::for_target(&target, prefix);
         Ok((
             Arc::new(HostsRuntime {
                 conn,
+                lead,
                 target,
                 base: keys.base(),
                 keys,
@@ -455,14 +460,13 @@ impl HostsRuntime {
     /// outside the round); once a lost host has none left, its records go.
     pub async fn round(self: &Arc<Self>) -> Result<(), RuntimeError> {
         let mut c = self.conn.clone();
-        // A liveness lease: the master's word is enough (see `Conn::without_acks`).
         let lead: i64 = self
             .conn
             .script(LEAD)
             .key(self.keys.rescheduler())
             .arg(&self.instance)
             .arg(self.cfg.round.as_millis().max(1) as u64 * 4)
-            .invoke_async(&mut self.conn.without_acks())
+            .invoke_async(&mut self.lead.clone())
             .await
             .map_err(io)?;
         self.leading
