@@ -505,17 +505,17 @@ async fn send(conn: &mut ClusterConnection, acks: u32, cmd: &Cmd) -> RedisResult
 const UNRUN_RETRIES: u32 = 5;
 
 /// Refusals that ran nothing, so sending the request again cannot apply it twice: the slot
-/// moved (`MOVED`: the client has rebuilt its slot map meanwhile), the cluster or the master is
-/// down for the moment, the node is loading, or it was demoted to replica. The cluster client
-/// itself does not resend (see `cluster_client`), because it would resend after a lost
-/// connection too, when the server may already have run the request.
+/// moved (`MOVED`: the client has rebuilt its slot map meanwhile), `TRYAGAIN`, the cluster is
+/// down for the moment, or the node was demoted to replica (`READONLY`). Only errors a keyless
+/// `WAIT` can never answer: `LOADING` and `MASTERDOWN` could come from the `WAIT` after `EXEC`
+/// ran, so they reach the caller. The cluster client itself does not resend (see
+/// `cluster_client`): it would resend after a lost connection too, when the server may
+/// already have run the request.
 fn ran_nothing(e: &RedisError) -> bool {
     use redis::ServerErrorKind as K;
     matches!(
         e.kind(),
-        ErrorKind::Server(
-            K::Moved | K::TryAgain | K::ClusterDown | K::MasterDown | K::BusyLoading | K::ReadOnly
-        )
+        ErrorKind::Server(K::Moved | K::TryAgain | K::ClusterDown | K::ReadOnly)
     )
 }
 

@@ -1,6 +1,7 @@
 //! The money gate with real Redis: requests paid from leases, 402 (or the suspension page) when
 //! the balance is gone, resumption on credit, 503 (never 402) when Redis is down and the lease is
-//! spent, and exact request debits across two proxy nodes.
+//! spent, and exact request debits across two proxy nodes. On one Redis, or a Redis Cluster
+//! with `TOLLGATE_TEST_REDIS=cluster` (all but the Redis outage, which stops one Redis).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -9,12 +10,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Node, eventually, gate, metric, options};
+use common::{Node, eventually, gate, metric, options_on};
 use tollgate_app::node::GateSpec;
 use tollgate_balance_cache::AgentConfig;
-use tollgate_metering::{RedisStore, Status, Store};
+use tollgate_metering::{ClusterStore, DEFAULT_SHARDS, RedisStore, Status, Store};
 use tollgate_routes::{Route, RouteKey, RouteStore};
-use tollgate_testkit::{RedisServer, Upstream};
+use tollgate_testkit::{RedisServer, TestRedis, Upstream};
 
 const PRICE: i64 = 500_000; // one request at the default price, in p$
 
@@ -27,23 +28,32 @@ fn route(addr: SocketAddr, account: Option<&str>) -> Route {
     }
 }
 
-async fn store(redis: &RedisServer) -> Arc<dyn Store> {
-    Arc::new(
-        RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-            .await
-            .unwrap(),
-    )
+/// The money store on `redis`: one Redis's, or a cluster's (as the processes open it).
+async fn store(redis: &TestRedis) -> Arc<dyn Store> {
+    let ttl = Duration::from_secs(10);
+    match redis {
+        TestRedis::One(r) => Arc::new(
+            RedisStore::connect(&r.url(), "tollgate", ttl)
+                .await
+                .unwrap(),
+        ),
+        TestRedis::Cluster(c) => Arc::new(
+            ClusterStore::connect(&c.urls(), "tollgate", ttl, DEFAULT_SHARDS)
+                .await
+                .unwrap(),
+        ),
+    }
 }
 
 /// A metered node `node` on `redis`, with leases of at most `max_lease`.
 fn metered(
-    redis: &RedisServer,
+    redis: &TestRedis,
     store: Arc<dyn Store>,
     node: &str,
     dir: &tempfile::TempDir,
     max_lease: i64,
 ) -> Node {
-    let o = options(Some(&redis.url()), &[]);
+    let o = options_on(redis, &[]);
     let mut agent = AgentConfig::new(node, dir.path().join(format!("{node}.journal")));
     agent.min_lease = PRICE;
     agent.max_lease = max_lease;
@@ -66,9 +76,11 @@ async fn ready(node: &Node) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paid_requests_pass_and_an_empty_balance_is_402_or_the_suspension_page_until_a_top_up() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let up = Upstream::start("paid");
-    let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let routes = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     routes
         .put(
             &RouteKey::slug("paid").unwrap(),
@@ -173,9 +185,12 @@ async fn paid_requests_pass_and_an_empty_balance_is_402_or_the_suspension_page_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_serves_from_the_lease_then_answers_503_never_402_and_recovers() {
-    let mut redis = RedisServer::start_durable();
+    // One Redis, stopped and started again (a cluster's failovers: balance-cache/tests/cluster.rs).
+    let mut redis = TestRedis::One(RedisServer::start_durable());
     let up = Upstream::start("up");
-    let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let routes = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     routes
         .put(
             &RouteKey::slug("svc").unwrap(),
@@ -193,7 +208,9 @@ async fn redis_down_serves_from_the_lease_then_answers_503_never_402_and_recover
     let url = node.url("svc.localhost", "/");
     assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
 
-    redis.kill();
+    if let TestRedis::One(r) = &mut redis {
+        r.kill();
+    }
     let mut statuses = std::collections::BTreeMap::new();
     for _ in 0..60 {
         let s = c.get(&url).send().await.unwrap().status().as_u16();
@@ -213,7 +230,9 @@ async fn redis_down_serves_from_the_lease_then_answers_503_never_402_and_recover
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["type"], "urn:tollgate:problem:metering-unavailable");
 
-    redis.start_again();
+    if let TestRedis::One(r) = &mut redis {
+        r.start_again();
+    }
     assert!(
         eventually(Duration::from_secs(10), || async {
             c.get(&url)
@@ -246,9 +265,11 @@ async fn redis_down_serves_from_the_lease_then_answers_503_never_402_and_recover
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_debit_exactly_what_they_served() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let up = Upstream::start("up");
-    let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let routes = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     let accounts = ["acct-x", "acct-y", "acct-z"];
     for (i, a) in accounts.iter().enumerate() {
         routes
@@ -305,9 +326,11 @@ async fn two_nodes_debit_exactly_what_they_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_finishes_when_the_balance_runs_out_and_new_ones_get_402() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let up = Upstream::start("slow");
-    let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let routes = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     routes
         .put(
             &RouteKey::slug("slow").unwrap(),

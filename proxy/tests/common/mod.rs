@@ -20,6 +20,26 @@ pub struct Node {
     stopping: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// [`options`] on the suite's Redis: one, or a cluster (`TOLLGATE_TEST_REDIS=cluster`).
+pub fn options_on(
+    redis: &tollgate_testkit::TestRedis,
+    routes: &[(&str, SocketAddr)],
+) -> ProxyOptions {
+    let mut o = options(None, routes);
+    let mut r = match redis {
+        tollgate_testkit::TestRedis::One(one) => RedisConfig::new(&one.url()),
+        tollgate_testkit::TestRedis::Cluster(c) => {
+            let mut r = RedisConfig::new("");
+            r.set_cluster(c.urls()).unwrap();
+            r
+        }
+    };
+    r.ping_interval_ms = 100;
+    r.ping_timeout_ms = 200;
+    o.redis = Some(r);
+    o
+}
+
 pub fn options(redis_url: Option<&str>, routes: &[(&str, SocketAddr)]) -> ProxyOptions {
     let mut o = ProxyOptions::default();
     o.proxy.listen = free_addr();
