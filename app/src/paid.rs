@@ -173,20 +173,7 @@ pub async fn open_shared_money(
     prefix: &str,
     ttl: Duration,
 ) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(if r.cluster.is_empty() {
-        Arc::new(tollgate_metering::RedisStore::connect(&r.url, prefix, ttl).await?)
-    } else {
-        Arc::new(
-            tollgate_metering::ClusterStore::connect_with(
-                &r.cluster,
-                prefix,
-                ttl,
-                r.money_shards,
-                r.replica_acks,
-            )
-            .await?,
-        )
-    })
+    Ok(tollgate_metering::connect_shared(&r.target(), prefix, ttl, r.money_shards).await?)
 }
 
 /// A secret from the environment, else a file, else (dev) a file created with `make`.

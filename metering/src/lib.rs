@@ -21,6 +21,27 @@ pub use redis_store::{
     DEFAULT_LEDGER_RETENTION, RedisStore, RestoreReport, RestoreSet, decode_feed,
 };
 pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
+/// The shared money store at `target`: one Redis's, or a Redis Cluster's laid out in `shards`
+/// (each write acknowledged by the target's `replica_acks` replicas).
+pub async fn connect_shared(
+    target: &tollgate_kv::Target,
+    prefix: &str,
+    lease_ttl: std::time::Duration,
+    shards: u32,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match target {
+        tollgate_kv::Target::One(url) => {
+            std::sync::Arc::new(RedisStore::connect(url, prefix, lease_ttl).await?)
+        }
+        tollgate_kv::Target::Cluster {
+            seeds,
+            replica_acks,
+        } => std::sync::Arc::new(
+            ClusterStore::connect_with(seeds, prefix, lease_ttl, shards, *replica_acks).await?,
+        ),
+    })
+}
+
 pub use types::{
     AccountChange, AccountState, BookMarks, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
     DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerPos, SettleBatch, SettleEntry,

@@ -176,27 +176,14 @@ impl Hashes for tollgate_testkit::RedisServer {
 
 /// The ledger of the money store on `redis` (one Redis's stream, or a cluster's shards').
 pub async fn ledger(redis: &TestRedis) -> Vec<tollgate_metering::LedgerEntry> {
-    use tollgate_metering::Store as _;
     let ttl = Duration::from_secs(30);
-    match redis {
-        TestRedis::One(r) => tollgate_metering::RedisStore::connect(&r.url(), "tollgate", ttl)
-            .await
-            .unwrap()
-            .ledger()
-            .await
-            .unwrap(),
-        TestRedis::Cluster(c) => tollgate_metering::ClusterStore::connect(
-            &c.urls(),
-            "tollgate",
-            ttl,
-            tollgate_metering::DEFAULT_SHARDS,
-        )
+    let shards = tollgate_metering::DEFAULT_SHARDS;
+    tollgate_metering::connect_shared(&redis.target(), "tollgate", ttl, shards)
         .await
         .unwrap()
         .ledger()
         .await
-        .unwrap(),
-    }
+        .unwrap()
 }
 
 /// A `tollgate proxy` following the routes in `redis`.

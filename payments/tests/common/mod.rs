@@ -12,7 +12,7 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use serde_json::Value;
-use tollgate_metering::{ClusterStore, DEFAULT_SHARDS, RedisStore, Store};
+use tollgate_metering::{DEFAULT_SHARDS, Store};
 use tollgate_payments::config::{PATH_USD, Secret};
 use tollgate_payments::kv::RedisKv;
 use tollgate_payments::{Payments, PaymentsConfig, RedisChannels, RpcChain};
@@ -58,18 +58,10 @@ impl Rig {
             .await
             .unwrap();
         let ttl = Duration::from_secs(30);
-        let money: Arc<dyn Store> = match &redis {
-            TestRedis::One(r) => Arc::new(
-                RedisStore::connect(&r.url(), "tollgate", ttl)
-                    .await
-                    .unwrap(),
-            ),
-            TestRedis::Cluster(c) => Arc::new(
-                ClusterStore::connect(&c.urls(), "tollgate", ttl, DEFAULT_SHARDS)
-                    .await
-                    .unwrap(),
-            ),
-        };
+        let money: Arc<dyn Store> =
+            tollgate_metering::connect_shared(&redis.target(), "tollgate", ttl, DEFAULT_SHARDS)
+                .await
+                .unwrap();
         let mut rig = Rig {
             redis,
             chain,
