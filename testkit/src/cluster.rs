@@ -25,6 +25,7 @@ fn free_cluster_port() -> u16 {
         if p < 55_000
             && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
             && TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && crate::reserve(p + 10_000)
         {
             return p;
         }

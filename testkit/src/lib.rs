@@ -28,18 +28,24 @@ pub use shared::TestRedis;
 /// A port that was free a moment ago (bind to :0, read, release), and never handed out before
 /// in this process, so that two free ports asked for in a row cannot collide.
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let given = given.get_or_insert_with(HashSet::new);
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("no free port");
-        if given.insert(port) {
+        if reserve(port) {
             return port;
         }
     }
+}
+
+static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// Marks `port` as handed out (false: it already was), so [`free_port`] never returns it: a
+/// cluster member's bus port (its port + 10000) must not become another process's port.
+pub(crate) fn reserve(port: u16) -> bool {
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    given.get_or_insert_with(HashSet::new).insert(port)
 }
 
 pub fn free_addr() -> SocketAddr {
