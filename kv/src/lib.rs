@@ -71,6 +71,12 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
+    /// Request-serving callers: 1 s to connect, 5 s to answer.
+    pub const REQUESTS: Timeouts = Timeouts {
+        connect: Some(Duration::from_secs(1)),
+        response: Some(Duration::from_secs(5)),
+    };
+
     /// Both bounded by `t`.
     pub fn both(t: Duration) -> Self {
         Timeouts {
@@ -109,13 +115,7 @@ impl Target {
             Target::One(url) => Ok(Conn(Inner::One(
                 ConnectionManager::new(redis::Client::open(url.as_str())?).await?,
             ))),
-            Target::Cluster { .. } => {
-                self.connect_with(Timeouts {
-                    connect: Some(Duration::from_secs(1)),
-                    response: Some(Duration::from_secs(5)),
-                })
-                .await
-            }
+            Target::Cluster { .. } => self.connect_with(Timeouts::REQUESTS).await,
         }
     }
 

@@ -27,10 +27,7 @@ impl RedisKv {
     ) -> Result<Self, String> {
         let target = target.into();
         let conn = target
-            .connect_with(tollgate_kv::Timeouts {
-                connect: Some(Duration::from_secs(1)),
-                response: Some(Duration::from_secs(5)),
-            })
+            .connect_with(tollgate_kv::Timeouts::REQUESTS)
             .await
             .map_err(|e| e.to_string())?;
         Ok(RedisKv {

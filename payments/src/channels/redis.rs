@@ -65,10 +65,7 @@ impl RedisChannels {
     ) -> Result<Self, VerificationError> {
         let target = target.into();
         let conn = target
-            .connect_with(tollgate_kv::Timeouts {
-                connect: Some(Duration::from_secs(1)),
-                response: Some(Duration::from_secs(5)),
-            })
+            .connect_with(tollgate_kv::Timeouts::REQUESTS)
             .await
             .map_err(unavailable)?;
         Ok(RedisChannels {
