@@ -437,11 +437,12 @@ fn book(config: Option<&std::path::Path>, reconcile: bool) -> anyhow::Result<Exi
             "the book needs [redis] and [book] postgres_url (or TOLLGATE_REDIS_URL and TOLLGATE_BOOK_POSTGRES_URL)"
         );
     };
-    let (pg, url, prefix) = (&book.postgres_url, &redis.url, &redis.key_prefix);
+    let (pg, prefix) = (&book.postgres_url, &redis.key_prefix);
+    let at = (redis.target(), redis.money_shards);
     if reconcile {
-        Ok(exit(tollgate_app::ops::book_reconcile(pg, url, prefix)?))
+        Ok(exit(tollgate_app::ops::book_reconcile(pg, &at, prefix)?))
     } else {
-        tollgate_app::ops::book_copy(pg, url, prefix)?;
+        tollgate_app::ops::book_copy(pg, &at, prefix)?;
         Ok(ExitCode::SUCCESS)
     }
 }
@@ -549,11 +550,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(redis) = &cfg.redis else {
                 anyhow::bail!("book disable needs [redis] (or TOLLGATE_REDIS_URL)");
             };
-            anyhow::ensure!(
-                redis.cluster.is_empty(),
-                "the book of record does not run on a Redis Cluster: there is nothing to disable"
-            );
-            tollgate_app::ops::book_disable(&redis.url, &redis.key_prefix)?;
+            tollgate_app::ops::book_disable(
+                &(redis.target(), redis.money_shards),
+                &redis.key_prefix,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Book(BookCommand::Rebuild { config, journals }) => {
@@ -563,6 +563,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "book rebuild needs [redis] and [book] postgres_url (or TOLLGATE_REDIS_URL and TOLLGATE_BOOK_POSTGRES_URL)"
                 );
             };
+            anyhow::ensure!(
+                redis.cluster.is_empty(),
+                "book rebuild restores one Redis; on a Redis Cluster it is not available yet (docs/book.md, \"On a Redis Cluster\"): every acknowledged write is on a replica, so a cluster loses data only when a master and its replicas all do"
+            );
             tollgate_app::ops::book_rebuild(
                 &book.postgres_url,
                 &redis.url,
@@ -588,7 +592,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let _s = settings(cfg, "tollgate-book")?;
             tollgate_app::ops::book_run(
                 &book.postgres_url,
-                &redis.url,
+                &(redis.target(), redis.money_shards),
                 &redis.key_prefix,
                 std::time::Duration::from_millis(book.copy_interval_ms),
                 metrics_listen,

@@ -1821,3 +1821,92 @@ impl Drop for Mppx {
         let _ = self.child.wait();
     }
 }
+
+/// The book commands an operator runs, on a Redis Cluster: `copy` books every shard's stream
+/// (one cursor per shard), `reconcile` is clean, `rebuild` is refused saying why, `disable`
+/// undeclares the book on every shard.
+#[test]
+fn book_commands_copy_and_reconcile_a_redis_cluster() {
+    let cluster = tollgate_testkit::RedisCluster::start();
+    let pg = tollgate_testkit::PostgresServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt
+        .block_on(tollgate_metering::ClusterStore::connect(
+            &cluster.urls(),
+            "tollgate",
+            Duration::from_secs(10),
+            32,
+        ))
+        .unwrap();
+    for i in 0..10 {
+        rt.block_on(tollgate_metering::Store::credit(
+            &store,
+            &format!("acct-{i}"),
+            &format!("top-up-{i}"),
+            1_000,
+        ))
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\ncluster = {:?}\n[book]\npostgres_url = {:?}\n",
+            cluster.urls(),
+            pg.url()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = bin()
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&["book", "copy"]);
+    assert_eq!(code, Some(0), "{err}");
+    let copied: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(copied["inserted"], 10, "{out}");
+    let cursors = copied["cursor"].as_object().unwrap();
+    assert_eq!(cursors.len(), 32, "{out}");
+    assert!(cursors.contains_key("{tollgate:m0}"), "{out}");
+
+    let (code, out, err) = run(&["book", "reconcile"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    let (code, _, err) = run(&["book", "rebuild", "--journal", "/nonexistent"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("Redis Cluster"), "{err}");
+
+    let (code, _, err) = run(&["book", "disable"]);
+    assert_eq!(code, Some(0), "{err}");
+    let marks: i64 = rt.block_on(async {
+        let mut c = tollgate_kv::Target::Cluster {
+            seeds: cluster.urls(),
+            replica_acks: 1,
+        }
+        .connect()
+        .await
+        .unwrap();
+        let mut n = 0;
+        for s in 0..32 {
+            n += redis::cmd("EXISTS")
+                .arg(format!("{{tollgate:m{s}}}:ledger:book"))
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap();
+        }
+        n
+    });
+    assert_eq!(marks, 0, "the book is still declared on {marks} shards");
+}

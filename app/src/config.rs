@@ -640,19 +640,14 @@ impl Config {
         Ok(cfg)
     }
 
-    /// What the parts support together: the book of record reads one Redis's ledger stream;
-    /// on a cluster the ledger is sharded (docs/scale-out.md says what is missing).
+    /// What the parts support together: on a cluster, a key prefix that can go inside a hash
+    /// tag.
     fn store_combination(&self) -> Result<(), String> {
         if let Some(r) = &self.redis
             && !r.cluster.is_empty()
         {
             tollgate_proxy::config::check_key_prefix(&r.key_prefix)
                 .map_err(|e| format!("redis.{e}"))?;
-        }
-        if let (Some(r), Some(_)) = (&self.redis, &self.book)
-            && !r.cluster.is_empty()
-        {
-            return Err("the book of record does not run on a Redis Cluster yet: remove [book] (or TOLLGATE_BOOK_POSTGRES_URL), or use one Redis (redis.url); see docs/scale-out.md".into());
         }
         Ok(())
     }

@@ -209,8 +209,9 @@ pub async fn control_service(
         // control service from starting.
         tasks.push(tokio::spawn(tollgate_book::run(
             book.postgres_url.clone(),
-            redis.url.clone(),
+            redis.target(),
             redis.key_prefix.clone(),
+            redis.money_shards,
             std::time::Duration::from_millis(book.copy_interval_ms),
             metrics,
             stop.clone(),

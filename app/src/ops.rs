@@ -282,34 +282,55 @@ pub fn db_backup(dir: &Path, project: &str, file: &Path) -> anyhow::Result<()> {
 /// `tollgate book copy`: copies the ledger into the book of record until it is caught up (the
 /// control service does this continuously; this is for a backfill, or a host without one).
 /// Prints `{"inserted":…,"duplicates":…,"conflicts":…,"cursor":"…"}`.
-pub fn book_copy(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Result<()> {
+pub fn book_copy(postgres_url: &str, redis: &LedgersAt, prefix: &str) -> anyhow::Result<()> {
     one_shot()?.block_on(async move {
-        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
-        store.enable_book().await?;
+        let ledgers = ledgers(redis, prefix).await?;
         let mut book = tollgate_book::Book::connect(postgres_url, prefix).await?;
         let (mut inserted, mut duplicates, mut conflicts) = (0u64, 0u64, 0u64);
-        let cursor = loop {
-            let c = book.copy_round(&store, 500).await?;
+        let last = loop {
+            let c = book.copy_round(&ledgers, 500).await?;
             inserted += c.inserted;
             duplicates += c.duplicates;
             conflicts += c.conflicts;
             if c.caught_up {
-                break c.cursor;
+                break c;
             }
         };
-        println!(
-            "{}",
-            serde_json::json!({"inserted": inserted, "duplicates": duplicates, "conflicts": conflicts, "cursor": cursor})
-        );
+        let mut out = serde_json::json!({"inserted": inserted, "duplicates": duplicates, "conflicts": conflicts});
+        // One Redis: its stream's cursor; a cluster: one per money shard's stream.
+        out["cursor"] = if ledgers.is_cluster() {
+            serde_json::Value::Object(
+                last.cursors
+                    .into_iter()
+                    .map(|(p, id)| (p, serde_json::Value::String(id)))
+                    .collect(),
+            )
+        } else {
+            serde_json::Value::String(last.cursor)
+        };
+        println!("{out}");
         Ok(())
     })
+}
+
+/// Where the ledgers are: the shared Redis (one or a cluster), and the money shards a
+/// cluster's layout has when none is fixed there yet.
+pub type LedgersAt = (tollgate_kv::Target, u32);
+
+/// The ledgers at `at`, the book declared on each (nothing is trimmed before it is copied).
+async fn ledgers(at: &LedgersAt, prefix: &str) -> anyhow::Result<tollgate_book::Ledgers> {
+    let ledgers = tollgate_book::Ledgers::connect(&at.0, prefix, at.1)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", at.0.describe()))?;
+    ledgers.enable_book().await?;
+    Ok(ledgers)
 }
 
 /// `tollgate book run`: the book writer on its own, until SIGTERM or SIGINT (a round in flight
 /// is abandoned: its transaction rolls back and the next run repeats it, as duplicates).
 pub fn book_run(
     postgres_url: &str,
-    redis: &str,
+    redis: &LedgersAt,
     prefix: &str,
     interval: Duration,
     metrics_listen: Option<SocketAddr>,
@@ -338,8 +359,9 @@ pub fn book_run(
         let mut int = signal(SignalKind::interrupt())?;
         let writer = tokio::spawn(tollgate_book::run(
             postgres_url.to_owned(),
-            redis.to_owned(),
+            redis.0.clone(),
             prefix.to_owned(),
+            redis.1,
             interval,
             metrics,
             stop,
@@ -359,12 +381,11 @@ pub fn book_run(
 
 /// `tollgate book reconcile`: copies what is new, then compares the book with the Redis ledger
 /// and the accounts' totals; prints every difference, one per line. True when there is none.
-pub fn book_reconcile(postgres_url: &str, redis: &str, prefix: &str) -> anyhow::Result<bool> {
+pub fn book_reconcile(postgres_url: &str, redis: &LedgersAt, prefix: &str) -> anyhow::Result<bool> {
     one_shot()?.block_on(async move {
-        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
-        store.enable_book().await?;
+        let ledgers = ledgers(redis, prefix).await?;
         let mut book = tollgate_book::Book::connect(postgres_url, prefix).await?;
-        let diffs = book.reconcile(&store).await?;
+        let diffs = book.reconcile(&ledgers).await?;
         for d in &diffs {
             println!("{d}");
         }
@@ -456,10 +477,12 @@ pub fn book_rebuild(
 
 /// `tollgate book disable`: the ledger is trimmed by age alone again (after `[book]` is
 /// removed: otherwise nothing past the last booked entry would ever be trimmed).
-pub fn book_disable(redis: &str, prefix: &str) -> anyhow::Result<()> {
+pub fn book_disable(redis: &LedgersAt, prefix: &str) -> anyhow::Result<()> {
     one_shot()?.block_on(async move {
-        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
-        store.disable_book().await?;
+        let ledgers = tollgate_book::Ledgers::connect(&redis.0, prefix, redis.1)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", redis.0.describe()))?;
+        ledgers.disable_book().await?;
         println!(
             "{}",
             serde_json::json!({"book": "disabled", "prefix": prefix})

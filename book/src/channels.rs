@@ -24,8 +24,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
+use tollgate_kv::Conn;
 use tollgate_metering::MAX_OP_AMOUNT;
 use tollgate_metering::units::PICOS_PER_BASE_UNIT;
 
@@ -43,10 +43,7 @@ return n
 
 /// Gives every channel without a version one, marked changed, so the book copies it (records
 /// written before the book copied channels). Returns how many.
-pub(crate) async fn adopt(
-    conn: &mut ConnectionManager,
-    prefix: &str,
-) -> Result<i64, redis::RedisError> {
+pub(crate) async fn adopt(conn: &mut Conn, prefix: &str) -> Result<i64, redis::RedisError> {
     redis::Script::new(ADOPT)
         .key(key(prefix, "channels"))
         .key(key(prefix, "ver"))
@@ -151,10 +148,7 @@ type Raw = (
 );
 
 /// Reads the cut (see the module's doc): everything but the records themselves.
-pub(crate) async fn snapshot(
-    conn: &mut ConnectionManager,
-    prefix: &str,
-) -> Result<Snapshot, redis::RedisError> {
+pub(crate) async fn snapshot(conn: &mut Conn, prefix: &str) -> Result<Snapshot, redis::RedisError> {
     let (sec, usec, last, dirty, pending, poisoned, forced, meta, dropped, held): Raw =
         redis::Script::new(SNAPSHOT)
             .key(key(prefix, "dirty"))
@@ -186,7 +180,7 @@ pub(crate) async fn snapshot(
 /// The records of `ids` as they are now, each with its version (read together: a commit
 /// between the two would pair them wrongly). A record without a version is left out.
 pub(crate) async fn records(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     prefix: &str,
     ids: &[String],
 ) -> Result<Vec<ChannelRow>, redis::RedisError> {
@@ -216,7 +210,7 @@ pub(crate) async fn records(
 /// before it) get one, marked changed, so the book copies them. Cheap when there are none:
 /// only when the set of channels and the versions differ in size.
 pub(crate) async fn adopt_if_needed(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     prefix: &str,
 ) -> Result<i64, redis::RedisError> {
     let (channels, versions): (i64, i64) = redis::pipe()
@@ -235,7 +229,7 @@ pub(crate) async fn adopt_if_needed(
 /// The ledger's last entry id (`None`: empty) and each account's (credited, debited), read at
 /// one instant.
 pub(crate) async fn ledger_end_and_totals(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     prefix: &str,
     accounts: &[String],
 ) -> Result<(Option<String>, Vec<(i64, i64)>), redis::RedisError> {
@@ -261,7 +255,7 @@ pub(crate) async fn ledger_end_and_totals(
 
 /// After the book's commit: the stored channels are clean unless changed again since.
 pub(crate) async fn clean(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     prefix: &str,
     stored: &[ChannelRow],
 ) -> Result<(), redis::RedisError> {
@@ -332,7 +326,7 @@ pub struct ChannelsRestored {
 
 /// Refuses a Redis that holds payment channel records already (a rebuild fills an empty store:
 /// checked before anything is written).
-pub(crate) async fn check_empty(conn: &mut ConnectionManager, prefix: &str) -> Result<(), String> {
+pub(crate) async fn check_empty(conn: &mut Conn, prefix: &str) -> Result<(), String> {
     let held: i64 = redis::cmd("EXISTS")
         .arg(key(prefix, "channels"))
         .arg(key(prefix, "ver"))
@@ -356,7 +350,7 @@ pub(crate) async fn check_empty(conn: &mut ConnectionManager, prefix: &str) -> R
 /// pending credit whose line the book holds is not put back (it was applied). `credits`: the
 /// book's credit keys (without `credit:`). Refused when Redis holds any channel record.
 pub(crate) async fn restore(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     prefix: &str,
     rows: &[ChannelRow],
     side: &SideState,

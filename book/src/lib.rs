@@ -10,8 +10,10 @@
 use std::time::Duration;
 
 mod channels;
+mod ledgers;
 
 pub use channels::{ChannelRow, ChannelsRestored, SideState};
+pub use ledgers::Ledgers;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::watch;
@@ -62,12 +64,16 @@ pub struct Copied {
     pub conflicts: u64,
     /// Stream entries taken (fewer than asked: caught up, or the round's line limit).
     pub entries: usize,
-    /// Whether the ledger had nothing more after this round when it was read.
+    /// Whether the round copied every line up to its cut (what is written during a round
+    /// waits for the next).
     pub caught_up: bool,
     /// Payment channel record versions stored now.
     pub channels: u64,
-    /// The cursor after the round (`0-0` before the first entry).
+    /// The cursor after the round (`0-0` before the first entry); on a cluster, the first
+    /// stream's (see `cursors`).
     pub cursor: String,
+    /// Each stream's cursor after the round (its key prefix, the id).
+    pub cursors: Vec<(String, String)>,
 }
 
 /// The writer's metrics (docs/metrics.md).
@@ -267,70 +273,143 @@ impl Book {
         })
     }
 
-    /// The last stream id the book holds (`0-0`: none yet).
+    /// The last stream id the book holds (`0-0`: none yet), of the ledger of one Redis.
     pub async fn cursor(&self) -> Result<String, BookError> {
+        self.cursor_at(&self.prefix).await
+    }
+
+    /// The last id of stream `p` the book holds (`0-0`: none yet).
+    pub async fn cursor_at(&self, p: &str) -> Result<String, BookError> {
         Ok(self
             .client
-            .query_opt(
-                "SELECT last_id FROM book_cursor WHERE prefix = $1",
-                &[&self.prefix],
-            )
+            .query_opt("SELECT last_id FROM book_cursor WHERE prefix = $1", &[&p])
             .await?
             .map_or_else(|| "0-0".to_owned(), |r| r.get(0)))
     }
 
-    /// Copies up to `count` stream entries after the cursor, in one transaction.
-    pub async fn copy_round(
-        &mut self,
-        store: &RedisStore,
-        count: usize,
-    ) -> Result<Copied, BookError> {
-        // From the lower of the book's cursor and the ledger's own mark: a Redis that lost
-        // its data (or a replica that lags) restarts its stream ids, maybe below the cursor;
-        // re-reading what the book holds only yields duplicates, skipping would lose lines.
-        let pg = self.cursor().await?;
-        // An unreadable mark counts as none: re-reading from the start only yields duplicates.
-        let mark = store.booked().await?.filter(|m| stream_id(m).is_ok());
-        let after = match mark {
-            Some(mark) if stream_id(&mark)? < stream_id(&pg)? => mark,
-            Some(_) => pg,
-            None => {
-                // No mark: a Redis that lost its keys. Declare the book again before anything
-                // can be trimmed by age, and read what this stream holds from its start.
-                store.enable_book().await?;
-                "0-0".to_owned()
-            }
+    /// Copies up to `count` entries of each stream after its cursor (one transaction per
+    /// stream), with the payment channel records changed since the last round.
+    pub async fn copy_round(&mut self, l: &Ledgers, count: usize) -> Result<Copied, BookError> {
+        let mut conn = l.conn();
+        // Where each stream's copy starts, read before the cut: the less time between the cut
+        // and the pages, the fewer entries land after it (a round that meets one is not
+        // caught up).
+        let mut afters = Vec::with_capacity(l.streams().len());
+        for p in l.streams() {
+            afters.push(self.start_of(l, p).await?);
+        }
+        // On a cluster the streams' ends cannot be read with the channel snapshot (other
+        // slots): they are read first. A credit line up to an end was written after its
+        // voucher's record was committed, so before the snapshot, which then holds the record.
+        let ends = if l.is_cluster() {
+            Some(l.ends().await?)
+        } else {
+            None
         };
         // The cut (channels::snapshot): the changed channel records are stored first (each
         // chunk in its own transaction: a record ahead of the lines is always safe), then the
         // ledger is copied up to its last entry at the snapshot, and no further, with the side
         // state: every credit line in the book then has its voucher in a stored record.
-        let mut conn = store.connection();
-        let adopted = channels::adopt_if_needed(&mut conn, store.prefix()).await?;
+        let cp = l.channels_prefix().to_owned();
+        let adopted = channels::adopt_if_needed(&mut conn, &cp).await?;
         if adopted > 0 {
             tracing::info!(
                 channels = adopted,
                 "book of record: copying channel records that had no version (written by an older node)"
             );
         }
-        let snap = channels::snapshot(&mut conn, store.prefix()).await?;
+        let snap = channels::snapshot(&mut conn, &cp).await?;
         let (mut stored, mut channel_conflicts) = (0u64, 0u64);
         for ids in snap.changed.chunks(500) {
-            let rows = channels::records(&mut conn, store.prefix(), ids).await?;
+            let rows = channels::records(&mut conn, &cp, ids).await?;
             let tx = self.client.transaction().await?;
-            let (n, c) = store_records(&tx, &self.prefix, &rows).await?;
+            let (n, c) = store_records(&tx, &cp, &rows).await?;
             tx.commit().await?;
-            channels::clean(&mut conn, store.prefix(), &rows).await?;
+            channels::clean(&mut conn, &cp, &rows).await?;
             stored += n;
             channel_conflicts += c;
         }
-        let bound = match &snap.last {
-            Some(l) => Some(stream_id(l)?),
-            None => None,
+        let ends = ends.unwrap_or_else(|| vec![snap.last.clone()]);
+        let mut out = Copied {
+            caught_up: true,
+            channels: stored,
+            conflicts: channel_conflicts,
+            ..Copied::default()
         };
-        let mut page = store.ledger_page(&after, count).await?;
+        // One Redis: the side state goes in its stream's transaction. A cluster's streams each
+        // have their own; the side state follows once every one reached its end.
+        let one = !l.is_cluster();
+        let max_lines = (MAX_ROUND_LINES / l.streams().len().max(1)).max(50);
+        for ((p, end), after) in l.streams().iter().zip(ends).zip(afters) {
+            let bound = end.as_deref().map(stream_id).transpose()?;
+            let c = self
+                .copy_stream(l, p, after, bound, count, max_lines, one.then_some(&snap))
+                .await?;
+            out.inserted += c.inserted;
+            out.duplicates += c.duplicates;
+            out.conflicts += c.conflicts;
+            out.entries += c.entries;
+            out.caught_up &= c.caught_up;
+            if out.cursors.is_empty() {
+                out.cursor = c.cursor.clone();
+            }
+            out.cursors.push((p.clone(), c.cursor));
+        }
+        if !one && out.caught_up {
+            let tx = self.client.transaction().await?;
+            // Ordered by the snapshot's clock alone (the streams' positions are not comparable).
+            store_side(&tx, &cp, &snap, (0, 0)).await?;
+            tx.commit().await?;
+        }
+        Ok(out)
+    }
+
+    /// Where the copy of stream `p` starts: the lower of the book's cursor and the stream's
+    /// own mark.
+    async fn start_of(&self, ledgers: &Ledgers, p: &str) -> Result<String, BookError> {
+        // From the lower of the book's cursor and the stream's own mark: a Redis that lost
+        // its data (or a replica that lags) restarts its stream ids, maybe below the cursor;
+        // re-reading what the book holds only yields duplicates, skipping would lose lines.
+        let pg = self.cursor_at(p).await?;
+        // An unreadable mark counts as none: re-reading from the start only yields duplicates.
+        let mark = ledgers.booked(p).await?.filter(|m| stream_id(m).is_ok());
+        Ok(match mark {
+            Some(mark) if stream_id(&mark)? < stream_id(&pg)? => mark,
+            Some(_) => pg,
+            None => {
+                // No mark: a Redis (or shard) that lost its keys. Declare the book again before
+                // anything can be trimmed by age, and read what this stream holds from its start.
+                ledgers.declare(p).await?;
+                "0-0".to_owned()
+            }
+        })
+    }
+
+    /// Copies up to `count` entries of stream `p` after `after`, none after `bound` (the
+    /// cut; `None`: the stream was empty then), in one transaction, with the side state of
+    /// `side` when every line up to the cut is copied.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_stream(
+        &mut self,
+        ledgers: &Ledgers,
+        p: &str,
+        after: String,
+        bound: Option<(i64, i64)>,
+        count: usize,
+        max_lines: usize,
+        side: Option<&channels::Snapshot>,
+    ) -> Result<Copied, BookError> {
+        // Nothing new up to the cut (most of a cluster's shards, most rounds): no reads.
+        if side.is_none() && bound.is_none_or(|b| stream_id(&after).is_ok_and(|a| b <= a)) {
+            return Ok(Copied {
+                caught_up: true,
+                cursor: after,
+                ..Copied::default()
+            });
+        }
+        let mut page = ledgers.page(p, &after, count).await?;
         let count_read = page.len();
-        // Entries written after the snapshot wait for the next round.
+        // Entries written after the cut wait for the next round.
         let beyond = match bound {
             Some(bound) => {
                 let before = page.len();
@@ -344,13 +423,13 @@ impl Book {
             }
         };
         // A settle entry holds a line per account (up to 1000): a round takes whole entries
-        // until it has ~2000 lines, so that it stays well inside its time limit.
+        // until it has ~max_lines lines, so that it stays well inside its time limit.
         let mut lines = 0;
         let keep = page
             .iter()
             .position(|(_, l)| {
                 lines += l.len();
-                lines >= MAX_ROUND_LINES
+                lines >= max_lines
             })
             .map_or(page.len(), |i| i + 1);
         // The side state is a cut with the lines only when this round copies every line up to
@@ -359,21 +438,19 @@ impl Book {
         let reached = keep == page.len() && (beyond || count_read < count || bound.is_none());
         page.truncate(keep);
         let tx = self.client.transaction().await?;
-        if reached {
+        if reached && let Some(snap) = side {
             // An empty ledger (trimmed, or a Redis that lost it): the cut is where the book is.
             let at = match bound {
                 Some(b) => b,
                 None => stream_id(&after)?,
             };
-            store_side(&tx, &self.prefix, &snap, at).await?;
+            store_side(&tx, ledgers.channels_prefix(), snap, at).await?;
         }
         let Some((last, _)) = page.last() else {
             tx.commit().await?;
             return Ok(Copied {
                 cursor: after,
-                caught_up: !beyond,
-                channels: stored,
-                conflicts: channel_conflicts,
+                caught_up: reached,
                 ..Copied::default()
             });
         };
@@ -392,11 +469,9 @@ impl Book {
             )
             .await?;
         let mut copied = Copied {
-            caught_up: !beyond && page.len() == count_read && count_read < count,
+            caught_up: reached,
             entries: page.len(),
             cursor: last.clone(),
-            channels: stored,
-            conflicts: channel_conflicts,
             ..Copied::default()
         };
         for (id, lines) in &page {
@@ -407,7 +482,7 @@ impl Book {
                     .execute(
                         &insert,
                         &[
-                            &self.prefix,
+                            &p,
                             &key,
                             &l.account,
                             &l.kind,
@@ -426,9 +501,7 @@ impl Book {
                     copied.inserted += 1;
                     continue;
                 }
-                let held = tx
-                    .query_one(&same, &[&self.prefix, &key, &l.account])
-                    .await?;
+                let held = tx.query_one(&same, &[&p, &key, &l.account]).await?;
                 let same_content = held.get::<_, String>(0) == l.kind
                     && held.get::<_, i64>(1) == l.amount
                     && held.get::<_, i64>(2) == big(l.requests)
@@ -440,11 +513,11 @@ impl Book {
                     copied.duplicates += 1;
                 } else {
                     copied.conflicts += 1;
-                    tracing::error!(key = %key, account = %l.account, stream_id = %id, "book of record: a ledger line reuses a key the book holds with other content (was the Redis ledger reset?); kept in book_conflicts");
+                    tracing::error!(key = %key, account = %l.account, stream_id = %id, stream = %p, "book of record: a ledger line reuses a key the book holds with other content (was the Redis ledger reset?); kept in book_conflicts");
                     tx.execute(
                         "INSERT INTO book_conflicts (prefix, stream_ms, stream_seq, key, account, kind, amount)
                          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                        &[&self.prefix, &ms, &seq, &key, &l.account, &l.kind, &l.amount],
+                        &[&p, &ms, &seq, &key, &l.account, &l.kind, &l.amount],
                     )
                     .await?;
                 }
@@ -453,13 +526,12 @@ impl Book {
         tx.execute(
             "INSERT INTO book_cursor (prefix, last_id) VALUES ($1, $2)
              ON CONFLICT (prefix) DO UPDATE SET last_id = EXCLUDED.last_id",
-            &[&self.prefix, &last],
+            &[&p, &last],
         )
         .await?;
         tx.commit().await?;
-        // After the commit: a crash before these lines only delays trimming (and stores the
-        // same records again).
-        store.mark_booked(&last).await?;
+        // After the commit: a crash before this line only delays trimming.
+        ledgers.mark_booked(p, &last).await?;
         Ok(copied)
     }
 
@@ -507,13 +579,19 @@ impl Book {
             .collect())
     }
 
-    /// Every channel record the book holds, and the last side state stored.
+    /// Every channel record the book holds, and the last side state stored (one Redis).
     pub async fn channels(&self) -> Result<(Vec<ChannelRow>, SideState), BookError> {
+        self.channels_at(&self.prefix).await
+    }
+
+    /// Every channel record the book holds under channel key prefix `p`, and the last side
+    /// state stored there.
+    pub async fn channels_at(&self, p: &str) -> Result<(Vec<ChannelRow>, SideState), BookError> {
         let rows = self
             .client
             .query(
                 "SELECT id, version, record FROM book_channels WHERE prefix = $1 ORDER BY id",
-                &[&self.prefix],
+                &[&p],
             )
             .await?;
         let rows = rows
@@ -528,7 +606,7 @@ impl Book {
             .client
             .query_opt(
                 "SELECT state FROM book_channel_state WHERE prefix = $1",
-                &[&self.prefix],
+                &[&p],
             )
             .await?
         {
@@ -542,7 +620,7 @@ impl Book {
     /// `book rebuild`: refuses (before anything is written) a Redis that holds payment channel
     /// state already.
     pub async fn check_channels_empty(&self, store: &RedisStore) -> Result<(), BookError> {
-        let mut conn = store.connection();
+        let mut conn = tollgate_kv::Conn::from(store.connection());
         channels::check_empty(&mut conn, store.prefix())
             .await
             .map_err(BookError::Unusable)
@@ -580,7 +658,7 @@ impl Book {
             side.held.insert(key, credit.to_string());
             rehold.push(charge);
         }
-        let mut conn = store.connection();
+        let mut conn = tollgate_kv::Conn::from(store.connection());
         let mut out = channels::restore(&mut conn, store.prefix(), &rows, &side, &set.credits)
             .await
             .map_err(BookError::Unusable)?;
@@ -594,8 +672,13 @@ impl Book {
 
     /// Every line the book holds, in stream order (for reconciliation and tests).
     pub async fn lines(&self) -> Result<Vec<LedgerEntry>, BookError> {
+        self.lines_at(&self.prefix).await
+    }
+
+    /// Every line the book holds of stream `p`, in stream order.
+    pub async fn lines_at(&self, p: &str) -> Result<Vec<LedgerEntry>, BookError> {
         Ok(self
-            .lines_between((0, 0), (i64::MAX, i64::MAX))
+            .lines_between(p, (0, 0), (i64::MAX, i64::MAX))
             .await?
             .into_iter()
             .map(|(_, l)| l)
@@ -605,6 +688,7 @@ impl Book {
     /// The lines whose stream id is in `(after, upto]`, with their stream ids, in stream order.
     async fn lines_between(
         &self,
+        p: &str,
         after: (i64, i64),
         upto: (i64, i64),
     ) -> Result<Vec<(String, LedgerEntry)>, BookError> {
@@ -615,7 +699,7 @@ impl Book {
                  FROM book_entries
                  WHERE prefix = $1 AND (stream_ms, stream_seq) > ($2, $3) AND (stream_ms, stream_seq) <= ($4, $5)
                  ORDER BY stream_ms, stream_seq, key, account",
-                &[&self.prefix, &after.0, &after.1, &upto.0, &upto.1],
+                &[&p, &after.0, &after.1, &upto.0, &upto.1],
             )
             .await?;
         Ok(rows
@@ -686,6 +770,15 @@ impl Book {
         &self,
         keys: &[String],
     ) -> Result<std::collections::BTreeMap<String, Vec<(String, i64)>>, BookError> {
+        self.lines_of_at(&self.prefix, keys).await
+    }
+
+    /// [`Book::lines_of`] in stream `p`.
+    async fn lines_of_at(
+        &self,
+        p: &str,
+        keys: &[String],
+    ) -> Result<std::collections::BTreeMap<String, Vec<(String, i64)>>, BookError> {
         let mut out: std::collections::BTreeMap<String, Vec<(String, i64)>> =
             std::collections::BTreeMap::new();
         for chunk in keys.chunks(1000) {
@@ -694,7 +787,7 @@ impl Book {
                 .query(
                     "SELECT key, account, amount FROM book_entries
                      WHERE prefix = $1 AND key = ANY($2) ORDER BY key, account",
-                    &[&self.prefix, &chunk],
+                    &[&p, &chunk],
                 )
                 .await?;
             for r in &rows {
@@ -719,13 +812,13 @@ impl Book {
         Ok(row.get(0))
     }
 
-    /// Every account the book has lines of.
-    async fn accounts(&self) -> Result<Vec<String>, BookError> {
+    /// Every account the book has lines of in stream `p`.
+    async fn accounts(&self, p: &str) -> Result<Vec<String>, BookError> {
         let rows = self
             .client
             .query(
                 "SELECT DISTINCT account FROM book_entries WHERE prefix = $1 ORDER BY account",
-                &[&self.prefix],
+                &[&p],
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -735,6 +828,7 @@ impl Book {
     /// `upto` add up (p$).
     async fn totals_upto(
         &self,
+        p: &str,
         accounts: &[String],
         upto: (i64, i64),
     ) -> Result<std::collections::HashMap<String, (i64, i64)>, BookError> {
@@ -747,7 +841,7 @@ impl Book {
                  FROM book_entries
                  WHERE prefix = $1 AND account = ANY($2) AND (stream_ms, stream_seq) <= ($3, $4)
                  GROUP BY account",
-                &[&self.prefix, &accounts, &upto.0, &upto.1],
+                &[&p, &accounts, &upto.0, &upto.1],
             )
             .await?;
         Ok(rows
@@ -761,9 +855,26 @@ impl Book {
     /// Redis still holds up to the book's cursor is in the book with the same content, every
     /// book line in that span is still in Redis, and each account's `credited` and `debited`
     /// in Redis equal its book lines' sums (which needs a book kept since the ledger began).
-    pub async fn reconcile(&mut self, store: &RedisStore) -> Result<Vec<Difference>, BookError> {
-        while !self.copy_round(store, 500).await?.caught_up {}
-        let cursor = stream_id(&self.cursor().await?)?;
+    pub async fn reconcile(&mut self, l: &Ledgers) -> Result<Vec<Difference>, BookError> {
+        while !self.copy_round(l, 500).await?.caught_up {}
+        let mut out = Vec::new();
+        for p in l.streams() {
+            out.extend(self.reconcile_stream(l, p).await?);
+        }
+        out.extend(self.reconcile_channels(l).await?);
+        for p in l.streams() {
+            out.extend(self.reconcile_totals(l, p).await?);
+        }
+        Ok(out)
+    }
+
+    /// The lines of stream `p` (see [`Book::reconcile`]).
+    async fn reconcile_stream(
+        &mut self,
+        l: &Ledgers,
+        p: &str,
+    ) -> Result<Vec<Difference>, BookError> {
+        let cursor = stream_id(&self.cursor_at(p).await?)?;
         let mut out = Vec::new();
         let mut after = "0-0".to_owned();
         let mut book_after = (0i64, 0i64);
@@ -772,7 +883,7 @@ impl Book {
         let mut ledger_amounts: std::collections::HashMap<(String, String, String), i64> =
             std::collections::HashMap::new();
         loop {
-            let page = store.ledger_page(&after, 500).await?;
+            let page = l.page(p, &after, 500).await?;
             let Some((last, _)) = page.last() else { break };
             after = last.clone();
             // Only up to the cursor: what lies beyond is not the book's yet.
@@ -794,7 +905,7 @@ impl Book {
                 };
                 first = false;
             }
-            let booked = self.lines_between(book_after, upto).await?;
+            let booked = self.lines_between(p, book_after, upto).await?;
             book_after = upto;
             type Line = (String, String, String);
             let mut in_book: std::collections::BTreeMap<Line, LedgerEntry> = booked
@@ -838,7 +949,7 @@ impl Book {
             })
             .collect();
         if !missing.is_empty() {
-            let held = self.lines_of(&missing).await?;
+            let held = self.lines_of_at(p, &missing).await?;
             let mut amounts: std::collections::HashMap<(String, String), i64> =
                 std::collections::HashMap::new();
             for (k, lines) in &held {
@@ -863,13 +974,13 @@ impl Book {
         }
         // Book lines after Redis's last entry: Redis lost its tail (a failover to a replica
         // that had not received it).
-        let last = channels::ledger_end_and_totals(&mut store.connection(), store.prefix(), &[])
+        let last = channels::ledger_end_and_totals(&mut l.conn(), p, &[])
             .await?
             .0;
         if let Some(last) = last {
             let last = stream_id(&last)?;
             out.extend(
-                self.lines_between(last, (i64::MAX, i64::MAX))
+                self.lines_between(p, last, (i64::MAX, i64::MAX))
                     .await?
                     .into_iter()
                     .map(|(_, b)| Difference::MissingInLedger {
@@ -878,28 +989,36 @@ impl Book {
                     }),
             );
         }
-        out.extend(self.reconcile_channels(store).await?);
+        Ok(out)
+    }
+
+    /// The accounts' totals of stream `p` (see [`Book::reconcile`]).
+    async fn reconcile_totals(
+        &mut self,
+        l: &Ledgers,
+        p: &str,
+    ) -> Result<Vec<Difference>, BookError> {
+        let mut out = Vec::new();
         // Totals, consistently: per chunk of accounts, Redis's totals and its ledger's last id
         // read at one instant, the book brought up to that id, and its sums up to that id.
-        let accounts = self.accounts().await?;
+        let accounts = self.accounts(p).await?;
         for chunk in accounts.chunks(500) {
             let (end, redis_totals) =
-                channels::ledger_end_and_totals(&mut store.connection(), store.prefix(), chunk)
-                    .await?;
+                channels::ledger_end_and_totals(&mut l.conn(), p, chunk).await?;
             let upto = match &end {
                 Some(e) => stream_id(e)?,
                 None => (i64::MAX, i64::MAX),
             };
             // The book up to that id (each round copies up to a later snapshot).
             for _ in 0..100 {
-                if stream_id(&self.cursor().await?)? >= upto || end.is_none() {
+                if stream_id(&self.cursor_at(p).await?)? >= upto || end.is_none() {
                     break;
                 }
-                if self.copy_round(store, 500).await?.entries == 0 {
+                if self.copy_round(l, 500).await?.entries == 0 {
                     break;
                 }
             }
-            let book = self.totals_upto(chunk, upto).await?;
+            let book = self.totals_upto(p, chunk, upto).await?;
             for (account, redis) in chunk.iter().zip(redis_totals) {
                 let book = book.get(account).copied().unwrap_or((0, 0));
                 if redis != book {
@@ -919,10 +1038,10 @@ impl Book {
     /// The channel part of `reconcile`: every record in Redis is in the book at its version
     /// (or newer in Redis and marked changed), none is older in Redis than in the book, and
     /// no channel's voucher credits in the book exceed its accepted cumulative.
-    async fn reconcile_channels(&self, store: &RedisStore) -> Result<Vec<Difference>, BookError> {
+    async fn reconcile_channels(&self, l: &Ledgers) -> Result<Vec<Difference>, BookError> {
         let mut out = Vec::new();
-        let mut conn = store.connection();
-        let p = store.prefix();
+        let mut conn = l.conn();
+        let p = l.channels_prefix();
         // Redis first, then the book: a commit in between shows as a newer version in the
         // book, never as a Redis record the book lacks.
         let (ver, dirty, ids): (
@@ -939,7 +1058,7 @@ impl Book {
             .arg(channels::key(p, "channels"))
             .query_async(&mut conn)
             .await?;
-        let (rows, _) = self.channels().await?;
+        let (rows, _) = self.channels_at(p).await?;
         for id in ids.iter().filter(|id| !ver.contains_key(*id)) {
             out.push(Difference::Channel {
                 id: id.clone(),
@@ -994,8 +1113,8 @@ impl Book {
             .client
             .query(
                 "SELECT key, amount FROM book_entries
-                 WHERE prefix = $1 AND kind = 'credit' AND key LIKE 'credit:mpp:%'",
-                &[&self.prefix],
+                 WHERE prefix = ANY($1) AND kind = 'credit' AND key LIKE 'credit:mpp:%'",
+                &[&l.streams()],
             )
             .await?;
         let mut credited: std::collections::BTreeMap<String, i128> =
@@ -1110,15 +1229,16 @@ async fn store_side(
 /// Runs until `stop`.
 pub async fn run(
     postgres_url: String,
-    redis_url: String,
+    redis: tollgate_kv::Target,
     prefix: String,
+    shards: u32,
     interval: Duration,
     metrics: BookMetrics,
     mut stop: watch::Receiver<bool>,
 ) {
     const BATCH: usize = 500;
     let mut wait = Duration::from_millis(100);
-    let mut store: Option<RedisStore> = None;
+    let mut store: Option<Ledgers> = None;
     let mut book: Option<Book> = None;
     loop {
         if *stop.borrow() {
@@ -1126,7 +1246,7 @@ pub async fn run(
         }
         let round = async {
             if store.is_none() {
-                let s = RedisStore::connect(&redis_url, &prefix, Duration::from_secs(10)).await?;
+                let s = Ledgers::connect(&redis, &prefix, shards).await?;
                 s.enable_book().await?;
                 store = Some(s);
             }

@@ -67,7 +67,10 @@ fn sorted(mut v: Vec<LedgerEntry>) -> Vec<LedgerEntry> {
 async fn copy_all(book: &mut Book, store: &RedisStore) -> (u64, u64) {
     let (mut inserted, mut dups) = (0, 0);
     loop {
-        let c = book.copy_round(store, 3).await.unwrap();
+        let c = book
+            .copy_round(&tollgate_book::Ledgers::of(store), 3)
+            .await
+            .unwrap();
         inserted += c.inserted;
         dups += c.duplicates;
         if c.entries == 0 {
@@ -185,8 +188,9 @@ async fn the_writer_catches_up_after_postgresql_was_down_and_killed() {
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn(tollgate_book::run(
         pg.url(),
-        redis.url(),
+        redis.url().into(),
         "tollgate".into(),
+        1,
         Duration::from_millis(50),
         metrics,
         stop_rx,
@@ -268,7 +272,12 @@ async fn repeated_lease_returns_are_each_booked_and_reconcile_finds_every_differ
     let (inserted, _) = copy_all(&mut book, &store).await;
     assert_eq!(inserted, ledger.len() as u64);
     assert_eq!(sorted(book.lines().await.unwrap()), sorted(ledger.clone()));
-    assert_eq!(book.reconcile(&store).await.unwrap(), vec![]);
+    assert_eq!(
+        book.reconcile(&tollgate_book::Ledgers::of(&store))
+            .await
+            .unwrap(),
+        vec![]
+    );
 
     // Tampering, one of each kind, then reconcile names each.
     let client = common::sql(&pg).await;
@@ -286,7 +295,10 @@ async fn repeated_lease_returns_are_each_booked_and_reconcile_finds_every_differ
         )
         .await
         .unwrap();
-    let diffs = book.reconcile(&store).await.unwrap();
+    let diffs = book
+        .reconcile(&tollgate_book::Ledgers::of(&store))
+        .await
+        .unwrap();
     let text: Vec<String> = diffs.iter().map(ToString::to_string).collect();
     assert!(
         diffs.iter().any(|d| matches!(d, tollgate_book::Difference::Differs { key, .. } if key == "credit:credit-l")),
@@ -318,7 +330,10 @@ async fn repeated_lease_returns_are_each_booked_and_reconcile_finds_every_differ
         .arg(&expire_id)
         .query(&mut c)
         .unwrap();
-    let diffs = book.reconcile(&store).await.unwrap();
+    let diffs = book
+        .reconcile(&tollgate_book::Ledgers::of(&store))
+        .await
+        .unwrap();
     assert!(
         diffs.iter().any(|d| matches!(d, tollgate_book::Difference::MissingInLedger { key, .. } if key.starts_with("expire:"))),
         "{diffs:?}"
@@ -357,7 +372,10 @@ async fn after_a_redis_data_loss_no_line_is_skipped_and_reused_keys_are_conflict
     store.credit("acct-d", "topup-1", 3 * CENT).await.unwrap();
     let mut conflicts = 0;
     loop {
-        let r = book.copy_round(&store, 10).await.unwrap();
+        let r = book
+            .copy_round(&tollgate_book::Ledgers::of(&store), 10)
+            .await
+            .unwrap();
         conflicts += r.conflicts;
         if r.entries == 0 {
             break;
@@ -417,10 +435,16 @@ async fn a_round_takes_whole_entries_up_to_its_line_limit() {
             .unwrap();
     }
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
-    let first = book.copy_round(&store, 500).await.unwrap();
+    let first = book
+        .copy_round(&tollgate_book::Ledgers::of(&store), 500)
+        .await
+        .unwrap();
     assert_eq!((first.entries, first.inserted), (3, 2700));
     assert!(!first.caught_up);
-    let second = book.copy_round(&store, 500).await.unwrap();
+    let second = book
+        .copy_round(&tollgate_book::Ledgers::of(&store), 500)
+        .await
+        .unwrap();
     assert_eq!((second.entries, second.inserted), (1, 900));
     assert!(second.caught_up);
     assert_eq!(book.lines().await.unwrap().len(), 3600);
@@ -658,7 +682,10 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
     let err = store.restore(&set, &[]).await.unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
     // And the book goes on: what the rebuild applied is copied, the two agree.
-    let diffs = book.reconcile(&store).await.unwrap();
+    let diffs = book
+        .reconcile(&tollgate_book::Ledgers::of(&store))
+        .await
+        .unwrap();
     assert!(diffs.is_empty(), "{diffs:?}");
 }
 
@@ -693,13 +720,21 @@ async fn reconcile_is_clean_under_traffic_and_names_a_lost_tail() {
         })
     };
     for _ in 0..5 {
-        let diffs = book.reconcile(&store).await.unwrap();
+        let diffs = book
+            .reconcile(&tollgate_book::Ledgers::of(&store))
+            .await
+            .unwrap();
         assert!(diffs.is_empty(), "under traffic: {diffs:?}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(mover.await.unwrap() > 10, "too little traffic");
     copy_all(&mut book, &store).await;
-    assert!(book.reconcile(&store).await.unwrap().is_empty());
+    assert!(
+        book.reconcile(&tollgate_book::Ledgers::of(&store))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Redis loses its last entry (a failover to a replica that never got it).
     let mut c = redis.conn();
     let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
@@ -715,7 +750,10 @@ async fn reconcile_is_clean_under_traffic_and_names_a_lost_tail() {
         .arg(&last[0].0)
         .query(&mut c)
         .unwrap();
-    let diffs = book.reconcile(&store).await.unwrap();
+    let diffs = book
+        .reconcile(&tollgate_book::Ledgers::of(&store))
+        .await
+        .unwrap();
     assert!(
         diffs
             .iter()

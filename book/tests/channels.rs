@@ -60,7 +60,12 @@ async fn drain(backend: &RedisChannels, store: &RedisStore) -> usize {
 }
 
 async fn copy_all(book: &mut Book, store: &RedisStore) {
-    while !book.copy_round(store, 500).await.unwrap().caught_up {}
+    while !book
+        .copy_round(&tollgate_book::Ledgers::of(store), 500)
+        .await
+        .unwrap()
+        .caught_up
+    {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,8 +135,19 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
             .contains_key(&format!("mpp:{c1}:{}", 4 * DOLLAR_BASE))
     );
     // Copying again stores nothing new (the records are clean).
-    assert_eq!(book.copy_round(&store, 500).await.unwrap().channels, 0);
-    assert!(book.reconcile(&store).await.unwrap().is_empty());
+    assert_eq!(
+        book.copy_round(&tollgate_book::Ledgers::of(&store), 500)
+            .await
+            .unwrap()
+            .channels,
+        0
+    );
+    assert!(
+        book.reconcile(&tollgate_book::Ledgers::of(&store))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // The writer lagged on channel 2's credit line: drop it from the book (what a loss right
     // after the voucher, before the copy, would leave).
@@ -204,7 +220,12 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     );
 
     // The book goes on, and agrees with Redis; a forged credit line is named.
-    assert!(book.reconcile(&store).await.unwrap().is_empty());
+    assert!(
+        book.reconcile(&tollgate_book::Ledgers::of(&store))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     pg_client
         .execute(
             "INSERT INTO book_entries (prefix, key, account, kind, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_ms, stream_seq)
@@ -213,7 +234,10 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
         )
         .await
         .unwrap();
-    let diffs = book.reconcile(&store).await.unwrap();
+    let diffs = book
+        .reconcile(&tollgate_book::Ledgers::of(&store))
+        .await
+        .unwrap();
     assert!(
         diffs
             .iter()
@@ -236,7 +260,12 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
         )
         .await
         .unwrap();
-    assert!(book.reconcile(&store).await.unwrap().is_empty());
+    assert!(
+        book.reconcile(&tollgate_book::Ledgers::of(&store))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
     let set = book.restore_set().await.unwrap();
     store.restore(&set, &[]).await.unwrap();

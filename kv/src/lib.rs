@@ -232,6 +232,13 @@ enum Inner {
     },
 }
 
+/// One Redis's connection manager as a [`Conn`] (for code that holds one already).
+impl From<ConnectionManager> for Conn {
+    fn from(c: ConnectionManager) -> Self {
+        Conn(Inner::One(c))
+    }
+}
+
 impl Conn {
     pub fn is_cluster(&self) -> bool {
         matches!(self.0, Inner::Cluster { .. })

@@ -178,9 +178,11 @@ fn probe(
     })
 }
 
-fn placed(redis: &tollgate_testkit::RedisServer) -> anyhow::Result<BTreeMap<String, String>> {
+/// Where each deployment is placed (the hosts scenario runs on one Redis).
+fn placed(redis: &tollgate_testkit::TestRedis) -> anyhow::Result<BTreeMap<String, String>> {
     use redis::Commands;
-    Ok(redis.conn().hgetall(HostKeys::new("tollgate").placed())?)
+    let mut c = redis::Client::open(redis.url())?.get_connection()?;
+    Ok(c.hgetall(HostKeys::new("tollgate").placed())?)
 }
 
 pub async fn hosts(

@@ -67,6 +67,9 @@ enum ScenarioCmd {
         /// Serve from real workerd deployments and reconcile their CPU too.
         #[arg(long)]
         runtime: bool,
+        /// On a Redis Cluster (3 masters, 3 replicas) instead of one redis-server.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Metering on vs off on the same node in the same run (interleaved reps).
     Overhead {
@@ -171,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 concurrency,
                 seconds,
                 runtime,
+                cluster,
             } => {
                 let r = scenario::reconcile(
                     services,
@@ -178,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Mode::Closed { concurrency },
                     Duration::from_secs_f64(seconds),
                     runtime,
+                    cluster,
                 )
                 .await?;
                 println!("{}", scenario::to_json(&r));

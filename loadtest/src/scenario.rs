@@ -12,11 +12,11 @@ use tollgate_app::adapters::{ChargeCpu, ChargeRows};
 use tollgate_app::metering::{MeteringNode, MeteringSpec, StoreSource};
 use tollgate_app::node::{GateSpec, PreparedNode, ProxyNode};
 use tollgate_balance_cache::AgentConfig;
-use tollgate_metering::{Prices, RedisStore, Store};
+use tollgate_metering::{Prices, Store};
 use tollgate_proxy::{ProxyOptions, RedisConfig, Stop};
 use tollgate_routes::{Route, RouteKey, RouteStore};
 use tollgate_runtime::{D1Access, DeploymentSpec, RuntimeConfig, Supervisor, Toolchain};
-use tollgate_testkit::{RedisServer, Upstream, free_addr};
+use tollgate_testkit::{RedisCluster, RedisServer, TestRedis, Upstream, free_addr};
 
 use crate::{HostSpec, Mode, Plan, Report};
 
@@ -24,7 +24,7 @@ pub const PRICE: i64 = 500_000;
 
 /// Redis, one upstream, and proxy nodes sharing them.
 pub struct Stack {
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     pub upstream: Upstream,
     pub routes: RouteStore,
     pub store: Arc<dyn Store>,
@@ -41,11 +41,20 @@ struct Node {
 
 impl Stack {
     pub async fn start() -> anyhow::Result<Stack> {
-        let redis = RedisServer::start();
+        Stack::start_on(TestRedis::One(RedisServer::start())).await
+    }
+
+    /// [`Stack::start`] on `redis`: one Redis or a Redis Cluster.
+    pub async fn start_on(redis: TestRedis) -> anyhow::Result<Stack> {
         let upstream = Upstream::start("ok");
-        let routes = RouteStore::connect(&redis.url(), "tollgate").await?;
-        let store: Arc<dyn Store> =
-            Arc::new(RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10)).await?);
+        let routes = RouteStore::connect(redis.target(), "tollgate").await?;
+        let store = tollgate_metering::connect_shared(
+            &redis.target(),
+            "tollgate",
+            Duration::from_secs(10),
+            tollgate_metering::DEFAULT_SHARDS,
+        )
+        .await?;
         Ok(Stack {
             redis,
             upstream,
@@ -67,7 +76,14 @@ impl Stack {
         // Several Pingora servers in one process need the work-stealing runtime (docs/proxy.md).
         o.proxy.work_stealing = true;
         o.shutdown.drain_timeout_seconds = 5;
-        o.redis = Some(RedisConfig::new(&self.redis.url()));
+        o.redis = Some(match &self.redis {
+            TestRedis::One(one) => RedisConfig::new(&one.url()),
+            TestRedis::Cluster(c) => {
+                let mut r = RedisConfig::new("");
+                r.set_cluster(c.urls()).map_err(anyhow::Error::msg)?;
+                r
+            }
+        });
         let mut agent = AgentConfig::new(name, self.dir.path().join(format!("{name}.journal")));
         agent.min_lease = PRICE.min(max_lease);
         agent.max_lease = max_lease;
@@ -194,9 +210,14 @@ pub async fn reconcile(
     mode: Mode,
     duration: Duration,
     runtime: bool,
+    cluster: bool,
 ) -> anyhow::Result<Reconciliation> {
     anyhow::ensure!(services > 0 && accounts > 0, "need services and accounts");
-    let mut stack = Stack::start().await?;
+    let mut stack = if cluster {
+        Stack::start_on(TestRedis::Cluster(RedisCluster::start())).await?
+    } else {
+        Stack::start().await?
+    };
     let mut hosted = if runtime {
         Some(Hosted::start(&stack).await?)
     } else {
@@ -300,7 +321,7 @@ pub async fn reconcile(
         });
     }
     // The operators' audit over the same stores: invariants, ledger totals, backing.
-    let channels = tollgate_payments::RedisChannels::connect(&stack.redis.url(), "tollgate")
+    let channels = tollgate_payments::RedisChannels::connect(stack.redis.target(), "tollgate")
         .await
         .map_err(|e| anyhow::anyhow!("channel store: {}", e.message))?;
     let audit = tollgate_payments::audit::audit(&channels, &*stack.store, None)

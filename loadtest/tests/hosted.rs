@@ -18,6 +18,7 @@ async fn hosted_run_reconciles_cpu_with_the_runtime_exactly() {
         Mode::Closed { concurrency: 4 },
         Duration::from_secs(3),
         true,
+        false,
     )
     .await
     .unwrap();

@@ -8,12 +8,23 @@ use tollgate_loadtest::{Mode, scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_node_run_reconciles_exactly_with_the_ledger() {
+    multi_node_run(false).await;
+}
+
+/// The same run with every store on a 3 + 3 Redis Cluster (the money in 32 shards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_node_run_on_a_redis_cluster_reconciles_exactly() {
+    multi_node_run(true).await;
+}
+
+async fn multi_node_run(cluster: bool) {
     let r = scenario::reconcile(
         12,
         4,
         Mode::Closed { concurrency: 8 },
         Duration::from_secs(2),
         false,
+        cluster,
     )
     .await
     .unwrap();
@@ -43,6 +54,7 @@ async fn open_loop_run_also_reconciles() {
             concurrency: 8,
         },
         Duration::from_secs(2),
+        false,
         false,
     )
     .await

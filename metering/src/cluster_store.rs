@@ -18,8 +18,9 @@
 //!   failover keeps every acknowledged write. Without a replica answer the caller gets
 //!   `Unavailable` and retries; the retry is applied once by whichever master holds the slot by
 //!   then.
-//! - Not here yet: the book of record's marks (`ledger_generation` is `None`: nodes keep no
-//!   batches for a book) and `ledger_page`.
+//! - The book of record reads each shard's stream and keeps its marks itself (tollgate-book's
+//!   `Ledgers`). Not here yet: `ledger_generation` (`None`: nodes keep no batches for a
+//!   rebuild, which restores one Redis only).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -18,7 +18,7 @@ pub use embedded::EmbeddedStore;
 pub use journal::{Journal, JournalContent, JournalError, KeptBatch, parse_journal};
 pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};
 pub use redis_store::{
-    DEFAULT_LEDGER_RETENTION, RedisStore, RestoreReport, RestoreSet, decode_feed,
+    DEFAULT_LEDGER_RETENTION, RedisStore, RestoreReport, RestoreSet, decode_feed, ledger_lines,
 };
 pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
 /// The shared money store at `target`: one Redis's, or a Redis Cluster's laid out in `shards`

@@ -99,28 +99,6 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
-    /// How far the book of record holds this ledger, as recorded here (`None`: no mark, e.g.
-    /// a Redis that lost its data).
-    pub async fn booked(&self) -> Result<Option<String>, StoreError> {
-        let mut c = self.conn.clone();
-        redis::cmd("GET")
-            .arg(format!("{}:ledger:booked", self.prefix))
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)
-    }
-
-    /// Undeclares the book (`tollgate book disable`): the ledger is trimmed by age alone again.
-    pub async fn disable_book(&self) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
-        redis::cmd("DEL")
-            .arg(format!("{}:ledger:book", self.prefix))
-            .arg(format!("{}:ledger:booked", self.prefix))
-            .query_async::<()>(&mut c)
-            .await
-            .map_err(unavailable)
-    }
-
     /// Declares that a book of record copies this ledger (before its first copy): entries are
     /// no longer trimmed by age alone.
     pub async fn enable_book(&self) -> Result<(), StoreError> {
@@ -136,7 +114,7 @@ impl RedisStore {
 
 /// The ledger lines of one stream entry: a settle batch has one line per account (`lines`),
 /// the other kinds one.
-pub(crate) fn ledger_lines(id: &redis::streams::StreamId) -> Result<Vec<LedgerEntry>, StoreError> {
+pub fn ledger_lines(id: &redis::streams::StreamId) -> Result<Vec<LedgerEntry>, StoreError> {
     #[derive(serde::Deserialize)]
     struct Line {
         account: String,

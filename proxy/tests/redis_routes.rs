@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Node, eventually, metric, options};
+use common::{Node, eventually, metric, options, options_on};
 use tollgate_routes::{Route, RouteKey, RouteStore};
-use tollgate_testkit::{RedisServer, Upstream, free_port};
+use tollgate_testkit::{RedisServer, TestRedis, Upstream, free_port};
 
 fn route(addr: SocketAddr) -> Route {
     Route {
@@ -24,14 +24,17 @@ fn route(addr: SocketAddr) -> Route {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_switches_under_traffic_without_a_failed_request() {
-    let redis = RedisServer::start();
+    // One Redis, or a cluster (TOLLGATE_TEST_REDIS=cluster).
+    let redis = TestRedis::start();
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
-    let store = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let store = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     let key = RouteKey::slug("app").unwrap();
     store.put(&key, &route(blue.addr)).await.unwrap();
 
-    let node = Node::start(options(Some(&redis.url()), &[]));
+    let node = Node::start(options_on(&redis, &[]));
     assert!(
         eventually(Duration::from_secs(5), || async {
             node.readyz().await.0 == 200

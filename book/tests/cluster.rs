@@ -1,0 +1,387 @@
+//! The book of record on a Redis Cluster: one ledger stream per money shard, each copied with
+//! its own cursor and marks. A real 3 + 3 cluster and a PostgreSQL cluster, both started by
+//! the test on free loopback ports.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tollgate_book::{Book, Difference, Ledgers};
+use tollgate_kv::Target;
+use tollgate_metering::{ClusterStore, LedgerEntry, SettleBatch, SettleEntry, Store, Usage};
+use tollgate_testkit::{PostgresServer, RedisCluster};
+
+const CENT: i64 = 10_000_000_000;
+const SHARDS: u32 = 8;
+
+fn target(cluster: &RedisCluster) -> Target {
+    Target::Cluster {
+        seeds: cluster.urls(),
+        replica_acks: 1,
+    }
+}
+
+async fn store(cluster: &RedisCluster, retention: Duration) -> ClusterStore {
+    ClusterStore::connect(&cluster.urls(), "tollgate", Duration::from_secs(10), SHARDS)
+        .await
+        .unwrap()
+        .with_ledger_retention(retention)
+}
+
+/// Credits on 16 accounts (spread over the shards), a deploy charge, a settle batch across
+/// shards with its leases returned at release, and a write-off: every kind of line.
+async fn money_moves(store: &ClusterStore, tag: &str) {
+    for i in 0..16 {
+        store
+            .credit(&format!("acct-{i}"), &format!("credit-{i}-{tag}"), CENT)
+            .await
+            .unwrap();
+    }
+    store
+        .charge("acct-1", &format!("deploy-{tag}"), CENT / 2, false)
+        .await
+        .unwrap();
+    let inc = store.begin(&format!("node-{tag}")).await.unwrap();
+    let entries = (0..16)
+        .map(|i| SettleEntry {
+            account: format!("acct-{i}"),
+            usage: Usage {
+                requests: 10 + i,
+                cpu_us: 1500,
+                ..Default::default()
+            },
+            cost: 1_000_000 * (i as i64 + 1),
+            give_back: 0,
+            ask: CENT / 10,
+        })
+        .collect();
+    store
+        .settle(&SettleBatch {
+            node_id: inc.node_id.clone(),
+            epoch: inc.epoch,
+            seq: 1,
+            entries,
+        })
+        .await
+        .unwrap();
+    store.release(&inc).await.unwrap();
+    store
+        .write_off("acct-2", &format!("writeoff-{tag}"), CENT / 100)
+        .await
+        .unwrap();
+}
+
+type Line = (String, String, String, i64);
+
+fn line(l: &LedgerEntry) -> Line {
+    (l.kind.clone(), l.key.clone(), l.account.clone(), l.amount)
+}
+
+/// Every line the book holds, over all streams, and how many streams hold any.
+async fn booked(book: &Book, l: &Ledgers) -> (Vec<Line>, usize) {
+    let (mut out, mut streams) = (Vec::new(), 0);
+    for p in l.streams() {
+        let lines = book.lines_at(p).await.unwrap();
+        streams += usize::from(!lines.is_empty());
+        out.extend(lines.iter().map(line));
+    }
+    out.sort();
+    (out, streams)
+}
+
+async fn ledger(store: &ClusterStore) -> Vec<Line> {
+    let mut v: Vec<Line> = store.ledger().await.unwrap().iter().map(line).collect();
+    v.sort();
+    v
+}
+
+async fn copy_all(book: &mut Book, l: &Ledgers) -> (u64, u64) {
+    let (mut inserted, mut dups) = (0, 0);
+    loop {
+        let c = book.copy_round(l, 500).await.unwrap();
+        inserted += c.inserted;
+        dups += c.duplicates;
+        assert_eq!(c.conflicts, 0);
+        if c.caught_up {
+            return (inserted, dups);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_is_booked_exactly_once_and_trimmed_only_past_the_book() {
+    let pg = PostgresServer::start();
+    let cluster = RedisCluster::start();
+    // Everything is "old" at once: only each shard's book mark holds its ledger back.
+    let store = store(&cluster, Duration::from_millis(1)).await;
+    let l = Ledgers::connect(&target(&cluster), "tollgate", 32)
+        .await
+        .unwrap();
+    assert_eq!(l.streams().len(), SHARDS as usize, "the layout held wins");
+    l.enable_book().await.unwrap();
+    money_moves(&store, "1").await;
+    let before = ledger(&store).await;
+    assert_eq!(before.len(), 16 * 3 + 2, "{before:?}");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.reap_expired().await.unwrap();
+    assert_eq!(
+        ledger(&store).await,
+        before,
+        "trimmed before the book had it"
+    );
+
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    let (inserted, dups) = copy_all(&mut book, &l).await;
+    let (lines, streams) = booked(&book, &l).await;
+    assert_eq!(lines, before, "the book holds the ledger of every shard");
+    assert_eq!(inserted as usize, before.len());
+    assert_eq!(dups, 0);
+    assert!(streams >= 4, "lines in {streams} shards only");
+    assert_eq!(copy_all(&mut book, &l).await, (0, 0), "nothing twice");
+
+    // A round repeated from the start (cursors and marks gone) stores nothing twice.
+    let sql = common::sql(&pg).await;
+    sql.execute("UPDATE book_cursor SET last_id = '0-0'", &[])
+        .await
+        .unwrap();
+    let (inserted, dups) = copy_all(&mut book, &l).await;
+    assert_eq!((inserted, dups as usize), (0, before.len()));
+
+    // Booked and old: each shard's reaper trims it; a new line (not booked) stays.
+    store.reap_expired().await.unwrap();
+    assert_eq!(ledger(&store).await, Vec::<Line>::new());
+    store.credit("acct-3", "late", CENT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.reap_expired().await.unwrap();
+    assert_eq!(ledger(&store).await.len(), 1, "a line the book lacks stays");
+    copy_all(&mut book, &l).await;
+    assert_eq!(booked(&book, &l).await.0.len(), before.len() + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_is_clean_then_names_a_changed_line_in_its_shard() {
+    let pg = PostgresServer::start();
+    let cluster = RedisCluster::start();
+    let store = store(&cluster, Duration::ZERO).await;
+    let l = Ledgers::connect(&target(&cluster), "tollgate", SHARDS)
+        .await
+        .unwrap();
+    l.enable_book().await.unwrap();
+    money_moves(&store, "1").await;
+    money_moves(&store, "2").await;
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    assert_eq!(book.reconcile(&l).await.unwrap(), vec![]);
+
+    let sql = common::sql(&pg).await;
+    let n = sql
+        .execute(
+            "UPDATE book_entries SET amount = amount + 7 WHERE key = 'credit:credit-5-2'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let diffs = book.reconcile(&l).await.unwrap();
+    assert!(
+        diffs
+            .iter()
+            .any(|d| matches!(d, Difference::Differs { key, account, .. }
+            if key == "credit:credit-5-2" && account == "acct-5")),
+        "{diffs:?}"
+    );
+    assert!(
+        diffs
+            .iter()
+            .any(|d| matches!(d, Difference::Totals { account, redis, book }
+            if account == "acct-5" && book.0 == redis.0 + 7)),
+        "{diffs:?}"
+    );
+    assert_eq!(diffs.len(), 2, "{diffs:?}");
+}
+
+/// Credits keep coming while the writer copies and a master is killed (`kill -9`) and comes
+/// back: every acknowledged credit is in the book once, with its amount, and the book and the
+/// ledger agree line for line afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_loses_no_acknowledged_line() {
+    let pg = PostgresServer::start();
+    let mut cluster = RedisCluster::start();
+    let store = Arc::new(store(&cluster, Duration::ZERO).await);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(tollgate_book::run(
+        pg.url(),
+        target(&cluster),
+        "tollgate".into(),
+        SHARDS,
+        Duration::from_millis(50),
+        tollgate_book::BookMetrics::new(&prometheus::Registry::new()).unwrap(),
+        stop,
+    ));
+    let running = Arc::new(AtomicBool::new(true));
+    let load = {
+        let (store, running) = (store.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut acked: BTreeMap<String, (String, i64)> = BTreeMap::new();
+            let mut i = 0i64;
+            while running.load(Ordering::Relaxed) {
+                let (account, key, amount) =
+                    (format!("acct-{}", i % 24), format!("load-{i}"), CENT + i);
+                // Retried until acknowledged (a failover answers errors for a while); the
+                // retries are applied once.
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    match store.credit(&account, &key, amount).await {
+                        Ok(_) => break,
+                        Err(e) if std::time::Instant::now() > deadline => {
+                            panic!("credit {key} not acknowledged within 30 s: {e}")
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                acked.insert(format!("credit:{key}"), (account, amount));
+                i += 1;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let master = cluster.masters()[0];
+    // Killed; once its replica took over, it comes back (empty) as that one's replica: until
+    // then writes in its slots are not acknowledged (no replica holds them) and are retried.
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill(master);
+        cluster.start_again(master);
+        cluster
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    running.store(false, Ordering::Relaxed);
+    let acked = load.await.unwrap();
+    assert!(acked.len() > 50, "only {} credits", acked.len());
+    let _ = stop_tx.send(true);
+    writer.await.unwrap();
+
+    let l = Ledgers::connect(&target(&cluster), "tollgate", SHARDS)
+        .await
+        .unwrap();
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    copy_all(&mut book, &l).await;
+    let (lines, _) = booked(&book, &l).await;
+    let mut credits: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    for (kind, key, account, amount) in &lines {
+        if kind == "credit" {
+            credits
+                .entry(key.clone())
+                .or_default()
+                .push((account.clone(), *amount));
+        }
+    }
+    for (key, (account, amount)) in &acked {
+        assert_eq!(
+            credits.get(key),
+            Some(&vec![(account.clone(), *amount)]),
+            "{key}: booked once with its amount"
+        );
+    }
+    assert_eq!(
+        credits.len(),
+        acked.len(),
+        "no credit the load did not make"
+    );
+    assert_eq!(lines, ledger(&store).await, "the book and the ledger agree");
+    assert_eq!(book.reconcile(&l).await.unwrap(), vec![]);
+}
+
+/// Payment channel records (in the control family's slot) are copied with the shards' lines:
+/// every voucher credit line in the book has its record there, `reconcile` is clean, and a
+/// forged credit line that no voucher backs is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_records_are_copied_with_every_shards_lines() {
+    use mpp::protocol::methods::tempo::session_method::{ChannelState, ChannelStore};
+    use tollgate_payments::{ChannelBackend, RedisChannels, SharedChannels};
+    const CHAIN: u64 = 42431;
+    const DOLLAR_BASE: u128 = 1_000_000;
+    let state = |id: &str, highest: u128| -> ChannelState {
+        serde_json::from_value(serde_json::json!({
+            "channel_id": id, "chain_id": CHAIN,
+            "escrow_contract": "0x00000000000000000000000000000000000000e5",
+            "payer": "0x00000000000000000000000000000000000000a1",
+            "payee": "0x00000000000000000000000000000000000000b2",
+            "token": "0x00000000000000000000000000000000000000c3",
+            "authorized_signer": "0x00000000000000000000000000000000000000a1",
+            "deposit": 100 * DOLLAR_BASE, "settled_on_chain": 0,
+            "highest_voucher_amount": highest,
+            "highest_voucher_signature": [1, 2, highest as u8],
+            "spent": 0, "units": 0, "finalized": false,
+            "created_at": "2026-12-07T00:00:00Z"
+        }))
+        .unwrap()
+    };
+    let pg = PostgresServer::start();
+    let cluster = RedisCluster::start();
+    let store = store(&cluster, Duration::ZERO).await;
+    let backend = Arc::new(
+        RedisChannels::connect(target(&cluster), "tollgate")
+            .await
+            .unwrap(),
+    );
+    let shared = SharedChannels::new(backend.clone(), CHAIN);
+    let l = Ledgers::connect(&target(&cluster), "tollgate", SHARDS)
+        .await
+        .unwrap();
+    l.enable_book().await.unwrap();
+    // Vouchers on 6 channels of 6 payers (their accounts in several shards), each credited.
+    for i in 1..=6u8 {
+        let id = format!("0xc{i}");
+        let mut next = state(&id, u128::from(i) * DOLLAR_BASE);
+        next.payer = format!("0x00000000000000000000000000000000000000{:02x}", 0xa0 + i)
+            .parse()
+            .unwrap();
+        next.authorized_signer = next.payer;
+        shared
+            .update_channel(&id, Box::new(move |_| Ok(Some(next))))
+            .await
+            .unwrap();
+    }
+    let pending = backend.pending_credits().await.unwrap();
+    assert_eq!(pending.len(), 6);
+    for c in &pending {
+        store.credit(&c.account, &c.key, c.picos).await.unwrap();
+        backend.credit_done(&c.key).await.unwrap();
+    }
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    let (inserted, _) = copy_all(&mut book, &l).await;
+    assert_eq!(inserted, 6);
+    let (rows, side) = book.channels_at(l.channels_prefix()).await.unwrap();
+    assert_eq!(l.channels_prefix(), "{tollgate}");
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    assert!(side.pending.is_empty(), "{side:?}");
+    let (_, streams) = booked(&book, &l).await;
+    assert!(streams >= 2, "credits in {streams} shards only");
+    assert_eq!(book.reconcile(&l).await.unwrap(), vec![]);
+
+    // A credit line no voucher backs (the book's copy of channel 0xc3 credited twice).
+    let sql = common::sql(&pg).await;
+    let n = sql
+        .execute(
+            "INSERT INTO book_entries (prefix, key, account, kind, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_ms, stream_seq)
+             SELECT prefix, 'credit:mpp:0xc3:9', account, kind, amount, 0, 0, 0, 0, 0, stream_ms, stream_seq + 1
+             FROM book_entries WHERE key LIKE 'credit:mpp:0xc3:%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let diffs = book.reconcile(&l).await.unwrap();
+    assert!(
+        diffs
+            .iter()
+            .any(|d| matches!(d, Difference::Channel { id, what } if id == "0xc3" && what.contains("more than its accepted vouchers"))),
+        "{diffs:?}"
+    );
+}
