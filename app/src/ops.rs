@@ -281,14 +281,15 @@ pub fn db_backup(dir: &Path, project: &str, file: &Path) -> anyhow::Result<()> {
 
 /// `tollgate book copy`: copies the ledger into the book of record until it is caught up (the
 /// control service does this continuously; this is for a backfill, or a host without one).
-/// Prints `{"inserted":…,"duplicates":…,"conflicts":…,"cursor":"…"}`.
+/// Prints `{"inserted":…,"duplicates":…,"conflicts":…,"cursor":"…"}` (on a cluster, `cursor`
+/// holds one id per money shard's stream).
 pub fn book_copy(postgres_url: &str, redis: &LedgersAt, prefix: &str) -> anyhow::Result<()> {
     one_shot()?.block_on(async move {
         let ledgers = ledgers(redis, prefix).await?;
         let mut book = tollgate_book::Book::connect(postgres_url, prefix).await?;
         let (mut inserted, mut duplicates, mut conflicts) = (0u64, 0u64, 0u64);
         let last = loop {
-            let c = book.copy_round(&ledgers, 500).await?;
+            let c = book.copy_round(&ledgers, 500).await?.whole()?;
             inserted += c.inserted;
             duplicates += c.duplicates;
             conflicts += c.conflicts;

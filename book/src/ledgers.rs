@@ -42,6 +42,11 @@ impl Ledgers {
         let streams = match target {
             Target::One(_) => vec![prefix.to_owned()],
             Target::Cluster { .. } => {
+                if !(1..=1024).contains(&shards) {
+                    return Err(BookError::Unusable(format!(
+                        "money shards must be 1..=1024, got {shards}"
+                    )));
+                }
                 let held: String = redis::Script::new(SHARDS)
                     .key(format!("{{{prefix}}}:shards"))
                     .arg(shards)
@@ -127,27 +132,26 @@ impl Ledgers {
         Ok(out)
     }
 
-    /// Every stream's last entry id (`None`: empty), in stream order.
-    pub async fn ends(&self) -> Result<Vec<Option<String>>, BookError> {
-        let mut out = Vec::with_capacity(self.streams.len());
-        for p in &self.streams {
-            let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-                .arg(format!("{p}:ledger"))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut self.conn())
-                .await?;
-            out.push(reply.ids.first().map(|i| i.id.clone()));
-        }
-        Ok(out)
+    /// Stream `p`'s last entry id (`None`: empty); on a cluster, once a replica holds it, so
+    /// that a failover cannot hand out ids at or below it again.
+    pub async fn end(&self, p: &str) -> Result<Option<String>, BookError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(format!("{p}:ledger"))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        let reply: redis::streams::StreamRangeReply = self.conn().query_confirmed(&cmd).await?;
+        Ok(reply.ids.first().map(|i| i.id.clone()))
     }
 
-    /// How far the book holds stream `p`, as recorded there (`None`: no mark, e.g. a Redis or
-    /// a shard that lost its data).
-    pub async fn booked(&self, p: &str) -> Result<Option<String>, BookError> {
-        Ok(redis::cmd("GET")
+    /// Whether a book is declared on stream `p`, and how far it holds it as recorded there
+    /// (`None`: no mark: nothing booked yet, or a Redis or shard that lost its data).
+    pub async fn booked(&self, p: &str) -> Result<(bool, Option<String>), BookError> {
+        Ok(redis::pipe()
+            .cmd("EXISTS")
+            .arg(format!("{p}:ledger:book"))
+            .cmd("GET")
             .arg(format!("{p}:ledger:booked"))
             .query_async(&mut self.conn())
             .await?)

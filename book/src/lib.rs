@@ -51,6 +51,9 @@ pub enum BookError {
     /// A book row a rebuild cannot use (never written by the writer).
     #[error("{0}")]
     Unusable(String),
+    /// Streams a round could not copy (a cluster's shards), each with why.
+    #[error("not copied: {}", .0.join("; "))]
+    Failed(Vec<String>),
 }
 
 /// What one round copied.
@@ -74,6 +77,30 @@ pub struct Copied {
     pub cursor: String,
     /// Each stream's cursor after the round (its key prefix, the id).
     pub cursors: Vec<(String, String)>,
+    /// On a cluster, the streams this round could not copy, each with why (the others were
+    /// copied; the round is not caught up).
+    pub failed: Vec<String>,
+}
+
+impl Copied {
+    /// The round, or the streams it could not copy as an error.
+    pub fn whole(self) -> Result<Copied, BookError> {
+        if self.failed.is_empty() {
+            Ok(self)
+        } else {
+            Err(BookError::Failed(self.failed))
+        }
+    }
+}
+
+/// One stream's failure: on a cluster it is kept (the other shards go on), on one Redis it
+/// ends the round.
+fn isolate(cluster: bool, slot: &mut Option<String>, e: BookError) -> Result<(), BookError> {
+    if !cluster {
+        return Err(e);
+    }
+    *slot = Some(e.to_string());
+    Ok(())
 }
 
 /// The writer's metrics (docs/metrics.md).
@@ -288,29 +315,51 @@ impl Book {
     }
 
     /// Copies up to `count` entries of each stream after its cursor (one transaction per
-    /// stream), with the payment channel records changed since the last round.
+    /// stream), with the payment channel records changed since the last round. On one Redis any
+    /// failure ends the round; on a cluster a shard that fails (a master without its replica,
+    /// say) is named in [`Copied::failed`] and the others are copied.
     pub async fn copy_round(&mut self, l: &Ledgers, count: usize) -> Result<Copied, BookError> {
         let mut conn = l.conn();
+        let streams = l.streams();
+        let cluster = l.is_cluster();
+        let mut failed: Vec<Option<String>> = vec![None; streams.len()];
         // Where each stream's copy starts, read before the cut: the less time between the cut
-        // and the pages, the fewer entries land after it (a round that meets one is not
-        // caught up).
-        let mut afters = Vec::with_capacity(l.streams().len());
-        for p in l.streams() {
-            afters.push(self.start_of(l, p).await?);
+        // and the pages, the fewer entries land after it.
+        let cursors = self.cursors(streams).await?;
+        let mut afters = vec![String::new(); streams.len()];
+        for (i, p) in streams.iter().enumerate() {
+            match self.start_of(l, p, cursors.get(p)).await {
+                Ok(a) => afters[i] = a,
+                Err(e) => isolate(cluster, &mut failed[i], e)?,
+            }
         }
-        // On a cluster the streams' ends cannot be read with the channel snapshot (other
-        // slots): they are read first. A credit line up to an end was written after its
-        // voucher's record was committed, so before the snapshot, which then holds the record.
-        let ends = if l.is_cluster() {
-            Some(l.ends().await?)
-        } else {
-            None
-        };
-        // The cut (channels::snapshot): the changed channel records are stored first (each
-        // chunk in its own transaction: a record ahead of the lines is always safe), then the
-        // ledger is copied up to its last entry at the snapshot, and no further, with the side
-        // state: every credit line in the book then has its voucher in a stored record.
+        // The cut (channels::snapshot). One Redis: one Lua call reads the channel side state,
+        // the changed records' ids and the ledger's last entry id at one instant. A cluster's
+        // streams are in other slots than the channel records: the side state is read first,
+        // then every stream's end, then the changed records. A credit line up to an end was
+        // written after its voucher's record was committed, so before the records' read; a
+        // credit pending at the side state's read and applied before an end is in both (the
+        // rebuild counts it once), one applied after the end in the side state.
         let cp = l.channels_prefix().to_owned();
+        let (side, ends) = if cluster {
+            let side = channels::snapshot(&mut conn, &cp).await?;
+            let mut ends = vec![None; streams.len()];
+            for (i, p) in streams.iter().enumerate() {
+                if failed[i].is_none() {
+                    match l.end(p).await {
+                        Ok(e) => ends[i] = e,
+                        Err(e) => isolate(cluster, &mut failed[i], e)?,
+                    }
+                }
+            }
+            (Some(side), Some(ends))
+        } else {
+            (None, None)
+        };
+        // The changed channel records are stored first (each chunk in its own transaction: a
+        // record ahead of the lines is always safe), then the ledger up to the cut and no
+        // further, with the side state: every credit line in the book then has its voucher in a
+        // stored record.
         let adopted = channels::adopt_if_needed(&mut conn, &cp).await?;
         if adopted > 0 {
             tracing::info!(
@@ -338,13 +387,30 @@ impl Book {
         };
         // One Redis: the side state goes in its stream's transaction. A cluster's streams each
         // have their own; the side state follows once every one reached its end.
-        let one = !l.is_cluster();
-        let max_lines = (MAX_ROUND_LINES / l.streams().len().max(1)).max(50);
-        for ((p, end), after) in l.streams().iter().zip(ends).zip(afters) {
+        let max_lines = (MAX_ROUND_LINES / streams.len().max(1)).max(50);
+        for (i, ((p, end), after)) in streams.iter().zip(ends).zip(afters).enumerate() {
+            if failed[i].is_some() {
+                continue;
+            }
             let bound = end.as_deref().map(stream_id).transpose()?;
-            let c = self
-                .copy_stream(l, p, after, bound, count, max_lines, one.then_some(&snap))
-                .await?;
+            let c = match self
+                .copy_stream(
+                    l,
+                    p,
+                    after,
+                    bound,
+                    count,
+                    max_lines,
+                    (!cluster).then_some(&snap),
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    isolate(cluster, &mut failed[i], e)?;
+                    continue;
+                }
+            };
             out.inserted += c.inserted;
             out.duplicates += c.duplicates;
             out.conflicts += c.conflicts;
@@ -355,31 +421,64 @@ impl Book {
             }
             out.cursors.push((p.clone(), c.cursor));
         }
-        if !one && out.caught_up {
+        out.failed = streams
+            .iter()
+            .zip(failed)
+            .filter_map(|(p, f)| f.map(|e| format!("{p}: {e}")))
+            .collect();
+        out.caught_up &= out.failed.is_empty();
+        if let Some(side) = side
+            && out.caught_up
+        {
             let tx = self.client.transaction().await?;
-            // Ordered by the snapshot's clock alone (the streams' positions are not comparable).
-            store_side(&tx, &cp, &snap, (0, 0)).await?;
+            // Ordered by the side state's clock alone (the streams' positions are not
+            // comparable).
+            store_side(&tx, &cp, &side, (0, 0)).await?;
             tx.commit().await?;
         }
         Ok(out)
     }
 
-    /// Where the copy of stream `p` starts: the lower of the book's cursor and the stream's
-    /// own mark.
-    async fn start_of(&self, ledgers: &Ledgers, p: &str) -> Result<String, BookError> {
+    /// The book's cursor of each of `streams` that has one.
+    async fn cursors(
+        &self,
+        streams: &[String],
+    ) -> Result<std::collections::HashMap<String, String>, BookError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT prefix, last_id FROM book_cursor WHERE prefix = ANY($1)",
+                &[&streams],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Where the copy of stream `p` starts: the lower of the book's cursor (`cursor`; none:
+    /// `0-0`) and the stream's own mark.
+    async fn start_of(
+        &self,
+        ledgers: &Ledgers,
+        p: &str,
+        cursor: Option<&String>,
+    ) -> Result<String, BookError> {
         // From the lower of the book's cursor and the stream's own mark: a Redis that lost
         // its data (or a replica that lags) restarts its stream ids, maybe below the cursor;
         // re-reading what the book holds only yields duplicates, skipping would lose lines.
-        let pg = self.cursor_at(p).await?;
+        let pg = cursor.map_or("0-0", String::as_str);
+        let (declared, mark) = ledgers.booked(p).await?;
         // An unreadable mark counts as none: re-reading from the start only yields duplicates.
-        let mark = ledgers.booked(p).await?.filter(|m| stream_id(m).is_ok());
+        let mark = mark.filter(|m| stream_id(m).is_ok());
         Ok(match mark {
-            Some(mark) if stream_id(&mark)? < stream_id(&pg)? => mark,
-            Some(_) => pg,
+            Some(mark) if stream_id(&mark)? < stream_id(pg)? => mark,
+            Some(_) => pg.to_owned(),
             None => {
-                // No mark: a Redis (or shard) that lost its keys. Declare the book again before
-                // anything can be trimmed by age, and read what this stream holds from its start.
-                ledgers.declare(p).await?;
+                // No mark: nothing booked here yet, or a Redis (or shard) that lost its keys.
+                // Declared again (if it lost that too) before anything can be trimmed by age,
+                // and read from its start.
+                if !declared {
+                    ledgers.declare(p).await?;
+                }
                 "0-0".to_owned()
             }
         })
@@ -399,7 +498,9 @@ impl Book {
         max_lines: usize,
         side: Option<&channels::Snapshot>,
     ) -> Result<Copied, BookError> {
-        // Nothing new up to the cut (most of a cluster's shards, most rounds): no reads.
+        // Entries are at least a line each: more than `max_lines` would only be read again.
+        let count = count.min(max_lines).max(1);
+        // Nothing new up to the cut (most of a cluster's shards, most rounds): no page read.
         if side.is_none() && bound.is_none_or(|b| stream_id(&after).is_ok_and(|a| b <= a)) {
             return Ok(Copied {
                 caught_up: true,
@@ -856,7 +957,7 @@ impl Book {
     /// book line in that span is still in Redis, and each account's `credited` and `debited`
     /// in Redis equal its book lines' sums (which needs a book kept since the ledger began).
     pub async fn reconcile(&mut self, l: &Ledgers) -> Result<Vec<Difference>, BookError> {
-        while !self.copy_round(l, 500).await?.caught_up {}
+        while !self.copy_round(l, 500).await?.whole()?.caught_up {}
         let mut out = Vec::new();
         for p in l.streams() {
             out.extend(self.reconcile_stream(l, p).await?);
@@ -1014,7 +1115,7 @@ impl Book {
                 if stream_id(&self.cursor_at(p).await?)? >= upto || end.is_none() {
                     break;
                 }
-                if self.copy_round(l, 500).await?.entries == 0 {
+                if self.copy_round(l, 500).await?.whole()?.entries == 0 {
                     break;
                 }
             }
@@ -1264,7 +1365,6 @@ pub async fn run(
         };
         let pause = match round {
             Ok(c) => {
-                wait = Duration::from_millis(100);
                 metrics
                     .lines
                     .with_label_values(&["inserted"])
@@ -1280,11 +1380,23 @@ pub async fn run(
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
-                metrics.last_success.set(now);
-                if c.caught_up {
-                    interval
+                if c.failed.is_empty() {
+                    metrics.last_success.set(now);
+                    wait = Duration::from_millis(100);
+                    if c.caught_up {
+                        interval
+                    } else {
+                        Duration::ZERO
+                    }
                 } else {
-                    Duration::ZERO
+                    // Some shards could not be copied (the others were): retried, backing off.
+                    metrics.errors.inc();
+                    for f in &c.failed {
+                        tracing::warn!(stream = %f, "book of record: a ledger stream could not be copied this round; retrying (it keeps what is not copied)");
+                    }
+                    let w = wait;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                    w
                 }
             }
             Err(e) => {

@@ -9,26 +9,30 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Node, eventually, gate, options};
+use common::{Node, eventually, gate, options_on};
 use tollgate_app::adapters::{ChargeCpu, InflightHooks};
 use tollgate_balance_cache::AgentConfig;
 use tollgate_control::{Control, ControlConfig, ControlStore, DeployRequest, RedisControlStore};
-use tollgate_metering::{RedisStore, Store};
+use tollgate_metering::Store;
 use tollgate_routes::RouteStore;
 use tollgate_runtime::{RuntimeConfig, Supervisor, Toolchain};
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::TestRedis;
 
 const PRICE: i64 = 500_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_serve_meter_suspend_and_resume() {
-    let redis = RedisServer::start();
+    // One Redis, or a cluster (TOLLGATE_TEST_REDIS=cluster).
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
-    let money: Arc<dyn Store> = Arc::new(
-        RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-            .await
-            .unwrap(),
-    );
+    let money: Arc<dyn Store> = tollgate_metering::connect_shared(
+        &redis.target(),
+        "tollgate",
+        Duration::from_secs(10),
+        tollgate_metering::DEFAULT_SHARDS,
+    )
+    .await
+    .unwrap();
     // The agent paid: $0.01 of credit (what payments will do on a voucher).
     money
         .credit("agent-1", "voucher-1", 10_000_000_000)
@@ -36,7 +40,7 @@ async fn deploy_serve_meter_suspend_and_resume() {
         .unwrap();
 
     let t = Toolchain::ensure(&Toolchain::source_tree_dir()).unwrap();
-    let o = options(Some(&redis.url()), &[]);
+    let o = options_on(&redis, &[]);
     let mut agent = AgentConfig::new("edge-1", dir.path().join("edge-1.journal"));
     agent.min_lease = PRICE;
     agent.max_lease = 20 * PRICE;
@@ -64,7 +68,7 @@ async fn deploy_serve_meter_suspend_and_resume() {
     let (sup, events) = runtime.lock().unwrap().take().unwrap();
 
     let store: Arc<dyn ControlStore> = Arc::new(
-        RedisControlStore::connect(&redis.url(), "tollgate")
+        RedisControlStore::connect(redis.target(), "tollgate")
             .await
             .unwrap(),
     );
@@ -72,7 +76,11 @@ async fn deploy_serve_meter_suspend_and_resume() {
         store,
         tollgate_control::bundler_for(&t, dir.path().join("builds")).unwrap(),
         sup.clone(),
-        Arc::new(RouteStore::connect(&redis.url(), "tollgate").await.unwrap()),
+        Arc::new(
+            RouteStore::connect(redis.target(), "tollgate")
+                .await
+                .unwrap(),
+        ),
         ControlConfig {
             url_template: format!("http://{{slug}}.localhost:{}", node.addr.port()),
             ..ControlConfig::default()

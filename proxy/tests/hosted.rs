@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Node, eventually, gate, options};
+use common::{Node, eventually, gate, options_on};
 use tollgate_app::adapters::{ChargeCpu, InflightHooks};
 use tollgate_routes::{Route, RouteKey, RouteStore};
 use tollgate_runtime::{
     DeploymentSpec, NoCpuSink, RuntimeConfig, RuntimeEvent, Supervisor, Toolchain,
 };
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::TestRedis;
 
 const APP: &str = r#"import { Hono } from 'hono'
 const app = new Hono<{ Bindings: { VERSION: string } }>()
@@ -86,14 +86,16 @@ fn spec(rig: &Rig, id: &str, version: &str) -> DeploymentSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployed_code_is_served_and_redeploys_drop_nothing() {
-    let redis = RedisServer::start();
-    let store = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let redis = TestRedis::start();
+    let store = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     let key = RouteKey::slug("app").unwrap();
     let rig = rig().await;
     let first = rig.sup.start(spec(&rig, "dep1", "1")).await.unwrap();
     store.put(&key, &route(first.addr, "dep1")).await.unwrap();
 
-    let node = Node::start(options(Some(&redis.url()), &[]));
+    let node = Node::start(options_on(&redis, &[]));
     let c = node.client(&["app.localhost"]);
     let url = node.url("app.localhost", "/");
     assert!(
@@ -163,8 +165,10 @@ async fn deployed_code_is_served_and_redeploys_drop_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart() {
-    let redis = RedisServer::start();
-    let store = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
+    let redis = TestRedis::start();
+    let store = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
     let key = RouteKey::slug("spin").unwrap();
     let mut rig = rig().await;
     let started = rig.sup.start(spec(&rig, "spin1", "1")).await.unwrap();
@@ -174,16 +178,19 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
         .unwrap();
     // Metered, with the proxy holding the runtime's in-flight guard for each request (what
     // `tollgate dev` wires): the CPU cap sees the request through the real proxy.
-    let st: Arc<dyn tollgate_metering::Store> = Arc::new(
-        tollgate_metering::RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-            .await
-            .unwrap(),
-    );
+    let st: Arc<dyn tollgate_metering::Store> = tollgate_metering::connect_shared(
+        &redis.target(),
+        "tollgate",
+        Duration::from_secs(10),
+        tollgate_metering::DEFAULT_SHARDS,
+    )
+    .await
+    .unwrap();
     st.credit("acct1", "deposit", 1_000_000_000_000)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let o = options(Some(&redis.url()), &[]);
+    let o = options_on(&redis, &[]);
     let mut g = gate(
         st,
         tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal")),
@@ -241,22 +248,27 @@ struct Burner {
     st: Arc<dyn tollgate_metering::Store>,
     sup: Supervisor,
     c: reqwest::Client,
-    _redis: RedisServer,
+    _redis: TestRedis,
     _dir: tempfile::TempDir,
 }
 
 async fn burner(credit: i64, cpu_debt_limit_ms: u64) -> Burner {
-    use tollgate_metering::{RedisStore, Store};
-    let redis = RedisServer::start();
-    let routes = RouteStore::connect(&redis.url(), "tollgate").await.unwrap();
-    let st: Arc<dyn Store> = Arc::new(
-        RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-            .await
-            .unwrap(),
-    );
+    use tollgate_metering::Store;
+    let redis = TestRedis::start();
+    let routes = RouteStore::connect(redis.target(), "tollgate")
+        .await
+        .unwrap();
+    let st: Arc<dyn Store> = tollgate_metering::connect_shared(
+        &redis.target(),
+        "tollgate",
+        Duration::from_secs(10),
+        tollgate_metering::DEFAULT_SHARDS,
+    )
+    .await
+    .unwrap();
     st.credit("acct1", "deposit", credit).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let o = options(Some(&redis.url()), &[]);
+    let o = options_on(&redis, &[]);
     let mut agent = tollgate_balance_cache::AgentConfig::new("n1", dir.path().join("n1.journal"));
     agent.cpu_debt_limit_ms = cpu_debt_limit_ms;
     let node = Node::start_metered(o, gate(st.clone(), agent, "top up"));
