@@ -11,22 +11,21 @@ use std::time::{Duration, Instant};
 use common::{PRICE, crash_after_journal, hammer, node, resumed_everywhere};
 use tollgate_balance_cache::{BalanceCache, Spend};
 use tollgate_metering::{RedisStore, Status, Store};
-use tollgate_testkit::RedisServer;
+use tollgate_testkit::{RedisServer, TestRedis};
 
 const CENT: i64 = 10_000_000_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_never_spend_more_than_the_balance() {
-    let redis = RedisServer::start();
+    // One Redis, or a cluster (TOLLGATE_TEST_REDIS=cluster).
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
-    let admin = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
+    let admin = common::shared(redis.target()).await;
     admin.credit("tiny", "voucher:1", 2 * CENT).await.unwrap(); // 40,000 requests
     let nodes = [
-        node(&redis.url(), "n1", &dir).await,
-        node(&redis.url(), "n2", &dir).await,
-        node(&redis.url(), "n3", &dir).await,
+        node(redis.target(), "n1", &dir).await,
+        node(redis.target(), "n2", &dir).await,
+        node(redis.target(), "n3", &dir).await,
     ];
     let mut tasks = Vec::new();
     for n in &nodes {
@@ -62,7 +61,7 @@ async fn three_nodes_never_spend_more_than_the_balance() {
     let requests: u64 = ledger.iter().map(|e| e.requests).sum();
     assert_eq!(requests, paid, "the ledger counts each paid request once");
     assert_eq!(
-        common::audit(&redis.url()).await,
+        common::audit(redis.target()).await,
         vec![],
         "tollgate accounts audit"
     );
@@ -101,16 +100,15 @@ const K: u64 = 2;
 /// (`R`, allowed 20 ms here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_burning_cpu_overspend_no_more_than_the_bound() {
-    let redis = RedisServer::start();
+    // One Redis, or a cluster (TOLLGATE_TEST_REDIS=cluster).
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
-    let admin = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
+    let admin = common::shared(redis.target()).await;
     admin.credit("cpu", "voucher:1", 2 * CENT).await.unwrap();
     let nodes = [
-        node(&redis.url(), "c1", &dir).await,
-        node(&redis.url(), "c2", &dir).await,
-        node(&redis.url(), "c3", &dir).await,
+        node(redis.target(), "c1", &dir).await,
+        node(redis.target(), "c2", &dir).await,
+        node(redis.target(), "c3", &dir).await,
     ];
     const D_MS: u64 = 50;
     for n in &nodes {
@@ -156,7 +154,7 @@ async fn three_nodes_burning_cpu_overspend_no_more_than_the_bound() {
     );
     assert_eq!(st.status, Status::Suspended);
     assert_eq!(
-        common::audit(&redis.url()).await,
+        common::audit(redis.target()).await,
         vec![],
         "tollgate accounts audit"
     );
@@ -164,14 +162,13 @@ async fn three_nodes_burning_cpu_overspend_no_more_than_the_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspension_reaches_other_nodes_and_a_credit_resumes_them() {
-    let redis = RedisServer::start();
+    // One Redis, or a cluster (TOLLGATE_TEST_REDIS=cluster).
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
-    let admin = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
+    let admin = common::shared(redis.target()).await;
     admin.credit("acct", "v1", 1_000 * PRICE).await.unwrap();
-    let a = node(&redis.url(), "a", &dir).await;
-    let b = node(&redis.url(), "b", &dir).await;
+    let a = node(redis.target(), "a", &dir).await;
+    let b = node(redis.target(), "b", &dir).await;
     // B knows the account and holds a lease, then A drains everything it can get.
     assert!(matches!(b.cache.try_spend_request("acct"), Spend::Pending));
     let _ = hammer(a.cache.clone(), "acct").await;
@@ -211,7 +208,7 @@ async fn suspension_reaches_other_nodes_and_a_credit_resumes_them() {
     assert_eq!(st.leased, 0);
     assert!(st.debited <= st.credited);
     assert_eq!(
-        common::audit(&redis.url()).await,
+        common::audit(redis.target()).await,
         vec![],
         "tollgate accounts audit"
     );

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tollgate_balance_cache::{Agent, AgentConfig, BalanceCache, CacheMetrics, Spend};
+use tollgate_kv::Target;
 use tollgate_metering::{Prices, RedisStore, Store};
 
 pub const PRICE: i64 = 500_000; // one request at the default price
@@ -18,13 +19,20 @@ pub struct Node {
 }
 
 /// A node named `name`, journaling to `<dir>/<name>.journal`.
-pub async fn node(url: &str, name: &str, dir: &tempfile::TempDir) -> Node {
-    let store: Arc<dyn Store> = Arc::new(
-        RedisStore::connect(url, "tollgate", Duration::from_secs(10))
-            .await
-            .unwrap(),
-    );
-    node_on(store, name, dir).await
+pub async fn node(at: impl Into<Target>, name: &str, dir: &tempfile::TempDir) -> Node {
+    node_on(shared(at).await, name, dir).await
+}
+
+/// The money store at `at`: one Redis's, or a Redis Cluster's.
+pub async fn shared(at: impl Into<Target>) -> Arc<dyn Store> {
+    tollgate_metering::connect_shared(
+        &at.into(),
+        "tollgate",
+        Duration::from_secs(10),
+        tollgate_metering::DEFAULT_SHARDS,
+    )
+    .await
+    .unwrap()
 }
 
 /// A node named `name` on a given store (a Redis Cluster's, say).
@@ -126,15 +134,14 @@ pub async fn durable_with_credit(account: &str, amount: i64) -> Fixture {
 
 /// `tollgate accounts audit` over this Redis: every difference (the books must show none:
 /// each account's invariant, the ledger's totals against the accounts, every balance backed).
-pub async fn audit(url: &str) -> Vec<tollgate_payments::audit::Difference> {
-    let store = RedisStore::connect(url, "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
-    let channels = tollgate_payments::RedisChannels::connect(url, "tollgate")
+pub async fn audit(at: impl Into<Target>) -> Vec<tollgate_payments::audit::Difference> {
+    let at = at.into();
+    let store = shared(&at).await;
+    let channels = tollgate_payments::RedisChannels::connect(&at, "tollgate")
         .await
         .unwrap();
     for _ in 0..50 {
-        if let Ok(r) = tollgate_payments::audit::audit(&channels, &store, None).await {
+        if let Ok(r) = tollgate_payments::audit::audit(&channels, &*store, None).await {
             return r.differences;
         }
         // The admin connection reconnects after a Redis restart.
