@@ -318,13 +318,12 @@ pub fn book_copy(postgres_url: &str, redis: &LedgersAt, prefix: &str) -> anyhow:
 /// cluster's layout has when none is fixed there yet.
 pub type LedgersAt = (tollgate_kv::Target, u32);
 
-/// The ledgers at `at`, the book declared on each (nothing is trimmed before it is copied).
+/// The ledgers at `at` (each round declares the book on every stream before it copies, so
+/// nothing is trimmed before it is copied).
 async fn ledgers(at: &LedgersAt, prefix: &str) -> anyhow::Result<tollgate_book::Ledgers> {
-    let ledgers = tollgate_book::Ledgers::connect(&at.0, prefix, at.1)
+    tollgate_book::Ledgers::connect(&at.0, prefix, at.1)
         .await
-        .map_err(|e| anyhow::anyhow!("{}: {e}", at.0.describe()))?;
-    ledgers.enable_book().await?;
-    Ok(ledgers)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", at.0.describe()))
 }
 
 /// `tollgate book run`: the book writer on its own, until SIGTERM or SIGINT (a round in flight

@@ -80,6 +80,8 @@ pub struct Copied {
     /// On a cluster, the streams this round could not copy, each with why (the others were
     /// copied; the round is not caught up).
     pub failed: Vec<String>,
+    /// Whether every stream but the failed ones reached its cut.
+    pub copied_caught_up: bool,
 }
 
 impl Copied {
@@ -91,6 +93,26 @@ impl Copied {
             Err(BookError::Failed(self.failed))
         }
     }
+}
+
+/// Where the copy of stream `p` starts: the lower of the book's cursor (`cursor`; none: `0-0`)
+/// and the stream's own mark. Declares the book there first if it is not (a Redis or shard
+/// that lost its keys, or one not copied yet), before anything can be trimmed by age alone.
+async fn start_of(ledgers: &Ledgers, p: &str, cursor: Option<&str>) -> Result<String, BookError> {
+    let (declared, mark) = ledgers.booked(p).await?;
+    if !declared {
+        ledgers.declare(p).await?;
+    }
+    // From the lower of the book's cursor and the stream's own mark: a Redis that lost its
+    // data (or a replica that lags) restarts its stream ids, maybe below the cursor; re-reading
+    // what the book holds only yields duplicates, skipping would lose lines. No mark (nothing
+    // booked here yet, or a Redis that lost its keys), or an unreadable one: from the start.
+    let pg = cursor.unwrap_or("0-0");
+    Ok(match mark.filter(|m| stream_id(m).is_ok()) {
+        Some(mark) if stream_id(&mark)? < stream_id(pg)? => mark,
+        Some(_) => pg.to_owned(),
+        None => "0-0".to_owned(),
+    })
 }
 
 /// One stream's failure: on a cluster it is kept (the other shards go on), on one Redis it
@@ -129,7 +151,7 @@ impl BookMetrics {
         )?;
         let last_success = IntGauge::new(
             "tollgate_book_last_success_timestamp_seconds",
-            "When the book of record last finished a round (Unix time); stale while it cannot copy",
+            "When the book of record last finished a round that copied every ledger stream (Unix time); stale while it cannot copy",
         )?;
         registry.register(Box::new(lines.clone()))?;
         registry.register(Box::new(errors.clone()))?;
@@ -325,10 +347,18 @@ impl Book {
         let mut failed: Vec<Option<String>> = vec![None; streams.len()];
         // Where each stream's copy starts, read before the cut: the less time between the cut
         // and the pages, the fewer entries land after it.
+        // Each shard at once: one that does not answer (or waits for a missing replica) must
+        // not hold the others past the round's time limit.
         let cursors = self.cursors(streams).await?;
+        let starts = futures_util::future::join_all(
+            streams
+                .iter()
+                .map(|p| start_of(l, p, cursors.get(p).map(String::as_str))),
+        )
+        .await;
         let mut afters = vec![String::new(); streams.len()];
-        for (i, p) in streams.iter().enumerate() {
-            match self.start_of(l, p, cursors.get(p)).await {
+        for (i, start) in starts.into_iter().enumerate() {
+            match start {
                 Ok(a) => afters[i] = a,
                 Err(e) => isolate(cluster, &mut failed[i], e)?,
             }
@@ -343,13 +373,20 @@ impl Book {
         let cp = l.channels_prefix().to_owned();
         let (side, ends) = if cluster {
             let side = channels::snapshot(&mut conn, &cp).await?;
-            let mut ends = vec![None; streams.len()];
-            for (i, p) in streams.iter().enumerate() {
-                if failed[i].is_none() {
-                    match l.end(p).await {
-                        Ok(e) => ends[i] = e,
-                        Err(e) => isolate(cluster, &mut failed[i], e)?,
+            let read = futures_util::future::join_all(streams.iter().zip(&failed).map(
+                |(p, f)| async move {
+                    match f {
+                        Some(_) => Ok(None),
+                        None => l.end(p).await,
                     }
+                },
+            ))
+            .await;
+            let mut ends = vec![None; streams.len()];
+            for (i, end) in read.into_iter().enumerate() {
+                match end {
+                    Ok(e) => ends[i] = e,
+                    Err(e) => isolate(cluster, &mut failed[i], e)?,
                 }
             }
             (Some(side), Some(ends))
@@ -426,6 +463,7 @@ impl Book {
             .zip(failed)
             .filter_map(|(p, f)| f.map(|e| format!("{p}: {e}")))
             .collect();
+        out.copied_caught_up = out.caught_up;
         out.caught_up &= out.failed.is_empty();
         if let Some(side) = side
             && out.caught_up
@@ -452,36 +490,6 @@ impl Book {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
-    /// Where the copy of stream `p` starts: the lower of the book's cursor (`cursor`; none:
-    /// `0-0`) and the stream's own mark.
-    async fn start_of(
-        &self,
-        ledgers: &Ledgers,
-        p: &str,
-        cursor: Option<&String>,
-    ) -> Result<String, BookError> {
-        // From the lower of the book's cursor and the stream's own mark: a Redis that lost
-        // its data (or a replica that lags) restarts its stream ids, maybe below the cursor;
-        // re-reading what the book holds only yields duplicates, skipping would lose lines.
-        let pg = cursor.map_or("0-0", String::as_str);
-        let (declared, mark) = ledgers.booked(p).await?;
-        // An unreadable mark counts as none: re-reading from the start only yields duplicates.
-        let mark = mark.filter(|m| stream_id(m).is_ok());
-        Ok(match mark {
-            Some(mark) if stream_id(&mark)? < stream_id(pg)? => mark,
-            Some(_) => pg.to_owned(),
-            None => {
-                // No mark: nothing booked here yet, or a Redis (or shard) that lost its keys.
-                // Declared again (if it lost that too) before anything can be trimmed by age,
-                // and read from its start.
-                if !declared {
-                    ledgers.declare(p).await?;
-                }
-                "0-0".to_owned()
-            }
-        })
     }
 
     /// Copies up to `count` entries of stream `p` after `after`, none after `bound` (the
@@ -1347,9 +1355,9 @@ pub async fn run(
         }
         let round = async {
             if store.is_none() {
-                let s = Ledgers::connect(&redis, &prefix, shards).await?;
-                s.enable_book().await?;
-                store = Some(s);
+                // Each round declares the book on every stream it reads before copying (a
+                // shard that cannot be written to must not stop the others).
+                store = Some(Ledgers::connect(&redis, &prefix, shards).await?);
             }
             if book.is_none() {
                 book = Some(Book::connect(&postgres_url, &prefix).await?);
@@ -1389,14 +1397,19 @@ pub async fn run(
                         Duration::ZERO
                     }
                 } else {
-                    // Some shards could not be copied (the others were): retried, backing off.
+                    // Some shards could not be copied (the others were): retried, backing off
+                    // once the others are caught up.
                     metrics.errors.inc();
                     for f in &c.failed {
                         tracing::warn!(stream = %f, "book of record: a ledger stream could not be copied this round; retrying (it keeps what is not copied)");
                     }
-                    let w = wait;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                    w
+                    if c.copied_caught_up {
+                        let w = wait;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                        w
+                    } else {
+                        Duration::ZERO
+                    }
                 }
             }
             Err(e) => {

@@ -385,7 +385,16 @@ async fn hostile_requests_get_a_clean_error_and_change_nothing() {
         r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"deploy_project","arguments":{{"files":{{"index.js":"{}"}}}}}}}}"#,
         "x".repeat(5 << 20)
     );
-    let r = post(big.into_bytes()).send().await.unwrap();
+    // The server answers 413 from the headers and closes; a client still writing may see the
+    // close (a broken pipe) before the answer, on a loaded machine: sent again then.
+    let mut tries = 0;
+    let r = loop {
+        match post(big.clone().into_bytes()).send().await {
+            Ok(r) => break r,
+            Err(e) if tries < 5 && e.is_request() => tries += 1,
+            Err(e) => panic!("no answer to an over-limit body: {e}"),
+        }
+    };
     seen.push((
         "over the body limit",
         r.status().as_u16(),

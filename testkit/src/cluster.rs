@@ -261,6 +261,8 @@ impl RedisCluster {
         });
         self.wait_ok(Duration::from_secs(30));
         self.wait_replicas(Duration::from_secs(30));
+        // A replica just linked may acknowledge only once a second for a while.
+        self.wait_acks(Duration::from_secs(30));
     }
 
     /// Freezes every replica (SIGSTOP): masters keep answering, but no write reaches a
