@@ -25,14 +25,7 @@ async fn deploy_serve_meter_suspend_and_resume() {
     // One Redis, or a cluster (TOLLGATE_TEST_REDIS=cluster).
     let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
-    let money: Arc<dyn Store> = tollgate_metering::connect_shared(
-        &redis.target(),
-        "tollgate",
-        Duration::from_secs(10),
-        tollgate_metering::DEFAULT_SHARDS,
-    )
-    .await
-    .unwrap();
+    let money: Arc<dyn Store> = common::money_on(&redis).await;
     // The agent paid: $0.01 of credit (what payments will do on a voucher).
     money
         .credit("agent-1", "voucher-1", 10_000_000_000)

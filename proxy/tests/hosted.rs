@@ -178,14 +178,7 @@ async fn a_process_killed_mid_request_is_a_503_and_the_route_follows_its_restart
         .unwrap();
     // Metered, with the proxy holding the runtime's in-flight guard for each request (what
     // `tollgate dev` wires): the CPU cap sees the request through the real proxy.
-    let st: Arc<dyn tollgate_metering::Store> = tollgate_metering::connect_shared(
-        &redis.target(),
-        "tollgate",
-        Duration::from_secs(10),
-        tollgate_metering::DEFAULT_SHARDS,
-    )
-    .await
-    .unwrap();
+    let st: Arc<dyn tollgate_metering::Store> = common::money_on(&redis).await;
     st.credit("acct1", "deposit", 1_000_000_000_000)
         .await
         .unwrap();
@@ -258,14 +251,7 @@ async fn burner(credit: i64, cpu_debt_limit_ms: u64) -> Burner {
     let routes = RouteStore::connect(redis.target(), "tollgate")
         .await
         .unwrap();
-    let st: Arc<dyn Store> = tollgate_metering::connect_shared(
-        &redis.target(),
-        "tollgate",
-        Duration::from_secs(10),
-        tollgate_metering::DEFAULT_SHARDS,
-    )
-    .await
-    .unwrap();
+    let st: Arc<dyn Store> = common::money_on(&redis).await;
     st.credit("acct1", "deposit", credit).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let o = options_on(&redis, &[]);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{Node, eventually, gate, metric, options_on};
 use tollgate_app::node::GateSpec;
 use tollgate_balance_cache::AgentConfig;
-use tollgate_metering::{DEFAULT_SHARDS, Status, Store};
+use tollgate_metering::{Status, Store};
 use tollgate_routes::{Route, RouteKey, RouteStore};
 use tollgate_testkit::{RedisServer, TestRedis, Upstream};
 
@@ -28,13 +28,7 @@ fn route(addr: SocketAddr, account: Option<&str>) -> Route {
     }
 }
 
-/// The money store on `redis`: one Redis's, or a cluster's (as the processes open it).
-async fn store(redis: &TestRedis) -> Arc<dyn Store> {
-    let ttl = Duration::from_secs(10);
-    tollgate_metering::connect_shared(&redis.target(), "tollgate", ttl, DEFAULT_SHARDS)
-        .await
-        .unwrap()
-}
+use common::money_on as store;
 
 /// A metered node `node` on `redis`, with leases of at most `max_lease`.
 fn metered(

@@ -21,6 +21,20 @@ pub struct Node {
 }
 
 /// [`options`] on the suite's Redis: one, or a cluster (`TOLLGATE_TEST_REDIS=cluster`).
+/// The money store on `redis`: one Redis's, or a cluster's (as the processes open it).
+pub async fn money_on(
+    redis: &tollgate_testkit::TestRedis,
+) -> std::sync::Arc<dyn tollgate_metering::Store> {
+    tollgate_metering::connect_shared(
+        &redis.target(),
+        "tollgate",
+        Duration::from_secs(10),
+        tollgate_metering::DEFAULT_SHARDS,
+    )
+    .await
+    .unwrap()
+}
+
 pub fn options_on(
     redis: &tollgate_testkit::TestRedis,
     routes: &[(&str, SocketAddr)],
