@@ -24,13 +24,14 @@ write_nginx_proxy_conf "$W" rp "$UP" "listen 127.0.0.1:$NGX reuseport backlog=40
 
 # nginx as a reverse proxy to UPSTREAM_PORT, the same for every benchmark; LISTEN_LINE says how
 # it listens (plain, or TLS + HTTP/2 with its certificate lines). NGINX_PROXY_BUFFERING=off
-# streams answers instead of buffering them (large bodies otherwise spill to temporary files).
+# streams answers instead of buffering them (large bodies otherwise spill to temporary files);
+# NGINX_WORKERS sets its worker processes (1 by default).
 #   write_nginx_proxy_conf DIR NAME UPSTREAM_PORT LISTEN_LINE [WORKER_CONNECTIONS]
 #     → DIR/NAME.conf (pid in DIR/NAME/)
 write_nginx_proxy_conf() {
 local W=$1 NAME=$2 UP=$3 LISTEN=$4 CONNS=${5:-4096}
 cat > "$W/$NAME.conf" <<CONF
-worker_processes 1; pid $NAME/nginx.pid; error_log $NAME/error.log warn; daemon on;
+worker_processes ${NGINX_WORKERS:-1}; pid $NAME/nginx.pid; error_log $NAME/error.log warn; daemon on;
 events { worker_connections $CONNS; multi_accept on; }
 http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000;
   client_body_temp_path $NAME/tmp; proxy_temp_path $NAME/tmp;
