@@ -563,13 +563,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "book rebuild needs [redis] and [book] postgres_url (or TOLLGATE_REDIS_URL and TOLLGATE_BOOK_POSTGRES_URL)"
                 );
             };
-            anyhow::ensure!(
-                redis.cluster.is_empty(),
-                "book rebuild restores one Redis; on a Redis Cluster it is not available yet (docs/book.md, \"On a Redis Cluster\"): every acknowledged write is on a replica, so a cluster loses data only when a master and its replicas all do"
-            );
             tollgate_app::ops::book_rebuild(
                 &book.postgres_url,
-                &redis.url,
+                &(redis.target(), redis.money_shards),
                 &redis.key_prefix,
                 &journals,
                 tollgate_app::settings::start_refund_hold(&cfg.payments)

@@ -397,14 +397,14 @@ pub fn book_reconcile(postgres_url: &str, redis: &LedgersAt, prefix: &str) -> an
     })
 }
 
-/// `tollgate book rebuild`: fills an empty Redis with the money state the book of record adds
-/// up to, plus the batches the stopped nodes' journals never had acknowledged (docs/book.md,
+/// `tollgate book rebuild`: fills an empty Redis (or Redis Cluster) with the money state the
+/// book of record adds up to, plus the batches the stopped nodes' journals never had acknowledged (docs/book.md,
 /// "Rebuild after a Redis data loss"). Refuses a Redis that holds money keys, and a journal
 /// whose node still runs. Prints what it restored as JSON; warnings (usage that neither the
 /// book nor a journal holds) go with it and to the log.
 pub fn book_rebuild(
     postgres_url: &str,
-    redis: &str,
+    redis: &LedgersAt,
     prefix: &str,
     journals: &[std::path::PathBuf],
     start_hold: Duration,
@@ -432,27 +432,90 @@ pub fn book_rebuild(
     }
     one_shot()?.block_on(async move {
         let book = tollgate_book::Book::connect(postgres_url, prefix).await?;
-        let conflicts = book.conflict_count().await?;
-        let mut set = book.restore_set().await?;
-        for inc in journals.iter().filter_map(|j| j.incarnation.as_ref()) {
-            set.see_epoch(&inc.node_id, inc.epoch);
+        let ledgers = ledgers(redis, prefix).await?;
+        if ledgers.is_cluster() {
+            let missing: Vec<String> = book
+                .shard_streams(prefix)
+                .await?
+                .into_iter()
+                .filter(|p| !ledgers.streams().contains(p))
+                .collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "the book holds shard streams this cluster's layout of {} shards does not have ({}): set redis.money_shards to the count the book was written with",
+                ledgers.streams().len(),
+                missing.join(", ")
+            );
         }
+        let conflicts = book.conflicts_in(&ledgers).await?;
         let keys: Vec<String> = journals
             .iter()
             .flat_map(|j| j.pending.iter().chain(j.kept.iter().map(|k| &k.batch)))
             .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
             .collect();
-        set.settle_lines = book.lines_of(&keys).await?;
-        let store = RedisStore::connect(redis, prefix, Duration::from_secs(10)).await?;
-        // Both refusals before anything is written.
-        book.check_channels_empty(&store).await?;
-        let mut report = store.restore(&set, &journals).await?;
-        let channels = book.restore_channels(&store, &set, start_hold).await?;
+        let mut sets = book.restore_sets(&ledgers, &keys).await?;
+        let credits: std::collections::BTreeMap<String, (String, i64)> = sets
+            .iter()
+            .flat_map(|s| s.credits.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .collect();
+        // Both refusals (money keys, channel state) before anything is written.
+        book.check_channels_empty_at(&ledgers).await?;
+        let mut report = match &redis.0 {
+            tollgate_kv::Target::One(url) => {
+                let [set] = sets.as_mut_slice() else {
+                    anyhow::bail!("one Redis has one ledger stream");
+                };
+                for inc in journals.iter().filter_map(|j| j.incarnation.as_ref()) {
+                    set.see_epoch(&inc.node_id, inc.epoch);
+                }
+                let store = RedisStore::connect(url, prefix, Duration::from_secs(10)).await?;
+                store.restore(set, &journals).await?
+            }
+            tollgate_kv::Target::Cluster {
+                seeds,
+                replica_acks,
+            } => {
+                let store = tollgate_metering::ClusterStore::connect_with(
+                    seeds,
+                    prefix,
+                    Duration::from_secs(10),
+                    ledgers.streams().len() as u32,
+                    *replica_acks,
+                )
+                .await?;
+                store.restore(&sets, &journals).await?
+            }
+        };
+        let channels = book
+            .restore_channels_at(&ledgers, &credits, start_hold)
+            .await?;
         report.warnings.extend(channels.warnings.iter().cloned());
         // Declared before the store is called whole: the reaper must not trim what the writer
         // has not copied yet.
-        store.enable_book().await?;
-        store.finish_restore().await?;
+        ledgers.enable_book().await?;
+        match &redis.0 {
+            tollgate_kv::Target::One(url) => {
+                RedisStore::connect(url, prefix, Duration::from_secs(10))
+                    .await?
+                    .finish_restore()
+                    .await?
+            }
+            tollgate_kv::Target::Cluster {
+                seeds,
+                replica_acks,
+            } => {
+                tollgate_metering::ClusterStore::connect_with(
+                    seeds,
+                    prefix,
+                    Duration::from_secs(10),
+                    ledgers.streams().len() as u32,
+                    *replica_acks,
+                )
+                .await?
+                .finish_restore()
+                .await?
+            }
+        }
         println!(
             "{}",
             serde_json::json!({
@@ -463,6 +526,7 @@ pub fn book_rebuild(
                 "journal_batches_applied": report.journal_batches_applied,
                 "journal_batches_booked": report.journal_batches_booked,
                 "journals": files.len(),
+                "shards": ledgers.streams().len(),
                 "channels": channels.channels,
                 "pending_credits": channels.pending_credits,
                 "poisoned_credits": channels.poisoned_credits,

@@ -20,12 +20,16 @@ use tokio::sync::watch;
 use tollgate_metering::{LedgerEntry, RedisStore, RestoreSet, StoreError};
 
 /// The schema, applied in order, each once (`book_migrations`).
-const MIGRATIONS: [(i32, &str); 3] = [
+const MIGRATIONS: [(i32, &str); 4] = [
     (1, include_str!("../migrations/0001_book.sql")),
     (2, include_str!("../migrations/0002_channels.sql")),
     (
         3,
         include_str!("../migrations/0003_channel_state_bound.sql"),
+    ),
+    (
+        4,
+        include_str!("../migrations/0004_side_state_stream_bounds.sql"),
     ),
 ];
 
@@ -363,6 +367,7 @@ impl Book {
                 Err(e) => isolate(cluster, &mut failed[i], e)?,
             }
         }
+        let starts_at = afters.clone();
         // The cut (channels::snapshot). One Redis: one Lua call reads the channel side state,
         // the changed records' ids and the ledger's last entry id at one instant. A cluster's
         // streams are in other slots than the channel records: the side state is read first,
@@ -468,10 +473,19 @@ impl Book {
         if let Some(side) = side
             && out.caught_up
         {
+            // Each stream's bound: its cursor before the side state was read, so every entry
+            // written after the cut is past it.
+            let bounds: std::collections::BTreeMap<&str, &str> = streams
+                .iter()
+                .map(String::as_str)
+                .zip(starts_at.iter().map(String::as_str))
+                .collect();
+            let bounds =
+                serde_json::to_string(&bounds).map_err(|e| BookError::Unusable(e.to_string()))?;
             let tx = self.client.transaction().await?;
             // Ordered by the side state's clock alone (the streams' positions are not
             // comparable).
-            store_side(&tx, &cp, &side, (0, 0)).await?;
+            store_side(&tx, &cp, &side, (0, 0), Some(&bounds)).await?;
             tx.commit().await?;
         }
         Ok(out)
@@ -553,7 +567,7 @@ impl Book {
                 Some(b) => b,
                 None => stream_id(&after)?,
             };
-            store_side(&tx, ledgers.channels_prefix(), snap, at).await?;
+            store_side(&tx, ledgers.channels_prefix(), snap, at, None).await?;
         }
         let Some((last, _)) = page.last() else {
             tx.commit().await?;
@@ -656,11 +670,50 @@ impl Book {
             .map_or((0, 0), |r| (r.get(0), r.get(1))))
     }
 
+    /// Per stream of `l`, a position every entry written after the stored side state's cut is
+    /// past: the cut itself on one Redis, each stream's cursor when the cut's round began on a
+    /// cluster (`(0, 0)`: none stored).
+    pub async fn side_state_bounds(&self, l: &Ledgers) -> Result<Vec<(i64, i64)>, BookError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT bound_ms, bound_seq, stream_bounds FROM book_channel_state WHERE prefix = $1",
+                &[&l.channels_prefix()],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(vec![(0, 0); l.streams().len()]);
+        };
+        if !l.is_cluster() {
+            return Ok(vec![(row.get(0), row.get(1))]);
+        }
+        let bounds: std::collections::BTreeMap<String, String> =
+            match row.get::<_, Option<String>>(2) {
+                Some(j) => serde_json::from_str(&j).map_err(|e| {
+                    BookError::Unusable(format!("book_channel_state.stream_bounds: {e}"))
+                })?,
+                None => Default::default(),
+            };
+        l.streams()
+            .iter()
+            .map(|p| bounds.get(p).map_or(Ok((0, 0)), |b| stream_id(b)))
+            .collect()
+    }
+
     /// Deploy and rollback charges (`deploy:<ref>`, with account and amount) booked after
     /// `after` whose refund the book does not hold: their held reversals, if any, were made
     /// after the stored side state.
     pub async fn start_charges_after(
         &self,
+        after: (i64, i64),
+    ) -> Result<Vec<(String, String, i64)>, BookError> {
+        self.start_charges_after_at(&self.prefix, after).await
+    }
+
+    /// [`Book::start_charges_after`] in stream `p`.
+    async fn start_charges_after_at(
+        &self,
+        p: &str,
         after: (i64, i64),
     ) -> Result<Vec<(String, String, i64)>, BookError> {
         let rows = self
@@ -672,7 +725,7 @@ impl Book {
                    AND NOT EXISTS (SELECT 1 FROM book_entries r
                                    WHERE r.prefix = c.prefix AND r.kind = 'credit'
                                      AND r.key = 'credit:refund:' || substr(c.key, 8))",
-                &[&self.prefix, &after.0, &after.1],
+                &[&p, &after.0, &after.1],
             )
             .await?;
         Ok(rows
@@ -729,8 +782,12 @@ impl Book {
     /// `book rebuild`: refuses (before anything is written) a Redis that holds payment channel
     /// state already.
     pub async fn check_channels_empty(&self, store: &RedisStore) -> Result<(), BookError> {
-        let mut conn = tollgate_kv::Conn::from(store.connection());
-        channels::check_empty(&mut conn, store.prefix())
+        self.check_channels_empty_at(&Ledgers::of(store)).await
+    }
+
+    /// [`Book::check_channels_empty`] where `l` keeps its channel records.
+    pub async fn check_channels_empty_at(&self, l: &Ledgers) -> Result<(), BookError> {
+        channels::check_empty(&mut l.conn(), l.channels_prefix())
             .await
             .map_err(BookError::Unusable)
     }
@@ -743,7 +800,19 @@ impl Book {
         set: &RestoreSet,
         start_hold: Duration,
     ) -> Result<ChannelsRestored, BookError> {
-        let (rows, mut side) = self.channels().await?;
+        self.restore_channels_at(&Ledgers::of(store), &set.credits, start_hold)
+            .await
+    }
+
+    /// [`Book::restore_channels`] where `l` keeps its channel records; `credits`: every credit
+    /// key the restored money state holds (all shards').
+    pub async fn restore_channels_at(
+        &self,
+        l: &Ledgers,
+        credits: &std::collections::BTreeMap<String, (String, i64)>,
+        start_hold: Duration,
+    ) -> Result<ChannelsRestored, BookError> {
+        let (rows, mut side) = self.channels_at(l.channels_prefix()).await?;
         // A start charged after the side state's cut has its reversal held again (unless the
         // book holds its refund): whether it went live is not known, and a customer must not
         // pay for a start that did not. One that did is then given for free (named).
@@ -752,23 +821,23 @@ impl Book {
             .map_or(0, |d| d.as_millis() as u64)
             .saturating_add(start_hold.as_millis() as u64);
         let mut rehold = Vec::new();
-        for (charge, account, amount) in self
-            .start_charges_after(self.side_state_bound().await?)
-            .await?
-        {
-            let key = format!("refund:{charge}");
-            if side.held.contains_key(&key) || side.pending.contains_key(&key) {
-                continue;
+        let bounds = self.side_state_bounds(l).await?;
+        for (p, bound) in l.streams().iter().zip(bounds) {
+            for (charge, account, amount) in self.start_charges_after_at(p, bound).await? {
+                let key = format!("refund:{charge}");
+                if side.held.contains_key(&key) || side.pending.contains_key(&key) {
+                    continue;
+                }
+                let credit = serde_json::json!({
+                    "key": key, "account": account, "picos": amount,
+                    "reverses": charge, "not_before_ms": due,
+                });
+                side.held.insert(key, credit.to_string());
+                rehold.push(charge);
             }
-            let credit = serde_json::json!({
-                "key": key, "account": account, "picos": amount,
-                "reverses": charge, "not_before_ms": due,
-            });
-            side.held.insert(key, credit.to_string());
-            rehold.push(charge);
         }
-        let mut conn = tollgate_kv::Conn::from(store.connection());
-        let mut out = channels::restore(&mut conn, store.prefix(), &rows, &side, &set.credits)
+        let mut conn = l.conn();
+        let mut out = channels::restore(&mut conn, l.channels_prefix(), &rows, &side, credits)
             .await
             .map_err(BookError::Unusable)?;
         for charge in rehold {
@@ -836,10 +905,32 @@ impl Book {
             .collect())
     }
 
+    /// One [`RestoreSet`] per stream of `l`, in its order (one Redis: one), each with the
+    /// book's lines under `settle_keys` in that stream (a journal batch is checked against
+    /// them).
+    pub async fn restore_sets(
+        &self,
+        l: &Ledgers,
+        settle_keys: &[String],
+    ) -> Result<Vec<RestoreSet>, BookError> {
+        let mut out = Vec::with_capacity(l.streams().len());
+        for p in l.streams() {
+            let mut set = self.restore_set_at(p).await?;
+            set.settle_lines = self.lines_of_at(p, settle_keys).await?;
+            out.push(set);
+        }
+        Ok(out)
+    }
+
     /// Everything the book's lines add up to, for `tollgate book rebuild`: every account's
     /// lifetime totals, every credit and charge key, every incarnation's high-water mark and
     /// every node's highest epoch. Read page by page (keyset on the primary key).
     pub async fn restore_set(&self) -> Result<RestoreSet, BookError> {
+        self.restore_set_at(&self.prefix).await
+    }
+
+    /// [`Book::restore_set`] of stream `p`.
+    async fn restore_set_at(&self, p: &str) -> Result<RestoreSet, BookError> {
         let mut set = RestoreSet::default();
         let (mut key, mut account) = (String::new(), String::new());
         loop {
@@ -849,7 +940,7 @@ impl Book {
                     "SELECT kind, key, account, amount FROM book_entries
                      WHERE prefix = $1 AND (key, account) > ($2, $3)
                      ORDER BY key, account LIMIT 10000",
-                    &[&self.prefix, &key, &account],
+                    &[&p, &key, &account],
                 )
                 .await?;
             let Some(last) = rows.last() else { break };
@@ -916,6 +1007,33 @@ impl Book {
             .query_one(
                 "SELECT count(*) FROM book_conflicts WHERE prefix = $1",
                 &[&self.prefix],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// The shard streams (`{prefix:m<n>}`) the book holds lines or a cursor of under
+    /// `prefix`: a rebuild must read every one.
+    pub async fn shard_streams(&self, prefix: &str) -> Result<Vec<String>, BookError> {
+        let head = format!("{{{prefix}:m");
+        let rows = self
+            .client
+            .query(
+                "SELECT prefix FROM book_cursor WHERE left(prefix, length($1)) = $1
+                 UNION SELECT DISTINCT prefix FROM book_entries WHERE left(prefix, length($1)) = $1",
+                &[&head],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Lines of `l`'s streams set aside as conflicts.
+    pub async fn conflicts_in(&self, l: &Ledgers) -> Result<i64, BookError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM book_conflicts WHERE prefix = ANY($1)",
+                &[&l.streams()],
             )
             .await?;
         Ok(row.get(0))
@@ -1314,19 +1432,21 @@ async fn store_side(
     prefix: &str,
     snap: &channels::Snapshot,
     bound: (i64, i64),
+    stream_bounds: Option<&str>,
 ) -> Result<(), BookError> {
     let state =
         serde_json::to_string(&snap.side).map_err(|e| BookError::Unusable(e.to_string()))?;
     // Never over a snapshot cut at a later ledger entry (two writers racing).
     tx.execute(
-        "INSERT INTO book_channel_state (prefix, taken_us, bound_ms, bound_seq, state)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO book_channel_state (prefix, taken_us, bound_ms, bound_seq, state, stream_bounds)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (prefix) DO UPDATE
          SET taken_us = EXCLUDED.taken_us, bound_ms = EXCLUDED.bound_ms,
-             bound_seq = EXCLUDED.bound_seq, state = EXCLUDED.state, booked_at = now()
+             bound_seq = EXCLUDED.bound_seq, state = EXCLUDED.state,
+             stream_bounds = EXCLUDED.stream_bounds, booked_at = now()
          WHERE (book_channel_state.bound_ms, book_channel_state.bound_seq, book_channel_state.taken_us)
                <= (EXCLUDED.bound_ms, EXCLUDED.bound_seq, EXCLUDED.taken_us)",
-        &[&prefix, &snap.taken_us, &bound.0, &bound.1, &state],
+        &[&prefix, &snap.taken_us, &bound.0, &bound.1, &state, &stream_bounds],
     )
     .await?;
     Ok(())

@@ -516,3 +516,270 @@ async fn a_shard_that_cannot_be_copied_does_not_stop_the_others() {
     assert_eq!(book.reconcile(&l).await.unwrap(), vec![]);
     drop(cluster);
 }
+
+/// Every master flushed (the whole cluster lost its data): `book rebuild`'s steps fill it
+/// again from the book's streams and the stopped nodes' journals. Each shard gets the totals,
+/// keys and marks its stream adds up to; every key stays spent (in its own shard's claims
+/// too); a start charged after the stored side state has its reversal held again; the channel
+/// records and the pending credit come back; usage no copy holds is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_fills_a_flushed_cluster_from_the_book_and_the_journals() {
+    use mpp::protocol::methods::tempo::session_method::{ChannelState, ChannelStore};
+    use tollgate_metering::{Journal, SettleOutcome};
+    use tollgate_payments::{ChannelBackend, RedisChannels, SharedChannels};
+    const CHAIN: u64 = 42431;
+    let pg = PostgresServer::start();
+    let cluster = RedisCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&cluster, Duration::ZERO).await;
+    let backend = Arc::new(
+        RedisChannels::connect(target(&cluster), "tollgate")
+            .await
+            .unwrap(),
+    );
+    let shared = SharedChannels::new(backend.clone(), CHAIN);
+    let l = Ledgers::connect(&target(&cluster), "tollgate", SHARDS)
+        .await
+        .unwrap();
+    l.enable_book().await.unwrap();
+    money_moves(&store, "1").await;
+    // Three payers' channels: two credited, one left pending.
+    for i in 1..=3u8 {
+        let id = format!("0xd{i}");
+        let payer = format!("0x00000000000000000000000000000000000000{:02x}", 0xa0 + i);
+        let next: ChannelState = serde_json::from_value(serde_json::json!({
+            "channel_id": id, "chain_id": CHAIN,
+            "escrow_contract": "0x00000000000000000000000000000000000000e5",
+            "payer": payer, "payee": "0x00000000000000000000000000000000000000b2",
+            "token": "0x00000000000000000000000000000000000000c3",
+            "authorized_signer": payer,
+            "deposit": 100_000_000u64, "settled_on_chain": 0,
+            "highest_voucher_amount": u64::from(i) * 1_000_000,
+            "highest_voucher_signature": [1, 2, i],
+            "spent": 0, "units": 0, "finalized": false,
+            "created_at": "2026-12-08T00:00:00Z"
+        }))
+        .unwrap();
+        shared
+            .update_channel(&id, Box::new(move |_| Ok(Some(next))))
+            .await
+            .unwrap();
+    }
+    let pending = backend.pending_credits().await.unwrap();
+    let left = pending
+        .iter()
+        .find(|c| c.key.starts_with("mpp:0xd3:"))
+        .unwrap()
+        .clone();
+    for c in pending.iter().filter(|c| c.key != left.key) {
+        store.credit(&c.account, &c.key, c.picos).await.unwrap();
+        backend.credit_done(&c.key).await.unwrap();
+    }
+
+    // Node j stops with two batches over many shards its journal never saw acknowledged:
+    // seq 1 reached the cluster (and the book), seq 2 never did.
+    let inc_j = store.begin("node-j").await.unwrap();
+    let batch = |seq: u64, accounts: std::ops::Range<usize>, cost: i64| SettleBatch {
+        node_id: "node-j".into(),
+        epoch: inc_j.epoch,
+        seq,
+        entries: accounts
+            .map(|i| SettleEntry {
+                account: format!("acct-{i}"),
+                usage: Usage {
+                    requests: seq * 10,
+                    ..Default::default()
+                },
+                cost,
+                give_back: 0,
+                ask: CENT / 10,
+            })
+            .collect(),
+    };
+    let (b1, b2) = (batch(1, 0..8, 7_000_000), batch(2, 3..11, 11_000_000));
+    let path_j = dir.path().join("node-j.journal");
+    {
+        let mut j = Journal::open(&path_j).unwrap();
+        j.set_incarnation(&inc_j).unwrap();
+        j.append(&b1).unwrap();
+        store.settle(&b1).await.unwrap();
+        j.append(&b2).unwrap();
+    }
+    // A start charged before the side state's cut (its reversal gone: the start was kept).
+    store
+        .charge("acct-5", "deploy:early", CENT / 4, false)
+        .await
+        .unwrap();
+    let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
+    copy_all(&mut book, &l).await;
+    // One charged in the round that stores the next side state: past its stream's bound.
+    store
+        .charge("acct-6", "deploy:late", CENT / 4, false)
+        .await
+        .unwrap();
+    copy_all(&mut book, &l).await;
+    // Node q: its batch applied and acknowledged after the book's last round; on a cluster
+    // its journal keeps no acknowledged batch, so that usage is lost, and named.
+    let inc_q = store.begin("node-q").await.unwrap();
+    let q1 = SettleBatch {
+        node_id: "node-q".into(),
+        epoch: inc_q.epoch,
+        seq: 1,
+        entries: vec![SettleEntry {
+            account: "acct-12".into(),
+            usage: Usage {
+                requests: 4,
+                ..Default::default()
+            },
+            cost: 5_000_000,
+            give_back: 0,
+            ask: 0,
+        }],
+    };
+    let path_q = dir.path().join("node-q.journal");
+    {
+        let mut jq = Journal::open(&path_q).unwrap();
+        jq.set_incarnation(&inc_q).unwrap();
+        jq.append(&q1).unwrap();
+        store.settle(&q1).await.unwrap();
+        jq.ack(&q1).unwrap();
+    }
+    let ids: Vec<String> = (0..16).map(|i| format!("acct-{i}")).collect();
+    let before = store.accounts(&ids).await.unwrap();
+
+    // The loss: every master flushed (the replicas follow).
+    for port in cluster.masters() {
+        redis::cmd("FLUSHALL")
+            .query::<()>(&mut cluster.conn(port))
+            .unwrap();
+    }
+
+    // What `tollgate book rebuild` does (the CLI test runs the command itself).
+    let (jj, jq) = (
+        Journal::read_stopped(&path_j).unwrap(),
+        Journal::read_stopped(&path_q).unwrap(),
+    );
+    assert_eq!(jj.pending, vec![b1.clone(), b2.clone()]);
+    assert!(jq.kept.is_empty() && jq.pending.is_empty());
+    let keys: Vec<String> = jj
+        .pending
+        .iter()
+        .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
+        .collect();
+    let sets = book.restore_sets(&l, &keys).await.unwrap();
+    assert_eq!(sets.len(), SHARDS as usize);
+    let credits: BTreeMap<String, (String, i64)> =
+        sets.iter().flat_map(|s| s.credits.clone()).collect();
+    let fresh = ClusterStore::connect(&cluster.urls(), "tollgate", Duration::from_secs(10), SHARDS)
+        .await
+        .unwrap();
+    book.check_channels_empty_at(&l).await.unwrap();
+    let report = fresh.restore(&sets, &[jj, jq]).await.unwrap();
+    let channels = book
+        .restore_channels_at(&l, &credits, Duration::from_secs(600))
+        .await
+        .unwrap();
+    l.enable_book().await.unwrap();
+    fresh.finish_restore().await.unwrap();
+
+    assert_eq!(
+        (
+            report.journal_batches_booked,
+            report.journal_batches_applied
+        ),
+        (1, 1),
+        "{report:?}"
+    );
+    assert_eq!(report.accounts, 16 + 2, "and the two payers credited");
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(
+        report.warnings[0].contains("node-q") && report.warnings[0].contains("batches 1 to 1"),
+        "{:?}",
+        report.warnings
+    );
+    assert_eq!((channels.channels, channels.pending_credits), (3, 1));
+    let reheld: Vec<&String> = channels
+        .warnings
+        .iter()
+        .filter(|w| w.contains("is held again"))
+        .collect();
+    assert_eq!(reheld.len(), 1, "{:?}", channels.warnings);
+    assert!(reheld[0].contains("deploy:late"), "{reheld:?}");
+    let back = backend.pending_credits().await.unwrap();
+    assert_eq!(
+        back.iter().map(|c| c.key.clone()).collect::<Vec<_>>(),
+        vec![left.key.clone()],
+        "the pending credit is put back"
+    );
+
+    // Balances: the book's totals, plus batch 2 (only the journal held it), minus node q's
+    // lost batch; no lease.
+    let after = fresh.accounts(&ids).await.unwrap();
+    for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+        let (a, b) = (a.clone().unwrap(), b.clone().unwrap());
+        let plus = if (3..11).contains(&i) { 11_000_000 } else { 0 };
+        let minus = if i == 12 { 5_000_000 } else { 0 };
+        assert_eq!(
+            (b.credited, b.debited, b.leased),
+            (a.credited, a.debited + plus - minus, 0),
+            "acct-{i}"
+        );
+        assert_eq!(b.available, b.credited - b.debited, "acct-{i}");
+    }
+
+    // Every key stays spent, in the account's shard and in the key's own.
+    let again = fresh.credit("acct-0", "credit-0-1", CENT).await.unwrap();
+    assert!(!again.applied);
+    assert!(fresh.credit("acct-9", "credit-0-1", CENT).await.is_err());
+    assert!(
+        fresh
+            .credit("acct-0", "credit-0-1", 2 * CENT)
+            .await
+            .is_err()
+    );
+    let charge = fresh
+        .charge("acct-1", "deploy-1", CENT / 2, false)
+        .await
+        .unwrap();
+    assert!(!charge.applied && charge.taken == CENT / 2);
+    assert!(
+        fresh
+            .charge("acct-9", "deploy-1", CENT / 2, false)
+            .await
+            .is_err()
+    );
+    assert!(
+        !fresh
+            .write_off("acct-2", "writeoff-1", CENT / 100)
+            .await
+            .unwrap()
+            .applied
+    );
+    // The node's replays at its next start: batch 1 is past in the shards batch 2 reached
+    // (as on one Redis: applied before), batch 2 a duplicate granting no lease.
+    match fresh.settle(&b1).await {
+        Err(tollgate_metering::SettleError::Stale { seq: 1, hwm: 2 }) => {}
+        other => panic!("seq 1 replayed: {other:?}"),
+    }
+    match fresh.settle(&b2).await.unwrap() {
+        SettleOutcome::Duplicate(g) => {
+            assert_eq!(g.len(), 8);
+            assert!(g.iter().all(|g| g.lease == 0), "{g:?}");
+        }
+        other => panic!("seq 2 replayed: {other:?}"),
+    }
+    assert_eq!(
+        fresh.accounts(&ids).await.unwrap(),
+        after,
+        "a replay moved money"
+    );
+    let next = fresh.begin("node-j").await.unwrap();
+    assert!(next.epoch > inc_j.epoch, "{next:?} reuses {inc_j:?}");
+
+    // A second rebuild is refused: the cluster holds money now.
+    let err = fresh.restore(&sets, &[]).await.unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    // And the book goes on: what the rebuild applied is copied, the two agree.
+    copy_all(&mut book, &l).await;
+    assert_eq!(book.reconcile(&l).await.unwrap(), vec![]);
+}

@@ -19,8 +19,9 @@
 //!   `Unavailable` and retries; the retry is applied once by whichever master holds the slot by
 //!   then.
 //! - The book of record reads each shard's stream and keeps its marks itself (tollgate-book's
-//!   `Ledgers`). Not here yet: `ledger_generation` (`None`: nodes keep no batches for a
-//!   rebuild, which restores one Redis only).
+//!   `Ledgers`); `book rebuild` restores an empty cluster from it ([`ClusterStore::restore`]).
+//!   Not here yet: `ledger_generation` (`None`: nodes keep no acknowledged batches for a
+//!   rebuild, only the unacknowledged ones).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -32,6 +33,8 @@ use futures_util::future::join_all;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use tokio::sync::broadcast;
+
+mod restore;
 
 use crate::redis_scripts::{
     BEGIN, CHARGE, CLAIM, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE, header,
@@ -388,6 +391,24 @@ impl ClusterStore {
         Ok(out)
     }
 
+    /// `batch` split by shard: each part keeps the batch's (node, epoch, seq).
+    fn parts(&self, batch: &SettleBatch) -> BTreeMap<u32, SettleBatch> {
+        let mut parts: BTreeMap<u32, SettleBatch> = BTreeMap::new();
+        for e in &batch.entries {
+            parts
+                .entry(self.shard(&e.account))
+                .or_insert_with(|| SettleBatch {
+                    node_id: batch.node_id.clone(),
+                    epoch: batch.epoch,
+                    seq: batch.seq,
+                    entries: Vec::new(),
+                })
+                .entries
+                .push(e.clone());
+        }
+        parts
+    }
+
     /// Settle parts found applied on top of a shard that had lost acknowledged parts of the
     /// same incarnation, since this handle was made (the loss is logged at error level).
     pub fn lost_parts(&self) -> u64 {
@@ -511,20 +532,8 @@ impl Store for ClusterStore {
 
     async fn settle(&self, batch: &SettleBatch) -> Result<SettleOutcome, SettleError> {
         validate_batch(batch)?;
-        let mut parts: BTreeMap<u32, SettleBatch> = BTreeMap::new();
-        for e in &batch.entries {
-            parts
-                .entry(self.shard(&e.account))
-                .or_insert_with(|| SettleBatch {
-                    node_id: batch.node_id.clone(),
-                    epoch: batch.epoch,
-                    seq: batch.seq,
-                    entries: Vec::new(),
-                })
-                .entries
-                .push(e.clone());
-        }
         // Every part's arguments first: nothing is sent unless all of them can be.
+        let parts = self.parts(batch);
         let mut sends = Vec::with_capacity(parts.len());
         for (s, p) in parts {
             let json = entries_json(&p.entries)?;
@@ -533,7 +542,7 @@ impl Store for ClusterStore {
         let outcomes = join_all(sends).await;
         let mut grants: Vec<LeaseGrant> = Vec::with_capacity(batch.entries.len());
         let (mut applied, mut refused) = (batch.entries.is_empty(), None);
-        let mut unavailable = None;
+        let (mut unavailable, mut stale) = (None, None);
         for o in outcomes {
             match o {
                 Ok(Ok(SettleOutcome::Applied(g))) => {
@@ -541,6 +550,10 @@ impl Store for ClusterStore {
                     grants.extend(g);
                 }
                 Ok(Ok(SettleOutcome::Duplicate(g))) => grants.extend(g),
+                // The shard applied a later batch of the incarnation, so this part before it
+                // (batches go one at a time): as on one Redis, "applied before". A replay
+                // after a rebuild meets it beside parts that answer as duplicates.
+                Ok(Err(e @ SettleError::Stale { .. })) => stale = Some(e),
                 Ok(Err(e)) => refused = Some(e),
                 Err(e) => unavailable = Some(e),
             }
@@ -561,6 +574,11 @@ impl Store for ClusterStore {
                     batch.seq
                 )));
             }
+            return Err(e);
+        }
+        if let Some(e) = stale
+            && !applied
+        {
             return Err(e);
         }
         let order: std::collections::HashMap<&str, usize> = batch

@@ -10,7 +10,7 @@
 //! (hwm, digest, reply, released) · `incacct:{node}:{epoch}` set · `epoch:{node}` counter ·
 //! `credits` hash (key → `id|amount`) · `ledger` stream · `accounts:events` channel.
 
-mod restore;
+pub(crate) mod restore;
 
 use std::time::Duration;
 

@@ -115,6 +115,160 @@ pub struct RestoreReport {
     pub warnings: Vec<String>,
 }
 
+/// Every journal batch once, pending (never acknowledged) and kept (acknowledged, kept for the
+/// book) alike: a batch may be in two journals (a node's own and a stand-in's).
+pub(crate) fn journal_batches(journals: &[JournalContent]) -> Vec<&SettleBatch> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for journal in journals {
+        for b in journal
+            .pending
+            .iter()
+            .chain(journal.kept.iter().map(|k| &k.batch))
+        {
+            if seen.insert((b.node_id.as_str(), b.epoch, b.seq)) {
+                out.push(b);
+            }
+        }
+    }
+    out
+}
+
+/// Journal batches (one Redis), or one shard's parts of them (a cluster), against the book's
+/// lines of that store.
+#[derive(Default)]
+pub(crate) struct Plan {
+    /// Per incarnation, its top booked batch as the journal holds it: its digest and a
+    /// no-lease reply are restored with the mark, so the node's replay answers as a duplicate.
+    pub booked_top: BTreeMap<(String, u64), SettleBatch>,
+    /// Batches the book lacks, in (node, epoch, seq) order: applied after the restore.
+    pub unbooked: Vec<SettleBatch>,
+    /// Batches the book holds (a replay is a duplicate).
+    pub booked: usize,
+    pub warnings: Vec<String>,
+}
+
+/// Sorts `batches` into booked and unbooked by `set`'s high-water marks; a booked one whose
+/// lines differ from the book's is named and left out (the book's lines stand).
+pub(crate) fn plan(set: &RestoreSet, batches: Vec<SettleBatch>, place: &str) -> Plan {
+    let mut out = Plan::default();
+    for b in batches {
+        let inc = (b.node_id.clone(), b.epoch);
+        match set.incarnations.get(&inc) {
+            Some(&top) if b.seq <= top => {
+                let key = format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq);
+                let mut mine: Vec<(String, i64)> = b
+                    .entries
+                    .iter()
+                    .map(|e| (e.account.clone(), e.cost))
+                    .collect();
+                mine.sort();
+                match set.settle_lines.get(&key) {
+                    Some(booked) if *booked != mine => out.warnings.push(format!(
+                        "journal batch {key}{place} differs from the book's lines (the store held other content): not applied; the book's lines stand"
+                    )),
+                    _ => {
+                        out.booked += 1;
+                        if b.seq == top {
+                            out.booked_top.insert(inc, b);
+                        }
+                    }
+                }
+            }
+            _ => out.unbooked.push(b),
+        }
+    }
+    out.unbooked
+        .sort_by(|a, b| (&a.node_id, a.epoch, a.seq).cmp(&(&b.node_id, b.epoch, b.seq)));
+    out
+}
+
+/// An account's hash as restored: its totals, no lease (every node is stopped).
+pub(crate) fn account_cmd(
+    key: String,
+    credited: i64,
+    debited: i64,
+) -> Result<redis::Cmd, StoreError> {
+    let avail = credited
+        .checked_sub(debited)
+        .ok_or_else(|| StoreError::Corrupt(format!("{key}: totals out of range")))?;
+    let status = if avail > 0 { "active" } else { "suspended" };
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(key)
+        .arg("credited")
+        .arg(credited)
+        .arg("debited")
+        .arg(debited)
+        .arg("avail")
+        .arg(avail)
+        .arg("leased")
+        .arg(0)
+        .arg("status")
+        .arg(status)
+        .arg("ver")
+        .arg(1);
+    Ok(cmd)
+}
+
+/// An incarnation's mark as restored: released (no lease is granted to a dead incarnation),
+/// with the reply a replay of its top booked batch gets (no lease).
+pub(crate) fn incarnation_cmd(
+    key: String,
+    hwm: u64,
+    top: Option<&SettleBatch>,
+    set: &RestoreSet,
+) -> Result<redis::Cmd, StoreError> {
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(key).arg("hwm").arg(hwm).arg("released").arg(1);
+    if let Some(b) = top {
+        let reply: Vec<LeaseGrant> = b
+            .entries
+            .iter()
+            .map(|e| {
+                let avail = set
+                    .accounts
+                    .get(&e.account)
+                    .map_or(0, |(c, d)| c.saturating_sub(*d));
+                LeaseGrant {
+                    account: e.account.clone(),
+                    lease: 0,
+                    prev: 0,
+                    available: avail,
+                    status: if avail > 0 {
+                        Status::Active
+                    } else {
+                        Status::Suspended
+                    },
+                    version: 1,
+                }
+            })
+            .collect();
+        let reply =
+            serde_json::to_string(&reply).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        cmd.arg("digest").arg(b.digest()).arg("reply").arg(reply);
+    }
+    Ok(cmd)
+}
+
+/// The highest acknowledged seq per incarnation over all journals.
+pub(crate) fn acked_tops(journals: &[JournalContent]) -> BTreeMap<(String, u64), u64> {
+    let mut acked: BTreeMap<(String, u64), u64> = BTreeMap::new();
+    for journal in journals {
+        for (inc, top) in &journal.acked {
+            let a = acked.entry(inc.clone()).or_default();
+            *a = (*a).max(*top);
+        }
+    }
+    acked
+}
+
+/// The warning for acknowledged batches a rebuild could not restore.
+pub(crate) fn lost_acked(node: &str, epoch: u64, from: u64, to: u64) -> String {
+    format!(
+        "node {node} epoch {epoch}: batches {from} to {to} were applied and acknowledged but neither in the book nor in a journal: their usage is not restored"
+    )
+}
+
 /// `s` as a literal inside a SCAN pattern.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -195,76 +349,23 @@ impl RedisStore {
         // Journal batches: which the book holds (a replay must get the duplicate answer, so the
         // top one's digest and a no-lease reply are recorded with the high-water mark) and
         // which it does not (applied below, in order).
+        let batches = journal_batches(journals);
         let mut hwms = set.incarnations.clone();
         let mut epochs = set.epochs.clone();
-        let mut booked_top: BTreeMap<(String, u64), &SettleBatch> = BTreeMap::new();
-        let mut unbooked: Vec<&SettleBatch> = Vec::new();
-        // Each batch once: unacknowledged (pending) and acknowledged but kept for the book.
-        let mut seen = std::collections::BTreeSet::new();
-        for journal in journals {
-            for b in journal
-                .pending
-                .iter()
-                .chain(journal.kept.iter().map(|k| &k.batch))
-            {
-                if !seen.insert((b.node_id.as_str(), b.epoch, b.seq)) {
-                    continue;
-                }
-                let inc = (b.node_id.clone(), b.epoch);
-                let e = epochs.entry(b.node_id.clone()).or_default();
-                *e = (*e).max(b.epoch);
-                match set.incarnations.get(&inc) {
-                    Some(&top) if b.seq <= top => {
-                        let key = format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq);
-                        let mut mine: Vec<(String, i64)> = b
-                            .entries
-                            .iter()
-                            .map(|e| (e.account.clone(), e.cost))
-                            .collect();
-                        mine.sort();
-                        match set.settle_lines.get(&key) {
-                            Some(booked) if *booked != mine => warn(
-                                &mut report,
-                                format!(
-                                    "journal batch {key} differs from the book's lines (the store held other content): not applied; the book's lines stand"
-                                ),
-                            ),
-                            _ => {
-                                report.journal_batches_booked += 1;
-                                if b.seq == top {
-                                    booked_top.insert(inc, b);
-                                }
-                            }
-                        }
-                    }
-                    _ => unbooked.push(b),
-                }
-            }
+        for b in &batches {
+            let e = epochs.entry(b.node_id.clone()).or_default();
+            *e = (*e).max(b.epoch);
         }
-        unbooked.sort_by(|a, b| (&a.node_id, a.epoch, a.seq).cmp(&(&b.node_id, b.epoch, b.seq)));
+        let planned = plan(set, batches.into_iter().cloned().collect(), "");
+        report.journal_batches_booked = planned.booked;
+        for w in planned.warnings {
+            warn(&mut report, w);
+        }
 
         // Written in chunks (a Redis with millions of keys must not meet one reply timeout).
         let mut cmds: Vec<redis::Cmd> = Vec::new();
         for (id, (credited, debited)) in &set.accounts {
-            let avail = credited
-                .checked_sub(*debited)
-                .ok_or_else(|| StoreError::Corrupt(format!("account {id}: totals out of range")))?;
-            let status = if avail > 0 { "active" } else { "suspended" };
-            let mut cmd = redis::cmd("HSET");
-            cmd.arg(format!("{p}:acct:{id}"))
-                .arg("credited")
-                .arg(credited)
-                .arg("debited")
-                .arg(debited)
-                .arg("avail")
-                .arg(avail)
-                .arg("leased")
-                .arg(0)
-                .arg("status")
-                .arg(status)
-                .arg("ver")
-                .arg(1);
-            cmds.push(cmd);
+            cmds.push(account_cmd(format!("{p}:acct:{id}"), *credited, *debited)?);
         }
         for (key, (id, amount)) in &set.credits {
             let mut cmd = redis::cmd("HSET");
@@ -284,38 +385,12 @@ impl RedisStore {
             cmds.push(cmd);
         }
         for ((node, epoch), hwm) in &hwms {
-            let inc = format!("{p}:inc:{node}:{epoch}");
-            let mut cmd = redis::cmd("HSET");
-            cmd.arg(&inc).arg("hwm").arg(hwm).arg("released").arg(1);
-            if let Some(b) = booked_top.get(&(node.clone(), *epoch)) {
-                // The reply a duplicate gets: no lease (the incarnation is released).
-                let reply: Vec<LeaseGrant> = b
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        let avail = set
-                            .accounts
-                            .get(&e.account)
-                            .map_or(0, |(c, d)| c.saturating_sub(*d));
-                        LeaseGrant {
-                            account: e.account.clone(),
-                            lease: 0,
-                            prev: 0,
-                            available: avail,
-                            status: if avail > 0 {
-                                Status::Active
-                            } else {
-                                Status::Suspended
-                            },
-                            version: 1,
-                        }
-                    })
-                    .collect();
-                let reply = serde_json::to_string(&reply)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                cmd.arg("digest").arg(b.digest()).arg("reply").arg(reply);
-            }
-            cmds.push(cmd);
+            cmds.push(incarnation_cmd(
+                format!("{p}:inc:{node}:{epoch}"),
+                *hwm,
+                planned.booked_top.get(&(node.clone(), *epoch)),
+                set,
+            )?);
         }
         for (node, epoch) in &epochs {
             let mut cmd = redis::cmd("SET");
@@ -333,7 +408,7 @@ impl RedisStore {
         // The journals' batches the book lacks, in order per incarnation. A seq past the next
         // one means batches between were applied and acknowledged but not yet booked: named,
         // and the mark moved so this one applies.
-        for b in unbooked {
+        for b in &planned.unbooked {
             let held = hwms.entry((b.node_id.clone(), b.epoch)).or_default();
             if b.seq > *held + 1 {
                 warn(
@@ -375,23 +450,10 @@ impl RedisStore {
         // Acknowledged past everything restored: applied by the lost store, then neither
         // copied by the book nor kept by a journal (a journal that dropped its oldest kept
         // batches, or a node whose journal is missing here).
-        let mut acked: BTreeMap<(String, u64), u64> = BTreeMap::new();
-        for journal in journals {
-            for (inc, top) in &journal.acked {
-                let a = acked.entry(inc.clone()).or_default();
-                *a = (*a).max(*top);
-            }
-        }
-        for ((node, epoch), top) in acked {
+        for ((node, epoch), top) in acked_tops(journals) {
             let held = hwms.get(&(node.clone(), epoch)).copied().unwrap_or(0);
             if top > held {
-                warn(
-                    &mut report,
-                    format!(
-                        "node {node} epoch {epoch}: batches {} to {top} were applied and acknowledged but neither in the book nor in a journal: their usage is not restored",
-                        held + 1
-                    ),
-                );
+                warn(&mut report, lost_acked(&node, epoch, held + 1, top));
             }
         }
         Ok(report)
