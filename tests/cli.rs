@@ -1894,6 +1894,53 @@ fn book_commands_copy_and_reconcile_a_redis_cluster() {
             .query::<()>(&mut cluster.conn(port))
             .unwrap();
     }
+    // Refused before anything is written: another shard count than the book's, and one
+    // Redis for a cluster's book.
+    let other = |toml: String| {
+        let path = dir.path().join("other.toml");
+        std::fs::write(
+            &path,
+            format!("[redis]\n{toml}\n[book]\npostgres_url = {:?}\n", pg.url()),
+        )
+        .unwrap();
+        let out = bin()
+            .args(["book", "rebuild", "--config"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, err) = other(format!("cluster = {:?}\nmoney_shards = 8", cluster.urls()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("money_shards"), "{err}");
+    let one = tollgate_testkit::RedisServer::start();
+    let (code, err) = other(format!("url = {:?}", one.url()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not of one Redis"), "{err}");
+    let layout: Option<String> = rt.block_on(async {
+        let mut c = tollgate_kv::Target::Cluster {
+            seeds: cluster.urls(),
+            replica_acks: 1,
+        }
+        .connect()
+        .await
+        .unwrap();
+        redis::cmd("GET")
+            .arg("{tollgate}:shards")
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    });
+    assert_eq!(layout, None, "a refused rebuild wrote the layout");
     let (code, out, err) = run(&["book", "rebuild"]);
     assert_eq!(code, Some(0), "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -747,6 +747,7 @@ fn postgresql_down_and_killed_under_load_the_writer_catches_up() {
     let t = Instant::now();
     loop {
         let m = w.rt.block_on(store.book_marks(&[])).unwrap().unwrap();
+        let m = &m.streams[0];
         if m.booked.is_some() && m.booked >= m.last {
             break;
         }

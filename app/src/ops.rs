@@ -432,19 +432,32 @@ pub fn book_rebuild(
     }
     one_shot()?.block_on(async move {
         let book = tollgate_book::Book::connect(postgres_url, prefix).await?;
-        let ledgers = ledgers(redis, prefix).await?;
+        // Every check before the first write (the cluster's layout key included).
+        let ledgers = tollgate_book::Ledgers::open(&redis.0, prefix, redis.1)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", redis.0.describe()))?;
+        let shard_streams = book.shard_streams(prefix).await?;
         if ledgers.is_cluster() {
-            let missing: Vec<String> = book
-                .shard_streams(prefix)
-                .await?
-                .into_iter()
+            let missing: Vec<&String> = shard_streams
+                .iter()
                 .filter(|p| !ledgers.streams().contains(p))
                 .collect();
             anyhow::ensure!(
                 missing.is_empty(),
-                "the book holds shard streams this cluster's layout of {} shards does not have ({}): set redis.money_shards to the count the book was written with",
+                "the book holds shard streams this cluster's layout of {} shards does not have ({missing:?}): set redis.money_shards to the count the book was written with",
                 ledgers.streams().len(),
-                missing.join(", ")
+            );
+            // A book of one Redis restored into a cluster would restore nothing, and every
+            // spent key would be spendable again.
+            anyhow::ensure!(
+                !book.holds_stream(prefix).await?,
+                "the book holds the ledger of one Redis under prefix {prefix:?}, not of a cluster: rebuild into one Redis (there is no migration from one Redis to a cluster)"
+            );
+        } else {
+            anyhow::ensure!(
+                shard_streams.is_empty(),
+                "the book holds the ledgers of a Redis Cluster's shards under prefix {prefix:?} ({} streams), not of one Redis: rebuild into a cluster with the same money_shards",
+                shard_streams.len()
             );
         }
         let conflicts = book.conflicts_in(&ledgers).await?;
@@ -454,6 +467,9 @@ pub fn book_rebuild(
             .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
             .collect();
         let mut sets = book.restore_sets(&ledgers, &keys).await?;
+        if ledgers.is_cluster() {
+            tollgate_metering::check_restore_layout(&sets, redis.1)?;
+        }
         let credits: std::collections::BTreeMap<String, (String, i64)> = sets
             .iter()
             .flat_map(|s| s.credits.iter().map(|(k, v)| (k.clone(), v.clone())))

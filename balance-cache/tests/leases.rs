@@ -161,7 +161,7 @@ impl Store for Refusing {
     async fn book_marks(
         &self,
         incs: &[Incarnation],
-    ) -> Result<Option<tollgate_metering::BookMarks>, StoreError> {
+    ) -> Result<Option<tollgate_metering::LedgerMarks>, StoreError> {
         self.inner.book_marks(incs).await
     }
     async fn settle(&self, batch: &SettleBatch) -> Result<SettleOutcome, SettleError> {

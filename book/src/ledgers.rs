@@ -73,6 +73,40 @@ impl Ledgers {
         })
     }
 
+    /// [`Ledgers::connect`] without writing anything: on a cluster whose layout key is gone
+    /// (a data loss), `shards` is assumed and not stored; one held that differs is refused
+    /// (`book rebuild` checks everything before it writes).
+    pub async fn open(target: &Target, prefix: &str, shards: u32) -> Result<Ledgers, BookError> {
+        let mut conn = target
+            .connect_with(Timeouts::both(Duration::from_secs(10)))
+            .await?;
+        if let Target::Cluster { .. } = target {
+            if !(1..=1024).contains(&shards) {
+                return Err(BookError::Unusable(format!(
+                    "money shards must be 1..=1024, got {shards}"
+                )));
+            }
+            let key = format!("{{{prefix}}}:shards");
+            let held: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+            if let Some(held) = held.filter(|h| *h != shards.to_string()) {
+                return Err(BookError::Unusable(format!(
+                    "this cluster's money is laid out in {held} shards ({key}), not the {shards} configured: set redis.money_shards to {held}"
+                )));
+            }
+        }
+        let streams = match target {
+            Target::One(_) => vec![prefix.to_owned()],
+            Target::Cluster { .. } => (0..shards).map(|s| format!("{{{prefix}:m{s}}}")).collect(),
+        };
+        Ok(Ledgers {
+            conn,
+            prefix: prefix.to_owned(),
+            streams,
+            channels: target.family_prefix(prefix),
+            cluster: target.is_cluster(),
+        })
+    }
+
     /// The ledger of a store already open on one Redis.
     pub fn of(store: &RedisStore) -> Ledgers {
         Ledgers {

@@ -1027,6 +1027,19 @@ impl Book {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// Whether the book holds lines or a cursor of stream `p`.
+    pub async fn holds_stream(&self, p: &str) -> Result<bool, BookError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM book_cursor WHERE prefix = $1)
+                     OR EXISTS (SELECT 1 FROM book_entries WHERE prefix = $1)",
+                &[&p],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Lines of `l`'s streams set aside as conflicts.
     pub async fn conflicts_in(&self, l: &Ledgers) -> Result<i64, BookError> {
         let row = self

@@ -552,7 +552,7 @@ async fn after_a_redis_data_loss_rebuild_restores_every_balance_and_key_from_boo
         // from this node's point of view: it goes.
         let incs = jq.kept_incarnations();
         let mut marks = store.book_marks(&incs).await.unwrap().unwrap();
-        marks.declared = false;
+        marks.streams[0].declared = false;
         assert_eq!(jq.release_booked(&marks, &incs).unwrap(), 1);
     }
     let ids = ["acct-a".to_owned(), "acct-b".to_owned()];

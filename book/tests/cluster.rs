@@ -610,16 +610,72 @@ async fn rebuild_fills_a_flushed_cluster_from_the_book_and_the_journals() {
         .charge("acct-5", "deploy:early", CENT / 4, false)
         .await
         .unwrap();
+    // Node m keeps its acknowledged batches for the book (its incarnation's generation is
+    // every shard's): batch 1 goes once the book holds it, batch 2 (acknowledged after the
+    // book's last round) stays and comes back in the rebuild.
+    let inc_m = store.begin("node-m").await.unwrap();
+    let path_m = dir.path().join("node-m.journal");
+    let mut jm = Journal::open(&path_m).unwrap();
+    jm.set_incarnation(&inc_m).unwrap();
+    let generation = store.ledger_generation().await.unwrap().unwrap();
+    assert_eq!(
+        generation.split(',').count(),
+        SHARDS as usize,
+        "{generation}"
+    );
+    jm.set_generation(&inc_m, &generation).unwrap();
+    let m_batch = |seq: u64, account: &str, cost: i64| SettleBatch {
+        node_id: "node-m".into(),
+        epoch: inc_m.epoch,
+        seq,
+        entries: vec![SettleEntry {
+            account: account.into(),
+            usage: Usage {
+                requests: 3,
+                ..Default::default()
+            },
+            cost,
+            give_back: 0,
+            ask: 0,
+        }],
+    };
+    let (m1, m2) = (
+        m_batch(1, "acct-13", 2_000_000),
+        m_batch(2, "acct-14", 3_000_000),
+    );
+    jm.append(&m1).unwrap();
+    store.settle(&m1).await.unwrap();
+    jm.ack(&m1).unwrap();
+    let incs = jm.kept_incarnations();
+    let marks = store.book_marks(&incs).await.unwrap().unwrap();
+    assert_eq!(marks.streams.len(), SHARDS as usize);
+    assert_eq!(
+        jm.release_booked(&marks, &incs).unwrap(),
+        0,
+        "not booked yet"
+    );
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
     copy_all(&mut book, &l).await;
+    let marks = store.book_marks(&incs).await.unwrap().unwrap();
+    assert_eq!(
+        jm.release_booked(&marks, &incs).unwrap(),
+        1,
+        "booked: released"
+    );
     // One charged in the round that stores the next side state: past its stream's bound.
     store
         .charge("acct-6", "deploy:late", CENT / 4, false)
         .await
         .unwrap();
     copy_all(&mut book, &l).await;
-    // Node q: its batch applied and acknowledged after the book's last round; on a cluster
-    // its journal keeps no acknowledged batch, so that usage is lost, and named.
+    jm.append(&m2).unwrap();
+    store.settle(&m2).await.unwrap();
+    jm.ack(&m2).unwrap();
+    let marks = store.book_marks(&incs).await.unwrap().unwrap();
+    assert_eq!(jm.release_booked(&marks, &incs).unwrap(), 0);
+    drop(jm);
+    // Node q: its batch applied and acknowledged after the book's last round, and its journal
+    // kept nothing (it never learned the generation): that usage is lost, and named.
     let inc_q = store.begin("node-q").await.unwrap();
     let q1 = SettleBatch {
         node_id: "node-q".into(),
@@ -655,15 +711,21 @@ async fn rebuild_fills_a_flushed_cluster_from_the_book_and_the_journals() {
     }
 
     // What `tollgate book rebuild` does (the CLI test runs the command itself).
-    let (jj, jq) = (
+    let (jj, jq, jm) = (
         Journal::read_stopped(&path_j).unwrap(),
         Journal::read_stopped(&path_q).unwrap(),
+        Journal::read_stopped(&path_m).unwrap(),
     );
     assert_eq!(jj.pending, vec![b1.clone(), b2.clone()]);
     assert!(jq.kept.is_empty() && jq.pending.is_empty());
+    assert_eq!(
+        jm.kept.iter().map(|k| k.batch.clone()).collect::<Vec<_>>(),
+        vec![m2.clone()]
+    );
     let keys: Vec<String> = jj
         .pending
         .iter()
+        .chain(jm.kept.iter().map(|k| &k.batch))
         .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
         .collect();
     let sets = book.restore_sets(&l, &keys).await.unwrap();
@@ -674,7 +736,7 @@ async fn rebuild_fills_a_flushed_cluster_from_the_book_and_the_journals() {
         .await
         .unwrap();
     book.check_channels_empty_at(&l).await.unwrap();
-    let report = fresh.restore(&sets, &[jj, jq]).await.unwrap();
+    let report = fresh.restore(&sets, &[jj, jq, jm]).await.unwrap();
     let channels = book
         .restore_channels_at(&l, &credits, Duration::from_secs(600))
         .await
@@ -687,7 +749,7 @@ async fn rebuild_fills_a_flushed_cluster_from_the_book_and_the_journals() {
             report.journal_batches_booked,
             report.journal_batches_applied
         ),
-        (1, 1),
+        (1, 2),
         "{report:?}"
     );
     assert_eq!(report.accounts, 16 + 2, "and the two payers credited");
@@ -712,8 +774,8 @@ async fn rebuild_fills_a_flushed_cluster_from_the_book_and_the_journals() {
         "the pending credit is put back"
     );
 
-    // Balances: the book's totals, plus batch 2 (only the journal held it), minus node q's
-    // lost batch; no lease.
+    // Balances as before the loss (node m's batch 2, not in the book, came from its journal),
+    // plus node j's batch 2 (never applied before), minus node q's lost batch; no lease.
     let after = fresh.accounts(&ids).await.unwrap();
     for (i, (a, b)) in before.iter().zip(&after).enumerate() {
         let (a, b) = (a.clone().unwrap(), b.clone().unwrap());
@@ -755,18 +817,18 @@ async fn rebuild_fills_a_flushed_cluster_from_the_book_and_the_journals() {
             .unwrap()
             .applied
     );
-    // The node's replays at its next start: batch 1 is past in the shards batch 2 reached
-    // (as on one Redis: applied before), batch 2 a duplicate granting no lease.
-    match fresh.settle(&b1).await {
-        Err(tollgate_metering::SettleError::Stale { seq: 1, hwm: 2 }) => {}
-        other => panic!("seq 1 replayed: {other:?}"),
-    }
-    match fresh.settle(&b2).await.unwrap() {
-        SettleOutcome::Duplicate(g) => {
-            assert_eq!(g.len(), 8);
-            assert!(g.iter().all(|g| g.lease == 0), "{g:?}");
+    // The node's replays at its next start: duplicates granting no lease, one grant per
+    // entry (batch 1's parts in the shards batch 2 reached are past there: applied before).
+    for b in [&b1, &b2] {
+        match fresh.settle(b).await.unwrap() {
+            SettleOutcome::Duplicate(g) => {
+                let accounts: Vec<&str> = g.iter().map(|g| g.account.as_str()).collect();
+                let entries: Vec<&str> = b.entries.iter().map(|e| e.account.as_str()).collect();
+                assert_eq!(accounts, entries, "seq {}", b.seq);
+                assert!(g.iter().all(|g| g.lease == 0), "{g:?}");
+            }
+            other => panic!("seq {} replayed: {other:?}", b.seq),
         }
-        other => panic!("seq 2 replayed: {other:?}"),
     }
     assert_eq!(
         fresh.accounts(&ids).await.unwrap(),

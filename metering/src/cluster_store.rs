@@ -20,8 +20,9 @@
 //!   then.
 //! - The book of record reads each shard's stream and keeps its marks itself (tollgate-book's
 //!   `Ledgers`); `book rebuild` restores an empty cluster from it ([`ClusterStore::restore`]).
-//!   Not here yet: `ledger_generation` (`None`: nodes keep no acknowledged batches for a
-//!   rebuild, only the unacknowledged ones).
+//!   Each shard has its own ledger generation (`{prefix:m<n>}:ledger:gen`); a node's
+//!   incarnation records them all, and its journal keeps an acknowledged batch until every
+//!   shard it touched shows the book holds its part ([`crate::Journal::release_booked`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -35,20 +36,23 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use tokio::sync::broadcast;
 
 mod restore;
+pub use restore::check_restore_layout;
 
 use crate::redis_scripts::{
-    BEGIN, CHARGE, CLAIM, CREDIT, LUA_COMMON, LUA_RETURN_LEASE, REAP, RELEASE, SETTLE, header,
+    BEGIN, BOOK_MARKS, CHARGE, CLAIM, CREDIT, GENERATION, LUA_COMMON, LUA_RETURN_LEASE, REAP,
+    RELEASE, SETTLE, header,
 };
 use crate::redis_store::{
     DEFAULT_LEDGER_RETENTION, FIELDS, charge_reply, credit_reply, decode_feed, entries_json,
-    ledger_lines, mode_arg, parse_state, settle_reply, unavailable,
+    ledger_lines, mode_arg, parse_book_marks, parse_state, settle_reply, unavailable,
 };
 use crate::store::{
     FeedEvent, Store, StoreError, validate_batch, validate_charge, validate_credit,
 };
 use crate::types::{
     AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
-    Incarnation, LeaseGrant, LedgerEntry, SettleBatch, SettleError, SettleOutcome, Status,
+    Incarnation, LeaseGrant, LedgerEntry, LedgerMarks, SettleBatch, SettleError, SettleOutcome,
+    Status,
 };
 
 /// Shards a new cluster is laid out in by default: enough to spread over tens of masters, few
@@ -105,6 +109,8 @@ struct Scripts {
     begin: Lua,
     claim: Lua,
     shards: Lua,
+    generation: Lua,
+    book_marks: Lua,
 }
 
 /// The layout key: set once; its write counter moves, so the `WAIT` after it covers the value
@@ -232,6 +238,8 @@ impl ClusterStore {
                 begin: code(&[BEGIN]),
                 claim: code(&[CLAIM]),
                 shards: Lua::new(SHARDS.to_owned()),
+                generation: Lua::new(GENERATION.to_owned()),
+                book_marks: Lua::new(BOOK_MARKS.to_owned()),
             }),
             feed,
             _alive: alive.clone(),
@@ -535,15 +543,18 @@ impl Store for ClusterStore {
         // Every part's arguments first: nothing is sent unless all of them can be.
         let parts = self.parts(batch);
         let mut sends = Vec::with_capacity(parts.len());
+        let mut accounts: Vec<Vec<String>> = Vec::with_capacity(parts.len());
         for (s, p) in parts {
             let json = entries_json(&p.entries)?;
+            accounts.push(p.entries.iter().map(|e| e.account.clone()).collect());
             sends.push(self.settle_part(s, p, json));
         }
         let outcomes = join_all(sends).await;
         let mut grants: Vec<LeaseGrant> = Vec::with_capacity(batch.entries.len());
         let (mut applied, mut refused) = (batch.entries.is_empty(), None);
         let (mut unavailable, mut stale) = (None, None);
-        for o in outcomes {
+        let mut stale_accounts: Vec<String> = Vec::new();
+        for (o, ids) in outcomes.into_iter().zip(accounts) {
             match o {
                 Ok(Ok(SettleOutcome::Applied(g))) => {
                     applied = true;
@@ -553,7 +564,10 @@ impl Store for ClusterStore {
                 // The shard applied a later batch of the incarnation, so this part before it
                 // (batches go one at a time): as on one Redis, "applied before". A replay
                 // after a rebuild meets it beside parts that answer as duplicates.
-                Ok(Err(e @ SettleError::Stale { .. })) => stale = Some(e),
+                Ok(Err(e @ SettleError::Stale { .. })) => {
+                    stale = Some(e);
+                    stale_accounts.extend(ids);
+                }
                 Ok(Err(e)) => refused = Some(e),
                 Err(e) => unavailable = Some(e),
             }
@@ -576,10 +590,29 @@ impl Store for ClusterStore {
             }
             return Err(e);
         }
-        if let Some(e) = stale
-            && !applied
-        {
-            return Err(e);
+        if let Some(e) = stale {
+            // Every part past: the whole batch was applied before, as on one Redis.
+            if grants.is_empty() {
+                return Err(e);
+            }
+            // Some parts past beside others that answered: the reply still covers every entry
+            // (a node pairs entries and grants): the past parts' accounts get no lease, with
+            // their state now. Not a re-cut: those parts were applied.
+            let states = self
+                .accounts(&stale_accounts)
+                .await
+                .map_err(|e| SettleError::Unavailable(e.to_string()))?;
+            for (id, st) in stale_accounts.iter().zip(states) {
+                let st = st.unwrap_or_else(|| AccountState::empty(id));
+                grants.push(LeaseGrant {
+                    account: id.clone(),
+                    lease: 0,
+                    prev: 0,
+                    available: st.available,
+                    status: st.status,
+                    version: st.version,
+                });
+            }
         }
         let order: std::collections::HashMap<&str, usize> = batch
             .entries
@@ -741,18 +774,7 @@ impl Store for ClusterStore {
             let mut cmd = eval(&self.scripts.reap, &[format!("{tag}:leases")]);
             cmd.arg(&tag).arg(self.ledger_retention.as_millis() as u64);
             // Nothing waits on a reap's answer: a reap a failover loses is done again.
-            let mut c = self.conn.clone();
-            let n: u64 = match cmd.query_async(&mut c).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    with_source(&self.scripts.reap, &cmd)
-                        .query_async(&mut c)
-                        .await
-                }
-                other => other,
-            }
-            .map_err(unavailable)?;
+            let n: u64 = self.unacked(&self.conn, &self.scripts.reap, cmd).await?;
             Ok::<u64, StoreError>(n)
         });
         let mut total = 0;
@@ -760,6 +782,54 @@ impl Store for ClusterStore {
             total += r?;
         }
         Ok(total)
+    }
+
+    async fn ledger_generation(&self) -> Result<Option<String>, StoreError> {
+        let calls = (0..self.shards).map(|s| async move {
+            let cmd = eval(
+                &self.scripts.generation,
+                &[format!("{}:ledger:gen", self.tag(s))],
+            );
+            // Not waited for: a generation a failover takes back only makes the batches kept
+            // under it stay longer (their marks never match again), never go early. So a
+            // shard whose replica is gone does not stop its node from keeping batches.
+            self.unacked::<String>(&self.rconn, &self.scripts.generation, cmd)
+                .await
+        });
+        let gens = join_all(calls)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(gens.join(",")))
+    }
+
+    async fn book_marks(&self, incs: &[Incarnation]) -> Result<Option<LedgerMarks>, StoreError> {
+        let calls = (0..self.shards).map(|s| async move {
+            let tag = self.tag(s);
+            let mut keys = vec![
+                format!("{tag}:ledger:book"),
+                format!("{tag}:ledger:booked"),
+                format!("{tag}:ledger"),
+                format!("{tag}:ledger:gen"),
+            ];
+            keys.extend(
+                incs.iter()
+                    .map(|i| format!("{tag}:inc:{}:{}", i.node_id, i.epoch)),
+            );
+            let cmd = eval(&self.scripts.book_marks, &keys);
+            let reply: Vec<String> = self
+                .unacked(&self.rconn, &self.scripts.book_marks, cmd)
+                .await?;
+            parse_book_marks(&reply)
+        });
+        let streams = join_all(calls)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(LedgerMarks {
+            shards: self.shards,
+            streams,
+        }))
     }
 
     async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
@@ -799,6 +869,25 @@ impl Store for ClusterStore {
 }
 
 impl ClusterStore {
+    /// Runs a script without a `WAIT` (a reap, whose loss in a failover is redone; a read of
+    /// the book's marks, whose every value a journal acts on was acknowledged by a replica
+    /// when written), sending its source when the master does not know it.
+    async fn unacked<T: redis::FromRedisValue>(
+        &self,
+        conn: &ClusterConnection,
+        lua: &Lua,
+        cmd: redis::Cmd,
+    ) -> Result<T, StoreError> {
+        let mut c = conn.clone();
+        match cmd.query_async(&mut c).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                with_source(lua, &cmd).query_async(&mut c).await
+            }
+            other => other,
+        }
+        .map_err(unavailable)
+    }
+
     /// `HMGET fields` of each account, one pipeline per shard (a pipeline stays in one slot).
     async fn read_rows(
         &self,

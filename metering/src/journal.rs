@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{BookMarks, Incarnation, LedgerPos, SettleBatch};
+use crate::cluster_store::shard_of;
+use crate::types::{Incarnation, LedgerMarks, LedgerPos, SettleBatch};
 
 /// Kept batches a journal holds at most (the oldest go first, logged; a rebuild names what the
 /// book never got): at one batch per 50 ms round, about 200 s of a node's rounds while the
@@ -169,11 +170,11 @@ pub fn parse_journal(bytes: &[u8]) -> JournalContent {
     c
 }
 
-/// One kept batch in memory: the ledger position read after it was acknowledged (once read,
-/// in its own generation).
+/// One kept batch in memory: per ledger stream it has lines in, the position read after it was
+/// acknowledged (once read, in its own generation).
 struct Kept {
     k: KeptBatch,
-    tag: Option<LedgerPos>,
+    tags: Vec<(usize, LedgerPos)>,
 }
 
 pub struct Journal {
@@ -190,8 +191,9 @@ pub struct Journal {
     kept_bytes: u64,
     /// The ledger generation of each incarnation (its batches are kept only when known).
     generations: BTreeMap<(String, u64), String>,
-    /// The ledger generation in which a book of record was last seen declared (this process).
-    book_seen_in: Option<String>,
+    /// Per ledger stream, the generation in which a book of record was last seen declared
+    /// there (this process).
+    book_seen_in: BTreeMap<usize, String>,
     /// The highest acknowledged seq per incarnation (see [`JournalContent::acked`]).
     acked: BTreeMap<(String, u64), u64>,
     /// Bytes appended since the last compaction: a rewrite carries the kept batches, so it
@@ -277,10 +279,13 @@ impl Journal {
             kept: content
                 .kept
                 .into_iter()
-                .map(|k| Kept { k, tag: None })
+                .map(|k| Kept {
+                    k,
+                    tags: Vec::new(),
+                })
                 .collect(),
             generations: content.generations,
-            book_seen_in: None,
+            book_seen_in: BTreeMap::new(),
             acked: content.acked,
             appended: 0,
             max_kept: MAX_KEPT,
@@ -412,7 +417,7 @@ impl Journal {
                         batch,
                         generation: generation.clone(),
                     },
-                    tag: None,
+                    tags: Vec::new(),
                 };
                 let evicted = keep(&mut self.kept, k, self.max_kept);
                 if evicted > 0 {
@@ -470,49 +475,105 @@ impl Journal {
     }
 
     /// Drops the kept batches the store shows are safe to forget. `marks` was read for
-    /// `incs` (their high-water marks, in order). A batch goes only when the store still holds
-    /// it: same generation, and its incarnation's mark at or past its seq (a Redis that lost
-    /// its data, or a replica that lost the write, keeps it here). Then, without a book, it
-    /// goes; with one, it is tagged with the ledger's last entry on first sight and goes once
-    /// the book's mark reaches that tag. Returns how many went.
+    /// `incs` (their high-water marks, in order), per ledger stream. A batch goes only when
+    /// every stream it has lines in (one Redis: the one; a cluster: its accounts' shards)
+    /// still holds it: same generation, and its incarnation's mark at or past its seq (a Redis
+    /// that lost its data, or a replica that lost the write, keeps it here). Then, without a
+    /// book there, that part is done; with one, it is tagged with the stream's last entry on
+    /// first sight and done once the book's mark there reaches that tag. Returns how many went.
     pub fn release_booked(
         &mut self,
-        marks: &BookMarks,
+        marks: &LedgerMarks,
         incs: &[Incarnation],
     ) -> Result<usize, JournalError> {
-        if marks.declared {
-            self.book_seen_in = marks.generation.clone();
-        } else if self.book_seen_in.is_some() && self.book_seen_in != marks.generation {
-            // A book was declared in an earlier Redis lifetime and is not (yet) in this one:
-            // Redis lost its data and the writer has not declared the book again there. Not
-            // "no book": everything stays until it does.
+        let n = marks.streams.len();
+        if n == 0 || (marks.shards > 0 && marks.shards as usize != n) {
             return Ok(0);
         }
+        // Per stream: whether its book is known. A book declared in an earlier lifetime of a
+        // stream and not (yet) in this one: the stream lost its data and the writer has not
+        // declared the book again there. Not "no book": its parts stay until it does.
+        let mut known = vec![true; n];
+        for (s, m) in marks.streams.iter().enumerate() {
+            if m.declared {
+                match &m.generation {
+                    Some(g) => self.book_seen_in.insert(s, g.clone()),
+                    None => self.book_seen_in.remove(&s),
+                };
+            } else if self
+                .book_seen_in
+                .get(&s)
+                .is_some_and(|g| Some(g) != m.generation.as_ref())
+            {
+                known[s] = false;
+            }
+        }
         let before = self.kept.len();
-        let hwm = |b: &SettleBatch| {
+        let inc_of = |b: &SettleBatch| {
             incs.iter()
                 .position(|i| i.node_id == b.node_id && i.epoch == b.epoch)
-                .and_then(|i| marks.hwms.get(i).copied())
         };
         self.kept.retain_mut(|k| {
-            let held = marks.generation.as_deref() == Some(k.k.generation.as_str())
-                && hwm(&k.k.batch).is_some_and(|h| h >= k.k.batch.seq);
-            if !held {
-                k.tag = None;
-                return true;
+            let b = &k.k.batch;
+            let streams: Vec<usize> = if marks.shards == 0 {
+                vec![0]
+            } else {
+                let mut v: Vec<usize> = b
+                    .entries
+                    .iter()
+                    .map(|e| shard_of(&e.account, marks.shards) as usize)
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            };
+            let inc = inc_of(b);
+            let mut keep = false;
+            for s in streams {
+                let Some(m) = marks.streams.get(s) else {
+                    keep = true;
+                    continue;
+                };
+                if !known[s] {
+                    keep = true;
+                    continue;
+                }
+                // The generation this stream had when the batch's incarnation began.
+                let generation = if n == 1 {
+                    Some(k.k.generation.as_str())
+                } else {
+                    k.k.generation.split(',').nth(s)
+                };
+                let held = m.generation.is_some()
+                    && m.generation.as_deref() == generation
+                    && inc
+                        .and_then(|i| m.hwms.get(i).copied())
+                        .is_some_and(|h| h >= b.seq);
+                if !held {
+                    k.tags.retain(|(t, _)| *t != s);
+                    keep = true;
+                    continue;
+                }
+                if !m.declared {
+                    continue;
+                }
+                let tag = match k.tags.iter().find(|(t, _)| *t == s) {
+                    Some((_, tag)) => Some(*tag),
+                    None => {
+                        // The part's own entry is at or before the stream's last one (it was
+                        // applied before this read); an empty stream: wait for an entry.
+                        if let Some(last) = m.last {
+                            k.tags.push((s, last));
+                        }
+                        m.last
+                    }
+                };
+                match (tag, m.booked) {
+                    (Some(tag), Some(booked)) if tag <= booked => {}
+                    _ => keep = true,
+                }
             }
-            if !marks.declared {
-                return false;
-            }
-            if k.tag.is_none() {
-                // The batch's own entry is at or before the ledger's last one (it was
-                // applied before this read); an empty ledger: wait for an entry.
-                k.tag = marks.last;
-            }
-            match (k.tag, marks.booked) {
-                (Some(tag), Some(booked)) => tag > booked,
-                _ => true,
-            }
+            keep
         });
         let dropped = before - self.kept.len();
         if dropped > 0 {
@@ -792,7 +853,7 @@ mod compaction_tests {
 #[cfg(test)]
 mod kept_tests {
     use super::*;
-    use crate::types::SettleEntry;
+    use crate::types::{BookMarks, SettleEntry};
 
     fn inc() -> Incarnation {
         Incarnation {
@@ -836,6 +897,77 @@ mod kept_tests {
         }
     }
 
+    /// On a cluster (two shards here) a batch goes only once every shard it has lines in holds
+    /// its part in the generation the incarnation began with, and the book there passed it; a
+    /// shard it has no line in does not hold it back, and one that lost its data keeps it.
+    #[test]
+    fn a_batch_across_shards_goes_once_each_of_its_shards_holds_and_booked_its_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(&dir.path().join("n.journal")).unwrap();
+        j.set_incarnation(&inc()).unwrap();
+        j.set_generation(&inc(), "g0,g1").unwrap();
+        // An account of each shard.
+        let name = |shard: u32| {
+            (0..)
+                .map(|i| format!("acct-{i}"))
+                .find(|a| shard_of(a, 2) == shard)
+                .unwrap()
+        };
+        let line = |account: String| SettleEntry {
+            account,
+            usage: Default::default(),
+            cost: 5,
+            give_back: 0,
+            ask: 0,
+        };
+        let both = SettleBatch {
+            entries: vec![line(name(0)), line(name(1))],
+            ..b(1)
+        };
+        let only1 = SettleBatch {
+            entries: vec![line(name(1))],
+            ..b(2)
+        };
+        for x in [&both, &only1] {
+            j.append(x).unwrap();
+            j.ack(x).unwrap();
+        }
+        let incs = j.kept_incarnations();
+        let shard = |booked: Option<LedgerPos>, last: u64, generation: &str, hwm: u64| {
+            marks(booked, last, generation, hwm)
+        };
+        let cluster = |s0: BookMarks, s1: BookMarks| LedgerMarks {
+            shards: 2,
+            streams: vec![s0, s1],
+        };
+        // Shard 1 booked past both; shard 0 not yet past batch 1's part.
+        let m = cluster(shard(pos(5), 10, "g0", 1), shard(pos(30), 30, "g1", 2));
+        assert_eq!(
+            j.release_booked(&m, &incs).unwrap(),
+            1,
+            "batch 2 is only in shard 1"
+        );
+        assert_eq!(kept(&j), [1]);
+        // Shard 0 lost its data (a new generation): the part is not held there, whatever its
+        // book says.
+        let m = cluster(shard(pos(99), 99, "g0-new", 1), shard(pos(30), 30, "g1", 2));
+        assert_eq!(j.release_booked(&m, &incs).unwrap(), 0);
+        // Its shard back in the first generation, the book past the position read now.
+        let m = cluster(shard(pos(5), 10, "g0", 1), shard(pos(30), 30, "g1", 2));
+        assert_eq!(j.release_booked(&m, &incs).unwrap(), 0);
+        let m = cluster(shard(pos(10), 12, "g0", 1), shard(pos(30), 30, "g1", 2));
+        assert_eq!(j.release_booked(&m, &incs).unwrap(), 1);
+        assert!(kept(&j).is_empty());
+        // A layout the marks do not describe whole releases nothing.
+        j.append(&b(3)).unwrap();
+        j.ack(&b(3)).unwrap();
+        let short = LedgerMarks {
+            shards: 2,
+            streams: vec![shard(pos(99), 99, "g0", 3)],
+        };
+        assert_eq!(j.release_booked(&short, &j.kept_incarnations()).unwrap(), 0);
+    }
+
     /// An acknowledged batch stays (across reopening and compaction) until the book's mark
     /// passes the ledger position read after its acknowledgement, in its own generation; an
     /// abandoned one is neither replayed nor kept.
@@ -859,7 +991,7 @@ mod kept_tests {
         // The ledger's last entry is at 100: both batches are at or before it; the book holds
         // up to 50 only.
         assert_eq!(
-            j.release_booked(&marks(pos(50), 100, "g1", 2), &incs)
+            j.release_booked(&LedgerMarks::from(marks(pos(50), 100, "g1", 2)), &incs)
                 .unwrap(),
             0
         );
@@ -886,29 +1018,29 @@ mod kept_tests {
         let incs = j.kept_incarnations();
         // Another generation (Redis lost its data): never released, whatever its marks say.
         assert_eq!(
-            j.release_booked(&marks(pos(9_999), 9_999, "g2", 9), &incs)
+            j.release_booked(&LedgerMarks::from(marks(pos(9_999), 9_999, "g2", 9)), &incs)
                 .unwrap(),
             0
         );
         // Same generation, but Redis lost batch 4 (a replica that missed it): 4 stays.
         assert_eq!(
-            j.release_booked(&marks(pos(100), 200, "g1", 2), &incs)
+            j.release_booked(&LedgerMarks::from(marks(pos(100), 200, "g1", 2)), &incs)
                 .unwrap(),
             0
         );
         assert_eq!(
-            j.release_booked(&marks(pos(199), 300, "g1", 4), &incs)
+            j.release_booked(&LedgerMarks::from(marks(pos(199), 300, "g1", 4)), &incs)
                 .unwrap(),
             0
         );
         // Batches 1 and 2 were first seen held at 200, batch 4 at 300.
         assert_eq!(
-            j.release_booked(&marks(pos(200), 300, "g1", 4), &incs)
+            j.release_booked(&LedgerMarks::from(marks(pos(200), 300, "g1", 4)), &incs)
                 .unwrap(),
             2
         );
         assert_eq!(
-            j.release_booked(&marks(pos(300), 300, "g1", 4), &incs)
+            j.release_booked(&LedgerMarks::from(marks(pos(300), 300, "g1", 4)), &incs)
                 .unwrap(),
             1
         );
@@ -921,7 +1053,8 @@ mod kept_tests {
             ..marks(None, 0, "g1", 5)
         };
         assert_eq!(
-            j.release_booked(&no_book, &j.kept_incarnations()).unwrap(),
+            j.release_booked(&LedgerMarks::from(no_book.clone()), &j.kept_incarnations())
+                .unwrap(),
             1
         );
         drop(j);
@@ -945,7 +1078,8 @@ mod kept_tests {
         j.ack(&b(1)).unwrap();
         let incs = j.kept_incarnations();
         assert_eq!(
-            j.release_booked(&marks(None, 10, "g1", 1), &incs).unwrap(),
+            j.release_booked(&LedgerMarks::from(marks(None, 10, "g1", 1)), &incs)
+                .unwrap(),
             0
         );
         // Redis lost its data: the node's next incarnation settles into generation g2.
@@ -967,7 +1101,11 @@ mod kept_tests {
             generation: Some("g2".into()),
             hwms: vec![0, 1],
         };
-        assert_eq!(j.release_booked(&lost, &incs).unwrap(), 0);
+        assert_eq!(
+            j.release_booked(&LedgerMarks::from(lost.clone()), &incs)
+                .unwrap(),
+            0
+        );
         assert_eq!(j.kept().count(), 2);
         // Declared again in g2, its mark past the new batch: that one goes.
         let back = BookMarks {
@@ -975,7 +1113,11 @@ mod kept_tests {
             booked: pos(5),
             ..lost.clone()
         };
-        assert_eq!(j.release_booked(&back, &incs).unwrap(), 1);
+        assert_eq!(
+            j.release_booked(&LedgerMarks::from(back.clone()), &incs)
+                .unwrap(),
+            1
+        );
         assert_eq!(j.kept().count(), 1, "the lost generation's batch stays");
         // `book disable` in the same generation: no book, a batch Redis holds goes.
         let mut b3 = b(2);
@@ -988,7 +1130,8 @@ mod kept_tests {
             ..lost.clone()
         };
         assert_eq!(
-            j.release_booked(&disabled, &j.kept_incarnations()).unwrap(),
+            j.release_booked(&LedgerMarks::from(disabled.clone()), &j.kept_incarnations())
+                .unwrap(),
             1
         );
     }

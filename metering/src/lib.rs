@@ -13,7 +13,7 @@ pub mod store;
 pub mod types;
 pub mod units;
 
-pub use cluster_store::{ClusterStore, DEFAULT_SHARDS, shard_of};
+pub use cluster_store::{ClusterStore, DEFAULT_SHARDS, check_restore_layout, shard_of};
 pub use embedded::EmbeddedStore;
 pub use journal::{Journal, JournalContent, JournalError, KeptBatch, parse_journal};
 pub use money::{MoneyError, PICOS_PER_USD, Picos, Prices, Usage};
@@ -44,6 +44,6 @@ pub async fn connect_shared(
 
 pub use types::{
     AccountChange, AccountState, BookMarks, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
-    DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerPos, SettleBatch, SettleEntry,
-    SettleError, SettleOutcome, Status, validate_account_id,
+    DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerMarks, LedgerPos, SettleBatch,
+    SettleEntry, SettleError, SettleOutcome, Status, validate_account_id,
 };

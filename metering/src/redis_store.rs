@@ -28,8 +28,8 @@ use crate::store::{
 };
 use crate::types::{
     AccountChange, AccountState, BookMarks, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
-    DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerPos, SettleBatch, SettleEntry,
-    SettleError, SettleOutcome, Status,
+    DebitMode, Incarnation, LeaseGrant, LedgerEntry, LedgerMarks, LedgerPos, SettleBatch,
+    SettleEntry, SettleError, SettleOutcome, Status,
 };
 
 pub use restore::{RestoreReport, RestoreSet};
@@ -182,6 +182,21 @@ pub struct RedisStore {
 /// A money script: the `SHARDED` header, then its parts.
 pub(crate) fn script(sharded: bool, parts: &[&str]) -> redis::Script {
     redis::Script::new(&format!("{}{}", header(sharded), parts.concat()))
+}
+
+/// The `BOOK_MARKS` script's reply.
+pub(crate) fn parse_book_marks(reply: &[String]) -> Result<BookMarks, StoreError> {
+    let [declared, booked, last, generation, hwms @ ..] = reply else {
+        return Err(StoreError::Corrupt("book marks: short reply".into()));
+    };
+    Ok(BookMarks {
+        declared: declared == "1",
+        // An unreadable mark counts as none: batches are kept longer, never dropped early.
+        booked: LedgerPos::parse(booked),
+        last: LedgerPos::parse(last),
+        generation: (!generation.is_empty()).then(|| generation.clone()),
+        hwms: hwms.iter().map(|h| h.parse().unwrap_or(0)).collect(),
+    })
 }
 
 pub(crate) fn unavailable(e: redis::RedisError) -> StoreError {
@@ -629,7 +644,7 @@ impl Store for RedisStore {
         Ok(Some(g))
     }
 
-    async fn book_marks(&self, incs: &[Incarnation]) -> Result<Option<BookMarks>, StoreError> {
+    async fn book_marks(&self, incs: &[Incarnation]) -> Result<Option<LedgerMarks>, StoreError> {
         let mut c = self.conn.clone();
         let p = &self.prefix;
         let mut inv = self.book_marks.prepare_invoke();
@@ -641,17 +656,7 @@ impl Store for RedisStore {
             inv.key(format!("{p}:inc:{}:{}", i.node_id, i.epoch));
         }
         let reply: Vec<String> = inv.invoke_async(&mut c).await.map_err(unavailable)?;
-        let [declared, booked, last, generation, hwms @ ..] = reply.as_slice() else {
-            return Err(StoreError::Corrupt("book marks: short reply".into()));
-        };
-        Ok(Some(BookMarks {
-            declared: declared == "1",
-            // An unreadable mark counts as none: batches are kept longer, never dropped early.
-            booked: LedgerPos::parse(booked),
-            last: LedgerPos::parse(last),
-            generation: (!generation.is_empty()).then(|| generation.clone()),
-            hwms: hwms.iter().map(|h| h.parse().unwrap_or(0)).collect(),
-        }))
+        Ok(Some(parse_book_marks(&reply)?.into()))
     }
 
     async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {

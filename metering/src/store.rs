@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::types::{
-    AccountChange, AccountState, BookMarks, ChargeError, ChargeOutcome, CreditError, CreditOutcome,
-    DebitMode, Incarnation, LedgerEntry, SettleBatch, SettleError, SettleOutcome,
+    AccountChange, AccountState, ChargeError, ChargeOutcome, CreditError, CreditOutcome, DebitMode,
+    Incarnation, LedgerEntry, LedgerMarks, SettleBatch, SettleError, SettleOutcome,
 };
 
 /// Largest single amount a store operation accepts (2⁵³ − 1 p$ ≈ $9,007): Redis scripts compare
@@ -153,17 +153,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// This ledger's generation: a token Redis keeps (`ledger:gen`, made on first use from its
     /// clock), so that a Redis that lost its data, and so its ledger, is told apart from the
-    /// one a node settled into. `None` for a store whose ledger is durable by itself (the
-    /// embedded store: nothing to keep for a book).
+    /// one a node settled into. On a cluster, every shard's, comma-separated in shard order.
+    /// `None` for a store whose ledger is durable by itself (the embedded store: nothing to
+    /// keep for a book).
     async fn ledger_generation(&self) -> Result<Option<String>, StoreError> {
         Ok(None)
     }
 
     /// Where the book of record stands, this ledger's generation, and the high-water mark
-    /// held for each of `incs`, read at one instant. `None` for a store without a separate
+    /// held for each of `incs`, read at one instant per ledger stream (each shard's, on a
+    /// cluster). `None` for a store without a separate
     /// book. Nodes keep acknowledged batches in their journals until the book holds them, so
     /// that a rebuild after a data loss finds each batch in one or the other.
-    async fn book_marks(&self, _incs: &[Incarnation]) -> Result<Option<BookMarks>, StoreError> {
+    async fn book_marks(&self, _incs: &[Incarnation]) -> Result<Option<LedgerMarks>, StoreError> {
         Ok(None)
     }
 

@@ -263,7 +263,7 @@ impl LedgerPos {
     }
 }
 
-/// Where the book of record stands against the ledger, and what Redis still holds of some
+/// Where the book of record stands against one ledger stream, and what Redis still holds of some
 /// incarnations (see [`crate::Store::book_marks`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BookMarks {
@@ -277,6 +277,26 @@ pub struct BookMarks {
     pub generation: Option<String>,
     /// The high-water mark Redis holds for each incarnation asked about, in order (0: none).
     pub hwms: Vec<u64>,
+}
+
+/// The book's marks over every ledger stream of a store (see [`crate::Store::book_marks`]):
+/// one on one Redis, one per money shard on a Redis Cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerMarks {
+    /// The money shards accounts are laid out in ([`crate::shard_of`]); 0: one stream holds
+    /// every account (one Redis).
+    pub shards: u32,
+    /// Each stream's marks, in shard order.
+    pub streams: Vec<BookMarks>,
+}
+
+impl From<BookMarks> for LedgerMarks {
+    fn from(m: BookMarks) -> Self {
+        LedgerMarks {
+            shards: 0,
+            streams: vec![m],
+        }
+    }
 }
 
 /// One ledger line: every money movement, with the idempotency key that made it happen once.

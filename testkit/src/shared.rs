@@ -64,6 +64,23 @@ impl TestRedis {
 }
 
 impl TestRedis {
+    /// Every key gone (a data loss): `FLUSHALL` on one Redis, on every master of a cluster
+    /// (their replicas follow).
+    pub fn flush_all(&self) {
+        match self {
+            TestRedis::One(r) => redis::cmd("FLUSHALL")
+                .query::<()>(&mut r.conn())
+                .expect("test redis"),
+            TestRedis::Cluster(c) => {
+                for port in c.masters() {
+                    redis::cmd("FLUSHALL")
+                        .query::<()>(&mut c.conn(port))
+                        .expect("test redis cluster");
+                }
+            }
+        }
+    }
+
     /// Runs `cmd` on a blocking connection (sync tests' own reads and writes).
     pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         match self {

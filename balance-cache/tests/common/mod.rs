@@ -202,3 +202,50 @@ pub async fn resumed_everywhere(nodes: &[&Node], account: &str, samples: u64) {
         assert!((0.0..0.1).contains(&mean), "mean feed lag {mean} s");
     }
 }
+
+/// Each ledger stream's key prefix at `at`: one Redis's, or every money shard's.
+pub fn streams(at: &Target) -> Vec<String> {
+    match at {
+        Target::One(_) => vec!["tollgate".to_owned()],
+        Target::Cluster { .. } => (0..tollgate_metering::DEFAULT_SHARDS)
+            .map(|s| format!("{{tollgate:m{s}}}"))
+            .collect(),
+    }
+}
+
+/// Declares a book of record on every ledger stream at `at` (what the book's writer does).
+pub async fn declare_book(at: &Target) {
+    let mut c = at.connect().await.unwrap();
+    for p in streams(at) {
+        redis::cmd("SET")
+            .arg(format!("{p}:ledger:book"))
+            .arg("1")
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
+/// Moves every stream's book mark to its last entry: a book that copied everything.
+pub async fn book_everything(at: &Target) {
+    let mut c = at.connect().await.unwrap();
+    for p in streams(at) {
+        let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(format!("{p}:ledger"))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if let Some(id) = last.ids.first() {
+            redis::cmd("SET")
+                .arg(format!("{p}:ledger:booked"))
+                .arg(&id.id)
+                .query_async::<()>(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+}

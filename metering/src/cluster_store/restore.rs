@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures_util::future::join_all;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
-use super::{ClusterStore, REPLICA_WAIT};
+use super::{ClusterStore, REPLICA_WAIT, shard_of};
 use crate::journal::JournalContent;
 use crate::redis_store::restore::{
     RestoreReport, RestoreSet, account_cmd, acked_tops, incarnation_cmd, journal_batches,
@@ -48,6 +48,30 @@ const MAX_SLOT_KEYS: i64 = 100_000;
 
 fn read<T: redis::FromRedisValue>(v: redis::Value) -> Result<T, StoreError> {
     redis::from_redis_value(v).map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// Refuses restore sets (one per shard stream, in order) that were not laid out in `shards`
+/// shards: every account's lines must be in its own shard's stream.
+pub fn check_restore_layout(sets: &[RestoreSet], shards: u32) -> Result<(), StoreError> {
+    if sets.len() != shards as usize {
+        return Err(StoreError::Invalid(format!(
+            "the book was read as {} shard streams; this cluster's money is laid out in {shards} shards",
+            sets.len()
+        )));
+    }
+    for (s, set) in sets.iter().enumerate() {
+        if let Some(id) = set
+            .accounts
+            .keys()
+            .find(|id| shard_of(id, shards) as usize != s)
+        {
+            return Err(StoreError::Invalid(format!(
+                "the book holds lines of account {id} in shard {s}'s stream, but with {shards} shards it lives in shard {}: the book was written under another layout (set redis.money_shards as it was)",
+                shard_of(id, shards)
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl ClusterStore {
@@ -134,20 +158,7 @@ impl ClusterStore {
         journals: &[JournalContent],
     ) -> Result<RestoreReport, StoreError> {
         let shards = self.shards as usize;
-        if sets.len() != shards {
-            return Err(StoreError::Invalid(format!(
-                "the book was read as {} shard streams; this cluster's money is laid out in {shards} shards",
-                sets.len()
-            )));
-        }
-        for (s, set) in sets.iter().enumerate() {
-            if let Some(id) = set.accounts.keys().find(|id| self.shard(id) as usize != s) {
-                return Err(StoreError::Invalid(format!(
-                    "the book holds lines of account {id} in shard {s}'s stream, but with {shards} shards it lives in shard {}: the book was written under another layout (set money_shards as it was)",
-                    self.shard(id)
-                )));
-            }
-        }
+        check_restore_layout(sets, self.shards)?;
         let marker = self.restore_marker();
         let mut c = self.conn.clone();
         if redis::cmd("EXISTS")
@@ -168,9 +179,29 @@ impl ClusterStore {
                 )));
             }
         }
-        let mut set_marker = redis::cmd("SET");
-        set_marker.arg(&marker).arg(1);
-        self.write_all(&marker, &[set_marker]).await?;
+        // Claimed, not just set (of two rebuilds run at once, one goes on), and held by a
+        // replica before anything else is written.
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(&marker).arg(1).arg("NX");
+        if self.replica_acks > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.replica_acks)
+                .arg(REPLICA_WAIT.as_millis() as u64);
+        }
+        let mut c = self.conn.clone();
+        let replies: Vec<redis::Value> = pipe.query_async(&mut c).await.map_err(unavailable)?;
+        if matches!(replies.first(), Some(redis::Value::Nil) | None) {
+            return Err(StoreError::Invalid(format!(
+                "another rebuild into this cluster is running ({marker} is set)"
+            )));
+        }
+        if self.replica_acks > 0
+            && !matches!(replies.get(1), Some(redis::Value::Int(n)) if *n >= i64::from(self.replica_acks))
+        {
+            return Err(StoreError::Unavailable(format!(
+                "{marker} was not acknowledged by a replica: run the rebuild again once every master has one"
+            )));
+        }
 
         let mut report = RestoreReport::default();
         let warn = |report: &mut RestoreReport, w: String| {
