@@ -147,6 +147,12 @@ pub struct Agent {
     marks_read: Option<Instant>,
     /// The store keeps no ledger generation (embedded): nothing to record or keep.
     generation_absent: bool,
+    /// The store's count of lost settle parts when last looked at (see `renew_if_lost`).
+    lost_seen: u64,
+    /// The store lost what this incarnation settled (a shard's acknowledged parts, or a
+    /// stream's data): begin a new one once nothing is pending.
+    renew: bool,
+    renewed_at: Option<Instant>,
 }
 
 impl Agent {
@@ -208,6 +214,7 @@ impl Agent {
         let generation_absent = !record_generation(&*store, &mut journal, &inc).await;
         tracing::info!(node = %inc.node_id, epoch = inc.epoch, "metering agent started");
         cache.agent_started.store(true, Ordering::Release);
+        let lost_seen = store.lost_parts();
         Ok(Agent {
             cache,
             store,
@@ -221,6 +228,9 @@ impl Agent {
             leases_were_valid: true,
             marks_read: None,
             generation_absent,
+            lost_seen,
+            renew: false,
+            renewed_at: None,
         })
     }
 
@@ -262,6 +272,9 @@ impl Agent {
                 tracing::error!(error = %e, "settle failed");
             }
             self.release_booked().await;
+            if let Err(e) = self.renew_if_lost().await {
+                tracing::warn!(error = %e, "beginning a new incarnation failed; tried again");
+            }
         }
         // A refused batch starts a new incarnation with the cut's usage back in the slots: the
         // closing round runs again to carry it (bounded: a store that keeps refusing needs an
@@ -298,6 +311,34 @@ impl Agent {
         feed.abort();
     }
 
+    /// Begins a new incarnation when the store lost what this one settled: on a cluster a shard
+    /// applies the next part past a lost one (reported, not refused, as one Redis's gap is), so
+    /// without this the incarnation would go on under a generation no shard has any more and
+    /// its journal would keep every later batch until its cap pushed out the ones a rebuild
+    /// needs. At most every 10 s, and only with nothing pending (nothing is re-cut).
+    async fn renew_if_lost(&mut self) -> Result<(), AgentError> {
+        let lost = self.store.lost_parts();
+        if lost > self.lost_seen {
+            self.lost_seen = lost;
+            self.renew = true;
+        }
+        if !self.renew
+            || !self.journal.pending().is_empty()
+            || self
+                .renewed_at
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return Ok(());
+        }
+        self.renewed_at = Some(Instant::now());
+        self.renew = false;
+        tracing::warn!(
+            epoch = self.inc.epoch,
+            "the store lost settle parts of this incarnation (or a stream its data): beginning a new one"
+        );
+        self.reincarnate(Vec::new()).await
+    }
+
     /// Drops from the journal the acknowledged batches the book of record holds (at most every
     /// 250 ms: one small Redis call). Until then they stay, so that a rebuild after a Redis
     /// data loss finds each batch in the book or in a journal. Errors wait for the next try.
@@ -315,6 +356,14 @@ impl Agent {
             Ok(Some(marks)) => {
                 if let Err(e) = self.journal.release_booked(&marks, &incs) {
                     tracing::warn!(error = %e, "journal: dropping booked batches failed");
+                }
+                // A stream whose generation moved lost its data under this incarnation.
+                if self
+                    .journal
+                    .generation_of(&self.inc)
+                    .is_some_and(|g| marks.generation_moved(g))
+                {
+                    self.renew = true;
                 }
             }
             Ok(None) => {}

@@ -229,3 +229,77 @@ async fn suspension_and_resumption_reach_every_node_through_the_sharded_feed() {
     assert_eq!(st.leased, 0);
     assert_eq!(st.debited, paid * PRICE);
 }
+
+/// A shard loses a running node's acknowledged parts (its mark of the incarnation gone, as
+/// when a master and its replica fail together): the node's next part there is applied past
+/// the loss and reported, the node begins a new incarnation, and the batches the shard lost
+/// stay in its journal however far the shard's mark and the book move past them (a rebuild
+/// or an operator needs them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_lost_a_nodes_parts_leaves_them_in_its_journal_and_the_node_renews() {
+    use tollgate_metering::{Journal, parse_journal};
+    let cluster = RedisCluster::start();
+    let at = tollgate_kv::Target::Cluster {
+        seeds: cluster.urls(),
+        replica_acks: 1,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let admin = common::shared(at.clone()).await;
+    admin.credit("loser", "voucher:x", USD).await.unwrap();
+    common::declare_book(&at).await;
+    let journal = dir.path().join("x1.journal");
+    let n = common::node(at.clone(), "x1", &dir).await;
+    for _ in 0..20 {
+        assert_eq!(n.spend("loser").await, Spend::Ok);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let c = parse_journal(&std::fs::read(&journal).unwrap());
+    let epoch = c.incarnation.as_ref().unwrap().epoch;
+    let kept = |c: &tollgate_metering::JournalContent| -> u64 {
+        c.kept
+            .iter()
+            .filter(|k| k.batch.epoch == epoch)
+            .flat_map(|k| &k.batch.entries)
+            .map(|e| e.usage.requests)
+            .sum()
+    };
+    assert_eq!(kept(&c), 20, "{c:?}");
+    let mark = format!(
+        "{{tollgate:m{}}}:inc:x1:{epoch}",
+        shard_of("loser", tollgate_metering::DEFAULT_SHARDS)
+    );
+    let mut conn = at.connect().await.unwrap();
+    let gone: i64 = redis::cmd("DEL")
+        .arg(&mark)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(gone, 1, "{mark}");
+    // More usage: its part goes past the loss, and the node begins a new incarnation.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let renewed = loop {
+        assert_eq!(n.spend("loser").await, Spend::Ok);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c = parse_journal(&std::fs::read(&journal).unwrap());
+        if c.incarnation.as_ref().unwrap().epoch > epoch {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+    };
+    assert!(
+        renewed,
+        "the node went on under the incarnation the shard lost"
+    );
+    // The book past everything in every shard: what the shard lost stays kept.
+    for _ in 0..5 {
+        assert_eq!(n.spend("loser").await, Spend::Ok);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    common::book_everything(&at).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    n.shutdown().await;
+    let c = Journal::read_stopped(&journal).unwrap();
+    assert!(kept(&c) >= 20, "a lost batch left the journal: {c:?}");
+}

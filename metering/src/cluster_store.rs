@@ -866,6 +866,10 @@ impl Store for ClusterStore {
     fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
         self.feed.subscribe()
     }
+
+    fn lost_parts(&self) -> u64 {
+        ClusterStore::lost_parts(self)
+    }
 }
 
 impl ClusterStore {

@@ -353,6 +353,13 @@ impl Journal {
         incarnation.chain(acked).chain(batches).max().unwrap_or(0)
     }
 
+    /// The ledger generation recorded for `inc`.
+    pub fn generation_of(&self, inc: &Incarnation) -> Option<&str> {
+        self.generations
+            .get(&(inc.node_id.clone(), inc.epoch))
+            .map(String::as_str)
+    }
+
     /// Whether the ledger generation of `inc` is recorded (its batches are kept).
     pub fn has_generation(&self, inc: &Incarnation) -> bool {
         self.generations
@@ -548,7 +555,10 @@ impl Journal {
                     && m.generation.as_deref() == generation
                     && inc
                         .and_then(|i| m.hwms.get(i).copied())
-                        .is_some_and(|h| h >= b.seq);
+                        .is_some_and(|h| h >= b.seq)
+                    && !inc
+                        .and_then(|i| m.lost.get(i).copied().flatten())
+                        .is_some_and(|(from, to)| (from..=to).contains(&b.seq));
                 if !held {
                     k.tags.retain(|(t, _)| *t != s);
                     keep = true;
@@ -894,6 +904,7 @@ mod kept_tests {
             last: pos(last),
             generation: Some(generation.into()),
             hwms: vec![hwm],
+            lost: Vec::new(),
         }
     }
 
@@ -958,6 +969,26 @@ mod kept_tests {
         let m = cluster(shard(pos(10), 12, "g0", 1), shard(pos(30), 30, "g1", 2));
         assert_eq!(j.release_booked(&m, &incs).unwrap(), 1);
         assert!(kept(&j).is_empty());
+        // A shard that lost acknowledged parts (its mark moved past them since): a batch in
+        // the lost range stays, whatever the mark and the book say.
+        let lost = SettleBatch {
+            entries: vec![line(name(0))],
+            ..b(4)
+        };
+        j.append(&lost).unwrap();
+        j.ack(&lost).unwrap();
+        let incs = j.kept_incarnations();
+        let mut s0 = shard(pos(99), 99, "g0", 9);
+        s0.lost = vec![Some((4, 6))];
+        let m = cluster(s0.clone(), shard(pos(99), 99, "g1", 9));
+        assert_eq!(j.release_booked(&m, &incs).unwrap(), 0);
+        // Out of the lost range: held, tagged at the stream's end (99), the book at 50.
+        s0.lost = vec![Some((5, 6))];
+        s0.booked = pos(50);
+        let m = cluster(s0, shard(pos(99), 99, "g1", 9));
+        assert_eq!(j.release_booked(&m, &incs).unwrap(), 0);
+        let m = cluster(shard(pos(100), 100, "g0", 9), shard(pos(99), 99, "g1", 9));
+        assert_eq!(j.release_booked(&m, &incs).unwrap(), 1);
         // A layout the marks do not describe whole releases nothing.
         j.append(&b(3)).unwrap();
         j.ack(&b(3)).unwrap();
@@ -1100,6 +1131,7 @@ mod kept_tests {
             last: pos(5),
             generation: Some("g2".into()),
             hwms: vec![0, 1],
+            lost: Vec::new(),
         };
         assert_eq!(
             j.release_booked(&LedgerMarks::from(lost.clone()), &incs)

@@ -73,7 +73,17 @@ end
 -- forced takeover). They cannot be re-applied from here; the part is applied and the loss
 -- reported, as on one Redis the gap starts a new incarnation.
 local lost = nil
-if SHARDED and hwm < tonumber(ARGV[8] or '0') then lost = tostring(hwm) end
+if SHARDED and hwm < tonumber(ARGV[8] or '0') then
+  lost = tostring(hwm)
+  -- Kept with the mark: seqs (hwm, acknowledged] of this incarnation are not in this shard any
+  -- more, whatever later parts move the mark to, so a node's journal never takes the mark as
+  -- proof it still holds them (widened over repeated losses).
+  local from, to = hwm + 1, tonumber(ARGV[8])
+  local was = redis.call('HMGET', inc, 'lost_from', 'lost_to')
+  if was[1] then from = math.min(from, tonumber(was[1])) end
+  if was[2] then to = math.max(to, tonumber(was[2])) end
+  redis.call('HSET', inc, 'lost_from', from, 'lost_to', to)
+end
 -- One Redis sees every batch of an incarnation, in order. A shard sees only the batches with
 -- lines for it: later ones skip seqs, and `seq > hwm` (the agent sends one batch at a time) is
 -- what makes it applied at most once.
@@ -300,7 +310,8 @@ return g
 
 /// At one instant: whether a book is declared, its mark, the id of the ledger's last entry
 /// (only the id leaves Redis: a settle entry has a field pair per account), the generation
-/// (never made here), and the high-water mark of each incarnation in KEYS[5..].
+/// (never made here), and the high-water mark of each incarnation in KEYS[5..]
+/// (`<hwm>:<lost_from>:<lost_to>` where a cluster shard lost acknowledged parts of it).
 pub(crate) const BOOK_MARKS: &str = r#"
 local declared = redis.call('EXISTS', KEYS[1])
 local booked = redis.call('GET', KEYS[2]) or ''
@@ -308,7 +319,12 @@ local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 local id = ''
 if last[1] then id = last[1][1] end
 local out = {tostring(declared), booked, id, redis.call('GET', KEYS[4]) or ''}
-for i = 5, #KEYS do out[#out + 1] = redis.call('HGET', KEYS[i], 'hwm') or '0' end
+for i = 5, #KEYS do
+  local m = redis.call('HMGET', KEYS[i], 'hwm', 'lost_from', 'lost_to')
+  local h = m[1] or '0'
+  if m[2] then h = h .. ':' .. m[2] .. ':' .. (m[3] or m[2]) end
+  out[#out + 1] = h
+end
 return out
 "#;
 

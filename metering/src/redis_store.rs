@@ -195,7 +195,29 @@ pub(crate) fn parse_book_marks(reply: &[String]) -> Result<BookMarks, StoreError
         booked: LedgerPos::parse(booked),
         last: LedgerPos::parse(last),
         generation: (!generation.is_empty()).then(|| generation.clone()),
-        hwms: hwms.iter().map(|h| h.parse().unwrap_or(0)).collect(),
+        hwms: hwms
+            .iter()
+            .map(|h| {
+                h.split(':')
+                    .next()
+                    .and_then(|h| h.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect(),
+        // A lost range that does not read counts as everything lost: kept longer, never less.
+        lost: hwms
+            .iter()
+            .map(|h| {
+                let mut f = h.split(':').skip(1);
+                match (f.next(), f.next()) {
+                    (None, _) => None,
+                    (Some(a), Some(b)) => {
+                        Some((a.parse().unwrap_or(0), b.parse().unwrap_or(u64::MAX)))
+                    }
+                    (Some(_), None) => Some((0, u64::MAX)),
+                }
+            })
+            .collect(),
     })
 }
 

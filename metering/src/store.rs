@@ -169,6 +169,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Settle parts this handle found applied on top of a shard that had lost acknowledged
+    /// parts of the same incarnation (a cluster; always 0 elsewhere). A node that sees it grow
+    /// begins a new incarnation, as one Redis's gap makes it.
+    fn lost_parts(&self) -> u64 {
+        0
+    }
+
     /// Every ledger entry, oldest first (tests, reconciliation, audits).
     async fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError>;
 

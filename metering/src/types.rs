@@ -277,6 +277,9 @@ pub struct BookMarks {
     pub generation: Option<String>,
     /// The high-water mark Redis holds for each incarnation asked about, in order (0: none).
     pub hwms: Vec<u64>,
+    /// Per incarnation asked about (in order; missing: none), the seqs a cluster shard
+    /// acknowledged and then lost (`lost_from..=lost_to`): its mark proves nothing about them.
+    pub lost: Vec<Option<(u64, u64)>>,
 }
 
 /// The book's marks over every ledger stream of a store (see [`crate::Store::book_marks`]):
@@ -288,6 +291,22 @@ pub struct LedgerMarks {
     pub shards: u32,
     /// Each stream's marks, in shard order.
     pub streams: Vec<BookMarks>,
+}
+
+impl LedgerMarks {
+    /// Whether any stream's generation now differs from `recorded` (an incarnation's, as
+    /// [`crate::Store::ledger_generation`] gave it): that stream lost its data since.
+    pub fn generation_moved(&self, recorded: &str) -> bool {
+        let n = self.streams.len();
+        self.streams.iter().enumerate().any(|(s, m)| {
+            let mine = if n == 1 {
+                Some(recorded)
+            } else {
+                recorded.split(',').nth(s)
+            };
+            m.generation.as_deref() != mine
+        })
+    }
 }
 
 impl From<BookMarks> for LedgerMarks {

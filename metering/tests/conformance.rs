@@ -784,6 +784,23 @@ async fn cluster_a_shard_that_lost_acknowledged_parts_reports_it_and_applies_the
     assert_eq!(s.lost_parts(), 1, "the loss is reported");
     let st = state(&s, "ivy").await;
     assert_eq!(st.debited, 2 * CENT);
+    // The loss stays with the mark: a journal must not take the mark (now 2) as proof the
+    // shard holds batch 1.
+    let marks = s
+        .book_marks(std::slice::from_ref(&inc))
+        .await
+        .unwrap()
+        .unwrap();
+    let shard = &marks.streams[tollgate_metering::shard_of("ivy", 8) as usize];
+    assert_eq!(
+        (shard.hwms.clone(), shard.lost.clone()),
+        (vec![2], vec![Some((1, 1))])
+    );
+    // Another shard of the same incarnation lost nothing.
+    let other = (0..8)
+        .find(|&i| i != tollgate_metering::shard_of("ivy", 8) as usize)
+        .unwrap();
+    assert_eq!(marks.streams[other].lost, vec![None]);
 }
 
 /// On a cluster nothing is acknowledged that no replica holds: with every replica frozen, a

@@ -240,12 +240,16 @@ impl ClusterStore {
             .iter()
             .zip(parts)
             .enumerate()
-            .map(|(s, (set, p))| plan(set, p, &format!(" (shard {s})")))
+            .map(|(s, (set, p))| plan(set, p, Some(s)))
             .collect();
         let unbooked: BTreeSet<(&str, u64, u64)> = plans
             .iter()
-            .flat_map(|p| &p.unbooked)
-            .map(|b| (b.node_id.as_str(), b.epoch, b.seq))
+            .flat_map(|p| {
+                p.unbooked
+                    .iter()
+                    .map(|b| (b.node_id.as_str(), b.epoch, b.seq))
+                    .chain(p.missing.iter().map(|(n, e, s)| (n.as_str(), *e, *s)))
+            })
             .collect();
         report.journal_batches_booked = batches
             .iter()

@@ -145,12 +145,18 @@ pub(crate) struct Plan {
     pub unbooked: Vec<SettleBatch>,
     /// Batches the book holds (a replay is a duplicate).
     pub booked: usize,
+    /// (node, epoch, seq) of cluster parts below their shard's mark that the book lacks: the
+    /// shard lost them after acknowledging them (named; the mark cannot take them again).
+    pub missing: Vec<(String, u64, u64)>,
     pub warnings: Vec<String>,
 }
 
 /// Sorts `batches` into booked and unbooked by `set`'s high-water marks; a booked one whose
-/// lines differ from the book's is named and left out (the book's lines stand).
-pub(crate) fn plan(set: &RestoreSet, batches: Vec<SettleBatch>, place: &str) -> Plan {
+/// lines differ from the book's is named and left out (the book's lines stand). `shard`: the
+/// cluster shard these are parts of (`None`: one Redis), whose parts always have lines there,
+/// so one below the mark the book lacks is a part the shard lost.
+pub(crate) fn plan(set: &RestoreSet, batches: Vec<SettleBatch>, shard: Option<usize>) -> Plan {
+    let place = shard.map_or_else(String::new, |s| format!(" (shard {s})"));
     let mut out = Plan::default();
     for b in batches {
         let inc = (b.node_id.clone(), b.epoch);
@@ -167,6 +173,12 @@ pub(crate) fn plan(set: &RestoreSet, batches: Vec<SettleBatch>, place: &str) -> 
                     Some(booked) if *booked != mine => out.warnings.push(format!(
                         "journal batch {key}{place} differs from the book's lines (the store held other content): not applied; the book's lines stand"
                     )),
+                    None if shard.is_some() && !b.entries.is_empty() => {
+                        out.warnings.push(format!(
+                            "journal batch {key}{place}: the book lacks its part although the shard's mark is past it (the shard lost it after acknowledging it): its usage is not restored"
+                        ));
+                        out.missing.push((b.node_id.clone(), b.epoch, b.seq));
+                    }
                     _ => {
                         out.booked += 1;
                         if b.seq == top {
@@ -356,7 +368,7 @@ impl RedisStore {
             let e = epochs.entry(b.node_id.clone()).or_default();
             *e = (*e).max(b.epoch);
         }
-        let planned = plan(set, batches.into_iter().cloned().collect(), "");
+        let planned = plan(set, batches.into_iter().cloned().collect(), None);
         report.journal_batches_booked = planned.booked;
         for w in planned.warnings {
             warn(&mut report, w);
