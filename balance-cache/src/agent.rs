@@ -322,16 +322,23 @@ impl Agent {
             self.lost_seen = lost;
             self.renew = true;
         }
+        // Only this incarnation's pending batches count: an older one's (a replay the store
+        // refused) stays in the journal and must not hold the renewal back for good.
+        let pending = self
+            .journal
+            .pending()
+            .iter()
+            .any(|b| b.node_id == self.inc.node_id && b.epoch == self.inc.epoch);
         if !self.renew
-            || !self.journal.pending().is_empty()
+            || pending
             || self
                 .renewed_at
                 .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
         {
             return Ok(());
         }
+        // `renew` stays set until a new incarnation began (a failure is tried again).
         self.renewed_at = Some(Instant::now());
-        self.renew = false;
         tracing::warn!(
             epoch = self.inc.epoch,
             "the store lost settle parts of this incarnation (or a stream its data): beginning a new one"
@@ -638,6 +645,9 @@ impl Agent {
         self.generation_absent =
             !record_generation(&*self.store, &mut self.journal, &self.inc).await;
         self.next_seq = 1;
+        // Whatever asked for a new incarnation is answered by this one.
+        self.renew = false;
+        self.lost_seen = self.store.lost_parts();
         tracing::warn!(epoch = self.inc.epoch, "new incarnation");
         Ok(())
     }

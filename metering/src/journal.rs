@@ -463,6 +463,14 @@ impl Journal {
     /// [`Journal::release_booked`] needs the store's high-water marks of.
     pub fn kept_incarnations(&self) -> Vec<Incarnation> {
         let mut out: Vec<Incarnation> = Vec::new();
+        // The current incarnation first: older ones whose batches stay for good (a shard lost
+        // them) must not push it out of the asking.
+        let current = self.incarnation.as_ref().filter(|i| {
+            self.kept
+                .iter()
+                .any(|k| k.k.batch.node_id == i.node_id && k.k.batch.epoch == i.epoch)
+        });
+        out.extend(current.cloned());
         for k in &self.kept {
             let b = &k.k.batch;
             if !out
@@ -908,6 +916,28 @@ mod kept_tests {
         }
     }
 
+    /// The current incarnation is always asked about, however many older ones keep batches.
+    #[test]
+    fn the_current_incarnation_is_asked_about_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(&dir.path().join("n.journal")).unwrap();
+        for epoch in 1..=MAX_RELEASE_INCARNATIONS as u64 + 2 {
+            let inc = Incarnation {
+                node_id: "n".into(),
+                epoch,
+            };
+            j.set_incarnation(&inc).unwrap();
+            j.set_generation(&inc, "g").unwrap();
+            let batch = SettleBatch { epoch, ..b(1) };
+            j.append(&batch).unwrap();
+            j.ack(&batch).unwrap();
+        }
+        let incs = j.kept_incarnations();
+        assert_eq!(incs.len(), MAX_RELEASE_INCARNATIONS);
+        assert_eq!(incs[0].epoch, MAX_RELEASE_INCARNATIONS as u64 + 2);
+        assert_eq!(incs[1].epoch, 1);
+    }
+
     /// On a cluster (two shards here) a batch goes only once every shard it has lines in holds
     /// its part in the generation the incarnation began with, and the book there passed it; a
     /// shard it has no line in does not hold it back, and one that lost its data keeps it.
@@ -1130,7 +1160,8 @@ mod kept_tests {
             booked: None,
             last: pos(5),
             generation: Some("g2".into()),
-            hwms: vec![0, 1],
+            // Epoch 4's mark 1, epoch 3's none (the current incarnation is asked first).
+            hwms: incs.iter().map(|i| u64::from(i.epoch == 4)).collect(),
             lost: Vec::new(),
         };
         assert_eq!(
@@ -1156,13 +1187,17 @@ mod kept_tests {
         b3.epoch = 4;
         j.append(&b3).unwrap();
         j.ack(&b3).unwrap();
+        let incs = j.kept_incarnations();
         let disabled = BookMarks {
             declared: false,
-            hwms: vec![0, 2],
+            hwms: incs
+                .iter()
+                .map(|i| if i.epoch == 4 { 2 } else { 0 })
+                .collect(),
             ..lost.clone()
         };
         assert_eq!(
-            j.release_booked(&LedgerMarks::from(disabled.clone()), &j.kept_incarnations())
+            j.release_booked(&LedgerMarks::from(disabled.clone()), &incs)
                 .unwrap(),
             1
         );

@@ -73,17 +73,7 @@ end
 -- forced takeover). They cannot be re-applied from here; the part is applied and the loss
 -- reported, as on one Redis the gap starts a new incarnation.
 local lost = nil
-if SHARDED and hwm < tonumber(ARGV[8] or '0') then
-  lost = tostring(hwm)
-  -- Kept with the mark: seqs (hwm, acknowledged] of this incarnation are not in this shard any
-  -- more, whatever later parts move the mark to, so a node's journal never takes the mark as
-  -- proof it still holds them (widened over repeated losses).
-  local from, to = hwm + 1, tonumber(ARGV[8])
-  local was = redis.call('HMGET', inc, 'lost_from', 'lost_to')
-  if was[1] then from = math.min(from, tonumber(was[1])) end
-  if was[2] then to = math.max(to, tonumber(was[2])) end
-  redis.call('HSET', inc, 'lost_from', from, 'lost_to', to)
-end
+if SHARDED and hwm < tonumber(ARGV[8] or '0') then lost = tostring(hwm) end
 -- One Redis sees every batch of an incarnation, in order. A shard sees only the batches with
 -- lines for it: later ones skip seqs, and `seq > hwm` (the agent sends one batch at a time) is
 -- what makes it applied at most once.
@@ -99,6 +89,16 @@ local key = 'settle:' .. node .. ':' .. epoch .. ':' .. ARGV[4]
 for _, e in ipairs(entries) do
   local d = tonumber(redis.call('HGET', p .. ':acct:' .. e.account, 'debited') or '0')
   if d + tonumber(e.cost) > 9.0e18 then return {'OVERFLOW', e.account} end
+end
+-- Kept with the mark: seqs (hwm, acknowledged] of this incarnation are not in this shard any
+-- more, whatever later parts move the mark to, so a node's journal never takes the mark as
+-- proof it still holds them (widened over repeated losses).
+if lost then
+  local from, to = hwm + 1, tonumber(ARGV[8])
+  local was = redis.call('HMGET', inc, 'lost_from', 'lost_to')
+  if was[1] then from = math.min(from, tonumber(was[1])) end
+  if was[2] then to = math.max(to, tonumber(was[2])) end
+  redis.call('HSET', inc, 'lost_from', from, 'lost_to', to)
 end
 local out, changes, lines = {}, {}, {}
 for _, e in ipairs(entries) do

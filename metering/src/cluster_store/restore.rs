@@ -199,7 +199,7 @@ impl ClusterStore {
             && !matches!(replies.get(1), Some(redis::Value::Int(n)) if *n >= i64::from(self.replica_acks))
         {
             return Err(StoreError::Unavailable(format!(
-                "{marker} was not acknowledged by a replica: run the rebuild again once every master has one"
+                "{marker} was not acknowledged by a replica (nothing else was written): once every master has one, delete it and run the rebuild again"
             )));
         }
 
