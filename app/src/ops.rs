@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tollgate_metering::RedisStore;
 use tollgate_routes::{Route, RouteKey, RouteStore};
 
 fn one_shot() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -432,106 +431,10 @@ pub fn book_rebuild(
     }
     one_shot()?.block_on(async move {
         let book = tollgate_book::Book::connect(postgres_url, prefix).await?;
-        // Every check before the first write (the cluster's layout key included).
-        let ledgers = tollgate_book::Ledgers::open(&redis.0, prefix, redis.1)
+        let done = tollgate_book::rebuild(&book, &redis.0, prefix, redis.1, &journals, start_hold)
             .await
             .map_err(|e| anyhow::anyhow!("{}: {e}", redis.0.describe()))?;
-        let shard_streams = book.shard_streams(prefix).await?;
-        if ledgers.is_cluster() {
-            let missing: Vec<&String> = shard_streams
-                .iter()
-                .filter(|p| !ledgers.streams().contains(p))
-                .collect();
-            anyhow::ensure!(
-                missing.is_empty(),
-                "the book holds shard streams this cluster's layout of {} shards does not have ({missing:?}): set redis.money_shards to the count the book was written with",
-                ledgers.streams().len(),
-            );
-            // A book of one Redis restored into a cluster would restore nothing, and every
-            // spent key would be spendable again.
-            anyhow::ensure!(
-                !book.holds_stream(prefix).await?,
-                "the book holds the ledger of one Redis under prefix {prefix:?}, not of a cluster: rebuild into one Redis (there is no migration from one Redis to a cluster)"
-            );
-        } else {
-            anyhow::ensure!(
-                shard_streams.is_empty(),
-                "the book holds the ledgers of a Redis Cluster's shards under prefix {prefix:?} ({} streams), not of one Redis: rebuild into a cluster with the same money_shards",
-                shard_streams.len()
-            );
-        }
-        let conflicts = book.conflicts_in(&ledgers).await?;
-        let keys: Vec<String> = journals
-            .iter()
-            .flat_map(|j| j.pending.iter().chain(j.kept.iter().map(|k| &k.batch)))
-            .map(|b| format!("settle:{}:{}:{}", b.node_id, b.epoch, b.seq))
-            .collect();
-        let mut sets = book.restore_sets(&ledgers, &keys).await?;
-        if ledgers.is_cluster() {
-            tollgate_metering::check_restore_layout(&sets, redis.1)?;
-        }
-        let credits: std::collections::BTreeMap<String, (String, i64)> = sets
-            .iter()
-            .flat_map(|s| s.credits.iter().map(|(k, v)| (k.clone(), v.clone())))
-            .collect();
-        // Both refusals (money keys, channel state) before anything is written.
-        book.check_channels_empty_at(&ledgers).await?;
-        let mut report = match &redis.0 {
-            tollgate_kv::Target::One(url) => {
-                let [set] = sets.as_mut_slice() else {
-                    anyhow::bail!("one Redis has one ledger stream");
-                };
-                for inc in journals.iter().filter_map(|j| j.incarnation.as_ref()) {
-                    set.see_epoch(&inc.node_id, inc.epoch);
-                }
-                let store = RedisStore::connect(url, prefix, Duration::from_secs(10)).await?;
-                store.restore(set, &journals).await?
-            }
-            tollgate_kv::Target::Cluster {
-                seeds,
-                replica_acks,
-            } => {
-                let store = tollgate_metering::ClusterStore::connect_with(
-                    seeds,
-                    prefix,
-                    Duration::from_secs(10),
-                    ledgers.streams().len() as u32,
-                    *replica_acks,
-                )
-                .await?;
-                store.restore(&sets, &journals).await?
-            }
-        };
-        let channels = book
-            .restore_channels_at(&ledgers, &credits, start_hold)
-            .await?;
-        report.warnings.extend(channels.warnings.iter().cloned());
-        // Declared before the store is called whole: the reaper must not trim what the writer
-        // has not copied yet.
-        ledgers.enable_book().await?;
-        match &redis.0 {
-            tollgate_kv::Target::One(url) => {
-                RedisStore::connect(url, prefix, Duration::from_secs(10))
-                    .await?
-                    .finish_restore()
-                    .await?
-            }
-            tollgate_kv::Target::Cluster {
-                seeds,
-                replica_acks,
-            } => {
-                tollgate_metering::ClusterStore::connect_with(
-                    seeds,
-                    prefix,
-                    Duration::from_secs(10),
-                    ledgers.streams().len() as u32,
-                    *replica_acks,
-                )
-                .await?
-                .finish_restore()
-                .await?
-            }
-        }
+        let (report, channels) = (&done.report, &done.channels);
         println!(
             "{}",
             serde_json::json!({
@@ -542,12 +445,12 @@ pub fn book_rebuild(
                 "journal_batches_applied": report.journal_batches_applied,
                 "journal_batches_booked": report.journal_batches_booked,
                 "journals": files.len(),
-                "shards": ledgers.streams().len(),
+                "shards": done.streams,
                 "channels": channels.channels,
                 "pending_credits": channels.pending_credits,
                 "poisoned_credits": channels.poisoned_credits,
                 "gap_credits": channels.gap_credits,
-                "book_conflicts_ignored": conflicts,
+                "book_conflicts_ignored": done.conflicts,
                 "warnings": report.warnings,
             })
         );

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 mod channels;
 mod ledgers;
+mod rebuild;
 
 pub use channels::{ChannelRow, ChannelsRestored, SideState};
 pub use ledgers::Ledgers;
+pub use rebuild::{Rebuilt, rebuild};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::watch;

@@ -1,6 +1,7 @@
 //! Payment channel records in the book of record: copied with the ledger as one cut, and
 //! rebuilt after a Redis data loss so that no voucher is credited twice and none goes
-//! uncredited. Real PostgreSQL and redis-server, started by the test.
+//! uncredited. Real PostgreSQL and redis-server (or a Redis Cluster with
+//! `TOLLGATE_TEST_REDIS=cluster`), started by the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -9,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mpp::protocol::methods::tempo::session_method::{ChannelState, ChannelStore};
-use tollgate_book::Book;
-use tollgate_metering::{RedisStore, Store};
+use tollgate_book::{Book, Ledgers};
+use tollgate_metering::{DEFAULT_SHARDS, Store};
 use tollgate_payments::{ChannelBackend, RedisChannels, SharedChannels};
+use tollgate_testkit::TestRedis;
 
 /// $1 in the token's base units (6 decimals) and in p$.
 const DOLLAR_BASE: u128 = 1_000_000;
@@ -50,7 +52,7 @@ async fn voucher(shared: &SharedChannels, id: &str, highest: u128) {
 }
 
 /// The payments drain: every pending credit into the money core, then forgotten.
-async fn drain(backend: &RedisChannels, store: &RedisStore) -> usize {
+async fn drain(backend: &RedisChannels, store: &dyn Store) -> usize {
     let pending = backend.pending_credits().await.unwrap();
     for c in &pending {
         store.credit(&c.account, &c.key, c.picos).await.unwrap();
@@ -59,20 +61,25 @@ async fn drain(backend: &RedisChannels, store: &RedisStore) -> usize {
     pending.len()
 }
 
-async fn copy_all(book: &mut Book, store: &RedisStore) {
-    while !book
-        .copy_round(&tollgate_book::Ledgers::of(store), 500)
-        .await
-        .unwrap()
-        .caught_up
-    {}
+async fn copy_all(book: &mut Book, l: &Ledgers) {
+    while !book.copy_round(l, 500).await.unwrap().caught_up {}
+}
+
+/// `tollgate book rebuild` with no journal.
+async fn rebuild(
+    book: &Book,
+    redis: &TestRedis,
+    hold: Duration,
+) -> Result<tollgate_book::Rebuilt, tollgate_book::BookError> {
+    tollgate_book::rebuild(book, &redis.target(), "tollgate", DEFAULT_SHARDS, &[], hold).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_or_never() {
-    let (pg, redis, store) = common::booked_store(Duration::from_secs(10)).await;
+    let (pg, redis, store, l) = common::booked_any(Duration::from_secs(10)).await;
+    let store = &*store;
     let backend = Arc::new(
-        RedisChannels::connect(&redis.url(), "tollgate")
+        RedisChannels::connect(redis.target(), "tollgate")
             .await
             .unwrap(),
     );
@@ -87,10 +94,10 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
 
     // Channel 1: $1 then $3 accepted and credited; channel 2: $2 accepted and credited.
     voucher(&shared, c1, DOLLAR_BASE).await;
-    assert_eq!(drain(&backend, &store).await, 1);
+    assert_eq!(drain(&backend, store).await, 1);
     voucher(&shared, c1, 3 * DOLLAR_BASE).await;
     voucher(&shared, c2, 2 * DOLLAR_BASE).await;
-    assert_eq!(drain(&backend, &store).await, 2);
+    assert_eq!(drain(&backend, store).await, 2);
     // Channel 3: $5 accepted, its credit refused and set aside, then dropped by an operator
     // (settled by other means): never to be credited again, not even by a rebuild.
     voucher(&shared, c3, 5 * DOLLAR_BASE).await;
@@ -116,8 +123,8 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
             .is_some()
     );
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
-    copy_all(&mut book, &store).await;
-    let (rows, side) = book.channels().await.unwrap();
+    copy_all(&mut book, &l).await;
+    let (rows, side) = book.channels_at(l.channels_prefix()).await.unwrap();
     assert_eq!(
         rows.iter()
             .map(|r| (r.id.as_str(), r.version))
@@ -127,27 +134,16 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     assert!(side.dropped.contains_key(&c3_credit.key), "{side:?}");
     // Channel 1: $4 accepted, its credit still pending when the book copies.
     voucher(&shared, c1, 4 * DOLLAR_BASE).await;
-    copy_all(&mut book, &store).await;
-    let (_, side) = book.channels().await.unwrap();
+    copy_all(&mut book, &l).await;
+    let (_, side) = book.channels_at(l.channels_prefix()).await.unwrap();
     assert_eq!(side.pending.len(), 1, "{side:?}");
     assert!(
         side.pending
             .contains_key(&format!("mpp:{c1}:{}", 4 * DOLLAR_BASE))
     );
     // Copying again stores nothing new (the records are clean).
-    assert_eq!(
-        book.copy_round(&tollgate_book::Ledgers::of(&store), 500)
-            .await
-            .unwrap()
-            .channels,
-        0
-    );
-    assert!(
-        book.reconcile(&tollgate_book::Ledgers::of(&store))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(book.copy_round(&l, 500).await.unwrap().channels, 0);
+    assert!(book.reconcile(&l).await.unwrap().is_empty());
 
     // The writer lagged on channel 2's credit line: drop it from the book (what a loss right
     // after the voucher, before the copy, would leave).
@@ -164,18 +160,13 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     // After the book's last copy: channel 1 takes $6 (credited in Redis only). Then Redis
     // loses everything.
     voucher(&shared, c1, 6 * DOLLAR_BASE).await;
-    drain(&backend, &store).await;
-    let mut c = redis.conn();
-    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
+    drain(&backend, store).await;
+    redis.flush_all();
 
-    let set = book.restore_set().await.unwrap();
-    store.restore(&set, &[]).await.unwrap();
-    let restored = book
-        .restore_channels(&store, &set, Duration::from_secs(600))
+    let restored = rebuild(&book, &redis, Duration::from_secs(600))
         .await
-        .unwrap();
-    store.enable_book().await.unwrap();
-    store.finish_restore().await.unwrap();
+        .unwrap()
+        .channels;
     assert_eq!(
         (
             restored.channels,
@@ -199,7 +190,7 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
         "the signed voucher a settlement needs"
     );
     // The pending $1 of channel 1 and channel 2's missing $2 are credited by the drain.
-    assert_eq!(drain(&backend, &store).await, 2);
+    assert_eq!(drain(&backend, store).await, 2);
     let acct = store.account(&account).await.unwrap().unwrap();
     assert_eq!(
         acct.credited,
@@ -211,7 +202,7 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     // $4, once; replayed, it credits nothing.
     voucher(&shared, c1, 6 * DOLLAR_BASE).await;
     voucher(&shared, c1, 6 * DOLLAR_BASE).await;
-    assert_eq!(drain(&backend, &store).await, 1);
+    assert_eq!(drain(&backend, store).await, 1);
     let acct = store.account(&account).await.unwrap().unwrap();
     assert_eq!(
         acct.credited,
@@ -220,33 +211,30 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
     );
 
     // The book goes on, and agrees with Redis; a forged credit line is named.
-    assert!(
-        book.reconcile(&tollgate_book::Ledgers::of(&store))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(book.reconcile(&l).await.unwrap().is_empty());
     pg_client
         .execute(
             "INSERT INTO book_entries (prefix, key, account, kind, amount, requests, cpu_us, deploys, rows_read, rows_written, stream_ms, stream_seq)
-             VALUES ('tollgate', $1, $2, 'credit', $3, 0, 0, 0, 0, 0, 1, 0)",
-            &[&format!("credit:mpp:{c2}:{}", 9 * DOLLAR_BASE), &account, &(7 * DOLLAR)],
+             VALUES ($4, $1, $2, 'credit', $3, 0, 0, 0, 0, 0, 1, 0)",
+            &[
+                &format!("credit:mpp:{c2}:{}", 9 * DOLLAR_BASE),
+                &account,
+                &(7 * DOLLAR),
+                &common::stream_of(&l, &account),
+            ],
         )
         .await
         .unwrap();
-    let diffs = book
-        .reconcile(&tollgate_book::Ledgers::of(&store))
-        .await
-        .unwrap();
+    let diffs = book.reconcile(&l).await.unwrap();
     assert!(
         diffs
             .iter()
             .any(|d| d.to_string().contains(&format!("channel {c2}: credited"))),
         "{diffs:?}"
     );
-    // A second rebuild is refused: Redis holds channels now.
+    // A second rebuild is refused: Redis holds money and channels now.
     assert!(
-        book.restore_channels(&store, &set, Duration::from_secs(600))
+        rebuild(&book, &redis, Duration::from_secs(600))
             .await
             .is_err()
     );
@@ -260,27 +248,19 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
         )
         .await
         .unwrap();
-    assert!(
-        book.reconcile(&tollgate_book::Ledgers::of(&store))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
-    let set = book.restore_set().await.unwrap();
-    store.restore(&set, &[]).await.unwrap();
-    let again = book
-        .restore_channels(&store, &set, Duration::from_secs(600))
+    assert!(book.reconcile(&l).await.unwrap().is_empty());
+    redis.flush_all();
+    let again = rebuild(&book, &redis, Duration::from_secs(600))
         .await
-        .unwrap();
-    store.finish_restore().await.unwrap();
+        .unwrap()
+        .channels;
     assert_eq!(
         (again.pending_credits, again.gap_credits),
         (0, 0),
         "{again:?}"
     );
     assert!(again.warnings.is_empty(), "{:?}", again.warnings);
-    assert_eq!(drain(&backend, &store).await, 0);
+    assert_eq!(drain(&backend, store).await, 0);
     let acct = store.account(&account).await.unwrap().unwrap();
     assert_eq!(acct.credited, 8 * DOLLAR, "nothing credited twice");
 }
@@ -291,9 +271,10 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
 /// is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_charged_after_the_last_channel_state_is_held_again_by_the_rebuild() {
-    let (pg, redis, store) = common::booked_store(Duration::from_secs(10)).await;
+    let (pg, redis, store, l) = common::booked_any(Duration::from_secs(10)).await;
+    let store = &*store;
     let backend = Arc::new(
-        RedisChannels::connect(&redis.url(), "tollgate")
+        RedisChannels::connect(redis.target(), "tollgate")
             .await
             .unwrap(),
     );
@@ -314,25 +295,21 @@ async fn a_start_charged_after_the_last_channel_state_is_held_again_by_the_rebui
         .await
         .unwrap();
     let mut book = Book::connect(&pg.url(), "tollgate").await.unwrap();
-    copy_all(&mut book, &store).await;
+    copy_all(&mut book, &l).await;
     // The stored channel state is older than both charges (a book that lagged).
     let pg_client = common::sql(&pg).await;
     pg_client
         .execute(
-            "UPDATE book_channel_state SET bound_ms = 0, bound_seq = 0",
+            "UPDATE book_channel_state SET bound_ms = 0, bound_seq = 0, stream_bounds = NULL",
             &[],
         )
         .await
         .unwrap();
-    let mut c = redis.conn();
-    redis::cmd("FLUSHALL").query::<()>(&mut c).unwrap();
-    let set = book.restore_set().await.unwrap();
-    store.restore(&set, &[]).await.unwrap();
-    let restored = book
-        .restore_channels(&store, &set, Duration::ZERO)
+    redis.flush_all();
+    let restored = rebuild(&book, &redis, Duration::ZERO)
         .await
-        .unwrap();
-    store.finish_restore().await.unwrap();
+        .unwrap()
+        .channels;
     assert!(
         restored.warnings.len() == 1 && restored.warnings[0].contains("deploy:late"),
         "{:?}",

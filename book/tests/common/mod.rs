@@ -27,3 +27,45 @@ pub async fn sql(pg: &PostgresServer) -> tokio_postgres::Client {
     tokio::spawn(conn);
     client
 }
+
+/// PostgreSQL, one Redis or a Redis Cluster (`TOLLGATE_TEST_REDIS=cluster`), the money store on
+/// it (lease ttl `lease_ttl`; a cluster in the default shards) and its ledgers, the book
+/// declared on every stream.
+pub async fn booked_any(
+    lease_ttl: Duration,
+) -> (
+    PostgresServer,
+    tollgate_testkit::TestRedis,
+    std::sync::Arc<dyn tollgate_metering::Store>,
+    tollgate_book::Ledgers,
+) {
+    let pg = PostgresServer::start();
+    let redis = tollgate_testkit::TestRedis::start();
+    let store = tollgate_metering::connect_shared(
+        &redis.target(),
+        "tollgate",
+        lease_ttl,
+        tollgate_metering::DEFAULT_SHARDS,
+    )
+    .await
+    .unwrap();
+    let l = tollgate_book::Ledgers::connect(
+        &redis.target(),
+        "tollgate",
+        tollgate_metering::DEFAULT_SHARDS,
+    )
+    .await
+    .unwrap();
+    l.enable_book().await.unwrap();
+    (pg, redis, store, l)
+}
+
+/// The book's stream (its rows' prefix) that holds `account`'s lines.
+pub fn stream_of(l: &tollgate_book::Ledgers, account: &str) -> String {
+    if l.is_cluster() {
+        let n = l.streams().len() as u32;
+        l.streams()[tollgate_metering::shard_of(account, n) as usize].clone()
+    } else {
+        l.streams()[0].clone()
+    }
+}
