@@ -303,7 +303,7 @@ async fn a_restart_while_redis_is_down_waits_to_replay_and_drops_nothing() {
         dir,
         admin,
     } = durable_with_credit("late", USD).await;
-    crash_after_journal(&url, &dir, "r1", "late", 300).await;
+    crash_after_journal(url.as_str(), &dir, "r1", "late", 300).await;
     // The restarting node's store handle exists; then Redis goes away.
     let store: Arc<dyn Store> = Arc::new(
         RedisStore::connect(&url, "tollgate", Duration::from_secs(10))

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{PRICE, crash_after_journal, hammer, node, resumed_everywhere};
 use tollgate_balance_cache::{BalanceCache, Spend};
-use tollgate_metering::{RedisStore, Status, Store};
-use tollgate_testkit::{RedisServer, TestRedis};
+use tollgate_metering::Status;
+use tollgate_testkit::TestRedis;
 
 const CENT: i64 = 10_000_000_000;
 
@@ -216,13 +216,12 @@ async fn suspension_reaches_other_nodes_and_a_credit_resumes_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_between_journal_and_send_loses_nothing_and_counts_nothing_twice() {
-    let redis = RedisServer::start();
+    // One Redis, or a cluster (TOLLGATE_TEST_REDIS=cluster).
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
-    let admin = RedisStore::connect(&redis.url(), "tollgate", Duration::from_secs(10))
-        .await
-        .unwrap();
+    let admin = common::shared(redis.target()).await;
     admin.credit("crash", "v1", 10 * CENT).await.unwrap();
-    crash_after_journal(&redis.url(), &dir, "crashy", "crash", 250).await;
+    crash_after_journal(redis.target(), &dir, "crashy", "crash", 250).await;
 
     let before = admin.account("crash").await.unwrap().unwrap();
     assert!(
@@ -233,7 +232,7 @@ async fn kill_9_between_journal_and_send_loses_nothing_and_counts_nothing_twice(
 
     // Restart with the same journal: replay, release the dead incarnation, start anew.
     for round in 0..2 {
-        let n = node(&redis.url(), "crashy", &dir).await;
+        let n = node(redis.target(), "crashy", &dir).await;
         // `node()` uses <name>.journal in the same dir as the child did.
         n.shutdown().await;
         let st = admin.account("crash").await.unwrap().unwrap();
@@ -248,7 +247,7 @@ async fn kill_9_between_journal_and_send_loses_nothing_and_counts_nothing_twice(
     let ledger = admin.ledger().await.unwrap();
     assert_eq!(ledger.iter().map(|e| e.requests).sum::<u64>(), 250);
     assert_eq!(
-        common::audit(&redis.url()).await,
+        common::audit(redis.target()).await,
         vec![],
         "tollgate accounts audit"
     );

@@ -21,6 +21,8 @@ pub use redis_store::{
     DEFAULT_LEDGER_RETENTION, RedisStore, RestoreReport, RestoreSet, decode_feed, ledger_lines,
 };
 pub use store::{FeedEvent, MAX_BATCH_ENTRIES, MAX_OP_AMOUNT, Store, StoreError};
+/// Where [`connect_shared`] connects (one Redis or a Redis Cluster).
+pub use tollgate_kv::Target;
 /// The shared money store at `target`: one Redis's, or a Redis Cluster's laid out in `shards`
 /// (each write acknowledged by the target's `replica_acks` replicas).
 pub async fn connect_shared(

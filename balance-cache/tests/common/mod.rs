@@ -79,7 +79,7 @@ impl Node {
 /// it spends `spend` requests of `account`, journals the settle batch, and is `kill -9`ed
 /// right there, before sending it.
 pub async fn crash_after_journal(
-    url: &str,
+    at: impl Into<Target>,
     dir: &tempfile::TempDir,
     name: &str,
     account: &str,
@@ -87,8 +87,12 @@ pub async fn crash_after_journal(
 ) {
     use std::process::{Command, Stdio};
     let journal = dir.path().join(format!("{name}.journal"));
+    let at = match at.into() {
+        Target::One(url) => url,
+        Target::Cluster { seeds, .. } => format!("cluster:{}", seeds.join(",")),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_metering-fault-node"))
-        .args([url, journal.to_str().unwrap(), name, account])
+        .args([at.as_str(), journal.to_str().unwrap(), name, account])
         .arg(spend.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
