@@ -433,7 +433,7 @@ pub fn book_rebuild(
         let book = tollgate_book::Book::connect(postgres_url, prefix).await?;
         let done = tollgate_book::rebuild(&book, &redis.0, prefix, redis.1, &journals, start_hold)
             .await
-            .map_err(|e| anyhow::anyhow!("{}: {e}", redis.0.describe()))?;
+            .map_err(|e| anyhow::anyhow!("book rebuild into {}: {e}", redis.0.describe()))?;
         let (report, channels) = (&done.report, &done.channels);
         println!(
             "{}",

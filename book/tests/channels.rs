@@ -232,12 +232,11 @@ async fn channel_records_survive_a_redis_data_loss_so_no_voucher_credits_twice_o
             .any(|d| d.to_string().contains(&format!("channel {c2}: credited"))),
         "{diffs:?}"
     );
-    // A second rebuild is refused: Redis holds money and channels now.
-    assert!(
-        rebuild(&book, &redis, Duration::from_secs(600))
-            .await
-            .is_err()
-    );
+    // A second rebuild is refused: Redis holds channels (and money) now.
+    let err = rebuild(&book, &redis, Duration::from_secs(600))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("payment channel state"), "{err}");
 
     // A second loss, after the book copied everything (the forged line removed): the gap
     // credit of the first rebuild counts as channel 2's credit, so nothing is put back twice.
@@ -298,13 +297,14 @@ async fn a_start_charged_after_the_last_channel_state_is_held_again_by_the_rebui
     copy_all(&mut book, &l).await;
     // The stored channel state is older than both charges (a book that lagged).
     let pg_client = common::sql(&pg).await;
-    pg_client
+    let n = pg_client
         .execute(
             "UPDATE book_channel_state SET bound_ms = 0, bound_seq = 0, stream_bounds = NULL",
             &[],
         )
         .await
         .unwrap();
+    assert_eq!(n, 1, "the side state the copy stored");
     redis.flush_all();
     let restored = rebuild(&book, &redis, Duration::ZERO)
         .await

@@ -17,6 +17,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let spend: u64 = spend.parse()?;
     let target = match url.strip_prefix("cluster:") {
+        // As the tests' cluster (`TestRedis::target`): every write acknowledged by a replica.
         Some(seeds) => Target::Cluster {
             seeds: seeds.split(',').map(str::to_owned).collect(),
             replica_acks: 1,
