@@ -11,6 +11,12 @@ use tollgate_metering::{ClusterStore, JournalContent, RedisStore, RestoreReport}
 
 use crate::{Book, BookError, ChannelsRestored, Ledgers};
 
+/// The store a rebuild filled, to call it whole at the end.
+enum Restored {
+    One(Box<RedisStore>),
+    Cluster(ClusterStore),
+}
+
 /// What a rebuild restored.
 #[derive(Debug, Clone)]
 pub struct Rebuilt {
@@ -77,7 +83,7 @@ pub async fn rebuild(
         .collect();
     book.check_channels_empty_at(&ledgers).await?;
     let ttl = Duration::from_secs(10);
-    let report = match target {
+    let (mut report, store) = match target {
         Target::One(url) => {
             let [set] = sets.as_mut_slice() else {
                 return refuse("one Redis has one ledger stream".into());
@@ -86,15 +92,10 @@ pub async fn rebuild(
                 set.see_epoch(&inc.node_id, inc.epoch);
             }
             let store = RedisStore::connect(url, prefix, ttl).await?;
-            let report = store.restore(set, journals).await?;
-            let channels = book
-                .restore_channels_at(&ledgers, &credits, start_hold)
-                .await?;
-            // Declared before the store is called whole: the reaper must not trim what the
-            // writer has not copied yet.
-            ledgers.enable_book().await?;
-            store.finish_restore().await?;
-            (report, channels)
+            (
+                store.restore(set, journals).await?,
+                Restored::One(Box::new(store)),
+            )
         }
         Target::Cluster {
             seeds,
@@ -102,16 +103,22 @@ pub async fn rebuild(
         } => {
             let store =
                 ClusterStore::connect_with(seeds, prefix, ttl, shards, *replica_acks).await?;
-            let report = store.restore(&sets, journals).await?;
-            let channels = book
-                .restore_channels_at(&ledgers, &credits, start_hold)
-                .await?;
-            ledgers.enable_book().await?;
-            store.finish_restore().await?;
-            (report, channels)
+            (
+                store.restore(&sets, journals).await?,
+                Restored::Cluster(store),
+            )
         }
     };
-    let (mut report, channels) = report;
+    let channels = book
+        .restore_channels_at(&ledgers, &credits, start_hold)
+        .await?;
+    // Declared before the store is called whole: the reaper must not trim what the writer
+    // has not copied yet.
+    ledgers.enable_book().await?;
+    match store {
+        Restored::One(s) => s.finish_restore().await?,
+        Restored::Cluster(s) => s.finish_restore().await?,
+    }
     report.warnings.extend(channels.warnings.iter().cloned());
     Ok(Rebuilt {
         report,
