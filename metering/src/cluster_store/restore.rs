@@ -273,33 +273,40 @@ impl ClusterStore {
                     *debited,
                 )?);
             }
-            for (key, (id, amount)) in &set.credits {
+            // Each key's record in the account's shard, and its claim in the key's own. A charge
+            // is restored as what was taken (the amount asked is not in the ledger), as on one
+            // Redis, in the record and the claim alike.
+            let records = set
+                .credits
+                .iter()
+                .map(|(key, (id, amount))| {
+                    (
+                        "credits",
+                        "credit",
+                        key,
+                        format!("{id}|{amount}"),
+                        format!("{id}|{amount}"),
+                    )
+                })
+                .chain(set.charges.iter().map(|(key, (id, taken))| {
+                    (
+                        "charges",
+                        "charge",
+                        key,
+                        format!("{id}|{taken}|{taken}"),
+                        format!("{id}|{taken}"),
+                    )
+                }));
+            for (family, kind, key, record, claim) in records {
                 let mut cmd = redis::cmd("HSET");
-                cmd.arg(format!("{tag}:credits"))
-                    .arg(key)
-                    .arg(format!("{id}|{amount}"));
+                cmd.arg(format!("{tag}:{family}")).arg(key).arg(record);
                 cmds[s].push(cmd);
-                let mut claim = redis::cmd("HSET");
-                claim
-                    .arg(format!("{}:claims", self.tag(self.shard(key))))
-                    .arg(format!("credit:{key}"))
-                    .arg(format!("{id}|{amount}"));
-                cmds[self.shard(key) as usize].push(claim);
-            }
-            for (key, (id, taken)) in &set.charges {
-                // As on one Redis: restored as what was taken (the amount asked is not in the
-                // ledger), in the account's record and in the key's claim alike.
+                let home = self.shard(key);
                 let mut cmd = redis::cmd("HSET");
-                cmd.arg(format!("{tag}:charges"))
-                    .arg(key)
-                    .arg(format!("{id}|{taken}|{taken}"));
-                cmds[s].push(cmd);
-                let mut claim = redis::cmd("HSET");
-                claim
-                    .arg(format!("{}:claims", self.tag(self.shard(key))))
-                    .arg(format!("charge:{key}"))
-                    .arg(format!("{id}|{taken}"));
-                cmds[self.shard(key) as usize].push(claim);
+                cmd.arg(format!("{}:claims", self.tag(home)))
+                    .arg(format!("{kind}:{key}"))
+                    .arg(claim);
+                cmds[home as usize].push(cmd);
             }
             let incs: BTreeSet<&(String, u64)> =
                 set.incarnations.keys().chain(&journal_incs).collect();
